@@ -1,0 +1,47 @@
+"""The sparse core: router, dispatch, experts, the three sparse layers, and routing records.
+
+Independent of Hugging Face: everything here works on plain torch modules and tensors.
+"""
+
+from vlmoe.moe.config import RouterConfig
+from vlmoe.moe.dispatch import DispatchPlan, dispatch, grouped_dispatch, plan_dispatch, reference_dispatch
+from vlmoe.moe.experts import GLUExperts, LoRAExperts, MLPExperts, ModuleExperts, experts_from_dense
+from vlmoe.moe.layers import MoEConnector, MoEFeedForward, MoLELinear, SparseLayer
+from vlmoe.moe.records import (
+    aux_loss,
+    aux_losses_by_layer,
+    record_routing,
+    routing_inputs,
+    routing_records,
+    sparse_layers,
+)
+from vlmoe.moe.router import Router, Routing, capacity_keep_mask, load_balancing_loss, router_z_loss
+
+__all__ = [
+    "DispatchPlan",
+    "GLUExperts",
+    "LoRAExperts",
+    "MLPExperts",
+    "MoEConnector",
+    "MoEFeedForward",
+    "MoLELinear",
+    "ModuleExperts",
+    "Router",
+    "RouterConfig",
+    "Routing",
+    "SparseLayer",
+    "aux_loss",
+    "aux_losses_by_layer",
+    "capacity_keep_mask",
+    "dispatch",
+    "experts_from_dense",
+    "grouped_dispatch",
+    "load_balancing_loss",
+    "plan_dispatch",
+    "record_routing",
+    "reference_dispatch",
+    "router_z_loss",
+    "routing_inputs",
+    "routing_records",
+    "sparse_layers",
+]

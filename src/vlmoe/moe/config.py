@@ -1,0 +1,96 @@
+"""Typed configuration of a router: one dataclass, validated on construction.
+
+Every MoE flavour (FFN experts, LoRA experts, connector experts) is configured through the same
+`RouterConfig`; it is saved in the model's `config.json` by `vlmoe.models`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal
+
+RouterInput = Literal["token", "cluster"]
+
+
+@dataclass
+class RouterConfig:
+    """How tokens choose experts, and which auxiliary losses that choice produces.
+
+    Example:
+        >>> RouterConfig(num_experts=4, top_k=2, load_balance_coef=0.01).capacity(1000) is None
+        True
+    """
+
+    num_experts: int
+    top_k: int = 1
+    # Renormalise the k chosen probabilities to sum to one (only meaningful when top_k > 1;
+    # with top_k == 1 the weight is the chosen probability, Switch-style, so the router learns).
+    normalize_top_k: bool = True
+    # Forward value of every combine weight is 1 (or 1/k after renormalisation) while the
+    # gradient still flows through the router probabilities (LLaVA-MoLE's straight-through).
+    straight_through: bool = False
+    # Multiplicative input jitter U(1-eps, 1+eps) during training (Switch Transformer).
+    jitter_noise: float = 0.0
+    # Softmax temperature: logits are divided by it (MoCLE uses 0.05-0.1).
+    temperature: float = 1.0
+    # None = dropless. Otherwise each expert takes at most
+    # max(min_capacity, ceil(capacity_factor * tokens * top_k / num_experts)) token-slots.
+    capacity_factor: float | None = None
+    min_capacity: int = 0
+    load_balance_coef: float = 0.0
+    z_loss_coef: float = 0.0
+    bias: bool = False
+    # "token": logits from the token's hidden state. "cluster": logits from a learned
+    # embedding of the sample's instruction cluster (MoCLE).
+    input: RouterInput = "token"
+    num_clusters: int = 0
+    cluster_embed_dim: int = 64
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.num_experts, int) or self.num_experts < 1:
+            raise ValueError(f"num_experts must be an integer >= 1, got {self.num_experts!r}")
+        if not isinstance(self.top_k, int) or not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(
+                f"top_k must be an integer in [1, num_experts={self.num_experts}], got {self.top_k!r}"
+            )
+        if self.jitter_noise < 0 or self.jitter_noise >= 1:
+            raise ValueError(f"jitter_noise must be in [0, 1), got {self.jitter_noise}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.capacity_factor is not None and not self.capacity_factor > 0:
+            raise ValueError(
+                f"capacity_factor must be > 0 or None (dropless), got {self.capacity_factor}"
+            )
+        if self.min_capacity < 0:
+            raise ValueError(f"min_capacity must be >= 0, got {self.min_capacity}")
+        for name in ("load_balance_coef", "z_loss_coef"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.input not in ("token", "cluster"):
+            raise ValueError(f"input must be 'token' or 'cluster', got {self.input!r}")
+        if self.input == "cluster" and self.num_clusters < 1:
+            raise ValueError(
+                "num_clusters must be >= 1 when input='cluster' "
+                f"(got {self.num_clusters}); set it to the number of k-means clusters"
+            )
+        if self.cluster_embed_dim < 1:
+            raise ValueError(f"cluster_embed_dim must be >= 1, got {self.cluster_embed_dim}")
+
+    def capacity(self, num_tokens: int) -> int | None:
+        """Token-slots one expert may take for `num_tokens` real tokens; None when dropless."""
+        if self.capacity_factor is None:
+            return None
+        per_expert = math.ceil(self.capacity_factor * num_tokens * self.top_k / self.num_experts)
+        return max(self.min_capacity, per_expert)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "router config") -> RouterConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{where}: unknown key(s) {unknown}; known keys are {sorted(known)}")
+        return cls(**data)

@@ -1,0 +1,201 @@
+"""Dispatch: send token-slots to their experts and combine the results. The hot path.
+
+Shape legend: T tokens, K top_k, S = T*K token-slots, E experts, I/O expert input/output size.
+A slot is one (token, choice) pair, numbered token * K + choice.
+
+Two backends compute the same function:
+- `reference_dispatch`: for each expert, the tokens that chose it, run through that expert and
+  added back with their weight. Any device and dtype (float64 included); the definition.
+- `grouped_dispatch`: one stable sort of the slots by expert, one gather of the token rows,
+  grouped matmuls over contiguous expert segments (`torch.nn.functional.grouped_mm` on CUDA),
+  one gather back and a K-way weighted sum. Both gathers are permutations whose backward is
+  again a gather, so there are no atomics, and on CUDA no host synchronisation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from vlmoe.moe.router import Routing
+
+Backend = Literal["auto", "reference", "grouped"]
+BACKENDS: tuple[str, ...] = ("auto", "reference", "grouped")
+
+_grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+@dataclass
+class DispatchPlan:
+    """Where each token-slot sits once the slots are sorted by expert."""
+
+    sorted_slots: Tensor  # [S] slot number of each sorted row
+    slot_rows: Tensor  # [S] sorted row of each slot (inverse of sorted_slots)
+    row_experts: Tensor  # [S] expert of each sorted row; num_experts for dropped rows (at the end)
+    tokens_per_expert: Tensor  # [E] int64, computed rows per expert
+    offsets: Tensor  # [E] int32, end of each expert's segment (grouped_mm's `offs`)
+    row_valid: Tensor | None  # [S, 1] bool, False for dropped rows; None when none is dropped
+    top_k: int
+
+
+class Experts(Protocol):
+    """What dispatch needs from an expert container (see `vlmoe.moe.experts`)."""
+
+    num_experts: int
+
+    def forward(self, x_sorted: Tensor, plan: DispatchPlan) -> Tensor:
+        """All experts on expert-sorted rows # [S, I] -> [S, O]."""
+        ...
+
+    def expert_forward(self, expert: int, x: Tensor) -> Tensor:
+        """One expert on its rows # [n, I] -> [n, O]."""
+        ...
+
+
+def plan_dispatch(routing: Routing) -> DispatchPlan:
+    num_experts = routing.num_experts
+    slot_experts = routing.expert_indices.reshape(-1)  # [S]
+    row_valid = None
+    if routing.kept is not None:
+        # Dropped slots get the sentinel expert E, so the stable sort puts them last.
+        slot_experts = torch.where(routing.kept.reshape(-1), slot_experts, num_experts)
+    row_experts, sorted_slots = torch.sort(slot_experts, stable=True)
+    slot_rows = torch.empty_like(sorted_slots)
+    slot_rows[sorted_slots] = torch.arange(sorted_slots.numel(), device=sorted_slots.device)
+    tokens_per_expert = torch.bincount(slot_experts, minlength=num_experts + 1)[:num_experts]
+    offsets = torch.cumsum(tokens_per_expert, dim=0).to(torch.int32)
+    if routing.kept is not None:
+        row_valid = (row_experts < num_experts).unsqueeze(-1)
+    return DispatchPlan(
+        sorted_slots=sorted_slots,
+        slot_rows=slot_rows,
+        row_experts=row_experts,
+        tokens_per_expert=tokens_per_expert,
+        offsets=offsets,
+        row_valid=row_valid,
+        top_k=routing.expert_indices.shape[-1],
+    )
+
+
+class _GatherTokenRows(torch.autograd.Function):
+    """x_sorted[r] = x[sorted_slots[r] // K]; backward sums each token's K slot gradients."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, sorted_slots: Tensor, slot_rows: Tensor, top_k: int) -> Tensor:
+        ctx.save_for_backward(slot_rows)
+        ctx.top_k = top_k
+        return x.index_select(0, sorted_slots // top_k)
+
+    @staticmethod
+    def backward(ctx, grad_sorted: Tensor):
+        (slot_rows,) = ctx.saved_tensors
+        grad_slots = grad_sorted.index_select(0, slot_rows)  # [S, I] in slot order
+        grad_x = grad_slots.view(-1, ctx.top_k, grad_slots.shape[-1]).sum(dim=1)
+        return grad_x, None, None, None
+
+
+class _PermuteRows(torch.autograd.Function):
+    """out = x[index] for a permutation `index`; backward is the gather by its inverse."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, index: Tensor, inverse: Tensor) -> Tensor:
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        (inverse,) = ctx.saved_tensors
+        return grad_out.index_select(0, inverse), None, None
+
+
+def _can_use_grouped_mm(x: Tensor, weight: Tensor) -> bool:
+    # The CUDA kernels want bf16 and 16-byte aligned rows; CPU's grouped_mm has no backward.
+    return (
+        _grouped_mm is not None
+        and x.is_cuda
+        and x.dtype == torch.bfloat16
+        and weight.dtype == torch.bfloat16
+        and x.shape[-1] % 8 == 0
+        and weight.shape[-2] % 8 == 0
+    )
+
+
+def grouped_linear(
+    x_sorted: Tensor, weight: Tensor, plan: DispatchPlan, bias: Tensor | None = None
+) -> Tensor:
+    """Row r of the result is x_sorted[r] @ weight[e].T (+ bias[e]) with e its expert.
+
+    x_sorted # [S, I]; weight # [E, O, I] (nn.Linear layout per expert); bias # [E, O].
+    Rows of dropped slots (after the last segment) come back as zeros.
+    """
+    if _can_use_grouped_mm(x_sorted, weight):
+        out = _grouped_mm(x_sorted, weight.transpose(-2, -1), offs=plan.offsets)
+    else:
+        # One matmul per contiguous segment; the split sizes need the counts on the host.
+        counts = plan.tokens_per_expert.tolist()
+        num_computed = sum(counts)
+        pieces = [
+            segment @ weight[expert].t()
+            for expert, segment in enumerate(torch.split(x_sorted[:num_computed], counts))
+        ]
+        num_dropped = x_sorted.shape[0] - num_computed
+        pieces.append(x_sorted.new_zeros(num_dropped, weight.shape[-2]))
+        out = torch.cat(pieces)
+    if bias is not None:
+        num_experts = weight.shape[0]
+        out = out + bias[plan.row_experts.clamp(max=num_experts - 1)]
+    return out
+
+
+def grouped_dispatch(x: Tensor, routing: Routing, experts: Experts) -> Tensor:
+    """Sorted-segment dispatch. x # [T, I] -> [T, O]."""
+    num_tokens, top_k = routing.expert_indices.shape
+    plan = plan_dispatch(routing)
+    x_sorted = _GatherTokenRows.apply(x, plan.sorted_slots, plan.slot_rows, top_k)  # [S, I]
+    if plan.row_valid is not None:
+        # Dropped rows must not feed garbage into the experts (grouped_mm leaves them unwritten).
+        x_sorted = torch.where(plan.row_valid, x_sorted, 0)
+    y_sorted = experts(x_sorted, plan)  # [S, O]
+    if plan.row_valid is not None:
+        y_sorted = torch.where(plan.row_valid, y_sorted, 0)
+    y_slots = _PermuteRows.apply(y_sorted, plan.slot_rows, plan.sorted_slots)  # [S, O], slot order
+    y_slots = y_slots.view(num_tokens, top_k, y_sorted.shape[-1])  # [T, K, O]
+    weights = routing.combine_weights.to(y_slots.dtype)  # [T, K]
+    if top_k == 1:
+        return y_slots.squeeze(1) * weights
+    return torch.bmm(weights.unsqueeze(1), y_slots).squeeze(1)
+
+
+def reference_dispatch(x: Tensor, routing: Routing, experts: Experts) -> Tensor:
+    """Per-expert loop. x # [T, I] -> [T, O]. Slow and obviously right."""
+    chosen = routing.expert_indices
+    valid = torch.ones_like(chosen, dtype=torch.bool) if routing.kept is None else routing.kept
+    out: Tensor | None = None
+    for expert in range(experts.num_experts):
+        token_idx, choice = torch.where((chosen == expert) & valid)
+        y = experts.expert_forward(expert, x[token_idx])  # [n, O]
+        if out is None:
+            out = x.new_zeros(x.shape[0], y.shape[-1], dtype=y.dtype)
+        weight = routing.combine_weights[token_idx, choice].to(y.dtype).unsqueeze(-1)
+        out = out.index_add(0, token_idx, y * weight)
+    assert out is not None  # num_experts >= 1 is validated by RouterConfig
+    return out
+
+
+def resolve_backend(backend: str, x: Tensor) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "grouped" if x.is_cuda else "reference"
+    return backend
+
+
+def dispatch(x: Tensor, routing: Routing, experts: Experts, backend: str = "auto") -> Tensor:
+    """Run `experts` on the token-slots chosen by `routing` and combine. x # [T, I] -> [T, O]."""
+    if resolve_backend(backend, x) == "grouped":
+        return grouped_dispatch(x, routing, experts)
+    return reference_dispatch(x, routing, experts)

@@ -1,0 +1,368 @@
+"""The three sparse layers, thin compositions of router -> dispatch -> experts.
+
+- `MoEFeedForward`: E full FFN experts in place of a dense MLP (MoE-LLaVA).
+- `MoLELinear`: a frozen linear plus LoRA experts, token- or cluster-routed, with an optional
+  always-on universal LoRA (LLaVA-MoLE, MoCLE); with no routed experts it is plain LoRA.
+- `MoEConnector`: projector experts between vision tower and LM (ChartMoE).
+
+Each layer keeps its last routing on the module (see `vlmoe.moe.records`); no global state.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from vlmoe.moe.config import RouterConfig
+from vlmoe.moe.dispatch import Experts, dispatch, resolve_backend
+from vlmoe.moe.experts import LoRAExperts, MLPExperts, ModuleExperts, _linear_pair, experts_from_dense
+from vlmoe.moe.router import Router, Routing
+
+
+class SparseLayer(nn.Module):
+    """Shared plumbing: routing inputs, dispatch, and the routing record."""
+
+    # Whether the layer sees the language model's tokens, so `routing_inputs` (an attention mask
+    # over the text sequence, per-sample cluster ids) applies to it.
+    routes_text_tokens: ClassVar[bool] = True
+
+    def __init__(self, router: Router | None, experts: Experts | None, backend: str = "auto") -> None:
+        super().__init__()
+        resolve_backend(backend, torch.empty(0))  # validates the name
+        self.router = router
+        self.experts = experts
+        self.backend = backend
+        # Per-forward inputs an HF model does not pass down; set by `routing_inputs(...)`.
+        self.token_mask: Tensor | None = None
+        self.cluster_ids: Tensor | None = None
+        # The record of the last forward: aux losses always (training reads them), the full
+        # routing only while `record_routing` is on (analysis reads it).
+        self.record_routing = False
+        self.last_aux_losses: dict[str, Tensor] = {}
+        self.last_routing: Routing | None = None
+
+    @property
+    def num_experts(self) -> int:
+        return 0 if self.router is None else self.router.config.num_experts
+
+    @property
+    def top_k(self) -> int:
+        return 0 if self.router is None else self.router.config.top_k
+
+    def route_and_dispatch(
+        self, x: Tensor, token_mask: Tensor | None, cluster_ids: Tensor | None
+    ) -> tuple[Tensor, Routing]:
+        """x # [..., I] -> expert output # [..., O], and the routing that produced it."""
+        lead_shape = x.shape[:-1]
+        x_tokens = x.reshape(-1, x.shape[-1])  # [T, I]
+        token_mask, cluster_ids = self._flat_routing_inputs(lead_shape, token_mask, cluster_ids)
+        routing = self.router(x_tokens, token_mask=token_mask, cluster_ids=cluster_ids)
+        self.last_aux_losses = routing.aux_losses
+        self.last_routing = routing.detached() if self.record_routing else None
+        out = dispatch(x_tokens, routing, self.experts, self.backend)  # [T, O]
+        return out.view(*lead_shape, out.shape[-1]), routing
+
+    def _flat_routing_inputs(
+        self, lead_shape: torch.Size, token_mask: Tensor | None, cluster_ids: Tensor | None
+    ) -> tuple[Tensor | None, Tensor | None]:
+        if token_mask is None and self.token_mask is not None:
+            token_mask = self.token_mask
+            # During cached generation the model sees only the newest positions of the mask.
+            if token_mask.dim() == len(lead_shape) and token_mask.shape[-1] > lead_shape[-1]:
+                token_mask = token_mask[..., -lead_shape[-1] :]
+        if token_mask is not None:
+            if token_mask.shape != lead_shape:
+                raise ValueError(
+                    f"token_mask must have the input's leading shape {tuple(lead_shape)}, "
+                    f"got {tuple(token_mask.shape)}"
+                )
+            token_mask = token_mask.reshape(-1)
+        if cluster_ids is None:
+            cluster_ids = self.cluster_ids
+        if cluster_ids is not None:
+            if cluster_ids.shape == lead_shape:
+                cluster_ids = cluster_ids.reshape(-1)
+            elif len(lead_shape) >= 2 and cluster_ids.shape == lead_shape[:1]:
+                cluster_ids = cluster_ids.view(-1, *([1] * (len(lead_shape) - 1))).expand(lead_shape)
+                cluster_ids = cluster_ids.reshape(-1)  # one id per sample -> one per token
+            else:
+                raise ValueError(
+                    f"cluster_ids must have one id per sample {tuple(lead_shape[:1])} or per token "
+                    f"{tuple(lead_shape)}, got shape {tuple(cluster_ids.shape)}"
+                )
+        return token_mask, cluster_ids
+
+
+class MoEFeedForward(SparseLayer):
+    """E FFN experts and a top-k router in place of one dense MLP; output shaped like the input.
+
+    Example:
+        >>> from transformers.models.llama.modeling_llama import LlamaMLP, LlamaConfig
+        >>> mlp = LlamaMLP(LlamaConfig(hidden_size=8, intermediate_size=16, num_attention_heads=2))
+        >>> moe = MoEFeedForward.from_dense(mlp, num_experts=4, top_k=2)
+        >>> x = torch.randn(2, 3, 8)
+        >>> torch.allclose(moe(x), mlp(x), atol=1e-6)
+        True
+    """
+
+    def forward(self, x: Tensor, token_mask: Tensor | None = None, cluster_ids: Tensor | None = None) -> Tensor:
+        out, _ = self.route_and_dispatch(x, token_mask, cluster_ids)
+        return out
+
+    @classmethod
+    def from_dense(
+        cls,
+        mlp: nn.Module,
+        num_experts: int = 4,
+        top_k: int = 2,
+        *,
+        load_balance_coef: float = 0.01,
+        z_loss_coef: float = 0.0,
+        capacity_factor: float | None = None,
+        jitter_noise: float = 0.0,
+        normalize_top_k: bool = True,
+        backend: str = "auto",
+    ) -> MoEFeedForward:
+        """Upcycle: every expert is a copy of `mlp`, so the layer computes `mlp`'s function."""
+        config = RouterConfig(
+            num_experts=num_experts,
+            top_k=top_k,
+            normalize_top_k=normalize_top_k,
+            jitter_noise=jitter_noise,
+            capacity_factor=capacity_factor,
+            load_balance_coef=load_balance_coef,
+            z_loss_coef=z_loss_coef,
+        )
+        experts = experts_from_dense(mlp, num_experts)
+        hidden_size = experts.gate_up_proj.shape[-1] if hasattr(experts, "gate_up_proj") else experts.fc1_weight.shape[-1]
+        reference = next(iter(experts.parameters()))
+        router = Router(hidden_size, config).to(device=reference.device, dtype=reference.dtype)
+        return cls(router, experts, backend=backend)
+
+
+class MoLELinear(SparseLayer):
+    """A frozen linear plus K routed LoRA experts and/or an always-on universal LoRA.
+
+    y = base(x) + s * B_u A_u x (universal, if any) + sum_chosen w_e * s * B_e A_e x.
+    Every B starts at zero, so the layer starts equal to `base`. With `num_experts=0` and
+    `universal=True` it is plain LoRA (what LLaVA-MoLE puts on attention).
+
+    Example:
+        >>> base = nn.Linear(8, 16)
+        >>> mole = MoLELinear(base, num_experts=4, rank=2, alpha=4, top_k=1)
+        >>> x = torch.randn(3, 8)
+        >>> torch.equal(mole(x), base(x))
+        True
+    """
+
+    def __init__(
+        self,
+        base: nn.Linear,
+        num_experts: int = 4,
+        rank: int = 16,
+        alpha: float = 32.0,
+        top_k: int = 1,
+        *,
+        dropout: float = 0.0,
+        universal: bool = False,
+        router_input: str = "token",
+        num_clusters: int = 0,
+        temperature: float = 1.0,
+        load_balance_coef: float = 0.0,
+        z_loss_coef: float = 0.0,
+        straight_through: bool = False,
+        backend: str = "auto",
+    ) -> None:
+        if not isinstance(base, nn.Linear):
+            raise ValueError(f"base must be an nn.Linear, got {type(base).__name__}")
+        if num_experts < 0:
+            raise ValueError(f"num_experts must be >= 0 (0 = plain LoRA), got {num_experts}")
+        if num_experts == 0 and not universal:
+            raise ValueError("num_experts=0 leaves no adapter: set universal=True for plain LoRA")
+        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+        router = experts = None
+        if num_experts > 0:
+            config = RouterConfig(
+                num_experts=num_experts,
+                top_k=top_k,
+                input=router_input,
+                num_clusters=num_clusters,
+                temperature=temperature,
+                load_balance_coef=load_balance_coef,
+                z_loss_coef=z_loss_coef,
+                straight_through=straight_through,
+            )
+            router = Router(base.in_features, config).to(**factory)
+            experts = LoRAExperts(num_experts, base.in_features, base.out_features, rank, alpha, dropout).to(**factory)
+        super().__init__(router, experts, backend)
+        self.base = base
+        base.weight.requires_grad_(False)
+        if base.bias is not None:
+            base.bias.requires_grad_(False)
+        self.universal = (
+            LoRAExperts(1, base.in_features, base.out_features, rank, alpha, dropout).to(**factory)
+            if universal
+            else None
+        )
+
+    @classmethod
+    def plain(cls, base: nn.Linear, rank: int = 16, alpha: float = 32.0, dropout: float = 0.0) -> MoLELinear:
+        """Plain LoRA on `base` (no routing)."""
+        return cls(base, num_experts=0, rank=rank, alpha=alpha, dropout=dropout, universal=True)
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    @property
+    def weight(self) -> Tensor:
+        # HF code sometimes reads `.weight` of a projection (e.g. for its dtype).
+        return self.base.weight
+
+    def forward(
+        self,
+        x: Tensor,
+        token_mask: Tensor | None = None,
+        cluster_ids: Tensor | None = None,
+        routing: Routing | None = None,
+    ) -> Tensor:
+        """x # [..., in] -> [..., out]. `routing` reuses a decision made elsewhere (a shared router)."""
+        out = self.base(x)
+        if self.universal is not None:
+            out = out + self.universal.expert_forward(0, x)
+        if self.experts is None:
+            return out
+        if routing is None:
+            delta, _ = self.route_and_dispatch(x, token_mask, cluster_ids)
+        else:
+            delta = dispatch(x.reshape(-1, x.shape[-1]), routing, self.experts, self.backend)
+            delta = delta.view(*x.shape[:-1], delta.shape[-1])
+        return out + delta
+
+    @torch.no_grad()
+    def merge_universal(self) -> MoLELinear:
+        """Fold the universal (or plain) LoRA into the base weight; logits stay the same."""
+        if self.universal is not None:
+            self.base.weight += self.universal.delta_weight(0).to(self.base.weight.dtype)
+            self.universal = None
+        return self
+
+
+class MoEConnector(SparseLayer):
+    """Projector experts between the vision tower and the LM, with a top-k router (ChartMoE).
+
+    Example:
+        >>> proj = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 16))
+        >>> con = MoEConnector.upcycle(proj, num_experts=4, top_k=2)
+        >>> x = torch.randn(2, 5, 8)
+        >>> torch.allclose(con(x), proj(x), atol=1e-6)
+        True
+    """
+
+    routes_text_tokens = False
+
+    def forward(self, image_features: Tensor) -> Tensor:
+        out, _ = self.route_and_dispatch(image_features, None, None)
+        return out
+
+    @classmethod
+    def from_projectors(
+        cls,
+        projectors: list[nn.Module],
+        top_k: int = 2,
+        *,
+        load_balance_coef: float = 0.0,
+        z_loss_coef: float = 0.0,
+        backend: str = "auto",
+    ) -> MoEConnector:
+        """Aligned init: expert i is a copy of `projectors[i]` (e.g. general, table, JSON, code)."""
+        if not projectors:
+            raise ValueError("from_projectors needs at least one projector")
+        config = RouterConfig(
+            num_experts=len(projectors),
+            top_k=top_k,
+            load_balance_coef=load_balance_coef,
+            z_loss_coef=z_loss_coef,
+        )
+        experts = _stack_projectors(projectors)
+        reference = next(iter(experts.parameters()))
+        input_size = _projector_input_size(projectors[0])
+        router = Router(input_size, config).to(device=reference.device, dtype=reference.dtype)
+        return cls(router, experts, backend=backend)
+
+    @classmethod
+    def upcycle(
+        cls,
+        projector: nn.Module,
+        num_experts: int = 4,
+        top_k: int = 2,
+        *,
+        load_balance_coef: float = 0.0,
+        z_loss_coef: float = 0.0,
+        backend: str = "auto",
+    ) -> MoEConnector:
+        """Every expert a copy of `projector`: the connector computes the projector's function."""
+        return cls.from_projectors(
+            [projector] * num_experts,
+            top_k,
+            load_balance_coef=load_balance_coef,
+            z_loss_coef=z_loss_coef,
+            backend=backend,
+        )
+
+    @classmethod
+    def random(
+        cls,
+        projector: nn.Module,
+        num_experts: int = 4,
+        top_k: int = 2,
+        *,
+        load_balance_coef: float = 0.0,
+        z_loss_coef: float = 0.0,
+        backend: str = "auto",
+    ) -> MoEConnector:
+        """Experts shaped like `projector`, each freshly initialised by its layers' own init."""
+        fresh = []
+        for _ in range(num_experts):
+            expert = copy.deepcopy(projector)
+            for module in expert.modules():
+                if module is not expert and callable(getattr(module, "reset_parameters", None)):
+                    module.reset_parameters()
+            fresh.append(expert)
+        return cls.from_projectors(
+            fresh, top_k, load_balance_coef=load_balance_coef, z_loss_coef=z_loss_coef, backend=backend
+        )
+
+
+def _projector_input_size(projector: nn.Module) -> int:
+    for module in projector.modules():
+        if isinstance(module, nn.Linear):
+            return module.in_features
+    raise ValueError(f"cannot tell the input size of {type(projector).__name__}: it has no nn.Linear")
+
+
+def _stack_projectors(projectors: list[nn.Module]) -> MLPExperts | ModuleExperts:
+    """Stack two-layer MLP projectors of one shape into MLPExperts; anything else is a loop."""
+    pairs = [_linear_pair(p) for p in projectors]
+    if all(pair is not None for pair in pairs):
+        shapes = {(p[0].weight.shape, p[1].weight.shape, p[0].bias is None, p[1].bias is None) for p in pairs}
+        if len(shapes) == 1 and pairs[0][0].bias is not None and pairs[0][1].bias is not None:
+            fc1, fc2, act = pairs[0]
+            experts = MLPExperts(len(projectors), fc1.in_features, fc1.out_features, fc2.out_features, act)
+            experts = experts.to(device=fc1.weight.device, dtype=fc1.weight.dtype)
+            with torch.no_grad():
+                for e, (p_fc1, p_fc2, _) in enumerate(pairs):
+                    experts.fc1_weight[e].copy_(p_fc1.weight)
+                    experts.fc1_bias[e].copy_(p_fc1.bias)
+                    experts.fc2_weight[e].copy_(p_fc2.weight)
+                    experts.fc2_bias[e].copy_(p_fc2.bias)
+            experts.act_fn = copy.deepcopy(act)
+            return experts
+    return ModuleExperts([copy.deepcopy(p) for p in projectors])

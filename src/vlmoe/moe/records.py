@@ -1,0 +1,107 @@
+"""Reading what the sparse layers did in the last forward pass, and feeding them per-forward inputs.
+
+Everything lives on the layer modules themselves (`SparseLayer.last_aux_losses`,
+`SparseLayer.last_routing`); these helpers walk a model to collect or set it. No global state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+
+from vlmoe.moe.layers import SparseLayer
+from vlmoe.moe.router import Routing
+
+
+def sparse_layers(model: nn.Module) -> Iterator[tuple[str, SparseLayer]]:
+    """Every routed sparse layer of `model` with its qualified name (plain LoRA layers excluded)."""
+    for name, module in model.named_modules():
+        if isinstance(module, SparseLayer) and module.router is not None:
+            yield name, module
+
+
+def aux_loss(model: nn.Module) -> Tensor:
+    """Sum of every router loss of the last forward pass (already scaled by its coefficient).
+
+    Example:
+        >>> from vlmoe.moe import MoEFeedForward
+        >>> from transformers.models.llama.modeling_llama import LlamaMLP, LlamaConfig
+        >>> moe = MoEFeedForward.from_dense(LlamaMLP(LlamaConfig(hidden_size=8, intermediate_size=16, num_attention_heads=2)))
+        >>> _ = moe(torch.randn(4, 8)); float(aux_loss(moe)) > 0
+        True
+    """
+    losses = [loss for _, layer in sparse_layers(model) for loss in layer.last_aux_losses.values()]
+    if not losses:
+        reference = next(model.parameters(), None)
+        return torch.zeros((), device=None if reference is None else reference.device)
+    return torch.stack([loss.float() for loss in losses]).sum()
+
+
+def aux_losses_by_layer(model: nn.Module) -> dict[str, dict[str, float]]:
+    """{layer name: {loss name: value}} of the last forward pass, for logging."""
+    return {
+        name: {loss_name: float(loss.detach()) for loss_name, loss in layer.last_aux_losses.items()}
+        for name, layer in sparse_layers(model)
+    }
+
+
+def routing_records(model: nn.Module) -> dict[str, Routing]:
+    """{layer name: routing of the last forward} for layers recorded with `record_routing`."""
+    return {name: layer.last_routing for name, layer in sparse_layers(model) if layer.last_routing is not None}
+
+
+@contextmanager
+def record_routing(model: nn.Module, enabled: bool = True) -> Iterator[nn.Module]:
+    """Keep each layer's full routing (indices, weights, probs, mask) while inside the block.
+
+    Example:
+        >>> from vlmoe.moe import MoEConnector
+        >>> con = MoEConnector.upcycle(nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 8)))
+        >>> with record_routing(con):
+        ...     _ = con(torch.randn(3, 4))
+        >>> routing_records(con)[""].expert_indices.shape
+        torch.Size([3, 2])
+    """
+    layers = [layer for _, layer in sparse_layers(model)]
+    previous = [layer.record_routing for layer in layers]
+    for layer in layers:
+        layer.record_routing = enabled
+    try:
+        yield model
+    finally:
+        for layer, was in zip(layers, previous, strict=True):
+            layer.record_routing = was
+
+
+@contextmanager
+def routing_inputs(
+    model: nn.Module, attention_mask: Tensor | None = None, cluster_ids: Tensor | None = None
+) -> Iterator[nn.Module]:
+    """Give the LM's sparse layers the padding mask and/or per-sample cluster ids for a forward.
+
+    `attention_mask` # [batch, seq] (1 = real token): padding takes no capacity and no part in
+    the router losses. `cluster_ids` # [batch] (MoCLE): the instruction cluster of each sample.
+
+    Example:
+        >>> from vlmoe.moe import MoLELinear
+        >>> layer = MoLELinear(nn.Linear(4, 4), num_experts=2, rank=2, router_input="cluster", num_clusters=3)
+        >>> with routing_inputs(layer, cluster_ids=torch.tensor([2, 0])):
+        ...     layer(torch.randn(2, 5, 4)).shape
+        torch.Size([2, 5, 4])
+    """
+    layers = [
+        module
+        for module in model.modules()
+        if isinstance(module, SparseLayer) and module.routes_text_tokens
+    ]
+    mask = None if attention_mask is None else attention_mask.bool()
+    for layer in layers:
+        layer.token_mask, layer.cluster_ids = mask, cluster_ids
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.token_mask = layer.cluster_ids = None

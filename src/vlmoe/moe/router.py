@@ -1,0 +1,206 @@
+"""Top-k router: which experts each token goes to, with what weight, and the router losses.
+
+Shape legend: T tokens, E experts, K top_k, D hidden size, C cluster-embedding size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vlmoe.moe.config import RouterConfig
+
+
+@dataclass
+class Routing:
+    """One routing decision for T tokens. Tensors are in token order."""
+
+    expert_indices: Tensor  # [T, K] int64, the chosen experts, best first
+    combine_weights: Tensor  # [T, K] float, 0 for dropped slots
+    router_probs: Tensor  # [T, E] float32 (float64 for float64 inputs)
+    router_logits: Tensor  # [T, E]
+    kept: Tensor | None = None  # [T, K] bool; None means every slot is computed (dropless)
+    token_mask: Tensor | None = None  # [T] bool, True for real (non-padding) tokens
+    aux_losses: dict[str, Tensor] = field(default_factory=dict)  # already scaled by coefficients
+
+    @property
+    def num_experts(self) -> int:
+        return self.router_probs.shape[-1]
+
+    def tokens_per_expert(self) -> Tensor:
+        """Computed token-slots per expert (dropped and padding slots excluded). # [E]"""
+        indices = self.expert_indices
+        if self.kept is not None:
+            indices = indices[self.kept]
+        return torch.bincount(indices.flatten(), minlength=self.num_experts)
+
+    def detached(self) -> Routing:
+        return replace(
+            self,
+            combine_weights=self.combine_weights.detach(),
+            router_probs=self.router_probs.detach(),
+            router_logits=self.router_logits.detach(),
+            aux_losses={name: loss.detach() for name, loss in self.aux_losses.items()},
+        )
+
+
+def load_balancing_loss(
+    router_probs: Tensor, expert_indices: Tensor, token_mask: Tensor | None = None
+) -> Tensor:
+    """Switch-Transformer balance loss E * sum_i f_i * P_i over real tokens (1.0 when uniform).
+
+    f_i is the fraction of token-slots whose router chose expert i, P_i the mean router
+    probability of expert i. Only P carries a gradient.
+
+    Example:
+        >>> probs = torch.full((4, 2), 0.5); idx = torch.tensor([[0], [1], [0], [1]])
+        >>> float(load_balancing_loss(probs, idx))
+        1.0
+    """
+    num_experts = router_probs.shape[-1]
+    if token_mask is not None:
+        router_probs = router_probs[token_mask]
+        expert_indices = expert_indices[token_mask]
+    num_slots = expert_indices.numel()
+    if num_slots == 0:
+        return router_probs.sum() * 0.0
+    slots_per_expert = torch.bincount(expert_indices.flatten(), minlength=num_experts)
+    fraction_routed = slots_per_expert.to(router_probs.dtype) / num_slots  # f, [E]
+    mean_prob = router_probs.mean(dim=0)  # P, [E]
+    return num_experts * torch.sum(fraction_routed * mean_prob)
+
+
+def router_z_loss(router_logits: Tensor, token_mask: Tensor | None = None) -> Tensor:
+    """ST-MoE z-loss: mean over real tokens of logsumexp(logits)^2; keeps logits small."""
+    if token_mask is not None:
+        router_logits = router_logits[token_mask]
+    if router_logits.shape[0] == 0:
+        return router_logits.sum() * 0.0
+    return torch.logsumexp(router_logits, dim=-1).square().mean()
+
+
+def capacity_keep_mask(
+    expert_indices: Tensor, num_experts: int, capacity: int, token_mask: Tensor | None = None
+) -> Tensor:
+    """Which token-slots fit in their expert's capacity. # [T, K] bool
+
+    Priority follows GShard / DeepSpeed-MoE: every token's first choice before any token's
+    second choice, and within one choice rank, earlier tokens first. Padding tokens take no
+    capacity and are never kept.
+    """
+    num_tokens, top_k = expert_indices.shape
+    rank_major = expert_indices.t().reshape(-1)  # [K*T]
+    one_hot = F.one_hot(rank_major, num_experts)  # [K*T, E]
+    if token_mask is not None:
+        one_hot = one_hot * token_mask.repeat(top_k).unsqueeze(-1).to(one_hot.dtype)
+    position_in_expert = (one_hot.cumsum(dim=0) * one_hot).sum(dim=-1) - 1  # -1 for padding
+    keep = (position_in_expert >= 0) & (position_in_expert < capacity)
+    return keep.view(top_k, num_tokens).t()
+
+
+class Router(nn.Module):
+    """Top-k router over `config.num_experts` experts.
+
+    The padding mask and MoCLE's cluster ids arrive as arguments; the layers that own a router
+    also accept them from `vlmoe.moe.routing_inputs`, since an HF model does not pass them down.
+
+    Example:
+        >>> router = Router(8, RouterConfig(num_experts=4, top_k=2))
+        >>> router(torch.randn(5, 8)).expert_indices.shape
+        torch.Size([5, 2])
+    """
+
+    def __init__(self, hidden_size: int, config: RouterConfig) -> None:
+        super().__init__()
+        if config.straight_through and config.top_k != 1:
+            raise ValueError(f"straight_through routing needs top_k=1, got top_k={config.top_k}")
+        self.config = config
+        if config.input == "cluster":
+            self.cluster_embedding = nn.Embedding(config.num_clusters, config.cluster_embed_dim)
+            gate_input_size = config.cluster_embed_dim
+        else:
+            self.cluster_embedding = None
+            gate_input_size = hidden_size
+        self.gate = nn.Linear(gate_input_size, config.num_experts, bias=config.bias)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # Small random init: upcycled experts are identical, so any routing is exact at step 0.
+        nn.init.normal_(self.gate.weight, std=0.02)
+        if self.gate.bias is not None:
+            nn.init.zeros_(self.gate.bias)
+        if self.cluster_embedding is not None:
+            nn.init.normal_(self.cluster_embedding.weight, std=1.0)
+
+    def forward(
+        self, hidden: Tensor, token_mask: Tensor | None = None, cluster_ids: Tensor | None = None
+    ) -> Routing:
+        """Route `hidden` # [T, D]; token_mask # [T] bool; cluster_ids # [T] int (cluster mode)."""
+        cfg = self.config
+        if token_mask is not None:
+            token_mask = token_mask.to(device=hidden.device, dtype=torch.bool)
+        router_logits = self._logits(hidden, cluster_ids)  # [T, E]
+        compute_dtype = torch.promote_types(router_logits.dtype, torch.float32)
+        router_logits = router_logits.to(compute_dtype)
+        router_probs = torch.softmax(router_logits / cfg.temperature, dim=-1)
+        top_probs, expert_indices = torch.topk(router_probs, cfg.top_k, dim=-1)  # [T, K]
+
+        kept = None
+        capacity = cfg.capacity(int(token_mask.sum()) if token_mask is not None else hidden.shape[0])
+        if capacity is not None:
+            kept = capacity_keep_mask(expert_indices, cfg.num_experts, capacity, token_mask)
+            top_probs = top_probs * kept
+        combine_weights = top_probs
+        if cfg.top_k > 1 and cfg.normalize_top_k:
+            combine_weights = top_probs / top_probs.sum(dim=-1, keepdim=True).clamp_min(1e-9)
+        if cfg.straight_through:
+            # Forward value 1 (0 where dropped); gradient of the chosen probability.
+            ones = torch.ones_like(combine_weights) if kept is None else kept.to(combine_weights.dtype)
+            combine_weights = combine_weights - combine_weights.detach() + ones
+
+        aux_losses: dict[str, Tensor] = {}
+        if cfg.load_balance_coef > 0:
+            balance = load_balancing_loss(router_probs, expert_indices, token_mask)
+            aux_losses["load_balance"] = cfg.load_balance_coef * balance
+        if cfg.z_loss_coef > 0:
+            aux_losses["z_loss"] = cfg.z_loss_coef * router_z_loss(router_logits, token_mask)
+        return Routing(
+            expert_indices=expert_indices,
+            combine_weights=combine_weights,
+            router_probs=router_probs,
+            router_logits=router_logits,
+            kept=kept,
+            token_mask=token_mask,
+            aux_losses=aux_losses,
+        )
+
+    def _logits(self, hidden: Tensor, cluster_ids: Tensor | None) -> Tensor:
+        cfg = self.config
+        if self.cluster_embedding is None:
+            if self.training and cfg.jitter_noise > 0:
+                noise = torch.empty_like(hidden).uniform_(1.0 - cfg.jitter_noise, 1.0 + cfg.jitter_noise)
+                hidden = hidden * noise
+            return self.gate(hidden.to(self.gate.weight.dtype))
+        if cluster_ids is None:
+            raise ValueError(
+                "this router routes by instruction cluster (input='cluster') but got no cluster_ids; "
+                "pass cluster_ids=... or wrap the forward in vlmoe.moe.routing_inputs(model, cluster_ids=...)"
+            )
+        cluster_ids = cluster_ids.to(hidden.device)
+        if cluster_ids.shape != hidden.shape[:1]:
+            raise ValueError(
+                f"cluster_ids must have one id per token, shape {tuple(hidden.shape[:1])}, "
+                f"got {tuple(cluster_ids.shape)}"
+            )
+        if cluster_ids.numel() and (cluster_ids.min() < 0 or cluster_ids.max() >= cfg.num_clusters):
+            raise ValueError(
+                f"cluster_ids must be in [0, num_clusters={cfg.num_clusters}), "
+                f"got values in [{int(cluster_ids.min())}, {int(cluster_ids.max())}]"
+            )
+        # Every token of a sample shares its cluster: embed the few distinct ids, then expand.
+        unique_ids, token_to_unique = torch.unique(cluster_ids, return_inverse=True)
+        logits = self.gate(self.cluster_embedding(unique_ids))  # [U, E]
+        return logits[token_to_unique]
