@@ -125,6 +125,9 @@ class Router(nn.Module):
             self.cluster_embedding = None
             gate_input_size = hidden_size
         self.gate = nn.Linear(gate_input_size, config.num_experts, bias=config.bias)
+        # Ablation switch (ChartMoE's forced-expert evaluation): when set, every token goes to
+        # this expert alone, whatever the router would choose.
+        self.forced_expert: int | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -147,6 +150,12 @@ class Router(nn.Module):
         router_logits = router_logits.to(compute_dtype)
         router_probs = torch.softmax(router_logits / cfg.temperature, dim=-1)
         top_probs, expert_indices = torch.topk(router_probs, cfg.top_k, dim=-1)  # [T, K]
+        if self.forced_expert is not None:
+            if not 0 <= self.forced_expert < cfg.num_experts:
+                raise ValueError(f"forced_expert must be in [0, {cfg.num_experts}), got {self.forced_expert}")
+            # All K slots to the forced expert with weights 1/K: the output is that expert's.
+            expert_indices = torch.full_like(expert_indices, self.forced_expert)
+            top_probs = torch.full_like(top_probs, 1.0 / cfg.top_k)
 
         kept = None
         capacity = cfg.capacity(int(token_mask.sum()) if token_mask is not None else hidden.shape[0])
@@ -154,7 +163,7 @@ class Router(nn.Module):
             kept = capacity_keep_mask(expert_indices, cfg.num_experts, capacity, token_mask)
             top_probs = top_probs * kept
         combine_weights = top_probs
-        if cfg.top_k > 1 and cfg.normalize_top_k:
+        if cfg.top_k > 1 and cfg.normalize_top_k and self.forced_expert is None:
             combine_weights = top_probs / top_probs.sum(dim=-1, keepdim=True).clamp_min(1e-9)
         if cfg.straight_through:
             # Forward value 1 (0 where dropped); gradient of the chosen probability.
