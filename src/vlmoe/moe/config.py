@@ -59,9 +59,7 @@ class RouterConfig:
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if self.capacity_factor is not None and not self.capacity_factor > 0:
-            raise ValueError(
-                f"capacity_factor must be > 0 or None (dropless), got {self.capacity_factor}"
-            )
+            raise ValueError(f"capacity_factor must be > 0 or None (dropless), got {self.capacity_factor}")
         if self.min_capacity < 0:
             raise ValueError(f"min_capacity must be >= 0, got {self.min_capacity}")
         for name in ("load_balance_coef", "z_loss_coef"):

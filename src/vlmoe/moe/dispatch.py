@@ -3,13 +3,16 @@
 Shape legend: T tokens, K top_k, S = T*K token-slots, E experts, I/O expert input/output size.
 A slot is one (token, choice) pair, numbered token * K + choice.
 
-Two backends compute the same function:
+Three backends compute the same function:
 - `reference_dispatch`: for each expert, the tokens that chose it, run through that expert and
   added back with their weight. Any device and dtype (float64 included); the definition.
 - `grouped_dispatch`: one stable sort of the slots by expert, one gather of the token rows,
   grouped matmuls over contiguous expert segments (`torch.nn.functional.grouped_mm` on CUDA),
   one gather back and a K-way weighted sum. Both gathers are permutations whose backward is
   again a gather, so there are no atomics, and on CUDA no host synchronisation.
+- `dense_dispatch`: every expert on every token, weighted by a [T, E] gate matrix that is zero
+  off the chosen experts. E times the expert FLOPs but no permutation at all: the fast choice
+  for low-rank (LoRA) experts, whose E * rank is small beside the frozen base matmul.
 """
 
 from __future__ import annotations
@@ -23,8 +26,10 @@ from torch import Tensor
 
 from vlmoe.moe.router import Routing
 
-Backend = Literal["auto", "reference", "grouped"]
-BACKENDS: tuple[str, ...] = ("auto", "reference", "grouped")
+Backend = Literal["auto", "reference", "grouped", "dense"]
+BACKENDS: tuple[str, ...] = ("auto", "reference", "grouped", "dense")
+# `auto` runs LoRA experts densely on CUDA while all experts' ranks together stay this small.
+DENSE_MAX_TOTAL_RANK = 512
 
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
@@ -53,6 +58,10 @@ class Experts(Protocol):
 
     def expert_forward(self, expert: int, x: Tensor) -> Tensor:
         """One expert on its rows # [n, I] -> [n, O]."""
+        ...
+
+    def gated_forward(self, x: Tensor, gates: Tensor) -> Tensor:
+        """sum_e gates[:, e] * expert_e(x) over all experts. x # [T, I], gates # [T, E] -> [T, O]."""
         ...
 
 
@@ -186,16 +195,43 @@ def reference_dispatch(x: Tensor, routing: Routing, experts: Experts) -> Tensor:
     return out
 
 
-def resolve_backend(backend: str, x: Tensor) -> str:
+def gate_matrix(routing: Routing) -> Tensor:
+    """The combine weights scattered into a [T, E] matrix (zero for unchosen or dropped)."""
+    weights = routing.combine_weights
+    if routing.kept is not None:
+        weights = weights * routing.kept
+    gates = weights.new_zeros(weights.shape[0], routing.num_experts)
+    # scatter_add, not scatter: a forced expert can fill several slots of one token.
+    return gates.scatter_add(1, routing.expert_indices, weights)
+
+
+def dense_dispatch(x: Tensor, routing: Routing, experts: Experts) -> Tensor:
+    """Every expert on every token, masked by the gates. x # [T, I] -> [T, O]."""
+    return experts.gated_forward(x, gate_matrix(routing).to(x.dtype))
+
+
+def check_backend(backend: str) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        return "grouped" if x.is_cuda else "reference"
     return backend
+
+
+def resolve_backend(backend: str, x: Tensor, experts: Experts) -> str:
+    if check_backend(backend) != "auto":
+        return backend
+    if not x.is_cuda:
+        return "reference"
+    total_rank = getattr(experts, "rank", None)
+    if total_rank is not None and total_rank * experts.num_experts <= DENSE_MAX_TOTAL_RANK:
+        return "dense"
+    return "grouped"
 
 
 def dispatch(x: Tensor, routing: Routing, experts: Experts, backend: str = "auto") -> Tensor:
     """Run `experts` on the token-slots chosen by `routing` and combine. x # [T, I] -> [T, O]."""
-    if resolve_backend(backend, x) == "grouped":
+    chosen = resolve_backend(backend, x, experts)
+    if chosen == "grouped":
         return grouped_dispatch(x, routing, experts)
+    if chosen == "dense":
+        return dense_dispatch(x, routing, experts)
     return reference_dispatch(x, routing, experts)

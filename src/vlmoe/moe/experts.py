@@ -2,7 +2,9 @@
 
 Each container answers the `vlmoe.moe.dispatch.Experts` protocol: `forward(x_sorted, plan)` runs
 all experts on expert-sorted rows, `expert_forward(e, x)` runs one expert (the reference path).
-Weights use the nn.Linear layout per expert, [E, out, in], as transformers' Mixtral does.
+`gated_forward(x, gates)` runs every expert on every token weighted by a [T, E] gate matrix
+(the dense backend). Weights use the nn.Linear layout per expert, [E, out, in], as
+transformers' Mixtral does.
 """
 
 from __future__ import annotations
@@ -19,7 +21,16 @@ from vlmoe.moe.dispatch import DispatchPlan, grouped_linear
 Activation = Callable[[Tensor], Tensor]
 
 
-class GLUExperts(nn.Module):
+class _LoopGatedForward:
+    """gated_forward as a loop over experts: right for any container, fast for none."""
+
+    num_experts: int
+
+    def gated_forward(self, x: Tensor, gates: Tensor) -> Tensor:
+        return sum(gates[:, e : e + 1] * self.expert_forward(e, x) for e in range(self.num_experts))
+
+
+class GLUExperts(_LoopGatedForward, nn.Module):
     """E gated FFNs, down(act(gate(x)) * up(x)): the SwiGLU MLP of Llama/Mistral/Qwen."""
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, activation: Activation):
@@ -41,7 +52,7 @@ class GLUExperts(nn.Module):
         return (self.act_fn(gate) * up) @ self.down_proj[expert].t()
 
 
-class MLPExperts(nn.Module):
+class MLPExperts(_LoopGatedForward, nn.Module):
     """E two-layer MLPs with biases, fc2(act(fc1(x))): Phi/CLIP FFNs and LLaVA projectors."""
 
     def __init__(
@@ -80,7 +91,13 @@ class LoRAExperts(nn.Module):
     """E low-rank adapters, scaling * B_e(A_e(dropout(x))). B starts at zero (output 0)."""
 
     def __init__(
-        self, num_experts: int, input_size: int, output_size: int, rank: int, alpha: float, dropout: float = 0.0
+        self,
+        num_experts: int,
+        input_size: int,
+        output_size: int,
+        rank: int,
+        alpha: float,
+        dropout: float = 0.0,
     ):
         super().__init__()
         if rank < 1:
@@ -104,12 +121,20 @@ class LoRAExperts(nn.Module):
     def expert_forward(self, expert: int, x: Tensor) -> Tensor:
         return (self.dropout(x) @ self.lora_A[expert].t()) @ self.lora_B[expert].t() * self.scaling
 
+    def gated_forward(self, x: Tensor, gates: Tensor) -> Tensor:
+        # All experts' A at once ([T, E*r]), each expert's block scaled by its gate, then all B.
+        num_tokens = x.shape[0]
+        low_rank = self.dropout(x) @ self.lora_A.reshape(-1, self.lora_A.shape[-1]).t()  # [T, E*r]
+        low_rank = (low_rank.view(num_tokens, self.num_experts, self.rank) * gates.unsqueeze(-1)).flatten(1)
+        stacked_B = self.lora_B.permute(1, 0, 2).reshape(self.lora_B.shape[1], -1)  # [O, E*r]
+        return low_rank @ stacked_B.t() * self.scaling
+
     def delta_weight(self, expert: int) -> Tensor:
         """The dense weight update of one expert. # [O, I]"""
         return self.lora_B[expert] @ self.lora_A[expert] * self.scaling
 
 
-class ModuleExperts(nn.Module):
+class ModuleExperts(_LoopGatedForward, nn.Module):
     """E arbitrary row-wise modules (e.g. a family's own projector): a loop, for any structure."""
 
     def __init__(self, modules: list[nn.Module]):

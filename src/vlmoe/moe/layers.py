@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from vlmoe.moe.config import RouterConfig
-from vlmoe.moe.dispatch import Experts, dispatch, resolve_backend
+from vlmoe.moe.dispatch import Experts, check_backend, dispatch
 from vlmoe.moe.experts import LoRAExperts, MLPExperts, ModuleExperts, _linear_pair, experts_from_dense
 from vlmoe.moe.router import Router, Routing
 
@@ -31,7 +31,7 @@ class SparseLayer(nn.Module):
 
     def __init__(self, router: Router | None, experts: Experts | None, backend: str = "auto") -> None:
         super().__init__()
-        resolve_backend(backend, torch.empty(0))  # validates the name
+        check_backend(backend)
         self.router = router
         self.experts = experts
         self.backend = backend
@@ -108,7 +108,9 @@ class MoEFeedForward(SparseLayer):
         True
     """
 
-    def forward(self, x: Tensor, token_mask: Tensor | None = None, cluster_ids: Tensor | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, token_mask: Tensor | None = None, cluster_ids: Tensor | None = None
+    ) -> Tensor:
         out, _ = self.route_and_dispatch(x, token_mask, cluster_ids)
         return out
 
@@ -126,7 +128,12 @@ class MoEFeedForward(SparseLayer):
         normalize_top_k: bool = True,
         backend: str = "auto",
     ) -> MoEFeedForward:
-        """Upcycle: every expert is a copy of `mlp`, so the layer computes `mlp`'s function."""
+        """Upcycle: every expert is a copy of `mlp`, so the layer computes `mlp`'s function.
+
+        Exact for top_k >= 2 with renormalised weights (the MoE-LLaVA setting). With top_k=1 the
+        chosen probability scales the output (Switch / DeepSpeed top-1), so the layer starts as
+        gate * mlp(x).
+        """
         config = RouterConfig(
             num_experts=num_experts,
             top_k=top_k,
@@ -137,7 +144,11 @@ class MoEFeedForward(SparseLayer):
             z_loss_coef=z_loss_coef,
         )
         experts = experts_from_dense(mlp, num_experts)
-        hidden_size = experts.gate_up_proj.shape[-1] if hasattr(experts, "gate_up_proj") else experts.fc1_weight.shape[-1]
+        hidden_size = (
+            experts.gate_up_proj.shape[-1]
+            if hasattr(experts, "gate_up_proj")
+            else experts.fc1_weight.shape[-1]
+        )
         reference = next(iter(experts.parameters()))
         router = Router(hidden_size, config).to(device=reference.device, dtype=reference.dtype)
         return cls(router, experts, backend=backend)
@@ -196,7 +207,9 @@ class MoLELinear(SparseLayer):
                 straight_through=straight_through,
             )
             router = Router(base.in_features, config).to(**factory)
-            experts = LoRAExperts(num_experts, base.in_features, base.out_features, rank, alpha, dropout).to(**factory)
+            experts = LoRAExperts(num_experts, base.in_features, base.out_features, rank, alpha, dropout).to(
+                **factory
+            )
         super().__init__(router, experts, backend)
         self.base = base
         base.weight.requires_grad_(False)

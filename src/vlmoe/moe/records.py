@@ -28,8 +28,9 @@ def aux_loss(model: nn.Module) -> Tensor:
 
     Example:
         >>> from vlmoe.moe import MoEFeedForward
-        >>> from transformers.models.llama.modeling_llama import LlamaMLP, LlamaConfig
-        >>> moe = MoEFeedForward.from_dense(LlamaMLP(LlamaConfig(hidden_size=8, intermediate_size=16, num_attention_heads=2)))
+        >>> mlp = nn.Sequential()
+        >>> mlp.fc1, mlp.fc2, mlp.act = nn.Linear(8, 16), nn.Linear(16, 8), nn.GELU()
+        >>> moe = MoEFeedForward.from_dense(mlp, num_experts=4, top_k=2)
         >>> _ = moe(torch.randn(4, 8)); float(aux_loss(moe)) > 0
         True
     """
@@ -50,7 +51,9 @@ def aux_losses_by_layer(model: nn.Module) -> dict[str, dict[str, float]]:
 
 def routing_records(model: nn.Module) -> dict[str, Routing]:
     """{layer name: routing of the last forward} for layers recorded with `record_routing`."""
-    return {name: layer.last_routing for name, layer in sparse_layers(model) if layer.last_routing is not None}
+    return {
+        name: layer.last_routing for name, layer in sparse_layers(model) if layer.last_routing is not None
+    }
 
 
 @contextmanager
@@ -93,9 +96,7 @@ def routing_inputs(
         torch.Size([2, 5, 4])
     """
     layers = [
-        module
-        for module in model.modules()
-        if isinstance(module, SparseLayer) and module.routes_text_tokens
+        module for module in model.modules() if isinstance(module, SparseLayer) and module.routes_text_tokens
     ]
     mask = None if attention_mask is None else attention_mask.bool()
     for layer in layers:

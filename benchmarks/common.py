@@ -1,0 +1,56 @@
+"""Timing helpers for the benchmarks: CUDA-event medians and peak memory, one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+from collections.abc import Callable
+
+import torch
+
+
+def time_cuda(step: Callable[[], None], warmup: int = 5, reps: int = 20) -> float:
+    """Median milliseconds of `step` (timed with CUDA events after warm-up)."""
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def peak_memory_mib(step: Callable[[], None]) -> float:
+    """Peak memory one step allocates beyond what was already allocated."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+
+def write_json(name: str, rows: list[dict]) -> None:
+    """Rows to $OUT/<name>.json (device runs) or benchmarks/results/<name>.json."""
+    folder = os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results")
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, f"{name}.json"), "w") as handle:
+        json.dump(
+            {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows},
+            handle,
+            indent=1,
+        )
+
+
+def print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows, strict=True)]
+    print(f"\n{title}")
+    print("  ".join(str(h).ljust(w) for h, w in zip(header, widths, strict=True)))
+    for row in rows:
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)))

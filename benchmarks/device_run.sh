@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# One device call: environment report, GPU tests, then the layer benchmark.
+# Wheels for packages the device image may lack travel in .whl (see benchmarks/README.md).
+set -uo pipefail
+export PYTHONUNBUFFERED=1 PYTHONPATH=src
+missing=()
+for module in peft pytest; do python3 -c "import $module" 2>/dev/null || missing+=("$module"); done
+if [ ${#missing[@]} -gt 0 ] && [ -d .whl ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
+    export PYTHONPATH=src:/tmp/site
+fi
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv
+python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)"
+python3 -m pytest -p no:cacheprovider -q -m gpu tests/moe "$@" 2>&1 | tail -15
+python3 benchmarks/moe_layer.py 2>&1 | tee "${OUT:-/tmp}/moe_layer.log"

@@ -1,0 +1,227 @@
+"""MoE FFN and MoLE layer speed, forward + backward, bf16, one process on one GPU.
+
+    python benchmarks/moe_layer.py [--quick]
+
+Prints medians and ratios against named baselines; writes moe_layer.json. The headline is the
+ratio to a dense SwiGLU FFN run on tokens x top_k rows (the same active FLOPs as the MoE).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import peak_memory_mib, print_table, time_cuda, write_json
+from vlmoe.moe import MoEFeedForward, MoLELinear
+
+FFN_SHAPES = [(16384, 2048, 5632, 4, 2), (8192, 4096, 14336, 8, 2), (16384, 2048, 1408, 64, 6)]
+DTYPE = torch.bfloat16
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, hidden: int, intermediate: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        self.act_fn = nn.SiLU()
+
+    def forward(self, x):
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+def _train_step(module: nn.Module, x: torch.Tensor, grad_out: torch.Tensor):
+    def step() -> None:
+        for p in module.parameters():
+            p.grad = None
+        x.grad = None
+        module(x).backward(grad_out)
+
+    return step
+
+
+def _measure(name: str, module: nn.Module, x: torch.Tensor, reps: int) -> dict:
+    grad_out = torch.randn_like(x if x.shape[-1] == module_out_size(module, x) else module(x))
+    step = _train_step(module, x, grad_out)
+    try:
+        ms = time_cuda(step, reps=reps)
+        mem = peak_memory_mib(step)
+    except torch.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return {"method": name, "ms": float("nan"), "peak_mib": float("nan"), "note": "OOM"}
+    return {"method": name, "ms": ms, "peak_mib": mem}
+
+
+def module_out_size(module: nn.Module, x: torch.Tensor) -> int:
+    with torch.no_grad():
+        return module(x[:8]).shape[-1]
+
+
+def _mixtral_block(hidden, intermediate, num_experts, top_k, implementation, source: MoEFeedForward):
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+    config = MixtralConfig(
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_local_experts=num_experts,
+        num_experts_per_tok=top_k,
+        num_attention_heads=max(1, hidden // 128),
+        num_key_value_heads=max(1, hidden // 128),
+    )
+    config._experts_implementation = implementation
+    block = MixtralSparseMoeBlock(config).to("cuda", DTYPE)
+    with torch.no_grad():  # same weights as the vlmoe layer
+        block.gate.weight.copy_(source.router.gate.weight)
+        block.experts.gate_up_proj.copy_(source.experts.gate_up_proj)
+        block.experts.down_proj.copy_(source.experts.down_proj)
+    return block
+
+
+class _As3D(nn.Module):
+    """Mixtral's block wants [batch, seq, hidden]."""
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.block = block
+
+    def forward(self, x):
+        return self.block(x.unsqueeze(0)).squeeze(0)
+
+
+def bench_ffn(shapes, reps: int) -> list[dict]:
+    rows = []
+    for tokens, hidden, intermediate, num_experts, top_k in shapes:
+        torch.manual_seed(0)
+        dense = SwiGLU(hidden, intermediate).to("cuda", DTYPE)
+        for p in dense.parameters():
+            nn.init.normal_(p, std=0.02)
+        x = torch.randn(tokens, hidden, device="cuda", dtype=DTYPE, requires_grad=True)
+        x_dense = torch.randn(tokens * top_k, hidden, device="cuda", dtype=DTYPE, requires_grad=True)
+        moe = MoEFeedForward.from_dense(dense, num_experts, top_k, load_balance_coef=0.01, backend="grouped")
+        with torch.no_grad():  # distinct experts, realistic routing
+            moe.experts.gate_up_proj.normal_(std=0.02)
+            moe.experts.down_proj.normal_(std=0.02)
+            moe.router.gate.weight.normal_(std=0.5)
+        shape = f"({tokens}, {hidden}, {intermediate}, {num_experts}, {top_k})"
+        results = [_measure("dense SwiGLU on tokens x k (eager)", dense, x_dense, reps)]
+        compiled = torch.compile(dense)
+        results.append(_measure("dense SwiGLU on tokens x k (torch.compile)", compiled, x_dense, reps))
+        results.append(_measure("vlmoe MoEFeedForward grouped", moe, x, reps))
+        reference = MoEFeedForward.from_dense(dense, num_experts, top_k, backend="reference")
+        reference.load_state_dict(moe.state_dict())
+        results.append(_measure("vlmoe MoEFeedForward reference loop", reference, x, reps))
+        for implementation in ("eager", "grouped_mm", "batched_mm"):
+            try:
+                block = _As3D(_mixtral_block(hidden, intermediate, num_experts, top_k, implementation, moe))
+                results.append(_measure(f"transformers Mixtral block ({implementation})", block, x, reps))
+                del block
+            except Exception as error:  # an implementation this transformers lacks
+                results.append(
+                    {
+                        "method": f"transformers Mixtral block ({implementation})",
+                        "ms": float("nan"),
+                        "peak_mib": float("nan"),
+                        "note": type(error).__name__,
+                    }
+                )
+            torch.cuda.empty_cache()
+        baseline = results[0]["ms"]
+        for row in results:
+            row.update(shape=shape, ratio_to_dense=baseline / row["ms"])
+        rows += results
+        del moe, reference, dense, compiled
+        torch.cuda.empty_cache()
+    return rows
+
+
+class _PeftLoRA(nn.Module):
+    def __init__(self, base: nn.Linear, rank: int) -> None:
+        super().__init__()
+        from peft import LoraConfig, get_peft_model
+
+        holder = nn.Sequential()
+        holder.add_module("proj", base)
+        self.model = get_peft_model(holder, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["proj"]))
+
+    def forward(self, x):
+        return self.model(x)
+
+
+def bench_mole(reps: int, tokens: int = 16384, fan_in: int = 4096, fan_out: int = 11008) -> list[dict]:
+    torch.manual_seed(0)
+    x = torch.randn(tokens, fan_in, device="cuda", dtype=DTYPE, requires_grad=True)
+
+    def base():
+        linear = nn.Linear(fan_in, fan_out, bias=False).to("cuda", DTYPE)
+        linear.weight.requires_grad_(False)
+        return linear
+
+    rows = [_measure("PEFT LoRA r=64", _PeftLoRA(base(), 64), x, reps)]
+    for backend in ("dense", "grouped", "reference"):
+        mole = MoLELinear(base(), num_experts=4, rank=64, alpha=128, top_k=1, backend=backend)
+        with torch.no_grad():
+            mole.experts.lora_B.normal_(std=0.02)
+            mole.router.gate.weight.normal_(std=0.5)
+        rows.append(_measure(f"vlmoe MoLE 4 experts r=64 top-1 ({backend})", mole, x, reps))
+    baseline = rows[0]["ms"]
+    for row in rows:
+        row.update(shape=f"MoLE {tokens}x{fan_in}->{fan_out}", ratio_to_baseline=baseline / row["ms"])
+
+    cluster_rows = [_measure("PEFT LoRA r=128 (= two r=64 LoRAs)", _PeftLoRA(base(), 128), x, reps)]
+    mocle = MoLELinear(
+        base(), num_experts=4, rank=64, alpha=128, router_input="cluster", num_clusters=64, universal=True
+    )
+    mocle.cluster_ids = torch.randint(0, 64, (tokens,), device="cuda")
+    cluster_rows.append(_measure("vlmoe MoCLE 4 experts r=64 + universal (auto)", mocle, x, reps))
+    for row in cluster_rows:
+        row.update(
+            shape=f"MoCLE {tokens}x{fan_in}->{fan_out}", ratio_to_baseline=cluster_rows[0]["ms"] / row["ms"]
+        )
+    return rows + cluster_rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="small shapes, for a smoke run")
+    args = parser.parse_args()
+    shapes = [(2048, 256, 512, 4, 2), (2048, 256, 256, 16, 4)] if args.quick else FFN_SHAPES
+    reps = 5 if args.quick else 20
+    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
+    ffn_rows = bench_ffn(shapes, reps)
+    mole_rows = bench_mole(reps, *((2048, 256, 512) if args.quick else ()))
+    write_json("moe_layer", ffn_rows + mole_rows)
+
+    def fmt(row, ratio_key):
+        note = row.get("note", "")
+        return [
+            row["shape"],
+            row["method"],
+            f"{row['ms']:.3f}",
+            f"{row[ratio_key]:.2f}",
+            f"{row['peak_mib']:.0f}",
+            note,
+        ]
+
+    header = ["shape (T, d, ff, E, k)", "method", "median ms", "ratio", "peak MiB", "note"]
+    print_table(
+        "MoE FFN, fwd+bwd, ratio = dense-equivalent ms / method ms",
+        header,
+        [fmt(r, "ratio_to_dense") for r in ffn_rows],
+    )
+    print_table(
+        "LoRA experts, fwd+bwd, ratio = baseline ms / method ms",
+        header,
+        [fmt(r, "ratio_to_baseline") for r in mole_rows],
+    )
+
+
+if __name__ == "__main__":
+    main()

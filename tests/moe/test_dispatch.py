@@ -1,0 +1,179 @@
+"""Both dispatch backends against a per-token reference, forward and backward, in float64."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.moe.helpers import relative_error
+from vlmoe.moe import GLUExperts, LoRAExperts, MLPExperts, Routing, dispatch, plan_dispatch
+from vlmoe.moe.dispatch import grouped_linear
+from vlmoe.moe.experts import _LoopGatedForward
+
+
+def _experts(kind: str, num_experts: int, size: int = 6, seed: int = 0):
+    torch.manual_seed(seed)
+    if kind == "glu":
+        experts = GLUExperts(num_experts, size, 5, torch.nn.SiLU())
+    elif kind == "mlp":
+        experts = MLPExperts(num_experts, size, 5, 7, torch.nn.GELU())
+    else:
+        experts = LoRAExperts(num_experts, size, 7, rank=3, alpha=6.0)
+    experts = experts.double()
+    with torch.no_grad():
+        for parameter in experts.parameters():
+            parameter.normal_()
+    return experts
+
+
+def _routing(indices: torch.Tensor, weights: torch.Tensor, num_experts: int, kept=None) -> Routing:
+    probs = torch.full((indices.shape[0], num_experts), 1.0 / num_experts, dtype=torch.float64)
+    return Routing(indices, weights, probs, probs.log(), kept=kept)
+
+
+def _per_token_reference(x, indices, weights, experts, kept=None):
+    """The definition: each token, each of its chosen experts, one at a time."""
+    rows = []
+    for t in range(x.shape[0]):
+        total = 0
+        for j in range(indices.shape[1]):
+            if kept is not None and not kept[t, j]:
+                continue
+            total = total + weights[t, j] * experts.expert_forward(int(indices[t, j]), x[t : t + 1])[0]
+        rows.append(
+            total if torch.is_tensor(total) else x.new_zeros(experts.expert_forward(0, x[:1]).shape[-1])
+        )
+    return torch.stack(rows)
+
+
+def _random_routing(num_tokens, num_experts, top_k, seed):
+    generator = torch.Generator().manual_seed(seed)
+    indices = torch.stack(
+        [torch.randperm(num_experts, generator=generator)[:top_k] for _ in range(num_tokens)]
+    )
+    weights = torch.rand(num_tokens, top_k, generator=generator, dtype=torch.float64)
+    return indices.reshape(num_tokens, top_k), weights
+
+
+CASES = [
+    # (tokens, experts, top_k)
+    (13, 4, 2),
+    (9, 5, 1),
+    (7, 3, 3),  # k = E
+    (8, 1, 1),  # E = 1
+    (1, 4, 2),
+]
+
+
+@pytest.mark.parametrize("kind", ["glu", "mlp", "lora"])
+@pytest.mark.parametrize(("num_tokens", "num_experts", "top_k"), CASES)
+@pytest.mark.parametrize("backend", ["reference", "grouped", "dense"])
+def test_backends_equal_per_token_reference_forward_and_backward(
+    kind, num_tokens, num_experts, top_k, backend
+):
+    experts = _experts(kind, num_experts)
+    indices, weights = _random_routing(num_tokens, num_experts, top_k, seed=num_tokens)
+    x = torch.randn(num_tokens, 6, dtype=torch.float64, requires_grad=True)
+    weights.requires_grad_(True)
+
+    out = dispatch(x, _routing(indices, weights, num_experts), experts, backend=backend)
+    expected = _per_token_reference(x, indices, weights, experts)
+    assert out.shape == expected.shape
+    assert relative_error(out, expected) < 1e-12
+
+    grad_out = torch.randn_like(out)
+    params = [x, weights, *experts.parameters()]
+    grads = torch.autograd.grad(out, params, grad_out, allow_unused=True)
+    expected_grads = torch.autograd.grad(expected, params, grad_out, allow_unused=True)
+    for grad, expected_grad in zip(grads, expected_grads, strict=True):
+        if expected_grad is None:
+            assert grad is None or torch.all(grad == 0)
+        else:
+            assert relative_error(grad, expected_grad) < 1e-12
+
+
+@pytest.mark.parametrize("backend", ["reference", "grouped", "dense"])
+def test_gradcheck(backend):
+    experts = _experts("glu", 3, size=4)
+    indices, weights = _random_routing(5, 3, 2, seed=1)
+    x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    weights.requires_grad_(True)
+
+    def fn(x, weights, gate_up, down):
+        return dispatch(
+            x, _routing(indices, weights, 3), _Functional(experts, gate_up, down), backend=backend
+        )
+
+    gate_up = experts.gate_up_proj.detach().clone().requires_grad_(True)
+    down = experts.down_proj.detach().clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(fn, (x, weights, gate_up, down))
+
+
+class _Functional(_LoopGatedForward):
+    """GLU experts over given weight tensors, so gradcheck can perturb them."""
+
+    def __init__(self, experts, gate_up, down):
+        self.num_experts = experts.num_experts
+        self.gate_up, self.down = gate_up, down
+
+    def __call__(self, x_sorted, plan):
+        gate, up = grouped_linear(x_sorted, self.gate_up, plan).chunk(2, -1)
+        return grouped_linear(F.silu(gate) * up, self.down, plan)
+
+    def expert_forward(self, e, x):
+        gate, up = (x @ self.gate_up[e].t()).chunk(2, -1)
+        return (F.silu(gate) * up) @ self.down[e].t()
+
+
+@pytest.mark.parametrize("backend", ["reference", "grouped", "dense"])
+def test_edge_cases(backend):
+    experts = _experts("glu", 4)
+    # An expert with no tokens, and every token to one expert.
+    for indices in (torch.tensor([[0, 1], [1, 0], [0, 1]]), torch.tensor([[2, 2], [2, 2]])):
+        weights = torch.rand(indices.shape, dtype=torch.float64)
+        x = torch.randn(indices.shape[0], 6, dtype=torch.float64)
+        out = dispatch(x, _routing(indices, weights, 4), experts, backend=backend)
+        assert relative_error(out, _per_token_reference(x, indices, weights, experts)) < 1e-12
+    # Zero tokens.
+    empty = torch.zeros(0, 2, dtype=torch.long)
+    out = dispatch(
+        torch.zeros(0, 6, dtype=torch.float64), _routing(empty, empty.double(), 4), experts, backend
+    )
+    assert out.shape == (0, 6)
+
+
+@pytest.mark.parametrize("backend", ["reference", "grouped", "dense"])
+def test_dropped_slots_contribute_nothing(backend):
+    experts = _experts("mlp", 3)
+    indices, weights = _random_routing(10, 3, 2, seed=3)
+    kept = torch.rand(10, 2, generator=torch.Generator().manual_seed(0)) > 0.4
+    x = torch.randn(10, 6, dtype=torch.float64, requires_grad=True)
+    out = dispatch(x, _routing(indices, weights, 3, kept=kept), experts, backend=backend)
+    expected = _per_token_reference(x, indices, weights, experts, kept=kept)
+    assert relative_error(out, expected) < 1e-12
+    (grad,) = torch.autograd.grad(out.sum(), x)
+    (expected_grad,) = torch.autograd.grad(expected.sum(), x)
+    assert relative_error(grad, expected_grad) < 1e-12
+    fully_dropped = ~kept.any(-1)
+    assert torch.all(out[fully_dropped] == 0) and torch.all(grad[fully_dropped] == 0)
+
+
+def test_plan_is_a_stable_sort_with_inverse():
+    indices = torch.tensor([[2, 0], [0, 1], [2, 1]])
+    plan = plan_dispatch(_routing(indices, torch.ones(3, 2, dtype=torch.float64), 3))
+    assert plan.tokens_per_expert.tolist() == [2, 2, 2]
+    assert plan.offsets.tolist() == [2, 4, 6]
+    assert plan.sorted_slots.tolist() == [1, 2, 3, 5, 0, 4]  # slot = token * K + choice
+    assert torch.equal(plan.sorted_slots[plan.slot_rows], torch.arange(6))
+
+
+def test_cpu_grouped_mm_agrees_with_the_segment_loop():
+    grouped_mm = getattr(F, "grouped_mm", None)
+    if grouped_mm is None:
+        pytest.skip("this torch has no torch.nn.functional.grouped_mm")
+    indices, weights = _random_routing(40, 4, 2, seed=5)
+    plan = plan_dispatch(_routing(indices, weights, 4))
+    x = torch.randn(80, 16)
+    weight = torch.randn(4, 24, 16)
+    expected = grouped_linear(x, weight, plan)  # segment loop on CPU
+    actual = grouped_mm(x, weight.transpose(-2, -1), offs=plan.offsets)
+    assert relative_error(actual, expected) < 1e-5

@@ -1,0 +1,297 @@
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from torch import nn
+
+from tests.moe.helpers import FcMLP, Projector, SwiGLU, randomize_, relative_error
+from vlmoe.moe import (
+    MoEConnector,
+    MoEFeedForward,
+    MoLELinear,
+    aux_loss,
+    aux_losses_by_layer,
+    record_routing,
+    routing_inputs,
+    routing_records,
+)
+
+
+@pytest.mark.parametrize("dense_cls", [SwiGLU, FcMLP])
+@pytest.mark.parametrize(("num_experts", "top_k"), [(4, 2), (3, 3), (1, 1)])
+@pytest.mark.parametrize("backend", ["reference", "grouped", "dense"])
+def test_upcycled_ffn_computes_the_dense_function(dense_cls, num_experts, top_k, backend):
+    torch.manual_seed(0)
+    dense = dense_cls(8, 12).double()
+    moe = MoEFeedForward.from_dense(dense, num_experts, top_k, backend=backend)
+    x = torch.randn(2, 5, 8, dtype=torch.float64, requires_grad=True)
+    out = moe(x)
+    assert out.shape == x.shape
+    assert relative_error(out, dense(x)) < 1e-12
+    # Gradients w.r.t. the input match too (the router gets gradient only through the weights,
+    # which sum to one with renormalisation).
+    (grad,) = torch.autograd.grad(out.sum(), x)
+    (expected,) = torch.autograd.grad(dense(x).sum(), x)
+    assert relative_error(grad, expected) < 1e-12
+
+
+def test_upcycled_top1_scales_the_dense_output_by_the_gate():
+    # Switch / DeepSpeed top-1: the chosen probability scales the expert output, so the router
+    # learns; an upcycled top-1 layer is therefore the dense function times the gate.
+    torch.manual_seed(0)
+    dense = SwiGLU(8, 12).double()
+    moe = MoEFeedForward.from_dense(dense, num_experts=4, top_k=1)
+    x = torch.randn(7, 8, dtype=torch.float64)
+    with record_routing(moe):
+        out = moe(x)
+    gate = moe.last_routing.combine_weights
+    assert relative_error(out, gate * dense(x)) < 1e-12
+
+
+def test_one_expert_moe_equals_dense_including_weight_gradients():
+    torch.manual_seed(0)
+    dense = SwiGLU(8, 12).double()
+    moe = MoEFeedForward.from_dense(dense, num_experts=1, top_k=1, load_balance_coef=0.0, backend="grouped")
+    x = torch.randn(6, 8, dtype=torch.float64)
+    moe(x).square().sum().backward()
+    dense(x).square().sum().backward()
+    expected = torch.cat([dense.gate_proj.weight.grad, dense.up_proj.weight.grad])
+    assert relative_error(moe.experts.gate_up_proj.grad[0], expected) < 1e-12
+    assert relative_error(moe.experts.down_proj.grad[0], dense.down_proj.weight.grad) < 1e-12
+
+
+def test_from_dense_refuses_unknown_modules():
+    with pytest.raises(ValueError, match="cannot upcycle Sequential"):
+        MoEFeedForward.from_dense(nn.Sequential(nn.Linear(4, 4)), 4, 2)
+    with pytest.raises(ValueError, match="top_k"):
+        MoEFeedForward.from_dense(SwiGLU(4, 4), num_experts=2, top_k=3)
+    with pytest.raises(ValueError, match="num_experts"):
+        MoEFeedForward.from_dense(SwiGLU(4, 4), num_experts=0, top_k=1)
+    with pytest.raises(ValueError, match="backend"):
+        MoEFeedForward.from_dense(SwiGLU(4, 4), backend="fast")
+    with pytest.raises(ValueError, match="backend"):
+        MoLELinear(nn.Linear(4, 4), backend="fast")
+
+
+def test_aux_loss_reaches_the_router():
+    torch.manual_seed(0)
+    moe = MoEFeedForward.from_dense(SwiGLU(8, 12), 4, 2, load_balance_coef=0.01, z_loss_coef=0.001)
+    moe(torch.randn(32, 8))
+    total = aux_loss(moe)
+    assert torch.allclose(total, sum(moe.last_aux_losses.values()))
+    assert set(aux_losses_by_layer(moe)[""]) == {"load_balance", "z_loss"}
+    total.backward()
+    assert moe.router.gate.weight.grad.abs().sum() > 0
+
+
+def test_padding_mask_shape_checked_and_used():
+    torch.manual_seed(0)
+    moe = MoEFeedForward.from_dense(SwiGLU(8, 12), 4, 2)
+    x = torch.randn(2, 5, 8)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]).bool()
+    with pytest.raises(ValueError, match="token_mask must have the input's leading shape"):
+        moe(x, token_mask=mask[:, :3].reshape(-1))
+    padded = x.clone()
+    padded[0, 3:] = 50.0
+    moe(x, token_mask=mask)
+    clean = moe.last_aux_losses["load_balance"]
+    with routing_inputs(moe, attention_mask=mask):
+        moe(padded)
+    assert torch.allclose(moe.last_aux_losses["load_balance"], clean)
+    assert moe.token_mask is None  # cleared on exit
+
+
+def test_routing_inputs_slice_the_mask_during_cached_generation():
+    moe = MoEFeedForward.from_dense(SwiGLU(8, 12), 4, 2)
+    mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
+    with routing_inputs(moe, attention_mask=mask), record_routing(moe):
+        moe(torch.randn(2, 1, 8))  # one new token per sample
+    assert torch.equal(routing_records(moe)[""].token_mask, torch.tensor([True, True]))
+
+
+def test_record_routing_is_off_by_default_and_restored():
+    moe = MoEFeedForward.from_dense(SwiGLU(8, 12), 4, 2)
+    moe(torch.randn(3, 8))
+    assert moe.last_routing is None and routing_records(moe) == {}
+    with record_routing(moe):
+        moe(torch.randn(3, 8))
+    record = routing_records(moe)[""]
+    assert record.expert_indices.shape == (3, 2) and not record.router_probs.requires_grad
+    assert moe.record_routing is False
+    assert int(record.tokens_per_expert().sum()) == 6
+
+
+# --- MoLE ---------------------------------------------------------------------------------
+
+
+def test_zero_init_mole_equals_base():
+    torch.manual_seed(0)
+    base = nn.Linear(8, 16)
+    mole = MoLELinear(base, num_experts=4, rank=2, alpha=4, top_k=1, universal=True)
+    x = torch.randn(2, 3, 8)
+    assert torch.equal(mole(x), base(x))
+    assert not base.weight.requires_grad
+    trainable = {name for name, p in mole.named_parameters() if p.requires_grad}
+    assert trainable == {
+        "router.gate.weight",
+        "experts.lora_A",
+        "experts.lora_B",
+        "universal.lora_A",
+        "universal.lora_B",
+    }
+
+
+def _peft_lora(base: nn.Linear, rank: int, alpha: float):
+    wrapper = nn.Sequential()
+    wrapper.add_module("proj", base)
+    return get_peft_model(wrapper, LoraConfig(r=rank, lora_alpha=alpha, target_modules=["proj"]))
+
+
+def test_one_expert_mole_equals_peft_lora():
+    torch.manual_seed(0)
+    base = nn.Linear(8, 16).double()
+    mole = MoLELinear(base, num_experts=1, rank=4, alpha=8, top_k=1)
+    randomize_(mole.experts, seed=1)
+    peft_model = _peft_lora(nn.Linear(8, 16).double(), rank=4, alpha=8)
+    peft_layer = peft_model.base_model.model.proj
+    with torch.no_grad():
+        peft_layer.base_layer.weight.copy_(base.weight)
+        peft_layer.base_layer.bias.copy_(base.bias)
+        peft_layer.lora_A["default"].weight.copy_(mole.experts.lora_A[0])
+        peft_layer.lora_B["default"].weight.copy_(mole.experts.lora_B[0])
+    x = torch.randn(3, 5, 8, dtype=torch.float64)
+    assert relative_error(mole(x), peft_model(x)) < 1e-12
+
+
+def test_plain_lora_equals_peft_and_merges():
+    torch.manual_seed(0)
+    base = nn.Linear(8, 16).double()
+    plain = MoLELinear.plain(base, rank=4, alpha=16)
+    randomize_(plain.universal, seed=2)
+    peft_model = _peft_lora(nn.Linear(8, 16).double(), rank=4, alpha=16)
+    peft_layer = peft_model.base_model.model.proj
+    with torch.no_grad():
+        peft_layer.base_layer.weight.copy_(base.weight)
+        peft_layer.base_layer.bias.copy_(base.bias)
+        peft_layer.lora_A["default"].weight.copy_(plain.universal.lora_A[0])
+        peft_layer.lora_B["default"].weight.copy_(plain.universal.lora_B[0])
+    x = torch.randn(4, 8, dtype=torch.float64)
+    expected = peft_model(x)
+    assert relative_error(plain(x), expected) < 1e-12
+    plain.merge_universal()
+    assert plain.universal is None
+    assert relative_error(plain(x), expected) < 1e-12
+
+
+@pytest.mark.parametrize("backend", ["reference", "grouped", "dense"])
+def test_mole_top1_selects_one_expert_weighted_by_its_gate(backend):
+    torch.manual_seed(0)
+    base = nn.Linear(8, 16).double()
+    mole = MoLELinear(base, num_experts=4, rank=2, alpha=4, top_k=1, backend=backend)
+    randomize_(mole.experts, seed=3)
+    x = torch.randn(10, 8, dtype=torch.float64)
+    with record_routing(mole):
+        out = mole(x)
+    routing = mole.last_routing
+    expected = base(x).clone()
+    for t in range(10):
+        e = int(routing.expert_indices[t, 0])
+        expected[t] += routing.combine_weights[t, 0] * mole.experts.expert_forward(e, x[t : t + 1])[0]
+    assert relative_error(out, expected) < 1e-12
+
+
+def test_mocle_cluster_routing_with_universal_expert():
+    torch.manual_seed(0)
+    base = nn.Linear(8, 8).double()
+    layer = MoLELinear(
+        base,
+        num_experts=3,
+        rank=2,
+        alpha=2,
+        router_input="cluster",
+        num_clusters=5,
+        universal=True,
+        temperature=0.1,
+    )
+    randomize_(layer.experts, seed=4)
+    randomize_(layer.universal, seed=5)
+    x = torch.randn(2, 4, 8, dtype=torch.float64)
+    ids = torch.tensor([1, 4])
+    with routing_inputs(layer, cluster_ids=ids), record_routing(layer):
+        out = layer(x)
+    chosen = layer.last_routing.expert_indices.view(2, 4)
+    assert torch.all(chosen == chosen[:, :1])  # one expert per sample, from its cluster
+    weights = layer.last_routing.combine_weights.view(2, 4)
+    expected = base(x) + layer.universal.expert_forward(0, x)
+    for b in range(2):
+        e = int(chosen[b, 0])
+        expected[b] += weights[b, :, None] * layer.experts.expert_forward(e, x[b])
+    assert relative_error(out, expected) < 1e-12
+    with pytest.raises(ValueError, match="cluster_ids must have one id per sample"):
+        layer(x, cluster_ids=torch.tensor([0, 1, 2]))
+
+
+def test_shared_routing_is_reused():
+    torch.manual_seed(0)
+    gate = MoLELinear(nn.Linear(8, 12), num_experts=4, rank=2, alpha=2)
+    up = MoLELinear(nn.Linear(8, 12), num_experts=4, rank=2, alpha=2)
+    randomize_(up.experts, seed=6)
+    x = torch.randn(5, 8)
+    routing = gate.router(x)
+    out = up(x, routing=routing)
+    expected = up.base(x).clone()
+    for t in range(5):
+        e = int(routing.expert_indices[t, 0])
+        expected[t] += routing.combine_weights[t, 0] * up.experts.expert_forward(e, x[t : t + 1])[0]
+    assert relative_error(out, expected) < 1e-6
+
+
+def test_mole_bad_arguments():
+    with pytest.raises(ValueError, match="base must be an nn.Linear"):
+        MoLELinear(nn.Conv1d(2, 2, 1))
+    with pytest.raises(ValueError, match="universal=True"):
+        MoLELinear(nn.Linear(4, 4), num_experts=0)
+    with pytest.raises(ValueError, match="rank"):
+        MoLELinear(nn.Linear(4, 4), rank=0)
+    with pytest.raises(ValueError, match="top_k"):
+        MoLELinear(nn.Linear(4, 4), num_experts=2, top_k=3)
+
+
+# --- connector ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "make", [lambda: Projector(6, 10), lambda: nn.Sequential(nn.Linear(6, 10), nn.GELU())]
+)
+def test_upcycled_connector_equals_projector(make):
+    torch.manual_seed(0)
+    projector = make().double()
+    connector = MoEConnector.upcycle(projector, num_experts=4, top_k=2)
+    x = torch.randn(2, 9, 6, dtype=torch.float64)
+    assert relative_error(connector(x), projector(x)) < 1e-12
+
+
+def test_aligned_connector_keeps_each_projector_as_an_expert():
+    torch.manual_seed(0)
+    projectors = [Projector(6, 10).double() for _ in range(4)]
+    connector = MoEConnector.from_projectors(projectors, top_k=2)
+    assert type(connector.experts).__name__ == "MLPExperts"
+    x = torch.randn(7, 6, dtype=torch.float64)
+    for i, projector in enumerate(projectors):
+        connector.router.forced_expert = i
+        assert relative_error(connector(x), projector(x)) < 1e-12
+    assert connector.router.config.load_balance_coef == 0.0  # ChartMoE: no balance loss by default
+
+
+def test_random_connector_differs_from_projector():
+    torch.manual_seed(0)
+    projector = Projector(6, 10)
+    connector = MoEConnector.random(projector, num_experts=2, top_k=1)
+    assert not torch.allclose(connector.experts.fc1_weight[0], projector.linear_1.weight)
+    assert not torch.allclose(connector.experts.fc1_weight[0], connector.experts.fc1_weight[1])
+
+
+def test_connector_is_not_given_the_text_mask():
+    connector = MoEConnector.upcycle(Projector(6, 10), 4, 2)
+    with routing_inputs(connector, attention_mask=torch.ones(1, 3)):
+        assert connector.token_mask is None
+        connector(torch.randn(5, 6))

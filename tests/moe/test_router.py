@@ -1,0 +1,145 @@
+import math
+
+import pytest
+import torch
+
+from vlmoe.moe import Router, RouterConfig, capacity_keep_mask, load_balancing_loss, router_z_loss
+
+
+def _router(seed=0, hidden=8, **config):
+    torch.manual_seed(seed)
+    return Router(hidden, RouterConfig(**config))
+
+
+def test_topk_weights_renormalised_and_probs_float32_for_bf16():
+    router = _router(num_experts=4, top_k=2).to(torch.bfloat16)
+    routing = router(torch.randn(16, 8, dtype=torch.bfloat16))
+    assert routing.router_probs.dtype == torch.float32
+    assert torch.allclose(routing.router_probs.sum(-1), torch.ones(16))
+    assert torch.allclose(routing.combine_weights.sum(-1), torch.ones(16))
+    chosen = routing.router_probs.gather(1, routing.expert_indices)
+    assert torch.all(chosen[:, 0] >= chosen[:, 1])  # best first
+    assert torch.equal(routing.expert_indices, routing.router_probs.topk(2).indices)
+
+
+def test_without_renormalisation_weights_are_the_probabilities():
+    router = _router(num_experts=4, top_k=2, normalize_top_k=False)
+    routing = router(torch.randn(16, 8))
+    assert torch.allclose(routing.combine_weights, routing.router_probs.gather(1, routing.expert_indices))
+
+
+def test_top1_weight_is_the_probability_so_the_router_learns():
+    router = _router(num_experts=4, top_k=1)
+    routing = router(torch.randn(16, 8))
+    assert torch.allclose(routing.combine_weights[:, 0], routing.router_probs.max(-1).values)
+    routing.combine_weights.sum().backward()
+    assert router.gate.weight.grad.abs().sum() > 0
+
+
+def test_straight_through_forward_is_one_gradient_flows():
+    router = _router(num_experts=4, top_k=1, straight_through=True)
+    routing = router(torch.randn(16, 8))
+    assert torch.equal(routing.combine_weights, torch.ones(16, 1))
+    routing.combine_weights.sum().backward()
+    assert router.gate.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="straight_through.*top_k"):
+        _router(num_experts=4, top_k=2, straight_through=True)
+
+
+def test_load_balancing_loss_hand_checked():
+    # 4 tokens, 2 experts, top-1. f = (3/4, 1/4); P = (0.6, 0.4); loss = 2 * (0.45 + 0.1) = 1.1
+    probs = torch.tensor([[0.9, 0.1], [0.7, 0.3], [0.6, 0.4], [0.2, 0.8]])
+    indices = torch.tensor([[0], [0], [0], [1]])
+    assert math.isclose(float(load_balancing_loss(probs, indices)), 1.1, rel_tol=1e-6)
+    # Padding excluded: drop the last token -> f = (1, 0), P = (0.7333, 0.2667) -> 2 * 0.7333
+    mask = torch.tensor([True, True, True, False])
+    assert math.isclose(float(load_balancing_loss(probs, indices, mask)), 2 * 2.2 / 3, rel_tol=1e-6)
+    # Uniform routing gives exactly 1.
+    uniform = torch.full((4, 4), 0.25)
+    assert math.isclose(float(load_balancing_loss(uniform, torch.tensor([[0], [1], [2], [3]]))), 1.0)
+
+
+def test_router_losses_scaled_by_coefficients_and_ignore_padding():
+    router = _router(num_experts=4, top_k=2, load_balance_coef=0.01, z_loss_coef=0.001)
+    x = torch.randn(10, 8)
+    mask = torch.tensor([True] * 7 + [False] * 3)
+    routing = router(x, token_mask=mask)
+    expected_balance = 0.01 * load_balancing_loss(routing.router_probs[:7], routing.expert_indices[:7])
+    expected_z = 0.001 * torch.logsumexp(routing.router_logits[:7], -1).square().mean()
+    assert torch.allclose(routing.aux_losses["load_balance"], expected_balance)
+    assert torch.allclose(routing.aux_losses["z_loss"], expected_z)
+    # Padding values do not matter.
+    x2 = x.clone()
+    x2[7:] = 100.0
+    routing2 = router(x2, token_mask=mask)
+    for name in ("load_balance", "z_loss"):
+        assert torch.allclose(routing.aux_losses[name], routing2.aux_losses[name])
+    assert router_z_loss(routing.router_logits, torch.zeros(10, dtype=torch.bool)) == 0
+
+
+def test_capacity_drops_exactly_the_overflow_in_priority_order():
+    # 5 tokens, top-2 over 3 experts, capacity 2 per expert.
+    indices = torch.tensor([[0, 1], [0, 2], [0, 1], [1, 0], [2, 0]])
+    keep = capacity_keep_mask(indices, num_experts=3, capacity=2)
+    # First choices in token order: e0 <- t0, t1 (t2 dropped); e1 <- t3; e2 <- t4.
+    # Second choices: e1 <- t0 (e1 now full); e2 <- t1 (full); e1 <- t2 dropped; e0 <- t3, t4 dropped.
+    expected = torch.tensor([[True, True], [True, True], [False, False], [True, False], [True, False]])
+    assert torch.equal(keep, expected)
+    counts = torch.bincount(indices[keep], minlength=3)
+    assert counts.max() <= 2
+
+
+def test_padding_takes_no_capacity():
+    indices = torch.tensor([[0], [0], [0], [0]])
+    mask = torch.tensor([False, False, True, True])
+    keep = capacity_keep_mask(indices, num_experts=2, capacity=2, token_mask=mask)
+    assert torch.equal(keep[:, 0], torch.tensor([False, False, True, True]))
+
+
+def test_capacity_router_zeroes_dropped_weights_and_renormalises_the_rest():
+    router = _router(num_experts=2, top_k=2, capacity_factor=0.5)  # capacity = ceil(0.5*8*2/2) = 4
+    routing = router(torch.randn(8, 8))
+    assert routing.kept is not None
+    assert torch.all(routing.combine_weights[~routing.kept] == 0)
+    assert routing.tokens_per_expert().max() <= 4
+    both = routing.kept.all(-1)
+    assert torch.allclose(routing.combine_weights[both].sum(-1), torch.ones(int(both.sum())))
+
+
+def test_cluster_router_routes_by_cluster_only():
+    router = _router(num_experts=4, top_k=1, input="cluster", num_clusters=5, temperature=0.1)
+    x = torch.randn(6, 8)
+    ids = torch.tensor([3, 3, 0, 4, 3, 0])
+    routing = router(x, cluster_ids=ids)
+    # Same cluster -> same logits, whatever the hidden state.
+    assert torch.equal(routing.router_logits[0], routing.router_logits[1])
+    assert torch.equal(routing.router_logits[2], routing.router_logits[5])
+    expected = router.gate(router.cluster_embedding(ids))
+    assert torch.allclose(routing.router_logits, expected)
+    assert torch.allclose(routing.router_probs, torch.softmax(expected / 0.1, -1))
+    with pytest.raises(ValueError, match="cluster_ids must be in"):
+        router(x, cluster_ids=torch.tensor([0, 1, 2, 3, 4, 5]))
+    with pytest.raises(ValueError, match="no cluster_ids"):
+        router(x)
+    with pytest.raises(ValueError, match="one id per token"):
+        router(x, cluster_ids=torch.tensor([0, 1]))
+
+
+def test_jitter_only_in_training():
+    router = _router(num_experts=4, top_k=2, jitter_noise=0.5)
+    x = torch.randn(32, 8)
+    router.eval()
+    assert torch.equal(router(x).router_logits, router(x).router_logits)
+    router.train()
+    assert not torch.equal(router(x).router_logits, router(x).router_logits)
+
+
+def test_forced_expert():
+    router = _router(num_experts=4, top_k=2)
+    router.forced_expert = 3
+    routing = router(torch.randn(5, 8))
+    assert torch.all(routing.expert_indices == 3)
+    assert torch.allclose(routing.combine_weights.sum(-1), torch.ones(5))
+    router.forced_expert = 4
+    with pytest.raises(ValueError, match="forced_expert"):
+        router(torch.randn(5, 8))
