@@ -48,20 +48,18 @@ def _train_step(module: nn.Module, x: torch.Tensor, grad_out: torch.Tensor):
 
 
 def _measure(name: str, module: nn.Module, x: torch.Tensor, reps: int) -> dict:
-    grad_out = torch.randn_like(x if x.shape[-1] == module_out_size(module, x) else module(x))
-    step = _train_step(module, x, grad_out)
     try:
+        with torch.no_grad():
+            grad_out = torch.randn_like(module(x))
+        step = _train_step(module, x, grad_out)
         ms = time_cuda(step, reps=reps)
         mem = peak_memory_mib(step)
+        row = {"method": name, "ms": ms, "peak_mib": mem}
     except torch.OutOfMemoryError:
-        torch.cuda.empty_cache()
-        return {"method": name, "ms": float("nan"), "peak_mib": float("nan"), "note": "OOM"}
-    return {"method": name, "ms": ms, "peak_mib": mem}
-
-
-def module_out_size(module: nn.Module, x: torch.Tensor) -> int:
-    with torch.no_grad():
-        return module(x[:8]).shape[-1]
+        row = {"method": name, "ms": float("nan"), "peak_mib": float("nan"), "note": "OOM"}
+    torch.cuda.empty_cache()
+    print(f"  {name}: {row['ms']:.3f} ms, peak {row['peak_mib']:.0f} MiB {row.get('note', '')}", flush=True)
+    return row
 
 
 def _mixtral_block(hidden, intermediate, num_experts, top_k, implementation, source: MoEFeedForward):
@@ -111,6 +109,7 @@ def bench_ffn(shapes, reps: int) -> list[dict]:
             moe.experts.down_proj.normal_(std=0.02)
             moe.router.gate.weight.normal_(std=0.5)
         shape = f"({tokens}, {hidden}, {intermediate}, {num_experts}, {top_k})"
+        print(f"shape {shape}", flush=True)
         results = [_measure("dense SwiGLU on tokens x k (eager)", dense, x_dense, reps)]
         compiled = torch.compile(dense)
         results.append(_measure("dense SwiGLU on tokens x k (torch.compile)", compiled, x_dense, reps))
@@ -143,13 +142,17 @@ def bench_ffn(shapes, reps: int) -> list[dict]:
 
 
 class _PeftLoRA(nn.Module):
-    def __init__(self, base: nn.Linear, rank: int) -> None:
+    """PEFT's LoRA. By default PEFT keeps adapters of a bf16 layer in float32
+    (autocast_adapter_dtype=True); `bf16_adapters` keeps them bf16 like vlmoe's."""
+
+    def __init__(self, base: nn.Linear, rank: int, bf16_adapters: bool = True) -> None:
         super().__init__()
         from peft import LoraConfig, get_peft_model
 
         holder = nn.Sequential()
         holder.add_module("proj", base)
-        self.model = get_peft_model(holder, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["proj"]))
+        config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["proj"])
+        self.model = get_peft_model(holder, config, autocast_adapter_dtype=not bf16_adapters)
 
     def forward(self, x):
         return self.model(x)
@@ -164,7 +167,10 @@ def bench_mole(reps: int, tokens: int = 16384, fan_in: int = 4096, fan_out: int 
         linear.weight.requires_grad_(False)
         return linear
 
-    rows = [_measure("PEFT LoRA r=64", _PeftLoRA(base(), 64), x, reps)]
+    rows = [_measure("PEFT LoRA r=64 (bf16 adapters)", _PeftLoRA(base(), 64), x, reps)]
+    rows.append(
+        _measure("PEFT LoRA r=64 (PEFT default: fp32 adapters)", _PeftLoRA(base(), 64, False), x, reps)
+    )
     for backend in ("dense", "grouped", "reference"):
         mole = MoLELinear(base(), num_experts=4, rank=64, alpha=128, top_k=1, backend=backend)
         with torch.no_grad():
@@ -175,7 +181,7 @@ def bench_mole(reps: int, tokens: int = 16384, fan_in: int = 4096, fan_out: int 
     for row in rows:
         row.update(shape=f"MoLE {tokens}x{fan_in}->{fan_out}", ratio_to_baseline=baseline / row["ms"])
 
-    cluster_rows = [_measure("PEFT LoRA r=128 (= two r=64 LoRAs)", _PeftLoRA(base(), 128), x, reps)]
+    cluster_rows = [_measure("PEFT LoRA r=128, bf16 (= two r=64 LoRAs)", _PeftLoRA(base(), 128), x, reps)]
     mocle = MoLELinear(
         base(), num_experts=4, rank=64, alpha=128, router_input="cluster", num_clusters=64, universal=True
     )

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from vlmoe.moe.kernels import use_triton
+from vlmoe.moe.kernels.combine import combine_sorted, gather_sum_triton
 from vlmoe.moe.router import Routing
 
 Backend = Literal["auto", "reference", "grouped", "dense"]
@@ -72,10 +74,11 @@ def plan_dispatch(routing: Routing) -> DispatchPlan:
     if routing.kept is not None:
         # Dropped slots get the sentinel expert E, so the stable sort puts them last.
         slot_experts = torch.where(routing.kept.reshape(-1), slot_experts, num_experts)
-    row_experts, sorted_slots = torch.sort(slot_experts, stable=True)
+    # int32 keys: half the radix-sort passes of int64.
+    row_experts, sorted_slots = torch.sort(slot_experts.to(torch.int32), stable=True)
     slot_rows = torch.empty_like(sorted_slots)
     slot_rows[sorted_slots] = torch.arange(sorted_slots.numel(), device=sorted_slots.device)
-    tokens_per_expert = torch.bincount(slot_experts, minlength=num_experts + 1)[:num_experts]
+    tokens_per_expert = _count(slot_experts, num_experts + 1)[:num_experts]
     offsets = torch.cumsum(tokens_per_expert, dim=0).to(torch.int32)
     if routing.kept is not None:
         row_valid = (row_experts < num_experts).unsqueeze(-1)
@@ -90,6 +93,12 @@ def plan_dispatch(routing: Routing) -> DispatchPlan:
     )
 
 
+def _count(values: Tensor, num_bins: int) -> Tensor:
+    """bincount without a host sync (CUDA's bincount reads the maximum back to size its output)."""
+    counts = torch.zeros(num_bins, dtype=torch.int64, device=values.device)
+    return counts.scatter_add_(0, values, torch.ones_like(values))
+
+
 class _GatherTokenRows(torch.autograd.Function):
     """x_sorted[r] = x[sorted_slots[r] // K]; backward sums each token's K slot gradients."""
 
@@ -102,23 +111,11 @@ class _GatherTokenRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_sorted: Tensor):
         (slot_rows,) = ctx.saved_tensors
+        if use_triton(grad_sorted):
+            return gather_sum_triton(grad_sorted.contiguous(), slot_rows, None, ctx.top_k), None, None, None
         grad_slots = grad_sorted.index_select(0, slot_rows)  # [S, I] in slot order
         grad_x = grad_slots.view(-1, ctx.top_k, grad_slots.shape[-1]).sum(dim=1)
         return grad_x, None, None, None
-
-
-class _PermuteRows(torch.autograd.Function):
-    """out = x[index] for a permutation `index`; backward is the gather by its inverse."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, index: Tensor, inverse: Tensor) -> Tensor:
-        ctx.save_for_backward(inverse)
-        return x.index_select(0, index)
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor):
-        (inverse,) = ctx.saved_tensors
-        return grad_out.index_select(0, inverse), None, None
 
 
 def _can_use_grouped_mm(x: Tensor, weight: Tensor) -> bool:
@@ -162,7 +159,7 @@ def grouped_linear(
 
 def grouped_dispatch(x: Tensor, routing: Routing, experts: Experts) -> Tensor:
     """Sorted-segment dispatch. x # [T, I] -> [T, O]."""
-    num_tokens, top_k = routing.expert_indices.shape
+    top_k = routing.expert_indices.shape[-1]
     plan = plan_dispatch(routing)
     x_sorted = _GatherTokenRows.apply(x, plan.sorted_slots, plan.slot_rows, top_k)  # [S, I]
     if plan.row_valid is not None:
@@ -171,12 +168,8 @@ def grouped_dispatch(x: Tensor, routing: Routing, experts: Experts) -> Tensor:
     y_sorted = experts(x_sorted, plan)  # [S, O]
     if plan.row_valid is not None:
         y_sorted = torch.where(plan.row_valid, y_sorted, 0)
-    y_slots = _PermuteRows.apply(y_sorted, plan.slot_rows, plan.sorted_slots)  # [S, O], slot order
-    y_slots = y_slots.view(num_tokens, top_k, y_sorted.shape[-1])  # [T, K, O]
-    weights = routing.combine_weights.to(y_slots.dtype)  # [T, K]
-    if top_k == 1:
-        return y_slots.squeeze(1) * weights
-    return torch.bmm(weights.unsqueeze(1), y_slots).squeeze(1)
+    # Per token, the weighted sum of its K rows, read in place from the sorted output.
+    return combine_sorted(y_sorted, routing.combine_weights, plan.slot_rows, plan.sorted_slots)  # [T, O]
 
 
 def reference_dispatch(x: Tensor, routing: Routing, experts: Experts) -> Tensor:

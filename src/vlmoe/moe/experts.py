@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from vlmoe.moe.dispatch import DispatchPlan, grouped_linear
+from vlmoe.moe.kernels.swiglu import swiglu
 
 Activation = Callable[[Tensor], Tensor]
 
@@ -44,8 +45,13 @@ class GLUExperts(_LoopGatedForward, nn.Module):
             nn.init.normal_(weight, std=0.02)
 
     def forward(self, x_sorted: Tensor, plan: DispatchPlan) -> Tensor:
-        gate, up = grouped_linear(x_sorted, self.gate_up_proj, plan).chunk(2, dim=-1)  # [S, F] each
-        return grouped_linear(self.act_fn(gate) * up, self.down_proj, plan)
+        gate_up = grouped_linear(x_sorted, self.gate_up_proj, plan)  # [S, 2F]
+        if isinstance(self.act_fn, nn.SiLU) or type(self.act_fn).__name__ == "SiLUActivation":
+            hidden = swiglu(gate_up)  # one fused pass on CUDA
+        else:
+            gate, up = gate_up.chunk(2, dim=-1)
+            hidden = self.act_fn(gate) * up
+        return grouped_linear(hidden, self.down_proj, plan)
 
     def expert_forward(self, expert: int, x: Tensor) -> Tensor:
         gate, up = (x @ self.gate_up_proj[expert].t()).chunk(2, dim=-1)

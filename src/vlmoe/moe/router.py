@@ -60,26 +60,33 @@ def load_balancing_loss(
         >>> float(load_balancing_loss(probs, idx))
         1.0
     """
-    num_experts = router_probs.shape[-1]
-    if token_mask is not None:
-        router_probs = router_probs[token_mask]
-        expert_indices = expert_indices[token_mask]
-    num_slots = expert_indices.numel()
-    if num_slots == 0:
-        return router_probs.sum() * 0.0
-    slots_per_expert = torch.bincount(expert_indices.flatten(), minlength=num_experts)
-    fraction_routed = slots_per_expert.to(router_probs.dtype) / num_slots  # f, [E]
-    mean_prob = router_probs.mean(dim=0)  # P, [E]
+    num_tokens, num_experts = router_probs.shape
+    if token_mask is None:  # the common case, in few kernels (each small launch costs GPU time)
+        slots_per_expert = router_probs.new_zeros(num_experts).index_add_(
+            0, expert_indices.reshape(-1), router_probs.new_ones(expert_indices.numel())
+        )
+        return torch.dot(slots_per_expert, router_probs.sum(dim=0)) * (
+            num_experts / max(expert_indices.numel() * num_tokens, 1)
+        )
+    # Masks as weights, not boolean indexing: no host sync on CUDA.
+    token_weight = token_mask.to(router_probs.dtype)
+    num_real = token_weight.sum().clamp_min(1.0)
+    slot_weight = token_weight.unsqueeze(-1).expand_as(expert_indices)  # [T, K]
+    slots_per_expert = router_probs.new_zeros(num_experts).scatter_add_(
+        0, expert_indices.reshape(-1), slot_weight.reshape(-1)
+    )
+    fraction_routed = slots_per_expert / (num_real * expert_indices.shape[-1])  # f, [E]
+    mean_prob = (router_probs * token_weight.unsqueeze(-1)).sum(dim=0) / num_real  # P, [E]
     return num_experts * torch.sum(fraction_routed * mean_prob)
 
 
 def router_z_loss(router_logits: Tensor, token_mask: Tensor | None = None) -> Tensor:
     """ST-MoE z-loss: mean over real tokens of logsumexp(logits)^2; keeps logits small."""
-    if token_mask is not None:
-        router_logits = router_logits[token_mask]
-    if router_logits.shape[0] == 0:
-        return router_logits.sum() * 0.0
-    return torch.logsumexp(router_logits, dim=-1).square().mean()
+    z_squared = torch.logsumexp(router_logits, dim=-1).square()  # [T]
+    if token_mask is None:
+        return z_squared.mean() if z_squared.numel() else z_squared.sum()
+    token_weight = token_mask.to(z_squared.dtype)
+    return (z_squared * token_weight).sum() / token_weight.sum().clamp_min(1.0)
 
 
 def capacity_keep_mask(
@@ -148,7 +155,8 @@ class Router(nn.Module):
         router_logits = self._logits(hidden, cluster_ids)  # [T, E]
         compute_dtype = torch.promote_types(router_logits.dtype, torch.float32)
         router_logits = router_logits.to(compute_dtype)
-        router_probs = torch.softmax(router_logits / cfg.temperature, dim=-1)
+        scaled_logits = router_logits if cfg.temperature == 1.0 else router_logits / cfg.temperature
+        router_probs = torch.softmax(scaled_logits, dim=-1)
         top_probs, expert_indices = torch.topk(router_probs, cfg.top_k, dim=-1)  # [T, K]
         if self.forced_expert is not None:
             if not 0 <= self.forced_expert < cfg.num_experts:
@@ -158,13 +166,14 @@ class Router(nn.Module):
             top_probs = torch.full_like(top_probs, 1.0 / cfg.top_k)
 
         kept = None
-        capacity = cfg.capacity(int(token_mask.sum()) if token_mask is not None else hidden.shape[0])
-        if capacity is not None:
+        if cfg.capacity_factor is not None:  # the real-token count is a host sync: only when needed
+            capacity = cfg.capacity(int(token_mask.sum()) if token_mask is not None else hidden.shape[0])
             kept = capacity_keep_mask(expert_indices, cfg.num_experts, capacity, token_mask)
             top_probs = top_probs * kept
         combine_weights = top_probs
         if cfg.top_k > 1 and cfg.normalize_top_k and self.forced_expert is None:
-            combine_weights = top_probs / top_probs.sum(dim=-1, keepdim=True).clamp_min(1e-9)
+            total = top_probs.sum(dim=-1, keepdim=True)  # > 0 unless capacity dropped every slot
+            combine_weights = top_probs / (total if kept is None else total.clamp_min(1e-9))
         if cfg.straight_through:
             # Forward value 1 (0 where dropped); gradient of the chosen probability.
             ones = torch.ones_like(combine_weights) if kept is None else kept.to(combine_weights.dtype)

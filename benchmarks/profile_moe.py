@@ -1,0 +1,61 @@
+"""Where the MoE FFN's time goes: top CUDA kernels of one fwd+bwd step, dense vs vlmoe.
+
+python benchmarks/profile_moe.py [T d ff E k]
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import time_cuda
+from moe_layer import DTYPE, SwiGLU, _train_step
+from vlmoe.moe import MoEFeedForward
+
+
+def host_ms_per_step(step, reps: int = 5) -> float:
+    """Host time to queue one step; if it exceeds the GPU time, the layer is launch-bound."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(reps):
+        step()
+    host = (time.perf_counter() - start) / reps * 1e3
+    torch.cuda.synchronize()
+    return host
+
+
+def profile_step(name: str, step) -> None:
+    for _ in range(3):
+        step()
+    print(f"{name}: host {host_ms_per_step(step):.3f} ms per step to queue")
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        step()
+        torch.cuda.synchronize()
+    print(f"\n=== {name}: {time_cuda(step):.3f} ms")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=70))
+
+
+def main() -> None:
+    tokens, hidden, intermediate, num_experts, top_k = (
+        int(v) for v in (sys.argv[1:] or [16384, 2048, 5632, 4, 2])
+    )
+    torch.manual_seed(0)
+    dense = SwiGLU(hidden, intermediate).to("cuda", DTYPE)
+    x_dense = torch.randn(tokens * top_k, hidden, device="cuda", dtype=DTYPE, requires_grad=True)
+    profile_step("dense", _train_step(dense, x_dense, torch.randn_like(x_dense)))
+    moe = MoEFeedForward.from_dense(dense, num_experts, top_k, backend="grouped")
+    with torch.no_grad():
+        moe.router.gate.weight.normal_(std=0.5)
+    x = torch.randn(tokens, hidden, device="cuda", dtype=DTYPE, requires_grad=True)
+    profile_step("vlmoe grouped", _train_step(moe, x, torch.randn_like(x)))
+
+
+if __name__ == "__main__":
+    main()

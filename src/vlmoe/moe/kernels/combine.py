@@ -1,0 +1,118 @@
+"""Weighted sum of each token's K expert rows, read straight from the expert-sorted output.
+
+out[t] = sum_j weights[t, j] * rows_src[slot_rows[t * K + j]]: one read of the K rows and one
+write of the token row, where the torch version gathers, multiplies and reduces in three passes.
+The same kernel with unit weights is the backward of the token gather (`dispatch.py`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from vlmoe.moe.kernels import HAS_TRITON, use_triton
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _gather_sum_kernel(
+        src, slot_rows, weights, out, width, K: tl.constexpr, HAS_WEIGHTS: tl.constexpr, BLOCK: tl.constexpr
+    ):
+        token = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        inside = cols < width
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for j in tl.static_range(K):
+            row = tl.load(slot_rows + token * K + j).to(tl.int64)
+            values = tl.load(src + row * width + cols, mask=inside, other=0.0).to(tl.float32)
+            if HAS_WEIGHTS:
+                values = values * tl.load(weights + token * K + j).to(tl.float32)
+            acc += values
+        tl.store(out + token * width + cols, acc.to(out.dtype.element_ty), mask=inside)
+
+    @triton.jit
+    def _combine_backward_kernel(
+        grad_out,
+        y_sorted,
+        sorted_slots,
+        weights,
+        grad_y,
+        grad_weights,
+        width,
+        K: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        # For sorted row r holding slot s of token t = s // K, in one pass over the row:
+        #   grad_y[r] = weights[s] * grad_out[t]   and   grad_weights[s] = <grad_out[t], y_sorted[r]>
+        row = tl.program_id(0).to(tl.int64)
+        slot = tl.load(sorted_slots + row).to(tl.int64)
+        scale = tl.load(weights + slot).to(tl.float32)
+        dot = tl.zeros([BLOCK], dtype=tl.float32)
+        for start in range(0, width, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            inside = cols < width
+            g = tl.load(grad_out + (slot // K) * width + cols, mask=inside, other=0.0).to(tl.float32)
+            y = tl.load(y_sorted + row * width + cols, mask=inside, other=0.0).to(tl.float32)
+            tl.store(grad_y + row * width + cols, (g * scale).to(grad_y.dtype.element_ty), mask=inside)
+            dot += g * y
+        tl.store(grad_weights + slot, tl.sum(dot, axis=0))
+
+
+_BLOCK = 1024
+
+
+def gather_sum_reference(src: Tensor, slot_rows: Tensor, weights: Tensor | None, top_k: int) -> Tensor:
+    rows = src.index_select(0, slot_rows).view(-1, top_k, src.shape[-1])  # [T, K, W]
+    if weights is not None:
+        rows = rows * weights.to(rows.dtype).unsqueeze(-1)
+    return rows.sum(dim=1)
+
+
+def gather_sum_triton(src: Tensor, slot_rows: Tensor, weights: Tensor | None, top_k: int) -> Tensor:
+    """out[t] = sum_j w[t, j] * src[slot_rows[t*K + j]] (w = 1 when weights is None)."""
+    num_tokens, width = slot_rows.numel() // top_k, src.shape[-1]
+    out = src.new_empty(num_tokens, width)
+    if num_tokens:
+        grid = (num_tokens, triton.cdiv(width, _BLOCK))
+        w = weights.contiguous() if weights is not None else slot_rows  # unused when HAS_WEIGHTS=False
+        _gather_sum_kernel[grid](
+            src, slot_rows, w, out, width, K=top_k, HAS_WEIGHTS=weights is not None, BLOCK=_BLOCK
+        )
+    return out
+
+
+class _CombineSorted(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y_sorted, weights, slot_rows, sorted_slots, top_k):
+        ctx.weights_dtype = weights.dtype
+        weights = weights.float().contiguous()
+        ctx.save_for_backward(y_sorted, weights, sorted_slots)
+        ctx.top_k = top_k
+        return gather_sum_triton(y_sorted, slot_rows, weights, top_k)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        y_sorted, weights, sorted_slots = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        width, top_k = y_sorted.shape[-1], ctx.top_k
+        grad_y = torch.empty_like(y_sorted)
+        grad_weights = torch.empty_like(weights)
+        if grad_y.shape[0]:
+            _combine_backward_kernel[(grad_y.shape[0],)](
+                grad_out, y_sorted, sorted_slots, weights, grad_y, grad_weights, width, K=top_k, BLOCK=_BLOCK
+            )
+        grad_weights = grad_weights.to(ctx.weights_dtype)
+        return grad_y, grad_weights, None, None, None
+
+
+def combine_sorted(y_sorted: Tensor, weights: Tensor, slot_rows: Tensor, sorted_slots: Tensor) -> Tensor:
+    """Per token, the weighted sum of its K rows of the expert-sorted output.
+
+    y_sorted # [S, W] (row slot_rows[s] holds slot s); weights # [T, K]; returns # [T, W].
+    """
+    top_k = weights.shape[-1]
+    if use_triton(y_sorted) and y_sorted.is_contiguous():
+        return _CombineSorted.apply(y_sorted, weights, slot_rows, sorted_slots, top_k)
+    return gather_sum_reference(y_sorted, slot_rows, weights, top_k)
