@@ -19,7 +19,7 @@ def main() -> None:
 
 @app.command()
 def demo(
-    steps: int = typer.Option(300, help="Training steps."),
+    steps: int = typer.Option(600, help="Training steps of each model after the dense warm-up."),
     seed: int = typer.Option(0, help="Random seed."),
     device: str = typer.Option("cpu", help="Torch device, e.g. cpu or cuda."),
 ) -> None:

@@ -1,8 +1,8 @@
 """The smallest end-to-end job the core can do: upcycle, train with the balance loss, report.
 
-A dense SwiGLU FFN is fitted to a target made of 4 different random functions, one per input
-cluster; upcycling it into 4 experts lets the router split the clusters, so the sparse model
-reaches a lower loss than the dense one with the same active parameters per token.
+A dense SwiGLU FFN is fitted to a target made of 4 different linear maps, one per input
+cluster; upcycling it into 4 experts (top-2) lets the router split the clusters, so the sparse
+model reaches a lower held-out loss than the dense one trained for the same steps.
 """
 
 from __future__ import annotations
@@ -31,12 +31,11 @@ class _SwiGLU(nn.Module):
 
 
 def _task(num: int, hidden: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    centres = torch.randn(4, hidden, generator=generator) * 3
+    centres = torch.randn(4, hidden, generator=generator) * 2
     maps = torch.randn(4, hidden, hidden, generator=generator) / hidden**0.5
     cluster = torch.randint(0, 4, (num,), generator=generator)
-    x = centres[cluster] + torch.randn(num, hidden, generator=generator)
-    y = torch.tanh(torch.einsum("nd,nde->ne", x, maps[cluster]))
-    return x, y
+    x = centres[cluster] + 0.5 * torch.randn(num, hidden, generator=generator)
+    return x, torch.einsum("nd,nde->ne", x, maps[cluster])
 
 
 def _train(model: nn.Module, x, y, steps: int, progress: Progress, label: str) -> float:
@@ -50,21 +49,19 @@ def _train(model: nn.Module, x, y, steps: int, progress: Progress, label: str) -
         optimiser.step()
         optimiser.zero_grad()
         progress.update(task, advance=1, description=f"{label} loss {loss.item():.4f}")
-    return float(loss)
+    return float(loss.detach())
 
 
-def run_core_demo(steps: int = 300, seed: int = 0, device: str = "cpu") -> dict[str, float]:
+def run_core_demo(steps: int = 600, seed: int = 0, device: str = "cpu") -> dict[str, float]:
     console = Console()
     torch.manual_seed(seed)
-    hidden, intermediate = 32, 32
-    generator = torch.Generator().manual_seed(seed)
-    x, y = _task(8192, hidden, generator)
-    x_test, y_test = _task(2048, hidden, generator)
-    x, y, x_test, y_test = (t.to(device) for t in (x, y, x_test, y_test))
+    hidden, intermediate = 16, 16
+    x, y = _task(10240, hidden, torch.Generator().manual_seed(seed))
+    x, y, x_test, y_test = (t.to(device) for t in (x[:8192], y[:8192], x[8192:], y[8192:]))
 
     dense = _SwiGLU(hidden, intermediate).to(device)
     with Progress(console=console, transient=True) as progress:
-        _train(dense, x, y, steps // 2, progress, "dense warm-up")
+        _train(dense, x, y, steps // 3, progress, "dense warm-up")
         moe = MoEFeedForward.from_dense(dense, num_experts=4, top_k=2, load_balance_coef=0.01).to(device)
         with torch.no_grad():
             upcycle_gap = float((moe(x_test) - dense(x_test)).abs().max())
@@ -79,10 +76,11 @@ def run_core_demo(steps: int = 300, seed: int = 0, device: str = "cpu") -> dict[
         load = routing_records(moe)[""].tokens_per_expert().float()
     load = (load / load.sum()).tolist()
 
-    table = Table(title="vlmoe core demo: upcycled MoE vs dense FFN (same active FLOPs per token ratio k=2)")
+    table = Table(title=f"vlmoe core demo: dense FFN vs its top-2-of-4 upcycled MoE, {steps} more steps each")
     table.add_column("quantity")
     table.add_column("value", justify="right")
     table.add_row("max |MoE - dense| right after upcycling", f"{upcycle_gap:.2e}")
+    table.add_row("held-out MSE, predicting the mean", f"{float(y_test.var()):.4f}")
     table.add_row("held-out MSE, dense", f"{dense_loss:.4f}")
     table.add_row("held-out MSE, MoE", f"{moe_loss:.4f}")
     table.add_row("expert load (share of slots)", " ".join(f"{share:.2f}" for share in load))
