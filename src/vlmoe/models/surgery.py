@@ -90,7 +90,8 @@ def add_mole(
     One router per MLP is shared by gate/up/down (LLaVA-MoLE). `router="cluster"` routes each
     sample by its instruction cluster, given per forward with
     `vlmoe.moe.routing_inputs(model, cluster_ids=...)`; with `universal=True` that is MoCLE.
-    `num_experts=0` puts plain LoRA on the MLP linears too (ChartMoE's LLM LoRA). Every LoRA B
+    `num_experts=0` puts plain LoRA on the MLP linears too (ChartMoE's LLM LoRA); on layers
+    already upcycled it leaves the FFN experts as they are and adds LoRA to attention. Every LoRA B
     starts at zero, so the model starts equal to the base model.
 
     Example:
@@ -120,11 +121,12 @@ def add_mole(
         mlp_path = adapter.mlp_path(index)
         mlp = model.get_submodule(mlp_path)
         if isinstance(mlp, MoEFeedForward):
-            raise ValueError(
-                f"{mlp_path} is an upcycled MoEFeedForward; MoLE needs a dense MLP. "
-                "Pass layers=... without the upcycled layers"
-            )
-        if config is not None:
+            if config is not None:
+                raise ValueError(
+                    f"{mlp_path} is an upcycled MoEFeedForward; MoLE needs a dense MLP. "
+                    "Pass layers=... without the upcycled layers, or num_experts=0 for attention LoRA only"
+                )
+        elif config is not None:
             _replace(
                 model,
                 mlp_path,
