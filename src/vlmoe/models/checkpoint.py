@@ -58,7 +58,7 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
     return path
 
 
-def load(path: str | os.PathLike, dtype: torch.dtype | None = None) -> nn.Module:
+def load(path: str | os.PathLike) -> nn.Module:
     """Rebuild the model saved by `vlmoe.save` at `path`: base architecture, surgery, weights.
 
     Example:
