@@ -74,3 +74,20 @@ def test_export_refuses_what_has_no_standard_form(surgery, message, tmp_path):
     with pytest.raises(ValueError, match=message):
         vlmoe.export_hf(model, tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+def test_cli_export_reads_a_vlmoe_save(tmp_path):
+    from typer.testing import CliRunner
+
+    from vlmoe.cli import app
+
+    model = vlmoe.upcycle_ffn(tiny("llava")[0])
+    vlmoe.save(model, tmp_path / "saved")
+    result = CliRunner().invoke(app, ["export", str(tmp_path / "saved"), str(tmp_path / "exported")])
+    assert result.exit_code == 0, result.output
+    assert (
+        AutoModelForImageTextToText.from_pretrained(
+            tmp_path / "exported"
+        ).config.text_config.num_local_experts
+        == 4
+    )
