@@ -190,7 +190,9 @@ def _load_weights(model: nn.Module, weights: Path) -> None:
                     f"config.json needs {tuple(expected[name].shape)}; the weights and the config come "
                     "from different models. Save the model again with vlmoe.save"
                 )
-            state[name] = tensor
+            # A fresh, aligned copy: tensors read from the file may sit at any offset of a mapping,
+            # and CPU kernels pick other code paths (other rounding) for unaligned memory.
+            state[name] = tensor.clone()
     model.load_state_dict(state, strict=False, assign=True)
     if any(t.is_meta for t in model.state_dict().values()):
         raise ValueError(f"{weights}: some tensors were not loaded")
