@@ -153,3 +153,15 @@ def test_surgered_model_trains_generates_and_reports_aux_loss(family, tiny_model
     model.eval()
     generated = model.generate(**batch, max_new_tokens=3, do_sample=False)
     assert generated.shape[1] == batch["input_ids"].shape[1] + 3
+
+
+def test_qwen2_vl_connector_stacks_the_merger_mlp_as_grouped_experts():
+    from vlmoe.moe import MLPExperts
+
+    model, _ = tiny("qwen2_vl")
+    merger_mlp = model.model.visual.merger.mlp
+    vlmoe.install_moe_connector(model, init="upcycle", num_experts=4)
+    experts = model.model.visual.merger.mlp.experts
+    assert isinstance(experts, MLPExperts)
+    assert torch.equal(experts.fc1_weight[3], merger_mlp[0].weight)
+    assert torch.equal(experts.fc2_bias[2], merger_mlp[2].bias)
