@@ -5,6 +5,7 @@ weights strictly: any missing, unexpected or mis-shaped tensor is an error, neve
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -39,6 +40,7 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
     temp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         model.config.save_pretrained(temp)
+        _record_attention(temp / "config.json", model.config._attn_implementation)
         save_file(
             {name: tensor.detach().contiguous() for name, tensor in state.items()},
             temp / WEIGHTS_NAME,
@@ -100,9 +102,19 @@ def _base_model(config, path: Path) -> nn.Module:
         raise ValueError(
             f"{path}/config.json: 'architectures' is {names!r}; expected one transformers model class"
         )
-    # Eager attention, as the tiny models use: logits then match the saved model's bit for bit.
-    config._attn_implementation = getattr(config, "_attn_implementation", None) or "eager"
+    # `config.json` names the attention kernel the model was saved with (see `_record_attention`),
+    # which AutoConfig reads back into `config._attn_implementation`.
     return model_class(config)
+
+
+def _record_attention(config_file: Path, attn_implementation: str | None) -> None:
+    """Name the attention kernel in config.json: kernels round differently, and a reload must
+    compute the saved model's logits bit for bit. HF configs read this key on load."""
+    if attn_implementation is None:
+        return
+    config = json.loads(config_file.read_text())
+    config["attn_implementation"] = attn_implementation
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _replay(model: nn.Module, record: SurgeryRecord) -> None:
