@@ -165,3 +165,14 @@ def test_qwen2_vl_connector_stacks_the_merger_mlp_as_grouped_experts():
     assert isinstance(experts, MLPExperts)
     assert torch.equal(experts.fc1_weight[3], merger_mlp[0].weight)
     assert torch.equal(experts.fc2_bias[2], merger_mlp[2].bias)
+
+
+def test_record_without_the_modules_is_refused():
+    import copy
+
+    from transformers import LlavaForConditionalGeneration
+
+    model = vlmoe.upcycle_ffn(tiny("llava")[0])
+    dense_with_record = LlavaForConditionalGeneration(copy.deepcopy(model.config))
+    with pytest.raises(ValueError, match=r"records surgery \['upcycle_ffn'\] but its modules show \[\]"):
+        vlmoe.install_moe_connector(dense_with_record)

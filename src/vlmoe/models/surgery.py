@@ -200,11 +200,31 @@ def install_moe_connector(
 
 def _refuse_repeat(model: nn.Module, kind: str) -> None:
     record = read_record(model)
-    if record is not None and kind in record.kinds():
+    applied = _applied_kinds(model)
+    if record is not None and set(record.kinds()) != applied:
         raise ValueError(
-            f"{kind} was already applied to this model (its config records {record.kinds()}); "
+            f"the model's config records surgery {record.kinds()} but its modules show {sorted(applied)}: "
+            "it was built from a vlmoe config without the surgery (e.g. from_pretrained on a vlmoe.save "
+            "directory, or a config shared with another model). Load it with vlmoe.load(path)"
+        )
+    if kind in applied:
+        raise ValueError(
+            f"{kind} was already applied to this model (its config records {sorted(applied)}); "
             "applying it twice would wrap experts in experts. Start again from the dense model"
         )
+
+
+def _applied_kinds(model: nn.Module) -> set[str]:
+    """The surgeries visible in the modules themselves (the record must agree with them)."""
+    kinds = set()
+    for module in model.modules():
+        if isinstance(module, MoEFeedForward):
+            kinds.add("upcycle_ffn")
+        elif isinstance(module, (MoLEFeedForward, MoLELinear)):
+            kinds.add("add_mole")
+        elif isinstance(module, MoEConnector):
+            kinds.add("install_moe_connector")
+    return kinds
 
 
 def _layer_indices(model: nn.Module, adapter: FamilyAdapter, layers: LayerSpec) -> list[int]:
