@@ -1,5 +1,7 @@
+import copy
+
 import pytest
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from vlmoe.models import ADAPTERS, adapter_for, tiny
 from vlmoe.moe import MoEFeedForward
@@ -39,7 +41,8 @@ def test_unsupported_model_lists_families_and_how_to_add_one():
     assert "qwen2_5_vl" in str(error.value)
 
 
-def test_qwen2_5_vl_adapter_upcycles_a_tiny_qwen2_5_vl():
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+def test_qwen2_5_vl_adapter_upcycles_saves_and_exports_a_tiny_qwen2_5_vl(tmp_path):
     import torch
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
@@ -69,7 +72,8 @@ def test_qwen2_5_vl_adapter_upcycles_a_tiny_qwen2_5_vl():
         vision_start_token_id=62,
         vision_end_token_id=63,
     )
-    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    # Surgery records itself on the model's config, so each model gets its own copy.
+    model = Qwen2_5_VLForConditionalGeneration(copy.deepcopy(config)).eval()
     ids = torch.randint(0, 50, (1, 8))
     with torch.no_grad():
         dense = model(input_ids=ids).logits
@@ -77,3 +81,10 @@ def test_qwen2_5_vl_adapter_upcycles_a_tiny_qwen2_5_vl():
         vlmoe.install_moe_connector(model)
         assert isinstance(model.model.language_model.layers[1].mlp, MoEFeedForward)
         torch.testing.assert_close(model(input_ids=ids).logits, dense, rtol=0, atol=1e-5)
+        again = vlmoe.load(vlmoe.save(model, tmp_path / "saved"))
+        assert torch.equal(again(input_ids=ids).logits, model(input_ids=ids).logits)
+        vlmoe.export_hf(
+            vlmoe.upcycle_ffn(Qwen2_5_VLForConditionalGeneration(config).eval()), tmp_path / "exported"
+        )
+        stock = AutoModelForCausalLM.from_pretrained(tmp_path / "exported")
+        assert type(stock).__name__ == "Qwen2MoeForCausalLM"
