@@ -37,7 +37,11 @@ def export(
     """Export an upcycled model (vlmoe.save) to a standard HF MoE checkpoint: Mixtral or Qwen2-MoE."""
     from vlmoe.models import export_hf, load
 
-    path = export_hf(load(src), dst)
+    try:
+        path = export_hf(load(src), dst)
+    except (ValueError, FileNotFoundError) as error:
+        typer.echo(f"vlmoe export: {error}", err=True)
+        raise typer.Exit(code=1) from error
     typer.echo(f"exported {src} -> {path}")
 
 

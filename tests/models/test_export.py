@@ -44,6 +44,9 @@ def test_export_loads_in_stock_transformers_with_same_logits(family, tiny_model,
     assert any(".experts.3." in key for key in keys)  # the classic per-expert layout on disk
     if qwen:
         assert text_config.mlp_only_layers == [0] and text_config.shared_expert_intermediate_size == 0
+    else:
+        generated = stock.generate(**batch, max_new_tokens=2, do_sample=False)
+        assert generated.shape[1] == batch["input_ids"].shape[1] + 2
 
 
 def test_qwen2_moe_export_of_top1_keeps_raw_probability_weights(tmp_path):
