@@ -88,9 +88,7 @@ def test_cli_export_reads_a_vlmoe_save(tmp_path):
     vlmoe.save(model, tmp_path / "saved")
     result = CliRunner().invoke(app, ["export", str(tmp_path / "saved"), str(tmp_path / "exported")])
     assert result.exit_code == 0, result.output
-    assert (
-        AutoModelForImageTextToText.from_pretrained(
-            tmp_path / "exported"
-        ).config.text_config.num_local_experts
-        == 4
-    )
+    stock = AutoModelForImageTextToText.from_pretrained(tmp_path / "exported")
+    assert stock.config.text_config.num_local_experts == 4
+    refused = CliRunner().invoke(app, ["export", str(tmp_path / "nowhere"), str(tmp_path / "x")])
+    assert refused.exit_code == 1 and "not a vlmoe model directory" in refused.output
