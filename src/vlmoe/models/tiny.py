@@ -63,7 +63,10 @@ _IDEFICS3_TEMPLATE = (
 
 
 def tiny(family: str, seed: int = 0) -> tuple[PreTrainedModel, ProcessorMixin]:
-    """A tiny random model of `family` and a processor whose outputs it accepts.
+    """A tiny random model of `family` (in eval mode) and a processor whose outputs it accepts.
+
+    Qwen2-VL's processor here handles images and text but not video (see `_image_only`); saved
+    with `save_pretrained`, it reloads through `AutoProcessor` as its tokenizer only.
 
     Example:
         >>> from PIL import Image
@@ -82,8 +85,10 @@ def tiny(family: str, seed: int = 0) -> tuple[PreTrainedModel, ProcessorMixin]:
     if family not in builders:
         raise ValueError(f"unknown tiny family {family!r}; choose one of {list(TINY_FAMILIES)}")
     # The tokenizer is built before seeding so the model's init depends only on `seed`.
-    torch.manual_seed(seed)
-    model, processor = builders[family]()
+    # A private RNG stream: the weights depend only on `seed`, and the caller's stream is untouched.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model, processor = builders[family]()
     return model.float().eval(), processor
 
 
