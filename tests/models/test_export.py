@@ -21,7 +21,7 @@ def _stock_logits(path, batch, text_only):
 
 def test_export_loads_in_stock_transformers_with_same_logits(family, tiny_model, tmp_path):
     model, _, batch = tiny_model
-    qwen = family == "qwen2_vl"
+    qwen = family.startswith("qwen")
     vlmoe.upcycle_ffn(model, num_experts=4, top_k=2, layers=[1] if qwen else "all")
     vlmoe.add_mole(model, num_experts=0, rank=4)  # plain LoRA: merged into the base weights
     perturb(model)
