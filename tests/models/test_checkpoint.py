@@ -103,3 +103,13 @@ def test_tied_embeddings_stay_tied_and_identical(tmp_path):
     ids = torch.tensor([[5, 6, 7, 8, 9]])
     with torch.no_grad():
         assert torch.equal(again(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_processor_saved_beside_the_model(tmp_path):
+    from transformers import AutoProcessor
+
+    model, processor = tiny("llava")
+    path = vlmoe.save(vlmoe.upcycle_ffn(model), tmp_path / "m", processor=processor)
+    reloaded = AutoProcessor.from_pretrained(path)
+    assert reloaded.tokenizer("a chart").input_ids == processor.tokenizer("a chart").input_ids
+    assert read_record(vlmoe.load(path)).kinds() == ["upcycle_ffn"]

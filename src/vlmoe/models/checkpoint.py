@@ -16,15 +16,18 @@ import transformers
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
-from transformers import AutoConfig
+from transformers import AutoConfig, ProcessorMixin
 
 from vlmoe.models.record import CONFIG_KEY, SurgeryRecord, read_record
 
 WEIGHTS_NAME = "model.safetensors"
 
 
-def save(model: nn.Module, path: str | os.PathLike) -> Path:
+def save(model: nn.Module, path: str | os.PathLike, processor: ProcessorMixin | None = None) -> Path:
     """Write `model` to the directory `path` atomically (temp dir, then rename); returns the path.
+
+    With `processor`, its files go in the same directory, so `AutoProcessor.from_pretrained(path)`
+    finds it next to the model.
 
     Example:
         >>> import tempfile, vlmoe
@@ -41,6 +44,8 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
     try:
         model.config.save_pretrained(temp)
         _record_attention(temp / "config.json", model.config._attn_implementation)
+        if processor is not None:
+            processor.save_pretrained(temp)
         save_file(
             {name: tensor.detach().contiguous() for name, tensor in state.items()},
             temp / WEIGHTS_NAME,
