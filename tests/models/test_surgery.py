@@ -58,6 +58,7 @@ def test_mole_on_upcycled_layer_is_refused_but_other_layers_compose():
     vlmoe.upcycle_ffn(model, layers=[0])
     with pytest.raises(ValueError, match=r"layers\.0\.mlp is an upcycled MoEFeedForward"):
         vlmoe.add_mole(model)
+    assert not any(isinstance(m, MoLELinear) for m in model.modules())  # the refusal changed nothing
     vlmoe.add_mole(model, layers=[1], rank=2)
     assert [step.kind for step in read_record(model).steps] == ["upcycle_ffn", "add_mole"]
 

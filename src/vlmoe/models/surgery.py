@@ -47,6 +47,8 @@ def upcycle_ffn(
     adapter = adapter_for(model)
     _refuse_repeat(model, "upcycle_ffn")
     indices = _layer_indices(model, adapter, layers)
+    # Build every MoE layer before replacing any, so a refusal leaves the model as it was.
+    upcycled = {}
     for index in indices:
         mlp = model.get_submodule(adapter.mlp_path(index))
         if isinstance(mlp, (MoEFeedForward, MoLEFeedForward)) or _has_lora(mlp):
@@ -54,7 +56,7 @@ def upcycle_ffn(
                 f"{adapter.mlp_path(index)} is already a {type(mlp).__name__} (or carries LoRA); "
                 "upcycle_ffn needs a dense MLP: upcycle before add_mole, or pass layers=... without it"
             )
-        moe = MoEFeedForward.from_dense(
+        upcycled[index] = MoEFeedForward.from_dense(
             mlp,
             num_experts,
             top_k,
@@ -62,8 +64,16 @@ def upcycle_ffn(
             z_loss_coef=z_loss_coef,
             capacity_factor=capacity_factor,
         )
+    for index, moe in upcycled.items():
         _replace(model, adapter.mlp_path(index), moe)
-    step = UpcycleFFN(indices, num_experts, top_k, load_balance_coef, z_loss_coef, capacity_factor)
+    step = UpcycleFFN(
+        layers=indices,
+        num_experts=num_experts,
+        top_k=top_k,
+        load_balance_coef=load_balance_coef,
+        z_loss_coef=z_loss_coef,
+        capacity_factor=capacity_factor,
+    )
     append_step(model, adapter.name, step)
     return model
 
@@ -105,6 +115,8 @@ def add_mole(
     _refuse_repeat(model, "add_mole")
     if router not in ("token", "cluster"):
         raise ValueError(f"router must be 'token' or 'cluster', got {router!r}")
+    if not isinstance(num_experts, int) or num_experts < 0:
+        raise ValueError(f"num_experts must be an integer >= 0 (0 = plain LoRA), got {num_experts!r}")
     indices = _layer_indices(model, adapter, layers)
     config = None
     if num_experts > 0:
@@ -117,15 +129,18 @@ def add_mole(
             load_balance_coef=load_balance_coef,
             straight_through=straight_through,
         )
+    # Check every layer before changing any, so a refusal leaves the model as it was.
+    for index in indices:
+        if config is not None and isinstance(model.get_submodule(adapter.mlp_path(index)), MoEFeedForward):
+            raise ValueError(
+                f"{adapter.mlp_path(index)} is an upcycled MoEFeedForward; MoLE needs a dense MLP. "
+                "Pass layers=... without the upcycled layers, or num_experts=0 for attention LoRA only"
+            )
     for index in indices:
         mlp_path = adapter.mlp_path(index)
         mlp = model.get_submodule(mlp_path)
         if isinstance(mlp, MoEFeedForward):
-            if config is not None:
-                raise ValueError(
-                    f"{mlp_path} is an upcycled MoEFeedForward; MoLE needs a dense MLP. "
-                    "Pass layers=... without the upcycled layers, or num_experts=0 for attention LoRA only"
-                )
+            pass  # attention LoRA only: the upcycled experts stay as they are
         elif config is not None:
             _replace(
                 model,
@@ -141,19 +156,19 @@ def add_mole(
                 model, adapter.attention_path(index), adapter.attention_linears, rank, alpha, dropout
             )
     step = AddMoLE(
-        indices,
-        num_experts,
-        rank,
-        alpha,
-        top_k,
-        router,
-        num_clusters if router == "cluster" else 0,
-        universal,
-        dropout,
-        temperature,
-        load_balance_coef,
-        straight_through,
-        attention_lora,
+        layers=indices,
+        num_experts=num_experts,
+        rank=rank,
+        alpha=alpha,
+        top_k=top_k,
+        router=router,
+        num_clusters=num_clusters if router == "cluster" else 0,
+        universal=universal,
+        dropout=dropout,
+        temperature=temperature,
+        load_balance_coef=load_balance_coef,
+        straight_through=straight_through,
+        attention_lora=attention_lora,
     )
     append_step(model, adapter.name, step)
     return model
