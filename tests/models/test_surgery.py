@@ -37,8 +37,8 @@ def test_upcycle_layers_every_other_and_list():
     assert read_record(model).steps[0].layers == [0]
     model, _ = tiny("llava")
     vlmoe.upcycle_ffn(model, layers=[1])
-    assert isinstance(layers[1].mlp, MoEFeedForward) is False  # a fresh model: the old list is not touched
-    assert isinstance(model.model.language_model.layers[1].mlp, MoEFeedForward)
+    layers = model.model.language_model.layers
+    assert not isinstance(layers[0].mlp, MoEFeedForward) and isinstance(layers[1].mlp, MoEFeedForward)
     with pytest.raises(ValueError, match=r"indices in \[0, 2\)"):
         vlmoe.upcycle_ffn(tiny("llava")[0], layers=[2])
 
