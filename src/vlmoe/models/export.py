@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers.initialization import no_init_weights
 
 from vlmoe.models.families import FamilyAdapter, adapter_for
 from vlmoe.models.mole import MoLEFeedForward
@@ -167,7 +168,7 @@ def _to_mixtral(model: nn.Module, adapter: FamilyAdapter, moe: dict[int, MoEFeed
     config_dict["text_config"] = mixtral.to_dict()
     config = type(model.config).from_dict(config_dict)
     config._attn_implementation = model.config._attn_implementation
-    exported = type(model)(config)
+    exported = _empty(type(model), config, model.dtype)
     exported.load_state_dict(_mapped_state(model, adapter, moe), strict=True)
     return exported.eval()
 
@@ -206,7 +207,7 @@ def _to_qwen2_moe(model: nn.Module, adapter: FamilyAdapter, moe: dict[int, MoEFe
         eos_token_id=text.eos_token_id,
     )
     qwen._attn_implementation = model.config._attn_implementation
-    exported = Qwen2MoeForCausalLM(qwen)
+    exported = _empty(Qwen2MoeForCausalLM, qwen, model.dtype)
     state = {}
     lm_prefix = f"{adapter.language_model}."
     for name, tensor in _mapped_state(model, adapter, moe).items():
@@ -219,6 +220,14 @@ def _to_qwen2_moe(model: nn.Module, adapter: FamilyAdapter, moe: dict[int, MoEFe
             state[name] = torch.zeros_like(tensor)
     exported.load_state_dict(state, strict=True)
     return exported.eval()
+
+
+def _empty(model_class, config, dtype: torch.dtype) -> nn.Module:
+    """The stock model in `dtype`, without random init: `load_state_dict(strict=True)` sets every weight."""
+    with no_init_weights():
+        model = model_class._from_config(config, dtype=dtype)
+    model.tie_weights()
+    return model
 
 
 def _save_atomically(model: nn.Module, path: Path) -> Path:
