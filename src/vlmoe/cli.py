@@ -29,5 +29,21 @@ def demo(
     run_core_demo(steps=steps, seed=seed, device=device)
 
 
+@app.command()
+def export(
+    src: str = typer.Argument(..., help="A model directory written by vlmoe.save."),
+    dst: str = typer.Argument(..., help="Where to write the standard HF checkpoint."),
+) -> None:
+    """Export an upcycled model (vlmoe.save) to a standard HF MoE checkpoint: Mixtral or Qwen2-MoE."""
+    from vlmoe.models import export_hf, load
+
+    try:
+        path = export_hf(load(src), dst)
+    except (ValueError, FileNotFoundError) as error:
+        typer.echo(f"vlmoe export: {error}", err=True)
+        raise typer.Exit(code=1) from error
+    typer.echo(f"exported {src} -> {path}")
+
+
 if __name__ == "__main__":
     app()
