@@ -69,10 +69,6 @@ class MoLEFeedForward(SparseLayer):
     def forward(
         self, x: Tensor, token_mask: Tensor | None = None, cluster_ids: Tensor | None = None
     ) -> Tensor:
-        lead_shape = x.shape[:-1]
-        token_mask, cluster_ids = self._flat_routing_inputs(lead_shape, token_mask, cluster_ids)
-        routing = self.router(x.reshape(-1, x.shape[-1]), token_mask=token_mask, cluster_ids=cluster_ids)
-        self.last_aux_losses = routing.aux_losses
-        self.last_routing = routing.detached() if self.record_routing else None
+        routing = self.route(x, token_mask, cluster_ids)
         hidden = self.act_fn(self.gate_proj(x, routing=routing)) * self.up_proj(x, routing=routing)
         return self.down_proj(hidden, routing=routing)

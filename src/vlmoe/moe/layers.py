@@ -52,18 +52,23 @@ class SparseLayer(nn.Module):
     def top_k(self) -> int:
         return 0 if self.router is None else self.router.config.top_k
 
+    def route(
+        self, x: Tensor, token_mask: Tensor | None = None, cluster_ids: Tensor | None = None
+    ) -> Routing:
+        """Route the tokens of x # [..., I] and keep the record; the routing is in token order."""
+        token_mask, cluster_ids = self._flat_routing_inputs(x.shape[:-1], token_mask, cluster_ids)
+        routing = self.router(x.reshape(-1, x.shape[-1]), token_mask=token_mask, cluster_ids=cluster_ids)
+        self.last_aux_losses = routing.aux_losses
+        self.last_routing = routing.detached() if self.record_routing else None
+        return routing
+
     def route_and_dispatch(
         self, x: Tensor, token_mask: Tensor | None, cluster_ids: Tensor | None
     ) -> tuple[Tensor, Routing]:
         """x # [..., I] -> expert output # [..., O], and the routing that produced it."""
-        lead_shape = x.shape[:-1]
-        x_tokens = x.reshape(-1, x.shape[-1])  # [T, I]
-        token_mask, cluster_ids = self._flat_routing_inputs(lead_shape, token_mask, cluster_ids)
-        routing = self.router(x_tokens, token_mask=token_mask, cluster_ids=cluster_ids)
-        self.last_aux_losses = routing.aux_losses
-        self.last_routing = routing.detached() if self.record_routing else None
-        out = dispatch(x_tokens, routing, self.experts, self.backend)  # [T, O]
-        return out.view(*lead_shape, out.shape[-1]), routing
+        routing = self.route(x, token_mask, cluster_ids)
+        out = dispatch(x.reshape(-1, x.shape[-1]), routing, self.experts, self.backend)  # [T, O]
+        return out.view(*x.shape[:-1], out.shape[-1]), routing
 
     def _flat_routing_inputs(
         self, lead_shape: torch.Size, token_mask: Tensor | None, cluster_ids: Tensor | None
