@@ -1,7 +1,42 @@
 """vlmoe: turn a dense vision-language model into a sparse Mixture-of-Experts one, and train it."""
 
+from __future__ import annotations
+
+from typing import Any
+
 from vlmoe.moe import aux_loss
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "aux_loss"]
+# Model surgery imports transformers; load it on first use so `import vlmoe` stays light.
+_LAZY = {
+    "upcycle_ffn": "vlmoe.models.surgery",
+    "add_mole": "vlmoe.models.surgery",
+    "install_moe_connector": "vlmoe.models.surgery",
+    "save": "vlmoe.models.checkpoint",
+    "load": "vlmoe.models.checkpoint",
+    "export_hf": "vlmoe.models.export",
+    "models": "vlmoe.models",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'vlmoe' has no attribute {name!r}")
+    import importlib
+
+    module = importlib.import_module(_LAZY[name])
+    return module if name == "models" else getattr(module, name)
+
+
+__all__ = [
+    "__version__",
+    "add_mole",
+    "aux_loss",
+    "export_hf",
+    "install_moe_connector",
+    "load",
+    "models",
+    "save",
+    "upcycle_ffn",
+]

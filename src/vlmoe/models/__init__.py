@@ -1,0 +1,40 @@
+"""Surgery on Hugging Face vision-language models: family adapters, MoE/MoLE/connector surgery,
+save/load with the surgery recorded in `config.json`, export to standard HF MoE architectures,
+and a tiny-model factory for tests and the demo."""
+
+from vlmoe.models.checkpoint import load, save
+from vlmoe.models.families import ADAPTERS, FamilyAdapter, adapter_for
+from vlmoe.models.parts import (
+    PARTS,
+    ParameterReport,
+    freeze,
+    parameter_parts,
+    parameter_report,
+    set_trainable,
+    unfreeze,
+)
+from vlmoe.models.record import SurgeryRecord, read_record
+from vlmoe.models.surgery import add_mole, install_moe_connector, upcycle_ffn
+from vlmoe.models.tiny import TINY_FAMILIES, tiny
+
+__all__ = [
+    "ADAPTERS",
+    "PARTS",
+    "TINY_FAMILIES",
+    "FamilyAdapter",
+    "ParameterReport",
+    "SurgeryRecord",
+    "adapter_for",
+    "add_mole",
+    "freeze",
+    "install_moe_connector",
+    "load",
+    "parameter_parts",
+    "parameter_report",
+    "read_record",
+    "save",
+    "set_trainable",
+    "tiny",
+    "unfreeze",
+    "upcycle_ffn",
+]

@@ -1,0 +1,201 @@
+"""`save` / `load`: a standard HF directory (config.json + model.safetensors) whose config carries
+the surgery record, so loading rebuilds the base architecture, replays the surgery and loads the
+weights strictly: any missing, unexpected or mis-shaped tensor is an error, never random weights.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+import transformers
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from transformers import AutoConfig
+
+from vlmoe.models.record import CONFIG_KEY, SurgeryRecord, read_record
+
+WEIGHTS_NAME = "model.safetensors"
+
+
+def save(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Write `model` to the directory `path` atomically (temp dir, then rename); returns the path.
+
+    Example:
+        >>> import tempfile, vlmoe
+        >>> model = vlmoe.upcycle_ffn(vlmoe.models.tiny("llava")[0])
+        >>> path = vlmoe.save(model, tempfile.mkdtemp() + "/moe-llava")
+        >>> sorted(p.name for p in path.iterdir())
+        ['config.json', 'model.safetensors']
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model.config.architectures = [type(model).__name__]
+    state = _unique_state(model)
+    temp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        model.config.save_pretrained(temp)
+        save_file(
+            {name: tensor.detach().contiguous() for name, tensor in state.items()},
+            temp / WEIGHTS_NAME,
+            metadata={"format": "pt"},
+        )
+        if path.exists():
+            # Keep the old copy until the new one is in place, so a crash leaves one whole model.
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
+            os.replace(path, old / path.name)
+            os.replace(temp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(temp, path)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+    return path
+
+
+def load(path: str | os.PathLike, dtype: torch.dtype | None = None) -> nn.Module:
+    """Rebuild the model saved by `vlmoe.save` at `path`: base architecture, surgery, weights.
+
+    Example:
+        >>> import tempfile, torch, vlmoe
+        >>> model = vlmoe.upcycle_ffn(vlmoe.models.tiny("llava")[0])
+        >>> again = vlmoe.load(vlmoe.save(model, tempfile.mkdtemp() + "/m"))
+        >>> all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+        True
+    """
+    path = Path(path)
+    weights = path / WEIGHTS_NAME
+    if not (path / "config.json").is_file() or not weights.is_file():
+        raise FileNotFoundError(
+            f"{path} is not a vlmoe model directory: it needs config.json and {WEIGHTS_NAME} "
+            "(write one with vlmoe.save)"
+        )
+    config = AutoConfig.from_pretrained(path)
+    saved = getattr(config, CONFIG_KEY, None)
+    record = (
+        None if saved is None else SurgeryRecord.from_dict(saved, where=f"{path}/config.json '{CONFIG_KEY}'")
+    )
+    if saved is not None:
+        delattr(config, CONFIG_KEY)
+    model = _base_model(config, path)
+    if record is not None:
+        _replay(model, record)
+        if read_record(model) != record:
+            raise ValueError(
+                f"{path}: replaying the recorded surgery gave a different record; the file was edited"
+            )
+    _load_weights(model, weights)
+    return model.eval()
+
+
+def _base_model(config, path: Path) -> nn.Module:
+    names = getattr(config, "architectures", None) or []
+    model_class = getattr(transformers, names[0], None) if names else None
+    if model_class is None:
+        raise ValueError(
+            f"{path}/config.json: 'architectures' is {names!r}; expected one transformers model class"
+        )
+    # Eager attention, as the tiny models use: logits then match the saved model's bit for bit.
+    config._attn_implementation = getattr(config, "_attn_implementation", None) or "eager"
+    return model_class(config)
+
+
+def _replay(model: nn.Module, record: SurgeryRecord) -> None:
+    from vlmoe.models.surgery import add_mole, install_moe_connector, upcycle_ffn
+
+    for step in record.steps:
+        if step.kind == "upcycle_ffn":
+            upcycle_ffn(
+                model,
+                step.num_experts,
+                step.top_k,
+                step.layers,
+                load_balance_coef=step.load_balance_coef,
+                z_loss_coef=step.z_loss_coef,
+                capacity_factor=step.capacity_factor,
+            )
+        elif step.kind == "add_mole":
+            add_mole(
+                model,
+                step.num_experts,
+                step.rank,
+                step.alpha,
+                step.top_k,
+                router=step.router,
+                num_clusters=step.num_clusters,
+                universal=step.universal,
+                layers=step.layers,
+                dropout=step.dropout,
+                temperature=step.temperature,
+                load_balance_coef=step.load_balance_coef,
+                straight_through=step.straight_through,
+                attention_lora=step.attention_lora,
+            )
+        else:
+            # The experts' shapes do not depend on the init; their weights come from the file.
+            install_moe_connector(
+                model,
+                "random",
+                step.num_experts,
+                step.top_k,
+                load_balance_coef=step.load_balance_coef,
+                z_loss_coef=step.z_loss_coef,
+            )
+            _set_last_init(model, step.init)
+
+
+def _set_last_init(model: nn.Module, init: str) -> None:
+    record = read_record(model)
+    record.steps[-1].init = init
+    setattr(model.config, CONFIG_KEY, record.to_dict())
+
+
+def _unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with each shared tensor (tied embeddings) under its first name only."""
+    seen: set[tuple[int, int]] = set()
+    state = {}
+    for name, tensor in model.state_dict().items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+        if key in seen and tensor.numel():
+            continue
+        seen.add(key)
+        state[name] = tensor
+    return state
+
+
+def _load_weights(model: nn.Module, weights: Path) -> None:
+    expected = _unique_state(model)
+    with safe_open(str(weights), framework="pt") as handle:
+        names = set(handle.keys())
+        missing = sorted(set(expected) - names)
+        unexpected = sorted(names - set(expected))
+        if missing or unexpected:
+            raise ValueError(
+                f"{weights} does not match the model rebuilt from its config.json: "
+                f"missing tensors {_some(missing)}, unexpected tensors {_some(unexpected)}. The weights and "
+                "the 'vlmoe' section of config.json must come from the same vlmoe.save; save the model "
+                "again rather than editing either"
+            )
+        state = {}
+        for name in sorted(names):
+            tensor = handle.get_tensor(name)
+            if tensor.shape != expected[name].shape:
+                raise ValueError(
+                    f"{weights}: tensor {name!r} has shape {tuple(tensor.shape)} but the layout in "
+                    f"config.json needs {tuple(expected[name].shape)}; the weights and the config come "
+                    "from different models. Save the model again with vlmoe.save"
+                )
+            state[name] = tensor
+    model.load_state_dict(state, strict=False, assign=True)
+    if any(t.is_meta for t in model.state_dict().values()):
+        raise ValueError(f"{weights}: some tensors were not loaded")
+    model.tie_weights()
+
+
+def _some(names: list[str]) -> str:
+    return str(names[:5])[:-1] + (", ...]" if len(names) > 5 else "]")

@@ -1,0 +1,241 @@
+"""The three surgeries on an HF vision-language model, in place and recorded in its config.
+
+- `upcycle_ffn`: LM MLPs -> `MoEFeedForward`, every expert a copy of the MLP (MoE-LLaVA).
+- `add_mole`: LoRA experts on MLP linears with one shared router per MLP, plain LoRA on
+  attention (LLaVA-MoLE); routed by instruction cluster with a universal LoRA (MoCLE).
+- `install_moe_connector`: the projector -> `MoEConnector` (ChartMoE).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+from torch import nn
+
+from vlmoe.models.connector import build_connector
+from vlmoe.models.families import FamilyAdapter, adapter_for
+from vlmoe.models.mole import MoLEFeedForward
+from vlmoe.models.record import AddMoLE, InstallConnector, UpcycleFFN, append_step, read_record
+from vlmoe.moe import MoEConnector, MoEFeedForward, MoLELinear, RouterConfig
+
+LayerSpec = Literal["all", "every_other"] | Sequence[int]
+
+
+def upcycle_ffn(
+    model: nn.Module,
+    num_experts: int = 4,
+    top_k: int = 2,
+    layers: LayerSpec = "all",
+    *,
+    load_balance_coef: float = 0.01,
+    z_loss_coef: float = 0.0,
+    capacity_factor: float | None = None,
+) -> nn.Module:
+    """Replace the chosen LM layers' MLPs with upcycled `MoEFeedForward` layers (MoE-LLaVA).
+
+    Right after upcycling the model computes the dense model's function: every expert is a copy.
+    "every_other" upcycles layers 0, 2, 4, ... (MoE-LLaVA's sparse mode).
+
+    Example:
+        >>> import vlmoe
+        >>> model, _ = vlmoe.models.tiny("llava")
+        >>> model = vlmoe.upcycle_ffn(model, num_experts=4, top_k=2, layers="every_other")
+        >>> type(model.model.language_model.layers[0].mlp).__name__
+        'MoEFeedForward'
+    """
+    adapter = adapter_for(model)
+    _refuse_repeat(model, "upcycle_ffn")
+    indices = _layer_indices(model, adapter, layers)
+    for index in indices:
+        mlp = model.get_submodule(adapter.mlp_path(index))
+        if isinstance(mlp, (MoEFeedForward, MoLEFeedForward)) or _has_lora(mlp):
+            raise ValueError(
+                f"{adapter.mlp_path(index)} is already a {type(mlp).__name__} (or carries LoRA); "
+                "upcycle_ffn needs a dense MLP: upcycle before add_mole, or pass layers=... without it"
+            )
+        moe = MoEFeedForward.from_dense(
+            mlp,
+            num_experts,
+            top_k,
+            load_balance_coef=load_balance_coef,
+            z_loss_coef=z_loss_coef,
+            capacity_factor=capacity_factor,
+        )
+        _replace(model, adapter.mlp_path(index), moe)
+    step = UpcycleFFN(indices, num_experts, top_k, load_balance_coef, z_loss_coef, capacity_factor)
+    append_step(model, adapter.name, step)
+    return model
+
+
+def add_mole(
+    model: nn.Module,
+    num_experts: int = 4,
+    rank: int = 16,
+    alpha: float = 32.0,
+    top_k: int = 1,
+    *,
+    router: Literal["token", "cluster"] = "token",
+    num_clusters: int = 64,
+    universal: bool = False,
+    layers: LayerSpec = "all",
+    dropout: float = 0.0,
+    temperature: float = 1.0,
+    load_balance_coef: float = 0.0,
+    straight_through: bool = False,
+    attention_lora: bool = True,
+) -> nn.Module:
+    """LoRA experts on the chosen layers' MLP linears, plain LoRA on their attention linears.
+
+    One router per MLP is shared by gate/up/down (LLaVA-MoLE). `router="cluster"` routes each
+    sample by its instruction cluster, given per forward with
+    `vlmoe.moe.routing_inputs(model, cluster_ids=...)`; with `universal=True` that is MoCLE.
+    `num_experts=0` puts plain LoRA on the MLP linears too (ChartMoE's LLM LoRA). Every LoRA B
+    starts at zero, so the model starts equal to the base model.
+
+    Example:
+        >>> import vlmoe
+        >>> model, _ = vlmoe.models.tiny("llava")
+        >>> model = vlmoe.add_mole(model, num_experts=4, rank=4, alpha=8, top_k=1)
+        >>> type(model.model.language_model.layers[0].mlp).__name__
+        'MoLEFeedForward'
+    """
+    adapter = adapter_for(model)
+    _refuse_repeat(model, "add_mole")
+    if router not in ("token", "cluster"):
+        raise ValueError(f"router must be 'token' or 'cluster', got {router!r}")
+    indices = _layer_indices(model, adapter, layers)
+    config = None
+    if num_experts > 0:
+        config = RouterConfig(
+            num_experts=num_experts,
+            top_k=top_k,
+            input=router,
+            num_clusters=num_clusters if router == "cluster" else 0,
+            temperature=temperature,
+            load_balance_coef=load_balance_coef,
+            straight_through=straight_through,
+        )
+    for index in indices:
+        mlp_path = adapter.mlp_path(index)
+        mlp = model.get_submodule(mlp_path)
+        if isinstance(mlp, MoEFeedForward):
+            raise ValueError(
+                f"{mlp_path} is an upcycled MoEFeedForward; MoLE needs a dense MLP. "
+                "Pass layers=... without the upcycled layers"
+            )
+        if config is not None:
+            _replace(
+                model,
+                mlp_path,
+                MoLEFeedForward.from_mlp(
+                    mlp, config, rank=rank, alpha=alpha, dropout=dropout, universal=universal
+                ),
+            )
+        else:
+            _add_plain_lora(model, mlp_path, adapter.mlp_linears, rank, alpha, dropout)
+        if attention_lora:
+            _add_plain_lora(
+                model, adapter.attention_path(index), adapter.attention_linears, rank, alpha, dropout
+            )
+    step = AddMoLE(
+        indices,
+        num_experts,
+        rank,
+        alpha,
+        top_k,
+        router,
+        num_clusters if router == "cluster" else 0,
+        universal,
+        dropout,
+        temperature,
+        load_balance_coef,
+        straight_through,
+        attention_lora,
+    )
+    append_step(model, adapter.name, step)
+    return model
+
+
+def install_moe_connector(
+    model: nn.Module,
+    init: Literal["aligned", "upcycle", "random"] = "upcycle",
+    num_experts: int = 4,
+    top_k: int = 2,
+    *,
+    projectors: Sequence[object] | None = None,
+    load_balance_coef: float = 0.0,
+    z_loss_coef: float = 0.0,
+) -> nn.Module:
+    """Replace the family's projector with an `MoEConnector` of projector experts (ChartMoE).
+
+    `init="aligned"` loads expert i from `projectors[i]` (a module, a state dict of the
+    projector, or a .safetensors/.pt file of one); "upcycle" copies the model's own projector
+    into every expert (the connector then computes the projector's function); "random" gives
+    fresh experts of the same shape. Switching init is this one argument.
+
+    Example:
+        >>> import vlmoe
+        >>> model, _ = vlmoe.models.tiny("llava")
+        >>> model = vlmoe.install_moe_connector(model, init="upcycle", num_experts=4, top_k=2)
+        >>> type(model.model.multi_modal_projector).__name__
+        'MoEConnector'
+    """
+    adapter = adapter_for(model)
+    _refuse_repeat(model, "install_moe_connector")
+    projector = model.get_submodule(adapter.projector)
+    if isinstance(projector, MoEConnector):
+        raise ValueError(f"{adapter.projector} is already an MoEConnector")
+    connector, num_experts = build_connector(
+        projector, adapter.projector, init, num_experts, top_k, projectors, load_balance_coef, z_loss_coef
+    )
+    _replace(model, adapter.projector, connector)
+    append_step(
+        model, adapter.name, InstallConnector(init, num_experts, top_k, load_balance_coef, z_loss_coef)
+    )
+    return model
+
+
+def _refuse_repeat(model: nn.Module, kind: str) -> None:
+    record = read_record(model)
+    if record is not None and kind in record.kinds():
+        raise ValueError(
+            f"{kind} was already applied to this model (its config records {record.kinds()}); "
+            "applying it twice would wrap experts in experts. Start again from the dense model"
+        )
+
+
+def _layer_indices(model: nn.Module, adapter: FamilyAdapter, layers: LayerSpec) -> list[int]:
+    num_layers = len(adapter.decoder_layer_list(model))
+    if layers == "all":
+        return list(range(num_layers))
+    if layers == "every_other":
+        return list(range(0, num_layers, 2))
+    if isinstance(layers, str) or not all(isinstance(i, int) for i in layers):
+        raise ValueError(f"layers must be 'all', 'every_other' or a list of layer indices, got {layers!r}")
+    indices = sorted(set(layers))
+    if not indices or indices[0] < 0 or indices[-1] >= num_layers:
+        raise ValueError(f"layers must be non-empty indices in [0, {num_layers}), got {list(layers)}")
+    return indices
+
+
+def _add_plain_lora(
+    model: nn.Module, parent_path: str, names: Sequence[str], rank: int, alpha: float, dropout: float
+) -> None:
+    parent = model.get_submodule(parent_path)
+    for name in names:
+        linear = getattr(parent, name, None)
+        if not isinstance(linear, nn.Linear):
+            raise ValueError(
+                f"{parent_path}.{name} is {type(linear).__name__}, expected an nn.Linear for LoRA"
+            )
+        setattr(parent, name, MoLELinear.plain(linear, rank=rank, alpha=alpha, dropout=dropout))
+
+
+def _has_lora(module: nn.Module) -> bool:
+    return any(isinstance(child, MoLELinear) for child in module.modules())
+
+
+def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    setattr(model.get_submodule(parent_path), name, new)

@@ -1,0 +1,91 @@
+import json
+
+import pytest
+import torch
+from model_helpers import logits, perturb
+from safetensors.torch import load_file, save_file
+
+import vlmoe
+from vlmoe.models import read_record, tiny
+
+CLUSTERS = torch.tensor([1, 3])
+
+
+def surgered(model):
+    vlmoe.install_moe_connector(model, init="upcycle")
+    vlmoe.upcycle_ffn(model, layers=[0], load_balance_coef=0.02)
+    vlmoe.add_mole(model, layers=[1], num_experts=4, rank=4, router="cluster", num_clusters=4, universal=True)
+    perturb(model)
+    return model
+
+
+def test_round_trip_is_bit_identical(family, tiny_model, tmp_path):
+    model, _, batch = tiny_model
+    surgered(model)
+    path = vlmoe.save(model, tmp_path / "model")
+    again = vlmoe.load(path)
+    assert type(again) is type(model)
+    assert read_record(again) == read_record(model)
+    assert torch.equal(logits(again, batch, CLUSTERS), logits(model, batch, CLUSTERS))
+    assert json.loads((path / "config.json").read_text())["vlmoe"]["steps"][1]["kind"] == "upcycle_ffn"
+
+
+def test_dense_model_round_trips_too(tmp_path):
+    model, _ = tiny("idefics3")
+    again = vlmoe.load(vlmoe.save(model, tmp_path / "dense"))
+    assert read_record(again) is None
+    state = again.state_dict()
+    assert all(torch.equal(tensor, state[name]) for name, tensor in model.state_dict().items())
+
+
+def test_save_overwrites_atomically_and_leaves_no_temp_dirs(tmp_path):
+    model, _ = tiny("llava")
+    vlmoe.save(model, tmp_path / "m")
+    vlmoe.upcycle_ffn(model)
+    vlmoe.save(model, tmp_path / "m")
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]
+    assert read_record(vlmoe.load(tmp_path / "m")).kinds() == ["upcycle_ffn"]
+
+
+@pytest.fixture
+def saved(tmp_path):
+    model = vlmoe.upcycle_ffn(tiny("llava")[0], num_experts=4)
+    return vlmoe.save(model, tmp_path / "m")
+
+
+def _edit_weights(path, edit):
+    state = load_file(path / "model.safetensors")
+    edit(state)
+    save_file(state, path / "model.safetensors")
+
+
+def test_missing_tensor_is_named(saved):
+    _edit_weights(saved, lambda state: state.pop("model.language_model.layers.1.mlp.router.gate.weight"))
+    with pytest.raises(ValueError, match=r"missing tensors \['model\.language_model\.layers\.1\.mlp\.router"):
+        vlmoe.load(saved)
+
+
+def test_unexpected_tensor_is_named(saved):
+    _edit_weights(saved, lambda state: state.update(extra=torch.zeros(1)))
+    with pytest.raises(ValueError, match=r"unexpected tensors \['extra'\]"):
+        vlmoe.load(saved)
+
+
+def test_different_layout_in_config_names_the_mismatched_tensor(saved):
+    config = json.loads((saved / "config.json").read_text())
+    config["vlmoe"]["steps"][0]["num_experts"] = 8
+    (saved / "config.json").write_text(json.dumps(config))
+    with pytest.raises(
+        ValueError, match=r"tensor 'model\.language_model\.layers\.0\.mlp\.experts\.down_proj' has shape"
+    ):
+        vlmoe.load(saved)
+
+
+def test_malformed_record_and_missing_files_are_clear(saved, tmp_path):
+    config = json.loads((saved / "config.json").read_text())
+    config["vlmoe"]["version"] = 99
+    (saved / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="record version 99"):
+        vlmoe.load(saved)
+    with pytest.raises(FileNotFoundError, match="not a vlmoe model directory"):
+        vlmoe.load(tmp_path / "nowhere")

@@ -1,0 +1,155 @@
+import pytest
+import torch
+from model_helpers import logits, perturb, tiny_batch
+from safetensors.torch import save_file
+
+import vlmoe
+from vlmoe.models import read_record, tiny
+from vlmoe.models.mole import MoLEFeedForward
+from vlmoe.moe import MoEConnector, MoEFeedForward, MoLELinear, record_routing, routing_records
+
+CLUSTERS = torch.tensor([3, 0])
+
+SURGERIES = {
+    "upcycle_ffn": lambda m: vlmoe.upcycle_ffn(m, num_experts=4, top_k=2),
+    "mole": lambda m: vlmoe.add_mole(m, num_experts=4, rank=4, alpha=8, top_k=1),
+    "mocle": lambda m: vlmoe.add_mole(
+        m, num_experts=4, rank=4, router="cluster", num_clusters=4, universal=True
+    ),
+    "connector_upcycle": lambda m: vlmoe.install_moe_connector(m, init="upcycle", num_experts=4, top_k=2),
+}
+
+
+@pytest.mark.parametrize("surgery", SURGERIES)
+def test_logits_equal_dense_right_after_surgery(family, tiny_model, surgery):
+    model, _, batch = tiny_model
+    dense = logits(model, batch)
+    SURGERIES[surgery](model)
+    after = logits(model, batch, cluster_ids=CLUSTERS if surgery == "mocle" else None)
+    torch.testing.assert_close(after, dense, rtol=0, atol=1e-5)
+
+
+def test_upcycle_layers_every_other_and_list():
+    model, _ = tiny("llava")
+    vlmoe.upcycle_ffn(model, layers="every_other")
+    layers = model.model.language_model.layers
+    assert isinstance(layers[0].mlp, MoEFeedForward) and not isinstance(layers[1].mlp, MoEFeedForward)
+    assert read_record(model).steps[0].layers == [0]
+    model, _ = tiny("llava")
+    vlmoe.upcycle_ffn(model, layers=[1])
+    assert isinstance(layers[1].mlp, MoEFeedForward) is False  # a fresh model: the old list is not touched
+    assert isinstance(model.model.language_model.layers[1].mlp, MoEFeedForward)
+    with pytest.raises(ValueError, match=r"indices in \[0, 2\)"):
+        vlmoe.upcycle_ffn(tiny("llava")[0], layers=[2])
+
+
+def test_surgery_twice_is_refused():
+    model, _ = tiny("llava")
+    vlmoe.upcycle_ffn(model)
+    with pytest.raises(ValueError, match="already applied"):
+        vlmoe.upcycle_ffn(model)
+    vlmoe.install_moe_connector(model)
+    with pytest.raises(ValueError, match="already applied"):
+        vlmoe.install_moe_connector(model)
+
+
+def test_mole_on_upcycled_layer_is_refused_but_other_layers_compose():
+    model, _ = tiny("llava")
+    vlmoe.upcycle_ffn(model, layers=[0])
+    with pytest.raises(ValueError, match=r"layers\.0\.mlp is an upcycled MoEFeedForward"):
+        vlmoe.add_mole(model)
+    vlmoe.add_mole(model, layers=[1], rank=2)
+    assert [step.kind for step in read_record(model).steps] == ["upcycle_ffn", "add_mole"]
+
+
+def test_mole_one_router_per_mlp_shared_by_its_three_linears():
+    model, processor = tiny("llava")
+    vlmoe.add_mole(model, num_experts=4, rank=4, top_k=1)
+    layer = model.model.language_model.layers[0]
+    assert isinstance(layer.mlp, MoLEFeedForward)
+    assert all(getattr(layer.mlp, n).router is None for n in ("gate_proj", "up_proj", "down_proj"))
+    assert isinstance(layer.self_attn.q_proj, MoLELinear) and layer.self_attn.q_proj.experts is None
+    with record_routing(model):
+        logits(model, tiny_batch("llava", processor))
+    records = routing_records(model)
+    assert sorted(records) == [f"model.language_model.layers.{i}.mlp" for i in range(2)]
+    assert records["model.language_model.layers.0.mlp"].expert_indices.shape[-1] == 1
+
+
+def test_mocle_routes_by_cluster_and_needs_cluster_ids():
+    model, processor = tiny("llava")
+    batch = tiny_batch("llava", processor)
+    vlmoe.add_mole(model, num_experts=4, rank=4, router="cluster", num_clusters=4, universal=True)
+    perturb(model)
+    mlp = model.model.language_model.layers[0].mlp
+    assert mlp.gate_proj.universal is not None
+    with record_routing(model):
+        logits(model, batch, cluster_ids=torch.tensor([2, 2]))
+    chosen = routing_records(model)["model.language_model.layers.0.mlp"].expert_indices
+    assert chosen.unique().numel() == 1  # one cluster -> one expert for every token
+    with pytest.raises(ValueError, match="cluster_ids"):
+        logits(model, batch)
+
+
+def test_connector_init_random_differs_and_aligned_loads_each_projector(tmp_path):
+    model, processor = tiny("llava")
+    batch = tiny_batch("llava", processor)
+    dense = logits(model, batch)
+    projector = model.model.multi_modal_projector
+    others = [tiny("llava", seed=s)[0].model.multi_modal_projector for s in (1, 2, 3)]
+    save_file(others[1].state_dict(), tmp_path / "table.safetensors")
+    whole_model = {f"model.multi_modal_projector.{k}": v for k, v in others[2].state_dict().items()}
+    vlmoe.install_moe_connector(
+        model,
+        init="aligned",
+        top_k=2,
+        projectors=[projector, others[0].state_dict(), tmp_path / "table.safetensors", whole_model],
+    )
+    connector = model.model.multi_modal_projector
+    assert isinstance(connector, MoEConnector) and connector.num_experts == 4
+    for expert, source in enumerate([projector, *others]):
+        assert torch.equal(connector.experts.fc1_weight[expert], source.linear_1.weight)
+        assert torch.equal(connector.experts.fc2_bias[expert], source.linear_2.bias)
+    assert read_record(model).steps[0].init == "aligned"
+    assert not torch.allclose(logits(model, batch), dense)
+
+    random_model, _ = tiny("llava")
+    vlmoe.install_moe_connector(random_model, init="random")
+    assert (logits(random_model, batch) - dense).abs().max() > 1e-2
+
+
+def test_aligned_projector_of_wrong_shape_names_the_tensor():
+    model, _ = tiny("llava")
+    state = model.model.multi_modal_projector.state_dict()
+    state["linear_1.weight"] = torch.zeros(3, 3)
+    with pytest.raises(ValueError, match=r"projectors\[1\]: tensor 'linear_1.weight' has shape \(3, 3\)"):
+        vlmoe.install_moe_connector(
+            model, init="aligned", projectors=[model.model.multi_modal_projector, state]
+        )
+    with pytest.raises(ValueError, match="missing"):
+        vlmoe.install_moe_connector(model, init="aligned", projectors=[{"weight": torch.zeros(1)}])
+    with pytest.raises(ValueError, match="needs projectors"):
+        vlmoe.install_moe_connector(model, init="aligned")
+
+
+def test_surgered_model_trains_generates_and_reports_aux_loss(family, tiny_model):
+    model, _, batch = tiny_model
+    vlmoe.install_moe_connector(model, init="upcycle")
+    vlmoe.upcycle_ffn(model, layers=[0])
+    vlmoe.add_mole(model, layers=[1], num_experts=4, rank=4, load_balance_coef=0.01)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    model.train()
+    losses = []
+    for _ in range(2):
+        output = model(**batch, labels=labels)
+        loss = output.loss + vlmoe.aux_loss(model)
+        losses.append(float(loss.detach()))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert losses[1] < losses[0]
+    assert float(vlmoe.aux_loss(model).detach()) > 0
+    model.eval()
+    generated = model.generate(**batch, max_new_tokens=3, do_sample=False)
+    assert generated.shape[1] == batch["input_ids"].shape[1] + 3
