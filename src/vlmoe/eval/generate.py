@@ -82,7 +82,7 @@ def generate(
     settings = settings or GenerationSettings()
     answers: list[str] = []
     batches = range(0, len(prompts), settings.batch_size)
-    for batch_index, start in enumerate(_progress(batches, "generating", progress)):
+    for batch_index, start in enumerate(progress_bar(batches, "generating", progress)):
         stop = start + settings.batch_size
         answers += generate_batch(
             model, processor, prompts[start:stop], images[start:stop], settings, batch_index
@@ -157,7 +157,8 @@ def _left_padding(tokenizer) -> Iterator[None]:
         tokenizer.padding_side = previous
 
 
-def _progress(items: Sequence, description: str, enabled: bool) -> Iterator:
+def progress_bar(items: Sequence, description: str, enabled: bool = True) -> Iterator:
+    """`items`, with a rich progress bar on screen while they are consumed (when `enabled`)."""
     if not enabled:
         yield from items
         return
