@@ -183,7 +183,7 @@ def _run_identity(config: EvalConfig) -> dict[str, Any]:
 
 def _check_same_run(config: EvalConfig) -> None:
     path = config.out_dir / RUN_NAME
-    identity = _run_identity(config)
+    identity = json.loads(json.dumps(_run_identity(config)))  # tuples as lists, as read back
     if not path.is_file():
         _write_atomically(path, json.dumps(identity, indent=2))
         return
