@@ -144,3 +144,38 @@ def test_evaluator_keeps_going_after_hostile_programs():
 def test_unknown_allowed_module_is_rejected():
     with pytest.raises(ValueError, match="vetted list"):
         run_program("print(1)", allowed_modules=("os",))
+
+
+SYS = "import collections\nsys = collections._sys\n"  # the program can always reach sys this way
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        # Rebinding the builtins the checks might use does not loosen them.
+        SYS + "b = sys.modules['builtins']\nb.isinstance = lambda *a: True\nb.type = lambda x: str\n"
+        "b.OSError = KeyError\nprint(open('/etc/passwd').read())",
+        # Neither does rewriting the bootstrap's globals or the path helpers.
+        SYS + "sys.modules['__main__'].ALLOWED_EVENTS = frozenset(['os.system'])\n"
+        "sys.modules['posix'].system('id')",
+        SYS + "sys.modules['posixpath'].realpath = lambda p, **k: '/tmp'\nprint(open('/etc/passwd').read())",
+        # A str subclass lying about its contents.
+        "class S(str):\n    def startswith(self, *a):\n        return True\n"
+        "    def split(self, *a):\n        return ['x']\nprint(open(S('/etc/passwd')).read())",
+        # Opening up the import allow-list reaches os, but os can do nothing.
+        SYS + "for c in __import__.__closure__:\n    if type(c.cell_contents) is frozenset:\n"
+        "        c.cell_contents = frozenset(['os'])\nimport os\nos.system('id')",
+        # Frames, the way to the hook's closure, are closed.
+        "try:\n    1 / 0\nexcept Exception as e:\n    print(e.__traceback__.tb_frame)",
+        "def g():\n    yield\nprint(g().gi_frame)",
+    ],
+)
+def test_tampering_with_builtins_globals_and_closures_does_not_loosen_the_hook(code):
+    result = run_program(code)
+    assert result.status == "forbidden", (result.status, result.message)
+    assert "root:" not in result.stdout
+
+
+def test_sys_getframe_is_refused_but_catchable():
+    result = run_program(SYS + "try:\n    sys._getframe(1)\nexcept ValueError as e:\n    print(e)")
+    assert result.status == "ok" and result.stdout == "call frames are not available in the sandbox\n"
