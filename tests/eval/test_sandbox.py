@@ -1,11 +1,12 @@
 """Hostile programs are contained, reported, and the evaluator keeps going. We may be root here, so
 nothing below relies on file permissions: each test checks the outside world is untouched."""
 
+import os
 from pathlib import Path
 
 import pytest
 
-from vlmoe.eval.sandbox import ALLOWED_MODULES, run_program
+from vlmoe.eval.sandbox import ALLOWED_MODULES, _can_switch_user, run_program
 
 LEAK_POSIX = "import collections\nposix = collections._sys.modules['posix']\n"  # a known stdlib leak
 
@@ -179,3 +180,19 @@ def test_tampering_with_builtins_globals_and_closures_does_not_loosen_the_hook(c
 def test_sys_getframe_is_refused_but_catchable():
     result = run_program(SYS + "try:\n    sys._getframe(1)\nexcept ValueError as e:\n    print(e)")
     assert result.status == "ok" and result.stdout == "call frames are not available in the sandbox\n"
+
+
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not _can_switch_user(SYSTEM_PYTHON),
+    reason="needs root and an interpreter other users can run",
+)
+def test_under_root_the_child_runs_as_a_throwaway_user():
+    result = run_program(LEAK_POSIX + "print(posix.getuid(), posix.getgroups())", interpreter=SYSTEM_PYTHON)
+    uid, groups = result.stdout.split(" ", 1)
+    assert result.status == "ok" and int(uid) >= 1_500_000_000 and groups.strip() == "[]"
+    assert run_program("import os", interpreter=SYSTEM_PYTHON).status == "forbidden"
+    assert run_program(LEAK_POSIX + "posix.fork()", interpreter=SYSTEM_PYTHON).status == "forbidden"
+    assert run_program("print(6 * 7)", interpreter=SYSTEM_PYTHON).stdout == "42\n"

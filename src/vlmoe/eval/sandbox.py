@@ -73,13 +73,16 @@ def run_program(
     memory_mb: int = 512,
     max_output_bytes: int = 64_000,
     allowed_modules: tuple[str, ...] = ALLOWED_MODULES,
+    interpreter: str | None = None,
 ) -> ProgramResult:
     """Run `code` in a sandboxed Python process and return its printed output and status.
 
     Status is "ok" (ran to the end), "error" (raised; message names the exception), "timeout"
     (wall clock or CPU limit), "killed" (memory or output limit, or a fatal signal) or
     "forbidden" (tried an import, file, process, socket or os action outside the sandbox).
-    Never raises for anything the program does.
+    Never raises for anything the program does. `interpreter` is the Python that runs the
+    child (default: this one); under root, pick one other users can read (e.g. /usr/bin/python3)
+    so the child can run under a throwaway user id.
 
     Example:
         >>> run_program("import math\\nprint(math.sqrt(16) + 1)").stdout
@@ -94,7 +97,8 @@ def run_program(
             "remove them (the sandbox only vouches for pure-computation modules)"
         )
     started = time.monotonic()
-    uid = _sandbox_uid()
+    interpreter = interpreter or sys.executable
+    uid = _sandbox_uid(interpreter)
     private_dir = Path(tempfile.mkdtemp(prefix="vlmoe-pot-io-"))  # 0700: the child cannot open it
     work_dir = Path(tempfile.mkdtemp(prefix="vlmoe-pot-"))
     try:
@@ -103,7 +107,7 @@ def run_program(
         stdout_path, stderr_path = private_dir / "stdout", private_dir / "stderr"
         with open(stdout_path, "wb") as stdout, open(stderr_path, "wb") as stderr:
             process = subprocess.Popen(
-                [sys.executable, "-I", "-S", "-c", _CHILD_SOURCE, str(work_dir), ",".join(allowed_modules)],
+                [interpreter, "-I", "-S", "-c", _CHILD_SOURCE, str(work_dir), ",".join(allowed_modules)],
                 stdin=subprocess.PIPE,
                 stdout=stdout,
                 stderr=stderr,
@@ -191,14 +195,14 @@ def _classify(
 
 
 @functools.cache
-def _can_switch_user() -> bool:
+def _can_switch_user(interpreter: str) -> bool:
     """True when we are root and a throwaway uid can run the interpreter (checked once)."""
     if os.geteuid() != 0:
         return False
     uid = _SANDBOX_UID_BASE
     try:
         probe = subprocess.run(
-            [sys.executable, "-I", "-S", "-c", "pass"],
+            [interpreter, "-I", "-S", "-c", "pass"],
             user=uid,
             group=uid,
             extra_groups=[],
@@ -211,8 +215,8 @@ def _can_switch_user() -> bool:
     return probe.returncode == 0
 
 
-def _sandbox_uid() -> int | None:
-    if not _can_switch_user():
+def _sandbox_uid(interpreter: str) -> int | None:
+    if not _can_switch_user(interpreter):
         return None
     # Distinct per process and run, so RLIMIT_NPROC=1 counts only this child.
     return _SANDBOX_UID_BASE + 1 + (os.getpid() % 100_000) * 1000 + next(_run_counter) % 1000
