@@ -5,7 +5,6 @@ import torch
 from PIL import Image
 
 import vlmoe
-from vlmoe.eval.forced import forced_expert
 from vlmoe.eval.generate import GenerationSettings, chat_prompt, generate, generate_token_ids
 from vlmoe.models import TINY_FAMILIES, tiny
 
@@ -23,7 +22,10 @@ def _prompts(processor) -> list[str]:
 @pytest.mark.parametrize("family", TINY_FAMILIES)
 def test_left_padded_batch_equals_one_by_one(family):
     model, processor = tiny(family)
-    prompts, images = _prompts(processor), _images()
+    # Different lengths, and a text-only and a two-image row in the same batch.
+    counts = [1, 0, 2]
+    prompts = [chat_prompt(processor, question, n) for question, n in zip(QUESTIONS, counts, strict=True)]
+    images = [[Image.new("RGB", (28 + 10 * i, 28), (60 * i, 30, 0)) for i in range(n)] for n in counts]
     batched = generate(
         model, processor, prompts, images, GenerationSettings(max_new_tokens=6, batch_size=3), False
     )
@@ -91,39 +93,3 @@ def test_upcycled_sparse_model_generates_what_the_dense_one_does():
     assert generate(sparse, processor, prompts, images, settings, False) == generate(
         dense, processor, prompts, images, settings, False
     )
-
-
-def test_forced_expert_routes_everything_to_one_expert_and_restores():
-    model, processor = tiny("llava")
-    vlmoe.install_moe_connector(model, init="random", num_experts=4, top_k=2)
-    vlmoe.upcycle_ffn(model, num_experts=4, top_k=2)
-    inputs = processor(text=_prompts(processor)[:1], images=_images(1), return_tensors="pt")
-    connector = model.get_submodule("model.multi_modal_projector")
-    ffn_routers = [
-        m.router for name, m in model.named_modules() if name.endswith("mlp") and hasattr(m, "router")
-    ]
-    with torch.no_grad():
-        routed = model(**inputs).logits
-        with forced_expert(model, 1):
-            assert connector.router.forced_expert == 1
-            assert all(router.forced_expert is None for router in ffn_routers)
-            forced_1 = model(**inputs).logits
-        with forced_expert(model, 2, where="all"):
-            assert all(router.forced_expert == 2 for router in [connector.router, *ffn_routers])
-            forced_2 = model(**inputs).logits
-        again = model(**inputs).logits
-    assert connector.router.forced_expert is None and all(r.forced_expert is None for r in ffn_routers)
-    assert torch.equal(routed, again)
-    assert not torch.allclose(routed, forced_1) and not torch.allclose(forced_1, forced_2)
-
-
-def test_forced_expert_errors():
-    model, _ = tiny("llava")
-    with (
-        pytest.raises(ValueError, match=r"has no MoE connector \(use where='all'"),
-        forced_expert(model, 0),
-    ):
-        pass
-    vlmoe.install_moe_connector(model, init="upcycle", num_experts=4, top_k=2)
-    with pytest.raises(ValueError, match=r"expert must be in \[0, 4\)"), forced_expert(model, 4):
-        pass
