@@ -48,3 +48,16 @@ def test_forced_expert_errors():
     vlmoe.install_moe_connector(model, init="upcycle", num_experts=4, top_k=2)
     with pytest.raises(ValueError, match=r"expert must be in \[0, 4\)"), forced_expert(model, 4):
         pass
+
+
+def test_forced_connector_output_is_that_experts_output():
+    model, _ = tiny("llava")
+    vlmoe.install_moe_connector(model, init="random", num_experts=4, top_k=2)
+    connector = model.get_submodule("model.multi_modal_projector")
+    features = torch.randn(2, 16, connector.router.gate.in_features)
+    with torch.no_grad():
+        for expert in range(4):
+            with forced_expert(model, expert):
+                forced = connector(features)
+            alone = connector.experts.expert_forward(expert, features.reshape(-1, features.shape[-1]))
+            torch.testing.assert_close(forced, alone.view_as(forced), rtol=1e-5, atol=1e-6)
