@@ -8,9 +8,10 @@ from vlmoe.eval.metrics import (
     pope_answer,
     pope_metrics,
     relaxed_accuracy,
+    textvqa_accuracy,
     vqa_accuracy,
 )
-from vlmoe.eval.vqa_normalize import normalize_vqa_answer
+from vlmoe.eval.vqa_normalize import normalize_textvqa_answer, normalize_vqa_answer
 
 
 @pytest.mark.parametrize(
@@ -82,7 +83,25 @@ def test_vqa_accuracy_leave_one_out():
     # 3 matches: 7 subsets keep all 3 (1.0), 3 subsets keep 2 (2/3) -> 0.9.
     assert vqa_accuracy("The Cat", ["cat"] * 3 + ["x"] * 7) == pytest.approx(0.9)
     assert vqa_accuracy("one", ["1"] * 10) == 1.0
-    assert vqa_accuracy("yes.", ["Yes"] * 10) == 1.0
+    assert vqa_accuracy("Yes.", ["yes"] * 10) == 1.0
+    assert vqa_accuracy("1,000", ["1000"] * 10) == 1.0
+
+
+def test_vqa_accuracy_treats_human_answers_as_the_official_script_does():
+    # Humans in agreement are compared as stored (VQAv2 stores them normalised already) ...
+    assert vqa_accuracy("yes", ["Yes"] * 10) == 0.0
+    # ... humans in disagreement lose their punctuation first, but keep case and articles.
+    assert vqa_accuracy("red white", ["red-white"] * 5 + ["red"] * 5) == 1.0
+    assert vqa_accuracy("dog", ["a dog"] * 5 + ["cat"] * 5) == 0.0
+
+
+def test_textvqa_accuracy_normalises_both_sides():
+    assert textvqa_accuracy("yes", ["Yes"] * 10) == 1.0
+    assert textvqa_accuracy("Coca Cola's", ["coca-cola's"] * 3 + ["coke"] * 7) == pytest.approx(0.9)
+    assert textvqa_accuracy("1000", ["1,000"] * 10) == 1.0
+    assert normalize_textvqa_answer("What?") == "what"
+    with pytest.raises(ValueError, match="at least one"):
+        textvqa_accuracy("x", [])
 
 
 def test_vqa_accuracy_needs_answers():

@@ -10,6 +10,7 @@ from vlmoe.eval.metrics import (
     pope_answer,
     pope_metrics,
     relaxed_accuracy,
+    textvqa_accuracy,
     vqa_accuracy,
 )
 from vlmoe.eval.pot import PotAnswer, extract_program, pot_answer
@@ -18,7 +19,7 @@ from vlmoe.eval.runner import EvalConfig, load_model_for_eval, run_eval
 from vlmoe.eval.samples import EvalSample
 from vlmoe.eval.sandbox import ALLOWED_MODULES, ProgramResult, run_program
 from vlmoe.eval.tasks import TASKS, question_text, read_task, score_sample, summarize
-from vlmoe.eval.vqa_normalize import normalize_vqa_answer
+from vlmoe.eval.vqa_normalize import normalize_textvqa_answer, normalize_vqa_answer
 
 __all__ = [
     "ALLOWED_MODULES",
@@ -36,6 +37,7 @@ __all__ = [
     "generate_batch",
     "load_model_for_eval",
     "multiple_choice_accuracy",
+    "normalize_textvqa_answer",
     "normalize_vqa_answer",
     "parse_option_letter",
     "pope_answer",
@@ -54,5 +56,6 @@ __all__ = [
     "run_program",
     "score_sample",
     "summarize",
+    "textvqa_accuracy",
     "vqa_accuracy",
 ]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from vlmoe.eval.vqa_normalize import normalize_vqa_answer
+from vlmoe.eval.vqa_normalize import normalize_textvqa_answer, normalize_vqa_answer, process_punctuation
 
 # A number as a chart answer writes it: optional currency, sign, thousands separators, decimals,
 # then optional percent sign or one unit word ("12 kg", "$1,000", "45%", "3.5 million").
@@ -74,23 +74,43 @@ def relaxed_accuracy(prediction: str, target: str, max_relative_error: float = 0
 
 
 def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
-    """VQAv2 / TextVQA accuracy: mean over the 10 leave-one-out subsets of min(#matches / 3, 1).
+    """VQAv2 accuracy as the official `vqaEval.py`: leave-one-out mean of min(#matches / 3, 1).
 
-    Prediction and human answers both go through the official normalisation
-    (`normalize_vqa_answer`). The official script normalises only when the humans disagree; the
-    EvalAI server normalises submissions anyway, so normalising always gives the leaderboard's
-    numbers. With fewer than 10 answers the same leave-one-out mean is taken over those given.
+    The prediction gets the full official normalisation (`normalize_vqa_answer`). The human
+    answers are compared as stored, except that when they disagree the official script strips
+    their punctuation (`process_punctuation`) first; VQAv2's stored answers are already lower-case
+    and normalised, which is why that is enough there. With other than 10 answers the same
+    leave-one-out mean is taken over those given.
 
     Example:
         >>> vqa_accuracy("Two", ["2"] * 3 + ["3"] * 7)   # 7 subsets see 3 matches, 3 see 2
         0.9
-        >>> vqa_accuracy("1000", ["1,000"] * 10)
+        >>> vqa_accuracy("1,000", ["1000"] * 10)
         1.0
     """
     if not answers:
         raise ValueError("vqa_accuracy needs at least one human answer, got an empty list")
-    predicted = normalize_vqa_answer(prediction)
-    matches = [normalize_vqa_answer(answer) == predicted for answer in answers]
+    humans = [answer.replace("\n", " ").replace("\t", " ").strip() for answer in answers]
+    if len(set(humans)) > 1:
+        humans = [process_punctuation(answer) for answer in humans]
+    return _leave_one_out_accuracy(normalize_vqa_answer(prediction), humans)
+
+
+def textvqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
+    """TextVQA accuracy as its evaluator (M4C, used by LLaVA): both sides through EvalAI's processor.
+
+    Example:
+        >>> textvqa_accuracy("Nokia.", ["nokia"] * 9 + ["nokia phone"])
+        1.0
+    """
+    if not answers:
+        raise ValueError("textvqa_accuracy needs at least one human answer, got an empty list")
+    humans = [normalize_textvqa_answer(answer) for answer in answers]
+    return _leave_one_out_accuracy(normalize_textvqa_answer(prediction), humans)
+
+
+def _leave_one_out_accuracy(predicted: str, humans: Sequence[str]) -> float:
+    matches = [human == predicted for human in humans]
     total = sum(matches)
     # Leaving answer i out removes its own match, if it was one.
     per_subset = [min((total - int(matched)) / 3.0, 1.0) for matched in matches]

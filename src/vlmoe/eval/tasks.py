@@ -14,6 +14,7 @@ from vlmoe.eval.metrics import (
     pope_answer,
     pope_metrics,
     relaxed_accuracy,
+    textvqa_accuracy,
     vqa_accuracy,
 )
 from vlmoe.eval.readers import read_chartqa, read_llava, read_pope, read_scienceqa, read_textvqa, read_vqav2
@@ -90,7 +91,9 @@ def score_sample(sample: EvalSample, prediction: str) -> dict[str, float]:
         return {"accuracy": float(pope_answer(prediction) == answers[0])}
     if task == "scienceqa":
         return {"accuracy": multiple_choice_accuracy(prediction, answers[0], len(sample.choices))}
-    if task in ("textvqa", "vqav2"):
+    if task == "textvqa":
+        return {"vqa_accuracy": textvqa_accuracy(prediction, answers)}
+    if task == "vqav2":
         return {"vqa_accuracy": vqa_accuracy(prediction, answers)}
     return {  # llava: free-form references; numbers (e.g. synthetic chart QA) get the 5% tolerance too
         "exact_match": exact_match(prediction, answers),

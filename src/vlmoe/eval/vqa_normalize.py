@@ -1,4 +1,5 @@
-"""The VQA answer normalisation of the official evaluator (`vqaEval.py`, VQA API), reproduced exactly.
+"""The VQA answer normalisations: the official VQAv2 evaluator's (`vqaEval.py`, VQA API) and the
+EvalAI answer processor that TextVQA's evaluation (M4C / LLaVA `m4c_evaluator.py`) uses.
 
 The tables and the two steps (punctuation, then digits/articles/contractions) are those of the
 official script, quirks included: the period regex `(?!<=\\d)` is a typo for a look-behind in the
@@ -81,3 +82,14 @@ def normalize_vqa_answer(answer: str) -> str:
     """
     answer = answer.replace("\n", " ").replace("\t", " ").strip()
     return process_digit_article(process_punctuation(answer))
+
+
+def normalize_textvqa_answer(answer: str) -> str:
+    """EvalAI's answer processor (TextVQA): lower-case, drop "," and "?", split "'s", then the above.
+
+    Example:
+        >>> normalize_textvqa_answer("Coca-Cola's?")
+        "coca cola 's"
+    """
+    answer = answer.lower().replace(",", "").replace("?", "").replace("'s", " 's").strip()
+    return normalize_vqa_answer(answer)
