@@ -82,8 +82,12 @@ def evaluate(
         force_where=force_where,
         generation=GenerationSettings(max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed),
     )
-    loaded_model, processor = load_model_for_eval(model)
-    summary = run_eval(loaded_model, processor, config)
+    try:
+        loaded_model, processor = load_model_for_eval(model)
+        summary = run_eval(loaded_model, processor, config)
+    except (FileNotFoundError, ValueError) as error:  # bad data, paths or settings: say which, no traceback
+        typer.echo(f"vlmoe eval: {error}", err=True)
+        raise typer.Exit(code=1) from None
     console = Console()
     console.print(summary_table(summary))
     console.print(f"predictions: {summary['predictions']}\nsummary: {config.out_dir / 'summary.json'}")

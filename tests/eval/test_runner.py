@@ -145,7 +145,24 @@ def test_cli_eval_on_a_saved_sparse_model(chartqa, sparse_model_dir, tmp_path):
     # The same forced run again resumes (nothing new); a different expert is refused, not mixed in.
     assert CliRunner().invoke(app, args).exit_code == 0
     refused = CliRunner().invoke(app, [*args[:-4], "--force-expert", "2", "--limit", "3"])
-    assert refused.exit_code != 0 and "force_expert" in str(refused.exception)
+    assert refused.exit_code == 1 and "other settings (differs in: force_expert" in refused.output
+
+
+def test_cli_eval_reports_bad_data_without_a_traceback(sparse_model_dir, tmp_path):
+    args = [
+        "eval",
+        str(sparse_model_dir),
+        "--task",
+        "chartqa",
+        "--data",
+        str(tmp_path),
+        "--out",
+        str(tmp_path),
+    ]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1
+    assert "vlmoe eval: ChartQA: no test_human.json or test_augmented.json" in result.output
+    assert "Traceback" not in result.output
 
 
 def test_load_model_for_eval_dense_and_sparse(sparse_model_dir, tmp_path):
