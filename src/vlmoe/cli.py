@@ -68,24 +68,26 @@ def evaluate(
     from vlmoe.eval.generate import GenerationSettings
     from vlmoe.eval.report import summary_table
     from vlmoe.eval.runner import EvalConfig, load_model_for_eval, run_eval
+    from vlmoe.eval.tasks import read_task
 
-    config = EvalConfig(
-        task=task,
-        data=data,
-        model_name=str(model.resolve()),
-        out_dir=out if out is not None else Path("eval") / model.name / task,
-        image_dir=image_dir,
-        split=split,
-        limit=limit,
-        pot=pot,
-        force_expert=force_expert,
-        force_where=force_where,
-        generation=GenerationSettings(max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed),
-    )
-    try:
+    try:  # bad data, paths or settings end with one line naming the problem, not a traceback
+        config = EvalConfig(
+            task=task,
+            data=data,
+            model_name=str(model.resolve()),
+            out_dir=out if out is not None else Path("eval") / model.name / task,
+            image_dir=image_dir,
+            split=split,
+            limit=limit,
+            pot=pot,
+            force_expert=force_expert,
+            force_where=force_where,
+            generation=GenerationSettings(max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed),
+        )
+        samples = read_task(task, data, image_dir, split)  # before the (slow) model load
         loaded_model, processor = load_model_for_eval(model)
-        summary = run_eval(loaded_model, processor, config)
-    except (FileNotFoundError, ValueError) as error:  # bad data, paths or settings: say which, no traceback
+        summary = run_eval(loaded_model, processor, config, samples=samples)
+    except (FileNotFoundError, ValueError) as error:
         typer.echo(f"vlmoe eval: {error}", err=True)
         raise typer.Exit(code=1) from None
     console = Console()

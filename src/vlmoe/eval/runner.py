@@ -86,7 +86,13 @@ def load_model_for_eval(path: str | os.PathLike) -> tuple[nn.Module, Any]:
     return model.eval(), processor
 
 
-def run_eval(model: nn.Module, processor: Any, config: EvalConfig, progress: bool = True) -> dict[str, Any]:
+def run_eval(
+    model: nn.Module,
+    processor: Any,
+    config: EvalConfig,
+    progress: bool = True,
+    samples: list[EvalSample] | None = None,
+) -> dict[str, Any]:
     """Answer every not-yet-answered sample of the benchmark, then score all and write the summary.
 
     Greedy runs resume exactly; sampled runs are seeded per batch, so a resumed sampled run draws
@@ -96,7 +102,9 @@ def run_eval(model: nn.Module, processor: Any, config: EvalConfig, progress: boo
         >>> config = EvalConfig(task="chartqa", data=Path("data/ChartQA"), out_dir=Path("runs/eval"))
         >>> summary = run_eval(*load_model_for_eval("runs/chartmoe"), config)  # doctest: +SKIP
     """
-    samples = read_task(config.task, config.data, config.image_dir, config.split)[: config.limit]
+    if samples is None:  # callers that read the data already (to fail before loading a model) pass it
+        samples = read_task(config.task, config.data, config.image_dir, config.split)
+    samples = samples[: config.limit]
     config.out_dir.mkdir(parents=True, exist_ok=True)
     _check_same_run(config)
     predictions_path = config.out_dir / PREDICTIONS_NAME
