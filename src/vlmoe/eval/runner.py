@@ -174,15 +174,17 @@ def read_predictions(path: Path, task: str) -> dict[str, dict[str, Any]]:
 
 def _run_identity(config: EvalConfig) -> dict[str, Any]:
     """Everything that changes the predictions (not `limit`: a smoke run may be extended)."""
+    # batch_size stays in: sampling is seeded per batch, and with a capacity factor which tokens
+    # an expert drops depends on the other samples in the batch.
     generation = asdict(config.generation)
-    if not config.generation.do_sample:
-        generation.pop("batch_size")  # greedy answers do not depend on it (left padding)
     return {
         "model": config.model_name,
         "task": config.task,
         "data": str(config.data.resolve()),
+        "image_dir": None if config.image_dir is None else str(config.image_dir.resolve()),
         "split": config.split,
         "pot": config.pot,
+        "pot_timeout_s": config.pot_timeout_s if config.pot else None,
         "force_expert": config.force_expert,
         "force_where": config.force_where if config.force_expert is not None else None,
         "generation": generation,
