@@ -3,8 +3,8 @@
 Layers, each enough for some attacks and together meant for all the tests name:
 1. a separate process (`python -I -S`: no site, no user paths, no environment) in its own
    process group, started in a fresh temporary directory, killed as a group on timeout;
-2. kernel limits set before it starts: CPU seconds, address space, file size (also caps what it
-   prints, since stdout/stderr go to files), open files, processes;
+2. kernel limits, set by the child before it reads the program: CPU seconds, address space,
+   file size (also caps what it prints, since stdout/stderr go to files), open files, processes;
 3. when we are root and the interpreter is readable by others, a throwaway user id, so file
    permissions and the process limit bind (root ignores RLIMIT_NPROC);
 4. inside the child (`sandbox_child.py`): only allow-listed modules, all loaded before an audit
@@ -17,8 +17,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
+import json
 import os
-import resource
 import shutil
 import signal
 import subprocess
@@ -97,6 +97,19 @@ def run_program(
             "remove them (the sandbox only vouches for pure-computation modules)"
         )
     started = time.monotonic()
+    # Set by the child itself before anything else runs (no preexec_fn: it is unsafe in a
+    # multi-threaded parent such as one running torch).
+    cpu_s = int(timeout_s) + 1
+    limits = json.dumps(
+        {
+            "RLIMIT_CPU": [cpu_s, cpu_s + 1],  # SIGXCPU, then SIGKILL
+            "RLIMIT_AS": [memory_mb * 2**20] * 2,
+            "RLIMIT_FSIZE": [max_output_bytes + 1] * 2,  # stdout/stderr are files: +1 shows the overflow
+            "RLIMIT_NOFILE": [16, 16],
+            "RLIMIT_NPROC": [1, 1],  # no fork; binds unless the child is still root
+            "RLIMIT_CORE": [0, 0],
+        }
+    )
     interpreter = interpreter or sys.executable
     uid = _sandbox_uid(interpreter)
     private_dir = Path(tempfile.mkdtemp(prefix="vlmoe-pot-io-"))  # 0700: the child cannot open it
@@ -107,7 +120,16 @@ def run_program(
         stdout_path, stderr_path = private_dir / "stdout", private_dir / "stderr"
         with open(stdout_path, "wb") as stdout, open(stderr_path, "wb") as stderr:
             process = subprocess.Popen(
-                [interpreter, "-I", "-S", "-c", _CHILD_SOURCE, str(work_dir), ",".join(allowed_modules)],
+                [
+                    interpreter,
+                    "-I",
+                    "-S",
+                    "-c",
+                    _CHILD_SOURCE,
+                    str(work_dir),
+                    ",".join(allowed_modules),
+                    limits,
+                ],
                 stdin=subprocess.PIPE,
                 stdout=stdout,
                 stderr=stderr,
@@ -115,7 +137,6 @@ def run_program(
                 env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
                 start_new_session=True,  # its own process group, killed as one
                 close_fds=True,
-                preexec_fn=functools.partial(_set_limits, timeout_s, memory_mb, max_output_bytes),
                 **({"user": uid, "group": uid, "extra_groups": []} if uid is not None else {}),
             )
             timed_out = _feed_and_wait(process, code, timeout_s)
@@ -150,21 +171,6 @@ def _kill_group(process: subprocess.Popen) -> None:
         os.killpg(process.pid, signal.SIGKILL)  # pgid == pid: start_new_session
     process.kill()
     process.wait()
-
-
-def _set_limits(timeout_s: float, memory_mb: int, max_output_bytes: int) -> None:
-    """Runs in the child between fork and exec (after the user switch, if any)."""
-    cpu_s = int(timeout_s) + 1
-    limits = {
-        resource.RLIMIT_CPU: (cpu_s, cpu_s + 1),  # SIGXCPU, then SIGKILL
-        resource.RLIMIT_AS: (memory_mb * 2**20, memory_mb * 2**20),
-        resource.RLIMIT_FSIZE: (max_output_bytes + 1, max_output_bytes + 1),  # +1 shows the overflow
-        resource.RLIMIT_NOFILE: (16, 16),
-        resource.RLIMIT_NPROC: (1, 1),  # no fork; binds unless the child is still root
-        resource.RLIMIT_CORE: (0, 0),
-    }
-    for kind, limit in limits.items():
-        resource.setrlimit(kind, limit)
 
 
 def _classify(

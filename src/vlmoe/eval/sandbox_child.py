@@ -1,7 +1,7 @@
 """The program run inside the Program-of-Thought sandbox process (see `sandbox.py`).
 
 `run_program` passes this file's text to `python -I -S -c`, with argv `[sandbox_dir,
-allowed_modules]` and the untrusted program on stdin; importing this module does nothing. Order
+allowed_modules, limits]` and the untrusted program on stdin; importing this module does nothing. Order
 matters: everything the program may use is imported *before* the audit hook goes in, so after it
 no import, no file outside the sandbox directory and no process/socket/os call is possible; a
 forbidden action ends the process at once with exit code 3 (the program cannot catch it).
@@ -16,7 +16,9 @@ Exit codes: 0 ran to the end, 1 the program raised, 3 forbidden action, 5 out of
 """
 
 import builtins
+import json
 import os
+import resource
 import sys
 
 FORBIDDEN, OUT_OF_MEMORY = 3, 5
@@ -112,7 +114,9 @@ def make_import(allowed_names: frozenset, modules: dict):
     return restricted_import
 
 
-def main(sandbox_dir: str, allowed_names: frozenset) -> None:
+def main(sandbox_dir: str, allowed_names: frozenset, limits: dict) -> None:
+    for name, (soft, hard) in limits.items():  # resource limits first, before any input is read
+        resource.setrlimit(getattr(resource, name), (soft, hard))
     source = sys.stdin.read()
     for name in sorted(allowed_names) + list(INTERNAL_MODULES):
         __import__(name)
@@ -144,4 +148,4 @@ def main(sandbox_dir: str, allowed_names: frozenset) -> None:
 
 
 if __name__ == "__main__":  # `python -c` runs this file's text as __main__
-    main(sys.argv[1], frozenset(sys.argv[2].split(",")))
+    main(sys.argv[1], frozenset(sys.argv[2].split(",")), json.loads(sys.argv[3]))
