@@ -93,3 +93,16 @@ def test_upcycled_sparse_model_generates_what_the_dense_one_does():
     assert generate(sparse, processor, prompts, images, settings, False) == generate(
         dense, processor, prompts, images, settings, False
     )
+
+
+def test_generation_runs_in_eval_mode_and_restores_training(llava):
+    model, processor = llava
+    prompts, images = _prompts(processor), _images()
+    settings = GenerationSettings(max_new_tokens=5, batch_size=3)
+    expected = generate(model, processor, prompts, images, settings, progress=False)
+    model.train()
+    try:
+        assert generate(model, processor, prompts, images, settings, progress=False) == expected
+        assert model.training
+    finally:
+        model.eval()

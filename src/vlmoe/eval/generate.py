@@ -127,8 +127,9 @@ def generate_token_ids(
     torch.manual_seed(settings.seed + batch_index)
     sampling = {"temperature": settings.temperature, "top_p": settings.top_p} if settings.do_sample else {}
     eos = tokenizer.eos_token_id
-    # Sparse layers learn which positions are padding, so padding takes no expert capacity.
-    with routing_inputs(model, attention_mask=inputs["attention_mask"]):
+    # Sparse layers learn which positions are padding, so padding takes no expert capacity;
+    # eval mode turns off dropout and router jitter even when a training loop calls this.
+    with _eval_mode(model), routing_inputs(model, attention_mask=inputs["attention_mask"]):
         sequences = model.generate(
             **inputs,
             max_new_tokens=settings.max_new_tokens,
@@ -145,6 +146,16 @@ def generate_token_ids(
 def _cut_at_stop(text: str, stop_strings: Sequence[str]) -> str:
     cuts = [text.find(stop) for stop in stop_strings if stop and stop in text]
     return text[: min(cuts)] if cuts else text
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 @contextmanager

@@ -131,6 +131,7 @@ def run_eval(
     summary = summarize(config.task, records)
     summary.update(
         {
+            "model": config.model_name,
             "predictions": str(predictions_path),
             "pot": config.pot,
             "force_expert": config.force_expert,
