@@ -98,7 +98,17 @@ def generate_batch(
     settings: GenerationSettings,
     batch_index: int = 0,
 ) -> list[str]:
-    """One left-padded batch through `model.generate`; returns the decoded new text per row."""
+    """One left-padded batch through `model.generate`; returns the decoded new text per row.
+
+    Example:
+        >>> from vlmoe.models import tiny
+        >>> model, processor = tiny("llava")
+        >>> prompts = [chat_prompt(processor, "Hi", 0), chat_prompt(processor, "What is it?", 1)]
+        >>> texts = generate_batch(model, processor, prompts, [[], [Image.new("RGB", (28, 28))]],
+        ...                        GenerationSettings(max_new_tokens=3))
+        >>> len(texts)
+        2
+    """
     new_tokens = generate_token_ids(model, processor, prompts, images, settings, batch_index)
     texts = processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
     return [_cut_at_stop(text, settings.stop_strings).strip() for text in texts]
@@ -113,7 +123,16 @@ def generate_token_ids(
     settings: GenerationSettings,
     batch_index: int = 0,
 ) -> torch.Tensor:
-    """The new tokens of one left-padded batch. # [batch, <= max_new_tokens]"""
+    """The new tokens of one left-padded batch. # [batch, <= max_new_tokens]
+
+    Example:
+        >>> from vlmoe.models import tiny
+        >>> model, processor = tiny("llava")
+        >>> ids = generate_token_ids(model, processor, [chat_prompt(processor, "Hi", 0)], [[]],
+        ...                          GenerationSettings(max_new_tokens=3))
+        >>> ids.shape
+        torch.Size([1, 3])
+    """
     tokenizer = processor.tokenizer
     with _left_padding(tokenizer):
         inputs = processor(

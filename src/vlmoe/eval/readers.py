@@ -75,6 +75,11 @@ def read_pope(path: Path, image_dir: Path | None = None) -> list[EvalSample]:
 
     The category (the part after "pope_") becomes the subset; ids are "{category}-{question_id}".
     Images are looked up in `image_dir` (default: the question file's folder).
+
+    Example:
+        >>> samples = read_pope(Path("data/pope"), image_dir=Path("data/coco/val2014"))  # doctest: +SKIP
+        >>> samples[0].subset, samples[0].answers  # doctest: +SKIP
+        ('adversarial', ('yes',))
     """
     files = sorted(path.glob("*pope_*.json*")) if path.is_dir() else [path]
     if not files:
@@ -106,6 +111,11 @@ def read_scienceqa(root: Path, split: str = "test", image_dir: Path | None = Non
     """ScienceQA-IMG: the problems of `split` that have an image; the answer is the option letter.
 
     Images are `{split}/{pid}/image.png` under `image_dir` (default: `root`, or `root/images`).
+
+    Example:
+        >>> samples = read_scienceqa(Path("data/scienceqa"))  # doctest: +SKIP
+        >>> samples[0].choices, samples[0].answers  # doctest: +SKIP
+        (('iron', 'wood'), ('A',))
     """
     problems = load_json(root / "problems.json", "ScienceQA")
     splits = load_json(root / "pid_splits.json", "ScienceQA")
@@ -142,6 +152,11 @@ def read_textvqa(path: Path, image_dir: Path | None = None) -> list[EvalSample]:
 
     Images are looked up in `image_dir` (default: `train_images/` beside the file, where the
     official release keeps the val images too).
+
+    Example:
+        >>> samples = read_textvqa(Path("data/textvqa/TextVQA_0.5.1_val.json"))  # doctest: +SKIP
+        >>> len(samples[0].answers)  # doctest: +SKIP
+        10
     """
     file = path / "TextVQA_0.5.1_val.json" if path.is_dir() else path
     data = require(load_json(file, "TextVQA"), "data", f"TextVQA {file}", TEXTVQA_FORMAT)
@@ -167,6 +182,11 @@ def read_vqav2(root: Path, split: str = "val2014", image_dir: Path | None = None
 
     Images are `COCO_{split}_{image_id:012d}.jpg` in `image_dir` (default: `root/{split}`).
     The subset is the answer type (yes/no, number, other), as the official breakdown.
+
+    Example:
+        >>> samples = read_vqav2(Path("data/vqav2"), split="val2014")  # doctest: +SKIP
+        >>> samples[0].subset  # doctest: +SKIP
+        'yes/no'
     """
     questions_file = _one_file(root, f"*{split}_questions.json", "VQAv2 questions")
     annotations_file = _one_file(root, f"*{split}_annotations.json", "VQAv2 annotations")
@@ -212,6 +232,11 @@ def read_llava(path: Path, image_dir: Path | None = None) -> list[EvalSample]:
     `<image>` placeholders are removed from the question (the prompt builder puts the image in).
     `image` may be a string, a list, or absent (a text-only sample). Images are relative to
     `image_dir` (default: the file's folder).
+
+    Example:
+        >>> samples = read_llava(Path("data/charts/eval.json"))  # doctest: +SKIP
+        >>> samples[0].question, samples[0].answers  # doctest: +SKIP
+        ('What is the total?', ('128',))
     """
     records = load_jsonl(path, "LLaVA") if path.suffix == ".jsonl" else load_json(path, "LLaVA")
     if not isinstance(records, list):

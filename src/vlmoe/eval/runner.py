@@ -147,7 +147,13 @@ def run_eval(
 
 
 def read_predictions(path: Path, task: str) -> dict[str, dict[str, Any]]:
-    """{id: record} of a predictions file; a half-written last line (a killed run) is dropped."""
+    """{id: record} of a predictions file; a half-written last line (a killed run) is dropped.
+
+    Example:
+        >>> done = read_predictions(Path("eval/m/chartqa/predictions.jsonl"), "chartqa")  # doctest: +SKIP
+        >>> done["human-0"]["scores"]  # doctest: +SKIP
+        {'relaxed_accuracy': 1.0}
+    """
     if not path.is_file():
         return {}
     text = path.read_text(encoding="utf-8")
