@@ -95,5 +95,21 @@ def evaluate(
     console.print(f"predictions: {summary['predictions']}\nsummary: {config.out_dir / 'summary.json'}")
 
 
+@app.command()
+def export(
+    src: str = typer.Argument(..., help="A model directory written by vlmoe.save."),
+    dst: str = typer.Argument(..., help="Where to write the standard HF checkpoint."),
+) -> None:
+    """Export an upcycled model (vlmoe.save) to a standard HF MoE checkpoint: Mixtral or Qwen2-MoE."""
+    from vlmoe.models import export_hf, load
+
+    try:
+        path = export_hf(load(src), dst)
+    except (ValueError, FileNotFoundError) as error:
+        typer.echo(f"vlmoe export: {error}", err=True)
+        raise typer.Exit(code=1) from error
+    typer.echo(f"exported {src} -> {path}")
+
+
 if __name__ == "__main__":
     app()

@@ -89,3 +89,27 @@ def test_malformed_record_and_missing_files_are_clear(saved, tmp_path):
         vlmoe.load(saved)
     with pytest.raises(FileNotFoundError, match="not a vlmoe model directory"):
         vlmoe.load(tmp_path / "nowhere")
+
+
+def test_tied_embeddings_stay_tied_and_identical(tmp_path):
+    from transformers import LlavaForConditionalGeneration
+
+    config = tiny("llava")[0].config
+    config.tie_word_embeddings = config.text_config.tie_word_embeddings = True
+    torch.manual_seed(0)
+    model = vlmoe.upcycle_ffn(LlavaForConditionalGeneration(config).eval())
+    again = vlmoe.load(vlmoe.save(model, tmp_path / "tied"))
+    assert again.lm_head.weight is again.model.language_model.embed_tokens.weight
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        assert torch.equal(again(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_processor_saved_beside_the_model(tmp_path):
+    from transformers import AutoProcessor
+
+    model, processor = tiny("llava")
+    path = vlmoe.save(vlmoe.upcycle_ffn(model), tmp_path / "m", processor=processor)
+    reloaded = AutoProcessor.from_pretrained(path)
+    assert reloaded.tokenizer("a chart").input_ids == processor.tokenizer("a chart").input_ids
+    assert read_record(vlmoe.load(path)).kinds() == ["upcycle_ffn"]

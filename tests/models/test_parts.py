@@ -49,3 +49,8 @@ def test_set_trainable_freezes_everything_else():
     assert all(p.requires_grad for n, p in model.named_parameters() if parts[n] == "vision_tower")
     with pytest.raises(ValueError, match="unknown part"):
         set_trainable(model, "decoder")
+
+
+def test_llava_next_image_newline_belongs_to_the_connector():
+    parts = parameter_parts(tiny("llava_next")[0])
+    assert parts["model.image_newline"] == "connector"

@@ -37,8 +37,8 @@ def test_upcycle_layers_every_other_and_list():
     assert read_record(model).steps[0].layers == [0]
     model, _ = tiny("llava")
     vlmoe.upcycle_ffn(model, layers=[1])
-    assert isinstance(layers[1].mlp, MoEFeedForward) is False  # a fresh model: the old list is not touched
-    assert isinstance(model.model.language_model.layers[1].mlp, MoEFeedForward)
+    layers = model.model.language_model.layers
+    assert not isinstance(layers[0].mlp, MoEFeedForward) and isinstance(layers[1].mlp, MoEFeedForward)
     with pytest.raises(ValueError, match=r"indices in \[0, 2\)"):
         vlmoe.upcycle_ffn(tiny("llava")[0], layers=[2])
 
@@ -58,6 +58,7 @@ def test_mole_on_upcycled_layer_is_refused_but_other_layers_compose():
     vlmoe.upcycle_ffn(model, layers=[0])
     with pytest.raises(ValueError, match=r"layers\.0\.mlp is an upcycled MoEFeedForward"):
         vlmoe.add_mole(model)
+    assert not any(isinstance(m, MoLELinear) for m in model.modules())  # the refusal changed nothing
     vlmoe.add_mole(model, layers=[1], rank=2)
     assert [step.kind for step in read_record(model).steps] == ["upcycle_ffn", "add_mole"]
 
@@ -134,11 +135,12 @@ def test_aligned_projector_of_wrong_shape_names_the_tensor():
 
 def test_surgered_model_trains_generates_and_reports_aux_loss(family, tiny_model):
     model, _, batch = tiny_model
+    torch.manual_seed(0)  # router init
     vlmoe.install_moe_connector(model, init="upcycle")
     vlmoe.upcycle_ffn(model, layers=[0])
     vlmoe.add_mole(model, layers=[1], num_experts=4, rank=4, load_balance_coef=0.01)
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01)
     model.train()
     losses = []
     for _ in range(2):
@@ -153,3 +155,27 @@ def test_surgered_model_trains_generates_and_reports_aux_loss(family, tiny_model
     model.eval()
     generated = model.generate(**batch, max_new_tokens=3, do_sample=False)
     assert generated.shape[1] == batch["input_ids"].shape[1] + 3
+
+
+@pytest.mark.parametrize("qwen", ["qwen2_vl", "qwen2_5_vl"])
+def test_qwen_connector_stacks_the_merger_mlp_as_grouped_experts(qwen):
+    from vlmoe.moe import MLPExperts
+
+    model, _ = tiny(qwen)
+    merger_mlp = model.model.visual.merger.mlp
+    vlmoe.install_moe_connector(model, init="upcycle", num_experts=4)
+    experts = model.model.visual.merger.mlp.experts
+    assert isinstance(experts, MLPExperts)
+    assert torch.equal(experts.fc1_weight[3], merger_mlp[0].weight)
+    assert torch.equal(experts.fc2_bias[2], merger_mlp[2].bias)
+
+
+def test_record_without_the_modules_is_refused():
+    import copy
+
+    from transformers import LlavaForConditionalGeneration
+
+    model = vlmoe.upcycle_ffn(tiny("llava")[0])
+    dense_with_record = LlavaForConditionalGeneration(copy.deepcopy(model.config))
+    with pytest.raises(ValueError, match=r"records surgery \['upcycle_ffn'\] but its modules show \[\]"):
+        vlmoe.install_moe_connector(dense_with_record)

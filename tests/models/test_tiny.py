@@ -35,3 +35,11 @@ def test_tokenizer_round_trips_text(family):
 def test_unknown_family_names_the_known_ones():
     with pytest.raises(ValueError, match="llava_next"):
         tiny("gpt2")
+
+
+def test_tiny_leaves_the_callers_random_stream_alone():
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    tiny("llava", seed=5)
+    assert torch.equal(torch.rand(3), expected)

@@ -3,6 +3,7 @@ save/load with the surgery recorded in `config.json`, export to standard HF MoE 
 and a tiny-model factory for tests and the demo."""
 
 from vlmoe.models.checkpoint import load, save
+from vlmoe.models.export import export_hf
 from vlmoe.models.families import ADAPTERS, FamilyAdapter, adapter_for
 from vlmoe.models.parts import (
     PARTS,
@@ -26,6 +27,7 @@ __all__ = [
     "SurgeryRecord",
     "adapter_for",
     "add_mole",
+    "export_hf",
     "freeze",
     "install_moe_connector",
     "load",

@@ -5,6 +5,7 @@ weights strictly: any missing, unexpected or mis-shaped tensor is an error, neve
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -15,15 +16,18 @@ import transformers
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
-from transformers import AutoConfig
+from transformers import AutoConfig, ProcessorMixin
 
 from vlmoe.models.record import CONFIG_KEY, SurgeryRecord, read_record
 
 WEIGHTS_NAME = "model.safetensors"
 
 
-def save(model: nn.Module, path: str | os.PathLike) -> Path:
+def save(model: nn.Module, path: str | os.PathLike, processor: ProcessorMixin | None = None) -> Path:
     """Write `model` to the directory `path` atomically (temp dir, then rename); returns the path.
+
+    With `processor`, its files go in the same directory, so `AutoProcessor.from_pretrained(path)`
+    finds it next to the model.
 
     Example:
         >>> import tempfile, vlmoe
@@ -39,6 +43,9 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
     temp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         model.config.save_pretrained(temp)
+        _record_attention(temp / "config.json", model.config._attn_implementation)
+        if processor is not None:
+            processor.save_pretrained(temp)
         save_file(
             {name: tensor.detach().contiguous() for name, tensor in state.items()},
             temp / WEIGHTS_NAME,
@@ -58,7 +65,7 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
     return path
 
 
-def load(path: str | os.PathLike, dtype: torch.dtype | None = None) -> nn.Module:
+def load(path: str | os.PathLike) -> nn.Module:
     """Rebuild the model saved by `vlmoe.save` at `path`: base architecture, surgery, weights.
 
     Example:
@@ -100,9 +107,19 @@ def _base_model(config, path: Path) -> nn.Module:
         raise ValueError(
             f"{path}/config.json: 'architectures' is {names!r}; expected one transformers model class"
         )
-    # Eager attention, as the tiny models use: logits then match the saved model's bit for bit.
-    config._attn_implementation = getattr(config, "_attn_implementation", None) or "eager"
+    # `config.json` names the attention kernel the model was saved with (see `_record_attention`),
+    # which AutoConfig reads back into `config._attn_implementation`.
     return model_class(config)
+
+
+def _record_attention(config_file: Path, attn_implementation: str | None) -> None:
+    """Name the attention kernel in config.json: kernels round differently, and a reload must
+    compute the saved model's logits bit for bit. HF configs read this key on load."""
+    if attn_implementation is None:
+        return
+    config = json.loads(config_file.read_text())
+    config["attn_implementation"] = attn_implementation
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _replay(model: nn.Module, record: SurgeryRecord) -> None:
@@ -190,7 +207,9 @@ def _load_weights(model: nn.Module, weights: Path) -> None:
                     f"config.json needs {tuple(expected[name].shape)}; the weights and the config come "
                     "from different models. Save the model again with vlmoe.save"
                 )
-            state[name] = tensor
+            # A fresh, aligned copy: tensors read from the file may sit at any offset of a mapping,
+            # and CPU kernels pick other code paths (other rounding) for unaligned memory.
+            state[name] = tensor.clone()
     model.load_state_dict(state, strict=False, assign=True)
     if any(t.is_meta for t in model.state_dict().values()):
         raise ValueError(f"{weights}: some tensors were not loaded")

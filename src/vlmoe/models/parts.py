@@ -19,7 +19,13 @@ PARTS = ("vision_tower", "connector", "router", "experts", "lora", "lm")
 
 
 def parameter_parts(model: nn.Module) -> dict[str, str]:
-    """{parameter name: part} for every parameter of `model`."""
+    """{parameter name: part} for every parameter of `model`.
+
+    Example:
+        >>> import vlmoe
+        >>> parameter_parts(vlmoe.models.tiny("llava")[0])["model.multi_modal_projector.linear_1.weight"]
+        'connector'
+    """
     adapter = adapter_for(model)
     claimed: dict[str, str] = {}
     for part, kinds in (
@@ -35,7 +41,7 @@ def parameter_parts(model: nn.Module) -> dict[str, str]:
     for name, _ in model.named_parameters():
         if name in claimed:
             parts[name] = claimed[name]
-        elif name.startswith(f"{adapter.projector}."):
+        elif name.startswith(f"{adapter.projector}.") or name in adapter.connector_parameters:
             parts[name] = "connector"
         elif name.startswith(f"{adapter.vision_tower}."):
             parts[name] = "vision_tower"
@@ -61,12 +67,27 @@ def set_trainable(model: nn.Module, *parts: str) -> nn.Module:
 
 
 def freeze(model: nn.Module, *parts: str) -> nn.Module:
-    """Freeze the parameters of `parts`, leaving the others as they are."""
+    """Freeze the parameters of `parts`, leaving the others as they are.
+
+    Example:
+        >>> import vlmoe
+        >>> model = freeze(vlmoe.models.tiny("llava")[0], "vision_tower", "lm")
+        >>> sorted({part for name, part in parameter_parts(model).items()
+        ...         if model.get_parameter(name).requires_grad})
+        ['connector']
+    """
     return _set(model, parts, False)
 
 
 def unfreeze(model: nn.Module, *parts: str) -> nn.Module:
-    """Make the parameters of `parts` trainable, leaving the others as they are."""
+    """Make the parameters of `parts` trainable, leaving the others as they are.
+
+    Example:
+        >>> import vlmoe
+        >>> model = unfreeze(set_trainable(vlmoe.models.tiny("llava")[0], "connector"), "lm")
+        >>> parameter_report(model).trainable == parameter_report(model).total - 22_496  # all but the tower
+        True
+    """
     return _set(model, parts, True)
 
 
@@ -106,6 +127,13 @@ def parameter_report(model: nn.Module) -> ParameterReport:
     """Count parameters; a top-k-of-E expert container counts k/E of its size as active.
 
     Shared tensors (tied embeddings) count once, as in `model.parameters()`.
+
+    Example:
+        >>> import vlmoe
+        >>> model = vlmoe.upcycle_ffn(vlmoe.models.tiny("llava")[0], num_experts=4, top_k=2)
+        >>> report = parameter_report(model)
+        >>> report.total - report.active_per_token == report.by_part["experts"] // 2
+        True
     """
     part_of = parameter_parts(model)
     named = dict(model.named_parameters())

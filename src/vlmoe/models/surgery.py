@@ -47,6 +47,8 @@ def upcycle_ffn(
     adapter = adapter_for(model)
     _refuse_repeat(model, "upcycle_ffn")
     indices = _layer_indices(model, adapter, layers)
+    # Build every MoE layer before replacing any, so a refusal leaves the model as it was.
+    upcycled = {}
     for index in indices:
         mlp = model.get_submodule(adapter.mlp_path(index))
         if isinstance(mlp, (MoEFeedForward, MoLEFeedForward)) or _has_lora(mlp):
@@ -54,7 +56,7 @@ def upcycle_ffn(
                 f"{adapter.mlp_path(index)} is already a {type(mlp).__name__} (or carries LoRA); "
                 "upcycle_ffn needs a dense MLP: upcycle before add_mole, or pass layers=... without it"
             )
-        moe = MoEFeedForward.from_dense(
+        upcycled[index] = MoEFeedForward.from_dense(
             mlp,
             num_experts,
             top_k,
@@ -62,8 +64,16 @@ def upcycle_ffn(
             z_loss_coef=z_loss_coef,
             capacity_factor=capacity_factor,
         )
+    for index, moe in upcycled.items():
         _replace(model, adapter.mlp_path(index), moe)
-    step = UpcycleFFN(indices, num_experts, top_k, load_balance_coef, z_loss_coef, capacity_factor)
+    step = UpcycleFFN(
+        layers=indices,
+        num_experts=num_experts,
+        top_k=top_k,
+        load_balance_coef=load_balance_coef,
+        z_loss_coef=z_loss_coef,
+        capacity_factor=capacity_factor,
+    )
     append_step(model, adapter.name, step)
     return model
 
@@ -90,7 +100,8 @@ def add_mole(
     One router per MLP is shared by gate/up/down (LLaVA-MoLE). `router="cluster"` routes each
     sample by its instruction cluster, given per forward with
     `vlmoe.moe.routing_inputs(model, cluster_ids=...)`; with `universal=True` that is MoCLE.
-    `num_experts=0` puts plain LoRA on the MLP linears too (ChartMoE's LLM LoRA). Every LoRA B
+    `num_experts=0` puts plain LoRA on the MLP linears too (ChartMoE's LLM LoRA); on layers
+    already upcycled it leaves the FFN experts as they are and adds LoRA to attention. Every LoRA B
     starts at zero, so the model starts equal to the base model.
 
     Example:
@@ -104,6 +115,8 @@ def add_mole(
     _refuse_repeat(model, "add_mole")
     if router not in ("token", "cluster"):
         raise ValueError(f"router must be 'token' or 'cluster', got {router!r}")
+    if not isinstance(num_experts, int) or num_experts < 0:
+        raise ValueError(f"num_experts must be an integer >= 0 (0 = plain LoRA), got {num_experts!r}")
     indices = _layer_indices(model, adapter, layers)
     config = None
     if num_experts > 0:
@@ -116,15 +129,19 @@ def add_mole(
             load_balance_coef=load_balance_coef,
             straight_through=straight_through,
         )
+    # Check every layer before changing any, so a refusal leaves the model as it was.
+    for index in indices:
+        if config is not None and isinstance(model.get_submodule(adapter.mlp_path(index)), MoEFeedForward):
+            raise ValueError(
+                f"{adapter.mlp_path(index)} is an upcycled MoEFeedForward; MoLE needs a dense MLP. "
+                "Pass layers=... without the upcycled layers, or num_experts=0 for attention LoRA only"
+            )
     for index in indices:
         mlp_path = adapter.mlp_path(index)
         mlp = model.get_submodule(mlp_path)
         if isinstance(mlp, MoEFeedForward):
-            raise ValueError(
-                f"{mlp_path} is an upcycled MoEFeedForward; MoLE needs a dense MLP. "
-                "Pass layers=... without the upcycled layers"
-            )
-        if config is not None:
+            pass  # attention LoRA only: the upcycled experts stay as they are
+        elif config is not None:
             _replace(
                 model,
                 mlp_path,
@@ -139,19 +156,19 @@ def add_mole(
                 model, adapter.attention_path(index), adapter.attention_linears, rank, alpha, dropout
             )
     step = AddMoLE(
-        indices,
-        num_experts,
-        rank,
-        alpha,
-        top_k,
-        router,
-        num_clusters if router == "cluster" else 0,
-        universal,
-        dropout,
-        temperature,
-        load_balance_coef,
-        straight_through,
-        attention_lora,
+        layers=indices,
+        num_experts=num_experts,
+        rank=rank,
+        alpha=alpha,
+        top_k=top_k,
+        router=router,
+        num_clusters=num_clusters if router == "cluster" else 0,
+        universal=universal,
+        dropout=dropout,
+        temperature=temperature,
+        load_balance_coef=load_balance_coef,
+        straight_through=straight_through,
+        attention_lora=attention_lora,
     )
     append_step(model, adapter.name, step)
     return model
@@ -198,11 +215,31 @@ def install_moe_connector(
 
 def _refuse_repeat(model: nn.Module, kind: str) -> None:
     record = read_record(model)
-    if record is not None and kind in record.kinds():
+    applied = _applied_kinds(model)
+    if record is not None and set(record.kinds()) != applied:
         raise ValueError(
-            f"{kind} was already applied to this model (its config records {record.kinds()}); "
+            f"the model's config records surgery {record.kinds()} but its modules show {sorted(applied)}: "
+            "it was built from a vlmoe config without the surgery (e.g. from_pretrained on a vlmoe.save "
+            "directory, or a config shared with another model). Load it with vlmoe.load(path)"
+        )
+    if kind in applied:
+        raise ValueError(
+            f"{kind} was already applied to this model (its config records {sorted(applied)}); "
             "applying it twice would wrap experts in experts. Start again from the dense model"
         )
+
+
+def _applied_kinds(model: nn.Module) -> set[str]:
+    """The surgeries visible in the modules themselves (the record must agree with them)."""
+    kinds = set()
+    for module in model.modules():
+        if isinstance(module, MoEFeedForward):
+            kinds.add("upcycle_ffn")
+        elif isinstance(module, (MoLEFeedForward, MoLELinear)):
+            kinds.add("add_mole")
+        elif isinstance(module, MoEConnector):
+            kinds.add("install_moe_connector")
+    return kinds
 
 
 def _layer_indices(model: nn.Module, adapter: FamilyAdapter, layers: LayerSpec) -> list[int]:

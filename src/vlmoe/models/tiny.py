@@ -15,7 +15,7 @@ from transformers import PreTrainedModel, ProcessorMixin
 from vlmoe.models.tokenizer import tiny_tokenizer
 
 VOCAB_SIZE = 512
-TINY_FAMILIES = ("llava", "llava_next", "qwen2_vl", "idefics3")
+TINY_FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "idefics3")
 
 # One small Llama-style LM shared by the families whose LM is Llama.
 _LLAMA_TEXT = dict(
@@ -63,7 +63,10 @@ _IDEFICS3_TEMPLATE = (
 
 
 def tiny(family: str, seed: int = 0) -> tuple[PreTrainedModel, ProcessorMixin]:
-    """A tiny random model of `family` and a processor whose outputs it accepts.
+    """A tiny random model of `family` (in eval mode) and a processor whose outputs it accepts.
+
+    Qwen2-VL's processor here handles images and text but not video (see `_image_only`); saved
+    with `save_pretrained`, it reloads through `AutoProcessor` as its tokenizer only.
 
     Example:
         >>> from PIL import Image
@@ -77,13 +80,16 @@ def tiny(family: str, seed: int = 0) -> tuple[PreTrainedModel, ProcessorMixin]:
         "llava": _llava,
         "llava_next": _llava_next,
         "qwen2_vl": _qwen2_vl,
+        "qwen2_5_vl": _qwen2_5_vl,
         "idefics3": _idefics3,
     }
     if family not in builders:
         raise ValueError(f"unknown tiny family {family!r}; choose one of {list(TINY_FAMILIES)}")
     # The tokenizer is built before seeding so the model's init depends only on `seed`.
-    torch.manual_seed(seed)
-    model, processor = builders[family]()
+    # A private RNG stream: the weights depend only on `seed`, and the caller's stream is untouched.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model, processor = builders[family]()
     return model.float().eval(), processor
 
 
@@ -169,8 +175,34 @@ def _llava_next() -> tuple[PreTrainedModel, ProcessorMixin]:
 
 def _qwen2_vl() -> tuple[PreTrainedModel, ProcessorMixin]:
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
     from transformers.models.qwen2_vl.processing_qwen2_vl import Qwen2VLProcessor
+
+    vision = dict(depth=2, embed_dim=32, hidden_size=32, num_heads=4, patch_size=14, spatial_merge_size=2)
+    return _qwen(Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor, vision)
+
+
+def _qwen2_5_vl() -> tuple[PreTrainedModel, ProcessorMixin]:
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProcessor
+
+    # Window attention over 2x2 merged patches in block 0, full attention in block 1.
+    vision = dict(
+        depth=2,
+        hidden_size=32,
+        intermediate_size=64,
+        num_heads=4,
+        out_hidden_size=32,
+        patch_size=14,
+        spatial_merge_size=2,
+        window_size=56,
+        fullatt_block_indexes=[1],
+    )
+    return _qwen(Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor, vision)
+
+
+def _qwen(config_class, model_class, processor_class, vision: dict) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """Qwen2-VL and Qwen2.5-VL share tokens, chat format, image processor and text model."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>"]
     specials += ["<|image_pad|>", "<|video_pad|>"]
@@ -186,11 +218,9 @@ def _qwen2_vl() -> tuple[PreTrainedModel, ProcessorMixin]:
     ids = tokenizer.convert_tokens_to_ids
     text = dict(_LLAMA_TEXT, rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]})
     text.pop("tie_word_embeddings")
-    config = Qwen2VLConfig(
+    config = config_class(
         text_config=dict(text, bos_token_id=0, eos_token_id=2, pad_token_id=0),
-        vision_config=dict(
-            depth=2, embed_dim=32, hidden_size=32, num_heads=4, patch_size=14, spatial_merge_size=2
-        ),
+        vision_config=vision,
         image_token_id=ids("<|image_pad|>"),
         video_token_id=ids("<|video_pad|>"),
         vision_start_token_id=ids("<|vision_start|>"),
@@ -200,8 +230,8 @@ def _qwen2_vl() -> tuple[PreTrainedModel, ProcessorMixin]:
     image_processor = Qwen2VLImageProcessorPil(
         min_pixels=28 * 28, max_pixels=56 * 56, patch_size=14, merge_size=2
     )
-    processor = _image_only(Qwen2VLProcessor)(image_processor, tokenizer, chat_template=_QWEN_TEMPLATE)
-    return _seeded_model(Qwen2VLForConditionalGeneration, config), processor
+    processor = _image_only(processor_class)(image_processor, tokenizer, chat_template=_QWEN_TEMPLATE)
+    return _seeded_model(model_class, config), processor
 
 
 def _image_only(processor_class: type[ProcessorMixin]) -> type[ProcessorMixin]:

@@ -135,6 +135,11 @@ class ModuleExperts(nn.Module):
 
 def _linear_pair(module: nn.Module) -> tuple[nn.Linear, nn.Linear, Activation] | None:
     """(first linear, second linear, activation) of a two-layer MLP, by the names HF uses."""
+    if isinstance(module, nn.Sequential) and len(module) == 3:
+        # Sequential(Linear, activation, Linear): Qwen2-VL's patch-merger MLP.
+        fc1, act, fc2 = module
+        if isinstance(fc1, nn.Linear) and isinstance(fc2, nn.Linear) and not isinstance(act, nn.Linear):
+            return fc1, fc2, act
     for first, second, activations in (
         ("fc1", "fc2", ("activation_fn", "act", "act_fn")),  # Phi, CLIP/SigLIP MLP
         ("linear_1", "linear_2", ("act", "act_fn")),  # LLaVA projector

@@ -34,6 +34,8 @@ class FamilyAdapter:
     attention: str = "self_attn"
     attention_linears: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
     lm_head: str = "lm_head"
+    # Parameters outside `projector` that belong to the vision-to-LM connector (trained with it).
+    connector_parameters: tuple[str, ...] = ()
 
     def matches(self, config: PretrainedConfig) -> bool:
         return isinstance(config, self.config_class)

@@ -12,4 +12,5 @@ ADAPTER = FamilyAdapter(
     language_model="model.language_model",
     image_token_id_attr="image_token_id",
     export_style="mixtral",
+    connector_parameters=("model.image_newline",),  # the learned row separator of tiled images
 )

@@ -1,0 +1,94 @@
+import pytest
+import torch
+from model_helpers import logits, perturb
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+import vlmoe
+from vlmoe.models import tiny
+
+# Qwen2-MoE's disabled shared expert has size 0; torch warns when initialising it.
+pytestmark = pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+
+
+def _stock_logits(path, batch, text_only):
+    model_class = AutoModelForCausalLM if text_only else AutoModelForImageTextToText
+    stock = model_class.from_pretrained(path).eval()
+    assert not any(type(m).__module__.startswith("vlmoe") for m in stock.modules())
+    with torch.no_grad():
+        return stock, stock(**batch).logits
+
+
+def test_export_loads_in_stock_transformers_with_same_logits(family, tiny_model, tmp_path):
+    model, _, batch = tiny_model
+    qwen = family.startswith("qwen")
+    vlmoe.upcycle_ffn(model, num_experts=4, top_k=2, layers=[1] if qwen else "all")
+    vlmoe.add_mole(model, num_experts=0, rank=4)  # plain LoRA: merged into the base weights
+    perturb(model)
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    path = vlmoe.export_hf(model, tmp_path / "export")
+    if qwen:  # the LM alone, as Qwen2MoeForCausalLM: compare on text
+        batch = {"input_ids": torch.tensor([[10, 20, 30, 40, 50, 60]])}
+    stock, exported = _stock_logits(path, batch, text_only=qwen)
+    expected = logits(
+        model, batch if not qwen else {**batch, "attention_mask": torch.ones_like(batch["input_ids"])}
+    )
+    # Padding rows differ between attention kernels (stock loads sdpa); real tokens must match.
+    real = batch.get("attention_mask", torch.ones_like(batch["input_ids"])).bool()
+    torch.testing.assert_close(exported[real], expected[real], rtol=0, atol=1e-5)
+    assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())
+    text_config = stock.config.get_text_config()
+    assert text_config.model_type == ("qwen2_moe" if qwen else "mixtral")
+    with safe_open(str(path / "model.safetensors"), "pt") as handle:
+        keys = list(handle.keys())
+    assert any(".experts.3." in key for key in keys)  # the classic per-expert layout on disk
+    if qwen:
+        assert text_config.mlp_only_layers == [0] and text_config.shared_expert_intermediate_size == 0
+    else:
+        generated = stock.generate(**batch, max_new_tokens=2, do_sample=False)
+        assert generated.shape[1] == batch["input_ids"].shape[1] + 2
+
+
+def test_qwen2_moe_export_of_top1_keeps_raw_probability_weights(tmp_path):
+    model, _ = tiny("qwen2_vl")
+    vlmoe.upcycle_ffn(model, num_experts=4, top_k=1, layers="every_other")
+    perturb(model)
+    batch = {"input_ids": torch.tensor([[5, 9, 17, 33, 65]])}
+    stock, exported = _stock_logits(vlmoe.export_hf(model, tmp_path / "q"), batch, text_only=True)
+    assert stock.config.norm_topk_prob is False
+    torch.testing.assert_close(
+        exported, logits(model, {**batch, "attention_mask": torch.ones(1, 5)}), rtol=0, atol=1e-5
+    )
+
+
+@pytest.mark.parametrize(
+    ("surgery", "message"),
+    [
+        (lambda m: vlmoe.upcycle_ffn(m, layers="every_other"), r"only layers \[0\] of 2 are MoE"),
+        (lambda m: vlmoe.upcycle_ffn(m, top_k=1), "Mixtral renormalises"),
+        (lambda m: vlmoe.upcycle_ffn(m, capacity_factor=1.5), "drops tokens over capacity"),
+        (lambda m: vlmoe.add_mole(vlmoe.upcycle_ffn(m, layers=[0]), layers=[1]), "routed LoRA experts"),
+        (lambda m: vlmoe.install_moe_connector(vlmoe.upcycle_ffn(m)), "MoEConnector"),
+        (lambda m: m, "no upcycled FFN layers"),
+    ],
+)
+def test_export_refuses_what_has_no_standard_form(surgery, message, tmp_path):
+    model = surgery(tiny("llava")[0])
+    with pytest.raises(ValueError, match=message):
+        vlmoe.export_hf(model, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_cli_export_reads_a_vlmoe_save(tmp_path):
+    from typer.testing import CliRunner
+
+    from vlmoe.cli import app
+
+    model = vlmoe.upcycle_ffn(tiny("llava")[0])
+    vlmoe.save(model, tmp_path / "saved")
+    result = CliRunner().invoke(app, ["export", str(tmp_path / "saved"), str(tmp_path / "exported")])
+    assert result.exit_code == 0, result.output
+    stock = AutoModelForImageTextToText.from_pretrained(tmp_path / "exported")
+    assert stock.config.text_config.num_local_experts == 4
+    refused = CliRunner().invoke(app, ["export", str(tmp_path / "nowhere"), str(tmp_path / "x")])
+    assert refused.exit_code == 1 and "not a vlmoe model directory" in refused.output
