@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
+
+if TYPE_CHECKING:  # torch loads inside the commands, so `vlmoe --help` stays fast
+    import torch
 
 app = typer.Typer(
     name="vlmoe",
@@ -61,6 +64,10 @@ def evaluate(
     ] = None,
     limit: Annotated[int | None, typer.Option(help="Only the first N samples (a smoke run).")] = None,
     seed: Annotated[int, typer.Option(help="Random seed (sampling, if any).")] = 0,
+    device: Annotated[str, typer.Option(help="Torch device; auto = cuda if available, else cpu.")] = "auto",
+    dtype: Annotated[
+        str, typer.Option(help="float32, bfloat16 or float16; auto = bfloat16 on GPU, float32 on CPU.")
+    ] = "auto",
 ) -> None:
     """Answer a benchmark with a model; predictions are appended as they come, so a rerun resumes."""
     from rich.console import Console
@@ -71,10 +78,12 @@ def evaluate(
     from vlmoe.eval.tasks import read_task
 
     try:  # bad data, paths or settings end with one line naming the problem, not a traceback
+        torch_device, torch_dtype = _device_and_dtype(device, dtype)
         config = EvalConfig(
             task=task,
             data=data,
             model_name=str(model.resolve()),
+            model_dtype=str(torch_dtype).removeprefix("torch."),
             out_dir=out if out is not None else Path("eval") / model.name / task,
             image_dir=image_dir,
             split=split,
@@ -85,7 +94,7 @@ def evaluate(
             generation=GenerationSettings(max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed),
         )
         samples = read_task(task, data, image_dir, split)  # before the (slow) model load
-        loaded_model, processor = load_model_for_eval(model)
+        loaded_model, processor = load_model_for_eval(model, torch_device, torch_dtype)
         summary = run_eval(loaded_model, processor, config, samples=samples)
     except (FileNotFoundError, ValueError) as error:
         typer.echo(f"vlmoe eval: {error}", err=True)
@@ -93,6 +102,22 @@ def evaluate(
     console = Console()
     console.print(summary_table(summary))
     console.print(f"predictions: {summary['predictions']}\nsummary: {config.out_dir / 'summary.json'}")
+
+
+def _device_and_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
+    """The torch device and dtype named by the --device / --dtype options."""
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype == "auto":
+        dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"--dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
+    try:
+        return torch.device(device), getattr(torch, dtype)
+    except RuntimeError as error:  # torch's message for an unknown device string
+        raise ValueError(f"--device {device!r}: {error}") from None
 
 
 @app.command()

@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -36,9 +37,7 @@ def chartqa(tmp_path_factory) -> Path:
 def sparse_model_dir(tmp_path_factory) -> Path:
     model, processor = tiny("llava")
     vlmoe.install_moe_connector(model, init="random", num_experts=4, top_k=2)
-    path = vlmoe.save(model, tmp_path_factory.mktemp("models") / "chartmoe-tiny")
-    processor.save_pretrained(path)
-    return path
+    return vlmoe.save(model, tmp_path_factory.mktemp("models") / "chartmoe-tiny", processor=processor)
 
 
 def _lines(path: Path) -> list[dict]:
@@ -133,7 +132,18 @@ def test_load_model_for_eval_errors(tmp_path):
 def test_cli_eval_on_a_saved_sparse_model(chartqa, sparse_model_dir, tmp_path):
     out = tmp_path / "out"
     args = ["eval", str(sparse_model_dir), "--task", "chartqa", "--data", str(chartqa), "--out", str(out)]
-    args += ["--batch-size", "2", "--max-new-tokens", "4", "--force-expert", "1", "--limit", "3"]
+    args += [
+        "--batch-size",
+        "2",
+        "--max-new-tokens",
+        "4",
+        "--device",
+        "cpu",
+        "--force-expert",
+        "1",
+        "--limit",
+        "3",
+    ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "relaxed_accuracy" in result.output and "expert 1" in result.output
@@ -163,11 +173,14 @@ def test_cli_eval_reports_bad_data_without_a_traceback(sparse_model_dir, tmp_pat
     assert result.exit_code == 1
     assert "vlmoe eval: ChartQA: no test_human.json or test_augmented.json" in result.output
     assert "Traceback" not in result.output
+    result = CliRunner().invoke(app, [*args, "--dtype", "float64"])
+    assert result.exit_code == 1 and "--dtype must be auto, float32, bfloat16 or float16" in result.output
 
 
 def test_load_model_for_eval_dense_and_sparse(sparse_model_dir, tmp_path):
-    model, _ = load_model_for_eval(sparse_model_dir)
-    assert type(model).__name__ == "LlavaForConditionalGeneration"
+    model, _ = load_model_for_eval(sparse_model_dir, dtype=torch.bfloat16)
+    assert type(model).__name__ == "LlavaForConditionalGeneration" and not model.training
+    assert {parameter.dtype for parameter in model.parameters()} == {torch.bfloat16}
     assert type(model.get_submodule("model.multi_modal_projector")).__name__ == "MoEConnector"
     dense, dense_processor = tiny("llava")
     dense.save_pretrained(tmp_path)

@@ -141,7 +141,8 @@ def generate_token_ids(
             return_tensors="pt",
             padding=True,
         )
-    inputs = inputs.to(next(model.parameters()).device)
+    reference = next(model.parameters())
+    inputs = inputs.to(device=reference.device, dtype=reference.dtype)  # dtype: floating tensors only
     # Seeded per batch: reruns (and resumed runs with the same batch size) sample the same text.
     torch.manual_seed(settings.seed + batch_index)
     sampling = {"temperature": settings.temperature, "top_p": settings.top_p} if settings.do_sample else {}

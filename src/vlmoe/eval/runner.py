@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from PIL import Image, UnidentifiedImageError
 from torch import nn
 
@@ -37,6 +38,7 @@ class EvalConfig:
     data: Path
     out_dir: Path
     model_name: str = ""  # recorded so a resume cannot mix two models' predictions
+    model_dtype: str = ""  # ... or two precisions
     image_dir: Path | None = None
     split: str | None = None  # the reader's default split when None
     limit: int | None = None  # the first N samples only (smoke runs)
@@ -47,12 +49,15 @@ class EvalConfig:
     generation: GenerationSettings = field(default_factory=GenerationSettings)
 
 
-def load_model_for_eval(path: str | os.PathLike) -> tuple[nn.Module, Any]:
+def load_model_for_eval(
+    path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> tuple[nn.Module, Any]:
     """Model and processor from a local directory; nothing is downloaded.
 
     A vlmoe model (its config.json carries the surgery record) is rebuilt by `vlmoe.load`; any
     other HF vision-language model by `AutoModelForImageTextToText`. The processor must have been
-    saved in the same directory (`processor.save_pretrained(path)`).
+    saved in the same directory (`vlmoe.save(model, path, processor=...)` or
+    `processor.save_pretrained(path)`). The model goes to `device`, cast to `dtype` if given.
 
     Example:
         >>> model, processor = load_model_for_eval("runs/chartmoe")  # doctest: +SKIP
@@ -83,7 +88,7 @@ def load_model_for_eval(path: str | os.PathLike) -> tuple[nn.Module, Any]:
             f"{path}: no usable processor ({error}); save the model's processor next to it with "
             "processor.save_pretrained(path)"
         ) from None
-    return model.eval(), processor
+    return model.to(device=device, dtype=dtype).eval(), processor
 
 
 def run_eval(
@@ -186,6 +191,7 @@ def _run_identity(config: EvalConfig) -> dict[str, Any]:
     generation = asdict(config.generation)
     return {
         "model": config.model_name,
+        "model_dtype": config.model_dtype,
         "task": config.task,
         "data": str(config.data.resolve()),
         "image_dir": None if config.image_dir is None else str(config.image_dir.resolve()),
