@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from benchmark_copies import BUILDERS
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -187,3 +188,28 @@ def test_load_model_for_eval_dense_and_sparse(sparse_model_dir, tmp_path):
     dense_processor.save_pretrained(tmp_path)
     loaded, _ = load_model_for_eval(tmp_path)
     assert type(loaded.get_submodule("model.multi_modal_projector")).__name__ == "LlavaMultiModalProjector"
+
+
+EXPECTED_METRICS = {
+    "chartqa": ["relaxed_accuracy"],
+    "pope": ["accuracy", "precision", "recall", "f1", "yes_ratio"],
+    "scienceqa": ["accuracy"],
+    "textvqa": ["vqa_accuracy"],
+    "vqav2": ["vqa_accuracy"],
+    "llava": ["exact_match", "relaxed_accuracy"],
+}
+
+
+@pytest.mark.parametrize("task", sorted(BUILDERS))
+def test_every_task_end_to_end_with_a_real_tiny_model(task, tmp_path):
+    model, processor = tiny("llava")
+    data = BUILDERS[task](tmp_path / "data")
+    config = EvalConfig(
+        task=task, data=data, out_dir=tmp_path / "out", generation=GenerationSettings(max_new_tokens=3)
+    )
+    summary = run_eval(model, processor, config, progress=False)
+    records = _lines(tmp_path / "out/predictions.jsonl")
+    assert summary["num_samples"] == len(records) > 0
+    assert list(summary["metrics"]) == EXPECTED_METRICS[task]
+    assert all(0.0 <= value <= 1.0 for value in summary["metrics"].values())
+    assert all(isinstance(record["raw_answer"], str) for record in records)
