@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +15,12 @@ class EvalSample:
 
     `question` is the benchmark's own text (no prompt wording added); `answers` the reference
     answer(s): one for ChartQA/LLaVA/POPE, ten human answers for VQAv2/TextVQA, the option
-    letter for ScienceQA. `subset` groups scores in the summary (ChartQA human/augmented, POPE
-    adversarial/popular/random, VQAv2 answer type).
+    letter for ScienceQA, whose options are `choices` and hint `context`. `subset` groups scores
+    in the summary (ChartQA human/augmented, POPE adversarial/popular/random, VQAv2 answer type).
+
+    Example:
+        >>> EvalSample("human-0", (Path("png/a.png"),), "Max value?", ("45",), "chartqa", subset="human").task
+        'chartqa'
     """
 
     id: str
@@ -27,7 +31,6 @@ class EvalSample:
     choices: tuple[str, ...] = ()
     context: str = ""
     subset: str = ""
-    extra: Mapping[str, Any] = field(default_factory=dict)
 
 
 def load_json(path: Path, what: str) -> Any:
