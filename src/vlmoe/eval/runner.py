@@ -1,0 +1,265 @@
+"""`vlmoe eval`: answer a benchmark with a model, write predictions as they come, resume, summarise.
+
+Predictions go to `{out_dir}/predictions.jsonl`, one line per sample, appended after every batch
+and flushed, so an interrupted run loses at most one batch; a rerun skips the ids already there.
+The summary goes to `{out_dir}/summary.json`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch import nn
+
+from vlmoe.eval.forced import Where, forced_expert
+from vlmoe.eval.generate import GenerationSettings, chat_prompt, generate_batch, progress_bar
+from vlmoe.eval.pot import pot_answer
+from vlmoe.eval.samples import EvalSample
+from vlmoe.eval.tasks import question_text, read_task, score_sample, summarize
+
+PREDICTIONS_NAME = "predictions.jsonl"
+SUMMARY_NAME = "summary.json"
+RUN_NAME = "run.json"  # what produced the predictions; a resume must match it
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """One evaluation run: which benchmark, where its data is, where results go, how to decode."""
+
+    task: str
+    data: Path
+    out_dir: Path
+    model_name: str = ""  # recorded so a resume cannot mix two models' predictions
+    model_dtype: str = ""  # ... or two precisions
+    image_dir: Path | None = None
+    split: str | None = None  # the reader's default split when None
+    limit: int | None = None  # the first N samples only (smoke runs)
+    pot: bool = False  # run Python answers in the sandbox and score what they print
+    pot_timeout_s: float = 5.0
+    force_expert: int | None = None
+    force_where: Where = "connector"
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
+
+
+def load_model_for_eval(
+    path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> tuple[nn.Module, Any]:
+    """Model and processor from a local directory; nothing is downloaded.
+
+    A vlmoe model (its config.json carries the surgery record) is rebuilt by `vlmoe.load`; any
+    other HF vision-language model by `AutoModelForImageTextToText`. The processor must have been
+    saved in the same directory (`vlmoe.save(model, path, processor=...)` or
+    `processor.save_pretrained(path)`). The model goes to `device`, cast to `dtype` if given.
+
+    Example:
+        >>> model, processor = load_model_for_eval("runs/chartmoe")  # doctest: +SKIP
+    """
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    path = Path(path)
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(
+            f"{path} is not a local model directory (no config.json); vlmoe eval loads local copies "
+            "only: save one with vlmoe.save(model, path) or model.save_pretrained(path)"
+        )
+    try:
+        from vlmoe.models.checkpoint import load as vlmoe_load
+        from vlmoe.models.record import CONFIG_KEY
+    except ImportError:  # a build of vlmoe without the models package
+        vlmoe_load, CONFIG_KEY = None, None
+    config = json.loads(config_file.read_text())
+    if vlmoe_load is not None and CONFIG_KEY in config:
+        model = vlmoe_load(path)
+    else:
+        model = AutoModelForImageTextToText.from_pretrained(path, local_files_only=True)
+    try:
+        processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, TypeError) as error:
+        raise FileNotFoundError(
+            f"{path}: no usable processor ({error}); save the model's processor next to it with "
+            "processor.save_pretrained(path)"
+        ) from None
+    return model.to(device=device, dtype=dtype).eval(), processor
+
+
+def run_eval(
+    model: nn.Module,
+    processor: Any,
+    config: EvalConfig,
+    progress: bool = True,
+    samples: list[EvalSample] | None = None,
+) -> dict[str, Any]:
+    """Answer every not-yet-answered sample of the benchmark, then score all and write the summary.
+
+    Greedy runs resume exactly; sampled runs are seeded per batch, so a resumed sampled run draws
+    a different (still seeded) random stream for the samples it had not reached.
+
+    Example:
+        >>> config = EvalConfig(task="chartqa", data=Path("data/ChartQA"), out_dir=Path("runs/eval"))
+        >>> summary = run_eval(*load_model_for_eval("runs/chartmoe"), config)  # doctest: +SKIP
+    """
+    if samples is None:  # callers that read the data already (to fail before loading a model) pass it
+        samples = read_task(config.task, config.data, config.image_dir, config.split)
+    samples = samples[: config.limit]
+    config.out_dir.mkdir(parents=True, exist_ok=True)
+    _check_same_run(config)
+    predictions_path = config.out_dir / PREDICTIONS_NAME
+    done = read_predictions(predictions_path, config.task)
+    todo = [sample for sample in samples if sample.id not in done]
+    settings = config.generation
+    batches = [todo[i : i + settings.batch_size] for i in range(0, len(todo), settings.batch_size)]
+    with _forcing(model, config), open(predictions_path, "a", encoding="utf-8") as out:
+        for batch_index, batch in enumerate(
+            progress_bar(batches, f"{config.task}: {len(todo)} to answer", progress)
+        ):
+            images = [[_open_image(path, sample) for path in sample.images] for sample in batch]
+            prompts = [
+                chat_prompt(processor, question_text(sample, config.pot), len(sample.images))
+                for sample in batch
+            ]
+            answers = generate_batch(model, processor, prompts, images, settings, batch_index)
+            for sample, answer in zip(batch, answers, strict=True):
+                record = _record(sample, answer, config)
+                done[sample.id] = record
+                out.write(json.dumps(record, ensure_ascii=False) + "\n")
+            out.flush()
+    records = [done[sample.id] for sample in samples]
+    summary = summarize(config.task, records)
+    summary.update(
+        {
+            "model": config.model_name,
+            "predictions": str(predictions_path),
+            "pot": config.pot,
+            "force_expert": config.force_expert,
+            "force_where": config.force_where if config.force_expert is not None else None,
+            "generation": asdict(settings),
+        }
+    )
+    if config.pot:
+        programs = [r for r in records if r.get("program_status") is not None]
+        summary["programs"] = {"run": len(programs), "ok": sum(r["program_status"] == "ok" for r in programs)}
+    _write_atomically(config.out_dir / SUMMARY_NAME, json.dumps(summary, indent=2))
+    return summary
+
+
+def read_predictions(path: Path, task: str) -> dict[str, dict[str, Any]]:
+    """{id: record} of a predictions file; a half-written last line (a killed run) is dropped.
+
+    Example:
+        >>> done = read_predictions(Path("eval/m/chartqa/predictions.jsonl"), "chartqa")  # doctest: +SKIP
+        >>> done["human-0"]["scores"]  # doctest: +SKIP
+        {'relaxed_accuracy': 1.0}
+    """
+    if not path.is_file():
+        return {}
+    text = path.read_text(encoding="utf-8")
+    if text and not text.endswith("\n"):
+        text = text[: text.rfind("\n") + 1]
+        path.write_text(text, encoding="utf-8")  # so the next append starts on a fresh line
+    records = {}
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            raise ValueError(
+                f"{path} line {number} is not valid JSON; delete that line to redo its sample"
+            ) from None
+        if record.get("task") != task:
+            raise ValueError(
+                f"{path} holds {record.get('task')!r} predictions, not {task!r}; use another --out "
+                "folder per task (or per model and setting)"
+            )
+        records[str(record["id"])] = record
+    return records
+
+
+def _run_identity(config: EvalConfig) -> dict[str, Any]:
+    """Everything that changes the predictions (not `limit`: a smoke run may be extended)."""
+    # batch_size stays in: sampling is seeded per batch, and with a capacity factor which tokens
+    # an expert drops depends on the other samples in the batch.
+    generation = asdict(config.generation)
+    return {
+        "model": config.model_name,
+        "model_dtype": config.model_dtype,
+        "task": config.task,
+        "data": str(config.data.resolve()),
+        "image_dir": None if config.image_dir is None else str(config.image_dir.resolve()),
+        "split": config.split,
+        "pot": config.pot,
+        "pot_timeout_s": config.pot_timeout_s if config.pot else None,
+        "force_expert": config.force_expert,
+        "force_where": config.force_where if config.force_expert is not None else None,
+        "generation": generation,
+    }
+
+
+def _check_same_run(config: EvalConfig) -> None:
+    path = config.out_dir / RUN_NAME
+    identity = json.loads(json.dumps(_run_identity(config)))  # tuples as lists, as read back
+    if not path.is_file():
+        _write_atomically(path, json.dumps(identity, indent=2))
+        return
+    recorded = json.loads(path.read_text(encoding="utf-8"))
+    if recorded != identity:
+        changed = sorted(
+            key for key in identity.keys() | recorded.keys() if identity.get(key) != recorded.get(key)
+        )
+        raise ValueError(
+            f"{config.out_dir} holds predictions made with other settings (differs in: {', '.join(changed)}; "
+            f"see {path}); resuming would mix them: pass another --out, or delete that folder to start over"
+        )
+
+
+def _record(sample: EvalSample, answer: str, config: EvalConfig) -> dict[str, Any]:
+    record: dict[str, Any] = {"id": sample.id, "task": sample.task, "subset": sample.subset}
+    prediction = answer
+    if config.pot:
+        ran = pot_answer(answer, timeout_s=config.pot_timeout_s)
+        prediction = ran.answer
+        if ran.result is not None:
+            record.update(program_status=ran.result.status, program_message=ran.result.message)
+    record.update(
+        question=sample.question,
+        raw_answer=answer,
+        prediction=prediction,
+        answers=list(sample.answers),
+        scores=score_sample(sample, prediction),
+    )
+    return record
+
+
+def _open_image(path: Path, sample: EvalSample) -> Image.Image:
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, UnidentifiedImageError) as error:
+        raise ValueError(
+            f"sample {sample.id!r}: image {path} cannot be read ({error}); "
+            "replace the file or remove the sample"
+        ) from None
+
+
+@contextlib.contextmanager
+def _forcing(model: nn.Module, config: EvalConfig) -> Iterator[None]:
+    if config.force_expert is None:
+        yield
+        return
+    with forced_expert(model, config.force_expert, where=config.force_where):
+        yield
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    temp = path.with_name(f".{path.name}.tmp")
+    temp.write_text(text, encoding="utf-8")
+    os.replace(temp, path)

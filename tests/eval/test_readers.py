@@ -1,0 +1,142 @@
+"""Each reader on a tiny local copy of its benchmark's published layout, plus the failures users hit."""
+
+import json
+
+import pytest
+from benchmark_copies import chartqa, image, write_json
+
+from vlmoe.eval.readers import read_chartqa, read_llava, read_pope, read_scienceqa, read_textvqa, read_vqav2
+
+
+def test_chartqa(tmp_path):
+    samples = read_chartqa(chartqa(tmp_path))
+    assert [s.id for s in samples] == ["human-0", "augmented-0", "augmented-1"]
+    assert [s.subset for s in samples] == ["human", "augmented", "augmented"]
+    assert samples[1].question == "Min value?" and samples[1].answers == ("1.5",)
+    assert samples[1].images == (tmp_path / "test/png/b.png",) and samples[0].task == "chartqa"
+    # The split folder itself works too.
+    assert len(read_chartqa(tmp_path / "test")) == 3
+
+
+def test_chartqa_failures_name_file_field_and_fix(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"no test_human\.json or test_augmented\.json"):
+        read_chartqa(tmp_path)
+    write_json(tmp_path / "test/test_human.json", [{"imgname": "a.png", "label": "4"}])
+    with pytest.raises(
+        ValueError, match=r"test_human.json record 0: missing field 'query'.*fields present: imgname"
+    ):
+        read_chartqa(tmp_path)
+    write_json(tmp_path / "test/test_human.json", [{"imgname": "a.png", "query": "q", "label": "4"}])
+    with pytest.raises(FileNotFoundError, match=r"png/a.png does not exist.*--image-dir"):
+        read_chartqa(tmp_path)
+    (tmp_path / "test/test_human.json").write_text("[{")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        read_chartqa(tmp_path)
+
+
+def test_pope_folder_of_categories(tmp_path):
+    image(tmp_path / "COCO_val2014_000000000001.jpg")
+    for category, label in [("adversarial", "yes"), ("random", "no")]:
+        line = {
+            "question_id": 1,
+            "image": "COCO_val2014_000000000001.jpg",
+            "text": "Is there a dog?",
+            "label": label,
+        }
+        (tmp_path / f"coco_pope_{category}.json").write_text(json.dumps(line) + "\n\n")
+    samples = read_pope(tmp_path)
+    assert [(s.id, s.subset, s.answers) for s in samples] == [
+        ("adversarial-1", "adversarial", ("yes",)),
+        ("random-1", "random", ("no",)),
+    ]
+    assert samples[0].question == "Is there a dog?"
+
+
+def test_pope_image_dir_and_bad_label(tmp_path):
+    image(tmp_path / "coco/x.jpg")
+    file = tmp_path / "coco_pope_popular.json"
+    file.write_text(json.dumps({"question_id": 7, "image": "x.jpg", "text": "q", "label": "maybe"}))
+    with pytest.raises(ValueError, match="label must be 'yes' or 'no'"):
+        read_pope(file, image_dir=tmp_path / "coco")
+    file.write_text(json.dumps({"question_id": 7, "image": "x.jpg", "text": "q", "label": "no"}))
+    with pytest.raises(FileNotFoundError, match=r"x\.jpg does not exist"):
+        read_pope(file)
+    assert read_pope(file, image_dir=tmp_path / "coco")[0].images == (tmp_path / "coco/x.jpg",)
+
+
+def test_scienceqa_keeps_image_questions_of_the_split(tmp_path):
+    problems = {
+        "1": {"question": "Which is a magnet?", "choices": ["iron", "wood", "glass"], "answer": 0,
+              "hint": "Look closely.", "image": "image.png", "subject": "natural science"},
+        "2": {"question": "No picture here", "choices": ["a", "b"], "answer": 1, "hint": "", "image": None},
+        "3": {"question": "Train", "choices": ["a", "b"], "answer": 1, "hint": "", "image": "image.png"},
+    }  # fmt: skip
+    write_json(tmp_path / "problems.json", problems)
+    write_json(tmp_path / "pid_splits.json", {"test": ["1", "2"], "train": ["3"]})
+    image(tmp_path / "test/1/image.png")
+    (sample,) = read_scienceqa(tmp_path)
+    assert sample.id == "1" and sample.answers == ("A",) and sample.choices == ("iron", "wood", "glass")
+    assert sample.context == "Look closely." and sample.images == (tmp_path / "test/1/image.png",)
+    with pytest.raises(ValueError, match="missing field 'val'"):
+        read_scienceqa(tmp_path, split="val")
+    problems["1"]["answer"] = 5
+    write_json(tmp_path / "problems.json", problems)
+    with pytest.raises(ValueError, match=r"answer must be a choice index in \[0, 3\)"):
+        read_scienceqa(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"problems\.json does not exist"):
+        read_scienceqa(tmp_path / "nowhere")
+
+
+def test_textvqa(tmp_path):
+    image(tmp_path / "train_images/abc.jpg")
+    answers = ["nokia"] * 8 + ["nokia phone"] * 2
+    data = {
+        "data": [{"question_id": 34602, "image_id": "abc", "question": "What brand?", "answers": answers}]
+    }
+    write_json(tmp_path / "TextVQA_0.5.1_val.json", data)
+    (sample,) = read_textvqa(tmp_path)
+    assert sample.id == "34602" and len(sample.answers) == 10 and sample.task == "textvqa"
+    write_json(tmp_path / "TextVQA_0.5.1_val.json", {"questions": []})
+    with pytest.raises(ValueError, match="missing field 'data'"):
+        read_textvqa(tmp_path)
+
+
+def test_vqav2_joins_questions_and_annotations(tmp_path):
+    image(tmp_path / "val2014/COCO_val2014_000000000042.jpg")
+    questions = {"questions": [{"image_id": 42, "question": "How many?", "question_id": 420}]}
+    answers = [{"answer": "2", "answer_confidence": "yes", "answer_id": i + 1} for i in range(10)]
+    annotations = {
+        "annotations": [{"question_id": 420, "image_id": 42, "answers": answers, "answer_type": "number"}]
+    }
+    write_json(tmp_path / "v2_OpenEnded_mscoco_val2014_questions.json", questions)
+    write_json(tmp_path / "v2_mscoco_val2014_annotations.json", annotations)
+    (sample,) = read_vqav2(tmp_path)
+    assert (sample.id, sample.subset, sample.answers) == ("420", "number", ("2",) * 10)
+    with pytest.raises(FileNotFoundError, match=r"matching '\*test2015_questions\.json'.*found none"):
+        read_vqav2(tmp_path, split="test2015")
+
+
+def test_llava_json_and_jsonl(tmp_path):
+    image(tmp_path / "imgs/c.png")
+    record = {
+        "id": "chart-7",
+        "image": "c.png",
+        "conversations": [
+            {"from": "human", "value": "<image>\nWhat is the total?"},
+            {"from": "gpt", "value": "128"},
+        ],
+    }
+    text_only = {
+        "id": "t",
+        "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}],
+    }
+    file = write_json(tmp_path / "eval.json", [record, text_only])
+    samples = read_llava(file, image_dir=tmp_path / "imgs")
+    assert samples[0].question == "What is the total?" and samples[0].answers == ("128",)
+    assert samples[0].images == (tmp_path / "imgs/c.png",) and samples[1].images == ()
+    jsonl = tmp_path / "eval.jsonl"
+    jsonl.write_text(json.dumps(text_only) + "\n")
+    assert read_llava(jsonl)[0].id == "t"
+    write_json(file, [{"id": "x", "conversations": [{"from": "human", "value": "q"}]}])
+    with pytest.raises(ValueError, match="record 0: needs a 'human' turn followed by a 'gpt' turn"):
+        read_llava(file)

@@ -1,0 +1,215 @@
+"""The eval runner and the `vlmoe eval` command on tiny saved models and tiny local benchmarks."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from benchmark_copies import BUILDERS
+from PIL import Image
+from typer.testing import CliRunner
+
+import vlmoe
+from vlmoe.cli import app
+from vlmoe.eval import runner
+from vlmoe.eval.generate import GenerationSettings
+from vlmoe.eval.runner import EvalConfig, load_model_for_eval, run_eval
+from vlmoe.models import tiny
+
+LABELS = ["45", "12", "yes", "7", "100"]
+
+
+@pytest.fixture(scope="module")
+def chartqa(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("ChartQA")
+    (root / "test/png").mkdir(parents=True)
+    for i in range(5):
+        Image.new("RGB", (30, 30), (40 * i, 0, 0)).save(root / f"test/png/{i}.png")
+    human = [{"imgname": f"{i}.png", "query": f"Value of bar {i}?", "label": LABELS[i]} for i in range(3)]
+    augmented = [
+        {"imgname": f"{i}.png", "query": f"Value of bar {i}?", "label": LABELS[i]} for i in range(3, 5)
+    ]
+    (root / "test/test_human.json").write_text(json.dumps(human))
+    (root / "test/test_augmented.json").write_text(json.dumps(augmented))
+    return root
+
+
+@pytest.fixture(scope="module")
+def sparse_model_dir(tmp_path_factory) -> Path:
+    model, processor = tiny("llava")
+    vlmoe.install_moe_connector(model, init="random", num_experts=4, top_k=2)
+    return vlmoe.save(model, tmp_path_factory.mktemp("models") / "chartmoe-tiny", processor=processor)
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _scripted(answers: dict[str, str], calls: list[int]):
+    """A stand-in for generate_batch answering by question text; counts the prompts it was given."""
+
+    def fake_generate_batch(model, processor, prompts, images, settings, batch_index=0):
+        calls.append(len(prompts))
+        return [next(a for q, a in answers.items() if q in prompt) for prompt in prompts]
+
+    return fake_generate_batch
+
+
+def test_run_scores_writes_and_resumes(chartqa, tmp_path, monkeypatch):
+    model, processor = tiny("llava")
+    calls: list[int] = []
+    answers = {f"bar {i}?": answer for i, answer in enumerate(["45%", "13", "Yes.", "8", "1,000"])}
+    monkeypatch.setattr(runner, "generate_batch", _scripted(answers, calls))
+    config = EvalConfig(
+        task="chartqa", data=chartqa, out_dir=tmp_path, limit=2, generation=GenerationSettings(batch_size=2)
+    )
+    run_eval(model, processor, config, progress=False)
+    assert calls == [2]
+    summary = run_eval(model, processor, EvalConfig(**{**config.__dict__, "limit": None}), progress=False)
+    assert calls == [2, 2, 1]  # only the 3 new samples were generated
+    records = _lines(tmp_path / "predictions.jsonl")
+    assert [r["id"] for r in records] == ["human-0", "human-1", "human-2", "augmented-0", "augmented-1"]
+    # 45% vs 45 right, 13 vs 12 (8% off) wrong, Yes. vs yes right, 8 vs 7 wrong, 1,000 vs 100 wrong
+    assert [r["scores"]["relaxed_accuracy"] for r in records] == [1.0, 0.0, 1.0, 0.0, 0.0]
+    assert summary["metrics"]["relaxed_accuracy"] == pytest.approx(2 / 5)
+    assert summary["by_subset"]["human"]["relaxed_accuracy"] == pytest.approx(2 / 3)
+    assert json.loads((tmp_path / "summary.json").read_text())["num_samples"] == 5
+    run_eval(model, processor, EvalConfig(**{**config.__dict__, "limit": None}), progress=False)
+    assert calls == [2, 2, 1]  # everything done: nothing generated
+
+
+def test_half_written_line_is_redone(chartqa, tmp_path, monkeypatch):
+    model, processor = tiny("llava")
+    calls: list[int] = []
+    monkeypatch.setattr(runner, "generate_batch", _scripted({"bar": "45"}, calls))
+    config = EvalConfig(task="chartqa", data=chartqa, out_dir=tmp_path, limit=2)
+    run_eval(model, processor, config, progress=False)
+    predictions = tmp_path / "predictions.jsonl"
+    predictions.write_text(predictions.read_text()[:-20])  # killed mid-write
+    run_eval(model, processor, config, progress=False)
+    assert calls == [2, 1]
+    assert [r["id"] for r in _lines(predictions)] == ["human-0", "human-1"]
+
+
+def test_resume_with_other_settings_is_refused(chartqa, tmp_path, monkeypatch):
+    model, processor = tiny("llava")
+    monkeypatch.setattr(runner, "generate_batch", _scripted({"bar": "45"}, []))
+    run_eval(
+        model, processor, EvalConfig(task="chartqa", data=chartqa, out_dir=tmp_path, limit=1), progress=False
+    )
+    other = EvalConfig(task="chartqa", data=chartqa, out_dir=tmp_path, limit=1, pot=True)
+    with pytest.raises(ValueError, match="other settings \\(differs in: pot"):
+        run_eval(model, processor, other, progress=False)
+
+
+def test_pot_runs_programs_and_contains_hostile_ones(chartqa, tmp_path, monkeypatch):
+    model, processor = tiny("llava")
+    answers = {
+        "bar 0?": "```python\nprint(40 + 5)\n```",
+        "bar 1?": "```python\nimport os\nos.system('echo pwned')\n```",
+        "bar 2?": "yes",
+        "bar 3?": "```python\nwhile True:\n    pass\n```",
+        "bar 4?": "print(10 ** 2)",
+    }
+    monkeypatch.setattr(runner, "generate_batch", _scripted(answers, []))
+    config = EvalConfig(task="chartqa", data=chartqa, out_dir=tmp_path, pot=True, pot_timeout_s=0.5)
+    summary = run_eval(model, processor, config, progress=False)
+    records = _lines(tmp_path / "predictions.jsonl")
+    assert [r["prediction"] for r in records] == ["45", "", "yes", "", "100"]
+    assert [r.get("program_status") for r in records] == ["ok", "forbidden", None, "timeout", "ok"]
+    assert summary["metrics"]["relaxed_accuracy"] == pytest.approx(3 / 5)
+    assert summary["programs"] == {"run": 4, "ok": 2}
+
+
+def test_load_model_for_eval_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a local model directory"):
+        load_model_for_eval(tmp_path)
+    model, _ = tiny("llava")
+    model.save_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"processor.save_pretrained\(path\)"):
+        load_model_for_eval(tmp_path)
+
+
+def test_cli_eval_on_a_saved_sparse_model(chartqa, sparse_model_dir, tmp_path):
+    out = tmp_path / "out"
+    args = ["eval", str(sparse_model_dir), "--task", "chartqa", "--data", str(chartqa), "--out", str(out)]
+    args += [
+        "--batch-size",
+        "2",
+        "--max-new-tokens",
+        "4",
+        "--device",
+        "cpu",
+        "--force-expert",
+        "1",
+        "--limit",
+        "3",
+    ]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "relaxed_accuracy" in result.output and "expert 1" in result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert (
+        summary["num_samples"] == 3 and summary["force_expert"] == 1 and summary["force_where"] == "connector"
+    )
+    assert len(_lines(out / "predictions.jsonl")) == 3
+    # The same forced run again resumes (nothing new); a different expert is refused, not mixed in.
+    assert CliRunner().invoke(app, args).exit_code == 0
+    refused = CliRunner().invoke(app, [*args[:-4], "--force-expert", "2", "--limit", "3"])
+    assert refused.exit_code == 1 and "other settings (differs in: force_expert" in refused.output
+
+
+def test_cli_eval_reports_bad_data_without_a_traceback(sparse_model_dir, tmp_path):
+    args = [
+        "eval",
+        str(sparse_model_dir),
+        "--task",
+        "chartqa",
+        "--data",
+        str(tmp_path),
+        "--out",
+        str(tmp_path),
+    ]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1
+    assert "vlmoe eval: ChartQA: no test_human.json or test_augmented.json" in result.output
+    assert "Traceback" not in result.output
+    result = CliRunner().invoke(app, [*args, "--dtype", "float64"])
+    assert result.exit_code == 1 and "--dtype must be auto, float32, bfloat16 or float16" in result.output
+
+
+def test_load_model_for_eval_dense_and_sparse(sparse_model_dir, tmp_path):
+    model, _ = load_model_for_eval(sparse_model_dir, dtype=torch.bfloat16)
+    assert type(model).__name__ == "LlavaForConditionalGeneration" and not model.training
+    assert {parameter.dtype for parameter in model.parameters()} == {torch.bfloat16}
+    assert type(model.get_submodule("model.multi_modal_projector")).__name__ == "MoEConnector"
+    dense, dense_processor = tiny("llava")
+    dense.save_pretrained(tmp_path)
+    dense_processor.save_pretrained(tmp_path)
+    loaded, _ = load_model_for_eval(tmp_path)
+    assert type(loaded.get_submodule("model.multi_modal_projector")).__name__ == "LlavaMultiModalProjector"
+
+
+EXPECTED_METRICS = {
+    "chartqa": ["relaxed_accuracy"],
+    "pope": ["accuracy", "precision", "recall", "f1", "yes_ratio"],
+    "scienceqa": ["accuracy"],
+    "textvqa": ["vqa_accuracy"],
+    "vqav2": ["vqa_accuracy"],
+    "llava": ["exact_match", "relaxed_accuracy"],
+}
+
+
+@pytest.mark.parametrize("task", sorted(BUILDERS))
+def test_every_task_end_to_end_with_a_real_tiny_model(task, tmp_path):
+    model, processor = tiny("llava")
+    data = BUILDERS[task](tmp_path / "data")
+    config = EvalConfig(
+        task=task, data=data, out_dir=tmp_path / "out", generation=GenerationSettings(max_new_tokens=3)
+    )
+    summary = run_eval(model, processor, config, progress=False)
+    records = _lines(tmp_path / "out/predictions.jsonl")
+    assert summary["num_samples"] == len(records) > 0
+    assert list(summary["metrics"]) == EXPECTED_METRICS[task]
+    assert all(0.0 <= value <= 1.0 for value in summary["metrics"].values())
+    assert all(isinstance(record["raw_answer"], str) for record in records)
