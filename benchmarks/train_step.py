@@ -1,0 +1,171 @@
+"""End-to-end training step of an upcycled LLaVA-style model vs the same model made dense.
+
+    python benchmarks/train_step.py [--layers 12] [--batch 8] [--seq 2048]
+
+Step = forward with labels (+ router aux loss), backward, AdamW. bf16 weights, SDPA attention.
+Models (one process, one GPU):
+- dense: LLaVA (Llama LM d=2048, 12 layers) with FFN width 2 x 5632 (the MoE's active width);
+- vlmoe: the same LLaVA with FFN 5632, upcycled by `vlmoe.upcycle_ffn` into 4 experts, top-2;
+- Mixtral: stock transformers MixtralForCausalLM of the same shape (grouped_mm experts).
+Text-only batches: the LM dominates the step; the vision tower is tiny here.
+Writes train_step.json; MFU is against a measured 8192^3 bf16 matmul.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import vlmoe
+from common import print_table, time_cuda, write_json
+
+HIDDEN, FFN, VOCAB = 2048, 5632, 32000
+
+
+def llava(num_layers: int, intermediate: int):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    text = LlamaConfig(
+        hidden_size=HIDDEN,
+        intermediate_size=intermediate,
+        num_hidden_layers=num_layers,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        vocab_size=VOCAB,
+        max_position_embeddings=4096,
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=56,
+        patch_size=14,
+    )
+    config = LlavaConfig(text_config=text, vision_config=vision, image_token_id=VOCAB - 1)
+    config._attn_implementation = "sdpa"
+    return LlavaForConditionalGeneration(config).to("cuda", torch.bfloat16)
+
+
+def mixtral(num_layers: int):
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(
+        hidden_size=HIDDEN,
+        intermediate_size=FFN,
+        num_hidden_layers=num_layers,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        vocab_size=VOCAB,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=4096,
+    )
+    config._attn_implementation = "sdpa"
+    config._experts_implementation = "grouped_mm"
+    return MixtralForCausalLM(config).to("cuda", torch.bfloat16)
+
+
+def make_step(model, input_ids, with_aux: bool):
+    optimiser = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=True)
+
+    def step() -> None:
+        loss = model(input_ids=input_ids, labels=input_ids).loss
+        if with_aux:
+            loss = loss + vlmoe.aux_loss(model)
+        loss.backward()
+        optimiser.step()
+        optimiser.zero_grad(set_to_none=True)
+
+    return step
+
+
+def active_params(model, experts_total: int = 1, experts_active: int = 1) -> float:
+    """Parameters a token uses, embeddings and output head excluded."""
+    total = 0
+    for name, p in model.named_parameters():
+        if "embed_tokens" in name or "lm_head" in name or "vision" in name or "projector" in name:
+            continue
+        share = experts_active / experts_total if ("experts" in name) else 1.0
+        total += p.numel() * share
+    return total
+
+
+def matmul_peak_tflops() -> float:
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    ms = time_cuda(lambda: a @ b, warmup=3, reps=20)
+    return 2 * 8192**3 / ms / 1e9
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=2048)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    tokens = args.batch * args.seq
+    input_ids = torch.randint(0, VOCAB - 2, (args.batch, args.seq), device="cuda")
+    peak = matmul_peak_tflops()
+    print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  bf16 matmul peak {peak:.0f} TFLOP/s")
+
+    rows = []
+
+    def measure(name, model, with_aux, n_active):
+        ms = time_cuda(make_step(model, input_ids, with_aux), warmup=3, reps=10)
+        flops = 6 * n_active * tokens + 12 * args.layers * HIDDEN * args.seq * tokens
+        rows.append(
+            {
+                "model": name,
+                "ms": ms,
+                "tokens_per_s": tokens / ms * 1e3,
+                "mfu": flops / ms / 1e9 / peak,
+                "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+            }
+        )
+        print(f"  {name}: {ms:.1f} ms", flush=True)
+
+    for name, build in (
+        ("dense LLaVA, FFN 2 x 5632", lambda: (llava(args.layers, 2 * FFN), False, 1, 1)),
+        (
+            "vlmoe LLaVA, upcycled 4 experts top-2",
+            lambda: (vlmoe.upcycle_ffn(llava(args.layers, FFN), num_experts=4, top_k=2), True, 4, 2),
+        ),
+        ("transformers Mixtral, 4 experts top-2", lambda: (mixtral(args.layers), False, 4, 2)),
+    ):
+        torch.cuda.reset_peak_memory_stats()
+        model, with_aux, total, active = build()
+        measure(name, model, with_aux, active_params(model, total, active))
+        del model
+        torch.cuda.empty_cache()
+
+    base = rows[0]["ms"]
+    for row in rows:
+        row["step_ratio_to_dense"] = row["ms"] / base
+    write_json("train_step", rows)
+    print_table(
+        f"train step, {args.layers} layers, batch {args.batch}x{args.seq}; ratio = step ms / dense ms",
+        ["model", "step ms", "ratio", "tokens/s", "MFU", "peak GiB"],
+        [
+            [
+                r["model"],
+                f"{r['ms']:.1f}",
+                f"{r['step_ratio_to_dense']:.3f}",
+                f"{r['tokens_per_s']:.0f}",
+                f"{r['mfu']:.2f}",
+                f"{r['peak_gib']:.1f}",
+            ]
+            for r in rows
+        ],
+    )
+
+
+if __name__ == "__main__":
+    main()
