@@ -228,6 +228,11 @@ def test_mocle_cluster_routing_with_universal_expert():
     assert relative_error(out, expected) < 1e-12
     with pytest.raises(ValueError, match="cluster_ids must have one id per sample"):
         layer(x, cluster_ids=torch.tensor([0, 1, 2]))
+    with (
+        pytest.raises(ValueError, match=r"cluster_ids must be in \[0, num_clusters=5\)"),
+        routing_inputs(layer, cluster_ids=torch.tensor([1, 5])),
+    ):
+        pass
 
 
 def test_shared_routing_is_reused():

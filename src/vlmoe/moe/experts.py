@@ -127,12 +127,18 @@ class LoRAExperts(nn.Module):
     def expert_forward(self, expert: int, x: Tensor) -> Tensor:
         return (self.dropout(x) @ self.lora_A[expert].t()) @ self.lora_B[expert].t() * self.scaling
 
-    def gated_forward(self, x: Tensor, gates: Tensor) -> Tensor:
+    def gated_forward(self, x: Tensor, gates: Tensor, always_on: LoRAExperts | None = None) -> Tensor:
+        """sum_e gates[:, e] * expert_e(x), plus `always_on`'s single expert (MoCLE's universal
+        LoRA, same rank and scaling) folded into the same two matmuls."""
+        lora_A, lora_B = self.lora_A, self.lora_B
+        if always_on is not None:
+            lora_A, lora_B = torch.cat([lora_A, always_on.lora_A]), torch.cat([lora_B, always_on.lora_B])
+            gates = torch.cat([gates, gates.new_ones(gates.shape[0], 1)], dim=1)
         # All experts' A at once ([T, E*r]), each expert's block scaled by its gate, then all B.
-        num_tokens = x.shape[0]
-        low_rank = self.dropout(x) @ self.lora_A.reshape(-1, self.lora_A.shape[-1]).t()  # [T, E*r]
-        low_rank = (low_rank.view(num_tokens, self.num_experts, self.rank) * gates.unsqueeze(-1)).flatten(1)
-        stacked_B = self.lora_B.permute(1, 0, 2).reshape(self.lora_B.shape[1], -1)  # [O, E*r]
+        num_tokens, num_blocks = x.shape[0], lora_A.shape[0]
+        low_rank = self.dropout(x) @ lora_A.reshape(-1, lora_A.shape[-1]).t()  # [T, E*r]
+        low_rank = (low_rank.view(num_tokens, num_blocks, self.rank) * gates.unsqueeze(-1)).flatten(1)
+        stacked_B = lora_B.permute(1, 0, 2).reshape(lora_B.shape[1], -1)  # [O, E*r]
         return low_rank @ stacked_B.t() * self.scaling
 
     def delta_weight(self, expert: int) -> Tensor:

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from vlmoe.moe.config import RouterConfig
-from vlmoe.moe.dispatch import Experts, check_backend, dispatch
+from vlmoe.moe.dispatch import Experts, check_backend, dispatch, gate_matrix, resolve_backend
 from vlmoe.moe.experts import LoRAExperts, MLPExperts, ModuleExperts, _linear_pair, experts_from_dense
 from vlmoe.moe.router import Router, Routing
 
@@ -253,16 +253,20 @@ class MoLELinear(SparseLayer):
     ) -> Tensor:
         """x # [..., in] -> [..., out]. `routing` reuses a decision made elsewhere (a shared router)."""
         out = self.base(x)
-        if self.universal is not None:
-            out = out + self.universal.expert_forward(0, x)
-        if self.experts is None:
-            return out
+        if self.experts is None:  # plain LoRA, or nothing left once merged
+            return out if self.universal is None else out + self.universal.expert_forward(0, x)
         if routing is None:
-            delta, _ = self.route_and_dispatch(x, token_mask, cluster_ids)
+            routing = self.route(x, token_mask, cluster_ids)
+        x_tokens = x.reshape(-1, x.shape[-1])
+        if self.universal is not None and resolve_backend(self.backend, x_tokens, self.experts) == "dense":
+            # Universal and routed experts in the same two matmuls (the universal gate is 1).
+            gates = gate_matrix(routing).to(x.dtype)
+            delta = self.experts.gated_forward(x_tokens, gates, always_on=self.universal)
         else:
-            delta = dispatch(x.reshape(-1, x.shape[-1]), routing, self.experts, self.backend)
-            delta = delta.view(*x.shape[:-1], delta.shape[-1])
-        return out + delta
+            delta = dispatch(x_tokens, routing, self.experts, self.backend)
+            if self.universal is not None:
+                delta = delta + self.universal.expert_forward(0, x_tokens)
+        return out + delta.view(*x.shape[:-1], delta.shape[-1])
 
     @torch.no_grad()
     def merge_universal(self) -> MoLELinear:

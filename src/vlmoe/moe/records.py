@@ -13,7 +13,11 @@ import torch
 from torch import Tensor, nn
 
 from vlmoe.moe.layers import SparseLayer
-from vlmoe.moe.router import Routing
+from vlmoe.moe.router import Routing, check_cluster_ids
+
+
+def _routes_by_cluster(layer: SparseLayer) -> bool:
+    return layer.router is not None and layer.router.config.input == "cluster"
 
 
 def sparse_layers(model: nn.Module) -> Iterator[tuple[str, SparseLayer]]:
@@ -99,6 +103,11 @@ def routing_inputs(
         module for module in model.modules() if isinstance(module, SparseLayer) and module.routes_text_tokens
     ]
     mask = None if attention_mask is None else attention_mask.bool()
+    if cluster_ids is not None:
+        for num_clusters in {
+            layer.router.config.num_clusters for layer in layers if _routes_by_cluster(layer)
+        }:
+            check_cluster_ids(cluster_ids, num_clusters)  # once here, not once per layer and forward
     for layer in layers:
         layer.token_mask, layer.cluster_ids = mask, cluster_ids
     try:

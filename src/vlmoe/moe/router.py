@@ -213,12 +213,19 @@ class Router(nn.Module):
                 f"cluster_ids must have one id per token, shape {tuple(hidden.shape[:1])}, "
                 f"got {tuple(cluster_ids.shape)}"
             )
-        if cluster_ids.numel() and (cluster_ids.min() < 0 or cluster_ids.max() >= cfg.num_clusters):
-            raise ValueError(
-                f"cluster_ids must be in [0, num_clusters={cfg.num_clusters}), "
-                f"got values in [{int(cluster_ids.min())}, {int(cluster_ids.max())}]"
-            )
-        # Every token of a sample shares its cluster: embed the few distinct ids, then expand.
-        unique_ids, token_to_unique = torch.unique(cluster_ids, return_inverse=True)
-        logits = self.gate(self.cluster_embedding(unique_ids))  # [U, E]
-        return logits[token_to_unique]
+        if (
+            not cluster_ids.is_cuda
+        ):  # on CUDA, routing_inputs checks once per model forward (no sync per layer)
+            check_cluster_ids(cluster_ids, cfg.num_clusters)
+        # A handful of clusters: score them all ([C, E]) and index, rather than embed per token.
+        logits_per_cluster = self.gate(self.cluster_embedding.weight)
+        return logits_per_cluster[cluster_ids]
+
+
+def check_cluster_ids(cluster_ids: Tensor, num_clusters: int) -> None:
+    """Raise a ValueError unless every id is in [0, num_clusters)."""
+    if cluster_ids.numel() and (cluster_ids.min() < 0 or cluster_ids.max() >= num_clusters):
+        raise ValueError(
+            f"cluster_ids must be in [0, num_clusters={num_clusters}), "
+            f"got values in [{int(cluster_ids.min())}, {int(cluster_ids.max())}]"
+        )
