@@ -1,6 +1,6 @@
 """Does torch.compile trace the sparse layers without graph breaks, and does it help?
 
-    python benchmarks/compile_check.py
+python benchmarks/compile_check.py
 """
 
 from __future__ import annotations
@@ -13,9 +13,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from moe_layer import DTYPE, SwiGLU, _measure  # noqa: E402
-
-from vlmoe.moe import MoEFeedForward  # noqa: E402
+from moe_layer import DTYPE, SwiGLU, _measure
+from vlmoe.moe import MoEFeedForward
 
 
 def main() -> None:
