@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import typer
 
+from vlmoe.data.cli import data_app
+
 app = typer.Typer(
     name="vlmoe",
     help="Sparse Mixture-of-Experts vision-language models: build, train, evaluate, explain.",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
 )
+
+app.add_typer(data_app, name="data")
 
 
 @app.callback()
