@@ -13,6 +13,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # no display, and the same rasteriser everywhere
 
+from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
@@ -34,22 +35,25 @@ class ChartRenderer:
         if size_px < 64:
             raise ValueError(f"chart size {size_px}px is too small to draw text; use --size 64 or more")
         self.size_px = size_px
-        self._figures: dict[int, Figure] = {}
-
-    def _figure(self, dpi: int) -> Figure:
-        if dpi not in self._figures:
-            inches = self.size_px / dpi
-            figure = Figure(figsize=(inches, inches), dpi=dpi)
-            FigureCanvasAgg(figure)
-            self._figures[dpi] = figure
-        return self._figures[dpi]
+        self._figures: dict[int, tuple[Figure, Axes]] = {}
 
     def draw(self, record: ChartRecord) -> Figure:
         """Draw the record on the reused figure and return it (valid until the next draw)."""
-        fig = self._figure(record.style.dpi)
+        dpi = record.style.dpi
         with matplotlib.rc_context(rc_params(record)):
-            fig.clear()
-            ax = fig.add_subplot()
+            if dpi in self._figures:
+                fig, ax = self._figures[dpi]
+                # A new Axes, not ax.clear(): clear() keeps state (aspect, frame, tick keywords)
+                # that would make a chart's pixels depend on the one drawn before it.
+                fig.delaxes(ax)
+                ax = fig.add_subplot()
+                self._figures[dpi] = fig, ax
+            else:
+                inches = self.size_px / dpi
+                fig = Figure(figsize=(inches, inches), dpi=dpi)
+                FigureCanvasAgg(fig)
+                ax = fig.add_subplot()
+                self._figures[dpi] = fig, ax
             exec(plot_body(record, self.size_px), {"fig": fig, "ax": ax})
             fig.canvas.draw()
         return fig
