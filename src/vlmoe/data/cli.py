@@ -40,3 +40,30 @@ def charts(
     typer.echo(
         f"{n} charts in {len(shards)} shard(s) under {out} in {seconds:.1f}s ({n / seconds:.1f} charts/s)"
     )
+
+
+@data_app.command()
+def cluster(
+    data: Annotated[Path, typer.Option("--data", help="LLaVA conversations, .json or .jsonl.")],
+    out: Annotated[Path, typer.Option("--out", help="Directory for centroids, clusters.json and the data.")],
+    k: Annotated[int, typer.Option("--k", help="Number of clusters (MoCLE: 64).")] = 64,
+    model: Annotated[
+        Path | None,
+        typer.Option("--model", help="Local sentence-transformers model; default all-MiniLM-L6-v2."),
+    ] = None,
+    seed: Annotated[int, typer.Option("--seed", help="k-means seed.")] = 0,
+) -> None:
+    """MoCLE: embed each sample's instruction, k-means into K clusters, write cluster_id per sample."""
+    import numpy as np
+
+    from vlmoe.data.clustering import cluster_conversation_file
+
+    try:
+        data_out, clusters = cluster_conversation_file(data, out, num_clusters=k, model=model, seed=seed)
+    except (ValueError, FileNotFoundError) as error:
+        raise typer.BadParameter(str(error)) from None
+    sizes = np.bincount(clusters.labels, minlength=clusters.num_clusters)
+    typer.echo(
+        f"{len(clusters.labels)} samples in {clusters.num_clusters} clusters "
+        f"(sizes {sizes.min()}..{sizes.max()}); wrote {data_out} and {out / 'centroids.safetensors'}"
+    )

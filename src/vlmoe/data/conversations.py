@@ -122,8 +122,8 @@ def _json_array_items(text: str, source: str) -> Iterator[tuple[int, Any]]:
         pos = end
 
 
-def _raw_samples(source: Any) -> Iterator[tuple[int, Any]]:
-    """(line, raw sample or JSONDecodeError) from any supported source."""
+def raw_samples(source: Any) -> Iterator[tuple[int, Any]]:
+    """(line, raw sample or JSONDecodeError) from any supported source, unchecked, in order."""
     if not isinstance(source, (str, Path)):
         for row, sample in enumerate(source):  # a datasets.Dataset (or any sequence of dicts)
             yield row + 1, sample
@@ -132,7 +132,7 @@ def _raw_samples(source: Any) -> Iterator[tuple[int, Any]]:
     if path.is_dir():
         import datasets
 
-        yield from _raw_samples(datasets.load_from_disk(str(path)))
+        yield from raw_samples(datasets.load_from_disk(str(path)))
         return
     if not path.exists():
         raise FileNotFoundError(
@@ -254,7 +254,7 @@ def read_conversations(
         image_root = Path(source).parent if is_file else Path(".")
     report = LoadReport(source=name)
     samples = []
-    for line, raw in _raw_samples(source):
+    for line, raw in raw_samples(source):
         report.total += 1
         try:
             sample = _check_sample(raw, Path(image_root), check_images)
