@@ -11,14 +11,16 @@ from vlmoe.data.chart_record import ChartRecord
 
 
 def rc_params(record: ChartRecord) -> dict[str, object]:
-    """matplotlib rcParams the chart is drawn under (the script sets them with rcParams.update)."""
+    """matplotlib rcParams the chart is drawn under (the script sets them with rcParams.update).
+
+    Every chart sets the same keys, so drawing one chart after another leaves nothing behind.
+    """
     style = record.style
-    grid = {}
-    if style.grid:  # through rcParams, not ax.grid(): its keywords outlive ax.clear() on a reused Axes
-        grid_axis = "x" if record.chart_type == "horizontal_bar" else "y"
-        grid = {"axes.grid": True, "axes.grid.axis": grid_axis, "grid.alpha": 0.3, "axes.axisbelow": True}
     return {
-        **grid,
+        "axes.grid": style.grid,
+        "axes.grid.axis": "x" if record.chart_type == "horizontal_bar" else "y",
+        "grid.alpha": 0.3,
+        "axes.axisbelow": True,  # grid lines under the bars
         "font.family": style.font_family,
         "font.size": style.label_size,
         "xtick.labelsize": style.tick_size,

@@ -26,6 +26,7 @@ from vlmoe.data.chart_code import plotting_code
 from vlmoe.data.chart_conversations import chart_samples
 from vlmoe.data.chart_qa import chart_questions
 from vlmoe.data.chart_record import sample_chart_record
+from vlmoe.data.chart_render import ChartRenderer
 from vlmoe.data.chart_text import chart_json_text, chart_table
 
 SHARD_SIZE = 1000
@@ -77,20 +78,23 @@ def chart_entry(config: ChartSetConfig, index: int) -> tuple[dict, list[dict]]:
     return line, chart_samples(record.chart_id, image, table, json_text, code, questions, rng)
 
 
-_renderer = None  # one per worker process: it keeps its figures between charts
+_renderer: ChartRenderer | None = None  # one per process: it keeps its figures between charts
+
+
+def _renderer_for(size_px: int) -> ChartRenderer:
+    global _renderer
+    if _renderer is None or _renderer.size_px != size_px:
+        _renderer = ChartRenderer(size_px)
+    return _renderer
 
 
 def _render_chunk(args: tuple[ChartSetConfig, Path, list[int]]) -> int:
-    from vlmoe.data.chart_render import ChartRenderer
-
-    global _renderer
     config, shard_dir, indices = args
-    if _renderer is None or _renderer.size_px != config.size_px:
-        _renderer = ChartRenderer(config.size_px)
+    renderer = _renderer_for(config.size_px)
     for index in indices:
         path = shard_dir / "images" / f"{index:08d}.png"
         if not path.exists():
-            _atomic_write(path, _renderer.render_png(sample_chart_record(config.seed, index)))
+            _atomic_write(path, renderer.render_png(sample_chart_record(config.seed, index)))
     return len(indices)
 
 
@@ -143,6 +147,9 @@ def generate_chart_set(
     _check_manifest(out, config)
     progress = on_progress or (lambda k: None)
     shard_dirs = []
+    # Draw one chart before forking: workers inherit loaded fonts and figures instead of
+    # each paying for them (a second per worker, 10% of a 500-chart run).
+    _renderer_for(config.size_px).render_png(sample_chart_record(config.seed, 0))
     pool = get_context("fork").Pool(workers) if workers > 1 else None
     try:
         for first in range(0, config.n, config.shard_size):
@@ -155,13 +162,13 @@ def generate_chart_set(
             (shard_dir / "images").mkdir(parents=True, exist_ok=True)
             tasks = [(config, shard_dir, chunk) for chunk in _chunks(indices)]
             finished = pool.imap_unordered(_render_chunk, tasks) if pool else map(_render_chunk, tasks)
-            for count in finished:
-                progress(count)
             records, samples = [], []
-            for index in indices:
+            for index in indices:  # while the workers draw (with no pool, before drawing)
                 line, chart_conversations = chart_entry(config, index)
                 records.append(json.dumps(line, ensure_ascii=False))
                 samples += [json.dumps(s, ensure_ascii=False) for s in chart_conversations]
+            for count in finished:
+                progress(count)
             _atomic_write(shard_dir / "records.jsonl", ("\n".join(records) + "\n").encode())
             _atomic_write(shard_dir / "conversations.jsonl", ("\n".join(samples) + "\n").encode())
             _atomic_write(
