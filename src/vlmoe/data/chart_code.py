@@ -81,6 +81,7 @@ def _body_lines(record: ChartRecord, size_px: int) -> list[str]:
     names = [s.name for s in record.series]
     colors = [s.color for s in record.series]
     lines: list[str] = []
+    value_size = round(style.tick_size * 0.85, 1)  # value labels: a little smaller than tick labels
     if kind not in ("scatter", "histogram"):
         lines += [f"categories = {record.categories!r}", "x = list(range(len(categories)))"]
     if kind in ("bar", "horizontal_bar"):
@@ -113,7 +114,9 @@ def _body_lines(record: ChartRecord, size_px: int) -> list[str]:
         if style.annotate:
             place = ', label_type="center"' if kind == "stacked_bar" else ", padding=1"
             fmt = _fmt_expression(record)
-            lines.append(f"    ax.bar_label(bars, labels=[{fmt} for v in values]{place}, fontsize=6)")
+            lines.append(
+                f"    ax.bar_label(bars, labels=[{fmt} for v in values]{place}, fontsize={value_size})"
+            )
         lines += _category_axis(record, "x", size_px)
         lines.append(f"ax.legend(loc={style.legend_loc!r})")
     elif kind in ("line", "multi_line"):
@@ -126,7 +129,7 @@ def _body_lines(record: ChartRecord, size_px: int) -> list[str]:
             lines.append("    for xi, v in zip(x, values):")
             lines.append(
                 f'        ax.annotate({fmt}, (xi, v), textcoords="offset points", xytext=(0, 4), '
-                'ha="center", fontsize=6)'
+                f'ha="center", fontsize={value_size})'
             )
         lines += _category_axis(record, "x", size_px)
         if kind == "multi_line":
@@ -139,7 +142,9 @@ def _body_lines(record: ChartRecord, size_px: int) -> list[str]:
             lines.append("bottom = [0] * len(categories)")
             lines.append("for values in series.values():")
             lines.append("    for xi, b, v in zip(x, bottom, values):")
-            lines.append(f'        ax.text(xi, b + v / 2, {fmt}, ha="center", va="center", fontsize=6)')
+            lines.append(
+                f'        ax.text(xi, b + v / 2, {fmt}, ha="center", va="center", fontsize={value_size})'
+            )
             lines.append("    bottom = [b + v for b, v in zip(bottom, values)]")
         lines += _category_axis(record, "x", size_px)
         lines.append("ax.set_xlim(x[0], x[-1])")
@@ -171,7 +176,7 @@ def _body_lines(record: ChartRecord, size_px: int) -> list[str]:
             'edgecolor="white")'
         )
         if style.annotate:
-            lines.append("ax.bar_label(bars, padding=2, fontsize=6)")
+            lines.append(f"ax.bar_label(bars, padding=2, fontsize={value_size})")
     if style.annotate and kind in ("bar", "grouped_bar", "line", "multi_line", "histogram"):
         lines.append("ax.margins(y=0.12)  # room for the value labels above the highest mark")
     if style.annotate and kind == "horizontal_bar":

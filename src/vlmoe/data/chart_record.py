@@ -122,17 +122,23 @@ def sample_chart_record(seed: int, index: int, chart_type: str | None = None) ->
         topic = topic.as_shares()
     decimals = int(rng.choice([0, 0, 1, 1, 2]))
     palette = PALETTES[int(rng.integers(len(PALETTES)))]
+    dpi = int(rng.choice([60, 70, 80, 100]))
+
+    def points(size: float, min_pixels: float) -> float:
+        """A font size in points that is at least `min_pixels` tall at this dpi (legible at 336 px)."""
+        return float(max(size, round(min_pixels * 72 / dpi)))
+
     style = ChartStyle(
-        dpi=int(rng.choice([60, 70, 80, 100])),
+        dpi=dpi,
         font_family=FONT_FAMILIES[int(rng.integers(len(FONT_FAMILIES)))],
-        title_size=float(rng.choice([9, 10, 11, 12])),
-        label_size=float(rng.choice([8, 9, 10])),
-        tick_size=float(rng.choice([7, 8])),
+        title_size=points(float(rng.choice([9, 10, 11, 12])), 12),
+        label_size=points(float(rng.choice([8, 9, 10])), 10),
+        tick_size=points(float(rng.choice([7, 8])), 9),
         annotate=chart_type != "scatter" and bool(rng.random() < 0.5),  # scatter labels would pile up
         # no "best": it searches for the emptiest corner, which costs as much as drawing a bar chart
         legend_loc=str(rng.choice(["upper left", "upper right", "lower right", "upper center"])),
         grid=bool(rng.random() < 0.4),
-        money_ticks=topic.unit == "$" and bool(rng.random() < 0.5),
+        money_ticks=topic.unit == "$" and chart_type not in ("pie", "histogram") and bool(rng.random() < 0.5),
     )
     title = topic.titles[int(rng.integers(len(topic.titles)))]
     bin_edges = None
@@ -156,7 +162,10 @@ def sample_chart_record(seed: int, index: int, chart_type: str | None = None) ->
         counts = [int(c) for c in rng.integers(1, 60, n_bins)]
         series = [Series("Count", counts, palette[0])]
         decimals = 0
-        x_label, title = topic.x_label_histogram, f"Distribution of {topic.y_label.lower()}"
+        x_label, title = (
+            topic.x_label_histogram,
+            f"Distribution of {topic.y_label[0].lower()}{topic.y_label[1:]}",
+        )
     else:
         n_cat = int(rng.integers(3, 7 if chart_type == "pie" else 9))
         categories = _categories(rng, topic, n_cat)
