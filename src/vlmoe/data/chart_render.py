@@ -1,8 +1,9 @@
 """Render a chart record to PNG bytes by executing its own plotting code on a reused figure.
 
 Making a figure costs about as much as drawing a small chart, so one `ChartRenderer` keeps a
-figure per dpi and clears it between charts; tests check the pixels equal a fresh run of the
-standalone script.
+figure per dpi and gives it a new Axes for each chart; tests check the pixels equal a fresh run
+of the standalone script. Figures are drawn with the Agg canvas directly, never through pyplot,
+so importing this module leaves the user's matplotlib backend alone.
 """
 
 from __future__ import annotations
@@ -10,9 +11,6 @@ from __future__ import annotations
 import io
 
 import matplotlib
-
-matplotlib.use("Agg")  # no display, and the same rasteriser everywhere
-
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
