@@ -27,7 +27,13 @@ TAG_KEYS = ("sample_ids", "domains", "tasks", "cluster_ids")
 
 
 def split_model_inputs(batch: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(model inputs, tags): the batch without and with the `TAG_KEYS` entries."""
+    """(model inputs, tags): the batch without and with the `TAG_KEYS` entries.
+
+    >>> inputs, tags = split_model_inputs({"input_ids": 1, "domains": ["chart"], "tasks": [None],
+    ...                                     "sample_ids": ["a"], "cluster_ids": [3]})
+    >>> sorted(inputs), tags["domains"]
+    (['input_ids'], ['chart'])
+    """
     return {k: v for k, v in batch.items() if k not in TAG_KEYS}, {k: batch[k] for k in TAG_KEYS}
 
 
