@@ -6,6 +6,7 @@ self-contained HTML page. The command line is `vlmoe analyze`.
 """
 
 from vlmoe.analysis.ablation import AblationTable, read_ablation
+from vlmoe.analysis.cli import load_model, run_analyze
 from vlmoe.analysis.collect import BatchImages, RoutingCollector
 from vlmoe.analysis.logs import read_log_history, router_series
 from vlmoe.analysis.report import write_report
@@ -23,10 +24,12 @@ __all__ = [
     "collect_routing",
     "expert_load_entropy",
     "from_eval_samples",
+    "load_model",
     "read_ablation",
     "read_log_history",
     "read_samples",
     "routed_layers",
     "router_series",
+    "run_analyze",
     "write_report",
 ]
