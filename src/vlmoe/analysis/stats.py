@@ -144,7 +144,7 @@ class RoutingStats:
 
     def path_pca(self, seed: int = 0) -> np.ndarray:
         """2-D PCA of `path_one_hot` (zeros where the paths do not vary). # [N, 2]"""
-        one_hot = self.path_one_hot()
+        one_hot = self.path_one_hot().astype(np.float64)
         projected = np.zeros((len(one_hot), 2))
         if len(one_hot) < 2 or not np.any(one_hot.std(axis=0) > 0):
             return projected
