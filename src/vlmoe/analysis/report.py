@@ -140,6 +140,8 @@ def _settings_rows(stats: RoutingStats, logs: Any, eval_dir: Any) -> list[tuple[
             ", ".join(f"{i.label} ({i.num_experts} experts, top-{i.top_k})" for i in stats.layers),
         )
     )
+    for layer, names in stats.expert_names.items():
+        rows.append((f"experts of {stats.layer(layer).label}", ", ".join(names)))
     if logs is not None:
         rows.append(("training logs", str(logs)))
     if eval_dir is not None:
