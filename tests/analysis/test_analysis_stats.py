@@ -131,3 +131,13 @@ def test_expert_load_entropy():
     assert expert_load_entropy([2, 0]) == 0.0
     assert expert_load_entropy([0, 0]) == 0.0
     assert expert_load_entropy([1, 3]) == pytest.approx(-(0.25 * np.log(0.25) + 0.75 * np.log(0.75)))
+
+
+def test_connector_images_without_a_known_grid_count_overall_only():
+    collector = RoutingCollector([fx.CONNECTOR])
+    routing = fx.records()[fx.CONNECTOR.name]  # 2 rows, 2 images of unknown layout (tiles)
+    images = BatchImages(sample_index=[0, 1], grids=[None, None])
+    collector.add({fx.CONNECTOR.name: routing}, tags=[{"domain": "x"}, {"domain": "y"}], images=images)
+    stats = collector.stats()
+    assert stats.load[fx.CONNECTOR.name].tolist() == [1, 1, 0, 2]
+    assert stats.group_load == {} and stats.patch_maps == []  # no guessing which patch is whose

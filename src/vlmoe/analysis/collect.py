@@ -204,8 +204,8 @@ class RoutingCollector:
             owner = images.sample_index[image_index]
             if owner < len(tags):
                 self._add_group(info, tags[owner], self._count(indices[rows][kept[rows]], info.num_experts))
-            grid = images.grids[image_index]
-            if grid is not None and grid[0] * grid[1] == size and len(self.patch_maps) < self.max_patch_maps:
+            grid = images.grids[image_index]  # known: the sizes came from the grids
+            if len(self.patch_maps) < self.max_patch_maps:
                 self.patch_maps.append(
                     PatchMap(
                         sample_id=str(sample_ids[owner]) if sample_ids is not None else str(owner),
@@ -242,13 +242,12 @@ class RoutingCollector:
 
 
 def _patches_per_image(num_rows: int, images: BatchImages | None) -> list[int] | None:
-    """How many connector rows each image has: from the grids, else an even split, else unknown."""
-    if images is None or not images.sample_index:
+    """How many connector rows each image has, from the grids; None when any is unknown.
+
+    No guessing (e.g. an even split): tiled images (LLaVA-NeXT, Idefics3) have different row
+    counts, and a wrong split would credit one sample's patches to another.
+    """
+    if images is None or not images.sample_index or any(grid is None for grid in images.grids):
         return None
-    if all(grid is not None for grid in images.grids):
-        sizes = [int(rows * cols) for rows, cols in images.grids]
-        if sum(sizes) == num_rows:
-            return sizes
-    if num_rows % len(images.sample_index) == 0:
-        return [num_rows // len(images.sample_index)] * len(images.sample_index)
-    return None
+    sizes = [int(rows * cols) for rows, cols in images.grids]
+    return sizes if sum(sizes) == num_rows else None
