@@ -100,6 +100,9 @@ def test_cluster_routed_model_sends_each_sample_to_one_expert():
         for i in range(4)
     ]
     stats = collect_routing(model, processor, samples, batch_size=2, progress=False)
+    untagged = AnalysisSample("u", (), (("user", "Hi"), ("assistant", "Hello")))
+    with pytest.raises(ValueError, match=r"samples \['u'\] have no cluster_id"):
+        collect_routing(model, processor, [*samples, untagged], progress=False)
     by_cluster = stats.group_load["cluster_id"]
     assert sorted(by_cluster) == ["0", "1", "2"]
     for layers in by_cluster.values():

@@ -148,6 +148,17 @@ def collect_routing(
             "the model has no routed sparse layer (MoE FFN, MoLE or MoE connector): apply "
             "vlmoe.upcycle_ffn / add_mole / install_moe_connector first, or load a vlmoe.save directory"
         )
+    clustered = any(
+        layer.router.config.input == "cluster"
+        for _, layer in sparse_layers(model)
+        if layer.router is not None
+    )
+    unclustered = [sample.id for sample in samples if sample.cluster_id is None]
+    if clustered and unclustered:
+        raise ValueError(
+            f"the model routes by instruction cluster (MoCLE) but samples {unclustered[:5]} have no "
+            "cluster_id; give every sample its cluster (vlmoe data cluster, or a cluster_id field)"
+        )
     adapter = adapter_for(model)
     image_token_id = adapter.image_token_id(model)
     names = {**_default_expert_names(model, layers), **dict(expert_names or {})}
