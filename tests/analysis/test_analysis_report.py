@@ -79,7 +79,9 @@ def test_report_writes_every_png_and_embeds_each_in_the_html(tmp_path, logs, eva
 def test_report_names_what_it_skipped(tmp_path):
     stats = fx.collector().stats()
     stats.patch_maps = []
-    html = write_report(stats, tmp_path, eval_dir=tmp_path / "no-such-dir").read_text()
+    html = write_report(stats, tmp_path, eval_dir=tmp_path / "no-such-dir", settings={"seed": 7}).read_text()
+    assert "<tr><th>model</th><td>(not recorded)</td></tr>" in html
+    assert "<tr><th>seed</th><td>7</td></tr>" in html
     assert "Skipped" in html
     assert "per-patch map: no image" in html
     assert "forced-expert ablation" in html and "no-such-dir" in html

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +24,16 @@ def write_report(
     logs: str | Path | None = None,
     eval_dir: str | Path | None = None,
     title: str = "vlmoe routing analysis",
+    model: str | None = None,
+    data: str | None = None,
+    settings: Mapping[str, Any] | None = None,
     num_paths: int = 10,
 ) -> Path:
     """Write the statistics, the PNGs and `report.html` (PNGs embedded) into `out_dir`; returns the HTML path.
 
     `logs`: trainer logs with `aux/<layer>/<statistic>` scalars (router statistics over training);
     `eval_dir`: `vlmoe eval` results, routed and with `--force-expert i` (ablation table).
+    `model`, `data` and `settings` name what was analysed in the report (on top of `stats.meta`).
     Sections without data are listed in the report as skipped, with the reason.
 
     Example:
@@ -37,9 +42,9 @@ def write_report(
         >>> stats = RoutingStats(layers=[LayerInfo("lm.layers.0.mlp", "lm", 2, 1)],
         ...                      load={"lm.layers.0.mlp": np.array([3, 1])},
         ...                      modality_load={"lm.layers.0.mlp": np.array([[2, 1], [1, 0]])})
-        >>> path = write_report(stats, tempfile.mkdtemp())
-        >>> path.name, "data:image/png;base64," in path.read_text()
-        ('report.html', True)
+        >>> path = write_report(stats, tempfile.mkdtemp(), model="runs/moe-llava", data="eval.json")
+        >>> path.name, "data:image/png;base64," in path.read_text(), "runs/moe-llava" in path.read_text()
+        ('report.html', True, True)
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -124,15 +129,19 @@ def write_report(
         except (ValueError, FileNotFoundError) as error:
             skipped.append(f"forced-expert ablation: {error}")
 
-    page = _page(title, stats, sections, skipped, logs, eval_dir)
+    described = {**stats.meta, **dict(settings or {})}
+    described.update({key: value for key, value in (("model", model), ("data", data)) if value is not None})
+    page = _page(title, stats, described, sections, skipped, logs, eval_dir)
     path = out_dir / REPORT_NAME
     path.write_text(page, encoding="utf-8")
     return path
 
 
-def _settings_rows(stats: RoutingStats, logs: Any, eval_dir: Any) -> list[tuple[str, str]]:
-    meta = dict(stats.meta)
-    rows = [(key, meta.pop(key)) for key in ("model", "data") if key in meta]
+def _settings_rows(
+    stats: RoutingStats, described: Mapping[str, Any], logs: Any, eval_dir: Any
+) -> list[tuple[str, str]]:
+    meta = dict(described)
+    rows = [(key, meta.pop(key, "(not recorded)")) for key in ("model", "data")]
     rows += sorted(meta.items())
     rows.append(
         (
@@ -152,6 +161,7 @@ def _settings_rows(stats: RoutingStats, logs: Any, eval_dir: Any) -> list[tuple[
 def _page(
     title: str,
     stats: RoutingStats,
+    described: Mapping[str, Any],
     sections: list[tuple[str, str, list[Path], str]],
     skipped: list[str],
     logs: Any,
@@ -167,7 +177,10 @@ def _page(
         "img{max-width:100%;display:block;margin:0.5em 0}.skip{color:#777}</style></head><body>",
         f"<h1>{esc(title)}</h1>",
         "<h2>Model, data and settings</h2><table>",
-        *(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in _settings_rows(stats, logs, eval_dir)),
+        *(
+            f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>"
+            for k, v in _settings_rows(stats, described, logs, eval_dir)
+        ),
         "</table>",
     ]
     for section, caption, pngs, extra in sections:
