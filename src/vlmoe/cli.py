@@ -125,6 +125,65 @@ def _device_and_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtyp
 
 
 @app.command()
+def analyze(
+    model: Annotated[
+        str,
+        typer.Argument(
+            help="A vlmoe.save directory (with its processor), or tiny:<family> for a quick run on a tiny "
+            "random model with upcycled FFNs and an upcycled MoE connector."
+        ),
+    ],
+    data: Annotated[
+        Path,
+        typer.Option(help="LLaVA-format JSON/JSONL (optional domain/task/cluster_id tags), or a benchmark."),
+    ],
+    out: Annotated[Path, typer.Option(help="Folder for the PNGs, report.html and the statistics.")],
+    task: Annotated[
+        str | None,
+        typer.Option(help="Read --data as this benchmark (as vlmoe eval does): chartqa, pope, ..."),
+    ] = None,
+    logs: Annotated[
+        Path | None, typer.Option(help="Trainer logs (trainer_state.json or JSONL) with aux/<layer>/<stat>.")
+    ] = None,
+    eval_dir: Annotated[
+        Path | None,
+        typer.Option(help="vlmoe eval results (routed and --force-expert i) for the ablation table."),
+    ] = None,
+    max_samples: Annotated[int | None, typer.Option(help="Route only the first N samples.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Samples per forward pass.")] = 4,
+    image_dir: Annotated[
+        Path | None, typer.Option(help="Folder holding the images, if not the data's.")
+    ] = None,
+    expert_names: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated names of the connector's experts, e.g. general,table,JSON,code."),
+    ] = None,
+    device: Annotated[str, typer.Option(help="Torch device; auto = cuda if available, else cpu.")] = "auto",
+) -> None:
+    """Route a dataset through a sparse model and write routing pictures plus one HTML report."""
+    from vlmoe.analysis.cli import run_analyze
+
+    try:
+        report = run_analyze(
+            model,
+            data=data,
+            out=out,
+            task=task,
+            logs=logs,
+            eval_dir=eval_dir,
+            max_samples=max_samples,
+            batch_size=batch_size,
+            image_dir=image_dir,
+            expert_names=expert_names,
+            device=_device_and_dtype(device, "float32")[0],
+        )
+    except (FileNotFoundError, ValueError) as error:
+        typer.echo(f"vlmoe analyze: {error}", err=True)
+        raise typer.Exit(code=1) from None
+    typer.echo(f"report: {report}")
+
+
+@app.command()
 def export(
     src: str = typer.Argument(..., help="A model directory written by vlmoe.save."),
     dst: str = typer.Argument(..., help="Where to write the standard HF checkpoint."),

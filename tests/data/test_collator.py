@@ -76,7 +76,8 @@ def test_image_tokens_are_the_processors_own_expansion(family):
     reference = processor(text=[text], images=[[_image("red")]], return_tensors="pt")
     image_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
     assert int((batch["input_ids"] == image_id).sum()) == int((reference["input_ids"] == image_id).sum()) > 1
-    if name in ("qwen2_vl", "qwen2_5_vl", "idefics3"):  # templates that close replies with a token: same ids throughout
+    # Templates that close replies with a token: the same ids throughout.
+    if name in ("qwen2_vl", "qwen2_5_vl", "idefics3"):
         assert torch.equal(batch["input_ids"], reference["input_ids"])
     else:  # LLaVA's template closes replies with a space: the same ids but for the EOS we add
         ours = batch["input_ids"][0].tolist()

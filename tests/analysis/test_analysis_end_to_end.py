@@ -1,0 +1,128 @@
+"""`vlmoe analyze` end to end on tiny upcycled models, and the docstring examples."""
+
+import doctest
+import importlib
+import json
+
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+import vlmoe
+from vlmoe.analysis import AnalysisSample, RoutingStats, collect_routing
+from vlmoe.cli import app
+
+CONNECTOR = "model.multi_modal_projector"
+LM_LAYERS = ["model.language_model.layers.0.mlp", "model.language_model.layers.1.mlp"]
+
+
+def _write_data(root, num_samples=5):
+    colors = ["red", "green", "blue"]
+    samples = []
+    for index in range(num_samples):
+        sample = {
+            "id": f"s{index}",
+            "conversations": [
+                {"from": "human", "value": "What is in the chart?"},
+                {"from": "gpt", "value": "Bars of three colours." * (1 + index % 2)},
+            ],
+            "domain": "chart" if index % 2 == 0 else "text",
+            "task": "chart_qa" if index < 3 else "chart_to_table",
+        }
+        if index % 2 == 0:  # samples 0, 2, 4 have an image
+            Image.new("RGB", (28, 28), colors[index % 3]).save(root / f"{index}.png")
+            sample["image"] = f"{index}.png"
+            sample["conversations"][0]["value"] = "<image>\n" + sample["conversations"][0]["value"]
+        samples.append(sample)
+    path = root / "data.json"
+    path.write_text(json.dumps(samples))
+    return path
+
+
+def test_vlmoe_analyze_tiny_llava(tmp_path):
+    data = _write_data(tmp_path)
+    logs = tmp_path / "log.jsonl"
+    logs.write_text(json.dumps({"step": 1, f"aux/{LM_LAYERS[0]}/load_balance": 1.01}) + "\n")
+    out = tmp_path / "analysis"
+    args = ["analyze", "tiny:llava", "--data", str(data), "--out", str(out), "--max-samples", "4"]
+    args += ["--batch-size", "3", "--logs", str(logs), "--device", "cpu"]
+    args += ["--expert-names", "general,table,JSON,code"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    html = (out / "report.html").read_text()
+    for name in ("expert_load", "expert_load_by_domain", "modality_split", "top_paths", "path_pca"):
+        assert (out / f"{name}.png").read_bytes().startswith(b"\x89PNG")
+    assert html.count("data:image/png;base64,") == len(list(out.glob("*.png")))
+    assert "tiny:llava" in html and str(data) in html and "general" in html
+
+    stats = RoutingStats.load_from(out)
+    assert stats.meta["num_samples"] == 4  # --max-samples
+    assert [info.name for info in stats.layers] == [CONNECTOR, *LM_LAYERS]
+    patches = 2 * 16  # samples 0 and 2 have an image: 4 x 4 patches each
+    assert stats.load[CONNECTOR].sum() == patches * 2  # top-2
+    assert stats.group_load["domain"]["chart"][CONNECTOR].sum() == patches * 2
+    assert "text" not in {
+        value for value in stats.group_load["domain"] if CONNECTOR in stats.group_load["domain"][value]
+    }
+    for layer in LM_LAYERS:
+        assert stats.load[layer].sum() == stats.meta["num_tokens"] * 2  # every real token, top-2
+        assert stats.modality_load[layer][1].sum() == patches * 2  # image tokens = the patches
+    assert stats.paths.shape == (stats.meta["num_tokens"], 2)
+    assert stats.path_is_image.sum() == patches
+    assert [(m.sample_id, m.grid, len(m.top1)) for m in stats.patch_maps] == [
+        ("s0", (4, 4), 16),
+        ("s2", (4, 4), 16),
+    ]
+    assert stats.names_of_experts(CONNECTOR) == ["general", "table", "JSON", "code"]
+    assert (out / "patch_map_1.png").is_file() and (out / "router_training.png").is_file()
+
+
+def test_vlmoe_analyze_reports_bad_input_in_one_line(tmp_path):
+    result = CliRunner().invoke(
+        app, ["analyze", "tiny:llava", "--data", str(tmp_path / "missing.json"), "--out", str(tmp_path)]
+    )
+    assert result.exit_code == 1
+    assert "vlmoe analyze:" in result.output and "missing.json does not exist" in result.output
+
+
+def test_cluster_routed_model_sends_each_sample_to_one_expert():
+    model, processor = vlmoe.models.tiny("llava")
+    vlmoe.add_mole(model, num_experts=4, rank=2, top_k=1, router="cluster", num_clusters=3, universal=True)
+    torch.manual_seed(0)
+    for _, module in model.named_modules():  # spread the cluster gates so clusters differ
+        if hasattr(module, "cluster_embedding") and module.cluster_embedding is not None:
+            module.gate.weight.data.normal_(std=3.0)
+    samples = [
+        AnalysisSample(
+            f"s{i}", (), (("user", "Convert the chart."), ("assistant", "| a |")), {"cluster_id": str(i % 3)}
+        )
+        for i in range(4)
+    ]
+    stats = collect_routing(model, processor, samples, batch_size=2, progress=False)
+    untagged = AnalysisSample("u", (), (("user", "Hi"), ("assistant", "Hello")))
+    with pytest.raises(ValueError, match=r"samples \['u'\] have no cluster_id"):
+        collect_routing(model, processor, [*samples, untagged], progress=False)
+    by_cluster = stats.group_load["cluster_id"]
+    assert sorted(by_cluster) == ["0", "1", "2"]
+    for layers in by_cluster.values():
+        for counts in layers.values():
+            assert (counts > 0).sum() == 1  # one instruction cluster, one expert
+
+
+def test_qwen2_vl_patch_grid_comes_from_image_grid_thw(tmp_path):
+    model, processor = vlmoe.models.tiny("qwen2_vl")
+    vlmoe.install_moe_connector(model, init="upcycle", num_experts=4, top_k=2)
+    Image.new("RGB", (56, 56), "gray").save(tmp_path / "a.png")
+    sample = AnalysisSample("q0", (tmp_path / "a.png",), (("user", "What is it?"), ("assistant", "Gray.")))
+    stats = collect_routing(model, processor, [sample], progress=False)
+    (patch_map,) = stats.patch_maps
+    assert patch_map.grid == (2, 2) and len(patch_map.top1) == 4  # 4 x 4 patches, merged 2 x 2
+    assert stats.paths.size == 0 and stats.path_layers == []  # no routed LM layer, no paths
+
+
+@pytest.mark.parametrize("name", ["ablation", "cli", "collect", "logs", "report", "run", "stats"])
+def test_analysis_docstring_examples(name):
+    module = importlib.import_module(f"vlmoe.analysis.{name}")
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+    assert result.failed == 0

@@ -1,0 +1,126 @@
+"""Every PNG and the HTML report are written, and the HTML embeds each PNG; logs and ablation readers."""
+
+import base64
+import json
+
+import pytest
+from PIL import Image
+
+from tests.analysis import routing_fixture as fx
+from vlmoe.analysis import read_ablation, read_log_history, router_series, write_report
+from vlmoe.analysis.stats import PatchMap
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+L0, L1 = fx.L0.name, fx.L1.name
+
+
+def _log_entries():
+    return [
+        {"step": 10, "loss": 2.0, f"aux/{L0}/load_balance": 1.3, f"aux/{L1}/load_balance": 1.1},
+        {"step": 20, f"aux/{L0}/load_balance": 1.1, f"aux/{L0}/z_loss": 0.02, "learning_rate": 1e-4},
+        {"step": 30, f"aux/{L0}/tokens_per_expert": [5, 5, 5, 5], f"aux/{L1}/z_loss": "nan"},
+        {"train_runtime": 12.0},  # the trainer's final entry: no router keys, tolerated
+    ]
+
+
+@pytest.fixture
+def logs(tmp_path):
+    path = tmp_path / "trainer_state.json"
+    path.write_text(json.dumps({"global_step": 30, "log_history": _log_entries()}))
+    return path
+
+
+@pytest.fixture
+def eval_dir(tmp_path):
+    root = tmp_path / "eval"
+    runs = [("routed", None, 0.60), ("expert0", 0, 0.55), ("expert3", 3, 0.40)]
+    for name, expert, accuracy in runs:
+        (root / name).mkdir(parents=True)
+        summary = {"task": "chartqa", "force_expert": expert, "metrics": {"relaxed_accuracy": accuracy}}
+        (root / name / "summary.json").write_text(json.dumps(summary))
+    (root / "broken").mkdir()
+    (root / "broken" / "summary.json").write_text("{not json")  # an unfinished run is skipped
+    return root
+
+
+def test_report_writes_every_png_and_embeds_each_in_the_html(tmp_path, logs, eval_dir):
+    stats = fx.collector().stats({"model": "hand-built model", "data": "hand-built batch"})
+    image = tmp_path / "chart.png"
+    Image.new("RGB", (28, 14), "gray").save(image)
+    stats.patch_maps[0] = PatchMap("s0", str(image), (1, 2), [3, 1])
+    out = tmp_path / "report"
+    html_path = write_report(stats, out, logs=logs, eval_dir=eval_dir, title="Routing of a hand-built batch")
+
+    expected = [
+        "expert_load.png",
+        "expert_load_by_domain.png",
+        "expert_load_by_task.png",
+        "modality_split.png",
+        "top_paths.png",
+        "path_pca.png",
+        "patch_map_0.png",
+        "router_training.png",
+    ]
+    assert sorted(p.name for p in out.glob("*.png")) == sorted(expected)
+    html = html_path.read_text(encoding="utf-8")
+    assert html_path == out / "report.html" and html.startswith("<!DOCTYPE html>")
+    for name in expected:
+        data = (out / name).read_bytes()
+        assert data.startswith(PNG_SIGNATURE), name
+        assert f"data:image/png;base64,{base64.b64encode(data).decode('ascii')}" in html, name
+    assert html.count("data:image/png;base64,") == len(expected)
+    for text in ("Routing of a hand-built batch", "hand-built model", "hand-built batch", str(logs)):
+        assert text in html
+    assert "expert 3 (code)" in html and "<b>60.00</b>" in html  # ablation table, best in bold
+    assert "Skipped" not in html
+    assert (out / "routing_stats.json").is_file() and (out / "routing_paths.npz").is_file()
+
+
+def test_report_names_what_it_skipped(tmp_path):
+    stats = fx.collector().stats()
+    stats.patch_maps = []
+    html = write_report(stats, tmp_path, eval_dir=tmp_path / "no-such-dir", settings={"seed": 7}).read_text()
+    assert "<tr><th>model</th><td>(not recorded)</td></tr>" in html
+    assert "<tr><th>seed</th><td>7</td></tr>" in html
+    assert "Skipped" in html
+    assert "per-patch map: no image" in html
+    assert "forced-expert ablation" in html and "no-such-dir" in html
+
+
+def test_router_series_from_trainer_state(logs):
+    series = router_series(read_log_history(logs))
+    assert series["load_balance"] == {L0: ([10.0, 20.0], [1.3, 1.1]), L1: ([10.0], [1.1])}
+    assert series["z_loss"] == {L0: ([20.0], [0.02])}  # the "nan" string is dropped
+    steps, values = series["load_entropy"][L0]  # a tokens-per-expert list becomes its entropy
+    assert steps == [30.0] and values == pytest.approx([1.3862943611])
+
+
+def test_log_history_from_jsonl_tolerates_a_half_written_last_line(tmp_path):
+    path = tmp_path / "log.jsonl"
+    path.write_text('{"aux/a.b/z_loss": 1.0}\n\n{"step": 5, "aux/a.b/z_loss": 0.5}\n{"step": 6, "aux')
+    series = router_series(read_log_history(path))
+    assert series == {"z_loss": {"a.b": ([0.0, 5.0], [1.0, 0.5])}}  # no step: the entry's index
+
+
+def test_log_history_from_a_folder_and_errors(tmp_path, logs):
+    checkpoint = tmp_path / "run" / "checkpoint-30"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "trainer_state.json").write_text(logs.read_text())
+    assert len(read_log_history(tmp_path / "run")) == 4
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no trainer_state.json"):
+        read_log_history(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        read_log_history(tmp_path / "nothing.jsonl")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"a": 1}\nnot json\n{"b": 2}\n')
+    with pytest.raises(ValueError, match="line 2"):
+        read_log_history(bad)
+
+
+def test_ablation_table(eval_dir):
+    table = read_ablation(eval_dir)
+    assert table.columns == ["routed", "expert 0", "expert 3"]
+    assert table.rows == {("chartqa", "relaxed_accuracy"): {"routed": 0.6, "expert 0": 0.55, "expert 3": 0.4}}
+    html = table.to_html(["general", "table", "JSON", "code"])
+    assert "expert 0 (general)" in html and "<td>40.00</td>" in html
