@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from vlmoe.moe import aux_loss
-
 __version__ = "0.1.0"
 
-# Model surgery imports transformers; load it on first use so `import vlmoe` stays light.
+# Everything loads on first use, so `import vlmoe` (and the CLI's start) does not import torch
+# or transformers until a command needs them.
 _LAZY = {
+    "aux_loss": "vlmoe.moe",
     "upcycle_ffn": "vlmoe.models.surgery",
     "add_mole": "vlmoe.models.surgery",
     "install_moe_connector": "vlmoe.models.surgery",

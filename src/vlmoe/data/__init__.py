@@ -9,22 +9,38 @@
 - MoCLE instruction clusters: `fit_instruction_clusters`, `assign_clusters` / `vlmoe data cluster`.
 """
 
+from typing import Any
+
 from vlmoe.data.chart_code import plotting_code
 from vlmoe.data.chart_dataset import ChartSetConfig, generate_chart_set
 from vlmoe.data.chart_qa import QA_KINDS, ChartQuestion, chart_questions
 from vlmoe.data.chart_record import CHART_TYPES, ChartRecord, sample_chart_record
 from vlmoe.data.chart_render import ChartRenderer
 from vlmoe.data.chart_text import CHART_JSON_SCHEMAS, chart_json, chart_table
-from vlmoe.data.clustering import (
-    InstructionClusters,
-    assign_clusters,
-    fit_instruction_clusters,
-    load_clusters,
-    save_clusters,
-)
-from vlmoe.data.collator import IGNORE_INDEX, ConversationCollator, split_model_inputs
 from vlmoe.data.conversations import BadSampleError, ConversationSample, LoadReport, read_conversations
 from vlmoe.data.mixing import MixtureSource, mix_sources
+
+# These need torch / sentence-transformers: imported on first use, so that chart generation
+# (and `vlmoe data charts` worker start-up) does not pay for torch.
+_LAZY = {
+    "InstructionClusters": "vlmoe.data.clustering",
+    "assign_clusters": "vlmoe.data.clustering",
+    "fit_instruction_clusters": "vlmoe.data.clustering",
+    "load_clusters": "vlmoe.data.clustering",
+    "save_clusters": "vlmoe.data.clustering",
+    "IGNORE_INDEX": "vlmoe.data.collator",
+    "ConversationCollator": "vlmoe.data.collator",
+    "split_model_inputs": "vlmoe.data.collator",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'vlmoe.data' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(_LAZY[name]), name)
+
 
 __all__ = [
     "CHART_JSON_SCHEMAS",
