@@ -72,6 +72,17 @@ def test_from_dense_refuses_unknown_modules():
         MoLELinear(nn.Linear(4, 4), backend="fast")
 
 
+def test_wrong_input_size_names_the_expected_shape():
+    moe = MoEFeedForward.from_dense(SwiGLU(8, 12), 4, 2)
+    with pytest.raises(
+        ValueError, match=r"MoEFeedForward expects inputs whose last dimension is 8, got shape \(3, 5\)"
+    ):
+        moe(torch.randn(3, 5))
+    mole = MoLELinear(nn.Linear(8, 4), num_experts=2, rank=2, router_input="cluster", num_clusters=2)
+    with pytest.raises(ValueError, match="MoLELinear expects inputs whose last dimension is 8"):
+        mole(torch.randn(3, 6), cluster_ids=torch.zeros(3, dtype=torch.long))
+
+
 def test_aux_loss_reaches_the_router():
     torch.manual_seed(0)
     moe = MoEFeedForward.from_dense(SwiGLU(8, 12), 4, 2, load_balance_coef=0.01, z_loss_coef=0.001)

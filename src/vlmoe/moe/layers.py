@@ -52,15 +52,30 @@ class SparseLayer(nn.Module):
     def top_k(self) -> int:
         return 0 if self.router is None else self.router.config.top_k
 
+    @property
+    def input_size(self) -> int | None:
+        """The last dimension inputs must have (None when the router does not read the input)."""
+        if self.router is None or self.router.cluster_embedding is not None:
+            return None
+        return self.router.gate.in_features
+
     def route(
         self, x: Tensor, token_mask: Tensor | None = None, cluster_ids: Tensor | None = None
     ) -> Routing:
         """Route the tokens of x # [..., I] and keep the record; the routing is in token order."""
+        self._check_input(x)
         token_mask, cluster_ids = self._flat_routing_inputs(x.shape[:-1], token_mask, cluster_ids)
         routing = self.router(x.reshape(-1, x.shape[-1]), token_mask=token_mask, cluster_ids=cluster_ids)
         self.last_aux_losses = routing.aux_losses
         self.last_routing = routing.detached() if self.record_routing else None
         return routing
+
+    def _check_input(self, x: Tensor) -> None:
+        if self.input_size is not None and (x.dim() == 0 or x.shape[-1] != self.input_size):
+            raise ValueError(
+                f"{type(self).__name__} expects inputs whose last dimension is {self.input_size}, "
+                f"got shape {tuple(x.shape)}"
+            )
 
     def route_and_dispatch(
         self, x: Tensor, token_mask: Tensor | None, cluster_ids: Tensor | None
@@ -232,6 +247,10 @@ class MoLELinear(SparseLayer):
         return cls(base, num_experts=0, rank=rank, alpha=alpha, dropout=dropout, universal=True)
 
     @property
+    def input_size(self) -> int:
+        return self.base.in_features
+
+    @property
     def in_features(self) -> int:
         return self.base.in_features
 
@@ -252,6 +271,7 @@ class MoLELinear(SparseLayer):
         routing: Routing | None = None,
     ) -> Tensor:
         """x # [..., in] -> [..., out]. `routing` reuses a decision made elsewhere (a shared router)."""
+        self._check_input(x)
         out = self.base(x)
         if self.experts is None:  # plain LoRA, or nothing left once merged
             return out if self.universal is None else out + self.universal.expert_forward(0, x)
