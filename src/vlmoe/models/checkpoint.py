@@ -141,6 +141,8 @@ def _replay(model: nn.Module, record: SurgeryRecord) -> None:
                 load_balance_coef=step.load_balance_coef,
                 z_loss_coef=step.z_loss_coef,
                 capacity_factor=step.capacity_factor,
+                min_capacity=step.min_capacity,
+                load_balance_first_choice=step.load_balance_first_choice,
             )
         elif step.kind == "add_mole":
             add_mole(
@@ -158,7 +160,15 @@ def _replay(model: nn.Module, record: SurgeryRecord) -> None:
                 load_balance_coef=step.load_balance_coef,
                 straight_through=step.straight_through,
                 attention_lora=step.attention_lora,
+                router_bias=step.router_bias,
             )
+        elif step.kind == "import":
+            from vlmoe.models.families import adapter_for
+            from vlmoe.models.record import append_step
+
+            if step.lm_head_bias:
+                add_lm_head_bias(model)
+            append_step(model, adapter_for(model).name, step)
         else:
             # The experts' shapes do not depend on the init; their weights come from the file.
             install_moe_connector(
@@ -170,6 +180,17 @@ def _replay(model: nn.Module, record: SurgeryRecord) -> None:
                 z_loss_coef=step.z_loss_coef,
             )
             _set_last_init(model, step.init)
+
+
+def add_lm_head_bias(model: nn.Module) -> None:
+    """Give the LM head a (zero) bias: Phi's head has one, LLaVA's class builds it without."""
+    head = model.get_output_embeddings()
+    biased = nn.Linear(head.in_features, head.out_features, bias=True, device=head.weight.device)
+    biased = biased.to(head.weight.dtype)
+    with torch.no_grad():
+        biased.weight.copy_(head.weight)
+        biased.bias.zero_()
+    model.set_output_embeddings(biased)
 
 
 def _set_last_init(model: nn.Module, init: str) -> None:
