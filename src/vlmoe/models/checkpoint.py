@@ -19,23 +19,30 @@ from torch import nn
 from transformers import AutoConfig, ProcessorMixin
 from transformers.initialization import no_init_weights
 
+from vlmoe.models.card import CARD_NAME, CardInfo, model_card
 from vlmoe.models.record import CONFIG_KEY, SurgeryRecord, read_record
 
 WEIGHTS_NAME = "model.safetensors"
 
 
-def save(model: nn.Module, path: str | os.PathLike, processor: ProcessorMixin | None = None) -> Path:
+def save(
+    model: nn.Module,
+    path: str | os.PathLike,
+    processor: ProcessorMixin | None = None,
+    card: CardInfo | None = None,
+) -> Path:
     """Write `model` to the directory `path` atomically (temp dir, then rename); returns the path.
 
     With `processor`, its files go in the same directory, so `AutoProcessor.from_pretrained(path)`
-    finds it next to the model.
+    finds it next to the model. A model card (README.md) describes the model; `card` adds the
+    recipe, data and evaluation results when the caller knows them.
 
     Example:
         >>> import tempfile, vlmoe
         >>> model = vlmoe.upcycle_ffn(vlmoe.models.tiny("llava")[0])
         >>> path = vlmoe.save(model, tempfile.mkdtemp() + "/moe-llava")
         >>> sorted(p.name for p in path.iterdir())
-        ['config.json', 'model.safetensors']
+        ['README.md', 'config.json', 'model.safetensors']
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -47,6 +54,7 @@ def save(model: nn.Module, path: str | os.PathLike, processor: ProcessorMixin | 
         _record_attention(temp / "config.json", model.config._attn_implementation)
         if processor is not None:
             processor.save_pretrained(temp)
+        (temp / CARD_NAME).write_text(model_card(model, card))
         save_file(
             {name: tensor.detach().contiguous() for name, tensor in state.items()},
             temp / WEIGHTS_NAME,

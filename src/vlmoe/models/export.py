@@ -29,18 +29,20 @@ import torch
 from torch import nn
 from transformers.initialization import no_init_weights
 
+from vlmoe.models.card import CARD_NAME, CardInfo, model_card
 from vlmoe.models.families import FamilyAdapter, adapter_for
 from vlmoe.models.mole import MoLEFeedForward
 from vlmoe.models.record import CONFIG_KEY
 from vlmoe.moe import GLUExperts, MoEConnector, MoEFeedForward, MoLELinear
 
 
-def export_hf(model: nn.Module, path: str | os.PathLike) -> Path:
+def export_hf(model: nn.Module, path: str | os.PathLike, card: CardInfo | None = None) -> Path:
     """Write `model` (not changed) as a stock transformers MoE checkpoint at `path`; returns the path.
 
     Plain and universal LoRA are merged into their base weights first. Routed LoRA experts, an
     MoE connector, capacity-limited routers and (for Mixtral) top-1 or un-renormalised routing
-    have no standard equivalent and are refused with the reason.
+    have no standard equivalent and are refused with the reason. A model card (README.md) comes
+    with the weights; `card` adds the recipe, data and evaluation results.
 
     Example:
         >>> import tempfile, vlmoe
@@ -64,7 +66,8 @@ def export_hf(model: nn.Module, path: str | os.PathLike) -> Path:
         exported = _to_mixtral(model, adapter, moe_layers)
     else:
         exported = _to_qwen2_moe(model, adapter, moe_layers)
-    return _save_atomically(exported, Path(path))
+    text = model_card(model, card, exported_as=type(exported).__name__)
+    return _save_atomically(exported, Path(path), text)
 
 
 def _export_style(model: nn.Module, adapter: FamilyAdapter) -> str:
@@ -248,11 +251,12 @@ def _empty(model_class, config, dtype: torch.dtype) -> nn.Module:
     return model
 
 
-def _save_atomically(model: nn.Module, path: Path) -> Path:
+def _save_atomically(model: nn.Module, path: Path, card_text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     temp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         model.save_pretrained(temp)
+        (temp / CARD_NAME).write_text(card_text)
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
             os.replace(path, old / path.name)
