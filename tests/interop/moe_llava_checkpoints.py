@@ -83,10 +83,11 @@ FAMILIES = {
 }
 
 
-def dense_lm(family: str, seed: int = 0) -> nn.Module:
+def dense_lm(family: str, seed: int = 0, tie: bool = False) -> nn.Module:
     """The stock dense causal LM their checkpoint's non-MoE keys come from (random, seeded)."""
     config_class, model_class, extra = FAMILIES[family]["stock"]
     fields = {k: v for k, v in _COMMON.items() if k != "rope_theta"}
+    fields["tie_word_embeddings"] = tie
     config = config_class(**fields, **extra, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
     config.hidden_act = FAMILIES[family]["flat"]["hidden_act"]
     torch.manual_seed(seed)
@@ -115,15 +116,17 @@ def write_moe_llava(
     num_shards: int = 2,
     file_format: str = "safetensors",
     seed: int = 0,
+    tie: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Write a tiny MoE-LLaVA checkpoint to `folder`; returns its tensors by name."""
+    """Write a tiny MoE-LLaVA checkpoint to `folder`; returns its tensors by name. With `tie`, the
+    LM head is the embedding matrix and, as transformers saves it, stored once (no lm_head.weight)."""
     folder.mkdir(parents=True, exist_ok=True)
-    dense = dense_lm(family, seed)
+    dense = dense_lm(family, seed, tie)
     generator = torch.Generator().manual_seed(seed + 100)
     tensors = {}
     for name, tensor in dense.state_dict().items():
         layer = _layer_of(name)
-        if layer in MOE_LAYERS and ".mlp." in name:
+        if (layer in MOE_LAYERS and ".mlp." in name) or (tie and name == "lm_head.weight"):
             continue
         tensors[name] = tensor.clone()
     for layer in MOE_LAYERS:
@@ -140,6 +143,7 @@ def write_moe_llava(
         tensors[prefix + "bias"] = torch.randn(shape[0], generator=generator) * 0.1
     config = {
         **FAMILIES[family]["flat"],
+        "tie_word_embeddings": tie,
         "model_type": FAMILIES[family]["model_type"],
         "architectures": [f"EvalMoELLaVA{family.title()}ForCausalLM"],
         "torch_dtype": "float32",
@@ -260,11 +264,19 @@ class DeepSpeedMoEReference(nn.Module):
 
 
 def reference_logits(
-    tensors, family, tower_dir, pixel_values, ids_with_sentinel, top_k=2, capacity_factor=2.0, min_capacity=0
+    tensors,
+    family,
+    tower_dir,
+    pixel_values,
+    ids_with_sentinel,
+    top_k=2,
+    capacity_factor=2.0,
+    min_capacity=0,
+    tie=False,
 ):
     """Their forward, from the checkpoint's tensors: tower -> projector -> splice at the sentinel ->
     the dense LM whose MoE layers are `DeepSpeedMoEReference`."""
-    lm = dense_lm(family)
+    lm = dense_lm(family, tie=tie)
     dense_keys = {k: v for k, v in tensors.items() if k in lm.state_dict()}
     lm.load_state_dict(dense_keys, strict=False)
     for layer in MOE_LAYERS:

@@ -81,6 +81,19 @@ def test_top1_checkpoint_weights_by_the_raw_gate(tmp_path, tower):
     torch.testing.assert_close(_logits(model, ids, pixels), expected, rtol=1e-4, atol=1e-4)
 
 
+def test_a_tied_lm_head_is_the_embedding_matrix(tmp_path, tower):
+    tensors = write_moe_llava(tmp_path / "ckpt", tie=True)
+    assert "lm_head.weight" not in tensors
+    model = import_moe_llava(tmp_path / "ckpt", tower)  # the appended image row joins both
+    assert model.lm_head.weight is model.get_input_embeddings().weight
+    ids, their_ids, pixels = _inputs()
+    ids[ids == IMAGE_TOKEN] = VOCAB
+    expected = reference_logits(tensors, "qwen1_5", tower, pixels, their_ids, tie=True)
+    torch.testing.assert_close(_logits(model, ids, pixels)[..., :VOCAB], expected, rtol=1e-4, atol=1e-4)
+    again = vlmoe.load(vlmoe.save(model, tmp_path / "saved"))
+    assert torch.equal(_logits(again, ids, pixels), _logits(model, ids, pixels))
+
+
 def test_every_tensor_lands_where_it_belongs(tmp_path, tower):
     tensors = write_moe_llava(tmp_path / "ckpt", "qwen1_5", file_format="bin", num_shards=3)
     model = import_moe_llava(tmp_path / "ckpt", tower, image_token_id=IMAGE_TOKEN)

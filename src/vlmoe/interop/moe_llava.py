@@ -108,6 +108,7 @@ def import_moe_llava(
     )
     with no_init_weights():
         model = LlavaForConditionalGeneration._from_config(llava_config, dtype=dtype)
+    model.tie_weights()  # skipped with the init; a tied head is then expected once
     lm_head_bias = "lm_head.bias" in tensors
     if lm_head_bias:
         add_lm_head_bias(model)
@@ -238,6 +239,11 @@ def _map_language_model(
             continue
         if _MOE in name:
             continue  # by layer, below
+        if name == "lm_head.weight" and model.config.tie_word_embeddings:
+            tied = tensors.take(name)  # saved by older transformers although tied: must be the same tensor
+            if not torch.equal(tied, tensors.take("model.embed_tokens.weight")):
+                raise ValueError(f"{tensors.path}: config ties the LM head to the embeddings but they differ")
+            continue
         if name.startswith("lm_head."):
             ours = name
         elif name.startswith(_THEIR_LM):

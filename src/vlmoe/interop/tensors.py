@@ -15,6 +15,8 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from vlmoe.models.checkpoint import unique_state
+
 _INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 _SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
 
@@ -134,7 +136,8 @@ class TargetState:
     """The state dict of a vlmoe model being filled from foreign tensors, checked name by name."""
 
     def __init__(self, model: nn.Module, source: str) -> None:
-        self._expected = {name: t for name, t in model.state_dict().items()}
+        # A tied tensor (LM head = embeddings) is expected once, under its first name.
+        self._expected = unique_state(model)
         self._source = source
         self.state: dict[str, torch.Tensor] = {}
 
@@ -157,7 +160,7 @@ class TargetState:
                 f"{self._source}: no tensor for {_some(missing)}; the checkpoint is truncated or "
                 "its config.json describes another model"
             )
-        model.load_state_dict(self.state, strict=True, assign=True)
+        model.load_state_dict(self.state, strict=False, assign=True)  # the tied names come back below
         model.tie_weights()
 
 

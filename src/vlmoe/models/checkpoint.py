@@ -47,7 +47,7 @@ def save(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     model.config.architectures = [type(model).__name__]
-    state = _unique_state(model)
+    state = unique_state(model)
     temp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         model.config.save_pretrained(temp)
@@ -207,7 +207,7 @@ def _set_last_init(model: nn.Module, init: str) -> None:
     setattr(model.config, CONFIG_KEY, record.to_dict())
 
 
-def _unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
+def unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The state dict with each shared tensor (tied embeddings) under its first name only."""
     seen: set[tuple[int, int]] = set()
     state = {}
@@ -221,7 +221,7 @@ def _unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _load_weights(model: nn.Module, weights: Path) -> None:
-    expected = _unique_state(model)
+    expected = unique_state(model)
     with safe_open(str(weights), framework="pt") as handle:
         names = set(handle.keys())
         missing = sorted(set(expected) - names)
