@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import torch
@@ -71,6 +72,28 @@ FAMILIES = {
         flat={**_COMMON, "hidden_act": "silu", "rms_norm_eps": 1e-6, "use_sliding_window": False},
         stock=(Qwen2Config, Qwen2ForCausalLM, {"rms_norm_eps": 1e-6}),
     ),
+    # Qwen-1 (their remote-code QWenConfig names); its reference is a Qwen2 with as many kv heads as heads.
+    "qwen1": dict(
+        model_type="moe_llava_qwen",
+        flat={
+            "vocab_size": VOCAB,
+            "hidden_size": HIDDEN,
+            "intermediate_size": 128,  # Qwen-1 stores twice the MLP width
+            "num_hidden_layers": NUM_LAYERS,
+            "num_attention_heads": 4,
+            "kv_channels": HIDDEN // 4,
+            "seq_length": 128,
+            "max_position_embeddings": 128,
+            "rotary_pct": 1.0,
+            "rotary_emb_base": 10000,
+            "layer_norm_epsilon": 1e-6,
+            "no_bias": True,
+            "use_dynamic_ntk": True,
+            "use_logn_attn": True,
+            "hidden_act": "silu",
+        },
+        stock=(Qwen2Config, Qwen2ForCausalLM, {"rms_norm_eps": 1e-6, "num_key_value_heads": 4}),
+    ),
     "stablelm": dict(
         model_type="moe_llava_stablelm",
         flat={**_COMMON, "hidden_act": "silu", "rope_pct": 0.25, "norm_eps": 1e-5, "use_qkv_bias": True},
@@ -87,8 +110,8 @@ def dense_lm(family: str, seed: int = 0, tie: bool = False) -> nn.Module:
     """The stock dense causal LM their checkpoint's non-MoE keys come from (random, seeded)."""
     config_class, model_class, extra = FAMILIES[family]["stock"]
     fields = {k: v for k, v in _COMMON.items() if k != "rope_theta"}
-    fields["tie_word_embeddings"] = tie
-    config = config_class(**fields, **extra, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    fields.update(extra, tie_word_embeddings=tie)
+    config = config_class(**fields, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
     config.hidden_act = FAMILIES[family]["flat"]["hidden_act"]
     torch.manual_seed(seed)
     model = model_class(config).eval()
@@ -172,8 +195,40 @@ def write_moe_llava(
         },
     }
     (folder / "config.json").write_text(json.dumps(config, indent=2))
-    write_shards(folder, tensors, num_shards, file_format)
+    write_shards(folder, _as_qwen1(tensors) if family == "qwen1" else tensors, num_shards, file_format)
     return tensors
+
+
+def _as_qwen1(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The same weights under Qwen-1's names (`transformer.h.{i}`, fused c_attn, w1/w2/c_proj)."""
+    renames = (
+        (r"^model\.embed_tokens\.", "transformer.wte."),
+        (r"^model\.norm\.", "transformer.ln_f."),
+        (r"^model\.layers\.(\d+)\.input_layernorm\.", r"transformer.h.\1.ln_1."),
+        (r"^model\.layers\.(\d+)\.post_attention_layernorm\.", r"transformer.h.\1.ln_2."),
+        (r"^model\.layers\.(\d+)\.self_attn\.o_proj\.", r"transformer.h.\1.attn.c_proj."),
+        (r"^model\.layers\.(\d+)\.mlp\.(.*)gate_proj\.", r"transformer.h.\1.mlp.\2w2."),
+        (r"^model\.layers\.(\d+)\.mlp\.(.*)up_proj\.", r"transformer.h.\1.mlp.\2w1."),
+        (r"^model\.layers\.(\d+)\.mlp\.(.*)down_proj\.", r"transformer.h.\1.mlp.\2c_proj."),
+        (r"^model\.", "transformer."),
+    )
+    out = {}
+    for name, tensor in tensors.items():
+        if ".self_attn.q_proj." in name:
+            leaf = name.rsplit(".", 1)[1]
+            parts = [tensors[name.replace("q_proj", proj)] for proj in ("q_proj", "k_proj", "v_proj")]
+            out[f"transformer.h.{_layer_of(name)}.attn.c_attn.{leaf}"] = torch.cat(parts)
+            continue
+        if ".self_attn.k_proj." in name or ".self_attn.v_proj." in name:
+            continue
+        for pattern, replacement in renames:
+            renamed, count = re.subn(pattern, replacement, name)
+            if count:
+                out[renamed] = tensor
+                break
+        else:
+            out[name] = tensor  # lm_head
+    return out
 
 
 def write_shards(folder: Path, tensors: dict[str, torch.Tensor], num_shards: int, file_format: str) -> None:

@@ -42,7 +42,7 @@ def _logits(model, ids, pixels):
         return model(input_ids=ids, pixel_values=pixels).logits
 
 
-@pytest.mark.parametrize("family", ["phi", "qwen1_5", "stablelm"])
+@pytest.mark.parametrize("family", ["phi", "qwen1_5", "stablelm", "qwen1"])
 def test_logits_equal_their_forward_written_from_the_checkpoint(tmp_path, tower, family):
     tensors = write_moe_llava(tmp_path / "ckpt", family)
     model = import_moe_llava(tmp_path / "ckpt", tower, image_token_id=IMAGE_TOKEN)
@@ -238,7 +238,8 @@ def test_configs_it_cannot_honour_are_refused_with_the_reason(tmp_path, tower):
     config_file = tmp_path / "ckpt" / "config.json"
     original = json.loads(config_file.read_text())
     for change, message in (
-        ({"model_type": "moe_llava_qwen"}, "Qwen-1, a remote-code"),
+        ({"model_type": "moe_llava_minicpm"}, "not a MoE-LLaVA type vlmoe imports"),
+        ({"image_projector_type": "qformer2_64"}, "Linear-GELU-Linear"),
         ({"moe": {**original["moe"], "use_residual": True}}, "use_residual"),
         ({"moe": {**original["moe"], "num_experts": [4, 2]}}, "different expert counts"),
         ({"moe": None}, "dense LLaVA"),

@@ -16,6 +16,7 @@ Key map (theirs -> ours, `LM` = `model.language_model`):
     model.mm_projector.image_spatial_proj.{0,2}.*             -> model.multi_modal_projector.linear_{1,2}.*
     model.image_tower.image_tower.vision_model.* (if present) -> model.vision_tower.vision_model.*
     lm_head.*                                                 -> lm_head.*
+MoE-LLaVA-Qwen (Qwen-1, `transformer.h.{i}...`) is first renamed to these Qwen1.5 names (`qwen1.py`).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from torch import nn
 from transformers import CONFIG_MAPPING, CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
 from transformers.initialization import no_init_weights
 
+from vlmoe.interop.qwen1 import Qwen1Tensors, qwen2_fields
 from vlmoe.interop.tensors import CheckpointTensors, TargetState, check_all_used
 from vlmoe.interop.vision import VISION_PREFIX, read_vision_tower, tower_names
 from vlmoe.models.checkpoint import add_lm_head_bias
@@ -43,6 +45,7 @@ TEXT_FAMILIES: dict[str, tuple[str, dict[str, str]]] = {
     "moe_llava_phi": ("phi", {}),
     "moe_llava_stablelm": ("stablelm", {"rope_pct": "partial_rotary_factor", "norm_eps": "layer_norm_eps"}),
     "moe_llava_qwen1_5": ("qwen2", {}),
+    "moe_llava_qwen": ("qwen2", {}),  # Qwen-1, read as Qwen2 (see vlmoe.interop.qwen1)
     "moe_llava_llama": ("llama", {}),
     "moe_llava_mistral": ("mistral", {}),
 }
@@ -81,6 +84,8 @@ def import_moe_llava(
     config = _read_config(path)
     moe = _moe_settings(config, path)
     tensors = CheckpointTensors(path)
+    if config["model_type"] == "moe_llava_qwen":
+        tensors = Qwen1Tensors(tensors)
     if dtype is None:
         dtype = tensors.dtype()
     vision_config, tower = read_vision_tower(vision_tower, config.get("mm_image_tower"))
@@ -144,14 +149,15 @@ def _read_config(path: Path) -> dict[str, Any]:
     config = json.loads(config_file.read_text())
     model_type = config.get("model_type")
     if model_type not in TEXT_FAMILIES:
-        hint = (
-            " (MoE-LLaVA-Qwen is built on Qwen-1, a remote-code architecture without a stock class)"
-            if model_type == "moe_llava_qwen"
-            else ""
-        )
         raise ValueError(
-            f"{config_file}: model_type {model_type!r} is not a MoE-LLaVA type vlmoe imports{hint}; "
+            f"{config_file}: model_type {model_type!r} is not a MoE-LLaVA type vlmoe imports; "
             f"supported: {sorted(TEXT_FAMILIES)}"
+        )
+    projector = config.get("image_projector_type", "linear")  # their builder's default
+    if projector != "mlp2x_gelu":
+        raise ValueError(
+            f"{config_file}: image_projector_type {projector!r}; LLaVA's projector (and so this importer) "
+            "is Linear-GELU-Linear, their 'mlp2x_gelu', the one the released models use"
         )
     return config
 
@@ -197,6 +203,8 @@ def _moe_settings(config: dict[str, Any], path: Path) -> dict[str, Any]:
 def _text_config(config: dict[str, Any], path: Path):
     stock_type, renames = TEXT_FAMILIES[config["model_type"]]
     config_class = CONFIG_MAPPING[stock_type]
+    if config["model_type"] == "moe_llava_qwen":
+        return config_class(**qwen2_fields(config, f"{path}/config.json"))
     known = set(config_class().to_dict()) | set(_LEGACY_ROPE_KEYS)
     fields = {renames.get(key, key): value for key, value in config.items()}
     fields = {key: value for key, value in fields.items() if key in known and key != "model_type"}
