@@ -22,12 +22,15 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 from transformers import (
+    AutoModel,
     CLIPVisionConfig,
     CLIPVisionModel,
     PhiConfig,
     PhiForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
+    SiglipVisionConfig,
+    SiglipVisionModel,
     StableLmConfig,
     StableLmForCausalLM,
 )
@@ -122,9 +125,12 @@ def dense_lm(family: str, seed: int = 0, tie: bool = False) -> nn.Module:
     return model
 
 
-def write_vision_tower(folder: Path, seed: int = 1) -> Path:
+def write_vision_tower(folder: Path, seed: int = 1, siglip: bool = False) -> Path:
     torch.manual_seed(seed)
-    tower = CLIPVisionModel(CLIPVisionConfig(**VISION)).eval()
+    if siglip:
+        tower = SiglipVisionModel(SiglipVisionConfig(**VISION)).eval()
+    else:
+        tower = CLIPVisionModel(CLIPVisionConfig(**VISION)).eval()
     tower.save_pretrained(folder)
     return folder
 
@@ -339,9 +345,10 @@ def reference_logits(
         lm.model.layers[layer].mlp = DeepSpeedMoEReference(
             tensors, prefix, family, top_k, capacity_factor, min_capacity
         )
-    tower = CLIPVisionModel.from_pretrained(tower_dir).eval()
+    tower = AutoModel.from_pretrained(tower_dir).eval()  # CLIP or SigLIP vision model
     with torch.no_grad():
-        features = tower(pixel_values, output_hidden_states=True).hidden_states[-2][:, 1:]  # "patch"
+        # "patch" drops the first token, for SigLIP too (which has no class token)
+        features = tower(pixel_values, output_hidden_states=True).hidden_states[-2][:, 1:]
         p = "model.mm_projector.image_spatial_proj."
         features = F.linear(
             F.gelu(F.linear(features, tensors[p + "0.weight"], tensors[p + "0.bias"])),

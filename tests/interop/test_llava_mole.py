@@ -72,13 +72,13 @@ def _trained_parts(seed=0):
     return state
 
 
-def _full_state(folders, trained):
+def _full_state(folders, trained, peft_base_layer=True):
     """A whole-model state dict, as `torch.save(model.state_dict())` of MLLM_LLaVA_MoLE gives."""
     base = LlamaForCausalLM.from_pretrained(folders / "vicuna").state_dict()
     state = dict(trained)
     for name, tensor in base.items():
         if ".self_attn." in name and name.endswith("proj.weight"):
-            state[LM + name.replace(".weight", ".base_layer.weight")] = tensor
+            state[LM + (name.replace(".weight", ".base_layer.weight") if peft_base_layer else name)] = tensor
         elif ".mlp." in name:
             state[LM + name.replace(".mlp.", ".mlp.original_module.")] = tensor
         else:
@@ -182,12 +182,16 @@ def test_logits_equal_their_forward_written_from_the_checkpoint(tmp_path, folder
         vlmoe.export_hf(model, tmp_path / "exported")
 
 
-def test_a_whole_model_state_dict_uses_every_tensor(tmp_path, folders):
+@pytest.mark.parametrize("peft_base_layer", [True, False])
+def test_a_whole_model_state_dict_uses_every_tensor(tmp_path, folders, peft_base_layer):
     trained = _trained_parts(seed=2)
-    full = _full_state(folders, trained)
+    full = _full_state(folders, trained, peft_base_layer)
+    q_proj = f"{LM}model.layers.0.self_attn.q_proj.{'base_layer.' if peft_base_layer else ''}weight"
+    full[q_proj] = full[q_proj] + 1.0  # the checkpoint's copy wins over the base LM's
     torch.save({"state_dict": full}, tmp_path / "full.pt")
     model = import_llava_mole(tmp_path / "full.pt", folders / "vicuna", folders / "clip", lora_alpha=ALPHA)
     state = model.state_dict()
+    assert torch.equal(state["model.language_model.layers.0.self_attn.q_proj.base.weight"], full[q_proj])
     p = "model.language_model.layers.1."
     assert torch.equal(
         state[p + "mlp.down_proj.experts.lora_B"][2], trained[f"{LM}model.layers.1.mlp.moe_down.2.lora_B"]

@@ -53,6 +53,17 @@ def test_logits_equal_their_forward_written_from_the_checkpoint(tmp_path, tower,
     torch.testing.assert_close(_logits(model, ids, pixels), expected, rtol=1e-4, atol=1e-4)
 
 
+def test_a_siglip_tower_loses_its_first_token_as_in_their_code(tmp_path):
+    siglip = write_vision_tower(tmp_path / "siglip", siglip=True)
+    tensors = write_moe_llava(tmp_path / "ckpt", "phi")
+    model = import_moe_llava(tmp_path / "ckpt", siglip, image_token_id=IMAGE_TOKEN)
+    assert model.config.image_seq_length == NUM_IMAGE_TOKENS - 1
+    ids, their_ids, pixels = _inputs()
+    ids = torch.cat([ids[:, :5], ids[:, 6:]], dim=1)  # one image token fewer
+    expected = reference_logits(tensors, "phi", siglip, pixels, their_ids)
+    torch.testing.assert_close(_logits(model, ids, pixels), expected, rtol=1e-4, atol=1e-4)
+
+
 def test_token_dropping_at_a_small_eval_capacity_matches_deepspeed(tmp_path, tower):
     # factor 1.0, top-2 of 4: capacity ceil(T/2) < T, so tokens are dropped; min_capacity applies.
     tensors = write_moe_llava(tmp_path / "ckpt", eval_capacity_factor=1.0, min_capacity=3)

@@ -146,14 +146,16 @@ class _Resolver:
     def __init__(self, tensors: CheckpointTensors, base: CheckpointTensors) -> None:
         self.tensors, self.base = tensors, base
 
-    def take(self, name: str, their_name: str | None = None) -> torch.Tensor:
-        their_name = their_name or _LM + name
-        if their_name in self.tensors:
-            return self.tensors.take(their_name)
+    def take(self, name: str, *their_names: str) -> torch.Tensor:
+        their_names = their_names or (_LM + name,)
+        for their_name in their_names:
+            if their_name in self.tensors:
+                return self.tensors.take(their_name)
+        their_name = " or ".join(repr(n) for n in their_names)
         if name in self.base:
             return self.base.take(name)
         raise ValueError(
-            f"neither {self.tensors.path} ({their_name!r}) nor the base LM {self.base.path} ({name!r}) has "
+            f"neither {self.tensors.path} ({their_name}) nor the base LM {self.base.path} ({name!r}) has "
             "this tensor: the checkpoint is truncated or the base LM is not the one it was trained on"
         )
 
@@ -180,7 +182,10 @@ def _map_layers(model: nn.Module, lm: _Resolver, target: TargetState, num_expert
             target.set(f"{ours}{norm}.weight", lm.take(name), name)
         for proj in _ATTENTION:
             name = f"model.layers.{index}.self_attn.{proj}.weight"
-            weight = lm.take(name, f"{theirs}self_attn.{proj}.base_layer.weight")
+            # PEFT >= 0.7 keeps the frozen weight in `base_layer`; older PEFT on the LoRA layer itself.
+            weight = lm.take(
+                name, f"{theirs}self_attn.{proj}.base_layer.weight", f"{theirs}self_attn.{proj}.weight"
+            )
             target.set(f"{ours}self_attn.{proj}.base.weight", weight, name)
             for lora in ("lora_A", "lora_B"):
                 name = f"{theirs}self_attn.{proj}.{lora}.default.weight"
@@ -210,7 +215,7 @@ def _map_embeddings(lm: _Resolver, tensors: CheckpointTensors, target: TargetSta
     )
     rows = torch.cat([embed, embed.new_zeros(1, embed.shape[1]), start.to(embed.dtype), end.to(embed.dtype)])
     target.set("model.language_model.embed_tokens.weight", rows, "model.embed_tokens.weight + 3 new rows")
-    head = lm.take("lm_head.weight", _LM + "lm_head.weight")
+    head = lm.take("lm_head.weight")
     target.set(
         "lm_head.weight", torch.cat([head, head.new_zeros(3, head.shape[1])]), "lm_head.weight + 3 zero rows"
     )
