@@ -38,7 +38,7 @@ from transformers import AutoConfig, LlamaConfig, LlavaConfig, LlavaForCondition
 from transformers.initialization import no_init_weights
 
 from vlmoe.interop.tensors import CheckpointTensors, TargetState, check_all_used
-from vlmoe.interop.vision import VISION_PREFIX, read_vision_tower, tower_names
+from vlmoe.interop.vision import DERIVED, VISION_PREFIX, map_tower, read_vision_tower
 from vlmoe.models.record import ImportCheckpoint, append_step
 from vlmoe.models.surgery import add_mole
 
@@ -48,7 +48,6 @@ _ADAPTOR = "in_adaptor."
 _THEIR_TOWER = "vit.vision_tower." + VISION_PREFIX
 _ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 _MLP = {"gate_proj": "moe_gate", "up_proj": "moe_up", "down_proj": "moe_down"}
-_DERIVED = ("rotary_emb.inv_freq", "embeddings.position_ids")
 
 
 def import_llava_mole(
@@ -127,13 +126,13 @@ def import_llava_mole(
     _map_layers(model, lm, target, num_experts)
     _map_embeddings(lm, tensors, target, vocab)
     target.set("model.language_model.norm.weight", lm.take("model.norm.weight"), "model.norm.weight")
-    _map_tower(tensors, tower, target)
+    map_tower(tensors, _THEIR_TOWER, tower, target)
     for index, linear in ((0, "linear_1"), (2, "linear_2")):
         for leaf in ("weight", "bias"):
             name = f"{_ADAPTOR}projector.{index}.{leaf}"
             target.set(f"model.multi_modal_projector.{linear}.{leaf}", tensors.take(name), name)
     for name in tensors.names():
-        if name.endswith(_DERIVED):
+        if name.endswith(DERIVED):
             tensors.take(name)
     check_all_used(tensors)
     target.load_into(model)
@@ -221,17 +220,3 @@ def _map_embeddings(lm: _Resolver, tensors: CheckpointTensors, target: TargetSta
     )
     if head.shape[0] != vocab:
         raise ValueError(f"lm_head has {head.shape[0]} rows but the base config's vocab_size is {vocab}")
-
-
-def _map_tower(tensors: CheckpointTensors, tower: CheckpointTensors, target: TargetState) -> None:
-    inside = [name for name in tensors.names() if name.startswith(_THEIR_TOWER)]
-    source, names = (
-        (tensors, {name[len(_THEIR_TOWER) :]: name for name in inside})
-        if inside
-        else (tower, tower_names(tower))
-    )
-    if not names:
-        raise ValueError(f"{tower.path}: no vision tower tensors found; is it a CLIP vision model?")
-    for ours, theirs in names.items():
-        if not ours.endswith(_DERIVED):
-            target.set(f"model.vision_tower.{ours}", source.take(theirs), f"{source.path}:{theirs}")

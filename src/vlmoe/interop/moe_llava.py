@@ -34,7 +34,7 @@ from transformers.initialization import no_init_weights
 
 from vlmoe.interop.qwen1 import Qwen1Tensors, qwen2_fields
 from vlmoe.interop.tensors import CheckpointTensors, TargetState, check_all_used
-from vlmoe.interop.vision import VISION_PREFIX, read_vision_tower, tower_names
+from vlmoe.interop.vision import DERIVED, VISION_PREFIX, map_tower, read_vision_tower
 from vlmoe.models.checkpoint import add_lm_head_bias
 from vlmoe.models.record import ImportCheckpoint, append_step
 from vlmoe.models.surgery import upcycle_ffn
@@ -58,8 +58,6 @@ _PROJECTOR = {
     "model.mm_projector.image_spatial_proj.2.": "model.multi_modal_projector.linear_2.",
 }
 _THEIR_TOWER = "model.image_tower.image_tower."
-# Buffers older transformers saved that are recomputed from the config (never learned).
-_DERIVED = ("rotary_emb.inv_freq", "embeddings.position_ids")
 
 
 def import_moe_llava(
@@ -130,12 +128,12 @@ def import_moe_llava(
     )
     target = TargetState(model, str(path))
     _map_language_model(model, tensors, target, grow_vocab)
-    _map_tower(tensors, tower, target)
+    map_tower(tensors, _THEIR_TOWER + VISION_PREFIX, tower, target)
     for theirs, ours in _PROJECTOR.items():
         for leaf in ("weight", "bias"):
             target.set(f"{ours}{leaf}", tensors.take(f"{theirs}{leaf}"), f"{theirs}{leaf}")
     for name in tensors.names():
-        if name.endswith(_DERIVED):
+        if name.endswith(DERIVED):
             tensors.take(name)
     check_all_used(tensors)
     target.load_into(model)
@@ -243,7 +241,7 @@ def _map_language_model(
     lm = model.get_submodule("model.language_model")
     moe_layers = {i for i, layer in enumerate(lm.layers) if isinstance(layer.mlp, MoEFeedForward)}
     for name in tensors.names():
-        if name.startswith(tuple(_PROJECTOR)) or name.startswith(_THEIR_TOWER) or name.endswith(_DERIVED):
+        if name.startswith(tuple(_PROJECTOR)) or name.startswith(_THEIR_TOWER) or name.endswith(DERIVED):
             continue
         if _MOE in name:
             continue  # by layer, below
@@ -300,19 +298,3 @@ def _map_moe_layer(mlp: MoEFeedForward, index: int, tensors: CheckpointTensors, 
                 target.set(f"{ours}experts.{linear}_{leaf}", stacked, f"{expert}*.{linear}.{leaf}")
     else:
         raise ValueError(f"layer {index}: experts of type {type(mlp.experts).__name__} cannot be imported")
-
-
-def _map_tower(tensors: CheckpointTensors, tower: CheckpointTensors, target: TargetState) -> None:
-    """The tower from the checkpoint when it has it, else from the --vision-tower directory."""
-    their_tower = _THEIR_TOWER + VISION_PREFIX
-    inside = [name for name in tensors.names() if name.startswith(their_tower)]
-    source, names = (
-        (tensors, {name[len(their_tower) :]: name for name in inside})
-        if inside
-        else (tower, tower_names(tower))
-    )
-    if not names:
-        raise ValueError(f"{tower.path}: no vision tower tensors found; is it a CLIP/SigLIP vision model?")
-    for ours, theirs in names.items():
-        if not ours.endswith(_DERIVED):
-            target.set(f"model.vision_tower.{ours}", source.take(theirs), f"{source.path}:{theirs}")

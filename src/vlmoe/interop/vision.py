@@ -11,9 +11,11 @@ from pathlib import Path
 
 from transformers import AutoConfig, CLIPVisionConfig, PretrainedConfig, SiglipVisionConfig
 
-from vlmoe.interop.tensors import CheckpointTensors
+from vlmoe.interop.tensors import CheckpointTensors, TargetState
 
 VISION_PREFIX = "vision_model."  # the tower's keys in CLIPVisionModel / SiglipVisionModel
+# Buffers older transformers saved that are recomputed from the config (never learned).
+DERIVED = ("rotary_emb.inv_freq", "embeddings.position_ids")
 
 
 def read_vision_tower(
@@ -53,3 +55,23 @@ def tower_names(tensors: CheckpointTensors) -> dict[str, str]:
         for name in names
         if name.startswith(("embeddings.", "encoder.", "pre_layrnorm.", "post_layernorm.", "head."))
     }
+
+
+def map_tower(
+    tensors: CheckpointTensors, their_prefix: str, tower: CheckpointTensors, target: TargetState
+) -> None:
+    """The tower's tensors into `model.vision_tower`: from the checkpoint when it has them (under
+    `their_prefix`), else from the --vision-tower directory. Derived buffers are not weights."""
+    inside = [name for name in tensors.names() if name.startswith(their_prefix)]
+    source, names = (
+        (tensors, {name[len(their_prefix) :]: name for name in inside})
+        if inside
+        else (tower, tower_names(tower))
+    )
+    if not names:
+        raise ValueError(f"{tower.path}: no vision tower tensors found; is it a CLIP/SigLIP vision model?")
+    for ours, theirs in names.items():
+        if ours.endswith(DERIVED):
+            source.take(theirs)
+        else:
+            target.set(f"model.vision_tower.{ours}", source.take(theirs), f"{source.path}:{theirs}")
