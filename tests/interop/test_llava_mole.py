@@ -225,3 +225,25 @@ def test_bad_checkpoints_fail_clearly(tmp_path, folders):
     (tmp_path / "cut.pt").write_bytes((tmp_path / "missing.pt").read_bytes()[:500])
     with pytest.raises(ValueError, match="cut.pt: not a readable PyTorch checkpoint"):
         import_llava_mole(tmp_path / "cut.pt", folders / "vicuna", folders / "clip")
+
+
+def test_vlmoe_import_llava_mole_command(tmp_path, folders):
+    from typer.testing import CliRunner
+
+    from vlmoe.cli import app
+
+    torch.save({"state_dict": _trained_parts()}, tmp_path / "llava_mole.pt")
+    args = ["import", "llava-mole", str(tmp_path / "llava_mole.pt"), str(tmp_path / "out")]
+    args += ["--base-llm", str(folders / "vicuna"), "--vision-tower", str(folders / "clip")]
+    result = CliRunner().invoke(app, [*args, "--lora-alpha", str(ALPHA), "--routing", "sparse"])
+    assert result.exit_code == 0, result.output
+    loaded = vlmoe.load(tmp_path / "out")
+    direct = import_llava_mole(
+        tmp_path / "llava_mole.pt", folders / "vicuna", folders / "clip", lora_alpha=ALPHA, routing="sparse"
+    )
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, direct(input_ids=ids).logits)
+    assert "| straight through | True |" in (tmp_path / "out" / "README.md").read_text()
+    result = CliRunner().invoke(app, [*args, "--routing", "soft"])
+    assert result.exit_code == 1 and "routing must be 'dense' or 'sparse'" in result.output
