@@ -166,7 +166,7 @@ def test_save_load_and_export(tmp_path, tower):
     assert torch.equal(_logits(again, ids, pixels), _logits(model, ids, pixels))
     card = (tmp_path / "saved" / "README.md").read_text()
     assert "imported from a published checkpoint" in card and "| source | moe-llava |" in card
-    assert "| layers | [0, 2] |" in card and "| top k | 2 |" in card
+    assert "| checkpoint | qwen |" in card and "| layers | [0, 2] |" in card and "| top k | 2 |" in card
     # Qwen1.5 -> Qwen2-MoE (dense layer 1 in mlp_only_layers); text logits equal.
     vlmoe.export_hf(again, tmp_path / "exported")
     stock = Qwen2MoeForCausalLM.from_pretrained(tmp_path / "exported").eval()

@@ -110,7 +110,7 @@ def import_llava_mole(
         dtype = tensors.dtype()
     with no_init_weights():
         model = LlavaForConditionalGeneration._from_config(config, dtype=dtype)
-    append_step(model, "llava", ImportCheckpoint(source="llava-mole"))
+    append_step(model, "llava", ImportCheckpoint("llava-mole", checkpoint=Path(checkpoint).name))
     dense = routing == "dense"
     add_mole(
         model,

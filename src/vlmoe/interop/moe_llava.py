@@ -115,7 +115,7 @@ def import_moe_llava(
     lm_head_bias = "lm_head.bias" in tensors
     if lm_head_bias:
         add_lm_head_bias(model)
-    append_step(model, "llava", ImportCheckpoint(source="moe-llava", lm_head_bias=lm_head_bias))
+    append_step(model, "llava", ImportCheckpoint("moe-llava", lm_head_bias, checkpoint=path.name))
     upcycle_ffn(
         model,
         moe["num_experts"],

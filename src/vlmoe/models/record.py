@@ -74,6 +74,7 @@ class ImportCheckpoint:
 
     source: str  # "moe-llava" or "llava-mole"
     lm_head_bias: bool = False
+    checkpoint: str = ""  # the name of the checkpoint it came from (provenance, for the model card)
     kind: Literal["import"] = "import"
 
 
