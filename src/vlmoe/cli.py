@@ -199,5 +199,81 @@ def export(
     typer.echo(f"exported {src} -> {path}")
 
 
+# --- vlmoe import: published sparse VLM checkpoints -> vlmoe models (vlmoe.interop) -------------
+import_app = typer.Typer(
+    help="Convert a published sparse VLM checkpoint (MoE-LLaVA, LLaVA-MoLE) into a vlmoe model directory.",
+    no_args_is_help=True,
+)
+app.add_typer(import_app, name="import")
+_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@import_app.command("moe-llava")
+def import_moe_llava_command(
+    src: Annotated[Path, typer.Argument(help="Local MoE-LLaVA checkpoint directory (config.json + shards).")],
+    dst: Annotated[Path, typer.Argument(help="Where to write the vlmoe model (vlmoe.save).")],
+    vision_tower: Annotated[
+        Path | None, typer.Option(help="Local CLIP/SigLIP directory of the tower their config names.")
+    ] = None,
+    image_token_id: Annotated[
+        int | None, typer.Option(help="Unused id below vocab_size for image positions; default: append one.")
+    ] = None,
+    dtype: Annotated[
+        str, typer.Option(help="auto (the checkpoint's), float32, bfloat16 or float16.")
+    ] = "auto",
+) -> None:
+    """MoE-LLaVA (DeepSpeed-MoE layers) -> a vlmoe LLaVA that runs on stock transformers."""
+    from vlmoe.interop import import_moe_llava
+    from vlmoe.models import save
+
+    try:
+        model = import_moe_llava(src, vision_tower, image_token_id=image_token_id, dtype=_import_dtype(dtype))
+        typer.echo(f"imported {src} -> {save(model, dst)}")
+    except (ValueError, FileNotFoundError) as error:
+        typer.echo(f"vlmoe import moe-llava: {error}", err=True)
+        raise typer.Exit(code=1) from None
+
+
+@import_app.command("llava-mole")
+def import_llava_mole_command(
+    src: Annotated[
+        Path, typer.Argument(help="LLaVA-MoLE checkpoint (.pt with a state_dict, or a directory).")
+    ],
+    dst: Annotated[Path, typer.Argument(help="Where to write the vlmoe model (vlmoe.save).")],
+    base_llm: Annotated[Path, typer.Option(help="Local Vicuna directory the checkpoint was trained on.")],
+    vision_tower: Annotated[Path, typer.Option(help="Local CLIP vision tower directory.")],
+    lora_alpha: Annotated[
+        float | None, typer.Option(help="LoRA alpha (not stored by them); default 2*rank.")
+    ] = None,
+    routing: Annotated[
+        str,
+        typer.Option(help="dense (their released inference: all experts by probability) or sparse (top-1)."),
+    ] = "dense",
+    dtype: Annotated[
+        str, typer.Option(help="auto (the checkpoint's), float32, bfloat16 or float16.")
+    ] = "auto",
+) -> None:
+    """LLaVA-MoLE (LoRA experts on the FFN, LoRA on attention) -> a vlmoe LLaVA with MoLE layers."""
+    from vlmoe.interop import import_llava_mole
+    from vlmoe.models import save
+
+    try:
+        model = import_llava_mole(
+            src, base_llm, vision_tower, lora_alpha=lora_alpha, routing=routing, dtype=_import_dtype(dtype)
+        )
+        typer.echo(f"imported {src} -> {save(model, dst)}")
+    except (ValueError, FileNotFoundError) as error:
+        typer.echo(f"vlmoe import llava-mole: {error}", err=True)
+        raise typer.Exit(code=1) from None
+
+
+def _import_dtype(name: str) -> torch.dtype | None:
+    import torch
+
+    if name not in _DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(_DTYPES)}, got {name!r}")
+    return None if name == "auto" else getattr(torch, name)
+
+
 if __name__ == "__main__":
     app()

@@ -113,3 +113,18 @@ def test_processor_saved_beside_the_model(tmp_path):
     reloaded = AutoProcessor.from_pretrained(path)
     assert reloaded.tokenizer("a chart").input_ids == processor.tokenizer("a chart").input_ids
     assert read_record(vlmoe.load(path)).kinds() == ["upcycle_ffn"]
+
+
+def test_a_record_written_before_the_newer_step_fields_still_loads(tmp_path):
+    import json
+
+    import vlmoe
+
+    model = vlmoe.upcycle_ffn(vlmoe.models.tiny("llava")[0], num_experts=4, top_k=2)
+    path = vlmoe.save(model, tmp_path / "m")
+    config = json.loads((path / "config.json").read_text())
+    for step in config["vlmoe"]["steps"]:
+        del step["min_capacity"], step["load_balance_first_choice"]  # the fields a later vlmoe added
+    (path / "config.json").write_text(json.dumps(config))
+    router = vlmoe.load(path).model.language_model.layers[0].mlp.router.config
+    assert (router.min_capacity, router.load_balance_first_choice) == (0, False)

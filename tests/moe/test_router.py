@@ -77,6 +77,15 @@ def test_router_losses_scaled_by_coefficients_and_ignore_padding():
     assert router_z_loss(routing.router_logits, torch.zeros(10, dtype=torch.bool)) == 0
 
 
+def test_balance_loss_from_first_choices_only_is_deepspeeds_top2_loss():
+    # DeepSpeed top-2: l_aux = E * E * mean_e(mean gate_e * fraction of tokens whose FIRST choice is e).
+    router = _router(num_experts=4, top_k=2, load_balance_coef=1.0, load_balance_first_choice=True)
+    routing = router(torch.randn(12, 8))
+    first = torch.nn.functional.one_hot(routing.router_probs.argmax(-1), 4).float()
+    expected = 4 * 4 * torch.mean(routing.router_probs.mean(0) * first.mean(0))
+    assert torch.allclose(routing.aux_losses["load_balance"], expected)
+
+
 def test_capacity_drops_exactly_the_overflow_in_priority_order():
     # 5 tokens, top-2 over 3 experts, capacity 2 per expert.
     indices = torch.tensor([[0, 1], [0, 2], [0, 1], [1, 0], [2, 0]])

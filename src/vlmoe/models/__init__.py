@@ -2,6 +2,7 @@
 save/load with the surgery recorded in `config.json`, export to standard HF MoE architectures,
 and a tiny-model factory for tests and the demo."""
 
+from vlmoe.models.card import CardInfo, model_card
 from vlmoe.models.checkpoint import load, save
 from vlmoe.models.export import export_hf
 from vlmoe.models.families import ADAPTERS, FamilyAdapter, adapter_for
@@ -22,6 +23,7 @@ __all__ = [
     "ADAPTERS",
     "PARTS",
     "TINY_FAMILIES",
+    "CardInfo",
     "FamilyAdapter",
     "ParameterReport",
     "SurgeryRecord",
@@ -31,6 +33,7 @@ __all__ = [
     "freeze",
     "install_moe_connector",
     "load",
+    "model_card",
     "parameter_parts",
     "parameter_report",
     "read_record",

@@ -19,34 +19,42 @@ from torch import nn
 from transformers import AutoConfig, ProcessorMixin
 from transformers.initialization import no_init_weights
 
+from vlmoe.models.card import CARD_NAME, CardInfo, model_card
 from vlmoe.models.record import CONFIG_KEY, SurgeryRecord, read_record
 
 WEIGHTS_NAME = "model.safetensors"
 
 
-def save(model: nn.Module, path: str | os.PathLike, processor: ProcessorMixin | None = None) -> Path:
+def save(
+    model: nn.Module,
+    path: str | os.PathLike,
+    processor: ProcessorMixin | None = None,
+    card: CardInfo | None = None,
+) -> Path:
     """Write `model` to the directory `path` atomically (temp dir, then rename); returns the path.
 
     With `processor`, its files go in the same directory, so `AutoProcessor.from_pretrained(path)`
-    finds it next to the model.
+    finds it next to the model. A model card (README.md) describes the model; `card` adds the
+    recipe, data and evaluation results when the caller knows them.
 
     Example:
         >>> import tempfile, vlmoe
         >>> model = vlmoe.upcycle_ffn(vlmoe.models.tiny("llava")[0])
         >>> path = vlmoe.save(model, tempfile.mkdtemp() + "/moe-llava")
         >>> sorted(p.name for p in path.iterdir())
-        ['config.json', 'model.safetensors']
+        ['README.md', 'config.json', 'model.safetensors']
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     model.config.architectures = [type(model).__name__]
-    state = _unique_state(model)
+    state = unique_state(model)
     temp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         model.config.save_pretrained(temp)
         _record_attention(temp / "config.json", model.config._attn_implementation)
         if processor is not None:
             processor.save_pretrained(temp)
+        (temp / CARD_NAME).write_text(model_card(model, card))
         save_file(
             {name: tensor.detach().contiguous() for name, tensor in state.items()},
             temp / WEIGHTS_NAME,
@@ -141,6 +149,8 @@ def _replay(model: nn.Module, record: SurgeryRecord) -> None:
                 load_balance_coef=step.load_balance_coef,
                 z_loss_coef=step.z_loss_coef,
                 capacity_factor=step.capacity_factor,
+                min_capacity=step.min_capacity,
+                load_balance_first_choice=step.load_balance_first_choice,
             )
         elif step.kind == "add_mole":
             add_mole(
@@ -158,7 +168,15 @@ def _replay(model: nn.Module, record: SurgeryRecord) -> None:
                 load_balance_coef=step.load_balance_coef,
                 straight_through=step.straight_through,
                 attention_lora=step.attention_lora,
+                router_bias=step.router_bias,
             )
+        elif step.kind == "import":
+            from vlmoe.models.families import adapter_for
+            from vlmoe.models.record import append_step
+
+            if step.lm_head_bias:
+                add_lm_head_bias(model)
+            append_step(model, adapter_for(model).name, step)
         else:
             # The experts' shapes do not depend on the init; their weights come from the file.
             install_moe_connector(
@@ -172,13 +190,24 @@ def _replay(model: nn.Module, record: SurgeryRecord) -> None:
             _set_last_init(model, step.init)
 
 
+def add_lm_head_bias(model: nn.Module) -> None:
+    """Give the LM head a (zero) bias: Phi's head has one, LLaVA's class builds it without."""
+    head = model.get_output_embeddings()
+    biased = nn.Linear(head.in_features, head.out_features, bias=True, device=head.weight.device)
+    biased = biased.to(head.weight.dtype)
+    with torch.no_grad():
+        biased.weight.copy_(head.weight)
+        biased.bias.zero_()
+    model.set_output_embeddings(biased)
+
+
 def _set_last_init(model: nn.Module, init: str) -> None:
     record = read_record(model)
     record.steps[-1].init = init
     setattr(model.config, CONFIG_KEY, record.to_dict())
 
 
-def _unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
+def unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The state dict with each shared tensor (tied embeddings) under its first name only."""
     seen: set[tuple[int, int]] = set()
     state = {}
@@ -192,7 +221,7 @@ def _unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _load_weights(model: nn.Module, weights: Path) -> None:
-    expected = _unique_state(model)
+    expected = unique_state(model)
     with safe_open(str(weights), framework="pt") as handle:
         names = set(handle.keys())
         missing = sorted(set(expected) - names)

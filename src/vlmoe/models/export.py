@@ -2,10 +2,12 @@
 
 - Llama LMs (LLaVA, LLaVA-NeXT, Idefics3) -> Mixtral: the whole VLM with a `MixtralConfig` text
   config (these VLMs build their LM with `AutoModel`, so stock transformers composes them).
-- Qwen2 LMs (Qwen2-VL, Qwen2.5-VL) -> `Qwen2MoeForCausalLM`, the language model only: Qwen2-VL
+- Qwen2 LMs (Qwen2-VL, Qwen2.5-VL, a LLaVA on Qwen1.5 imported from MoE-LLaVA) ->
+  `Qwen2MoeForCausalLM`, the language model only: Qwen2-VL
   builds its own text model, so no stock class holds a Qwen2-VL with an MoE LM. Dense layers go
   in `mlp_only_layers`; the shared expert is disabled (size 0). Its rotary embedding is the 1-D
   one, which is what M-RoPE computes for text tokens, so text-only logits match.
+- Other LMs (Phi, StableLM) have no standard MoE architecture and are refused.
 
 Expert weights need no conversion: vlmoe's `GLUExperts` and transformers' fused experts are both
 `gate_up_proj` # [E, 2F, D] (gate rows first) and `down_proj` # [E, D, F]; only the router moves
@@ -27,18 +29,20 @@ import torch
 from torch import nn
 from transformers.initialization import no_init_weights
 
+from vlmoe.models.card import CARD_NAME, CardInfo, model_card
 from vlmoe.models.families import FamilyAdapter, adapter_for
 from vlmoe.models.mole import MoLEFeedForward
 from vlmoe.models.record import CONFIG_KEY
 from vlmoe.moe import GLUExperts, MoEConnector, MoEFeedForward, MoLELinear
 
 
-def export_hf(model: nn.Module, path: str | os.PathLike) -> Path:
+def export_hf(model: nn.Module, path: str | os.PathLike, card: CardInfo | None = None) -> Path:
     """Write `model` (not changed) as a stock transformers MoE checkpoint at `path`; returns the path.
 
     Plain and universal LoRA are merged into their base weights first. Routed LoRA experts, an
     MoE connector, capacity-limited routers and (for Mixtral) top-1 or un-renormalised routing
-    have no standard equivalent and are refused with the reason.
+    have no standard equivalent and are refused with the reason. A model card (README.md) comes
+    with the weights; `card` adds the recipe, data and evaluation results.
 
     Example:
         >>> import tempfile, vlmoe
@@ -56,12 +60,29 @@ def export_hf(model: nn.Module, path: str | os.PathLike) -> Path:
             f"{adapter.projector} is an MoEConnector, which no stock transformers architecture has; "
             "export_hf covers the LM's FFN experts. Save with vlmoe.save instead"
         )
+    style = _export_style(model, adapter)
     moe_layers = _moe_layers(model, adapter)
-    if adapter.export_style == "mixtral":
+    if style == "mixtral":
         exported = _to_mixtral(model, adapter, moe_layers)
     else:
         exported = _to_qwen2_moe(model, adapter, moe_layers)
-    return _save_atomically(exported, Path(path))
+    text = model_card(model, card, exported_as=type(exported).__name__)
+    return _save_atomically(exported, Path(path), text)
+
+
+def _export_style(model: nn.Module, adapter: FamilyAdapter) -> str:
+    """The family's style, unless its LM is another one (a LLaVA on Qwen2, from vlmoe.interop)."""
+    text_type = model.config.get_text_config().model_type
+    if adapter.export_style != "mixtral":
+        return adapter.export_style
+    if text_type == "qwen2":
+        return "qwen2_moe"  # stock LLaVA cannot hold Qwen2-MoE's mixed layers: the LM alone
+    if text_type not in ("llama", "mistral"):
+        raise ValueError(
+            f"the language model is {text_type!r}, for which transformers has no standard MoE architecture "
+            "(Mixtral covers Llama/Mistral, Qwen2-MoE covers Qwen2); save it with vlmoe.save instead"
+        )
+    return "mixtral"
 
 
 def _merge_lora(model: nn.Module, adapter: FamilyAdapter) -> None:
@@ -230,11 +251,12 @@ def _empty(model_class, config, dtype: torch.dtype) -> nn.Module:
     return model
 
 
-def _save_atomically(model: nn.Module, path: Path) -> Path:
+def _save_atomically(model: nn.Module, path: Path, card_text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     temp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         model.save_pretrained(temp)
+        (temp / CARD_NAME).write_text(card_text)
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
             os.replace(path, old / path.name)

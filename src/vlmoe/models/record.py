@@ -6,7 +6,7 @@ the steps in order before loading weights, so the record is the one source of tr
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, Literal
 
 from torch import nn
@@ -25,6 +25,9 @@ class UpcycleFFN:
     load_balance_coef: float
     z_loss_coef: float
     capacity_factor: float | None
+    # Fields added later have defaults, so records written before them still load.
+    min_capacity: int = 0
+    load_balance_first_choice: bool = False
     kind: Literal["upcycle_ffn"] = "upcycle_ffn"
 
 
@@ -45,6 +48,7 @@ class AddMoLE:
     load_balance_coef: float
     straight_through: bool
     attention_lora: bool
+    router_bias: bool = False
     kind: Literal["add_mole"] = "add_mole"
 
 
@@ -60,11 +64,26 @@ class InstallConnector:
     kind: Literal["install_moe_connector"] = "install_moe_connector"
 
 
-Step = UpcycleFFN | AddMoLE | InstallConnector
+@dataclass
+class ImportCheckpoint:
+    """`vlmoe.interop`: the model was converted from another library's checkpoint.
+
+    Records where it came from and the layout changes a stock transformers class needs to hold
+    it (e.g. Phi-2's LM head has a bias, LLaVA's has none), so `vlmoe.load` rebuilds them.
+    """
+
+    source: str  # "moe-llava" or "llava-mole"
+    lm_head_bias: bool = False
+    checkpoint: str = ""  # the name of the checkpoint it came from (provenance, for the model card)
+    kind: Literal["import"] = "import"
+
+
+Step = UpcycleFFN | AddMoLE | InstallConnector | ImportCheckpoint
 _STEP_TYPES: dict[str, type] = {
     "upcycle_ffn": UpcycleFFN,
     "add_mole": AddMoLE,
     "install_moe_connector": InstallConnector,
+    "import": ImportCheckpoint,
 }
 
 
@@ -104,7 +123,8 @@ class SurgeryRecord:
                 )
             step_type = _STEP_TYPES[kind]
             known = {f.name for f in fields(step_type)}
-            if set(step) != known:
+            required = {f.name for f in fields(step_type) if f.default is MISSING}
+            if not required <= set(step) <= known:
                 raise ValueError(
                     f"{where}: step {position} ({kind}) has keys {sorted(step)}, expected {sorted(known)}"
                 )

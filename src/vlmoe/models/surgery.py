@@ -31,6 +31,8 @@ def upcycle_ffn(
     load_balance_coef: float = 0.01,
     z_loss_coef: float = 0.0,
     capacity_factor: float | None = None,
+    min_capacity: int = 0,
+    load_balance_first_choice: bool = False,
 ) -> nn.Module:
     """Replace the chosen LM layers' MLPs with upcycled `MoEFeedForward` layers (MoE-LLaVA).
 
@@ -63,6 +65,8 @@ def upcycle_ffn(
             load_balance_coef=load_balance_coef,
             z_loss_coef=z_loss_coef,
             capacity_factor=capacity_factor,
+            min_capacity=min_capacity,
+            load_balance_first_choice=load_balance_first_choice,
         )
     for index, moe in upcycled.items():
         _replace(model, adapter.mlp_path(index), moe)
@@ -73,6 +77,8 @@ def upcycle_ffn(
         load_balance_coef=load_balance_coef,
         z_loss_coef=z_loss_coef,
         capacity_factor=capacity_factor,
+        min_capacity=min_capacity,
+        load_balance_first_choice=load_balance_first_choice,
     )
     append_step(model, adapter.name, step)
     return model
@@ -94,6 +100,7 @@ def add_mole(
     load_balance_coef: float = 0.0,
     straight_through: bool = False,
     attention_lora: bool = True,
+    router_bias: bool = False,
 ) -> nn.Module:
     """LoRA experts on the chosen layers' MLP linears, plain LoRA on their attention linears.
 
@@ -128,6 +135,7 @@ def add_mole(
             temperature=temperature,
             load_balance_coef=load_balance_coef,
             straight_through=straight_through,
+            bias=router_bias,
         )
     # Check every layer before changing any, so a refusal leaves the model as it was.
     for index in indices:
@@ -169,6 +177,7 @@ def add_mole(
         load_balance_coef=load_balance_coef,
         straight_through=straight_through,
         attention_lora=attention_lora,
+        router_bias=router_bias,
     )
     append_step(model, adapter.name, step)
     return model
@@ -216,7 +225,8 @@ def install_moe_connector(
 def _refuse_repeat(model: nn.Module, kind: str) -> None:
     record = read_record(model)
     applied = _applied_kinds(model)
-    if record is not None and set(record.kinds()) != applied:
+    # An "import" step changes no module kind (see vlmoe.interop), so the modules cannot show it.
+    if record is not None and set(record.kinds()) - {"import"} != applied:
         raise ValueError(
             f"the model's config records surgery {record.kinds()} but its modules show {sorted(applied)}: "
             "it was built from a vlmoe config without the surgery (e.g. from_pretrained on a vlmoe.save "

@@ -39,6 +39,9 @@ class RouterConfig:
     capacity_factor: float | None = None
     min_capacity: int = 0
     load_balance_coef: float = 0.0
+    # Count only each token's first choice in the balance loss's f_i (GShard / DeepSpeed-MoE
+    # top-2, as MoE-LLaVA trains); False counts every chosen slot (Switch, Mixtral).
+    load_balance_first_choice: bool = False
     z_loss_coef: float = 0.0
     bias: bool = False
     # "token": logits from the token's hidden state. "cluster": logits from a learned

@@ -144,8 +144,10 @@ class MoEFeedForward(SparseLayer):
         load_balance_coef: float = 0.01,
         z_loss_coef: float = 0.0,
         capacity_factor: float | None = None,
+        min_capacity: int = 0,
         jitter_noise: float = 0.0,
         normalize_top_k: bool = True,
+        load_balance_first_choice: bool = False,
         backend: str = "auto",
     ) -> MoEFeedForward:
         """Upcycle: every expert is a copy of `mlp`, so the layer computes `mlp`'s function.
@@ -160,7 +162,9 @@ class MoEFeedForward(SparseLayer):
             normalize_top_k=normalize_top_k,
             jitter_noise=jitter_noise,
             capacity_factor=capacity_factor,
+            min_capacity=min_capacity,
             load_balance_coef=load_balance_coef,
+            load_balance_first_choice=load_balance_first_choice,
             z_loss_coef=z_loss_coef,
         )
         experts = experts_from_dense(mlp, num_experts)

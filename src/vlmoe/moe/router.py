@@ -181,7 +181,8 @@ class Router(nn.Module):
 
         aux_losses: dict[str, Tensor] = {}
         if cfg.load_balance_coef > 0:
-            balance = load_balancing_loss(router_probs, expert_indices, token_mask)
+            counted = expert_indices[:, :1] if cfg.load_balance_first_choice else expert_indices
+            balance = load_balancing_loss(router_probs, counted, token_mask)
             aux_losses["load_balance"] = cfg.load_balance_coef * balance
         if cfg.z_loss_coef > 0:
             aux_losses["z_loss"] = cfg.z_loss_coef * router_z_loss(router_logits, token_mask)

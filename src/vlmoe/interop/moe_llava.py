@@ -1,0 +1,300 @@
+"""Import a MoE-LLaVA checkpoint (PKU-YuanGroup/MoE-LLaVA) into a vlmoe model on stock transformers.
+
+Their checkpoint is a causal LM (`moe_llava_<family>` model type) whose chosen layers' MLPs are
+DeepSpeed-MoE layers, plus a LLaVA projector; the vision tower is loaded by hub name. Here it
+becomes a `LlavaForConditionalGeneration` with the matching stock text config, the tower from a
+local directory, the projector as LLaVA's `multi_modal_projector`, and each DeepSpeed-MoE layer as
+a `MoEFeedForward` (recorded as `upcycle_ffn`, so `vlmoe.save` / `vlmoe.load` / `export_hf` work).
+
+Key map (theirs -> ours, `LM` = `model.language_model`):
+    model.{embed_tokens,layers,norm,final_layernorm}.*      -> LM.*
+    model.layers.{i}.mlp.deepspeed_moe.gate.wg.weight         -> LM.layers.{i}.mlp.router.gate.weight
+    ...deepspeed_moe.experts.deepspeed_experts.{j}.gate_proj/up_proj/down_proj.weight
+                                                              -> ...mlp.experts.gate_up_proj[j], down_proj[j]
+    ...deepspeed_moe.experts.deepspeed_experts.{j}.fc1/fc2.{weight,bias}
+                                                              -> ...mlp.experts.fc{1,2}_{weight,bias}[j]
+    model.mm_projector.image_spatial_proj.{0,2}.*             -> model.multi_modal_projector.linear_{1,2}.*
+    model.image_tower.image_tower.vision_model.* (if present) -> model.vision_tower.vision_model.*
+    lm_head.*                                                 -> lm_head.*
+MoE-LLaVA-Qwen (Qwen-1, `transformer.h.{i}...`) is first renamed to these Qwen1.5 names (`qwen1.py`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import CONFIG_MAPPING, CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
+from transformers.initialization import no_init_weights
+
+from vlmoe.interop.qwen1 import Qwen1Tensors, qwen2_fields
+from vlmoe.interop.tensors import CheckpointTensors, TargetState, check_all_used
+from vlmoe.interop.vision import DERIVED, VISION_PREFIX, map_tower, read_vision_tower
+from vlmoe.models.checkpoint import add_lm_head_bias
+from vlmoe.models.record import ImportCheckpoint, append_step
+from vlmoe.models.surgery import upcycle_ffn
+from vlmoe.moe import GLUExperts, MLPExperts, MoEFeedForward
+
+# Their model type -> (stock text model type, renames of their config fields to the stock ones).
+TEXT_FAMILIES: dict[str, tuple[str, dict[str, str]]] = {
+    "moe_llava_phi": ("phi", {}),
+    "moe_llava_stablelm": ("stablelm", {"rope_pct": "partial_rotary_factor", "norm_eps": "layer_norm_eps"}),
+    "moe_llava_qwen1_5": ("qwen2", {}),
+    "moe_llava_qwen": ("qwen2", {}),  # Qwen-1, read as Qwen2 (see vlmoe.interop.qwen1)
+    "moe_llava_llama": ("llama", {}),
+    "moe_llava_mistral": ("mistral", {}),
+}
+_LEGACY_ROPE_KEYS = ("rope_theta", "partial_rotary_factor", "rope_scaling")
+_THEIR_LM = "model."
+_OUR_LM = "model.language_model."
+_MOE = ".mlp.deepspeed_moe."
+_PROJECTOR = {
+    "model.mm_projector.image_spatial_proj.0.": "model.multi_modal_projector.linear_1.",
+    "model.mm_projector.image_spatial_proj.2.": "model.multi_modal_projector.linear_2.",
+}
+_THEIR_TOWER = "model.image_tower.image_tower."
+
+
+def import_moe_llava(
+    path: str | os.PathLike,
+    vision_tower: str | os.PathLike | None = None,
+    *,
+    image_token_id: int | None = None,
+    dtype: torch.dtype | None = None,
+) -> nn.Module:
+    """Build a vlmoe `LlavaForConditionalGeneration` from a local MoE-LLaVA checkpoint directory.
+
+    `vision_tower` is a local CLIP/SigLIP directory (their checkpoints name the tower on the hub;
+    its weights are taken from the checkpoint when it has them). `image_token_id` is the id the
+    processor will use for image positions: MoE-LLaVA has none (a -200 sentinel), so give an unused
+    id below the vocabulary size (e.g. a padding row), or leave None to append one row
+    (`vocab_size`) whose embedding and LM-head row are zero. `dtype` defaults to the checkpoint's.
+
+    Example:
+        >>> model = import_moe_llava("MoE-LLaVA-Phi2-2.7B-4e", "clip-vit-large-patch14-336")  # doctest: +SKIP
+    """
+    path = Path(path)
+    config = _read_config(path)
+    moe = _moe_settings(config, path)
+    tensors = CheckpointTensors(path)
+    if config["model_type"] == "moe_llava_qwen":
+        tensors = Qwen1Tensors(tensors)
+    if dtype is None:
+        dtype = tensors.dtype()
+    vision_config, tower = read_vision_tower(vision_tower, config.get("mm_image_tower"))
+    text_config = _text_config(config, path)
+    grow_vocab = image_token_id is None
+    if grow_vocab:
+        image_token_id = text_config.vocab_size
+        text_config.vocab_size += 1
+    elif not 0 <= image_token_id < text_config.vocab_size:
+        raise ValueError(
+            f"image_token_id must be in [0, vocab_size={text_config.vocab_size}), got {image_token_id}"
+        )
+    llava_config = LlavaConfig(
+        vision_config=vision_config.to_dict(),
+        text_config=text_config.to_dict(),
+        image_token_index=image_token_id,
+        image_seq_length=_num_patches(vision_config, config),
+        projector_hidden_act="gelu",  # their mlp2x_gelu is Linear, nn.GELU() (exact), Linear
+        vision_feature_layer=config.get("mm_vision_select_layer", -2),
+        vision_feature_select_strategy=_select_strategy(
+            config.get("mm_vision_select_feature", "patch"), path
+        ),
+        multimodal_projector_bias=True,
+        tie_word_embeddings=text_config.tie_word_embeddings,
+    )
+    with no_init_weights():
+        model = LlavaForConditionalGeneration._from_config(llava_config, dtype=dtype)
+    model.tie_weights()  # skipped with the init; a tied head is then expected once
+    lm_head_bias = "lm_head.bias" in tensors
+    if lm_head_bias:
+        add_lm_head_bias(model)
+    append_step(model, "llava", ImportCheckpoint("moe-llava", lm_head_bias, checkpoint=path.name))
+    upcycle_ffn(
+        model,
+        moe["num_experts"],
+        moe["top_k"],
+        moe["layers"],
+        load_balance_coef=moe["load_balance_coef"],
+        capacity_factor=moe["capacity_factor"],
+        min_capacity=moe["min_capacity"],
+        load_balance_first_choice=True,
+    )
+    target = TargetState(model, str(path))
+    _map_language_model(model, tensors, target, grow_vocab)
+    map_tower(tensors, _THEIR_TOWER + VISION_PREFIX, tower, target)
+    for theirs, ours in _PROJECTOR.items():
+        for leaf in ("weight", "bias"):
+            target.set(f"{ours}{leaf}", tensors.take(f"{theirs}{leaf}"), f"{theirs}{leaf}")
+    for name in tensors.names():
+        if name.endswith(DERIVED):
+            tensors.take(name)
+    check_all_used(tensors)
+    target.load_into(model)
+    return model.eval()
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{path} is not a MoE-LLaVA checkpoint directory: it has no config.json")
+    config = json.loads(config_file.read_text())
+    model_type = config.get("model_type")
+    if model_type not in TEXT_FAMILIES:
+        raise ValueError(
+            f"{config_file}: model_type {model_type!r} is not a MoE-LLaVA type vlmoe imports; "
+            f"supported: {sorted(TEXT_FAMILIES)}"
+        )
+    projector = config.get("image_projector_type", "linear")  # their builder's default
+    if projector != "mlp2x_gelu":
+        raise ValueError(
+            f"{config_file}: image_projector_type {projector!r}; LLaVA's projector (and so this importer) "
+            "is Linear-GELU-Linear, their 'mlp2x_gelu', the one the released models use"
+        )
+    return config
+
+
+def _moe_settings(config: dict[str, Any], path: Path) -> dict[str, Any]:
+    where = f"{path}/config.json 'moe'"
+    moe = config.get("moe")
+    if not isinstance(moe, dict):
+        raise ValueError(f"{path}/config.json has no 'moe' section: this is a dense LLaVA, not MoE-LLaVA")
+    for key in ("moe_layers_idx", "num_experts", "top_k_experts"):
+        if key not in moe:
+            raise ValueError(f"{where}: missing {key!r}")
+    if not moe.get("moe_enable", True):
+        raise ValueError(f"{where}: moe_enable is false, so the checkpoint has no experts")
+    if moe.get("use_residual", False):
+        raise ValueError(
+            f"{where}: use_residual=true (DeepSpeed's residual MoE: a dense MLP mixed in by a learned "
+            "coefficient) has no vlmoe layer; it is not imported"
+        )
+    layers, counts = list(moe["moe_layers_idx"]), moe["num_experts"]
+    counts = counts * len(layers) if isinstance(counts, list) and len(counts) == 1 else counts
+    if not isinstance(counts, list) or len(counts) != len(layers):
+        raise ValueError(f"{where}: num_experts {moe['num_experts']!r} needs one entry per layer of {layers}")
+    if len(set(counts)) != 1:
+        raise ValueError(f"{where}: layers have different expert counts {counts}; vlmoe needs one count")
+    num_experts, top_k = counts[0], int(moe["top_k_experts"])
+    # Their model runs in eval mode with eval_capacity_factor. DeepSpeed's capacity per expert is
+    # max(min_capacity, ceil(T / E * factor * k)) slots for T tokens; when factor * k / E >= 1 it is
+    # >= T, which no expert can exceed (a token's k slots go to k different experts): dropless, so
+    # exactly equal to no capacity at all (and exportable).
+    factor = float(moe.get("eval_capacity_factor", 1.0))
+    capacity_factor = None if _dropless(factor, top_k, num_experts) else factor
+    return {
+        "layers": layers,
+        "num_experts": num_experts,
+        "top_k": top_k,
+        "capacity_factor": capacity_factor,
+        "min_capacity": int(moe.get("min_capacity", 0)),
+        "load_balance_coef": float(moe.get("router_aux_loss_coef", 0.01)),
+    }
+
+
+def _text_config(config: dict[str, Any], path: Path):
+    stock_type, renames = TEXT_FAMILIES[config["model_type"]]
+    config_class = CONFIG_MAPPING[stock_type]
+    if config["model_type"] == "moe_llava_qwen":
+        return config_class(**qwen2_fields(config, f"{path}/config.json"))
+    known = set(config_class().to_dict()) | set(_LEGACY_ROPE_KEYS)
+    fields = {renames.get(key, key): value for key, value in config.items()}
+    fields = {key: value for key, value in fields.items() if key in known and key != "model_type"}
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
+        if key not in fields:
+            raise ValueError(f"{path}/config.json: missing {key!r}")
+    return config_class(**fields)
+
+
+def _dropless(capacity_factor: float, top_k: int, num_experts: int) -> bool:
+    """Whether DeepSpeed's capacity ceil(T / E * factor * k) >= T for every T (no token dropped)."""
+    ratio = capacity_factor * top_k / num_experts
+    return ratio >= 1 or math.isclose(ratio, 1.0)
+
+
+def _num_patches(vision_config, config: dict[str, Any]) -> int:
+    """Image tokens per image: the tower's tokens (CLIP adds a CLS), less the first with "patch"."""
+    tokens = (vision_config.image_size // vision_config.patch_size) ** 2
+    tokens += isinstance(vision_config, CLIPVisionConfig)
+    return tokens - (config.get("mm_vision_select_feature", "patch") == "patch")
+
+
+def _select_strategy(feature: str, path: Path) -> str:
+    # Their "patch" drops the first token (for SigLIP too, which has no CLS): LLaVA's "default".
+    strategies = {"patch": "default", "cls_patch": "full"}
+    if feature not in strategies:
+        raise ValueError(
+            f"{path}/config.json: mm_vision_select_feature {feature!r}; known: {sorted(strategies)}"
+        )
+    return strategies[feature]
+
+
+def _map_language_model(
+    model: nn.Module, tensors: CheckpointTensors, target: TargetState, grow_vocab: bool
+) -> None:
+    lm = model.get_submodule("model.language_model")
+    moe_layers = {i for i, layer in enumerate(lm.layers) if isinstance(layer.mlp, MoEFeedForward)}
+    for name in tensors.names():
+        if name.startswith(tuple(_PROJECTOR)) or name.startswith(_THEIR_TOWER) or name.endswith(DERIVED):
+            continue
+        if _MOE in name:
+            continue  # by layer, below
+        if name == "lm_head.weight" and model.config.tie_word_embeddings:
+            tied = tensors.take(name)  # saved by older transformers although tied: must be the same tensor
+            if not torch.equal(tied, tensors.take("model.embed_tokens.weight")):
+                raise ValueError(f"{tensors.path}: config ties the LM head to the embeddings but they differ")
+            continue
+        if name.startswith("lm_head."):
+            ours = name
+        elif name.startswith(_THEIR_LM):
+            ours = _OUR_LM + name[len(_THEIR_LM) :]
+        else:
+            continue  # left unused: check_all_used names it
+        tensor = tensors.take(name)
+        if grow_vocab and name in ("model.embed_tokens.weight", "lm_head.weight", "lm_head.bias"):
+            tensor = torch.cat([tensor, tensor.new_zeros(1, *tensor.shape[1:])])  # the image token's row
+        target.set(ours, tensor, name)
+    for index in sorted(moe_layers):
+        _map_moe_layer(lm.layers[index].mlp, index, tensors, target)
+
+
+def _map_moe_layer(mlp: MoEFeedForward, index: int, tensors: CheckpointTensors, target: TargetState) -> None:
+    theirs = f"model.layers.{index}{_MOE}"
+    ours = f"{_OUR_LM}layers.{index}.mlp."
+    target.set(
+        f"{ours}router.gate.weight", tensors.take(f"{theirs}gate.wg.weight"), f"{theirs}gate.wg.weight"
+    )
+    expert = f"{theirs}experts.deepspeed_experts."
+    extra = [
+        n
+        for n in tensors.names()
+        if n.startswith(expert) and int(n[len(expert) :].split(".")[0]) >= mlp.num_experts
+    ]
+    if extra:
+        raise ValueError(
+            f"{tensors.path}: {extra[:3]} belong to experts beyond num_experts={mlp.num_experts}"
+        )
+    if isinstance(mlp.experts, GLUExperts):
+        gate_up, down = [], []
+        for j in range(mlp.num_experts):
+            gate_up.append(
+                torch.cat([tensors.take(f"{expert}{j}.{p}.weight") for p in ("gate_proj", "up_proj")])
+            )
+            down.append(tensors.take(f"{expert}{j}.down_proj.weight"))
+        target.set(f"{ours}experts.gate_up_proj", torch.stack(gate_up), f"{expert}*.gate_proj/up_proj.weight")
+        target.set(f"{ours}experts.down_proj", torch.stack(down), f"{expert}*.down_proj.weight")
+    elif isinstance(mlp.experts, MLPExperts):
+        for linear in ("fc1", "fc2"):
+            for leaf in ("weight", "bias"):
+                stacked = torch.stack(
+                    [tensors.take(f"{expert}{j}.{linear}.{leaf}") for j in range(mlp.num_experts)]
+                )
+                target.set(f"{ours}experts.{linear}_{leaf}", stacked, f"{expert}*.{linear}.{leaf}")
+    else:
+        raise ValueError(f"layer {index}: experts of type {type(mlp.experts).__name__} cannot be imported")

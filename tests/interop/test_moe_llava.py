@@ -1,0 +1,260 @@
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import vlmoe
+from tests.interop.moe_llava_checkpoints import (
+    MOE_LAYERS,
+    NUM_EXPERTS,
+    NUM_IMAGE_TOKENS,
+    SENTINEL,
+    VOCAB,
+    reference_logits,
+    write_moe_llava,
+    write_vision_tower,
+)
+from vlmoe.interop import import_moe_llava
+from vlmoe.moe import GLUExperts, MLPExperts, MoEFeedForward
+
+IMAGE_TOKEN = VOCAB - 1  # an id the text below never uses
+
+
+@pytest.fixture(scope="module")
+def tower(tmp_path_factory):
+    return write_vision_tower(tmp_path_factory.mktemp("clip"))
+
+
+def _inputs(seed=0, text_tokens=(5, 9)):
+    generator = torch.Generator().manual_seed(seed)
+    before, after = text_tokens
+    ids = torch.randint(0, VOCAB - 1, (before + after,), generator=generator).tolist()
+    ours = ids[:before] + [IMAGE_TOKEN] * NUM_IMAGE_TOKENS + ids[before:]
+    theirs = [*ids[:before], SENTINEL, *ids[before:]]
+    pixels = torch.randn(1, 3, 28, 28, generator=generator)
+    return torch.tensor([ours]), theirs, pixels
+
+
+def _logits(model, ids, pixels):
+    with torch.no_grad():
+        return model(input_ids=ids, pixel_values=pixels).logits
+
+
+@pytest.mark.parametrize("family", ["phi", "qwen1_5", "stablelm", "qwen1"])
+def test_logits_equal_their_forward_written_from_the_checkpoint(tmp_path, tower, family):
+    tensors = write_moe_llava(tmp_path / "ckpt", family)
+    model = import_moe_llava(tmp_path / "ckpt", tower, image_token_id=IMAGE_TOKEN)
+    experts = type(model.model.language_model.layers[0].mlp.experts)
+    assert experts is (MLPExperts if family == "phi" else GLUExperts)
+    ids, their_ids, pixels = _inputs()
+    expected = reference_logits(tensors, family, tower, pixels, their_ids)
+    torch.testing.assert_close(_logits(model, ids, pixels), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_a_siglip_tower_loses_its_first_token_as_in_their_code(tmp_path):
+    siglip = write_vision_tower(tmp_path / "siglip", siglip=True)
+    tensors = write_moe_llava(tmp_path / "ckpt", "phi")
+    model = import_moe_llava(tmp_path / "ckpt", siglip, image_token_id=IMAGE_TOKEN)
+    assert model.config.image_seq_length == NUM_IMAGE_TOKENS - 1
+    ids, their_ids, pixels = _inputs()
+    ids = torch.cat([ids[:, :5], ids[:, 6:]], dim=1)  # one image token fewer
+    expected = reference_logits(tensors, "phi", siglip, pixels, their_ids)
+    torch.testing.assert_close(_logits(model, ids, pixels), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_token_dropping_at_a_small_eval_capacity_matches_deepspeed(tmp_path, tower):
+    # factor 1.0, top-2 of 4: capacity ceil(T/2) < T, so tokens are dropped; min_capacity applies.
+    tensors = write_moe_llava(tmp_path / "ckpt", eval_capacity_factor=1.0, min_capacity=3)
+    model = import_moe_llava(tmp_path / "ckpt", tower, image_token_id=IMAGE_TOKEN)
+    router = model.model.language_model.layers[0].mlp.router.config
+    assert (router.capacity_factor, router.min_capacity, router.top_k) == (1.0, 3, 2)
+    ids, their_ids, pixels = _inputs(seed=1)
+    expected = reference_logits(
+        tensors, "qwen1_5", tower, pixels, their_ids, capacity_factor=1.0, min_capacity=3
+    )
+    dropped = []
+    for layer in MOE_LAYERS:
+        model.model.language_model.layers[layer].mlp.record_routing = True
+    got = _logits(model, ids, pixels)
+    for layer in MOE_LAYERS:
+        dropped.append(int((~model.model.language_model.layers[layer].mlp.last_routing.kept).sum()))
+    assert sum(dropped) > 0, "the test must exercise dropping"
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_top1_checkpoint_weights_by_the_raw_gate(tmp_path, tower):
+    tensors = write_moe_llava(tmp_path / "ckpt", top_k=1, eval_capacity_factor=4.0)
+    model = import_moe_llava(tmp_path / "ckpt", tower, image_token_id=IMAGE_TOKEN)
+    ids, their_ids, pixels = _inputs(seed=2)
+    expected = reference_logits(tensors, "qwen1_5", tower, pixels, their_ids, top_k=1, capacity_factor=4.0)
+    torch.testing.assert_close(_logits(model, ids, pixels), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_a_tied_lm_head_is_the_embedding_matrix(tmp_path, tower):
+    tensors = write_moe_llava(tmp_path / "ckpt", tie=True)
+    assert "lm_head.weight" not in tensors
+    model = import_moe_llava(tmp_path / "ckpt", tower)  # the appended image row joins both
+    assert model.lm_head.weight is model.get_input_embeddings().weight
+    ids, their_ids, pixels = _inputs()
+    ids[ids == IMAGE_TOKEN] = VOCAB
+    expected = reference_logits(tensors, "qwen1_5", tower, pixels, their_ids, tie=True)
+    torch.testing.assert_close(_logits(model, ids, pixels)[..., :VOCAB], expected, rtol=1e-4, atol=1e-4)
+    again = vlmoe.load(vlmoe.save(model, tmp_path / "saved"))
+    assert torch.equal(_logits(again, ids, pixels), _logits(model, ids, pixels))
+
+
+def test_every_tensor_lands_where_it_belongs(tmp_path, tower):
+    tensors = write_moe_llava(tmp_path / "ckpt", "qwen1_5", file_format="bin", num_shards=3)
+    model = import_moe_llava(tmp_path / "ckpt", tower, image_token_id=IMAGE_TOKEN)
+    state = model.state_dict()
+    lm = "model.language_model."
+    for layer in range(3):
+        mlp = model.model.language_model.layers[layer].mlp
+        assert isinstance(mlp, MoEFeedForward) == (layer in MOE_LAYERS)
+    for layer in MOE_LAYERS:
+        theirs = f"model.layers.{layer}.mlp.deepspeed_moe."
+        assert torch.equal(
+            state[f"{lm}layers.{layer}.mlp.router.gate.weight"], tensors[f"{theirs}gate.wg.weight"]
+        )
+        for j in range(NUM_EXPERTS):
+            e = f"{theirs}experts.deepspeed_experts.{j}."
+            gate_up = state[f"{lm}layers.{layer}.mlp.experts.gate_up_proj"][j]
+            assert torch.equal(
+                gate_up, torch.cat([tensors[e + "gate_proj.weight"], tensors[e + "up_proj.weight"]])
+            )
+            assert torch.equal(
+                state[f"{lm}layers.{layer}.mlp.experts.down_proj"][j], tensors[e + "down_proj.weight"]
+            )
+    assert torch.equal(
+        state[f"{lm}layers.1.mlp.up_proj.weight"], tensors["model.layers.1.mlp.up_proj.weight"]
+    )
+    assert torch.equal(
+        state[f"{lm}layers.2.self_attn.q_proj.bias"], tensors["model.layers.2.self_attn.q_proj.bias"]
+    )
+    projector = "model.mm_projector.image_spatial_proj."
+    assert torch.equal(state["model.multi_modal_projector.linear_1.weight"], tensors[projector + "0.weight"])
+    assert torch.equal(state["model.multi_modal_projector.linear_2.bias"], tensors[projector + "2.bias"])
+    clip = load_file(tower / "model.safetensors")
+    for name, tensor in clip.items():
+        assert torch.equal(state[f"model.vision_tower.{name}"], tensor)
+    assert model.config.image_token_id == IMAGE_TOKEN and model.config.vision_feature_layer == -2
+
+
+def test_without_an_image_token_id_one_zero_row_is_appended(tmp_path, tower):
+    tensors = write_moe_llava(tmp_path / "ckpt", "phi")
+    model = import_moe_llava(tmp_path / "ckpt", tower)
+    assert model.config.image_token_id == VOCAB
+    embed = model.get_input_embeddings().weight
+    assert embed.shape[0] == VOCAB + 1 and torch.equal(embed[:VOCAB], tensors["model.embed_tokens.weight"])
+    assert torch.equal(model.lm_head.bias[:VOCAB], tensors["lm_head.bias"])  # Phi's head has a bias
+    assert not embed[VOCAB].any() and not model.lm_head.weight[VOCAB].any()
+    ids, their_ids, pixels = _inputs()
+    ids[ids == IMAGE_TOKEN] = VOCAB
+    expected = reference_logits(tensors, "phi", tower, pixels, their_ids)
+    torch.testing.assert_close(_logits(model, ids, pixels)[..., :VOCAB], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_save_load_and_export(tmp_path, tower):
+    from transformers import Qwen2MoeForCausalLM
+
+    write_moe_llava(tmp_path / "qwen")
+    model = import_moe_llava(tmp_path / "qwen", tower, image_token_id=IMAGE_TOKEN)
+    ids, _, pixels = _inputs()
+    again = vlmoe.load(vlmoe.save(model, tmp_path / "saved"))
+    assert torch.equal(_logits(again, ids, pixels), _logits(model, ids, pixels))
+    card = (tmp_path / "saved" / "README.md").read_text()
+    assert "imported from a published checkpoint" in card and "| source | moe-llava |" in card
+    assert "| checkpoint | qwen |" in card and "| layers | [0, 2] |" in card and "| top k | 2 |" in card
+    # Qwen1.5 -> Qwen2-MoE (dense layer 1 in mlp_only_layers); text logits equal.
+    vlmoe.export_hf(again, tmp_path / "exported")
+    stock = Qwen2MoeForCausalLM.from_pretrained(tmp_path / "exported").eval()
+    text = torch.tensor([[3, 14, 15, 9, 2, 6]])
+    with torch.no_grad():
+        torch.testing.assert_close(stock(text).logits, model(input_ids=text).logits, rtol=1e-5, atol=1e-5)
+    # Phi-2 has no standard MoE architecture.
+    write_moe_llava(tmp_path / "phi", "phi")
+    phi = import_moe_llava(tmp_path / "phi", tower, image_token_id=IMAGE_TOKEN)
+    with pytest.raises(ValueError, match="'phi', for which transformers has no standard MoE"):
+        vlmoe.export_hf(phi, tmp_path / "phi-exported")
+    phi_again = vlmoe.load(vlmoe.save(phi, tmp_path / "phi-saved"))
+    assert torch.equal(_logits(phi_again, ids, pixels), _logits(phi, ids, pixels))
+
+
+def _edit_shard(folder, edit):
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    shard = folder / sorted(set(index["weight_map"].values()))[0]
+    tensors = load_file(shard)
+    edit(tensors, index)
+    save_file(tensors, shard)
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+def test_an_unused_tensor_is_an_error_naming_it(tmp_path, tower):
+    write_moe_llava(tmp_path / "ckpt")
+
+    def add(tensors, index):
+        tensors["model.layers.0.mlp.deepspeed_moe.coefficient.weight"] = torch.zeros(2, 32)
+        index["weight_map"]["model.layers.0.mlp.deepspeed_moe.coefficient.weight"] = sorted(
+            set(index["weight_map"].values())
+        )[0]
+
+    _edit_shard(tmp_path / "ckpt", add)
+    with pytest.raises(ValueError, match=r"coefficient\.weight.*no place"):
+        import_moe_llava(tmp_path / "ckpt", tower, image_token_id=IMAGE_TOKEN)
+
+
+def test_a_missing_tensor_is_an_error_naming_it(tmp_path, tower):
+    write_moe_llava(tmp_path / "ckpt")
+    name = "model.layers.2.mlp.deepspeed_moe.experts.deepspeed_experts.3.up_proj.weight"
+
+    def drop(tensors, index):
+        shard = index["weight_map"].pop(name)
+        if name in tensors:
+            del tensors[name]
+        else:  # it lives in the other shard: remove it there
+            other = load_file(tmp_path / "ckpt" / shard)
+            del other[name]
+            save_file(other, tmp_path / "ckpt" / shard)
+
+    _edit_shard(tmp_path / "ckpt", drop)
+    with pytest.raises(ValueError, match=r"no tensor 'model\.layers\.2\.mlp.*3\.up_proj\.weight'"):
+        import_moe_llava(tmp_path / "ckpt", tower, image_token_id=IMAGE_TOKEN)
+
+
+def test_truncated_or_mismatched_checkpoints_fail_clearly(tmp_path, tower):
+    write_moe_llava(tmp_path / "ckpt")
+    shard = tmp_path / "ckpt" / "model-00002-of-00002.safetensors"
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="00002-of-00002.*fetch"):
+        import_moe_llava(tmp_path / "ckpt", tower, image_token_id=IMAGE_TOKEN)
+    os.remove(shard)
+    with pytest.raises(FileNotFoundError, match="incomplete"):
+        import_moe_llava(tmp_path / "ckpt", tower, image_token_id=IMAGE_TOKEN)
+
+    write_moe_llava(tmp_path / "wide")
+    config = json.loads((tmp_path / "wide" / "config.json").read_text())
+    config["intermediate_size"] = 80
+    (tmp_path / "wide" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"has shape \((32, 64|64, 32)\) but .* needs \((32, 80|80, 32)\)"):
+        import_moe_llava(tmp_path / "wide", tower, image_token_id=IMAGE_TOKEN)
+
+
+def test_configs_it_cannot_honour_are_refused_with_the_reason(tmp_path, tower):
+    write_moe_llava(tmp_path / "ckpt")
+    with pytest.raises(FileNotFoundError, match="--vision-tower"):
+        import_moe_llava(tmp_path / "ckpt")
+    config_file = tmp_path / "ckpt" / "config.json"
+    original = json.loads(config_file.read_text())
+    for change, message in (
+        ({"model_type": "moe_llava_minicpm"}, "not a MoE-LLaVA type vlmoe imports"),
+        ({"image_projector_type": "qformer2_64"}, "Linear-GELU-Linear"),
+        ({"moe": {**original["moe"], "use_residual": True}}, "use_residual"),
+        ({"moe": {**original["moe"], "num_experts": [4, 2]}}, "different expert counts"),
+        ({"moe": None}, "dense LLaVA"),
+    ):
+        config_file.write_text(json.dumps({**original, **change}))
+        with pytest.raises(ValueError, match=message):
+            import_moe_llava(tmp_path / "ckpt", tower, image_token_id=IMAGE_TOKEN)
