@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -19,6 +17,7 @@ from torch import nn
 from transformers import AutoConfig, ProcessorMixin
 from transformers.initialization import no_init_weights
 
+from vlmoe.atomic import atomic_directory
 from vlmoe.models.card import CARD_NAME, CardInfo, model_card
 from vlmoe.models.record import CONFIG_KEY, SurgeryRecord, read_record
 
@@ -45,11 +44,9 @@ def save(
         ['README.md', 'config.json', 'model.safetensors']
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     model.config.architectures = [type(model).__name__]
     state = unique_state(model)
-    temp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with atomic_directory(path) as temp:
         model.config.save_pretrained(temp)
         _record_attention(temp / "config.json", model.config._attn_implementation)
         if processor is not None:
@@ -60,17 +57,6 @@ def save(
             temp / WEIGHTS_NAME,
             metadata={"format": "pt"},
         )
-        if path.exists():
-            # Keep the old copy until the new one is in place, so a crash leaves one whole model.
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
-            os.replace(path, old / path.name)
-            os.replace(temp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(temp, path)
-    except BaseException:
-        shutil.rmtree(temp, ignore_errors=True)
-        raise
     return path
 
 

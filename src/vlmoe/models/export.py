@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import copy
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 from transformers.initialization import no_init_weights
 
+from vlmoe.atomic import atomic_directory
 from vlmoe.models.card import CARD_NAME, CardInfo, model_card
 from vlmoe.models.families import FamilyAdapter, adapter_for
 from vlmoe.models.mole import MoLEFeedForward
@@ -252,19 +251,7 @@ def _empty(model_class, config, dtype: torch.dtype) -> nn.Module:
 
 
 def _save_atomically(model: nn.Module, path: Path, card_text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with atomic_directory(path) as temp:
         model.save_pretrained(temp)
         (temp / CARD_NAME).write_text(card_text)
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
-            os.replace(path, old / path.name)
-            os.replace(temp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(temp, path)
-    except BaseException:
-        shutil.rmtree(temp, ignore_errors=True)
-        raise
     return path
