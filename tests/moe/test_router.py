@@ -152,3 +152,11 @@ def test_forced_expert():
     router.forced_expert = 4
     with pytest.raises(ValueError, match="forced_expert"):
         router(torch.randn(5, 8))
+
+
+def test_router_losses_only_where_an_optimiser_can_use_them():
+    router = _router(num_experts=4, top_k=2, load_balance_coef=0.01, z_loss_coef=0.001)
+    x = torch.randn(6, 8)
+    assert set(router(x).aux_losses) == {"load_balance", "z_loss"}
+    with torch.no_grad():
+        assert router(x).aux_losses == {}

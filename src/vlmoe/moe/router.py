@@ -180,11 +180,14 @@ class Router(nn.Module):
             combine_weights = combine_weights - combine_weights.detach() + ones
 
         aux_losses: dict[str, Tensor] = {}
-        if cfg.load_balance_coef > 0:
+        # The losses only matter to an optimiser: skip them under no_grad (generation, eval),
+        # where they would be a dozen wasted kernel launches per layer and token.
+        wants_losses = torch.is_grad_enabled()
+        if cfg.load_balance_coef > 0 and wants_losses:
             counted = expert_indices[:, :1] if cfg.load_balance_first_choice else expert_indices
             balance = load_balancing_loss(router_probs, counted, token_mask)
             aux_losses["load_balance"] = cfg.load_balance_coef * balance
-        if cfg.z_loss_coef > 0:
+        if cfg.z_loss_coef > 0 and wants_losses:
             aux_losses["z_loss"] = cfg.z_loss_coef * router_z_loss(router_logits, token_mask)
         return Routing(
             expert_indices=expert_indices,
