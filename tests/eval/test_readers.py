@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from benchmark_copies import chartqa, image, write_json
+from benchmark_copies import chartqa, image, llava, write_json
 
 from vlmoe.eval.readers import read_chartqa, read_llava, read_pope, read_scienceqa, read_textvqa, read_vqav2
 
@@ -117,20 +117,8 @@ def test_vqav2_joins_questions_and_annotations(tmp_path):
 
 
 def test_llava_json_and_jsonl(tmp_path):
-    image(tmp_path / "imgs/c.png")
-    record = {
-        "id": "chart-7",
-        "image": "c.png",
-        "conversations": [
-            {"from": "human", "value": "<image>\nWhat is the total?"},
-            {"from": "gpt", "value": "128"},
-        ],
-    }
-    text_only = {
-        "id": "t",
-        "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}],
-    }
-    file = write_json(tmp_path / "eval.json", [record, text_only])
+    file = llava(tmp_path / "imgs")  # an image-and-question record, then a text-only one
+    text_only = json.loads(file.read_text())[1]
     samples = read_llava(file, image_dir=tmp_path / "imgs")
     assert samples[0].question == "What is the total?" and samples[0].answers == ("128",)
     assert samples[0].images == (tmp_path / "imgs/c.png",) and samples[1].images == ()
