@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from vlmoe.data.cli import data_app
+
 if TYPE_CHECKING:  # torch loads inside the commands, so `vlmoe --help` stays fast
     import torch
 
@@ -16,6 +18,8 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
 )
+
+app.add_typer(data_app, name="data")
 
 
 @app.callback()

@@ -1,0 +1,181 @@
+"""Generate a synthetic chart data set on disk: sharded, resumable, deterministic, in parallel.
+
+Layout under `out`:
+    manifest.json                       seed, size and shard size the directory was made with
+    shard_00000/images/00000000.png     one PNG per chart
+    shard_00000/records.jsonl           per chart: type, table, JSON, code, QA with PoT programs
+    shard_00000/conversations.jsonl     LLaVA samples (image paths relative to the shard)
+    shard_00000/done.json               written last: the shard is complete
+
+Chart `i` depends only on (seed, i), so workers, interruptions and shard boundaries never change
+the output. A re-run skips complete shards and, in a partial one, re-draws only missing images.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+
+from vlmoe.data.chart_code import plotting_code
+from vlmoe.data.chart_conversations import chart_samples
+from vlmoe.data.chart_qa import chart_questions
+from vlmoe.data.chart_record import sample_chart_record
+from vlmoe.data.chart_render import ChartRenderer
+from vlmoe.data.chart_text import chart_json_text, chart_table
+
+SHARD_SIZE = 1000
+CHUNK_SIZE = 20  # charts per worker task: big enough to amortise IPC, small for a smooth progress bar
+
+
+@dataclass(frozen=True)
+class ChartSetConfig:
+    n: int
+    seed: int = 0
+    size_px: int = 336
+    shard_size: int = SHARD_SIZE
+    questions_per_chart: int = 4
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)  # a killed run never leaves a half-written file under the final name
+
+
+def chart_entry(config: ChartSetConfig, index: int) -> tuple[dict, list[dict]]:
+    """The record line and the conversation samples of chart `index` (no rendering).
+
+    >>> record, samples = chart_entry(ChartSetConfig(n=1), 0)
+    >>> record["image"], len(samples) >= 3
+    ('images/00000000.png', True)
+    """
+    record = sample_chart_record(config.seed, index)
+    questions = chart_questions(
+        record, np.random.default_rng([config.seed, index, 1]), config.questions_per_chart
+    )
+    image = f"images/{index:08d}.png"
+    table, json_text, code = (
+        chart_table(record),
+        chart_json_text(record),
+        plotting_code(record, config.size_px),
+    )
+    line = {
+        "id": record.chart_id,
+        "image": image,
+        "chart_type": record.chart_type,
+        "table": table,
+        "json": json_text,
+        "code": code,
+        "qa": [asdict(q) for q in questions],
+    }
+    rng = np.random.default_rng([config.seed, index, 2])
+    return line, chart_samples(record.chart_id, image, table, json_text, code, questions, rng)
+
+
+_renderer: ChartRenderer | None = None  # one per process: it keeps its figures between charts
+
+
+def _renderer_for(size_px: int) -> ChartRenderer:
+    global _renderer
+    if _renderer is None or _renderer.size_px != size_px:
+        _renderer = ChartRenderer(size_px)
+    return _renderer
+
+
+def _render_chunk(args: tuple[ChartSetConfig, Path, list[int]]) -> int:
+    config, shard_dir, indices = args
+    renderer = _renderer_for(config.size_px)
+    for index in indices:
+        path = shard_dir / "images" / f"{index:08d}.png"
+        if not path.exists():
+            _atomic_write(path, renderer.render_png(sample_chart_record(config.seed, index)))
+    return len(indices)
+
+
+def _check_manifest(out: Path, config: ChartSetConfig) -> None:
+    manifest = {"seed": config.seed, "size_px": config.size_px, "shard_size": config.shard_size}
+    path = out / "manifest.json"
+    if path.exists():
+        found = json.loads(path.read_text())
+        for key, value in manifest.items():
+            if found.get(key) != value:
+                raise ValueError(
+                    f"{path}: {key} is {found.get(key)!r} but this run asks for {value!r}; "
+                    f"resume with the same --seed/--size, or write to a new --out directory"
+                )
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        _atomic_write(path, json.dumps(manifest, indent=2).encode())
+
+
+def _shard_done(shard_dir: Path, count: int) -> bool:
+    done = shard_dir / "done.json"
+    return done.exists() and json.loads(done.read_text()).get("count") == count
+
+
+def _chunks(indices: range) -> Iterator[list[int]]:
+    for start in range(0, len(indices), CHUNK_SIZE):
+        yield list(indices[start : start + CHUNK_SIZE])
+
+
+def generate_chart_set(
+    out: str | Path,
+    config: ChartSetConfig,
+    workers: int = 1,
+    on_progress: Callable[[int], None] | None = None,
+) -> list[Path]:
+    """Write `config.n` charts under `out` and return the shard directories.
+
+    `on_progress(k)` is called as k more charts are finished (complete shards count at once).
+
+    >>> import tempfile
+    >>> shards = generate_chart_set(tempfile.mkdtemp(), ChartSetConfig(n=3, size_px=128))
+    >>> sorted(p.name for p in (shards[0] / "images").iterdir())
+    ['00000000.png', '00000001.png', '00000002.png']
+    """
+    if config.n < 1:
+        raise ValueError(f"--n must be at least 1, got {config.n}")
+    if workers < 1:
+        raise ValueError(f"--workers must be at least 1, got {workers}")
+    out = Path(out)
+    _check_manifest(out, config)
+    progress = on_progress or (lambda k: None)
+    shard_dirs = []
+    # Draw one chart before forking: workers inherit loaded fonts and figures instead of
+    # each paying for them (a second per worker, 10% of a 500-chart run).
+    _renderer_for(config.size_px).render_png(sample_chart_record(config.seed, 0))
+    pool = get_context("fork").Pool(workers) if workers > 1 else None
+    try:
+        for first in range(0, config.n, config.shard_size):
+            indices = range(first, min(first + config.shard_size, config.n))
+            shard_dir = out / f"shard_{first // config.shard_size:05d}"
+            shard_dirs.append(shard_dir)
+            if _shard_done(shard_dir, len(indices)):
+                progress(len(indices))
+                continue
+            (shard_dir / "images").mkdir(parents=True, exist_ok=True)
+            tasks = [(config, shard_dir, chunk) for chunk in _chunks(indices)]
+            finished = pool.imap_unordered(_render_chunk, tasks) if pool else map(_render_chunk, tasks)
+            records, samples = [], []
+            for index in indices:  # while the workers draw (with no pool, before drawing)
+                line, chart_conversations = chart_entry(config, index)
+                records.append(json.dumps(line, ensure_ascii=False))
+                samples += [json.dumps(s, ensure_ascii=False) for s in chart_conversations]
+            for count in finished:
+                progress(count)
+            _atomic_write(shard_dir / "records.jsonl", ("\n".join(records) + "\n").encode())
+            _atomic_write(shard_dir / "conversations.jsonl", ("\n".join(samples) + "\n").encode())
+            _atomic_write(
+                shard_dir / "done.json", json.dumps({"count": len(indices), "first": first}).encode()
+            )
+    finally:
+        if pool:
+            pool.close()
+            pool.join()
+    return shard_dirs

@@ -1,0 +1,69 @@
+"""`vlmoe data ...`: make synthetic chart data and cluster instructions."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+data_app = typer.Typer(help="Data: synthetic charts, instruction clustering.", no_args_is_help=True)
+
+
+@data_app.command()
+def charts(
+    n: Annotated[int, typer.Option("--n", help="Number of charts.")],
+    out: Annotated[Path, typer.Option("--out", help="Output directory (re-running resumes it).")],
+    seed: Annotated[int, typer.Option("--seed", help="Same seed, same data set (byte-identical JSON).")] = 0,
+    workers: Annotated[int, typer.Option("--workers", help="Rendering processes.")] = 1,
+    size: Annotated[int, typer.Option("--size", help="Image side in pixels.")] = 336,
+    shard_size: Annotated[int, typer.Option("--shard-size", help="Charts per shard directory.")] = 1000,
+) -> None:
+    """Synthetic charts (PNG + table + JSON + plotting code + QA with PoT) and LLaVA conversations."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from vlmoe.data.chart_dataset import ChartSetConfig, generate_chart_set
+
+    config = ChartSetConfig(n=n, seed=seed, size_px=size, shard_size=shard_size)
+    start = time.perf_counter()
+    columns = (TextColumn("charts"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    try:
+        with Progress(*columns) as progress:
+            task = progress.add_task("charts", total=n)
+            shards = generate_chart_set(
+                out, config, workers=workers, on_progress=lambda k: progress.advance(task, k)
+            )
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from None
+    seconds = time.perf_counter() - start
+    typer.echo(
+        f"{n} charts in {len(shards)} shard(s) under {out} in {seconds:.1f}s ({n / seconds:.1f} charts/s)"
+    )
+
+
+@data_app.command()
+def cluster(
+    data: Annotated[Path, typer.Option("--data", help="LLaVA conversations, .json or .jsonl.")],
+    out: Annotated[Path, typer.Option("--out", help="Directory for centroids, clusters.json and the data.")],
+    k: Annotated[int, typer.Option("--k", help="Number of clusters (MoCLE: 64).")] = 64,
+    model: Annotated[
+        Path | None,
+        typer.Option("--model", help="Local sentence-transformers model; default all-MiniLM-L6-v2."),
+    ] = None,
+    seed: Annotated[int, typer.Option("--seed", help="k-means seed.")] = 0,
+) -> None:
+    """MoCLE: embed each sample's instruction, k-means into K clusters, write cluster_id per sample."""
+    import numpy as np
+
+    from vlmoe.data.clustering import cluster_conversation_file
+
+    try:
+        data_out, clusters = cluster_conversation_file(data, out, num_clusters=k, model=model, seed=seed)
+    except (ValueError, FileNotFoundError) as error:
+        raise typer.BadParameter(str(error)) from None
+    sizes = np.bincount(clusters.labels, minlength=clusters.num_clusters)
+    typer.echo(
+        f"{len(clusters.labels)} samples in {clusters.num_clusters} clusters "
+        f"(sizes {sizes.min()}..{sizes.max()}); wrote {data_out} and {out / 'centroids.safetensors'}"
+    )

@@ -1,0 +1,242 @@
+"""Batch conversations for a vision-language model with its own processor and chat template.
+
+Labels are -100 everywhere except the assistant replies: exactly the reply tokens and the
+end-of-turn token. Each conversation is cut into parts at the template's turn boundaries
+(prompt parts, reply parts) and every part is tokenized on its own, so the prompt tokens are the
+ones the model sees at inference (where the prompt ends with the generation prompt) and the
+supervised tokens decode exactly to the reply. Image placeholders become the template's image
+items and the processor expands them (LLaVA's repeated `<image>`, Qwen2-VL's `<|image_pad|>`
+run, Idefics3's tiled grid). Truncation never cuts inside image tokens.
+
+Batch keys: the model inputs (input_ids, attention_mask, labels, pixel_values, ... as the
+processor makes them) and the tags in `TAG_KEYS`, which training pops before the forward pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from PIL import Image
+
+from vlmoe.data.conversations import IMAGE_PLACEHOLDER, ConversationSample
+
+IGNORE_INDEX = -100
+TAG_KEYS = ("sample_ids", "domains", "tasks", "cluster_ids")
+
+
+def split_model_inputs(batch: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(model inputs, tags): the batch without and with the `TAG_KEYS` entries."""
+    return {k: v for k, v in batch.items() if k not in TAG_KEYS}, {k: batch[k] for k in TAG_KEYS}
+
+
+def _structured(content: str) -> list[dict[str, str]] | str:
+    """`"<image>\\nWhat?"` -> [{"type": "image"}, {"type": "text", "text": "What?"}] (template items)."""
+    if IMAGE_PLACEHOLDER not in content:
+        return content
+    items: list[dict[str, str]] = []
+    for i, text in enumerate(content.split(IMAGE_PLACEHOLDER)):
+        if i > 0:
+            items.append({"type": "image"})
+        if text.strip():
+            items.append({"type": "text", "text": text.strip()})
+    return items
+
+
+@dataclass
+class _Part:
+    text: str
+    supervised: bool
+    num_images: int = 0
+
+
+def _load_image(image: Any) -> Image.Image:
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    with Image.open(image) as opened:
+        return opened.convert("RGB")
+
+
+@dataclass
+class ConversationCollator:
+    """Turns `ConversationSample`s into a padded training batch for `processor`'s model.
+
+    max_length: cut longer samples after their last image token (text after it is dropped);
+    a sample whose image tokens alone exceed it raises a ValueError naming the sample.
+
+    >>> from vlmoe.models import tiny
+    >>> from vlmoe.data.conversations import ConversationSample
+    >>> _, processor = tiny("qwen2_vl")
+    >>> sample = ConversationSample("s", [], [{"role": "user", "content": "2+2?"},
+    ...                                       {"role": "assistant", "content": "4"}])
+    >>> batch = ConversationCollator(processor)([sample])
+    >>> processor.tokenizer.decode(batch["labels"][0][batch["labels"][0] != -100])
+    '4<|im_end|>'
+    """
+
+    processor: Any
+    max_length: int | None = None
+    _image_token_ids: set[int] = field(init=False, default_factory=set)
+
+    def __post_init__(self) -> None:
+        tokenizer = self.tokenizer
+        if tokenizer.pad_token_id is None:
+            raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token before collating")
+        # Tokens that belong to an image's expansion (never cut inside those).
+        candidates = [
+            getattr(self.processor, "image_token", None),
+            getattr(self.processor, "fake_image_token", None),
+            "<|vision_start|>",
+            "<|vision_end|>",
+            "<fake_token_around_image>",
+            "<global-img>",
+        ]
+        vocab = tokenizer.get_vocab()
+        self._image_token_ids = {vocab[t] for t in candidates if t is not None and t in vocab}
+
+    @property
+    def tokenizer(self) -> Any:
+        return getattr(self.processor, "tokenizer", self.processor)
+
+    def _render(self, messages: list[dict[str, Any]], generation_prompt: bool) -> str:
+        return self.processor.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=generation_prompt
+        )
+
+    def _end_of_turn(self, after_reply: str) -> tuple[str, str]:
+        """(end-of-turn text to supervise, rest) from the template's text after a reply.
+
+        Templates that close a reply with a special token (`<|im_end|>`, `<end_of_utterance>`)
+        keep it; templates that close with plain text (LLaVA's " ") get the EOS token, so the
+        model learns to stop.
+        """
+        specials = [t for t in self.tokenizer.all_special_tokens if t]
+        found = [(after_reply.find(t), t) for t in specials if after_reply.find(t) >= 0]
+        if found:
+            position, token = min(found)
+            if not after_reply[:position].strip():
+                end = position + len(token)
+                return after_reply[:end], after_reply[end:]
+        return self.tokenizer.eos_token, after_reply
+
+    def _parts(self, sample: ConversationSample) -> list[_Part]:
+        messages = [{"role": m["role"], "content": _structured(m["content"])} for m in sample.messages]
+        parts: list[_Part] = []
+        rendered = ""
+        for i, message in enumerate(messages):
+            num_images = sample.messages[i]["content"].count(IMAGE_PLACEHOLDER)
+            full = self._render(messages[: i + 1], generation_prompt=False)
+            if message["role"] == "assistant":
+                prompt = self._render(messages[:i], generation_prompt=True)
+                if not (prompt.startswith(rendered) and full.startswith(prompt)):
+                    raise ValueError(
+                        f"sample {sample.id!r}: the chat template does not render turn {i} as an extension "
+                        "of the earlier turns, so assistant tokens cannot be located; use a template whose "
+                        "output for a prefix of the conversation is a prefix of its output"
+                    )
+                reply = full[len(prompt) :]
+                content = sample.messages[i]["content"]
+                end = reply.rfind(content) + len(content) if content in reply else len(reply.rstrip())
+                end_of_turn, rest = self._end_of_turn(reply[end:])
+                parts += [_Part(prompt[len(rendered) :], False), _Part(reply[:end] + end_of_turn, True)]
+                if rest:
+                    parts.append(_Part(rest, False))
+            else:
+                if not full.startswith(rendered):
+                    raise ValueError(
+                        f"sample {sample.id!r}: the chat template re-renders earlier turns differently"
+                    )
+                parts.append(_Part(full[len(rendered) :], False, num_images))
+            rendered = full
+        # Prompt text between two replies is tokenized as one piece, as it is at inference.
+        merged: list[_Part] = []
+        for part in parts:
+            if merged and not part.supervised and not merged[-1].supervised:
+                merged[-1] = _Part(
+                    merged[-1].text + part.text, False, merged[-1].num_images + part.num_images
+                )
+            else:
+                merged.append(part)
+        return merged
+
+    def _encode(self, sample: ConversationSample, images: list[Image.Image]) -> tuple[list[int], list[int]]:
+        ids: list[int] = []
+        labels: list[int] = []
+        next_image = 0
+        for k, part in enumerate(self._parts(sample)):
+            first = k == 0  # special tokens (BOS) once, as when the whole prompt is tokenized
+            if part.num_images:
+                part_images = images[next_image : next_image + part.num_images]
+                next_image += part.num_images
+                encoded = self.processor(text=[part.text], images=[part_images], add_special_tokens=first)
+                part_ids = list(encoded["input_ids"][0])
+            else:
+                part_ids = self.tokenizer(part.text, add_special_tokens=first)["input_ids"]
+            ids += part_ids
+            labels += part_ids if part.supervised else [IGNORE_INDEX] * len(part_ids)
+        return self._truncate(sample, ids, labels)
+
+    def _truncate(
+        self, sample: ConversationSample, ids: list[int], labels: list[int]
+    ) -> tuple[list[int], list[int]]:
+        if self.max_length is None or len(ids) <= self.max_length:
+            return ids, labels
+        image_end = max((i + 1 for i, t in enumerate(ids) if t in self._image_token_ids), default=0)
+        if image_end > self.max_length:
+            raise ValueError(
+                f"sample {sample.id!r} ({sample.source}:{sample.line}): its image tokens reach position "
+                f"{image_end} but max_length is {self.max_length}; raise max_length to at least {image_end} "
+                "or give the processor smaller images"
+            )
+        return ids[: self.max_length], labels[: self.max_length]
+
+    def __call__(self, samples: list[ConversationSample]) -> dict[str, Any]:
+        images = [[_load_image(image) for image in sample.images] for sample in samples]
+        encoded = [
+            self._encode(sample, sample_images) for sample, sample_images in zip(samples, images, strict=True)
+        ]
+        length = max(len(ids) for ids, _ in encoded)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.full((len(samples), length), pad, dtype=torch.long)
+        labels = torch.full((len(samples), length), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(samples), length), dtype=torch.long)
+        for row, (ids, row_labels) in enumerate(encoded):  # right padding, for training
+            input_ids[row, : len(ids)] = torch.tensor(ids)
+            labels[row, : len(ids)] = torch.tensor(row_labels)
+            attention_mask[row, : len(ids)] = 1
+        batch: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        if any(images):
+            batch.update(self._image_inputs(samples, images, input_ids))
+        batch["sample_ids"] = [s.id for s in samples]
+        batch["domains"] = [s.domain for s in samples]
+        batch["tasks"] = [s.task for s in samples]
+        batch["cluster_ids"] = torch.tensor([-1 if s.cluster_id is None else s.cluster_id for s in samples])
+        return batch
+
+    def _image_inputs(
+        self, samples: list[ConversationSample], images: list[list[Image.Image]], input_ids: torch.Tensor
+    ) -> dict[str, Any]:
+        """Pixel tensors from one processor call on the whole batch (so family-specific padding of
+        tiles and image counts is the processor's), checked against the image tokens we placed."""
+        texts = []
+        for sample in samples:
+            messages = [{"role": m["role"], "content": _structured(m["content"])} for m in sample.messages]
+            texts.append(self._render(messages, generation_prompt=False))
+        reference = self.processor(text=texts, images=images, padding=True, return_tensors="pt")
+        image_token = getattr(self.processor, "image_token", IMAGE_PLACEHOLDER)
+        image_token_id = self.tokenizer.convert_tokens_to_ids(image_token)
+        for row, sample in enumerate(samples):
+            ours = int((input_ids[row] == image_token_id).sum())
+            theirs = int((reference["input_ids"][row] == image_token_id).sum())
+            if ours != theirs:
+                raise ValueError(
+                    f"sample {sample.id!r}: {ours} image tokens after truncation but the processor makes "
+                    f"{theirs}; raise max_length so no image is cut"
+                )
+        inputs = {k: v for k, v in reference.items() if k not in ("input_ids", "attention_mask")}
+        if "mm_token_type_ids" in inputs:  # per-token modality ids must follow our token layout
+            inputs["mm_token_type_ids"] = torch.tensor(
+                self.processor.create_mm_token_type_ids(input_ids.tolist())
+            )
+        return inputs

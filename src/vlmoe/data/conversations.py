@@ -1,0 +1,275 @@
+"""Read LLaVA-format conversations and check every sample, with an explicit bad-sample policy.
+
+A sample is `{"id", "image" | "images", "conversations": [{"from": "human"|"gpt", "value"}]}`;
+text-only samples have no image; each image has one `<image>` placeholder in the text. Sources:
+a .json file (a list), a .jsonl file (one sample a line), a directory saved by
+`datasets.Dataset.save_to_disk`, or a `datasets.Dataset`. Bad samples are never dropped silently:
+`on_error="fail"` raises at the first one, naming file, line and fix; `on_error="skip"` leaves
+them out, and the returned `LoadReport` (also logged and warned) lists each with file and line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+IMAGE_PLACEHOLDER = "<image>"
+ROLES = {"human": "user", "gpt": "assistant"}  # LLaVA names -> chat-template roles
+BAD_SAMPLE_KINDS = (
+    "invalid_json",
+    "no_conversations",
+    "bad_role",
+    "bad_alternation",
+    "empty_turn",
+    "image_count_mismatch",
+    "missing_image",
+    "corrupt_image",
+)
+OnError = Literal["fail", "skip"]
+
+
+@dataclass
+class ConversationSample:
+    """One checked sample. `images` are paths (resolved) or PIL images (from a `datasets` column)."""
+
+    id: str
+    images: list[Any]
+    messages: list[dict[str, str]]  # [{"role": "user"|"assistant", "content": text with <image>}]
+    domain: str | None = None
+    task: str | None = None
+    cluster_id: int | None = None
+    source: str = ""
+    line: int = 0
+
+    @property
+    def instruction(self) -> str:
+        """The first user turn without image placeholders (what MoCLE clusters)."""
+        return self.messages[0]["content"].replace(IMAGE_PLACEHOLDER, "").strip()
+
+
+@dataclass(frozen=True)
+class BadSample:
+    source: str
+    line: int  # 1-based line in the file (row index + 1 for datasets)
+    sample_id: str
+    kind: str  # one of BAD_SAMPLE_KINDS
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.source}:{self.line}: sample {self.sample_id!r}: {self.kind}: {self.message}"
+
+
+@dataclass
+class LoadReport:
+    """What was read: how many samples, how many kept, and every bad one with its place."""
+
+    source: str
+    total: int = 0
+    loaded: int = 0
+    bad: list[BadSample] = field(default_factory=list)
+
+    def counts(self) -> dict[str, int]:
+        return dict(Counter(b.kind for b in self.bad))
+
+    def summary(self) -> str:
+        head = f"{self.source}: {self.loaded} of {self.total} samples loaded"
+        if not self.bad:
+            return head
+        kinds = ", ".join(f"{kind} {count}" for kind, count in sorted(self.counts().items()))
+        lines = [f"{head}; {len(self.bad)} skipped ({kinds})"] + [f"  {b}" for b in self.bad[:20]]
+        if len(self.bad) > 20:
+            lines.append(f"  ... and {len(self.bad) - 20} more (see LoadReport.bad)")
+        return "\n".join(lines)
+
+
+class BadSampleError(ValueError):
+    """A bad sample under on_error="fail"; `.bad` says where and what."""
+
+    def __init__(self, bad: BadSample) -> None:
+        fix = 'fix the sample, or read with on_error="skip" to leave bad samples out (they are reported)'
+        super().__init__(f"{bad}\n  {fix}")
+        self.bad = bad
+
+
+class _Invalid(Exception):
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+def _json_array_items(text: str, source: str) -> Iterator[tuple[int, Any]]:
+    """(line, element) for each element of a top-level JSON list, keeping each one's line number."""
+    decoder = json.JSONDecoder()
+    start = text.index("[") + 1
+    pos = start
+    while True:
+        while pos < len(text) and text[pos] in " \t\r\n,":
+            pos += 1
+        if pos >= len(text) or text[pos] == "]":
+            return
+        item, end = decoder.raw_decode(text, pos)
+        yield text.count("\n", 0, pos) + 1, item
+        pos = end
+
+
+def raw_samples(source: Any) -> Iterator[tuple[int, Any]]:
+    """(line, raw sample or JSONDecodeError) from any supported source, unchecked, in order."""
+    if not isinstance(source, (str, Path)):
+        for row, sample in enumerate(source):  # a datasets.Dataset (or any sequence of dicts)
+            yield row + 1, sample
+        return
+    path = Path(source)
+    if path.is_dir():
+        import datasets
+
+        yield from raw_samples(datasets.load_from_disk(str(path)))
+        return
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path}: no such conversation file; pass a .json, .jsonl or a datasets directory"
+        )
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        for number, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                try:
+                    yield number, json.loads(line)
+                except json.JSONDecodeError as error:
+                    yield number, error
+        return
+    if not text.lstrip().startswith("["):
+        raise ValueError(
+            f"{path}:1: a .json conversation file must hold a list of samples; use .jsonl for one a line"
+        )
+    try:
+        yield from _json_array_items(text, str(path))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}:{error.lineno}: invalid JSON ({error.msg}); fix the file") from None
+
+
+def _check_turns(turns: Any) -> list[dict[str, str]]:
+    if not isinstance(turns, list) or not turns:
+        raise _Invalid("no_conversations", '"conversations" must be a non-empty list of turns')
+    messages = []
+    for i, turn in enumerate(turns):
+        role = turn.get("from") if isinstance(turn, dict) else None
+        if role not in ROLES:
+            raise _Invalid("bad_role", f'turn {i}: "from" is {role!r}; it must be "human" or "gpt"')
+        expected = "human" if i % 2 == 0 else "gpt"
+        if role != expected:
+            raise _Invalid(
+                "bad_alternation", f"turn {i} is from {role!r}; turns must alternate human, gpt, ..."
+            )
+        value = turn.get("value")
+        if not isinstance(value, str) or not value.replace(IMAGE_PLACEHOLDER, "").strip():
+            raise _Invalid("empty_turn", f"turn {i} ({role}) has no text")
+        messages.append({"role": ROLES[role], "content": value})
+    if len(messages) % 2:
+        raise _Invalid("bad_alternation", "the last turn is from human; a sample must end with a gpt answer")
+    return messages
+
+
+def _check_image(image: Any, image_root: Path) -> Any:
+    if isinstance(image, Image.Image):
+        return image
+    path = Path(image)
+    path = path if path.is_absolute() else image_root / path
+    if not path.is_file():
+        raise _Invalid("missing_image", f"image {str(image)!r} not found at {path}")
+    try:
+        with Image.open(path) as opened:
+            opened.verify()  # reads the whole file: catches truncated and non-image files
+    except Exception as error:
+        raise _Invalid(
+            "corrupt_image", f"image {path} cannot be decoded ({type(error).__name__}: {error})"
+        ) from None
+    return path
+
+
+def _check_sample(raw: Any, image_root: Path, check_images: bool) -> ConversationSample:
+    if isinstance(raw, json.JSONDecodeError):
+        raise _Invalid("invalid_json", f"invalid JSON ({raw.msg})")
+    if not isinstance(raw, dict):
+        raise _Invalid("invalid_json", f"a sample must be a JSON object, got {type(raw).__name__}")
+    messages = _check_turns(raw.get("conversations"))
+    images = raw.get("images")
+    if images is None:
+        images = [] if raw.get("image") is None else [raw["image"]]
+    placeholders = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages)
+    if placeholders != len(images):
+        raise _Invalid(
+            "image_count_mismatch",
+            f"{len(images)} image(s) but {placeholders} {IMAGE_PLACEHOLDER} placeholder(s); "
+            "put one placeholder per image",
+        )
+    if check_images:
+        images = [_check_image(image, image_root) for image in images]
+    cluster_id = raw.get("cluster_id")
+    return ConversationSample(
+        id=str(raw.get("id", "")),
+        images=list(images),
+        messages=messages,
+        domain=raw.get("domain"),
+        task=raw.get("task"),
+        cluster_id=None if cluster_id is None else int(cluster_id),
+    )
+
+
+def read_conversations(
+    source: str | Path | Any,
+    image_root: str | Path | None = None,
+    on_error: OnError = "fail",
+    check_images: bool = True,
+    domain: str | None = None,
+) -> tuple[list[ConversationSample], LoadReport]:
+    """Read and check LLaVA-format samples; returns them and a report of what was left out.
+
+    Relative image paths resolve against `image_root` (default: the file's directory).
+    `domain`, when given, tags samples that carry none.
+
+    >>> import json, tempfile, pathlib
+    >>> path = pathlib.Path(tempfile.mkdtemp()) / "chat.jsonl"
+    >>> turns = [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]
+    >>> lines = [{"id": "a", "conversations": turns}, {"id": "b", "conversations": turns[1:]}]
+    >>> _ = path.write_text("\\n".join(json.dumps(x) for x in lines))
+    >>> samples, report = read_conversations(path, on_error="skip")
+    >>> [s.id for s in samples], report.counts()
+    (['a'], {'bad_alternation': 1})
+    """
+    if on_error not in ("fail", "skip"):
+        raise ValueError(f'on_error must be "fail" or "skip", got {on_error!r}')
+    name = str(source) if isinstance(source, (str, Path)) else f"<{type(source).__name__}>"
+    if image_root is None:
+        is_file = isinstance(source, (str, Path)) and Path(source).is_file()
+        image_root = Path(source).parent if is_file else Path(".")
+    report = LoadReport(source=name)
+    samples = []
+    for line, raw in raw_samples(source):
+        report.total += 1
+        try:
+            sample = _check_sample(raw, Path(image_root), check_images)
+        except _Invalid as invalid:
+            sample_id = str(raw.get("id", "?")) if isinstance(raw, dict) else "?"
+            bad = BadSample(name, line, sample_id, invalid.kind, str(invalid))
+            if on_error == "fail":
+                raise BadSampleError(bad) from None
+            report.bad.append(bad)
+            continue
+        sample.source, sample.line = name, line
+        sample.domain = sample.domain or domain
+        samples.append(sample)
+    report.loaded = len(samples)
+    if report.bad:
+        logger.warning(report.summary())
+        warnings.warn(report.summary(), stacklevel=2)
+    return samples, report

@@ -1,0 +1,100 @@
+"""MoCLE instruction clustering with the offline all-MiniLM-L6-v2: deterministic, consistent."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from vlmoe.cli import app
+from vlmoe.data.clustering import (
+    assign_clusters,
+    assign_embeddings,
+    embed_instructions,
+    fit_instruction_clusters,
+    load_clusters,
+    load_sentence_encoder,
+)
+
+INSTRUCTIONS = [
+    "Convert the chart into a table.",
+    "Extract the data table from this chart.",
+    "Write the chart's numbers as a markdown table.",
+    "Describe the image in detail.",
+    "Give a detailed description of this picture.",
+    "What is happening in this photo? Describe it.",
+    "Translate this sentence into French.",
+    "Translate the following text to German.",
+    "How do you say this in Spanish? Translate it.",
+    "Write Python code that draws this chart.",
+    "Generate the matplotlib code for this plot.",
+    "Give the plotting code that reproduces the figure.",
+]
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return load_sentence_encoder()
+
+
+@pytest.fixture(scope="module")
+def embeddings(encoder):
+    return embed_instructions(INSTRUCTIONS, encoder)
+
+
+def test_embeddings_are_unit_vectors_of_minilm(embeddings):
+    assert embeddings.shape == (12, 384) and embeddings.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1.0, atol=1e-5)
+
+
+def test_kmeans_is_deterministic_and_groups_tasks(embeddings):
+    first = fit_instruction_clusters(embeddings, num_clusters=4, seed=0)
+    second = fit_instruction_clusters(embeddings, num_clusters=4, seed=0)
+    assert np.array_equal(first.centroids, second.centroids)
+    assert np.array_equal(first.labels, second.labels)
+    groups = first.labels.reshape(4, 3)  # the instructions come in four tasks of three
+    assert all(len(set(g)) == 1 for g in groups.tolist()) and len(set(groups[:, 0])) == 4
+
+
+def test_assigning_training_texts_gives_the_kmeans_labels(embeddings, encoder):
+    clusters = fit_instruction_clusters(embeddings, num_clusters=5, seed=3)
+    assert np.array_equal(assign_embeddings(embeddings, clusters.centroids), clusters.labels)
+    assert np.array_equal(assign_clusters(INSTRUCTIONS, clusters.centroids, encoder), clusters.labels)
+    new = assign_clusters(["Turn this bar chart into a table, please."], clusters.centroids, encoder)
+    assert new.tolist() == [clusters.labels[0]]
+
+
+def test_more_clusters_than_instructions_is_refused_with_the_fix(embeddings):
+    with pytest.raises(
+        ValueError, match=r"12 instructions \(12 distinct\) cannot make 64 clusters; use --k 12"
+    ):
+        fit_instruction_clusters(embeddings, num_clusters=64)
+
+
+def test_cli_writes_cluster_ids_and_centroids_the_model_keeps(tmp_path, embeddings):
+    data = tmp_path / "train.jsonl"
+    rows = [
+        {
+            "id": str(i),
+            "image": f"{i}.png",
+            "conversations": [{"from": "human", "value": f"<image>\n{t}"}, {"from": "gpt", "value": "ok"}],
+        }
+        for i, t in enumerate(INSTRUCTIONS)
+    ]
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    result = CliRunner().invoke(
+        app, ["data", "cluster", "--data", str(data), "--k", "4", "--out", str(tmp_path / "c")]
+    )
+    assert result.exit_code == 0, result.output
+    written = [json.loads(line) for line in (tmp_path / "c/train.clustered.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in written] == [r["id"] for r in rows]
+    expected = fit_instruction_clusters(embeddings, num_clusters=4, seed=0)  # <image> is not embedded
+    assert [r["cluster_id"] for r in written] == expected.labels.tolist()
+    saved = load_clusters(tmp_path / "c")
+    assert saved.num_clusters == 4 and saved.embedding_model == "sentence-transformers/all-MiniLM-L6-v2"
+    np.testing.assert_array_equal(saved.centroids, expected.centroids)
+    too_many = CliRunner().invoke(app, ["data", "cluster", "--data", str(data), "--out", str(tmp_path / "d")])
+    message = " ".join(too_many.output.replace("│", " ").split())  # undo rich's boxed line wrapping
+    assert too_many.exit_code == 2 and "use --k 12 or fewer" in message

@@ -1,0 +1,134 @@
+"""Reading LLaVA conversations: every source kind, and every kind of bad sample reported."""
+
+from __future__ import annotations
+
+import json
+
+import datasets
+import pytest
+from PIL import Image
+
+from vlmoe.data.conversations import BAD_SAMPLE_KINDS, BadSampleError, read_conversations
+
+
+def _turns(*texts: str) -> list[dict[str, str]]:
+    return [{"from": "human" if i % 2 == 0 else "gpt", "value": t} for i, t in enumerate(texts)]
+
+
+@pytest.fixture
+def image_dir(tmp_path):
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "red.png")
+    Image.new("RGB", (8, 8), "blue").save(tmp_path / "blue.png")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    return tmp_path
+
+
+GOOD = [
+    {"id": "text", "conversations": _turns("What is 2+2?", "4")},
+    {"id": "multi", "image": "red.png", "conversations": _turns("<image>\nColour?", "Red.", "Sure?", "Yes.")},
+    {
+        "id": "two",
+        "images": ["red.png", "blue.png"],
+        "conversations": _turns("<image> vs <image>: same?", "No."),
+    },
+]
+
+
+def test_jsonl_json_and_datasets_give_the_same_samples(image_dir):
+    (image_dir / "a.jsonl").write_text("\n".join(json.dumps(s) for s in GOOD) + "\n")
+    (image_dir / "a.json").write_text(json.dumps(GOOD, indent=2))
+    from_jsonl, report = read_conversations(image_dir / "a.jsonl")
+    from_json, _ = read_conversations(image_dir / "a.json")
+    rows = [{"id": s["id"], "images": s.get("images", [s["image"]] if "image" in s else []),
+             "conversations": s["conversations"]} for s in GOOD]  # fmt: skip
+    dataset = datasets.Dataset.from_list(rows)
+    from_dataset, _ = read_conversations(dataset, image_root=image_dir)
+    dataset.save_to_disk(str(image_dir / "saved"))
+    from_disk, _ = read_conversations(image_dir / "saved", image_root=image_dir)
+    assert report.total == report.loaded == 3 and report.bad == []
+    for samples in (from_jsonl, from_json, from_dataset, from_disk):
+        assert [s.id for s in samples] == ["text", "multi", "two"]
+        assert [len(s.images) for s in samples] == [0, 1, 2]
+        assert [len(s.messages) for s in samples] == [2, 4, 2]
+        assert samples[1].images[0] == image_dir / "red.png"
+        assert samples[1].messages[2] == {"role": "user", "content": "Sure?"}
+        assert samples[2].instruction == "vs : same?"
+    assert [s.line for s in from_jsonl] == [1, 2, 3]
+    object_starts = [
+        i + 1 for i, line in enumerate((image_dir / "a.json").read_text().splitlines()) if line == "  {"
+    ]
+    assert [s.line for s in from_json] == object_starts == [2, 15, 37]
+
+
+BAD = {
+    "no_conversations": {"id": "b1", "conversations": []},
+    "bad_role": {
+        "id": "b2",
+        "conversations": [{"from": "user", "value": "hi"}, {"from": "gpt", "value": "yo"}],
+    },
+    "bad_alternation": {"id": "b3", "conversations": _turns("a", "b", "c")},
+    "empty_turn": {"id": "b4", "image": "red.png", "conversations": _turns("<image>", "ok")},
+    "image_count_mismatch": {"id": "b5", "image": "red.png", "conversations": _turns("No placeholder", "ok")},
+    "missing_image": {"id": "b6", "image": "gone.png", "conversations": _turns("<image>\nq", "a")},
+    "corrupt_image": {"id": "b7", "image": "broken.png", "conversations": _turns("<image>\nq", "a")},
+}
+
+
+def test_every_bad_kind_is_skipped_counted_and_reported_with_file_and_line(image_dir):
+    lines = [json.dumps(GOOD[0]), "{not json", *(json.dumps(s) for s in BAD.values()), json.dumps(GOOD[1])]
+    path = image_dir / "mixed.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.warns(UserWarning, match="2 of 10 samples loaded; 8 skipped"):
+        samples, report = read_conversations(path, on_error="skip")
+    assert [s.id for s in samples] == ["text", "multi"]
+    assert report.total == 10 and report.loaded == 2
+    assert report.counts() == {kind: 1 for kind in BAD_SAMPLE_KINDS}
+    assert [(b.line, b.kind) for b in report.bad] == [(2, "invalid_json")] + [
+        (3 + i, kind) for i, kind in enumerate(BAD)
+    ]
+    assert all(b.source == str(path) for b in report.bad)
+    assert f"{path}:8: sample 'b6': missing_image" in report.summary()
+
+
+@pytest.mark.parametrize("kind", list(BAD))
+def test_fail_policy_raises_at_the_bad_sample_with_its_place_and_the_fix(image_dir, kind):
+    path = image_dir / "one.jsonl"
+    path.write_text(json.dumps(GOOD[0]) + "\n" + json.dumps(BAD[kind]) + "\n")
+    with pytest.raises(BadSampleError, match=f"one.jsonl:2: sample '{BAD[kind]['id']}': {kind}") as error:
+        read_conversations(path)
+    assert 'on_error="skip"' in str(error.value)
+    assert error.value.bad.kind == kind
+
+
+def test_datasets_rows_report_row_numbers(image_dir):
+    rows = [{"id": "ok", "images": [], "conversations": _turns("q", "a")},
+            {"id": "bad", "images": ["gone.png"], "conversations": _turns("<image>q", "a")}]  # fmt: skip
+    with pytest.warns(UserWarning):
+        samples, report = read_conversations(
+            datasets.Dataset.from_list(rows), image_root=image_dir, on_error="skip"
+        )
+    assert [s.id for s in samples] == ["ok"]
+    assert [(b.source, b.line, b.kind) for b in report.bad] == [("<Dataset>", 2, "missing_image")]
+
+
+def test_pil_images_from_a_datasets_image_column_are_kept():
+    features = datasets.Features(
+        {
+            "id": datasets.Value("string"),
+            "images": datasets.Sequence(datasets.Image()),
+            "conversations": [{"from": datasets.Value("string"), "value": datasets.Value("string")}],
+        }
+    )
+    rows = [{"id": "p", "images": [Image.new("RGB", (4, 4))], "conversations": _turns("<image> q", "a")}]
+    samples, _ = read_conversations(datasets.Dataset.from_list(rows, features=features))
+    assert isinstance(samples[0].images[0], Image.Image)
+
+
+def test_unreadable_sources_name_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"nope\.jsonl"):
+        read_conversations(tmp_path / "nope.jsonl")
+    (tmp_path / "broken.json").write_text(json.dumps([GOOD[0]]).rstrip("]") + ",\n{oops}]")
+    with pytest.raises(ValueError, match=r"broken\.json:2: invalid JSON"):
+        read_conversations(tmp_path / "broken.json")
+    with pytest.raises(ValueError, match='on_error must be "fail" or "skip"'):
+        read_conversations(tmp_path / "broken.json", on_error="ignore")
