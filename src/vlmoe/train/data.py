@@ -48,14 +48,16 @@ def chart_samples(
     samples: list[ConversationSample] = []
     for shard in shards:
         records = [json.loads(line) for line in (shard / "records.jsonl").read_text().splitlines()]
-        index_of = {}
-        for record in records:
-            index_of[record["id"]] = int(Path(record["image"]).stem)
+        if charts.chart_types is not None:
+            records = [r for r in records if r["chart_type"] in charts.chart_types]
+        index_of = {record["id"]: int(Path(record["image"]).stem) for record in records}
         conversations, _ = read_conversations(shard / "conversations.jsonl", domain="chart")
         if "chart_type" in charts.tasks:
             conversations += [_chart_type_sample(shard, record) for record in records]
         for sample in conversations:
-            index = index_of[sample.id.rsplit("-", 1)[0]]  # ids are "<chart id>-<task>"
+            index = index_of.get(sample.id.rsplit("-", 1)[0])  # ids are "<chart id>-<task>"
+            if index is None:  # a chart type left out
+                continue
             if sample.task in charts.tasks and (index >= first_held_out) == held_out:
                 samples.append(sample)
     return samples

@@ -15,7 +15,7 @@ it is optimised. Unknown keys and wrong types raise `RecipeError` naming the fil
         learning_rate: {default: 1.0e-3}
         max_steps: 500
     scales:                            # `--scale tiny` merges these over the recipe
-      tiny: {stage: {max_steps: 20}, charts: {n: 40}}
+      tiny: {stage: {max_steps: 20}, stages: {align_table: {batch_size: 2}}, charts: {n: 40}}
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ class ChartDataConfig:
     # Any of vlmoe.data's chart tasks, plus "chart_type" ("What type of chart is this?").
     tasks: list[str] = field(default_factory=lambda: ["chart_to_table"])
     held_out: int = 0  # the last `held_out` charts are kept out of training, for evaluation
+    chart_types: list[str] | None = None  # keep only charts of these types (of the n generated)
 
 
 @dataclass
@@ -190,7 +191,7 @@ class Recipe:
     seed: int = 0
     description: str = ""
     # {scale name: overrides}: "base"/"output_dir" replace, "stage" merges into every stage,
-    # "charts" into every synthetic-chart source.
+    # "stages" ({name: overrides}) into one stage, then "charts" into every synthetic-chart source.
     scales: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def stage(self, name: str) -> StageConfig:
@@ -254,11 +255,16 @@ def apply_scale(raw: dict[str, Any], scale: str, path: Path) -> dict[str, Any]:
     if scale not in scales:
         raise RecipeError(f"{path}: no scale {scale!r}; the recipe defines {sorted(scales) or 'none'}")
     overrides = scales[scale]
-    unknown = set(overrides) - {"base", "output_dir", "stage", "charts"}
+    unknown = set(overrides) - {"base", "output_dir", "stage", "stages", "charts"}
     if unknown:
         raise RecipeError(
-            f"{path}: scales.{scale}: unknown key(s) {sorted(unknown)}; use base, output_dir, stage, charts"
+            f"{path}: scales.{scale}: unknown key(s) {sorted(unknown)}; "
+            f"use base, output_dir, stage, stages, charts"
         )
+    names = [s.get("name") for s in raw.get("stages") or [] if isinstance(s, dict)]
+    for name in overrides.get("stages", {}):
+        if name not in names:
+            raise RecipeError(f"{path}: scales.{scale}.stages: no stage named {name!r}; stages are {names}")
     merged = copy.deepcopy(raw)
     for key in ("base", "output_dir"):
         if key in overrides:
@@ -266,6 +272,7 @@ def apply_scale(raw: dict[str, Any], scale: str, path: Path) -> dict[str, Any]:
     for stage in merged.get("stages") or []:
         if isinstance(stage, dict):
             _deep_merge(stage, overrides.get("stage", {}))
+            _deep_merge(stage, overrides.get("stages", {}).get(stage.get("name"), {}))
             for source in (stage.get("data") or {}).get("sources") or []:
                 if isinstance(source, dict) and isinstance(source.get("charts"), dict):
                     _deep_merge(source["charts"], overrides.get("charts", {}))

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from rich.console import Console
 from torch import nn
-from transformers import PrinterCallback
+from transformers import PrinterCallback, set_seed
 
 import vlmoe
 from vlmoe.data import ConversationCollator
@@ -87,6 +87,8 @@ def run_stage(
     stop_after_steps: int | None = None,
 ) -> list[dict[str, Any]] | None:
     stage_dir = Path(recipe.output_dir) / stage.name
+    # Surgery draws router and expert inits: seeded, so a rerun (or a resumed run) starts the same.
+    set_seed(recipe.seed + len(earlier))
     model = start_model(recipe, stage, earlier)
     for surgery in stage.surgery:
         apply_surgery(model, surgery, recipe, earlier, stage)

@@ -19,6 +19,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+import safetensors.torch
 import torch
 from transformers import Trainer
 
@@ -27,6 +28,7 @@ from vlmoe.models.parts import parameter_parts
 from vlmoe.moe import aux_loss, aux_losses_by_layer, routing_inputs
 
 COMPLETE = "COMPLETE"
+WEIGHTS = "vlmoe_weights.safetensors"
 
 
 class MoETrainer(Trainer):
@@ -97,6 +99,29 @@ class MoETrainer(Trainer):
                 param_groups, lr=default, betas=betas, weight_decay=args.weight_decay
             )
         return self.optimizer
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """The module's own state dict: HF's save_pretrained renames keys to the stock layout,
+        which a surgered model is not, and its checkpoint would not load back on resume."""
+        if state_dict is not None:  # gathered by FSDP/DeepSpeed: the Trainer's own path
+            return super()._save(output_dir, state_dict)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return None
+        os.makedirs(output_dir, exist_ok=True)
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        safetensors.torch.save_model(model, os.path.join(output_dir, WEIGHTS))
+        return None
+
+    def _load_from_checkpoint(
+        self, resume_from_checkpoint: str, model: torch.nn.Module | None = None
+    ) -> None:
+        path = Path(resume_from_checkpoint) / WEIGHTS
+        if not path.is_file():  # a checkpoint written by FSDP/DeepSpeed
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        target = self.accelerator.unwrap_model(model if model is not None else self.model)
+        safetensors.torch.load_model(target, str(path), device=str(next(target.parameters()).device))
+        return None
 
     def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
         super()._save_checkpoint(model, trial)
