@@ -135,3 +135,15 @@ def test_chart_conversations_from_disk_collate_for_llava(tmp_path):
     table = samples[0].messages[1]["content"]
     assert _supervised_text(processor, batch, 0) == f" {table}</s>"
     assert torch.isfinite(model(**split_model_inputs(batch)[0]).loss)
+
+
+def test_templates_that_trim_replies_are_followed_and_rewriting_ones_refused():
+    _, processor = tiny("qwen2_vl")
+    sample = _chat("s", [], "2+2?", "4 ")
+    trimming = processor.chat_template.replace("{{ message['content'] }}", "{{ message['content'] | trim }}")
+    processor.chat_template = trimming
+    batch = ConversationCollator(processor)([sample])
+    assert _supervised_text(processor, batch, 0) == "4<|im_end|>"
+    processor.chat_template = trimming.replace("| trim", "| upper")
+    with pytest.raises(ValueError, match="turn 1's text does not appear in the chat template's rendering"):
+        ConversationCollator(processor)([_chat("s", [], "2+2?", "four")])

@@ -44,7 +44,8 @@ def _views(record: ChartRecord) -> list[_View]:
     if record.chart_type == "scatter":
         return [_View(s.name, [str(x) for x in s.x or []], list(s.values)) for s in record.series]
     if len(record.series) == 1:
-        return [_View(record.y_label, record.categories, list(record.series[0].values))]
+        measure = record.y_label.split(" (")[0]  # "Rainfall (mm)" -> "Rainfall"
+        return [_View(measure, record.categories, list(record.series[0].values))]
     return [_View(s.name, record.categories, list(s.values)) for s in record.series]
 
 
@@ -64,7 +65,7 @@ class _Asker:
         self.items = self.item[:-1] + "ies" if plural_ies else self.item + "s"
 
     def of(self, view: _View) -> str:
-        return "" if len(self.record.series) == 1 else f" of {view.name}"
+        return f" of {view.name}"
 
     def value(self, view: _View) -> ChartQuestion | None:
         if self.record.chart_type == "scatter":

@@ -46,7 +46,11 @@ def chart_table(record: ChartRecord) -> str:
 
 
 def parse_table(table: str) -> list[list[str]]:
-    """Cells of a table written by `chart_table`, header row first (used by tests and metrics)."""
+    """Cells of a table written by `chart_table`, header row first (used by tests and metrics).
+
+    >>> parse_table("| Year | Sales |\\n| --- | --- |\\n| 2020 | 4.5 |")
+    [['Year', 'Sales'], ['2020', '4.5']]
+    """
     rows = []
     for line in table.splitlines():
         if line.startswith("|") and not line.startswith("| ---") and set(line) - set("|- "):
@@ -108,7 +112,12 @@ def chart_json(record: ChartRecord) -> dict:
 
 
 def chart_json_text(record: ChartRecord) -> str:
-    """`chart_json` as compact, key-ordered text: the exact target string a model is trained on."""
+    """`chart_json` as compact, key-ordered text: the exact target string a model is trained on.
+
+    >>> from vlmoe.data.chart_record import sample_chart_record
+    >>> chart_json_text(sample_chart_record(0, 0, "pie"))[:22]
+    '{"chart_type": "pie", '
+    """
     return json.dumps(chart_json(record), ensure_ascii=False)
 
 

@@ -41,7 +41,11 @@ def load_sentence_encoder(model: str | Path | None = None) -> Any:
 
 
 def embed_instructions(texts: list[str], encoder: Any) -> np.ndarray:
-    """Unit-length float32 embeddings. # [N, D]"""
+    """Unit-length float32 embeddings. # [N, D]
+
+    >>> embed_instructions(["Describe the chart."], load_sentence_encoder()).shape
+    (1, 384)
+    """
     embeddings = encoder.encode(texts, batch_size=64, normalize_embeddings=True, show_progress_bar=False)
     return np.asarray(embeddings, dtype=np.float32)
 
@@ -89,7 +93,11 @@ def fit_instruction_clusters(
 
 
 def assign_embeddings(embeddings: np.ndarray, centroids: np.ndarray) -> np.ndarray:
-    """Index of the nearest centroid (squared Euclidean, as k-means) for each embedding. # [N]"""
+    """Index of the nearest centroid (squared Euclidean, as k-means) for each embedding. # [N]
+
+    >>> assign_embeddings(np.array([[0.9, 0.1], [0.0, 1.0]]), np.array([[1.0, 0.0], [0.0, 1.0]])).tolist()
+    [0, 1]
+    """
     # |e - c|^2 = |e|^2 - 2 e.c + |c|^2; |e|^2 is the same for every centroid, so it drops out.
     scores = embeddings.astype(np.float64) @ centroids.astype(np.float64).T  # [N, K]
     distances = (centroids.astype(np.float64) ** 2).sum(axis=1)[None, :] - 2 * scores
@@ -99,9 +107,12 @@ def assign_embeddings(embeddings: np.ndarray, centroids: np.ndarray) -> np.ndarr
 def assign_clusters(texts: list[str], centroids: np.ndarray, encoder: Any = None) -> np.ndarray:
     """Cluster id of each new instruction: its nearest centroid.
 
-    >>> clusters = load_clusters("path/to/model")  # doctest: +SKIP
-    >>> assign_clusters(["Describe the chart."], clusters.centroids).tolist()  # doctest: +SKIP
-    [17]
+    >>> encoder = load_sentence_encoder()
+    >>> texts = ["Convert the chart into a table.", "Translate this sentence into French."]
+    >>> clusters = fit_instruction_clusters(embed_instructions(texts, encoder), num_clusters=2)
+    >>> new = assign_clusters(["Turn this chart into a table."], clusters.centroids, encoder)
+    >>> int(new[0]) == int(clusters.labels[0])
+    True
     """
     encoder = encoder if encoder is not None else load_sentence_encoder()
     return assign_embeddings(embed_instructions(texts, encoder), centroids)
@@ -126,7 +137,15 @@ def save_clusters(directory: str | Path, clusters: InstructionClusters) -> Path:
 
 
 def load_clusters(directory: str | Path) -> InstructionClusters:
-    """Read what `save_clusters` wrote (labels are not stored: they belong to the training data)."""
+    """Read what `save_clusters` wrote (labels are not stored: they belong to the training data).
+
+    >>> import tempfile
+    >>> clusters = InstructionClusters(np.eye(3, 4, dtype=np.float32), np.zeros(0), "minilm", seed=0)
+    >>> folder = save_clusters(tempfile.mkdtemp(), clusters)
+    >>> loaded = load_clusters(folder)
+    >>> loaded.num_clusters, bool((loaded.centroids == clusters.centroids).all())
+    (3, True)
+    """
     from safetensors.numpy import load_file
 
     directory = Path(directory)

@@ -27,7 +27,13 @@ TAG_KEYS = ("sample_ids", "domains", "tasks", "cluster_ids")
 
 
 def split_model_inputs(batch: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(model inputs, tags): the batch without and with the `TAG_KEYS` entries."""
+    """(model inputs, tags): the batch without and with the `TAG_KEYS` entries.
+
+    >>> inputs, tags = split_model_inputs({"input_ids": 1, "domains": ["chart"], "tasks": [None],
+    ...                                     "sample_ids": ["a"], "cluster_ids": [3]})
+    >>> sorted(inputs), tags["domains"]
+    (['input_ids'], ['chart'])
+    """
     return {k: v for k, v in batch.items() if k not in TAG_KEYS}, {k: batch[k] for k in TAG_KEYS}
 
 
@@ -120,6 +126,19 @@ class ConversationCollator:
                 return after_reply[:end], after_reply[end:]
         return self.tokenizer.eos_token, after_reply
 
+    @staticmethod
+    def _reply_end(sample: ConversationSample, turn: int, reply: str) -> int:
+        """Where the reply text ends in the template's rendering of it (some templates trim it)."""
+        content = sample.messages[turn]["content"]
+        for text in (content, content.strip()):
+            if text and text in reply:
+                return reply.rfind(text) + len(text)
+        raise ValueError(
+            f"sample {sample.id!r} ({sample.source}:{sample.line}): turn {turn}'s text does not appear "
+            "in the chat template's rendering of it, so its tokens cannot be labelled; use a template "
+            "that writes assistant messages verbatim"
+        )
+
     def _parts(self, sample: ConversationSample) -> list[_Part]:
         messages = [{"role": m["role"], "content": _structured(m["content"])} for m in sample.messages]
         parts: list[_Part] = []
@@ -136,8 +155,7 @@ class ConversationCollator:
                         "output for a prefix of the conversation is a prefix of its output"
                     )
                 reply = full[len(prompt) :]
-                content = sample.messages[i]["content"]
-                end = reply.rfind(content) + len(content) if content in reply else len(reply.rstrip())
+                end = self._reply_end(sample, i, reply)
                 end_of_turn, rest = self._end_of_turn(reply[end:])
                 parts += [_Part(prompt[len(rendered) :], False), _Part(reply[:end] + end_of_turn, True)]
                 if rest:

@@ -107,18 +107,20 @@ class _Invalid(Exception):
         self.kind = kind
 
 
-def _json_array_items(text: str, source: str) -> Iterator[tuple[int, Any]]:
+def _json_array_items(text: str) -> Iterator[tuple[int, Any]]:
     """(line, element) for each element of a top-level JSON list, keeping each one's line number."""
     decoder = json.JSONDecoder()
-    start = text.index("[") + 1
-    pos = start
+    pos = text.index("[") + 1
+    line, counted_to = 1, 0  # newlines are counted incrementally: LLaVA-665k is a 1 GB list
     while True:
         while pos < len(text) and text[pos] in " \t\r\n,":
             pos += 1
         if pos >= len(text) or text[pos] == "]":
             return
         item, end = decoder.raw_decode(text, pos)
-        yield text.count("\n", 0, pos) + 1, item
+        line += text.count("\n", counted_to, pos)
+        counted_to = pos
+        yield line, item
         pos = end
 
 
@@ -152,7 +154,7 @@ def raw_samples(source: Any) -> Iterator[tuple[int, Any]]:
             f"{path}:1: a .json conversation file must hold a list of samples; use .jsonl for one a line"
         )
     try:
-        yield from _json_array_items(text, str(path))
+        yield from _json_array_items(text)
     except json.JSONDecodeError as error:
         raise ValueError(f"{path}:{error.lineno}: invalid JSON ({error.msg}); fix the file") from None
 
