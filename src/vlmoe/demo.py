@@ -42,12 +42,12 @@ def run_demo(
     out = Path(out)
     start = time.perf_counter()
     loaded = load_recipe(recipe, scale=scale, output_dir=out / "run")
+    charts = _held_out_charts(loaded)  # before any work: the demo is scored on held-out charts
     if not resume:
         shutil.rmtree(out / "run", ignore_errors=True)
     results = run_recipe(loaded, resume=resume, device=device, console=console)
     train_seconds = time.perf_counter() - start
 
-    charts = _held_out_charts(loaded)
     heldout = chart_samples(charts, loaded.output_dir, held_out=True)
     training = chart_samples(charts, loaded.output_dir)
     model_dir = results[-1].model_dir

@@ -54,6 +54,13 @@ def run_recipe(
     """Train every stage in order; with `resume`, finished stages are skipped and an interrupted
     one continues from its last complete checkpoint.
 
+    Example:
+        >>> from vlmoe.train import load_recipe
+        >>> recipe = load_recipe("chartmoe", scale="tiny", output_dir="runs/chartmoe-tiny")
+        >>> results = run_recipe(recipe, device="cpu")  # doctest: +SKIP
+        >>> results[-1].model_dir  # doctest: +SKIP
+        PosixPath('runs/chartmoe-tiny/chart_qa_pot/final')
+
     `stop_after_steps` ends the run after that many optimiser steps of the first unfinished stage
     (as a kill would, after its checkpoint), for tests of resuming.
     """
@@ -126,6 +133,8 @@ def run_stage(
     tmp = stage_dir / "final.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     vlmoe.save(trainer.model, tmp, processor=processor)
+    if stage.data.cluster is not None:  # MoCLE: new instructions need the centroids at inference
+        shutil.copytree(Path(recipe.output_dir) / "clusters", tmp / "clusters")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     history = trainer.state.log_history
