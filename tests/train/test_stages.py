@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
+import yaml
 from train_helpers import shrink, state, tiny_recipe
 
 import vlmoe
 from vlmoe.models import parameter_parts
 from vlmoe.train import builtin_recipes, load_recipe, run_recipe
+from vlmoe.train.recipe import recipe_path
 from vlmoe.train.stages import base_model
 from vlmoe.train.trainer import COMPLETE, complete_checkpoints
 
@@ -80,3 +86,54 @@ def test_frozen_parts_stay_bit_identical(tmp_path):
     assert changed and {parts[name] for name in changed} == {"router"}
     history = json.loads((tmp_path / "moe" / "stage_done.json").read_text())["log_history"]
     assert any(key.startswith("aux/") for key in history[0])  # per-layer router losses are logged
+
+
+@pytest.mark.slow
+def test_killed_process_resumes_to_the_uninterrupted_weights(tmp_path):
+    """A real SIGKILL of `vlmoe train` mid-run; --resume then ends with the uninterrupted weights."""
+    recipe = yaml.safe_load(recipe_path("moe-llava").read_text())
+    stage = recipe["stages"][2]
+    stage.update(start="base", max_steps=30, batch_size=2, save_steps=3, logging_steps=5, report_to=[])
+    stage["surgery"][0]["upcycle"].update(layers="all", capacity_factor=None)
+    stage["data"] = {"sources": [{"name": "c", "charts": {"n": 6, "tasks": ["chart_qa"]}}], "max_length": 192}
+    recipe.update(base={"family": "llava"}, stages=[stage], scales={})
+    path = tmp_path / "kill.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+
+    def train(out, resume=False):
+        command = [
+            sys.executable,
+            "-m",
+            "vlmoe.cli",
+            "train",
+            str(path),
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+        ]
+        return subprocess.Popen([*command, *(["--resume"] if resume else [])], stdout=subprocess.DEVNULL)
+
+    assert train(tmp_path / "whole").wait(timeout=300) == 0
+    process = train(tmp_path / "cut")
+    checkpoints = tmp_path / "cut" / "moe" / "checkpoints"
+    deadline = time.monotonic() + 240
+    while not complete_checkpoints(checkpoints) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (tmp_path / "cut" / "moe" / "stage_done.json").exists()  # killed before the end
+    assert train(tmp_path / "cut", resume=True).wait(timeout=300) == 0
+    expected = state(vlmoe.load(tmp_path / "whole" / "moe" / "final"))
+    got = state(vlmoe.load(tmp_path / "cut" / "moe" / "final"))
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("changes", [{"gradient_checkpointing": True}, {"precision": "bf16"}])
+def test_gradient_checkpointing_and_bf16_train(tmp_path, changes):
+    plain = run_recipe(tiny_recipe(tmp_path / "plain", steps=2), device="cpu")[0].log_history
+    other = run_recipe(tiny_recipe(tmp_path / "other", steps=2, **changes), device="cpu")[0].log_history
+    first = [entry["loss"] for entry in (plain[0], other[0])]
+    # Checkpointing recomputes the same forward; bf16 autocast changes the loss only a little.
+    assert first[1] == pytest.approx(first[0], abs=0 if "gradient_checkpointing" in changes else 0.05)

@@ -16,6 +16,8 @@ import json
 import os
 import shutil
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -46,16 +48,35 @@ class MoETrainer(Trainer):
         self.keep_checkpoints = keep_checkpoints
         self._aux_sums: dict[str, float] = defaultdict(float)
         self._aux_count = 0
+        self._routing_active = False
+
+    def training_step(self, model: torch.nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any):
+        # Gradient checkpointing recomputes forwards inside backward: the routing inputs must still
+        # be set then, so they span the whole step, not only compute_loss.
+        with self._routing_inputs(model, inputs):
+            return super().training_step(model, inputs, *args, **kwargs)
+
+    @contextmanager
+    def _routing_inputs(self, model: torch.nn.Module, batch: dict[str, Any]) -> Iterator[None]:
+        if self._routing_active:
+            yield
+            return
+        cluster_ids = batch.get("cluster_ids")
+        if cluster_ids is not None and bool((cluster_ids < 0).any()):
+            cluster_ids = None  # samples without a cluster: only a cluster router needs them
+        self._routing_active = True
+        try:
+            with routing_inputs(model, attention_mask=batch.get("attention_mask"), cluster_ids=cluster_ids):
+                yield
+        finally:
+            self._routing_active = False
 
     def compute_loss(
         self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False, **kwargs: Any
     ):
-        inputs, tags = split_model_inputs(inputs)
-        cluster_ids = tags.get("cluster_ids")
-        if cluster_ids is not None and bool((cluster_ids < 0).any()):
-            cluster_ids = None  # samples without a cluster: only a cluster router needs them
-        with routing_inputs(model, attention_mask=inputs.get("attention_mask"), cluster_ids=cluster_ids):
-            outputs = model(**inputs)
+        with self._routing_inputs(model, inputs):
+            model_inputs, _ = split_model_inputs(inputs)
+            outputs = model(**model_inputs)
         router_loss = aux_loss(model)
         loss = outputs.loss + self.aux_loss_scale * router_loss
         if model.training:
