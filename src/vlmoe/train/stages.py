@@ -54,15 +54,15 @@ def run_recipe(
     """Train every stage in order; with `resume`, finished stages are skipped and an interrupted
     one continues from its last complete checkpoint.
 
+    `stop_after_steps` ends the run after that many optimiser steps of the first unfinished stage
+    (as a kill would, after its checkpoint), for tests of resuming.
+
     Example:
         >>> from vlmoe.train import load_recipe
         >>> recipe = load_recipe("chartmoe", scale="tiny", output_dir="runs/chartmoe-tiny")
         >>> results = run_recipe(recipe, device="cpu")  # doctest: +SKIP
         >>> results[-1].model_dir  # doctest: +SKIP
         PosixPath('runs/chartmoe-tiny/chart_qa_pot/final')
-
-    `stop_after_steps` ends the run after that many optimiser steps of the first unfinished stage
-    (as a kill would, after its checkpoint), for tests of resuming.
     """
     console = console or Console()
     out = Path(recipe.output_dir)
