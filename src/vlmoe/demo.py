@@ -110,8 +110,13 @@ def _answer(
 def _score(
     heldout: list[ConversationSample], training: list[ConversationSample], predictions: list[str]
 ) -> dict[str, Any]:
-    """Per task: the model's accuracy and the majority-answer baseline's (answers of training)."""
+    """Per task: the model's accuracy and the majority-answer baseline's (answers of training).
+
+    Only each sample's first question is asked. Program-of-Thought answers and references are
+    programs: both run in the sandbox and their printed results are compared.
+    """
     from vlmoe.eval.metrics import exact_match, relaxed_accuracy
+    from vlmoe.eval.pot import pot_answer
 
     metrics: dict[str, Any] = {"tasks": {}}
     for task in sorted({s.task for s in heldout}):
@@ -120,11 +125,15 @@ def _score(
         majority = train_answers.most_common(1)[0][0] if train_answers else ""
         score = exact_match if task == "chart_type" else relaxed_accuracy
         references = [s.messages[1]["content"] for s, _ in rows]
-        model_score = sum(score(p, ref) for (_, p), ref in zip(rows, references, strict=True)) / len(rows)
+        answers = [p for _, p in rows]
+        if task == "chart_qa_pot":
+            answers, references = ([pot_answer(t).answer for t in texts] for texts in (answers, references))
+            majority = pot_answer(majority).answer
+        model_score = sum(score(p, ref) for p, ref in zip(answers, references, strict=True)) / len(rows)
         baseline = sum(score(majority, ref) for ref in references) / len(rows)
         metrics["tasks"][task] = {
             "samples": len(rows),
-            "metric": score.__name__,
+            "metric": score.__name__ + (" of the printed result" if task == "chart_qa_pot" else ""),
             "model": round(model_score, 4),
             "majority_baseline": round(baseline, 4),
             "majority_answer": majority,
