@@ -166,7 +166,7 @@ def complete_checkpoints(run_dir: str | Path) -> list[Path]:
 def last_complete_checkpoint(run_dir: str | Path) -> Path | None:
     """The newest complete checkpoint; unfinished ones (a kill mid-save) are removed."""
     run_dir = Path(run_dir)
-    if run_dir.is_dir():
+    if run_dir.is_dir() and os.environ.get("RANK", "0") == "0":  # under DDP/FSDP, one rank cleans
         for folder in run_dir.glob("checkpoint-*"):
             if not (folder / COMPLETE).is_file():
                 shutil.rmtree(folder, ignore_errors=True)
