@@ -29,14 +29,48 @@ def main() -> None:
 
 @app.command()
 def demo(
-    steps: int = typer.Option(600, help="Training steps of each model after the dense warm-up."),
-    seed: int = typer.Option(0, help="Random seed."),
-    device: str = typer.Option("cpu", help="Torch device, e.g. cpu or cuda."),
+    out: Annotated[Path, typer.Option(help="Report folder (metrics, curves, predictions, run).")] = Path(
+        "demo-report"
+    ),
+    recipe: Annotated[str, typer.Option(help="Recipe to run: a built-in name or a .yaml file.")] = "demo",
+    scale: Annotated[str | None, typer.Option(help="Recipe scale; tiny runs on a CPU in minutes.")] = "tiny",
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted demo run in --out.")] = False,
 ) -> None:
-    """Upcycle a dense FFN into a top-2-of-4 MoE and train it on a task the dense FFN cannot fit."""
-    from vlmoe.demo import run_core_demo
+    """Synthetic charts, a tiny VLM, ChartMoE (aligned experts, MoE connector, SFT), held-out scores."""
+    from vlmoe.demo import run_demo
+    from vlmoe.train import RecipeError
 
-    run_core_demo(steps=steps, seed=seed, device=device)
+    try:
+        run_demo(out=out, recipe=recipe, scale=scale, device=device, resume=resume)
+    except (RecipeError, FileNotFoundError, ValueError) as error:
+        typer.echo(f"vlmoe demo: {error}", err=True)
+        raise typer.Exit(code=1) from None
+
+
+@app.command()
+def train(
+    recipe: Annotated[
+        str, typer.Argument(help="Built-in recipe (moe-llava, chartmoe, ...) or a .yaml file.")
+    ],
+    scale: Annotated[str | None, typer.Option(help="A scale the recipe defines, e.g. tiny.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Output directory; default the recipe's.")] = None,
+    resume: Annotated[
+        bool, typer.Option(help="Continue the run in the output directory from its last checkpoint.")
+    ] = False,
+    device: Annotated[str | None, typer.Option(help="cpu or cuda; default cuda when available.")] = None,
+) -> None:
+    """Train a recipe stage by stage; --resume skips finished stages and continues the interrupted one."""
+    from vlmoe.train import RecipeError, load_recipe, run_recipe
+
+    try:
+        loaded = load_recipe(recipe, scale=scale, output_dir=out)
+        results = run_recipe(loaded, resume=resume, device=device)
+    except (RecipeError, FileNotFoundError, ValueError) as error:
+        typer.echo(f"vlmoe train: {error}", err=True)
+        raise typer.Exit(code=1) from None
+    for result in results:
+        typer.echo(f"{result.name}: {result.model_dir}{' (done earlier)' if result.skipped else ''}")
 
 
 @app.command(name="eval")

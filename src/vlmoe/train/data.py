@@ -1,0 +1,116 @@
+"""A stage's training samples: synthetic charts and LLaVA files, mixed by weight, MoCLE clusters.
+
+Synthetic charts are generated once under `<output_dir>/data/charts-<seed>-<size>-<q>/`
+(`generate_chart_set` resumes a partial directory and checks that its settings match), so
+every stage and every resumed run reads the same files.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+from vlmoe.data import (
+    ChartSetConfig,
+    ConversationSample,
+    MixtureSource,
+    generate_chart_set,
+    mix_sources,
+    read_conversations,
+)
+from vlmoe.train.recipe import ChartDataConfig, ClusterConfig, DataConfig
+
+CHART_TYPE_QUESTION = "What type of chart is this?\nAnswer with the chart type."
+
+
+def chart_directory(charts: ChartDataConfig, output_dir: str | Path) -> Path:
+    return Path(output_dir) / "data" / f"charts-{charts.seed}-{charts.size_px}-{charts.questions_per_chart}"
+
+
+def make_charts(charts: ChartDataConfig, output_dir: str | Path) -> list[Path]:
+    """Generate (or reuse) the chart set and return its shard directories."""
+    config = ChartSetConfig(
+        n=charts.n, seed=charts.seed, size_px=charts.size_px, questions_per_chart=charts.questions_per_chart
+    )
+    return generate_chart_set(chart_directory(charts, output_dir), config)
+
+
+def chart_samples(
+    charts: ChartDataConfig, output_dir: str | Path, held_out: bool = False
+) -> list[ConversationSample]:
+    """The training samples (or, with `held_out`, the evaluation samples) of a chart source.
+
+    Charts 0..n-held_out-1 train; the last `held_out` charts are only ever evaluated on.
+    """
+    shards = make_charts(charts, output_dir)
+    first_held_out = charts.n - charts.held_out
+    samples: list[ConversationSample] = []
+    for shard in shards:
+        records = [json.loads(line) for line in (shard / "records.jsonl").read_text().splitlines()]
+        if charts.chart_types is not None:
+            records = [r for r in records if r["chart_type"] in charts.chart_types]
+        index_of = {record["id"]: int(Path(record["image"]).stem) for record in records}
+        conversations, _ = read_conversations(shard / "conversations.jsonl", domain="chart")
+        if "chart_type" in charts.tasks:
+            conversations += [_chart_type_sample(shard, record) for record in records]
+        for sample in conversations:
+            index = index_of.get(sample.id.rsplit("-", 1)[0])  # ids are "<chart id>-<task>"
+            if index is None:  # a chart type left out
+                continue
+            if sample.task in charts.tasks and (index >= first_held_out) == held_out:
+                samples.append(sample)
+    return samples
+
+
+def _chart_type_sample(shard: Path, record: dict) -> ConversationSample:
+    """A short-answer question the tiny demo model can learn: the chart type, as words."""
+    return ConversationSample(
+        id=f"{record['id']}-chart_type",
+        images=[str(shard / record["image"])],
+        messages=[
+            {"role": "user", "content": f"<image>\n{CHART_TYPE_QUESTION}"},
+            {"role": "assistant", "content": record["chart_type"].replace("_", " ")},
+        ],
+        domain="chart",
+        task="chart_type",
+    )
+
+
+def stage_samples(data: DataConfig, output_dir: str | Path) -> list[ConversationSample]:
+    """Every source read, filtered by task, mixed by weight; with `cluster`, tagged by cluster."""
+    sources = []
+    for source in data.sources:
+        if source.charts is not None:
+            samples = chart_samples(source.charts, output_dir)
+        else:
+            assert source.path is not None  # check_recipe: exactly one of path or charts
+            samples, _ = read_conversations(source.path, image_root=source.image_root, domain=source.name)
+        if source.tasks is not None:
+            samples = [s for s in samples if s.task in source.tasks]
+        if not samples:
+            raise ValueError(
+                f"data source {source.name!r} has no samples (tasks {source.tasks}); check its path/tasks"
+            )
+        sources.append(MixtureSource(source.name, samples, source.weight))
+    total = data.num_samples or sum(len(s.samples) for s in sources)
+    mixed = mix_sources(sources, total, seed=data.seed)
+    if data.cluster is not None:
+        mixed = with_clusters(mixed, data.cluster, Path(output_dir) / "clusters")
+    return mixed
+
+
+def with_clusters(
+    samples: list[ConversationSample], cluster: ClusterConfig, out: Path
+) -> list[ConversationSample]:
+    """MoCLE: k-means of the instruction embeddings; centroids saved under `out` for inference."""
+    from vlmoe.data import fit_instruction_clusters, save_clusters
+    from vlmoe.data.clustering import embed_instructions, load_sentence_encoder
+
+    instructions = [s.instruction for s in samples]
+    unique = sorted(set(instructions))
+    embeddings = embed_instructions(unique, load_sentence_encoder(cluster.model))
+    clusters = fit_instruction_clusters(embeddings, min(cluster.num_clusters, len(unique)), cluster.seed)
+    save_clusters(out, clusters)
+    label_of = dict(zip(unique, clusters.labels.tolist(), strict=True))
+    return [replace(s, cluster_id=int(label_of[text])) for s, text in zip(samples, instructions, strict=True)]

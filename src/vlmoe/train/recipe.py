@@ -1,0 +1,321 @@
+"""Training recipes: a YAML file validated into typed dataclasses before any work starts.
+
+A recipe names a base model, an output directory and a list of stages. Each stage says where
+it starts from, which surgery is applied first, which data it reads, what is trainable and how
+it is optimised. Unknown keys and wrong types raise `RecipeError` naming the file and the key.
+
+    name: chartmoe
+    base: {family: llava}              # or {path: /models/llava-1.5-7b}
+    output_dir: runs/chartmoe
+    stages:
+      - name: align_table
+        start: base                    # base | previous | <stage name>
+        data: {sources: [{name: table, charts: {n: 2000, tasks: [chart_to_table]}}]}
+        trainable: [connector]
+        learning_rate: {default: 1.0e-3}
+        max_steps: 500
+    scales:                            # `--scale tiny` merges these over the recipe
+      tiny: {stage: {max_steps: 20}, stages: {align_table: {batch_size: 2}}, charts: {n: 40}}
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from vlmoe.train.validate import RecipeError, from_mapping
+
+BUILTIN_DIR = Path(__file__).resolve().parent.parent / "recipes"
+PARTS = ("vision_tower", "connector", "router", "experts", "lora", "lm")
+
+
+@dataclass
+class BaseModelConfig:
+    family: str | None = None  # a `vlmoe.models.tiny` family: a random tiny model, no download
+    path: str | None = None  # a local HF or vlmoe checkpoint directory
+    seed: int = 0  # tiny models only
+
+
+@dataclass
+class ChartDataConfig:
+    """Synthetic charts made by `vlmoe.data.generate_chart_set` (cached under the run directory)."""
+
+    n: int = 200
+    seed: int = 0
+    size_px: int = 112
+    questions_per_chart: int = 4
+    # Any of vlmoe.data's chart tasks, plus "chart_type" ("What type of chart is this?").
+    tasks: list[str] = field(default_factory=lambda: ["chart_to_table"])
+    held_out: int = 0  # the last `held_out` charts are kept out of training, for evaluation
+    chart_types: list[str] | None = None  # keep only charts of these types (of the n generated)
+
+
+@dataclass
+class SourceConfig:
+    name: str  # the domain tag of its samples
+    path: str | None = None  # LLaVA-format JSON/JSONL
+    image_root: str | None = None
+    charts: ChartDataConfig | None = None
+    weight: float = 1.0
+    tasks: list[str] | None = None  # keep only samples with these task tags
+
+
+@dataclass
+class ClusterConfig:
+    """MoCLE: cluster the instructions before training; samples carry their cluster id."""
+
+    num_clusters: int = 64
+    model: str | None = None  # local sentence-transformers model; default all-MiniLM-L6-v2
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    sources: list[SourceConfig]
+    num_samples: int | None = None  # size of the weighted mixture; default all samples once
+    max_length: int | None = None
+    cluster: ClusterConfig | None = None
+    seed: int = 0
+
+
+@dataclass
+class UpcycleConfig:
+    num_experts: int = 4
+    top_k: int = 2
+    layers: str | list[int] = "every_other"
+    load_balance_coef: float = 0.01
+    z_loss_coef: float = 0.0
+    capacity_factor: float | None = None
+
+
+@dataclass
+class MoLEConfig:
+    num_experts: int = 4  # 0: plain LoRA everywhere (ChartMoE's LLM LoRA)
+    rank: int = 16
+    alpha: float = 32.0
+    top_k: int = 1
+    layers: str | list[int] = "all"
+    load_balance_coef: float = 0.01
+    dropout: float = 0.0
+
+
+@dataclass
+class MoCLEConfig:
+    num_experts: int = 8
+    rank: int = 16
+    alpha: float = 32.0
+    num_clusters: int = 64
+    universal: bool = True
+    temperature: float = 0.1
+    layers: str | list[int] = "all"
+
+
+@dataclass
+class ConnectorConfig:
+    init: Literal["aligned", "upcycle", "random"] = "upcycle"
+    num_experts: int = 4
+    top_k: int = 2
+    # init "aligned": the stages whose projectors become the experts, in order; "base" is the
+    # model the stage starts from (ChartMoE's general expert).
+    projectors: list[str] = field(default_factory=list)
+    load_balance_coef: float = 0.0
+    z_loss_coef: float = 0.0
+
+
+@dataclass
+class SurgeryConfig:
+    """One surgery; exactly one of the fields is set (YAML: `- upcycle: {...}`)."""
+
+    upcycle: UpcycleConfig | None = None
+    mole: MoLEConfig | None = None
+    mocle: MoCLEConfig | None = None
+    connector: ConnectorConfig | None = None
+
+
+@dataclass
+class OptimizerConfig:
+    name: Literal["adamw", "sgd"] = "adamw"
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    max_grad_norm: float = 1.0
+
+
+@dataclass
+class ScheduleConfig:
+    name: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "cosine"
+    warmup_ratio: float = 0.03
+
+
+@dataclass
+class StageConfig:
+    name: str
+    data: DataConfig
+    trainable: list[str]
+    start: str = "previous"  # base | previous | <an earlier stage's name>
+    surgery: list[SurgeryConfig] = field(default_factory=list)
+    # Per part (router, experts, lora, connector, lm, vision_tower); "default" for the rest.
+    learning_rate: dict[str, float] = field(default_factory=lambda: {"default": 1.0e-4})
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    batch_size: int = 8
+    gradient_accumulation: int = 1
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    max_steps: int = -1  # -1: train `epochs` epochs
+    epochs: float = 1.0
+    aux_loss_scale: float = 1.0  # multiplies vlmoe.aux_loss(model); the coefficients are the surgery's
+    gradient_checkpointing: bool = False
+    logging_steps: int = 10
+    save_steps: int = 100
+    save_total_limit: int = 2
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    fsdp: str = ""  # passed to TrainingArguments (e.g. "full_shard auto_wrap")
+    deepspeed: str | None = None  # a DeepSpeed JSON config file
+    dataloader_workers: int = 0
+
+
+@dataclass
+class Recipe:
+    name: str
+    base: BaseModelConfig
+    output_dir: str
+    stages: list[StageConfig]
+    seed: int = 0
+    description: str = ""
+    # {scale name: overrides}: "base"/"output_dir" replace, "stage" merges into every stage,
+    # "stages" ({name: overrides}) into one stage, then "charts" into every synthetic-chart source.
+    scales: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def stage(self, name: str) -> StageConfig:
+        for stage in self.stages:
+            if stage.name == name:
+                return stage
+        raise KeyError(name)
+
+
+def builtin_recipes() -> list[str]:
+    """Names of the recipes shipped with vlmoe.
+
+    >>> builtin_recipes()
+    ['chartmoe', 'demo', 'llava-mole', 'mocle', 'moe-llava']
+    """
+    return sorted(path.stem for path in BUILTIN_DIR.glob("*.yaml"))
+
+
+def recipe_path(name_or_path: str | Path) -> Path:
+    """The file of a built-in recipe name, or the given path."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise FileNotFoundError(f"recipe file {path} does not exist")
+        return path
+    builtin = BUILTIN_DIR / f"{name_or_path}.yaml"
+    if not builtin.is_file():
+        raise FileNotFoundError(
+            f"no recipe {name_or_path!r}: give a .yaml file or one of {', '.join(builtin_recipes())}"
+        )
+    return builtin
+
+
+def load_recipe(
+    name_or_path: str | Path, scale: str | None = None, output_dir: str | Path | None = None
+) -> Recipe:
+    """Read, merge the `scale` overrides and validate a recipe (built-in name or YAML path).
+
+    >>> recipe = load_recipe("chartmoe", scale="tiny")
+    >>> recipe.base.family, [stage.name for stage in recipe.stages][:2]
+    ('llava', ['align_table', 'align_json'])
+    """
+    path = recipe_path(name_or_path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise RecipeError(f"{path}: not valid YAML: {error}") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: a recipe is a mapping with name, base, output_dir and stages")
+    if scale is not None:
+        raw = apply_scale(raw, scale, path)
+    recipe = from_mapping(Recipe, raw, "", path)
+    if output_dir is not None:
+        recipe.output_dir = str(output_dir)
+    check_recipe(recipe, path)
+    return recipe
+
+
+def apply_scale(raw: dict[str, Any], scale: str, path: Path) -> dict[str, Any]:
+    scales = raw.get("scales") or {}
+    if scale not in scales:
+        raise RecipeError(f"{path}: no scale {scale!r}; the recipe defines {sorted(scales) or 'none'}")
+    overrides = scales[scale]
+    unknown = set(overrides) - {"base", "output_dir", "stage", "stages", "charts"}
+    if unknown:
+        raise RecipeError(
+            f"{path}: scales.{scale}: unknown key(s) {sorted(unknown)}; "
+            f"use base, output_dir, stage, stages, charts"
+        )
+    names = [s.get("name") for s in raw.get("stages") or [] if isinstance(s, dict)]
+    for name in overrides.get("stages", {}):
+        if name not in names:
+            raise RecipeError(f"{path}: scales.{scale}.stages: no stage named {name!r}; stages are {names}")
+    merged = copy.deepcopy(raw)
+    for key in ("base", "output_dir"):
+        if key in overrides:
+            merged[key] = overrides[key]
+    for stage in merged.get("stages") or []:
+        if isinstance(stage, dict):
+            _deep_merge(stage, overrides.get("stage", {}))
+            _deep_merge(stage, overrides.get("stages", {}).get(stage.get("name"), {}))
+            for source in (stage.get("data") or {}).get("sources") or []:
+                if isinstance(source, dict) and isinstance(source.get("charts"), dict):
+                    _deep_merge(source["charts"], overrides.get("charts", {}))
+    return merged
+
+
+def _deep_merge(target: dict, overrides: dict) -> None:
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(target.get(key), dict):
+            _deep_merge(target[key], value)
+        else:
+            target[key] = copy.deepcopy(value)
+
+
+def check_recipe(recipe: Recipe, path: Path | str) -> None:
+    """Checks across fields: names, references between stages, parts, one surgery per entry."""
+    if (recipe.base.family is None) == (recipe.base.path is None):
+        raise RecipeError(f"{path}: base: give exactly one of family (a tiny model) or path")
+    if not recipe.stages:
+        raise RecipeError(f"{path}: stages: a recipe needs at least one stage")
+    seen: list[str] = []
+    for i, stage in enumerate(recipe.stages):
+        where = f"{path}: stages[{i}] ({stage.name})"
+        if stage.name in seen or stage.name in ("base", "previous"):
+            raise RecipeError(f"{where}: name must be unique and not 'base'/'previous'")
+        if stage.start not in ("base", "previous", *seen):
+            raise RecipeError(f"{where}: start {stage.start!r} is not base, previous or an earlier stage")
+        for part in [*stage.trainable, *(p for p in stage.learning_rate if p != "default")]:
+            if part not in PARTS:
+                raise RecipeError(f"{where}: unknown part {part!r}; parts are {', '.join(PARTS)}")
+        for j, surgery in enumerate(stage.surgery):
+            chosen = [f.name for f in dataclasses.fields(surgery) if getattr(surgery, f.name) is not None]
+            if len(chosen) != 1:
+                raise RecipeError(
+                    f"{where}.surgery[{j}]: give exactly one of upcycle, mole, mocle, connector"
+                )
+            connector = surgery.connector
+            if connector is not None and connector.init == "aligned":
+                for name in connector.projectors:
+                    if name not in ("base", *seen):
+                        raise RecipeError(
+                            f"{where}.surgery[{j}].connector.projectors: {name!r} is not 'base' or an "
+                            f"earlier stage"
+                        )
+        if not stage.data.sources:
+            raise RecipeError(f"{where}.data.sources: give at least one source")
+        for j, source in enumerate(stage.data.sources):
+            if (source.path is None) == (source.charts is None):
+                raise RecipeError(f"{where}.data.sources[{j}]: give exactly one of path or charts")
+        seen.append(stage.name)

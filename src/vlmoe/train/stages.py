@@ -1,0 +1,308 @@
+"""Run a recipe stage by stage: start model, surgery, trainable parts, HF training, stage output.
+
+Layout under `recipe.output_dir`:
+    recipe.json                      the validated recipe this run was started with
+    data/                            generated synthetic data (shared by the stages)
+    <stage>/checkpoints/checkpoint-N HF Trainer checkpoints (model, optimiser, scheduler, RNG,
+                                     data position), each valid once its COMPLETE marker exists
+    <stage>/final/                   the stage's model (vlmoe.save, with the processor)
+    <stage>/stage_done.json          written last: the stage is finished and is never re-run
+    <stage>/checkpoints/runs/        TensorBoard events (HF's default place)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from torch import nn
+from transformers import PrinterCallback, set_seed
+
+import vlmoe
+from vlmoe.data import ConversationCollator
+from vlmoe.models import set_trainable
+from vlmoe.train.data import stage_samples
+from vlmoe.train.progress import RichProgressCallback, StopAfter
+from vlmoe.train.recipe import Recipe, StageConfig, SurgeryConfig
+from vlmoe.train.trainer import MoETrainer, last_complete_checkpoint
+
+STAGE_DONE = "stage_done.json"
+
+
+@dataclasses.dataclass
+class StageResult:
+    name: str
+    model_dir: Path
+    log_history: list[dict[str, Any]]
+    skipped: bool  # finished in an earlier run
+
+
+def run_recipe(
+    recipe: Recipe,
+    resume: bool = False,
+    device: str | None = None,
+    console: Console | None = None,
+    stop_after_steps: int | None = None,
+) -> list[StageResult]:
+    """Train every stage in order; with `resume`, finished stages are skipped and an interrupted
+    one continues from its last complete checkpoint.
+
+    `stop_after_steps` ends the run after that many optimiser steps of the first unfinished stage
+    (as a kill would, after its checkpoint), for tests of resuming.
+
+    Example:
+        >>> from vlmoe.train import load_recipe
+        >>> recipe = load_recipe("chartmoe", scale="tiny", output_dir="runs/chartmoe-tiny")
+        >>> results = run_recipe(recipe, device="cpu")  # doctest: +SKIP
+        >>> results[-1].model_dir  # doctest: +SKIP
+        PosixPath('runs/chartmoe-tiny/chart_qa_pot/final')
+    """
+    console = console or Console()
+    out = Path(recipe.output_dir)
+    _check_run_directory(recipe, out, resume)
+    processor = base_processor(recipe)
+    results: list[StageResult] = []
+    for number, stage in enumerate(recipe.stages, start=1):
+        stage_dir = out / stage.name
+        if (stage_dir / STAGE_DONE).is_file():
+            console.print(f"[dim]stage {number}/{len(recipe.stages)} {stage.name}: done earlier, skipped")
+            history = json.loads((stage_dir / STAGE_DONE).read_text())["log_history"]
+            results.append(StageResult(stage.name, stage_dir / "final", history, skipped=True))
+            continue
+        console.rule(f"stage {number}/{len(recipe.stages)}: {stage.name}")
+        history = run_stage(recipe, stage, results, processor, device, console, stop_after_steps)
+        if history is None:  # stopped early on purpose
+            return results
+        results.append(StageResult(stage.name, stage_dir / "final", history, skipped=False))
+    return results
+
+
+def run_stage(
+    recipe: Recipe,
+    stage: StageConfig,
+    earlier: list[StageResult],
+    processor: Any,
+    device: str | None,
+    console: Console,
+    stop_after_steps: int | None = None,
+) -> list[dict[str, Any]] | None:
+    stage_dir = Path(recipe.output_dir) / stage.name
+    # Surgery draws router and expert inits: seeded, so a rerun (or a resumed run) starts the same.
+    set_seed(recipe.seed + len(earlier))
+    model = start_model(recipe, stage, earlier)
+    for surgery in stage.surgery:
+        apply_surgery(model, surgery, recipe, earlier, stage)
+    set_trainable(model, *stage.trainable)
+    model.train()
+    samples = stage_samples(stage.data, recipe.output_dir)
+    report = vlmoe.models.parameter_report(model)
+    console.print(
+        f"{len(samples)} samples · trainable {report.trainable:,} of {report.total:,} parameters "
+        f"({', '.join(stage.trainable)})"
+    )
+    args = training_arguments(recipe, stage, stage_dir, device)
+    callbacks: list[Any] = [RichProgressCallback(console, stage.name)]
+    if stop_after_steps is not None:
+        callbacks.append(StopAfter(stop_after_steps))
+    trainer = MoETrainer(
+        model=model,
+        args=args,
+        train_dataset=samples,
+        data_collator=ConversationCollator(processor, max_length=stage.data.max_length),
+        learning_rates=stage.learning_rate,
+        aux_loss_scale=stage.aux_loss_scale,
+        keep_checkpoints=stage.save_total_limit,
+        callbacks=callbacks,
+    )
+    trainer.remove_callback(PrinterCallback)  # the rich bar shows the logs instead of printed dicts
+    checkpoint = last_complete_checkpoint(stage_dir / "checkpoints")
+    if checkpoint is not None:
+        console.print(f"resuming {stage.name} from {checkpoint}")
+    start = time.perf_counter()
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    if stop_after_steps is not None:
+        return None
+    final = stage_dir / "final"
+    tmp = stage_dir / "final.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    vlmoe.save(trainer.model, tmp, processor=processor)
+    if stage.data.cluster is not None:  # MoCLE: new instructions need the centroids at inference
+        shutil.copytree(Path(recipe.output_dir) / "clusters", tmp / "clusters")
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    history = trainer.state.log_history
+    done = {"stage": stage.name, "seconds": time.perf_counter() - start, "log_history": history}
+    _write_json(stage_dir / STAGE_DONE, done)
+    return history
+
+
+def training_arguments(recipe: Recipe, stage: StageConfig, stage_dir: Path, device: str | None) -> Any:
+    from transformers import TrainingArguments
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-checkpoint "Writing model shards" bars
+
+    use_cpu = device == "cpu" or (device is None and not torch.cuda.is_available())
+    optimizer = stage.optimizer
+    return TrainingArguments(
+        output_dir=str(stage_dir / "checkpoints"),
+        per_device_train_batch_size=stage.batch_size,
+        gradient_accumulation_steps=stage.gradient_accumulation,
+        learning_rate=stage.learning_rate.get("default", 1e-4),
+        weight_decay=optimizer.weight_decay,
+        adam_beta1=optimizer.betas[0],
+        adam_beta2=optimizer.betas[1],
+        optim="sgd" if optimizer.name == "sgd" else "adamw_torch",
+        max_grad_norm=optimizer.max_grad_norm,
+        lr_scheduler_type=stage.schedule.name,
+        warmup_steps=stage.schedule.warmup_ratio,  # a float < 1 is a ratio of the total steps
+        max_steps=stage.max_steps,
+        num_train_epochs=stage.epochs,
+        bf16=stage.precision == "bf16",
+        fp16=stage.precision == "fp16",
+        activation_checkpointing=stage.gradient_checkpointing,
+        logging_steps=stage.logging_steps,
+        save_strategy="steps",
+        save_steps=stage.save_steps,
+        save_total_limit=None,  # MoETrainer removes old checkpoints only after a new one is complete
+        report_to=stage.report_to,
+        fsdp=stage.fsdp,
+        deepspeed=stage.deepspeed,
+        dataloader_num_workers=stage.dataloader_workers,
+        remove_unused_columns=False,  # the collator's tags (cluster ids, domains) reach compute_loss
+        seed=recipe.seed,
+        data_seed=recipe.seed,
+        use_cpu=use_cpu,
+        disable_tqdm=True,
+    )
+
+
+def base_processor(recipe: Recipe) -> Any:
+    if recipe.base.family is not None:
+        return vlmoe.models.tiny(recipe.base.family, seed=recipe.base.seed)[1]
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(recipe.base.path)
+
+
+def base_model(recipe: Recipe) -> nn.Module:
+    if recipe.base.family is not None:
+        return vlmoe.models.tiny(recipe.base.family, seed=recipe.base.seed)[0]
+    assert recipe.base.path is not None  # check_recipe: family or path
+    path = Path(recipe.base.path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"base.path {path}: no config.json there; give a local model directory")
+    if "vlmoe" in json.loads((path / "config.json").read_text()):
+        return vlmoe.load(path)
+    from transformers import AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText.from_pretrained(path)
+
+
+def start_model(recipe: Recipe, stage: StageConfig, earlier: list[StageResult]) -> nn.Module:
+    """The base model, or the saved output of the previous / a named earlier stage."""
+    if stage.start == "base" or (stage.start == "previous" and not earlier):
+        return base_model(recipe)
+    source = earlier[-1] if stage.start == "previous" else next(r for r in earlier if r.name == stage.start)
+    return vlmoe.load(source.model_dir)
+
+
+def apply_surgery(
+    model: nn.Module, surgery: SurgeryConfig, recipe: Recipe, earlier: list[StageResult], stage: StageConfig
+) -> None:
+    if surgery.upcycle is not None:
+        s = surgery.upcycle
+        vlmoe.upcycle_ffn(
+            model,
+            num_experts=s.num_experts,
+            top_k=s.top_k,
+            layers=s.layers,
+            load_balance_coef=s.load_balance_coef,
+            z_loss_coef=s.z_loss_coef,
+            capacity_factor=s.capacity_factor,
+        )
+    elif surgery.mole is not None:
+        m = surgery.mole
+        vlmoe.add_mole(
+            model,
+            num_experts=m.num_experts,
+            rank=m.rank,
+            alpha=m.alpha,
+            top_k=m.top_k,
+            layers=m.layers,
+            load_balance_coef=m.load_balance_coef if m.num_experts else 0.0,
+            dropout=m.dropout,
+        )
+    elif surgery.mocle is not None:
+        c = surgery.mocle
+        vlmoe.add_mole(
+            model,
+            num_experts=c.num_experts,
+            rank=c.rank,
+            alpha=c.alpha,
+            top_k=1,
+            router="cluster",
+            num_clusters=c.num_clusters,
+            universal=c.universal,
+            temperature=c.temperature,
+            layers=c.layers,
+        )
+    elif surgery.connector is not None:
+        c = surgery.connector
+        projectors = None
+        if c.init == "aligned":
+            projectors = [_projector_state(name, model, earlier) for name in c.projectors]
+        vlmoe.install_moe_connector(
+            model,
+            init=c.init,
+            num_experts=c.num_experts,
+            top_k=c.top_k,
+            projectors=projectors,
+            load_balance_coef=c.load_balance_coef,
+            z_loss_coef=c.z_loss_coef,
+        )
+
+
+def _projector_state(name: str, model: nn.Module, earlier: list[StageResult]) -> dict[str, torch.Tensor]:
+    """The projector weights of `name`: "base" (the model itself) or an earlier stage's output."""
+    projector_path = vlmoe.models.adapter_for(model).projector
+    if name == "base":
+        source = model
+    else:
+        result = next(r for r in earlier if r.name == name)
+        source = vlmoe.load(result.model_dir)
+    projector = source.get_submodule(projector_path)
+    return {k: v.detach().clone() for k, v in projector.state_dict().items()}
+
+
+def _check_run_directory(recipe: Recipe, out: Path, resume: bool) -> None:
+    """A new run needs an empty directory; a resumed one the same recipe it was started with."""
+    saved = out / "recipe.json"
+    current = dataclasses.asdict(recipe)
+    if saved.is_file():
+        if not resume:
+            raise ValueError(
+                f"{out} already holds a run; continue it with --resume, or choose another output dir"
+            )
+        previous = json.loads(saved.read_text())
+        if previous["stages"] != json.loads(json.dumps(current["stages"])):
+            raise ValueError(
+                f"{saved}: the run was started with different stages; resume with the same recipe "
+                f"and --scale, or start a new output dir"
+            )
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(saved, current)
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)

@@ -1,0 +1,180 @@
+"""`MoETrainer`: HF `Trainer` that adds the router losses, feeds routing inputs, and checkpoints
+atomically.
+
+- Loss = LM loss + `aux_loss_scale * vlmoe.aux_loss(model)`; the aux loss and each layer's losses
+  are logged (TensorBoard by default) as running means since the last log.
+- The batch's attention mask (padding takes no part in routing) and MoCLE cluster ids reach the
+  sparse layers through `vlmoe.moe.routing_inputs`; the collator's tags never reach the model.
+- One learning rate per part (router, experts, lora, connector, lm, vision_tower).
+- A checkpoint counts only once `COMPLETE` is written in it, after everything else; older
+  checkpoints are removed only after that, so a kill at any moment leaves a usable checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+from transformers import Trainer
+
+from vlmoe.data.collator import split_model_inputs
+from vlmoe.models.parts import parameter_parts
+from vlmoe.moe import aux_loss, aux_losses_by_layer, routing_inputs
+
+COMPLETE = "COMPLETE"
+WEIGHTS = "vlmoe_weights.safetensors"
+
+
+class MoETrainer(Trainer):
+    def __init__(
+        self,
+        *args: Any,
+        learning_rates: dict[str, float],
+        aux_loss_scale: float = 1.0,
+        keep_checkpoints: int = 2,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.learning_rates = learning_rates
+        self.aux_loss_scale = aux_loss_scale
+        self.keep_checkpoints = keep_checkpoints
+        self._aux_sums: dict[str, float] = defaultdict(float)
+        self._aux_count = 0
+        self._routing_active = False
+
+    def training_step(self, model: torch.nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any):
+        # Gradient checkpointing recomputes forwards inside backward: the routing inputs must still
+        # be set then, so they span the whole step, not only compute_loss.
+        with self._routing_inputs(model, inputs):
+            return super().training_step(model, inputs, *args, **kwargs)
+
+    @contextmanager
+    def _routing_inputs(self, model: torch.nn.Module, batch: dict[str, Any]) -> Iterator[None]:
+        if self._routing_active:
+            yield
+            return
+        cluster_ids = batch.get("cluster_ids")
+        if cluster_ids is not None and bool((cluster_ids < 0).any()):
+            cluster_ids = None  # samples without a cluster: only a cluster router needs them
+        self._routing_active = True
+        try:
+            with routing_inputs(model, attention_mask=batch.get("attention_mask"), cluster_ids=cluster_ids):
+                yield
+        finally:
+            self._routing_active = False
+
+    def compute_loss(
+        self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False, **kwargs: Any
+    ):
+        with self._routing_inputs(model, inputs):
+            model_inputs, _ = split_model_inputs(inputs)
+            outputs = model(**model_inputs)
+        router_loss = aux_loss(model)
+        loss = outputs.loss + self.aux_loss_scale * router_loss
+        if model.training:
+            self._aux_sums["aux_loss"] += float(router_loss.detach())
+            for layer, losses in aux_losses_by_layer(model).items():
+                for name, value in losses.items():
+                    self._aux_sums[f"aux/{layer}/{name}"] += value
+            self._aux_count += 1
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        if self._aux_count and "loss" in logs:  # training logs carry the aux losses since the last one
+            logs.update({k: v / self._aux_count for k, v in self._aux_sums.items()})
+            self._aux_sums.clear()
+            self._aux_count = 0
+        super().log(logs, *args, **kwargs)
+
+    def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
+        """AdamW (or SGD) with one parameter group per part, each at its own learning rate."""
+        if self.optimizer is not None:
+            return self.optimizer
+        model = model if model is not None else self.model
+        parts = parameter_parts(model)
+        groups: dict[str, list[torch.nn.Parameter]] = defaultdict(list)
+        for name, parameter in model.named_parameters():
+            if parameter.requires_grad:
+                groups[parts.get(name, "lm")].append(parameter)
+        default = self.learning_rates.get("default", self.args.learning_rate)
+        param_groups = [
+            {"params": params, "lr": self.learning_rates.get(part, default), "part": part}
+            for part, params in sorted(groups.items())
+        ]
+        if not param_groups:
+            raise ValueError("no trainable parameters: the stage's `trainable` parts are all empty")
+        args = self.args
+        if args.optim == "sgd":
+            self.optimizer = torch.optim.SGD(param_groups, lr=default, weight_decay=args.weight_decay)
+        else:
+            betas = (args.adam_beta1, args.adam_beta2)
+            self.optimizer = torch.optim.AdamW(
+                param_groups, lr=default, betas=betas, weight_decay=args.weight_decay
+            )
+        return self.optimizer
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """The module's own state dict: HF's save_pretrained renames keys to the stock layout,
+        which a surgered model is not, and its checkpoint would not load back on resume."""
+        if state_dict is not None:  # gathered by FSDP/DeepSpeed: the Trainer's own path
+            return super()._save(output_dir, state_dict)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return None
+        os.makedirs(output_dir, exist_ok=True)
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        safetensors.torch.save_model(model, os.path.join(output_dir, WEIGHTS))
+        return None
+
+    def _load_from_checkpoint(
+        self, resume_from_checkpoint: str, model: torch.nn.Module | None = None
+    ) -> None:
+        path = Path(resume_from_checkpoint) / WEIGHTS
+        if not path.is_file():  # a checkpoint written by FSDP/DeepSpeed
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        target = self.accelerator.unwrap_model(model if model is not None else self.model)
+        safetensors.torch.load_model(target, str(path), device=str(next(target.parameters()).device))
+        return None
+
+    def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
+        super()._save_checkpoint(model, trial)
+        if not self.args.should_save:
+            return
+        folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+        _atomic_write_text(folder / COMPLETE, json.dumps({"step": self.state.global_step}))
+        for old in complete_checkpoints(self.args.output_dir)[: -self.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def complete_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Checkpoints with their `COMPLETE` marker, oldest first."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = [p for p in run_dir.glob("checkpoint-*") if (p / COMPLETE).is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def last_complete_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint; unfinished ones (a kill mid-save) are removed."""
+    run_dir = Path(run_dir)
+    if run_dir.is_dir() and os.environ.get("RANK", "0") == "0":  # under DDP/FSDP, one rank cleans
+        for folder in run_dir.glob("checkpoint-*"):
+            if not (folder / COMPLETE).is_file():
+                shutil.rmtree(folder, ignore_errors=True)
+    complete = complete_checkpoints(run_dir)
+    return complete[-1] if complete else None
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

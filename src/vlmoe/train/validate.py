@@ -1,0 +1,96 @@
+"""Typed dataclasses from YAML mappings: every key known, every value of its field's type.
+
+Errors name the file and the dotted key (`recipe.yaml: stages[0].batch_size: expected an
+integer, got 'eight'`), so a bad recipe fails before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+
+class RecipeError(ValueError):
+    """A recipe file that does not validate; the message names the file, the key and the fix."""
+
+
+def from_mapping(cls: Any, raw: Any, where: str, path: Path) -> Any:
+    """`cls` (a dataclass) from a YAML mapping, checking every key and type."""
+    label = where or "recipe"
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: {label}: expected a mapping, got {type(raw).__name__} {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [key for key in raw if key not in names]
+    if unknown:
+        raise RecipeError(
+            f"{path}: unknown key {_join(where, unknown[0])!r}; {label} takes {', '.join(names)}"
+        )
+    values = {}
+    for f in dataclasses.fields(cls):
+        key = _join(where, f.name)
+        if f.name in raw:
+            values[f.name] = _value(hints[f.name], raw[f.name], key, path)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise RecipeError(f"{path}: missing key {key!r}")
+    return cls(**values)
+
+
+def _join(where: str, key: str | int) -> str:
+    if isinstance(key, int):
+        return f"{where}[{key}]"
+    return f"{where}.{key}" if where else key
+
+
+def _value(hint: Any, value: Any, key: str, path: Path) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _value(option, value, key, path)
+            except RecipeError as error:
+                errors.append(error)
+        raise (
+            errors[0]
+            if len(errors) == 1
+            else RecipeError(f"{path}: {key}: expected {_describe(hint)}, got {value!r}")
+        )
+    if origin is Literal:
+        if value not in args:
+            raise RecipeError(f"{path}: {key}: must be one of {list(args)}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise RecipeError(f"{path}: {key}: expected a list, got {value!r}")
+        return [_value(args[0], item, _join(key, i), path) for i, item in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise RecipeError(f"{path}: {key}: expected a mapping, got {value!r}")
+        return {k: _value(args[1], v, _join(key, str(k)), path) for k, v in value.items()}
+    if dataclasses.is_dataclass(hint):
+        return from_mapping(hint, value, key, path)
+    if hint is Any:
+        return value
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):  # YAML reads 1e-3 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if hint in (int, float, str, bool) and (type(value) is not hint):
+        raise RecipeError(f"{path}: {key}: expected {_describe(hint)}, got {value!r}")
+    return value
+
+
+def _describe(hint: Any) -> str:
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+    if hint in names:
+        return names[hint]
+    return str(hint).replace("typing.", "")

@@ -1,0 +1,57 @@
+"""`vlmoe demo` on a two-step recipe: the report folder and its numbers are complete and consistent."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from vlmoe.demo import run_demo
+
+RECIPE = {
+    "name": "demo-test",
+    "base": {"family": "llava"},
+    "output_dir": "unused",
+    "stages": [
+        {
+            "name": "sft",
+            "surgery": [{"connector": {"init": "upcycle", "num_experts": 4, "top_k": 2}}],
+            "data": {
+                "sources": [
+                    {"name": "chart", "charts": {"n": 10, "held_out": 4, "tasks": ["chart_type", "chart_qa"]}}
+                ],
+                "max_length": 96,
+            },
+            "trainable": ["connector", "router", "experts"],
+            "max_steps": 2,
+            "batch_size": 2,
+            "report_to": [],
+        }
+    ],
+}
+
+
+@pytest.mark.slow
+def test_demo_writes_metrics_curve_and_predictions(tmp_path):
+    recipe = tmp_path / "demo-test.yaml"
+    recipe.write_text(yaml.safe_dump(RECIPE))
+    metrics = run_demo(out=tmp_path / "report", recipe=str(recipe), scale=None, device="cpu")
+    report = tmp_path / "report"
+    assert json.loads((report / "metrics.json").read_text()) == metrics
+    assert (report / "training_curve.png").stat().st_size > 0
+    predictions = [json.loads(line) for line in (report / "predictions.jsonl").read_text().splitlines()]
+    heldout = (report / "heldout.jsonl").read_text().splitlines()
+    assert len(predictions) == len(heldout) == sum(t["samples"] for t in metrics["tasks"].values())
+    chart_type = metrics["tasks"]["chart_type"]
+    assert chart_type["samples"] == 4 and chart_type["metric"] == "exact_match"
+    assert 0.0 <= chart_type["model"] <= 1.0 and 0.0 <= chart_type["majority_baseline"] <= 1.0
+    assert metrics["tasks"]["chart_qa"]["metric"] == "relaxed_accuracy"
+
+
+def test_demo_needs_held_out_charts(tmp_path):
+    recipe = tmp_path / "no-heldout.yaml"
+    stage = {**RECIPE["stages"][0], "data": {"sources": [{"name": "c", "charts": {"n": 4}}]}}
+    recipe.write_text(yaml.safe_dump({**RECIPE, "stages": [stage]}))
+    with pytest.raises(ValueError, match="held_out > 0"):
+        run_demo(out=tmp_path / "report", recipe=str(recipe), scale=None, device="cpu")

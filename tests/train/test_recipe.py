@@ -1,0 +1,140 @@
+"""Recipe validation: every built-in recipe loads at every scale; bad files name the key and file."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from vlmoe.cli import app
+from vlmoe.train.recipe import RecipeError, builtin_recipes, load_recipe, recipe_path
+
+MINIMAL = {
+    "name": "mini",
+    "base": {"family": "llava"},
+    "output_dir": "runs/mini",
+    "stages": [
+        {
+            "name": "align",
+            "data": {"sources": [{"name": "chart", "charts": {"n": 4}}]},
+            "trainable": ["connector"],
+        }
+    ],
+}
+
+
+def _write(tmp_path, recipe):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def _scales(name):
+    return [None, *yaml.safe_load(recipe_path(name).read_text()).get("scales", {})]
+
+
+@pytest.mark.parametrize("name", builtin_recipes())
+def test_every_builtin_recipe_validates_at_every_scale(name):
+    for scale in _scales(name):
+        recipe = load_recipe(name, scale=scale)
+        assert recipe.name == name and recipe.stages
+        for stage in recipe.stages:
+            assert stage.trainable and stage.data.sources
+
+
+def test_builtins_are_the_papers_and_the_demo():
+    assert builtin_recipes() == ["chartmoe", "demo", "llava-mole", "mocle", "moe-llava"]
+
+
+def test_moe_llava_follows_the_paper():
+    recipe = load_recipe("moe-llava")
+    assert [s.trainable for s in recipe.stages] == [["connector"], ["connector", "lm"], ["experts", "router"]]
+    upcycle = recipe.stages[2].surgery[0].upcycle
+    assert (upcycle.num_experts, upcycle.top_k, upcycle.layers, upcycle.load_balance_coef) == (
+        4,
+        2,
+        "every_other",
+        0.01,
+    )
+
+
+def test_chartmoe_builds_its_connector_from_the_aligned_projectors():
+    recipe = load_recipe("chartmoe")
+    aligns = recipe.stages[:3]
+    assert [s.start for s in aligns] == ["base"] * 3 and all(s.trainable == ["connector"] for s in aligns)
+    assert [s.data.sources[0].charts.tasks for s in aligns] == [
+        ["chart_to_table"],
+        ["chart_to_json"],
+        ["chart_to_code"],
+    ]
+    connector = recipe.stage("sft").surgery[0].connector
+    assert connector.init == "aligned" and connector.top_k == 2 and connector.load_balance_coef == 0.0
+    assert connector.projectors == ["base", "align_table", "align_json", "align_code"]
+    assert recipe.stage("sft").surgery[1].mole.rank == 64
+    assert recipe.stages[-1].data.sources[0].charts.tasks == ["chart_qa", "chart_qa_pot"]
+
+
+def test_unknown_key_names_the_key_and_the_file(tmp_path):
+    bad = {**MINIMAL, "stages": [{**MINIMAL["stages"][0], "learning_rat": {"default": 1e-3}}]}
+    path = _write(tmp_path, bad)
+    with pytest.raises(RecipeError, match=r"recipe\.yaml: unknown key 'stages\[0\]\.learning_rat'") as error:
+        load_recipe(path)
+    assert str(path) in str(error.value) and "learning_rate" in str(error.value)  # the valid keys
+
+
+def test_wrong_type_names_the_key_and_the_file(tmp_path):
+    bad = {**MINIMAL, "stages": [{**MINIMAL["stages"][0], "batch_size": "eight"}]}
+    path = _write(tmp_path, bad)
+    with pytest.raises(RecipeError, match=r"recipe\.yaml: stages\[0\]\.batch_size: expected an integer"):
+        load_recipe(path)
+
+
+def test_nested_wrong_type_and_bad_choice(tmp_path):
+    stage = {**MINIMAL["stages"][0], "precision": "fp8"}
+    with pytest.raises(
+        RecipeError, match=r"stages\[0\]\.precision: must be one of \['fp32', 'bf16', 'fp16'\]"
+    ):
+        load_recipe(_write(tmp_path, {**MINIMAL, "stages": [stage]}))
+    stage = {**MINIMAL["stages"][0], "data": {"sources": [{"name": "c", "charts": {"n": "many"}}]}}
+    with pytest.raises(RecipeError, match=r"stages\[0\]\.data\.sources\[0\]\.charts\.n: expected an integer"):
+        load_recipe(_write(tmp_path, {**MINIMAL, "stages": [stage]}))
+
+
+def test_cross_checks_parts_starts_and_projectors(tmp_path):
+    stage = {**MINIMAL["stages"][0], "trainable": ["conector"]}
+    with pytest.raises(RecipeError, match="unknown part 'conector'"):
+        load_recipe(_write(tmp_path, {**MINIMAL, "stages": [stage]}))
+    stage = {**MINIMAL["stages"][0], "start": "later"}
+    with pytest.raises(RecipeError, match="start 'later'"):
+        load_recipe(_write(tmp_path, {**MINIMAL, "stages": [stage]}))
+    surgery = [{"connector": {"init": "aligned", "projectors": ["base", "nope"]}}]
+    stage = {**MINIMAL["stages"][0], "surgery": surgery}
+    with pytest.raises(RecipeError, match="'nope' is not 'base' or an earlier stage"):
+        load_recipe(_write(tmp_path, {**MINIMAL, "stages": [stage]}))
+    stage = {**MINIMAL["stages"][0], "surgery": [{"upcycle": {}, "mole": {}}]}
+    with pytest.raises(RecipeError, match="exactly one of upcycle, mole, mocle, connector"):
+        load_recipe(_write(tmp_path, {**MINIMAL, "stages": [stage]}))
+
+
+def test_scale_merges_and_unknown_scale_fails(tmp_path):
+    recipe = {**MINIMAL, "scales": {"tiny": {"stage": {"max_steps": 3}, "charts": {"n": 2}}}}
+    path = _write(tmp_path, recipe)
+    loaded = load_recipe(path, scale="tiny")
+    assert loaded.stages[0].max_steps == 3 and loaded.stages[0].data.sources[0].charts.n == 2
+    with pytest.raises(RecipeError, match="no scale 'huge'"):
+        load_recipe(path, scale="huge")
+
+
+def test_float_fields_accept_yaml_exponents(tmp_path):
+    stage = {**MINIMAL["stages"][0], "learning_rate": {"default": "1e-3"}}
+    assert load_recipe(_write(tmp_path, {**MINIMAL, "stages": [stage]})).stages[0].learning_rate == {
+        "default": 1e-3
+    }
+
+
+def test_cli_reports_a_bad_recipe_in_one_line_before_any_work(tmp_path):
+    bad = {**MINIMAL, "output_dir": str(tmp_path / "run"), "stages": [{**MINIMAL["stages"][0], "epoch": 1}]}
+    result = CliRunner().invoke(app, ["train", str(_write(tmp_path, bad))])
+    assert result.exit_code == 1
+    assert "unknown key 'stages[0].epoch'" in result.output and "recipe.yaml" in result.output
+    assert not (tmp_path / "run").exists()  # nothing was started

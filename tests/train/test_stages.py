@@ -1,0 +1,145 @@
+"""Stages end to end on tiny models: every built-in recipe, resume, frozen parts, stage outputs."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+from train_helpers import shrink, state, tiny_recipe
+
+import vlmoe
+from vlmoe.models import parameter_parts
+from vlmoe.train import builtin_recipes, load_recipe, run_recipe
+from vlmoe.train.recipe import recipe_path
+from vlmoe.train.stages import base_model
+from vlmoe.train.trainer import COMPLETE, complete_checkpoints
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", builtin_recipes())
+def test_every_builtin_recipe_runs_at_tiny_scale(name, tmp_path):
+    recipe = load_recipe(name, scale="tiny", output_dir=tmp_path)
+    if name == "demo":  # its tiny scale is the 80-second demo: the same stages, shorter here
+        recipe = shrink(recipe, tmp_path)
+    for stage in recipe.stages:
+        stage.report_to = []
+    results = run_recipe(recipe, device="cpu")
+    assert [r.name for r in results] == [s.name for s in recipe.stages]
+    for result in results:
+        assert (tmp_path / result.name / "stage_done.json").is_file()
+        losses = [entry["loss"] for entry in result.log_history if "loss" in entry]
+        stage = recipe.stage(result.name)
+        assert len(losses) == stage.max_steps // stage.logging_steps
+        assert all(torch.isfinite(torch.tensor(losses)))
+    final = vlmoe.load(results[-1].model_dir)  # the last stage's model reloads with its surgery
+    kinds = {step.kind for step in vlmoe.models.read_record(final).steps}
+    expected = {
+        "moe-llava": {"upcycle_ffn"},
+        "chartmoe": {"install_moe_connector", "add_mole"},
+        "demo": {"install_moe_connector", "add_mole"},
+        "llava-mole": {"add_mole"},
+        "mocle": {"add_mole"},
+    }
+    assert kinds == expected[name]
+    if name == "mocle":  # the centroids travel with the model, for new instructions at inference
+        assert (results[-1].model_dir / "clusters" / "centroids.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_resume_after_an_interruption_reproduces_the_uninterrupted_weights(tmp_path):
+    whole = run_recipe(tiny_recipe(tmp_path / "whole"), device="cpu")
+    expected = state(vlmoe.load(whole[-1].model_dir))
+
+    recipe = tiny_recipe(tmp_path / "cut")
+    assert run_recipe(recipe, device="cpu", stop_after_steps=3) == []  # "killed" after step 3
+    checkpoints = tmp_path / "cut" / "moe" / "checkpoints"
+    assert [p.name for p in complete_checkpoints(checkpoints)] == ["checkpoint-2", "checkpoint-3"]
+    (checkpoints / "checkpoint-4").mkdir()  # a kill in the middle of writing the next one
+    resumed = run_recipe(tiny_recipe(tmp_path / "cut"), resume=True, device="cpu")
+    assert not (checkpoints / "checkpoint-4" / "half-written").exists()
+    got = state(vlmoe.load(resumed[-1].model_dir))
+    assert got.keys() == expected.keys()
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+    assert all((p / COMPLETE).is_file() for p in checkpoints.glob("checkpoint-*"))
+
+
+@pytest.mark.slow
+def test_finished_stage_is_not_rerun_and_a_new_run_refuses_a_used_directory(tmp_path):
+    run_recipe(tiny_recipe(tmp_path, steps=2), device="cpu")
+    done = (tmp_path / "moe" / "stage_done.json").read_text()
+    again = run_recipe(tiny_recipe(tmp_path, steps=2), resume=True, device="cpu")
+    assert again[0].skipped and (tmp_path / "moe" / "stage_done.json").read_text() == done
+    with pytest.raises(ValueError, match="already holds a run; continue it with --resume"):
+        run_recipe(tiny_recipe(tmp_path, steps=2), device="cpu")
+    with pytest.raises(ValueError, match="different stages"):
+        run_recipe(tiny_recipe(tmp_path, steps=3), resume=True, device="cpu")
+
+
+@pytest.mark.slow
+def test_frozen_parts_stay_bit_identical(tmp_path):
+    recipe = tiny_recipe(tmp_path, steps=3, trainable=["router"])
+    before = state(vlmoe.upcycle_ffn(base_model(recipe), num_experts=4, top_k=2, layers="all"))
+    result = run_recipe(recipe, device="cpu")
+    model = vlmoe.load(result[-1].model_dir)
+    after, parts = state(model), parameter_parts(model)
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert changed and {parts[name] for name in changed} == {"router"}
+    history = json.loads((tmp_path / "moe" / "stage_done.json").read_text())["log_history"]
+    assert any(key.startswith("aux/") for key in history[0])  # per-layer router losses are logged
+
+
+@pytest.mark.slow
+def test_killed_process_resumes_to_the_uninterrupted_weights(tmp_path):
+    """A real SIGKILL of `vlmoe train` mid-run; --resume then ends with the uninterrupted weights."""
+    recipe = yaml.safe_load(recipe_path("moe-llava").read_text())
+    stage = recipe["stages"][2]
+    stage.update(start="base", max_steps=30, batch_size=2, save_steps=3, logging_steps=5, report_to=[])
+    stage["surgery"][0]["upcycle"].update(layers="all", capacity_factor=None)
+    stage["data"] = {"sources": [{"name": "c", "charts": {"n": 6, "tasks": ["chart_qa"]}}], "max_length": 192}
+    recipe.update(base={"family": "llava"}, stages=[stage], scales={})
+    path = tmp_path / "kill.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+
+    def train(out, resume=False):
+        command = [
+            sys.executable,
+            "-m",
+            "vlmoe.cli",
+            "train",
+            str(path),
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+        ]
+        return subprocess.Popen([*command, *(["--resume"] if resume else [])], stdout=subprocess.DEVNULL)
+
+    assert train(tmp_path / "whole").wait(timeout=300) == 0
+    process = train(tmp_path / "cut")
+    checkpoints = tmp_path / "cut" / "moe" / "checkpoints"
+    deadline = time.monotonic() + 240
+    while not complete_checkpoints(checkpoints) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (tmp_path / "cut" / "moe" / "stage_done.json").exists()  # killed before the end
+    assert train(tmp_path / "cut", resume=True).wait(timeout=300) == 0
+    expected = state(vlmoe.load(tmp_path / "whole" / "moe" / "final"))
+    got = state(vlmoe.load(tmp_path / "cut" / "moe" / "final"))
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("changes", [{"gradient_checkpointing": True}, {"precision": "bf16"}])
+def test_gradient_checkpointing_and_bf16_train(tmp_path, changes):
+    plain = run_recipe(tiny_recipe(tmp_path / "plain", steps=2), device="cpu")[0].log_history
+    other = run_recipe(tiny_recipe(tmp_path / "other", steps=2, **changes), device="cpu")[0].log_history
+    first = [entry["loss"] for entry in (plain[0], other[0])]
+    # Checkpointing recomputes the same forward; bf16 autocast changes the loss only a little.
+    assert first[1] == pytest.approx(first[0], abs=0 if "gradient_checkpointing" in changes else 0.05)
