@@ -47,6 +47,10 @@ def test_demo_writes_metrics_curve_and_predictions(tmp_path):
     assert chart_type["samples"] == 4 and chart_type["metric"] == "exact_match"
     assert 0.0 <= chart_type["model"] <= 1.0 and 0.0 <= chart_type["majority_baseline"] <= 1.0
     assert metrics["tasks"]["chart_qa"]["metric"] == "relaxed_accuracy"
+    html = (report / "routing" / "report.html").read_text()
+    assert html.count("data:image/png;base64,") >= 3  # expert load, modality split, patch maps
+    stats = json.loads((report / "routing" / "routing_stats.json").read_text())
+    assert stats  # the routing counts behind the pictures
 
 
 def test_demo_needs_held_out_charts(tmp_path):
