@@ -94,7 +94,7 @@ class _As3D(nn.Module):
         return self.block(x.unsqueeze(0)).squeeze(0)
 
 
-def bench_ffn(shapes, reps: int) -> list[dict]:
+def bench_ffn(shapes, reps: int, baselines: bool = True) -> list[dict]:
     rows = []
     for tokens, hidden, intermediate, num_experts, top_k in shapes:
         torch.manual_seed(0)
@@ -114,6 +114,11 @@ def bench_ffn(shapes, reps: int) -> list[dict]:
         compiled = torch.compile(dense)
         results.append(_measure("dense SwiGLU on tokens x k (torch.compile)", compiled, x_dense, reps))
         results.append(_measure("vlmoe MoEFeedForward grouped", moe, x, reps))
+        if not baselines:
+            for row in results:
+                row.update(shape=shape, ratio_to_dense=results[0]["ms"] / row["ms"])
+            rows += results
+            continue
         reference = MoEFeedForward.from_dense(dense, num_experts, top_k, backend="reference")
         reference.load_state_dict(moe.state_dict())
         results.append(_measure("vlmoe MoEFeedForward reference loop", reference, x, reps))
@@ -197,12 +202,14 @@ def bench_mole(reps: int, tokens: int = 16384, fan_in: int = 4096, fan_out: int 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="small shapes, for a smoke run")
+    parser.add_argument("--ffn-only", action="store_true", help="MoE FFN vs dense only, no other baselines")
+    parser.add_argument("--reps", type=int, default=20, help="timed steps per measurement (median)")
     args = parser.parse_args()
     shapes = [(2048, 256, 512, 4, 2), (2048, 256, 256, 16, 4)] if args.quick else FFN_SHAPES
-    reps = 5 if args.quick else 20
+    reps = 5 if args.quick else args.reps
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
-    ffn_rows = bench_ffn(shapes, reps)
-    mole_rows = bench_mole(reps, *((2048, 256, 512) if args.quick else ()))
+    ffn_rows = bench_ffn(shapes, reps, baselines=not args.ffn_only)
+    mole_rows = [] if args.ffn_only else bench_mole(reps, *((2048, 256, 512) if args.quick else ()))
     write_json("moe_layer", ffn_rows + mole_rows)
 
     def fmt(row, ratio_key):
