@@ -168,7 +168,9 @@ def _write_llava(samples: list[ConversationSample], path: Path) -> None:
     with path.open("w") as file:
         for s in samples:
             turns = [{"from": roles[m["role"]], "value": m["content"]} for m in s.messages]
-            line = {"id": s.id, "image": str(s.images[0]), "conversations": turns, "task": s.task}
+            # Absolute: readers resolve a relative image path against the JSONL's own folder.
+            image = str(Path(s.images[0]).resolve())
+            line = {"id": s.id, "image": image, "conversations": turns, "task": s.task}
             file.write(json.dumps({**line, "domain": s.domain}) + "\n")
 
 
