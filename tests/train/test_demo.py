@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -33,10 +34,11 @@ RECIPE = {
 
 
 @pytest.mark.slow
-def test_demo_writes_metrics_curve_and_predictions(tmp_path):
+def test_demo_writes_metrics_curve_and_predictions(tmp_path, monkeypatch):
     recipe = tmp_path / "demo-test.yaml"
     recipe.write_text(yaml.safe_dump(RECIPE))
-    metrics = run_demo(out=tmp_path / "report", recipe=str(recipe), scale=None, device="cpu")
+    monkeypatch.chdir(tmp_path)  # a relative --out, as `make demo` uses
+    metrics = run_demo(out=Path("report"), recipe=str(recipe), scale=None, device="cpu")
     report = tmp_path / "report"
     assert json.loads((report / "metrics.json").read_text()) == metrics
     assert (report / "training_curve.png").stat().st_size > 0
