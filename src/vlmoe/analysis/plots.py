@@ -38,9 +38,25 @@ def _expert_colors(count: int) -> list[str]:
     return [EXPERT_COLORS[i % len(EXPERT_COLORS)] for i in range(count)]
 
 
-def _heatmap(axes, matrix: np.ndarray, row_labels: Sequence[str], title: str) -> object:
+def _expert_labels(stats: RoutingStats, layers: Sequence[str], count: int) -> list[str]:
+    """Expert names for a shared expert axis when every layer on it names its experts alike
+    (e.g. a connector's general/table/JSON/code), else the expert numbers."""
+    named = {tuple(stats.expert_names.get(layer, ())) for layer in layers}
+    if len(named) == 1 and len(next(iter(named))) == count:
+        return list(next(iter(named)))
+    return [str(e) for e in range(count)]
+
+
+def _heatmap(
+    axes,
+    matrix: np.ndarray,
+    row_labels: Sequence[str],
+    title: str,
+    column_labels: Sequence[str] | None = None,
+) -> object:
     image = axes.imshow(np.ma.masked_invalid(matrix), cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
-    axes.set_xticks(range(matrix.shape[1]), [str(e) for e in range(matrix.shape[1])])
+    labels = column_labels or [str(e) for e in range(matrix.shape[1])]
+    axes.set_xticks(range(matrix.shape[1]), labels)
     axes.set_yticks(range(len(row_labels)), row_labels)
     axes.set_xlabel("expert")
     axes.set_title(title, fontsize=10)
@@ -56,9 +72,9 @@ def plot_expert_load(stats: RoutingStats, path: Path) -> Path:
     """Heatmap of layers x experts: each layer's share of token-slots per expert (MoE-LLaVA fig. 6)."""
     figure = _figure(1.2 + 0.6 * max(stats.max_experts, 1), 1.0 + 0.4 * max(len(stats.layers), 1))
     axes = figure.add_subplot()
-    image = _heatmap(
-        axes, stats.load_fractions(), [info.label for info in stats.layers], "expert load (% of slots)"
-    )
+    expert_labels = _expert_labels(stats, [info.name for info in stats.layers], stats.max_experts)
+    rows = [info.label for info in stats.layers]
+    image = _heatmap(axes, stats.load_fractions(), rows, "expert load (% of slots)", expert_labels)
     figure.colorbar(image, ax=axes, fraction=0.05)
     return _save(figure, path)
 
@@ -75,10 +91,12 @@ def plot_group_load(stats: RoutingStats, kind: str, path: Path, max_groups: int 
     width = columns * (1.0 + 0.5 * max(stats.max_experts, 1))
     figure = _figure(width + 1.0, rows * (0.9 + 0.35 * max(len(stats.layers), 1)))
     image = None
+    expert_labels = _expert_labels(stats, [info.name for info in stats.layers], stats.max_experts)
     for index, value in enumerate(values):
         axes = figure.add_subplot(rows, columns, index + 1)
         labels = [info.label for info in stats.layers] if index % columns == 0 else [""] * len(stats.layers)
-        image = _heatmap(axes, stats.load_fractions((kind, value)), labels, f"{kind} = {value}")
+        fractions = stats.load_fractions((kind, value))
+        image = _heatmap(axes, fractions, labels, f"{kind} = {value}", expert_labels)
     figure.colorbar(image, ax=figure.axes, fraction=0.03)
     figure.suptitle(f"expert load by {kind}", fontsize=11)
     return _save(figure, path)
@@ -94,7 +112,7 @@ def plot_modality_split(stats: RoutingStats, path: Path) -> Path:
         experts = np.arange(info.num_experts)
         axes.bar(experts, shares[TEXT], color=TEXT_COLOR, label="text")
         axes.bar(experts, shares[IMAGE], bottom=shares[TEXT], color=IMAGE_COLOR, label="image")
-        axes.set_xticks(experts, [str(e) for e in experts])
+        axes.set_xticks(experts, _expert_labels(stats, [info.name], info.num_experts))
         axes.set_ylim(0, 1)
         axes.set_title(info.label, fontsize=10)
         axes.set_xlabel("expert")
