@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from benchmark_copies import chartqa, image, llava, write_json
+from benchmark_copies import chartqa, image, llava, pope, scienceqa, textvqa, vqav2, write_json
 
 from vlmoe.eval.readers import read_chartqa, read_llava, read_pope, read_scienceqa, read_textvqa, read_vqav2
 
@@ -35,15 +35,7 @@ def test_chartqa_failures_name_file_field_and_fix(tmp_path):
 
 
 def test_pope_folder_of_categories(tmp_path):
-    image(tmp_path / "COCO_val2014_000000000001.jpg")
-    for category, label in [("adversarial", "yes"), ("random", "no")]:
-        line = {
-            "question_id": 1,
-            "image": "COCO_val2014_000000000001.jpg",
-            "text": "Is there a dog?",
-            "label": label,
-        }
-        (tmp_path / f"coco_pope_{category}.json").write_text(json.dumps(line) + "\n\n")
+    pope(tmp_path)
     samples = read_pope(tmp_path)
     assert [(s.id, s.subset, s.answers) for s in samples] == [
         ("adversarial-1", "adversarial", ("yes",)),
@@ -65,15 +57,8 @@ def test_pope_image_dir_and_bad_label(tmp_path):
 
 
 def test_scienceqa_keeps_image_questions_of_the_split(tmp_path):
-    problems = {
-        "1": {"question": "Which is a magnet?", "choices": ["iron", "wood", "glass"], "answer": 0,
-              "hint": "Look closely.", "image": "image.png", "subject": "natural science"},
-        "2": {"question": "No picture here", "choices": ["a", "b"], "answer": 1, "hint": "", "image": None},
-        "3": {"question": "Train", "choices": ["a", "b"], "answer": 1, "hint": "", "image": "image.png"},
-    }  # fmt: skip
-    write_json(tmp_path / "problems.json", problems)
-    write_json(tmp_path / "pid_splits.json", {"test": ["1", "2"], "train": ["3"]})
-    image(tmp_path / "test/1/image.png")
+    scienceqa(tmp_path)
+    problems = json.loads((tmp_path / "problems.json").read_text())
     (sample,) = read_scienceqa(tmp_path)
     assert sample.id == "1" and sample.answers == ("A",) and sample.choices == ("iron", "wood", "glass")
     assert sample.context == "Look closely." and sample.images == (tmp_path / "test/1/image.png",)
@@ -88,12 +73,7 @@ def test_scienceqa_keeps_image_questions_of_the_split(tmp_path):
 
 
 def test_textvqa(tmp_path):
-    image(tmp_path / "train_images/abc.jpg")
-    answers = ["nokia"] * 8 + ["nokia phone"] * 2
-    data = {
-        "data": [{"question_id": 34602, "image_id": "abc", "question": "What brand?", "answers": answers}]
-    }
-    write_json(tmp_path / "TextVQA_0.5.1_val.json", data)
+    textvqa(tmp_path)
     (sample,) = read_textvqa(tmp_path)
     assert sample.id == "34602" and len(sample.answers) == 10 and sample.task == "textvqa"
     write_json(tmp_path / "TextVQA_0.5.1_val.json", {"questions": []})
@@ -102,14 +82,7 @@ def test_textvqa(tmp_path):
 
 
 def test_vqav2_joins_questions_and_annotations(tmp_path):
-    image(tmp_path / "val2014/COCO_val2014_000000000042.jpg")
-    questions = {"questions": [{"image_id": 42, "question": "How many?", "question_id": 420}]}
-    answers = [{"answer": "2", "answer_confidence": "yes", "answer_id": i + 1} for i in range(10)]
-    annotations = {
-        "annotations": [{"question_id": 420, "image_id": 42, "answers": answers, "answer_type": "number"}]
-    }
-    write_json(tmp_path / "v2_OpenEnded_mscoco_val2014_questions.json", questions)
-    write_json(tmp_path / "v2_mscoco_val2014_annotations.json", annotations)
+    vqav2(tmp_path)
     (sample,) = read_vqav2(tmp_path)
     assert (sample.id, sample.subset, sample.answers) == ("420", "number", ("2",) * 10)
     with pytest.raises(FileNotFoundError, match=r"matching '\*test2015_questions\.json'.*found none"):
