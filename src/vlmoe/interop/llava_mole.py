@@ -37,7 +37,7 @@ from torch import nn
 from transformers import AutoConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 from transformers.initialization import no_init_weights
 
-from vlmoe.interop.tensors import CheckpointTensors, TargetState, check_all_used
+from vlmoe.interop.tensors import CheckpointTensors, TargetState, load_checked
 from vlmoe.interop.vision import DERIVED, VISION_PREFIX, map_tower, read_vision_tower
 from vlmoe.models.record import ImportCheckpoint, append_step
 from vlmoe.models.surgery import add_mole
@@ -131,12 +131,7 @@ def import_llava_mole(
         for leaf in ("weight", "bias"):
             name = f"{_ADAPTOR}projector.{index}.{leaf}"
             target.set(f"model.multi_modal_projector.{linear}.{leaf}", tensors.take(name), name)
-    for name in tensors.names():
-        if name.endswith(DERIVED):
-            tensors.take(name)
-    check_all_used(tensors)
-    target.load_into(model)
-    return model.eval()
+    return load_checked(model, tensors, target, DERIVED)
 
 
 class _Resolver:

@@ -33,7 +33,7 @@ from transformers import CONFIG_MAPPING, CLIPVisionConfig, LlavaConfig, LlavaFor
 from transformers.initialization import no_init_weights
 
 from vlmoe.interop.qwen1 import Qwen1Tensors, qwen2_fields
-from vlmoe.interop.tensors import CheckpointTensors, TargetState, check_all_used
+from vlmoe.interop.tensors import CheckpointTensors, TargetState, load_checked
 from vlmoe.interop.vision import DERIVED, VISION_PREFIX, map_tower, read_vision_tower
 from vlmoe.models.checkpoint import add_lm_head_bias
 from vlmoe.models.record import ImportCheckpoint, append_step
@@ -132,12 +132,7 @@ def import_moe_llava(
     for theirs, ours in _PROJECTOR.items():
         for leaf in ("weight", "bias"):
             target.set(f"{ours}{leaf}", tensors.take(f"{theirs}{leaf}"), f"{theirs}{leaf}")
-    for name in tensors.names():
-        if name.endswith(DERIVED):
-            tensors.take(name)
-    check_all_used(tensors)
-    target.load_into(model)
-    return model.eval()
+    return load_checked(model, tensors, target, DERIVED)
 
 
 def _read_config(path: Path) -> dict[str, Any]:
@@ -255,7 +250,7 @@ def _map_language_model(
         elif name.startswith(_THEIR_LM):
             ours = _OUR_LM + name[len(_THEIR_LM) :]
         else:
-            continue  # left unused: check_all_used names it
+            continue  # left unused: load_checked names it
         tensor = tensors.take(name)
         if grow_vocab and name in ("model.embed_tokens.weight", "lm_head.weight", "lm_head.bias"):
             tensor = torch.cat([tensor, tensor.new_zeros(1, *tensor.shape[1:])])  # the image token's row

@@ -164,6 +164,22 @@ class TargetState:
         model.tie_weights()
 
 
+def load_checked(
+    model: nn.Module, tensors: CheckpointTensors, target: TargetState, recomputed: tuple[str, ...]
+) -> nn.Module:
+    """Load the mapped tensors into `model` once every checkpoint tensor has found its place.
+
+    Tensors whose names end in `recomputed` (buffers the model rebuilds, e.g. rotary inv_freq)
+    are dropped rather than reported as unused. Returns the model in eval mode.
+    """
+    for name in tensors.names():
+        if name.endswith(recomputed):
+            tensors.take(name)
+    check_all_used(tensors)
+    target.load_into(model)
+    return model.eval()
+
+
 def check_all_used(tensors: CheckpointTensors) -> None:
     unused = tensors.unused()
     if unused:
