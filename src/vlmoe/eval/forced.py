@@ -9,6 +9,7 @@ from typing import Literal
 from torch import nn
 
 from vlmoe.moe import MoEConnector, sparse_layers
+from vlmoe.moe.records import temporarily
 
 Where = Literal["connector", "all"]
 
@@ -44,11 +45,5 @@ def forced_expert(model: nn.Module, expert: int, where: Where = "connector") -> 
             raise ValueError(
                 f"forced_expert: expert must be in [0, {num_experts}) for this model, got {expert}"
             )
-    previous = [router.forced_expert for router in routers]
-    for router in routers:
-        router.forced_expert = expert
-    try:
+    with temporarily(model, routers, "forced_expert", expert):
         yield model
-    finally:
-        for router, was in zip(routers, previous, strict=True):
-            router.forced_expert = was

@@ -72,15 +72,21 @@ def record_routing(model: nn.Module, enabled: bool = True) -> Iterator[nn.Module
         >>> routing_records(con)[""].expert_indices.shape
         torch.Size([3, 2])
     """
-    layers = [layer for _, layer in sparse_layers(model)]
-    previous = [layer.record_routing for layer in layers]
-    for layer in layers:
-        layer.record_routing = enabled
+    with temporarily(model, [layer for _, layer in sparse_layers(model)], "record_routing", enabled):
+        yield model
+
+
+@contextmanager
+def temporarily(model: nn.Module, owners: list[object], attribute: str, value: object) -> Iterator[nn.Module]:
+    """Set `attribute` to `value` on every owner inside the block; restore each one's own on exit."""
+    previous = [getattr(owner, attribute) for owner in owners]
+    for owner in owners:
+        setattr(owner, attribute, value)
     try:
         yield model
     finally:
-        for layer, was in zip(layers, previous, strict=True):
-            layer.record_routing = was
+        for owner, was in zip(owners, previous, strict=True):
+            setattr(owner, attribute, was)
 
 
 @contextmanager
