@@ -101,6 +101,16 @@ def evaluate(
         str | None, typer.Option(help="Split to read (default test; val2014 for VQAv2).")
     ] = None,
     limit: Annotated[int | None, typer.Option(help="Only the first N samples (a smoke run).")] = None,
+    clusters: Annotated[
+        Path | None,
+        typer.Option(help="MoCLE: the centroids folder the model was trained with; default MODEL/clusters."),
+    ] = None,
+    embedding_model: Annotated[
+        Path | None,
+        typer.Option(
+            help="MoCLE: a local sentence-transformers model instead of the one clusters.json names."
+        ),
+    ] = None,
     seed: Annotated[int, typer.Option(help="Random seed (sampling, if any).")] = 0,
     device: Annotated[str, typer.Option(help="Torch device; auto = cuda if available, else cpu.")] = "auto",
     dtype: Annotated[
@@ -110,6 +120,7 @@ def evaluate(
     """Answer a benchmark with a model; predictions are appended as they come, so a rerun resumes."""
     from rich.console import Console
 
+    from vlmoe.eval.clusters import default_clusters_dir
     from vlmoe.eval.generate import GenerationSettings
     from vlmoe.eval.report import summary_table
     from vlmoe.eval.runner import EvalConfig, load_model_for_eval, run_eval
@@ -129,6 +140,8 @@ def evaluate(
             pot=pot,
             force_expert=force_expert,
             force_where=force_where,
+            clusters=clusters if clusters is not None else default_clusters_dir(model),
+            embedding_model=embedding_model,
             generation=GenerationSettings(max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed),
         )
         samples = read_task(task, data, image_dir, split)  # before the (slow) model load

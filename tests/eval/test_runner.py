@@ -48,7 +48,7 @@ def _lines(path: Path) -> list[dict]:
 def _scripted(answers: dict[str, str], calls: list[int]):
     """A stand-in for generate_batch answering by question text; counts the prompts it was given."""
 
-    def fake_generate_batch(model, processor, prompts, images, settings, batch_index=0):
+    def fake_generate_batch(model, processor, prompts, images, settings, batch_index=0, cluster_ids=None):
         calls.append(len(prompts))
         return [next(a for q, a in answers.items() if q in prompt) for prompt in prompts]
 

@@ -19,7 +19,14 @@ from vlmoe.analysis.collect import BatchImages, RoutingCollector
 from vlmoe.analysis.stats import LayerInfo, RoutingStats
 from vlmoe.eval.generate import progress_bar
 from vlmoe.eval.samples import EvalSample, existing_image, load_json, load_jsonl, require
-from vlmoe.moe import MoEConnector, record_routing, routing_inputs, routing_records, sparse_layers
+from vlmoe.moe import (
+    MoEConnector,
+    record_routing,
+    routes_by_cluster,
+    routing_inputs,
+    routing_records,
+    sparse_layers,
+)
 
 SAMPLE_FORMAT = (
     '[{"id", "image" (optional), "conversations": [{"from": "human"|"gpt", "value"}], '
@@ -148,13 +155,8 @@ def collect_routing(
             "the model has no routed sparse layer (MoE FFN, MoLE or MoE connector): apply "
             "vlmoe.upcycle_ffn / add_mole / install_moe_connector first, or load a vlmoe.save directory"
         )
-    clustered = any(
-        layer.router.config.input == "cluster"
-        for _, layer in sparse_layers(model)
-        if layer.router is not None
-    )
     unclustered = [sample.id for sample in samples if sample.cluster_id is None]
-    if clustered and unclustered:
+    if routes_by_cluster(model) and unclustered:
         raise ValueError(
             f"the model routes by instruction cluster (MoCLE) but samples {unclustered[:5]} have no "
             "cluster_id; give every sample its cluster (vlmoe data cluster, or a cluster_id field)"

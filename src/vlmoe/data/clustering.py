@@ -18,6 +18,8 @@ import numpy as np
 
 CENTROIDS_FILE = "centroids.safetensors"
 CLUSTERS_CONFIG_FILE = "clusters.json"
+# The name clusters.json records for the bundled default (a site-packages path would not travel).
+DEFAULT_EMBEDDING_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 
 
 def default_embedding_model() -> str:
@@ -38,6 +40,22 @@ def load_sentence_encoder(model: str | Path | None = None) -> Any:
             "with --model, or leave it out to use the bundled all-MiniLM-L6-v2"
         )
     return SentenceTransformer(path, device="cpu", local_files_only=True)
+
+
+def encoder_for(clusters: InstructionClusters, override: str | Path | None = None) -> Any:
+    """The sentence encoder that made `clusters` (as clusters.json records it), or `override`.
+
+    New instructions must be embedded by the same model as the training ones, or their nearest
+    centroid means nothing; the bundled default is recorded by name and found again here.
+
+    >>> clusters = InstructionClusters(np.zeros((2, 384), np.float32), np.zeros(0), DEFAULT_EMBEDDING_NAME, 0)
+    >>> encoder_for(clusters).get_sentence_embedding_dimension()
+    384
+    """
+    if override is not None:
+        return load_sentence_encoder(override)
+    recorded = clusters.embedding_model
+    return load_sentence_encoder(None if recorded in ("", DEFAULT_EMBEDDING_NAME) else recorded)
 
 
 def embed_instructions(texts: list[str], encoder: Any) -> np.ndarray:
@@ -176,7 +194,7 @@ def cluster_conversation_file(
     clusters = fit_instruction_clusters(
         embed_instructions([s.instruction for s in samples], encoder), num_clusters, seed
     )
-    clusters.embedding_model = str(model) if model is not None else "sentence-transformers/all-MiniLM-L6-v2"
+    clusters.embedding_model = str(model) if model is not None else DEFAULT_EMBEDDING_NAME
     out = Path(out)
     save_clusters(out, clusters)
     data_out = out / f"{Path(data).stem}.clustered.jsonl"

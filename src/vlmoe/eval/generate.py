@@ -64,8 +64,11 @@ def generate(
     images: Sequence[Sequence[Image.Image]],
     settings: GenerationSettings | None = None,
     progress: bool = True,
+    cluster_ids: Sequence[int] | None = None,
 ) -> list[str]:
     """Answer each (prompt, images) pair; prompts already in the model's chat format (`chat_prompt`).
+
+    `cluster_ids` (one per prompt) routes a MoCLE model; `vlmoe.eval.clusters` assigns them.
 
     Example:
         >>> from PIL import Image
@@ -79,13 +82,16 @@ def generate(
     """
     if len(prompts) != len(images):
         raise ValueError(f"generate: {len(prompts)} prompts but {len(images)} image lists")
+    if cluster_ids is not None and len(cluster_ids) != len(prompts):
+        raise ValueError(f"generate: {len(prompts)} prompts but {len(cluster_ids)} cluster ids")
     settings = settings or GenerationSettings()
     answers: list[str] = []
     batches = range(0, len(prompts), settings.batch_size)
     for batch_index, start in enumerate(progress_bar(batches, "generating", progress)):
         stop = start + settings.batch_size
+        clusters = None if cluster_ids is None else cluster_ids[start:stop]
         answers += generate_batch(
-            model, processor, prompts[start:stop], images[start:stop], settings, batch_index
+            model, processor, prompts[start:stop], images[start:stop], settings, batch_index, clusters
         )
     return answers
 
@@ -97,6 +103,7 @@ def generate_batch(
     images: Sequence[Sequence[Image.Image]],
     settings: GenerationSettings,
     batch_index: int = 0,
+    cluster_ids: Sequence[int] | None = None,
 ) -> list[str]:
     """One left-padded batch through `model.generate`; returns the decoded new text per row.
 
@@ -109,7 +116,7 @@ def generate_batch(
         >>> len(texts)
         2
     """
-    new_tokens = generate_token_ids(model, processor, prompts, images, settings, batch_index)
+    new_tokens = generate_token_ids(model, processor, prompts, images, settings, batch_index, cluster_ids)
     texts = processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
     return [_cut_at_stop(text, settings.stop_strings).strip() for text in texts]
 
@@ -122,8 +129,11 @@ def generate_token_ids(
     images: Sequence[Sequence[Image.Image]],
     settings: GenerationSettings,
     batch_index: int = 0,
+    cluster_ids: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """The new tokens of one left-padded batch. # [batch, <= max_new_tokens]
+
+    `cluster_ids` # [batch]: each prompt's instruction cluster, for a MoCLE model.
 
     Example:
         >>> from vlmoe.models import tiny
@@ -149,7 +159,9 @@ def generate_token_ids(
     eos = tokenizer.eos_token_id
     # Sparse layers learn which positions are padding, so padding takes no expert capacity;
     # eval mode turns off dropout and router jitter even when a training loop calls this.
-    with _eval_mode(model), routing_inputs(model, attention_mask=inputs["attention_mask"]):
+    clusters = None if cluster_ids is None else torch.tensor(list(cluster_ids), device=reference.device)
+    routing = routing_inputs(model, attention_mask=inputs["attention_mask"], cluster_ids=clusters)
+    with _eval_mode(model), routing:
         sequences = model.generate(
             **inputs,
             max_new_tokens=settings.max_new_tokens,

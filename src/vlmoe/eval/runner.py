@@ -19,6 +19,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import nn
 
+from vlmoe.eval.clusters import cluster_assigner
 from vlmoe.eval.forced import Where, forced_expert
 from vlmoe.eval.generate import GenerationSettings, chat_prompt, generate_batch, progress_bar
 from vlmoe.eval.pot import pot_answer
@@ -46,6 +47,9 @@ class EvalConfig:
     pot_timeout_s: float = 5.0
     force_expert: int | None = None
     force_where: Where = "connector"
+    # MoCLE: the centroids the model was trained with, and optionally another sentence encoder.
+    clusters: Path | None = None
+    embedding_model: Path | None = None
     generation: GenerationSettings = field(default_factory=GenerationSettings)
 
 
@@ -110,6 +114,7 @@ def run_eval(
     if samples is None:  # callers that read the data already (to fail before loading a model) pass it
         samples = read_task(config.task, config.data, config.image_dir, config.split)
     samples = samples[: config.limit]
+    assigner = cluster_assigner(model, config.clusters, config.embedding_model)  # MoCLE models only
     config.out_dir.mkdir(parents=True, exist_ok=True)
     _check_same_run(config)
     predictions_path = config.out_dir / PREDICTIONS_NAME
@@ -122,13 +127,18 @@ def run_eval(
             progress_bar(batches, f"{config.task}: {len(todo)} to answer", progress)
         ):
             images = [[_open_image(path, sample) for path in sample.images] for sample in batch]
+            questions = [question_text(sample, config.pot) for sample in batch]
             prompts = [
-                chat_prompt(processor, question_text(sample, config.pot), len(sample.images))
-                for sample in batch
+                chat_prompt(processor, question, len(sample.images))
+                for sample, question in zip(batch, questions, strict=True)
             ]
-            answers = generate_batch(model, processor, prompts, images, settings, batch_index)
-            for sample, answer in zip(batch, answers, strict=True):
+            # A MoCLE model's instruction is the user turn it is shown, as in training.
+            cluster_ids = None if assigner is None else assigner.assign(questions)
+            answers = generate_batch(model, processor, prompts, images, settings, batch_index, cluster_ids)
+            for row, (sample, answer) in enumerate(zip(batch, answers, strict=True)):
                 record = _record(sample, answer, config)
+                if cluster_ids is not None:
+                    record["cluster_id"] = cluster_ids[row]
                 done[sample.id] = record
                 out.write(json.dumps(record, ensure_ascii=False) + "\n")
             out.flush()
@@ -200,6 +210,8 @@ def _run_identity(config: EvalConfig) -> dict[str, Any]:
         "pot_timeout_s": config.pot_timeout_s if config.pot else None,
         "force_expert": config.force_expert,
         "force_where": config.force_where if config.force_expert is not None else None,
+        "clusters": None if config.clusters is None else str(config.clusters.resolve()),
+        "embedding_model": None if config.embedding_model is None else str(config.embedding_model),
         "generation": generation,
     }
 

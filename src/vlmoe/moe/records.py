@@ -20,6 +20,19 @@ def _routes_by_cluster(layer: SparseLayer) -> bool:
     return layer.router is not None and layer.router.config.input == "cluster"
 
 
+def routes_by_cluster(model: nn.Module) -> bool:
+    """Whether any sparse layer of `model` routes by instruction cluster (MoCLE), so every forward
+    needs per-sample cluster ids (`routing_inputs(model, cluster_ids=...)`).
+
+    Example:
+        >>> from vlmoe.moe import MoLELinear
+        >>> layer = MoLELinear(nn.Linear(4, 4), num_experts=2, rank=2, router_input="cluster", num_clusters=3)
+        >>> routes_by_cluster(layer), routes_by_cluster(MoLELinear(nn.Linear(4, 4), num_experts=2, rank=2))
+        (True, False)
+    """
+    return any(_routes_by_cluster(layer) for _, layer in sparse_layers(model))
+
+
 def sparse_layers(model: nn.Module) -> Iterator[tuple[str, SparseLayer]]:
     """Every routed sparse layer of `model` with its qualified name (plain LoRA layers excluded)."""
     for name, module in model.named_modules():

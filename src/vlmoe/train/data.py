@@ -105,12 +105,13 @@ def with_clusters(
 ) -> list[ConversationSample]:
     """MoCLE: k-means of the instruction embeddings; centroids saved under `out` for inference."""
     from vlmoe.data import fit_instruction_clusters, save_clusters
-    from vlmoe.data.clustering import embed_instructions, load_sentence_encoder
+    from vlmoe.data.clustering import DEFAULT_EMBEDDING_NAME, embed_instructions, load_sentence_encoder
 
     instructions = [s.instruction for s in samples]
     unique = sorted(set(instructions))
     embeddings = embed_instructions(unique, load_sentence_encoder(cluster.model))
     clusters = fit_instruction_clusters(embeddings, min(cluster.num_clusters, len(unique)), cluster.seed)
+    clusters.embedding_model = cluster.model or DEFAULT_EMBEDDING_NAME  # what inference must embed with
     save_clusters(out, clusters)
     label_of = dict(zip(unique, clusters.labels.tolist(), strict=True))
     return [replace(s, cluster_id=int(label_of[text])) for s, text in zip(samples, instructions, strict=True)]
