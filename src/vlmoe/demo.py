@@ -18,6 +18,7 @@ import json
 import shutil
 import time
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +52,9 @@ def run_demo(
     heldout = chart_samples(charts, loaded.output_dir, held_out=True)
     training = chart_samples(charts, loaded.output_dir)
     model_dir = results[-1].model_dir
-    predictions = _answer(model_dir, base_processor(loaded), heldout, device)
+    model = _load(model_dir, device)
+    heldout = _with_clusters(model, model_dir, heldout)
+    predictions = _answer(model, base_processor(loaded), heldout)
     metrics = _score(heldout, training, predictions)
     metrics.update(
         recipe=recipe,
@@ -69,7 +72,14 @@ def run_demo(
             file.write(json.dumps({"id": sample.id, "answer": answer, "reference": reference}) + "\n")
     plot_training_curves(results, out / "training_curve.png")
     _write_llava(heldout, out / "heldout.jsonl")
-    routing_report(model_dir, out / "heldout.jsonl", out / "routing", results[-1].log_history, console)
+    routing_report(
+        model_dir,
+        out / "heldout.jsonl",
+        out / "routing",
+        results[-1].log_history,
+        console,
+        expert_names=_connector_expert_names(loaded),
+    )
     console.print(_table(metrics))
     console.print(f"report: {out.resolve()}")
     return metrics
@@ -86,25 +96,41 @@ def _held_out_charts(recipe: Recipe) -> ChartDataConfig:
     )
 
 
-def _answer(
-    model_dir: Path, processor: Any, samples: list[ConversationSample], device: str | None
-) -> list[str]:
+def _load(model_dir: Path, device: str | None) -> Any:
     import torch
-    from PIL import Image
 
     import vlmoe
+
+    return vlmoe.load(model_dir).to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def _with_clusters(
+    model: Any, model_dir: Path, samples: list[ConversationSample]
+) -> list[ConversationSample]:
+    """MoCLE: each held-out sample gets the cluster of its nearest training centroid."""
+    from vlmoe.eval.clusters import cluster_assigner, default_clusters_dir
+
+    assigner = cluster_assigner(model, default_clusters_dir(model_dir))
+    if assigner is None:
+        return samples
+    ids = assigner.assign([sample.instruction for sample in samples])
+    return [replace(sample, cluster_id=cluster) for sample, cluster in zip(samples, ids, strict=True)]
+
+
+def _answer(model: Any, processor: Any, samples: list[ConversationSample]) -> list[str]:
+    from PIL import Image
+
     from vlmoe.eval.generate import GenerationSettings, chat_prompt, generate
 
-    model = vlmoe.load(model_dir).to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     prompts, images = [], []
     for sample in samples:
-        question = sample.messages[0]["content"].replace("<image>", "").strip()
-        prompts.append(chat_prompt(processor, question, len(sample.images)))
+        prompts.append(chat_prompt(processor, sample.instruction, len(sample.images)))
         images.append([Image.open(path).convert("RGB") for path in sample.images])
+    clustered = all(sample.cluster_id is not None for sample in samples)
+    cluster_ids = [sample.cluster_id for sample in samples] if clustered else None
     settings = GenerationSettings(max_new_tokens=12, batch_size=32)
-    return [
-        answer.strip() for answer in generate(model, processor, prompts, images, settings, progress=False)
-    ]
+    answers = generate(model, processor, prompts, images, settings, progress=False, cluster_ids=cluster_ids)
+    return [answer.strip() for answer in answers]
 
 
 def _score(
@@ -170,12 +196,29 @@ def _write_llava(samples: list[ConversationSample], path: Path) -> None:
             turns = [{"from": roles[m["role"]], "value": m["content"]} for m in s.messages]
             # Absolute: readers resolve a relative image path against the JSONL's own folder.
             image = str(Path(s.images[0]).resolve())
-            line = {"id": s.id, "image": image, "conversations": turns, "task": s.task}
-            file.write(json.dumps({**line, "domain": s.domain}) + "\n")
+            line = {"id": s.id, "image": image, "conversations": turns, "task": s.task, "domain": s.domain}
+            if s.cluster_id is not None:  # a MoCLE model's analysis routes by it
+                line["cluster_id"] = s.cluster_id
+            file.write(json.dumps(line) + "\n")
+
+
+def _connector_expert_names(recipe: Recipe) -> str | None:
+    """ "general,table,json,code" for ChartMoE's aligned connector (from its projector stages)."""
+    for surgery in recipe.stages[-1].surgery:
+        connector = surgery.connector
+        if connector is not None and connector.init == "aligned":
+            names = ["general" if p == "base" else p.removeprefix("align_") for p in connector.projectors]
+            return ",".join(names)
+    return None
 
 
 def routing_report(
-    model_dir: Path, heldout: Path, out: Path, log_history: list[dict[str, Any]], console: Console
+    model_dir: Path,
+    heldout: Path,
+    out: Path,
+    log_history: list[dict[str, Any]],
+    console: Console,
+    expert_names: str | None = None,
 ) -> Path:
     """Expert load, modality split, pathways, per-patch expert maps and router statistics over
     training (from the last stage's log) for the held-out charts, as one HTML report."""
@@ -189,7 +232,7 @@ def routing_report(
         data=heldout,
         out=out,
         logs=log,
-        expert_names="general,table,json,code",
+        expert_names=expert_names,
         progress=False,
     )
     console.print(f"routing report: {html}")

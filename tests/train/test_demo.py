@@ -61,3 +61,22 @@ def test_demo_needs_held_out_charts(tmp_path):
     recipe.write_text(yaml.safe_dump({**RECIPE, "stages": [stage]}))
     with pytest.raises(ValueError, match="held_out > 0"):
         run_demo(out=tmp_path / "report", recipe=str(recipe), scale=None, device="cpu")
+
+
+@pytest.mark.slow
+def test_demo_of_a_mocle_recipe_routes_held_out_charts_by_their_cluster(tmp_path):
+    stage = {
+        **RECIPE["stages"][0],
+        "surgery": [{"mocle": {"num_experts": 2, "rank": 2, "alpha": 4, "num_clusters": 2}}],
+        "data": {**RECIPE["stages"][0]["data"], "cluster": {"num_clusters": 2}},
+        "trainable": ["router", "lora"],
+    }
+    recipe = tmp_path / "mocle-test.yaml"
+    recipe.write_text(yaml.safe_dump({**RECIPE, "stages": [stage]}))
+    metrics = run_demo(out=tmp_path / "report", recipe=str(recipe), scale=None, device="cpu")
+    heldout = [json.loads(line) for line in (tmp_path / "report/heldout.jsonl").read_text().splitlines()]
+    # Held-out questions of one task share an instruction, so they share the nearest centroid.
+    by_task = {(s["task"], s["conversations"][0]["value"]): s["cluster_id"] for s in heldout}
+    assert all(0 <= cluster < 2 for cluster in by_task.values())
+    assert sum(t["samples"] for t in metrics["tasks"].values()) == len(heldout)
+    assert (tmp_path / "report/routing/report.html").is_file()
