@@ -88,6 +88,13 @@ def evaluate(
     pot: Annotated[
         bool, typer.Option(help="Run Python answers in the sandbox and score what they print.")
     ] = False,
+    pot_interpreter: Annotated[
+        str | None,
+        typer.Option(
+            help="Python that runs --pot programs; under root pick one other users can run "
+            "(e.g. /usr/bin/python3) so the sandbox also drops to a throwaway user id."
+        ),
+    ] = None,
     force_expert: Annotated[
         int | None, typer.Option(help="Send every token to this expert (ablation).")
     ] = None,
@@ -138,6 +145,7 @@ def evaluate(
             split=split,
             limit=limit,
             pot=pot,
+            pot_interpreter=pot_interpreter,
             force_expert=force_expert,
             force_where=force_where,
             clusters=clusters if clusters is not None else default_clusters_dir(model),

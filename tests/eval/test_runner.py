@@ -1,6 +1,7 @@
 """The eval runner and the `vlmoe eval` command on tiny saved models and tiny local benchmarks."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ from typer.testing import CliRunner
 
 import vlmoe
 from vlmoe.cli import app
-from vlmoe.eval import runner
+from vlmoe.eval import pot, runner
 from vlmoe.eval.generate import GenerationSettings
 from vlmoe.eval.runner import EvalConfig, load_model_for_eval, run_eval
 from vlmoe.models import tiny
@@ -119,6 +120,32 @@ def test_pot_runs_programs_and_contains_hostile_ones(chartqa, tmp_path, monkeypa
     assert [r.get("program_status") for r in records] == ["ok", "forbidden", None, "timeout", "ok"]
     assert summary["metrics"]["relaxed_accuracy"] == pytest.approx(3 / 5)
     assert summary["programs"] == {"run": 4, "ok": 2}
+
+
+@pytest.mark.skipif(shutil.which("python3") is None, reason="needs a python3 on PATH")
+def test_pot_programs_run_under_the_chosen_interpreter(chartqa, tmp_path, monkeypatch):
+    model, processor = tiny("llava")
+    program = "```python\nprint(3 * 15)\n```"
+    monkeypatch.setattr(runner, "generate_batch", _scripted({"bar": program}, []))
+    seen: list[str | None] = []
+    real_run_program = pot.run_program
+
+    def spy(code, timeout_s=5.0, **options):
+        seen.append(options.get("interpreter"))
+        return real_run_program(code, timeout_s=timeout_s, **options)
+
+    monkeypatch.setattr(pot, "run_program", spy)
+    interpreter = shutil.which("python3")
+    config = EvalConfig(
+        task="chartqa", data=chartqa, out_dir=tmp_path, limit=1, pot=True, pot_interpreter=interpreter
+    )
+    summary = run_eval(model, processor, config, progress=False)
+    assert seen == [interpreter]
+    assert _lines(tmp_path / "predictions.jsonl")[0]["prediction"] == "45"
+    assert summary["metrics"]["relaxed_accuracy"] == 1.0
+    bogus = EvalConfig(**{**config.__dict__, "pot_interpreter": "/no/such/python", "out_dir": tmp_path / "b"})
+    with pytest.raises(FileNotFoundError, match="--pot-interpreter '/no/such/python' is not an executable"):
+        run_eval(model, processor, bogus, progress=False)
 
 
 def test_load_model_for_eval_errors(tmp_path):

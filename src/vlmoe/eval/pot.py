@@ -40,11 +40,11 @@ def extract_program(text: str) -> str | None:
     return text
 
 
-def pot_answer(text: str, timeout_s: float = 5.0) -> PotAnswer:
+def pot_answer(text: str, timeout_s: float = 5.0, interpreter: str | None = None) -> PotAnswer:
     """Run the program in `text` in the sandbox; its last printed line is the answer.
 
     A program that fails, times out or is forbidden answers "" (scored wrong); text that is not
-    code is its own answer.
+    code is its own answer. `interpreter`: the Python that runs it (see `run_program`).
 
     Example:
         >>> pot_answer("```python\\nvalues = [3, 4]\\nprint(sum(values))\\n```").answer
@@ -53,7 +53,7 @@ def pot_answer(text: str, timeout_s: float = 5.0) -> PotAnswer:
     program = extract_program(text)
     if program is None:
         return PotAnswer(answer=text)
-    result = run_program(program, timeout_s=timeout_s)
+    result = run_program(program, timeout_s=timeout_s, interpreter=interpreter)
     lines = result.stdout.strip().splitlines()
     answer = lines[-1].strip() if result.ok and lines else ""
     return PotAnswer(answer=answer, program=program, result=result)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -45,6 +46,9 @@ class EvalConfig:
     limit: int | None = None  # the first N samples only (smoke runs)
     pot: bool = False  # run Python answers in the sandbox and score what they print
     pot_timeout_s: float = 5.0
+    # The Python that runs PoT programs; under root one that other users can run (/usr/bin/python3)
+    # lets the sandbox drop to a throwaway user id. None: this interpreter.
+    pot_interpreter: str | None = None
     force_expert: int | None = None
     force_where: Where = "connector"
     # MoCLE: the centroids the model was trained with, and optionally another sentence encoder.
@@ -111,6 +115,11 @@ def run_eval(
         >>> config = EvalConfig(task="chartqa", data=Path("data/ChartQA"), out_dir=Path("runs/eval"))
         >>> summary = run_eval(*load_model_for_eval("runs/chartmoe"), config)  # doctest: +SKIP
     """
+    if config.pot and config.pot_interpreter is not None and shutil.which(config.pot_interpreter) is None:
+        raise FileNotFoundError(
+            f"--pot-interpreter {config.pot_interpreter!r} is not an executable; give the path of a "
+            "Python 3 interpreter (e.g. /usr/bin/python3) or leave it out to use this one"
+        )
     if samples is None:  # callers that read the data already (to fail before loading a model) pass it
         samples = read_task(config.task, config.data, config.image_dir, config.split)
     samples = samples[: config.limit]
@@ -237,7 +246,7 @@ def _record(sample: EvalSample, answer: str, config: EvalConfig) -> dict[str, An
     record: dict[str, Any] = {"id": sample.id, "task": sample.task, "subset": sample.subset}
     prediction = answer
     if config.pot:
-        ran = pot_answer(answer, timeout_s=config.pot_timeout_s)
+        ran = pot_answer(answer, timeout_s=config.pot_timeout_s, interpreter=config.pot_interpreter)
         prediction = ran.answer
         if ran.result is not None:
             record.update(program_status=ran.result.status, program_message=ran.result.message)
