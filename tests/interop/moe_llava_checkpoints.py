@@ -39,7 +39,7 @@ from transformers.activations import ACT2FN
 
 from tests.interop.tiny_tokenizers import TRAINED, write_gpt2_style, write_preprocessor_config, write_tiktoken
 
-VOCAB = 320  # larger than the tokenizer, as Phi-2's, Qwen's and StableLM's embeddings are
+VOCAB = 512  # larger than the tokenizers (Qwen-1's: 299 + 208 specials), as the real embeddings are
 IMAGE_TOKEN = TRAINED + 1  # <image>, added after the tokenizer's <|extra_0|>: an unused row
 HIDDEN = 32
 NUM_LAYERS = 3

@@ -18,7 +18,7 @@ from tests.interop.moe_llava_checkpoints import (
     write_moe_llava,
     write_vision_tower,
 )
-from tests.interop.tiny_tokenizers import write_gpt2_style
+from tests.interop.tiny_tokenizers import TIKTOKEN_SIZE
 from vlmoe.moe import GLUExperts, MLPExperts, MoEFeedForward
 
 
@@ -27,22 +27,16 @@ def tower(tmp_path_factory):
     return write_vision_tower(tmp_path_factory.mktemp("clip"))
 
 
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    """A transformers tokenizer for the StableLM and Qwen-1 checkpoints, whose own is tiktoken."""
-    return write_gpt2_style(tmp_path_factory.mktemp("tokenizer"))
-
-
 def import_moe_llava(path, tower=None, **options):
     """The model alone (the processor has its own tests)."""
     return vlmoe.interop.import_moe_llava(path, tower, **options)[0]
 
 
-def _inputs(seed=0, text_tokens=(5, 9)):
+def _inputs(seed=0, text_tokens=(5, 9), image_token=IMAGE_TOKEN):
     generator = torch.Generator().manual_seed(seed)
     before, after = text_tokens
-    ids = torch.randint(0, IMAGE_TOKEN, (before + after,), generator=generator).tolist()
-    ours = ids[:before] + [IMAGE_TOKEN] * NUM_IMAGE_TOKENS + ids[before:]
+    ids = torch.randint(0, TIKTOKEN_SIZE, (before + after,), generator=generator).tolist()  # text only
+    ours = ids[:before] + [image_token] * NUM_IMAGE_TOKENS + ids[before:]
     theirs = [*ids[:before], SENTINEL, *ids[before:]]
     pixels = torch.randn(1, 3, 28, 28, generator=generator)
     return torch.tensor([ours]), theirs, pixels
@@ -54,13 +48,12 @@ def _logits(model, ids, pixels):
 
 
 @pytest.mark.parametrize("family", ["phi", "qwen1_5", "stablelm", "qwen1"])
-def test_logits_equal_their_forward_written_from_the_checkpoint(tmp_path, tower, tokenizer, family):
+def test_logits_equal_their_forward_written_from_the_checkpoint(tmp_path, tower, family):
     tensors = write_moe_llava(tmp_path / "ckpt", family)
-    own = family in ("phi", "qwen1_5")  # StableLM's and Qwen-1's tokenizers are tiktoken (remote code)
-    model = import_moe_llava(tmp_path / "ckpt", tower, tokenizer=None if own else tokenizer)
+    model = import_moe_llava(tmp_path / "ckpt", tower)
     experts = type(model.model.language_model.layers[0].mlp.experts)
     assert experts is (MLPExperts if family == "phi" else GLUExperts)
-    ids, their_ids, pixels = _inputs()
+    ids, their_ids, pixels = _inputs(image_token=model.config.image_token_id)  # tiktoken ones differ
     expected = reference_logits(tensors, family, tower, pixels, their_ids)
     torch.testing.assert_close(_logits(model, ids, pixels), expected, rtol=1e-4, atol=1e-4)
 

@@ -2,7 +2,8 @@
 
 - Phi-2 / Qwen1.5 (MoE-LLaVA saves its slow tokenizer): vocab.json, merges.txt, tokenizer_config.json,
   special_tokens_map.json, with their training's added `<|extra_0|>` as unk and pad.
-- StableLM-2 / Qwen-1: a `*.tiktoken` file read by their remote-code tokenizer class.
+- StableLM-2 / Qwen-1: a `*.tiktoken` file read by their remote-code tokenizer class (`TIKTOKEN_SIZE`
+  ranks, then their fixed special tokens).
 - Vicuna (LLaVA-MoLE's base LLM): a transformers tokenizer.json (the hub's tokenizer.model needs
   `sentencepiece`, which the test environment does not have).
 - CLIP / SigLIP towers: preprocessor_config.json as the hub repositories have it.
@@ -19,6 +20,7 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 from vlmoe.models.tokenizer import tiny_tokenizer
 
 TRAINED = 300  # byte-level BPE size: 256 bytes, the specials and some merges
+TIKTOKEN_SIZE = TRAINED - 1  # the same BPE without its special token
 EXTRA = "<|extra_0|>"  # MoE-LLaVA's training adds it as unk (= pad) for Phi and Qwen
 _FAMILY = {  # (tokenizer class in tokenizer_config.json, tokens at ids 0.., eos)
     "phi": ("CodeGenTokenizer", ["<|endoftext|>"], "<|endoftext|>"),
@@ -60,7 +62,8 @@ def _added(content: str) -> dict:
 
 
 def write_tiktoken(folder: Path, file_name: str) -> Path:
-    """A `.tiktoken` file (base64 token bytes, rank) and the remote-code tokenizer_config.json."""
+    """A `.tiktoken` file (base64 token bytes and rank 0..N-1 per line; their classes append the
+    special tokens after it) and the remote-code tokenizer_config.json their training saved."""
     tokenizer = tiny_tokenizer(
         ["<|endoftext|>"],
         bos_token="<|endoftext|>",
@@ -70,16 +73,19 @@ def write_tiktoken(folder: Path, file_name: str) -> Path:
     )
     byte_of = {char: byte for byte, char in bytes_to_unicode().items()}
     vocab = json.loads(tokenizer.backend_tokenizer.to_str())["model"]["vocab"]
-    lines = []
-    for token, rank in sorted(vocab.items(), key=lambda item: item[1]):
-        if token != "<|endoftext|>":
-            raw = bytes(byte_of[char] for char in token)
-            lines.append(f"{base64.b64encode(raw).decode()} {rank}")
+    tokens = [
+        token for token, _ in sorted(vocab.items(), key=lambda item: item[1]) if token != "<|endoftext|>"
+    ]
+    lines = [
+        f"{base64.b64encode(bytes(byte_of[c] for c in token)).decode()} {rank}"
+        for rank, token in enumerate(tokens)
+    ]
     folder.mkdir(parents=True, exist_ok=True)
     (folder / file_name).write_text("\n".join(lines) + "\n")
-    stem = file_name.split(".")[0]
-    auto_map = {"AutoTokenizer": [f"tokenization_{stem}.Tokenizer", None]}
-    (folder / "tokenizer_config.json").write_text(json.dumps({"auto_map": auto_map}))
+    name = "QWenTokenizer" if file_name == "qwen.tiktoken" else "Arcade100kTokenizer"
+    module = "tokenization_qwen" if file_name == "qwen.tiktoken" else "tokenization_arcade100k"
+    config = {"tokenizer_class": name, "auto_map": {"AutoTokenizer": [f"{module}.{name}", None]}}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
     return folder
 
 

@@ -19,6 +19,8 @@ from transformers import AutoTokenizer, CLIPVisionConfig, PretrainedConfig, PreT
 from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 from transformers.models.llava.processing_llava import LlavaProcessor
 
+from vlmoe.interop.tiktoken_files import TIKTOKEN_FILES, read_tiktoken
+
 IMAGE_TOKEN = "<image>"
 _SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
@@ -111,22 +113,26 @@ def conversation(name: str) -> ConversationFormat:
 def read_tokenizer(path: str | Path, whose: str) -> PreTrainedTokenizerBase:
     """The tokenizer saved in `path` (`whose` names the directory's role in errors), with a pad token.
 
-    Only what stock transformers reads without remote code: tokenizer.json, vocab.json + merges.txt,
-    or a SentencePiece tokenizer.model (which needs the `sentencepiece` package).
+    What stock transformers reads without remote code (tokenizer.json, vocab.json + merges.txt, a
+    SentencePiece tokenizer.model with the `sentencepiece` package), or Qwen-1's / StableLM-2's
+    tiktoken file (`tiktoken_files.py`).
     """
     path = Path(path)
     fix = "or pass --tokenizer DIR (tokenizer= in Python) with the tokenizer it was trained with"
     if not any((path / name).is_file() for name in _TOKENIZER_FILES):
+        known = [path / name for name in TIKTOKEN_FILES if (path / name).is_file()]
+        if known:
+            return read_tiktoken(known[0])
         tiktoken = sorted(p.name for p in path.glob("*.tiktoken")) if path.is_dir() else []
         if tiktoken:
             raise FileNotFoundError(
-                f"{path / tiktoken[0]}: a tiktoken tokenizer whose reader is remote code (their "
-                "tokenization_*.py), which stock transformers does not run; convert it once to a "
-                f"tokenizer.json of the same vocabulary and special tokens, {fix}"
+                f"{path / tiktoken[0]}: a tiktoken tokenizer vlmoe does not know (it reads "
+                f"{', '.join(TIKTOKEN_FILES)}); convert it to a tokenizer.json, {fix}"
             )
         raise FileNotFoundError(
             f"{path} ({whose}) has no tokenizer files ({', '.join(_TOKENIZER_FILES)} with "
-            f"tokenizer_config.json): copy them from the published checkpoint, {fix}"
+            f"tokenizer_config.json, or {' / '.join(TIKTOKEN_FILES)}): copy them from the published "
+            f"checkpoint, {fix}"
         )
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
