@@ -262,6 +262,7 @@ def test_configs_it_cannot_honour_are_refused_with_the_reason(tmp_path, tower):
         ({"moe": {**original["moe"], "use_residual": True}}, "use_residual"),
         ({"moe": {**original["moe"], "num_experts": [4, 2]}}, "different expert counts"),
         ({"moe": None}, "dense LLaVA"),
+        ({"mm_use_im_start_end": True}, "mm_use_im_start_end is true"),
     ):
         config_file.write_text(json.dumps({**original, **change}))
         with pytest.raises(ValueError, match=message):

@@ -183,6 +183,12 @@ def _read_config(path: Path) -> dict[str, Any]:
             f"{config_file}: image_projector_type {projector!r}; LLaVA's projector (and so this importer) "
             "is Linear-GELU-Linear, their 'mlp2x_gelu', the one the released models use"
         )
+    for flag in ("mm_use_im_start_end", "mm_use_im_patch_token"):
+        if config.get(flag, False):  # the released models train without them (their scripts' default)
+            raise ValueError(
+                f"{config_file}: {flag} is true: the prompt would need their <im_start>/<im_patch> tokens "
+                "around the image, which the imported processor does not write; such checkpoints are refused"
+            )
     return config
 
 
