@@ -178,3 +178,13 @@ def test_an_explicit_image_token_id_must_be_a_special_token(tmp_path):
     assert "USER: <|extra_1|>\n" in processor.apply_chat_template(CONVERSATION[:1])
     with pytest.raises(ValueError, match="image_token_id 7 is not a special token"):
         import_moe_llava(tmp_path / "ckpt", tower, image_token_id=7)
+
+
+def test_the_conversation_format_can_be_chosen(tmp_path):
+    write_moe_llava(tmp_path / "ckpt", "qwen1_5")
+    tower = write_vision_tower(tmp_path / "clip")
+    _, processor = import_moe_llava(tmp_path / "ckpt", tower, conversation="openchat")
+    rendered = processor.apply_chat_template(CONVERSATION[:2])
+    assert rendered.endswith("ASSISTANT: A bar chart.<|end_of_turn|>")
+    with pytest.raises(ValueError, match=r"unknown conversation format 'vicuna'; known: \['llava-mole'"):
+        import_moe_llava(tmp_path / "ckpt", tower, conversation="vicuna")
