@@ -270,20 +270,35 @@ def import_moe_llava_command(
     vision_tower: Annotated[
         Path | None, typer.Option(help="Local CLIP/SigLIP directory of the tower their config names.")
     ] = None,
+    tokenizer: Annotated[
+        Path | None, typer.Option(help="Directory of the tokenizer files, if not in SRC.")
+    ] = None,
     image_token_id: Annotated[
-        int | None, typer.Option(help="Unused id below vocab_size for image positions; default: append one.")
+        int | None,
+        typer.Option(help="Id of an unused special token for image positions; default: <image> added."),
+    ] = None,
+    conversation: Annotated[
+        str | None,
+        typer.Option(help="Chat format (phi, qwen, stablelm, v1, mistral, openchat); default: the family's."),
     ] = None,
     dtype: Annotated[
         str, typer.Option(help="auto (the checkpoint's), float32, bfloat16 or float16.")
     ] = "auto",
 ) -> None:
-    """MoE-LLaVA (DeepSpeed-MoE layers) -> a vlmoe LLaVA that runs on stock transformers."""
+    """MoE-LLaVA (DeepSpeed-MoE layers) -> a vlmoe LLaVA on stock transformers, with its processor."""
     from vlmoe.interop import import_moe_llava
     from vlmoe.models import save
 
     try:
-        model = import_moe_llava(src, vision_tower, image_token_id=image_token_id, dtype=_import_dtype(dtype))
-        typer.echo(f"imported {src} -> {save(model, dst)}")
+        model, processor = import_moe_llava(
+            src,
+            vision_tower,
+            tokenizer=tokenizer,
+            image_token_id=image_token_id,
+            conversation=conversation,
+            dtype=_import_dtype(dtype),
+        )
+        typer.echo(f"imported {src} -> {save(model, dst, processor=processor)}")
     except (ValueError, FileNotFoundError) as error:
         typer.echo(f"vlmoe import moe-llava: {error}", err=True)
         raise typer.Exit(code=1) from None
@@ -297,6 +312,9 @@ def import_llava_mole_command(
     dst: Annotated[Path, typer.Argument(help="Where to write the vlmoe model (vlmoe.save).")],
     base_llm: Annotated[Path, typer.Option(help="Local Vicuna directory the checkpoint was trained on.")],
     vision_tower: Annotated[Path, typer.Option(help="Local CLIP vision tower directory.")],
+    tokenizer: Annotated[
+        Path | None, typer.Option(help="Directory of the tokenizer files, if not in --base-llm.")
+    ] = None,
     lora_alpha: Annotated[
         float | None, typer.Option(help="LoRA alpha (not stored by them); default 2*rank.")
     ] = None,
@@ -308,15 +326,21 @@ def import_llava_mole_command(
         str, typer.Option(help="auto (the checkpoint's), float32, bfloat16 or float16.")
     ] = "auto",
 ) -> None:
-    """LLaVA-MoLE (LoRA experts on the FFN, LoRA on attention) -> a vlmoe LLaVA with MoLE layers."""
+    """LLaVA-MoLE (LoRA experts on FFN, LoRA on attention) -> a vlmoe LLaVA with MoLE, and its processor."""
     from vlmoe.interop import import_llava_mole
     from vlmoe.models import save
 
     try:
-        model = import_llava_mole(
-            src, base_llm, vision_tower, lora_alpha=lora_alpha, routing=routing, dtype=_import_dtype(dtype)
+        model, processor = import_llava_mole(
+            src,
+            base_llm,
+            vision_tower,
+            tokenizer=tokenizer,
+            lora_alpha=lora_alpha,
+            routing=routing,
+            dtype=_import_dtype(dtype),
         )
-        typer.echo(f"imported {src} -> {save(model, dst)}")
+        typer.echo(f"imported {src} -> {save(model, dst, processor=processor)}")
     except (ValueError, FileNotFoundError) as error:
         typer.echo(f"vlmoe import llava-mole: {error}", err=True)
         raise typer.Exit(code=1) from None

@@ -7,7 +7,8 @@ DeepSpeed `MoE`: `mlp.deepspeed_moe.gate.wg.weight` [E, D] and
 `mlp.deepspeed_moe.experts.deepspeed_experts.{j}.<the dense MLP's keys>`; the projector
 `model.mm_projector.image_spatial_proj.{0,2}` (mlp2x_gelu); a flat config.json with the
 `moe_llava_<family>` model type and a `moe` dict; shards with an index json. The vision tower is
-not in the checkpoint (loaded by hub name) and lives in its own directory here.
+not in the checkpoint (loaded by hub name) and lives in its own directory here. Tokenizer files
+are those each family's checkpoint ships (`tiny_tokenizers.py`).
 """
 
 from __future__ import annotations
@@ -36,7 +37,10 @@ from transformers import (
 )
 from transformers.activations import ACT2FN
 
-VOCAB = 96
+from tests.interop.tiny_tokenizers import TRAINED, write_gpt2_style, write_preprocessor_config, write_tiktoken
+
+VOCAB = 512  # larger than the tokenizers (Qwen-1's: 299 + 208 specials), as the real embeddings are
+IMAGE_TOKEN = TRAINED + 1  # <image>, added after the tokenizer's <|extra_0|>: an unused row
 HIDDEN = 32
 NUM_LAYERS = 3
 MOE_LAYERS = [0, 2]  # their "sparse" mode on 3 layers
@@ -132,7 +136,7 @@ def write_vision_tower(folder: Path, seed: int = 1, siglip: bool = False) -> Pat
     else:
         tower = CLIPVisionModel(CLIPVisionConfig(**VISION)).eval()
     tower.save_pretrained(folder)
-    return folder
+    return write_preprocessor_config(folder, VISION["image_size"], siglip)
 
 
 def write_moe_llava(
@@ -146,10 +150,17 @@ def write_moe_llava(
     file_format: str = "safetensors",
     seed: int = 0,
     tie: bool = False,
+    tokenizer_size: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """Write a tiny MoE-LLaVA checkpoint to `folder`; returns its tensors by name. With `tie`, the
-    LM head is the embedding matrix and, as transformers saves it, stored once (no lm_head.weight)."""
+    LM head is the embedding matrix and, as transformers saves it, stored once (no lm_head.weight).
+    Phi and Qwen1.5 get their slow-tokenizer files (`tokenizer_size` tokens if given), StableLM and
+    Qwen-1 their tiktoken files."""
     folder.mkdir(parents=True, exist_ok=True)
+    if family in ("stablelm", "qwen1"):
+        write_tiktoken(folder, "arcade100k.tiktoken" if family == "stablelm" else "qwen.tiktoken")
+    else:
+        write_gpt2_style(folder, "phi" if family == "phi" else "qwen1_5", tokenizer_size)
     dense = dense_lm(family, seed, tie)
     generator = torch.Generator().manual_seed(seed + 100)
     tensors = {}

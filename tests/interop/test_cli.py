@@ -1,8 +1,10 @@
 import torch
+from transformers import AutoProcessor
 from typer.testing import CliRunner
 
 import vlmoe
 from tests.interop.moe_llava_checkpoints import write_moe_llava, write_vision_tower
+from tests.interop.tiny_tokenizers import write_gpt2_style
 from vlmoe.cli import app
 from vlmoe.interop import import_moe_llava
 
@@ -10,24 +12,28 @@ from vlmoe.interop import import_moe_llava
 def test_vlmoe_import_moe_llava_writes_a_model_vlmoe_load_reads(tmp_path):
     write_moe_llava(tmp_path / "ckpt", "stablelm")
     tower = write_vision_tower(tmp_path / "clip")
+    tokenizer = write_gpt2_style(tmp_path / "tokenizer")  # instead of the checkpoint's arcade100k.tiktoken
     runner = CliRunner()
-    result = runner.invoke(app, ["import", "moe-llava", str(tmp_path / "ckpt"), str(tmp_path / "out")])
-    assert result.exit_code == 1 and "--vision-tower" in result.output
-    args = [
+    base = [
         "import",
         "moe-llava",
         str(tmp_path / "ckpt"),
         str(tmp_path / "out"),
-        "--vision-tower",
-        str(tower),
+        "--tokenizer",
+        str(tokenizer),
     ]
-    result = runner.invoke(app, [*args, "--image-token-id", "95"])
+    result = runner.invoke(app, base)
+    assert result.exit_code == 1 and "--vision-tower" in result.output
+    result = runner.invoke(app, [*base, "--vision-tower", str(tower)])
     assert result.exit_code == 0, result.output
     loaded = vlmoe.load(tmp_path / "out")
-    direct = import_moe_llava(tmp_path / "ckpt", tower, image_token_id=95)
+    direct, processor = import_moe_llava(tmp_path / "ckpt", tower, tokenizer=tokenizer)
     ids = torch.tensor([[1, 2, 3, 4]])
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=ids).logits, direct(input_ids=ids).logits)
+    saved = AutoProcessor.from_pretrained(tmp_path / "out")
+    assert saved.chat_template == processor.chat_template and "<|endoftext|>" in saved.chat_template
+    assert saved.image_token_id == loaded.config.image_token_id
     result = runner.invoke(app, ["export", str(tmp_path / "out"), str(tmp_path / "exported")])
     assert result.exit_code == 1 and "'stablelm', for which transformers has no standard MoE" in result.output
 

@@ -8,11 +8,20 @@ from torch import nn
 from transformers import CLIPVisionModel, LlamaConfig, LlamaForCausalLM
 
 import vlmoe
+import vlmoe.interop
 from tests.interop.moe_llava_checkpoints import NUM_IMAGE_TOKENS, VISION, write_vision_tower
-from vlmoe.interop import import_llava_mole
+from tests.interop.tiny_tokenizers import TRAINED, write_vicuna_tokenizer
 from vlmoe.models.mole import MoLEFeedForward
 
-VOCAB, HIDDEN, FFN, LAYERS, EXPERTS, RANK, ALPHA = 80, 32, 48, 2, 3, 4, 8
+VOCAB, HIDDEN, FFN, LAYERS, EXPERTS, RANK, ALPHA = (
+    TRAINED,
+    32,
+    48,
+    2,
+    3,
+    4,
+    8,
+)  # vocab = tokenizer, as Vicuna's
 LM = "llm_model.base_model.model."
 
 
@@ -31,8 +40,14 @@ def folders(tmp_path_factory):
         tie_word_embeddings=False,
     )
     LlamaForCausalLM(config).save_pretrained(root / "vicuna")
+    write_vicuna_tokenizer(root / "vicuna")
     write_vision_tower(root / "clip")
     return root
+
+
+def import_llava_mole(checkpoint, base_llm, vision_tower, **options):
+    """The model alone (the processor has its own tests)."""
+    return vlmoe.interop.import_llava_mole(checkpoint, base_llm, vision_tower, **options)[0]
 
 
 def _trained_parts(seed=0):

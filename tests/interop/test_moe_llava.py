@@ -6,7 +6,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import vlmoe
+import vlmoe.interop
 from tests.interop.moe_llava_checkpoints import (
+    IMAGE_TOKEN,
     MOE_LAYERS,
     NUM_EXPERTS,
     NUM_IMAGE_TOKENS,
@@ -16,10 +18,8 @@ from tests.interop.moe_llava_checkpoints import (
     write_moe_llava,
     write_vision_tower,
 )
-from vlmoe.interop import import_moe_llava
+from tests.interop.tiny_tokenizers import TIKTOKEN_SIZE
 from vlmoe.moe import GLUExperts, MLPExperts, MoEFeedForward
-
-IMAGE_TOKEN = VOCAB - 1  # an id the text below never uses
 
 
 @pytest.fixture(scope="module")
@@ -27,11 +27,16 @@ def tower(tmp_path_factory):
     return write_vision_tower(tmp_path_factory.mktemp("clip"))
 
 
-def _inputs(seed=0, text_tokens=(5, 9)):
+def import_moe_llava(path, tower=None, **options):
+    """The model alone (the processor has its own tests)."""
+    return vlmoe.interop.import_moe_llava(path, tower, **options)[0]
+
+
+def _inputs(seed=0, text_tokens=(5, 9), image_token=IMAGE_TOKEN):
     generator = torch.Generator().manual_seed(seed)
     before, after = text_tokens
-    ids = torch.randint(0, VOCAB - 1, (before + after,), generator=generator).tolist()
-    ours = ids[:before] + [IMAGE_TOKEN] * NUM_IMAGE_TOKENS + ids[before:]
+    ids = torch.randint(0, TIKTOKEN_SIZE, (before + after,), generator=generator).tolist()  # text only
+    ours = ids[:before] + [image_token] * NUM_IMAGE_TOKENS + ids[before:]
     theirs = [*ids[:before], SENTINEL, *ids[before:]]
     pixels = torch.randn(1, 3, 28, 28, generator=generator)
     return torch.tensor([ours]), theirs, pixels
@@ -45,10 +50,10 @@ def _logits(model, ids, pixels):
 @pytest.mark.parametrize("family", ["phi", "qwen1_5", "stablelm", "qwen1"])
 def test_logits_equal_their_forward_written_from_the_checkpoint(tmp_path, tower, family):
     tensors = write_moe_llava(tmp_path / "ckpt", family)
-    model = import_moe_llava(tmp_path / "ckpt", tower, image_token_id=IMAGE_TOKEN)
+    model = import_moe_llava(tmp_path / "ckpt", tower)
     experts = type(model.model.language_model.layers[0].mlp.experts)
     assert experts is (MLPExperts if family == "phi" else GLUExperts)
-    ids, their_ids, pixels = _inputs()
+    ids, their_ids, pixels = _inputs(image_token=model.config.image_token_id)  # tiktoken ones differ
     expected = reference_logits(tensors, family, tower, pixels, their_ids)
     torch.testing.assert_close(_logits(model, ids, pixels), expected, rtol=1e-4, atol=1e-4)
 
@@ -56,7 +61,7 @@ def test_logits_equal_their_forward_written_from_the_checkpoint(tmp_path, tower,
 def test_a_siglip_tower_loses_its_first_token_as_in_their_code(tmp_path):
     siglip = write_vision_tower(tmp_path / "siglip", siglip=True)
     tensors = write_moe_llava(tmp_path / "ckpt", "phi")
-    model = import_moe_llava(tmp_path / "ckpt", siglip, image_token_id=IMAGE_TOKEN)
+    model = import_moe_llava(tmp_path / "ckpt", siglip)
     assert model.config.image_seq_length == NUM_IMAGE_TOKENS - 1
     ids, their_ids, pixels = _inputs()
     ids = torch.cat([ids[:, :5], ids[:, 6:]], dim=1)  # one image token fewer
@@ -67,7 +72,7 @@ def test_a_siglip_tower_loses_its_first_token_as_in_their_code(tmp_path):
 def test_token_dropping_at_a_small_eval_capacity_matches_deepspeed(tmp_path, tower):
     # factor 1.0, top-2 of 4: capacity ceil(T/2) < T, so tokens are dropped; min_capacity applies.
     tensors = write_moe_llava(tmp_path / "ckpt", eval_capacity_factor=1.0, min_capacity=3)
-    model = import_moe_llava(tmp_path / "ckpt", tower, image_token_id=IMAGE_TOKEN)
+    model = import_moe_llava(tmp_path / "ckpt", tower)
     router = model.model.language_model.layers[0].mlp.router.config
     assert (router.capacity_factor, router.min_capacity, router.top_k) == (1.0, 3, 2)
     ids, their_ids, pixels = _inputs(seed=1)
@@ -86,7 +91,7 @@ def test_token_dropping_at_a_small_eval_capacity_matches_deepspeed(tmp_path, tow
 
 def test_top1_checkpoint_weights_by_the_raw_gate(tmp_path, tower):
     tensors = write_moe_llava(tmp_path / "ckpt", top_k=1, eval_capacity_factor=4.0)
-    model = import_moe_llava(tmp_path / "ckpt", tower, image_token_id=IMAGE_TOKEN)
+    model = import_moe_llava(tmp_path / "ckpt", tower)
     ids, their_ids, pixels = _inputs(seed=2)
     expected = reference_logits(tensors, "qwen1_5", tower, pixels, their_ids, top_k=1, capacity_factor=4.0)
     torch.testing.assert_close(_logits(model, ids, pixels), expected, rtol=1e-4, atol=1e-4)
@@ -95,10 +100,9 @@ def test_top1_checkpoint_weights_by_the_raw_gate(tmp_path, tower):
 def test_a_tied_lm_head_is_the_embedding_matrix(tmp_path, tower):
     tensors = write_moe_llava(tmp_path / "ckpt", tie=True)
     assert "lm_head.weight" not in tensors
-    model = import_moe_llava(tmp_path / "ckpt", tower)  # the appended image row joins both
+    model = import_moe_llava(tmp_path / "ckpt", tower)
     assert model.lm_head.weight is model.get_input_embeddings().weight
     ids, their_ids, pixels = _inputs()
-    ids[ids == IMAGE_TOKEN] = VOCAB
     expected = reference_logits(tensors, "qwen1_5", tower, pixels, their_ids, tie=True)
     torch.testing.assert_close(_logits(model, ids, pixels)[..., :VOCAB], expected, rtol=1e-4, atol=1e-4)
     again = vlmoe.load(vlmoe.save(model, tmp_path / "saved"))
@@ -107,7 +111,7 @@ def test_a_tied_lm_head_is_the_embedding_matrix(tmp_path, tower):
 
 def test_every_tensor_lands_where_it_belongs(tmp_path, tower):
     tensors = write_moe_llava(tmp_path / "ckpt", "qwen1_5", file_format="bin", num_shards=3)
-    model = import_moe_llava(tmp_path / "ckpt", tower, image_token_id=IMAGE_TOKEN)
+    model = import_moe_llava(tmp_path / "ckpt", tower)
     state = model.state_dict()
     lm = "model.language_model."
     for layer in range(3):
@@ -142,8 +146,12 @@ def test_every_tensor_lands_where_it_belongs(tmp_path, tower):
     assert model.config.image_token_id == IMAGE_TOKEN and model.config.vision_feature_layer == -2
 
 
-def test_without_an_image_token_id_one_zero_row_is_appended(tmp_path, tower):
-    tensors = write_moe_llava(tmp_path / "ckpt", "phi")
+def test_the_image_token_uses_an_unused_row_or_appends_one_zero_row(tmp_path, tower):
+    tensors = write_moe_llava(tmp_path / "spare", "phi")
+    model = import_moe_llava(tmp_path / "spare", tower)  # tokenizer smaller than the embedding: no resize
+    assert model.config.image_token_id == IMAGE_TOKEN and model.config.text_config.vocab_size == VOCAB
+    assert torch.equal(model.get_input_embeddings().weight, tensors["model.embed_tokens.weight"])
+    tensors = write_moe_llava(tmp_path / "ckpt", "phi", tokenizer_size=VOCAB)  # as Vicuna's: every row used
     model = import_moe_llava(tmp_path / "ckpt", tower)
     assert model.config.image_token_id == VOCAB
     embed = model.get_input_embeddings().weight
@@ -160,7 +168,7 @@ def test_save_load_and_export(tmp_path, tower):
     from transformers import Qwen2MoeForCausalLM
 
     write_moe_llava(tmp_path / "qwen")
-    model = import_moe_llava(tmp_path / "qwen", tower, image_token_id=IMAGE_TOKEN)
+    model = import_moe_llava(tmp_path / "qwen", tower)
     ids, _, pixels = _inputs()
     again = vlmoe.load(vlmoe.save(model, tmp_path / "saved"))
     assert torch.equal(_logits(again, ids, pixels), _logits(model, ids, pixels))
@@ -175,7 +183,7 @@ def test_save_load_and_export(tmp_path, tower):
         torch.testing.assert_close(stock(text).logits, model(input_ids=text).logits, rtol=1e-5, atol=1e-5)
     # Phi-2 has no standard MoE architecture.
     write_moe_llava(tmp_path / "phi", "phi")
-    phi = import_moe_llava(tmp_path / "phi", tower, image_token_id=IMAGE_TOKEN)
+    phi = import_moe_llava(tmp_path / "phi", tower)
     with pytest.raises(ValueError, match="'phi', for which transformers has no standard MoE"):
         vlmoe.export_hf(phi, tmp_path / "phi-exported")
     phi_again = vlmoe.load(vlmoe.save(phi, tmp_path / "phi-saved"))
@@ -202,7 +210,7 @@ def test_an_unused_tensor_is_an_error_naming_it(tmp_path, tower):
 
     _edit_shard(tmp_path / "ckpt", add)
     with pytest.raises(ValueError, match=r"coefficient\.weight.*no place"):
-        import_moe_llava(tmp_path / "ckpt", tower, image_token_id=IMAGE_TOKEN)
+        import_moe_llava(tmp_path / "ckpt", tower)
 
 
 def test_a_missing_tensor_is_an_error_naming_it(tmp_path, tower):
@@ -220,7 +228,7 @@ def test_a_missing_tensor_is_an_error_naming_it(tmp_path, tower):
 
     _edit_shard(tmp_path / "ckpt", drop)
     with pytest.raises(ValueError, match=r"no tensor 'model\.layers\.2\.mlp.*3\.up_proj\.weight'"):
-        import_moe_llava(tmp_path / "ckpt", tower, image_token_id=IMAGE_TOKEN)
+        import_moe_llava(tmp_path / "ckpt", tower)
 
 
 def test_truncated_or_mismatched_checkpoints_fail_clearly(tmp_path, tower):
@@ -229,17 +237,17 @@ def test_truncated_or_mismatched_checkpoints_fail_clearly(tmp_path, tower):
     data = shard.read_bytes()
     shard.write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="00002-of-00002.*fetch"):
-        import_moe_llava(tmp_path / "ckpt", tower, image_token_id=IMAGE_TOKEN)
+        import_moe_llava(tmp_path / "ckpt", tower)
     os.remove(shard)
     with pytest.raises(FileNotFoundError, match="incomplete"):
-        import_moe_llava(tmp_path / "ckpt", tower, image_token_id=IMAGE_TOKEN)
+        import_moe_llava(tmp_path / "ckpt", tower)
 
     write_moe_llava(tmp_path / "wide")
     config = json.loads((tmp_path / "wide" / "config.json").read_text())
     config["intermediate_size"] = 80
     (tmp_path / "wide" / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"has shape \((32, 64|64, 32)\) but .* needs \((32, 80|80, 32)\)"):
-        import_moe_llava(tmp_path / "wide", tower, image_token_id=IMAGE_TOKEN)
+        import_moe_llava(tmp_path / "wide", tower)
 
 
 def test_configs_it_cannot_honour_are_refused_with_the_reason(tmp_path, tower):
@@ -254,7 +262,8 @@ def test_configs_it_cannot_honour_are_refused_with_the_reason(tmp_path, tower):
         ({"moe": {**original["moe"], "use_residual": True}}, "use_residual"),
         ({"moe": {**original["moe"], "num_experts": [4, 2]}}, "different expert counts"),
         ({"moe": None}, "dense LLaVA"),
+        ({"mm_use_im_start_end": True}, "mm_use_im_start_end is true"),
     ):
         config_file.write_text(json.dumps({**original, **change}))
         with pytest.raises(ValueError, match=message):
-            import_moe_llava(tmp_path / "ckpt", tower, image_token_id=IMAGE_TOKEN)
+            import_moe_llava(tmp_path / "ckpt", tower)

@@ -10,8 +10,9 @@ their own directories (`base_llm`, `vision_tower`), whose configs are needed in 
 
 Here it becomes a `LlavaForConditionalGeneration` with `add_mole` (shared router per MLP, router
 bias, plain LoRA on attention), recorded so `vlmoe.save` / `vlmoe.load` rebuild it. The two
-learned vectors become the embeddings of two new tokens, `<im_start>` and `<im_end>`, appended to
-the vocabulary after the image token, so the prompt carries them around the image tokens.
+learned vectors become the embeddings of two new tokens, `<im_start>` and `<im_end>`, added to
+the tokenizer after the image token, so the prompt (the processor's chat template) carries them
+around the image tokens.
 
 Key map (theirs, `L` = `llm_model.base_model.model.model.layers.{i}`; ours, `O` =
 `model.language_model.layers.{i}`):
@@ -22,7 +23,7 @@ Key map (theirs, `L` = `llm_model.base_model.model.model.layers.{i}`; ours, `O` 
     L.mlp.moe_{gate,up,down}.{e}.lora_A / lora_B       -> O.mlp.{..}_proj.experts.lora_A[e] / lora_B[e]
     L.mlp.router.{weight,bias}                         -> O.mlp.router.gate.{weight,bias}
     in_adaptor.projector.{0,2}.*                       -> model.multi_modal_projector.linear_{1,2}.*
-    in_adaptor.visual_{start,end}_token                -> rows vocab+1, vocab+2 of the embeddings
+    in_adaptor.visual_{start,end}_token                -> embedding rows of <im_start>, <im_end>
     vit.vision_tower.vision_model.*                    -> model.vision_tower.*
 """
 
@@ -36,7 +37,10 @@ import torch
 from torch import nn
 from transformers import AutoConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 from transformers.initialization import no_init_weights
+from transformers.models.llava.processing_llava import LlavaProcessor
 
+from vlmoe.interop.processor import conversation as conversation_format
+from vlmoe.interop.processor import image_processor_for, llava_processor, read_tokenizer
 from vlmoe.interop.tensors import CheckpointTensors, TargetState, load_checked
 from vlmoe.interop.vision import DERIVED, VISION_PREFIX, map_tower, read_vision_tower
 from vlmoe.models.record import ImportCheckpoint, append_step
@@ -47,6 +51,7 @@ _LAYERS = _LM + "model.layers."
 _ADAPTOR = "in_adaptor."
 _THEIR_TOWER = "vit.vision_tower." + VISION_PREFIX
 _ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+_NEW_TOKENS = ("<image>", "<im_start>", "<im_end>")  # consecutive ids; the last two carry their vectors
 _MLP = {"gate_proj": "moe_gate", "up_proj": "moe_up", "down_proj": "moe_down"}
 
 
@@ -55,22 +60,27 @@ def import_llava_mole(
     base_llm: str | os.PathLike,
     vision_tower: str | os.PathLike,
     *,
+    tokenizer: str | os.PathLike | None = None,
     lora_alpha: float | None = None,
     routing: Literal["dense", "sparse"] = "dense",
     dtype: torch.dtype | None = None,
-) -> nn.Module:
-    """Build a vlmoe LLaVA with MoLE layers from a LLaVA-MoLE checkpoint file (or directory).
+) -> tuple[nn.Module, LlavaProcessor]:
+    """(model, processor) from a LLaVA-MoLE checkpoint file (or directory): a vlmoe LLaVA with MoLE
+    layers and a `LlavaProcessor` with their Vicuna conversation format.
 
-    `base_llm` is the local Vicuna directory it was trained on (its config, and every LM tensor the
-    checkpoint lacks), `vision_tower` the local CLIP directory. `lora_alpha` is not stored in their
+    `base_llm` is the local Vicuna directory it was trained on (its config, its tokenizer unless
+    `tokenizer` names another directory, and every LM tensor the checkpoint lacks), `vision_tower`
+    the local CLIP directory with its preprocessor_config.json. `lora_alpha` is not stored in their
     checkpoint: None means 2 * rank (scaling 2, as in their released settings r16/a32 and
     r32/a64). `routing="dense"` weights every LoRA expert by its router probability, as their
     released inference script does (`dense_moe = True`); "sparse" uses the argmax expert alone
-    with weight 1, as their sparse path (and training forward) does. Image positions use token
-    `vocab_size`, wrapped in `<im_start>` (`vocab_size + 1`) and `<im_end>` (`vocab_size + 2`).
+    with weight 1, as their sparse path (and training forward) does. The tokenizer gains
+    `<image>`, `<im_start>` and `<im_end>` at ids `len(tokenizer)`, +1, +2 (Vicuna: 32000-32002,
+    three appended embedding rows); the prompt wraps the image tokens in the last two, whose
+    embeddings are their learned start/end vectors.
 
     Example:
-        >>> model = import_llava_mole(  # doctest: +SKIP
+        >>> model, processor = import_llava_mole(  # doctest: +SKIP
         ...     "llava_mole_r16_a32_e3.pt", "vicuna-7b-v1.5", "clip-vit-large-patch14-336"
         ... )
     """
@@ -88,16 +98,19 @@ def import_llava_mole(
         raise ValueError(
             f"{base_dir}: a {type(text_config).__name__}; LLaVA-MoLE is built on a Llama (Vicuna)"
         )
+    tokens = read_tokenizer(base_dir if tokenizer is None else tokenizer, "the base LLM")
     base = CheckpointTensors(base_dir)
     vision_config, tower = read_vision_tower(vision_tower, "openai/clip-vit-large-patch14-336")
+    image_processor = image_processor_for(vision_tower, vision_config, pad=True)  # their process_images pads
     num_experts, rank = _experts_and_rank(tensors)
     alpha = float(2 * rank if lora_alpha is None else lora_alpha)
     vocab = text_config.vocab_size
-    text_config.vocab_size = vocab + 3  # <image>, <im_start>, <im_end>
+    first = _add_image_tokens(tokens, vocab, base_dir)
+    text_config.vocab_size = max(vocab, first + len(_NEW_TOKENS))
     config = LlavaConfig(
         vision_config=vision_config.to_dict(),
         text_config=text_config.to_dict(),
-        image_token_index=vocab,
+        image_token_index=first,
         image_seq_length=(vision_config.image_size // vision_config.patch_size) ** 2,
         projector_hidden_act="gelu",
         vision_feature_layer=-1,  # their tower returns the last layer's states, class token dropped
@@ -105,7 +118,7 @@ def import_llava_mole(
         multimodal_projector_bias=True,
         tie_word_embeddings=False,
     )
-    config.im_start_token_id, config.im_end_token_id = vocab + 1, vocab + 2
+    config.im_start_token_id, config.im_end_token_id = first + 1, first + 2
     if dtype is None:
         dtype = tensors.dtype()
     with no_init_weights():
@@ -124,14 +137,32 @@ def import_llava_mole(
     target = TargetState(model, str(tensors.path))
     lm = _Resolver(tensors, base)
     _map_layers(model, lm, target, num_experts)
-    _map_embeddings(lm, tensors, target, vocab)
+    _map_embeddings(lm, tensors, target, vocab, first)
     target.set("model.language_model.norm.weight", lm.take("model.norm.weight"), "model.norm.weight")
     map_tower(tensors, _THEIR_TOWER, tower, target)
     for index, linear in ((0, "linear_1"), (2, "linear_2")):
         for leaf in ("weight", "bias"):
             name = f"{_ADAPTOR}projector.{index}.{leaf}"
             target.set(f"model.multi_modal_projector.{linear}.{leaf}", tensors.take(name), name)
-    return load_checked(model, tensors, target, DERIVED)
+    processor = llava_processor(
+        tokens, image_processor, vision_config, "default", conversation_format("llava-mole")
+    )
+    return load_checked(model, tensors, target, DERIVED), processor
+
+
+def _add_image_tokens(tokenizer, vocab: int, base_dir: Path) -> int:
+    """Add `<image>`, `<im_start>`, `<im_end>` to the tokenizer; returns the first one's id."""
+    first = len(tokenizer)
+    if first > vocab:
+        raise ValueError(
+            f"{base_dir}: the tokenizer has {first} tokens but the LM only {vocab} embedding rows: it is "
+            "not this model's tokenizer"
+        )
+    present = [token for token in _NEW_TOKENS if token in tokenizer.get_vocab()]
+    if present:
+        raise ValueError(f"{base_dir}: the tokenizer already has {present}; give Vicuna's own tokenizer")
+    tokenizer.add_tokens(list(_NEW_TOKENS), special_tokens=True)
+    return first
 
 
 class _Resolver:
@@ -197,7 +228,10 @@ def _map_layers(model: nn.Module, lm: _Resolver, target: TargetState, num_expert
             target.set(f"{ours}mlp.router.gate.{leaf}", tensors.take(name), name)
 
 
-def _map_embeddings(lm: _Resolver, tensors: CheckpointTensors, target: TargetState, vocab: int) -> None:
+def _map_embeddings(
+    lm: _Resolver, tensors: CheckpointTensors, target: TargetState, vocab: int, first: int
+) -> None:
+    """The LM's rows, grown to hold ids first..first+2; the start/end vectors at first+1, first+2."""
     embed = lm.take("model.embed_tokens.weight")
     shared = _ADAPTOR + "text_embed.weight"  # the adaptor holds the LM's embedding module too
     if shared in tensors and not torch.equal(tensors.take(shared), embed):
@@ -205,13 +239,18 @@ def _map_embeddings(lm: _Resolver, tensors: CheckpointTensors, target: TargetSta
             f"{tensors.path}: {shared!r} differs from the LM's embed_tokens; they are one module"
         )
     start, end = (
-        tensors.take(f"{_ADAPTOR}visual_{which}_token").reshape(1, -1) for which in ("start", "end")
+        tensors.take(f"{_ADAPTOR}visual_{which}_token").reshape(1, -1).to(embed.dtype)
+        for which in ("start", "end")
     )
-    rows = torch.cat([embed, embed.new_zeros(1, embed.shape[1]), start.to(embed.dtype), end.to(embed.dtype)])
-    target.set("model.language_model.embed_tokens.weight", rows, "model.embed_tokens.weight + 3 new rows")
+    grown = max(vocab, first + len(_NEW_TOKENS)) - vocab
+    rows = torch.cat([embed, embed.new_zeros(grown, embed.shape[1])])
+    rows[first + 1 : first + 3] = torch.cat([start, end])
+    target.set("model.language_model.embed_tokens.weight", rows, "model.embed_tokens.weight + start/end rows")
     head = lm.take("lm_head.weight")
     target.set(
-        "lm_head.weight", torch.cat([head, head.new_zeros(3, head.shape[1])]), "lm_head.weight + 3 zero rows"
+        "lm_head.weight",
+        torch.cat([head, head.new_zeros(grown, head.shape[1])]),
+        "lm_head.weight + zero rows",
     )
     if head.shape[0] != vocab:
         raise ValueError(f"lm_head has {head.shape[0]} rows but the base config's vocab_size is {vocab}")

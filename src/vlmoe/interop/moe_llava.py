@@ -17,6 +17,8 @@ Key map (theirs -> ours, `LM` = `model.language_model`):
     model.image_tower.image_tower.vision_model.* (if present) -> model.vision_tower.vision_model.*
     lm_head.*                                                 -> lm_head.*
 MoE-LLaVA-Qwen (Qwen-1, `transformer.h.{i}...`) is first renamed to these Qwen1.5 names (`qwen1.py`).
+The processor (`processor.py`) takes the checkpoint's tokenizer, the tower's preprocessor_config.json
+and the conversation format of the family's training script.
 """
 
 from __future__ import annotations
@@ -31,7 +33,15 @@ import torch
 from torch import nn
 from transformers import CONFIG_MAPPING, CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
 from transformers.initialization import no_init_weights
+from transformers.models.llava.processing_llava import LlavaProcessor
 
+from vlmoe.interop.processor import (
+    add_image_token,
+    image_processor_for,
+    llava_processor,
+    read_tokenizer,
+)
+from vlmoe.interop.processor import conversation as conversation_format
 from vlmoe.interop.qwen1 import Qwen1Tensors, qwen2_fields
 from vlmoe.interop.tensors import CheckpointTensors, TargetState, load_checked
 from vlmoe.interop.vision import DERIVED, VISION_PREFIX, map_tower, read_vision_tower
@@ -49,6 +59,16 @@ TEXT_FAMILIES: dict[str, tuple[str, dict[str, str]]] = {
     "moe_llava_llama": ("llama", {}),
     "moe_llava_mistral": ("mistral", {}),
 }
+# The chat format of their training scripts' `--version` per family (scripts/v1/*/finetune_moe.sh;
+# LLaMA/Vicuna bases use "v1"; OpenChat bases "openchat", give conversation="openchat").
+CONVERSATION_OF = {
+    "moe_llava_phi": "phi",
+    "moe_llava_stablelm": "stablelm",
+    "moe_llava_qwen1_5": "qwen",
+    "moe_llava_qwen": "qwen",
+    "moe_llava_llama": "v1",
+    "moe_llava_mistral": "mistral",
+}
 _LEGACY_ROPE_KEYS = ("rope_theta", "partial_rotary_factor", "rope_scaling")
 _THEIR_LM = "model."
 _OUR_LM = "model.language_model."
@@ -64,38 +84,50 @@ def import_moe_llava(
     path: str | os.PathLike,
     vision_tower: str | os.PathLike | None = None,
     *,
+    tokenizer: str | os.PathLike | None = None,
     image_token_id: int | None = None,
+    conversation: str | None = None,
     dtype: torch.dtype | None = None,
-) -> nn.Module:
-    """Build a vlmoe `LlavaForConditionalGeneration` from a local MoE-LLaVA checkpoint directory.
+) -> tuple[nn.Module, LlavaProcessor]:
+    """(model, processor) from a local MoE-LLaVA checkpoint directory: a vlmoe
+    `LlavaForConditionalGeneration` and a `LlavaProcessor` that prompts it as it was trained.
 
     `vision_tower` is a local CLIP/SigLIP directory (their checkpoints name the tower on the hub;
-    its weights are taken from the checkpoint when it has them). `image_token_id` is the id the
-    processor will use for image positions: MoE-LLaVA has none (a -200 sentinel), so give an unused
-    id below the vocabulary size (e.g. a padding row), or leave None to append one row
-    (`vocab_size`) whose embedding and LM-head row are zero. `dtype` defaults to the checkpoint's.
+    its weights are taken from the checkpoint when it has them) with its preprocessor_config.json.
+    `tokenizer` is the directory of the tokenizer files when they are not in `path`. The image
+    token: the tokenizer's `<image>` if it has one, else `<image>` added at id `len(tokenizer)`,
+    which is an unused embedding row when the embedding is larger than the tokenizer (Phi-2,
+    Qwen, StableLM: nothing resized) or one appended row with zero embedding and LM-head row
+    when it is not (Vicuna, Mistral); `image_token_id` may instead name one of the tokenizer's
+    unused special tokens. `conversation` overrides the chat format their `--version` used for the
+    family (see `CONVERSATIONS`). `dtype` defaults to the checkpoint's.
 
     Example:
-        >>> model = import_moe_llava("MoE-LLaVA-Phi2-2.7B-4e", "clip-vit-large-patch14-336")  # doctest: +SKIP
+        >>> model, processor = import_moe_llava(  # doctest: +SKIP
+        ...     "MoE-LLaVA-Phi2-2.7B-4e", "clip-vit-large-patch14-336"
+        ... )
     """
     path = Path(path)
     config = _read_config(path)
     moe = _moe_settings(config, path)
+    chat = CONVERSATION_OF[config["model_type"]] if conversation is None else conversation
+    chat_format = conversation_format(chat)
+    tokens = read_tokenizer(path if tokenizer is None else tokenizer, "the checkpoint")
     tensors = CheckpointTensors(path)
     if config["model_type"] == "moe_llava_qwen":
         tensors = Qwen1Tensors(tensors)
     if dtype is None:
         dtype = tensors.dtype()
     vision_config, tower = read_vision_tower(vision_tower, config.get("mm_image_tower"))
+    image_processor = image_processor_for(
+        vision_tower, vision_config, config.get("image_aspect_ratio") == "pad"
+    )
     text_config = _text_config(config, path)
-    grow_vocab = image_token_id is None
+    image_token, image_token_id = add_image_token(tokens, image_token_id, text_config.vocab_size, str(path))
+    grow_vocab = image_token_id == text_config.vocab_size
     if grow_vocab:
-        image_token_id = text_config.vocab_size
         text_config.vocab_size += 1
-    elif not 0 <= image_token_id < text_config.vocab_size:
-        raise ValueError(
-            f"image_token_id must be in [0, vocab_size={text_config.vocab_size}), got {image_token_id}"
-        )
+    strategy = _select_strategy(config.get("mm_vision_select_feature", "patch"), path)
     llava_config = LlavaConfig(
         vision_config=vision_config.to_dict(),
         text_config=text_config.to_dict(),
@@ -103,9 +135,7 @@ def import_moe_llava(
         image_seq_length=_num_patches(vision_config, config),
         projector_hidden_act="gelu",  # their mlp2x_gelu is Linear, nn.GELU() (exact), Linear
         vision_feature_layer=config.get("mm_vision_select_layer", -2),
-        vision_feature_select_strategy=_select_strategy(
-            config.get("mm_vision_select_feature", "patch"), path
-        ),
+        vision_feature_select_strategy=strategy,
         multimodal_projector_bias=True,
         tie_word_embeddings=text_config.tie_word_embeddings,
     )
@@ -132,7 +162,8 @@ def import_moe_llava(
     for theirs, ours in _PROJECTOR.items():
         for leaf in ("weight", "bias"):
             target.set(f"{ours}{leaf}", tensors.take(f"{theirs}{leaf}"), f"{theirs}{leaf}")
-    return load_checked(model, tensors, target, DERIVED)
+    processor = llava_processor(tokens, image_processor, vision_config, strategy, chat_format, image_token)
+    return load_checked(model, tensors, target, DERIVED), processor
 
 
 def _read_config(path: Path) -> dict[str, Any]:
@@ -152,6 +183,12 @@ def _read_config(path: Path) -> dict[str, Any]:
             f"{config_file}: image_projector_type {projector!r}; LLaVA's projector (and so this importer) "
             "is Linear-GELU-Linear, their 'mlp2x_gelu', the one the released models use"
         )
+    for flag in ("mm_use_im_start_end", "mm_use_im_patch_token"):
+        if config.get(flag, False):  # the released models train without them (their scripts' default)
+            raise ValueError(
+                f"{config_file}: {flag} is true: the prompt would need their <im_start>/<im_patch> tokens "
+                "around the image, which the imported processor does not write; such checkpoints are refused"
+            )
     return config
 
 
