@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from PIL import Image
@@ -117,6 +119,25 @@ def test_truncation_keeps_images_whole_and_cuts_text_after(family):
     too_short = ConversationCollator(processor, max_length=last_image)
     with pytest.raises(ValueError, match=f"image tokens reach position {last_image + 1} but max_length is"):
         too_short([sample])
+
+
+def test_a_sample_cut_before_its_reply_is_warned_about_once_and_counted(family):
+    _, _, processor = family
+    sample = _chat("cut", [_image("red")], "<image>\nDescribe the chart in every detail, please.", "Bars.")
+    full = ConversationCollator(processor)([sample])
+    first_reply = int((full["labels"][0] != IGNORE_INDEX).nonzero()[0])
+    collator = ConversationCollator(processor, max_length=first_reply)  # ends just before the reply
+    image_ids = collator._image_token_ids
+    assert max(i for i, t in enumerate(full["input_ids"][0].tolist()) if t in image_ids) < first_reply
+    with pytest.warns(UserWarning, match=f"sample 'cut' .*max_length {first_reply} cuts it before its first"):
+        batch = collator([sample])
+    assert (batch["labels"] == IGNORE_INDEX).all()
+    assert collator.unsupervised_samples == {"cut"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the second time: counted already, no second warning
+        collator([sample])
+    kept = ConversationCollator(processor, max_length=first_reply + 1)
+    assert (kept([sample])["labels"] != IGNORE_INDEX).sum() == 1 and not kept.unsupervised_samples
 
 
 def test_chart_conversations_from_disk_collate_for_llava(tmp_path):

@@ -14,6 +14,7 @@ processor makes them) and the tags in `TAG_KEYS`, which training pops before the
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,7 +70,9 @@ class ConversationCollator:
     """Turns `ConversationSample`s into a padded training batch for `processor`'s model.
 
     max_length: cut longer samples after their last image token (text after it is dropped);
-    a sample whose image tokens alone exceed it raises a ValueError naming the sample.
+    a sample whose image tokens alone exceed it raises a ValueError naming the sample; one cut
+    before its first reply token (nothing left to learn from) is warned about, once per sample,
+    and counted in `unsupervised_samples`.
 
     >>> from vlmoe.models import tiny
     >>> from vlmoe.data.conversations import ConversationSample
@@ -84,6 +87,8 @@ class ConversationCollator:
     processor: Any
     max_length: int | None = None
     _image_token_ids: set[int] = field(init=False, default_factory=set)
+    # Ids of samples truncated to no supervised token (their loss is 0: a silent waste otherwise).
+    unsupervised_samples: set[str] = field(init=False, default_factory=set)
 
     def __post_init__(self) -> None:
         tokenizer = self.tokenizer
@@ -207,7 +212,16 @@ class ConversationCollator:
                 f"{image_end} but max_length is {self.max_length}; raise max_length to at least {image_end} "
                 "or give the processor smaller images"
             )
-        return ids[: self.max_length], labels[: self.max_length]
+        labels = labels[: self.max_length]
+        if all(label == IGNORE_INDEX for label in labels) and sample.id not in self.unsupervised_samples:
+            self.unsupervised_samples.add(sample.id)
+            warnings.warn(
+                f"sample {sample.id!r} ({sample.source}:{sample.line}): max_length {self.max_length} cuts it "
+                f"before its first reply token ({len(ids)} tokens in all), so it teaches nothing; raise "
+                "max_length or shorten the prompt",
+                stacklevel=2,
+            )
+        return ids[: self.max_length], labels
 
     def __call__(self, samples: list[ConversationSample]) -> dict[str, Any]:
         images = [[_load_image(image) for image in sample.images] for sample in samples]
