@@ -48,7 +48,7 @@ def save(
         ['README.md', 'config.json', 'model.safetensors']
     """
     path = Path(path)
-    model.config.architectures = [type(model).__name__]
+    model.config.architectures = [_model_class_name(model)]
     if state_dict is None:
         state = unique_state(model)
     else:  # a tied weight under its first name only, as unique_state keeps it
@@ -67,6 +67,14 @@ def save(
             metadata={"format": "pt"},
         )
     return path
+
+
+def _model_class_name(model: nn.Module) -> str:
+    # FSDP2's fully_shard swaps the class for a subclass "FSDP<name>"; the file names the HF class.
+    for cls in type(model).__mro__:
+        if cls.__module__.startswith("transformers."):
+            return cls.__name__
+    return type(model).__name__
 
 
 def load(path: str | os.PathLike) -> nn.Module:
