@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from vlmoe.moe.dispatch import DispatchPlan
 from vlmoe.moe.experts import GLUExperts, LoRAExperts, MLPExperts
+from vlmoe.moe.layers import MoEFeedForward
 
 
 class _AllToAll(torch.autograd.Function):
@@ -145,9 +146,7 @@ class ExpertParallelExperts(nn.Module):
         return self.expert_forward(0, x)
 
 
-def _ffn_layers(model: nn.Module) -> list[nn.Module]:
-    from vlmoe.moe.layers import MoEFeedForward  # layers imports dispatch; no cycle at call time
-
+def _ffn_layers(model: nn.Module) -> list[MoEFeedForward]:
     return [m for m in model.modules() if isinstance(m, MoEFeedForward)]
 
 

@@ -66,7 +66,7 @@ def run_recipe(
         >>> results[-1].model_dir  # doctest: +SKIP
         PosixPath('runs/chartmoe-tiny/chart_qa_pot/final')
     """
-    console = console or Console()
+    console = console or Console(quiet=not is_main_process())  # one progress display, not one per rank
     out = Path(recipe.output_dir)
     if is_main_process():  # under torchrun / accelerate launch, one process owns the run directory
         _check_run_directory(recipe, out, resume)
