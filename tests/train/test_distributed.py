@@ -104,6 +104,7 @@ def fsdp_run(rank, world_size, model, batch, save_dir):
     return losses, state, reloaded
 
 
+@pytest.mark.slow  # 3-6 s: two 2-process runs of a tiny LLaVA
 def test_ddp_and_fsdp2_losses_equal_one_process_and_the_sharded_checkpoint_loads(setup, tmp_path):
     model, batch = setup
     reference_model = copy.deepcopy(model)
