@@ -47,7 +47,11 @@ def write_json(name: str, rows: list[dict]) -> None:
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, f"{name}.json"), "w") as handle:
         json.dump(
-            {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows},
+            {
+                "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+                "torch": torch.__version__,
+                "rows": rows,
+            },
             handle,
             indent=1,
         )

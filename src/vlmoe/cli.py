@@ -62,6 +62,7 @@ def train(
 ) -> None:
     """Train a recipe stage by stage; --resume skips finished stages and continues the interrupted one."""
     from vlmoe.train import RecipeError, load_recipe, run_recipe
+    from vlmoe.train.distributed import is_main_process
 
     try:
         loaded = load_recipe(recipe, scale=scale, output_dir=out)
@@ -69,7 +70,7 @@ def train(
     except (RecipeError, FileNotFoundError, ValueError) as error:
         typer.echo(f"vlmoe train: {error}", err=True)
         raise typer.Exit(code=1) from None
-    for result in results:
+    for result in results if is_main_process() else []:  # under torchrun, one list, not one per rank
         typer.echo(f"{result.name}: {result.model_dir}{' (done earlier)' if result.skipped else ''}")
 
 

@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 
+from tests.gloo import run_on_ranks
 from vlmoe.moe import Router, RouterConfig, capacity_keep_mask, load_balancing_loss, router_z_loss
 
 
@@ -160,3 +161,51 @@ def test_router_losses_only_where_an_optimiser_can_use_them():
     assert set(router(x).aux_losses) == {"load_balance", "z_loss"}
     with torch.no_grad():
         assert router(x).aux_losses == {}
+
+
+def _balance_on_rank(rank, world_size, scope, tokens):
+    torch.manual_seed(0)
+    router = Router(6, RouterConfig(num_experts=4, top_k=2, load_balance_coef=1.0, load_balance_scope=scope))
+    router.double()
+    x, mask = _balance_batch(world_size * tokens)
+    mine = slice(rank * tokens, (rank + 1) * tokens)
+    loss = router(x[mine], token_mask=mask[mine]).aux_losses["load_balance"]
+    loss.backward()
+    return float(loss.detach()), router.gate.weight.grad
+
+
+def _balance_batch(num_tokens):
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(num_tokens, 6, generator=generator, dtype=torch.float64)
+    mask = torch.rand(num_tokens, generator=generator) > 0.3  # ranks end up with unequal real tokens
+    return x, mask
+
+
+def test_global_balance_loss_on_two_ranks_is_the_loss_of_the_whole_batch(tmp_path):
+    world_size, tokens = 2, 9
+    torch.manual_seed(0)
+    router = Router(6, RouterConfig(num_experts=4, top_k=2, load_balance_coef=1.0)).double()
+    x, mask = _balance_batch(world_size * tokens)
+    whole = router(x, token_mask=mask).aux_losses["load_balance"]
+    whole.backward()
+    whole_grad = router.gate.weight.grad.clone()
+    local = []
+    for rank in range(world_size):
+        router.zero_grad()
+        mine = slice(rank * tokens, (rank + 1) * tokens)
+        loss = router(x[mine], token_mask=mask[mine]).aux_losses["load_balance"]
+        loss.backward()
+        local.append((float(loss.detach()), router.gate.weight.grad.clone()))
+    assert mask[:tokens].sum() != mask[tokens:].sum()
+
+    global_scope = run_on_ranks(_balance_on_rank, world_size, tmp_path, "global", tokens)
+    for value, _ in global_scope:  # every rank sees the whole batch's loss
+        assert value == pytest.approx(float(whole), rel=1e-12)
+    mean_grad = sum(grad for _, grad in global_scope) / world_size  # what DDP applies
+    torch.testing.assert_close(mean_grad, whole_grad, rtol=0, atol=1e-14)
+    # The default ("device", Switch / DeepSpeed-MoE) is each rank's own batch, all-reduce or not.
+    device_scope = run_on_ranks(_balance_on_rank, world_size, tmp_path, "device", tokens)
+    for (value, grad), (local_value, local_grad) in zip(device_scope, local, strict=True):
+        assert value == pytest.approx(local_value, rel=1e-12)
+        torch.testing.assert_close(grad, local_grad, rtol=0, atol=1e-14)
+    assert abs(float(whole) - sum(v for v, _ in local) / world_size) > 1e-4  # the two scopes differ here

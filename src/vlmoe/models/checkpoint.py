@@ -29,8 +29,12 @@ def save(
     path: str | os.PathLike,
     processor: ProcessorMixin | None = None,
     card: CardInfo | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write `model` to the directory `path` atomically (temp dir, then rename); returns the path.
+
+    `state_dict` replaces the model's own weights: the full weights gathered from a model that
+    FSDP shards (`vlmoe.train.distributed.full_state_dict`), under the module's own names.
 
     With `processor`, its files go in the same directory, so `AutoProcessor.from_pretrained(path)`
     finds it next to the model. A model card (README.md) describes the model; `card` adds the
@@ -44,8 +48,13 @@ def save(
         ['README.md', 'config.json', 'model.safetensors']
     """
     path = Path(path)
-    model.config.architectures = [type(model).__name__]
-    state = unique_state(model)
+    model.config.architectures = [_model_class_name(model)]
+    if state_dict is None:
+        state = unique_state(model)
+    else:  # a tied weight under its first name only, as unique_state keeps it
+        first_names = {name for name, _ in model.named_parameters()}
+        tied = {name for name, _ in model.named_parameters(remove_duplicate=False)} - first_names
+        state = {name: tensor for name, tensor in state_dict.items() if name not in tied}
     with atomic_directory(path) as temp:
         model.config.save_pretrained(temp)
         _record_attention(temp / "config.json", model.config._attn_implementation)
@@ -58,6 +67,14 @@ def save(
             metadata={"format": "pt"},
         )
     return path
+
+
+def _model_class_name(model: nn.Module) -> str:
+    # FSDP2's fully_shard swaps the class for a subclass "FSDP<name>"; the file names the HF class.
+    for cls in type(model).__mro__:
+        if cls.__module__.startswith("transformers."):
+            return cls.__name__
+    return type(model).__name__
 
 
 def load(path: str | os.PathLike) -> nn.Module:

@@ -5,6 +5,12 @@ Independent of Hugging Face: everything here works on plain torch modules and te
 
 from vlmoe.moe.config import RouterConfig
 from vlmoe.moe.dispatch import DispatchPlan, dispatch, grouped_dispatch, plan_dispatch, reference_dispatch
+from vlmoe.moe.expert_parallel import (
+    ExpertParallelExperts,
+    expert_parallel_ddp,
+    shard_experts,
+    unshard_experts,
+)
 from vlmoe.moe.experts import GLUExperts, LoRAExperts, MLPExperts, ModuleExperts, experts_from_dense
 from vlmoe.moe.layers import MoEConnector, MoEFeedForward, MoLELinear, SparseLayer
 from vlmoe.moe.records import (
@@ -14,12 +20,14 @@ from vlmoe.moe.records import (
     routes_by_cluster,
     routing_inputs,
     routing_records,
+    set_load_balance_scope,
     sparse_layers,
 )
 from vlmoe.moe.router import Router, Routing, capacity_keep_mask, load_balancing_loss, router_z_loss
 
 __all__ = [
     "DispatchPlan",
+    "ExpertParallelExperts",
     "GLUExperts",
     "LoRAExperts",
     "MLPExperts",
@@ -35,6 +43,7 @@ __all__ = [
     "aux_losses_by_layer",
     "capacity_keep_mask",
     "dispatch",
+    "expert_parallel_ddp",
     "experts_from_dense",
     "grouped_dispatch",
     "load_balancing_loss",
@@ -45,5 +54,8 @@ __all__ = [
     "routes_by_cluster",
     "routing_inputs",
     "routing_records",
+    "set_load_balance_scope",
+    "shard_experts",
     "sparse_layers",
+    "unshard_experts",
 ]

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
 RouterInput = Literal["token", "cluster"]
+BalanceScope = Literal["device", "global"]
 
 
 @dataclass
@@ -42,6 +43,11 @@ class RouterConfig:
     # Count only each token's first choice in the balance loss's f_i (GShard / DeepSpeed-MoE
     # top-2, as MoE-LLaVA trains); False counts every chosen slot (Switch, Mixtral).
     load_balance_first_choice: bool = False
+    # Where f_i (the expert counts) of the balance loss come from. "device": this process's
+    # batch (Switch, GShard, DeepSpeed-MoE, so MoE-LLaVA). "global": counts all-reduced over
+    # the data-parallel group first, so the loss is that of the global batch (a no-op when
+    # torch.distributed is not initialised). Only P_i carries a gradient either way.
+    load_balance_scope: BalanceScope = "device"
     z_loss_coef: float = 0.0
     bias: bool = False
     # "token": logits from the token's hidden state. "cluster": logits from a learned
@@ -68,6 +74,10 @@ class RouterConfig:
         for name in ("load_balance_coef", "z_loss_coef"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.load_balance_scope not in ("device", "global"):
+            raise ValueError(
+                f"load_balance_scope must be 'device' or 'global', got {self.load_balance_scope!r}"
+            )
         if self.input not in ("token", "cluster"):
             raise ValueError(f"input must be 'token' or 'cluster', got {self.input!r}")
         if self.input == "cluster" and self.num_clusters < 1:

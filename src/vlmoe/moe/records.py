@@ -8,10 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
+from vlmoe.moe.config import BalanceScope
 from vlmoe.moe.layers import SparseLayer
 from vlmoe.moe.router import Routing, check_cluster_ids
 
@@ -71,6 +74,27 @@ def routing_records(model: nn.Module) -> dict[str, Routing]:
     return {
         name: layer.last_routing for name, layer in sparse_layers(model) if layer.last_routing is not None
     }
+
+
+def set_load_balance_scope(
+    model: nn.Module, scope: BalanceScope, group: dist.ProcessGroup | None = None
+) -> nn.Module:
+    """Set every router's `load_balance_scope` (and, for "global", its data-parallel `group`).
+
+    "global" all-reduces the balance loss's expert counts over `group` (None: every process)
+    before the loss; "device" uses each process's own batch. Returns the model.
+
+    Example:
+        >>> from vlmoe.moe import MoEConnector
+        >>> con = MoEConnector.upcycle(nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 8)))
+        >>> set_load_balance_scope(con, "global").router.config.load_balance_scope
+        'global'
+    """
+    for _, layer in sparse_layers(model):
+        # The config is replaced, not edited: surgery may share one RouterConfig between layers.
+        layer.router.config = replace(layer.router.config, load_balance_scope=scope)
+        layer.router.balance_group = group
+    return model
 
 
 @contextmanager

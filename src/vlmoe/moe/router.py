@@ -8,10 +8,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vlmoe.moe.config import RouterConfig
+from vlmoe.moe.config import BalanceScope, RouterConfig
 
 
 @dataclass
@@ -48,12 +49,20 @@ class Routing:
 
 
 def load_balancing_loss(
-    router_probs: Tensor, expert_indices: Tensor, token_mask: Tensor | None = None
+    router_probs: Tensor,
+    expert_indices: Tensor,
+    token_mask: Tensor | None = None,
+    *,
+    scope: BalanceScope = "device",
+    group: dist.ProcessGroup | None = None,
 ) -> Tensor:
     """Switch-Transformer balance loss E * sum_i f_i * P_i over real tokens (1.0 when uniform).
 
     f_i is the fraction of token-slots whose router chose expert i, P_i the mean router
-    probability of expert i. Only P carries a gradient.
+    probability of expert i. Only P carries a gradient. With `scope="global"` (and
+    torch.distributed initialised) the expert counts, probability sums and token count are all-reduced
+    over `group` (None: every process) first: every rank gets the global batch's loss, and the
+    mean of the ranks' gradients (what DDP takes) is its gradient.
 
     Example:
         >>> probs = torch.full((4, 2), 0.5); idx = torch.tensor([[0], [1], [0], [1]])
@@ -61,23 +70,48 @@ def load_balancing_loss(
         1.0
     """
     num_tokens, num_experts = router_probs.shape
+    top_k = expert_indices.shape[-1]
     if token_mask is None:  # the common case, in few kernels (each small launch costs GPU time)
         slots_per_expert = router_probs.new_zeros(num_experts).index_add_(
             0, expert_indices.reshape(-1), router_probs.new_ones(expert_indices.numel())
         )
-        return torch.dot(slots_per_expert, router_probs.sum(dim=0)) * (
-            num_experts / max(expert_indices.numel() * num_tokens, 1)
+        prob_sum = router_probs.sum(dim=0)  # [E]
+        num_real: Tensor | int = num_tokens
+    else:
+        # Masks as weights, not boolean indexing: no host sync on CUDA.
+        token_weight = token_mask.to(router_probs.dtype)
+        slot_weight = token_weight.unsqueeze(-1).expand_as(expert_indices)  # [T, K]
+        slots_per_expert = router_probs.new_zeros(num_experts).scatter_add_(
+            0, expert_indices.reshape(-1), slot_weight.reshape(-1)
         )
-    # Masks as weights, not boolean indexing: no host sync on CUDA.
-    token_weight = token_mask.to(router_probs.dtype)
-    num_real = token_weight.sum().clamp_min(1.0)
-    slot_weight = token_weight.unsqueeze(-1).expand_as(expert_indices)  # [T, K]
-    slots_per_expert = router_probs.new_zeros(num_experts).scatter_add_(
-        0, expert_indices.reshape(-1), slot_weight.reshape(-1)
-    )
-    fraction_routed = slots_per_expert / (num_real * expert_indices.shape[-1])  # f, [E]
-    mean_prob = (router_probs * token_weight.unsqueeze(-1)).sum(dim=0) / num_real  # P, [E]
-    return num_experts * torch.sum(fraction_routed * mean_prob)
+        prob_sum = (router_probs * token_weight.unsqueeze(-1)).sum(dim=0)  # [E]
+        num_real = token_weight.sum()
+    if scope == "global" and dist.is_available() and dist.is_initialized():
+        return _global_balance_loss(slots_per_expert, prob_sum, num_real, top_k, group)
+    num_real = num_real.clamp_min(1.0) if isinstance(num_real, Tensor) else max(num_real, 1)
+    # E * sum_i (slots_i / (N * K)) * (prob_sum_i / N), with N the real-token count.
+    return torch.dot(slots_per_expert, prob_sum) * (num_experts / top_k) / (num_real * num_real)
+
+
+def _global_balance_loss(
+    slots_per_expert: Tensor, prob_sum: Tensor, num_real: Tensor | int, top_k: int, group
+) -> Tensor:
+    """The balance loss of the batch of every rank in `group`, from one all-reduce of 2E+1 numbers.
+
+    Its value is the global loss on every rank; its gradient is this rank's share (its tokens'
+    P_i against the global f_i, times the world size), so the mean over ranks that DDP takes is
+    the gradient of the global loss. The counts are constants to autograd.
+    """
+    num_experts = prob_sum.shape[0]
+    real = torch.as_tensor(num_real, dtype=prob_sum.dtype, device=prob_sum.device).reshape(1)
+    stats = torch.cat([slots_per_expert, prob_sum, real]).detach()
+    dist.all_reduce(stats, group=group)
+    global_slots, global_prob_sum = stats[:num_experts], stats[num_experts:-1]
+    num_global = stats[-1].clamp_min(1.0)
+    scale = num_experts / (top_k * num_global * num_global)
+    value = torch.dot(global_slots, global_prob_sum) * scale
+    share = torch.dot(global_slots, prob_sum) * (scale * dist.get_world_size(group))
+    return value + (share - share.detach())
 
 
 def router_z_loss(router_logits: Tensor, token_mask: Tensor | None = None) -> Tensor:
@@ -135,6 +169,8 @@ class Router(nn.Module):
         # Ablation switch (ChartMoE's forced-expert evaluation): when set, every token goes to
         # this expert alone, whatever the router would choose.
         self.forced_expert: int | None = None
+        # The data-parallel process group of load_balance_scope="global" (None: every process).
+        self.balance_group: dist.ProcessGroup | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -185,7 +221,9 @@ class Router(nn.Module):
         wants_losses = torch.is_grad_enabled()
         if cfg.load_balance_coef > 0 and wants_losses:
             counted = expert_indices[:, :1] if cfg.load_balance_first_choice else expert_indices
-            balance = load_balancing_loss(router_probs, counted, token_mask)
+            balance = load_balancing_loss(
+                router_probs, counted, token_mask, scope=cfg.load_balance_scope, group=self.balance_group
+            )
             aux_losses["load_balance"] = cfg.load_balance_coef * balance
         if cfg.z_loss_coef > 0 and wants_losses:
             aux_losses["z_loss"] = cfg.z_loss_coef * router_z_loss(router_logits, token_mask)

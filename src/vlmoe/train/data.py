@@ -19,6 +19,7 @@ from vlmoe.data import (
     mix_sources,
     read_conversations,
 )
+from vlmoe.train.distributed import is_main_process
 from vlmoe.train.recipe import ChartDataConfig, ClusterConfig, DataConfig
 
 CHART_TYPE_QUESTION = "What type of chart is this?\nAnswer with the chart type."
@@ -112,6 +113,7 @@ def with_clusters(
     embeddings = embed_instructions(unique, load_sentence_encoder(cluster.model))
     clusters = fit_instruction_clusters(embeddings, min(cluster.num_clusters, len(unique)), cluster.seed)
     clusters.embedding_model = cluster.model or DEFAULT_EMBEDDING_NAME  # what inference must embed with
-    save_clusters(out, clusters)
+    if is_main_process():  # every rank computes the same clusters; one writes them
+        save_clusters(out, clusters)
     label_of = dict(zip(unique, clusters.labels.tolist(), strict=True))
     return [replace(s, cluster_id=int(label_of[text])) for s, text in zip(samples, instructions, strict=True)]

@@ -173,6 +173,9 @@ class StageConfig:
     save_steps: int = 100
     save_total_limit: int = 2
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    # The balance loss's expert counts: "device" (each process's batch, as Switch / DeepSpeed-MoE)
+    # or "global" (all-reduced over the data-parallel processes first); see README "Multi-GPU".
+    load_balance_scope: Literal["device", "global"] = "device"
     fsdp: str = ""  # passed to TrainingArguments (e.g. "full_shard auto_wrap")
     deepspeed: str | None = None  # a DeepSpeed JSON config file
     dataloader_workers: int = 0

@@ -28,7 +28,9 @@ from transformers import PrinterCallback, set_seed
 import vlmoe
 from vlmoe.data import ConversationCollator
 from vlmoe.models import set_trainable
+from vlmoe.moe import set_load_balance_scope
 from vlmoe.train.data import stage_samples
+from vlmoe.train.distributed import is_main_process, seed_per_rank
 from vlmoe.train.progress import RichProgressCallback, StopAfter
 from vlmoe.train.recipe import Recipe, StageConfig, SurgeryConfig
 from vlmoe.train.trainer import MoETrainer, last_complete_checkpoint
@@ -64,9 +66,10 @@ def run_recipe(
         >>> results[-1].model_dir  # doctest: +SKIP
         PosixPath('runs/chartmoe-tiny/chart_qa_pot/final')
     """
-    console = console or Console()
+    console = console or Console(quiet=not is_main_process())  # one progress display, not one per rank
     out = Path(recipe.output_dir)
-    _check_run_directory(recipe, out, resume)
+    if is_main_process():  # under torchrun / accelerate launch, one process owns the run directory
+        _check_run_directory(recipe, out, resume)
     processor = base_processor(recipe)
     results: list[StageResult] = []
     for number, stage in enumerate(recipe.stages, start=1):
@@ -100,14 +103,18 @@ def run_stage(
     for surgery in stage.surgery:
         apply_surgery(model, surgery, recipe, earlier, stage)
     set_trainable(model, *stage.trainable)
+    if stage.load_balance_scope != "device":
+        set_load_balance_scope(model, stage.load_balance_scope)
     model.train()
-    samples = stage_samples(stage.data, recipe.output_dir)
+    # Before the data: TrainingArguments sets up the process group when launched distributed.
+    args = training_arguments(recipe, stage, stage_dir, device)
+    with args.main_process_first(local=False, desc="stage data"):  # rank 0 generates, the others read
+        samples = stage_samples(stage.data, recipe.output_dir)
     report = vlmoe.models.parameter_report(model)
     console.print(
         f"{len(samples)} samples · trainable {report.trainable:,} of {report.total:,} parameters "
         f"({', '.join(stage.trainable)})"
     )
-    args = training_arguments(recipe, stage, stage_dir, device)
     callbacks: list[Any] = [RichProgressCallback(console, stage.name)]
     if stop_after_steps is not None:
         callbacks.append(StopAfter(stop_after_steps))
@@ -122,6 +129,8 @@ def run_stage(
         callbacks=callbacks,
     )
     trainer.remove_callback(PrinterCallback)  # the rich bar shows the logs instead of printed dicts
+    # The model is built (the same on every rank); from here on dropout and router jitter differ.
+    seed_per_rank(recipe.seed)
     checkpoint = last_complete_checkpoint(stage_dir / "checkpoints")
     if checkpoint is not None:
         console.print(f"resuming {stage.name} from {checkpoint}")
@@ -129,18 +138,37 @@ def run_stage(
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     if stop_after_steps is not None:
         return None
+    # Sharded weights (FSDP, DeepSpeed ZeRO) are gathered whole first: a collective on every rank.
+    sharded = trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled
+    state = trainer.accelerator.get_state_dict(trainer.model) if sharded else None
+    history = trainer.state.log_history
+    if trainer.is_world_process_zero():
+        _write_stage_output(
+            recipe, stage, trainer.model, processor, state, history, time.perf_counter() - start
+        )
+    trainer.accelerator.wait_for_everyone()  # the next stage loads this one's output from disk
+    return history
+
+
+def _write_stage_output(
+    recipe: Recipe,
+    stage: StageConfig,
+    model: nn.Module,
+    processor: Any,
+    state: dict[str, torch.Tensor] | None,
+    history: list[dict[str, Any]],
+    seconds: float,
+) -> None:
+    stage_dir = Path(recipe.output_dir) / stage.name
     final = stage_dir / "final"
     tmp = stage_dir / "final.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    vlmoe.save(trainer.model, tmp, processor=processor)
+    vlmoe.save(model, tmp, processor=processor, state_dict=state)
     if stage.data.cluster is not None:  # MoCLE: new instructions need the centroids at inference
         shutil.copytree(Path(recipe.output_dir) / "clusters", tmp / "clusters")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    history = trainer.state.log_history
-    done = {"stage": stage.name, "seconds": time.perf_counter() - start, "log_history": history}
-    _write_json(stage_dir / STAGE_DONE, done)
-    return history
+    _write_json(stage_dir / STAGE_DONE, {"stage": stage.name, "seconds": seconds, "log_history": history})
 
 
 def training_arguments(recipe: Recipe, stage: StageConfig, stage_dir: Path, device: str | None) -> Any:

@@ -28,6 +28,7 @@ from transformers import Trainer
 from vlmoe.data.collator import split_model_inputs
 from vlmoe.models.parts import parameter_parts
 from vlmoe.moe import aux_loss, aux_losses_by_layer, routing_inputs
+from vlmoe.train.distributed import is_sharded, load_full_state_dict, without_tied
 
 COMPLETE = "COMPLETE"
 WEIGHTS = "vlmoe_weights.safetensors"
@@ -123,25 +124,31 @@ class MoETrainer(Trainer):
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """The module's own state dict: HF's save_pretrained renames keys to the stock layout,
-        which a surgered model is not, and its checkpoint would not load back on resume."""
-        if state_dict is not None:  # gathered by FSDP/DeepSpeed: the Trainer's own path
-            return super()._save(output_dir, state_dict)
+        which a surgered model is not, and its checkpoint would not load back on resume. Under
+        FSDP (full state dict) and DeepSpeed ZeRO-3 the Trainer passes the gathered weights."""
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if not self.args.should_save:
             return None
         os.makedirs(output_dir, exist_ok=True)
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
-        safetensors.torch.save_model(model, os.path.join(output_dir, WEIGHTS))
+        if state_dict is None:
+            safetensors.torch.save_model(model, os.path.join(output_dir, WEIGHTS))
+        else:
+            state = {name: tensor.contiguous() for name, tensor in without_tied(model, state_dict).items()}
+            safetensors.torch.save_file(state, os.path.join(output_dir, WEIGHTS), metadata={"format": "pt"})
         return None
 
     def _load_from_checkpoint(
         self, resume_from_checkpoint: str, model: torch.nn.Module | None = None
     ) -> None:
         path = Path(resume_from_checkpoint) / WEIGHTS
-        if not path.is_file():  # a checkpoint written by FSDP/DeepSpeed
+        if not path.is_file():  # a checkpoint written by FSDP (sharded state dict) or DeepSpeed
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         target = self.accelerator.unwrap_model(model if model is not None else self.model)
-        safetensors.torch.load_model(target, str(path), device=str(next(target.parameters()).device))
+        if is_sharded(target):  # FSDP2: every rank reads the whole file and keeps its shard
+            load_full_state_dict(target, safetensors.torch.load_file(str(path)))
+        else:
+            safetensors.torch.load_model(target, str(path), device=str(next(target.parameters()).device))
         return None
 
     def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:

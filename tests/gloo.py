@@ -1,0 +1,44 @@
+"""Run a function on N CPU processes joined by gloo, and collect what each rank returns.
+
+A file store under the test's tmp_path joins the processes: no TCP port, so parallel xdist
+workers never collide.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def _worker(rank: int, world_size: int, store: str, out: str, fn: Callable, args: tuple) -> None:
+    torch.set_num_threads(1)  # the CI machine has two cores for everything
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
+    try:
+        result = fn(rank, world_size, *args)
+        torch.save(result, Path(out) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def run_on_ranks(fn: Callable, world_size: int, tmp_path: Path, *args: Any) -> list[Any]:
+    """fn(rank, world_size, *args) on `world_size` gloo processes; the list of their results.
+
+    `fn` runs in forked children; its result is saved with torch.save and loaded here.
+    """
+    out = Path(tempfile.mkdtemp(prefix=f"gloo-{fn.__name__}-", dir=tmp_path))
+    # fork, not spawn: the children need not import torch and vlmoe again (seconds per test).
+    mp.start_processes(
+        _worker,
+        args=(world_size, str(out / "store"), str(out), fn, args),
+        nprocs=world_size,
+        start_method="fork",
+    )
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
