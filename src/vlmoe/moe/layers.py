@@ -282,14 +282,16 @@ class MoLELinear(SparseLayer):
         if routing is None:
             routing = self.route(x, token_mask, cluster_ids)
         x_tokens = x.reshape(-1, x.shape[-1])
-        if self.universal is not None and resolve_backend(self.backend, x_tokens, self.experts) == "dense":
-            # Universal and routed experts in the same two matmuls (the universal gate is 1).
+        if resolve_backend(self.backend, x_tokens, self.experts) == "dense":
+            # Routed experts (and the universal one, gate 1) in two matmuls, the second adding
+            # straight into the base output: no [T, out] pass for the scaling or the sum.
             gates = gate_matrix(routing).to(x.dtype)
-            delta = self.experts.gated_forward(x_tokens, gates, always_on=self.universal)
-        else:
-            delta = dispatch(x_tokens, routing, self.experts, self.backend)
-            if self.universal is not None:
-                delta = delta + self.universal.expert_forward(0, x_tokens)
+            low_rank, stacked_B = self.experts.gated_low_rank(x_tokens, gates, always_on=self.universal)
+            out_tokens = torch.addmm(out.reshape(-1, out.shape[-1]), low_rank, stacked_B.t())
+            return out_tokens.view(out.shape)
+        delta = dispatch(x_tokens, routing, self.experts, self.backend)
+        if self.universal is not None:
+            delta = delta + self.universal.expert_forward(0, x_tokens)
         return out + delta.view(*x.shape[:-1], delta.shape[-1])
 
     @torch.no_grad()
