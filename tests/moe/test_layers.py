@@ -242,6 +242,8 @@ def test_mole_dense_addmm_path_equals_reference_forward_and_backward(universal):
     assert relative_error(out, expected) < 1e-12
     for grad, expected_grad in zip(grads, expected_grads, strict=True):
         assert relative_error(grad, expected_grad) < 1e-12
+    with torch.no_grad():  # the router's own gate product (not folded into the A matmul)
+        assert relative_error(layers["dense"](x), expected) < 1e-12
 
 
 def test_mocle_cluster_routing_with_universal_expert():

@@ -149,21 +149,29 @@ class LoRAExperts(nn.Module):
     def gated_low_rank(
         self, x: Tensor, gates: Tensor, always_on: LoRAExperts | None = None
     ) -> tuple[Tensor, Tensor]:
-        """The two operands of `gated_forward`'s last matmul: the low-rank activations of all
-        experts, each block scaled by its gate and `scaling` # [T, E*r], and all B side by side
-        # [O, E*r]. Callers can add their product into an output in one `addmm`."""
-        lora_A, lora_B = self.lora_A, self.lora_B
+        """The two operands of `gated_forward`'s last matmul: the gated, scaled low-rank
+        activations # [T, E*r] and all B side by side # [O, E*r]. A caller can add their
+        product into an output in one `addmm`."""
+        low_rank = self.dropout(x) @ self.stacked_A(always_on).t()  # all experts' A at once
+        return self.scale_blocks(low_rank, gates, always_on), self.stacked_B(always_on)
+
+    def stacked_A(self, always_on: LoRAExperts | None = None) -> Tensor:
+        """Every expert's A (then `always_on`'s) as one matrix. # [E*r, I]"""
+        lora_A = self.lora_A if always_on is None else torch.cat([self.lora_A, always_on.lora_A])
+        return lora_A.reshape(-1, lora_A.shape[-1])
+
+    def stacked_B(self, always_on: LoRAExperts | None = None) -> Tensor:
+        """Every expert's B (then `always_on`'s) side by side. # [O, E*r]"""
+        lora_B = self.lora_B if always_on is None else torch.cat([self.lora_B, always_on.lora_B])
+        return lora_B.permute(1, 0, 2).reshape(lora_B.shape[1], -1)
+
+    def scale_blocks(self, low_rank: Tensor, gates: Tensor, always_on: LoRAExperts | None = None) -> Tensor:
+        """Each expert's r columns of low_rank # [T, E*r] times its gate # [T, E] and `scaling`
+        (`always_on`'s block gets gate 1): [T, E] multiplies instead of a pass over [T, O]."""
         if always_on is not None:
-            lora_A, lora_B = torch.cat([lora_A, always_on.lora_A]), torch.cat([lora_B, always_on.lora_B])
             gates = torch.cat([gates, gates.new_ones(gates.shape[0], 1)], dim=1)
-        # All experts' A at once ([T, E*r]), each block scaled by gate * scaling: the scaling
-        # touches [T, E] numbers here instead of the [T, O] output.
-        num_tokens, num_blocks = x.shape[0], lora_A.shape[0]
-        low_rank = self.dropout(x) @ lora_A.reshape(-1, lora_A.shape[-1]).t()  # [T, E*r]
-        scaled_gates = (gates * self.scaling).unsqueeze(-1)
-        low_rank = (low_rank.view(num_tokens, num_blocks, self.rank) * scaled_gates).flatten(1)
-        stacked_B = lora_B.permute(1, 0, 2).reshape(lora_B.shape[1], -1)  # [O, E*r]
-        return low_rank, stacked_B
+        scaled_gates = (gates * self.scaling).unsqueeze(-1)  # [T, blocks, 1]
+        return (low_rank.unflatten(1, (gates.shape[1], self.rank)) * scaled_gates).flatten(1)
 
     def delta_weight(self, expert: int) -> Tensor:
         """The dense weight update of one expert. # [O, I]"""

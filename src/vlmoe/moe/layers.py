@@ -60,12 +60,18 @@ class SparseLayer(nn.Module):
         return self.router.gate.in_features
 
     def route(
-        self, x: Tensor, token_mask: Tensor | None = None, cluster_ids: Tensor | None = None
+        self,
+        x: Tensor,
+        token_mask: Tensor | None = None,
+        cluster_ids: Tensor | None = None,
+        logits: Tensor | None = None,
     ) -> Routing:
-        """Route the tokens of x # [..., I] and keep the record; the routing is in token order."""
+        """Route the tokens of x # [..., I] and keep the record; the routing is in token order.
+        `logits` # [T, E]: the gate's output if the caller computed it (see `Router.forward`)."""
         self._check_input(x)
         token_mask, cluster_ids = self._flat_routing_inputs(x.shape[:-1], token_mask, cluster_ids)
-        routing = self.router(x.reshape(-1, x.shape[-1]), token_mask=token_mask, cluster_ids=cluster_ids)
+        x_tokens = x.reshape(-1, x.shape[-1])
+        routing = self.router(x_tokens, token_mask=token_mask, cluster_ids=cluster_ids, logits=logits)
         self.last_aux_losses = routing.aux_losses
         self.last_routing = routing.detached() if self.record_routing else None
         return routing
@@ -279,20 +285,50 @@ class MoLELinear(SparseLayer):
         out = self.base(x)
         if self.experts is None:  # plain LoRA, or nothing left once merged
             return out if self.universal is None else out + self.universal.expert_forward(0, x)
-        if routing is None:
-            routing = self.route(x, token_mask, cluster_ids)
         x_tokens = x.reshape(-1, x.shape[-1])
         if resolve_backend(self.backend, x_tokens, self.experts) == "dense":
-            # Routed experts (and the universal one, gate 1) in two matmuls, the second adding
-            # straight into the base output: no [T, out] pass for the scaling or the sum.
-            gates = gate_matrix(routing).to(x.dtype)
-            low_rank, stacked_B = self.experts.gated_low_rank(x_tokens, gates, always_on=self.universal)
-            out_tokens = torch.addmm(out.reshape(-1, out.shape[-1]), low_rank, stacked_B.t())
-            return out_tokens.view(out.shape)
+            return self._dense_forward(x, x_tokens, out, token_mask, cluster_ids, routing)
+        if routing is None:
+            routing = self.route(x, token_mask, cluster_ids)
         delta = dispatch(x_tokens, routing, self.experts, self.backend)
         if self.universal is not None:
             delta = delta + self.universal.expert_forward(0, x_tokens)
         return out + delta.view(*x.shape[:-1], delta.shape[-1])
+
+    def _dense_forward(
+        self,
+        x: Tensor,
+        x_tokens: Tensor,
+        out: Tensor,
+        token_mask: Tensor | None,
+        cluster_ids: Tensor | None,
+        routing: Routing | None,
+    ) -> Tensor:
+        """Routed experts (and the universal one, gate 1) in two matmuls, the second adding
+        straight into the base output: no [T, out] pass for the scaling or the sum. In training
+        the router's gate rides in the first matmul too (one read of x, one input gradient)."""
+        experts, router = self.experts, self.router
+        stacked_A = experts.stacked_A(self.universal)  # [n, in]
+        fold_gate = (
+            routing is None
+            and torch.is_grad_enabled()
+            and router.gate_is_plain_linear
+            and isinstance(experts.dropout, nn.Identity)
+            and router.gate.weight.dtype == stacked_A.dtype
+        )
+        if fold_gate:
+            both = x_tokens @ torch.cat([stacked_A, router.gate.weight]).t()  # [T, n + E]
+            low_rank, logits = both.split([stacked_A.shape[0], router.config.num_experts], dim=1)
+            routing = self.route(x, token_mask, cluster_ids, logits=logits)
+        else:
+            if routing is None:
+                routing = self.route(x, token_mask, cluster_ids)
+            low_rank = experts.dropout(x_tokens) @ stacked_A.t()
+        low_rank = experts.scale_blocks(low_rank, gate_matrix(routing).to(x.dtype), self.universal)
+        out_tokens = torch.addmm(
+            out.reshape(-1, out.shape[-1]), low_rank, experts.stacked_B(self.universal).t()
+        )
+        return out_tokens.view(out.shape)
 
     @torch.no_grad()
     def merge_universal(self) -> MoLELinear:
