@@ -9,15 +9,15 @@ out=${OUT:-/tmp}
 parts=${PARTS:-gen mole train}
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv
 python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)"
-timeout 25 python3 -m pytest -p no:cacheprovider -q tests/moe/test_kernels.py tests/moe/test_decode.py tests/moe/test_routing_kernel.py tests/moe/test_dispatch_gpu.py > "$out/gpu_tests.log" 2>&1
+timeout 30 python3 -m pytest -p no:cacheprovider -q tests/moe/test_kernels.py tests/moe/test_decode.py tests/moe/test_routing_kernel.py tests/moe/test_dispatch_gpu.py > "$out/gpu_tests.log" 2>&1
 tail -3 "$out/gpu_tests.log"
 for part in $parts; do
     case $part in
-        gen) timeout 60 python3 benchmarks/generation.py --new 64 > "$out/generation.log" 2>&1 ;;
+        gen) timeout 70 python3 benchmarks/generation.py --new 64 > "$out/generation.log" 2>&1 ;;
         gen1) timeout 60 python3 benchmarks/generation.py --new 64 --batches 1 --models vlmoe,dense,mixtral > "$out/generation.log" 2>&1 ;;
         static) timeout 150 python3 benchmarks/generation.py --new 64 --batches 1 --static --models vlmoe,mixtral > "$out/generation_static.log" 2>&1 ;;
         mole) timeout 25 python3 benchmarks/moe_layer.py --mole-only > "$out/moe_layer.log" 2>&1 ;;
-        train) timeout 75 python3 benchmarks/train_step.py --optimizers foreach fused > "$out/train_step.log" 2>&1 ;;
+        train) timeout 70 python3 benchmarks/train_step.py --optimizers foreach fused > "$out/train_step.log" 2>&1 ;;
         profmole) timeout 15 python3 benchmarks/profile_moe.py mole > "$out/profile_mole.log" 2>&1 ;;
     esac
     echo "== $part: exit $?"
