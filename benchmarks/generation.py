@@ -9,7 +9,7 @@ batch), vlmoe forced to the grouped path (the previous version), the dense LLaVA
 upcycling (FFN 5632: what an MoE layer that cost nothing beyond one expert would reach), stock
 Mixtral. `--static`: a static KV cache, with which transformers compiles the decoding step
 (torch.compile fullgraph, mode="reduce-overhead": CUDA graphs) for every model alike.
-Writes generation.json (generation_static.json with --static).
+Writes generation_b<batches>.json (generation_static_b<batches>.json with --static).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import vlmoe
 from common import print_table, write_json
 from train_step import FFN, VOCAB, llava, mixtral
 from vlmoe.moe import MoEFeedForward
+from vlmoe.moe import router as router_module
 
 
 def decode_tokens_per_s(
@@ -58,9 +59,11 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--static", action="store_true", help="static cache: transformers compiles decoding")
     parser.add_argument("--models", default="vlmoe,grouped,dense,mixtral")
+    parser.add_argument("--reps", type=int, default=3, help="timed generate calls per row (median)")
     args = parser.parse_args()
     torch.manual_seed(0)
     rows = []
+    fused_limit = router_module.FUSED_ROUTING_MAX_TOKENS
 
     def grouped():
         model = vlmoe.upcycle_ffn(llava(args.layers, FFN), 4, 2)
@@ -75,16 +78,24 @@ def main() -> None:
             lambda: vlmoe.upcycle_ffn(llava(args.layers, FFN), 4, 2),
         ),
         "grouped": ("vlmoe LLaVA, upcycled, grouped path (previous)", grouped),
+        # The decode kernels with the torch router (six launches) instead of the fused one.
+        "torch-router": (
+            "vlmoe LLaVA, upcycled, auto, torch router",
+            lambda: vlmoe.upcycle_ffn(llava(args.layers, FFN), 4, 2),
+        ),
         "dense": ("dense LLaVA, FFN 5632 (before upcycling)", lambda: llava(args.layers, FFN)),
         "mixtral": ("transformers Mixtral (grouped_mm)", lambda: mixtral(args.layers)),
     }
     for key in args.models.split(","):
         name, build = builders[key]
         model = build().eval()
+        router_module.FUSED_ROUTING_MAX_TOKENS = 0 if key == "torch-router" else fused_limit
         for batch in args.batches:
             try:
                 with torch.no_grad():
-                    speed = decode_tokens_per_s(model, batch, args.prompt, args.new, static=args.static)
+                    speed = decode_tokens_per_s(
+                        model, batch, args.prompt, args.new, reps=args.reps, static=args.static
+                    )
             except Exception as error:  # e.g. a model transformers cannot compile: report, go on
                 print(f"  {name}, batch {batch}: {type(error).__name__}: {error}"[:2000], flush=True)
                 speed = float("nan")
@@ -95,7 +106,8 @@ def main() -> None:
     for row in rows:
         stock = next((r for r in rows if r["batch"] == row["batch"] and "Mixtral" in r["model"]), None)
         row["ratio_to_mixtral"] = row["tokens_per_s"] / stock["tokens_per_s"] if stock else float("nan")
-    write_json("generation_static" if args.static else "generation", rows)
+    batches = "-".join(str(b) for b in args.batches)
+    write_json(f"generation{'_static' if args.static else ''}_b{batches}", rows)
     cache = "static cache (compiled)" if args.static else "dynamic cache (eager)"
     print_table(
         f"greedy decoding, {args.layers} layers, prompt {args.prompt}, {args.new} new tokens, {cache}",

@@ -282,12 +282,12 @@ class MoLELinear(SparseLayer):
     ) -> Tensor:
         """x # [..., in] -> [..., out]. `routing` reuses a decision made elsewhere (a shared router)."""
         self._check_input(x)
+        x_tokens = x.reshape(-1, x.shape[-1])
+        if self.experts is not None and resolve_backend(self.backend, x_tokens, self.experts) == "dense":
+            return self._dense_forward(x, x_tokens, token_mask, cluster_ids, routing)
         out = self.base(x)
         if self.experts is None:  # plain LoRA, or nothing left once merged
             return out if self.universal is None else out + self.universal.expert_forward(0, x)
-        x_tokens = x.reshape(-1, x.shape[-1])
-        if resolve_backend(self.backend, x_tokens, self.experts) == "dense":
-            return self._dense_forward(x, x_tokens, out, token_mask, cluster_ids, routing)
         if routing is None:
             routing = self.route(x, token_mask, cluster_ids)
         delta = dispatch(x_tokens, routing, self.experts, self.backend)
@@ -299,14 +299,14 @@ class MoLELinear(SparseLayer):
         self,
         x: Tensor,
         x_tokens: Tensor,
-        out: Tensor,
         token_mask: Tensor | None,
         cluster_ids: Tensor | None,
         routing: Routing | None,
     ) -> Tensor:
-        """Routed experts (and the universal one, gate 1) in two matmuls, the second adding
-        straight into the base output: no [T, out] pass for the scaling or the sum. In training
-        the router's gate rides in the first matmul too (one read of x, one input gradient)."""
+        """Routed experts (and the universal one, gate 1) in two matmuls, the second adding in
+        place into the base output: no [T, out] pass for the scaling, the sum or a copy. In
+        training the router's gate rides in the first matmul too (one read of x, one input
+        gradient; benchmarks/NOTES.md v7)."""
         experts, router = self.experts, self.router
         stacked_A = experts.stacked_A(self.universal)  # [n, in]
         fold_gate = (
@@ -317,18 +317,22 @@ class MoLELinear(SparseLayer):
             and router.gate.weight.dtype == stacked_A.dtype
         )
         if fold_gate:
-            both = x_tokens @ torch.cat([stacked_A, router.gate.weight]).t()  # [T, n + E]
-            low_rank, logits = both.split([stacked_A.shape[0], router.config.num_experts], dim=1)
+            num_rows, num_experts = stacked_A.shape[0], router.config.num_experts
+            # Zero rows pad the width to a multiple of 8: unaligned widths (e.g. 4 * 64 + 4)
+            # send cuBLAS to kernels twice as slow (measured on an H200).
+            padding = stacked_A.new_zeros(-(num_rows + num_experts) % 8, stacked_A.shape[1])
+            both = x_tokens @ torch.cat([stacked_A, router.gate.weight, padding]).t()  # [T, n + E + pad]
+            low_rank, logits = both[:, :num_rows], both[:, num_rows : num_rows + num_experts]
             routing = self.route(x, token_mask, cluster_ids, logits=logits)
         else:
             if routing is None:
                 routing = self.route(x, token_mask, cluster_ids)
             low_rank = experts.dropout(x_tokens) @ stacked_A.t()
         low_rank = experts.scale_blocks(low_rank, gate_matrix(routing).to(x.dtype), self.universal)
-        out_tokens = torch.addmm(
-            out.reshape(-1, out.shape[-1]), low_rank, experts.stacked_B(self.universal).t()
-        )
-        return out_tokens.view(out.shape)
+        # In place into the base output, which nothing saves for backward (the frozen linear
+        # keeps its input): one matmul reading and writing [T, out] once.
+        out = self.base(x_tokens).addmm_(low_rank, experts.stacked_B(self.universal).t())
+        return out.view(*x.shape[:-1], out.shape[-1])
 
     @torch.no_grad()
     def merge_universal(self) -> MoLELinear:
