@@ -134,7 +134,14 @@ def glu_decode_reference(
     combine_weights: Tensor,
     activation=torch.nn.functional.silu,
 ) -> Tensor:
-    """The same function in torch: each slot's expert weights gathered, then batched products."""
+    """The same function in torch: each slot's expert weights gathered, then batched products.
+
+    Example:
+        >>> x, gate_up, down = torch.randn(2, 8), torch.randn(3, 10, 8), torch.randn(3, 8, 5)
+        >>> experts, weights = torch.tensor([[0, 2], [1, 1]]), torch.rand(2, 2)
+        >>> glu_decode_reference(x, gate_up, down, experts, weights).shape
+        torch.Size([2, 8])
+    """
     num_tokens, top_k = expert_indices.shape
     slot_experts = expert_indices.reshape(-1)  # [S]
     x_slots = x.repeat_interleave(top_k, dim=0).unsqueeze(-1)  # [S, D, 1]

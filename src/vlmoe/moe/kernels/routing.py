@@ -114,7 +114,14 @@ def route_triton(
 def route_reference(
     x: Tensor, gate_weight: Tensor, gate_bias: Tensor | None, top_k: int, temperature: float, normalize: bool
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The same routing in torch (what `Router.forward` computes without forcing or capacity)."""
+    """The same routing in torch (what `Router.forward` computes without forcing or capacity).
+
+    Example:
+        >>> x, gate = torch.randn(3, 8), torch.randn(4, 8)
+        >>> logits, probs, experts, weights = route_reference(x, gate, None, 2, 1.0, True)
+        >>> experts.shape, bool(torch.allclose(weights.sum(-1), torch.ones(3)))
+        (torch.Size([3, 2]), True)
+    """
     logits = torch.nn.functional.linear(x, gate_weight, gate_bias)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     probs = torch.softmax(logits / temperature, dim=-1)
