@@ -62,7 +62,9 @@ class GLUExperts(_LoopGatedForward, nn.Module):
         """The combined output of each token's chosen experts, without sorting (few tokens, no
         autograd): two Triton launches on CUDA, gathered-weight bmm elsewhere. x # [T, I] -> [T, I]."""
         args = (x, self.gate_up_proj, self.down_proj, expert_indices, combine_weights)
-        if self._is_silu() and use_triton(x) and x.dtype == self.gate_up_proj.dtype:
+        # The kernels accumulate in float32: float64 (and other activations) take the torch path.
+        same_dtype = x.dtype == self.gate_up_proj.dtype == self.down_proj.dtype
+        if self._is_silu() and use_triton(x) and same_dtype and x.dtype != torch.float64:
             return glu_decode_triton(*args)
         return glu_decode_reference(*args, activation=self.act_fn)
 
