@@ -1,9 +1,15 @@
 """Batched greedy decoding throughput: upcycled vlmoe LLaVA vs stock transformers Mixtral.
 
-    python benchmarks/generation.py [--layers 12] [--prompt 128] [--new 128]
+    python benchmarks/generation.py [--layers 12] [--prompt 128] [--new 128] [--batches 1 32]
+        [--static] [--models vlmoe,grouped,dense,mixtral]
 
-Same LM shape for both (d=2048, FFN 5632, 4 experts top-2, bf16, SDPA, KV cache), text-only
-prompts, batch 1 and 32; tokens/s counts generated tokens. Writes generation.json.
+Same LM shape for all (d=2048, FFN 5632, 4 experts top-2, bf16, SDPA, KV cache), text-only
+prompts; tokens/s counts generated tokens. Models: vlmoe (`auto`: the decode kernels at small
+batch), vlmoe forced to the grouped path (the previous version), the dense LLaVA before
+upcycling (FFN 5632: what an MoE layer that cost nothing beyond one expert would reach), stock
+Mixtral. `--static`: a static KV cache, with which transformers compiles the decoding step
+(torch.compile fullgraph, mode="reduce-overhead": CUDA graphs) for every model alike.
+Writes generation_b<batches>.json (generation_static_b<batches>.json with --static).
 """
 
 from __future__ import annotations
@@ -21,15 +27,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import vlmoe
 from common import print_table, write_json
 from train_step import FFN, VOCAB, llava, mixtral
+from vlmoe.moe import MoEFeedForward
+from vlmoe.moe import router as router_module
 
 
-def decode_tokens_per_s(model, batch: int, prompt: int, new: int, reps: int = 3) -> float:
+def decode_tokens_per_s(
+    model, batch: int, prompt: int, new: int, reps: int = 3, static: bool = False
+) -> float:
     input_ids = torch.randint(0, VOCAB - 2, (batch, prompt), device="cuda")
     attention_mask = torch.ones_like(input_ids)
     kwargs = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
-    model.generate(
-        input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=4, do_sample=False, pad_token_id=0
-    )
+    if static:
+        kwargs["cache_implementation"] = "static"
+    # Warm-up at the full length: compilation and CUDA-graph capture stay out of the timing.
+    model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     times = []
     for _ in range(reps):
         torch.cuda.synchronize()
@@ -45,28 +56,61 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--new", type=int, default=128)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--static", action="store_true", help="static cache: transformers compiles decoding")
+    parser.add_argument("--models", default="vlmoe,grouped,dense,mixtral")
+    parser.add_argument("--reps", type=int, default=3, help="timed generate calls per row (median)")
     args = parser.parse_args()
     torch.manual_seed(0)
     rows = []
-    builders = (
-        ("vlmoe LLaVA, upcycled 4 experts top-2", lambda: vlmoe.upcycle_ffn(llava(args.layers, FFN), 4, 2)),
-        ("transformers Mixtral (grouped_mm)", lambda: mixtral(args.layers)),
-    )
-    for name, build in builders:
+    fused_limit = router_module.FUSED_ROUTING_MAX_TOKENS
+
+    def grouped():
+        model = vlmoe.upcycle_ffn(llava(args.layers, FFN), 4, 2)
+        for module in model.modules():
+            if isinstance(module, MoEFeedForward):
+                module.backend = "grouped"
+        return model
+
+    builders = {
+        "vlmoe": (
+            "vlmoe LLaVA, upcycled 4x top-2 (auto)",
+            lambda: vlmoe.upcycle_ffn(llava(args.layers, FFN), 4, 2),
+        ),
+        "grouped": ("vlmoe LLaVA, upcycled, grouped path (previous)", grouped),
+        # The decode kernels with the torch router (six launches) instead of the fused one.
+        "torch-router": (
+            "vlmoe LLaVA, upcycled, auto, torch router",
+            lambda: vlmoe.upcycle_ffn(llava(args.layers, FFN), 4, 2),
+        ),
+        "dense": ("dense LLaVA, FFN 5632 (before upcycling)", lambda: llava(args.layers, FFN)),
+        "mixtral": ("transformers Mixtral (grouped_mm)", lambda: mixtral(args.layers)),
+    }
+    for key in args.models.split(","):
+        name, build = builders[key]
         model = build().eval()
-        for batch in (1, 32):
-            with torch.no_grad():
-                speed = decode_tokens_per_s(model, batch, args.prompt, args.new)
+        router_module.FUSED_ROUTING_MAX_TOKENS = 0 if key == "torch-router" else fused_limit
+        for batch in args.batches:
+            try:
+                with torch.no_grad():
+                    speed = decode_tokens_per_s(
+                        model, batch, args.prompt, args.new, reps=args.reps, static=args.static
+                    )
+            except Exception as error:  # e.g. a model transformers cannot compile: report, go on
+                print(f"  {name}, batch {batch}: {type(error).__name__}: {error}"[:2000], flush=True)
+                speed = float("nan")
             rows.append({"model": name, "batch": batch, "tokens_per_s": speed})
             print(f"  {name}, batch {batch}: {speed:.0f} tokens/s", flush=True)
         del model
         torch.cuda.empty_cache()
     for row in rows:
-        stock = next(r for r in rows if r["batch"] == row["batch"] and "Mixtral" in r["model"])
-        row["ratio_to_mixtral"] = row["tokens_per_s"] / stock["tokens_per_s"]
-    write_json("generation", rows)
+        stock = next((r for r in rows if r["batch"] == row["batch"] and "Mixtral" in r["model"]), None)
+        row["ratio_to_mixtral"] = row["tokens_per_s"] / stock["tokens_per_s"] if stock else float("nan")
+    batches = "-".join(str(b) for b in args.batches)
+    write_json(f"generation{'_static' if args.static else ''}_b{batches}", rows)
+    cache = "static cache (compiled)" if args.static else "dynamic cache (eager)"
     print_table(
-        f"greedy decoding, {args.layers} layers, prompt {args.prompt}, {args.new} new tokens",
+        f"greedy decoding, {args.layers} layers, prompt {args.prompt}, {args.new} new tokens, {cache}",
         ["model", "batch", "tokens/s", "ratio to Mixtral"],
         [[r["model"], r["batch"], f"{r['tokens_per_s']:.0f}", f"{r['ratio_to_mixtral']:.2f}"] for r in rows],
     )

@@ -163,6 +163,25 @@ class _PeftLoRA(nn.Module):
         return self.model(x)
 
 
+class _PreviousDense(nn.Module):
+    """The dense MoLE path before v7, for a same-process comparison: gated low-rank product,
+    then the [T, out] scaling and sum as separate passes."""
+
+    def __init__(self, mole: MoLELinear) -> None:
+        super().__init__()
+        self.mole = mole
+
+    def forward(self, x):
+        from vlmoe.moe.dispatch import gate_matrix
+
+        mole, experts = self.mole, self.mole.experts
+        gates = gate_matrix(mole.route(x)).to(x.dtype)
+        low = x @ experts.lora_A.reshape(-1, x.shape[-1]).t()
+        low = (low.view(x.shape[0], experts.num_experts, experts.rank) * gates.unsqueeze(-1)).flatten(1)
+        stacked_B = experts.lora_B.permute(1, 0, 2).reshape(experts.lora_B.shape[1], -1)
+        return mole.base(x) + low @ stacked_B.t() * experts.scaling
+
+
 def bench_mole(reps: int, tokens: int = 16384, fan_in: int = 4096, fan_out: int = 11008) -> list[dict]:
     torch.manual_seed(0)
     x = torch.randn(tokens, fan_in, device="cuda", dtype=DTYPE, requires_grad=True)
@@ -175,6 +194,15 @@ def bench_mole(reps: int, tokens: int = 16384, fan_in: int = 4096, fan_out: int 
     rows = [_measure("PEFT LoRA r=64 (bf16 adapters)", _PeftLoRA(base(), 64), x, reps)]
     rows.append(
         _measure("PEFT LoRA r=64 (PEFT default: fp32 adapters)", _PeftLoRA(base(), 64, False), x, reps)
+    )
+    previous = MoLELinear(base(), num_experts=4, rank=64, alpha=128, top_k=1, backend="dense")
+    with torch.no_grad():
+        previous.experts.lora_B.normal_(std=0.02)
+        previous.router.gate.weight.normal_(std=0.5)
+    rows.append(
+        _measure(
+            "vlmoe MoLE 4 experts r=64 top-1 (dense, previous version)", _PreviousDense(previous), x, reps
+        )
     )
     for backend in ("dense", "grouped", "reference"):
         mole = MoLELinear(base(), num_experts=4, rank=64, alpha=128, top_k=1, backend=backend)
@@ -203,12 +231,13 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="small shapes, for a smoke run")
     parser.add_argument("--ffn-only", action="store_true", help="MoE FFN vs dense only, no other baselines")
+    parser.add_argument("--mole-only", action="store_true", help="only the LoRA-expert layers")
     parser.add_argument("--reps", type=int, default=20, help="timed steps per measurement (median)")
     args = parser.parse_args()
     shapes = [(2048, 256, 512, 4, 2), (2048, 256, 256, 16, 4)] if args.quick else FFN_SHAPES
     reps = 5 if args.quick else args.reps
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
-    ffn_rows = bench_ffn(shapes, reps, baselines=not args.ffn_only)
+    ffn_rows = [] if args.mole_only else bench_ffn(shapes, reps, baselines=not args.ffn_only)
     mole_rows = [] if args.ffn_only else bench_mole(reps, *((2048, 256, 512) if args.quick else ()))
     write_json("moe_layer", ffn_rows + mole_rows)
 

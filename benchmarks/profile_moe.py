@@ -1,6 +1,7 @@
 """Where the MoE FFN's time goes: top CUDA kernels of one fwd+bwd step, dense vs vlmoe.
 
 python benchmarks/profile_moe.py [T d ff E k]
+python benchmarks/profile_moe.py mole     # MoLE (4 experts r=64 top-1) vs PEFT bf16 LoRA r=64
 """
 
 from __future__ import annotations
@@ -42,7 +43,30 @@ def profile_step(name: str, step) -> None:
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=70))
 
 
+def profile_mole(tokens: int = 16384, fan_in: int = 4096, fan_out: int = 11008) -> None:
+    from torch import nn
+
+    from moe_layer import _PeftLoRA
+    from vlmoe.moe import MoLELinear
+
+    torch.manual_seed(0)
+    x = torch.randn(tokens, fan_in, device="cuda", dtype=DTYPE, requires_grad=True)
+    grad = torch.randn(tokens, fan_out, device="cuda", dtype=DTYPE)
+
+    def base():
+        return nn.Linear(fan_in, fan_out, bias=False).to("cuda", DTYPE).requires_grad_(False)
+
+    profile_step("PEFT LoRA r=64 bf16", _train_step(_PeftLoRA(base(), 64), x, grad))
+    mole = MoLELinear(base(), num_experts=4, rank=64, alpha=128, top_k=1, backend="dense")
+    with torch.no_grad():
+        mole.experts.lora_B.normal_(std=0.02)
+        mole.router.gate.weight.normal_(std=0.5)
+    profile_step("vlmoe MoLE dense", _train_step(mole, x, grad))
+
+
 def main() -> None:
+    if sys.argv[1:] == ["mole"]:
+        return profile_mole()
     tokens, hidden, intermediate, num_experts, top_k = (
         int(v) for v in (sys.argv[1:] or [16384, 2048, 5632, 4, 2])
     )

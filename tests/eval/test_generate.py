@@ -95,6 +95,18 @@ def test_upcycled_sparse_model_generates_what_the_dense_one_does():
     )
 
 
+def test_static_cache_generates_the_same_tokens():
+    sparse, processor = tiny("llava")
+    vlmoe.upcycle_ffn(sparse, num_experts=4, top_k=2)
+    prompts, images = _prompts(processor), _images()
+    settings = GenerationSettings(max_new_tokens=5, batch_size=3)
+    static = GenerationSettings(max_new_tokens=5, batch_size=3, static_cache=True)
+    assert torch.equal(
+        generate_token_ids(sparse, processor, prompts, images, static),
+        generate_token_ids(sparse, processor, prompts, images, settings),
+    )
+
+
 def test_generation_runs_in_eval_mode_and_restores_training(llava):
     model, processor = llava
     prompts, images = _prompts(processor), _images()

@@ -210,6 +210,42 @@ def test_mole_top1_selects_one_expert_weighted_by_its_gate(backend):
     assert relative_error(out, expected) < 1e-12
 
 
+@pytest.mark.parametrize("universal", [False, True])
+def test_mole_dense_addmm_path_equals_reference_forward_and_backward(universal):
+    """The dense path adds its second matmul straight into the base output (addmm) with the
+    scaling folded into the gates: same function and gradients as the per-expert reference."""
+    torch.manual_seed(0)
+    layers = {}
+    for backend in ("dense", "reference"):
+        torch.manual_seed(0)
+        layers[backend] = MoLELinear(
+            nn.Linear(8, 12).double(),
+            num_experts=3,
+            rank=2,
+            alpha=6,
+            top_k=2,
+            universal=universal,
+            backend=backend,
+        )
+        randomize_(layers[backend].experts, seed=6)
+        if universal:
+            randomize_(layers[backend].universal, seed=7)
+    x = torch.randn(2, 5, 8, dtype=torch.float64, requires_grad=True)
+    grad_out = torch.randn(2, 5, 12, dtype=torch.float64)
+    results = {}
+    for backend, layer in layers.items():
+        out = layer(x)
+        params = [x, *(p for p in layer.parameters() if p.requires_grad)]
+        results[backend] = (out, torch.autograd.grad(out, params, grad_out))
+    (out, grads), (expected, expected_grads) = results["dense"], results["reference"]
+    assert out.shape == (2, 5, 12)
+    assert relative_error(out, expected) < 1e-12
+    for grad, expected_grad in zip(grads, expected_grads, strict=True):
+        assert relative_error(grad, expected_grad) < 1e-12
+    with torch.no_grad():  # the router's own gate product (not folded into the A matmul)
+        assert relative_error(layers["dense"](x), expected) < 1e-12
+
+
 def test_mocle_cluster_routing_with_universal_expert():
     torch.manual_seed(0)
     base = nn.Linear(8, 8).double()

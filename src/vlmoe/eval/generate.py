@@ -20,7 +20,12 @@ from vlmoe.moe import routing_inputs
 
 @dataclass(frozen=True)
 class GenerationSettings:
-    """How to decode. Greedy unless `do_sample`; `stop_strings` end an answer (and are cut off)."""
+    """How to decode. Greedy unless `do_sample`; `stop_strings` end an answer (and are cut off).
+
+    `static_cache` (opt-in): a preallocated KV cache, with which transformers compiles the
+    decoding step on CUDA (torch.compile, fullgraph, CUDA graphs). The first batch pays the
+    compilation; later steps skip the per-kernel launch cost (benchmarks/README.md).
+    """
 
     max_new_tokens: int = 64
     batch_size: int = 8
@@ -29,6 +34,7 @@ class GenerationSettings:
     top_p: float = 1.0
     stop_strings: tuple[str, ...] = ()
     seed: int = 0
+    static_cache: bool = False
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1 or self.batch_size < 1:
@@ -170,6 +176,7 @@ def generate_token_ids(
             stop_strings=list(settings.stop_strings) or None,
             tokenizer=tokenizer if settings.stop_strings else None,
             pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos,
+            **({"cache_implementation": "static"} if settings.static_cache else {}),
             **sampling,
         )
     return sequences[:, inputs["input_ids"].shape[1] :]

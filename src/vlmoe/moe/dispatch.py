@@ -3,7 +3,7 @@
 Shape legend: T tokens, K top_k, S = T*K token-slots, E experts, I/O expert input/output size.
 A slot is one (token, choice) pair, numbered token * K + choice.
 
-Three backends compute the same function:
+Four backends compute the same function:
 - `reference_dispatch`: for each expert, the tokens that chose it, run through that expert and
   added back with their weight. Any device and dtype (float64 included); the definition.
 - `grouped_dispatch`: one stable sort of the slots by expert, one gather of the token rows,
@@ -13,6 +13,9 @@ Three backends compute the same function:
 - `dense_dispatch`: every expert on every token, weighted by a [T, E] gate matrix that is zero
   off the chosen experts. E times the expert FLOPs but no permutation at all: the fast choice
   for low-rank (LoRA) experts, whose E * rank is small beside the frozen base matmul.
+- `decode_dispatch`: no sort and no plan; each slot's expert weights read in place by two
+  kernels (`vlmoe.moe.kernels.decode`). For a few token-slots with autograd off (generation),
+  where the grouped path's ~25 small launches, not its bytes, bound the step.
 """
 
 from __future__ import annotations
@@ -28,10 +31,13 @@ from vlmoe.moe.kernels import use_triton
 from vlmoe.moe.kernels.combine import combine_sorted, gather_sum_triton
 from vlmoe.moe.router import Routing
 
-Backend = Literal["auto", "reference", "grouped", "dense"]
-BACKENDS: tuple[str, ...] = ("auto", "reference", "grouped", "dense")
+Backend = Literal["auto", "reference", "grouped", "dense", "decode"]
+BACKENDS: tuple[str, ...] = ("auto", "reference", "grouped", "dense", "decode")
 # `auto` runs LoRA experts densely on CUDA while all experts' ranks together stay this small.
 DENSE_MAX_TOTAL_RANK = 512
+# `auto` takes the decode path on CUDA, with autograd off, up to this many token-slots (T * K):
+# every slot re-reads its expert's weights, cheap only while few sequences decode at once.
+DECODE_MAX_SLOTS = 16
 
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
@@ -220,9 +226,50 @@ def resolve_backend(backend: str, x: Tensor, experts: Experts) -> str:
     return "grouped"
 
 
+def decode_dispatch(x: Tensor, routing: Routing, experts: Experts) -> Tensor:
+    """Each token's chosen experts, read in place without a sort. x # [T, I] -> [T, O].
+
+    Needs experts with a `decode_forward` (GLUExperts) and autograd off: it has no backward.
+
+    Example:
+        >>> from vlmoe.moe import GLUExperts, Routing
+        >>> experts = GLUExperts(4, 8, 16, torch.nn.SiLU())
+        >>> probs = torch.full((2, 4), 0.25)
+        >>> routing = Routing(torch.tensor([[0, 3], [2, 1]]), torch.full((2, 2), 0.5), probs, probs.log())
+        >>> x = torch.randn(2, 8)
+        >>> with torch.no_grad():
+        ...     fast = decode_dispatch(x, routing, experts)
+        ...     torch.allclose(fast, reference_dispatch(x, routing, experts), atol=1e-6)
+        True
+    """
+    decode_forward = getattr(experts, "decode_forward", None)
+    if decode_forward is None:
+        raise ValueError(f"backend='decode' supports GLUExperts, not {type(experts).__name__}; use 'grouped'")
+    if torch.is_grad_enabled():
+        raise ValueError(
+            "backend='decode' has no backward: run it under torch.no_grad() or torch.inference_mode(), "
+            "or use backend='auto' (which picks it only there)"
+        )
+    # Dropped slots (capacity) already carry weight 0 in combine_weights.
+    return decode_forward(x, routing.expert_indices, routing.combine_weights)
+
+
+def _auto_decodes(x: Tensor, routing: Routing, experts: Experts) -> bool:
+    return (
+        hasattr(experts, "decode_forward")
+        and routing.kept is None
+        and not torch.is_grad_enabled()
+        and x.shape[0] * routing.expert_indices.shape[-1] <= DECODE_MAX_SLOTS
+    )
+
+
 def dispatch(x: Tensor, routing: Routing, experts: Experts, backend: str = "auto") -> Tensor:
     """Run `experts` on the token-slots chosen by `routing` and combine. x # [T, I] -> [T, O]."""
     chosen = resolve_backend(backend, x, experts)
+    if chosen == "grouped" and backend == "auto" and _auto_decodes(x, routing, experts):
+        chosen = "decode"
+    if chosen == "decode":
+        return decode_dispatch(x, routing, experts)
     if chosen == "grouped":
         return grouped_dispatch(x, routing, experts)
     if chosen == "dense":

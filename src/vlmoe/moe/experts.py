@@ -17,6 +17,8 @@ import torch
 from torch import Tensor, nn
 
 from vlmoe.moe.dispatch import DispatchPlan, grouped_linear
+from vlmoe.moe.kernels import use_triton
+from vlmoe.moe.kernels.decode import glu_decode_reference, glu_decode_triton
 from vlmoe.moe.kernels.swiglu import swiglu
 
 Activation = Callable[[Tensor], Tensor]
@@ -46,12 +48,25 @@ class GLUExperts(_LoopGatedForward, nn.Module):
 
     def forward(self, x_sorted: Tensor, plan: DispatchPlan) -> Tensor:
         gate_up = grouped_linear(x_sorted, self.gate_up_proj, plan)  # [S, 2F]
-        if isinstance(self.act_fn, nn.SiLU) or type(self.act_fn).__name__ == "SiLUActivation":
+        if self._is_silu():
             hidden = swiglu(gate_up)  # one fused pass on CUDA
         else:
             gate, up = gate_up.chunk(2, dim=-1)
             hidden = self.act_fn(gate) * up
         return grouped_linear(hidden, self.down_proj, plan)
+
+    def _is_silu(self) -> bool:
+        return isinstance(self.act_fn, nn.SiLU) or type(self.act_fn).__name__ == "SiLUActivation"
+
+    def decode_forward(self, x: Tensor, expert_indices: Tensor, combine_weights: Tensor) -> Tensor:
+        """The combined output of each token's chosen experts, without sorting (few tokens, no
+        autograd): two Triton launches on CUDA, gathered-weight bmm elsewhere. x # [T, I] -> [T, I]."""
+        args = (x, self.gate_up_proj, self.down_proj, expert_indices, combine_weights)
+        # The kernels accumulate in float32: float64 (and other activations) take the torch path.
+        same_dtype = x.dtype == self.gate_up_proj.dtype == self.down_proj.dtype
+        if self._is_silu() and use_triton(x) and same_dtype and x.dtype != torch.float64:
+            return glu_decode_triton(*args)
+        return glu_decode_reference(*args, activation=self.act_fn)
 
     def expert_forward(self, expert: int, x: Tensor) -> Tensor:
         gate, up = (x @ self.gate_up_proj[expert].t()).chunk(2, dim=-1)
@@ -130,16 +145,35 @@ class LoRAExperts(nn.Module):
     def gated_forward(self, x: Tensor, gates: Tensor, always_on: LoRAExperts | None = None) -> Tensor:
         """sum_e gates[:, e] * expert_e(x), plus `always_on`'s single expert (MoCLE's universal
         LoRA, same rank and scaling) folded into the same two matmuls."""
-        lora_A, lora_B = self.lora_A, self.lora_B
+        low_rank, stacked_B = self.gated_low_rank(x, gates, always_on)
+        return low_rank @ stacked_B.t()
+
+    def gated_low_rank(
+        self, x: Tensor, gates: Tensor, always_on: LoRAExperts | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """The two operands of `gated_forward`'s last matmul: the gated, scaled low-rank
+        activations # [T, E*r] and all B side by side # [O, E*r]. A caller can add their
+        product into an output in one `addmm`."""
+        low_rank = self.dropout(x) @ self.stacked_A(always_on).t()  # all experts' A at once
+        return self.scale_blocks(low_rank, gates, always_on), self.stacked_B(always_on)
+
+    def stacked_A(self, always_on: LoRAExperts | None = None) -> Tensor:
+        """Every expert's A (then `always_on`'s) as one matrix. # [E*r, I]"""
+        lora_A = self.lora_A if always_on is None else torch.cat([self.lora_A, always_on.lora_A])
+        return lora_A.reshape(-1, lora_A.shape[-1])
+
+    def stacked_B(self, always_on: LoRAExperts | None = None) -> Tensor:
+        """Every expert's B (then `always_on`'s) side by side. # [O, E*r]"""
+        lora_B = self.lora_B if always_on is None else torch.cat([self.lora_B, always_on.lora_B])
+        return lora_B.permute(1, 0, 2).reshape(lora_B.shape[1], -1)
+
+    def scale_blocks(self, low_rank: Tensor, gates: Tensor, always_on: LoRAExperts | None = None) -> Tensor:
+        """Each expert's r columns of low_rank # [T, E*r] times its gate # [T, E] and `scaling`
+        (`always_on`'s block gets gate 1): [T, E] multiplies instead of a pass over [T, O]."""
         if always_on is not None:
-            lora_A, lora_B = torch.cat([lora_A, always_on.lora_A]), torch.cat([lora_B, always_on.lora_B])
             gates = torch.cat([gates, gates.new_ones(gates.shape[0], 1)], dim=1)
-        # All experts' A at once ([T, E*r]), each expert's block scaled by its gate, then all B.
-        num_tokens, num_blocks = x.shape[0], lora_A.shape[0]
-        low_rank = self.dropout(x) @ lora_A.reshape(-1, lora_A.shape[-1]).t()  # [T, E*r]
-        low_rank = (low_rank.view(num_tokens, num_blocks, self.rank) * gates.unsqueeze(-1)).flatten(1)
-        stacked_B = lora_B.permute(1, 0, 2).reshape(lora_B.shape[1], -1)  # [O, E*r]
-        return low_rank @ stacked_B.t() * self.scaling
+        scaled_gates = (gates * self.scaling).unsqueeze(-1)  # [T, blocks, 1]
+        return (low_rank.unflatten(1, (gates.shape[1], self.rank)) * scaled_gates).flatten(1)
 
     def delta_weight(self, expert: int) -> Tensor:
         """The dense weight update of one expert. # [O, I]"""

@@ -60,12 +60,18 @@ class SparseLayer(nn.Module):
         return self.router.gate.in_features
 
     def route(
-        self, x: Tensor, token_mask: Tensor | None = None, cluster_ids: Tensor | None = None
+        self,
+        x: Tensor,
+        token_mask: Tensor | None = None,
+        cluster_ids: Tensor | None = None,
+        logits: Tensor | None = None,
     ) -> Routing:
-        """Route the tokens of x # [..., I] and keep the record; the routing is in token order."""
+        """Route the tokens of x # [..., I] and keep the record; the routing is in token order.
+        `logits` # [T, E]: the gate's output if the caller computed it (see `Router.forward`)."""
         self._check_input(x)
         token_mask, cluster_ids = self._flat_routing_inputs(x.shape[:-1], token_mask, cluster_ids)
-        routing = self.router(x.reshape(-1, x.shape[-1]), token_mask=token_mask, cluster_ids=cluster_ids)
+        x_tokens = x.reshape(-1, x.shape[-1])
+        routing = self.router(x_tokens, token_mask=token_mask, cluster_ids=cluster_ids, logits=logits)
         self.last_aux_losses = routing.aux_losses
         self.last_routing = routing.detached() if self.record_routing else None
         return routing
@@ -276,21 +282,57 @@ class MoLELinear(SparseLayer):
     ) -> Tensor:
         """x # [..., in] -> [..., out]. `routing` reuses a decision made elsewhere (a shared router)."""
         self._check_input(x)
+        x_tokens = x.reshape(-1, x.shape[-1])
+        if self.experts is not None and resolve_backend(self.backend, x_tokens, self.experts) == "dense":
+            return self._dense_forward(x, x_tokens, token_mask, cluster_ids, routing)
         out = self.base(x)
         if self.experts is None:  # plain LoRA, or nothing left once merged
             return out if self.universal is None else out + self.universal.expert_forward(0, x)
         if routing is None:
             routing = self.route(x, token_mask, cluster_ids)
-        x_tokens = x.reshape(-1, x.shape[-1])
-        if self.universal is not None and resolve_backend(self.backend, x_tokens, self.experts) == "dense":
-            # Universal and routed experts in the same two matmuls (the universal gate is 1).
-            gates = gate_matrix(routing).to(x.dtype)
-            delta = self.experts.gated_forward(x_tokens, gates, always_on=self.universal)
-        else:
-            delta = dispatch(x_tokens, routing, self.experts, self.backend)
-            if self.universal is not None:
-                delta = delta + self.universal.expert_forward(0, x_tokens)
+        delta = dispatch(x_tokens, routing, self.experts, self.backend)
+        if self.universal is not None:
+            delta = delta + self.universal.expert_forward(0, x_tokens)
         return out + delta.view(*x.shape[:-1], delta.shape[-1])
+
+    def _dense_forward(
+        self,
+        x: Tensor,
+        x_tokens: Tensor,
+        token_mask: Tensor | None,
+        cluster_ids: Tensor | None,
+        routing: Routing | None,
+    ) -> Tensor:
+        """Routed experts (and the universal one, gate 1) in two matmuls, the second adding in
+        place into the base output: no [T, out] pass for the scaling, the sum or a copy. In
+        training the router's gate rides in the first matmul too (one read of x, one input
+        gradient; benchmarks/NOTES.md v7)."""
+        experts, router = self.experts, self.router
+        stacked_A = experts.stacked_A(self.universal)  # [n, in]
+        fold_gate = (
+            routing is None
+            and torch.is_grad_enabled()
+            and router.gate_is_plain_linear
+            and isinstance(experts.dropout, nn.Identity)
+            and router.gate.weight.dtype == stacked_A.dtype
+        )
+        if fold_gate:
+            num_rows, num_experts = stacked_A.shape[0], router.config.num_experts
+            # Zero rows pad the width to a multiple of 8: unaligned widths (e.g. 4 * 64 + 4)
+            # send cuBLAS to kernels twice as slow (measured on an H200).
+            padding = stacked_A.new_zeros(-(num_rows + num_experts) % 8, stacked_A.shape[1])
+            both = x_tokens @ torch.cat([stacked_A, router.gate.weight, padding]).t()  # [T, n + E + pad]
+            low_rank, logits = both[:, :num_rows], both[:, num_rows : num_rows + num_experts]
+            routing = self.route(x, token_mask, cluster_ids, logits=logits)
+        else:
+            if routing is None:
+                routing = self.route(x, token_mask, cluster_ids)
+            low_rank = experts.dropout(x_tokens) @ stacked_A.t()
+        low_rank = experts.scale_blocks(low_rank, gate_matrix(routing).to(x.dtype), self.universal)
+        # In place into the base output, which nothing saves for backward (the frozen linear
+        # keeps its input): one matmul reading and writing [T, out] once.
+        out = self.base(x_tokens).addmm_(low_rank, experts.stacked_B(self.universal).t())
+        return out.view(*x.shape[:-1], out.shape[-1])
 
     @torch.no_grad()
     def merge_universal(self) -> MoLELinear:

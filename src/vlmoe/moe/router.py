@@ -13,6 +13,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlmoe.moe.config import BalanceScope, RouterConfig
+from vlmoe.moe.kernels import use_triton
+from vlmoe.moe.kernels.routing import route_triton
+
+# With autograd off, up to this many tokens are routed by one fused kernel on CUDA
+# (`vlmoe.moe.kernels.routing`): decoding steps, where the six torch launches dominate.
+FUSED_ROUTING_MAX_TOKENS = 256
 
 
 @dataclass
@@ -182,13 +188,23 @@ class Router(nn.Module):
             nn.init.normal_(self.cluster_embedding.weight, std=1.0)
 
     def forward(
-        self, hidden: Tensor, token_mask: Tensor | None = None, cluster_ids: Tensor | None = None
+        self,
+        hidden: Tensor,
+        token_mask: Tensor | None = None,
+        cluster_ids: Tensor | None = None,
+        logits: Tensor | None = None,
     ) -> Routing:
-        """Route `hidden` # [T, D]; token_mask # [T] bool; cluster_ids # [T] int (cluster mode)."""
+        """Route `hidden` # [T, D]; token_mask # [T] bool; cluster_ids # [T] int (cluster mode).
+
+        `logits` # [T, E]: the gate's output, when the caller computed it inside a matmul of its
+        own (allowed while `gate_is_plain_linear`); `hidden` then only gives the token count.
+        """
         cfg = self.config
         if token_mask is not None:
             token_mask = token_mask.to(device=hidden.device, dtype=torch.bool)
-        router_logits = self._logits(hidden, cluster_ids)  # [T, E]
+        if logits is None and self._fused_routing_applies(hidden):
+            return self._fused_routing(hidden, token_mask)
+        router_logits = self._logits(hidden, cluster_ids) if logits is None else logits  # [T, E]
         compute_dtype = torch.promote_types(router_logits.dtype, torch.float32)
         router_logits = router_logits.to(compute_dtype)
         scaled_logits = router_logits if cfg.temperature == 1.0 else router_logits / cfg.temperature
@@ -236,6 +252,38 @@ class Router(nn.Module):
             token_mask=token_mask,
             aux_losses=aux_losses,
         )
+
+    @property
+    def gate_is_plain_linear(self) -> bool:
+        """Whether the logits are exactly `hidden @ gate.weight.T`: token input, no bias, no jitter
+        now. Then a caller may fold the gate into its own matmul over the same input."""
+        jitter = self.training and self.config.jitter_noise > 0
+        return self.cluster_embedding is None and self.gate.bias is None and not jitter
+
+    def _fused_routing_applies(self, hidden: Tensor) -> bool:
+        cfg = self.config
+        return (
+            not torch.is_grad_enabled()
+            and use_triton(hidden)
+            and hidden.shape[0] <= FUSED_ROUTING_MAX_TOKENS
+            and hidden.dtype == self.gate.weight.dtype
+            and hidden.dtype in (torch.bfloat16, torch.float16, torch.float32)
+            and cfg.num_experts <= 256
+            and self.cluster_embedding is None
+            and self.forced_expert is None
+            and cfg.capacity_factor is None
+            and not cfg.straight_through
+            and not (self.training and cfg.jitter_noise > 0)
+        )
+
+    def _fused_routing(self, hidden: Tensor, token_mask: Tensor | None) -> Routing:
+        cfg = self.config
+        normalize = cfg.top_k > 1 and cfg.normalize_top_k
+        logits, probs, indices, weights = route_triton(
+            hidden, self.gate.weight, self.gate.bias, cfg.top_k, cfg.temperature, normalize
+        )
+        # No aux losses: they exist for an optimiser, and autograd is off here.
+        return Routing(indices, weights, probs, logits, token_mask=token_mask)
 
     def _logits(self, hidden: Tensor, cluster_ids: Tensor | None) -> Tensor:
         cfg = self.config

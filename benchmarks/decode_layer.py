@@ -1,0 +1,97 @@
+"""One MoE layer at decoding size: microseconds per forward, autograd off, bf16.
+
+    python benchmarks/decode_layer.py [--tokens 1 8]
+
+A decoding step is launch-bound: this times 500 forwards queued back to back (one sync at the
+end), so it reads the host cost per layer that the generation benchmark sums over 12 layers
+and 64 steps, without its run-to-run spread. Variants: the grouped path (sort + plan), the
+decode kernels with the torch router (six launches) and with the fused routing kernel, and
+transformers' Mixtral block (grouped_mm) of the same weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import print_table, write_json
+from moe_layer import DTYPE, SwiGLU, _As3D, _mixtral_block
+from vlmoe.moe import MoEFeedForward
+from vlmoe.moe import router as router_module
+
+
+def us_per_call(fn, reps: int = 500) -> float:
+    for _ in range(20):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / reps * 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 8])
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    hidden, intermediate, num_experts, top_k = 2048, 5632, 4, 2
+    dense = SwiGLU(hidden, intermediate).to("cuda", DTYPE)
+    moe = MoEFeedForward.from_dense(dense, num_experts, top_k).eval()
+    with torch.no_grad():
+        moe.experts.gate_up_proj.normal_(std=0.02)
+        moe.experts.down_proj.normal_(std=0.02)
+        moe.router.gate.weight.normal_(std=0.5)
+    mixtral = _As3D(_mixtral_block(hidden, intermediate, num_experts, top_k, "grouped_mm", moe)).eval()
+    fused_limit = router_module.FUSED_ROUTING_MAX_TOKENS
+    rows = []
+    for tokens in args.tokens:
+        x = torch.randn(tokens, hidden, device="cuda", dtype=DTYPE)
+        variants = {
+            "vlmoe grouped path, torch router": ("grouped", 0),
+            "vlmoe decode kernels, torch router": ("auto", 0),
+            "vlmoe decode kernels, fused router": ("auto", fused_limit),
+        }
+        with torch.no_grad():
+            outputs = {}
+            for name, (backend, limit) in variants.items():
+                moe.backend, router_module.FUSED_ROUTING_MAX_TOKENS = backend, limit
+                outputs[name] = moe(x)
+                rows.append({"tokens": tokens, "variant": name, "us": us_per_call(lambda x=x: moe(x))})
+            router_module.FUSED_ROUTING_MAX_TOKENS = fused_limit
+            reference = outputs["vlmoe grouped path, torch router"].float()
+            for name, out in outputs.items():
+                error = ((out.float() - reference).norm() / reference.norm()).item()
+                print(f"  tokens {tokens}, {name}: rel. difference to grouped {error:.2e}")
+            rows.append(
+                {
+                    "tokens": tokens,
+                    "variant": "Mixtral block (grouped_mm)",
+                    "us": us_per_call(lambda x=x: mixtral(x)),
+                }
+            )
+            rows.append(
+                {
+                    "tokens": tokens,
+                    "variant": "dense SwiGLU MLP (one expert)",
+                    "us": us_per_call(lambda x=x: dense(x)),
+                }
+            )
+    write_json("decode_layer", rows)
+    print_table(
+        "one MoE layer (d=2048, ff=5632, 4 experts top-2), no_grad, us per forward (host-bound)",
+        ["tokens", "variant", "us"],
+        [[r["tokens"], r["variant"], f"{r['us']:.1f}"] for r in rows],
+    )
+
+
+if __name__ == "__main__":
+    main()
