@@ -155,7 +155,8 @@ def test_aligned_connector_takes_an_expert_from_a_saved_model_directory(tmp_path
     vlmoe.save(donor, tmp_path / "donor")
     recipe = load_recipe(recipe_path("chartmoe"), scale="tiny", output_dir=tmp_path / "run")
     projectors = ["base", str(tmp_path / "donor")]
-    surgery = from_mapping(SurgeryConfig, {"connector": {"init": "aligned", "projectors": projectors}}, "", "")
+    connector = {"connector": {"init": "aligned", "projectors": projectors}}
+    surgery = from_mapping(SurgeryConfig, connector, "", "")
     recipe.stages[-1].surgery = [surgery]
     check_recipe(recipe, "test")  # a directory with config.json is a valid projector source
     model = base_model(recipe)
