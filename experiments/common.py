@@ -366,6 +366,21 @@ def run(built: Recipe) -> list[StageResult]:
     return results
 
 
+def initial_model(built: Recipe) -> Any:
+    """A one-stage recipe's model right after its surgery, exactly as `run_stage` builds it (the
+    same seed, the same calls in the same order), for the loss at step 0."""
+    from transformers import set_seed
+
+    from vlmoe.train.stages import apply_surgery, start_model
+
+    stage = built.stages[0]
+    set_seed(built.seed)
+    model = start_model(built, stage, [])
+    for surgery in stage.surgery:
+        apply_surgery(model, surgery, built, [], stage)
+    return model
+
+
 def loss_curve(log_history: list[dict[str, Any]]) -> list[tuple[int, float]]:
     """(step, training loss) pairs of a stage's log."""
     return [(int(e["step"]), float(e["loss"])) for e in log_history if "loss" in e]

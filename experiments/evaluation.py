@@ -97,8 +97,20 @@ def score(task: str, predictions: Sequence[str], samples: Sequence[ConversationS
             "table_exact_match": sum(exact for _, exact in pairs) / n,
         }
     metric = relaxed_accuracy if task == "chart_qa" else exact_match
-    name = "relaxed_accuracy" if task == "chart_qa" else "exact_match"
+    name = "relaxed_accuracy" if task == "chart_qa" else f"{task}_exact_match"
     return {name: sum(metric(p, r) for p, r in zip(predictions, references, strict=True)) / n}
+
+
+def score_heldout(
+    model: Any, processor: Any, heldout: dict[str, list[ConversationSample]], scale: Any, tasks: Sequence[str]
+) -> dict[str, float]:
+    """Generate and score the first `scale.eval_samples` held-out samples of each task."""
+    budget = {"chart_to_table": scale.table_tokens}
+    metrics: dict[str, float] = {}
+    for task in tasks:
+        samples = heldout[task][: scale.eval_samples]
+        metrics.update(score(task, answer(model, processor, samples, budget.get(task, 12)), samples))
+    return metrics
 
 
 def heldout_loss(

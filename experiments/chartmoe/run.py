@@ -27,7 +27,7 @@ import numpy as np
 
 from experiments import common
 from experiments.chartmoe.regions import REGIONS, patch_regions, region_expert_shares
-from experiments.evaluation import answer, heldout_loss, read_split, score
+from experiments.evaluation import heldout_loss, read_split, score_heldout
 from experiments.jobs import Job
 from experiments.report import (
     aggregate,
@@ -105,20 +105,6 @@ def arm_dir(work: str | Path, arm: str, seed: int) -> Path:
     return Path(work) / NAME / f"{arm.replace('+', '_')}-seed{seed}"
 
 
-def initial_model(built: Any) -> Any:
-    """The SFT stage's model right after its surgery, exactly as `run_stage` builds it (same seed)."""
-    from transformers import set_seed
-
-    from vlmoe.train.stages import apply_surgery, start_model
-
-    stage = built.stages[0]
-    set_seed(built.seed)
-    model = start_model(built, stage, [])
-    for surgery in stage.surgery:
-        apply_surgery(model, surgery, built, [], stage)
-    return model
-
-
 def arm(work: str, results: str, scale: str, budget: float, arm: str, seed: int) -> None:
     """Train one arm, then measure it; writes `<results>/runs/<arm>-seed<k>.json`."""
     from transformers import AutoProcessor
@@ -133,7 +119,7 @@ def arm(work: str, results: str, scale: str, budget: float, arm: str, seed: int)
     loss_set = [s for task in SFT_TASKS for s in heldout[task][: steps.loss_samples]]
     dense = vlmoe.load(common.pretrained_model(work)).to(device)
     base_loss = heldout_loss(dense, processor, loss_set, chosen.max_length)
-    start = initial_model(built).to(device)
+    start = common.initial_model(built).to(device)
     initial_loss = heldout_loss(start, processor, loss_set, chosen.max_length)
     del dense, start
     began = time.perf_counter()
@@ -150,10 +136,8 @@ def arm(work: str, results: str, scale: str, budget: float, arm: str, seed: int)
         "curve": common.loss_curve(result.log_history),
         "parameters": vlmoe.models.parameter_report(model).total,
     }
-    qa = heldout["chart_qa"][: chosen.eval_samples]
-    record.update(score("chart_qa", answer(model, processor, qa, 12), qa))
+    record.update(score_heldout(model, processor, heldout, chosen, ("chart_qa", "chart_to_table")))
     tables = heldout["chart_to_table"][: chosen.eval_samples]
-    record.update(score("chart_to_table", answer(model, processor, tables, chosen.table_tokens), tables))
     record.update(patch_routing(model, processor, tables[: steps.patch_maps], arm, seed, chosen, results))
     write_run(results, f"{arm.replace('+', '_')}-seed{seed}", record)
 
