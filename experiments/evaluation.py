@@ -75,15 +75,31 @@ def answer(
     max_new_tokens: int,
     batch_size: int = 64,
 ) -> list[str]:
-    """Greedy answers to each sample's first question (its images attached)."""
-    prompts, images = [], []
-    for sample in samples:
-        question = sample.messages[0]["content"].replace("<image>", "").strip()
-        prompts.append(chat_prompt(processor, question, len(sample.images)))
-        images.append([Image.open(path).convert("RGB") for path in sample.images])
+    """Greedy answers to each sample's first question (its images attached).
+
+    Samples with a MoCLE cluster id are answered in batches of one cluster, inside
+    `routing_inputs(cluster_ids=...)`: `vlmoe.eval.generate` itself passes no cluster ids.
+    """
     settings = GenerationSettings(max_new_tokens=max_new_tokens, batch_size=batch_size)
-    with torch.no_grad():
-        return [a.strip() for a in generate(model, processor, prompts, images, settings, progress=False)]
+    groups: dict[int | None, list[int]] = {}
+    for i, sample in enumerate(samples):
+        groups.setdefault(sample.cluster_id, []).append(i)
+    answers: list[str] = [""] * len(samples)
+    device = next(model.parameters()).device
+    for cluster, indices in groups.items():
+        for start in range(0, len(indices), batch_size):
+            chunk = indices[start : start + batch_size]
+            prompts, images = [], []
+            for i in chunk:
+                question = samples[i].messages[0]["content"].replace("<image>", "").strip()
+                prompts.append(chat_prompt(processor, question, len(samples[i].images)))
+                images.append([Image.open(path).convert("RGB") for path in samples[i].images])
+            ids = None if cluster is None else torch.full((len(chunk),), cluster, device=device)
+            with torch.no_grad(), routing_inputs(model, cluster_ids=ids):
+                texts = generate(model, processor, prompts, images, settings, progress=False)
+            for i, text in zip(chunk, texts, strict=True):
+                answers[i] = text.strip()
+    return answers
 
 
 def score(task: str, predictions: Sequence[str], samples: Sequence[ConversationSample]) -> dict[str, float]:
