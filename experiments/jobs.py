@@ -33,7 +33,9 @@ class Job:
 
 
 class JobsFailed(RuntimeError):
-    pass
+    def __init__(self, message: str, seconds: dict[str, float]) -> None:
+        super().__init__(message)
+        self.seconds = seconds  # of the jobs that finished
 
 
 def call(target: str, kwargs: dict[str, Any]) -> Any:
@@ -90,7 +92,7 @@ def run_jobs(jobs: Sequence[Job], parallel: int, logs: str | Path) -> dict[str, 
                 failed[name] = f"exit {process.returncode}, log {logs / (name + '.log')}"
         time.sleep(0.2)
     if failed:
-        raise JobsFailed("; ".join(f"{name}: {why}" for name, why in failed.items()))
+        raise JobsFailed("; ".join(f"{name}: {why}" for name, why in failed.items()), seconds)
     return seconds
 
 

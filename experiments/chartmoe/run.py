@@ -55,7 +55,7 @@ class Steps:
     patch_maps: int  # held-out charts whose per-patch routing is analysed
 
 
-STEPS = {"smoke": Steps(2, 3, 4, 2, 2), "gpu": Steps(300, 800, 32, 64, 64)}
+STEPS = {"smoke": Steps(2, 3, 4, 2, 2), "gpu": Steps(200, 600, 32, 48, 48)}
 
 
 def align_dir(work: str | Path, task: str, seed: int) -> Path:

@@ -54,7 +54,7 @@ class Steps:
     routed_samples: int
 
 
-STEPS = {"smoke": Steps(3, 4, 4, 2, 2), "gpu": Steps(600, 16, 4, 48, 24)}
+STEPS = {"smoke": Steps(3, 4, 4, 2, 2), "gpu": Steps(400, 16, 4, 48, 24)}
 
 
 def data_file(work: str | Path, name: str) -> Path:

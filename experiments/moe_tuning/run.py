@@ -48,7 +48,7 @@ class Steps:
     routed_samples: int  # held-out samples per task routed for the pictures
 
 
-STEPS = {"smoke": Steps(3, 2, 2), "gpu": Steps(800, 48, 24)}
+STEPS = {"smoke": Steps(3, 2, 2), "gpu": Steps(600, 40, 24)}
 
 
 def arm_recipe(work: str, scale: str, budget: float, arm: str, seed: int) -> Any:
