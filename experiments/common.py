@@ -417,6 +417,13 @@ def parser(description: str) -> argparse.ArgumentParser:
     return parse
 
 
+def limit_threads(scale: str) -> None:
+    """One torch thread at smoke scale: models of a few thousand weights gain nothing from threads,
+    and on a busy machine their contention made a smoke run ten times slower."""
+    if scale == "smoke":
+        torch.set_num_threads(1)
+
+
 def main(
     name: str, jobs: Callable[[str, str, str, float], Sequence], argv: Sequence[str] | None = None
 ) -> None:
