@@ -14,11 +14,9 @@ arms differ only in what the experiment varies. Two scales: `smoke` (CPU, second
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
-from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -26,6 +24,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
+from experiments.small_vlm import ModelSize, build_small_vlm
 from vlmoe.data import ChartSetConfig, ConversationSample, generate_chart_set
 from vlmoe.train.data import chart_samples
 from vlmoe.train.recipe import ChartDataConfig, Recipe, check_recipe
@@ -33,23 +32,6 @@ from vlmoe.train.stages import StageResult, run_recipe
 from vlmoe.train.validate import from_mapping
 
 CHART_TASKS = ("chart_type", "chart_qa", "chart_to_table", "chart_to_json", "chart_to_code")
-
-
-@dataclass(frozen=True)
-class ModelSize:
-    """The small LLaVA: CLIP vision tower, two-layer MLP projector, Llama LM."""
-
-    image_size: int
-    patch_size: int
-    vision_hidden: int
-    vision_layers: int
-    vision_heads: int
-    lm_hidden: int
-    lm_layers: int
-    lm_heads: int
-    lm_kv_heads: int
-    lm_intermediate: int
-    vocab_size: int
 
 
 @dataclass(frozen=True)
@@ -118,7 +100,7 @@ def get_scale(name: str, budget: float = 1.0) -> Scale:
     """The scale `name`; `budget` multiplies the pre-training steps (the experiments scale theirs).
 
     >>> get_scale("gpu", budget=0.5).pretrain_steps
-    500
+    400
     """
     if name not in SCALES:
         raise ValueError(f"unknown scale {name!r}; choose one of {sorted(SCALES)}")
@@ -209,78 +191,6 @@ def write_llava(samples: list[ConversationSample], path: Path) -> None:
             if s.cluster_id is not None and s.cluster_id >= 0:
                 line["cluster_id"] = s.cluster_id
             file.write(json.dumps(line) + "\n")
-
-
-def build_small_vlm(size: ModelSize, corpus: list[str], seed: int = 0) -> tuple[Any, Any]:
-    """A random LLaVA of `size` with a byte-level BPE tokenizer fitted to `corpus`.
-
-    >>> model, processor = build_small_vlm(SMOKE.model, ["a bar chart", "| a | b |"])
-    >>> model.config.image_seq_length, len(processor.tokenizer) <= SMOKE.model.vocab_size
-    (16, True)
-    """
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-    from transformers.models.llava.processing_llava import LlavaProcessor
-
-    from vlmoe.models.tiny import _LLAVA_TEMPLATE
-    from vlmoe.models.tokenizer import tiny_tokenizer
-
-    tokenizer = tiny_tokenizer(
-        ["<unk>", "<s>", "</s>", "<pad>", "<image>"],
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        extra_special_tokens={"image_token": "<image>"},
-        chat_template=_LLAVA_TEMPLATE,
-        vocab_size=size.vocab_size,
-        corpus=["USER: ASSISTANT:", *corpus],
-    )
-    vision = CLIPVisionConfig(
-        hidden_size=size.vision_hidden,
-        intermediate_size=4 * size.vision_hidden,
-        num_hidden_layers=size.vision_layers,
-        num_attention_heads=size.vision_heads,
-        image_size=size.image_size,
-        patch_size=size.patch_size,
-        projection_dim=size.vision_hidden,
-    )
-    text = LlamaConfig(
-        vocab_size=size.vocab_size,
-        hidden_size=size.lm_hidden,
-        intermediate_size=size.lm_intermediate,
-        num_hidden_layers=size.lm_layers,
-        num_attention_heads=size.lm_heads,
-        num_key_value_heads=size.lm_kv_heads,
-        max_position_embeddings=1024,
-        tie_word_embeddings=False,
-        pad_token_id=3,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    config = LlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_index=tokenizer.image_token_id,
-        image_seq_length=(size.image_size // size.patch_size) ** 2,
-        vision_feature_layer=-1,
-    )
-    config._attn_implementation = "sdpa"
-    side = size.image_size
-    image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": side}, crop_size={"height": side, "width": side}
-    )
-    processor = LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=size.patch_size,
-        vision_feature_select_strategy=config.vision_feature_select_strategy,
-        chat_template=_LLAVA_TEMPLATE,
-        num_additional_image_tokens=1,  # CLIP's class token, dropped by the "default" strategy
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = LlavaForConditionalGeneration(config)
-    return model.float(), processor
 
 
 def pretrain(work: str | Path, scale: str, budget: float = 1.0) -> dict[str, Any]:
@@ -386,62 +296,3 @@ def initial_model(built: Recipe) -> Any:
 def loss_curve(log_history: list[dict[str, Any]]) -> list[tuple[int, float]]:
     """(step, training loss) pairs of a stage's log."""
     return [(int(e["step"]), float(e["loss"])) for e in log_history if "loss" in e]
-
-
-# ---------------------------------------------------------------- command line
-
-
-def shared_jobs(work: str, scale: str, budget: float, workers: int) -> list:
-    """Preparation and dense pre-training: every experiment's jobs run after "pretrain"."""
-    from experiments.jobs import Job
-
-    kwargs = {"work": work, "scale": scale, "budget": budget}
-    return [
-        Job("prepare", f"{__name__}:prepare", {**kwargs, "workers": workers}),
-        Job("pretrain", f"{__name__}:pretrain", kwargs, ("prepare",)),
-    ]
-
-
-def parser(description: str) -> argparse.ArgumentParser:
-    parse = argparse.ArgumentParser(description=description)
-    parse.add_argument("--scale", choices=sorted(SCALES), default="smoke")
-    parse.add_argument(
-        "--work", default=None, help="models and data (default /tmp/vlmoe-experiments/<scale>)"
-    )
-    parse.add_argument("--results", default=None, help="results folder (default experiments/<name>/results)")
-    parse.add_argument(
-        "--parallel", type=int, default=None, help="arm processes at once (default: the scale's)"
-    )
-    parse.add_argument("--budget", type=float, default=1.0, help="multiplies every step count")
-    parse.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="chart drawing processes")
-    return parse
-
-
-def limit_threads(scale: str) -> None:
-    """One torch thread at smoke scale: models of a few thousand weights gain nothing from threads,
-    and on a busy machine their contention made a smoke run ten times slower."""
-    if scale == "smoke":
-        torch.set_num_threads(1)
-
-
-def main(
-    name: str, jobs: Callable[[str, str, str, float], Sequence], argv: Sequence[str] | None = None
-) -> None:
-    """One experiment's command line: the shared jobs, its own jobs, in parallel processes or not."""
-    from experiments.jobs import run_jobs
-
-    args = parser(f"vlmoe experiment {name}").parse_args(argv)
-    limit_threads(args.scale)
-    work = args.work or f"/tmp/vlmoe-experiments/{args.scale}"
-    results = args.results or str(Path(__file__).parent / name / "results")
-    scale = get_scale(args.scale, args.budget)
-    todo = [
-        *shared_jobs(work, args.scale, args.budget, args.workers),
-        *jobs(work, results, args.scale, args.budget),
-    ]
-    parallel = scale.parallel if args.parallel is None else args.parallel
-    for old in ("runs", "routing"):  # a run's results are only its own
-        shutil.rmtree(Path(results) / old, ignore_errors=True)
-    seconds = run_jobs(todo, parallel, Path(work) / "logs")
-    Path(results).mkdir(parents=True, exist_ok=True)
-    (Path(results) / "job_seconds.json").write_text(json.dumps(seconds, indent=2))

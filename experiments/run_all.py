@@ -15,7 +15,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from experiments import common
+from experiments import cli, common
 from experiments.chartmoe import run as chartmoe
 from experiments.jobs import JobsFailed, run_jobs
 from experiments.mocle import run as mocle
@@ -34,17 +34,17 @@ def all_jobs(
     work: str, results: str | None, scale: str, budget: float, workers: int, names: Sequence[str]
 ) -> list:
     """The shared jobs, then each experiment's, in priority order."""
-    todo = common.shared_jobs(work, scale, budget, workers)
+    todo = cli.shared_jobs(work, scale, budget, workers)
     for name in names:
         todo += EXPERIMENTS[name].jobs(work, str(results_dir(results, name)), scale, budget)
     return todo
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parse = common.parser("every vlmoe experiment, arms in parallel")
+    parse = cli.parser("every vlmoe experiment, arms in parallel")
     parse.add_argument("--experiments", default=",".join(EXPERIMENTS), help="comma-separated subset")
     args = parse.parse_args(argv)
-    common.limit_threads(args.scale)
+    cli.limit_threads(args.scale)
     names = [n.strip() for n in args.experiments.split(",") if n.strip()]
     unknown = [n for n in names if n not in EXPERIMENTS]
     if unknown:

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from experiments import common
+from experiments import cli, common
 from experiments.chartmoe.regions import REGIONS, patch_regions, region_expert_shares
 from experiments.evaluation import heldout_loss, read_split, score_heldout
 from experiments.jobs import Job
@@ -263,7 +263,7 @@ def report(results: str, scale: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    common.main(NAME, jobs, argv)
+    cli.main(NAME, jobs, argv)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from experiments import common
+from experiments import cli, common
 from experiments.evaluation import heldout_loss, read_split, score_heldout
 from experiments.jobs import Job
 from experiments.mocle.styles import HELD_OUT, NUM_CLUSTERS, TRAIN, style_clusters
@@ -230,7 +230,7 @@ def report(results: str, scale: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    common.main(NAME, jobs, argv)
+    cli.main(NAME, jobs, argv)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from experiments import common
+from experiments import cli, common
 from experiments.evaluation import answer, heldout_loss, read_split, score
 from experiments.jobs import Job
 from experiments.mole.domains import DOMAINS, build_domains, domain_file, verbose_scores
@@ -199,7 +199,7 @@ def report(results: str, scale: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    common.main(NAME, jobs, argv)
+    cli.main(NAME, jobs, argv)
 
 
 if __name__ == "__main__":
