@@ -6,7 +6,7 @@ tower, an MLP projector, a Llama LM and a BPE tokenizer fitted to the chart text
 arms differ only in what the experiment varies. Two scales: `smoke` (CPU, seconds, for CI) and
 `gpu` (the real run on one H200). Smoke-scale numbers say only that the pipeline works.
 
-    work/shared/charts/         synthetic charts (vlmoe.data), train and held-out splits
+    work/shared/data/charts-*/  synthetic charts (vlmoe.data); the last `held_out` are held out
     work/shared/data/*.jsonl    one LLaVA file per split and task (absolute image paths)
     work/shared/base/           the random small VLM + its processor (vlmoe.save)
     work/shared/pretrain/       the dense pre-training run; .../pretrain/final is every arm's start
@@ -149,7 +149,7 @@ def prepare(work: str | Path, scale: str, workers: int = 1, budget: float = 1.0)
     chosen = get_scale(scale, budget)
     shared = shared_dir(work)
     done = shared / "prepared.json"
-    if done.is_file():
+    if done.is_file() and json.loads(done.read_text())["model"] == asdict(chosen.model):
         return json.loads(done.read_text())
     charts = chart_config(chosen)
     config = ChartSetConfig(
@@ -197,8 +197,12 @@ def pretrain(work: str | Path, scale: str, budget: float = 1.0) -> dict[str, Any
     """Dense pre-training from scratch: every part trained on all chart tasks (idempotent)."""
     chosen = get_scale(scale, budget)
     out = shared_dir(work) / "pretrain"
-    if (out / "pretrain" / "stage_done.json").is_file():
-        return json.loads((out / "pretrain" / "stage_done.json").read_text())
+    settings = {"scale": scale, "steps": chosen.pretrain_steps, "batch": chosen.pretrain_batch}
+    done = out / "pretrain" / "stage_done.json"
+    # Reused only when made with the same settings (a rerun with another --budget trains anew).
+    made = out / "settings.json"
+    if done.is_file() and made.is_file() and json.loads(made.read_text()) == settings:
+        return json.loads(done.read_text())
     shutil.rmtree(out, ignore_errors=True)
     sources = [source(work, "chart", task) for task in CHART_TASKS]
     stage_dict = stage(
@@ -212,6 +216,7 @@ def pretrain(work: str | Path, scale: str, budget: float = 1.0) -> dict[str, Any
         dataloader_workers=4 * chosen.dataloader_workers,
     )
     results = run(recipe("pretrain", shared_dir(work) / "base", out, [stage_dict]))
+    (out / "settings.json").write_text(json.dumps(settings))
     return {"log_history": results[-1].log_history}
 
 
