@@ -30,6 +30,7 @@ class Job:
     target: str  # "package.module:function"
     kwargs: dict[str, Any] = field(default_factory=dict)
     after: tuple[str, ...] = ()
+    always: bool = False  # run even when some of `after` failed (a report of what finished)
 
 
 class JobsFailed(RuntimeError):
@@ -48,11 +49,15 @@ def call(target: str, kwargs: dict[str, Any]) -> Any:
     return getattr(importlib.import_module(module), name)(**kwargs)
 
 
-def run_jobs(jobs: Sequence[Job], parallel: int, logs: str | Path) -> dict[str, float]:
+def run_jobs(
+    jobs: Sequence[Job], parallel: int, logs: str | Path, deadline: float | None = None
+) -> dict[str, float]:
     """Run `jobs` (at most `parallel` at once), each after its `after` jobs; returns seconds per job.
 
-    A failed job fails the jobs after it; the others still run; then `JobsFailed` names the
-    failures and their logs.
+    A failed job fails the jobs after it, except `always` jobs (the reports), which run once
+    their inputs have finished either way; the others still run; then `JobsFailed` names the
+    failures and their logs. Past `deadline` seconds no job starts and running ones are stopped,
+    except `always` jobs, so a run that is too slow still reports what it finished.
     """
     names = [job.name for job in jobs]
     for job in jobs:
@@ -69,26 +74,34 @@ def run_jobs(jobs: Sequence[Job], parallel: int, logs: str | Path) -> dict[str, 
             call(job.target, job.kwargs)
             seconds[job.name] = round(time.perf_counter() - start, 1)
         return seconds
+    began = time.perf_counter()
     pending = list(jobs)
-    running: dict[str, tuple[subprocess.Popen, float, Any]] = {}
+    running: dict[str, tuple[Job, subprocess.Popen, Any, float]] = {}
     while pending or running:
-        for job in [j for j in pending if any(name in failed for name in j.after)]:
-            failed[job.name] = "an earlier job failed"
-            pending.remove(job)
-        ready = [j for j in pending if all(name in seconds for name in j.after)]
+        late = deadline is not None and time.perf_counter() - began > deadline
+        for job in list(pending):
+            if not job.always and (late or any(name in failed for name in job.after)):
+                failed[job.name] = "not started: past the deadline" if late else "an earlier job failed"
+                pending.remove(job)
+        finished = set(seconds) | set(failed)
+        ready = [j for j in pending if all(name in (finished if j.always else seconds) for name in j.after)]
         while ready and len(running) < parallel:
             job = ready.pop(0)
             pending.remove(job)
             process, log = _start(job, logs)
-            running[job.name] = (process, log, time.perf_counter())
-        for name, (process, log, started) in list(running.items()):
+            running[job.name] = (job, process, log, time.perf_counter())
+        for name, (job, process, log, started) in list(running.items()):
+            if late and not job.always and process.poll() is None:
+                process.terminate()
+                process.wait()
+                failed[name] = "stopped: past the deadline"
             if process.poll() is None:
                 continue
             log.close()
             del running[name]
             if process.returncode == 0:
                 seconds[name] = round(time.perf_counter() - started, 1)
-            else:
+            elif name not in failed:
                 failed[name] = f"exit {process.returncode}, log {logs / (name + '.log')}"
         time.sleep(0.2)
     if failed:
@@ -102,8 +115,13 @@ def _start(job: Job, logs: Path) -> tuple[subprocess.Popen, Any]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     env["VLMOE_EXPERIMENTS_QUIET"] = "1"
     payload = json.dumps({"target": job.target, "kwargs": job.kwargs})
+    root = Path(__file__).resolve().parents[1]  # the repository: `experiments` imports from there
     process = subprocess.Popen(
-        [sys.executable, "-m", "experiments.jobs", payload], stdout=log, stderr=subprocess.STDOUT, env=env
+        [sys.executable, "-m", "experiments.jobs", payload],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd=root,
     )
     return process, log
 

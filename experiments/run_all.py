@@ -43,6 +43,9 @@ def all_jobs(
 def main(argv: Sequence[str] | None = None) -> None:
     parse = cli.parser("every vlmoe experiment, arms in parallel")
     parse.add_argument("--experiments", default=",".join(EXPERIMENTS), help="comma-separated subset")
+    parse.add_argument(
+        "--deadline", type=float, default=None, help="seconds; then stop training jobs and write the reports"
+    )
     args = parse.parse_args(argv)
     cli.limit_threads(args.scale)
     names = [n.strip() for n in args.experiments.split(",") if n.strip()]
@@ -60,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     start = time.perf_counter()
     seconds: dict[str, float] = {}
     try:
-        seconds = run_jobs(todo, parallel, logs)
+        seconds = run_jobs(todo, parallel, logs, deadline=args.deadline)
     except JobsFailed as error:
         seconds = error.seconds
         raise

@@ -209,7 +209,15 @@ def jobs(work: str, results: str, scale: str, budget: float) -> list[Job]:
             }
             found.append(Job(f"{NAME}-{name.replace('+', '_')}-seed{seed}", f"{__name__}:arm", kwargs, after))
     arm_jobs = tuple(job.name for job in found if ":arm" in job.target)
-    found.append(Job(f"{NAME}-report", f"{__name__}:report", {"results": results, "scale": scale}, arm_jobs))
+    found.append(
+        Job(
+            f"{NAME}-report",
+            f"{__name__}:report",
+            {"results": results, "scale": scale},
+            arm_jobs,
+            always=True,
+        )
+    )
     return found
 
 

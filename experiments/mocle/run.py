@@ -185,7 +185,9 @@ def jobs(work: str, results: str, scale: str, budget: float) -> list[Job]:
             after = ("pretrain", f"{NAME}-data")
             found.append(Job(f"{NAME}-{name.replace('+', '_')}-seed{seed}", f"{__name__}:arm", kwargs, after))
     names = tuple(job.name for job in found[1:])
-    found.append(Job(f"{NAME}-report", f"{__name__}:report", {"results": results, "scale": scale}, names))
+    found.append(
+        Job(f"{NAME}-report", f"{__name__}:report", {"results": results, "scale": scale}, names, always=True)
+    )
     return found
 
 

@@ -143,7 +143,9 @@ def jobs(work: str, results: str, scale: str, budget: float) -> list[Job]:
             }
             found.append(Job(f"{NAME}-{name}-seed{seed}", f"{__name__}:arm", kwargs, ("pretrain",)))
     names = tuple(job.name for job in found)
-    found.append(Job(f"{NAME}-report", f"{__name__}:report", {"results": results, "scale": scale}, names))
+    found.append(
+        Job(f"{NAME}-report", f"{__name__}:report", {"results": results, "scale": scale}, names, always=True)
+    )
     return found
 
 

@@ -146,7 +146,9 @@ def jobs(work: str, results: str, scale: str, budget: float) -> list[Job]:
                 Job(f"{NAME}-{name}-seed{seed}", f"{__name__}:arm", kwargs, ("pretrain", f"{NAME}-domains"))
             )
     names = tuple(job.name for job in found[1:])
-    found.append(Job(f"{NAME}-report", f"{__name__}:report", {"results": results, "scale": scale}, names))
+    found.append(
+        Job(f"{NAME}-report", f"{__name__}:report", {"results": results, "scale": scale}, names, always=True)
+    )
     return found
 
 
