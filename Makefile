@@ -10,8 +10,8 @@ $(STAMP): pyproject.toml scripts/bootstrap.sh
 	@touch $(STAMP)
 
 lint: $(STAMP)
-	$(PY) -m ruff check src tests benchmarks
-	$(PY) -m ruff format --check src tests benchmarks
+	$(PY) -m ruff check src tests benchmarks experiments
+	$(PY) -m ruff format --check src tests benchmarks experiments
 
 test: lint
 	$(PY) -m pytest -n 2 --dist loadfile -q
@@ -20,8 +20,8 @@ demo: $(STAMP)
 	$(VENV)/bin/vlmoe demo
 
 format: $(STAMP)
-	$(PY) -m ruff format src tests benchmarks
-	$(PY) -m ruff check --fix src tests benchmarks
+	$(PY) -m ruff format src tests benchmarks experiments
+	$(PY) -m ruff check --fix src tests benchmarks experiments
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache

@@ -347,3 +347,14 @@ def test_connector_is_not_given_the_text_mask():
     with routing_inputs(connector, attention_mask=torch.ones(1, 3)):
         assert connector.token_mask is None
         connector(torch.randn(5, 6))
+
+
+def test_nested_routing_inputs_keep_the_outer_cluster_ids_and_restore_on_exit():
+    layer = MoLELinear(nn.Linear(8, 8), num_experts=3, rank=2, router_input="cluster", num_clusters=5)
+    ids, mask = torch.tensor([1, 4]), torch.ones(2, 3, dtype=torch.long)
+    with routing_inputs(layer, cluster_ids=ids):
+        with routing_inputs(layer, attention_mask=mask):  # as vlmoe.eval.generate does inside
+            assert torch.equal(layer.cluster_ids, ids) and layer.token_mask.all()
+            layer(torch.randn(2, 3, 8))  # routes: the cluster ids are still there
+        assert layer.token_mask is None and torch.equal(layer.cluster_ids, ids)
+    assert layer.cluster_ids is None and layer.token_mask is None

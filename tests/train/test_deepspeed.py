@@ -12,9 +12,9 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
+
 from tests.gloo import run_on_ranks
 from tests.train.test_distributed import GLOBAL_BATCH, LOSS_RTOL, STEPS, _my_half, setup, train
-
 from vlmoe.moe import aux_loss
 
 deepspeed = pytest.importorskip("deepspeed")

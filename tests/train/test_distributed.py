@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.distributed as dist
 from PIL import Image
-from tests.gloo import run_on_ranks
 
 import vlmoe
+from tests.gloo import run_on_ranks
 from vlmoe.moe import aux_loss, set_load_balance_scope
 from vlmoe.train.distributed import full_state_dict, is_sharded, load_full_state_dict
 

@@ -109,7 +109,7 @@ def test_cross_checks_parts_starts_and_projectors(tmp_path):
         load_recipe(_write(tmp_path, {**MINIMAL, "stages": [stage]}))
     surgery = [{"connector": {"init": "aligned", "projectors": ["base", "nope"]}}]
     stage = {**MINIMAL["stages"][0], "surgery": surgery}
-    with pytest.raises(RecipeError, match="'nope' is not 'base' or an earlier stage"):
+    with pytest.raises(RecipeError, match="'nope' is not 'base', an earlier stage or a saved model"):
         load_recipe(_write(tmp_path, {**MINIMAL, "stages": [stage]}))
     stage = {**MINIMAL["stages"][0], "surgery": [{"upcycle": {}, "mole": {}}]}
     with pytest.raises(RecipeError, match="exactly one of upcycle, mole, mocle, connector"):

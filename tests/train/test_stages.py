@@ -143,3 +143,25 @@ def test_gradient_checkpointing_and_bf16_train(tmp_path, changes):
     first = [entry["loss"] for entry in (plain[0], other[0])]
     # Checkpointing recomputes the same forward; bf16 autocast changes the loss only a little.
     assert first[1] == pytest.approx(first[0], abs=0 if "gradient_checkpointing" in changes else 0.05)
+
+
+def test_aligned_connector_takes_an_expert_from_a_saved_model_directory(tmp_path):
+    from vlmoe.eval import forced_expert
+    from vlmoe.train.recipe import SurgeryConfig, check_recipe
+    from vlmoe.train.stages import apply_surgery
+    from vlmoe.train.validate import from_mapping
+
+    donor = vlmoe.models.tiny("llava", seed=5)[0]
+    vlmoe.save(donor, tmp_path / "donor")
+    recipe = load_recipe(recipe_path("chartmoe"), scale="tiny", output_dir=tmp_path / "run")
+    projectors = ["base", str(tmp_path / "donor")]
+    connector = {"connector": {"init": "aligned", "projectors": projectors}}
+    surgery = from_mapping(SurgeryConfig, connector, "", "")
+    recipe.stages[-1].surgery = [surgery]
+    check_recipe(recipe, "test")  # a directory with config.json is a valid projector source
+    model = base_model(recipe)
+    apply_surgery(model, surgery, recipe, [], recipe.stages[-1])
+    connector = model.model.multi_modal_projector
+    x = torch.randn(3, donor.config.vision_config.hidden_size)
+    with forced_expert(model, 1, where="connector"), torch.no_grad():
+        assert torch.allclose(connector(x), donor.model.multi_modal_projector(x), atol=1e-6)

@@ -26,8 +26,9 @@ def tiny_tokenizer(
     extra_special_tokens: dict[str, str] | None = None,
     chat_template: str | None = None,
     vocab_size: int = 512,
+    corpus: list[str] | None = None,
 ) -> PreTrainedTokenizerFast:
-    """Byte-level BPE over a built-in corpus; `special_tokens` take ids 0, 1, ... in order.
+    """Byte-level BPE over a built-in corpus (or `corpus`); `special_tokens` take ids 0, 1, ... in order.
 
     Byte-level means every string round-trips through encode/decode, however small the vocab.
 
@@ -46,7 +47,7 @@ def tiny_tokenizer(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(_CORPUS, trainer)
+    tokenizer.train_from_iterator(_CORPUS if corpus is None else corpus, trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         bos_token=bos_token,

@@ -151,10 +151,17 @@ def routing_inputs(
             layer.router.config.num_clusters for layer in layers if _routes_by_cluster(layer)
         }:
             check_cluster_ids(cluster_ids, num_clusters)  # once here, not once per layer and forward
+    # An input left out (None) keeps what an enclosing block set: MoCLE cluster ids given around
+    # `vlmoe.eval.generate` survive the padding mask it sets inside. On exit, each layer gets
+    # back what it had.
+    previous = [(layer.token_mask, layer.cluster_ids) for layer in layers]
     for layer in layers:
-        layer.token_mask, layer.cluster_ids = mask, cluster_ids
+        if mask is not None:
+            layer.token_mask = mask
+        if cluster_ids is not None:
+            layer.cluster_ids = cluster_ids
     try:
         yield model
     finally:
-        for layer in layers:
-            layer.token_mask = layer.cluster_ids = None
+        for layer, (was_mask, was_ids) in zip(layers, previous, strict=True):
+            layer.token_mask, layer.cluster_ids = was_mask, was_ids

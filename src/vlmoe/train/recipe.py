@@ -121,7 +121,8 @@ class ConnectorConfig:
     num_experts: int = 4
     top_k: int = 2
     # init "aligned": the stages whose projectors become the experts, in order; "base" is the
-    # model the stage starts from (ChartMoE's general expert).
+    # model the stage starts from (ChartMoE's general expert). An entry may also be the directory
+    # of a saved model (another run's aligned stage), so several runs share one alignment.
     projectors: list[str] = field(default_factory=list)
     load_balance_coef: float = 0.0
     z_loss_coef: float = 0.0
@@ -311,10 +312,10 @@ def check_recipe(recipe: Recipe, path: Path | str) -> None:
             connector = surgery.connector
             if connector is not None and connector.init == "aligned":
                 for name in connector.projectors:
-                    if name not in ("base", *seen):
+                    if name not in ("base", *seen) and not (Path(name) / "config.json").is_file():
                         raise RecipeError(
-                            f"{where}.surgery[{j}].connector.projectors: {name!r} is not 'base' or an "
-                            f"earlier stage"
+                            f"{where}.surgery[{j}].connector.projectors: {name!r} is not 'base', an "
+                            f"earlier stage or a saved model directory (one with config.json)"
                         )
         if not stage.data.sources:
             raise RecipeError(f"{where}.data.sources: give at least one source")

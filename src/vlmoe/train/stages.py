@@ -224,9 +224,14 @@ def base_model(recipe: Recipe) -> nn.Module:
     if recipe.base.family is not None:
         return vlmoe.models.tiny(recipe.base.family, seed=recipe.base.seed)[0]
     assert recipe.base.path is not None  # check_recipe: family or path
-    path = Path(recipe.base.path)
+    return load_model_dir(recipe.base.path, "base.path")
+
+
+def load_model_dir(path: str | Path, field: str) -> nn.Module:
+    """A saved vlmoe model or a plain HF vision-language model from a local directory."""
+    path = Path(path)
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"base.path {path}: no config.json there; give a local model directory")
+        raise FileNotFoundError(f"{field} {path}: no config.json there; give a local model directory")
     if "vlmoe" in json.loads((path / "config.json").read_text()):
         return vlmoe.load(path)
     from transformers import AutoModelForImageTextToText
@@ -299,13 +304,16 @@ def apply_surgery(
 
 
 def _projector_state(name: str, model: nn.Module, earlier: list[StageResult]) -> dict[str, torch.Tensor]:
-    """The projector weights of `name`: "base" (the model itself) or an earlier stage's output."""
+    """The projector weights of `name`: "base" (the model itself), an earlier stage's output or a
+    saved model directory."""
     projector_path = vlmoe.models.adapter_for(model).projector
-    if name == "base":
-        source = model
-    else:
-        result = next(r for r in earlier if r.name == name)
+    result = next((r for r in earlier if r.name == name), None)
+    if result is not None:
         source = vlmoe.load(result.model_dir)
+    elif name == "base":
+        source = model
+    else:  # check_recipe: a saved model directory
+        source = load_model_dir(name, "connector.projectors entry")
     projector = source.get_submodule(projector_path)
     return {k: v.detach().clone() for k, v in projector.state_dict().items()}
 

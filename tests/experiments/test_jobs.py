@@ -1,0 +1,56 @@
+"""experiments/jobs.py: order, parallel processes, failures, the deadline and the always-run reports."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from experiments.jobs import Job, JobsFailed, run_jobs
+
+
+def note(path: str, text: str, wait: float = 0.0) -> None:
+    time.sleep(wait)
+    with Path(path).open("a") as file:
+        file.write(text + "\n")
+
+
+def fail() -> None:
+    raise RuntimeError("on purpose")
+
+
+def _job(name, out, after=(), wait=0.0, always=False, target="note"):
+    kwargs = {"path": str(out), "text": name, "wait": wait} if target == "note" else {}
+    return Job(name, f"{__name__}:{target}", kwargs, tuple(after), always)
+
+
+def test_in_process_jobs_run_in_order(tmp_path):
+    out = tmp_path / "order.txt"
+    seconds = run_jobs([_job("a", out), _job("b", out, ["a"])], parallel=1, logs=tmp_path / "logs")
+    assert out.read_text().split() == ["a", "b"] and set(seconds) == {"a", "b"}
+
+
+def test_parallel_jobs_respect_order_failures_and_the_deadline(tmp_path):
+    out = tmp_path / "order.txt"
+    jobs = [
+        _job("slow", out, wait=30.0),
+        _job("broken", out, target="fail"),
+        _job("after_broken", out, ["broken"]),
+        _job("quick", out),
+        _job("then", out, ["quick"]),
+        _job("report", out, ["slow", "after_broken", "then"], always=True),
+    ]
+    start = time.perf_counter()
+    with pytest.raises(JobsFailed) as failure:
+        run_jobs(jobs, parallel=3, logs=tmp_path / "logs", deadline=8.0)
+    assert time.perf_counter() - start < 25  # the slow job was stopped, not waited for
+    done = out.read_text().split()
+    assert done.index("quick") < done.index("then") < done.index("report")
+    assert "slow" not in done and "after_broken" not in done
+    message = str(failure.value)
+    assert "slow: stopped: past the deadline" in message and "after_broken: an earlier job failed" in message
+    assert "RuntimeError: on purpose" in (tmp_path / "logs" / "broken.log").read_text()
+    assert set(failure.value.seconds) == {"quick", "then", "report"}
+    json.dumps(failure.value.seconds)
