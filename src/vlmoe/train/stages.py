@@ -171,6 +171,14 @@ def _write_stage_output(
     _write_json(stage_dir / STAGE_DONE, {"stage": stage.name, "seconds": seconds, "log_history": history})
 
 
+def _checkpointing_field() -> str:
+    """transformers renamed `gradient_checkpointing` to `activation_checkpointing` (5.2x); both work."""
+    from transformers import TrainingArguments
+
+    fields = TrainingArguments.__dataclass_fields__
+    return "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+
+
 def training_arguments(recipe: Recipe, stage: StageConfig, stage_dir: Path, device: str | None) -> Any:
     from transformers import TrainingArguments
     from transformers.utils import logging as hf_logging
@@ -179,6 +187,7 @@ def training_arguments(recipe: Recipe, stage: StageConfig, stage_dir: Path, devi
 
     use_cpu = device == "cpu" or (device is None and not torch.cuda.is_available())
     optimizer = stage.optimizer
+    checkpointing_field = _checkpointing_field()
     return TrainingArguments(
         output_dir=str(stage_dir / "checkpoints"),
         per_device_train_batch_size=stage.batch_size,
@@ -195,7 +204,7 @@ def training_arguments(recipe: Recipe, stage: StageConfig, stage_dir: Path, devi
         num_train_epochs=stage.epochs,
         bf16=stage.precision == "bf16",
         fp16=stage.precision == "fp16",
-        activation_checkpointing=stage.gradient_checkpointing,
+        **{checkpointing_field: stage.gradient_checkpointing},
         logging_steps=stage.logging_steps,
         save_strategy="steps",
         save_steps=stage.save_steps,
