@@ -246,6 +246,31 @@ def test_mole_dense_addmm_path_equals_reference_forward_and_backward(universal):
         assert relative_error(layers["dense"](x), expected) < 1e-12
 
 
+@pytest.mark.parametrize("router_input", ["token", "cluster"])
+def test_mole_dense_path_under_autocast_equals_the_reference_path(router_input):
+    """Mixed precision (what a bf16 recipe trains with): float32 adapters, a bf16 base output
+    from autocast. The dense path's in-place add must follow autocast's dtype, like the reference."""
+    outputs, grads = {}, {}
+    for backend in ("dense", "reference"):
+        torch.manual_seed(0)
+        cluster = {"router_input": "cluster", "num_clusters": 3} if router_input == "cluster" else {}
+        layer = MoLELinear(
+            nn.Linear(16, 24), num_experts=4, rank=4, alpha=8, universal=True, backend=backend, **cluster
+        )
+        randomize_(layer.experts, seed=3)
+        randomize_(layer.universal, seed=4)
+        torch.manual_seed(1)
+        x = torch.randn(2, 5, 16, requires_grad=True)
+        ids = torch.tensor([0, 2]) if router_input == "cluster" else None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outputs[backend] = layer(x, cluster_ids=ids)
+        outputs[backend].float().square().sum().backward()
+        grads[backend] = layer.experts.lora_B.grad
+    assert outputs["dense"].dtype == outputs["reference"].dtype == torch.bfloat16
+    assert relative_error(outputs["dense"].float(), outputs["reference"].float()) < 2e-2
+    assert relative_error(grads["dense"], grads["reference"]) < 5e-2
+
+
 def test_mocle_cluster_routing_with_universal_expert():
     torch.manual_seed(0)
     base = nn.Linear(8, 8).double()

@@ -330,8 +330,12 @@ class MoLELinear(SparseLayer):
             low_rank = experts.dropout(x_tokens) @ stacked_A.t()
         low_rank = experts.scale_blocks(low_rank, gate_matrix(routing).to(x.dtype), self.universal)
         # In place into the base output, which nothing saves for backward (the frozen linear
-        # keeps its input): one matmul reading and writing [T, out] once.
-        out = self.base(x_tokens).addmm_(low_rank, experts.stacked_B(self.universal).t())
+        # keeps its input): one matmul reading and writing [T, out] once. In-place ops do not
+        # autocast: under mixed precision the base output is bf16 while the adapters are
+        # float32, so the operands take the output's dtype, as autocast's own matmul would.
+        out = self.base(x_tokens)
+        stacked_B = experts.stacked_B(self.universal)
+        out = out.addmm_(low_rank.to(out.dtype), stacked_B.t().to(out.dtype))
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @torch.no_grad()
