@@ -16,6 +16,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
 
+from vlmoe.data.chart_agg import CachedTextCanvas
 from vlmoe.data.chart_code import plot_body, rc_params
 from vlmoe.data.chart_record import ChartRecord
 
@@ -29,10 +30,11 @@ class ChartRenderer:
     b'\\x89PNG'
     """
 
-    def __init__(self, size_px: int) -> None:
+    def __init__(self, size_px: int, canvas_class: type[FigureCanvasAgg] = CachedTextCanvas) -> None:
         if size_px < 64:
             raise ValueError(f"chart size {size_px}px is too small to draw text; use --size 64 or more")
         self.size_px = size_px
+        self.canvas_class = canvas_class  # FigureCanvasAgg draws the same pixels, only slower
         self._figures: dict[int, tuple[Figure, Axes]] = {}
 
     def draw(self, record: ChartRecord) -> Figure:
@@ -54,7 +56,7 @@ class ChartRenderer:
             else:
                 inches = self.size_px / dpi
                 fig = Figure(figsize=(inches, inches), dpi=dpi)
-                FigureCanvasAgg(fig)
+                self.canvas_class(fig)
                 ax = fig.add_subplot()
                 self._figures[dpi] = fig, ax
             exec(plot_body(record, self.size_px), {"fig": fig, "ax": ax})
