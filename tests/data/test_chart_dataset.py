@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 
 import pytest
@@ -21,6 +22,7 @@ def _snapshot(out) -> dict[str, bytes]:
 def test_same_seed_gives_byte_identical_output_with_or_without_workers(tmp_path):
     generate_chart_set(tmp_path / "a", CONFIG, workers=1)
     generate_chart_set(tmp_path / "b", CONFIG, workers=2)
+    assert gc.get_freeze_count() == 0  # the generator froze the collector's old objects; thawed again
     a, b = _snapshot(tmp_path / "a"), _snapshot(tmp_path / "b")
     assert a == b
     assert sum(name.endswith(".png") for name in a) == 7

@@ -13,6 +13,7 @@ the output. A re-run skips complete shards and, in a partial one, re-draws only 
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 from collections.abc import Callable, Iterator
@@ -150,6 +151,11 @@ def generate_chart_set(
     # Draw one chart before forking: workers inherit loaded fonts and figures instead of
     # each paying for them (a second per worker, 10% of a 500-chart run).
     _renderer_for(config.size_px).render_png(sample_chart_record(config.seed, 0))
+    # A chart leaves ~20k objects in reference cycles, so the collector runs every few ms; frozen,
+    # the long-lived ones (modules, fonts, figures) are never traced again (~4% of a chart), and
+    # forked workers keep sharing their memory pages instead of copying them as the GC touches them.
+    gc.collect()
+    gc.freeze()
     pool = get_context("fork").Pool(workers) if workers > 1 else None
     try:
         for first in range(0, config.n, config.shard_size):
@@ -178,4 +184,5 @@ def generate_chart_set(
         if pool:
             pool.close()
             pool.join()
+        gc.unfreeze()
     return shard_dirs
