@@ -1,8 +1,9 @@
 """CPU time per synthetic chart (render + PNG), plain Agg canvas vs the cached-text canvas.
 
 Runs in one process like a `vlmoe data charts` worker (one warm-up chart, then the collector's
-old objects frozen) and alternates batches of the two renderers, so a machine shared with other
-jobs slows both alike; the ratio is the stable number, the milliseconds depend on the load.
+old objects frozen and its young threshold raised) and alternates batches of the two renderers,
+so a machine shared with other jobs slows both alike; the ratio is the stable number, the
+milliseconds depend on the load.
 
     PYTHONPATH=src python benchmarks/chart_speed.py --charts 400
 """
@@ -19,7 +20,7 @@ from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-from vlmoe.data.chart_dataset import ChartSetConfig, chart_entry
+from vlmoe.data.chart_dataset import YOUNG_GC_THRESHOLD, ChartSetConfig, chart_entry
 from vlmoe.data.chart_record import sample_chart_record
 from vlmoe.data.chart_render import ChartRenderer
 
@@ -36,8 +37,9 @@ def main() -> None:
     }
     for renderer in renderers.values():
         renderer.render_png(sample_chart_record(0, 0))
-    gc.collect()
+    gc.collect()  # the collector set up as in generate_chart_set
     gc.freeze()
+    gc.set_threshold(YOUNG_GC_THRESHOLD, *gc.get_threshold()[1:])
     per_batch: dict[str, list[float]] = {name: [] for name in renderers}
     for start in range(0, args.charts, args.batch):
         records = [sample_chart_record(0, i) for i in range(start, min(start + args.batch, args.charts))]
