@@ -7,6 +7,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from vlmoe.data import chart_agg
 from vlmoe.data.chart_agg import CachedTextCanvas
 from vlmoe.data.chart_record import CHART_TYPES, sample_chart_record
 from vlmoe.data.chart_render import ChartRenderer
@@ -63,3 +64,17 @@ def test_changed_font_rcparams_are_not_served_from_the_cache():
         assert np.array_equal(np.asarray(canvas.buffer_rgba()), np.asarray(plain.buffer_rgba())), font
         drawn.append(np.asarray(canvas.buffer_rgba()).copy())
     assert not np.array_equal(drawn[0], drawn[1])
+
+
+def test_a_full_layout_cache_is_emptied_and_still_draws_the_same(monkeypatch):
+    monkeypatch.setattr(chart_agg, "_MAX_LAYOUTS", 3)
+    images = {}
+    for canvas_class in (FigureCanvasAgg, CachedTextCanvas):
+        fig = Figure(figsize=(2, 2), dpi=60)
+        canvas = canvas_class(fig)
+        for i in range(8):
+            fig.text(0.05, 0.1 * i + 0.05, f"label {i}")
+        canvas.draw()
+        images[canvas_class] = np.asarray(canvas.buffer_rgba())
+    assert 1 <= len(canvas.get_renderer()._layouts) <= 3
+    assert np.array_equal(images[FigureCanvasAgg], images[CachedTextCanvas])

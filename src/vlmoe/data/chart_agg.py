@@ -29,7 +29,8 @@ _FONT_RC_KEYS = (
     "text.kerning_factor",
     "font.enable_last_resort",
 )
-_MAX_LAYOUTS = 20_000  # distinct strings kept shaped; a full cache is emptied, not grown
+# Strings kept shaped per renderer (~2 kB each; matplotlib keeps as many metrics); full: emptied.
+_MAX_LAYOUTS = 4096
 
 
 def _font_settings() -> tuple:
