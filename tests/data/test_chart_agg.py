@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import matplotlib
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -78,3 +80,16 @@ def test_a_full_layout_cache_is_emptied_and_still_draws_the_same(monkeypatch):
         images[canvas_class] = np.asarray(canvas.buffer_rgba())
     assert 1 <= len(canvas.get_renderer()._layouts) <= 3
     assert np.array_equal(images[FigureCanvasAgg], images[CachedTextCanvas])
+
+
+def test_another_thread_gets_its_own_font_objects():
+    _, canvas = _sans_serif_text(CachedTextCanvas)
+    canvas.draw()
+    first = np.asarray(canvas.buffer_rgba()).copy()
+    thread = threading.Thread(target=canvas.draw)
+    thread.start()
+    thread.join()
+    fonts = canvas.get_renderer()._fonts
+    assert len({key[1][-1] for key in fonts}) == 2  # one FT2Font per thread, as matplotlib does
+    assert len({id(font) for font in fonts.values()}) == 2
+    assert np.array_equal(np.asarray(canvas.buffer_rgba()), first)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 
 import matplotlib as mpl
 from matplotlib.backends.backend_agg import FigureCanvasAgg, RendererAgg, get_hinting_flag
@@ -35,7 +36,11 @@ _MAX_LAYOUTS = 4096
 
 def _font_settings() -> tuple:
     values = [mpl.rcParams[key] for key in _FONT_RC_KEYS]
-    return (*(tuple(v) if isinstance(v, list) else v for v in values), os.getenv("MPL_IGNORE_SYSTEM_FONTS"))
+    return (
+        *(tuple(v) if isinstance(v, list) else v for v in values),
+        os.getenv("MPL_IGNORE_SYSTEM_FONTS"),
+        threading.get_ident(),  # FT2Font objects are not thread-safe: matplotlib keeps one per thread
+    )
 
 
 def _prop_key(prop) -> tuple:
