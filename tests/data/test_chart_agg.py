@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from multiprocessing import get_context
 
 import matplotlib
 import numpy as np
@@ -93,3 +94,25 @@ def test_another_thread_gets_its_own_font_objects():
     assert len({key[1][-1] for key in fonts}) == 2  # one FT2Font per thread, as matplotlib does
     assert len({id(font) for font in fonts.values()}) == 2
     assert np.array_equal(np.asarray(canvas.buffer_rgba()), first)
+
+
+_FORKED_CANVAS: list[CachedTextCanvas] = []  # set in the parent, read by the forked child
+
+
+def _cache_sizes_then_draw() -> tuple[int, int, bytes]:
+    renderer = _FORKED_CANVAS[0].get_renderer()
+    sizes = len(renderer._fonts), len(renderer._layouts)
+    _FORKED_CANVAS[0].draw()
+    return *sizes, bytes(_FORKED_CANVAS[0].buffer_rgba())
+
+
+def test_a_forked_process_opens_its_own_fonts():
+    # FT2Font objects must not cross fork() (workers would share a font file offset).
+    _, canvas = _sans_serif_text(CachedTextCanvas)
+    canvas.draw()
+    assert canvas.get_renderer()._fonts and canvas.get_renderer()._layouts
+    _FORKED_CANVAS[:] = [canvas]
+    with get_context("fork").Pool(1) as pool:
+        fonts, layouts, pixels = pool.apply(_cache_sizes_then_draw)
+    assert (fonts, layouts) == (0, 0)
+    assert pixels == bytes(canvas.buffer_rgba())

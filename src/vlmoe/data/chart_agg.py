@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import os
 import threading
+import weakref
 
 import matplotlib as mpl
 from matplotlib.backends.backend_agg import FigureCanvasAgg, RendererAgg, get_hinting_flag
@@ -48,6 +49,22 @@ def _prop_key(prop) -> tuple:
     return tuple(tuple(v) if isinstance(v, list) else v for v in prop.__dict__.values())
 
 
+_RENDERERS: weakref.WeakSet[CachedTextRenderer] = weakref.WeakSet()
+
+
+def _forget_fonts_after_fork() -> None:
+    # An FT2Font must not be used across fork(): it reads glyphs through a file offset the forked
+    # processes share, so two workers drawing at once corrupt each other's glyphs ("failed to load
+    # glyph", "invalid outline"). matplotlib empties its own font cache in the child; so do we.
+    for renderer in list(_RENDERERS):
+        renderer._fonts.clear()
+        renderer._layouts.clear()  # glyph layouts refer to their FT2Font objects
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_fonts_after_fork)
+
+
 class CachedTextRenderer(RendererAgg):
     """`RendererAgg` with text caches; one per canvas size and dpi, like matplotlib's own."""
 
@@ -55,8 +72,9 @@ class CachedTextRenderer(RendererAgg):
         super().__init__(width, height, dpi)
         self.font_settings = _font_settings()
         self._fonts: dict[tuple, object] = {}
-        self._heights: dict[tuple, tuple] = {}
+        self._heights: dict[tuple, tuple] = {}  # plain numbers: still right after a fork
         self._layouts: dict[tuple, list[tuple]] = {}
+        _RENDERERS.add(self)
 
     def _font(self, prop):
         key = (_prop_key(prop), self.font_settings)
