@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 
 import pytest
@@ -9,7 +10,7 @@ from typer.testing import CliRunner
 
 from vlmoe.cli import app
 from vlmoe.data.chart_conversations import CHART_TASKS
-from vlmoe.data.chart_dataset import ChartSetConfig, generate_chart_set
+from vlmoe.data.chart_dataset import YOUNG_GC_THRESHOLD, ChartSetConfig, generate_chart_set
 
 CONFIG = ChartSetConfig(n=7, seed=3, size_px=96, shard_size=4)
 
@@ -21,6 +22,8 @@ def _snapshot(out) -> dict[str, bytes]:
 def test_same_seed_gives_byte_identical_output_with_or_without_workers(tmp_path):
     generate_chart_set(tmp_path / "a", CONFIG, workers=1)
     generate_chart_set(tmp_path / "b", CONFIG, workers=2)
+    # The generator froze the collector's old objects and raised its threshold: both undone.
+    assert gc.get_freeze_count() == 0 and gc.get_threshold()[0] != YOUNG_GC_THRESHOLD
     a, b = _snapshot(tmp_path / "a"), _snapshot(tmp_path / "b")
     assert a == b
     assert sum(name.endswith(".png") for name in a) == 7

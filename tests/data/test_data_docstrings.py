@@ -9,6 +9,7 @@ import warnings
 import pytest
 
 MODULES = [
+    "chart_agg",
     "chart_code",
     "chart_conversations",
     "chart_dataset",

@@ -13,6 +13,7 @@ the output. A re-run skips complete shards and, in a partial one, re-draws only 
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 from collections.abc import Callable, Iterator
@@ -31,6 +32,7 @@ from vlmoe.data.chart_text import chart_json_text, chart_table
 
 SHARD_SIZE = 1000
 CHUNK_SIZE = 20  # charts per worker task: big enough to amortise IPC, small for a smooth progress bar
+YOUNG_GC_THRESHOLD = 20_000  # allocations between young collections while generating (Python: 700)
 
 
 @dataclass(frozen=True)
@@ -150,6 +152,15 @@ def generate_chart_set(
     # Draw one chart before forking: workers inherit loaded fonts and figures instead of
     # each paying for them (a second per worker, 10% of a 500-chart run).
     _renderer_for(config.size_px).render_png(sample_chart_record(config.seed, 0))
+    # A chart leaves ~20k objects in reference cycles, so the collector runs every few ms. Frozen,
+    # the long-lived ones (modules, fonts, figures) are never traced again, and forked workers
+    # keep sharing their pages instead of copying them as the collector touches them. A young
+    # generation of ~6 charts (not 700 objects) lets a dead Axes be freed before it is promoted
+    # and traced again. Together: gc ~6 -> ~3 ms per chart, ~15 MB more memory per process.
+    thresholds = gc.get_threshold()
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(YOUNG_GC_THRESHOLD, *thresholds[1:])
     pool = get_context("fork").Pool(workers) if workers > 1 else None
     try:
         for first in range(0, config.n, config.shard_size):
@@ -178,4 +189,6 @@ def generate_chart_set(
         if pool:
             pool.close()
             pool.join()
+        gc.set_threshold(*thresholds)
+        gc.unfreeze()
     return shard_dirs
