@@ -22,7 +22,7 @@ RECIPE = {
                 "sources": [
                     {"name": "chart", "charts": {"n": 10, "held_out": 4, "tasks": ["chart_type", "chart_qa"]}}
                 ],
-                "max_length": 96,
+                "max_length": 320,  # chart questions with their image tokens reach ~270
             },
             "trainable": ["connector", "router", "experts"],
             "max_steps": 2,
