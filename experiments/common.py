@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -281,6 +282,23 @@ def run(built: Recipe) -> list[StageResult]:
     for result in results:
         shutil.rmtree(result.model_dir.parent / "checkpoints", ignore_errors=True)
     return results
+
+
+def train_arm(built: Recipe) -> tuple[StageResult, Any, float]:
+    """(last stage's result, its final model on the device, training seconds) of one arm."""
+    import vlmoe
+
+    began = time.perf_counter()
+    result = run(built)[-1]
+    seconds = time.perf_counter() - began
+    return result, vlmoe.load(result.model_dir).to(device()), seconds
+
+
+def pretrained_processor(work: str | Path) -> Any:
+    """The processor every arm shares (saved with the pre-trained model)."""
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(pretrained_model(work))
 
 
 def initial_model(built: Recipe) -> Any:

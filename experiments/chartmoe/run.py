@@ -18,7 +18,6 @@ From the shared dense model (experiments/common.py), per seed:
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -107,14 +106,13 @@ def arm_dir(work: str | Path, arm: str, seed: int) -> Path:
 
 def arm(work: str, results: str, scale: str, budget: float, arm: str, seed: int) -> None:
     """Train one arm, then measure it; writes `<results>/runs/<arm>-seed<k>.json`."""
-    from transformers import AutoProcessor
 
     import vlmoe
 
     chosen, steps = common.get_scale(scale, budget), STEPS[scale]
     built = sft_recipe(work, scale, budget, arm, seed)
     device = common.device()
-    processor = AutoProcessor.from_pretrained(common.pretrained_model(work))
+    processor = common.pretrained_processor(work)
     heldout = {task: read_split(common.data_file(work, "heldout", task)) for task in SFT_TASKS}
     loss_set = [s for task in SFT_TASKS for s in heldout[task][: steps.loss_samples]]
     dense = vlmoe.load(common.pretrained_model(work)).to(device)
@@ -122,10 +120,7 @@ def arm(work: str, results: str, scale: str, budget: float, arm: str, seed: int)
     start = common.initial_model(built).to(device)
     initial_loss = heldout_loss(start, processor, loss_set, chosen.max_length)
     del dense, start
-    began = time.perf_counter()
-    result = common.run(built)[-1]
-    train_seconds = time.perf_counter() - began
-    model = vlmoe.load(result.model_dir).to(device)
+    result, model, train_seconds = common.train_arm(built)
     record: dict[str, Any] = {
         "arm": arm,
         "seed": seed,

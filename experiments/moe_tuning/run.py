@@ -17,7 +17,6 @@ seed, vlmoe's routing report (expert load overall and by task, modality split, p
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,23 +69,19 @@ def arm_recipe(work: str, scale: str, budget: float, arm: str, seed: int) -> Any
 
 def arm(work: str, results: str, scale: str, budget: float, arm: str, seed: int) -> None:
     """Train one arm and measure it; writes `<results>/runs/<arm>-seed<k>.json`."""
-    from transformers import AutoProcessor
 
     import vlmoe
 
     chosen, steps = common.get_scale(scale, budget), STEPS[scale]
     built = arm_recipe(work, scale, budget, arm, seed)
     device = common.device()
-    processor = AutoProcessor.from_pretrained(common.pretrained_model(work))
+    processor = common.pretrained_processor(work)
     heldout = {task: read_split(common.data_file(work, "heldout", task)) for task in common.CHART_TASKS}
     loss_set = [s for task in common.CHART_TASKS for s in heldout[task][: steps.loss_samples]]
     start = common.initial_model(built).to(device)
     initial_loss = heldout_loss(start, processor, loss_set, chosen.max_length)
     del start
-    began = time.perf_counter()
-    result = common.run(built)[-1]
-    train_seconds = time.perf_counter() - began
-    model = vlmoe.load(result.model_dir).to(device)
+    result, model, train_seconds = common.train_arm(built)
     parameters = vlmoe.models.parameter_report(model)
     record: dict[str, Any] = {
         "arm": arm,

@@ -17,7 +17,6 @@ the share of replies in sentence form; table: cell accuracy).
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,17 +83,11 @@ def arm_recipe(work: str, scale: str, budget: float, arm: str, seed: int) -> Any
 
 def arm(work: str, results: str, scale: str, budget: float, arm: str, seed: int) -> None:
     """Train one arm; score it on its domain(s); writes `<results>/runs/<arm>-seed<k>.json`."""
-    from transformers import AutoProcessor
-
-    import vlmoe
 
     chosen, steps = common.get_scale(scale, budget), STEPS[scale]
     built = arm_recipe(work, scale, budget, arm, seed)
-    processor = AutoProcessor.from_pretrained(common.pretrained_model(work))
-    began = time.perf_counter()
-    result = common.run(built)[-1]
-    train_seconds = time.perf_counter() - began
-    model = vlmoe.load(result.model_dir).to(common.device())
+    processor = common.pretrained_processor(work)
+    result, model, train_seconds = common.train_arm(built)
     record: dict[str, Any] = {
         "arm": arm,
         "seed": seed,
