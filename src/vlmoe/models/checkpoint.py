@@ -49,12 +49,7 @@ def save(
     """
     path = Path(path)
     model.config.architectures = [_model_class_name(model)]
-    if state_dict is None:
-        state = unique_state(model)
-    else:  # a tied weight under its first name only, as unique_state keeps it
-        first_names = {name for name, _ in model.named_parameters()}
-        tied = {name for name, _ in model.named_parameters(remove_duplicate=False)} - first_names
-        state = {name: tensor for name, tensor in state_dict.items() if name not in tied}
+    state = unique_state(model) if state_dict is None else without_tied(model, state_dict)
     with atomic_directory(path) as temp:
         model.config.save_pretrained(temp)
         _record_attention(temp / "config.json", model.config._attn_implementation)
@@ -221,6 +216,19 @@ def unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
         seen.add(key)
         state[name] = tensor
     return state
+
+
+def tied_names(model: nn.Module) -> set[str]:
+    """Names under which a parameter appears a second time (tied embeddings)."""
+    first_names = {name for name, _ in model.named_parameters()}
+    return {name for name, _ in model.named_parameters(remove_duplicate=False)} - first_names
+
+
+def without_tied(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` (e.g. gathered from a sharded model) with each tied weight under its first name
+    only, as `unique_state` keeps the model's own (and as safetensors can write it)."""
+    tied = tied_names(model)
+    return {name: tensor for name, tensor in state.items() if name not in tied}
 
 
 def _load_weights(model: nn.Module, weights: Path) -> None:

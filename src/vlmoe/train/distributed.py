@@ -24,6 +24,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
 )
 
+from vlmoe.models.checkpoint import tied_names
+
 
 def _initialised() -> bool:
     return dist.is_available() and dist.is_initialized()
@@ -81,25 +83,13 @@ def load_full_state_dict(model: nn.Module, state: dict[str, Tensor]) -> None:
 
 def _check_names(model: nn.Module, missing: list[str], unexpected: list[str]) -> None:
     # A tied weight saved once is "missing" under its other name; anything else is a real mismatch.
-    tied = _tied_names(model)
+    tied = tied_names(model)
     missing = [name for name in missing if name not in tied]
     if missing or unexpected:
         raise ValueError(
             f"the weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}; "
             "load a checkpoint written for this model (same recipe and surgery)"
         )
-
-
-def _tied_names(model: nn.Module) -> set[str]:
-    """Names under which a parameter appears a second time (tied embeddings)."""
-    first_names = {name for name, _ in model.named_parameters()}
-    return {name for name, _ in model.named_parameters(remove_duplicate=False)} - first_names
-
-
-def without_tied(model: nn.Module, state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """`state` with each tied weight kept under its first name only (what safetensors can write)."""
-    tied = _tied_names(model)
-    return {name: tensor for name, tensor in state.items() if name not in tied}
 
 
 def seed_per_rank(seed: int) -> None:

@@ -26,9 +26,10 @@ import torch
 from transformers import Trainer
 
 from vlmoe.data.collator import split_model_inputs
+from vlmoe.models.checkpoint import without_tied
 from vlmoe.models.parts import parameter_parts
 from vlmoe.moe import aux_loss, aux_losses_by_layer, routing_inputs
-from vlmoe.train.distributed import is_sharded, load_full_state_dict, without_tied
+from vlmoe.train.distributed import is_sharded, load_full_state_dict
 
 COMPLETE = "COMPLETE"
 WEIGHTS = "vlmoe_weights.safetensors"
