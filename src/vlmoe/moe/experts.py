@@ -145,17 +145,8 @@ class LoRAExperts(nn.Module):
     def gated_forward(self, x: Tensor, gates: Tensor, always_on: LoRAExperts | None = None) -> Tensor:
         """sum_e gates[:, e] * expert_e(x), plus `always_on`'s single expert (MoCLE's universal
         LoRA, same rank and scaling) folded into the same two matmuls."""
-        low_rank, stacked_B = self.gated_low_rank(x, gates, always_on)
-        return low_rank @ stacked_B.t()
-
-    def gated_low_rank(
-        self, x: Tensor, gates: Tensor, always_on: LoRAExperts | None = None
-    ) -> tuple[Tensor, Tensor]:
-        """The two operands of `gated_forward`'s last matmul: the gated, scaled low-rank
-        activations # [T, E*r] and all B side by side # [O, E*r]. A caller can add their
-        product into an output in one `addmm`."""
-        low_rank = self.dropout(x) @ self.stacked_A(always_on).t()  # all experts' A at once
-        return self.scale_blocks(low_rank, gates, always_on), self.stacked_B(always_on)
+        low_rank = self.dropout(x) @ self.stacked_A(always_on).t()  # all experts' A at once, [T, E*r]
+        return self.scale_blocks(low_rank, gates, always_on) @ self.stacked_B(always_on).t()
 
     def stacked_A(self, always_on: LoRAExperts | None = None) -> Tensor:
         """Every expert's A (then `always_on`'s) as one matrix. # [E*r, I]"""
