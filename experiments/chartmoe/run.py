@@ -2,12 +2,18 @@
 aligned projectors beat co-upcycled and random experts, with the same data and steps?
 
 From the shared dense model (experiments/common.py), per seed:
-1. three alignment runs, each training only a copy of the projector on one task
-   (chart-to-table, chart-to-JSON, chart-to-code);
-2. four SFT arms on chart QA + table + JSON + code (MoE connector top-2 of 4 + LLM LoRA):
-   `aligned` (experts = base, table, JSON, code projectors; free routing), `aligned+balance`
-   (the same with a balance loss 0.1 and z-loss 0.01), `upcycle` (4 copies of the base projector)
-   and `random` (freshly initialised experts);
+0. the "general" model: its projector re-initialised and trained alone (the LM frozen) on chart
+   type and chart QA only. The shared pre-training saw every chart task, so its own projector
+   is already aligned to tables, JSON and code and alignments from it have nothing left to add
+   (the first GPU run: aligned and upcycled experts started at the same loss, 0.519). In the
+   paper the general connector comes from a general MLLM that never saw these chart tasks;
+   this stands in for it;
+1. three alignment runs from the general model, each training only a copy of its projector on
+   one task (chart-to-table, chart-to-JSON, chart-to-code);
+2. four SFT arms from the general model on chart QA + table + JSON + code (MoE connector top-2
+   of 4 + LLM LoRA): `aligned` (experts = general, table, JSON, code projectors; free routing),
+   `aligned+balance` (the same with a balance loss 0.1 and z-loss 0.01), `upcycle` (4 copies of
+   the general projector) and `random` (freshly initialised experts);
 3. per arm: held-out loss before (right after the surgery) and after SFT, the training curve,
    chart QA relaxed accuracy, chart-to-table cell accuracy, and the connector's top-1 expert per
    patch split by region (text / mark / background, `regions.py`).
@@ -40,6 +46,7 @@ from experiments.report import (
 
 NAME = "chartmoe"
 SFT_TASKS = ("chart_qa", "chart_to_table", "chart_to_json", "chart_to_code")
+GENERAL_TASKS = ("chart_type", "chart_qa")  # what the general connector is aligned on
 ALIGN_TASKS = {"table": "chart_to_table", "json": "chart_to_json", "code": "chart_to_code"}
 ARMS = ("aligned", "aligned+balance", "upcycle", "random")
 EXPERT_NAMES = ["general", "table", "JSON", "code"]
@@ -47,6 +54,7 @@ EXPERT_NAMES = ["general", "table", "JSON", "code"]
 
 @dataclass(frozen=True)
 class Steps:
+    general: int
     align: int
     sft: int
     lora_rank: int
@@ -54,15 +62,47 @@ class Steps:
     patch_maps: int  # held-out charts whose per-patch routing is analysed
 
 
-STEPS = {"smoke": Steps(2, 3, 4, 2, 2), "gpu": Steps(200, 600, 32, 48, 48)}
+STEPS = {"smoke": Steps(2, 2, 3, 4, 2, 2), "gpu": Steps(250, 250, 600, 32, 48, 48)}
 
 
 def align_dir(work: str | Path, task: str, seed: int) -> Path:
     return Path(work) / NAME / f"align-{task}-seed{seed}"
 
 
+def general_model(work: str | Path, seed: int) -> Path:
+    """The general model of `seed`: every alignment's and every arm's start."""
+    return Path(work) / NAME / f"general-seed{seed}" / "general" / "final"
+
+
+def general(work: str, scale: str, budget: float, seed: int) -> None:
+    """The pre-trained model with a fresh projector trained (alone) on the general tasks."""
+    import torch
+
+    import vlmoe
+
+    chosen, steps = common.get_scale(scale, budget), STEPS[scale]
+    model = vlmoe.load(common.pretrained_model(work))
+    torch.manual_seed(seed)
+    for module in model.model.multi_modal_projector.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.reset_parameters()
+    start = vlmoe.save(
+        model, Path(work) / NAME / f"general-init-seed{seed}", common.pretrained_processor(work)
+    )
+    stage = common.stage(
+        "general",
+        chosen,
+        sources=[common.source(work, "chart", task) for task in GENERAL_TASKS],
+        trainable=["connector"],
+        max_steps=common.steps(steps.general, budget),
+        learning_rate={"default": 1.0e-3},
+    )
+    out = general_model(work, seed).parent.parent
+    common.run(common.recipe("chartmoe_general", start, out, [stage], seed=seed))
+
+
 def align(work: str, scale: str, budget: float, task: str, seed: int) -> None:
-    """Train one projector copy on one alignment task (connector only, the LM frozen)."""
+    """Train one copy of the general projector on one alignment task (connector only, the LM frozen)."""
     chosen, steps = common.get_scale(scale, budget), STEPS[scale]
     stage = common.stage(
         "align",
@@ -73,7 +113,7 @@ def align(work: str, scale: str, budget: float, task: str, seed: int) -> None:
         learning_rate={"default": 1.0e-3},
     )
     out = align_dir(work, task, seed)
-    common.run(common.recipe(f"align_{task}", common.pretrained_model(work), out, [stage], seed=seed))
+    common.run(common.recipe(f"align_{task}", general_model(work, seed), out, [stage], seed=seed))
 
 
 def sft_recipe(work: str, scale: str, budget: float, arm: str, seed: int) -> Any:
@@ -96,7 +136,7 @@ def sft_recipe(work: str, scale: str, budget: float, arm: str, seed: int) -> Any
         learning_rate={"default": 1.0e-3, "router": 1.0e-3},
     )
     return common.recipe(
-        f"chartmoe_{arm}", common.pretrained_model(work), arm_dir(work, arm, seed), [stage], seed
+        f"chartmoe_{arm}", general_model(work, seed), arm_dir(work, arm, seed), [stage], seed
     )
 
 
@@ -115,7 +155,7 @@ def arm(work: str, results: str, scale: str, budget: float, arm: str, seed: int)
     processor = common.pretrained_processor(work)
     heldout = {task: read_split(common.data_file(work, "heldout", task)) for task in SFT_TASKS}
     loss_set = [s for task in SFT_TASKS for s in heldout[task][: steps.loss_samples]]
-    dense = vlmoe.load(common.pretrained_model(work)).to(device)
+    dense = vlmoe.load(general_model(work, seed)).to(device)
     base_loss = heldout_loss(dense, processor, loss_set, chosen.max_length)
     start = common.initial_model(built).to(device)
     initial_loss = heldout_loss(start, processor, loss_set, chosen.max_length)
@@ -124,7 +164,7 @@ def arm(work: str, results: str, scale: str, budget: float, arm: str, seed: int)
     record: dict[str, Any] = {
         "arm": arm,
         "seed": seed,
-        "base_loss": base_loss,  # the dense model's: upcycling must start exactly there
+        "base_loss": base_loss,  # the general model's: upcycling must start exactly there
         "initial_loss": initial_loss,
         "final_loss": heldout_loss(model, processor, loss_set, chosen.max_length),
         "train_seconds": round(train_seconds, 1),
@@ -182,16 +222,20 @@ def patch_routing(
 
 
 def jobs(work: str, results: str, scale: str, budget: float) -> list[Job]:
-    """The alignment runs, the arms (after their seed's alignments) and the report."""
+    """The general models, the alignment runs, the arms (after their seed's alignments) and the report."""
     chosen = common.get_scale(scale, budget)
     found: list[Job] = []
     for seed in chosen.seeds:
+        kwargs = {"work": work, "scale": scale, "budget": budget, "seed": seed}
+        found.append(Job(f"{NAME}-general-seed{seed}", f"{__name__}:general", kwargs, ("pretrain",)))
+    for seed in chosen.seeds:
         for task in ALIGN_TASKS:
             kwargs = {"work": work, "scale": scale, "budget": budget, "task": task, "seed": seed}
-            found.append(Job(f"{NAME}-align-{task}-seed{seed}", f"{__name__}:align", kwargs, ("pretrain",)))
+            after = (f"{NAME}-general-seed{seed}",)
+            found.append(Job(f"{NAME}-align-{task}-seed{seed}", f"{__name__}:align", kwargs, after))
     for seed in chosen.seeds:
         for name in ARMS:
-            after = ("pretrain",)
+            after = (f"{NAME}-general-seed{seed}",)
             if name.startswith("aligned"):
                 after = tuple(f"{NAME}-align-{task}-seed{seed}" for task in ALIGN_TASKS)
             kwargs = {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from PIL import Image
 from transformers import TrainingArguments
@@ -78,3 +79,29 @@ def test_one_learning_rate_per_part(tmp_path):
     }
     counted = sum(p.numel() for group in optimizer.param_groups for p in group["params"])
     assert counted == sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def test_adamw_is_fused_only_for_plain_cuda_parameters(tmp_path):
+    from vlmoe.train.trainer import fused_adamw_applies
+
+    model, _ = vlmoe.models.tiny("llava")
+    optimizer = _trainer(model, tmp_path).create_optimizer()
+    assert not optimizer.defaults["fused"]  # CPU parameters: torch's default implementation
+    assert not fused_adamw_applies([])
+    assert not fused_adamw_applies([torch.nn.Parameter(torch.zeros(2))])
+    assert not fused_adamw_applies(
+        [torch.nn.Parameter(torch.zeros(2, dtype=torch.int64), requires_grad=False)]
+    )
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_adamw_is_fused_on_cuda(tmp_path):
+    from vlmoe.train.trainer import fused_adamw_applies
+
+    model, _ = vlmoe.models.tiny("llava")
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[])
+    trainer = MoETrainer(model=model.cuda(), args=args, learning_rates={"default": 1e-3})
+    assert trainer.create_optimizer().defaults["fused"]
+    cuda, cpu = torch.nn.Parameter(torch.zeros(2, device="cuda")), torch.nn.Parameter(torch.zeros(2))
+    assert fused_adamw_applies([cuda]) and not fused_adamw_applies([cuda, cpu])

@@ -35,6 +35,18 @@ COMPLETE = "COMPLETE"
 WEIGHTS = "vlmoe_weights.safetensors"
 
 
+def fused_adamw_applies(parameters: list[torch.nn.Parameter]) -> bool:
+    """Whether AdamW runs fused (one kernel per step for all tensors): every parameter a plain
+    floating-point CUDA tensor. On an H200 that made the upcycled model's training step 4.5%
+    shorter than torch's default foreach AdamW (benchmarks/train_step.py). Sharded (DTensor)
+    parameters and CPU runs keep the default implementation."""
+    from torch.distributed.tensor import DTensor
+
+    return bool(parameters) and all(
+        p.is_cuda and p.is_floating_point() and not isinstance(p, DTensor) for p in parameters
+    )
+
+
 class MoETrainer(Trainer):
     def __init__(
         self,
@@ -118,8 +130,9 @@ class MoETrainer(Trainer):
             self.optimizer = torch.optim.SGD(param_groups, lr=default, weight_decay=args.weight_decay)
         else:
             betas = (args.adam_beta1, args.adam_beta2)
+            fused = fused_adamw_applies([p for group in param_groups for p in group["params"]])
             self.optimizer = torch.optim.AdamW(
-                param_groups, lr=default, betas=betas, weight_decay=args.weight_decay
+                param_groups, lr=default, betas=betas, weight_decay=args.weight_decay, fused=fused or None
             )
         return self.optimizer
 
