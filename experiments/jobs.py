@@ -13,11 +13,12 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import re
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,35 @@ def call(target: str, kwargs: dict[str, Any]) -> Any:
     """
     module, _, name = target.partition(":")
     return getattr(importlib.import_module(module), name)(**kwargs)
+
+
+def only(jobs: Sequence[Job], pattern: str) -> list[Job]:
+    """The jobs whose name matches the regular expression `pattern`, the jobs they need (after
+    them, transitively), and the `always` jobs (reports) that wait on any of those, each waiting
+    only on what is kept; in the original order.
+
+    >>> chain = [Job("prep", "m:f"), Job("a", "m:f", after=("prep",)), Job("b", "m:f", after=("prep",)),
+    ...          Job("report", "m:f", after=("a", "b"), always=True)]
+    >>> [(j.name, j.after) for j in only(chain, "^a$")]
+    [('prep', ()), ('a', ('prep',)), ('report', ('a',))]
+    """
+    by_name = {job.name: job for job in jobs}
+    keep: set[str] = set()
+    todo = [job.name for job in jobs if not job.always and re.search(pattern, job.name)]
+    if not todo:
+        raise ValueError(f"no job name matches {pattern!r}; the jobs are {[job.name for job in jobs]}")
+    while todo:
+        name = todo.pop()
+        if name not in keep:
+            keep.add(name)
+            todo += by_name[name].after
+    kept = []
+    for job in jobs:
+        if job.name in keep:
+            kept.append(job)
+        elif job.always and any(name in keep for name in job.after):
+            kept.append(replace(job, after=tuple(name for name in job.after if name in keep)))
+    return kept
 
 
 def run_jobs(

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from experiments import cli, common
 from experiments.chartmoe import run as chartmoe
-from experiments.jobs import JobsFailed, run_jobs
+from experiments.jobs import JobsFailed, only, run_jobs
 from experiments.mocle import run as mocle
 from experiments.moe_tuning import run as moe_tuning
 from experiments.mole import run as mole
@@ -46,6 +46,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parse.add_argument(
         "--deadline", type=float, default=None, help="seconds; then stop training jobs and write the reports"
     )
+    parse.add_argument(
+        "--only",
+        default=None,
+        help="regular expression: run only the matching jobs (and what they need, and the reports); "
+        "the results already in --results stay, so a report covers the earlier runs too",
+    )
     args = parse.parse_args(argv)
     cli.limit_threads(args.scale)
     names = [n.strip() for n in args.experiments.split(",") if n.strip()]
@@ -53,13 +59,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     if unknown:
         raise SystemExit(f"--experiments: unknown {unknown}; choose from {list(EXPERIMENTS)}")
     work = args.work or f"/tmp/vlmoe-experiments/{args.scale}"
-    for name in names:
+    for name in names if args.only is None else ():
         for old in ("runs", "routing"):  # a run's results are only its own
             shutil.rmtree(results_dir(args.results, name) / old, ignore_errors=True)
     scale = common.get_scale(args.scale, args.budget)
     parallel = scale.parallel if args.parallel is None else args.parallel
     logs = Path(args.results) / "logs" if args.results else Path(work) / "logs"
     todo = all_jobs(work, args.results, args.scale, args.budget, args.workers, names)
+    if args.only is not None:
+        todo = only(todo, args.only)
     start = time.perf_counter()
     seconds: dict[str, float] = {}
     try:

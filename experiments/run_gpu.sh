@@ -7,7 +7,8 @@
 #   <experiment>.md                  each experiment's table, readable without unpacking
 # Environment: PYTHON (default python3), PARALLEL (8), BUDGET (1.0: multiplies every step count),
 # DEADLINE (480 s: then running arms are stopped, the reports still written from what finished),
-# EXPERIMENTS (all; a comma-separated subset such as `mole,mocle`: one call under 10 minutes each),
+# ONLY (a job-name regular expression: those jobs, what they need and the reports; earlier
+# results under $WORK/results stay), EXPERIMENTS (all; a comma-separated subset such as `mole,mocle`: one call under 10 minutes each),
 # WORK (/tmp/vlmoe-experiments/<scale>), SCALE (gpu; `SCALE=smoke PARALLEL=2` checks the script on a
 # CPU in a minute). Run from anywhere: it changes to the repository root.
 set -euo pipefail
@@ -26,7 +27,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 "$PYTHON" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 "$PYTHON" -m experiments.run_all --scale "$SCALE" --work "$WORK" --results "$RESULTS" \
   --parallel "${PARALLEL:-8}" --budget "${BUDGET:-1.0}" --workers "$(nproc)" \
-  --deadline "${DEADLINE:-480}" ${EXPERIMENTS:+--experiments "$EXPERIMENTS"} || status=$?
+  --deadline "${DEADLINE:-480}" ${EXPERIMENTS:+--experiments "$EXPERIMENTS"} ${ONLY:+--only "$ONLY"} || status=$?
 date -u +"end %FT%TZ (exit $status)"
 tar -czf "$OUT/experiments-results.tar.gz" -C "$WORK" --exclude='*.html' --exclude='*.npz' results
 if [ -d "$RESULTS" ]; then

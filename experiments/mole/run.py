@@ -5,6 +5,8 @@ From the shared dense model (experiments/common.py), with the three domains of `
 - `alone-<domain>`: dense LoRA on one domain only (`steps.alone` steps), scored on that domain;
 - `dense-mix`: dense LoRA on the three domains mixed (3 x the steps, so each domain gets as many
   samples as alone), scored on all three;
+- `dense-mix-r<E*rank>`: the same at E times the rank: its FFN LoRAs hold as many weights as the
+  main MoLE's E experts (its attention LoRAs E times more), so it tells capacity from routing;
 - `mole-r<rank>-e<experts>`: MoLE on the mix (LoRA experts on the FFN linears, top-1, balance
   loss 0.01; plain LoRA on attention), the same steps; a small rank x experts grid around the
   main setting.
@@ -46,9 +48,17 @@ STEPS = {
 
 
 def arms(scale: str) -> list[str]:
+    """The main arms (every seed) first, then the grid (first seed). `dense-mix-r<E*r>` is a dense
+    LoRA with as many weights as the main MoLE's E experts of rank r: it tells extra capacity
+    from routing."""
     steps = STEPS[scale]
     points = [(steps.rank, steps.experts), *steps.grid]
-    return [*(f"alone-{d}" for d in DOMAINS), "dense-mix", *(f"mole-r{r}-e{e}" for r, e in points)]
+    control = f"dense-mix-r{steps.rank * steps.experts}"
+    return [*(f"alone-{d}" for d in DOMAINS), "dense-mix", control, *(f"mole-r{r}-e{e}" for r, e in points)]
+
+
+def main_arms(scale: str) -> list[str]:
+    return arms(scale)[: len(DOMAINS) + 3]
 
 
 def arm_recipe(work: str, scale: str, budget: float, arm: str, seed: int) -> Any:
@@ -66,7 +76,8 @@ def arm_recipe(work: str, scale: str, budget: float, arm: str, seed: int) -> Any
         }
         trainable = ["lora", "router"]
     else:
-        mole = {"num_experts": 0, "rank": steps.rank, "alpha": 2 * steps.rank}
+        rank = int(arm.rsplit("-r", 1)[1]) if arm.startswith("dense-mix-r") else steps.rank
+        mole = {"num_experts": 0, "rank": rank, "alpha": 2 * rank}
         trainable = ["lora"]
     stage = common.stage(
         "lora",
@@ -122,10 +133,9 @@ def domains_job(work: str) -> None:
 def jobs(work: str, results: str, scale: str, budget: float) -> list[Job]:
     chosen = common.get_scale(scale, budget)
     found = [Job(f"{NAME}-domains", f"{__name__}:domains_job", {"work": work}, ("prepare",))]
-    main_arms = arms(scale)[:5]
     for seed in chosen.seeds:
         for name in arms(scale):
-            if name not in main_arms and seed != chosen.seeds[0]:
+            if name not in main_arms(scale) and seed != chosen.seeds[0]:
                 continue  # the grid runs with the first seed only
             kwargs = {
                 "work": work,
