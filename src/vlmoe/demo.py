@@ -82,6 +82,10 @@ def run_demo(
     )
     console.print(_table(metrics))
     console.print(f"report: {out.resolve()}")
+    console.print(
+        "the methods' claims tested at GPU scale (tables, pictures, readings): "
+        "experiments/README.md in the vlmoe repository"
+    )
     return metrics
 
 
