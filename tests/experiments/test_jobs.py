@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from experiments.jobs import Job, JobsFailed, run_jobs
+from experiments.jobs import Job, JobsFailed, only, run_jobs
 
 
 def note(path: str, text: str, wait: float = 0.0) -> None:
@@ -54,3 +54,24 @@ def test_parallel_jobs_respect_order_failures_and_the_deadline(tmp_path):
     assert "RuntimeError: on purpose" in (tmp_path / "logs" / "broken.log").read_text()
     assert set(failure.value.seconds) == {"quick", "then", "report"}
     json.dumps(failure.value.seconds)
+
+
+def test_only_keeps_the_matching_jobs_what_they_need_and_their_reports(tmp_path):
+    out = tmp_path / "order.txt"
+    todo = [
+        _job("prepare", out),
+        _job("pretrain", out, after=["prepare"]),
+        _job("mole-domains", out, after=["prepare"]),
+        _job("mole-a", out, after=["pretrain", "mole-domains"]),
+        _job("mole-b", out, after=["pretrain"]),
+        _job("mole-report", out, after=["mole-a", "mole-b"], always=True),
+        _job("mocle-x", out, after=["pretrain"]),
+        _job("mocle-report", out, after=["mocle-x"], always=True),
+    ]
+    kept = only(todo, "mole-a")
+    assert [j.name for j in kept] == ["prepare", "pretrain", "mole-domains", "mole-a", "mole-report"]
+    assert kept[-1].after == ("mole-a",)  # the report waits only on what runs
+    run_jobs(kept, parallel=1, logs=tmp_path / "logs")
+    assert out.read_text().split() == ["prepare", "pretrain", "mole-domains", "mole-a", "mole-report"]
+    with pytest.raises(ValueError, match="no job name matches 'nothing'"):
+        only(todo, "nothing")
