@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vlmoe.data.collator import IGNORE_INDEX, ConversationCollator, split_model_inputs
+from vlmoe.data.collator import IGNORE_INDEX, ConversationCollator, _joined_image_inputs, split_model_inputs
 from vlmoe.data.conversations import ConversationSample
 from vlmoe.models import TINY_FAMILIES, tiny
 
@@ -103,6 +103,30 @@ def test_several_images_and_tags(family):
     assert torch.isfinite(model(**inputs).loss)
 
 
+def test_images_processed_once_equal_one_processor_call_on_the_batch(family):
+    name, _, processor = family
+    samples = [
+        _chat("two", [_image("red"), _image("blue", (30, 50))], "<image> and <image>: same?", "No."),
+        _chat("none", [], "No picture here?", "None."),
+        _chat("one", [_image("green", (84, 56))], "<image>\nColour?", "Green."),
+    ]  # fmt: skip
+    collator = ConversationCollator(processor)
+    batch = collator(samples)
+    images = [[_image("red"), _image("blue", (30, 50))], [], [_image("green", (84, 56))]]
+    reference = collator._image_inputs(samples, images, batch["input_ids"])  # one call on the batch
+    assert sorted(k for k in batch if k in reference) == sorted(reference)
+    for key, value in reference.items():
+        assert torch.equal(batch[key], value), key
+    parts = [
+        output
+        for sample in samples
+        for output in collator._encode(sample, images[samples.index(sample)]).image_outputs
+    ]
+    # LLaVA's and Qwen2-VL's per-image rows concatenate (LLaVA-NeXT's do while the images' patch
+    # counts agree, as here); Idefics3's tiles and pixel masks need the processor's batch padding.
+    assert (_joined_image_inputs(parts) is not None) == (name != "idefics3")
+
+
 def test_truncation_keeps_images_whole_and_cuts_text_after(family):
     _, model, processor = family
     long_answer = "The highest value is 42. " * 20
@@ -165,3 +189,14 @@ def test_templates_that_trim_replies_are_followed_and_rewriting_ones_refused():
     processor.chat_template = trimming.replace("| trim", "| upper")
     with pytest.raises(ValueError, match="turn 1's text does not appear in the chat template's rendering"):
         ConversationCollator(processor)([_chat("s", [], "2+2?", "four")])
+
+
+def test_image_outputs_of_unequal_shapes_or_unknown_keys_are_not_joined():
+    row = {"pixel_values": torch.zeros(1, 5, 3, 4, 4), "image_sizes": torch.tensor([[4, 4]])}
+    other = {"pixel_values": torch.zeros(1, 3, 3, 4, 4), "image_sizes": torch.tensor([[4, 8]])}
+    joined = _joined_image_inputs([row, row])
+    assert joined["pixel_values"].shape == (2, 5, 3, 4, 4) and joined["image_sizes"].tolist() == [[4, 4]] * 2
+    assert _joined_image_inputs([row, other]) is None  # unequal patch counts: the batch pads them
+    assert _joined_image_inputs([{**row, "pixel_attention_mask": torch.ones(1, 5, 4, 4)}]) is None
+    assert _joined_image_inputs([row, {"pixel_values": row["pixel_values"]}]) is None
+    assert _joined_image_inputs([]) is None

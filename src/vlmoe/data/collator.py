@@ -52,6 +52,14 @@ def _structured(content: str) -> list[dict[str, str]] | str:
 
 
 @dataclass
+class _Encoded:
+    ids: list[int]
+    labels: list[int]
+    image_outputs: list[dict[str, Any]]  # the processor's image tensors, one dict per part with images
+    mm_token_types: bool  # the processor also returns per-token modality ids
+
+
+@dataclass
 class _Part:
     text: str
     supervised: bool
@@ -183,22 +191,29 @@ class ConversationCollator:
                 merged.append(part)
         return merged
 
-    def _encode(self, sample: ConversationSample, images: list[Image.Image]) -> tuple[list[int], list[int]]:
+    def _encode(self, sample: ConversationSample, images: list[Image.Image]) -> _Encoded:
         ids: list[int] = []
         labels: list[int] = []
+        image_outputs: list[dict[str, Any]] = []
+        mm_token_types = False
         next_image = 0
         for k, part in enumerate(self._parts(sample)):
             first = k == 0  # special tokens (BOS) once, as when the whole prompt is tokenized
             if part.num_images:
                 part_images = images[next_image : next_image + part.num_images]
                 next_image += part.num_images
-                encoded = self.processor(text=[part.text], images=[part_images], add_special_tokens=first)
-                part_ids = list(encoded["input_ids"][0])
+                encoded = self.processor(
+                    text=[part.text], images=[part_images], add_special_tokens=first, return_tensors="pt"
+                )
+                part_ids = encoded["input_ids"][0].tolist()
+                image_outputs.append({k: v for k, v in encoded.items() if k not in _TEXT_KEYS})
+                mm_token_types |= "mm_token_type_ids" in encoded
             else:
                 part_ids = self.tokenizer(part.text, add_special_tokens=first)["input_ids"]
             ids += part_ids
             labels += part_ids if part.supervised else [IGNORE_INDEX] * len(part_ids)
-        return self._truncate(sample, ids, labels)
+        ids, labels = self._truncate(sample, ids, labels)
+        return _Encoded(ids, labels, image_outputs, mm_token_types)
 
     def _truncate(
         self, sample: ConversationSample, ids: list[int], labels: list[int]
@@ -228,29 +243,40 @@ class ConversationCollator:
         encoded = [
             self._encode(sample, sample_images) for sample, sample_images in zip(samples, images, strict=True)
         ]
-        length = max(len(ids) for ids, _ in encoded)
+        length = max(len(e.ids) for e in encoded)
         pad = self.tokenizer.pad_token_id
         input_ids = torch.full((len(samples), length), pad, dtype=torch.long)
         labels = torch.full((len(samples), length), IGNORE_INDEX, dtype=torch.long)
         attention_mask = torch.zeros((len(samples), length), dtype=torch.long)
-        for row, (ids, row_labels) in enumerate(encoded):  # right padding, for training
-            input_ids[row, : len(ids)] = torch.tensor(ids)
-            labels[row, : len(ids)] = torch.tensor(row_labels)
-            attention_mask[row, : len(ids)] = 1
+        for row, e in enumerate(encoded):  # right padding, for training
+            input_ids[row, : len(e.ids)] = torch.tensor(e.ids)
+            labels[row, : len(e.ids)] = torch.tensor(e.labels)
+            attention_mask[row, : len(e.ids)] = 1
         batch: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
         if any(images):
-            batch.update(self._image_inputs(samples, images, input_ids))
+            # Each image is processed once, for its part, unless its tensors need the batch's padding.
+            joined = _joined_image_inputs([output for e in encoded for output in e.image_outputs])
+            if joined is None:
+                joined = self._image_inputs(samples, images, input_ids)
+            elif any(e.mm_token_types for e in encoded):
+                joined["mm_token_type_ids"] = self._mm_token_type_ids(input_ids)
+            batch.update(joined)
         batch["sample_ids"] = [s.id for s in samples]
         batch["domains"] = [s.domain for s in samples]
         batch["tasks"] = [s.task for s in samples]
         batch["cluster_ids"] = torch.tensor([-1 if s.cluster_id is None else s.cluster_id for s in samples])
         return batch
 
+    def _mm_token_type_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Per-token modality ids must follow our token layout, not the processor's."""
+        return torch.tensor(self.processor.create_mm_token_type_ids(input_ids.tolist()))
+
     def _image_inputs(
         self, samples: list[ConversationSample], images: list[list[Image.Image]], input_ids: torch.Tensor
     ) -> dict[str, Any]:
         """Pixel tensors from one processor call on the whole batch (so family-specific padding of
-        tiles and image counts is the processor's), checked against the image tokens we placed."""
+        tiles and image counts is the processor's), checked against the image tokens we placed.
+        Used when the parts' own image outputs do not simply concatenate (`_joined_image_inputs`)."""
         texts = []
         for sample in samples:
             messages = [{"role": m["role"], "content": _structured(m["content"])} for m in sample.messages]
@@ -267,8 +293,34 @@ class ConversationCollator:
                     f"{theirs}; raise max_length so no image is cut"
                 )
         inputs = {k: v for k, v in reference.items() if k not in ("input_ids", "attention_mask")}
-        if "mm_token_type_ids" in inputs:  # per-token modality ids must follow our token layout
-            inputs["mm_token_type_ids"] = torch.tensor(
-                self.processor.create_mm_token_type_ids(input_ids.tolist())
-            )
+        if "mm_token_type_ids" in inputs:
+            inputs["mm_token_type_ids"] = self._mm_token_type_ids(input_ids)
         return inputs
+
+
+# What a processor call returns about the text; the rest describes the images.
+_TEXT_KEYS = {"input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids"}
+# Image outputs whose rows, one block per image, concatenate along dim 0 into exactly what one
+# processor call over the whole batch returns (LLaVA's and Qwen2-VL's pixels, sizes, grids).
+_ROW_KEYS = {"pixel_values", "image_sizes", "image_grid_thw"}
+
+
+def _joined_image_inputs(outputs: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The batch's image inputs from the parts' processor outputs, in sample and part order, so
+    each image is processed once. None when the outputs have other keys or rows of different
+    shapes (Idefics3's tiles and pixel masks, LLaVA-NeXT's patch counts of unequal images): the
+    processor pads those across the batch, and one processor call over the batch does it."""
+    if not outputs:
+        return None
+    keys = set(outputs[0])
+    if "pixel_values" not in keys or not keys <= _ROW_KEYS:
+        return None
+    for output in outputs:
+        if set(output) != keys:
+            return None
+        if not all(isinstance(output[k], torch.Tensor) for k in keys):
+            return None
+    for key in keys:
+        if len({tuple(output[key].shape[1:]) for output in outputs}) != 1:
+            return None
+    return {key: torch.cat([output[key] for output in outputs]) for key in sorted(keys)}
