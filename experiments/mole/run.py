@@ -58,6 +58,7 @@ def arms(scale: str) -> list[str]:
 
 
 def main_arms(scale: str) -> list[str]:
+    """The arms run with every seed: alone per domain, dense-mix, its capacity control, the main MoLE."""
     return arms(scale)[: len(DOMAINS) + 3]
 
 
@@ -133,9 +134,10 @@ def domains_job(work: str) -> None:
 def jobs(work: str, results: str, scale: str, budget: float) -> list[Job]:
     chosen = common.get_scale(scale, budget)
     found = [Job(f"{NAME}-domains", f"{__name__}:domains_job", {"work": work}, ("prepare",))]
+    every_seed = main_arms(scale)
     for seed in chosen.seeds:
         for name in arms(scale):
-            if name not in main_arms(scale) and seed != chosen.seeds[0]:
+            if name not in every_seed and seed != chosen.seeds[0]:
                 continue  # the grid runs with the first seed only
             kwargs = {
                 "work": work,

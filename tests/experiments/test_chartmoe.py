@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 
 from PIL import Image
@@ -10,17 +9,15 @@ from PIL import Image
 import vlmoe
 from experiments import common
 from experiments.chartmoe import run
+from tests.experiments.smoke import assert_every_arm_finite, smoke_summary
 
 
 def test_chartmoe_smoke_run_writes_finite_scores_tables_and_pictures(shared_work, tmp_path):
     results = tmp_path / "results"
-    run.main(["--scale", "smoke", "--work", str(shared_work), "--results", str(results), "--workers", "1"])
-    summary = json.loads((results / "summary.json").read_text())
+    summary = smoke_summary(run, shared_work, results)
     assert summary["scale"] == "smoke"
-    assert list(summary["arms"]) == list(run.ARMS)
-    for arm, metrics in summary["arms"].items():
-        for name, _ in run.METRICS:
-            assert math.isfinite(metrics[name][0]), (arm, name)
+    assert_every_arm_finite(run, summary)
+    for metrics in summary["arms"].values():
         for name in ("relaxed_accuracy", "table_cell_accuracy", "table_exact_match"):
             assert 0.0 <= metrics[name][0] <= 1.0
     runs = {r["arm"]: r for r in summary["runs"]}

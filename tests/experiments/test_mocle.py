@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import json
-import math
-
 from PIL import Image
 
 from experiments.evaluation import read_split
 from experiments.mocle import run
 from experiments.mocle.styles import HELD_OUT, TRAIN, style_clusters
+from tests.experiments.smoke import assert_every_arm_finite, smoke_summary
 
 
 def test_shipped_clusters_cover_every_style_and_held_out_styles_are_never_trained(tmp_path):
@@ -22,12 +20,8 @@ def test_shipped_clusters_cover_every_style_and_held_out_styles_are_never_traine
 
 def test_mocle_smoke_run_scores_seen_and_unseen_phrasings(shared_work, tmp_path):
     results = tmp_path / "results"
-    run.main(["--scale", "smoke", "--work", str(shared_work), "--results", str(results), "--workers", "1"])
-    summary = json.loads((results / "summary.json").read_text())
-    assert list(summary["arms"]) == list(run.ARMS)
-    for arm, metrics in summary["arms"].items():
-        for name, _ in run.METRICS:
-            assert math.isfinite(metrics[name][0]), (arm, name)
+    summary = smoke_summary(run, shared_work, results)
+    assert_every_arm_finite(run, summary)
     clusters = style_clusters(tmp_path)
     for sample in read_split(run.data_file(shared_work, "heldout_unseen_chart_qa")):
         style = sample.messages[0]["content"].split("\n")[-1]

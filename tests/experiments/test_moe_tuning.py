@@ -2,22 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import math
 
 from PIL import Image
 
 from experiments.moe_tuning import run
+from tests.experiments.smoke import assert_every_arm_finite, smoke_summary
 
 
 def test_moe_tuning_smoke_run_writes_finite_scores_tables_and_pictures(shared_work, tmp_path):
     results = tmp_path / "results"
-    run.main(["--scale", "smoke", "--work", str(shared_work), "--results", str(results), "--workers", "1"])
-    summary = json.loads((results / "summary.json").read_text())
-    assert list(summary["arms"]) == list(run.ARMS)
-    for arm, metrics in summary["arms"].items():
-        for name, _ in run.METRICS:
-            assert math.isfinite(metrics[name][0]), (arm, name)
+    summary = smoke_summary(run, shared_work, results)
+    assert_every_arm_finite(run, summary)
     runs = {r["arm"]: r for r in summary["runs"]}
     # Upcycling keeps the dense function: the same loss before training.
     assert math.isclose(runs["moe"]["initial_loss"], runs["dense"]["initial_loss"], rel_tol=1e-4)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 
 from PIL import Image
@@ -10,12 +9,12 @@ from PIL import Image
 from experiments.evaluation import read_split
 from experiments.mole import run
 from experiments.mole.domains import DOMAINS, domain_file, sentence_value
+from tests.experiments.smoke import smoke_summary
 
 
 def test_mole_smoke_run_writes_per_domain_scores_grid_and_curves(shared_work, tmp_path):
     results = tmp_path / "results"
-    run.main(["--scale", "smoke", "--work", str(shared_work), "--results", str(results), "--workers", "1"])
-    summary = json.loads((results / "summary.json").read_text())
+    summary = smoke_summary(run, shared_work, results)
     runs = {r["arm"]: r for r in summary["runs"]}
     assert sorted(runs) == sorted(run.arms("smoke"))
     for arm, record in runs.items():
