@@ -79,13 +79,12 @@ def general(work: str, scale: str, budget: float, seed: int) -> None:
     import torch
 
     import vlmoe
+    from vlmoe.moe.layers import reinitialize
 
     chosen, steps = common.get_scale(scale, budget), STEPS[scale]
     model = vlmoe.load(common.pretrained_model(work))
     torch.manual_seed(seed)
-    for module in model.model.multi_modal_projector.modules():
-        if isinstance(module, torch.nn.Linear):
-            module.reset_parameters()
+    reinitialize(model.model.multi_modal_projector)
     start = vlmoe.save(
         model, Path(work) / NAME / f"general-init-seed{seed}", common.pretrained_processor(work)
     )

@@ -421,16 +421,19 @@ class MoEConnector(SparseLayer):
         backend: str = "auto",
     ) -> MoEConnector:
         """Experts shaped like `projector`, each freshly initialised by its layers' own init."""
-        fresh = []
-        for _ in range(num_experts):
-            expert = copy.deepcopy(projector)
-            for module in expert.modules():
-                if module is not expert and callable(getattr(module, "reset_parameters", None)):
-                    module.reset_parameters()
-            fresh.append(expert)
+        fresh = [reinitialize(copy.deepcopy(projector)) for _ in range(num_experts)]
         return cls.from_projectors(
             fresh, top_k, load_balance_coef=load_balance_coef, z_loss_coef=z_loss_coef, backend=backend
         )
+
+
+def reinitialize(projector: nn.Module) -> nn.Module:
+    """`projector` with every layer inside it freshly initialised by its own `reset_parameters`
+    (in place, in module order, from torch's current random state); returns it."""
+    for module in projector.modules():
+        if module is not projector and callable(getattr(module, "reset_parameters", None)):
+            module.reset_parameters()
+    return projector
 
 
 def _projector_input_size(projector: nn.Module) -> int:
