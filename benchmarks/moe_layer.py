@@ -114,6 +114,10 @@ def bench_ffn(shapes, reps: int, baselines: bool = True) -> list[dict]:
         compiled = torch.compile(dense)
         results.append(_measure("dense SwiGLU on tokens x k (torch.compile)", compiled, x_dense, reps))
         results.append(_measure("vlmoe MoEFeedForward grouped", moe, x, reps))
+        # The same layer with the counts read to the host once and one cuBLAS matmul per expert.
+        moe.backend = "segments"
+        results.append(_measure("vlmoe MoEFeedForward segments", moe, x, reps))
+        moe.backend = "grouped"
         if not baselines:
             for row in results:
                 row.update(shape=shape, ratio_to_dense=results[0]["ms"] / row["ms"])

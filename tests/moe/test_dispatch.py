@@ -1,4 +1,4 @@
-"""Both dispatch backends against a per-token reference, forward and backward, in float64."""
+"""Every dispatch backend against a per-token reference, forward and backward, in float64."""
 
 import pytest
 import torch
@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from tests.moe.helpers import relative_error
 from vlmoe.moe import GLUExperts, LoRAExperts, MLPExperts, Routing, dispatch, plan_dispatch
-from vlmoe.moe.dispatch import grouped_linear
+from vlmoe.moe.dispatch import grouped_linear, segment_linear
 from vlmoe.moe.experts import _LoopGatedForward
 
 
@@ -66,7 +66,7 @@ CASES = [
 
 @pytest.mark.parametrize("kind", ["glu", "mlp", "lora"])
 @pytest.mark.parametrize(("num_tokens", "num_experts", "top_k"), CASES)
-@pytest.mark.parametrize("backend", ["reference", "grouped", "dense"])
+@pytest.mark.parametrize("backend", ["reference", "grouped", "segments", "dense"])
 def test_backends_equal_per_token_reference_forward_and_backward(
     kind, num_tokens, num_experts, top_k, backend
 ):
@@ -91,7 +91,7 @@ def test_backends_equal_per_token_reference_forward_and_backward(
             assert relative_error(grad, expected_grad) < 1e-12
 
 
-@pytest.mark.parametrize("backend", ["reference", "grouped", "dense"])
+@pytest.mark.parametrize("backend", ["reference", "grouped", "segments", "dense"])
 def test_gradcheck(backend):
     experts = _experts("glu", 3, size=4)
     indices, weights = _random_routing(5, 3, 2, seed=1)
@@ -124,7 +124,7 @@ class _Functional(_LoopGatedForward):
         return (F.silu(gate) * up) @ self.down[e].t()
 
 
-@pytest.mark.parametrize("backend", ["reference", "grouped", "dense"])
+@pytest.mark.parametrize("backend", ["reference", "grouped", "segments", "dense"])
 def test_edge_cases(backend):
     experts = _experts("glu", 4)
     # An expert with no tokens, and every token to one expert.
@@ -141,7 +141,7 @@ def test_edge_cases(backend):
     assert out.shape == (0, 6)
 
 
-@pytest.mark.parametrize("backend", ["reference", "grouped", "dense"])
+@pytest.mark.parametrize("backend", ["reference", "grouped", "segments", "dense"])
 def test_dropped_slots_contribute_nothing(backend):
     experts = _experts("mlp", 3)
     indices, weights = _random_routing(10, 3, 2, seed=3)
@@ -177,3 +177,28 @@ def test_cpu_grouped_mm_agrees_with_the_segment_loop():
     expected = grouped_linear(x, weight, plan)  # segment loop on CPU
     actual = grouped_mm(x, weight.transpose(-2, -1), offs=plan.offsets)
     assert relative_error(actual, expected) < 1e-5
+
+
+def test_segment_linear_gradcheck_with_empty_segments_and_dropped_tail():
+    # Expert 1 gets no rows and the last two rows are dropped slots: both must read as zeros.
+    counts = [3, 0, 2]
+    x = torch.randn(7, 4, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(3, 5, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, w: segment_linear(a, w, counts), (x, weight))
+    out = segment_linear(x, weight, counts)
+    assert torch.equal(out[5:], torch.zeros(2, 5, dtype=torch.float64))
+    expected = torch.cat([x[:3] @ weight[0].t(), x[3:5] @ weight[2].t()])
+    assert relative_error(out[:5], expected) < 1e-14
+    out.sum().backward()
+    assert torch.equal(weight.grad[1], torch.zeros(5, 4, dtype=torch.float64))
+
+
+def test_segment_linear_follows_autocast_and_checks_counts():
+    x, weight = torch.randn(6, 8), torch.randn(2, 4, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = segment_linear(x, weight, [4, 2])
+    assert out.dtype == torch.bfloat16
+    expected = torch.cat([x[:4] @ weight[0].t(), x[4:] @ weight[1].t()])
+    assert relative_error(out.float(), expected) < 2e-2
+    with pytest.raises(ValueError, match="3 counts for 2 experts"):
+        segment_linear(x, weight, [2, 2, 2])

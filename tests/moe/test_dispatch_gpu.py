@@ -1,4 +1,5 @@
-"""The CUDA fast paths (grouped_mm in bf16, dense LoRA) against the float64 reference."""
+"""The CUDA fast paths (grouped_mm and per-expert cuBLAS in bf16, dense LoRA) against the float64
+reference."""
 
 import pytest
 import torch
@@ -26,10 +27,13 @@ def _grads(module, x, grad_out):
         (256, 64, 96, 4, 2, 1.0),  # token dropping
     ],
 )
-def test_grouped_bf16_matches_float64_reference(tokens, hidden, intermediate, num_experts, top_k, capacity):
+@pytest.mark.parametrize("backend", ["grouped", "segments"])
+def test_grouped_bf16_matches_float64_reference(
+    tokens, hidden, intermediate, num_experts, top_k, capacity, backend
+):
     torch.manual_seed(tokens)
     dense = SwiGLU(hidden, intermediate)
-    moe = MoEFeedForward.from_dense(dense, num_experts, top_k, capacity_factor=capacity, backend="grouped")
+    moe = MoEFeedForward.from_dense(dense, num_experts, top_k, capacity_factor=capacity, backend=backend)
     randomize_(moe, seed=tokens, std=0.1)
     reference = MoEFeedForward.from_dense(
         dense, num_experts, top_k, capacity_factor=capacity, backend="reference"

@@ -3,13 +3,17 @@
 Shape legend: T tokens, K top_k, S = T*K token-slots, E experts, I/O expert input/output size.
 A slot is one (token, choice) pair, numbered token * K + choice.
 
-Four backends compute the same function:
+Five backends compute the same function:
 - `reference_dispatch`: for each expert, the tokens that chose it, run through that expert and
   added back with their weight. Any device and dtype (float64 included); the definition.
 - `grouped_dispatch`: one stable sort of the slots by expert, one gather of the token rows,
   grouped matmuls over contiguous expert segments (`torch.nn.functional.grouped_mm` on CUDA),
   one gather back and a K-way weighted sum. Both gathers are permutations whose backward is
   again a gather, so there are no atomics, and on CUDA no host synchronisation.
+- `segments`: the same sort and gathers, but the expert counts are read to the host once per
+  forward (one synchronisation) and each expert's segment is one plain matmul (cuBLAS on CUDA),
+  forward and backward. For a few experts with thousands of rows each, cuBLAS's single GEMMs
+  outrun the grouped kernel (`benchmarks/gemm_efficiency.py`); torch.compile keeps `grouped`.
 - `dense_dispatch`: every expert on every token, weighted by a [T, E] gate matrix that is zero
   off the chosen experts. E times the expert FLOPs but no permutation at all: the fast choice
   for low-rank (LoRA) experts, whose E * rank is small beside the frozen base matmul.
@@ -31,8 +35,8 @@ from vlmoe.moe.kernels import use_triton
 from vlmoe.moe.kernels.combine import combine_sorted, gather_sum_triton
 from vlmoe.moe.router import Routing
 
-Backend = Literal["auto", "reference", "grouped", "dense", "decode"]
-BACKENDS: tuple[str, ...] = ("auto", "reference", "grouped", "dense", "decode")
+Backend = Literal["auto", "reference", "grouped", "segments", "dense", "decode"]
+BACKENDS: tuple[str, ...] = ("auto", "reference", "grouped", "segments", "dense", "decode")
 # `auto` runs LoRA experts densely on CUDA while all experts' ranks together stay this small.
 DENSE_MAX_TOTAL_RANK = 512
 # `auto` takes the decode path on CUDA, with autograd off, up to this many token-slots (T * K):
@@ -53,6 +57,8 @@ class DispatchPlan:
     offsets: Tensor  # [E] int32, end of each expert's segment (grouped_mm's `offs`)
     row_valid: Tensor | None  # [S, 1] bool, False for dropped rows; None when none is dropped
     top_k: int
+    # tokens_per_expert read to the host (the `segments` backend); None keeps the counts on device.
+    host_counts: list[int] | None = None
 
 
 class Experts(Protocol):
@@ -144,29 +150,81 @@ def grouped_linear(
     x_sorted # [S, I]; weight # [E, O, I] (nn.Linear layout per expert); bias # [E, O].
     Rows of dropped slots (after the last segment) come back as zeros.
     """
-    if _can_use_grouped_mm(x_sorted, weight):
+    if plan.host_counts is None and _can_use_grouped_mm(x_sorted, weight):
         out = _grouped_mm(x_sorted, weight.transpose(-2, -1), offs=plan.offsets)
     else:
-        # One matmul per contiguous segment; the split sizes need the counts on the host.
-        counts = plan.tokens_per_expert.tolist()
-        num_computed = sum(counts)
-        pieces = [
-            segment @ weight[expert].t()
-            for expert, segment in enumerate(torch.split(x_sorted[:num_computed], counts))
-        ]
-        num_dropped = x_sorted.shape[0] - num_computed
-        pieces.append(x_sorted.new_zeros(num_dropped, weight.shape[-2]))
-        out = torch.cat(pieces)
+        # One matmul per contiguous segment; the segment bounds need the counts on the host.
+        counts = plan.tokens_per_expert.tolist() if plan.host_counts is None else plan.host_counts
+        out = segment_linear(x_sorted, weight, counts)
     if bias is not None:
         num_experts = weight.shape[0]
         out = out + bias[plan.row_experts.clamp(max=num_experts - 1)]
     return out
 
 
-def grouped_dispatch(x: Tensor, routing: Routing, experts: Experts) -> Tensor:
-    """Sorted-segment dispatch. x # [T, I] -> [T, O]."""
+def segment_linear(x_sorted: Tensor, weight: Tensor, counts: list[int]) -> Tensor:
+    """grouped_linear with host-side segment lengths: one matmul per expert, written in place.
+
+    x_sorted # [S, I] sorted by expert, counts[e] rows each (rows past sum(counts) give zeros);
+    weight # [E, O, I] -> [S, O]. Follows autocast like a matmul would.
+    """
+    if len(counts) != weight.shape[0]:
+        raise ValueError(f"segment_linear: {len(counts)} counts for {weight.shape[0]} experts")
+    device_type = x_sorted.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+    else:
+        dtype = torch.promote_types(x_sorted.dtype, weight.dtype)
+    return _SegmentLinear.apply(x_sorted.to(dtype), weight.to(dtype), tuple(counts))
+
+
+class _SegmentLinear(torch.autograd.Function):
+    """Per-expert matmuls into slices of one output (no split, no cat, no copy of the result)."""
+
+    @staticmethod
+    def forward(ctx, x_sorted: Tensor, weight: Tensor, counts: tuple[int, ...]) -> Tensor:
+        ctx.save_for_backward(x_sorted, weight)
+        ctx.counts = counts
+        out = x_sorted.new_empty(x_sorted.shape[0], weight.shape[-2])
+        with torch.autocast(x_sorted.device.type, enabled=False):
+            for expert, rows in _segments(counts):
+                torch.mm(x_sorted[rows], weight[expert].t(), out=out[rows])
+        out[sum(counts) :].zero_()  # dropped slots
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        x_sorted, weight = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        grad_x = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.empty_like(x_sorted)
+            for expert, rows in _segments(ctx.counts):
+                torch.mm(grad_out[rows], weight[expert], out=grad_x[rows])
+            grad_x[sum(ctx.counts) :].zero_()
+        if ctx.needs_input_grad[1]:
+            grad_weight = torch.zeros_like(weight)  # zero for experts that got no rows
+            for expert, rows in _segments(ctx.counts):
+                torch.mm(grad_out[rows].t(), x_sorted[rows], out=grad_weight[expert])
+        return grad_x, grad_weight, None
+
+
+def _segments(counts: tuple[int, ...]):
+    """(expert, row slice) of every non-empty segment of expert-sorted rows."""
+    start = 0
+    for expert, count in enumerate(counts):
+        if count:
+            yield expert, slice(start, start + count)
+        start += count
+
+
+def grouped_dispatch(x: Tensor, routing: Routing, experts: Experts, host_counts: bool = False) -> Tensor:
+    """Sorted-segment dispatch. x # [T, I] -> [T, O]. `host_counts`: read the expert counts to
+    the host once (the `segments` backend) so every expert matmul is a plain one."""
     top_k = routing.expert_indices.shape[-1]
     plan = plan_dispatch(routing)
+    if host_counts:
+        plan.host_counts = plan.tokens_per_expert.tolist()
     x_sorted = _GatherTokenRows.apply(x, plan.sorted_slots, plan.slot_rows, top_k)  # [S, I]
     if plan.row_valid is not None:
         # Dropped rows must not feed garbage into the experts (grouped_mm leaves them unwritten).
@@ -270,8 +328,8 @@ def dispatch(x: Tensor, routing: Routing, experts: Experts, backend: str = "auto
         chosen = "decode"
     if chosen == "decode":
         return decode_dispatch(x, routing, experts)
-    if chosen == "grouped":
-        return grouped_dispatch(x, routing, experts)
+    if chosen in ("grouped", "segments"):
+        return grouped_dispatch(x, routing, experts, host_counts=chosen == "segments")
     if chosen == "dense":
         return dense_dispatch(x, routing, experts)
     return reference_dispatch(x, routing, experts)
