@@ -16,8 +16,8 @@ tail -3 "$out/gpu_tests.log"
 for part in $parts; do
     case $part in
         gen) timeout 70 python3 benchmarks/generation.py --new 64 > "$out/generation.log" 2>&1 ;;
-        gen1) timeout 45 python3 benchmarks/generation.py --new 64 --batches 1 --models vlmoe,torch-router,dense,mixtral > "$out/generation_b1.log" 2>&1 ;;
-        gen32) timeout 35 python3 benchmarks/generation.py --new 64 --batches 32 --models vlmoe,mixtral > "$out/generation_b32.log" 2>&1 ;;
+        gen1) timeout 100 python3 benchmarks/generation.py --new 64 --batches 1 --reps 7 --models vlmoe,dense,mixtral > "$out/generation_b1.log" 2>&1 ;;
+        gen32) timeout 60 python3 benchmarks/generation.py --new 64 --batches 32 --models vlmoe,mixtral > "$out/generation_b32.log" 2>&1 ;;
         decodelayer) timeout 30 python3 benchmarks/decode_layer.py > "$out/decode_layer.log" 2>&1 ;;
         static) timeout ${STATIC_S:-75} python3 benchmarks/generation.py --new 64 --batches 1 --static --models vlmoe,mixtral > "$out/generation_static.log" 2>&1 ;;
         ffn) timeout 170 python3 benchmarks/moe_layer.py > "$out/moe_ffn.log" 2>&1 ;;
@@ -26,9 +26,15 @@ for part in $parts; do
         train) timeout 70 python3 benchmarks/train_step.py --optimizers foreach fused > "$out/train_step.log" 2>&1 ;;
         gemm) timeout 60 python3 benchmarks/gemm_efficiency.py > "$out/gemm_efficiency.log" 2>&1 ;;
         decodediag) timeout 120 python3 benchmarks/decode_diagnosis.py > "$out/decode_diagnosis.log" 2>&1 ;;
+        prof1) timeout 60 python3 benchmarks/profile_moe.py 16384 2048 5632 4 2 > "$out/profile_shape1.log" 2>&1 ;;
+        prof2) timeout 60 python3 benchmarks/profile_moe.py 8192 4096 14336 8 2 > "$out/profile_shape2.log" 2>&1 ;;
+        trainseg) timeout 90 python3 benchmarks/train_step.py --optimizers fused --segments > "$out/train_step.log" 2>&1 ;;
         profmole) timeout 15 python3 benchmarks/profile_moe.py mole > "$out/profile_mole.log" 2>&1 ;;
     esac
     echo "== $part: exit $?"
+done
+for log in "$out"/profile_shape*.log; do
+    [ -f "$log" ] && { echo "== $log"; grep "^===\|host .* per step" "$log"; }
 done
 for log in "$out"/gemm_efficiency.log "$out"/decode_diagnosis.log "$out"/decode_layer.log "$out"/generation*.log "$out"/moe_layer.log "$out"/moe_ffn*.log "$out"/train_step.log; do
     [ -f "$log" ] && { echo "== $log"; grep -v "^  \|Warning\|warn" "$log" | tail -25; }

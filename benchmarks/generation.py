@@ -15,6 +15,7 @@ Writes generation_b<batches>.json (generation_static_b<batches>.json with --stat
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -32,15 +33,15 @@ from vlmoe.moe import router as router_module
 
 
 def decode_tokens_per_s(
-    model, batch: int, prompt: int, new: int, reps: int = 3, static: bool = False
+    model, batch: int, prompt: int, new: int, reps: int = 3, static: bool = False, warmup: bool = True
 ) -> float:
     input_ids = torch.randint(0, VOCAB - 2, (batch, prompt), device="cuda")
     attention_mask = torch.ones_like(input_ids)
     kwargs = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
     if static:
         kwargs["cache_implementation"] = "static"
-    # Warm-up at the full length: compilation and CUDA-graph capture stay out of the timing.
-    model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+    if warmup:  # at the full length: compilation and CUDA-graph capture stay out of the timing
+        model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     times = []
     for _ in range(reps):
         torch.cuda.synchronize()
@@ -51,6 +52,10 @@ def decode_tokens_per_s(
     return batch * new / sorted(times)[len(times) // 2]
 
 
+def _span(values: list[float]) -> str:
+    return f"{min(values):.2f}-{max(values):.2f}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--layers", type=int, default=12)
@@ -59,7 +64,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--static", action="store_true", help="static cache: transformers compiles decoding")
     parser.add_argument("--models", default="vlmoe,grouped,dense,mixtral")
-    parser.add_argument("--reps", type=int, default=3, help="timed generate calls per row (median)")
+    parser.add_argument("--reps", type=int, default=5, help="timed rounds per model (median)")
     args = parser.parse_args()
     torch.manual_seed(0)
     rows = []
@@ -86,33 +91,72 @@ def main() -> None:
         "dense": ("dense LLaVA, FFN 5632 (before upcycling)", lambda: llava(args.layers, FFN)),
         "mixtral": ("transformers Mixtral (grouped_mm)", lambda: mixtral(args.layers)),
     }
+    # Every model is built and warmed first, then timed in interleaved rounds (A B C, A B C, ...):
+    # eager batch-1 decoding is host-bound and drifts by +-25% between calls on the lent machine
+    # (decode_diagnosis.py), so a model timed alone, or first while the GPU clocks are still low,
+    # reads its neighbour's noise. Ratios are the median of the per-round ratios.
+    models = {}
     for key in args.models.split(","):
         name, build = builders[key]
-        model = build().eval()
-        router_module.FUSED_ROUTING_MAX_TOKENS = 0 if key == "torch-router" else fused_limit
-        for batch in args.batches:
-            try:
-                with torch.no_grad():
-                    speed = decode_tokens_per_s(
-                        model, batch, args.prompt, args.new, reps=args.reps, static=args.static
-                    )
-            except Exception as error:  # e.g. a model transformers cannot compile: report, go on
-                print(f"  {name}, batch {batch}: {type(error).__name__}: {error}"[:2000], flush=True)
-                speed = float("nan")
-            rows.append({"model": name, "batch": batch, "tokens_per_s": speed})
-            print(f"  {name}, batch {batch}: {speed:.0f} tokens/s", flush=True)
-        del model
-        torch.cuda.empty_cache()
-    for row in rows:
-        stock = next((r for r in rows if r["batch"] == row["batch"] and "Mixtral" in r["model"]), None)
-        row["ratio_to_mixtral"] = row["tokens_per_s"] / stock["tokens_per_s"] if stock else float("nan")
+        models[key] = (name, build().eval())
+    rounds = max(args.reps, 1)
+    for batch in args.batches:
+        speeds: dict[str, list[float]] = {key: [] for key in models}
+        for repeat in range(rounds + 1):  # round 0 warms up (compilation, CUDA graphs, clocks)
+            for key, (name, model) in models.items():
+                router_module.FUSED_ROUTING_MAX_TOKENS = 0 if key == "torch-router" else fused_limit
+                try:
+                    with torch.no_grad():
+                        speed = decode_tokens_per_s(
+                            model, batch, args.prompt, args.new, reps=1, static=args.static, warmup=False
+                        )
+                except Exception as error:  # e.g. a model transformers cannot compile: report, go on
+                    print(f"  {name}, batch {batch}: {type(error).__name__}: {error}"[:2000], flush=True)
+                    speed = float("nan")
+                if repeat:
+                    speeds[key].append(speed)
+        router_module.FUSED_ROUTING_MAX_TOKENS = fused_limit
+        for key, (name, _) in models.items():
+            rows.append(
+                {
+                    "model": name,
+                    "batch": batch,
+                    "tokens_per_s": statistics.median(speeds[key]),
+                    "rounds": speeds[key],
+                }
+            )
+            if "mixtral" in models:
+                ratios = [a / b for a, b in zip(speeds[key], speeds["mixtral"], strict=True)]
+                rows[-1]["ratio_to_mixtral"] = statistics.median(ratios)
+                rows[-1]["round_ratios"] = ratios
+            else:
+                rows[-1]["ratio_to_mixtral"] = float("nan")
+            print(
+                f"  {name}, batch {batch}: rounds {' '.join(f'{v:.0f}' for v in speeds[key])} tokens/s",
+                flush=True,
+            )
     batches = "-".join(str(b) for b in args.batches)
     write_json(f"generation{'_static' if args.static else ''}_b{batches}", rows)
     cache = "static cache (compiled)" if args.static else "dynamic cache (eager)"
     print_table(
         f"greedy decoding, {args.layers} layers, prompt {args.prompt}, {args.new} new tokens, {cache}",
-        ["model", "batch", "tokens/s", "ratio to Mixtral"],
-        [[r["model"], r["batch"], f"{r['tokens_per_s']:.0f}", f"{r['ratio_to_mixtral']:.2f}"] for r in rows],
+        [
+            "model",
+            "batch",
+            "tokens/s (median)",
+            "ratio to Mixtral (median of rounds)",
+            "range of round ratios",
+        ],
+        [
+            [
+                r["model"],
+                r["batch"],
+                f"{r['tokens_per_s']:.0f}",
+                f"{r['ratio_to_mixtral']:.2f}",
+                _span(r.get("round_ratios", [float("nan")])),
+            ]
+            for r in rows
+        ],
     )
 
 

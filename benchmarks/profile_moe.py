@@ -1,6 +1,6 @@
 """Where the MoE FFN's time goes: top CUDA kernels of one fwd+bwd step, dense vs vlmoe.
 
-python benchmarks/profile_moe.py [T d ff E k]
+python benchmarks/profile_moe.py [T d ff E k]   # dense, compiled dense, grouped, segments
 python benchmarks/profile_moe.py mole     # MoLE (4 experts r=64 top-1) vs PEFT bf16 LoRA r=64
 """
 
@@ -39,8 +39,11 @@ def profile_step(name: str, step) -> None:
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
         step()
         torch.cuda.synchronize()
-    print(f"\n=== {name}: {time_cuda(step):.3f} ms")
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=70))
+    averages = prof.key_averages()
+    kernel_ms = sum(getattr(a, "self_device_time_total", 0.0) for a in averages) / 1e3
+    # Wall time above the kernel sum is time the GPU waits (launch gaps, host syncs).
+    print(f"\n=== {name}: {time_cuda(step):.3f} ms per step, kernels {kernel_ms:.3f} ms")
+    print(averages.table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=70))
 
 
 def profile_mole(tokens: int = 16384, fan_in: int = 4096, fan_out: int = 11008) -> None:
@@ -73,12 +76,16 @@ def main() -> None:
     torch.manual_seed(0)
     dense = SwiGLU(hidden, intermediate).to("cuda", DTYPE)
     x_dense = torch.randn(tokens * top_k, hidden, device="cuda", dtype=DTYPE, requires_grad=True)
-    profile_step("dense", _train_step(dense, x_dense, torch.randn_like(x_dense)))
+    grad_dense = torch.randn_like(x_dense)
+    profile_step("dense", _train_step(dense, x_dense, grad_dense))
+    profile_step("dense, torch.compile", _train_step(torch.compile(dense), x_dense, grad_dense))
     moe = MoEFeedForward.from_dense(dense, num_experts, top_k, backend="grouped")
     with torch.no_grad():
         moe.router.gate.weight.normal_(std=0.5)
     x = torch.randn(tokens, hidden, device="cuda", dtype=DTYPE, requires_grad=True)
     profile_step("vlmoe grouped", _train_step(moe, x, torch.randn_like(x)))
+    moe.backend = "segments"
+    profile_step("vlmoe segments", _train_step(moe, x, torch.randn_like(x)))
 
 
 if __name__ == "__main__":

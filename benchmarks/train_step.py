@@ -91,6 +91,15 @@ def make_step(model, input_ids, with_aux: bool, optimizer: str = "foreach"):
     return step
 
 
+def _segments(model, *rest):
+    from vlmoe.moe import MoEFeedForward
+
+    for module in model.modules():
+        if isinstance(module, MoEFeedForward):
+            module.backend = "segments"
+    return (model, *rest)
+
+
 def active_params(model, experts_total: int = 1, experts_active: int = 1) -> float:
     """Parameters a token uses, embeddings and output head excluded."""
     total = 0
@@ -115,6 +124,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--optimizers", nargs="+", default=["foreach"], choices=["foreach", "fused"])
+    parser.add_argument(
+        "--segments", action="store_true", help="also the upcycled model on backend='segments'"
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
     tokens = args.batch * args.seq
@@ -139,14 +151,18 @@ def main() -> None:
         )
         print(f"  {name}, AdamW {optimizer}: {ms:.1f} ms", flush=True)
 
-    for name, build in (
+    builds = [
         ("dense LLaVA, FFN 2 x 5632", lambda: (llava(args.layers, 2 * FFN), False, 1, 1)),
         (
             "vlmoe LLaVA, upcycled 4 experts top-2",
             lambda: (vlmoe.upcycle_ffn(llava(args.layers, FFN), num_experts=4, top_k=2), True, 4, 2),
         ),
         ("transformers Mixtral, 4 experts top-2", lambda: (mixtral(args.layers), False, 4, 2)),
-    ):
+    ]
+    if args.segments:
+        upcycled = builds[1][1]
+        builds.insert(2, ("vlmoe LLaVA, upcycled, backend='segments'", lambda: _segments(*upcycled())))
+    for name, build in builds:
         model, with_aux, total, active = build()
         for optimizer in args.optimizers:
             torch.cuda.reset_peak_memory_stats()
