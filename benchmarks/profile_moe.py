@@ -40,7 +40,10 @@ def profile_step(name: str, step) -> None:
         step()
         torch.cuda.synchronize()
     averages = prof.key_averages()
-    kernel_ms = sum(getattr(a, "self_device_time_total", 0.0) for a in averages) / 1e3
+    kernel_ms = (
+        sum(a.self_device_time_total for a in averages if a.device_type == torch.autograd.DeviceType.CUDA)
+        / 1e3
+    )
     # Wall time above the kernel sum is time the GPU waits (launch gaps, host syncs).
     print(f"\n=== {name}: {time_cuda(step):.3f} ms per step, kernels {kernel_ms:.3f} ms")
     print(averages.table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=70))

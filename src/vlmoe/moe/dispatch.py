@@ -203,7 +203,12 @@ class _SegmentLinear(torch.autograd.Function):
                 torch.mm(grad_out[rows], weight[expert], out=grad_x[rows])
             grad_x[sum(ctx.counts) :].zero_()
         if ctx.needs_input_grad[1]:
-            grad_weight = torch.zeros_like(weight)  # zero for experts that got no rows
+            # Every expert's gradient is written once; only experts without rows need zeros
+            # (zeros_like would clear all E x O x I first: 0.8 ms on the (8192, 4096, 14336) layer).
+            grad_weight = torch.empty_like(weight)
+            for expert, count in enumerate(ctx.counts):
+                if not count:
+                    grad_weight[expert].zero_()
             for expert, rows in _segments(ctx.counts):
                 torch.mm(grad_out[rows].t(), x_sorted[rows], out=grad_weight[expert])
         return grad_x, grad_weight, None
