@@ -29,6 +29,7 @@ for part in $parts; do
         prof1) timeout 60 python3 benchmarks/profile_moe.py 16384 2048 5632 4 2 > "$out/profile_shape1.log" 2>&1 ;;
         prof2) timeout 60 python3 benchmarks/profile_moe.py 8192 4096 14336 8 2 > "$out/profile_shape2.log" 2>&1 ;;
         trainseg) timeout 90 python3 benchmarks/train_step.py --optimizers fused --segments > "$out/train_step.log" 2>&1 ;;
+        autotune) timeout ${AUTOTUNE_S:-420} python3 benchmarks/moe_layer.py --ffn-only --autotune > "$out/moe_ffn_autotune.log" 2>&1 ;;
         sync) timeout 30 python3 benchmarks/sync_check.py > "$out/sync_check.log" 2>&1; cat "$out/sync_check.log" ;;
         profmole) timeout 15 python3 benchmarks/profile_moe.py mole > "$out/profile_mole.log" 2>&1 ;;
     esac

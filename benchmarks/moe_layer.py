@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -94,7 +95,27 @@ class _As3D(nn.Module):
         return self.block(x.unsqueeze(0)).squeeze(0)
 
 
-def bench_ffn(shapes, reps: int, baselines: bool = True) -> list[dict]:
+def _compiled_rows(moe: MoEFeedForward, x: torch.Tensor, reps: int) -> list[dict]:
+    """The grouped layer under torch.compile, default and max-autotune (Inductor then times its
+    Triton grouped-GEMM templates against aten's CUTLASS grouped_mm per matmul). The note holds
+    the first step's wall time: compilation plus autotuning."""
+    rows = []
+    for mode in ("default", "max-autotune-no-cudagraphs"):
+        torch._dynamo.reset()
+        compiled = torch.compile(moe, mode=mode)
+        start = time.perf_counter()
+        compiled(x).sum().backward()
+        torch.cuda.synchronize()
+        first_s = time.perf_counter() - start
+        row = _measure(f"vlmoe MoEFeedForward grouped, torch.compile {mode}", compiled, x, reps)
+        row["note"] = f"first step {first_s:.0f} s"
+        rows.append(row)
+        print(f"    {row['note']}", flush=True)
+    torch._dynamo.reset()
+    return rows
+
+
+def bench_ffn(shapes, reps: int, baselines: bool = True, autotune: bool = False) -> list[dict]:
     rows = []
     for tokens, hidden, intermediate, num_experts, top_k in shapes:
         torch.manual_seed(0)
@@ -118,6 +139,8 @@ def bench_ffn(shapes, reps: int, baselines: bool = True) -> list[dict]:
         moe.backend = "segments"
         results.append(_measure("vlmoe MoEFeedForward segments", moe, x, reps))
         moe.backend = "grouped"
+        if autotune:
+            results += _compiled_rows(moe, x, reps)
         if not baselines:
             for row in results:
                 row.update(shape=shape, ratio_to_dense=results[0]["ms"] / row["ms"])
@@ -237,11 +260,16 @@ def main() -> None:
     parser.add_argument("--ffn-only", action="store_true", help="MoE FFN vs dense only, no other baselines")
     parser.add_argument("--mole-only", action="store_true", help="only the LoRA-expert layers")
     parser.add_argument("--reps", type=int, default=20, help="timed steps per measurement (median)")
+    parser.add_argument(
+        "--autotune", action="store_true", help="add the layer under torch.compile (+ max-autotune)"
+    )
     args = parser.parse_args()
     shapes = [(2048, 256, 512, 4, 2), (2048, 256, 256, 16, 4)] if args.quick else FFN_SHAPES
     reps = 5 if args.quick else args.reps
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
-    ffn_rows = [] if args.mole_only else bench_ffn(shapes, reps, baselines=not args.ffn_only)
+    ffn_rows = (
+        [] if args.mole_only else bench_ffn(shapes, reps, baselines=not args.ffn_only, autotune=args.autotune)
+    )
     mole_rows = [] if args.ffn_only else bench_mole(reps, *((2048, 256, 512) if args.quick else ()))
     write_json("moe_layer", ffn_rows + mole_rows)
 
