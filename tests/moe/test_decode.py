@@ -117,3 +117,83 @@ def test_auto_decode_on_cuda_bf16_matches_float64_and_grouped(batch, num_experts
         expected = dispatch(x.view(batch, 256).cpu().double(), routing64, experts64, backend="reference")
     assert relative_error(fast.view(batch, 256).cpu(), expected) < 1e-2
     assert relative_error(fast.float(), grouped.float()) < 1e-2
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize(
+    ("tokens", "hidden", "intermediate", "experts", "top_k", "bias", "normalize", "temperature"),
+    [
+        (1, 40, 24, 4, 2, False, True, 1.0),
+        (3, 300, 530, 6, 2, True, True, 0.5),  # ragged sizes, E not a power of two
+        (2, 24, 17, 3, 3, False, False, 1.0),  # k = E
+        (1, 16, 16, 1, 1, False, False, 2.0),
+    ],
+)
+def test_routed_decode_kernels_equal_route_then_decode_in_float64(
+    tokens, hidden, intermediate, experts, top_k, bias, normalize, temperature
+):
+    """The fused first kernel routes each token itself: its routing must be route_reference's and
+    its output the decode of that routing."""
+    from vlmoe.moe.kernels.decode import glu_decode_reference, glu_decode_routed_triton
+    from vlmoe.moe.kernels.routing import route_reference
+
+    moe, _, x = _case(tokens, hidden, intermediate, experts, top_k, torch.float32, seed=hidden, device=DEVICE)
+    generator = torch.Generator().manual_seed(tokens)
+    gate = torch.randn(experts, hidden, generator=generator).to(DEVICE)
+    gate_bias = torch.randn(experts, generator=generator).to(DEVICE) if bias else None
+    weights = (moe.gate_up_proj.detach(), moe.down_proj.detach())
+    out, routing = glu_decode_routed_triton(x, gate, gate_bias, *weights, top_k, temperature, normalize)
+    expected_routing = route_reference(
+        x.double(),
+        gate.double(),
+        None if gate_bias is None else gate_bias.double(),
+        top_k,
+        temperature,
+        normalize,
+    )
+    assert torch.equal(routing[2], expected_routing[2])  # random logits: no ties
+    for index in (0, 1, 3):
+        assert relative_error(routing[index], expected_routing[index]) < 1e-5
+    expected = glu_decode_reference(
+        x.double(), *(w.double() for w in weights), expected_routing[2], expected_routing[3]
+    )
+    assert out.shape == (tokens, hidden) and relative_error(out, expected) < 1e-5
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_layer_routes_inside_the_decode_kernel_when_decoding(monkeypatch):
+    """With the kernels available (here: the interpreter on CPU), a decoding step of an MoE layer
+    takes the fused path: no separate routing launch, the reference's output, a full record."""
+    import vlmoe.moe.experts as experts_module
+    import vlmoe.moe.router as router_module
+    from vlmoe.moe import record_routing
+
+    torch.manual_seed(0)
+    moe = MoEFeedForward.from_dense(SwiGLU(32, 48), num_experts=4, top_k=2)
+    with torch.no_grad():
+        for parameter in moe.parameters():
+            parameter.normal_(std=0.3)
+    reference = copy.deepcopy(moe)
+    reference.backend = "reference"
+    x = torch.randn(2, 1, 32)
+    with torch.no_grad():  # before the kernels are switched on: the torch router and experts
+        expected = reference(x)
+        torch_routing = reference.router(x.view(2, 32))
+
+    monkeypatch.setattr(experts_module, "use_triton", lambda tensor: True)
+    monkeypatch.setattr(router_module, "use_triton", lambda tensor: True)
+
+    def no_routing_launch(*args, **kwargs):
+        raise AssertionError("the routing kernel was launched")
+
+    monkeypatch.setattr(router_module, "route_triton", no_routing_launch)
+    with torch.no_grad(), record_routing(moe):
+        out = moe(x)
+    assert relative_error(out, expected) < 1e-5
+    assert torch.equal(moe.last_routing.expert_indices, torch_routing.expert_indices)
+    assert relative_error(moe.last_routing.combine_weights, torch_routing.combine_weights) < 1e-5
+    assert relative_error(moe.last_routing.router_probs, torch_routing.router_probs) < 1e-5
+    assert moe.last_aux_losses == {}
+    # More slots than the decode path takes (18 > 16): the router's own kernel, then dispatch.
+    with torch.no_grad(), pytest.raises(AssertionError, match="routing kernel was launched"):
+        moe(torch.randn(9, 1, 32))
