@@ -5,9 +5,8 @@
 A decoding step is launch-bound: this times 500 forwards queued back to back (one sync at the
 end), so it reads the host cost per layer that the generation benchmark sums over 12 layers
 and 64 steps, without its run-to-run spread. Variants: the grouped path (sort + plan), the
-decode kernels with the torch router (six launches), with the routing kernel before them (three
-launches, v8b), with the routing inside the first decode kernel (two launches, what `auto` runs),
-and transformers' Mixtral block (grouped_mm) of the same weights.
+decode kernels with the torch router (six launches) and with the fused routing kernel, and
+transformers' Mixtral block (grouped_mm) of the same weights.
 """
 
 from __future__ import annotations
@@ -24,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import print_table, write_json
 from moe_layer import DTYPE, SwiGLU, _As3D, _mixtral_block
-from vlmoe.moe import MoEFeedForward, dispatch
+from vlmoe.moe import MoEFeedForward
 from vlmoe.moe import router as router_module
 
 
@@ -56,25 +55,17 @@ def main() -> None:
     rows = []
     for tokens in args.tokens:
         x = torch.randn(tokens, hidden, device="cuda", dtype=DTYPE)
-
-        # The previous version (v8b): the fused routing kernel, then the two decode kernels.
-        def three_launches(x=x):
-            return dispatch(x, moe.route(x), moe.experts, "decode")
-
         variants = {
-            "vlmoe grouped path, torch router": ("grouped", 0, moe),
-            "vlmoe decode kernels, torch router": ("auto", 0, moe),
-            "vlmoe routing kernel + decode kernels (v8b)": ("auto", fused_limit, three_launches),
-            "vlmoe decode kernels routing inside (auto)": ("auto", fused_limit, moe),
+            "vlmoe grouped path, torch router": ("grouped", 0),
+            "vlmoe decode kernels, torch router": ("auto", 0),
+            "vlmoe decode kernels, fused router": ("auto", fused_limit),
         }
         with torch.no_grad():
             outputs = {}
-            for name, (backend, limit, run) in variants.items():
+            for name, (backend, limit) in variants.items():
                 moe.backend, router_module.FUSED_ROUTING_MAX_TOKENS = backend, limit
-                outputs[name] = run(x)
-                rows.append(
-                    {"tokens": tokens, "variant": name, "us": us_per_call(lambda x=x, run=run: run(x))}
-                )
+                outputs[name] = moe(x)
+                rows.append({"tokens": tokens, "variant": name, "us": us_per_call(lambda x=x: moe(x))})
             router_module.FUSED_ROUTING_MAX_TOKENS = fused_limit
             reference = outputs["vlmoe grouped path, torch router"].float()
             for name, out in outputs.items():

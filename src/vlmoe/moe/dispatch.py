@@ -19,9 +19,7 @@ Five backends compute the same function:
   for low-rank (LoRA) experts, whose E * rank is small beside the frozen base matmul.
 - `decode_dispatch`: no sort and no plan; each slot's expert weights read in place by two
   kernels (`vlmoe.moe.kernels.decode`). For a few token-slots with autograd off (generation),
-  where the grouped path's ~25 small launches, not its bytes, bound the step. A layer whose
-  router the routing kernel can run goes one step further (`fused_route_decode`): the first
-  decode kernel routes its token itself, two launches for the whole layer.
+  where the grouped path's ~25 small launches, not its bytes, bound the step.
 """
 
 from __future__ import annotations
@@ -35,7 +33,7 @@ from torch import Tensor
 
 from vlmoe.moe.kernels import use_triton
 from vlmoe.moe.kernels.combine import combine_sorted, gather_sum_triton
-from vlmoe.moe.router import Router, Routing
+from vlmoe.moe.router import Routing
 
 Backend = Literal["auto", "reference", "grouped", "segments", "dense", "decode"]
 BACKENDS: tuple[str, ...] = ("auto", "reference", "grouped", "segments", "dense", "decode")
@@ -317,26 +315,6 @@ def decode_dispatch(x: Tensor, routing: Routing, experts: Experts) -> Tensor:
         )
     # Dropped slots (capacity) already carry weight 0 in combine_weights.
     return decode_forward(x, routing.expert_indices, routing.combine_weights)
-
-
-def fused_route_decode(
-    x: Tensor, router: Router | None, experts: Experts | None, backend: str, token_mask: Tensor | None = None
-) -> tuple[Tensor, Routing] | None:
-    """Route and decode in two launches: the first decode kernel routes its own token
-    (`glu_decode_routed_triton`), so the routing kernel's launch goes. x # [T, I] -> ([T, O], Routing).
-
-    For what `auto` (or `decode`) would send to the decode kernels anyway, routed by a router
-    the fused routing kernel would take; None otherwise (then route, then `dispatch`).
-    """
-    routed_decode_forward = getattr(experts, "routed_decode_forward", None)
-    if routed_decode_forward is None or router is None or backend not in ("auto", "decode"):
-        return None
-    if torch.is_grad_enabled() or x.shape[0] * router.config.top_k > DECODE_MAX_SLOTS:
-        return None
-    if not (router.fused_routing_applies(x) and experts.decode_kernels_apply(x)):
-        return None
-    out, (logits, probs, indices, weights) = routed_decode_forward(x, router.kernel_args())
-    return out, Routing(indices, weights, probs, logits, token_mask=token_mask)
 
 
 def _auto_decodes(x: Tensor, routing: Routing, experts: Experts) -> bool:

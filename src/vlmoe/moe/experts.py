@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from vlmoe.moe.dispatch import DispatchPlan, grouped_linear
 from vlmoe.moe.kernels import use_triton
-from vlmoe.moe.kernels.decode import glu_decode_reference, glu_decode_routed_triton, glu_decode_triton
+from vlmoe.moe.kernels.decode import glu_decode_reference, glu_decode_triton
 from vlmoe.moe.kernels.swiglu import swiglu
 
 Activation = Callable[[Tensor], Tensor]
@@ -62,22 +62,11 @@ class GLUExperts(_LoopGatedForward, nn.Module):
         """The combined output of each token's chosen experts, without sorting (few tokens, no
         autograd): two Triton launches on CUDA, gathered-weight bmm elsewhere. x # [T, I] -> [T, I]."""
         args = (x, self.gate_up_proj, self.down_proj, expert_indices, combine_weights)
-        if self.decode_kernels_apply(x):
-            return glu_decode_triton(*args)
-        return glu_decode_reference(*args, activation=self.act_fn)
-
-    def decode_kernels_apply(self, x: Tensor) -> bool:
         # The kernels accumulate in float32: float64 (and other activations) take the torch path.
         same_dtype = x.dtype == self.gate_up_proj.dtype == self.down_proj.dtype
-        return self._is_silu() and use_triton(x) and same_dtype and x.dtype != torch.float64
-
-    def routed_decode_forward(self, x: Tensor, router_args: tuple) -> tuple[Tensor, tuple[Tensor, ...]]:
-        """Route (`Router.kernel_args()`) and run the chosen experts in two launches, when
-        `decode_kernels_apply(x)`. -> (out # [T, I], (logits, probs, expert_indices, combine_weights))."""
-        gate_weight, gate_bias, top_k, temperature, normalize = router_args
-        return glu_decode_routed_triton(
-            x, gate_weight, gate_bias, self.gate_up_proj, self.down_proj, top_k, temperature, normalize
-        )
+        if self._is_silu() and use_triton(x) and same_dtype and x.dtype != torch.float64:
+            return glu_decode_triton(*args)
+        return glu_decode_reference(*args, activation=self.act_fn)
 
     def expert_forward(self, expert: int, x: Tensor) -> Tensor:
         gate, up = (x @ self.gate_up_proj[expert].t()).chunk(2, dim=-1)

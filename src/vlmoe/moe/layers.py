@@ -17,14 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from vlmoe.moe.config import RouterConfig
-from vlmoe.moe.dispatch import (
-    Experts,
-    check_backend,
-    dispatch,
-    fused_route_decode,
-    gate_matrix,
-    resolve_backend,
-)
+from vlmoe.moe.dispatch import Experts, check_backend, dispatch, gate_matrix, resolve_backend
 from vlmoe.moe.experts import LoRAExperts, MLPExperts, ModuleExperts, _linear_pair, experts_from_dense
 from vlmoe.moe.router import Router, Routing
 
@@ -75,46 +68,27 @@ class SparseLayer(nn.Module):
     ) -> Routing:
         """Route the tokens of x # [..., I] and keep the record; the routing is in token order.
         `logits` # [T, E]: the gate's output if the caller computed it (see `Router.forward`)."""
-        x_tokens, token_mask, cluster_ids = self._routing_args(x, token_mask, cluster_ids)
-        routing = self.router(x_tokens, token_mask=token_mask, cluster_ids=cluster_ids, logits=logits)
-        self._keep_record(routing)
-        return routing
-
-    def _routing_args(
-        self, x: Tensor, token_mask: Tensor | None, cluster_ids: Tensor | None
-    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        """(x as [T, I], token_mask # [T], cluster_ids # [T]) after checking x's size."""
         self._check_input(x)
         token_mask, cluster_ids = self._flat_routing_inputs(x.shape[:-1], token_mask, cluster_ids)
-        return x.reshape(-1, x.shape[-1]), token_mask, cluster_ids
+        x_tokens = x.reshape(-1, x.shape[-1])
+        routing = self.router(x_tokens, token_mask=token_mask, cluster_ids=cluster_ids, logits=logits)
+        self.last_aux_losses = routing.aux_losses
+        self.last_routing = routing.detached() if self.record_routing else None
+        return routing
 
     def _check_input(self, x: Tensor) -> None:
-        input_size = self.input_size
-        if input_size is not None and (x.dim() == 0 or x.shape[-1] != input_size):
+        if self.input_size is not None and (x.dim() == 0 or x.shape[-1] != self.input_size):
             raise ValueError(
-                f"{type(self).__name__} expects inputs whose last dimension is {input_size}, "
+                f"{type(self).__name__} expects inputs whose last dimension is {self.input_size}, "
                 f"got shape {tuple(x.shape)}"
             )
-
-    def _keep_record(self, routing: Routing) -> None:
-        # Plain attributes, written past nn.Module.__setattr__ (its parameter/buffer/module
-        # bookkeeping costs microseconds per call, and decoding calls this per layer and token).
-        self.__dict__["last_aux_losses"] = routing.aux_losses
-        self.__dict__["last_routing"] = routing.detached() if self.record_routing else None
 
     def route_and_dispatch(
         self, x: Tensor, token_mask: Tensor | None, cluster_ids: Tensor | None
     ) -> tuple[Tensor, Routing]:
         """x # [..., I] -> expert output # [..., O], and the routing that produced it."""
-        x_tokens, token_mask, cluster_ids = self._routing_args(x, token_mask, cluster_ids)
-        # While decoding, the routing runs inside the first decode kernel (one launch fewer).
-        fused = fused_route_decode(x_tokens, self.router, self.experts, self.backend, token_mask)
-        if fused is None:
-            routing = self.router(x_tokens, token_mask=token_mask, cluster_ids=cluster_ids)
-            out = dispatch(x_tokens, routing, self.experts, self.backend)  # [T, O]
-        else:
-            out, routing = fused
-        self._keep_record(routing)
+        routing = self.route(x, token_mask, cluster_ids)
+        out = dispatch(x.reshape(-1, x.shape[-1]), routing, self.experts, self.backend)  # [T, O]
         return out.view(*x.shape[:-1], out.shape[-1]), routing
 
     def _flat_routing_inputs(

@@ -202,7 +202,7 @@ class Router(nn.Module):
         cfg = self.config
         if token_mask is not None:
             token_mask = token_mask.to(device=hidden.device, dtype=torch.bool)
-        if logits is None and self.fused_routing_applies(hidden):
+        if logits is None and self._fused_routing_applies(hidden):
             return self._fused_routing(hidden, token_mask)
         router_logits = self._logits(hidden, cluster_ids) if logits is None else logits  # [T, E]
         compute_dtype = torch.promote_types(router_logits.dtype, torch.float32)
@@ -260,9 +260,7 @@ class Router(nn.Module):
         jitter = self.training and self.config.jitter_noise > 0
         return self.cluster_embedding is None and self.gate.bias is None and not jitter
 
-    def fused_routing_applies(self, hidden: Tensor) -> bool:
-        """Whether `route_triton` computes this router's function for `hidden` (autograd off,
-        CUDA, few tokens, plain top-k softmax routing over the token's own hidden state)."""
+    def _fused_routing_applies(self, hidden: Tensor) -> bool:
         cfg = self.config
         return (
             not torch.is_grad_enabled()
@@ -278,14 +276,12 @@ class Router(nn.Module):
             and not (self.training and cfg.jitter_noise > 0)
         )
 
-    def kernel_args(self) -> tuple[Tensor, Tensor | None, int, float, bool]:
-        """(gate weight, gate bias, top_k, temperature, normalize): what the routing kernels take."""
+    def _fused_routing(self, hidden: Tensor, token_mask: Tensor | None) -> Routing:
         cfg = self.config
         normalize = cfg.top_k > 1 and cfg.normalize_top_k
-        return self.gate.weight, self.gate.bias, cfg.top_k, cfg.temperature, normalize
-
-    def _fused_routing(self, hidden: Tensor, token_mask: Tensor | None) -> Routing:
-        logits, probs, indices, weights = route_triton(hidden, *self.kernel_args())
+        logits, probs, indices, weights = route_triton(
+            hidden, self.gate.weight, self.gate.bias, cfg.top_k, cfg.temperature, normalize
+        )
         # No aux losses: they exist for an optimiser, and autograd is off here.
         return Routing(indices, weights, probs, logits, token_mask=token_mask)
 

@@ -20,78 +20,6 @@ if HAS_TRITON:
     import triton.language as tl
 
     @triton.jit
-    def route_token(
-        x_row,
-        gate_weight,
-        gate_bias,
-        D,
-        E,
-        temperature,
-        K: tl.constexpr,
-        BLOCK_K: tl.constexpr,
-        BLOCK_E: tl.constexpr,
-        BLOCK_D: tl.constexpr,
-        HAS_BIAS: tl.constexpr,
-        NORMALIZE: tl.constexpr,
-    ):
-        """One token's routing (x_row points at its D inputs) -> (logits [BLOCK_E], probs
-        [BLOCK_E], top experts [BLOCK_K] int64, their weights [BLOCK_K]), float32; lanes past E
-        and K are padding. Shared by `_route_kernel` and the fused decode kernel."""
-        experts = tl.arange(0, BLOCK_E)
-        valid = experts < E
-        acc = tl.zeros([BLOCK_E, BLOCK_D], dtype=tl.float32)
-        for start in range(0, D, BLOCK_D):
-            cols = start + tl.arange(0, BLOCK_D)
-            col_ok = cols < D
-            values = tl.load(x_row + cols, mask=col_ok, other=0.0).to(tl.float32)
-            mask = valid[:, None] & col_ok[None, :]
-            rows = tl.load(gate_weight + experts[:, None] * D + cols[None, :], mask=mask, other=0.0)
-            acc += rows.to(tl.float32) * values[None, :]
-        logits = tl.sum(acc, axis=1)
-        if HAS_BIAS:
-            logits += tl.load(gate_bias + experts, mask=valid, other=0.0).to(tl.float32)
-        logits = logits.to(x_row.dtype.element_ty).to(tl.float32)  # the linear layer's output rounding
-        scaled = tl.where(valid, logits / temperature, float("-inf"))
-        exp = tl.exp(scaled - tl.max(scaled, axis=0))
-        probs = exp / tl.sum(exp, axis=0)
-        # K rounds of argmax; each winner is masked out for the next round.
-        remaining = tl.where(valid, probs, -1.0)
-        slots = tl.arange(0, BLOCK_K)
-        top_probs = tl.zeros([BLOCK_K], dtype=tl.float32)
-        top_indices = tl.zeros([BLOCK_K], dtype=tl.int64)
-        for j in tl.static_range(K):
-            best = tl.argmax(remaining, axis=0)
-            top_probs = tl.where(slots == j, tl.max(remaining, axis=0), top_probs)
-            top_indices = tl.where(slots == j, best.to(tl.int64), top_indices)
-            remaining = tl.where(experts == best, -2.0, remaining)
-        if NORMALIZE:
-            top_probs = top_probs / tl.sum(tl.where(slots < K, top_probs, 0.0), axis=0)
-        return logits, probs, top_indices, top_probs
-
-    @triton.jit
-    def store_routing(
-        logits_out,
-        probs_out,
-        indices_out,
-        weights_out,
-        token,
-        E,
-        logits,
-        probs,
-        top_indices,
-        top_probs,
-        K: tl.constexpr,
-        BLOCK_K: tl.constexpr,
-        BLOCK_E: tl.constexpr,
-    ):
-        experts = tl.arange(0, BLOCK_E)
-        slots = tl.arange(0, BLOCK_K)
-        tl.store(logits_out + token * E + experts, logits, mask=experts < E)
-        tl.store(probs_out + token * E + experts, probs, mask=experts < E)
-        tl.store(indices_out + token * K + slots, top_indices, mask=slots < K)
-        tl.store(weights_out + token * K + slots, top_probs, mask=slots < K)
-
-    @triton.jit
     def _route_kernel(
         x,
         gate_weight,
@@ -111,52 +39,39 @@ if HAS_TRITON:
         NORMALIZE: tl.constexpr,
     ):
         token = tl.program_id(0).to(tl.int64)
-        logits, probs, top_indices, top_probs = route_token(
-            x + token * D,
-            gate_weight,
-            gate_bias,
-            D,
-            E,
-            temperature,
-            K,
-            BLOCK_K,
-            BLOCK_E,
-            BLOCK_D,
-            HAS_BIAS,
-            NORMALIZE,
-        )
-        store_routing(
-            logits_out,
-            probs_out,
-            indices_out,
-            weights_out,
-            token,
-            E,
-            logits,
-            probs,
-            top_indices,
-            top_probs,
-            K,
-            BLOCK_K,
-            BLOCK_E,
-        )
-
-
-def routing_blocks(num_experts: int, top_k: int) -> dict[str, int]:
-    """Block sizes of `route_token` for E experts: the [BLOCK_E, BLOCK_D] tile stays <= 4096."""
-    block_e = triton.next_power_of_2(num_experts)
-    return {
-        "BLOCK_K": triton.next_power_of_2(top_k),
-        "BLOCK_E": block_e,
-        "BLOCK_D": max(64, min(1024, 4096 // block_e)),
-    }
-
-
-def routing_outputs(num_tokens: int, num_experts: int, top_k: int, device) -> tuple[Tensor, ...]:
-    """Empty (logits, probs, expert indices, combine weights) for the kernels to fill."""
-    logits = torch.empty(num_tokens, num_experts, device=device, dtype=torch.float32)
-    indices = torch.empty(num_tokens, top_k, device=device, dtype=torch.int64)
-    return logits, torch.empty_like(logits), indices, torch.empty(indices.shape, device=device)
+        experts = tl.arange(0, BLOCK_E)
+        valid = experts < E
+        acc = tl.zeros([BLOCK_E, BLOCK_D], dtype=tl.float32)
+        for start in range(0, D, BLOCK_D):
+            cols = start + tl.arange(0, BLOCK_D)
+            col_ok = cols < D
+            values = tl.load(x + token * D + cols, mask=col_ok, other=0.0).to(tl.float32)
+            mask = valid[:, None] & col_ok[None, :]
+            rows = tl.load(gate_weight + experts[:, None] * D + cols[None, :], mask=mask, other=0.0)
+            acc += rows.to(tl.float32) * values[None, :]
+        logits = tl.sum(acc, axis=1)
+        if HAS_BIAS:
+            logits += tl.load(gate_bias + experts, mask=valid, other=0.0).to(tl.float32)
+        logits = logits.to(x.dtype.element_ty).to(tl.float32)  # the linear layer's output rounding
+        tl.store(logits_out + token * E + experts, logits, mask=valid)
+        scaled = tl.where(valid, logits / temperature, float("-inf"))
+        exp = tl.exp(scaled - tl.max(scaled, axis=0))
+        probs = exp / tl.sum(exp, axis=0)
+        tl.store(probs_out + token * E + experts, probs, mask=valid)
+        # K rounds of argmax; each winner is masked out for the next round.
+        remaining = tl.where(valid, probs, -1.0)
+        slots = tl.arange(0, BLOCK_K)
+        top_probs = tl.zeros([BLOCK_K], dtype=tl.float32)
+        top_indices = tl.zeros([BLOCK_K], dtype=tl.int64)
+        for j in tl.static_range(K):
+            best = tl.argmax(remaining, axis=0)
+            top_probs = tl.where(slots == j, tl.max(remaining, axis=0), top_probs)
+            top_indices = tl.where(slots == j, best.to(tl.int64), top_indices)
+            remaining = tl.where(experts == best, -2.0, remaining)
+        if NORMALIZE:
+            top_probs = top_probs / tl.sum(tl.where(slots < K, top_probs, 0.0), axis=0)
+        tl.store(indices_out + token * K + slots, top_indices, mask=slots < K)
+        tl.store(weights_out + token * K + slots, top_probs, mask=slots < K)
 
 
 def route_triton(
@@ -169,8 +84,12 @@ def route_triton(
     num_tokens, hidden = x.shape
     num_experts = gate_weight.shape[0]
     x, gate_weight = x.contiguous(), gate_weight.contiguous()
-    logits, probs, indices, weights = routing_outputs(num_tokens, num_experts, top_k, x.device)
+    logits = torch.empty(num_tokens, num_experts, device=x.device, dtype=torch.float32)
+    probs = torch.empty_like(logits)
+    indices = torch.empty(num_tokens, top_k, device=x.device, dtype=torch.int64)
+    weights = torch.empty(num_tokens, top_k, device=x.device, dtype=torch.float32)
     if num_tokens:
+        block_e = triton.next_power_of_2(num_experts)
         _route_kernel[(num_tokens,)](
             x,
             gate_weight,
@@ -183,9 +102,11 @@ def route_triton(
             num_experts,
             float(temperature),
             K=top_k,
+            BLOCK_K=triton.next_power_of_2(top_k),
+            BLOCK_E=block_e,
+            BLOCK_D=max(64, min(1024, 4096 // block_e)),
             HAS_BIAS=gate_bias is not None,
             NORMALIZE=normalize,
-            **routing_blocks(num_experts, top_k),
         )
     return logits, probs, indices, weights
 
