@@ -72,14 +72,17 @@ class SparseLayer(nn.Module):
         token_mask, cluster_ids = self._flat_routing_inputs(x.shape[:-1], token_mask, cluster_ids)
         x_tokens = x.reshape(-1, x.shape[-1])
         routing = self.router(x_tokens, token_mask=token_mask, cluster_ids=cluster_ids, logits=logits)
-        self.last_aux_losses = routing.aux_losses
-        self.last_routing = routing.detached() if self.record_routing else None
+        # Plain attributes, written past nn.Module.__setattr__: its parameter/buffer/module
+        # bookkeeping costs microseconds per call, and decoding routes once per layer and token.
+        self.__dict__["last_aux_losses"] = routing.aux_losses
+        self.__dict__["last_routing"] = routing.detached() if self.record_routing else None
         return routing
 
     def _check_input(self, x: Tensor) -> None:
-        if self.input_size is not None and (x.dim() == 0 or x.shape[-1] != self.input_size):
+        input_size = self.input_size
+        if input_size is not None and (x.dim() == 0 or x.shape[-1] != input_size):
             raise ValueError(
-                f"{type(self).__name__} expects inputs whose last dimension is {self.input_size}, "
+                f"{type(self).__name__} expects inputs whose last dimension is {input_size}, "
                 f"got shape {tuple(x.shape)}"
             )
 
