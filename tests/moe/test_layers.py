@@ -18,7 +18,7 @@ from vlmoe.moe import (
 
 @pytest.mark.parametrize("dense_cls", [SwiGLU, FcMLP])
 @pytest.mark.parametrize(("num_experts", "top_k"), [(4, 2), (3, 3), (1, 1)])
-@pytest.mark.parametrize("backend", ["reference", "grouped", "dense"])
+@pytest.mark.parametrize("backend", ["reference", "grouped", "segments", "dense"])
 def test_upcycled_ffn_computes_the_dense_function(dense_cls, num_experts, top_k, backend):
     torch.manual_seed(0)
     dense = dense_cls(8, 12).double()
@@ -193,7 +193,7 @@ def test_plain_lora_equals_peft_and_merges():
     assert relative_error(plain(x), expected) < 1e-12
 
 
-@pytest.mark.parametrize("backend", ["reference", "grouped", "dense"])
+@pytest.mark.parametrize("backend", ["reference", "grouped", "segments", "dense"])
 def test_mole_top1_selects_one_expert_weighted_by_its_gate(backend):
     torch.manual_seed(0)
     base = nn.Linear(8, 16).double()
