@@ -54,3 +54,34 @@ def test_combine_kernel_forward_and_backward(tokens, top_k, width):
         relative_error(summed, gather_sum_reference(y_sorted.detach().double(), slot_rows, None, top_k))
         < 1e-6
     )
+
+
+def test_swiglu_backward_can_overwrite_its_input_and_refuses_a_second_backward():
+    from vlmoe.moe.kernels.swiglu import _SwiGLU, swiglu_reference
+
+    torch.manual_seed(0)
+    leaf = torch.randn(6, 2 * 40, device=DEVICE, requires_grad=True)
+    grad = torch.randn(6, 40, device=DEVICE)
+    (expected,) = torch.autograd.grad(swiglu_reference(leaf.double()), leaf, grad.double())
+    gate_up = leaf * 1.0  # an intermediate, as the experts' gate_up is
+    out = _SwiGLU.apply(gate_up, True)
+    assert relative_error(out, swiglu_reference(leaf.double())) < 1e-6
+    out.backward(grad, retain_graph=True)
+    assert relative_error(leaf.grad, expected) < 1e-6
+    # The gradient went into gate_up's own memory: gate_up now holds it (d/dx of x * 1 is 1).
+    assert relative_error(gate_up.detach(), expected) < 1e-6
+    with pytest.raises(RuntimeError, match="second backward"):
+        out.backward(grad)
+
+
+def test_swiglu_never_overwrites_a_leaf(monkeypatch):
+    from vlmoe.moe.kernels import swiglu as kernels
+
+    monkeypatch.setattr(kernels, "use_triton", lambda tensor: True)  # the kernel path, on any device
+    leaf = torch.randn(3, 32, device=DEVICE, requires_grad=True)
+    before = leaf.detach().clone()
+    out = kernels.swiglu(leaf, overwrite_input=True)
+    assert out.grad_fn is not None and type(out.grad_fn).__name__ == "_SwiGLUBackward"
+    out.sum().backward(retain_graph=True)
+    assert torch.equal(leaf.detach(), before)
+    out.sum().backward()  # nothing was overwritten, so a second backward is fine

@@ -17,9 +17,9 @@ import torch
 from torch import Tensor, nn
 
 from vlmoe.moe.dispatch import DispatchPlan, grouped_linear
+from vlmoe.moe.kernels import swiglu as swiglu_kernels
 from vlmoe.moe.kernels import use_triton
 from vlmoe.moe.kernels.decode import glu_decode_reference, glu_decode_triton
-from vlmoe.moe.kernels.swiglu import swiglu
 
 Activation = Callable[[Tensor], Tensor]
 
@@ -49,7 +49,8 @@ class GLUExperts(_LoopGatedForward, nn.Module):
     def forward(self, x_sorted: Tensor, plan: DispatchPlan) -> Tensor:
         gate_up = grouped_linear(x_sorted, self.gate_up_proj, plan)  # [S, 2F]
         if self._is_silu():
-            hidden = swiglu(gate_up)  # one fused pass on CUDA
+            # One fused pass each way on CUDA; gate_up is ours alone, so its memory takes the gradient.
+            hidden = swiglu_kernels.swiglu(gate_up, overwrite_input=swiglu_kernels.OVERWRITE_IN_BACKWARD)
         else:
             gate, up = gate_up.chunk(2, dim=-1)
             hidden = self.act_fn(gate) * up

@@ -2,6 +2,12 @@
 
 Reading the two halves of the fused projection in place avoids the strided elementwise kernels
 and the gradient concatenation that `chunk` costs in eager torch (benchmarks/NOTES.md).
+
+`swiglu(gate_up, overwrite_input=True)` (what the MoE experts use: their gate_up is a temporary
+nobody else reads) writes the backward's gradient over the saved gate_up instead of a new
+[rows, 2F] tensor: each element is read before it is written by the same program, and the
+largest activation of the layer is not held twice at the backward's peak. A second backward
+through the same graph (retain_graph) would read the overwritten input, so it raises instead.
 """
 
 from __future__ import annotations
@@ -58,9 +64,10 @@ def swiglu_forward_triton(gate_up: Tensor) -> Tensor:
     return out
 
 
-def swiglu_backward_triton(gate_up: Tensor, grad_out: Tensor) -> Tensor:
+def swiglu_backward_triton(gate_up: Tensor, grad_out: Tensor, out: Tensor | None = None) -> Tensor:
+    """The gradient w.r.t. gate_up, written to `out` (which may be gate_up itself) or a new tensor."""
     rows, size = grad_out.shape
-    grad_gate_up = torch.empty_like(gate_up)
+    grad_gate_up = torch.empty_like(gate_up) if out is None else out
     if rows:
         grid = (rows, triton.cdiv(size, _BLOCK))
         _swiglu_backward_kernel[grid](gate_up, grad_out.contiguous(), grad_gate_up, size, BLOCK=_BLOCK)
@@ -69,18 +76,39 @@ def swiglu_backward_triton(gate_up: Tensor, grad_out: Tensor) -> Tensor:
 
 class _SwiGLU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, gate_up: Tensor) -> Tensor:
+    def forward(ctx, gate_up: Tensor, overwrite_input: bool = False) -> Tensor:
         ctx.save_for_backward(gate_up)
+        ctx.overwrite_input = overwrite_input
+        ctx.overwritten = False
         return swiglu_forward_triton(gate_up)
 
     @staticmethod
-    def backward(ctx, grad_out: Tensor) -> Tensor:
+    def backward(ctx, grad_out: Tensor):
+        if ctx.overwritten:
+            raise RuntimeError(
+                "a second backward through vlmoe's SwiGLU kernel (retain_graph=True?): the first "
+                "one wrote its gradient over the saved gate_up to save memory. To backward twice, "
+                "set vlmoe.moe.kernels.swiglu.OVERWRITE_IN_BACKWARD = False before the forward"
+            )
         (gate_up,) = ctx.saved_tensors
-        return swiglu_backward_triton(gate_up, grad_out)
+        if ctx.overwrite_input:
+            ctx.overwritten = True
+            return swiglu_backward_triton(gate_up, grad_out, out=gate_up), None
+        return swiglu_backward_triton(gate_up, grad_out), None
 
 
-def swiglu(gate_up: Tensor) -> Tensor:
-    """silu(gate_up[:, :F]) * gate_up[:, F:]. gate_up # [rows, 2F] -> [rows, F]."""
+# The experts' switch: overwrite the saved gate_up in backward (saves one [rows, 2F] activation).
+OVERWRITE_IN_BACKWARD = True
+
+
+def swiglu(gate_up: Tensor, overwrite_input: bool = False) -> Tensor:
+    """silu(gate_up[:, :F]) * gate_up[:, F:]. gate_up # [rows, 2F] -> [rows, F].
+
+    `overwrite_input`: the backward may reuse gate_up's memory for its gradient (only for a
+    gate_up the caller does not read again; see the module docstring)."""
     if use_triton(gate_up) and gate_up.is_contiguous() and gate_up.dim() == 2:
-        return _SwiGLU.apply(gate_up)
+        # Never a leaf (a tensor the caller owns), and not under torch.compile, which plans the
+        # memory itself and would have to functionalise the write.
+        overwrite = overwrite_input and not gate_up.is_leaf and not torch.compiler.is_compiling()
+        return _SwiGLU.apply(gate_up, overwrite)
     return swiglu_reference(gate_up)
