@@ -12,8 +12,10 @@ Five backends compute the same function:
   again a gather, so there are no atomics, and on CUDA no host synchronisation.
 - `segments`: the same sort and gathers, but the expert counts are read to the host once per
   forward (one synchronisation) and each expert's segment is one plain matmul (cuBLAS on CUDA),
-  forward and backward. For a few experts with thousands of rows each, cuBLAS's single GEMMs
-  outrun the grouped kernel (`benchmarks/gemm_efficiency.py`); torch.compile keeps `grouped`.
+  forward and backward. Per matmul, cuBLAS beats the grouped kernel by up to 7% for a few large
+  experts (`benchmarks/gemm_efficiency.py`), 0-3% in the whole layer; many small experts are
+  much slower. Opt-in: `auto` never takes it (the sync; torch.compile breaks its graph there).
+  Also what `grouped` runs where grouped_mm cannot (CPU, non-bf16 weights).
 - `dense_dispatch`: every expert on every token, weighted by a [T, E] gate matrix that is zero
   off the chosen experts. E times the expert FLOPs but no permutation at all: the fast choice
   for low-rank (LoRA) experts, whose E * rank is small beside the frozen base matmul.
