@@ -105,3 +105,40 @@ def test_adamw_is_fused_on_cuda(tmp_path):
     assert trainer.create_optimizer().defaults["fused"]
     cuda, cpu = torch.nn.Parameter(torch.zeros(2, device="cuda")), torch.nn.Parameter(torch.zeros(2))
     assert fused_adamw_applies([cuda]) and not fused_adamw_applies([cuda, cpu])
+
+
+def test_router_losses_are_logged_as_means_read_once_per_log(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    model, processor = vlmoe.models.tiny("llava")
+    model = vlmoe.upcycle_ffn(model, num_experts=4, top_k=2, layers="all", z_loss_coef=0.001)
+    model.train()
+    trainer = _trainer(model, tmp_path)
+    batches = [_batch(processor), _batch(processor)]
+    batches[1]["input_ids"] = batches[1]["input_ids"].flip(-1)  # another routing, other losses
+    expected: dict[str, list[float]] = {}
+
+    def no_host_read(*args, **kwargs):
+        raise AssertionError("the router losses were read to the host during a training step")
+
+    accumulate = trainer._accumulate_aux_losses
+
+    def accumulate_without_host_reads(*args):  # (HF's own forward may read; vlmoe's part must not)
+        with monkeypatch.context() as patch:
+            for name in ("__float__", "item", "tolist"):
+                patch.setattr(torch.Tensor, name, no_host_read)
+            accumulate(*args)
+
+    monkeypatch.setattr(trainer, "_accumulate_aux_losses", accumulate_without_host_reads)
+    for batch in batches:
+        loss = trainer.compute_loss(model, batch)
+        expected.setdefault("aux_loss", []).append(float(vlmoe.aux_loss(model)))
+        for layer, losses in vlmoe.moe.aux_losses_by_layer(model).items():
+            for name, value in losses.items():
+                expected.setdefault(f"aux/{layer}/{name}", []).append(value)
+        loss.backward()
+    assert len(expected) == 1 + 2 * 2  # the total, and balance + z-loss of both LM layers
+    trainer.log({"loss": 1.0})
+    logged = trainer.state.log_history[-1]
+    for key, values in expected.items():
+        assert logged[key] == pytest.approx(sum(values) / len(values), rel=1e-6)
+    assert trainer._aux_count == 0 and not trainer._aux_sums  # reset for the next window

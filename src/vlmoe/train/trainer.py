@@ -2,7 +2,8 @@
 atomically.
 
 - Loss = LM loss + `aux_loss_scale * vlmoe.aux_loss(model)`; the aux loss and each layer's losses
-  are logged (TensorBoard by default) as running means since the last log.
+  are logged (TensorBoard by default) as running means since the last log, summed on the device
+  and read to the host once per log (not once per step and layer).
 - The batch's attention mask (padding takes no part in routing) and MoCLE cluster ids reach the
   sparse layers through `vlmoe.moe.routing_inputs`; the collator's tags never reach the model.
 - One learning rate per part (router, experts, lora, connector, lm, vision_tower).
@@ -28,7 +29,7 @@ from transformers import Trainer
 from vlmoe.data.collator import split_model_inputs
 from vlmoe.models.checkpoint import without_tied
 from vlmoe.models.parts import parameter_parts
-from vlmoe.moe import aux_loss, aux_losses_by_layer, routing_inputs
+from vlmoe.moe import aux_loss, routing_inputs, sparse_layers
 from vlmoe.train.distributed import is_sharded, load_full_state_dict
 
 COMPLETE = "COMPLETE"
@@ -60,7 +61,7 @@ class MoETrainer(Trainer):
         self.learning_rates = learning_rates
         self.aux_loss_scale = aux_loss_scale
         self.keep_checkpoints = keep_checkpoints
-        self._aux_sums: dict[str, float] = defaultdict(float)
+        self._aux_sums: dict[str, torch.Tensor] = {}
         self._aux_count = 0
         self._routing_active = False
 
@@ -94,16 +95,30 @@ class MoETrainer(Trainer):
         router_loss = aux_loss(model)
         loss = outputs.loss + self.aux_loss_scale * router_loss
         if model.training:
-            self._aux_sums["aux_loss"] += float(router_loss.detach())
-            for layer, losses in aux_losses_by_layer(model).items():
-                for name, value in losses.items():
-                    self._aux_sums[f"aux/{layer}/{name}"] += value
-            self._aux_count += 1
+            self._accumulate_aux_losses(model, router_loss)
         return (loss, outputs) if return_outputs else loss
+
+    def _accumulate_aux_losses(self, model: torch.nn.Module, router_loss: torch.Tensor) -> None:
+        """Running sums of the router losses, kept on the device: reading each to the host every
+        step (`float(loss)`) would make the host wait for the GPU's forward once per step and
+        layer; they are read once per log instead."""
+        entries = [("aux_loss", router_loss)] + [
+            (f"aux/{layer_name}/{name}", value)
+            for layer_name, layer in sparse_layers(model)
+            for name, value in layer.last_aux_losses.items()
+        ]
+        for key, value in entries:
+            value = value.detach().float()
+            self._aux_sums[key] = value if key not in self._aux_sums else self._aux_sums[key] + value
+        self._aux_count += 1
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if self._aux_count and "loss" in logs:  # training logs carry the aux losses since the last one
-            logs.update({k: v / self._aux_count for k, v in self._aux_sums.items()})
+            keys = list(self._aux_sums)
+            device = self._aux_sums[keys[0]].device  # a model split over devices: gather first
+            sums = torch.stack([self._aux_sums[k].to(device) for k in keys])
+            means = (sums / self._aux_count).tolist()  # the one host read per log
+            logs.update(zip(keys, means, strict=True))
             self._aux_sums.clear()
             self._aux_count = 0
         super().log(logs, *args, **kwargs)
