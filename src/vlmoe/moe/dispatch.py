@@ -26,7 +26,7 @@ Five backends compute the same function:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 import torch
@@ -59,8 +59,16 @@ class DispatchPlan:
     offsets: Tensor  # [E] int32, end of each expert's segment (grouped_mm's `offs`)
     row_valid: Tensor | None  # [S, 1] bool, False for dropped rows; None when none is dropped
     top_k: int
-    # tokens_per_expert read to the host (the `segments` backend); None keeps the counts on device.
-    host_counts: list[int] | None = None
+    # The `segments` backend: every expert matmul runs on host-side counts, even where grouped_mm could.
+    segments: bool = False
+    _host_counts: list[int] | None = field(default=None, repr=False)
+
+    def host_counts(self) -> list[int]:
+        """tokens_per_expert on the host, read once per plan (one synchronisation on CUDA) however
+        many per-segment matmuls use it."""
+        if self._host_counts is None:
+            self._host_counts = self.tokens_per_expert.tolist()
+        return self._host_counts
 
 
 class Experts(Protocol):
@@ -152,12 +160,11 @@ def grouped_linear(
     x_sorted # [S, I]; weight # [E, O, I] (nn.Linear layout per expert); bias # [E, O].
     Rows of dropped slots (after the last segment) come back as zeros.
     """
-    if plan.host_counts is None and _can_use_grouped_mm(x_sorted, weight):
+    if not plan.segments and _can_use_grouped_mm(x_sorted, weight):
         out = _grouped_mm(x_sorted, weight.transpose(-2, -1), offs=plan.offsets)
     else:
         # One matmul per contiguous segment; the segment bounds need the counts on the host.
-        counts = plan.tokens_per_expert.tolist() if plan.host_counts is None else plan.host_counts
-        out = segment_linear(x_sorted, weight, counts)
+        out = segment_linear(x_sorted, weight, plan.host_counts())
     if bias is not None:
         num_experts = weight.shape[0]
         out = out + bias[plan.row_experts.clamp(max=num_experts - 1)]
@@ -225,13 +232,12 @@ def _segments(counts: tuple[int, ...]):
         start += count
 
 
-def grouped_dispatch(x: Tensor, routing: Routing, experts: Experts, host_counts: bool = False) -> Tensor:
-    """Sorted-segment dispatch. x # [T, I] -> [T, O]. `host_counts`: read the expert counts to
-    the host once (the `segments` backend) so every expert matmul is a plain one."""
+def grouped_dispatch(x: Tensor, routing: Routing, experts: Experts, segments: bool = False) -> Tensor:
+    """Sorted-segment dispatch. x # [T, I] -> [T, O]. `segments`: every expert matmul a plain
+    one on the expert counts read to the host (the `segments` backend)."""
     top_k = routing.expert_indices.shape[-1]
     plan = plan_dispatch(routing)
-    if host_counts:
-        plan.host_counts = plan.tokens_per_expert.tolist()
+    plan.segments = segments
     x_sorted = _GatherTokenRows.apply(x, plan.sorted_slots, plan.slot_rows, top_k)  # [S, I]
     if plan.row_valid is not None:
         # Dropped rows must not feed garbage into the experts (grouped_mm leaves them unwritten).
@@ -336,7 +342,7 @@ def dispatch(x: Tensor, routing: Routing, experts: Experts, backend: str = "auto
     if chosen == "decode":
         return decode_dispatch(x, routing, experts)
     if chosen in ("grouped", "segments"):
-        return grouped_dispatch(x, routing, experts, host_counts=chosen == "segments")
+        return grouped_dispatch(x, routing, experts, segments=chosen == "segments")
     if chosen == "dense":
         return dense_dispatch(x, routing, experts)
     return reference_dispatch(x, routing, experts)

@@ -183,7 +183,7 @@ class ModuleExperts(_LoopGatedForward, nn.Module):
         self.num_experts = len(modules)
 
     def forward(self, x_sorted: Tensor, plan: DispatchPlan) -> Tensor:
-        counts = plan.tokens_per_expert.tolist() if plan.host_counts is None else plan.host_counts
+        counts = plan.host_counts()
         num_computed = sum(counts)
         segments = torch.split(x_sorted[:num_computed], counts)
         pieces = [self.experts[e](segment) for e, segment in enumerate(segments)]
