@@ -27,20 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import vlmoe
 from common import print_table, write_json
-from generation import decode_tokens_per_s
-from train_step import FFN, HIDDEN, VOCAB, llava, mixtral
+from generation import decode_tokens_per_s, greedy_generate
+from train_step import FFN, HIDDEN, llava, mixtral
 
-
-def _generate(model, new: int) -> None:
-    input_ids = torch.randint(0, VOCAB - 2, (1, 128), device="cuda")
-    model.generate(
-        input_ids=input_ids,
-        attention_mask=torch.ones_like(input_ids),
-        max_new_tokens=new,
-        min_new_tokens=new,
-        do_sample=False,
-        pad_token_id=0,
-    )
+PROMPT = 128  # tokens, as in generation.py
 
 
 def _syncs_per_token(model, new: int = 8) -> float:
@@ -49,7 +39,7 @@ def _syncs_per_token(model, new: int = 8) -> float:
     torch.cuda.set_sync_debug_mode("warn")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        _generate(model, new)
+        greedy_generate(model, 1, PROMPT, new)
     torch.cuda.set_sync_debug_mode(0)
     places = sorted({f"{w.filename.split('site-packages/')[-1]}:{w.lineno}" for w in caught})
     print(f"    sync sites: {places[:12]}", flush=True)
@@ -61,7 +51,7 @@ def _profile(model, name: str, new: int = 16) -> dict:
 
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        _generate(model, new)
+        greedy_generate(model, 1, PROMPT, new)
         torch.cuda.synchronize()
     averages = prof.key_averages()
     print(f"\n== {name}: top host-time ops over one generate of {new} tokens")
@@ -133,10 +123,10 @@ def main() -> None:
     rows = {name: {"model": name, "tokens_per_s": []} for name in models}
     with torch.no_grad():
         for model in models.values():  # warm every model (and the GPU clocks) before any timing
-            _generate(model, args.new)
+            greedy_generate(model, 1, PROMPT, args.new)
         for _ in range(args.rounds):
             for name, model in models.items():
-                speed = decode_tokens_per_s(model, 1, 128, args.new, reps=1)
+                speed = decode_tokens_per_s(model, 1, PROMPT, args.new)
                 rows[name]["tokens_per_s"].append(speed)
                 print(f"  {name}: {speed:.0f} tokens/s", flush=True)
         for name, model in models.items():

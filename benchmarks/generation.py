@@ -32,24 +32,22 @@ from vlmoe.moe import MoEFeedForward
 from vlmoe.moe import router as router_module
 
 
-def decode_tokens_per_s(
-    model, batch: int, prompt: int, new: int, reps: int = 3, static: bool = False, warmup: bool = True
-) -> float:
+def greedy_generate(model, batch: int, prompt: int, new: int, static: bool = False) -> None:
+    """One greedy generate of exactly `new` tokens after a random `prompt`-token prompt."""
     input_ids = torch.randint(0, VOCAB - 2, (batch, prompt), device="cuda")
-    attention_mask = torch.ones_like(input_ids)
     kwargs = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
     if static:
         kwargs["cache_implementation"] = "static"
-    if warmup:  # at the full length: compilation and CUDA-graph capture stay out of the timing
-        model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-    times = []
-    for _ in range(reps):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return batch * new / sorted(times)[len(times) // 2]
+    model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
+
+
+def decode_tokens_per_s(model, batch: int, prompt: int, new: int, static: bool = False) -> float:
+    """Generated tokens/s of one generate call; warm the model first (compilation, CUDA graphs)."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    greedy_generate(model, batch, prompt, new, static)
+    torch.cuda.synchronize()
+    return batch * new / (time.perf_counter() - start)
 
 
 def _span(values: list[float]) -> str:
@@ -107,9 +105,7 @@ def main() -> None:
                 router_module.FUSED_ROUTING_MAX_TOKENS = 0 if key == "torch-router" else fused_limit
                 try:
                     with torch.no_grad():
-                        speed = decode_tokens_per_s(
-                            model, batch, args.prompt, args.new, reps=1, static=args.static, warmup=False
-                        )
+                        speed = decode_tokens_per_s(model, batch, args.prompt, args.new, static=args.static)
                 except Exception as error:  # e.g. a model transformers cannot compile: report, go on
                     print(f"  {name}, batch {batch}: {type(error).__name__}: {error}"[:2000], flush=True)
                     speed = float("nan")
