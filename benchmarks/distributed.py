@@ -33,39 +33,36 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import vlmoe
 from common import print_table, write_json
+from train_step import FFN, HIDDEN, VOCAB, llava
 from vlmoe.moe import expert_parallel_ddp, set_load_balance_scope, shard_experts
 
-HIDDEN, FFN, VOCAB = 2048, 5632, 32000
 COMPARED_STEPS = 3  # loss equality is checked on these first steps (bf16 rounding drifts later)
 TINY = {"hidden": 64, "ffn": 128, "vocab": 512, "heads": 4}
+# The tower takes no part in text-only batches; the smallest one keeps the CPU check quick.
+TINY_VISION = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    image_size=28,
+    patch_size=14,
+)
 
 
 def build(args, device: torch.device, dtype: torch.dtype):
     """The upcycled LLaVA, the same on every rank (seeded), with global balance statistics."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
-
     shape = TINY if args.tiny else {"hidden": HIDDEN, "ffn": FFN, "vocab": VOCAB, "heads": 16}
-    text = LlamaConfig(
-        hidden_size=shape["hidden"],
-        intermediate_size=shape["ffn"],
-        num_hidden_layers=args.layers,
-        num_attention_heads=shape["heads"],
-        num_key_value_heads=shape["heads"],
-        vocab_size=shape["vocab"],
-        max_position_embeddings=4096,
-    )
-    vision = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        image_size=28,
-        patch_size=14,
-    )
-    config = LlavaConfig(text_config=text, vision_config=vision, image_token_id=shape["vocab"] - 1)
-    config._attn_implementation = "sdpa"
     torch.manual_seed(0)
-    model = LlavaForConditionalGeneration(config)
+    model = llava(
+        args.layers,
+        shape["ffn"],
+        hidden=shape["hidden"],
+        heads=shape["heads"],
+        vocab=shape["vocab"],
+        vision=TINY_VISION,
+        device="cpu",  # then moved: the same initial weights on every rank and device type
+        dtype=torch.float32,
+    )
     vlmoe.upcycle_ffn(model, num_experts=4, top_k=2)
     model.model.vision_tower.requires_grad_(False)  # text-only batches: the tower takes no part
     model.model.multi_modal_projector.requires_grad_(False)

@@ -28,30 +28,45 @@ from common import print_table, time_cuda, write_json
 HIDDEN, FFN, VOCAB = 2048, 5632, 32000
 
 
-def llava(num_layers: int, intermediate: int):
+# A small CLIP tower: the benchmarks' batches are text-only, the LM dominates.
+VISION = dict(
+    hidden_size=256,
+    intermediate_size=512,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    image_size=56,
+    patch_size=14,
+)
+
+
+def llava(
+    num_layers: int,
+    intermediate: int,
+    *,
+    hidden: int = HIDDEN,
+    heads: int = 16,
+    vocab: int = VOCAB,
+    vision: dict | None = None,
+    device: str = "cuda",
+    dtype: torch.dtype = torch.bfloat16,
+):
+    """A random LLaVA with a Llama LM of `num_layers` x (hidden, intermediate), SDPA attention."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     text = LlamaConfig(
-        hidden_size=HIDDEN,
+        hidden_size=hidden,
         intermediate_size=intermediate,
         num_hidden_layers=num_layers,
-        num_attention_heads=16,
-        num_key_value_heads=16,
-        vocab_size=VOCAB,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        vocab_size=vocab,
         max_position_embeddings=4096,
     )
-    vision = CLIPVisionConfig(
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=56,
-        patch_size=14,
-    )
-    config = LlavaConfig(text_config=text, vision_config=vision, image_token_id=VOCAB - 1)
+    vision_config = CLIPVisionConfig(**(VISION if vision is None else vision))
+    config = LlavaConfig(text_config=text, vision_config=vision_config, image_token_id=vocab - 1)
     config._attn_implementation = "sdpa"
-    with torch.device("cuda"):  # initialise on the GPU: seconds instead of a minute on the host
-        return LlavaForConditionalGeneration(config).to(torch.bfloat16)
+    with torch.device(device):  # initialise on the GPU: seconds instead of a minute on the host
+        return LlavaForConditionalGeneration(config).to(dtype)
 
 
 def mixtral(num_layers: int):
