@@ -91,17 +91,17 @@ def test_backends_equal_per_token_reference_forward_and_backward(
             assert relative_error(grad, expected_grad) < 1e-12
 
 
+@pytest.mark.parametrize("folds", [False, True])
 @pytest.mark.parametrize("backend", ["reference", "grouped", "segments", "dense"])
-def test_gradcheck(backend):
+def test_gradcheck(backend, folds):
     experts = _experts("glu", 3, size=4)
     indices, weights = _random_routing(5, 3, 2, seed=1)
     x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
     weights.requires_grad_(True)
+    functional = _FoldingFunctional if folds else _Functional
 
     def fn(x, weights, gate_up, down):
-        return dispatch(
-            x, _routing(indices, weights, 3), _Functional(experts, gate_up, down), backend=backend
-        )
+        return dispatch(x, _routing(indices, weights, 3), functional(experts, gate_up, down), backend=backend)
 
     gate_up = experts.gate_up_proj.detach().clone().requires_grad_(True)
     down = experts.down_proj.detach().clone().requires_grad_(True)
@@ -122,6 +122,17 @@ class _Functional(_LoopGatedForward):
     def expert_forward(self, e, x):
         gate, up = (x @ self.gate_up[e].t()).chunk(2, -1)
         return (F.silu(gate) * up) @ self.down[e].t()
+
+
+class _FoldingFunctional(_Functional):
+    """The same experts taking the combine weights inside (what GLUExperts does on its SwiGLU)."""
+
+    def folds_row_weights(self):
+        return True
+
+    def __call__(self, x_sorted, plan, row_weights):
+        gate, up = grouped_linear(x_sorted, self.gate_up, plan).chunk(2, -1)
+        return grouped_linear(F.silu(gate) * up * row_weights.unsqueeze(-1), self.down, plan)
 
 
 @pytest.mark.parametrize("backend", ["reference", "grouped", "segments", "dense"])
@@ -202,3 +213,75 @@ def test_segment_linear_follows_autocast_and_checks_counts():
     assert relative_error(out.float(), expected) < 2e-2
     with pytest.raises(ValueError, match="3 counts for 2 experts"):
         segment_linear(x, weight, [2, 2, 2])
+
+
+@pytest.mark.parametrize("capacity", [False, True])
+@pytest.mark.parametrize("kind", ["glu", "mlp"])
+@pytest.mark.parametrize("backend", ["grouped", "segments"])
+def test_gathered_rows_are_not_kept_but_gathered_again_in_backward(monkeypatch, kind, backend, capacity):
+    import gc
+    import importlib
+    import weakref
+
+    dispatch_module = importlib.import_module("vlmoe.moe.dispatch")
+    experts = _experts(kind, 4)
+    indices, weights = _random_routing(9, 4, 2, seed=3)
+    kept = torch.rand(9, 2, generator=torch.Generator().manual_seed(0)) > 0.3 if capacity else None
+    x = torch.randn(9, 6, dtype=torch.float64, requires_grad=True)
+    grad_out = torch.randn(9, 7 if kind != "glu" else 6, dtype=torch.float64)
+    gathered = []
+    gather_rows = dispatch_module._gather_rows
+
+    def remember(*args):
+        rows = gather_rows(*args)
+        gathered.append(weakref.ref(rows))
+        return rows
+
+    monkeypatch.setattr(dispatch_module, "_gather_rows", remember)
+    out = dispatch(x, _routing(indices, weights, 4, kept=kept), experts, backend=backend)
+    gc.collect()
+    assert len(gathered) == 1 and gathered[0]() is None  # nothing holds the gathered rows
+    grads = torch.autograd.grad(out, [x, *experts.parameters()], grad_out)
+    assert len(gathered) == 2  # gathered again for the weight gradient
+
+    monkeypatch.setattr(experts, "gathers_token_rows", False)  # gather first, as other containers do
+    out_before = dispatch(x, _routing(indices, weights, 4, kept=kept), experts, backend=backend)
+    assert torch.equal(out, out_before)
+    expected = torch.autograd.grad(out_before, [x, *experts.parameters()], grad_out)
+    for grad, wanted in zip(grads, expected, strict=True):
+        assert relative_error(grad, wanted) < 1e-14
+
+
+def test_gathered_linear_under_checkpointing_and_with_a_modified_input():
+    experts = _experts("glu", 4)
+    indices, weights = _random_routing(9, 4, 2, seed=4)
+    routing = _routing(indices, weights, 4)
+    x = torch.randn(9, 6, dtype=torch.float64, requires_grad=True)
+
+    def layer(inputs):
+        return dispatch(inputs, routing, experts, backend="grouped")
+
+    checkpointed = torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False)
+    grad = torch.autograd.grad(checkpointed.sum(), x)[0]
+    assert torch.equal(grad, torch.autograd.grad(layer(x).sum(), x)[0])
+
+    hidden = x * 1.0
+    out = layer(hidden)
+    with torch.no_grad():
+        hidden.add_(1.0)  # the backward would gather the changed rows: autograd refuses
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+
+
+def test_gathered_linear_gradcheck_with_bias_empty_experts_and_dropped_rows():
+    from vlmoe.moe.dispatch import gathered_linear
+
+    indices = torch.tensor([[0, 2], [2, 0], [0, 2], [2, 2]])
+    kept = torch.tensor([[True, True], [True, False], [False, True], [True, True]])
+    plan = plan_dispatch(_routing(indices, torch.rand(4, 2, dtype=torch.float64), 3, kept=kept))
+    x = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(3, 6, 5, dtype=torch.float64, requires_grad=True)  # expert 1 gets no rows
+    bias = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *t: gathered_linear(*t[:2], plan, t[2]), (x, weight, bias))
+    expected = grouped_linear(plan.gather(x), weight, plan, bias)
+    assert torch.equal(gathered_linear(x, weight, plan, bias), expected)

@@ -59,6 +59,48 @@ def test_grouped_bf16_matches_float64_reference(
         assert relative_error(grad.cpu(), ref_grad) < 2e-2
 
 
+@pytest.mark.parametrize(("fold", "gather_inside"), [(True, True), (False, False), (True, False)])
+def test_grouped_bf16_combine_weight_gradients_with_and_without_v14(fold, gather_inside, monkeypatch):
+    """The combine weights applied in the SwiGLU kernel and the rows gathered inside the first
+    matmul (NOTES.md v14), each against the float64 reference, gradients of the weights included."""
+    from vlmoe.moe import GLUExperts, Routing, dispatch
+
+    torch.manual_seed(0)
+    tokens, hidden, num_experts, top_k = 384, 64, 8, 2
+    experts = GLUExperts(num_experts, hidden, 96, nn.SiLU())
+    randomize_(experts, seed=1, std=0.1)
+    reference = GLUExperts(num_experts, hidden, 96, nn.SiLU()).double()
+    reference.load_state_dict(experts.state_dict())
+    experts = experts.cuda().bfloat16()
+    if not fold:
+        monkeypatch.setattr(experts, "folds_row_weights", lambda: False)
+    monkeypatch.setattr(experts, "gathers_token_rows", gather_inside)
+    logits = torch.randn(tokens, num_experts, dtype=torch.float64)
+    probs = logits.softmax(-1)
+    weights, indices = probs.topk(top_k, dim=-1)
+    x = torch.randn(tokens, hidden, dtype=torch.float64)
+    grad_out = torch.randn(tokens, hidden, dtype=torch.float64)
+
+    def run(module, dtype, device, backend):
+        inputs = x.to(device, dtype).requires_grad_()
+        w = (
+            weights.to(device).float().requires_grad_()
+            if dtype != torch.float64
+            else weights.clone().requires_grad_()
+        )
+        routing = Routing(indices.to(device), w, probs.to(device), logits.to(device))
+        out = dispatch(inputs, routing, module, backend=backend)
+        grads = torch.autograd.grad(out, [inputs, w, *module.parameters()], grad_out.to(device, dtype))
+        return [out, *grads]
+
+    for actual, wanted in zip(
+        run(experts, torch.bfloat16, "cuda", "grouped"),
+        run(reference, torch.float64, "cpu", "reference"),
+        strict=True,
+    ):
+        assert relative_error(actual.cpu(), wanted) < 2e-2
+
+
 def _to_cuda(routing):
     from dataclasses import replace
 

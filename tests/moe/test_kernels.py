@@ -85,3 +85,82 @@ def test_swiglu_never_overwrites_a_leaf(monkeypatch):
     out.sum().backward(retain_graph=True)
     assert torch.equal(leaf.detach(), before)
     out.sum().backward()  # nothing was overwritten, so a second backward is fine
+
+
+@pytest.mark.parametrize(("rows", "size", "overwrite"), [(5, 1500, False), (4, 48, True), (0, 16, False)])
+def test_swiglu_kernel_with_row_scale_forward_and_backward(rows, size, overwrite):
+    from vlmoe.moe.kernels.swiglu import _SwiGLU, swiglu_reference
+
+    torch.manual_seed(rows + size)
+    leaf = torch.randn(rows, 2 * size, device=DEVICE, requires_grad=True)
+    scale = torch.rand(rows, device=DEVICE, requires_grad=True)
+    grad = torch.randn(rows, size, device=DEVICE)
+    out = _SwiGLU.apply(leaf * 1.0, overwrite, scale)
+    expected = swiglu_reference(leaf.double(), scale.double())
+    assert out.shape == (rows, size)
+    grads = torch.autograd.grad(out, [leaf, scale], grad)
+    expected_grads = torch.autograd.grad(expected, [leaf, scale], grad.double())
+    if rows:
+        assert relative_error(out, expected) < 1e-6
+        for actual, wanted in zip(grads, expected_grads, strict=True):
+            assert actual.dtype == torch.float32
+            assert relative_error(actual, wanted) < 1e-5  # the scale's gradient sums 1500 products
+
+
+def test_plain_sum_combine_saves_nothing_and_copies_gradients_back():
+    from vlmoe.moe.kernels.combine import _SumSorted, gather_sum_reference
+
+    tokens, top_k, width = 6, 3, 1100
+    torch.manual_seed(1)
+    sorted_slots = torch.randperm(tokens * top_k, device=DEVICE)
+    slot_rows = torch.empty_like(sorted_slots)
+    slot_rows[sorted_slots] = torch.arange(tokens * top_k, device=DEVICE)
+    y_sorted = torch.randn(tokens * top_k, width, device=DEVICE, requires_grad=True)
+    grad = torch.randn(tokens, width, device=DEVICE)
+    out = _SumSorted.apply(y_sorted, slot_rows, sorted_slots // top_k, top_k)
+    expected = gather_sum_reference(y_sorted.double(), slot_rows, None, top_k)
+    assert relative_error(out, expected) < 1e-6
+    assert [t.shape for t in out.grad_fn.saved_tensors] == [sorted_slots.shape]  # not y_sorted
+    (grad_y,) = torch.autograd.grad(out, y_sorted, grad)
+    (expected_grad,) = torch.autograd.grad(expected, y_sorted, grad.double())
+    assert torch.equal(grad_y.double(), expected_grad)
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_grouped_dispatch_on_the_kernels_folds_the_weights_and_matches_the_reference(monkeypatch, top_k):
+    """The CUDA path's kernels (SwiGLU with the combine weights folded in, the plain-sum combine,
+    the gather's backward) run through dispatch against the float64 per-expert reference."""
+    import importlib
+
+    from vlmoe.moe import GLUExperts, Routing, dispatch
+    from vlmoe.moe.kernels import combine, swiglu
+
+    dispatch_module = importlib.import_module("vlmoe.moe.dispatch")  # vlmoe.moe.dispatch is also a function
+
+    for module in (swiglu, combine, dispatch_module):
+        monkeypatch.setattr(module, "use_triton", lambda tensor: True)
+    torch.manual_seed(top_k)
+    tokens, hidden, num_experts = 11, 16, 4
+    experts = GLUExperts(num_experts, hidden, 24, torch.nn.SiLU()).to(DEVICE)
+    x = torch.randn(tokens, hidden, device=DEVICE, requires_grad=True)
+    logits = torch.randn(tokens, num_experts, device=DEVICE, requires_grad=True)
+    probs = logits.softmax(-1)
+    weights, indices = probs.topk(top_k, dim=-1)
+    routing = Routing(indices, weights, probs, logits)
+    out = dispatch(x, routing, experts, backend="grouped")
+    assert type(out.grad_fn).__name__ == "_SumSortedBackward"  # the folded path ran
+
+    reference_experts = GLUExperts(num_experts, hidden, 24, torch.nn.SiLU()).double().to(DEVICE)
+    reference_experts.load_state_dict(experts.state_dict())
+    x64, logits64 = x.detach().double().requires_grad_(), logits.detach().double().requires_grad_()
+    probs64 = logits64.softmax(-1)
+    weights64 = probs64.gather(-1, indices)
+    expected = dispatch(x64, Routing(indices, weights64, probs64, logits64), reference_experts, "reference")
+    assert relative_error(out, expected) < 1e-5
+    grad = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [x, logits, *experts.parameters()], grad)
+    expected_grads = torch.autograd.grad(
+        expected, [x64, logits64, *reference_experts.parameters()], grad.double()
+    )
+    for actual, wanted in zip(grads, expected_grads, strict=True):
+        assert relative_error(actual, wanted) < 1e-5

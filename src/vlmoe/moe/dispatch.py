@@ -9,7 +9,10 @@ Five backends compute the same function:
 - `grouped_dispatch`: one stable sort of the slots by expert, one gather of the token rows,
   grouped matmuls over contiguous expert segments (`torch.nn.functional.grouped_mm` on CUDA),
   one gather back and a K-way weighted sum. Both gathers are permutations whose backward is
-  again a gather, so there are no atomics, and on CUDA no host synchronisation.
+  again a gather, so there are no atomics, and on CUDA no host synchronisation. For memory,
+  GLU and MLP experts gather inside their first matmul (`gathered_linear`: the backward
+  gathers again instead of keeping [S, I]) and GLU experts apply the combine weights in their
+  SwiGLU pass (the combine is then a plain sum that keeps no [S, O] output).
 - `segments`: the same sort and gathers, but the expert counts are read to the host once per
   forward (one synchronisation) and each expert's segment is one plain matmul (cuBLAS on CUDA),
   forward and backward. Per matmul, cuBLAS beats the grouped kernel by up to 7% for a few large
@@ -34,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vlmoe.moe.kernels import use_triton
-from vlmoe.moe.kernels.combine import combine_sorted, gather_sum_triton
+from vlmoe.moe.kernels.combine import combine_sorted, gather_sum_triton, sum_sorted
 from vlmoe.moe.router import Routing
 
 Backend = Literal["auto", "reference", "grouped", "segments", "dense", "decode"]
@@ -61,7 +64,18 @@ class DispatchPlan:
     top_k: int
     # The `segments` backend: every expert matmul runs on host-side counts, even where grouped_mm could.
     segments: bool = False
+    sorted_tokens: Tensor | None = None  # [S] token of each sorted row (sorted_slots // top_k), once per plan
     _host_counts: list[int] | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.sorted_tokens is None:
+            self.sorted_tokens = self.sorted_slots // self.top_k
+
+    def gather(self, x: Tensor) -> Tensor:
+        """The token rows in expert order, zeros for dropped rows. x # [T, I] -> x_sorted # [S, I]"""
+        rows = _GatherTokenRows.apply(x, self.sorted_tokens, self.slot_rows, self.top_k)
+        # Dropped rows must not feed garbage into the experts (grouped_mm leaves them unwritten).
+        return rows if self.row_valid is None else torch.where(self.row_valid, rows, 0)
 
     def host_counts(self) -> list[int]:
         """tokens_per_expert on the host, read once per plan (one synchronisation on CUDA) however
@@ -77,7 +91,13 @@ class Experts(Protocol):
     num_experts: int
 
     def forward(self, x_sorted: Tensor, plan: DispatchPlan) -> Tensor:
-        """All experts on expert-sorted rows # [S, I] -> [S, O]."""
+        """All experts on expert-sorted rows # [S, I] -> [S, O].
+
+        Two optional capabilities change the call. A container with `gathers_token_rows = True`
+        is called `forward(x, plan, token_rows=True)` with the [T, I] token rows, to gather inside
+        its first matmul (`gathered_linear`). Where `folds_row_weights()` returns True, grouped
+        dispatch passes `row_weights=w` (w # [S], each row's combine weight) and expects every
+        output row already multiplied by its weight."""
         ...
 
     def expert_forward(self, expert: int, x: Tensor) -> Tensor:
@@ -122,22 +142,18 @@ def _count(values: Tensor, num_bins: int) -> Tensor:
 
 
 class _GatherTokenRows(torch.autograd.Function):
-    """x_sorted[r] = x[sorted_slots[r] // K]; backward sums each token's K slot gradients."""
+    """x_sorted[r] = x[sorted_tokens[r]]; backward sums each token's K slot gradients."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, sorted_slots: Tensor, slot_rows: Tensor, top_k: int) -> Tensor:
+    def forward(ctx, x: Tensor, sorted_tokens: Tensor, slot_rows: Tensor, top_k: int) -> Tensor:
         ctx.save_for_backward(slot_rows)
         ctx.top_k = top_k
-        return x.index_select(0, sorted_slots // top_k)
+        return x.index_select(0, sorted_tokens)
 
     @staticmethod
     def backward(ctx, grad_sorted: Tensor):
         (slot_rows,) = ctx.saved_tensors
-        if use_triton(grad_sorted):
-            return gather_sum_triton(grad_sorted.contiguous(), slot_rows, None, ctx.top_k), None, None, None
-        grad_slots = grad_sorted.index_select(0, slot_rows)  # [S, I] in slot order
-        grad_x = grad_slots.view(-1, ctx.top_k, grad_slots.shape[-1]).sum(dim=1)
-        return grad_x, None, None, None
+        return _sum_slot_rows(grad_sorted, slot_rows, None, ctx.top_k), None, None, None
 
 
 def _can_use_grouped_mm(x: Tensor, weight: Tensor) -> bool:
@@ -165,10 +181,39 @@ def grouped_linear(
     else:
         # One matmul per contiguous segment; the segment bounds need the counts on the host.
         out = segment_linear(x_sorted, weight, plan.host_counts())
-    if bias is not None:
-        num_experts = weight.shape[0]
-        out = out + bias[plan.row_experts.clamp(max=num_experts - 1)]
-    return out
+    return _add_bias(out, bias, plan)
+
+
+def gathered_linear(x: Tensor, weight: Tensor, plan: DispatchPlan, bias: Tensor | None = None) -> Tensor:
+    """grouped_linear(plan.gather(x), weight, plan, bias), keeping x, not the gathered rows.
+
+    x # [T, I] token rows; returns # [S, O]. Autograd would keep the [S, I] gathered rows for the
+    weight gradient and hold them together with their own [S, I] gradient; here the backward
+    gathers the rows again from x (one bandwidth pass) and reduces the rows' gradient to the
+    tokens' right away (benchmarks/NOTES.md v14: the layer's peak memory is in this backward).
+    """
+    x, weight = _matmul_operands(x, weight)
+    counts = None if not plan.segments and _can_use_grouped_mm(x, weight) else tuple(plan.host_counts())
+    out = _GatheredLinear.apply(
+        x, weight, plan.sorted_tokens, plan.slot_rows, plan.offsets, plan.row_valid, plan.top_k, counts
+    )
+    return _add_bias(out, bias, plan)
+
+
+def _add_bias(out: Tensor, bias: Tensor | None, plan: DispatchPlan) -> Tensor:
+    if bias is None:
+        return out
+    return out + bias[plan.row_experts.clamp(max=bias.shape[0] - 1)]
+
+
+def _matmul_operands(x: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+    """x and weight in the dtype a matmul of them would run in (autocast's, where it is on)."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+    else:
+        dtype = torch.promote_types(x.dtype, weight.dtype)
+    return x.to(dtype), weight.to(dtype)
 
 
 def segment_linear(x_sorted: Tensor, weight: Tensor, counts: list[int]) -> Tensor:
@@ -179,12 +224,54 @@ def segment_linear(x_sorted: Tensor, weight: Tensor, counts: list[int]) -> Tenso
     """
     if len(counts) != weight.shape[0]:
         raise ValueError(f"segment_linear: {len(counts)} counts for {weight.shape[0]} experts")
-    device_type = x_sorted.device.type
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-    else:
-        dtype = torch.promote_types(x_sorted.dtype, weight.dtype)
-    return _SegmentLinear.apply(x_sorted.to(dtype), weight.to(dtype), tuple(counts))
+    return _SegmentLinear.apply(*_matmul_operands(x_sorted, weight), tuple(counts))
+
+
+# The three matmuls of an expert-sorted linear, on grouped_mm (counts None: offsets on the device)
+# or one plain matmul per segment (host counts; rows past the segments get zeros).
+
+
+def _experts_mm(x_sorted: Tensor, weight: Tensor, offsets: Tensor, counts: tuple[int, ...] | None) -> Tensor:
+    """Row r: x_sorted[r] @ weight[e].T. # [S, I] x [E, O, I] -> [S, O]"""
+    if counts is None:
+        return _grouped_mm(x_sorted, weight.transpose(-2, -1), offs=offsets)
+    out = x_sorted.new_empty(x_sorted.shape[0], weight.shape[-2])
+    with torch.autocast(x_sorted.device.type, enabled=False):
+        for expert, rows in _segments(counts):
+            torch.mm(x_sorted[rows], weight[expert].t(), out=out[rows])
+    out[sum(counts) :].zero_()  # dropped slots
+    return out
+
+
+def _experts_mm_grad_input(
+    grad_out: Tensor, weight: Tensor, offsets: Tensor, counts: tuple[int, ...] | None
+) -> Tensor:
+    """Row r: grad_out[r] @ weight[e]. # [S, O] x [E, O, I] -> [S, I] (rows past the segments:
+    zeros on the segment path, unwritten by grouped_mm)"""
+    if counts is None:
+        return _grouped_mm(grad_out, weight, offs=offsets)
+    grad_x = grad_out.new_empty(grad_out.shape[0], weight.shape[-1])
+    for expert, rows in _segments(counts):
+        torch.mm(grad_out[rows], weight[expert], out=grad_x[rows])
+    grad_x[sum(counts) :].zero_()
+    return grad_x
+
+
+def _experts_mm_grad_weight(
+    grad_out: Tensor, x_sorted: Tensor, weight: Tensor, offsets: Tensor, counts: tuple[int, ...] | None
+) -> Tensor:
+    """Expert e: grad_out[segment e].T @ x_sorted[segment e]. -> [E, O, I] (zeros for empty experts)"""
+    if counts is None:
+        return _grouped_mm(grad_out.t(), x_sorted, offs=offsets)
+    # Every expert's gradient is written once; only experts without rows need zeros
+    # (zeros_like would clear all E x O x I first: 0.8 ms on the (8192, 4096, 14336) layer).
+    grad_weight = torch.empty_like(weight)
+    for expert, count in enumerate(counts):
+        if not count:
+            grad_weight[expert].zero_()
+    for expert, rows in _segments(counts):
+        torch.mm(grad_out[rows].t(), x_sorted[rows], out=grad_weight[expert])
+    return grad_weight
 
 
 class _SegmentLinear(torch.autograd.Function):
@@ -194,12 +281,7 @@ class _SegmentLinear(torch.autograd.Function):
     def forward(ctx, x_sorted: Tensor, weight: Tensor, counts: tuple[int, ...]) -> Tensor:
         ctx.save_for_backward(x_sorted, weight)
         ctx.counts = counts
-        out = x_sorted.new_empty(x_sorted.shape[0], weight.shape[-2])
-        with torch.autocast(x_sorted.device.type, enabled=False):
-            for expert, rows in _segments(counts):
-                torch.mm(x_sorted[rows], weight[expert].t(), out=out[rows])
-        out[sum(counts) :].zero_()  # dropped slots
-        return out
+        return _experts_mm(x_sorted, weight, None, counts)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
@@ -207,20 +289,52 @@ class _SegmentLinear(torch.autograd.Function):
         grad_out = grad_out.contiguous()
         grad_x = grad_weight = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch.empty_like(x_sorted)
-            for expert, rows in _segments(ctx.counts):
-                torch.mm(grad_out[rows], weight[expert], out=grad_x[rows])
-            grad_x[sum(ctx.counts) :].zero_()
+            grad_x = _experts_mm_grad_input(grad_out, weight, None, ctx.counts)
         if ctx.needs_input_grad[1]:
-            # Every expert's gradient is written once; only experts without rows need zeros
-            # (zeros_like would clear all E x O x I first: 0.8 ms on the (8192, 4096, 14336) layer).
-            grad_weight = torch.empty_like(weight)
-            for expert, count in enumerate(ctx.counts):
-                if not count:
-                    grad_weight[expert].zero_()
-            for expert, rows in _segments(ctx.counts):
-                torch.mm(grad_out[rows].t(), x_sorted[rows], out=grad_weight[expert])
+            grad_weight = _experts_mm_grad_weight(grad_out, x_sorted, weight, None, ctx.counts)
         return grad_x, grad_weight, None
+
+
+def _gather_rows(x: Tensor, sorted_tokens: Tensor, row_valid: Tensor | None) -> Tensor:
+    """x_sorted[r] = x[sorted_tokens[r]], zero for dropped rows."""
+    rows = x.index_select(0, sorted_tokens)
+    # Dropped rows must not feed garbage into the experts (grouped_mm leaves them unwritten).
+    return rows if row_valid is None else torch.where(row_valid, rows, 0)
+
+
+def _sum_slot_rows(grad_sorted: Tensor, slot_rows: Tensor, row_valid: Tensor | None, top_k: int) -> Tensor:
+    """Each token's K row gradients summed (the gather's backward). # [S, I] -> [T, I]"""
+    if row_valid is not None:
+        grad_sorted = torch.where(row_valid, grad_sorted, 0)
+    if use_triton(grad_sorted):
+        return gather_sum_triton(grad_sorted.contiguous(), slot_rows, None, top_k)
+    grad_slots = grad_sorted.index_select(0, slot_rows)  # [S, I] in slot order
+    return grad_slots.view(-1, top_k, grad_slots.shape[-1]).sum(dim=1)
+
+
+class _GatheredLinear(torch.autograd.Function):
+    """out = experts_mm(gather(x)); the backward gathers again for the weight gradient, and turns
+    the rows' input gradient into the tokens' before anything else is allocated."""
+
+    @staticmethod
+    def forward(ctx, x, weight, sorted_tokens, slot_rows, offsets, row_valid, top_k, counts):
+        ctx.save_for_backward(x, weight, sorted_tokens, slot_rows, offsets, row_valid)
+        ctx.top_k, ctx.counts = top_k, counts
+        return _experts_mm(_gather_rows(x, sorted_tokens, row_valid), weight, offsets, counts)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        x, weight, sorted_tokens, slot_rows, offsets, row_valid = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        grad_x = grad_weight = None
+        if ctx.needs_input_grad[1]:
+            x_sorted = _gather_rows(x, sorted_tokens, row_valid)
+            grad_weight = _experts_mm_grad_weight(grad_out, x_sorted, weight, offsets, ctx.counts)
+            del x_sorted
+        if ctx.needs_input_grad[0]:
+            grad_sorted = _experts_mm_grad_input(grad_out, weight, offsets, ctx.counts)
+            grad_x = _sum_slot_rows(grad_sorted, slot_rows, row_valid, ctx.top_k)
+        return grad_x, grad_weight, None, None, None, None, None, None
 
 
 def _segments(counts: tuple[int, ...]):
@@ -238,15 +352,41 @@ def grouped_dispatch(x: Tensor, routing: Routing, experts: Experts, segments: bo
     top_k = routing.expert_indices.shape[-1]
     plan = plan_dispatch(routing)
     plan.segments = segments
-    x_sorted = _GatherTokenRows.apply(x, plan.sorted_slots, plan.slot_rows, top_k)  # [S, I]
-    if plan.row_valid is not None:
-        # Dropped rows must not feed garbage into the experts (grouped_mm leaves them unwritten).
-        x_sorted = torch.where(plan.row_valid, x_sorted, 0)
-    y_sorted = experts(x_sorted, plan)  # [S, O]
+    # Containers that gather inside their first matmul (`gathered_linear`) take the token rows.
+    if getattr(experts, "gathers_token_rows", False):
+        rows, extra = x, {"token_rows": True}
+    else:
+        rows, extra = plan.gather(x), {}
+    folds = getattr(experts, "folds_row_weights", None)
+    if plan.row_valid is None and folds is not None and folds():
+        # The experts scale each row by its combine weight inside a pass they make anyway
+        # (GLUExperts' SwiGLU), so the combine is a plain sum whose backward needs nothing of the
+        # forward: the [S, O] expert output is not kept for the weights' gradient.
+        row_weights = _PermuteRows.apply(
+            routing.combine_weights.reshape(-1), plan.sorted_slots, plan.slot_rows
+        )
+        y_sorted = experts(rows, plan, row_weights=row_weights, **extra)  # [S, O], already weighted
+        return sum_sorted(y_sorted, plan.slot_rows, plan.sorted_tokens, top_k)  # [T, O]
+    y_sorted = experts(rows, plan, **extra)  # [S, O]
     if plan.row_valid is not None:
         y_sorted = torch.where(plan.row_valid, y_sorted, 0)
     # Per token, the weighted sum of its K rows, read in place from the sorted output.
     return combine_sorted(y_sorted, routing.combine_weights, plan.slot_rows, plan.sorted_slots)  # [T, O]
+
+
+class _PermuteRows(torch.autograd.Function):
+    """values[order] with the inverse permutation's gather as backward (index_select's own
+    backward would scatter-add)."""
+
+    @staticmethod
+    def forward(ctx, values: Tensor, order: Tensor, inverse: Tensor) -> Tensor:
+        ctx.save_for_backward(inverse)
+        return values.index_select(0, order)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
 
 
 def reference_dispatch(x: Tensor, routing: Routing, experts: Experts) -> Tensor:

@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from vlmoe.moe.dispatch import DispatchPlan, grouped_linear
+from vlmoe.moe.dispatch import DispatchPlan, gathered_linear, grouped_linear
 from vlmoe.moe.kernels import swiglu as swiglu_kernels
 from vlmoe.moe.kernels import use_triton
 from vlmoe.moe.kernels.decode import glu_decode_reference, glu_decode_triton
@@ -46,15 +46,37 @@ class GLUExperts(_LoopGatedForward, nn.Module):
         for weight in (self.gate_up_proj, self.down_proj):
             nn.init.normal_(weight, std=0.02)
 
-    def forward(self, x_sorted: Tensor, plan: DispatchPlan) -> Tensor:
-        gate_up = grouped_linear(x_sorted, self.gate_up_proj, plan)  # [S, 2F]
+    # forward(x, plan, token_rows=True) takes the [T, I] token rows and gathers them inside the
+    # first matmul, which then keeps x instead of the [S, I] gathered rows (`gathered_linear`).
+    gathers_token_rows = True
+
+    def forward(
+        self,
+        x_sorted: Tensor,
+        plan: DispatchPlan,
+        row_weights: Tensor | None = None,
+        token_rows: bool = False,
+    ) -> Tensor:
+        """`row_weights` # [S]: each row's output times its weight, applied to the hidden
+        activation inside the SwiGLU pass (down is linear, so this is the same product).
+        `token_rows`: x_sorted holds the token rows # [T, I] (see `gathers_token_rows`)."""
+        first_linear = gathered_linear if token_rows else grouped_linear
+        gate_up = first_linear(x_sorted, self.gate_up_proj, plan)  # [S, 2F]
         if self._is_silu():
             # One fused pass each way on CUDA; gate_up is ours alone, so its memory takes the gradient.
-            hidden = swiglu_kernels.swiglu(gate_up, overwrite_input=swiglu_kernels.OVERWRITE_IN_BACKWARD)
+            hidden = swiglu_kernels.swiglu(
+                gate_up, overwrite_input=swiglu_kernels.OVERWRITE_IN_BACKWARD, row_scale=row_weights
+            )
         else:
             gate, up = gate_up.chunk(2, dim=-1)
             hidden = self.act_fn(gate) * up
+            if row_weights is not None:
+                hidden = hidden * row_weights.to(hidden.dtype).unsqueeze(-1)
         return grouped_linear(hidden, self.down_proj, plan)
+
+    def folds_row_weights(self) -> bool:
+        """The SwiGLU kernel applies the combine weights for free (see `Experts.forward`)."""
+        return self._is_silu()
 
     def _is_silu(self) -> bool:
         return isinstance(self.act_fn, nn.SiLU) or type(self.act_fn).__name__ == "SiLUActivation"
@@ -97,8 +119,11 @@ class MLPExperts(_LoopGatedForward, nn.Module):
             for expert_weight in weight.data:
                 nn.init.kaiming_uniform_(expert_weight, a=math.sqrt(5))
 
-    def forward(self, x_sorted: Tensor, plan: DispatchPlan) -> Tensor:
-        hidden = self.act_fn(grouped_linear(x_sorted, self.fc1_weight, plan, self.fc1_bias))
+    gathers_token_rows = True  # as GLUExperts
+
+    def forward(self, x_sorted: Tensor, plan: DispatchPlan, token_rows: bool = False) -> Tensor:
+        first_linear = gathered_linear if token_rows else grouped_linear
+        hidden = self.act_fn(first_linear(x_sorted, self.fc1_weight, plan, self.fc1_bias))
         return grouped_linear(hidden, self.fc2_weight, plan, self.fc2_bias)
 
     def expert_forward(self, expert: int, x: Tensor) -> Tensor:

@@ -107,6 +107,22 @@ class _CombineSorted(torch.autograd.Function):
         return grad_y, grad_weights, None, None, None
 
 
+class _SumSorted(torch.autograd.Function):
+    """The unweighted combine (weights already applied inside the experts): out[t] = sum_j
+    y_sorted[slot_rows[t*K + j]]; its backward copies each token's gradient to its K rows, so
+    nothing of the forward is saved."""
+
+    @staticmethod
+    def forward(ctx, y_sorted, slot_rows, sorted_tokens, top_k):
+        ctx.save_for_backward(sorted_tokens)
+        return gather_sum_triton(y_sorted, slot_rows, None, top_k)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (sorted_tokens,) = ctx.saved_tensors
+        return grad_out.index_select(0, sorted_tokens), None, None, None
+
+
 def combine_sorted(y_sorted: Tensor, weights: Tensor, slot_rows: Tensor, sorted_slots: Tensor) -> Tensor:
     """Per token, the weighted sum of its K rows of the expert-sorted output.
 
@@ -116,3 +132,11 @@ def combine_sorted(y_sorted: Tensor, weights: Tensor, slot_rows: Tensor, sorted_
     if use_triton(y_sorted) and y_sorted.is_contiguous():
         return _CombineSorted.apply(y_sorted, weights, slot_rows, sorted_slots, top_k)
     return gather_sum_reference(y_sorted, slot_rows, weights, top_k)
+
+
+def sum_sorted(y_sorted: Tensor, slot_rows: Tensor, sorted_tokens: Tensor, top_k: int) -> Tensor:
+    """Per token, the plain sum of its K rows of the expert-sorted output (rows the experts
+    already scaled by their weights). sorted_tokens # [S], the token of each sorted row."""
+    if use_triton(y_sorted) and y_sorted.is_contiguous():
+        return _SumSorted.apply(y_sorted, slot_rows, sorted_tokens, top_k)
+    return gather_sum_reference(y_sorted, slot_rows, None, top_k)

@@ -23,25 +23,42 @@ if HAS_TRITON:
     import triton.language as tl
 
     @triton.jit
-    def _swiglu_forward_kernel(gate_up, out, size, BLOCK: tl.constexpr):
+    def _swiglu_forward_kernel(gate_up, row_scale, out, size, HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         inside = cols < size
         gate = tl.load(gate_up + row * 2 * size + cols, mask=inside, other=0.0).to(tl.float32)
         up = tl.load(gate_up + row * 2 * size + size + cols, mask=inside, other=0.0).to(tl.float32)
         result = gate * tl.sigmoid(gate) * up
+        if HAS_SCALE:
+            result = result * tl.load(row_scale + row).to(tl.float32)
         tl.store(out + row * size + cols, result.to(out.dtype.element_ty), mask=inside)
 
     @triton.jit
-    def _swiglu_backward_kernel(gate_up, grad_out, grad_gate_up, size, BLOCK: tl.constexpr):
+    def _swiglu_backward_kernel(
+        gate_up,
+        row_scale,
+        grad_out,
+        grad_gate_up,
+        grad_scale_parts,
+        size,
+        HAS_SCALE: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
         row = tl.program_id(0).to(tl.int64)
-        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        block = tl.program_id(1)
+        cols = block * BLOCK + tl.arange(0, BLOCK)
         inside = cols < size
         gate = tl.load(gate_up + row * 2 * size + cols, mask=inside, other=0.0).to(tl.float32)
         up = tl.load(gate_up + row * 2 * size + size + cols, mask=inside, other=0.0).to(tl.float32)
         grad = tl.load(grad_out + row * size + cols, mask=inside, other=0.0).to(tl.float32)
         sigmoid = tl.sigmoid(gate)
         silu = gate * sigmoid
+        if HAS_SCALE:
+            # out = scale * silu * up: the scale's gradient is this row's <grad, silu * up>, summed
+            # here per column block (no atomics) and over the blocks by the caller.
+            tl.store(grad_scale_parts + row * tl.num_programs(1) + block, tl.sum(grad * silu * up, axis=0))
+            grad = grad * tl.load(row_scale + row).to(tl.float32)
         grad_gate = grad * up * (sigmoid + silu * (1.0 - sigmoid))
         dtype = grad_gate_up.dtype.element_ty
         tl.store(grad_gate_up + row * 2 * size + cols, grad_gate.to(dtype), mask=inside)
@@ -51,36 +68,57 @@ if HAS_TRITON:
 _BLOCK = 1024
 
 
-def swiglu_reference(gate_up: Tensor) -> Tensor:
+def swiglu_reference(gate_up: Tensor, row_scale: Tensor | None = None) -> Tensor:
     gate, up = gate_up.chunk(2, dim=-1)
-    return F.silu(gate) * up
+    out = F.silu(gate) * up
+    return out if row_scale is None else out * row_scale.to(out.dtype).unsqueeze(-1)
 
 
-def swiglu_forward_triton(gate_up: Tensor) -> Tensor:
+def swiglu_forward_triton(gate_up: Tensor, row_scale: Tensor | None = None) -> Tensor:
     rows, size = gate_up.shape[0], gate_up.shape[1] // 2
     out = gate_up.new_empty(rows, size)
     if rows:
-        _swiglu_forward_kernel[(rows, triton.cdiv(size, _BLOCK))](gate_up, out, size, BLOCK=_BLOCK)
+        scale = gate_up if row_scale is None else row_scale  # unused when HAS_SCALE=False
+        _swiglu_forward_kernel[(rows, triton.cdiv(size, _BLOCK))](
+            gate_up, scale, out, size, HAS_SCALE=row_scale is not None, BLOCK=_BLOCK
+        )
     return out
 
 
-def swiglu_backward_triton(gate_up: Tensor, grad_out: Tensor, out: Tensor | None = None) -> Tensor:
-    """The gradient w.r.t. gate_up, written to `out` (which may be gate_up itself) or a new tensor."""
+def swiglu_backward_triton(
+    gate_up: Tensor, grad_out: Tensor, out: Tensor | None = None, row_scale: Tensor | None = None
+) -> tuple[Tensor, Tensor | None]:
+    """The gradients w.r.t. gate_up (written to `out`, which may be gate_up itself, or a new
+    tensor) and, with `row_scale`, w.r.t. the row scale (float32, [rows])."""
     rows, size = grad_out.shape
     grad_gate_up = torch.empty_like(gate_up) if out is None else out
+    blocks = triton.cdiv(size, _BLOCK)
+    grad_scale_parts = None if row_scale is None else gate_up.new_empty(rows, blocks, dtype=torch.float32)
     if rows:
-        grid = (rows, triton.cdiv(size, _BLOCK))
-        _swiglu_backward_kernel[grid](gate_up, grad_out.contiguous(), grad_gate_up, size, BLOCK=_BLOCK)
-    return grad_gate_up
+        _swiglu_backward_kernel[(rows, blocks)](
+            gate_up,
+            gate_up if row_scale is None else row_scale,
+            grad_out.contiguous(),
+            grad_gate_up,
+            gate_up if grad_scale_parts is None else grad_scale_parts,
+            size,
+            HAS_SCALE=row_scale is not None,
+            BLOCK=_BLOCK,
+        )
+    return grad_gate_up, None if grad_scale_parts is None else grad_scale_parts.sum(dim=1)
 
 
 class _SwiGLU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, gate_up: Tensor, overwrite_input: bool = False) -> Tensor:
-        ctx.save_for_backward(gate_up)
+    def forward(
+        ctx, gate_up: Tensor, overwrite_input: bool = False, row_scale: Tensor | None = None
+    ) -> Tensor:
+        if row_scale is not None:
+            row_scale = row_scale.contiguous()
+        ctx.save_for_backward(gate_up, row_scale)
         ctx.overwrite_input = overwrite_input
         ctx.overwritten = False
-        return swiglu_forward_triton(gate_up)
+        return swiglu_forward_triton(gate_up, row_scale)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
@@ -90,25 +128,31 @@ class _SwiGLU(torch.autograd.Function):
                 "one wrote its gradient over the saved gate_up to save memory. To backward twice, "
                 "set vlmoe.moe.kernels.swiglu.OVERWRITE_IN_BACKWARD = False before the forward"
             )
-        (gate_up,) = ctx.saved_tensors
+        gate_up, row_scale = ctx.saved_tensors
+        out = None
         if ctx.overwrite_input:
             ctx.overwritten = True
-            return swiglu_backward_triton(gate_up, grad_out, out=gate_up), None
-        return swiglu_backward_triton(gate_up, grad_out), None
+            out = gate_up
+        grad_gate_up, grad_scale = swiglu_backward_triton(gate_up, grad_out, out=out, row_scale=row_scale)
+        if grad_scale is not None:
+            grad_scale = grad_scale.to(row_scale.dtype)
+        return grad_gate_up, None, grad_scale
 
 
 # The experts' switch: overwrite the saved gate_up in backward (saves one [rows, 2F] activation).
 OVERWRITE_IN_BACKWARD = True
 
 
-def swiglu(gate_up: Tensor, overwrite_input: bool = False) -> Tensor:
-    """silu(gate_up[:, :F]) * gate_up[:, F:]. gate_up # [rows, 2F] -> [rows, F].
+def swiglu(gate_up: Tensor, overwrite_input: bool = False, row_scale: Tensor | None = None) -> Tensor:
+    """silu(gate_up[:, :F]) * gate_up[:, F:] (* row_scale per row). gate_up # [rows, 2F] -> [rows, F].
 
     `overwrite_input`: the backward may reuse gate_up's memory for its gradient (only for a
-    gate_up the caller does not read again; see the module docstring)."""
+    gate_up the caller does not read again; see the module docstring). `row_scale` # [rows]:
+    each output row times its scale, inside the same pass (the MoE combine weights, see
+    `vlmoe.moe.dispatch.grouped_dispatch`)."""
     if use_triton(gate_up) and gate_up.is_contiguous() and gate_up.dim() == 2:
         # Never a leaf (a tensor the caller owns), and not under torch.compile, which plans the
         # memory itself and would have to functionalise the write.
         overwrite = overwrite_input and not gate_up.is_leaf and not torch.compiler.is_compiling()
-        return _SwiGLU.apply(gate_up, overwrite)
-    return swiglu_reference(gate_up)
+        return _SwiGLU.apply(gate_up, overwrite, row_scale)
+    return swiglu_reference(gate_up, row_scale)
