@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
@@ -63,3 +64,19 @@ def print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
     print("  ".join(str(h).ljust(w) for h, w in zip(header, widths, strict=True)))
     for row in rows:
         print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)))
+
+
+@contextlib.contextmanager
+def v14_variant(fold: bool, gather_inside: bool):
+    """The layer with v14's two memory savings switched (NOTES.md v14): the combine weights applied
+    in the SwiGLU kernel (else in the combine, which keeps y_sorted for their gradient), and the
+    rows gathered inside the first matmul (else gathered first and kept by that matmul)."""
+    from vlmoe.moe import GLUExperts
+
+    folds, gathers = GLUExperts.folds_row_weights, GLUExperts.gathers_token_rows
+    GLUExperts.folds_row_weights = lambda self: fold and folds(self)
+    GLUExperts.gathers_token_rows = gather_inside
+    try:
+        yield
+    finally:
+        GLUExperts.folds_row_weights, GLUExperts.gathers_token_rows = folds, gathers

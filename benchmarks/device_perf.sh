@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device call for the performance issue: GPU tests, then the benchmarks named in $PARTS
 # (default: gen mole train; ffn: the MoE FFN table; ffnrep: its headline ratios at 50 reps;
-# gemm: the expert matmuls alone; decodediag: the batch-1 decoding diagnosis),
+# ffnvar: the FFN table with v14's memory savings switched off one by one; gemm: the expert
+# matmuls alone; decodediag: the batch-1 decoding diagnosis; compile: graph breaks and gain),
 # each under its own time limit so one slow part cannot eat the rest.
 #   PARTS="gen mole train" bash benchmarks/device_perf.sh
 #   PARTS="static gen1" bash benchmarks/device_perf.sh   # compiled decoding, eager batch 1
@@ -21,9 +22,12 @@ for part in $parts; do
         decodelayer) timeout 30 python3 benchmarks/decode_layer.py > "$out/decode_layer.log" 2>&1 ;;
         static) timeout ${STATIC_S:-75} python3 benchmarks/generation.py --new 64 --batches 1 --static --models vlmoe,mixtral > "$out/generation_static.log" 2>&1 ;;
         ffn) timeout 170 python3 benchmarks/moe_layer.py > "$out/moe_ffn.log" 2>&1 ;;
+        ffnvar) timeout 170 python3 benchmarks/moe_layer.py --ffn-only --variants --reps 40 > "$out/moe_ffn_variants.log" 2>&1 ;;
+        compile) timeout 90 python3 benchmarks/compile_check.py > "$out/compile.log" 2>&1; cat "$out/compile.log" ;;
         ffnrep) timeout 140 python3 benchmarks/moe_layer.py --ffn-only --reps 50 > "$out/moe_ffn_rep.log" 2>&1 ;;
         mole) timeout 25 python3 benchmarks/moe_layer.py --mole-only > "$out/moe_layer.log" 2>&1 ;;
         train) timeout 70 python3 benchmarks/train_step.py --optimizers foreach fused > "$out/train_step.log" 2>&1 ;;
+        trainv14) timeout 90 python3 benchmarks/train_step.py --optimizers fused --without-v14 > "$out/train_step_v14.log" 2>&1 ;;
         gemm) timeout 60 python3 benchmarks/gemm_efficiency.py > "$out/gemm_efficiency.log" 2>&1 ;;
         decodediag) timeout 120 python3 benchmarks/decode_diagnosis.py > "$out/decode_diagnosis.log" 2>&1 ;;
         prof1) timeout 60 python3 benchmarks/profile_moe.py 16384 2048 5632 4 2 > "$out/profile_shape1.log" 2>&1 ;;
@@ -38,7 +42,7 @@ done
 for log in "$out"/profile_shape*.log; do
     [ -f "$log" ] && { echo "== $log"; grep "^===\|host .* per step" "$log"; }
 done
-for log in "$out"/gemm_efficiency.log "$out"/decode_diagnosis.log "$out"/decode_layer.log "$out"/generation*.log "$out"/moe_layer.log "$out"/moe_ffn*.log "$out"/train_step.log; do
+for log in "$out"/gemm_efficiency.log "$out"/decode_diagnosis.log "$out"/decode_layer.log "$out"/generation*.log "$out"/moe_layer.log "$out"/moe_ffn*.log "$out"/train_step*.log; do
     [ -f "$log" ] && { echo "== $log"; grep -v "^  \|Warning\|warn" "$log" | tail -25; }
 done
 # At most 8 files come back from a device call: the JSON tables travel as one archive.

@@ -19,7 +19,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import peak_memory_mib, print_table, time_cuda, write_json
+from common import peak_memory_mib, print_table, time_cuda, v14_variant, write_json
 from vlmoe.moe import MoEFeedForward, MoLELinear
 
 FFN_SHAPES = [(16384, 2048, 5632, 4, 2), (8192, 4096, 14336, 8, 2), (16384, 2048, 1408, 64, 6)]
@@ -115,7 +115,9 @@ def _compiled_rows(moe: MoEFeedForward, x: torch.Tensor, reps: int) -> list[dict
     return rows
 
 
-def bench_ffn(shapes, reps: int, baselines: bool = True, autotune: bool = False) -> list[dict]:
+def bench_ffn(
+    shapes, reps: int, baselines: bool = True, autotune: bool = False, variants: bool = False
+) -> list[dict]:
     rows = []
     for tokens, hidden, intermediate, num_experts, top_k in shapes:
         torch.manual_seed(0)
@@ -135,6 +137,13 @@ def bench_ffn(shapes, reps: int, baselines: bool = True, autotune: bool = False)
         compiled = torch.compile(dense)
         results.append(_measure("dense SwiGLU on tokens x k (torch.compile)", compiled, x_dense, reps))
         results.append(_measure("vlmoe MoEFeedForward grouped", moe, x, reps))
+        if variants:
+            for fold, gather_inside in ((False, False), (True, False), (False, True)):
+                with v14_variant(fold, gather_inside):
+                    weights = "in SwiGLU" if fold else "in combine"
+                    rows_kept = "gathered inside" if gather_inside else "gathered first"
+                    name = f"vlmoe grouped, weights {weights}, rows {rows_kept}"
+                    results.append(_measure(name, moe, x, reps))
         # The same layer with the counts read to the host once and one cuBLAS matmul per expert.
         moe.backend = "segments"
         results.append(_measure("vlmoe MoEFeedForward segments", moe, x, reps))
@@ -258,6 +267,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="small shapes, for a smoke run")
     parser.add_argument("--ffn-only", action="store_true", help="MoE FFN vs dense only, no other baselines")
+    parser.add_argument("--variants", action="store_true", help="add the layer without v14's memory savings")
     parser.add_argument("--mole-only", action="store_true", help="only the LoRA-expert layers")
     parser.add_argument("--reps", type=int, default=20, help="timed steps per measurement (median)")
     parser.add_argument(
@@ -268,7 +278,11 @@ def main() -> None:
     reps = 5 if args.quick else args.reps
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
     ffn_rows = (
-        [] if args.mole_only else bench_ffn(shapes, reps, baselines=not args.ffn_only, autotune=args.autotune)
+        []
+        if args.mole_only
+        else bench_ffn(
+            shapes, reps, baselines=not args.ffn_only, autotune=args.autotune, variants=args.variants
+        )
     )
     mole_rows = [] if args.ffn_only else bench_mole(reps, *((2048, 256, 512) if args.quick else ()))
     write_json("moe_layer", ffn_rows + mole_rows)

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import vlmoe
-from common import print_table, time_cuda, write_json
+from common import print_table, time_cuda, v14_variant, write_json
 
 HIDDEN, FFN, VOCAB = 2048, 5632, 32000
 
@@ -140,6 +140,9 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--optimizers", nargs="+", default=["foreach"], choices=["foreach", "fused"])
     parser.add_argument(
+        "--without-v14", action="store_true", help="also the upcycled model without v14's memory savings"
+    )
+    parser.add_argument(
         "--segments", action="store_true", help="also the upcycled model on backend='segments'"
     )
     args = parser.parse_args()
@@ -182,6 +185,17 @@ def main() -> None:
         for optimizer in args.optimizers:
             torch.cuda.reset_peak_memory_stats()
             measure(name, model, with_aux, active_params(model, total, active), optimizer)
+            if args.without_v14 and name.startswith("vlmoe LLaVA, upcycled 4"):
+                # The same model, right after, with the layers' v14 memory savings off (NOTES.md v14).
+                with v14_variant(fold=False, gather_inside=False):
+                    torch.cuda.reset_peak_memory_stats()
+                    measure(
+                        f"{name}, without v14",
+                        model,
+                        with_aux,
+                        active_params(model, total, active),
+                        optimizer,
+                    )
         del model
         torch.cuda.empty_cache()
 
