@@ -2,7 +2,7 @@
 # One device call for the performance issue: GPU tests, then the benchmarks named in $PARTS
 # (default: gen mole train; ffn: the MoE FFN table; ffnrep: its headline ratios at 50 reps;
 # ffnvar: the FFN table with v14's memory savings switched off one by one; gemm: the expert
-# matmuls alone; decodediag: the batch-1 decoding diagnosis; compile: graph breaks and gain),
+# matmuls alone; tgemm: the Triton grouped-GEMM probe; decodediag: the batch-1 decoding diagnosis; compile: graph breaks and gain),
 # each under its own time limit so one slow part cannot eat the rest.
 #   PARTS="gen mole train" bash benchmarks/device_perf.sh
 #   PARTS="static gen1" bash benchmarks/device_perf.sh   # compiled decoding, eager batch 1
@@ -28,6 +28,7 @@ for part in $parts; do
         mole) timeout 25 python3 benchmarks/moe_layer.py --mole-only > "$out/moe_layer.log" 2>&1 ;;
         train) timeout 70 python3 benchmarks/train_step.py --optimizers foreach fused > "$out/train_step.log" 2>&1 ;;
         trainv14) timeout 90 python3 benchmarks/train_step.py --optimizers fused --without-v14 > "$out/train_step_v14.log" 2>&1 ;;
+        tgemm) timeout 300 python3 benchmarks/triton_grouped_gemm.py > "$out/triton_grouped_gemm.log" 2>&1 ;;
         gemm) timeout 60 python3 benchmarks/gemm_efficiency.py > "$out/gemm_efficiency.log" 2>&1 ;;
         decodediag) timeout 120 python3 benchmarks/decode_diagnosis.py > "$out/decode_diagnosis.log" 2>&1 ;;
         prof1) timeout 60 python3 benchmarks/profile_moe.py 16384 2048 5632 4 2 > "$out/profile_shape1.log" 2>&1 ;;
@@ -42,7 +43,7 @@ done
 for log in "$out"/profile_shape*.log; do
     [ -f "$log" ] && { echo "== $log"; grep "^===\|host .* per step" "$log"; }
 done
-for log in "$out"/gemm_efficiency.log "$out"/decode_diagnosis.log "$out"/decode_layer.log "$out"/generation*.log "$out"/moe_layer.log "$out"/moe_ffn*.log "$out"/train_step*.log; do
+for log in "$out"/triton_grouped_gemm.log "$out"/gemm_efficiency.log "$out"/decode_diagnosis.log "$out"/decode_layer.log "$out"/generation*.log "$out"/moe_layer.log "$out"/moe_ffn*.log "$out"/train_step*.log; do
     [ -f "$log" ] && { echo "== $log"; grep -v "^  \|Warning\|warn" "$log" | tail -25; }
 done
 # At most 8 files come back from a device call: the JSON tables travel as one archive.
