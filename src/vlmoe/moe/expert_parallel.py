@@ -130,7 +130,11 @@ class ExpertParallelExperts(nn.Module):
             row_valid=None,
             top_k=1,
         )
-        y_local = self.local(x_recv.index_select(0, order), local_plan)  # [R, O]
+        if getattr(self.local, "gathers_token_rows", False):
+            # The local experts put the received rows in expert order inside their first matmul.
+            y_local = self.local(x_recv, local_plan, token_rows=True)  # [R, O]
+        else:
+            y_local = self.local(local_plan.gather(x_recv), local_plan)  # [R, O]
         y_recv = y_local.index_select(0, inverse)  # back to source-major
         y_sent = _AllToAll.apply(y_recv, recv_splits, send_splits, self.group)  # [num_sent, O]
         dropped = x_sorted.shape[0] - num_sent
