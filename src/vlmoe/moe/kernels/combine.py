@@ -2,7 +2,8 @@
 
 out[t] = sum_j weights[t, j] * rows_src[slot_rows[t * K + j]]: one read of the K rows and one
 write of the token row, where the torch version gathers, multiplies and reduces in three passes.
-The same kernel with unit weights is the backward of the token gather (`dispatch.py`).
+The same kernel with unit weights is the backward of the token gather (`dispatch.py`) and the
+plain-sum combine `sum_sorted`, for experts that applied the weights themselves.
 """
 
 from __future__ import annotations

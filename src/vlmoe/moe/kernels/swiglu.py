@@ -8,6 +8,10 @@ nobody else reads) writes the backward's gradient over the saved gate_up instead
 [rows, 2F] tensor: each element is read before it is written by the same program, and the
 largest activation of the layer is not held twice at the backward's peak. A second backward
 through the same graph (retain_graph) would read the overwritten input, so it raises instead.
+
+`swiglu(gate_up, row_scale=w)` multiplies each output row by w[row] in the same pass (the MoE
+combine weights); the backward returns w's gradient, each row's <grad, silu(gate) * up>,
+reduced per column block in the kernel and over the blocks in torch (no atomics).
 """
 
 from __future__ import annotations
