@@ -74,8 +74,7 @@ class DispatchPlan:
     def gather(self, x: Tensor) -> Tensor:
         """The token rows in expert order, zeros for dropped rows. x # [T, I] -> x_sorted # [S, I]"""
         rows = _GatherTokenRows.apply(x, self.sorted_tokens, self.slot_rows, self.top_k)
-        # Dropped rows must not feed garbage into the experts (grouped_mm leaves them unwritten).
-        return rows if self.row_valid is None else torch.where(self.row_valid, rows, 0)
+        return _zero_dropped(rows, self.row_valid)
 
     def host_counts(self) -> list[int]:
         """tokens_per_expert on the host, read once per plan (one synchronisation on CUDA) however
@@ -176,11 +175,11 @@ def grouped_linear(
     x_sorted # [S, I]; weight # [E, O, I] (nn.Linear layout per expert); bias # [E, O].
     Rows of dropped slots (after the last segment) come back as zeros.
     """
-    if not plan.segments and _can_use_grouped_mm(x_sorted, weight):
+    counts = _segment_counts(x_sorted, weight, plan)
+    if counts is None:
         out = _grouped_mm(x_sorted, weight.transpose(-2, -1), offs=plan.offsets)
     else:
-        # One matmul per contiguous segment; the segment bounds need the counts on the host.
-        out = segment_linear(x_sorted, weight, plan.host_counts())
+        out = segment_linear(x_sorted, weight, counts)
     return _add_bias(out, bias, plan)
 
 
@@ -193,11 +192,19 @@ def gathered_linear(x: Tensor, weight: Tensor, plan: DispatchPlan, bias: Tensor 
     tokens' right away (benchmarks/NOTES.md v14: the layer's peak memory is in this backward).
     """
     x, weight = _matmul_operands(x, weight)
-    counts = None if not plan.segments and _can_use_grouped_mm(x, weight) else tuple(plan.host_counts())
+    counts = _segment_counts(x, weight, plan)
     out = _GatheredLinear.apply(
         x, weight, plan.sorted_tokens, plan.slot_rows, plan.offsets, plan.row_valid, plan.top_k, counts
     )
     return _add_bias(out, bias, plan)
+
+
+def _segment_counts(x: Tensor, weight: Tensor, plan: DispatchPlan) -> tuple[int, ...] | None:
+    """None where grouped_mm runs the expert matmuls; else the host-side expert counts, for one
+    matmul per contiguous segment (the `segments` backend, CPU, non-bf16 weights)."""
+    if not plan.segments and _can_use_grouped_mm(x, weight):
+        return None
+    return tuple(plan.host_counts())
 
 
 def _add_bias(out: Tensor, bias: Tensor | None, plan: DispatchPlan) -> Tensor:
@@ -216,7 +223,7 @@ def _matmul_operands(x: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
     return x.to(dtype), weight.to(dtype)
 
 
-def segment_linear(x_sorted: Tensor, weight: Tensor, counts: list[int]) -> Tensor:
+def segment_linear(x_sorted: Tensor, weight: Tensor, counts: list[int] | tuple[int, ...]) -> Tensor:
     """grouped_linear with host-side segment lengths: one matmul per expert, written in place.
 
     x_sorted # [S, I] sorted by expert, counts[e] rows each (rows past sum(counts) give zeros);
@@ -297,15 +304,19 @@ class _SegmentLinear(torch.autograd.Function):
 
 def _gather_rows(x: Tensor, sorted_tokens: Tensor, row_valid: Tensor | None) -> Tensor:
     """x_sorted[r] = x[sorted_tokens[r]], zero for dropped rows."""
-    rows = x.index_select(0, sorted_tokens)
-    # Dropped rows must not feed garbage into the experts (grouped_mm leaves them unwritten).
+    return _zero_dropped(x.index_select(0, sorted_tokens), row_valid)
+
+
+def _zero_dropped(rows: Tensor, row_valid: Tensor | None) -> Tensor:
+    """Rows of dropped slots set to zero (row_valid # [S, 1], None when none is dropped): they
+    must not feed garbage into the experts, nor their gradient, since grouped_mm leaves the rows
+    past the last segment unwritten."""
     return rows if row_valid is None else torch.where(row_valid, rows, 0)
 
 
 def _sum_slot_rows(grad_sorted: Tensor, slot_rows: Tensor, row_valid: Tensor | None, top_k: int) -> Tensor:
     """Each token's K row gradients summed (the gather's backward). # [S, I] -> [T, I]"""
-    if row_valid is not None:
-        grad_sorted = torch.where(row_valid, grad_sorted, 0)
+    grad_sorted = _zero_dropped(grad_sorted, row_valid)
     if use_triton(grad_sorted):
         return gather_sum_triton(grad_sorted.contiguous(), slot_rows, None, top_k)
     grad_slots = grad_sorted.index_select(0, slot_rows)  # [S, I] in slot order
@@ -367,9 +378,7 @@ def grouped_dispatch(x: Tensor, routing: Routing, experts: Experts, segments: bo
         )
         y_sorted = experts(rows, plan, row_weights=row_weights, **extra)  # [S, O], already weighted
         return sum_sorted(y_sorted, plan.slot_rows, plan.sorted_tokens, top_k)  # [T, O]
-    y_sorted = experts(rows, plan, **extra)  # [S, O]
-    if plan.row_valid is not None:
-        y_sorted = torch.where(plan.row_valid, y_sorted, 0)
+    y_sorted = _zero_dropped(experts(rows, plan, **extra), plan.row_valid)  # [S, O]
     # Per token, the weighted sum of its K rows, read in place from the sorted output.
     return combine_sorted(y_sorted, routing.combine_weights, plan.slot_rows, plan.sorted_slots)  # [T, O]
 
