@@ -12,7 +12,9 @@ Five backends compute the same function:
   again a gather, so there are no atomics, and on CUDA no host synchronisation. For memory,
   GLU and MLP experts gather inside their first matmul (`gathered_linear`: the backward
   gathers again instead of keeping [S, I]) and GLU experts apply the combine weights in their
-  SwiGLU pass (the combine is then a plain sum that keeps no [S, O] output).
+  SwiGLU pass (the combine is then a plain sum that keeps no [S, O] output). Where QuACK is
+  installed (Hopper, bf16, large experts), its varlen GEMMs take grouped_mm's place, forward
+  and backward, and the first one gathers the token rows in its loads (`kernels.quack_gemm`).
 - `segments`: the same sort and gathers, but the expert counts are read to the host once per
   forward (one synchronisation) and each expert's segment is one plain matmul (cuBLAS on CUDA),
   forward and backward. Per matmul, cuBLAS beats the grouped kernel by up to 7% for a few large
@@ -36,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from vlmoe.moe.kernels import use_triton
+from vlmoe.moe.kernels import quack_gemm, use_triton
 from vlmoe.moe.kernels.combine import combine_sorted, gather_sum_triton, sum_sorted
 from vlmoe.moe.router import Routing
 
@@ -176,10 +178,10 @@ def grouped_linear(
     Rows of dropped slots (after the last segment) come back as zeros.
     """
     counts = _segment_counts(x_sorted, weight, plan)
-    if counts is None:
+    if counts is None and not quack_gemm.usable(weight, x_sorted):
         out = _grouped_mm(x_sorted, weight.transpose(-2, -1), offs=plan.offsets)
     else:
-        out = segment_linear(x_sorted, weight, counts)
+        out = _ExpertsLinear.apply(*_matmul_operands(x_sorted, weight), plan.offsets, counts)
     return _add_bias(out, bias, plan)
 
 
@@ -231,7 +233,7 @@ def segment_linear(x_sorted: Tensor, weight: Tensor, counts: list[int] | tuple[i
     """
     if len(counts) != weight.shape[0]:
         raise ValueError(f"segment_linear: {len(counts)} counts for {weight.shape[0]} experts")
-    return _SegmentLinear.apply(*_matmul_operands(x_sorted, weight), tuple(counts))
+    return _ExpertsLinear.apply(*_matmul_operands(x_sorted, weight), None, tuple(counts))
 
 
 # The three matmuls of an expert-sorted linear, on grouped_mm (counts None: offsets on the device)
@@ -241,6 +243,8 @@ def segment_linear(x_sorted: Tensor, weight: Tensor, counts: list[int] | tuple[i
 def _experts_mm(x_sorted: Tensor, weight: Tensor, offsets: Tensor, counts: tuple[int, ...] | None) -> Tensor:
     """Row r: x_sorted[r] @ weight[e].T. # [S, I] x [E, O, I] -> [S, O]"""
     if counts is None:
+        if quack_gemm.usable(weight, x_sorted):
+            return quack_gemm.experts_mm(x_sorted, weight, offsets)
         return _grouped_mm(x_sorted, weight.transpose(-2, -1), offs=offsets)
     out = x_sorted.new_empty(x_sorted.shape[0], weight.shape[-2])
     with torch.autocast(x_sorted.device.type, enabled=False):
@@ -254,8 +258,10 @@ def _experts_mm_grad_input(
     grad_out: Tensor, weight: Tensor, offsets: Tensor, counts: tuple[int, ...] | None
 ) -> Tensor:
     """Row r: grad_out[r] @ weight[e]. # [S, O] x [E, O, I] -> [S, I] (rows past the segments:
-    zeros on the segment path, unwritten by grouped_mm)"""
+    zeros on the segment path, unwritten by the grouped kernels)"""
     if counts is None:
+        if quack_gemm.usable(weight, grad_out):
+            return quack_gemm.experts_mm_grad_input(grad_out, weight, offsets)
         return _grouped_mm(grad_out, weight, offs=offsets)
     grad_x = grad_out.new_empty(grad_out.shape[0], weight.shape[-1])
     for expert, rows in _segments(counts):
@@ -269,6 +275,8 @@ def _experts_mm_grad_weight(
 ) -> Tensor:
     """Expert e: grad_out[segment e].T @ x_sorted[segment e]. -> [E, O, I] (zeros for empty experts)"""
     if counts is None:
+        if quack_gemm.usable(weight, grad_out):
+            return quack_gemm.experts_mm_grad_weight(grad_out, x_sorted, weight, offsets)
         return _grouped_mm(grad_out.t(), x_sorted, offs=offsets)
     # Every expert's gradient is written once; only experts without rows need zeros
     # (zeros_like would clear all E x O x I first: 0.8 ms on the (8192, 4096, 14336) layer).
@@ -281,25 +289,27 @@ def _experts_mm_grad_weight(
     return grad_weight
 
 
-class _SegmentLinear(torch.autograd.Function):
-    """Per-expert matmuls into slices of one output (no split, no cat, no copy of the result)."""
+class _ExpertsLinear(torch.autograd.Function):
+    """x_sorted @ weight[e].T per segment, its backward the two matching expert matmuls: on QuACK
+    (offsets on the device) or one plain matmul per segment into slices of one output (host
+    counts: no split, no cat, no copy of the result)."""
 
     @staticmethod
-    def forward(ctx, x_sorted: Tensor, weight: Tensor, counts: tuple[int, ...]) -> Tensor:
-        ctx.save_for_backward(x_sorted, weight)
+    def forward(ctx, x_sorted: Tensor, weight: Tensor, offsets, counts: tuple[int, ...] | None) -> Tensor:
+        ctx.save_for_backward(x_sorted, weight, offsets)
         ctx.counts = counts
-        return _experts_mm(x_sorted, weight, None, counts)
+        return _experts_mm(x_sorted, weight, offsets, counts)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        x_sorted, weight = ctx.saved_tensors
+        x_sorted, weight, offsets = ctx.saved_tensors
         grad_out = grad_out.contiguous()
         grad_x = grad_weight = None
         if ctx.needs_input_grad[0]:
-            grad_x = _experts_mm_grad_input(grad_out, weight, None, ctx.counts)
+            grad_x = _experts_mm_grad_input(grad_out, weight, offsets, ctx.counts)
         if ctx.needs_input_grad[1]:
-            grad_weight = _experts_mm_grad_weight(grad_out, x_sorted, weight, None, ctx.counts)
-        return grad_x, grad_weight, None
+            grad_weight = _experts_mm_grad_weight(grad_out, x_sorted, weight, offsets, ctx.counts)
+        return grad_x, grad_weight, None, None
 
 
 def _gather_rows(x: Tensor, sorted_tokens: Tensor, row_valid: Tensor | None) -> Tensor:
@@ -331,6 +341,10 @@ class _GatheredLinear(torch.autograd.Function):
     def forward(ctx, x, weight, sorted_tokens, slot_rows, offsets, row_valid, top_k, counts):
         ctx.save_for_backward(x, weight, sorted_tokens, slot_rows, offsets, row_valid)
         ctx.top_k, ctx.counts = top_k, counts
+        if counts is None and quack_gemm.usable(weight, x, rows=sorted_tokens.shape[0]):
+            # QuACK gathers the token rows in its loads: no [S, I] copy, forward or kept. Dropped
+            # rows sit past the last segment, so they are not computed, as with grouped_mm.
+            return quack_gemm.experts_mm(x, weight, offsets, token_rows=sorted_tokens)
         return _experts_mm(_gather_rows(x, sorted_tokens, row_valid), weight, offsets, counts)
 
     @staticmethod

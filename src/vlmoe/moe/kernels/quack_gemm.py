@@ -1,0 +1,243 @@
+"""The expert matmuls on QuACK's varlen GEMMs (PyPI `quack-kernels`, CuTe DSL), where installed.
+
+torch's grouped_mm runs one CUTLASS tile (128x256, cooperative) for every large problem; on the
+expert matmuls that is 0.79-0.97 of one cuBLAS matmul of the same FLOPs. QuACK's persistent
+pingpong kernels run the same grouped problems at 0.84-1.16 (benchmarks/quack_gemm.py, NOTES.md
+v16), and its varlen-M GEMM can gather A's rows in its loads, so the first expert matmul reads
+the token rows in place instead of a gathered [S, I] copy. QuACK installs beside the user's torch
+(`pip install vlmoe[quack]`); without it, or off Hopper, grouped_mm runs as before.
+
+Three problems, each over expert-sorted rows with cu_seqlens = [0, offsets...] on the device
+(no host synchronisation):
+- forward        out[r] = x[r] @ W[e].T       varlen-M, A = x_sorted, or A = x with A_idx
+- input gradient g_x[r] = g[r] @ W[e]         varlen-M
+- weight grad.   g_W[e] = g[seg e].T @ x[seg e]  varlen-K
+
+Each problem shape picks among a few tile configurations by timing them once on its first call
+(a few seconds, kernels compiled by QuACK once per configuration), remembered in-process and in
+`$VLMOE_CACHE_DIR/quack_gemm.json` (default ~/.cache/vlmoe) across runs. Switches:
+`VLMOE_QUACK=0` turns this path off; `VLMOE_QUACK_TUNE=0` keeps QuACK's default configuration.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import statistics
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+ENABLED = os.environ.get("VLMOE_QUACK", "1") != "0"
+TUNE = os.environ.get("VLMOE_QUACK_TUNE", "1") != "0"
+# Below this many rows a problem is launch-bound: grouped_mm's lighter host path wins there.
+MIN_ROWS = 1024
+# Measured on expert FFN matmuls only (every dimension >= 1408); low-rank (LoRA) factors, whose
+# narrow side fits one tile, stay on grouped_mm, whose small-problem tile suits them.
+MIN_DIM = 256
+
+# (tile_m, tile_n, cluster_m, cluster_n, pingpong). The first is QuACK's SM90 default and the
+# choice wherever nothing was timed (torch.compile tracing, CUDA-graph capture).
+CANDIDATES: tuple[tuple[int, int, int, int, bool], ...] = (
+    (128, 192, 2, 1, True),
+    (128, 256, 2, 1, False),
+    (128, 208, 1, 2, True),
+)
+_chosen: dict[str, int] = {}
+_disk_loaded = False
+_available: bool | None = None
+
+
+def available() -> bool:
+    """QuACK importable and a Hopper GPU present (the architecture its configs here were measured on)."""
+    global _available
+    if _available is None:
+        _available = _probe()
+    return _available
+
+
+# A constant to torch.compile: evaluated once at trace time, no graph break.
+@torch.compiler.assume_constant_result
+def _probe() -> bool:
+    try:
+        import quack.gemm_interface  # noqa: F401
+    except Exception:  # not installed, or its CUDA libraries do not load here
+        return False
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+
+
+def usable(weight: Tensor, x: Tensor, rows: int | None = None) -> bool:
+    """Whether an expert matmul of weight # [E, O, I] with x (the rows, or the token rows to
+    gather `rows` rows from) runs on QuACK."""
+    return (
+        ENABLED
+        and x.is_cuda
+        and (x.shape[0] if rows is None else rows) >= MIN_ROWS
+        and x.dtype in (torch.bfloat16, torch.float16)
+        and weight.dtype == x.dtype
+        and weight.shape[-1] % 8 == 0  # 16-byte aligned rows for the TMA loads
+        and weight.shape[-2] % 8 == 0
+        and min(weight.shape[-2:]) >= MIN_DIM
+        and available()
+    )
+
+
+@contextlib.contextmanager
+def disabled():
+    """grouped_mm for the expert matmuls inside this block (a baseline, or a workaround)."""
+    global ENABLED
+    saved, ENABLED = ENABLED, False
+    try:
+        yield
+    finally:
+        ENABLED = saved
+
+
+def cu_seqlens(offsets: Tensor) -> Tensor:
+    """[E] segment ends -> [E + 1] int32 boundaries starting at 0."""
+    return torch.nn.functional.pad(offsets.to(torch.int32), (1, 0))
+
+
+def experts_mm(x: Tensor, weight: Tensor, offsets: Tensor, token_rows: Tensor | None = None) -> Tensor:
+    """Row r: x_r @ weight[e].T, x_r = x[token_rows[r]] if token_rows is given (the gather in the
+    GEMM's loads) else x[r]. -> [S, O]; rows past the last segment are left unwritten."""
+    rows = x.shape[0] if token_rows is None else token_rows.shape[0]
+    out = x.new_empty(rows, weight.shape[-2])
+    a_idx = None if token_rows is None else token_rows.to(torch.int32)
+    _gemm("forward", A=x, B=weight.transpose(-2, -1), out=out, cu_seqlens_m=cu_seqlens(offsets), A_idx=a_idx)
+    return out
+
+
+def experts_mm_grad_input(grad_out: Tensor, weight: Tensor, offsets: Tensor) -> Tensor:
+    """Row r: grad_out[r] @ weight[e]. -> [S, I]; rows past the last segment left unwritten."""
+    out = grad_out.new_empty(grad_out.shape[0], weight.shape[-1])
+    _gemm("grad_input", A=grad_out, B=weight, out=out, cu_seqlens_m=cu_seqlens(offsets))
+    return out
+
+
+def experts_mm_grad_weight(grad_out: Tensor, x_sorted: Tensor, weight: Tensor, offsets: Tensor) -> Tensor:
+    """Expert e: grad_out[segment e].T @ x_sorted[segment e]. -> [E, O, I] (zeros for empty experts)"""
+    out = torch.empty_like(weight)
+    _gemm("grad_weight", A=grad_out.t(), B=x_sorted, out=out, cu_seqlens_k=cu_seqlens(offsets))
+    return out
+
+
+def _config(index: int) -> Any:
+    from quack.gemm_config import GemmConfig
+
+    tile_m, tile_n, cluster_m, cluster_n, pingpong = CANDIDATES[index]
+    return GemmConfig(
+        tile_m=tile_m,
+        tile_n=tile_n,
+        cluster_m=cluster_m,
+        cluster_n=cluster_n,
+        pingpong=pingpong,
+        is_dynamic_persistent=False,
+        device_capacity=9,
+    )
+
+
+def _run(index: int, kwargs: dict) -> None:
+    if torch.compiler.is_compiling():
+        # QuACK's custom op, which torch.compile traces as one node (its default configuration).
+        from quack.gemm_interface import gemm_out
+
+        gemm_out(**kwargs, tuned=False)
+        return
+    from quack.gemm_interface import gemm_tuned
+
+    gemm_tuned.fn(**kwargs, config=_config(index))
+
+
+def _gemm(direction: str, **kwargs: Tensor | None) -> None:
+    gathers = kwargs.get("A_idx") is not None
+    candidates = [
+        index
+        for index, (_, _, _, cluster_n, _) in enumerate(CANDIDATES)
+        if not (gathers and cluster_n != 1)  # QuACK's gather needs cluster_n == 1
+    ]
+    if torch.compiler.is_compiling() or not TUNE or len(candidates) == 1:
+        _run(candidates[0], kwargs)
+        return
+    key = _key(direction, kwargs)
+    if key not in _chosen:
+        _load_disk_cache()
+    if key not in _chosen:
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            _run(candidates[0], kwargs)
+            return
+        _chosen[key] = _time_candidates(candidates, kwargs)
+        _save_disk_cache()
+    _run(_chosen[key], kwargs)
+
+
+def _key(direction: str, kwargs: dict) -> str:
+    a, b = kwargs["A"], kwargs["B"]
+    gathers = kwargs.get("A_idx") is not None
+    if direction == "grad_weight":  # A # [O, S], B # [S, I]
+        rows, dims = a.shape[1], (a.shape[0], b.shape[-1])
+    else:  # A # [S or T, K], B # [E, K, N]
+        rows, dims = (kwargs["A_idx"].shape[0] if gathers else a.shape[0]), (a.shape[-1], b.shape[-1])
+    segments = kwargs.get("cu_seqlens_m", kwargs.get("cu_seqlens_k"))
+    # Rows rounded up to a power of two: the problem's size, not this batch's routing.
+    bucket = 1 << max(rows - 1, 1).bit_length()
+    parts = [direction, "gather" if gathers else "sorted", bucket, *dims, segments.shape[0] - 1]
+    device = torch.cuda.get_device_name(a.device) if a.is_cuda else a.device.type
+    parts += [str(a.dtype).removeprefix("torch."), device]
+    return "/".join(str(part) for part in parts)
+
+
+def _time_candidates(candidates: list[int], kwargs: dict) -> int:
+    """The candidate with the least median time on this very call's operands."""
+    timings = {}
+    for index in candidates:
+        _run(index, kwargs)  # compile (once per configuration) and warm up
+        timings[index] = _median_ms(lambda index=index: _run(index, kwargs))
+    return min(timings, key=timings.__getitem__)
+
+
+def _median_ms(run, reps: int = 5) -> float:
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def _cache_path() -> Path:
+    root = os.environ.get("VLMOE_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "vlmoe")
+    return Path(root) / "quack_gemm.json"
+
+
+def _load_disk_cache() -> None:
+    global _disk_loaded
+    if _disk_loaded:
+        return
+    _disk_loaded = True
+    try:
+        saved = json.loads(_cache_path().read_text())
+    except (OSError, ValueError):
+        return
+    if saved.get("candidates") == [list(c) for c in CANDIDATES]:
+        _chosen.update({k: int(v) for k, v in saved.get("chosen", {}).items()})
+
+
+def _save_disk_cache() -> None:
+    path = _cache_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        payload = json.dumps({"candidates": [list(c) for c in CANDIDATES], "chosen": _chosen}, indent=1)
+        # Atomic: a crash mid-write leaves the previous file, never half of one.
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as handle:
+            handle.write(payload)
+        os.replace(handle.name, path)
+    except OSError:  # a read-only home: keep the in-process choice only
+        pass

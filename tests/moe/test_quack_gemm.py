@@ -1,0 +1,227 @@
+"""vlmoe's QuACK path (`vlmoe.moe.kernels.quack_gemm`) without QuACK or a GPU.
+
+A stand-in `quack` module computes QuACK's documented varlen semantics (its `gemm_ref`: varlen-M
+with an optional row gather of A, varlen-K) in float64, so what is tested here is everything vlmoe
+does around the kernel: operand orientation, cu_seqlens, the gather indices, the autograd
+functions that call it, the choice among configurations and its cache. The kernel itself is
+tested on the GPU (test_quack_gemm_gpu.py)."""
+
+import dataclasses
+import importlib
+import itertools
+import json
+import sys
+import types
+
+import pytest
+import torch
+from torch import nn
+
+from tests.moe.helpers import relative_error
+from vlmoe.moe import GLUExperts, Routing, dispatch, reference_dispatch
+from vlmoe.moe.kernels import quack_gemm
+
+dispatch_module = importlib.import_module("vlmoe.moe.dispatch")
+
+
+@dataclasses.dataclass
+class _FakeGemmConfig:
+    tile_m: int = 128
+    tile_n: int = 192
+    cluster_m: int = 2
+    cluster_n: int = 1
+    pingpong: bool = True
+    is_dynamic_persistent: bool = False
+    device_capacity: int = 9
+
+
+class _FakeQuack:
+    """gemm_tuned.fn with QuACK's reference semantics, recording each call's configuration."""
+
+    def __init__(self):
+        self.calls = []
+
+    def fn(self, A, B, out, cu_seqlens_m=None, cu_seqlens_k=None, A_idx=None, config=None):
+        self.calls.append((config.tile_n, cu_seqlens_m is not None, A_idx is not None))
+        bounds = (cu_seqlens_m if cu_seqlens_m is not None else cu_seqlens_k).tolist()
+        assert (
+            bounds[0] == 0
+            and (cu_seqlens_m if cu_seqlens_m is not None else cu_seqlens_k).dtype == torch.int32
+        )
+        for group, (start, end) in enumerate(itertools.pairwise(bounds)):
+            if cu_seqlens_m is not None:
+                rows = A[A_idx[start:end].long()] if A_idx is not None else A[start:end]
+                out[start:end] = rows @ B[group]
+            else:
+                out[group] = A[:, start:end] @ B[start:end]
+
+
+@pytest.fixture
+def fake_quack(monkeypatch, tmp_path):
+    fake = _FakeQuack()
+    package = types.ModuleType("quack")
+    interface = types.ModuleType("quack.gemm_interface")
+    interface.gemm_tuned = fake
+    config = types.ModuleType("quack.gemm_config")
+    config.GemmConfig = _FakeGemmConfig
+    for name, module in (
+        ("quack", package),
+        ("quack.gemm_interface", interface),
+        ("quack.gemm_config", config),
+    ):
+        monkeypatch.setitem(sys.modules, name, module)
+    # CPU float64 operands stand in for CUDA bf16 ones; grouped_mm's place is what QuACK takes.
+    monkeypatch.setattr(quack_gemm, "usable", lambda weight, x, rows=None: True)
+    monkeypatch.setattr(dispatch_module, "_can_use_grouped_mm", lambda x, weight: True)
+    monkeypatch.setattr(quack_gemm, "TUNE", False)
+    monkeypatch.setattr(quack_gemm, "_chosen", {})
+    monkeypatch.setattr(quack_gemm, "_disk_loaded", False)
+    monkeypatch.setenv("VLMOE_CACHE_DIR", str(tmp_path))
+    return fake
+
+
+def _routing(tokens, num_experts, top_k, seed, empty_expert=None):
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(tokens, num_experts, generator=generator, dtype=torch.float64)
+    if empty_expert is not None:
+        logits[:, empty_expert] = -1e9
+    probs = logits.softmax(-1)
+    weights, indices = probs.topk(top_k, dim=-1)
+    return Routing(indices, weights / weights.sum(-1, keepdim=True), probs, logits)
+
+
+@pytest.mark.parametrize("gathers", [True, False])
+@pytest.mark.parametrize("empty_expert", [None, 2])
+def test_glu_experts_on_quack_match_the_reference_with_gradients(
+    fake_quack, monkeypatch, gathers, empty_expert
+):
+    torch.manual_seed(0)
+    tokens, hidden, intermediate, num_experts, top_k = 37, 16, 24, 4, 2
+    experts = GLUExperts(num_experts, hidden, intermediate, nn.SiLU()).double()
+    for parameter in experts.parameters():
+        nn.init.normal_(parameter, std=0.3)
+    monkeypatch.setattr(experts, "gathers_token_rows", gathers)
+    routing = _routing(tokens, num_experts, top_k, seed=1, empty_expert=empty_expert)
+    x = torch.randn(tokens, hidden, dtype=torch.float64, requires_grad=True)
+    grad_out = torch.randn(tokens, hidden, dtype=torch.float64)
+
+    out = dispatch(x, routing, experts, backend="grouped")
+    grads = torch.autograd.grad(out, [x, *experts.parameters()], grad_out)
+    fake_quack.calls.clear()
+    ref = reference_dispatch(x, routing, experts)
+    ref_grads = torch.autograd.grad(ref, [x, *experts.parameters()], grad_out)
+
+    assert relative_error(out, ref) < 1e-12
+    for grad, ref_grad in zip(grads, ref_grads, strict=True):
+        assert relative_error(grad, ref_grad) < 1e-12
+    if empty_expert is not None:
+        for grad in grads[1:]:
+            assert grad[empty_expert].abs().max() == 0
+
+
+def test_every_expert_matmul_goes_through_quack_and_the_first_gathers_in_its_loads(fake_quack):
+    experts = GLUExperts(4, 16, 24, nn.SiLU()).double()
+    routing = _routing(20, 4, 2, seed=2)
+    x = torch.randn(20, 16, dtype=torch.float64, requires_grad=True)
+    dispatch(x, routing, experts, backend="grouped").sum().backward()
+    # (tile_n, varlen-M, gathered): forward gate_up (gathered) and down; backward of down (input
+    # grad, weight grad), then of gate_up (weight grad on re-gathered rows, input grad).
+    assert [(m, g) for _, m, g in fake_quack.calls] == [
+        (True, True),
+        (True, False),
+        (True, False),
+        (False, False),
+        (False, False),
+        (True, False),
+    ]
+
+
+def test_capacity_dropped_rows_stay_out_of_the_quack_segments(fake_quack):
+    torch.manual_seed(3)
+    experts = GLUExperts(4, 16, 24, nn.SiLU()).double()
+    routing = _routing(30, 4, 2, seed=3)
+    kept = torch.rand(30, 2, generator=torch.Generator().manual_seed(4)) > 0.3
+    routing = Routing(
+        routing.expert_indices,
+        routing.combine_weights * kept,
+        routing.router_probs,
+        routing.router_logits,
+        kept,
+    )
+    x = torch.randn(30, 16, dtype=torch.float64, requires_grad=True)
+    out = dispatch(x, routing, experts, backend="grouped")
+    ref = reference_dispatch(x, routing, experts)
+    assert relative_error(out, ref) < 1e-12
+    (grad,) = torch.autograd.grad(out.square().sum(), [x])
+    (ref_grad,) = torch.autograd.grad(ref.square().sum(), [x])
+    assert relative_error(grad, ref_grad) < 1e-12
+
+
+def test_the_fastest_configuration_is_chosen_once_and_remembered_on_disk(fake_quack, monkeypatch, tmp_path):
+    monkeypatch.setattr(quack_gemm, "TUNE", True)
+    # Candidate 1 (tile_n 256) is the fastest on every problem.
+    monkeypatch.setattr(
+        quack_gemm, "_median_ms", lambda run: (run(), 1.0 if fake_quack.calls[-1][0] == 256 else 2.0)[1]
+    )
+    x = torch.randn(40, 16, dtype=torch.float64)
+    weight = torch.randn(3, 8, 16, dtype=torch.float64)
+    offsets = torch.tensor([10, 25, 40], dtype=torch.int32)
+    wanted = torch.cat([x[:10] @ weight[0].T, x[10:25] @ weight[1].T, x[25:] @ weight[2].T])
+
+    out = quack_gemm.experts_mm(x, weight, offsets)
+    assert relative_error(out, wanted) < 1e-12
+    assert fake_quack.calls[-1][0] == 256  # the result comes from the chosen configuration
+    saved = json.loads((tmp_path / "quack_gemm.json").read_text())
+    assert list(saved["chosen"].values()) == [1]
+    assert next(iter(saved["chosen"])).startswith("forward/sorted/64/16/8/3/float64/cpu")
+
+    # A new process: the choice is read back from disk and nothing is timed again.
+    monkeypatch.setattr(quack_gemm, "_chosen", {})
+    monkeypatch.setattr(quack_gemm, "_disk_loaded", False)
+    monkeypatch.setattr(quack_gemm, "_median_ms", lambda run: pytest.fail("timed again"))
+    fake_quack.calls.clear()
+    quack_gemm.experts_mm(x, weight, offsets)
+    assert [call[0] for call in fake_quack.calls] == [256]
+
+
+def test_the_gather_never_times_configurations_it_cannot_run(fake_quack, monkeypatch):
+    monkeypatch.setattr(quack_gemm, "TUNE", True)
+    monkeypatch.setattr(quack_gemm, "_median_ms", lambda run: (run(), 1.0)[1])
+    x = torch.randn(12, 16, dtype=torch.float64)
+    weight = torch.randn(2, 8, 16, dtype=torch.float64)
+    token_rows = torch.tensor([0, 3, 3, 5, 7, 11, 1, 2])
+    out = quack_gemm.experts_mm(x, weight, torch.tensor([5, 8], dtype=torch.int32), token_rows=token_rows)
+    wanted = torch.cat([x[token_rows[:5]] @ weight[0].T, x[token_rows[5:]] @ weight[1].T])
+    assert relative_error(out, wanted) < 1e-12
+    cluster_n_of = {n: cluster_n for _, n, _, cluster_n, _ in quack_gemm.CANDIDATES}
+    assert all(cluster_n_of[tile_n] == 1 for tile_n, _, _ in fake_quack.calls)
+
+
+def test_usable_only_for_large_aligned_half_precision_cuda_problems(monkeypatch):
+    monkeypatch.setattr(quack_gemm, "_available", True)
+    weight = torch.empty(4, 512, 256, dtype=torch.bfloat16)
+    rows = torch.empty(2048, 256, dtype=torch.bfloat16)
+    # No CUDA tensor here: the CPU never takes the path, whatever else holds.
+    assert not quack_gemm.usable(weight, rows)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    assert quack_gemm.usable(weight, rows)
+    assert not quack_gemm.usable(weight, rows[:100])  # launch-bound: grouped_mm
+    assert quack_gemm.usable(weight, rows[:100], rows=4096)  # 100 token rows, 4096 gathered
+    assert not quack_gemm.usable(weight.float(), rows.float())
+    assert not quack_gemm.usable(torch.empty(4, 64, 256, dtype=torch.bfloat16), rows)  # a LoRA factor
+    assert not quack_gemm.usable(torch.empty(4, 516, 260, dtype=torch.bfloat16), rows)  # unaligned
+    monkeypatch.setattr(quack_gemm, "ENABLED", False)
+    assert not quack_gemm.usable(weight, rows)
+    monkeypatch.setattr(quack_gemm, "ENABLED", True)
+    monkeypatch.setattr(quack_gemm, "_available", False)
+    assert not quack_gemm.usable(weight, rows)
+
+
+def test_quack_is_unavailable_without_the_package():
+    # CI installs no QuACK and has no GPU: the probe says no, and dispatch never reaches it.
+    assert quack_gemm.available() is (torch.cuda.is_available() and quack_gemm._probe())
+
+
+def test_cu_seqlens_prepends_zero_in_int32():
+    got = quack_gemm.cu_seqlens(torch.tensor([3, 3, 9]))
+    assert got.dtype == torch.int32 and got.tolist() == [0, 3, 3, 9]

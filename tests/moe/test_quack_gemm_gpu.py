@@ -1,0 +1,142 @@
+"""The expert matmuls on QuACK's kernels (bf16, Hopper) against float64 per-expert loops, and the
+MoE layer on them against the float64 reference dispatch, eager and under torch.compile.
+Skipped without a GPU, and where QuACK is not installed (`pip install vlmoe[quack]`)."""
+
+import itertools
+
+import pytest
+import torch
+
+from tests.moe.helpers import SwiGLU, randomize_, relative_error
+from vlmoe.moe import MoEFeedForward, record_routing
+from vlmoe.moe.kernels import quack_gemm
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not quack_gemm.available(), reason="needs QuACK (quack-kernels) and a Hopper GPU"),
+]
+
+
+@pytest.fixture(autouse=True)
+def small_problems_too(monkeypatch, tmp_path):
+    # The size thresholds keep small problems on grouped_mm; here every problem takes QuACK.
+    monkeypatch.setattr(quack_gemm, "MIN_ROWS", 0)
+    monkeypatch.setattr(quack_gemm, "MIN_DIM", 0)
+    monkeypatch.setattr(quack_gemm, "_chosen", {})
+    monkeypatch.setattr(quack_gemm, "_disk_loaded", False)
+    monkeypatch.setenv("VLMOE_CACHE_DIR", str(tmp_path))
+
+
+def _segments(counts):
+    bounds = [0, *torch.tensor(counts).cumsum(0).tolist()]
+    return list(itertools.pairwise(bounds))
+
+
+@pytest.mark.parametrize(
+    ("counts", "fan_in", "fan_out"),
+    [
+        ([300, 0, 517, 183, 1], 256, 512),  # an empty expert, a one-row expert
+        ([64] * 16, 384, 264),
+        ([2048, 2048], 1024, 2816),
+    ],
+)
+@pytest.mark.parametrize("tune", [True, False])
+def test_the_three_expert_matmuls_match_float64_loops(counts, fan_in, fan_out, tune, monkeypatch):
+    monkeypatch.setattr(quack_gemm, "TUNE", tune)
+    torch.manual_seed(len(counts))
+    rows = sum(counts)
+    tokens = rows // 2 + 1
+    x_tokens = torch.randn(tokens, fan_in, device="cuda", dtype=torch.bfloat16)
+    token_rows = torch.randint(0, tokens, (rows,), device="cuda")
+    x = x_tokens[token_rows]
+    grad = torch.randn(rows, fan_out, device="cuda", dtype=torch.bfloat16)
+    weight = torch.randn(len(counts), fan_out, fan_in, device="cuda", dtype=torch.bfloat16) / fan_in**0.5
+    offsets = torch.tensor(counts, device="cuda").cumsum(0).to(torch.int32)
+
+    forward = quack_gemm.experts_mm(x, weight, offsets)
+    gathered = quack_gemm.experts_mm(x_tokens, weight, offsets, token_rows=token_rows)
+    grad_x = quack_gemm.experts_mm_grad_input(grad, weight, offsets)
+    grad_w = quack_gemm.experts_mm_grad_weight(grad, x, weight, offsets)
+
+    x64, grad64, w64 = x.double(), grad.double(), weight.double()
+    for expert, (start, end) in enumerate(_segments(counts)):
+        want = x64[start:end] @ w64[expert].T
+        if end > start:
+            assert relative_error(forward[start:end], want) < 1e-2
+            assert relative_error(gathered[start:end], want) < 1e-2
+            assert relative_error(grad_x[start:end], grad64[start:end] @ w64[expert]) < 1e-2
+            assert relative_error(grad_w[expert], grad64[start:end].T @ x64[start:end]) < 1e-2
+        else:
+            assert grad_w[expert].abs().max() == 0
+
+
+def _layer(tokens, hidden, intermediate, num_experts, top_k, capacity):
+    dense = SwiGLU(hidden, intermediate)
+    moe = MoEFeedForward.from_dense(dense, num_experts, top_k, capacity_factor=capacity, backend="grouped")
+    randomize_(moe, seed=tokens, std=0.1)
+    reference = MoEFeedForward.from_dense(
+        dense, num_experts, top_k, capacity_factor=capacity, backend="reference"
+    )
+    reference.load_state_dict(moe.state_dict())
+    return moe.cuda().bfloat16(), reference.double()
+
+
+def _fixed_routing(moe, reference, x):
+    with record_routing(reference), torch.no_grad():
+        reference(x.double())
+    routing = reference.last_routing
+    reference.router.forward = lambda *args, **kwargs: routing
+    on_cuda = type(routing)(
+        **{
+            name: (value.cuda() if isinstance(value, torch.Tensor) else value)
+            for name, value in vars(routing).items()
+        }
+    )
+    moe.router.forward = lambda *args, **kwargs: on_cuda
+
+
+@pytest.mark.parametrize(
+    ("tokens", "hidden", "intermediate", "num_experts", "top_k", "capacity"),
+    [
+        (512, 64, 96, 4, 2, None),
+        (700, 256, 320, 8, 2, None),
+        (300, 64, 128, 16, 6, None),
+        (256, 64, 96, 4, 2, 1.0),
+    ],
+)
+def test_moe_layer_on_quack_matches_the_float64_reference(
+    tokens, hidden, intermediate, num_experts, top_k, capacity
+):
+    torch.manual_seed(tokens)
+    moe, reference = _layer(tokens, hidden, intermediate, num_experts, top_k, capacity)
+    x = torch.randn(tokens, hidden)
+    grad_out = torch.randn(tokens, hidden)
+    _fixed_routing(moe, reference, x)
+    xr = x.double().requires_grad_()
+    ref = reference(xr)
+    ref_grads = torch.autograd.grad(ref, [xr, *reference.experts.parameters()], grad_out.double())
+    xc = x.cuda().bfloat16().requires_grad_()
+    out = moe(xc)
+    grads = torch.autograd.grad(out, [xc, *moe.experts.parameters()], grad_out.cuda().bfloat16())
+    assert relative_error(out.cpu(), ref) < 2e-2
+    for grad, ref_grad in zip(grads, ref_grads, strict=True):
+        assert relative_error(grad.cpu(), ref_grad) < 2e-2
+
+
+def test_moe_layer_on_quack_compiles_to_one_graph_and_matches_eager():
+    torch.manual_seed(0)
+    moe, _ = _layer(1024, 256, 320, 8, 2, None)
+    x = torch.randn(1024, 256, device="cuda", dtype=torch.bfloat16)
+    eager_x = x.clone().requires_grad_()
+    eager = moe(eager_x)
+    eager.float().square().sum().backward()
+    eager_grads = [eager_x.grad, *(p.grad.clone() for p in moe.experts.parameters())]
+    moe.zero_grad()
+    compiled = torch.compile(moe, fullgraph=True)
+    compiled_x = x.clone().requires_grad_()
+    out = compiled(compiled_x)
+    out.float().square().sum().backward()
+    grads = [compiled_x.grad, *(p.grad for p in moe.experts.parameters())]
+    assert relative_error(out, eager) < 2e-2
+    for grad, eager_grad in zip(grads, eager_grads, strict=True):
+        assert relative_error(grad, eager_grad) < 2e-2
