@@ -2,7 +2,8 @@
 # One device call for the performance issue: GPU tests, then the benchmarks named in $PARTS
 # (default: gen mole train; ffn: the MoE FFN table; ffnrep: its headline ratios at 50 reps;
 # ffnvar: the FFN table with v14's memory savings switched off one by one; gemm: the expert
-# matmuls alone; tgemm: the Triton grouped-GEMM probe; decodediag: the batch-1 decoding diagnosis; compile: graph breaks and gain),
+# matmuls alone; tgemm: the Triton grouped-GEMM probe; quack: the QuACK GEMM probe; first: QuACK's first-use cost, cold and cached; trainq: the
+# train step with QuACK's GEMMs and with grouped_mm; decodediag: the batch-1 decoding diagnosis; compile: graph breaks and gain),
 # each under its own time limit so one slow part cannot eat the rest.
 #   PARTS="gen mole train" bash benchmarks/device_perf.sh
 #   PARTS="static gen1" bash benchmarks/device_perf.sh   # compiled decoding, eager batch 1
@@ -10,18 +11,27 @@ set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=src
 out=${OUT:-/tmp}
 parts=${PARTS:-gen mole train}
+# QuACK (optional, vlmoe[quack]) from wheels carried in .whl (see benchmarks/README.md: the device
+# has no package index); its CUTLASS-DSL libraries travel as an xz archive to fit the carry limit.
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    for archive in .whl/*.tar.xz; do [ -f "$archive" ] && tar -xJf "$archive" -C /tmp/site; done
+    export PYTHONPATH=src:/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages
+fi
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv
 python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)"
-timeout 45 python3 -m pytest -p no:cacheprovider -q tests/moe/test_kernels.py tests/moe/test_decode.py tests/moe/test_routing_kernel.py tests/moe/test_dispatch_gpu.py tests/train/test_trainer.py --continue-on-collection-errors > "$out/gpu_tests.log" 2>&1
+python3 -c "from vlmoe.moe.kernels import quack_gemm; print('QuACK expert GEMMs:', quack_gemm.available())"
+timeout ${TESTS_S:-150} python3 -m pytest -p no:cacheprovider -q tests/moe/test_kernels.py tests/moe/test_decode.py tests/moe/test_routing_kernel.py tests/moe/test_dispatch_gpu.py tests/moe/test_quack_gemm_gpu.py tests/train/test_trainer.py --continue-on-collection-errors > "$out/gpu_tests.log" 2>&1
 tail -3 "$out/gpu_tests.log"
 for part in $parts; do
     case $part in
         gen) timeout 70 python3 benchmarks/generation.py --new 64 > "$out/generation.log" 2>&1 ;;
         gen1) timeout 100 python3 benchmarks/generation.py --new 64 --batches 1 --reps 7 --models vlmoe,dense,mixtral > "$out/generation_b1.log" 2>&1 ;;
-        gen32) timeout 60 python3 benchmarks/generation.py --new 64 --batches 32 --models vlmoe,mixtral > "$out/generation_b32.log" 2>&1 ;;
+        gen32) timeout ${GEN32_S:-150} python3 benchmarks/generation.py --new 64 --batches 32 --models vlmoe,mixtral > "$out/generation_b32.log" 2>&1 ;;
         decodelayer) timeout 30 python3 benchmarks/decode_layer.py > "$out/decode_layer.log" 2>&1 ;;
         static) timeout ${STATIC_S:-75} python3 benchmarks/generation.py --new 64 --batches 1 --static --models vlmoe,mixtral > "$out/generation_static.log" 2>&1 ;;
         ffn) timeout 170 python3 benchmarks/moe_layer.py > "$out/moe_ffn.log" 2>&1 ;;
+        ffnq) timeout ${FFNQ_S:-200} python3 benchmarks/moe_layer.py --ffn-only --reps 30 > "$out/moe_ffn_quack.log" 2>&1 ;;
         ffnvar) timeout 170 python3 benchmarks/moe_layer.py --ffn-only --variants --reps 40 > "$out/moe_ffn_variants.log" 2>&1 ;;
         compile) timeout 90 python3 benchmarks/compile_check.py > "$out/compile.log" 2>&1; cat "$out/compile.log" ;;
         ffnrep) timeout 140 python3 benchmarks/moe_layer.py --ffn-only --reps 50 > "$out/moe_ffn_rep.log" 2>&1 ;;
@@ -29,6 +39,11 @@ for part in $parts; do
         train) timeout 70 python3 benchmarks/train_step.py --optimizers foreach fused > "$out/train_step.log" 2>&1 ;;
         trainv14) timeout 90 python3 benchmarks/train_step.py --optimizers fused --without-v14 > "$out/train_step_v14.log" 2>&1 ;;
         tgemm) timeout 300 python3 benchmarks/triton_grouped_gemm.py > "$out/triton_grouped_gemm.log" 2>&1 ;;
+        quack) timeout 400 python3 benchmarks/quack_gemm.py --reps 10 --tune-seconds 120 > "$out/quack_gemm.log" 2>&1 ;;
+        first) caches="QUACK_CACHE_DIR=$(mktemp -d) VLMOE_CACHE_DIR=$(mktemp -d)"
+            for run in cold cached; do echo "-- $run"; env $caches timeout 150 python3 benchmarks/quack_first_use.py; done > "$out/quack_first_use.log" 2>&1
+            cat "$out/quack_first_use.log" ;;
+        trainq) timeout 120 python3 benchmarks/train_step.py --optimizers fused --without-quack > "$out/train_step_quack.log" 2>&1 ;;
         gemm) timeout 60 python3 benchmarks/gemm_efficiency.py > "$out/gemm_efficiency.log" 2>&1 ;;
         decodediag) timeout 120 python3 benchmarks/decode_diagnosis.py > "$out/decode_diagnosis.log" 2>&1 ;;
         prof1) timeout 60 python3 benchmarks/profile_moe.py 16384 2048 5632 4 2 > "$out/profile_shape1.log" 2>&1 ;;
@@ -43,7 +58,7 @@ done
 for log in "$out"/profile_shape*.log; do
     [ -f "$log" ] && { echo "== $log"; grep "^===\|host .* per step" "$log"; }
 done
-for log in "$out"/triton_grouped_gemm.log "$out"/gemm_efficiency.log "$out"/decode_diagnosis.log "$out"/decode_layer.log "$out"/generation*.log "$out"/moe_layer.log "$out"/moe_ffn*.log "$out"/train_step*.log; do
+for log in "$out"/quack_gemm.log "$out"/triton_grouped_gemm.log "$out"/gemm_efficiency.log "$out"/decode_diagnosis.log "$out"/decode_layer.log "$out"/generation*.log "$out"/moe_layer.log "$out"/moe_ffn*.log "$out"/train_step*.log; do
     [ -f "$log" ] && { echo "== $log"; grep -v "^  \|Warning\|warn" "$log" | tail -25; }
 done
 # At most 8 files come back from a device call: the JSON tables travel as one archive.

@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import peak_memory_mib, print_table, time_cuda, v14_variant, write_json
 from vlmoe.moe import MoEFeedForward, MoLELinear
+from vlmoe.moe.kernels import quack_gemm
 
 FFN_SHAPES = [(16384, 2048, 5632, 4, 2), (8192, 4096, 14336, 8, 2), (16384, 2048, 1408, 64, 6)]
 DTYPE = torch.bfloat16
@@ -136,7 +137,18 @@ def bench_ffn(
         results = [_measure("dense SwiGLU on tokens x k (eager)", dense, x_dense, reps)]
         compiled = torch.compile(dense)
         results.append(_measure("dense SwiGLU on tokens x k (torch.compile)", compiled, x_dense, reps))
-        results.append(_measure("vlmoe MoEFeedForward grouped", moe, x, reps))
+        if quack_gemm.available():
+            # First step's wall time: QuACK compiling its kernels and timing its candidate tiles.
+            start = time.perf_counter()
+            moe(x).sum().backward()
+            torch.cuda.synchronize()
+            first_s = time.perf_counter() - start
+            results.append(_measure("vlmoe MoEFeedForward grouped, QuACK GEMMs", moe, x, reps))
+            results[-1]["note"] = f"first step {first_s:.1f} s"
+            with quack_gemm.disabled():
+                results.append(_measure("vlmoe MoEFeedForward grouped, grouped_mm", moe, x, reps))
+        else:
+            results.append(_measure("vlmoe MoEFeedForward grouped", moe, x, reps))
         if variants:
             for fold, gather_inside in ((False, False), (True, False), (False, True)):
                 with v14_variant(fold, gather_inside):

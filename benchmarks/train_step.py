@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import vlmoe
 from common import print_table, time_cuda, v14_variant, write_json
+from vlmoe.moe.kernels import quack_gemm
 
 HIDDEN, FFN, VOCAB = 2048, 5632, 32000
 
@@ -140,6 +141,9 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--optimizers", nargs="+", default=["foreach"], choices=["foreach", "fused"])
     parser.add_argument(
+        "--without-quack", action="store_true", help="also the upcycled model on grouped_mm, QuACK off"
+    )
+    parser.add_argument(
         "--without-v14", action="store_true", help="also the upcycled model without v14's memory savings"
     )
     parser.add_argument(
@@ -185,6 +189,12 @@ def main() -> None:
         for optimizer in args.optimizers:
             torch.cuda.reset_peak_memory_stats()
             measure(name, model, with_aux, active_params(model, total, active), optimizer)
+            if args.without_quack and name.startswith("vlmoe LLaVA, upcycled 4") and quack_gemm.available():
+                # The same model, right after, with the expert matmuls on torch's grouped_mm.
+                with quack_gemm.disabled():
+                    torch.cuda.reset_peak_memory_stats()
+                    active_count = active_params(model, total, active)
+                    measure(f"{name}, grouped_mm", model, with_aux, active_count, optimizer)
             if args.without_v14 and name.startswith("vlmoe LLaVA, upcycled 4"):
                 # The same model, right after, with the layers' v14 memory savings off (NOTES.md v14).
                 with v14_variant(fold=False, gather_inside=False):
