@@ -208,6 +208,7 @@ def test_usable_only_for_large_aligned_half_precision_cuda_problems(monkeypatch)
     assert not quack_gemm.usable(weight, rows[:100])  # launch-bound: grouped_mm
     assert quack_gemm.usable(weight, rows[:100], rows=4096)  # 100 token rows, 4096 gathered
     assert not quack_gemm.usable(weight.float(), rows.float())
+    assert not quack_gemm.usable(weight.half(), rows.half())  # grouped_mm's dtype only
     assert not quack_gemm.usable(torch.empty(4, 64, 256, dtype=torch.bfloat16), rows)  # a LoRA factor
     assert not quack_gemm.usable(torch.empty(4, 516, 260, dtype=torch.bfloat16), rows)  # unaligned
     monkeypatch.setattr(quack_gemm, "ENABLED", False)
@@ -225,3 +226,35 @@ def test_quack_is_unavailable_without_the_package():
 def test_cu_seqlens_prepends_zero_in_int32():
     got = quack_gemm.cu_seqlens(torch.tensor([3, 3, 9]))
     assert got.dtype == torch.int32 and got.tolist() == [0, 3, 3, 9]
+
+
+def test_a_quack_failure_names_the_switch_that_avoids_it(fake_quack, monkeypatch):
+    def broken(**kwargs):
+        raise ValueError("cannot implement")
+
+    monkeypatch.setattr(fake_quack, "fn", broken)
+    x = torch.randn(8, 16, dtype=torch.float64)
+    weight = torch.randn(2, 8, 16, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match=r"cannot implement.*A=\(8, 16\).*VLMOE_QUACK=0"):
+        quack_gemm.experts_mm(x, weight, torch.tensor([3, 8], dtype=torch.int32))
+
+
+def test_disabled_restores_the_switch(monkeypatch):
+    monkeypatch.setattr(quack_gemm, "ENABLED", True)
+    with quack_gemm.disabled():
+        assert not quack_gemm.ENABLED
+    assert quack_gemm.ENABLED
+
+
+def test_the_disk_cache_keeps_other_processes_choices_and_ignores_other_candidates(fake_quack, tmp_path):
+    path = tmp_path / "quack_gemm.json"
+    candidates = [list(c) for c in quack_gemm.CANDIDATES]
+    path.write_text(json.dumps({"candidates": candidates, "chosen": {"another/gpu": 2}}))
+    quack_gemm._chosen["this/process"] = 1
+    quack_gemm._save_disk_cache()
+    assert json.loads(path.read_text())["chosen"] == {"another/gpu": 2, "this/process": 1}
+
+    path.write_text(json.dumps({"candidates": [[64, 64, 1, 1, True]], "chosen": {"old/tiles": 0}}))
+    quack_gemm._chosen.clear()
+    quack_gemm._load_disk_cache()
+    assert quack_gemm._chosen == {}

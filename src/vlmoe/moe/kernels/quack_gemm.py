@@ -1,11 +1,12 @@
 """The expert matmuls on QuACK's varlen GEMMs (PyPI `quack-kernels`, CuTe DSL), where installed.
 
 torch's grouped_mm runs one CUTLASS tile (128x256, cooperative) for every large problem; on the
-expert matmuls that is 0.79-0.97 of one cuBLAS matmul of the same FLOPs. QuACK's persistent
-pingpong kernels run the same grouped problems at 0.84-1.16 (benchmarks/quack_gemm.py, NOTES.md
-v16), and its varlen-M GEMM can gather A's rows in its loads, so the first expert matmul reads
-the token rows in place instead of a gathered [S, I] copy. QuACK installs beside the user's torch
-(`pip install vlmoe[quack]`); without it, or off Hopper, grouped_mm runs as before.
+expert matmuls that is 0.71-1.05 of one cuBLAS matmul of the same FLOPs, lowest where K is short.
+QuACK's persistent pingpong kernels run the same grouped problems at 0.84-1.16
+(benchmarks/quack_gemm.py, NOTES.md v16), and its varlen-M GEMM can gather A's rows in its
+loads, so the first expert matmul reads the token rows in place instead of a gathered [S, I]
+copy. QuACK installs beside the user's torch (`pip install vlmoe[quack]`); without it, or off
+Hopper, grouped_mm runs as before.
 
 Three problems, each over expert-sorted rows with cu_seqlens = [0, offsets...] on the device
 (no host synchronisation):
@@ -77,8 +78,7 @@ def usable(weight: Tensor, x: Tensor, rows: int | None = None) -> bool:
         ENABLED
         and x.is_cuda
         and (x.shape[0] if rows is None else rows) >= MIN_ROWS
-        and x.dtype in (torch.bfloat16, torch.float16)
-        and weight.dtype == x.dtype
+        and x.dtype == weight.dtype == torch.bfloat16  # where grouped_mm runs; what is tested
         and weight.shape[-1] % 8 == 0  # 16-byte aligned rows for the TMA loads
         and weight.shape[-2] % 8 == 0
         and min(weight.shape[-2:]) >= MIN_DIM
@@ -150,7 +150,15 @@ def _run(index: int, kwargs: dict) -> None:
         return
     from quack.gemm_interface import gemm_tuned
 
-    gemm_tuned.fn(**kwargs, config=_config(index))
+    try:
+        gemm_tuned.fn(**kwargs, config=_config(index))
+    except Exception as error:  # a QuACK or CUTLASS-DSL failure, reported with the way around it
+        shapes = ", ".join(f"{k}={tuple(v.shape)}" for k, v in kwargs.items() if isinstance(v, Tensor))
+        raise RuntimeError(
+            f"QuACK's grouped GEMM failed ({type(error).__name__}: {error}) on {shapes}, tile "
+            f"{CANDIDATES[index]}. Set VLMOE_QUACK=0 (or wrap the call in "
+            "vlmoe.moe.kernels.quack_gemm.disabled()) to run the expert matmuls on torch's grouped_mm."
+        ) from error
 
 
 def _gemm(direction: str, **kwargs: Tensor | None) -> None:
@@ -222,19 +230,27 @@ def _load_disk_cache() -> None:
     if _disk_loaded:
         return
     _disk_loaded = True
+    for key, index in _read_disk_cache().items():
+        _chosen.setdefault(key, index)
+
+
+def _read_disk_cache() -> dict[str, int]:
     try:
         saved = json.loads(_cache_path().read_text())
     except (OSError, ValueError):
-        return
-    if saved.get("candidates") == [list(c) for c in CANDIDATES]:
-        _chosen.update({k: int(v) for k, v in saved.get("chosen", {}).items()})
+        return {}
+    if saved.get("candidates") != [list(c) for c in CANDIDATES]:
+        return {}  # chosen among other candidates: indices that mean other tiles now
+    return {key: int(index) for key, index in saved.get("chosen", {}).items()}
 
 
 def _save_disk_cache() -> None:
     path = _cache_path()
+    # Merged with what is on disk, so processes tuning side by side (one per GPU) keep each other's.
+    chosen = {**_read_disk_cache(), **_chosen}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        payload = json.dumps({"candidates": [list(c) for c in CANDIDATES], "chosen": _chosen}, indent=1)
+        payload = json.dumps({"candidates": [list(c) for c in CANDIDATES], "chosen": chosen}, indent=1)
         # Atomic: a crash mid-write leaves the previous file, never half of one.
         with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as handle:
             handle.write(payload)
