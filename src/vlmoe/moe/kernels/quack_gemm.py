@@ -35,7 +35,8 @@ from torch import Tensor
 
 ENABLED = os.environ.get("VLMOE_QUACK", "1") != "0"
 TUNE = os.environ.get("VLMOE_QUACK_TUNE", "1") != "0"
-# Below this many rows a problem is launch-bound: grouped_mm's lighter host path wins there.
+# Below this many rows a problem is launch-bound (QuACK's host path is the heavier one) and was
+# not measured; grouped_mm keeps it. Decoding steps stay there.
 MIN_ROWS = 1024
 # Measured on expert FFN matmuls only (every dimension >= 1408); low-rank (LoRA) factors, whose
 # narrow side fits one tile, stay on grouped_mm, whose small-problem tile suits them.
