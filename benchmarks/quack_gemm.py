@@ -28,24 +28,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def _configs():
-    from quack.gemm_config import GemmConfig
-
-    def config(tile_m, tile_n, cluster_m, cluster_n, pingpong):
-        return GemmConfig(
-            tile_m=tile_m,
-            tile_n=tile_n,
-            cluster_m=cluster_m,
-            cluster_n=cluster_n,
-            pingpong=pingpong,
-            is_dynamic_persistent=False,
-            device_capacity=9,
-        )
+    from vlmoe.moe.kernels.quack_gemm import gemm_config
 
     return {
-        "128x192 pingpong 2x1 (QuACK's SM90 default)": config(128, 192, 2, 1, True),
-        "128x256 cooperative 2x1 (grouped_mm's tile)": config(128, 256, 2, 1, False),
-        "256x192 cooperative 2x1": config(256, 192, 2, 1, False),
-        "128x208 pingpong 1x2": config(128, 208, 1, 2, True),
+        "128x192 pingpong 2x1 (QuACK's SM90 default)": gemm_config((128, 192, 2, 1, True)),
+        "128x256 cooperative 2x1 (grouped_mm's tile)": gemm_config((128, 256, 2, 1, False)),
+        "256x192 cooperative 2x1": gemm_config((256, 192, 2, 1, False)),
+        "128x208 pingpong 1x2": gemm_config((128, 208, 1, 2, True)),
     }
 
 

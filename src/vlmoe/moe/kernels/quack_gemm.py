@@ -127,10 +127,11 @@ def experts_mm_grad_weight(grad_out: Tensor, x_sorted: Tensor, weight: Tensor, o
     return out
 
 
-def _config(index: int) -> Any:
+def gemm_config(tile: tuple[int, int, int, int, bool]) -> Any:
+    """QuACK's GemmConfig for (tile_m, tile_n, cluster_m, cluster_n, pingpong) on SM90."""
     from quack.gemm_config import GemmConfig
 
-    tile_m, tile_n, cluster_m, cluster_n, pingpong = CANDIDATES[index]
+    tile_m, tile_n, cluster_m, cluster_n, pingpong = tile
     return GemmConfig(
         tile_m=tile_m,
         tile_n=tile_n,
@@ -152,7 +153,7 @@ def _run(index: int, kwargs: dict) -> None:
     from quack.gemm_interface import gemm_tuned
 
     try:
-        gemm_tuned.fn(**kwargs, config=_config(index))
+        gemm_tuned.fn(**kwargs, config=gemm_config(CANDIDATES[index]))
     except Exception as error:  # a QuACK or CUTLASS-DSL failure, reported with the way around it
         shapes = ", ".join(f"{k}={tuple(v.shape)}" for k, v in kwargs.items() if isinstance(v, Tensor))
         raise RuntimeError(
