@@ -76,6 +76,7 @@ def fake_quack(monkeypatch, tmp_path):
     monkeypatch.setattr(quack_gemm, "TUNE", False)
     monkeypatch.setattr(quack_gemm, "_chosen", {})
     monkeypatch.setattr(quack_gemm, "_disk_loaded", False)
+    monkeypatch.setattr(quack_gemm, "_announced", False)
     monkeypatch.setenv("VLMOE_CACHE_DIR", str(tmp_path))
     return fake
 
@@ -157,7 +158,9 @@ def test_capacity_dropped_rows_stay_out_of_the_quack_segments(fake_quack):
     assert relative_error(grad, ref_grad) < 1e-12
 
 
-def test_the_fastest_configuration_is_chosen_once_and_remembered_on_disk(fake_quack, monkeypatch, tmp_path):
+def test_the_fastest_configuration_is_chosen_once_and_remembered_on_disk(
+    fake_quack, monkeypatch, tmp_path, caplog
+):
     monkeypatch.setattr(quack_gemm, "TUNE", True)
     # Candidate 1 (tile_n 256) is the fastest on every problem.
     monkeypatch.setattr(
@@ -168,12 +171,19 @@ def test_the_fastest_configuration_is_chosen_once_and_remembered_on_disk(fake_qu
     offsets = torch.tensor([10, 25, 40], dtype=torch.int32)
     wanted = torch.cat([x[:10] @ weight[0].T, x[10:25] @ weight[1].T, x[25:] @ weight[2].T])
 
-    out = quack_gemm.experts_mm(x, weight, offsets)
+    with caplog.at_level("WARNING", logger="vlmoe.moe.kernels.quack_gemm"):
+        out = quack_gemm.experts_mm(x, weight, offsets)
+        quack_gemm.experts_mm_grad_input(torch.randn(40, 8, dtype=torch.float64), weight, offsets)
     assert relative_error(out, wanted) < 1e-12
+    # The first tuning of the process says why the step stalls, once.
+    assert len(caplog.records) == 1 and "compiles its kernels" in caplog.records[0].getMessage()
+    assert str(tmp_path / "quack_gemm.json") in caplog.records[0].getMessage()
+    fake_quack.calls.clear()
+    quack_gemm.experts_mm(x, weight, offsets)
     assert fake_quack.calls[-1][0] == 256  # the result comes from the chosen configuration
     saved = json.loads((tmp_path / "quack_gemm.json").read_text())
-    assert list(saved["chosen"].values()) == [1]
-    assert next(iter(saved["chosen"])).startswith("forward/sorted/64/16/8/3/float64/cpu")
+    assert saved["chosen"]["forward/sorted/64/16/8/3/float64/cpu"] == 1
+    assert set(saved["chosen"].values()) == {1}
 
     # A new process: the choice is read back from disk and nothing is timed again.
     monkeypatch.setattr(quack_gemm, "_chosen", {})

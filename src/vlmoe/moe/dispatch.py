@@ -202,8 +202,9 @@ def gathered_linear(x: Tensor, weight: Tensor, plan: DispatchPlan, bias: Tensor 
 
 
 def _segment_counts(x: Tensor, weight: Tensor, plan: DispatchPlan) -> tuple[int, ...] | None:
-    """None where grouped_mm runs the expert matmuls; else the host-side expert counts, for one
-    matmul per contiguous segment (the `segments` backend, CPU, non-bf16 weights)."""
+    """None where a grouped kernel runs the expert matmuls on device-side offsets (grouped_mm, or
+    QuACK where `quack_gemm.usable`); else the host-side expert counts, for one matmul per
+    contiguous segment (the `segments` backend, CPU, non-bf16 weights)."""
     if not plan.segments and _can_use_grouped_mm(x, weight):
         return None
     return tuple(plan.host_counts())

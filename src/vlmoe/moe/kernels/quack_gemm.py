@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import statistics
 import tempfile
@@ -49,7 +50,9 @@ CANDIDATES: tuple[tuple[int, int, int, int, bool], ...] = (
     (128, 256, 2, 1, False),
     (128, 208, 1, 2, True),
 )
+logger = logging.getLogger(__name__)
 _chosen: dict[str, int] = {}
+_announced = False
 _disk_loaded = False
 _available: bool | None = None
 
@@ -180,6 +183,7 @@ def _gemm(direction: str, **kwargs: Tensor | None) -> None:
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
             _run(candidates[0], kwargs)
             return
+        _announce_tuning()
         _chosen[key] = _time_candidates(candidates, kwargs)
         _save_disk_cache()
     _run(_chosen[key], kwargs)
@@ -199,6 +203,19 @@ def _key(direction: str, kwargs: dict) -> str:
     device = torch.cuda.get_device_name(a.device) if a.is_cuda else a.device.type
     parts += [str(a.dtype).removeprefix("torch."), device]
     return "/".join(str(part) for part in parts)
+
+
+def _announce_tuning() -> None:
+    """Say once per process why the first steps stall: without it, a first forward that compiles
+    kernels for half a minute looks like a hang."""
+    global _announced
+    if not _announced:
+        _announced = True
+        logger.warning(
+            "vlmoe: timing QuACK's tiles for new expert-matmul shapes; on first use QuACK also "
+            "compiles its kernels (about 30 s on an H200). Both are cached (%s and QuACK's cache).",
+            _cache_path(),
+        )
 
 
 def _time_candidates(candidates: list[int], kwargs: dict) -> int:
