@@ -2,7 +2,8 @@
 # One device call for the performance issue: GPU tests, then the benchmarks named in $PARTS
 # (default: gen mole train; ffn: the MoE FFN table; ffnrep: its headline ratios at 50 reps;
 # ffnvar: the FFN table with v14's memory savings switched off one by one; gemm: the expert
-# matmuls alone; tgemm: the Triton grouped-GEMM probe; quack: the QuACK GEMM probe; first: QuACK's first-use cost, cold and cached; trainq: the
+# matmuls alone; tgemm: the Triton grouped-GEMM probe; quack: the QuACK GEMM probe; fusedops: each
+# QuACK call of the fused SwiGLU experts against the unfused ones; first: QuACK's first-use cost, cold and cached; trainq: the
 # train step with QuACK's GEMMs and with grouped_mm; decodediag: the batch-1 decoding diagnosis; compile: graph breaks and gain),
 # each under its own time limit so one slow part cannot eat the rest.
 #   PARTS="gen mole train" bash benchmarks/device_perf.sh
@@ -13,10 +14,13 @@ out=${OUT:-/tmp}
 parts=${PARTS:-gen mole train}
 # QuACK (optional, vlmoe[quack]) from wheels carried in .whl (see benchmarks/README.md: the device
 # has no package index); its CUTLASS-DSL libraries travel as an xz archive to fit the carry limit.
+# The target must sit under a site-packages directory: QuACK fingerprints epilogue functions for
+# its compile cache, and treats functions from anywhere else as its own (then fails on the
+# CUTLASS DSL's module state: "no fail-closed semantic key").
 if ls .whl/*.whl >/dev/null 2>&1; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-    for archive in .whl/*.tar.xz; do [ -f "$archive" ] && tar -xJf "$archive" -C /tmp/site; done
-    export PYTHONPATH=src:/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/vlmoe-deps/site-packages .whl/*.whl
+    for archive in .whl/*.tar.xz; do [ -f "$archive" ] && tar -xJf "$archive" -C /tmp/vlmoe-deps/site-packages; done
+    export PYTHONPATH=src:/tmp/vlmoe-deps/site-packages:/tmp/vlmoe-deps/site-packages/nvidia_cutlass_dsl/dsl_packages
 fi
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv
 python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)"
@@ -39,6 +43,8 @@ for part in $parts; do
         train) timeout 70 python3 benchmarks/train_step.py --optimizers foreach fused > "$out/train_step.log" 2>&1 ;;
         trainv14) timeout 90 python3 benchmarks/train_step.py --optimizers fused --without-v14 > "$out/train_step_v14.log" 2>&1 ;;
         tgemm) timeout 300 python3 benchmarks/triton_grouped_gemm.py > "$out/triton_grouped_gemm.log" 2>&1 ;;
+        epivar) timeout ${EPIVAR_S:-300} python3 benchmarks/quack_fused_ops.py --epilogues > "$out/quack_epilogue_variants.log" 2>&1; grep -v "^  \|Warning\|warn" "$out/quack_epilogue_variants.log" ;;
+        fusedops) timeout ${FUSEDOPS_S:-300} python3 benchmarks/quack_fused_ops.py > "$out/quack_fused_ops.log" 2>&1 ;;
         quack) timeout 400 python3 benchmarks/quack_gemm.py --reps 10 --tune-seconds 120 > "$out/quack_gemm.log" 2>&1 ;;
         first) caches="QUACK_CACHE_DIR=$(mktemp -d) VLMOE_CACHE_DIR=$(mktemp -d)"
             for run in cold cached; do echo "-- $run"; env $caches timeout 150 python3 benchmarks/quack_first_use.py; done > "$out/quack_first_use.log" 2>&1
@@ -58,7 +64,7 @@ done
 for log in "$out"/profile_shape*.log; do
     [ -f "$log" ] && { echo "== $log"; grep "^===\|host .* per step" "$log"; }
 done
-for log in "$out"/quack_gemm.log "$out"/triton_grouped_gemm.log "$out"/gemm_efficiency.log "$out"/decode_diagnosis.log "$out"/decode_layer.log "$out"/generation*.log "$out"/moe_layer.log "$out"/moe_ffn*.log "$out"/train_step*.log; do
+for log in "$out"/quack_fused_ops.log "$out"/quack_gemm.log "$out"/triton_grouped_gemm.log "$out"/gemm_efficiency.log "$out"/decode_diagnosis.log "$out"/decode_layer.log "$out"/generation*.log "$out"/moe_layer.log "$out"/moe_ffn*.log "$out"/train_step*.log; do
     [ -f "$log" ] && { echo "== $log"; grep -v "^  \|Warning\|warn" "$log" | tail -25; }
 done
 # At most 8 files come back from a device call: the JSON tables travel as one archive.
