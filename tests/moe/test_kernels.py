@@ -107,6 +107,41 @@ def test_swiglu_kernel_with_row_scale_forward_and_backward(rows, size, overwrite
             assert relative_error(actual, wanted) < 1e-5  # the scale's gradient sums 1500 products
 
 
+@pytest.mark.parametrize(("rows", "size", "in_place"), [(5, 1500, False), (4, 48, True), (0, 16, True)])
+@pytest.mark.parametrize("triton_kernel", [True, False])
+def test_swiglu_pairs_backward_matches_autograd(monkeypatch, rows, size, in_place, triton_kernel):
+    # Gate and up paired in adjacent columns (QuACK's gated epilogue): preact's gradient (paired
+    # too, possibly over preact), the row scale's gradient and scale * hidden in grad_hidden's place.
+    from vlmoe.moe.kernels import swiglu
+
+    monkeypatch.setattr(swiglu, "use_triton", lambda tensor: triton_kernel)
+    torch.manual_seed(rows + size)
+    # bf16, the kernel's word layout: gate and up rounded first, so the float64 reference sees
+    # the same inputs; the kernel computes in float32 and rounds its outputs to bf16.
+    preact = torch.randn(rows, 2 * size, device=DEVICE).bfloat16()
+    scale = torch.rand(rows, device=DEVICE)
+    grad_hidden = torch.randn(rows, size, device=DEVICE).bfloat16()
+    preact64 = preact.double().requires_grad_()
+    scale64 = scale.double().requires_grad_()
+    hidden64 = torch.nn.functional.silu(preact64[:, 0::2]) * preact64[:, 1::2]
+    expected = torch.autograd.grad(
+        hidden64 * scale64.unsqueeze(-1), [preact64, scale64], grad_hidden.double()
+    )
+    scaled_hidden = (hidden64 * scale64.unsqueeze(-1)).detach()
+
+    grad_preact, grad_scale = swiglu.swiglu_pairs_backward(
+        preact, grad_hidden, scale, out=preact if in_place else None
+    )
+    assert grad_preact.shape == preact.shape and grad_scale.shape == (rows,)
+    assert (grad_preact.data_ptr() == preact.data_ptr()) is in_place
+    if rows:
+        assert grad_preact.dtype == torch.bfloat16 and relative_error(grad_preact, expected[0]) < 1e-2
+        assert grad_scale.dtype == torch.float32 and relative_error(grad_scale, expected[1]) < 1e-5
+        assert relative_error(grad_hidden, scaled_hidden) < 1e-2
+        # gate and up land in their own columns (a swapped pair would still be close in norm)
+        assert relative_error(grad_preact[:, 1::2], expected[0][:, 1::2]) < 1e-2
+
+
 def test_plain_sum_combine_saves_nothing_and_copies_gradients_back():
     from vlmoe.moe.kernels.combine import _SumSorted, gather_sum_reference
 

@@ -20,6 +20,7 @@ from torch import nn
 from tests.moe.helpers import relative_error
 from vlmoe.moe import GLUExperts, Routing, dispatch, reference_dispatch
 from vlmoe.moe.kernels import quack_gemm
+from vlmoe.moe.kernels import swiglu as swiglu_kernels
 
 dispatch_module = importlib.import_module("vlmoe.moe.dispatch")
 
@@ -35,25 +36,60 @@ class _FakeGemmConfig:
     device_capacity: int = 9
 
 
+def _interleave(t):
+    """QuACK's concat_layout: the non-contiguous dim's [first; second] halves read as pairs."""
+    dim = -2 if t.stride(-1) == 1 else -1
+    return t.unflatten(dim, (2, t.shape[dim] // 2)).transpose(dim - 1, dim).flatten(dim - 1, dim)
+
+
+def _varlen_m(A, B, cu_seqlens_m, A_idx):
+    """Rows of each segment (gathered by A_idx) times their group's B; rows past the end: None."""
+    bounds = cu_seqlens_m.tolist()
+    assert bounds[0] == 0 and cu_seqlens_m.dtype == torch.int32
+    assert A_idx is None or A_idx.dtype == torch.int32
+    for group, (start, end) in enumerate(itertools.pairwise(bounds)):
+        rows = A[A_idx[start:end].long()] if A_idx is not None else A[start:end]
+        yield slice(start, end), rows @ B[group]
+
+
 class _FakeQuack:
-    """gemm_tuned.fn with QuACK's reference semantics, recording each call's configuration."""
+    """QuACK's interface (gemm_tuned.fn, gemm_act) with its reference semantics in float64
+    (quack.gemm_interface's gemm_ref / gemm_act_ref), recording each call as (op, tile_n,
+    varlen-M, gathered)."""
 
     def __init__(self):
         self.calls = []
 
-    def fn(self, A, B, out, cu_seqlens_m=None, cu_seqlens_k=None, A_idx=None, config=None):
-        self.calls.append((config.tile_n, cu_seqlens_m is not None, A_idx is not None))
-        bounds = (cu_seqlens_m if cu_seqlens_m is not None else cu_seqlens_k).tolist()
-        assert (
-            bounds[0] == 0
-            and (cu_seqlens_m if cu_seqlens_m is not None else cu_seqlens_k).dtype == torch.int32
-        )
+    def fn(
+        self, A, B, out, cu_seqlens_m=None, cu_seqlens_k=None, A_idx=None, concat_layout=None, config=None
+    ):
+        self.calls.append(("gemm", config.tile_n, cu_seqlens_m is not None, A_idx is not None))
+        concat_layout = concat_layout or ()
+        assert set(concat_layout) <= {"B", "out"}
+        if "B" in concat_layout:
+            B = _interleave(B)
+        if cu_seqlens_m is not None:
+            for rows, product in _varlen_m(A, B, cu_seqlens_m, A_idx):
+                out[rows] = product
+            return
+        bounds = cu_seqlens_k.tolist()
+        assert bounds[0] == 0 and cu_seqlens_k.dtype == torch.int32
         for group, (start, end) in enumerate(itertools.pairwise(bounds)):
-            if cu_seqlens_m is not None:
-                rows = A[A_idx[start:end].long()] if A_idx is not None else A[start:end]
-                out[start:end] = rows @ B[group]
-            else:
-                out[group] = A[:, start:end] @ B[start:end]
+            columns = A[:, A_idx[start:end].long()] if A_idx is not None else A[:, start:end]
+            product = columns @ B[start:end]
+            if "out" in concat_layout:  # interleaved rows stored as [first; second] halves
+                product = torch.cat([product[::2], product[1::2]])
+            out[group] = product
+
+    def gemm_act(
+        self, A, B, activation, preact_out, postact_out, cu_seqlens_m, A_idx, concat_layout, tuned, config
+    ):
+        assert activation == "swiglu" and not tuned and concat_layout == ("B",)
+        self.calls.append(("gated", config.tile_n, True, A_idx is not None))
+        for rows, preact in _varlen_m(A, _interleave(B), cu_seqlens_m, A_idx):
+            preact_out[rows] = preact
+            postact_out[rows] = torch.nn.functional.silu(preact[:, ::2]) * preact[:, 1::2]
+        return preact_out, postact_out
 
 
 @pytest.fixture
@@ -62,6 +98,8 @@ def fake_quack(monkeypatch, tmp_path):
     package = types.ModuleType("quack")
     interface = types.ModuleType("quack.gemm_interface")
     interface.gemm_tuned = fake
+    interface.gemm_act = fake.gemm_act
+    package.gemm_interface = interface
     config = types.ModuleType("quack.gemm_config")
     config.GemmConfig = _FakeGemmConfig
     for name, module in (
@@ -91,11 +129,18 @@ def _routing(tokens, num_experts, top_k, seed, empty_expert=None):
     return Routing(indices, weights / weights.sum(-1, keepdim=True), probs, logits)
 
 
-@pytest.mark.parametrize("gathers", [True, False])
+@pytest.mark.parametrize(
+    ("fused", "gathers", "overwrite"),
+    [(True, True, True), (True, True, False), (False, True, True), (False, False, True)],
+)
 @pytest.mark.parametrize("empty_expert", [None, 2])
 def test_glu_experts_on_quack_match_the_reference_with_gradients(
-    fake_quack, monkeypatch, gathers, empty_expert
+    fake_quack, monkeypatch, fused, gathers, overwrite, empty_expert
 ):
+    # fused: the SwiGLU in the first GEMM's epilogue (dispatch.combined_glu); else QuACK's plain
+    # GEMMs around the SwiGLU (Triton's torch reference here), gathering in the first one or not.
+    monkeypatch.setattr(quack_gemm, "FUSE_SWIGLU", fused)
+    monkeypatch.setattr(swiglu_kernels, "OVERWRITE_IN_BACKWARD", overwrite)
     torch.manual_seed(0)
     tokens, hidden, intermediate, num_experts, top_k = 37, 16, 24, 4, 2
     experts = GLUExperts(num_experts, hidden, intermediate, nn.SiLU()).double()
@@ -103,38 +148,84 @@ def test_glu_experts_on_quack_match_the_reference_with_gradients(
         nn.init.normal_(parameter, std=0.3)
     monkeypatch.setattr(experts, "gathers_token_rows", gathers)
     routing = _routing(tokens, num_experts, top_k, seed=1, empty_expert=empty_expert)
+    # The fused path takes the combine weights as float32 row scales (the router's dtype on the
+    # GPU) and returns their gradient in float32: float32 values here, and a float32 tolerance.
+    weights = routing.combine_weights.float().double().requires_grad_()
+    routing = Routing(routing.expert_indices, weights, routing.router_probs, routing.router_logits)
     x = torch.randn(tokens, hidden, dtype=torch.float64, requires_grad=True)
     grad_out = torch.randn(tokens, hidden, dtype=torch.float64)
+    inputs = [x, weights, *experts.parameters()]
 
     out = dispatch(x, routing, experts, backend="grouped")
-    grads = torch.autograd.grad(out, [x, *experts.parameters()], grad_out)
+    grads = torch.autograd.grad(out, inputs, grad_out)
+    assert any(call[0] == "gated" for call in fake_quack.calls) is fused
     fake_quack.calls.clear()
     ref = reference_dispatch(x, routing, experts)
-    ref_grads = torch.autograd.grad(ref, [x, *experts.parameters()], grad_out)
+    ref_grads = torch.autograd.grad(ref, inputs, grad_out)
 
     assert relative_error(out, ref) < 1e-12
-    for grad, ref_grad in zip(grads, ref_grads, strict=True):
-        assert relative_error(grad, ref_grad) < 1e-12
+    for grad, ref_grad, name in zip(grads, ref_grads, ["x", "weights", "gate_up", "down"], strict=True):
+        assert relative_error(grad, ref_grad) < (1e-6 if name == "weights" and fused else 1e-12), name
     if empty_expert is not None:
-        for grad in grads[1:]:
+        for grad in grads[2:]:
             assert grad[empty_expert].abs().max() == 0
 
 
-def test_every_expert_matmul_goes_through_quack_and_the_first_gathers_in_its_loads(fake_quack):
+def test_every_expert_matmul_goes_through_quack_and_the_first_gathers_in_its_loads(fake_quack, monkeypatch):
+    monkeypatch.setattr(quack_gemm, "FUSE_SWIGLU", False)
     experts = GLUExperts(4, 16, 24, nn.SiLU()).double()
     routing = _routing(20, 4, 2, seed=2)
     x = torch.randn(20, 16, dtype=torch.float64, requires_grad=True)
     dispatch(x, routing, experts, backend="grouped").sum().backward()
-    # (tile_n, varlen-M, gathered): forward gate_up (gathered) and down; backward of down (input
+    # (op, varlen-M, gathered): forward gate_up (gathered) and down; backward of down (input
     # grad, weight grad), then of gate_up (weight grad on re-gathered rows, input grad).
-    assert [(m, g) for _, m, g in fake_quack.calls] == [
-        (True, True),
-        (True, False),
-        (True, False),
-        (False, False),
-        (False, False),
-        (True, False),
+    assert [(op, m, g) for op, _, m, g in fake_quack.calls] == [
+        ("gemm", True, True),
+        ("gemm", True, False),
+        ("gemm", True, False),
+        ("gemm", False, False),
+        ("gemm", False, False),
+        ("gemm", True, False),
     ]
+
+
+def test_fused_glu_experts_run_the_swiglu_in_the_first_gemm_and_pair_gate_and_up(fake_quack):
+    experts = GLUExperts(4, 16, 24, nn.SiLU()).double()
+    routing = _routing(20, 4, 2, seed=2)
+    x = torch.randn(20, 16, dtype=torch.float64, requires_grad=True)
+    dispatch(x, routing, experts, backend="grouped").sum().backward()
+    # Forward: gate_up with the SwiGLU (token rows gathered), down. Backward: down's input grad
+    # and weight grad, then gate_up's weight grad and input grad on the paired columns.
+    assert [(op, m, g) for op, _, m, g in fake_quack.calls] == [
+        ("gated", True, True),
+        ("gemm", True, False),
+        ("gemm", True, False),
+        ("gemm", False, False),
+        ("gemm", False, False),
+        ("gemm", True, False),
+    ]
+
+
+def test_fused_glu_experts_refuse_a_second_backward_over_their_overwritten_preact(fake_quack):
+    experts = GLUExperts(4, 16, 24, nn.SiLU()).double()
+    x = torch.randn(20, 16, dtype=torch.float64, requires_grad=True)
+    out = dispatch(x, _routing(20, 4, 2, seed=5), experts, backend="grouped")
+    out.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="OVERWRITE_IN_BACKWARD = False"):
+        out.sum().backward()
+
+
+def test_fused_tuning_times_the_gated_gemm_and_keeps_the_result(fake_quack, monkeypatch):
+    torch.manual_seed(6)
+    experts = GLUExperts(4, 16, 24, nn.SiLU()).double()
+    routing = _routing(20, 4, 2, seed=6)
+    x = torch.randn(20, 16, dtype=torch.float64, requires_grad=True)
+    untuned = torch.autograd.grad(dispatch(x, routing, experts, backend="grouped").sum(), [x])
+    monkeypatch.setattr(quack_gemm, "TUNE", True)
+    monkeypatch.setattr(quack_gemm, "_median_ms", lambda run: (run(), run(), 1.0)[2])
+    tuned = torch.autograd.grad(dispatch(x, routing, experts, backend="grouped").sum(), [x])
+    assert relative_error(tuned[0], untuned[0]) < 1e-12
+    assert any(key.startswith("swiglu_forward/gather+interleaved/") for key in quack_gemm._chosen)
 
 
 def test_capacity_dropped_rows_stay_out_of_the_quack_segments(fake_quack):
@@ -151,6 +242,8 @@ def test_capacity_dropped_rows_stay_out_of_the_quack_segments(fake_quack):
     )
     x = torch.randn(30, 16, dtype=torch.float64, requires_grad=True)
     out = dispatch(x, routing, experts, backend="grouped")
+    # Dropped rows keep the weighted combine: the fused SwiGLU path (no drops) is not taken.
+    assert "gated" not in {call[0] for call in fake_quack.calls}
     ref = reference_dispatch(x, routing, experts)
     assert relative_error(out, ref) < 1e-12
     (grad,) = torch.autograd.grad(out.square().sum(), [x])
@@ -164,7 +257,7 @@ def test_the_fastest_configuration_is_chosen_once_and_remembered_on_disk(
     monkeypatch.setattr(quack_gemm, "TUNE", True)
     # Candidate 1 (tile_n 256) is the fastest on every problem.
     monkeypatch.setattr(
-        quack_gemm, "_median_ms", lambda run: (run(), 1.0 if fake_quack.calls[-1][0] == 256 else 2.0)[1]
+        quack_gemm, "_median_ms", lambda run: (run(), 1.0 if fake_quack.calls[-1][1] == 256 else 2.0)[1]
     )
     x = torch.randn(40, 16, dtype=torch.float64)
     weight = torch.randn(3, 8, 16, dtype=torch.float64)
@@ -180,7 +273,7 @@ def test_the_fastest_configuration_is_chosen_once_and_remembered_on_disk(
     assert str(tmp_path / "quack_gemm.json") in caplog.records[0].getMessage()
     fake_quack.calls.clear()
     quack_gemm.experts_mm(x, weight, offsets)
-    assert fake_quack.calls[-1][0] == 256  # the result comes from the chosen configuration
+    assert fake_quack.calls[-1][1] == 256  # the result comes from the chosen configuration
     saved = json.loads((tmp_path / "quack_gemm.json").read_text())
     assert saved["chosen"]["forward/sorted/64/16/8/3/float64/cpu"] == 1
     assert set(saved["chosen"].values()) == {1}
@@ -191,7 +284,7 @@ def test_the_fastest_configuration_is_chosen_once_and_remembered_on_disk(
     monkeypatch.setattr(quack_gemm, "_median_ms", lambda run: pytest.fail("timed again"))
     fake_quack.calls.clear()
     quack_gemm.experts_mm(x, weight, offsets)
-    assert [call[0] for call in fake_quack.calls] == [256]
+    assert [call[1] for call in fake_quack.calls] == [256]
 
 
 def test_the_gather_never_times_configurations_it_cannot_run(fake_quack, monkeypatch):
@@ -204,7 +297,7 @@ def test_the_gather_never_times_configurations_it_cannot_run(fake_quack, monkeyp
     wanted = torch.cat([x[token_rows[:5]] @ weight[0].T, x[token_rows[5:]] @ weight[1].T])
     assert relative_error(out, wanted) < 1e-12
     cluster_n_of = {n: cluster_n for _, n, _, cluster_n, _ in quack_gemm.CANDIDATES}
-    assert all(cluster_n_of[tile_n] == 1 for tile_n, _, _ in fake_quack.calls)
+    assert all(cluster_n_of[tile_n] == 1 for _, tile_n, _, _ in fake_quack.calls)
 
 
 def test_usable_only_for_large_aligned_half_precision_cuda_problems(monkeypatch):

@@ -1,15 +1,20 @@
 """The expert matmuls on QuACK's kernels (bf16, Hopper) against float64 per-expert loops, and the
-MoE layer on them against the float64 reference dispatch, eager and under torch.compile.
+MoE layer on them against the float64 reference dispatch, eager and under torch.compile, with
+the SwiGLU in the first GEMM's epilogue (the default for SwiGLU experts) and without.
 Skipped without a GPU, and where QuACK is not installed (`pip install vlmoe[quack]`)."""
 
+import contextlib
+import copy
 import itertools
 
 import pytest
 import torch
+from torch import nn
 
 from tests.moe.helpers import SwiGLU, randomize_, relative_error
-from vlmoe.moe import MoEFeedForward, record_routing
+from vlmoe.moe import GLUExperts, MoEFeedForward, Routing, dispatch, record_routing, reference_dispatch
 from vlmoe.moe.kernels import quack_gemm
+from vlmoe.moe.kernels import swiglu as swiglu_kernels
 
 pytestmark = [
     pytest.mark.gpu,
@@ -140,3 +145,70 @@ def test_moe_layer_on_quack_compiles_to_one_graph_and_matches_eager():
     assert relative_error(out, eager) < 2e-2
     for grad, eager_grad in zip(grads, eager_grads, strict=True):
         assert relative_error(grad, eager_grad) < 2e-2
+
+
+@pytest.mark.parametrize(
+    ("tokens", "hidden", "intermediate", "num_experts", "top_k"),
+    [
+        (512, 64, 96, 4, 2),
+        (700, 256, 320, 8, 2),
+        (300, 64, 128, 16, 6),
+    ],
+)
+@pytest.mark.parametrize("overwrite", [True, False])
+def test_swiglu_in_the_gemm_epilogue_matches_the_float64_reference_with_every_gradient(
+    tokens, hidden, intermediate, num_experts, top_k, overwrite, monkeypatch
+):
+    # dispatch.combined_glu: the SwiGLU inside QuACK's first GEMM, gate and up paired through
+    # the backward, the combine weights as row scales with their own gradient; one expert left
+    # without tokens.
+    monkeypatch.setattr(swiglu_kernels, "OVERWRITE_IN_BACKWARD", overwrite)
+    calls = []
+    fused = quack_gemm.experts_swiglu
+    monkeypatch.setattr(quack_gemm, "experts_swiglu", lambda *args: calls.append(1) or fused(*args))
+    torch.manual_seed(tokens + top_k)
+    reference = GLUExperts(num_experts, hidden, intermediate, nn.SiLU()).double()
+    for parameter in reference.parameters():
+        nn.init.normal_(parameter, std=hidden**-0.5)
+    experts = copy.deepcopy(reference).cuda().bfloat16()
+    logits = torch.randn(tokens, num_experts, dtype=torch.float64)
+    logits[:, 1] = -1e9
+    probs = logits.softmax(-1)
+    weights, indices = probs.topk(top_k, dim=-1)
+    weights = (weights / weights.sum(-1, keepdim=True)).float()
+    x = torch.randn(tokens, hidden, dtype=torch.float64)
+    grad_out = torch.randn(tokens, hidden, dtype=torch.float64)
+
+    w64 = weights.double().requires_grad_()
+    x64 = x.clone().requires_grad_()
+    ref = reference_dispatch(x64, Routing(indices, w64, probs, logits), reference)
+    ref_grads = torch.autograd.grad(ref, [x64, w64, *reference.parameters()], grad_out)
+    wc = weights.cuda().requires_grad_()
+    xc = x.cuda().bfloat16().requires_grad_()
+    routing = Routing(indices.cuda(), wc, probs.cuda(), logits.cuda())
+    out = dispatch(xc, routing, experts, backend="grouped")
+    grads = torch.autograd.grad(out, [xc, wc, *experts.parameters()], grad_out.cuda().bfloat16())
+
+    assert calls, "the fused path did not run"
+    assert relative_error(out.cpu(), ref) < 2e-2
+    for grad, ref_grad, name in zip(grads, ref_grads, ["x", "weights", "gate_up", "down"], strict=True):
+        assert relative_error(grad.cpu(), ref_grad) < 2e-2, name
+    for grad in grads[2:]:
+        assert grad[1].abs().max() == 0  # the expert without tokens
+
+
+def test_swiglu_in_the_gemm_epilogue_and_the_swiglu_pass_agree():
+    # The same layer, fused (v17) and unfused (QuACK's plain GEMMs around the Triton SwiGLU).
+    torch.manual_seed(1)
+    moe, _ = _layer(2048, 256, 512, 8, 2, None)
+    x = torch.randn(2048, 256, device="cuda", dtype=torch.bfloat16)
+    results = []
+    for unfuse in (False, True):
+        moe.zero_grad()
+        xi = x.clone().requires_grad_()
+        with quack_gemm.swiglu_unfused() if unfuse else contextlib.nullcontext():
+            out = moe(xi)
+            out.float().square().sum().backward()
+        results.append([out, xi.grad, *(p.grad.clone() for p in moe.parameters() if p.grad is not None)])
+    for fused, unfused in zip(*results, strict=True):
+        assert relative_error(fused, unfused) < 2e-2

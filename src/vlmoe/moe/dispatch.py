@@ -15,6 +15,9 @@ Five backends compute the same function:
   SwiGLU pass (the combine is then a plain sum that keeps no [S, O] output). Where QuACK is
   installed (Hopper, bf16, large experts), its varlen GEMMs take grouped_mm's place, forward
   and backward, and the first one gathers the token rows in its loads (`kernels.quack_gemm`).
+  For SwiGLU experts there, `combined_glu` runs the whole FFN and the combine as one autograd
+  function with the SwiGLU in the first GEMM's epilogue: no SwiGLU pass in the forward, and
+  neither the [S, F] hidden rows nor the [S, O] expert output kept for the backward.
 - `segments`: the same sort and gathers, but the expert counts are read to the host once per
   forward (one synchronisation) and each expert's segment is one plain matmul (cuBLAS on CUDA),
   forward and backward. Per matmul, cuBLAS beats the grouped kernel by up to 7% for a few large
@@ -39,7 +42,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vlmoe.moe.kernels import quack_gemm, use_triton
-from vlmoe.moe.kernels.combine import combine_sorted, gather_sum_triton, sum_sorted
+from vlmoe.moe.kernels import swiglu as swiglu_kernels
+from vlmoe.moe.kernels.combine import combine_sorted, gather_sum_reference, gather_sum_triton, sum_sorted
 from vlmoe.moe.router import Routing
 
 Backend = Literal["auto", "reference", "grouped", "segments", "dense", "decode"]
@@ -98,7 +102,9 @@ class Experts(Protocol):
         is called `forward(x, plan, token_rows=True)` with the [T, I] token rows, to gather inside
         its first matmul (`gathered_linear`). Where `folds_row_weights()` returns True, grouped
         dispatch passes `row_weights=w` (w # [S], each row's combine weight) and expects every
-        output row already multiplied by its weight."""
+        output row already multiplied by its weight. A container with `combined_forward(x,
+        plan, combine_weights)` may return the combined [T, O] output itself (None: it cannot
+        here, and the call above follows)."""
         ...
 
     def expert_forward(self, expert: int, x: Tensor) -> Tensor:
@@ -363,6 +369,115 @@ class _GatheredLinear(torch.autograd.Function):
         return grad_x, grad_weight, None, None, None, None, None, None
 
 
+def combined_glu(
+    x: Tensor, gate_up_proj: Tensor, down_proj: Tensor, plan: DispatchPlan, combine_weights: Tensor
+) -> Tensor | None:
+    """The combined output of SwiGLU experts, sum_k w[t, k] * down(silu(gate) * up)(x_t) over each
+    token's slots, with the SwiGLU inside QuACK's gated GEMM epilogue; None where that path does not
+    run (no QuACK, off Hopper, small or unaligned problems, dropped rows, VLMOE_QUACK_FUSED=0).
+
+    x # [T, I]; gate_up_proj # [E, 2F, I] ([gate; up]); down_proj # [E, I, F]; combine_weights
+    # [T, K]. Returns # [T, I].
+    """
+    x, gate_up_proj = _matmul_operands(x, gate_up_proj)
+    down_proj = down_proj.to(x.dtype)
+    rows = plan.sorted_tokens.shape[0]
+    if not (
+        quack_gemm.FUSE_SWIGLU
+        and plan.row_valid is None
+        and not plan.segments
+        and quack_gemm.usable(gate_up_proj, x, rows=rows)
+        and quack_gemm.usable(down_proj, x, rows=rows)
+    ):
+        return None
+    return _CombinedGLU.apply(
+        x, gate_up_proj, down_proj, combine_weights, plan.sorted_tokens, plan.slot_rows, plan.sorted_slots,
+        plan.offsets, plan.top_k,
+    )  # fmt: skip
+
+
+class _CombinedGLU(torch.autograd.Function):
+    """SwiGLU experts and the weighted combine as one function, the SwiGLU in QuACK's gated GEMM.
+
+    Forward: preact (gate and up paired in adjacent columns) and hidden = silu(gate) * up from
+    one gathered GEMM, y = hidden @ down, out = sum_k w * y over each token's rows. Saved: x and
+    preact; hidden and y are not kept. Backward: the output gradient gathered to the rows, its
+    product with down, then one Triton pass (`swiglu_pairs_backward`) gives preact's gradient
+    (written over preact), w's gradient and w * hidden for down's weight gradient; the other
+    three matmuls read the paired columns through QuACK's concat_layout. (QuACK's dgated
+    epilogue would fold that pass into the product, but measured slower: NOTES.md v17.)"""
+
+    @staticmethod
+    def forward(
+        ctx,
+        x,
+        gate_up_proj,
+        down_proj,
+        combine_weights,
+        sorted_tokens,
+        slot_rows,
+        sorted_slots,
+        offsets,
+        top_k,
+    ):
+        row_scale = combine_weights.reshape(-1).float().index_select(0, sorted_slots)  # [S]
+        preact, hidden = quack_gemm.experts_swiglu(x, gate_up_proj, offsets, sorted_tokens)
+        y_sorted = quack_gemm.experts_mm(hidden, down_proj, offsets)
+        del hidden
+        weights = combine_weights.float().contiguous()
+        if use_triton(y_sorted):
+            out = gather_sum_triton(y_sorted, slot_rows, weights, top_k)
+        else:
+            out = gather_sum_reference(y_sorted, slot_rows, weights, top_k)
+        ctx.save_for_backward(
+            x, gate_up_proj, down_proj, preact, row_scale, sorted_tokens, slot_rows, offsets
+        )
+        ctx.top_k, ctx.weights_dtype = top_k, combine_weights.dtype
+        # preact is ours alone: its memory can take its gradient (as the SwiGLU kernel's backward).
+        ctx.overwrite = swiglu_kernels.OVERWRITE_IN_BACKWARD and not torch.compiler.is_compiling()
+        ctx.overwritten = False
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        if ctx.overwritten:
+            raise RuntimeError(
+                "a second backward through vlmoe's fused SwiGLU experts (retain_graph=True?): the "
+                "first one wrote its gradient over the saved preact to save memory. To backward "
+                "twice, set vlmoe.moe.kernels.swiglu.OVERWRITE_IN_BACKWARD = False before the forward"
+            )
+        x, gate_up_proj, down_proj, preact, row_scale, sorted_tokens, slot_rows, offsets = ctx.saved_tensors
+        if ctx.overwrite:
+            ctx.overwritten = True
+        needs_x, needs_gate_up, needs_down, needs_weights = ctx.needs_input_grad[:4]
+        grad_rows = grad_out.index_select(0, sorted_tokens)  # [S, O]
+        grad_hidden = quack_gemm.experts_mm_grad_input(grad_rows, down_proj, offsets)  # [S, F]
+        grad_preact, grad_scale = swiglu_kernels.swiglu_pairs_backward(
+            preact, grad_hidden, row_scale, out=preact if ctx.overwrite else None
+        )
+        del preact
+        scaled_hidden = grad_hidden  # overwritten with w * hidden by the pass above
+        grad_x = grad_gate_up = grad_down = grad_weights = None
+        if needs_down:
+            grad_down = quack_gemm.experts_mm_grad_weight(grad_rows, scaled_hidden, down_proj, offsets)
+        del grad_rows, scaled_hidden, grad_hidden
+        if needs_gate_up:
+            x_sorted = x.index_select(0, sorted_tokens)
+            grad_gate_up = quack_gemm.experts_mm_grad_weight(
+                grad_preact, x_sorted, gate_up_proj, offsets, interleaved=True
+            )
+            del x_sorted
+        if needs_x:
+            grad_sorted = quack_gemm.experts_mm_grad_input(
+                grad_preact, gate_up_proj, offsets, interleaved=True
+            )
+            del grad_preact
+            grad_x = _sum_slot_rows(grad_sorted, slot_rows, None, ctx.top_k)
+        if needs_weights:
+            grad_weights = grad_scale.index_select(0, slot_rows).view(-1, ctx.top_k).to(ctx.weights_dtype)
+        return grad_x, grad_gate_up, grad_down, grad_weights, None, None, None, None, None
+
+
 def _segments(counts: tuple[int, ...]):
     """(expert, row slice) of every non-empty segment of expert-sorted rows."""
     start = 0
@@ -378,6 +493,11 @@ def grouped_dispatch(x: Tensor, routing: Routing, experts: Experts, segments: bo
     top_k = routing.expert_indices.shape[-1]
     plan = plan_dispatch(routing)
     plan.segments = segments
+    combined_forward = getattr(experts, "combined_forward", None)
+    if combined_forward is not None:
+        out = combined_forward(x, plan, routing.combine_weights)
+        if out is not None:
+            return out  # [T, O]
     # Containers that gather inside their first matmul (`gathered_linear`) take the token rows.
     if getattr(experts, "gathers_token_rows", False):
         rows, extra = x, {"token_rows": True}

@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from vlmoe.moe.dispatch import DispatchPlan, gathered_linear, grouped_linear
+from vlmoe.moe.dispatch import DispatchPlan, combined_glu, gathered_linear, grouped_linear
 from vlmoe.moe.kernels import swiglu as swiglu_kernels
 from vlmoe.moe.kernels import use_triton
 from vlmoe.moe.kernels.decode import glu_decode_reference, glu_decode_triton
@@ -73,6 +73,13 @@ class GLUExperts(_LoopGatedForward, nn.Module):
             if row_weights is not None:
                 hidden = hidden * row_weights.to(hidden.dtype).unsqueeze(-1)
         return grouped_linear(hidden, self.down_proj, plan)
+
+    def combined_forward(self, x: Tensor, plan: DispatchPlan, combine_weights: Tensor) -> Tensor | None:
+        """The combined output # [T, O] with the SwiGLU inside QuACK's first GEMM, where QuACK
+        runs (`dispatch.combined_glu`); None elsewhere, for `forward` to take over."""
+        if not self._is_silu():
+            return None
+        return combined_glu(x, self.gate_up_proj, self.down_proj, plan, combine_weights)
 
     def folds_row_weights(self) -> bool:
         """The SwiGLU kernel applies the combine weights for free (see `Experts.forward`)."""

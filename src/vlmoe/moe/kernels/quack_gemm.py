@@ -13,11 +13,17 @@ Three problems, each over expert-sorted rows with cu_seqlens = [0, offsets...] o
 - forward        out[r] = x[r] @ W[e].T       varlen-M, A = x_sorted, or A = x with A_idx
 - input gradient g_x[r] = g[r] @ W[e]         varlen-M
 - weight grad.   g_W[e] = g[seg e].T @ x[seg e]  varlen-K
+And `experts_swiglu`, the first GEMM of GLU experts with the SwiGLU in its epilogue (SonicMoE's
+forward, NOTES.md v17), for their whole FFN in one autograd function (`dispatch.combined_glu`).
+QuACK's gated epilogue pairs gate and up in adjacent columns: preact and its gradient come with
+gate j in column 2j and up j in column 2j + 1, while the weights keep the [gate; up] stacking
+of GLUExperts; QuACK's `concat_layout` maps one onto the other in the loads and stores.
 
 Each problem shape picks among a few tile configurations by timing them once on its first call
 (a few seconds, kernels compiled by QuACK once per configuration), remembered in-process and in
 `$VLMOE_CACHE_DIR/quack_gemm.json` (default ~/.cache/vlmoe) across runs. Switches:
-`VLMOE_QUACK=0` turns this path off; `VLMOE_QUACK_TUNE=0` keeps QuACK's default configuration.
+`VLMOE_QUACK=0` turns this path off; `VLMOE_QUACK_TUNE=0` keeps QuACK's default configuration;
+`VLMOE_QUACK_FUSED=0` keeps the SwiGLU out of the GEMM (its own Triton pass, as before v17).
 """
 
 from __future__ import annotations
@@ -35,6 +41,9 @@ import torch
 from torch import Tensor
 
 ENABLED = os.environ.get("VLMOE_QUACK", "1") != "0"
+# The SwiGLU in the first GEMM's epilogue for GLU experts (`dispatch.combined_glu`); off: the
+# expert matmuls on QuACK and the SwiGLU in its own Triton pass, as before v17.
+FUSE_SWIGLU = os.environ.get("VLMOE_QUACK_FUSED", "1") != "0"
 TUNE = os.environ.get("VLMOE_QUACK_TUNE", "1") != "0"
 # Below this many rows a problem is launch-bound (QuACK's host path is the heavier one) and was
 # not measured; grouped_mm keeps it. Decoding steps stay there.
@@ -101,6 +110,17 @@ def disabled():
         ENABLED = saved
 
 
+@contextlib.contextmanager
+def swiglu_unfused():
+    """QuACK's plain GEMMs with the SwiGLU in its own pass inside this block (the pre-v17 path)."""
+    global FUSE_SWIGLU
+    saved, FUSE_SWIGLU = FUSE_SWIGLU, False
+    try:
+        yield
+    finally:
+        FUSE_SWIGLU = saved
+
+
 def cu_seqlens(offsets: Tensor) -> Tensor:
     """[E] segment ends -> [E + 1] int32 boundaries starting at 0."""
     return torch.nn.functional.pad(offsets.to(torch.int32), (1, 0))
@@ -116,18 +136,54 @@ def experts_mm(x: Tensor, weight: Tensor, offsets: Tensor, token_rows: Tensor | 
     return out
 
 
-def experts_mm_grad_input(grad_out: Tensor, weight: Tensor, offsets: Tensor) -> Tensor:
-    """Row r: grad_out[r] @ weight[e]. -> [S, I]; rows past the last segment left unwritten."""
+def experts_mm_grad_input(
+    grad_out: Tensor, weight: Tensor, offsets: Tensor, interleaved: bool = False
+) -> Tensor:
+    """Row r: grad_out[r] @ weight[e]. -> [S, I]; rows past the last segment left unwritten.
+    `interleaved`: grad_out's columns pair gate and up (column 2j, 2j + 1) while weight # [E, 2F, I]
+    stacks [gate; up] (the gradient of `experts_swiglu`'s preact)."""
     out = grad_out.new_empty(grad_out.shape[0], weight.shape[-1])
-    _gemm("grad_input", A=grad_out, B=weight, out=out, cu_seqlens_m=cu_seqlens(offsets))
+    concat = {"concat_layout": ("B",)} if interleaved else {}
+    _gemm("grad_input", A=grad_out, B=weight, out=out, cu_seqlens_m=cu_seqlens(offsets), **concat)
     return out
 
 
-def experts_mm_grad_weight(grad_out: Tensor, x_sorted: Tensor, weight: Tensor, offsets: Tensor) -> Tensor:
-    """Expert e: grad_out[segment e].T @ x_sorted[segment e]. -> [E, O, I] (zeros for empty experts)"""
+def experts_mm_grad_weight(
+    grad_out: Tensor, x_sorted: Tensor, weight: Tensor, offsets: Tensor, interleaved: bool = False
+) -> Tensor:
+    """Expert e: grad_out[segment e].T @ x_sorted[segment e]. -> [E, O, I] (zeros for empty experts)
+    `interleaved`: grad_out's columns pair gate and up, and the result comes back as [gate; up]
+    stacked rows, the layout of `weight`."""
     out = torch.empty_like(weight)
-    _gemm("grad_weight", A=grad_out.t(), B=x_sorted, out=out, cu_seqlens_k=cu_seqlens(offsets))
+    concat = {"concat_layout": ("out",)} if interleaved else {}
+    _gemm("grad_weight", A=grad_out.t(), B=x_sorted, out=out, cu_seqlens_k=cu_seqlens(offsets), **concat)
     return out
+
+
+def experts_swiglu(
+    x: Tensor, gate_up_proj: Tensor, offsets: Tensor, token_rows: Tensor
+) -> tuple[Tensor, Tensor]:
+    """One GEMM with the SwiGLU in its epilogue. With x_r = x[token_rows[r]] (gathered in the
+    loads) and e row r's expert: preact[r] = x_r @ gate_up_proj[e].T with gate j in column 2j and
+    up j in column 2j + 1, hidden[r] = silu(gate) * up from the float32 accumulator.
+    x # [T, I], gate_up_proj # [E, 2F, I] ([gate; up] stacked) -> preact # [S, 2F], hidden # [S, F]."""
+    rows, width = token_rows.shape[0], gate_up_proj.shape[-2]
+    preact = x.new_empty(rows, width)
+    hidden = x.new_empty(rows, width // 2)
+    _tuned(
+        "swiglu_forward",
+        "gated",
+        dict(
+            A=x,
+            B=gate_up_proj.transpose(-2, -1),
+            preact_out=preact,
+            postact_out=hidden,
+            cu_seqlens_m=cu_seqlens(offsets),
+            A_idx=token_rows.to(torch.int32),
+            concat_layout=("B",),
+        ),
+    )
+    return preact, hidden
 
 
 def gemm_config(tile: tuple[int, int, int, int, bool]) -> Any:
@@ -146,27 +202,50 @@ def gemm_config(tile: tuple[int, int, int, int, bool]) -> Any:
     )
 
 
-def _run(index: int, kwargs: dict) -> None:
-    if torch.compiler.is_compiling():
-        # QuACK's custom op, which torch.compile traces as one node (its default configuration).
-        from quack.gemm_interface import gemm_out
+def _run(index: int, op: str, kwargs: dict) -> None:
+    """One QuACK call, `op` "gemm" (gemm_tuned) or "gated" (gemm_act with the SwiGLU epilogue),
+    with candidate `index`'s tile."""
+    from quack import gemm_interface
 
-        gemm_out(**kwargs, tuned=False)
-        return
-    from quack.gemm_interface import gemm_tuned
-
+    compiling = torch.compiler.is_compiling()
     try:
-        gemm_tuned.fn(**kwargs, config=gemm_config(CANDIDATES[index]))
+        if op == "gemm" and compiling:
+            # QuACK's custom op, which torch.compile traces as one node (its default configuration).
+            concat = kwargs.get("concat_layout")
+            args = {**kwargs, "concat_layout": ",".join(concat)} if concat else kwargs
+            gemm_interface.gemm_out(**args, tuned=False)
+        elif op == "gemm":
+            gemm_interface.gemm_tuned.fn(**kwargs, config=gemm_config(CANDIDATES[index]))
+        else:  # gemm_act goes to its own custom op while compiling; an explicit tile only in eager
+            config = None if compiling else gemm_config(CANDIDATES[index])
+            gemm_interface.gemm_act(**kwargs, activation="swiglu", tuned=False, config=config)
     except Exception as error:  # a QuACK or CUTLASS-DSL failure, reported with the way around it
+        if compiling:
+            raise
         shapes = ", ".join(f"{k}={tuple(v.shape)}" for k, v in kwargs.items() if isinstance(v, Tensor))
+        hint = ""
+        if "semantic key" in str(error):
+            # QuACK fingerprints the epilogue's functions for its compile cache and takes those
+            # outside a site-packages directory for its own, which the CUTLASS DSL's are not.
+            hint = (
+                " QuACK and nvidia-cutlass-dsl must be installed under a site-packages directory "
+                "(pip install, not a bare --target folder on PYTHONPATH)."
+            )
         raise RuntimeError(
-            f"QuACK's grouped GEMM failed ({type(error).__name__}: {error}) on {shapes}, tile "
+            f"QuACK's grouped GEMM ({op}) failed ({type(error).__name__}: {error}) on {shapes}, tile "
             f"{CANDIDATES[index]}. Set VLMOE_QUACK=0 (or wrap the call in "
-            "vlmoe.moe.kernels.quack_gemm.disabled()) to run the expert matmuls on torch's grouped_mm."
+            "vlmoe.moe.kernels.quack_gemm.disabled()) to run the expert matmuls on torch's grouped_mm"
+            + (", or VLMOE_QUACK_FUSED=0 to keep the SwiGLU out of the GEMMs." if op != "gemm" else ".")
+            + hint
         ) from error
 
 
-def _gemm(direction: str, **kwargs: Tensor | None) -> None:
+def _gemm(direction: str, **kwargs: Any) -> None:
+    _tuned(direction, "gemm", kwargs)
+
+
+def _tuned(direction: str, op: str, kwargs: dict) -> None:
+    """Run `op` with the tile chosen for this problem, timing the candidates on its first call."""
     gathers = kwargs.get("A_idx") is not None
     candidates = [
         index
@@ -174,32 +253,35 @@ def _gemm(direction: str, **kwargs: Tensor | None) -> None:
         if not (gathers and cluster_n != 1)  # QuACK's gather needs cluster_n == 1
     ]
     if torch.compiler.is_compiling() or not TUNE or len(candidates) == 1:
-        _run(candidates[0], kwargs)
+        _run(candidates[0], op, kwargs)
         return
     key = _key(direction, kwargs)
     if key not in _chosen:
         _load_disk_cache()
     if key not in _chosen:
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-            _run(candidates[0], kwargs)
+            _run(candidates[0], op, kwargs)
             return
         _announce_tuning()
-        _chosen[key] = _time_candidates(candidates, kwargs)
+        _chosen[key] = _time_candidates(candidates, op, kwargs)
         _save_disk_cache()
-    _run(_chosen[key], kwargs)
+    _run(_chosen[key], op, kwargs)
 
 
 def _key(direction: str, kwargs: dict) -> str:
     a, b = kwargs["A"], kwargs["B"]
     gathers = kwargs.get("A_idx") is not None
     if direction == "grad_weight":  # A # [O, S], B # [S, I]
-        rows, dims = a.shape[1], (a.shape[0], b.shape[-1])
+        rows, dims = b.shape[0], (a.shape[0], b.shape[-1])
     else:  # A # [S or T, K], B # [E, K, N]
         rows, dims = (kwargs["A_idx"].shape[0] if gathers else a.shape[0]), (a.shape[-1], b.shape[-1])
     segments = kwargs.get("cu_seqlens_m", kwargs.get("cu_seqlens_k"))
     # Rows rounded up to a power of two: the problem's size, not this batch's routing.
     bucket = 1 << max(rows - 1, 1).bit_length()
-    parts = [direction, "gather" if gathers else "sorted", bucket, *dims, segments.shape[0] - 1]
+    layout = "gather" if gathers else "sorted"
+    if kwargs.get("concat_layout"):
+        layout += "+interleaved"
+    parts = [direction, layout, bucket, *dims, segments.shape[0] - 1]
     device = torch.cuda.get_device_name(a.device) if a.is_cuda else a.device.type
     parts += [str(a.dtype).removeprefix("torch."), device]
     return "/".join(str(part) for part in parts)
@@ -213,17 +295,17 @@ def _announce_tuning() -> None:
         _announced = True
         logger.warning(
             "vlmoe: timing QuACK's tiles for new expert-matmul shapes; on first use QuACK also "
-            "compiles its kernels (about 30 s on an H200). Both are cached (%s and QuACK's cache).",
+            "compiles its kernels (about 45 s on an H200). Both are cached (%s and QuACK's cache).",
             _cache_path(),
         )
 
 
-def _time_candidates(candidates: list[int], kwargs: dict) -> int:
+def _time_candidates(candidates: list[int], op: str, kwargs: dict) -> int:
     """The candidate with the least median time on this very call's operands."""
     timings = {}
     for index in candidates:
-        _run(index, kwargs)  # compile (once per configuration) and warm up
-        timings[index] = _median_ms(lambda index=index: _run(index, kwargs))
+        _run(index, op, kwargs)  # compile (once per configuration) and warm up
+        timings[index] = _median_ms(lambda index=index: _run(index, op, kwargs))
     return min(timings, key=timings.__getitem__)
 
 

@@ -12,6 +12,10 @@ through the same graph (retain_graph) would read the overwritten input, so it ra
 `swiglu(gate_up, row_scale=w)` multiplies each output row by w[row] in the same pass (the MoE
 combine weights); the backward returns w's gradient, each row's <grad, silu(gate) * up>,
 reduced per column block in the kernel and over the blocks in torch (no atomics).
+
+`swiglu_pairs_backward` is the same backward for gate and up paired in adjacent columns, the
+layout of QuACK's gated GEMM epilogue, whose forward computes the SwiGLU itself
+(`vlmoe.moe.dispatch.combined_glu`).
 """
 
 from __future__ import annotations
@@ -68,6 +72,38 @@ if HAS_TRITON:
         tl.store(grad_gate_up + row * 2 * size + cols, grad_gate.to(dtype), mask=inside)
         tl.store(grad_gate_up + row * 2 * size + size + cols, (grad * silu).to(dtype), mask=inside)
 
+    @triton.jit
+    def _swiglu_pairs_backward_kernel(
+        preact_words, row_scale, grad_hidden, grad_words, grad_scale_parts, size, BLOCK: tl.constexpr
+    ):
+        # preact pairs gate j and up j in bf16 columns 2j, 2j + 1 (QuACK's gated GEMM epilogue):
+        # one little-endian 32-bit word per pair, gate in its low half, up in its high half. One
+        # coalesced word load splits into both with two bit operations (a bf16 is the top half
+        # of a float32); a [BLOCK, 2] tile with tl.split measured 2x slower (NOTES.md v17). Every
+        # word is read before this same program writes it: grad_words may be preact_words, and
+        # grad_hidden takes scale * hidden in place.
+        row = tl.program_id(0).to(tl.int64)
+        block = tl.program_id(1)
+        cols = block * BLOCK + tl.arange(0, BLOCK)
+        inside = cols < size
+        words = tl.load(preact_words + row * size + cols, mask=inside, other=0)
+        gate = (words << 16).to(tl.float32, bitcast=True)
+        up = (words & -65536).to(tl.float32, bitcast=True)
+        grad = tl.load(grad_hidden + row * size + cols, mask=inside, other=0.0).to(tl.float32)
+        scale = tl.load(row_scale + row).to(tl.float32)
+        sigmoid = tl.sigmoid(gate)
+        silu = gate * sigmoid
+        hidden = silu * up
+        tl.store(grad_scale_parts + row * tl.num_programs(1) + block, tl.sum(grad * hidden, axis=0))
+        grad = grad * scale
+        grad_gate = grad * up * (sigmoid + silu * (1.0 - sigmoid))
+        gate_bits = grad_gate.to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) & 65535
+        up_bits = (grad * silu).to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) << 16
+        tl.store(grad_words + row * size + cols, gate_bits | up_bits, mask=inside)
+        tl.store(
+            grad_hidden + row * size + cols, (hidden * scale).to(grad_hidden.dtype.element_ty), mask=inside
+        )
+
 
 _BLOCK = 1024
 
@@ -110,6 +146,59 @@ def swiglu_backward_triton(
             BLOCK=_BLOCK,
         )
     return grad_gate_up, None if grad_scale_parts is None else grad_scale_parts.sum(dim=1)
+
+
+def swiglu_pairs_backward(
+    preact: Tensor, grad_hidden: Tensor, row_scale: Tensor, out: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """The backward of row_scale[r] * silu(gate) * up with gate and up paired in adjacent columns
+    of preact # [rows, 2F] (gate j in column 2j, up j in 2j + 1), given grad_hidden # [rows, F],
+    the gradient of the scaled product (the Triton kernel for bf16 on CUDA, torch elsewhere).
+    Returns (grad_preact, grad_scale): grad_preact, paired as
+    preact, in `out` (may be preact itself) or a new tensor; grad_scale # [rows] float32, each
+    row's <grad_hidden, silu(gate) * up>. grad_hidden is overwritten with row_scale * silu(gate) *
+    up, what the next matmul's weight gradient multiplies (no [rows, F] tensor is kept for it)."""
+    rows, size = grad_hidden.shape
+    grad_preact = torch.empty_like(preact) if out is None else out
+    kernel_runs = (
+        use_triton(preact)
+        and preact.dtype == grad_preact.dtype == torch.bfloat16  # the kernel's word layout
+        and preact.is_contiguous()
+        and grad_preact.is_contiguous()
+        and grad_hidden.is_contiguous()
+    )
+    if not kernel_runs:
+        return _swiglu_pairs_backward_reference(preact, grad_hidden, row_scale, grad_preact)
+    blocks = triton.cdiv(size, _BLOCK)
+    grad_scale_parts = preact.new_empty(rows, blocks, dtype=torch.float32)
+    if rows:
+        _swiglu_pairs_backward_kernel[(rows, blocks)](
+            preact.view(torch.int32),
+            row_scale.contiguous(),
+            grad_hidden,
+            grad_preact.view(torch.int32),
+            grad_scale_parts,
+            size,
+            BLOCK=_BLOCK,
+        )
+    return grad_preact, grad_scale_parts.sum(dim=1)
+
+
+def _swiglu_pairs_backward_reference(
+    preact: Tensor, grad_hidden: Tensor, row_scale: Tensor, grad_preact: Tensor
+) -> tuple[Tensor, Tensor]:
+    compute = torch.promote_types(preact.dtype, torch.float32)
+    gate, up = preact[:, 0::2].to(compute), preact[:, 1::2].to(compute)
+    grad, scale = grad_hidden.to(compute), row_scale.to(compute).unsqueeze(-1)
+    sigmoid = torch.sigmoid(gate)
+    silu = gate * sigmoid
+    hidden = silu * up
+    grad_scale = (grad * hidden).sum(-1).float()
+    grad = grad * scale
+    pairs = torch.stack([grad * up * (sigmoid + silu * (1 - sigmoid)), grad * silu], dim=-1)
+    grad_preact.copy_(pairs.flatten(-2))  # every read of preact is done: grad_preact may be preact
+    grad_hidden.copy_(hidden * scale)
+    return grad_preact, grad_scale
 
 
 class _SwiGLU(torch.autograd.Function):
