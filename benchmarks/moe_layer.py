@@ -143,8 +143,15 @@ def bench_ffn(
             moe(x).sum().backward()
             torch.cuda.synchronize()
             first_s = time.perf_counter() - start
-            results.append(_measure("vlmoe MoEFeedForward grouped, QuACK GEMMs", moe, x, reps))
+            results.append(
+                _measure("vlmoe MoEFeedForward grouped, QuACK, SwiGLU in GEMM epilogue", moe, x, reps)
+            )
             results[-1]["note"] = f"first step {first_s:.1f} s"
+            with quack_gemm.swiglu_unfused():
+                moe(x).sum().backward()  # tiles of the unfused problems timed outside the measurement
+                results.append(
+                    _measure("vlmoe MoEFeedForward grouped, QuACK GEMMs, SwiGLU pass", moe, x, reps)
+                )
             with quack_gemm.disabled():
                 results.append(_measure("vlmoe MoEFeedForward grouped, grouped_mm", moe, x, reps))
         else:

@@ -190,7 +190,12 @@ def main() -> None:
             torch.cuda.reset_peak_memory_stats()
             measure(name, model, with_aux, active_params(model, total, active), optimizer)
             if args.without_quack and name.startswith("vlmoe LLaVA, upcycled 4") and quack_gemm.available():
-                # The same model, right after, with the expert matmuls on torch's grouped_mm.
+                # The same model, right after, with the SwiGLU in its own pass (QuACK's plain
+                # GEMMs, before v17), then with the expert matmuls on torch's grouped_mm.
+                with quack_gemm.swiglu_unfused():
+                    torch.cuda.reset_peak_memory_stats()
+                    active_count = active_params(model, total, active)
+                    measure(f"{name}, SwiGLU pass", model, with_aux, active_count, optimizer)
                 with quack_gemm.disabled():
                     torch.cuda.reset_peak_memory_stats()
                     active_count = active_params(model, total, active)
