@@ -59,11 +59,13 @@ class _FakeQuack:
 
     def __init__(self):
         self.calls = []
+        self.concat_layouts = []
 
     def fn(
         self, A, B, out, cu_seqlens_m=None, cu_seqlens_k=None, A_idx=None, concat_layout=None, config=None
     ):
         self.calls.append(("gemm", config.tile_n, cu_seqlens_m is not None, A_idx is not None))
+        self.concat_layouts.append(concat_layout)
         concat_layout = concat_layout or ()
         assert set(concat_layout) <= {"B", "out"}
         if "B" in concat_layout:
@@ -86,6 +88,7 @@ class _FakeQuack:
     ):
         assert activation == "swiglu" and not tuned and concat_layout == ("B",)
         self.calls.append(("gated", config.tile_n, True, A_idx is not None))
+        self.concat_layouts.append(concat_layout)
         for rows, preact in _varlen_m(A, _interleave(B), cu_seqlens_m, A_idx):
             preact_out[rows] = preact
             postact_out[rows] = torch.nn.functional.silu(preact[:, ::2]) * preact[:, 1::2]
@@ -171,39 +174,28 @@ def test_glu_experts_on_quack_match_the_reference_with_gradients(
             assert grad[empty_expert].abs().max() == 0
 
 
-def test_every_expert_matmul_goes_through_quack_and_the_first_gathers_in_its_loads(fake_quack, monkeypatch):
-    monkeypatch.setattr(quack_gemm, "FUSE_SWIGLU", False)
+@pytest.mark.parametrize("fused", [False, True])
+def test_every_expert_matmul_goes_through_quack_and_the_first_gathers_in_its_loads(
+    fake_quack, monkeypatch, fused
+):
+    monkeypatch.setattr(quack_gemm, "FUSE_SWIGLU", fused)
     experts = GLUExperts(4, 16, 24, nn.SiLU()).double()
     routing = _routing(20, 4, 2, seed=2)
     x = torch.randn(20, 16, dtype=torch.float64, requires_grad=True)
     dispatch(x, routing, experts, backend="grouped").sum().backward()
-    # (op, varlen-M, gathered): forward gate_up (gathered) and down; backward of down (input
-    # grad, weight grad), then of gate_up (weight grad on re-gathered rows, input grad).
+    # (op, varlen-M, gathered): forward gate_up (gathered; fused: with the SwiGLU) and down;
+    # backward of down (input grad, weight grad), then of gate_up (weight grad on re-gathered
+    # rows, input grad). Fused, the three gate_up matmuls read gate and up paired in columns.
     assert [(op, m, g) for op, _, m, g in fake_quack.calls] == [
-        ("gemm", True, True),
+        ("gated" if fused else "gemm", True, True),
         ("gemm", True, False),
         ("gemm", True, False),
         ("gemm", False, False),
         ("gemm", False, False),
         ("gemm", True, False),
     ]
-
-
-def test_fused_glu_experts_run_the_swiglu_in_the_first_gemm_and_pair_gate_and_up(fake_quack):
-    experts = GLUExperts(4, 16, 24, nn.SiLU()).double()
-    routing = _routing(20, 4, 2, seed=2)
-    x = torch.randn(20, 16, dtype=torch.float64, requires_grad=True)
-    dispatch(x, routing, experts, backend="grouped").sum().backward()
-    # Forward: gate_up with the SwiGLU (token rows gathered), down. Backward: down's input grad
-    # and weight grad, then gate_up's weight grad and input grad on the paired columns.
-    assert [(op, m, g) for op, _, m, g in fake_quack.calls] == [
-        ("gated", True, True),
-        ("gemm", True, False),
-        ("gemm", True, False),
-        ("gemm", False, False),
-        ("gemm", False, False),
-        ("gemm", True, False),
-    ]
+    paired = [("B",), None, None, None, ("out",), ("B",)]
+    assert fake_quack.concat_layouts == (paired if fused else [None] * 6)
 
 
 def test_fused_glu_experts_refuse_a_second_backward_over_their_overwritten_preact(fake_quack):
