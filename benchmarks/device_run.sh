@@ -7,8 +7,8 @@ out=${OUT:-/tmp}
 missing=()
 for module in peft pytest; do python3 -c "import $module" 2>/dev/null || missing+=("$module"); done
 if [ ${#missing[@]} -gt 0 ] && [ -d .whl ]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
-    export PYTHONPATH=src:/tmp/site
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/vlmoe-deps/site-packages .whl/*.whl
+    export PYTHONPATH=src:/tmp/vlmoe-deps/site-packages  # under site-packages: see device_perf.sh
 fi
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv
 python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)"
