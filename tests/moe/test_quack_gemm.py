@@ -112,7 +112,7 @@ def fake_quack(monkeypatch, tmp_path):
     ):
         monkeypatch.setitem(sys.modules, name, module)
     # CPU float64 operands stand in for CUDA bf16 ones; grouped_mm's place is what QuACK takes.
-    monkeypatch.setattr(quack_gemm, "usable", lambda weight, x, rows=None: True)
+    monkeypatch.setattr(quack_gemm, "usable", lambda weight, x, rows=None, dtype=None: True)
     monkeypatch.setattr(dispatch_module, "_can_use_grouped_mm", lambda x, weight: True)
     monkeypatch.setattr(quack_gemm, "TUNE", False)
     monkeypatch.setattr(quack_gemm, "_chosen", {})
@@ -304,6 +304,10 @@ def test_usable_only_for_large_aligned_half_precision_cuda_problems(monkeypatch)
     assert quack_gemm.usable(weight, rows[:100], rows=4096)  # 100 token rows, 4096 gathered
     assert not quack_gemm.usable(weight.float(), rows.float())
     assert not quack_gemm.usable(weight.half(), rows.half())  # grouped_mm's dtype only
+    # Asked before an autocast cast: the dtype the matmul will run in, not the operands' own.
+    assert quack_gemm.usable(weight.float(), rows.float(), dtype=torch.bfloat16)
+    assert not quack_gemm.usable(weight, rows, dtype=torch.float32)
+    assert not quack_gemm.usable(weight.float(), rows)  # operands that disagree, no dtype given
     assert not quack_gemm.usable(torch.empty(4, 64, 256, dtype=torch.bfloat16), rows)  # a LoRA factor
     assert not quack_gemm.usable(torch.empty(4, 516, 260, dtype=torch.bfloat16), rows)  # unaligned
     monkeypatch.setattr(quack_gemm, "ENABLED", False)

@@ -222,13 +222,17 @@ def _add_bias(out: Tensor, bias: Tensor | None, plan: DispatchPlan) -> Tensor:
     return out + bias[plan.row_experts.clamp(max=bias.shape[0] - 1)]
 
 
-def _matmul_operands(x: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
-    """x and weight in the dtype a matmul of them would run in (autocast's, where it is on)."""
+def _matmul_dtype(x: Tensor, weight: Tensor) -> torch.dtype:
+    """The dtype a matmul of x and weight would run in (autocast's, where it is on)."""
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-    else:
-        dtype = torch.promote_types(x.dtype, weight.dtype)
+        return torch.get_autocast_dtype(device_type)
+    return torch.promote_types(x.dtype, weight.dtype)
+
+
+def _matmul_operands(x: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+    """x and weight in the dtype a matmul of them would run in."""
+    dtype = _matmul_dtype(x, weight)
     return x.to(dtype), weight.to(dtype)
 
 
@@ -379,20 +383,21 @@ def combined_glu(
     x # [T, I]; gate_up_proj # [E, 2F, I] ([gate; up]); down_proj # [E, I, F]; combine_weights
     # [T, K]. Returns # [T, I].
     """
-    x, gate_up_proj = _matmul_operands(x, gate_up_proj)
-    down_proj = down_proj.to(x.dtype)
+    # Decided before casting: under autocast a cast copies the weights, and the path taken
+    # otherwise (`GLUExperts.forward`) makes its own.
+    dtype = _matmul_dtype(x, gate_up_proj)
     rows = plan.sorted_tokens.shape[0]
     if not (
         quack_gemm.FUSE_SWIGLU
         and plan.row_valid is None
         and not plan.segments
-        and quack_gemm.usable(gate_up_proj, x, rows=rows)
-        and quack_gemm.usable(down_proj, x, rows=rows)
+        and quack_gemm.usable(gate_up_proj, x, rows=rows, dtype=dtype)
+        and quack_gemm.usable(down_proj, x, rows=rows, dtype=dtype)
     ):
         return None
     return _CombinedGLU.apply(
-        x, gate_up_proj, down_proj, combine_weights, plan.sorted_tokens, plan.slot_rows, plan.sorted_slots,
-        plan.offsets, plan.top_k,
+        x.to(dtype), gate_up_proj.to(dtype), down_proj.to(dtype), combine_weights, plan.sorted_tokens,
+        plan.slot_rows, plan.sorted_slots, plan.offsets, plan.top_k,
     )  # fmt: skip
 
 

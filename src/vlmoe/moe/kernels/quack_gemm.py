@@ -84,14 +84,16 @@ def _probe() -> bool:
     return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
 
 
-def usable(weight: Tensor, x: Tensor, rows: int | None = None) -> bool:
+def usable(weight: Tensor, x: Tensor, rows: int | None = None, dtype: torch.dtype | None = None) -> bool:
     """Whether an expert matmul of weight # [E, O, I] with x (the rows, or the token rows to
-    gather `rows` rows from) runs on QuACK."""
+    gather `rows` rows from) runs on QuACK. `dtype`: the one both are cast to for the matmul
+    (autocast's), asked before casting; by default their own, which must agree."""
     return (
         ENABLED
         and x.is_cuda
         and (x.shape[0] if rows is None else rows) >= MIN_ROWS
-        and x.dtype == weight.dtype == torch.bfloat16  # where grouped_mm runs; what is tested
+        and (dtype is not None or x.dtype == weight.dtype)
+        and (x.dtype if dtype is None else dtype) == torch.bfloat16  # where grouped_mm runs; what is tested
         and weight.shape[-1] % 8 == 0  # 16-byte aligned rows for the TMA loads
         and weight.shape[-2] % 8 == 0
         and min(weight.shape[-2:]) >= MIN_DIM
