@@ -41,9 +41,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from vlmoe.moe.kernels import quack_gemm, use_triton
+from vlmoe.moe.kernels import quack_gemm
 from vlmoe.moe.kernels import swiglu as swiglu_kernels
-from vlmoe.moe.kernels.combine import combine_sorted, gather_sum_reference, gather_sum_triton, sum_sorted
+from vlmoe.moe.kernels.combine import combine_sorted, gather_sum, sum_sorted
 from vlmoe.moe.router import Routing
 
 Backend = Literal["auto", "reference", "grouped", "segments", "dense", "decode"]
@@ -337,11 +337,7 @@ def _zero_dropped(rows: Tensor, row_valid: Tensor | None) -> Tensor:
 
 def _sum_slot_rows(grad_sorted: Tensor, slot_rows: Tensor, row_valid: Tensor | None, top_k: int) -> Tensor:
     """Each token's K row gradients summed (the gather's backward). # [S, I] -> [T, I]"""
-    grad_sorted = _zero_dropped(grad_sorted, row_valid)
-    if use_triton(grad_sorted):
-        return gather_sum_triton(grad_sorted.contiguous(), slot_rows, None, top_k)
-    grad_slots = grad_sorted.index_select(0, slot_rows)  # [S, I] in slot order
-    return grad_slots.view(-1, top_k, grad_slots.shape[-1]).sum(dim=1)
+    return gather_sum(_zero_dropped(grad_sorted, row_valid), slot_rows, None, top_k)
 
 
 class _GatheredLinear(torch.autograd.Function):
@@ -429,11 +425,7 @@ class _CombinedGLU(torch.autograd.Function):
         preact, hidden = quack_gemm.experts_swiglu(x, gate_up_proj, offsets, sorted_tokens)
         y_sorted = quack_gemm.experts_mm(hidden, down_proj, offsets)
         del hidden
-        weights = combine_weights.float().contiguous()
-        if use_triton(y_sorted):
-            out = gather_sum_triton(y_sorted, slot_rows, weights, top_k)
-        else:
-            out = gather_sum_reference(y_sorted, slot_rows, weights, top_k)
+        out = gather_sum(y_sorted, slot_rows, combine_weights.float().contiguous(), top_k)
         ctx.save_for_backward(
             x, gate_up_proj, down_proj, preact, row_scale, sorted_tokens, slot_rows, offsets
         )

@@ -84,6 +84,13 @@ def gather_sum_triton(src: Tensor, slot_rows: Tensor, weights: Tensor | None, to
     return out
 
 
+def gather_sum(src: Tensor, slot_rows: Tensor, weights: Tensor | None, top_k: int) -> Tensor:
+    """gather_sum_triton on CUDA, its torch reference elsewhere; no autograd of its own."""
+    if use_triton(src):
+        return gather_sum_triton(src.contiguous(), slot_rows, weights, top_k)
+    return gather_sum_reference(src, slot_rows, weights, top_k)
+
+
 class _CombineSorted(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y_sorted, weights, slot_rows, sorted_slots, top_k):
