@@ -43,6 +43,13 @@ if HAS_TRITON:
         tl.store(out + row * size + cols, result.to(out.dtype.element_ty), mask=inside)
 
     @triton.jit
+    def _swiglu_grads(gate, up, grad):
+        """(d gate, d up) of silu(gate) * up for the gradient grad, all float32."""
+        sigmoid = tl.sigmoid(gate)
+        silu = gate * sigmoid
+        return grad * up * (sigmoid + silu * (1.0 - sigmoid)), grad * silu
+
+    @triton.jit
     def _swiglu_backward_kernel(
         gate_up,
         row_scale,
@@ -60,17 +67,16 @@ if HAS_TRITON:
         gate = tl.load(gate_up + row * 2 * size + cols, mask=inside, other=0.0).to(tl.float32)
         up = tl.load(gate_up + row * 2 * size + size + cols, mask=inside, other=0.0).to(tl.float32)
         grad = tl.load(grad_out + row * size + cols, mask=inside, other=0.0).to(tl.float32)
-        sigmoid = tl.sigmoid(gate)
-        silu = gate * sigmoid
         if HAS_SCALE:
             # out = scale * silu * up: the scale's gradient is this row's <grad, silu * up>, summed
             # here per column block (no atomics) and over the blocks by the caller.
-            tl.store(grad_scale_parts + row * tl.num_programs(1) + block, tl.sum(grad * silu * up, axis=0))
+            hidden = gate * tl.sigmoid(gate) * up
+            tl.store(grad_scale_parts + row * tl.num_programs(1) + block, tl.sum(grad * hidden, axis=0))
             grad = grad * tl.load(row_scale + row).to(tl.float32)
-        grad_gate = grad * up * (sigmoid + silu * (1.0 - sigmoid))
+        grad_gate, grad_up = _swiglu_grads(gate, up, grad)
         dtype = grad_gate_up.dtype.element_ty
         tl.store(grad_gate_up + row * 2 * size + cols, grad_gate.to(dtype), mask=inside)
-        tl.store(grad_gate_up + row * 2 * size + size + cols, (grad * silu).to(dtype), mask=inside)
+        tl.store(grad_gate_up + row * 2 * size + size + cols, grad_up.to(dtype), mask=inside)
 
     @triton.jit
     def _swiglu_pairs_backward_kernel(
@@ -91,14 +97,11 @@ if HAS_TRITON:
         up = (words & -65536).to(tl.float32, bitcast=True)
         grad = tl.load(grad_hidden + row * size + cols, mask=inside, other=0.0).to(tl.float32)
         scale = tl.load(row_scale + row).to(tl.float32)
-        sigmoid = tl.sigmoid(gate)
-        silu = gate * sigmoid
-        hidden = silu * up
+        hidden = gate * tl.sigmoid(gate) * up
         tl.store(grad_scale_parts + row * tl.num_programs(1) + block, tl.sum(grad * hidden, axis=0))
-        grad = grad * scale
-        grad_gate = grad * up * (sigmoid + silu * (1.0 - sigmoid))
+        grad_gate, grad_up = _swiglu_grads(gate, up, grad * scale)
         gate_bits = grad_gate.to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) & 65535
-        up_bits = (grad * silu).to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) << 16
+        up_bits = grad_up.to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) << 16
         tl.store(grad_words + row * size + cols, gate_bits | up_bits, mask=inside)
         tl.store(
             grad_hidden + row * size + cols, (hidden * scale).to(grad_hidden.dtype.element_ty), mask=inside
