@@ -107,7 +107,9 @@ def test_swiglu_kernel_with_row_scale_forward_and_backward(rows, size, overwrite
             assert relative_error(actual, wanted) < 1e-5  # the scale's gradient sums 1500 products
 
 
-@pytest.mark.parametrize(("rows", "size", "in_place"), [(5, 1500, False), (4, 48, True), (0, 16, True)])
+@pytest.mark.parametrize(
+    ("rows", "size", "in_place"), [(5, 1500, False), (4, 48, True), (11, 384, True), (0, 16, True)]
+)
 @pytest.mark.parametrize("triton_kernel", [True, False])
 def test_swiglu_pairs_backward_matches_autograd(monkeypatch, rows, size, in_place, triton_kernel):
     # Gate and up paired in adjacent columns (QuACK's gated epilogue): preact's gradient (paired
@@ -140,6 +142,16 @@ def test_swiglu_pairs_backward_matches_autograd(monkeypatch, rows, size, in_plac
         assert relative_error(grad_hidden, scaled_hidden) < 1e-2
         # gate and up land in their own columns (a swapped pair would still be close in norm)
         assert relative_error(grad_preact[:, 1::2], expected[0][:, 1::2]) < 1e-2
+
+
+@pytest.mark.parametrize(
+    ("size", "block"), [(1408, 512), (5632, 512), (14336, 1024), (1000, 1024), (48, 512)]
+)
+def test_swiglu_pairs_block_pads_a_row_least(size, block):
+    # F = 1408: three blocks of 512 (1536 lanes) where two of 1024 give 2048; 1024 on a tie.
+    from vlmoe.moe.kernels.swiglu import _pairs_block
+
+    assert _pairs_block(size) == block
 
 
 def test_plain_sum_combine_saves_nothing_and_copies_gradients_back():

@@ -109,6 +109,15 @@ if HAS_TRITON:
 
 
 _BLOCK = 1024
+# The pairs kernel's row blocks: 4 warps each (NOTES.md v18 timed 2-D tiles, 8 and 16 warps).
+_PAIRS_BLOCKS = (1024, 512)
+
+
+def _pairs_block(size: int) -> int:
+    """The pairs kernel's block for rows of `size` columns: the one that pads a row least,
+    1024 on a tie. At F = 1408 a block of 1024 leaves 31% of the second block's lanes masked;
+    three blocks of 512 measured 7% faster on the H200 (0.435 against 0.467 ms, NOTES.md v18)."""
+    return min(_PAIRS_BLOCKS, key=lambda block: (-(-size // block) * block, -block))
 
 
 def swiglu_reference(gate_up: Tensor, row_scale: Tensor | None = None) -> Tensor:
@@ -152,7 +161,11 @@ def swiglu_backward_triton(
 
 
 def swiglu_pairs_backward(
-    preact: Tensor, grad_hidden: Tensor, row_scale: Tensor, out: Tensor | None = None
+    preact: Tensor,
+    grad_hidden: Tensor,
+    row_scale: Tensor,
+    out: Tensor | None = None,
+    launch: tuple[int, int] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The backward of row_scale[r] * silu(gate) * up with gate and up paired in adjacent columns
     of preact # [rows, 2F] (gate j in column 2j, up j in 2j + 1), given grad_hidden # [rows, F],
@@ -160,7 +173,8 @@ def swiglu_pairs_backward(
     Returns (grad_preact, grad_scale): grad_preact, paired as
     preact, in `out` (may be preact itself) or a new tensor; grad_scale # [rows] float32, each
     row's <grad_hidden, silu(gate) * up>. grad_hidden is overwritten with row_scale * silu(gate) *
-    up, what the next matmul's weight gradient multiplies (no [rows, F] tensor is kept for it)."""
+    up, what the next matmul's weight gradient multiplies (no [rows, F] tensor is kept for it).
+    `launch`: the kernel's (BLOCK, num_warps), for benchmarks; by default (`_pairs_block`, 4)."""
     rows, size = grad_hidden.shape
     grad_preact = torch.empty_like(preact) if out is None else out
     kernel_runs = (
@@ -172,7 +186,8 @@ def swiglu_pairs_backward(
     )
     if not kernel_runs:
         return _swiglu_pairs_backward_reference(preact, grad_hidden, row_scale, grad_preact)
-    blocks = triton.cdiv(size, _BLOCK)
+    block, num_warps = (_pairs_block(size), 4) if launch is None else launch
+    blocks = triton.cdiv(size, block)
     grad_scale_parts = preact.new_empty(rows, blocks, dtype=torch.float32)
     if rows:
         _swiglu_pairs_backward_kernel[(rows, blocks)](
@@ -182,7 +197,8 @@ def swiglu_pairs_backward(
             grad_preact.view(torch.int32),
             grad_scale_parts,
             size,
-            BLOCK=_BLOCK,
+            BLOCK=block,
+            num_warps=num_warps,
         )
     return grad_preact, grad_scale_parts.sum(dim=1)
 
