@@ -34,6 +34,7 @@ class _FakeGemmConfig:
     pingpong: bool = True
     is_dynamic_persistent: bool = False
     device_capacity: int = 9
+    max_swizzle_size: int = 8
 
 
 def _interleave(t):
@@ -60,11 +61,13 @@ class _FakeQuack:
     def __init__(self):
         self.calls = []
         self.concat_layouts = []
+        self.configs = []
 
     def fn(
         self, A, B, out, cu_seqlens_m=None, cu_seqlens_k=None, A_idx=None, concat_layout=None, config=None
     ):
         self.calls.append(("gemm", config.tile_n, cu_seqlens_m is not None, A_idx is not None))
+        self.configs.append(config)
         self.concat_layouts.append(concat_layout)
         concat_layout = concat_layout or ()
         assert set(concat_layout) <= {"B", "out"}
@@ -88,6 +91,7 @@ class _FakeQuack:
     ):
         assert activation == "swiglu" and not tuned and concat_layout == ("B",)
         self.calls.append(("gated", config.tile_n, True, A_idx is not None))
+        self.configs.append(config)
         self.concat_layouts.append(concat_layout)
         for rows, preact in _varlen_m(A, _interleave(B), cu_seqlens_m, A_idx):
             preact_out[rows] = preact
@@ -214,7 +218,7 @@ def test_fused_tuning_times_the_gated_gemm_and_keeps_the_result(fake_quack, monk
     x = torch.randn(20, 16, dtype=torch.float64, requires_grad=True)
     untuned = torch.autograd.grad(dispatch(x, routing, experts, backend="grouped").sum(), [x])
     monkeypatch.setattr(quack_gemm, "TUNE", True)
-    monkeypatch.setattr(quack_gemm, "_median_ms", lambda run: (run(), run(), 1.0)[2])
+    monkeypatch.setattr(quack_gemm, "_elapsed_ms", lambda run: (run(), run(), 1.0)[2])
     tuned = torch.autograd.grad(dispatch(x, routing, experts, backend="grouped").sum(), [x])
     assert relative_error(tuned[0], untuned[0]) < 1e-12
     assert any(key.startswith("swiglu_forward/gather+interleaved/") for key in quack_gemm._chosen)
@@ -249,7 +253,7 @@ def test_the_fastest_configuration_is_chosen_once_and_remembered_on_disk(
     monkeypatch.setattr(quack_gemm, "TUNE", True)
     # Candidate 1 (tile_n 256) is the fastest on every problem.
     monkeypatch.setattr(
-        quack_gemm, "_median_ms", lambda run: (run(), 1.0 if fake_quack.calls[-1][1] == 256 else 2.0)[1]
+        quack_gemm, "_elapsed_ms", lambda run: (run(), 1.0 if fake_quack.calls[-1][1] == 256 else 2.0)[1]
     )
     x = torch.randn(40, 16, dtype=torch.float64)
     weight = torch.randn(3, 8, 16, dtype=torch.float64)
@@ -273,23 +277,50 @@ def test_the_fastest_configuration_is_chosen_once_and_remembered_on_disk(
     # A new process: the choice is read back from disk and nothing is timed again.
     monkeypatch.setattr(quack_gemm, "_chosen", {})
     monkeypatch.setattr(quack_gemm, "_disk_loaded", False)
-    monkeypatch.setattr(quack_gemm, "_median_ms", lambda run: pytest.fail("timed again"))
+    monkeypatch.setattr(quack_gemm, "_elapsed_ms", lambda run: pytest.fail("timed again"))
     fake_quack.calls.clear()
     quack_gemm.experts_mm(x, weight, offsets)
     assert [call[1] for call in fake_quack.calls] == [256]
 
 
+def test_tuning_times_the_candidates_in_interleaved_rounds_and_picks_by_median(fake_quack, monkeypatch):
+    # Candidate 1 (tile_n 256) is slow once, in the first round (a GPU leaving idle), and the
+    # fastest in every other: the median sees through it, and every round times each candidate.
+    monkeypatch.setattr(quack_gemm, "TUNE", True)
+    timed = []
+
+    def elapsed(run):
+        run()
+        timed.append(fake_quack.configs[-1])
+        first_round = len(timed) <= len(quack_gemm.CANDIDATES)
+        return (50.0 if first_round else 1.0) if timed[-1].tile_n == 256 else 2.0
+
+    monkeypatch.setattr(quack_gemm, "_elapsed_ms", elapsed)
+    x = torch.randn(40, 16, dtype=torch.float64)
+    weight = torch.randn(3, 8, 16, dtype=torch.float64)
+    quack_gemm.experts_mm(x, weight, torch.tensor([10, 25, 40], dtype=torch.int32))
+    count = len(quack_gemm.CANDIDATES)
+    assert len(timed) == 7 * count
+    rounds = [
+        [(c.tile_m, c.tile_n, c.cluster_n, c.max_swizzle_size) for c in timed[i : i + count]]
+        for i in range(0, len(timed), count)
+    ]
+    assert all(r == rounds[0] for r in rounds) and len(set(rounds[0])) == count
+    assert list(quack_gemm._chosen.values()) == [1]
+
+
 def test_the_gather_never_times_configurations_it_cannot_run(fake_quack, monkeypatch):
     monkeypatch.setattr(quack_gemm, "TUNE", True)
-    monkeypatch.setattr(quack_gemm, "_median_ms", lambda run: (run(), 1.0)[1])
+    monkeypatch.setattr(quack_gemm, "_elapsed_ms", lambda run: (run(), 1.0)[1])
     x = torch.randn(12, 16, dtype=torch.float64)
     weight = torch.randn(2, 8, 16, dtype=torch.float64)
     token_rows = torch.tensor([0, 3, 3, 5, 7, 11, 1, 2])
     out = quack_gemm.experts_mm(x, weight, torch.tensor([5, 8], dtype=torch.int32), token_rows=token_rows)
     wanted = torch.cat([x[token_rows[:5]] @ weight[0].T, x[token_rows[5:]] @ weight[1].T])
     assert relative_error(out, wanted) < 1e-12
-    cluster_n_of = {n: cluster_n for _, n, _, cluster_n, _ in quack_gemm.CANDIDATES}
-    assert all(cluster_n_of[tile_n] == 1 for _, tile_n, _, _ in fake_quack.calls)
+    assert fake_quack.configs and all(config.cluster_n == 1 for config in fake_quack.configs)
+    # It still times more than one: the default tile at QuACK's swizzle and at swizzle 1.
+    assert {config.max_swizzle_size for config in fake_quack.configs} == {8, 1}
 
 
 def test_usable_only_for_large_aligned_half_precision_cuda_problems(monkeypatch):

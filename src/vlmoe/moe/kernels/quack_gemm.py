@@ -52,12 +52,18 @@ MIN_ROWS = 1024
 # narrow side fits one tile, stay on grouped_mm, whose small-problem tile suits them.
 MIN_DIM = 256
 
-# (tile_m, tile_n, cluster_m, cluster_n, pingpong). The first is QuACK's SM90 default and the
-# choice wherever nothing was timed (torch.compile tracing, CUDA-graph capture).
-CANDIDATES: tuple[tuple[int, int, int, int, bool], ...] = (
+# (tile_m, tile_n, cluster_m, cluster_n, pingpong[, max_swizzle_size]). The first is QuACK's
+# SM90 default and the choice wherever nothing was timed (torch.compile tracing, CUDA-graph
+# capture). The others won at least one of the layer's GEMMs by 2-12% in a sweep of QuACK's SM90
+# tile space on the H200 (`benchmarks/quack_fused_ops.py --tiles`, NOTES.md v18); the last is the
+# default tile scheduled without swizzling, best for the gated forward and the weight gradients
+# of 64 small experts. A swizzle is a launch argument, not a compile: four kernels per problem.
+CANDIDATES: tuple[tuple, ...] = (
     (128, 192, 2, 1, True),
-    (128, 256, 2, 1, False),
-    (128, 208, 1, 2, True),
+    (128, 256, 1, 2, False),
+    (256, 128, 1, 2, False),
+    (128, 192, 1, 2, True),
+    (128, 192, 2, 1, True, 1),
 )
 logger = logging.getLogger(__name__)
 _chosen: dict[str, int] = {}
@@ -188,11 +194,12 @@ def experts_swiglu(
     return preact, hidden
 
 
-def gemm_config(tile: tuple[int, int, int, int, bool]) -> Any:
-    """QuACK's GemmConfig for (tile_m, tile_n, cluster_m, cluster_n, pingpong) on SM90."""
+def gemm_config(tile: tuple) -> Any:
+    """QuACK's GemmConfig for (tile_m, tile_n, cluster_m, cluster_n, pingpong[, max_swizzle_size])
+    on SM90; the swizzle (how many tiles the scheduler groups for L2 reuse) defaults to QuACK's 8."""
     from quack.gemm_config import GemmConfig
 
-    tile_m, tile_n, cluster_m, cluster_n, pingpong = tile
+    tile_m, tile_n, cluster_m, cluster_n, pingpong, *swizzle = tile
     return GemmConfig(
         tile_m=tile_m,
         tile_n=tile_n,
@@ -201,6 +208,7 @@ def gemm_config(tile: tuple[int, int, int, int, bool]) -> Any:
         pingpong=pingpong,
         is_dynamic_persistent=False,
         device_capacity=9,
+        **({"max_swizzle_size": swizzle[0]} if swizzle else {}),
     )
 
 
@@ -251,8 +259,8 @@ def _tuned(direction: str, op: str, kwargs: dict) -> None:
     gathers = kwargs.get("A_idx") is not None
     candidates = [
         index
-        for index, (_, _, _, cluster_n, _) in enumerate(CANDIDATES)
-        if not (gathers and cluster_n != 1)  # QuACK's gather needs cluster_n == 1
+        for index, tile in enumerate(CANDIDATES)
+        if not (gathers and tile[3] != 1)  # QuACK's gather needs cluster_n == 1
     ]
     if torch.compiler.is_compiling() or not TUNE or len(candidates) == 1:
         _run(candidates[0], op, kwargs)
@@ -302,25 +310,27 @@ def _announce_tuning() -> None:
         )
 
 
-def _time_candidates(candidates: list[int], op: str, kwargs: dict) -> int:
-    """The candidate with the least median time on this very call's operands."""
-    timings = {}
+def _time_candidates(candidates: list[int], op: str, kwargs: dict, rounds: int = 7) -> int:
+    """The candidate with the least median time on this very call's operands. Timed in
+    interleaved rounds, one call of each candidate a round: the clocks of a GPU that has just
+    left idle, or heats up under the first candidates, weigh on all of them alike (timing each
+    candidate's calls back to back picked by order as much as by tile, NOTES.md v18)."""
     for index in candidates:
         _run(index, op, kwargs)  # compile (once per configuration) and warm up
-        timings[index] = _median_ms(lambda index=index: _run(index, op, kwargs))
-    return min(timings, key=timings.__getitem__)
+    times: dict[int, list[float]] = {index: [] for index in candidates}
+    for _ in range(rounds):
+        for index in candidates:
+            times[index].append(_elapsed_ms(lambda index=index: _run(index, op, kwargs)))
+    return min(candidates, key=lambda index: statistics.median(times[index]))
 
 
-def _median_ms(run, reps: int = 5) -> float:
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        run()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+def _elapsed_ms(run) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    run()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
 
 
 def _cache_path() -> Path:
