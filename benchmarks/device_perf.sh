@@ -54,6 +54,10 @@ for part in $parts; do
         decodediag) timeout 120 python3 benchmarks/decode_diagnosis.py > "$out/decode_diagnosis.log" 2>&1 ;;
         prof1) timeout 60 python3 benchmarks/profile_moe.py 16384 2048 5632 4 2 > "$out/profile_shape1.log" 2>&1 ;;
         prof2) timeout 60 python3 benchmarks/profile_moe.py 8192 4096 14336 8 2 > "$out/profile_shape2.log" 2>&1 ;;
+        prof3) timeout 60 python3 benchmarks/profile_moe.py 16384 2048 1408 64 6 > "$out/profile_shape3.log" 2>&1 ;;
+        pairs) timeout 90 python3 benchmarks/quack_fused_ops.py --pairs > "$out/swiglu_pairs.log" 2>&1; cat "$out/swiglu_pairs.log" ;;
+        chosen) timeout ${CHOSEN_S:-200} python3 benchmarks/quack_fused_ops.py --chosen > "$out/quack_chosen.log" 2>&1; grep -v "^  \|Warning\|warn" "$out/quack_chosen.log" | tail -22 ;;
+        tiles) timeout ${TILES_S:-420} python3 benchmarks/quack_fused_ops.py --tiles > "$out/quack_tiles.log" 2>&1 ;;
         trainseg) timeout 90 python3 benchmarks/train_step.py --optimizers fused --segments > "$out/train_step.log" 2>&1 ;;
         autotune) timeout ${AUTOTUNE_S:-420} python3 benchmarks/moe_layer.py --ffn-only --autotune > "$out/moe_ffn_autotune.log" 2>&1 ;;
         sync) timeout 30 python3 benchmarks/sync_check.py > "$out/sync_check.log" 2>&1; cat "$out/sync_check.log" ;;
@@ -64,7 +68,7 @@ done
 for log in "$out"/profile_shape*.log; do
     [ -f "$log" ] && { echo "== $log"; grep "^===\|host .* per step" "$log"; }
 done
-for log in "$out"/quack_fused_ops.log "$out"/quack_gemm.log "$out"/triton_grouped_gemm.log "$out"/gemm_efficiency.log "$out"/decode_diagnosis.log "$out"/decode_layer.log "$out"/generation*.log "$out"/moe_layer.log "$out"/moe_ffn*.log "$out"/train_step*.log; do
+for log in "$out"/quack_tiles.log "$out"/quack_fused_ops.log "$out"/quack_gemm.log "$out"/triton_grouped_gemm.log "$out"/gemm_efficiency.log "$out"/decode_diagnosis.log "$out"/decode_layer.log "$out"/generation*.log "$out"/moe_layer.log "$out"/moe_ffn*.log "$out"/train_step*.log; do
     [ -f "$log" ] && { echo "== $log"; grep -v "^  \|Warning\|warn" "$log" | tail -25; }
 done
 # At most 8 files come back from a device call: the JSON tables travel as one archive.

@@ -47,6 +47,11 @@ def profile_step(name: str, step) -> None:
     # Wall time above the kernel sum is time the GPU waits (launch gaps, host syncs).
     print(f"\n=== {name}: {time_cuda(step):.3f} ms per step, kernels {kernel_ms:.3f} ms")
     print(averages.table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=70))
+    # Every kernel, not only the top rows: the small router, plan and combine kernels add up.
+    kernels = [a for a in averages if a.device_type == torch.autograd.DeviceType.CUDA]
+    print(f"every kernel of {name}, self ms (calls):")
+    for a in sorted(kernels, key=lambda a: -a.self_device_time_total):
+        print(f"  {a.self_device_time_total / 1e3:8.3f}  ({a.count:3d})  {a.key[:110]}")
 
 
 def profile_mole(tokens: int = 16384, fan_in: int = 4096, fan_out: int = 11008) -> None:

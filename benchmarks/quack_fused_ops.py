@@ -2,18 +2,28 @@
 
     python benchmarks/quack_fused_ops.py [--reps 20]      # both paths, step by step
     python benchmarks/quack_fused_ops.py --epilogues      # QuACK's gated and dgated GEMMs
+    python benchmarks/quack_fused_ops.py --tiles          # the fused path's GEMMs over 13 tiles
+    python benchmarks/quack_fused_ops.py --pairs          # the pairs SwiGLU backward's launches
+    python benchmarks/quack_fused_ops.py --chosen         # does quack_gemm's tuning pick the best?
 
 `dispatch.combined_glu` puts the SwiGLU in the first GEMM's epilogue and pairs gate and up
 columns (QuACK's concat_layout) through the backward. Per shape, every step of both paths is
 timed alone, with each of quack_gemm's candidate tiles, beside one cuBLAS matmul of the same
 FLOPs. `--epilogues` times QuACK's gated forward and its dgated backward (the SwiGLU gradient
 in the epilogue, SonicMoE's design, which vlmoe measured and does not use: NOTES.md v17) over
-more tiles, with and without the gather and the row reduction.
+more tiles, with and without the gather and the row reduction. `--tiles` times each GEMM of the
+fused path over QuACK's SM90 tile space (and the default tile's swizzle), against the best of
+quack_gemm's candidates: what a wider candidate list would gain, per step. `--pairs` times the
+pairs SwiGLU backward over launch shapes (NOTES.md v18), in place as the layer runs it, beside
+the concat-layout kernel, with the bandwidth each reaches. `--chosen` lets quack_gemm tune each
+GEMM of the fused path as the layer does, then times every candidate again in interleaved
+rounds: how much its pick loses against the best of its own candidates.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 from pathlib import Path
 
@@ -24,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import print_table, time_cuda, write_json
 from vlmoe.moe.kernels import quack_gemm
+from vlmoe.moe.kernels import swiglu as swiglu_kernels
 from vlmoe.moe.kernels.swiglu import swiglu_backward_triton, swiglu_forward_triton, swiglu_pairs_backward
 
 SHAPES = [(16384, 2048, 5632, 4, 2), (8192, 4096, 14336, 8, 2), (16384, 2048, 1408, 64, 6)]
@@ -70,6 +81,9 @@ def _steps(p):
     gate_up_rows = mm(x, gate_up, offsets, token_rows=tokens)
     grad_sorted = grad_tokens.index_select(0, tokens)
     grad_hidden = grad_input(grad_sorted, down, offsets)
+    # The pairs pass runs in place as in the layer (timed on copies it may overwrite; v17's
+    # reading cloned grad_hidden inside the step, which added one [S, F] copy to its time).
+    pairs_preact, pairs_grad = preact.clone(), grad_hidden.clone()
     first = 2 * rows * hidden * width
     second = rows * hidden * width  # 2 * rows * hidden * F
     return [
@@ -81,7 +95,7 @@ def _steps(p):
         ("gather output gradient", "both", 0, lambda: grad_tokens.index_select(0, tokens)),
         ("down grad input", "both", second, lambda: grad_input(grad_sorted, down, offsets)),
         ("SwiGLU backward pass, pairs, w * hidden out", "fused", 0,
-         lambda: swiglu_pairs_backward(preact, grad_hidden.clone(), scale)),
+         lambda: swiglu_pairs_backward(pairs_preact, pairs_grad, scale, out=pairs_preact)),
         ("SwiGLU backward pass", "unfused", 0,
          lambda: swiglu_backward_triton(gate_up_rows, grad_hidden, row_scale=scale)),
         ("down grad weight", "both", second, lambda: grad_weight(grad_sorted, hidden_rows, down, offsets)),
@@ -170,14 +184,186 @@ def _epilogue_variants_for(shape, reps: int) -> list[dict]:
     return rows_out
 
 
+# QuACK's SM90 tile space (quack.gemm_config: cooperative 256 x n and 128 x 224/256, pingpong
+# 128 x n, clusters 2x1 and 1x2), then the default tile at other swizzles (a runtime argument).
+SWEEP_TILES = [
+    (128, 192, 2, 1, True),
+    (128, 192, 1, 2, True),
+    (128, 160, 2, 1, True),
+    (128, 128, 2, 1, True),
+    (128, 208, 1, 2, True),
+    (128, 256, 2, 1, False),
+    (128, 256, 1, 2, False),
+    (128, 224, 2, 1, False),
+    (256, 128, 2, 1, False),
+    (256, 128, 1, 2, False),
+    (256, 160, 2, 1, False),
+    (256, 192, 2, 1, False),
+    (256, 208, 2, 1, False),
+    (128, 192, 2, 1, True, 1),
+    (128, 192, 2, 1, True, 4),
+    (128, 192, 2, 1, True, 16),
+]
+GEMM_STEPS = (
+    "gate_up forward + SwiGLU (epilogue)",
+    "down forward",
+    "down grad input",
+    "down grad weight",
+    "gate_up grad weight (interleaved)",
+    "gate_up grad input (interleaved)",
+)
+
+
+def _tile_name(tile) -> str:
+    m, n, cm, cn, pp, *swizzle = tile
+    return f"{m}x{n} {cm}x{cn} {'pp' if pp else 'coop'}" + (f" swz{swizzle[0]}" if swizzle else "")
+
+
+def tile_sweep(reps: int) -> None:
+    """Each GEMM of the fused path over SWEEP_TILES; the gain of its best over the best candidate."""
+    quack_gemm.TUNE = False
+    candidates = quack_gemm.CANDIDATES
+    results, summary = [], []
+    for shape in SHAPES:
+        problem = _problem(*shape)
+        gain_total = 0.0
+        for name, _, _, step in _steps(problem):
+            if name not in GEMM_STEPS:
+                continue
+            times = {}
+            for tile in SWEEP_TILES:
+                quack_gemm.CANDIDATES = (tile,)
+                try:
+                    times[tile] = time_cuda(step, reps=reps)
+                except Exception as error:  # a tile this problem refuses (gather: cluster_n 1)
+                    print(f"{shape} {name} {_tile_name(tile)}: {type(error).__name__}", flush=True)
+                    times[tile] = float("nan")
+            quack_gemm.CANDIDATES = candidates
+            valid = {t: ms for t, ms in times.items() if ms == ms}
+            best = min(valid, key=valid.__getitem__)
+            picked = min((valid[t] for t in candidates if t in valid), default=float("nan"))
+            results.append(
+                {"shape": str(shape), "step": name, **{_tile_name(t): v for t, v in times.items()}}
+            )
+            gain = picked - valid[best]
+            summary.append(
+                [str(shape), name, f"{picked:.3f}", _tile_name(best), f"{valid[best]:.3f}", f"{gain:.3f}"]
+            )
+            gain_total += gain
+            print(" | ".join(summary[-1]), "|", " ".join(f"{ms:.3f}" for ms in times.values()), flush=True)
+        summary.append([str(shape), "TOTAL gain", "", "", "", f"{gain_total:.3f}"])
+        del problem
+        torch.cuda.empty_cache()
+    print("tiles, in order:", "; ".join(_tile_name(t) for t in SWEEP_TILES))
+    print_table(
+        "The fused path's GEMMs over QuACK's tile space, ms (best of quack_gemm's candidates vs best of all)",
+        ["shape", "step", "candidates' best", "best tile", "its ms", "gain ms"],
+        summary,
+    )
+    write_json("quack_tiles", results)
+
+
+# (BLOCK, num_warps) of the one-row-a-program kernel; v18's 2-D tiles (rows x 128 to 512, 8 and
+# 16 warps) measured no faster (NOTES.md) and are gone.
+def tuning_check(reps: int, rounds: int = 3) -> None:
+    """quack_gemm's own pick per GEMM of the fused path against every candidate re-timed."""
+    quack_gemm.TUNE = True
+    quack_gemm._disk_loaded = True  # tune here and now, not from a cache file
+    candidates = quack_gemm.CANDIDATES
+    table = []
+    for shape in SHAPES:
+        problem = _problem(*shape)
+        for name, _, _, step in _steps(problem):
+            if name not in GEMM_STEPS:
+                continue
+            before = set(quack_gemm._chosen)
+            step()  # the first call tunes, as in the layer
+            keys = [key for key in quack_gemm._chosen if key not in before]
+            picked = candidates[quack_gemm._chosen[keys[0]]] if keys else None
+            times = {tile: [] for tile in candidates}
+            for _ in range(rounds):
+                for tile in candidates:
+                    quack_gemm.CANDIDATES = (tile,)
+                    try:
+                        times[tile].append(time_cuda(step, reps=reps))
+                    except Exception:  # the gather refuses cluster_n 2
+                        times[tile].append(float("nan"))
+            quack_gemm.CANDIDATES = candidates
+            medians = {tile: statistics.median(v) for tile, v in times.items() if v[0] == v[0]}
+            best = min(medians, key=medians.__getitem__)
+            picked_ms = medians.get(picked, float("nan"))
+            label = _tile_name(picked) if picked else "-"
+            row = [label, f"{picked_ms:.3f}", _tile_name(best), f"{medians[best]:.3f}"]
+            table.append([str(shape), name, *row, f"{picked_ms - medians[best]:.3f}"])
+            print(" | ".join(table[-1]), flush=True)
+        del problem
+        torch.cuda.empty_cache()
+    print_table(
+        "quack_gemm's tuning: its pick against every candidate, re-timed (median of interleaved rounds)",
+        ["shape", "step", "picked", "its ms", "best candidate", "its ms", "loss ms"],
+        table,
+    )
+
+
+PAIRS_LAUNCHES = [(1024, 4), (512, 4), (1024, 8), (2048, 8), (256, 2)]
+
+
+def pairs_launches(reps: int) -> None:
+    """The pairs SwiGLU backward in place (as `combined_glu` runs it) over launch shapes; (1024, 4)
+    is the v17 kernel's. Bandwidth: the 6 [S, F] bf16 units it moves (preact 2 in, 2 out,
+    grad_hidden 1 in, 1 out); the concat-layout kernel moves 5."""
+    table = []
+    for shape in SHAPES:
+        table += _pairs_rows(shape, reps)
+        torch.cuda.empty_cache()
+    print_table("SwiGLU backward kernels, in place", ["shape", "kernel (BLOCK, warps)", "ms", "TB/s"], table)
+
+
+def _pairs_rows(shape, reps: int) -> list[list[str]]:
+    tokens, _, width, _, top_k = shape
+    rows = tokens * top_k
+    torch.manual_seed(0)
+    preact = torch.randn(rows, 2 * width, device="cuda", dtype=torch.bfloat16)
+    grad_hidden = torch.randn(rows, width, device="cuda", dtype=torch.bfloat16)
+    scale = torch.rand(rows, device="cuda")
+    unit = rows * width * 2  # bytes of one [S, F] bf16 tensor
+    out = []
+    for launch in [*PAIRS_LAUNCHES, None]:
+        ms = time_cuda(
+            lambda launch=launch: swiglu_pairs_backward(
+                preact, grad_hidden, scale, out=preact, launch=launch
+            ),
+            reps=reps,
+        )
+        label = f"pairs {launch}" if launch else f"pairs ({swiglu_kernels._pairs_block(width)}, 4) (default)"
+        out.append([str(shape), label, f"{ms:.3f}", f"{6 * unit / ms / 1e9:.2f}"])
+    ms = time_cuda(
+        lambda: swiglu_backward_triton(preact, grad_hidden, out=preact, row_scale=scale), reps=reps
+    )
+    out.append([str(shape), "concat layout kernel, in place", f"{ms:.3f}", f"{5 * unit / ms / 1e9:.2f}"])
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--epilogues", action="store_true", help="only the epilogue GEMMs' variants")
+    parser.add_argument("--tiles", action="store_true", help="the fused path's GEMMs over more tiles")
+    parser.add_argument("--pairs", action="store_true", help="the pairs SwiGLU backward's launch shapes")
+    parser.add_argument("--chosen", action="store_true", help="quack_gemm's tuning against a re-timing")
     args = parser.parse_args()
+    if args.pairs:  # Triton only: no QuACK needed
+        pairs_launches(args.reps)
+        return
     assert quack_gemm.available(), "needs QuACK and a Hopper GPU"
     if args.epilogues:
         epilogue_variants(args.reps)
+        return
+    if args.tiles:
+        tile_sweep(min(args.reps, 10))
+        return
+    if args.chosen:
+        tuning_check(min(args.reps, 10))
         return
     quack_gemm.TUNE = False
     candidates = quack_gemm.CANDIDATES
@@ -216,7 +402,7 @@ def main() -> None:
             )
         del problem
         torch.cuda.empty_cache()
-    tiles = [f"{m}x{n} {cm}x{cn} {'pp' if pp else 'coop'}" for m, n, cm, cn, pp in candidates]
+    tiles = [_tile_name(tile) for tile in candidates]
     print_table(
         "QuACK calls of fused and unfused SwiGLU experts, ms (best tile; vs cuBLAS: its ms, same FLOPs / ms)",
         ["shape", "path", "step", "ms", *tiles, "vs cuBLAS"],
