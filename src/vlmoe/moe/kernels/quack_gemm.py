@@ -54,10 +54,11 @@ MIN_DIM = 256
 
 # (tile_m, tile_n, cluster_m, cluster_n, pingpong[, max_swizzle_size]). The first is QuACK's
 # SM90 default and the choice wherever nothing was timed (torch.compile tracing, CUDA-graph
-# capture). The others won at least one of the layer's GEMMs by 2-12% in a sweep of QuACK's SM90
-# tile space on the H200 (`benchmarks/quack_fused_ops.py --tiles`, NOTES.md v18); the last is the
-# default tile scheduled without swizzling, best for the gated forward and the weight gradients
-# of 64 small experts. A swizzle is a launch argument, not a compile: four kernels per problem.
+# capture). The others were the fastest on some of the layer's GEMMs in a sweep of QuACK's SM90
+# tile space on the H200 (`benchmarks/quack_fused_ops.py --tiles`, NOTES.md v18; in the layer
+# they gain 2-3 points at the 8 x 14336 shape, within noise elsewhere); the last is the default
+# tile scheduled without swizzling. A swizzle is a launch argument, not a compile: four kernels
+# to compile per problem.
 CANDIDATES: tuple[tuple, ...] = (
     (128, 192, 2, 1, True),
     (128, 256, 1, 2, False),
