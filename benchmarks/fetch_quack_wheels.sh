@@ -3,7 +3,9 @@
 # in the repo root, then carry .whl (device_perf.sh installs them). Python 3.12, CUDA 13 libraries.
 # The CUTLASS-DSL CUDA 13 libraries' wheel (92 MB) is over the 64 MiB carry limit as it is; it
 # travels unpacked and re-compressed with xz's x86 filter (50 MiB). The machine already has
-# cuda-bindings, cuda-pathfinder, protobuf and einops.
+# cuda-bindings, cuda-pathfinder, protobuf and einops. The 64 MiB counts the repository's files
+# too: .whl (59 MiB) and the tree (5 MiB at the end of session 8) touch it, and a call that only
+# needs src/, tests/ and benchmarks/ fits again with experiments/ moved aside for it.
 set -euo pipefail
 mkdir -p .whl
 pip_download() {
