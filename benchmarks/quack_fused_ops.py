@@ -276,9 +276,9 @@ def tuning_check(reps: int, rounds: int = 3) -> None:
         for name, _, _, step in _steps(problem):
             if name not in GEMM_STEPS:
                 continue
-            before = set(quack_gemm._chosen)
+            quack_gemm._chosen.clear()  # _steps ran some of these already: tune each one afresh
             step()  # the first call tunes, as in the layer
-            keys = [key for key in quack_gemm._chosen if key not in before]
+            keys = list(quack_gemm._chosen)
             picked = candidates[quack_gemm._chosen[keys[0]]] if keys else None
             times = {tile: [] for tile in candidates}
             for _ in range(rounds):
