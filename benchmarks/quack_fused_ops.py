@@ -219,6 +219,19 @@ def _tile_name(tile) -> str:
     return f"{m}x{n} {cm}x{cn} {'pp' if pp else 'coop'}" + (f" swz{swizzle[0]}" if swizzle else "")
 
 
+def _time_with_tile(step, tile, reps: int) -> tuple[float, str | None]:
+    """(median ms, None) of `step` with quack_gemm held to `tile`, or (NaN, the error) where the
+    problem refuses that tile (QuACK's gather takes cluster_n 1 only: no candidate is left)."""
+    saved = quack_gemm.CANDIDATES
+    quack_gemm.CANDIDATES = (tile,)
+    try:
+        return time_cuda(step, reps=reps), None
+    except (RuntimeError, IndexError) as error:  # _run reports every QuACK failure as RuntimeError
+        return float("nan"), f"{type(error).__name__}: {str(error)[:80]}"
+    finally:
+        quack_gemm.CANDIDATES = saved
+
+
 def tile_sweep(reps: int) -> None:
     """Each GEMM of the fused path over SWEEP_TILES; the gain of its best over the best candidate."""
     quack_gemm.TUNE = False
@@ -232,13 +245,9 @@ def tile_sweep(reps: int) -> None:
                 continue
             times = {}
             for tile in SWEEP_TILES:
-                quack_gemm.CANDIDATES = (tile,)
-                try:
-                    times[tile] = time_cuda(step, reps=reps)
-                except Exception as error:  # a tile this problem refuses (gather: cluster_n 1)
-                    print(f"{shape} {name} {_tile_name(tile)}: {type(error).__name__}", flush=True)
-                    times[tile] = float("nan")
-            quack_gemm.CANDIDATES = candidates
+                times[tile], error = _time_with_tile(step, tile, reps)
+                if error:
+                    print(f"{shape} {name} {_tile_name(tile)}: {error}", flush=True)
             valid = {t: ms for t, ms in times.items() if ms == ms}
             best = min(valid, key=valid.__getitem__)
             picked = min((valid[t] for t in candidates if t in valid), default=float("nan"))
@@ -283,12 +292,7 @@ def tuning_check(reps: int, rounds: int = 3) -> None:
             times = {tile: [] for tile in candidates}
             for _ in range(rounds):
                 for tile in candidates:
-                    quack_gemm.CANDIDATES = (tile,)
-                    try:
-                        times[tile].append(time_cuda(step, reps=reps))
-                    except Exception:  # the gather refuses cluster_n 2
-                        times[tile].append(float("nan"))
-            quack_gemm.CANDIDATES = candidates
+                    times[tile].append(_time_with_tile(step, tile, reps)[0])
             medians = {tile: statistics.median(v) for tile, v in times.items() if v[0] == v[0]}
             best = min(medians, key=medians.__getitem__)
             picked_ms = medians.get(picked, float("nan"))
@@ -379,13 +383,9 @@ def main() -> None:
                 b = torch.randn(4096, n, device="cuda", dtype=torch.bfloat16)
                 row["cublas_ms"] = time_cuda(lambda a=a, b=b: a @ b, reps=args.reps)
                 for index, tile in enumerate(candidates):
-                    quack_gemm.CANDIDATES = (tile,)
-                    try:
-                        row[f"tile{index}_ms"] = time_cuda(step, reps=args.reps)
-                    except (RuntimeError, IndexError) as error:  # the gather refuses cluster_n 2
-                        row[f"tile{index}_ms"] = float("nan")
-                        row[f"tile{index}_error"] = str(error)[:80]
-                quack_gemm.CANDIDATES = candidates
+                    row[f"tile{index}_ms"], error = _time_with_tile(step, tile, args.reps)
+                    if error:
+                        row[f"tile{index}_error"] = error
                 best = min(v for k, v in row.items() if k.startswith("tile") and k.endswith("_ms") and v == v)
                 row["ms"], row["vs_cublas"] = best, row["cublas_ms"] / best
             else:
