@@ -447,7 +447,7 @@ class _CombinedGLU(torch.autograd.Function):
         if ctx.overwrite:
             ctx.overwritten = True
         needs_x, needs_gate_up, needs_down, needs_weights = ctx.needs_input_grad[:4]
-        grad_rows = grad_out.index_select(0, sorted_tokens)  # [S, O]
+        grad_rows = _gather_rows(grad_out, sorted_tokens, None)  # [S, O]
         grad_hidden = quack_gemm.experts_mm_grad_input(grad_rows, down_proj, offsets)  # [S, F]
         grad_preact, grad_scale = swiglu_kernels.swiglu_pairs_backward(
             preact, grad_hidden, row_scale, out=preact if ctx.overwrite else None
@@ -459,7 +459,7 @@ class _CombinedGLU(torch.autograd.Function):
             grad_down = quack_gemm.experts_mm_grad_weight(grad_rows, scaled_hidden, down_proj, offsets)
         del grad_rows, scaled_hidden, grad_hidden
         if needs_gate_up:
-            x_sorted = x.index_select(0, sorted_tokens)
+            x_sorted = _gather_rows(x, sorted_tokens, None)
             grad_gate_up = quack_gemm.experts_mm_grad_weight(
                 grad_preact, x_sorted, gate_up_proj, offsets, interleaved=True
             )
