@@ -4,7 +4,7 @@
 # ffnvar: the FFN table with v14's memory savings switched off one by one; gemm: the expert
 # matmuls alone; tgemm: the Triton grouped-GEMM probe; quack: the QuACK GEMM probe; fusedops: each
 # QuACK call of the fused SwiGLU experts against the unfused ones; first: QuACK's first-use cost, cold and cached; trainq: the
-# train step with QuACK's GEMMs and with grouped_mm; decodediag: the batch-1 decoding diagnosis; compile: graph breaks and gain),
+# train step with QuACK's GEMMs and with grouped_mm; moves: the row gathers, combine and routing; decodediag: the batch-1 decoding diagnosis; compile: graph breaks and gain),
 # each under its own time limit so one slow part cannot eat the rest.
 #   PARTS="gen mole train" bash benchmarks/device_perf.sh
 #   PARTS="static gen1" bash benchmarks/device_perf.sh   # compiled decoding, eager batch 1
@@ -60,6 +60,7 @@ for part in $parts; do
         tiles) timeout ${TILES_S:-420} python3 benchmarks/quack_fused_ops.py --tiles > "$out/quack_tiles.log" 2>&1 ;;
         trainseg) timeout 90 python3 benchmarks/train_step.py --optimizers fused --segments > "$out/train_step.log" 2>&1 ;;
         autotune) timeout ${AUTOTUNE_S:-420} python3 benchmarks/moe_layer.py --ffn-only --autotune > "$out/moe_ffn_autotune.log" 2>&1 ;;
+        moves) timeout 60 python3 benchmarks/row_moves.py > "$out/row_moves.log" 2>&1; cat "$out/row_moves.log" ;;
         sync) timeout 30 python3 benchmarks/sync_check.py > "$out/sync_check.log" 2>&1; cat "$out/sync_check.log" ;;
         profmole) timeout 15 python3 benchmarks/profile_moe.py mole > "$out/profile_mole.log" 2>&1 ;;
     esac

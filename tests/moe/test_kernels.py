@@ -56,6 +56,41 @@ def test_combine_kernel_forward_and_backward(tokens, top_k, width):
     )
 
 
+@pytest.mark.parametrize(
+    ("tokens", "top_k", "width", "dtype"),
+    [
+        (7, 2, 40, torch.float32),
+        (5, 6, 1100, torch.bfloat16),
+        (4, 1, 16, torch.float32),
+        (3, 3, 2048, torch.float16),
+    ],
+)
+def test_spread_rows_kernel_equals_the_sorted_gather(tokens, top_k, width, dtype):
+    from vlmoe.moe.kernels.combine import spread_rows_triton
+
+    torch.manual_seed(tokens + top_k)
+    sorted_slots = torch.randperm(tokens * top_k, device=DEVICE)
+    slot_rows = torch.empty_like(sorted_slots)
+    slot_rows[sorted_slots] = torch.arange(tokens * top_k, device=DEVICE)
+    src = torch.randn(tokens, width, device=DEVICE).to(dtype)
+    out = spread_rows_triton(src, slot_rows, top_k)
+    # A copy: bit for bit the rows index_select gives in sorted order.
+    assert out.dtype == dtype
+    assert torch.equal(out, src.index_select(0, sorted_slots // top_k))
+    # A strided (transposed) input is read as its values, not its memory.
+    src_t = torch.randn(width, tokens, device=DEVICE).to(dtype).t()
+    assert torch.equal(
+        spread_rows_triton(src_t, slot_rows, top_k), src_t.index_select(0, sorted_slots // top_k)
+    )
+
+
+def test_spread_rows_refuses_a_slot_count_that_is_not_tokens_times_k():
+    from vlmoe.moe.kernels.combine import spread_rows_triton
+
+    with pytest.raises(ValueError, match="expected 4 tokens x 2"):
+        spread_rows_triton(torch.zeros(4, 8, device=DEVICE), torch.arange(6, device=DEVICE), 2)
+
+
 def test_swiglu_backward_can_overwrite_its_input_and_refuses_a_second_backward():
     from vlmoe.moe.kernels.swiglu import _SwiGLU, swiglu_reference
 
@@ -167,7 +202,8 @@ def test_plain_sum_combine_saves_nothing_and_copies_gradients_back():
     out = _SumSorted.apply(y_sorted, slot_rows, sorted_slots // top_k, top_k)
     expected = gather_sum_reference(y_sorted.double(), slot_rows, None, top_k)
     assert relative_error(out, expected) < 1e-6
-    assert [t.shape for t in out.grad_fn.saved_tensors] == [sorted_slots.shape]  # not y_sorted
+    # Two index vectors, not y_sorted.
+    assert [t.shape for t in out.grad_fn.saved_tensors] == [sorted_slots.shape] * 2
     (grad_y,) = torch.autograd.grad(out, y_sorted, grad)
     (expected_grad,) = torch.autograd.grad(expected, y_sorted, grad.double())
     assert torch.equal(grad_y.double(), expected_grad)
