@@ -46,7 +46,7 @@ def _problem(tokens, hidden, intermediate, num_experts, top_k):
     slot_experts = torch.rand(tokens, num_experts, device=dev).topk(top_k, dim=-1).indices.reshape(-1)
     _, sorted_slots = torch.sort(slot_experts.to(torch.int32), stable=True)
     counts = torch.bincount(slot_experts, minlength=num_experts)
-    offsets = counts.cumsum(0).to(torch.int32)
+    bounds = quack_gemm.cu_seqlens(counts.cumsum(0))  # [0, offsets...], as DispatchPlan.segment_bounds
     sorted_tokens = sorted_slots // top_k
     rows = tokens * top_k
     x = torch.randn(tokens, hidden, device=dev, dtype=dt)
@@ -58,7 +58,7 @@ def _problem(tokens, hidden, intermediate, num_experts, top_k):
         x=x,
         gate_up=gate_up,
         down=down,
-        offsets=offsets,
+        bounds=bounds,
         sorted_tokens=sorted_tokens,
         grad_tokens=grad_tokens,
         row_scale=row_scale,
@@ -68,7 +68,7 @@ def _problem(tokens, hidden, intermediate, num_experts, top_k):
 
 def _steps(p):
     """(name, path, flops, step) for each call of the fused and the unfused path."""
-    x, gate_up, down, offsets, tokens = p["x"], p["gate_up"], p["down"], p["offsets"], p["sorted_tokens"]
+    x, gate_up, down, bounds, tokens = p["x"], p["gate_up"], p["down"], p["bounds"], p["sorted_tokens"]
     rows, hidden, width = p["rows"], x.shape[1], gate_up.shape[1]
     scale, grad_tokens = p["row_scale"], p["grad_tokens"]
     mm, grad_input, grad_weight = (
@@ -77,10 +77,10 @@ def _steps(p):
         quack_gemm.experts_mm_grad_weight,
     )
     x_sorted = x.index_select(0, tokens)
-    preact, hidden_rows = quack_gemm.experts_swiglu(x, gate_up, offsets, tokens)
-    gate_up_rows = mm(x, gate_up, offsets, token_rows=tokens)
+    preact, hidden_rows = quack_gemm.experts_swiglu(x, gate_up, bounds, tokens)
+    gate_up_rows = mm(x, gate_up, bounds, token_rows=tokens)
     grad_sorted = grad_tokens.index_select(0, tokens)
-    grad_hidden = grad_input(grad_sorted, down, offsets)
+    grad_hidden = grad_input(grad_sorted, down, bounds)
     # The pairs pass runs in place as in the layer (timed on copies it may overwrite; v17's
     # reading cloned grad_hidden inside the step, which added one [S, F] copy to its time).
     pairs_preact, pairs_grad = preact.clone(), grad_hidden.clone()
@@ -88,24 +88,24 @@ def _steps(p):
     second = rows * hidden * width  # 2 * rows * hidden * F
     return [
         ("gate_up forward + SwiGLU (epilogue)", "fused", first,
-         lambda: quack_gemm.experts_swiglu(x, gate_up, offsets, tokens)),
-        ("gate_up forward (gathered)", "unfused", first, lambda: mm(x, gate_up, offsets, token_rows=tokens)),
+         lambda: quack_gemm.experts_swiglu(x, gate_up, bounds, tokens)),
+        ("gate_up forward (gathered)", "unfused", first, lambda: mm(x, gate_up, bounds, token_rows=tokens)),
         ("SwiGLU pass, row scale", "unfused", 0, lambda: swiglu_forward_triton(gate_up_rows, scale)),
-        ("down forward", "both", second, lambda: mm(hidden_rows, down, offsets)),
+        ("down forward", "both", second, lambda: mm(hidden_rows, down, bounds)),
         ("gather output gradient", "both", 0, lambda: grad_tokens.index_select(0, tokens)),
-        ("down grad input", "both", second, lambda: grad_input(grad_sorted, down, offsets)),
+        ("down grad input", "both", second, lambda: grad_input(grad_sorted, down, bounds)),
         ("SwiGLU backward pass, pairs, w * hidden out", "fused", 0,
          lambda: swiglu_pairs_backward(pairs_preact, pairs_grad, scale, out=pairs_preact)),
         ("SwiGLU backward pass", "unfused", 0,
          lambda: swiglu_backward_triton(gate_up_rows, grad_hidden, row_scale=scale)),
-        ("down grad weight", "both", second, lambda: grad_weight(grad_sorted, hidden_rows, down, offsets)),
+        ("down grad weight", "both", second, lambda: grad_weight(grad_sorted, hidden_rows, down, bounds)),
         ("gate_up grad weight (interleaved)", "fused", first,
-         lambda: grad_weight(preact, x_sorted, gate_up, offsets, interleaved=True)),
+         lambda: grad_weight(preact, x_sorted, gate_up, bounds, interleaved=True)),
         ("gate_up grad weight", "unfused", first,
-         lambda: grad_weight(gate_up_rows, x_sorted, gate_up, offsets)),
+         lambda: grad_weight(gate_up_rows, x_sorted, gate_up, bounds)),
         ("gate_up grad input (interleaved)", "fused", first,
-         lambda: grad_input(preact, gate_up, offsets, interleaved=True)),
-        ("gate_up grad input", "unfused", first, lambda: grad_input(gate_up_rows, gate_up, offsets)),
+         lambda: grad_input(preact, gate_up, bounds, interleaved=True)),
+        ("gate_up grad input", "unfused", first, lambda: grad_input(gate_up_rows, gate_up, bounds)),
         ("re-gather x", "both", 0, lambda: x.index_select(0, tokens)),
     ]  # fmt: skip
 
@@ -139,9 +139,9 @@ def _epilogue_variants_for(shape, reps: int) -> list[dict]:
     rows_out = []
     p = _problem(*shape)
     x, gate_up, down, tokens = p["x"], p["gate_up"], p["down"], p["sorted_tokens"]
-    cu = quack_gemm.cu_seqlens(p["offsets"])
+    cu = p["bounds"]
     a_idx = tokens.to(torch.int32)
-    preact, _ = quack_gemm.experts_swiglu(x, gate_up, p["offsets"], tokens)
+    preact, _ = quack_gemm.experts_swiglu(x, gate_up, p["bounds"], tokens)
     grad_sorted = p["grad_tokens"].index_select(0, tokens)
     dx, post = torch.empty_like(preact), preact.new_empty(preact.shape[0], preact.shape[1] // 2)
     hidden = post.clone()

@@ -257,18 +257,18 @@ def test_the_fastest_configuration_is_chosen_once_and_remembered_on_disk(
     )
     x = torch.randn(40, 16, dtype=torch.float64)
     weight = torch.randn(3, 8, 16, dtype=torch.float64)
-    offsets = torch.tensor([10, 25, 40], dtype=torch.int32)
+    bounds = quack_gemm.cu_seqlens(torch.tensor([10, 25, 40]))
     wanted = torch.cat([x[:10] @ weight[0].T, x[10:25] @ weight[1].T, x[25:] @ weight[2].T])
 
     with caplog.at_level("WARNING", logger="vlmoe.moe.kernels.quack_gemm"):
-        out = quack_gemm.experts_mm(x, weight, offsets)
-        quack_gemm.experts_mm_grad_input(torch.randn(40, 8, dtype=torch.float64), weight, offsets)
+        out = quack_gemm.experts_mm(x, weight, bounds)
+        quack_gemm.experts_mm_grad_input(torch.randn(40, 8, dtype=torch.float64), weight, bounds)
     assert relative_error(out, wanted) < 1e-12
     # The first tuning of the process says why the step stalls, once.
     assert len(caplog.records) == 1 and "compiles its kernels" in caplog.records[0].getMessage()
     assert str(tmp_path / "quack_gemm.json") in caplog.records[0].getMessage()
     fake_quack.calls.clear()
-    quack_gemm.experts_mm(x, weight, offsets)
+    quack_gemm.experts_mm(x, weight, bounds)
     assert fake_quack.calls[-1][1] == 256  # the result comes from the chosen configuration
     saved = json.loads((tmp_path / "quack_gemm.json").read_text())
     assert saved["chosen"]["forward/sorted/64/16/8/3/float64/cpu"] == 1
@@ -279,7 +279,7 @@ def test_the_fastest_configuration_is_chosen_once_and_remembered_on_disk(
     monkeypatch.setattr(quack_gemm, "_disk_loaded", False)
     monkeypatch.setattr(quack_gemm, "_elapsed_ms", lambda run: pytest.fail("timed again"))
     fake_quack.calls.clear()
-    quack_gemm.experts_mm(x, weight, offsets)
+    quack_gemm.experts_mm(x, weight, bounds)
     assert [call[1] for call in fake_quack.calls] == [256]
 
 
@@ -298,7 +298,7 @@ def test_tuning_times_the_candidates_in_interleaved_rounds_and_picks_by_median(f
     monkeypatch.setattr(quack_gemm, "_elapsed_ms", elapsed)
     x = torch.randn(40, 16, dtype=torch.float64)
     weight = torch.randn(3, 8, 16, dtype=torch.float64)
-    quack_gemm.experts_mm(x, weight, torch.tensor([10, 25, 40], dtype=torch.int32))
+    quack_gemm.experts_mm(x, weight, quack_gemm.cu_seqlens(torch.tensor([10, 25, 40])))
     count = len(quack_gemm.CANDIDATES)
     assert len(timed) == 7 * count
     rounds = [
@@ -315,7 +315,7 @@ def test_the_gather_never_times_configurations_it_cannot_run(fake_quack, monkeyp
     x = torch.randn(12, 16, dtype=torch.float64)
     weight = torch.randn(2, 8, 16, dtype=torch.float64)
     token_rows = torch.tensor([0, 3, 3, 5, 7, 11, 1, 2])
-    out = quack_gemm.experts_mm(x, weight, torch.tensor([5, 8], dtype=torch.int32), token_rows=token_rows)
+    out = quack_gemm.experts_mm(x, weight, torch.tensor([0, 5, 8], dtype=torch.int32), token_rows=token_rows)
     wanted = torch.cat([x[token_rows[:5]] @ weight[0].T, x[token_rows[5:]] @ weight[1].T])
     assert relative_error(out, wanted) < 1e-12
     assert fake_quack.configs and all(config.cluster_n == 1 for config in fake_quack.configs)
@@ -366,7 +366,7 @@ def test_a_quack_failure_names_the_switch_that_avoids_it(fake_quack, monkeypatch
     x = torch.randn(8, 16, dtype=torch.float64)
     weight = torch.randn(2, 8, 16, dtype=torch.float64)
     with pytest.raises(RuntimeError, match=r"cannot implement.*A=\(8, 16\).*VLMOE_QUACK=0"):
-        quack_gemm.experts_mm(x, weight, torch.tensor([3, 8], dtype=torch.int32))
+        quack_gemm.experts_mm(x, weight, torch.tensor([0, 3, 8], dtype=torch.int32))
 
 
 def test_disabled_restores_the_switch(monkeypatch):

@@ -56,12 +56,12 @@ def test_the_three_expert_matmuls_match_float64_loops(counts, fan_in, fan_out, t
     x = x_tokens[token_rows]
     grad = torch.randn(rows, fan_out, device="cuda", dtype=torch.bfloat16)
     weight = torch.randn(len(counts), fan_out, fan_in, device="cuda", dtype=torch.bfloat16) / fan_in**0.5
-    offsets = torch.tensor(counts, device="cuda").cumsum(0).to(torch.int32)
+    bounds = quack_gemm.cu_seqlens(torch.tensor(counts, device="cuda").cumsum(0))
 
-    forward = quack_gemm.experts_mm(x, weight, offsets)
-    gathered = quack_gemm.experts_mm(x_tokens, weight, offsets, token_rows=token_rows)
-    grad_x = quack_gemm.experts_mm_grad_input(grad, weight, offsets)
-    grad_w = quack_gemm.experts_mm_grad_weight(grad, x, weight, offsets)
+    forward = quack_gemm.experts_mm(x, weight, bounds)
+    gathered = quack_gemm.experts_mm(x_tokens, weight, bounds, token_rows=token_rows)
+    grad_x = quack_gemm.experts_mm_grad_input(grad, weight, bounds)
+    grad_w = quack_gemm.experts_mm_grad_weight(grad, x, weight, bounds)
 
     x64, grad64, w64 = x.double(), grad.double(), weight.double()
     for expert, (start, end) in enumerate(_segments(counts)):

@@ -43,7 +43,7 @@ from torch import Tensor
 
 from vlmoe.moe.kernels import quack_gemm
 from vlmoe.moe.kernels import swiglu as swiglu_kernels
-from vlmoe.moe.kernels.combine import combine_sorted, gather_sum, sum_sorted
+from vlmoe.moe.kernels.combine import combine_sorted, gather_sum, spread_rows, sum_sorted
 from vlmoe.moe.router import Routing
 
 Backend = Literal["auto", "reference", "grouped", "segments", "dense", "decode"]
@@ -71,11 +71,16 @@ class DispatchPlan:
     # The `segments` backend: every expert matmul runs on host-side counts, even where grouped_mm could.
     segments: bool = False
     sorted_tokens: Tensor | None = None  # [S] token of each sorted row (sorted_slots // top_k), once per plan
+    # [E + 1] int32, [0, offsets...]: QuACK's cu_seqlens, once per plan (not once per matmul);
+    # `offsets` is a view of it where plan_dispatch made both.
+    segment_bounds: Tensor | None = None
     _host_counts: list[int] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.sorted_tokens is None:
             self.sorted_tokens = self.sorted_slots // self.top_k
+        if self.segment_bounds is None:
+            self.segment_bounds = quack_gemm.cu_seqlens(self.offsets)
 
     def gather(self, x: Tensor) -> Tensor:
         """The token rows in expert order, zeros for dropped rows. x # [T, I] -> x_sorted # [S, I]"""
@@ -128,7 +133,7 @@ def plan_dispatch(routing: Routing) -> DispatchPlan:
     slot_rows = torch.empty_like(sorted_slots)
     slot_rows[sorted_slots] = torch.arange(sorted_slots.numel(), device=sorted_slots.device)
     tokens_per_expert = _count(slot_experts, num_experts + 1)[:num_experts]
-    offsets = torch.cumsum(tokens_per_expert, dim=0).to(torch.int32)
+    segment_bounds = F.pad(tokens_per_expert, (1, 0)).cumsum(0, dtype=torch.int32)  # [E + 1]
     if routing.kept is not None:
         row_valid = (row_experts < num_experts).unsqueeze(-1)
     return DispatchPlan(
@@ -136,9 +141,10 @@ def plan_dispatch(routing: Routing) -> DispatchPlan:
         slot_rows=slot_rows,
         row_experts=row_experts,
         tokens_per_expert=tokens_per_expert,
-        offsets=offsets,
+        offsets=segment_bounds[1:],
         row_valid=row_valid,
         top_k=routing.expert_indices.shape[-1],
+        segment_bounds=segment_bounds,
     )
 
 
@@ -155,7 +161,7 @@ class _GatherTokenRows(torch.autograd.Function):
     def forward(ctx, x: Tensor, sorted_tokens: Tensor, slot_rows: Tensor, top_k: int) -> Tensor:
         ctx.save_for_backward(slot_rows)
         ctx.top_k = top_k
-        return x.index_select(0, sorted_tokens)
+        return spread_rows(x, slot_rows, sorted_tokens, top_k)
 
     @staticmethod
     def backward(ctx, grad_sorted: Tensor):
@@ -184,10 +190,8 @@ def grouped_linear(
     Rows of dropped slots (after the last segment) come back as zeros.
     """
     counts = _segment_counts(x_sorted, weight, plan)
-    if counts is None and not quack_gemm.usable(weight, x_sorted):
-        out = _grouped_mm(x_sorted, weight.transpose(-2, -1), offs=plan.offsets)
-    else:
-        out = _ExpertsLinear.apply(*_matmul_operands(x_sorted, weight), plan.offsets, counts)
+    # The kernel (QuACK, grouped_mm or a matmul per segment) is chosen in one place, _experts_mm.
+    out = _ExpertsLinear.apply(*_matmul_operands(x_sorted, weight), plan.segment_bounds, counts)
     return _add_bias(out, bias, plan)
 
 
@@ -202,7 +206,7 @@ def gathered_linear(x: Tensor, weight: Tensor, plan: DispatchPlan, bias: Tensor 
     x, weight = _matmul_operands(x, weight)
     counts = _segment_counts(x, weight, plan)
     out = _GatheredLinear.apply(
-        x, weight, plan.sorted_tokens, plan.slot_rows, plan.offsets, plan.row_valid, plan.top_k, counts
+        x, weight, plan.sorted_tokens, plan.slot_rows, plan.segment_bounds, plan.row_valid, plan.top_k, counts
     )
     return _add_bias(out, bias, plan)
 
@@ -247,16 +251,17 @@ def segment_linear(x_sorted: Tensor, weight: Tensor, counts: list[int] | tuple[i
     return _ExpertsLinear.apply(*_matmul_operands(x_sorted, weight), None, tuple(counts))
 
 
-# The three matmuls of an expert-sorted linear, on grouped_mm (counts None: offsets on the device)
-# or one plain matmul per segment (host counts; rows past the segments get zeros).
+# The three matmuls of an expert-sorted linear, on QuACK or grouped_mm (counts None: the segment
+# bounds on the device, [E + 1] from 0, whose tail is grouped_mm's `offs`) or one plain matmul per
+# segment (host counts; rows past the segments get zeros).
 
 
-def _experts_mm(x_sorted: Tensor, weight: Tensor, offsets: Tensor, counts: tuple[int, ...] | None) -> Tensor:
+def _experts_mm(x_sorted: Tensor, weight: Tensor, bounds: Tensor, counts: tuple[int, ...] | None) -> Tensor:
     """Row r: x_sorted[r] @ weight[e].T. # [S, I] x [E, O, I] -> [S, O]"""
     if counts is None:
         if quack_gemm.usable(weight, x_sorted):
-            return quack_gemm.experts_mm(x_sorted, weight, offsets)
-        return _grouped_mm(x_sorted, weight.transpose(-2, -1), offs=offsets)
+            return quack_gemm.experts_mm(x_sorted, weight, bounds)
+        return _grouped_mm(x_sorted, weight.transpose(-2, -1), offs=bounds[1:])
     out = x_sorted.new_empty(x_sorted.shape[0], weight.shape[-2])
     with torch.autocast(x_sorted.device.type, enabled=False):
         for expert, rows in _segments(counts):
@@ -266,14 +271,14 @@ def _experts_mm(x_sorted: Tensor, weight: Tensor, offsets: Tensor, counts: tuple
 
 
 def _experts_mm_grad_input(
-    grad_out: Tensor, weight: Tensor, offsets: Tensor, counts: tuple[int, ...] | None
+    grad_out: Tensor, weight: Tensor, bounds: Tensor, counts: tuple[int, ...] | None
 ) -> Tensor:
     """Row r: grad_out[r] @ weight[e]. # [S, O] x [E, O, I] -> [S, I] (rows past the segments:
     zeros on the segment path, unwritten by the grouped kernels)"""
     if counts is None:
         if quack_gemm.usable(weight, grad_out):
-            return quack_gemm.experts_mm_grad_input(grad_out, weight, offsets)
-        return _grouped_mm(grad_out, weight, offs=offsets)
+            return quack_gemm.experts_mm_grad_input(grad_out, weight, bounds)
+        return _grouped_mm(grad_out, weight, offs=bounds[1:])
     grad_x = grad_out.new_empty(grad_out.shape[0], weight.shape[-1])
     for expert, rows in _segments(counts):
         torch.mm(grad_out[rows], weight[expert], out=grad_x[rows])
@@ -282,13 +287,13 @@ def _experts_mm_grad_input(
 
 
 def _experts_mm_grad_weight(
-    grad_out: Tensor, x_sorted: Tensor, weight: Tensor, offsets: Tensor, counts: tuple[int, ...] | None
+    grad_out: Tensor, x_sorted: Tensor, weight: Tensor, bounds: Tensor, counts: tuple[int, ...] | None
 ) -> Tensor:
     """Expert e: grad_out[segment e].T @ x_sorted[segment e]. -> [E, O, I] (zeros for empty experts)"""
     if counts is None:
         if quack_gemm.usable(weight, grad_out):
-            return quack_gemm.experts_mm_grad_weight(grad_out, x_sorted, weight, offsets)
-        return _grouped_mm(grad_out.t(), x_sorted, offs=offsets)
+            return quack_gemm.experts_mm_grad_weight(grad_out, x_sorted, weight, bounds)
+        return _grouped_mm(grad_out.t(), x_sorted, offs=bounds[1:])
     # Every expert's gradient is written once; only experts without rows need zeros
     # (zeros_like would clear all E x O x I first: 0.8 ms on the (8192, 4096, 14336) layer).
     grad_weight = torch.empty_like(weight)
@@ -302,30 +307,32 @@ def _experts_mm_grad_weight(
 
 class _ExpertsLinear(torch.autograd.Function):
     """x_sorted @ weight[e].T per segment, its backward the two matching expert matmuls: on QuACK
-    (offsets on the device) or one plain matmul per segment into slices of one output (host
+    (segment bounds on the device) or one plain matmul per segment into slices of one output (host
     counts: no split, no cat, no copy of the result)."""
 
     @staticmethod
-    def forward(ctx, x_sorted: Tensor, weight: Tensor, offsets, counts: tuple[int, ...] | None) -> Tensor:
-        ctx.save_for_backward(x_sorted, weight, offsets)
+    def forward(ctx, x_sorted: Tensor, weight: Tensor, bounds, counts: tuple[int, ...] | None) -> Tensor:
+        ctx.save_for_backward(x_sorted, weight, bounds)
         ctx.counts = counts
-        return _experts_mm(x_sorted, weight, offsets, counts)
+        return _experts_mm(x_sorted, weight, bounds, counts)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        x_sorted, weight, offsets = ctx.saved_tensors
+        x_sorted, weight, bounds = ctx.saved_tensors
         grad_out = grad_out.contiguous()
         grad_x = grad_weight = None
         if ctx.needs_input_grad[0]:
-            grad_x = _experts_mm_grad_input(grad_out, weight, offsets, ctx.counts)
+            grad_x = _experts_mm_grad_input(grad_out, weight, bounds, ctx.counts)
         if ctx.needs_input_grad[1]:
-            grad_weight = _experts_mm_grad_weight(grad_out, x_sorted, weight, offsets, ctx.counts)
+            grad_weight = _experts_mm_grad_weight(grad_out, x_sorted, weight, bounds, ctx.counts)
         return grad_x, grad_weight, None, None
 
 
-def _gather_rows(x: Tensor, sorted_tokens: Tensor, row_valid: Tensor | None) -> Tensor:
+def _gather_rows(
+    x: Tensor, slot_rows: Tensor, sorted_tokens: Tensor, top_k: int, row_valid: Tensor | None
+) -> Tensor:
     """x_sorted[r] = x[sorted_tokens[r]], zero for dropped rows."""
-    return _zero_dropped(x.index_select(0, sorted_tokens), row_valid)
+    return _zero_dropped(spread_rows(x, slot_rows, sorted_tokens, top_k), row_valid)
 
 
 def _zero_dropped(rows: Tensor, row_valid: Tensor | None) -> Tensor:
@@ -345,26 +352,27 @@ class _GatheredLinear(torch.autograd.Function):
     the rows' input gradient into the tokens' before anything else is allocated."""
 
     @staticmethod
-    def forward(ctx, x, weight, sorted_tokens, slot_rows, offsets, row_valid, top_k, counts):
-        ctx.save_for_backward(x, weight, sorted_tokens, slot_rows, offsets, row_valid)
+    def forward(ctx, x, weight, sorted_tokens, slot_rows, bounds, row_valid, top_k, counts):
+        ctx.save_for_backward(x, weight, sorted_tokens, slot_rows, bounds, row_valid)
         ctx.top_k, ctx.counts = top_k, counts
         if counts is None and quack_gemm.usable(weight, x, rows=sorted_tokens.shape[0]):
             # QuACK gathers the token rows in its loads: no [S, I] copy, forward or kept. Dropped
             # rows sit past the last segment, so they are not computed, as with grouped_mm.
-            return quack_gemm.experts_mm(x, weight, offsets, token_rows=sorted_tokens)
-        return _experts_mm(_gather_rows(x, sorted_tokens, row_valid), weight, offsets, counts)
+            return quack_gemm.experts_mm(x, weight, bounds, token_rows=sorted_tokens)
+        x_sorted = _gather_rows(x, slot_rows, sorted_tokens, top_k, row_valid)
+        return _experts_mm(x_sorted, weight, bounds, counts)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        x, weight, sorted_tokens, slot_rows, offsets, row_valid = ctx.saved_tensors
+        x, weight, sorted_tokens, slot_rows, bounds, row_valid = ctx.saved_tensors
         grad_out = grad_out.contiguous()
         grad_x = grad_weight = None
         if ctx.needs_input_grad[1]:
-            x_sorted = _gather_rows(x, sorted_tokens, row_valid)
-            grad_weight = _experts_mm_grad_weight(grad_out, x_sorted, weight, offsets, ctx.counts)
+            x_sorted = _gather_rows(x, slot_rows, sorted_tokens, ctx.top_k, row_valid)
+            grad_weight = _experts_mm_grad_weight(grad_out, x_sorted, weight, bounds, ctx.counts)
             del x_sorted
         if ctx.needs_input_grad[0]:
-            grad_sorted = _experts_mm_grad_input(grad_out, weight, offsets, ctx.counts)
+            grad_sorted = _experts_mm_grad_input(grad_out, weight, bounds, ctx.counts)
             grad_x = _sum_slot_rows(grad_sorted, slot_rows, row_valid, ctx.top_k)
         return grad_x, grad_weight, None, None, None, None, None, None
 
@@ -393,7 +401,7 @@ def combined_glu(
         return None
     return _CombinedGLU.apply(
         x.to(dtype), gate_up_proj.to(dtype), down_proj.to(dtype), combine_weights, plan.sorted_tokens,
-        plan.slot_rows, plan.sorted_slots, plan.offsets, plan.top_k,
+        plan.slot_rows, plan.sorted_slots, plan.segment_bounds, plan.top_k,
     )  # fmt: skip
 
 
@@ -418,17 +426,15 @@ class _CombinedGLU(torch.autograd.Function):
         sorted_tokens,
         slot_rows,
         sorted_slots,
-        offsets,
+        bounds,
         top_k,
     ):
         row_scale = combine_weights.reshape(-1).float().index_select(0, sorted_slots)  # [S]
-        preact, hidden = quack_gemm.experts_swiglu(x, gate_up_proj, offsets, sorted_tokens)
-        y_sorted = quack_gemm.experts_mm(hidden, down_proj, offsets)
+        preact, hidden = quack_gemm.experts_swiglu(x, gate_up_proj, bounds, sorted_tokens)
+        y_sorted = quack_gemm.experts_mm(hidden, down_proj, bounds)
         del hidden
         out = gather_sum(y_sorted, slot_rows, combine_weights.float().contiguous(), top_k)
-        ctx.save_for_backward(
-            x, gate_up_proj, down_proj, preact, row_scale, sorted_tokens, slot_rows, offsets
-        )
+        ctx.save_for_backward(x, gate_up_proj, down_proj, preact, row_scale, sorted_tokens, slot_rows, bounds)
         ctx.top_k, ctx.weights_dtype = top_k, combine_weights.dtype
         # preact is ours alone: its memory can take its gradient (as the SwiGLU kernel's backward).
         ctx.overwrite = swiglu_kernels.OVERWRITE_IN_BACKWARD and not torch.compiler.is_compiling()
@@ -443,12 +449,12 @@ class _CombinedGLU(torch.autograd.Function):
                 "first one wrote its gradient over the saved preact to save memory. To backward "
                 "twice, set vlmoe.moe.kernels.swiglu.OVERWRITE_IN_BACKWARD = False before the forward"
             )
-        x, gate_up_proj, down_proj, preact, row_scale, sorted_tokens, slot_rows, offsets = ctx.saved_tensors
+        x, gate_up_proj, down_proj, preact, row_scale, sorted_tokens, slot_rows, bounds = ctx.saved_tensors
         if ctx.overwrite:
             ctx.overwritten = True
         needs_x, needs_gate_up, needs_down, needs_weights = ctx.needs_input_grad[:4]
-        grad_rows = _gather_rows(grad_out, sorted_tokens, None)  # [S, O]
-        grad_hidden = quack_gemm.experts_mm_grad_input(grad_rows, down_proj, offsets)  # [S, F]
+        grad_rows = _gather_rows(grad_out, slot_rows, sorted_tokens, ctx.top_k, None)  # [S, O]
+        grad_hidden = quack_gemm.experts_mm_grad_input(grad_rows, down_proj, bounds)  # [S, F]
         grad_preact, grad_scale = swiglu_kernels.swiglu_pairs_backward(
             preact, grad_hidden, row_scale, out=preact if ctx.overwrite else None
         )
@@ -456,17 +462,17 @@ class _CombinedGLU(torch.autograd.Function):
         scaled_hidden = grad_hidden  # overwritten with w * hidden by the pass above
         grad_x = grad_gate_up = grad_down = grad_weights = None
         if needs_down:
-            grad_down = quack_gemm.experts_mm_grad_weight(grad_rows, scaled_hidden, down_proj, offsets)
+            grad_down = quack_gemm.experts_mm_grad_weight(grad_rows, scaled_hidden, down_proj, bounds)
         del grad_rows, scaled_hidden, grad_hidden
         if needs_gate_up:
-            x_sorted = _gather_rows(x, sorted_tokens, None)
+            x_sorted = _gather_rows(x, slot_rows, sorted_tokens, ctx.top_k, None)
             grad_gate_up = quack_gemm.experts_mm_grad_weight(
-                grad_preact, x_sorted, gate_up_proj, offsets, interleaved=True
+                grad_preact, x_sorted, gate_up_proj, bounds, interleaved=True
             )
             del x_sorted
         if needs_x:
             grad_sorted = quack_gemm.experts_mm_grad_input(
-                grad_preact, gate_up_proj, offsets, interleaved=True
+                grad_preact, gate_up_proj, bounds, interleaved=True
             )
             del grad_preact
             grad_x = _sum_slot_rows(grad_sorted, slot_rows, None, ctx.top_k)

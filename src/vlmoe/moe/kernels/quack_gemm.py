@@ -9,7 +9,7 @@ copy. QuACK installs beside the user's torch (`pip install vlmoe[quack]`); witho
 Hopper, grouped_mm runs as before.
 
 Three problems, each over expert-sorted rows with cu_seqlens = [0, offsets...] on the device
-(no host synchronisation):
+(no host synchronisation; the functions take it as `bounds`):
 - forward        out[r] = x[r] @ W[e].T       varlen-M, A = x_sorted, or A = x with A_idx
 - input gradient g_x[r] = g[r] @ W[e]         varlen-M
 - weight grad.   g_W[e] = g[seg e].T @ x[seg e]  varlen-K
@@ -131,46 +131,48 @@ def swiglu_unfused():
 
 
 def cu_seqlens(offsets: Tensor) -> Tensor:
-    """[E] segment ends -> [E + 1] int32 boundaries starting at 0."""
+    """[E] segment ends -> [E + 1] int32 boundaries starting at 0, the `bounds` every function
+    here takes (a plan computes them once: `DispatchPlan.segment_bounds`)."""
     return torch.nn.functional.pad(offsets.to(torch.int32), (1, 0))
 
 
-def experts_mm(x: Tensor, weight: Tensor, offsets: Tensor, token_rows: Tensor | None = None) -> Tensor:
+def experts_mm(x: Tensor, weight: Tensor, bounds: Tensor, token_rows: Tensor | None = None) -> Tensor:
     """Row r: x_r @ weight[e].T, x_r = x[token_rows[r]] if token_rows is given (the gather in the
-    GEMM's loads) else x[r]. -> [S, O]; rows past the last segment are left unwritten."""
+    GEMM's loads) else x[r]. -> [S, O]; rows past the last segment are left unwritten.
+    bounds # [E + 1] int32, expert e's rows bounds[e]:bounds[e + 1] (`cu_seqlens`)."""
     rows = x.shape[0] if token_rows is None else token_rows.shape[0]
     out = x.new_empty(rows, weight.shape[-2])
     a_idx = None if token_rows is None else token_rows.to(torch.int32)
-    _gemm("forward", A=x, B=weight.transpose(-2, -1), out=out, cu_seqlens_m=cu_seqlens(offsets), A_idx=a_idx)
+    _gemm("forward", A=x, B=weight.transpose(-2, -1), out=out, cu_seqlens_m=bounds, A_idx=a_idx)
     return out
 
 
 def experts_mm_grad_input(
-    grad_out: Tensor, weight: Tensor, offsets: Tensor, interleaved: bool = False
+    grad_out: Tensor, weight: Tensor, bounds: Tensor, interleaved: bool = False
 ) -> Tensor:
     """Row r: grad_out[r] @ weight[e]. -> [S, I]; rows past the last segment left unwritten.
     `interleaved`: grad_out's columns pair gate and up (column 2j, 2j + 1) while weight # [E, 2F, I]
     stacks [gate; up] (the gradient of `experts_swiglu`'s preact)."""
     out = grad_out.new_empty(grad_out.shape[0], weight.shape[-1])
     concat = {"concat_layout": ("B",)} if interleaved else {}
-    _gemm("grad_input", A=grad_out, B=weight, out=out, cu_seqlens_m=cu_seqlens(offsets), **concat)
+    _gemm("grad_input", A=grad_out, B=weight, out=out, cu_seqlens_m=bounds, **concat)
     return out
 
 
 def experts_mm_grad_weight(
-    grad_out: Tensor, x_sorted: Tensor, weight: Tensor, offsets: Tensor, interleaved: bool = False
+    grad_out: Tensor, x_sorted: Tensor, weight: Tensor, bounds: Tensor, interleaved: bool = False
 ) -> Tensor:
     """Expert e: grad_out[segment e].T @ x_sorted[segment e]. -> [E, O, I] (zeros for empty experts)
     `interleaved`: grad_out's columns pair gate and up, and the result comes back as [gate; up]
     stacked rows, the layout of `weight`."""
     out = torch.empty_like(weight)
     concat = {"concat_layout": ("out",)} if interleaved else {}
-    _gemm("grad_weight", A=grad_out.t(), B=x_sorted, out=out, cu_seqlens_k=cu_seqlens(offsets), **concat)
+    _gemm("grad_weight", A=grad_out.t(), B=x_sorted, out=out, cu_seqlens_k=bounds, **concat)
     return out
 
 
 def experts_swiglu(
-    x: Tensor, gate_up_proj: Tensor, offsets: Tensor, token_rows: Tensor
+    x: Tensor, gate_up_proj: Tensor, bounds: Tensor, token_rows: Tensor
 ) -> tuple[Tensor, Tensor]:
     """One GEMM with the SwiGLU in its epilogue. With x_r = x[token_rows[r]] (gathered in the
     loads) and e row r's expert: preact[r] = x_r @ gate_up_proj[e].T with gate j in column 2j and
@@ -187,7 +189,7 @@ def experts_swiglu(
             B=gate_up_proj.transpose(-2, -1),
             preact_out=preact,
             postact_out=hidden,
-            cu_seqlens_m=cu_seqlens(offsets),
+            cu_seqlens_m=bounds,
             A_idx=token_rows.to(torch.int32),
             concat_layout=("B",),
         ),
