@@ -5,8 +5,8 @@ At the performance issue's three shapes (tokens, d, E, k), in one process:
   `spread_rows_triton` (token by token, each row read once for its k copies);
 - gather-sum: the combine kernel `gather_sum_triton`, the same traffic the other way, as the
   bandwidth yardstick;
-- routing: the router's softmax/top-k/balance loss and the dispatch plan, forward and backward,
-  as `MoEFeedForward` runs them (NOTES.md, session 9).
+- routing: the router (gate, softmax, top-k, balance loss) and the dispatch plan, forward and
+  backward, with the torch top-k chain (the baseline) and with `topk_softmax`'s kernels.
 Bandwidth counts the bytes each pass must move (one read of the token rows, one write of the
 sorted rows, or the reverse), so a pass that reads a row k times shows below the others.
 
@@ -22,7 +22,7 @@ import torch
 from common import print_table, time_cuda, write_json
 from vlmoe.moe.dispatch import plan_dispatch
 from vlmoe.moe.kernels.combine import gather_sum_triton, spread_rows_triton
-from vlmoe.moe.router import Routing
+from vlmoe.moe.router import Router, RouterConfig, Routing
 
 SHAPES = [(16384, 2048, 4, 2), (8192, 4096, 8, 2), (16384, 2048, 64, 6)]
 
@@ -41,6 +41,37 @@ def _row_passes(x, plan, sorted_rows, weights) -> dict:
         "gather, spread_rows": lambda: spread_rows_triton(x, plan.slot_rows, top_k),
         "gather_sum (combine)": lambda: gather_sum_triton(sorted_rows, plan.slot_rows, weights, top_k),
     }
+
+
+def _routing_step(router, x, grad_weights):
+    """The router and the dispatch plan as the layer runs them, forward and backward."""
+
+    def step():
+        routing = router(x)
+        plan_dispatch(routing)
+        loss = (routing.combine_weights * grad_weights).sum() + sum(routing.aux_losses.values())
+        loss.backward()
+
+    return step
+
+
+def _routing_rows(tokens, hidden, num_experts, top_k, reps) -> dict[str, float]:
+    from vlmoe.moe import router as router_module
+
+    config = RouterConfig(num_experts=num_experts, top_k=top_k, load_balance_coef=0.01)
+    router = Router(hidden, config).cuda().to(torch.bfloat16)
+    x = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    grad_weights = torch.randn(tokens, top_k, device="cuda")
+    times = {}
+    saved = router_module.FUSED_TOPK
+    try:
+        for fused in (False, True):
+            router_module.FUSED_TOPK = fused
+            name = "routing + plan, fused top-k" if fused else "routing + plan, torch top-k"
+            times[name] = time_cuda(_routing_step(router, x, grad_weights), warmup=5, reps=reps)
+    finally:
+        router_module.FUSED_TOPK = saved
+    return times
 
 
 def main() -> None:
@@ -69,9 +100,18 @@ def main() -> None:
                 dict(tokens=tokens, hidden=hidden, experts=num_experts, top_k=top_k, name=name,
                      ms=ms, tb_per_s=tb_per_s, speedup_vs_index_select=ratio)
             )  # fmt: skip
+        shape = f"({tokens}, {hidden}, {num_experts}, {top_k})"
+        routing_times = _routing_rows(tokens, hidden, num_experts, top_k, args.reps)
+        baseline = routing_times["routing + plan, torch top-k"]
+        for name, ms in routing_times.items():
+            rows.append([shape, name, f"{ms:.3f}", "", f"{baseline / ms:.2f}"])
+            json_rows.append(
+                dict(tokens=tokens, hidden=hidden, experts=num_experts, top_k=top_k, name=name,
+                     ms=ms, speedup_vs_torch_topk=baseline / ms)
+            )  # fmt: skip
     print_table(
         f"row moves, bf16, {torch.cuda.get_device_name()}, torch {torch.__version__}",
-        ["(T, d, E, k)", "pass", "ms", "TB/s moved", "x index_select"],
+        ["(T, d, E, k)", "pass", "ms", "TB/s moved", "x baseline"],
         rows,
     )
     write_json("row_moves", json_rows)

@@ -71,3 +71,95 @@ def test_router_takes_the_fused_kernel_on_cuda_without_autograd():
     same = (fused.expert_indices == torch_path.expert_indices).all(dim=-1)
     assert same.float().mean() > 0.9  # bf16 logits: only near-ties may differ
     assert relative_error(fused.combine_weights[same], torch_path.combine_weights.detach()[same]) < 1e-2
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize(
+    ("tokens", "experts", "top_k", "normalize", "temperature"),
+    [
+        (70, 64, 6, True, 1.0),  # a ragged last block
+        (9, 5, 2, True, 0.7),  # E not a power of two
+        (33, 4, 1, False, 1.0),
+        (6, 3, 3, True, 2.0),  # k = E
+        (5, 256, 8, False, 1.0),
+    ],
+)
+def test_topk_softmax_kernels_equal_the_float64_reference_with_gradients(
+    tokens, experts, top_k, normalize, temperature
+):
+    from vlmoe.moe.kernels.routing import topk_softmax, topk_softmax_reference
+
+    generator = torch.Generator().manual_seed(tokens * experts + top_k)
+    logits = torch.randn(tokens, experts, generator=generator).to(DEVICE).requires_grad_()
+    logits64 = logits.detach().double().requires_grad_()
+    probs, weights, indices, counts = topk_softmax(logits, top_k, temperature, normalize)
+    ref_probs, ref_weights, ref_indices, ref_counts = topk_softmax_reference(
+        logits64, top_k, temperature, normalize
+    )
+    assert torch.equal(indices, ref_indices)  # random logits: no ties
+    assert counts.dtype == torch.int64 and torch.equal(counts, ref_counts)
+    assert counts.sum() == tokens * top_k
+    assert probs.dtype == weights.dtype == torch.float32
+    assert relative_error(probs, ref_probs) < 1e-6
+    assert relative_error(weights, ref_weights) < 1e-6
+
+    grad_probs = torch.randn(tokens, experts, generator=generator).to(DEVICE)
+    grad_weights = torch.randn(tokens, top_k, generator=generator).to(DEVICE)
+    # Both outputs carry a gradient (the combine and the balance loss), then each alone.
+    for outputs, grads, ref_outputs in (
+        ((probs, weights), (grad_probs, grad_weights), (ref_probs, ref_weights)),
+        ((weights,), (grad_weights,), (ref_weights,)),
+        ((probs,), (grad_probs,), (ref_probs,)),
+    ):
+        (grad,) = torch.autograd.grad(outputs, [logits], grads, retain_graph=True)
+        (ref_grad,) = torch.autograd.grad(
+            ref_outputs, [logits64], [g.double() for g in grads], retain_graph=True
+        )
+        assert grad.dtype == torch.float32
+        assert relative_error(grad, ref_grad) < 1e-5
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("straight_through", [False, True])
+def test_router_in_training_takes_the_fused_topk_and_matches_the_torch_router(monkeypatch, straight_through):
+    """On CUDA (here the interpreter stands in) the training router's softmax, top-k and counts
+    come from topk_softmax: the same routing, balance and z losses and gradients as the torch
+    chain, and dispatch's plan reuses the counts."""
+    from vlmoe.moe import router as router_module
+    from vlmoe.moe.dispatch import plan_dispatch
+
+    top_k = 1 if straight_through else 2
+    config = RouterConfig(
+        num_experts=6, top_k=top_k, temperature=0.8, load_balance_coef=0.01, z_loss_coef=0.001,
+        straight_through=straight_through,
+    )  # fmt: skip
+    torch.manual_seed(3)
+    router = Router(16, config).to(DEVICE)
+    with torch.no_grad():
+        router.gate.weight.normal_(std=0.5)
+    x = torch.randn(40, 16, device=DEVICE, requires_grad=True)
+    plain = router(x)
+    assert plain.expert_counts is None  # the torch chain (no Triton on this device)
+    monkeypatch.setattr(router_module, "use_triton", lambda tensor: True)
+    fused = router(x)
+    assert fused.expert_counts is not None
+    assert torch.equal(fused.expert_indices, plain.expert_indices)
+    assert torch.equal(fused.tokens_per_expert(), plain.tokens_per_expert())
+    for name in ("combine_weights", "router_probs"):
+        assert relative_error(getattr(fused, name), getattr(plain, name)) < 1e-6
+    assert set(fused.aux_losses) == set(plain.aux_losses) == {"load_balance", "z_loss"}
+    for name, loss in plain.aux_losses.items():
+        assert relative_error(fused.aux_losses[name], loss) < 1e-6
+
+    def total(routing):
+        weights = torch.linspace(-1, 1, routing.combine_weights.numel(), device=DEVICE)
+        return (routing.combine_weights.reshape(-1) * weights).sum() + sum(routing.aux_losses.values())
+
+    grads = torch.autograd.grad(total(fused), [x, router.gate.weight])
+    plain_grads = torch.autograd.grad(total(plain), [x, router.gate.weight])
+    for actual, wanted in zip(grads, plain_grads, strict=True):
+        assert relative_error(actual, wanted) < 1e-5
+
+    fused_plan, plain_plan = plan_dispatch(fused), plan_dispatch(plain)
+    for name in ("sorted_slots", "slot_rows", "tokens_per_expert", "offsets", "segment_bounds"):
+        assert torch.equal(getattr(fused_plan, name), getattr(plain_plan, name)), name

@@ -132,7 +132,10 @@ def plan_dispatch(routing: Routing) -> DispatchPlan:
     row_experts, sorted_slots = torch.sort(slot_experts.to(torch.int32), stable=True)
     slot_rows = torch.empty_like(sorted_slots)
     slot_rows[sorted_slots] = torch.arange(sorted_slots.numel(), device=sorted_slots.device)
-    tokens_per_expert = _count(slot_experts, num_experts + 1)[:num_experts]
+    if routing.kept is None and routing.expert_counts is not None:
+        tokens_per_expert = routing.expert_counts  # counted by the fused router
+    else:
+        tokens_per_expert = _count(slot_experts, num_experts + 1)[:num_experts]
     segment_bounds = F.pad(tokens_per_expert, (1, 0)).cumsum(0, dtype=torch.int32)  # [E + 1]
     if routing.kept is not None:
         row_valid = (row_experts < num_experts).unsqueeze(-1)

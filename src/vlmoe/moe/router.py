@@ -14,11 +14,14 @@ from torch import Tensor, nn
 
 from vlmoe.moe.config import BalanceScope, RouterConfig
 from vlmoe.moe.kernels import use_triton
-from vlmoe.moe.kernels.routing import route_triton
+from vlmoe.moe.kernels.routing import route_triton, topk_softmax
 
 # With autograd off, up to this many tokens are routed by one fused kernel on CUDA
 # (`vlmoe.moe.kernels.routing`): decoding steps, where the six torch launches dominate.
 FUSED_ROUTING_MAX_TOKENS = 256
+# With autograd on (training), softmax, top-k and renormalising run in `topk_softmax`'s two Triton
+# kernels on CUDA, which also count the slots per expert for the balance loss and the dispatch plan.
+FUSED_TOPK = True
 
 
 @dataclass
@@ -32,6 +35,8 @@ class Routing:
     kept: Tensor | None = None  # [T, K] bool; None means every slot is computed (dropless)
     token_mask: Tensor | None = None  # [T] bool, True for real (non-padding) tokens
     aux_losses: dict[str, Tensor] = field(default_factory=dict)  # already scaled by coefficients
+    # [E] int, token-slots per expert, where the fused router counted them (nothing dropped).
+    expert_counts: Tensor | None = None
 
     @property
     def num_experts(self) -> int:
@@ -39,6 +44,8 @@ class Routing:
 
     def tokens_per_expert(self) -> Tensor:
         """Computed token-slots per expert (dropped and padding slots excluded). # [E]"""
+        if self.expert_counts is not None and self.kept is None:
+            return self.expert_counts
         indices = self.expert_indices
         if self.kept is not None:
             indices = indices[self.kept]
@@ -61,6 +68,7 @@ def load_balancing_loss(
     *,
     scope: BalanceScope = "device",
     group: dist.ProcessGroup | None = None,
+    expert_counts: Tensor | None = None,
 ) -> Tensor:
     """Switch-Transformer balance loss E * sum_i f_i * P_i over real tokens (1.0 when uniform).
 
@@ -68,7 +76,9 @@ def load_balancing_loss(
     probability of expert i. Only P carries a gradient. With `scope="global"` (and
     torch.distributed initialised) the expert counts, probability sums and token count are all-reduced
     over `group` (None: every process) first: every rank gets the global batch's loss, and the
-    mean of the ranks' gradients (what DDP takes) is its gradient.
+    mean of the ranks' gradients (what DDP takes) is its gradient. `expert_counts` # [E]: the
+    slots per expert of `expert_indices`, where the caller has them (the fused router); only
+    used without a token mask.
 
     Example:
         >>> probs = torch.full((4, 2), 0.5); idx = torch.tensor([[0], [1], [0], [1]])
@@ -78,9 +88,12 @@ def load_balancing_loss(
     num_tokens, num_experts = router_probs.shape
     top_k = expert_indices.shape[-1]
     if token_mask is None:  # the common case, in few kernels (each small launch costs GPU time)
-        slots_per_expert = router_probs.new_zeros(num_experts).index_add_(
-            0, expert_indices.reshape(-1), router_probs.new_ones(expert_indices.numel())
-        )
+        if expert_counts is not None:
+            slots_per_expert = expert_counts.to(router_probs.dtype)
+        else:
+            slots_per_expert = router_probs.new_zeros(num_experts).index_add_(
+                0, expert_indices.reshape(-1), router_probs.new_ones(expert_indices.numel())
+            )
         prob_sum = router_probs.sum(dim=0)  # [E]
         num_real: Tensor | int = num_tokens
     else:
@@ -207,6 +220,8 @@ class Router(nn.Module):
         router_logits = self._logits(hidden, cluster_ids) if logits is None else logits  # [T, E]
         compute_dtype = torch.promote_types(router_logits.dtype, torch.float32)
         router_logits = router_logits.to(compute_dtype)
+        if self._fused_topk_applies(router_logits):
+            return self._fused_topk(router_logits, token_mask)
         scaled_logits = router_logits if cfg.temperature == 1.0 else router_logits / cfg.temperature
         router_probs = torch.softmax(scaled_logits, dim=-1)
         top_probs, expert_indices = torch.topk(router_probs, cfg.top_k, dim=-1)  # [T, K]
@@ -226,6 +241,20 @@ class Router(nn.Module):
         if cfg.top_k > 1 and cfg.normalize_top_k and self.forced_expert is None:
             total = top_probs.sum(dim=-1, keepdim=True)  # > 0 unless capacity dropped every slot
             combine_weights = top_probs / (total if kept is None else total.clamp_min(1e-9))
+        return self._finish(router_logits, router_probs, expert_indices, combine_weights, kept, token_mask)
+
+    def _finish(
+        self,
+        router_logits: Tensor,
+        router_probs: Tensor,
+        expert_indices: Tensor,
+        combine_weights: Tensor,
+        kept: Tensor | None,
+        token_mask: Tensor | None,
+        expert_counts: Tensor | None = None,
+    ) -> Routing:
+        """The straight-through weights and the router losses, the same after either top-k."""
+        cfg = self.config
         if cfg.straight_through:
             # Forward value 1 (0 where dropped); gradient of the chosen probability.
             ones = torch.ones_like(combine_weights) if kept is None else kept.to(combine_weights.dtype)
@@ -236,10 +265,12 @@ class Router(nn.Module):
         # where they would be a dozen wasted kernel launches per layer and token.
         wants_losses = torch.is_grad_enabled()
         if cfg.load_balance_coef > 0 and wants_losses:
-            counted = expert_indices[:, :1] if cfg.load_balance_first_choice else expert_indices
+            first_choice = cfg.load_balance_first_choice and cfg.top_k > 1
+            counted = expert_indices[:, :1] if first_choice else expert_indices
             balance = load_balancing_loss(
-                router_probs, counted, token_mask, scope=cfg.load_balance_scope, group=self.balance_group
-            )
+                router_probs, counted, token_mask, scope=cfg.load_balance_scope, group=self.balance_group,
+                expert_counts=None if first_choice else expert_counts,
+            )  # fmt: skip
             aux_losses["load_balance"] = cfg.load_balance_coef * balance
         if cfg.z_loss_coef > 0 and wants_losses:
             aux_losses["z_loss"] = cfg.z_loss_coef * router_z_loss(router_logits, token_mask)
@@ -251,7 +282,28 @@ class Router(nn.Module):
             kept=kept,
             token_mask=token_mask,
             aux_losses=aux_losses,
+            expert_counts=expert_counts,
         )
+
+    def _fused_topk_applies(self, router_logits: Tensor) -> bool:
+        """Softmax, top-k and renormalising in `topk_softmax`'s kernels (with autograd): on CUDA,
+        float32 logits, no forced expert and no capacity (which drops slots before renormalising)."""
+        cfg = self.config
+        return (
+            FUSED_TOPK
+            and use_triton(router_logits)
+            and router_logits.dtype == torch.float32
+            and router_logits.dim() == 2
+            and cfg.num_experts <= 256
+            and self.forced_expert is None
+            and cfg.capacity_factor is None
+        )
+
+    def _fused_topk(self, router_logits: Tensor, token_mask: Tensor | None) -> Routing:
+        cfg = self.config
+        normalize = cfg.top_k > 1 and cfg.normalize_top_k
+        probs, weights, indices, counts = topk_softmax(router_logits, cfg.top_k, cfg.temperature, normalize)
+        return self._finish(router_logits, probs, indices, weights, None, token_mask, expert_counts=counts)
 
     @property
     def gate_is_plain_linear(self) -> bool:
