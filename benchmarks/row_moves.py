@@ -6,7 +6,9 @@ At the performance issue's three shapes (tokens, d, E, k), in one process:
 - gather-sum: the combine kernel `gather_sum_triton`, the same traffic the other way, as the
   bandwidth yardstick;
 - routing: the router (gate, softmax, top-k, balance loss) and the dispatch plan, forward and
-  backward, with the torch top-k chain (the baseline) and with `topk_softmax`'s kernels.
+  backward, with the torch top-k chain (the baseline) and with `topk_softmax`'s kernels; GPU time
+  in kernels from the profiler (alone, this step is host-bound; in the layer the GEMMs hide the
+  host). The plan takes the counting sort in both rows (`vlmoe.moe.kernels.plan`).
 Bandwidth counts the bytes each pass must move (one read of the token rows, one write of the
 sorted rows, or the reverse), so a pass that reads a row k times shows below the others.
 
@@ -16,12 +18,14 @@ sorted rows, or the reverse), so a pass that reads a row k times shows below the
 from __future__ import annotations
 
 import argparse
+from functools import partial
 
 import torch
 
 from common import print_table, time_cuda, write_json
 from vlmoe.moe.dispatch import plan_dispatch
 from vlmoe.moe.kernels.combine import gather_sum_triton, spread_rows_triton
+from vlmoe.moe.kernels.plan import sort_slots_reference, sort_slots_triton
 from vlmoe.moe.router import Router, RouterConfig, Routing
 
 SHAPES = [(16384, 2048, 4, 2), (8192, 4096, 8, 2), (16384, 2048, 64, 6)]
@@ -55,7 +59,24 @@ def _routing_step(router, x, grad_weights):
     return step
 
 
-def _routing_rows(tokens, hidden, num_experts, top_k, reps) -> dict[str, float]:
+def _kernel_time(step, steps: int = 5) -> tuple[float, float]:
+    """(GPU ms in kernels, kernel launches) per step, from the profiler: the router is too small to
+    fill the GPU, so its wall time is the host's, which the layer's GEMMs hide."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    total_ms = sum(e.self_device_time_total for e in kernels) / 1e3
+    return total_ms / steps, sum(e.count for e in kernels) / steps
+
+
+def _routing_rows(tokens, hidden, num_experts, top_k, reps) -> dict[str, tuple[float, float]]:
     from vlmoe.moe import router as router_module
 
     config = RouterConfig(num_experts=num_experts, top_k=top_k, load_balance_coef=0.01)
@@ -68,7 +89,7 @@ def _routing_rows(tokens, hidden, num_experts, top_k, reps) -> dict[str, float]:
         for fused in (False, True):
             router_module.FUSED_TOPK = fused
             name = "routing + plan, fused top-k" if fused else "routing + plan, torch top-k"
-            times[name] = time_cuda(_routing_step(router, x, grad_weights), warmup=5, reps=reps)
+            times[name] = _kernel_time(_routing_step(router, x, grad_weights))
     finally:
         router_module.FUSED_TOPK = saved
     return times
@@ -101,13 +122,23 @@ def main() -> None:
                      ms=ms, tb_per_s=tb_per_s, speedup_vs_index_select=ratio)
             )  # fmt: skip
         shape = f"({tokens}, {hidden}, {num_experts}, {top_k})"
-        routing_times = _routing_rows(tokens, hidden, num_experts, top_k, args.reps)
-        baseline = routing_times["routing + plan, torch top-k"]
-        for name, ms in routing_times.items():
-            rows.append([shape, name, f"{ms:.3f}", "", f"{baseline / ms:.2f}"])
+        keys = plan.row_experts.long()[plan.slot_rows]  # the slots' experts, in slot order
+        sorts = {
+            "plan, torch sort": partial(sort_slots_reference, keys, num_experts, top_k),
+            "plan, counting sort": partial(sort_slots_triton, keys, num_experts, top_k),
+        }
+        sort_times = {name: _kernel_time(step) for name, step in sorts.items()}
+        routing_times = sort_times | _routing_rows(tokens, hidden, num_experts, top_k, args.reps)
+        for name, (ms, launches) in routing_times.items():
+            baseline = routing_times[
+                "plan, torch sort" if name.startswith("plan") else "routing + plan, torch top-k"
+            ][0]
+            rows.append(
+                [shape, f"{name} (kernels, {launches:.0f} launches)", f"{ms:.3f}", "", f"{baseline / ms:.2f}"]
+            )
             json_rows.append(
                 dict(tokens=tokens, hidden=hidden, experts=num_experts, top_k=top_k, name=name,
-                     ms=ms, speedup_vs_torch_topk=baseline / ms)
+                     kernel_ms=ms, launches=launches, speedup_vs_torch=baseline / ms)
             )  # fmt: skip
     print_table(
         f"row moves, bf16, {torch.cuda.get_device_name()}, torch {torch.__version__}",

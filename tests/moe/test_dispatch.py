@@ -1,5 +1,7 @@
 """Every dispatch backend against a per-token reference, forward and backward, in float64."""
 
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,6 +10,7 @@ from tests.moe.helpers import relative_error
 from vlmoe.moe import GLUExperts, LoRAExperts, MLPExperts, Routing, dispatch, plan_dispatch
 from vlmoe.moe.dispatch import grouped_linear, segment_linear
 from vlmoe.moe.experts import _LoopGatedForward
+from vlmoe.moe.kernels import HAS_TRITON
 
 
 def _experts(kind: str, num_experts: int, size: int = 6, seed: int = 0):
@@ -177,6 +180,27 @@ def test_plan_is_a_stable_sort_with_inverse():
     assert torch.equal(plan.sorted_slots[plan.slot_rows], torch.arange(6))
 
 
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("with_drops", [False, True])
+def test_plan_from_the_counting_sort_kernels_equals_the_torch_plan(monkeypatch, with_drops):
+    # On CUDA plan_dispatch sorts with two Triton kernels (here the interpreter stands in).
+    dispatch_module = importlib.import_module("vlmoe.moe.dispatch")
+
+    indices, weights = _random_routing(50, 6, 2, seed=7)
+    kept = torch.rand(50, 2, generator=torch.Generator().manual_seed(1)) > 0.25 if with_drops else None
+    routing = _routing(indices, weights, 6, kept=kept)
+    wanted = plan_dispatch(routing)
+    monkeypatch.setattr(dispatch_module, "use_triton", lambda tensor: True)
+    got = plan_dispatch(routing)
+    for name in ("sorted_slots", "slot_rows", "row_experts", "tokens_per_expert", "offsets", "sorted_tokens",
+                 "segment_bounds"):  # fmt: skip
+        assert torch.equal(getattr(got, name), getattr(wanted, name)), name
+    assert (got.row_valid is None) == (not with_drops)
+    if with_drops:
+        assert torch.equal(got.row_valid, wanted.row_valid)
+        assert int(got.tokens_per_expert.sum()) == int(kept.sum())
+
+
 def test_cpu_grouped_mm_agrees_with_the_segment_loop():
     grouped_mm = getattr(F, "grouped_mm", None)
     if grouped_mm is None:
@@ -220,7 +244,6 @@ def test_segment_linear_follows_autocast_and_checks_counts():
 @pytest.mark.parametrize("backend", ["grouped", "segments"])
 def test_gathered_rows_are_not_kept_but_gathered_again_in_backward(monkeypatch, kind, backend, capacity):
     import gc
-    import importlib
     import weakref
 
     dispatch_module = importlib.import_module("vlmoe.moe.dispatch")

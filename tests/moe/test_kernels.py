@@ -244,3 +244,31 @@ def test_grouped_dispatch_on_the_kernels_folds_the_weights_and_matches_the_refer
     )
     for actual, wanted in zip(grads, expected_grads, strict=True):
         assert relative_error(actual, wanted) < 1e-5
+
+
+@pytest.mark.parametrize(
+    ("tokens", "num_experts", "top_k", "dropped"),
+    [(70, 64, 6, False), (33, 5, 2, True), (1, 4, 1, False), (300, 8, 2, True), (20, 256, 8, False)],
+)
+def test_counting_sort_equals_torchs_stable_sort(tokens, num_experts, top_k, dropped):
+    from vlmoe.moe.kernels.plan import sort_slots_reference, sort_slots_triton
+
+    generator = torch.Generator().manual_seed(tokens + num_experts)
+    # Skewed keys (many ties per expert, some experts empty), the sentinel where slots drop.
+    keys = torch.randint(0, max(1, num_experts // 2), (tokens * top_k,), generator=generator)
+    if dropped:
+        keys[torch.rand(keys.shape, generator=generator) < 0.3] = num_experts
+    keys = keys.to(DEVICE)
+    got = sort_slots_triton(keys, num_experts, top_k, dropped)
+    wanted = sort_slots_reference(keys, num_experts, top_k, dropped)
+    assert got.keys() == wanted.keys()
+    for name, tensor in wanted.items():
+        assert got[name].dtype == tensor.dtype, name
+        assert torch.equal(got[name], tensor), name
+
+
+def test_counting_sort_refuses_too_many_experts():
+    from vlmoe.moe.kernels.plan import sort_slots_triton
+
+    with pytest.raises(ValueError, match="at most 256 experts"):
+        sort_slots_triton(torch.zeros(4, dtype=torch.int64, device=DEVICE), 300, 1)

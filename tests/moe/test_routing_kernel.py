@@ -138,9 +138,11 @@ def test_router_in_training_takes_the_fused_topk_and_matches_the_torch_router(mo
     with torch.no_grad():
         router.gate.weight.normal_(std=0.5)
     x = torch.randn(40, 16, device=DEVICE, requires_grad=True)
+    monkeypatch.setattr(router_module, "FUSED_TOPK", False)
     plain = router(x)
-    assert plain.expert_counts is None  # the torch chain (no Triton on this device)
-    monkeypatch.setattr(router_module, "use_triton", lambda tensor: True)
+    assert plain.expert_counts is None  # the torch chain
+    monkeypatch.setattr(router_module, "FUSED_TOPK", True)
+    monkeypatch.setattr(router_module, "use_triton", lambda tensor: True)  # CPU: the interpreter
     fused = router(x)
     assert fused.expert_counts is not None
     assert torch.equal(fused.expert_indices, plain.expert_indices)

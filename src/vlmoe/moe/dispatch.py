@@ -41,7 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from vlmoe.moe.kernels import quack_gemm
+from vlmoe.moe.kernels import plan as plan_kernels
+from vlmoe.moe.kernels import quack_gemm, use_triton
 from vlmoe.moe.kernels import swiglu as swiglu_kernels
 from vlmoe.moe.kernels.combine import combine_sorted, gather_sum, spread_rows, sum_sorted
 from vlmoe.moe.router import Routing
@@ -123,38 +124,29 @@ class Experts(Protocol):
 
 def plan_dispatch(routing: Routing) -> DispatchPlan:
     num_experts = routing.num_experts
+    top_k = routing.expert_indices.shape[-1]
     slot_experts = routing.expert_indices.reshape(-1)  # [S]
-    row_valid = None
-    if routing.kept is not None:
+    dropped = routing.kept is not None
+    if dropped:
         # Dropped slots get the sentinel expert E, so the stable sort puts them last.
         slot_experts = torch.where(routing.kept.reshape(-1), slot_experts, num_experts)
-    # int32 keys: half the radix-sort passes of int64.
-    row_experts, sorted_slots = torch.sort(slot_experts.to(torch.int32), stable=True)
-    slot_rows = torch.empty_like(sorted_slots)
-    slot_rows[sorted_slots] = torch.arange(sorted_slots.numel(), device=sorted_slots.device)
-    if routing.kept is None and routing.expert_counts is not None:
-        tokens_per_expert = routing.expert_counts  # counted by the fused router
+    if use_triton(slot_experts) and num_experts < plan_kernels.MAX_BINS:
+        # A counting sort: two kernels for what the torch sort and its bookkeeping take a dozen.
+        parts = plan_kernels.sort_slots_triton(slot_experts, num_experts, top_k, dropped)
     else:
-        tokens_per_expert = _count(slot_experts, num_experts + 1)[:num_experts]
-    segment_bounds = F.pad(tokens_per_expert, (1, 0)).cumsum(0, dtype=torch.int32)  # [E + 1]
-    if routing.kept is not None:
-        row_valid = (row_experts < num_experts).unsqueeze(-1)
+        parts = plan_kernels.sort_slots_reference(slot_experts, num_experts, top_k, dropped)
+    segment_bounds = parts["segment_bounds"]  # [E + 1]
     return DispatchPlan(
-        sorted_slots=sorted_slots,
-        slot_rows=slot_rows,
-        row_experts=row_experts,
-        tokens_per_expert=tokens_per_expert,
+        sorted_slots=parts["sorted_slots"],
+        slot_rows=parts["slot_rows"],
+        row_experts=parts["row_experts"],
+        tokens_per_expert=parts["tokens_per_expert"],
         offsets=segment_bounds[1:],
-        row_valid=row_valid,
-        top_k=routing.expert_indices.shape[-1],
+        row_valid=(parts["row_experts"] < num_experts).unsqueeze(-1) if dropped else None,
+        top_k=top_k,
+        sorted_tokens=parts["sorted_tokens"],
         segment_bounds=segment_bounds,
     )
-
-
-def _count(values: Tensor, num_bins: int) -> Tensor:
-    """bincount without a host sync (CUDA's bincount reads the maximum back to size its output)."""
-    counts = torch.zeros(num_bins, dtype=torch.int64, device=values.device)
-    return counts.scatter_add_(0, values, torch.ones_like(values))
 
 
 class _GatherTokenRows(torch.autograd.Function):
