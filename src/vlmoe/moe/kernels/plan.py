@@ -88,8 +88,11 @@ if HAS_TRITON:
 
 
 def _blocks(num_bins: int) -> tuple[int, int]:
+    # A one-hot tile of 4096 int32s: 64 slots a block at E = 64. Tiles of 16384 ran the sort at
+    # 0.092 ms there, slower than torch's 0.078 (too few programs, each scanning a large tile),
+    # and 3.6x faster than torch at E = 4 and 8 (row_moves.py, s9-run2).
     block_b = triton.next_power_of_2(num_bins)
-    return max(16, 16384 // block_b), block_b  # a one-hot tile of 16384 int32s
+    return max(16, 4096 // block_b), block_b
 
 
 def sort_slots_triton(
