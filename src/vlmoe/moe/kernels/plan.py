@@ -5,7 +5,7 @@ then inverts the permutation (arange and an index_put), counts the slots per exp
 cumulative sum and divides out the tokens: about a dozen launches per layer, forward. The keys
 are expert ids below 257, so a counting sort does it all in two kernels and one small cumsum:
 
-1. every block of slots counts its keys: hist # [blocks, bins];
+1. every block of slots counts its keys: hist # [bins, blocks];
 2. torch.cumsum over the blocks gives each block's running count per bin;
 3. every block places its slots: row = start of the bin (the bins' exclusive cumsum) + the bin's
    count in earlier blocks + the slot's rank among its block's slots of that bin (a cumsum of
@@ -32,13 +32,16 @@ if HAS_TRITON:
     import triton.language as tl
 
     @triton.jit
-    def _block_histogram_kernel(keys, hist, S, NB, BLOCK_S: tl.constexpr, BLOCK_B: tl.constexpr):
+    def _block_histogram_kernel(keys, hist, S, NB, num_blocks, BLOCK_S: tl.constexpr, BLOCK_B: tl.constexpr):
+        # hist # [bins, blocks]: bin-major, so the cumsum over the blocks runs along the inner
+        # dimension, which torch scans in parallel (along the outer one each column is a serial
+        # loop: 0.2 ms at 1536 blocks).
         block = tl.program_id(0)
         slots = block * BLOCK_S + tl.arange(0, BLOCK_S)
         key = tl.load(keys + slots, mask=slots < S, other=-1).to(tl.int32)  # -1: in no bin
         bins = tl.arange(0, BLOCK_B)
         counts = tl.sum((key[:, None] == bins[None, :]).to(tl.int32), axis=0)
-        tl.store(hist + block * NB + bins, counts, mask=bins < NB)
+        tl.store(hist + bins * num_blocks + block, counts, mask=bins < NB)
 
     @triton.jit
     def _place_slots_kernel(
@@ -62,10 +65,10 @@ if HAS_TRITON:
         block = tl.program_id(0)
         bins = tl.arange(0, BLOCK_B)
         bin_ok = bins < NB
-        totals = tl.load(running + (num_blocks - 1) * NB + bins, mask=bin_ok, other=0)  # [BLOCK_B]
+        totals = tl.load(running + bins * num_blocks + num_blocks - 1, mask=bin_ok, other=0)  # [BLOCK_B]
         bin_start = tl.cumsum(totals, axis=0) - totals
-        earlier = tl.load(running + block * NB + bins, mask=bin_ok, other=0) - tl.load(
-            hist + block * NB + bins, mask=bin_ok, other=0
+        earlier = tl.load(running + bins * num_blocks + block, mask=bin_ok, other=0) - tl.load(
+            hist + bins * num_blocks + block, mask=bin_ok, other=0
         )
         base = bin_start + earlier  # [BLOCK_B] first row of this block's slots of each bin
         slots = block * BLOCK_S + tl.arange(0, BLOCK_S)
@@ -88,9 +91,7 @@ if HAS_TRITON:
 
 
 def _blocks(num_bins: int) -> tuple[int, int]:
-    # A one-hot tile of 4096 int32s: 64 slots a block at E = 64. Tiles of 16384 ran the sort at
-    # 0.092 ms there, slower than torch's 0.078 (too few programs, each scanning a large tile),
-    # and 3.6x faster than torch at E = 4 and 8 (row_moves.py, s9-run2).
+    # A one-hot tile of 4096 int32s: 64 slots a block at E = 64, 1536 blocks at 98304 slots.
     block_b = triton.next_power_of_2(num_bins)
     return max(16, 4096 // block_b), block_b
 
@@ -109,9 +110,11 @@ def sort_slots_triton(
     device = keys.device
     block_s, block_b = _blocks(num_bins)
     num_blocks = max(1, triton.cdiv(num_slots, block_s))
-    hist = torch.empty(num_blocks, num_bins, device=device, dtype=torch.int32)
-    _block_histogram_kernel[(num_blocks,)](keys, hist, num_slots, num_bins, BLOCK_S=block_s, BLOCK_B=block_b)
-    running = hist.cumsum(0, dtype=torch.int32)
+    hist = torch.empty(num_bins, num_blocks, device=device, dtype=torch.int32)
+    _block_histogram_kernel[(num_blocks,)](
+        keys, hist, num_slots, num_bins, num_blocks, BLOCK_S=block_s, BLOCK_B=block_b
+    )
+    running = hist.cumsum(1, dtype=torch.int32)
     out = dict(
         sorted_slots=torch.empty(num_slots, device=device, dtype=torch.int64),
         slot_rows=torch.empty(num_slots, device=device, dtype=torch.int64),
