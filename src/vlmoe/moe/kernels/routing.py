@@ -147,6 +147,17 @@ def route_reference(
 if HAS_TRITON:
 
     @triton.jit
+    def _token_expert_tile(T, E, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
+        """This program's [BLOCK_T, BLOCK_E] tile of a [T, E] row-major tensor: rows, which rows
+        exist, experts, which cells exist, and their element offsets."""
+        rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+        row_ok = rows < T
+        experts = tl.arange(0, BLOCK_E)
+        valid = row_ok[:, None] & (experts[None, :] < E)
+        offsets = rows[:, None].to(tl.int64) * E + experts[None, :]
+        return rows, row_ok, experts, valid, offsets
+
+    @triton.jit
     def _topk_softmax_kernel(
         logits,
         probs_out,
@@ -162,11 +173,7 @@ if HAS_TRITON:
         BLOCK_E: tl.constexpr,
         NORMALIZE: tl.constexpr,
     ):
-        rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-        row_ok = rows < T
-        experts = tl.arange(0, BLOCK_E)
-        valid = row_ok[:, None] & (experts[None, :] < E)
-        offsets = rows[:, None].to(tl.int64) * E + experts[None, :]
+        rows, row_ok, experts, valid, offsets = _token_expert_tile(T, E, BLOCK_T, BLOCK_E)
         scaled = tl.load(logits + offsets, mask=valid, other=float("-inf")).to(tl.float32) * inv_temperature
         scaled = tl.where(valid, scaled, float("-inf"))
         # Rows past T are all -inf: give them a finite maximum so they stay NaN-free (never stored).
@@ -216,11 +223,7 @@ if HAS_TRITON:
         HAS_GRAD_WEIGHTS: tl.constexpr,
         HAS_GRAD_PROBS: tl.constexpr,
     ):
-        rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-        row_ok = rows < T
-        experts = tl.arange(0, BLOCK_E)
-        valid = row_ok[:, None] & (experts[None, :] < E)
-        offsets = rows[:, None].to(tl.int64) * E + experts[None, :]
+        rows, row_ok, experts, valid, offsets = _token_expert_tile(T, E, BLOCK_T, BLOCK_E)
         p = tl.load(probs + offsets, mask=valid, other=0.0)
         if HAS_GRAD_PROBS:
             g = tl.load(grad_probs + offsets, mask=valid, other=0.0).to(tl.float32)
