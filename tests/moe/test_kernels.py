@@ -248,7 +248,14 @@ def test_grouped_dispatch_on_the_kernels_folds_the_weights_and_matches_the_refer
 
 @pytest.mark.parametrize(
     ("tokens", "num_experts", "top_k", "dropped"),
-    [(70, 64, 6, False), (33, 5, 2, True), (1, 4, 1, False), (300, 8, 2, True), (20, 256, 8, False)],
+    [
+        (70, 64, 6, False),
+        (33, 5, 2, True),
+        (1, 4, 1, False),
+        (300, 8, 2, True),
+        (20, 256, 8, False),
+        (0, 4, 2, False),
+    ],
 )
 def test_counting_sort_equals_torchs_stable_sort(tokens, num_experts, top_k, dropped):
     from vlmoe.moe.kernels.plan import sort_slots_reference, sort_slots_triton

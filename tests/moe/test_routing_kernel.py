@@ -120,6 +120,18 @@ def test_topk_softmax_kernels_equal_the_float64_reference_with_gradients(
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_topk_softmax_of_no_tokens_is_empty_with_zero_counts():
+    from vlmoe.moe.kernels.routing import topk_softmax
+
+    logits = torch.empty(0, 8, device=DEVICE, requires_grad=True)
+    probs, weights, indices, counts = topk_softmax(logits, 2)
+    assert probs.shape == (0, 8) and weights.shape == indices.shape == (0, 2)
+    assert counts.tolist() == [0] * 8
+    (probs.sum() + weights.sum()).backward()
+    assert logits.grad.shape == (0, 8)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 @pytest.mark.parametrize("straight_through", [False, True])
 def test_router_in_training_takes_the_fused_topk_and_matches_the_torch_router(monkeypatch, straight_through):
     """On CUDA (here the interpreter stands in) the training router's softmax, top-k and counts
