@@ -165,14 +165,18 @@ class _GatherTokenRows(torch.autograd.Function):
 
 
 def _can_use_grouped_mm(x: Tensor, weight: Tensor) -> bool:
+    return grouped_mm_runs(x, (weight,))
+
+
+def grouped_mm_runs(x: Tensor, weights: tuple[Tensor, ...]) -> bool:
+    """Whether grouped_mm runs the expert matmuls of these [E, O, I] weights on x's device, so
+    that `grouped_dispatch` reads no expert count to the host (it is then CUDA-graph safe)."""
     # The CUDA kernels want bf16 and 16-byte aligned rows; CPU's grouped_mm has no backward.
     return (
         _grouped_mm is not None
         and x.is_cuda
         and x.dtype == torch.bfloat16
-        and weight.dtype == torch.bfloat16
-        and x.shape[-1] % 8 == 0
-        and weight.shape[-2] % 8 == 0
+        and all(w.dtype == torch.bfloat16 and w.shape[-1] % 8 == 0 and w.shape[-2] % 8 == 0 for w in weights)
     )
 
 

@@ -16,10 +16,37 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from vlmoe.moe import graphs
 from vlmoe.moe.config import RouterConfig
-from vlmoe.moe.dispatch import Experts, check_backend, dispatch, gate_matrix, resolve_backend
-from vlmoe.moe.experts import LoRAExperts, MLPExperts, ModuleExperts, _linear_pair, experts_from_dense
+from vlmoe.moe.dispatch import (
+    DECODE_MAX_SLOTS,
+    Experts,
+    check_backend,
+    dispatch,
+    gate_matrix,
+    grouped_mm_runs,
+    resolve_backend,
+)
+from vlmoe.moe.experts import (
+    GLUExperts,
+    LoRAExperts,
+    MLPExperts,
+    ModuleExperts,
+    _linear_pair,
+    experts_from_dense,
+)
+from vlmoe.moe.kernels import quack_gemm
 from vlmoe.moe.router import Router, Routing
+
+
+def _address(tensor: Tensor) -> tuple:
+    return tensor.data_ptr(), tensor.shape, tensor.dtype
+
+
+def _expert_weights(experts: GLUExperts | MLPExperts) -> tuple[Tensor, ...]:
+    if isinstance(experts, GLUExperts):
+        return experts.gate_up_proj, experts.down_proj
+    return experts.fc1_weight, experts.fc2_weight
 
 
 class SparseLayer(nn.Module):
@@ -140,8 +167,73 @@ class MoEFeedForward(SparseLayer):
     def forward(
         self, x: Tensor, token_mask: Tensor | None = None, cluster_ids: Tensor | None = None
     ) -> Tensor:
+        path = self._graph_path(x)
+        if path is not None:
+            return self._graphed_forward(x, path, token_mask, cluster_ids)
         out, _ = self.route_and_dispatch(x, token_mask, cluster_ids)
         return out
+
+    def _graph_path(self, x: Tensor) -> str | None:
+        """The dispatch ("decode" or "grouped") a CUDA graph of this forward captures and
+        replays (`vlmoe.moe.graphs`), or None to run it eagerly. Graphs need autograd off, at
+        most `graphs.MAX_TOKENS` tokens, the fused routing kernel, no routing record, and a
+        dispatch that never reads the host: the decode kernels, or grouped_mm below QuACK's sizes."""
+        if not graphs.can_capture(x) or self.record_routing:
+            return None
+        experts, router = self.experts, self.router
+        if router is None or x.dim() < 2 or x.shape[-1] != router.gate.in_features:
+            return None
+        num_tokens = x.numel() // x.shape[-1]
+        if not 0 < num_tokens <= graphs.MAX_TOKENS:
+            return None
+        if not router._fused_routing_applies(x.reshape(num_tokens, x.shape[-1])):
+            return None
+        num_slots = num_tokens * router.config.top_k
+        decodes = self.backend == "decode" or (self.backend == "auto" and num_slots <= DECODE_MAX_SLOTS)
+        if decodes and isinstance(experts, GLUExperts):
+            return "decode"
+        if (
+            self.backend in ("auto", "grouped")
+            and isinstance(experts, (GLUExperts, MLPExperts))
+            and num_slots < quack_gemm.MIN_ROWS
+            and grouped_mm_runs(x, _expert_weights(experts))
+        ):
+            return "grouped"
+        return None
+
+    def _graphed_forward(
+        self, x: Tensor, path: str, token_mask: Tensor | None, cluster_ids: Tensor | None
+    ) -> Tensor:
+        given = (token_mask, cluster_ids, self.token_mask, self.cluster_ids)
+        if any(value is not None for value in given):
+            # The mask and ids change no output here (no losses, no record), but are checked as eagerly.
+            self._flat_routing_inputs(x.shape[:-1], token_mask, cluster_ids)
+        router, experts = self.router, self.experts
+        config, gate = router.config, router.gate
+        # Everything the captured forward reads besides x (the module note of vlmoe.moe.graphs).
+        key = (
+            path,
+            torch.is_autocast_enabled("cuda"),
+            id(router),
+            id(experts),
+            id(experts.act_fn),
+            config.top_k,
+            config.temperature,
+            config.normalize_top_k,
+            _address(gate.weight),
+            None if gate.bias is None else _address(gate.bias),
+            *(None if p is None else _address(p) for p in experts._parameters.values()),
+        )
+        cache = self.__dict__.get("_forward_graphs")
+        if cache is None:
+            cache = self.__dict__["_forward_graphs"] = graphs.ForwardGraphs()
+        out = cache.run(self._eager_forward, x, key)
+        self.__dict__["last_aux_losses"] = {}
+        self.__dict__["last_routing"] = None
+        return out
+
+    def _eager_forward(self, x: Tensor) -> Tensor:
+        return self.route_and_dispatch(x, None, None)[0]
 
     @classmethod
     def from_dense(

@@ -1,0 +1,163 @@
+"""CUDA graphs of a sparse layer's inference forward at decoding sizes.
+
+Eager decoding at one token per sequence is bound by the host, not the GPU: an MoE FFN's
+forward there is ~150 us of Python and three Triton launches for ~60 us of GPU work
+(`benchmarks/decode_diagnosis.py`). `ForwardGraphs` captures the forward once per input
+signature (the second time it sees one) and then runs it as one copy in, one graph replay and
+one copy out.
+
+The protocol that makes one memory pool safe for every graph: a call writes the static input,
+replays and clones the static output before anything else runs on the stream, so nothing a
+graph leaves in the pool outlives its own call. The caller's key must change whenever the
+captured work would: the input's shape, dtype and device (added here), and whatever the
+caller's forward reads besides the input (parameter addresses, settings).
+
+`ENABLED` (env `VLMOE_CUDA_GRAPHS=0` to turn off) is read on every call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+ENABLED = os.environ.get("VLMOE_CUDA_GRAPHS", "1") != "0"
+# Tokens per forward up to which a layer replays graphs: decoding (one token per sequence) and
+# short prompts; longer forwards are bound by the GPU, not by the host.
+MAX_TOKENS = 256
+# Graphs kept per layer: decoding sees one token count per batch size, prefill one per length.
+MAX_GRAPHS = 16
+# Keys seen once and not captured yet, per layer: a size is captured when it comes back (every
+# decoding step has the same size; a one-off prompt length is not worth a capture).
+_MAX_SEEN = 64
+
+_side: dict[int, tuple[tuple[int, int], torch.cuda.Stream, torch.cuda.CUDAGraph]] = {}
+
+
+def _pool_and_stream(device: torch.device) -> tuple[tuple[int, int], torch.cuda.Stream]:
+    """Per GPU: one memory pool, shared by every layer's graphs (see the module note), and the
+    side stream that warms and captures them. The pool's first graph is a one-op graph kept
+    forever: torch's device and pinned-host allocators both drop a pool whose last graph is
+    gone, and a later capture into the same handle then fails their internal asserts."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _side:
+        with torch.cuda.device(index):
+            pool, stream, keeper = torch.cuda.graph_pool_handle(), torch.cuda.Stream(), torch.cuda.CUDAGraph()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                keeper.capture_begin(pool=pool, capture_error_mode="thread_local")
+                torch.zeros(1, device=f"cuda:{index}")
+                keeper.capture_end()
+            _side[index] = (pool, stream, keeper)
+    pool, stream, _ = _side[index]
+    return pool, stream
+
+
+def can_capture(x: Tensor) -> bool:
+    """Whether a call on x may take the graph path: CUDA, autograd off, and neither inside
+    torch.compile's tracing nor inside a capture of the caller's own (both would capture us).
+
+    Example:
+        >>> can_capture(torch.zeros(2))  # a CPU tensor: the eager path
+        False
+    """
+    return (
+        ENABLED
+        and x.is_cuda
+        and not torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+        and not torch.cuda.is_current_stream_capturing()
+    )
+
+
+@dataclass
+class _Graph:
+    replay: Callable[[], None]  # the captured CUDAGraph's replay (it keeps the graph alive)
+    static_input: Tensor
+    static_output: Tensor
+
+
+def _record(forward: Callable[[Tensor], Tensor], static_input: Tensor) -> tuple[Callable[[], None], Tensor]:
+    """Capture forward(static_input) as a CUDA graph: its replay and its static output."""
+    pool, stream = _pool_and_stream(static_input.device)
+    graph = torch.cuda.CUDAGraph()
+    # Warm on the capture's stream first, as torch's CUDA-graph notes ask: a library's
+    # per-stream state (a matmul workspace) is then made outside the capture. capture_begin
+    # rather than torch.cuda.graph, whose synchronize and empty_cache would cost every layer's
+    # first decoding step a device-wide stall and the allocator its cached blocks.
+    stream.wait_stream(torch.cuda.current_stream(static_input.device))
+    with torch.cuda.stream(stream):
+        forward(static_input)
+        try:
+            # thread_local: another thread's unrelated CUDA calls do not invalidate the capture.
+            graph.capture_begin(pool=pool, capture_error_mode="thread_local")
+            static_output = forward(static_input)
+        except BaseException as error:
+            with contextlib.suppress(RuntimeError):  # an invalid capture: the forward's error says why
+                graph.capture_end()
+            raise RuntimeError(
+                f"capturing a CUDA graph of a forward on input {tuple(static_input.shape)} failed: {error}. "
+                "Set vlmoe.moe.graphs.ENABLED = False (or VLMOE_CUDA_GRAPHS=0) to run it eagerly."
+            ) from error
+        graph.capture_end()
+    torch.cuda.current_stream(static_input.device).wait_stream(stream)
+    return graph.replay, static_output
+
+
+class ForwardGraphs:
+    """Captured graphs of one function of one tensor, keyed by the caller.
+
+    On a GPU, under torch.no_grad(): `graphs.run(lambda x: (x @ weight).relu(), x, key=(weight.data_ptr(),))`
+    runs eagerly the first time a key (with x's shape, dtype and device) is seen, captures and
+    replays the second time, and replays from then on. Ask `can_capture(x)` first.
+    """
+
+    def __init__(self, max_graphs: int = MAX_GRAPHS) -> None:
+        self.max_graphs = max_graphs
+        self._graphs: OrderedDict[Hashable, _Graph] = OrderedDict()
+        self._seen: set[Hashable] = set()
+
+    def __len__(self) -> int:
+        return len(self._graphs)
+
+    def clear(self) -> None:
+        self._graphs.clear()
+        self._seen.clear()
+
+    def run(self, forward: Callable[[Tensor], Tensor], x: Tensor, key: Hashable) -> Tensor:
+        """forward(x), replayed from a graph once this key and x's shape, dtype and device have
+        come twice; the result is a fresh tensor either way."""
+        full_key = (key, x.shape, x.dtype, x.device)
+        entry = self._graphs.get(full_key)
+        if entry is None:
+            if full_key not in self._seen:
+                if len(self._seen) >= _MAX_SEEN:
+                    self._seen.clear()
+                self._seen.add(full_key)
+                return forward(x)  # its kernels compile and their caches fill here, before a capture
+            self._seen.discard(full_key)
+            entry = self._capture(forward, x, full_key)
+        entry.static_input.copy_(x)
+        entry.replay()
+        return entry.static_output.clone()
+
+    def _capture(self, forward: Callable[[Tensor], Tensor], x: Tensor, full_key: Hashable) -> _Graph:
+        static_input = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        static_input.copy_(x)
+        replay, static_output = _record(forward, static_input)
+        entry = self._graphs[full_key] = _Graph(replay, static_input, static_output)
+        while len(self._graphs) > self.max_graphs:
+            self._graphs.popitem(last=False)
+        return entry
+
+    # Graphs hold raw device addresses: a copy or a pickle starts with none and captures anew.
+    def __deepcopy__(self, memo: dict) -> ForwardGraphs:
+        return ForwardGraphs(self.max_graphs)
+
+    def __reduce__(self) -> tuple:
+        return (ForwardGraphs, (self.max_graphs,))

@@ -1,0 +1,278 @@
+"""CUDA graphs of the MoE FFN's decoding forward (`vlmoe.moe.graphs`).
+
+On the CPU: which forwards may take the graph path, and that copies and pickles of a layer
+start with no graphs. On a GPU: replays equal the eager forward bit for bit, follow in-place
+weight changes, capture anew for new parameters or sizes, and never alias their outputs.
+"""
+
+import copy
+import pickle
+
+import pytest
+import torch
+
+from tests.moe.helpers import FcMLP, SwiGLU
+from vlmoe.moe import MoEFeedForward, graphs, layers, record_routing
+
+
+def _layer(hidden=64, intermediate=96, num_experts=4, top_k=2, seed=0, mlp=SwiGLU):
+    torch.manual_seed(seed)
+    moe = MoEFeedForward.from_dense(mlp(hidden, intermediate), num_experts, top_k).eval()
+    with torch.no_grad():
+        for parameter in moe.parameters():
+            parameter.normal_(std=0.2)
+    return moe
+
+
+def test_can_capture_only_cuda_without_autograd():
+    x = torch.randn(2, 8)
+    assert not graphs.can_capture(x)
+    with torch.no_grad():
+        assert not graphs.can_capture(x)
+
+
+def test_graph_path_gate(monkeypatch):
+    """Which forwards replay a graph, and of which dispatch, with the device checks patched true
+    (they need a GPU to be true)."""
+    moe = _layer()
+    monkeypatch.setattr(graphs, "can_capture", lambda x: True)
+    monkeypatch.setattr(layers, "grouped_mm_runs", lambda x, weights: True)
+    monkeypatch.setattr(moe.router, "_fused_routing_applies", lambda x: True)
+    decode = torch.randn(4, 1, 64)  # 4 tokens x top-2 = 8 slots: the decode kernels
+    batch = torch.randn(32, 1, 64)  # 64 slots: the grouped path on grouped_mm
+    assert moe._graph_path(decode) == "decode" and moe._graph_path(batch) == "grouped"
+    assert moe._graph_path(torch.randn(2, 128, 64)) == "grouped"  # a short prompt
+    for eager in [torch.randn(graphs.MAX_TOKENS + 1, 64), torch.randn(0, 64), torch.randn(64)]:
+        assert moe._graph_path(eager) is None
+    assert moe._graph_path(torch.randn(4, 1, 32)) is None  # the wrong width: the eager error
+    moe.record_routing = True  # the record needs the eager routing
+    assert moe._graph_path(decode) is None
+    moe.record_routing = False
+    for backend, paths in [
+        ("reference", (None, None)),
+        ("segments", (None, None)),  # reads the expert counts to the host
+        ("grouped", ("grouped", "grouped")),
+        ("decode", ("decode", "decode")),
+    ]:
+        moe.backend = backend
+        assert (moe._graph_path(decode), moe._graph_path(batch)) == paths, backend
+    moe.backend = "auto"
+    monkeypatch.setattr(layers, "grouped_mm_runs", lambda x, weights: False)  # counts read to the host
+    assert moe._graph_path(decode) == "decode" and moe._graph_path(batch) is None
+    monkeypatch.setattr(moe.router, "_fused_routing_applies", lambda x: False)
+    assert moe._graph_path(decode) is None
+
+    monkeypatch.setattr(layers, "grouped_mm_runs", lambda x, weights: True)
+    mlp = _layer(mlp=FcMLP)  # no decode kernels: the grouped path at every size
+    monkeypatch.setattr(mlp.router, "_fused_routing_applies", lambda x: True)
+    assert mlp._graph_path(decode) == "grouped"
+    mlp.backend = "decode"
+    assert mlp._graph_path(decode) is None  # the eager path's error names the backend
+    wide = _layer(num_experts=64, top_k=6)  # 200 tokens x 6 slots: QuACK's sizes
+    monkeypatch.setattr(wide.router, "_fused_routing_applies", lambda x: True)
+    assert (
+        wide._graph_path(torch.randn(100, 64)) == "grouped" and wide._graph_path(torch.randn(200, 64)) is None
+    )
+
+
+def test_copies_and_pickles_start_without_graphs():
+    cache = graphs.ForwardGraphs(max_graphs=3)
+    cache._seen.add("seen")
+    cache._graphs["key"] = graphs._Graph(object(), torch.zeros(1), torch.zeros(1))
+    assert len(cache) == 1
+    for fresh in (copy.deepcopy(cache), pickle.loads(pickle.dumps(cache))):
+        assert len(fresh) == 0 and fresh.max_graphs == 3
+    moe = _layer()
+    moe.__dict__["_forward_graphs"] = cache
+    copied = copy.deepcopy(moe)
+    assert len(copied.__dict__["_forward_graphs"]) == 0 and len(cache) == 1
+
+
+def _fake_record(captures):
+    """graphs._record without CUDA: the 'graph' recomputes the forward on its static input,
+    into its static output, as a replay would."""
+
+    def record(forward, static_input):
+        captures.append(tuple(static_input.shape))
+        static_output = forward(static_input)
+
+        def replay():
+            static_output.copy_(forward(static_input))
+
+        return replay, static_output
+
+    return record
+
+
+def test_forward_graphs_capture_on_the_second_sight_and_evict_the_oldest(monkeypatch):
+    captures = []
+    monkeypatch.setattr(graphs, "_record", _fake_record(captures))
+    cache = graphs.ForwardGraphs(max_graphs=2)
+    inputs = [torch.randn(n, 3) for n in (1, 1, 1, 2, 2, 3, 3, 1)]
+    outputs = [cache.run(lambda x: x * 2 + 1, x, key="k") for x in inputs]
+    for x, out in zip(inputs, outputs, strict=True):  # every result its own tensor, none overwritten
+        assert torch.equal(out, x * 2 + 1)
+    assert captures == [(1, 3), (2, 3), (3, 3)]  # the size 1 graph was evicted for size 3's
+    assert len(cache) == 2
+    cache.run(lambda x: x - 1, inputs[3], key="other")  # another key: seen once, not captured
+    assert captures == [(1, 3), (2, 3), (3, 3)]
+    cache.clear()
+    assert len(cache) == 0
+
+
+def test_layer_graph_plumbing_on_cpu(monkeypatch):
+    """The layer's graph path with the capture faked: results, the record, and the key."""
+    captures = []
+    monkeypatch.setattr(graphs, "_record", _fake_record(captures))
+    moe = _layer()
+    monkeypatch.setattr(moe, "_graph_path", lambda x: "decode")
+    x = torch.randn(3, 1, 64)
+    with torch.no_grad():
+        expected = moe.route_and_dispatch(x, None, None)[0]
+        for _ in range(3):
+            assert torch.equal(moe(x), expected)
+        assert moe.last_routing is None and moe.last_aux_losses == {}
+        assert len(captures) == 1
+        moe.experts.down_proj = torch.nn.Parameter(moe.experts.down_proj.detach() * 2)  # a new address
+        moe(x), moe(x)
+        moe.router.config.temperature = 2.0  # a setting the captured forward read
+        moe(x), moe(x)
+        assert len(captures) == 3
+        with pytest.raises(ValueError, match="token_mask"):
+            moe(x, token_mask=torch.ones(2, 1, dtype=torch.bool))
+        assert torch.equal(
+            moe(x, token_mask=torch.ones(3, 1, dtype=torch.bool)), moe.route_and_dispatch(x, None, None)[0]
+        )
+
+
+def _graphs_of(moe):
+    return moe.__dict__.get("_forward_graphs")
+
+
+def _eager(moe, x):
+    enabled, graphs.ENABLED = graphs.ENABLED, False
+    try:
+        return moe(x)
+    finally:
+        graphs.ENABLED = enabled
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_replays_equal_the_eager_forward_bit_for_bit(dtype):
+    moe = _layer().cuda().to(dtype)
+    with torch.no_grad():
+        for step in range(5):
+            x = torch.randn(3, 1, 64, device="cuda", dtype=dtype)
+            out = moe(x)
+            assert torch.equal(out, _eager(moe, x)), step
+        assert len(_graphs_of(moe)) == 1
+        assert moe.last_routing is None and moe.last_aux_losses == {}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("mlp", "tokens"), [(SwiGLU, 32), (SwiGLU, 200), (FcMLP, 3), (FcMLP, 48)])
+def test_grouped_path_replays_equal_the_eager_forward(mlp, tokens):
+    """Past the decode kernels' slots (and for MLP experts, which have none): the grouped path,
+    sort and gathers included, captured whole."""
+    moe = _layer(mlp=mlp).cuda().bfloat16()
+    with torch.no_grad():
+        for step in range(4):
+            x = torch.randn(tokens, 64, device="cuda", dtype=torch.bfloat16)
+            assert torch.equal(moe(x), _eager(moe, x)), step
+        assert len(_graphs_of(moe)) == 1
+
+
+@pytest.mark.gpu
+def test_each_size_its_own_graph_and_outputs_never_alias():
+    moe = _layer().cuda().bfloat16()
+    with torch.no_grad():
+        outputs, inputs = [], []
+        for tokens in (1, 2, 8, 1, 2, 8, 1, 5):
+            x = torch.randn(tokens, 64, device="cuda", dtype=torch.bfloat16)
+            inputs.append(x)
+            outputs.append(moe(x))
+        assert len(_graphs_of(moe)) == 3  # a size is captured when it comes back: 5 came once
+        for x, out in zip(inputs, outputs, strict=True):  # every earlier result survives later replays
+            assert torch.equal(out, _eager(moe, x))
+
+
+@pytest.mark.gpu
+def test_replays_follow_weights_changed_in_place_and_capture_for_new_ones():
+    moe = _layer().cuda().bfloat16()
+    x = torch.randn(2, 1, 64, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        before = moe(x)
+        moe(x)  # a replay
+        moe.experts.down_proj.mul_(2)  # same address: the graph reads the new values
+        assert torch.equal(moe(x), _eager(moe, x))
+        assert torch.allclose(moe(x).float(), 2 * before.float(), rtol=1e-2, atol=1e-3)
+        moe.experts.down_proj = torch.nn.Parameter(moe.experts.down_proj.detach() / 2)  # a new address
+        for _ in range(3):  # eager, captured, replayed
+            assert torch.equal(moe(x), _eager(moe, x))
+        assert len(_graphs_of(moe)) == 2
+        moe.router.config.top_k = 1  # a setting the captured forward read
+        for _ in range(3):
+            assert torch.equal(moe(x), _eager(moe, x))
+        assert len(_graphs_of(moe)) == 3
+
+
+@pytest.mark.gpu
+def test_eager_where_a_graph_would_be_wrong():
+    moe = _layer().cuda().bfloat16()
+    x = torch.randn(2, 64, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad(), record_routing(moe):
+        moe(x)
+        assert moe.last_routing is not None  # recorded: the eager path
+    assert _graphs_of(moe) is None
+    out = moe(x)  # autograd on: the grouped path, with a backward
+    out.float().sum().backward()
+    assert moe.experts.down_proj.grad is not None and _graphs_of(moe) is None
+    with torch.no_grad():
+        compiled = torch.compile(moe, backend="eager", fullgraph=True)
+        assert torch.equal(compiled(x), _eager(moe, x))
+        assert _graphs_of(moe) is None  # traced eagerly, no graph inside the compiled one
+        # A graph the caller captures around the layer: the layer runs eagerly inside it.
+        static_x = x.clone()
+        moe(static_x)  # warm the kernels outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = moe(static_x)
+        static_x.copy_(x * 2)
+        graph.replay()
+        assert torch.equal(static_out, _eager(moe, x * 2))
+
+
+@pytest.mark.gpu
+def test_bad_token_mask_is_refused_on_the_graph_path():
+    moe = _layer().cuda().bfloat16()
+    x = torch.randn(2, 1, 64, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        moe(x)
+        with pytest.raises(ValueError, match="token_mask"):
+            moe(x, token_mask=torch.ones(3, 1, dtype=torch.bool, device="cuda"))
+        assert torch.equal(
+            moe(x, token_mask=torch.ones(2, 1, dtype=torch.bool, device="cuda")), _eager(moe, x)
+        )
+
+
+@pytest.mark.gpu
+def test_generation_with_graphs_gives_the_eager_tokens():
+    import vlmoe
+    from vlmoe.eval.generate import GenerationSettings, chat_prompt, generate_token_ids
+    from vlmoe.models import tiny
+
+    model, processor = tiny("llava")
+    vlmoe.upcycle_ffn(model, num_experts=4, top_k=2)
+    model = model.cuda().bfloat16()
+    prompts = [chat_prompt(processor, question, 0) for question in ("What is it?", "Why is the sky blue?")]
+    settings = GenerationSettings(max_new_tokens=8, batch_size=2)
+    graphed = generate_token_ids(model, processor, prompts, [[], []], settings)
+    layers_with_graphs = [m for m in model.modules() if len(_graphs_of(m) or ()) > 0]
+    assert layers_with_graphs  # every decoding step after the second replays
+    enabled, graphs.ENABLED = graphs.ENABLED, False
+    try:
+        eager = generate_token_ids(model, processor, prompts, [[], []], settings)
+    finally:
+        graphs.ENABLED = enabled
+    assert torch.equal(graphed, eager)
