@@ -5,7 +5,8 @@
 A decoding step is launch-bound: this times 500 forwards queued back to back (one sync at the
 end), so it reads the host cost per layer that the generation benchmark sums over 12 layers
 and 64 steps, without its run-to-run spread. Variants: the grouped path (sort + plan), the
-decode kernels with the torch router (six launches) and with the fused routing kernel, and
+decode kernels with the torch router (six launches) and with the fused routing kernel, the
+latter replayed from a CUDA graph (`vlmoe.moe.graphs`, as generation runs it), and
 transformers' Mixtral block (grouped_mm) of the same weights.
 """
 
@@ -23,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import print_table, write_json
 from moe_layer import DTYPE, SwiGLU, _As3D, _mixtral_block
-from vlmoe.moe import MoEFeedForward
+from vlmoe.moe import MoEFeedForward, graphs
 from vlmoe.moe import router as router_module
 
 
@@ -56,17 +57,20 @@ def main() -> None:
     for tokens in args.tokens:
         x = torch.randn(tokens, hidden, device="cuda", dtype=DTYPE)
         variants = {
-            "vlmoe grouped path, torch router": ("grouped", 0),
-            "vlmoe decode kernels, torch router": ("auto", 0),
-            "vlmoe decode kernels, fused router": ("auto", fused_limit),
+            "vlmoe grouped path, torch router": ("grouped", 0, False),
+            "vlmoe decode kernels, torch router": ("auto", 0, False),
+            "vlmoe decode kernels, fused router": ("auto", fused_limit, False),
+            "vlmoe decode kernels, fused router, CUDA graph": ("auto", fused_limit, True),
         }
         with torch.no_grad():
             outputs = {}
-            for name, (backend, limit) in variants.items():
+            for name, (backend, limit, graphed) in variants.items():
                 moe.backend, router_module.FUSED_ROUTING_MAX_TOKENS = backend, limit
+                graphs.ENABLED = graphed
                 outputs[name] = moe(x)
                 rows.append({"tokens": tokens, "variant": name, "us": us_per_call(lambda x=x: moe(x))})
             router_module.FUSED_ROUTING_MAX_TOKENS = fused_limit
+            graphs.ENABLED = True
             reference = outputs["vlmoe grouped path, torch router"].float()
             for name, out in outputs.items():
                 error = ((out.float() - reference).norm() / reference.norm()).item()

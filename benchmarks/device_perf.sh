@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One device call for the performance issue: GPU tests, then the benchmarks named in $PARTS
+# One device call for the performance issue: GPU tests ($TESTS to name other files), then the benchmarks named in $PARTS
 # (default: gen mole train; ffn: the MoE FFN table; ffnrep: its headline ratios at 50 reps;
 # ffnvar: the FFN table with v14's memory savings switched off one by one; gemm: the expert
 # matmuls alone; tgemm: the Triton grouped-GEMM probe; quack: the QuACK GEMM probe; fusedops: each
@@ -25,13 +25,14 @@ fi
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv
 python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)"
 python3 -c "from vlmoe.moe.kernels import quack_gemm; print('QuACK expert GEMMs:', quack_gemm.available())"
-timeout ${TESTS_S:-150} python3 -m pytest -p no:cacheprovider -q tests/moe/test_kernels.py tests/moe/test_decode.py tests/moe/test_routing_kernel.py tests/moe/test_dispatch_gpu.py tests/moe/test_quack_gemm_gpu.py tests/train/test_trainer.py --continue-on-collection-errors > "$out/gpu_tests.log" 2>&1
+tests=${TESTS:-tests/moe/test_kernels.py tests/moe/test_decode.py tests/moe/test_graphs.py tests/moe/test_routing_kernel.py tests/moe/test_dispatch_gpu.py tests/moe/test_quack_gemm_gpu.py tests/train/test_trainer.py}
+timeout ${TESTS_S:-150} python3 -m pytest -p no:cacheprovider -q $tests --continue-on-collection-errors > "$out/gpu_tests.log" 2>&1
 tail -3 "$out/gpu_tests.log"
 for part in $parts; do
     case $part in
         gen) timeout 70 python3 benchmarks/generation.py --new 64 > "$out/generation.log" 2>&1 ;;
-        gen1) timeout 100 python3 benchmarks/generation.py --new 64 --batches 1 --reps 7 --models vlmoe,dense,mixtral > "$out/generation_b1.log" 2>&1 ;;
-        gen32) timeout ${GEN32_S:-150} python3 benchmarks/generation.py --new 64 --batches 32 --models vlmoe,mixtral > "$out/generation_b32.log" 2>&1 ;;
+        gen1) timeout ${GEN1_S:-150} python3 benchmarks/generation.py --new 64 --batches 1 --reps ${GEN1_REPS:-7} --models vlmoe,eager-ffn,dense,mixtral > "$out/generation_b1.log" 2>&1 ;;
+        gen32) timeout ${GEN32_S:-150} python3 benchmarks/generation.py --new 64 --batches 32 --models vlmoe,eager-ffn,mixtral > "$out/generation_b32.log" 2>&1 ;;
         decodelayer) timeout 30 python3 benchmarks/decode_layer.py > "$out/decode_layer.log" 2>&1 ;;
         static) timeout ${STATIC_S:-75} python3 benchmarks/generation.py --new 64 --batches 1 --static --models vlmoe,mixtral > "$out/generation_static.log" 2>&1 ;;
         ffn) timeout 170 python3 benchmarks/moe_layer.py > "$out/moe_ffn.log" 2>&1 ;;

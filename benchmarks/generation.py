@@ -1,11 +1,12 @@
 """Batched greedy decoding throughput: upcycled vlmoe LLaVA vs stock transformers Mixtral.
 
     python benchmarks/generation.py [--layers 12] [--prompt 128] [--new 128] [--batches 1 32]
-        [--static] [--models vlmoe,grouped,dense,mixtral]
+        [--static] [--models vlmoe,eager-ffn,grouped,dense,mixtral]
 
 Same LM shape for all (d=2048, FFN 5632, 4 experts top-2, bf16, SDPA, KV cache), text-only
 prompts; tokens/s counts generated tokens. Models: vlmoe (`auto`: the decode kernels at small
-batch), vlmoe forced to the grouped path (the previous version), the dense LLaVA before
+batch, each layer's FFN replayed as a CUDA graph), the same with the graphs off
+(`eager-ffn`), vlmoe forced to the grouped path (the previous version), the dense LLaVA before
 upcycling (FFN 5632: what an MoE layer that cost nothing beyond one expert would reach), stock
 Mixtral. `--static`: a static KV cache, with which transformers compiles the decoding step
 (torch.compile fullgraph, mode="reduce-overhead": CUDA graphs) for every model alike.
@@ -28,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import vlmoe
 from common import print_table, write_json
 from train_step import FFN, VOCAB, llava, mixtral
-from vlmoe.moe import MoEFeedForward
+from vlmoe.moe import MoEFeedForward, graphs
 from vlmoe.moe import router as router_module
 
 
@@ -61,7 +62,7 @@ def main() -> None:
     parser.add_argument("--new", type=int, default=128)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--static", action="store_true", help="static cache: transformers compiles decoding")
-    parser.add_argument("--models", default="vlmoe,grouped,dense,mixtral")
+    parser.add_argument("--models", default="vlmoe,eager-ffn,grouped,dense,mixtral")
     parser.add_argument("--reps", type=int, default=5, help="timed rounds per model (median)")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -78,6 +79,10 @@ def main() -> None:
     builders = {
         "vlmoe": (
             "vlmoe LLaVA, upcycled 4x top-2 (auto)",
+            lambda: vlmoe.upcycle_ffn(llava(args.layers, FFN), 4, 2),
+        ),
+        "eager-ffn": (
+            "vlmoe LLaVA, upcycled, auto, no CUDA graphs",
             lambda: vlmoe.upcycle_ffn(llava(args.layers, FFN), 4, 2),
         ),
         "grouped": ("vlmoe LLaVA, upcycled, grouped path (previous)", grouped),
@@ -103,6 +108,7 @@ def main() -> None:
         for repeat in range(rounds + 1):  # round 0 warms up (compilation, CUDA graphs, clocks)
             for key, (name, model) in models.items():
                 router_module.FUSED_ROUTING_MAX_TOKENS = 0 if key == "torch-router" else fused_limit
+                graphs.ENABLED = key != "eager-ffn"
                 try:
                     with torch.no_grad():
                         speed = decode_tokens_per_s(model, batch, args.prompt, args.new, static=args.static)
@@ -112,6 +118,7 @@ def main() -> None:
                 if repeat:
                     speeds[key].append(speed)
         router_module.FUSED_ROUTING_MAX_TOKENS = fused_limit
+        graphs.ENABLED = True
         for key, (name, _) in models.items():
             rows.append(
                 {
