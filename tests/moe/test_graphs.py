@@ -7,6 +7,8 @@ weight changes, capture anew for new parameters or sizes, and never alias their 
 
 import copy
 import pickle
+import sys
+import threading
 
 import pytest
 import torch
@@ -120,6 +122,32 @@ def test_forward_graphs_capture_on_the_second_sight_and_evict_the_oldest(monkeyp
     assert len(cache) == 0
 
 
+def test_forward_graphs_serialise_threads(monkeypatch):
+    """Two threads replaying one graph: each call's copy in, replay and copy out stay together."""
+    monkeypatch.setattr(graphs, "_record", _fake_record([]))
+    cache = graphs.ForwardGraphs()
+    wrong = []
+
+    def work(seed):
+        generator = torch.Generator().manual_seed(seed)
+        for _ in range(300):
+            x = torch.randn(4, 3, generator=generator)
+            if not torch.equal(cache.run(lambda t: t * 2 + 1, x, key="k"), x * 2 + 1):
+                wrong.append(seed)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as the interpreter can
+    try:
+        threads = [threading.Thread(target=work, args=(seed,)) for seed in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert not wrong and len(cache) == 1
+
+
 def test_layer_graph_plumbing_on_cpu(monkeypatch):
     """The layer's graph path with the capture faked: results, the record, and the key."""
     captures = []
@@ -215,6 +243,27 @@ def test_replays_follow_weights_changed_in_place_and_capture_for_new_ones():
         for _ in range(3):
             assert torch.equal(moe(x), _eager(moe, x))
         assert len(_graphs_of(moe)) == 3
+
+
+@pytest.mark.gpu
+def test_replays_on_two_streams_stay_in_order():
+    """Graphs share scratch memory: a replay on another stream waits for the last one."""
+    moe = _layer().cuda().bfloat16()
+    other = _layer(seed=1).cuda().bfloat16()
+    x = torch.randn(2, 64, device="cuda", dtype=torch.bfloat16)
+    side, main = torch.cuda.Stream(), torch.cuda.current_stream()
+    with torch.no_grad():
+        for layer in (moe, other):
+            layer(x), layer(x)  # captured
+        inputs = [x * (i + 1) for i in range(20)]
+        side.wait_stream(main)  # the inputs were made on the main stream
+        outputs = []
+        for i, xi in enumerate(inputs):
+            with torch.cuda.stream(side if i % 2 else main):
+                outputs.append((moe if i % 3 else other)(xi))
+        torch.cuda.synchronize()
+        for i, (xi, out) in enumerate(zip(inputs, outputs, strict=True)):
+            assert torch.equal(out, _eager(moe if i % 3 else other, xi)), i
 
 
 @pytest.mark.gpu

@@ -7,8 +7,9 @@ signature (the second time it sees one) and then runs it as one copy in, one gra
 one copy out.
 
 The protocol that makes one memory pool safe for every graph: a call writes the static input,
-replays and clones the static output before anything else runs on the stream, so nothing a
-graph leaves in the pool outlives its own call. The caller's key must change whenever the
+replays and clones the static output before any other graph runs, so nothing a graph leaves in
+the pool outlives its own call. A lock keeps threads' calls apart on the host, and a call on
+another stream than the last one waits for that stream first, so they stay apart on the GPU. The caller's key must change whenever the
 captured work would: the input's shape, dtype and device (added here), and whatever the
 caller's forward reads besides the input (parameter addresses, settings).
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
@@ -56,6 +58,20 @@ def _pool_and_stream(device: torch.device) -> tuple[tuple[int, int], torch.cuda.
             _side[index] = (pool, stream, keeper)
     pool, stream, _ = _side[index]
     return pool, stream
+
+
+_replay_lock = threading.RLock()  # reentrant: a capture inside it must not deadlock
+_last_stream: dict[int, torch.cuda.Stream] = {}
+
+
+def _follow_the_last_stream(device: torch.device) -> None:
+    """Order this call's replay after the last one, when that ran on another stream: graphs
+    share scratch memory, so two replays must never run at once on the GPU."""
+    stream = torch.cuda.current_stream(device)
+    last = _last_stream.get(stream.device_index)
+    if last is not None and last != stream:
+        stream.wait_event(last.record_event())  # after everything queued there so far
+    _last_stream[stream.device_index] = stream
 
 
 def can_capture(x: Tensor) -> bool:
@@ -132,19 +148,25 @@ class ForwardGraphs:
     def run(self, forward: Callable[[Tensor], Tensor], x: Tensor, key: Hashable) -> Tensor:
         """forward(x), replayed from a graph once this key and x's shape, dtype and device have
         come twice; the result is a fresh tensor either way."""
-        full_key = (key, x.shape, x.dtype, x.device)
-        entry = self._graphs.get(full_key)
-        if entry is None:
-            if full_key not in self._seen:
-                if len(self._seen) >= _MAX_SEEN:
-                    self._seen.clear()
-                self._seen.add(full_key)
-                return forward(x)  # its kernels compile and their caches fill here, before a capture
-            self._seen.discard(full_key)
-            entry = self._capture(forward, x, full_key)
-        entry.static_input.copy_(x)
-        entry.replay()
-        return entry.static_output.clone()
+        # Inference mode apart: a static input made in it cannot be written outside it.
+        full_key = (key, x.shape, x.dtype, x.device, torch.is_inference_mode_enabled())
+        # One thread at a time from the lookup to the copy out: the static tensors are each
+        # graph's own, the pool's scratch memory is every graph's, and the cache is shared.
+        with _replay_lock:
+            entry = self._graphs.get(full_key)
+            if entry is None and full_key in self._seen:
+                self._seen.discard(full_key)
+                entry = self._capture(forward, x, full_key)
+            if entry is not None:
+                if x.is_cuda:
+                    _follow_the_last_stream(x.device)
+                entry.static_input.copy_(x)
+                entry.replay()
+                return entry.static_output.clone()
+            if len(self._seen) >= _MAX_SEEN:
+                self._seen.clear()
+            self._seen.add(full_key)
+        return forward(x)  # the first sight: kernels compile and caches fill here, before a capture
 
     def _capture(self, forward: Callable[[Tensor], Tensor], x: Tensor, full_key: Hashable) -> _Graph:
         static_input = torch.empty(x.shape, dtype=x.dtype, device=x.device)
