@@ -1,17 +1,18 @@
 """CUDA graphs of a sparse layer's inference forward at decoding sizes.
 
 Eager decoding at one token per sequence is bound by the host, not the GPU: an MoE FFN's
-forward there is ~150 us of Python and three Triton launches for ~60 us of GPU work
+forward there is 130-150 us of Python and three Triton launches for ~60 us of GPU work
 (`benchmarks/decode_diagnosis.py`). `ForwardGraphs` captures the forward once per input
 signature (the second time it sees one) and then runs it as one copy in, one graph replay and
-one copy out.
+one copy out: 66 us a forward on the H200 (`benchmarks/decode_layer.py`, NOTES.md v20).
 
 The protocol that makes one memory pool safe for every graph: a call writes the static input,
 replays and clones the static output before any other graph runs, so nothing a graph leaves in
 the pool outlives its own call. A lock keeps threads' calls apart on the host, and a call on
-another stream than the last one waits for that stream first, so they stay apart on the GPU. The caller's key must change whenever the
-captured work would: the input's shape, dtype and device (added here), and whatever the
-caller's forward reads besides the input (parameter addresses, settings).
+another stream than the last one waits for that stream first, so they stay apart on the GPU.
+The caller's key must change whenever the captured work would: the input's shape, dtype and
+device (added here), and whatever the caller's forward reads besides the input (parameter
+addresses, settings).
 
 `ENABLED` (env `VLMOE_CUDA_GRAPHS=0` to turn off) is read on every call.
 """
@@ -173,8 +174,13 @@ class ForwardGraphs:
         static_input.copy_(x)
         replay, static_output = _record(forward, static_input)
         entry = self._graphs[full_key] = _Graph(replay, static_input, static_output)
-        while len(self._graphs) > self.max_graphs:
-            self._graphs.popitem(last=False)
+        if len(self._graphs) > self.max_graphs:
+            # The oldest graph's last replay may still run on another stream than the one its
+            # static input was made on, which the allocator would hand that memory to at once.
+            if x.is_cuda:
+                torch.cuda.synchronize(x.device)
+            while len(self._graphs) > self.max_graphs:
+                self._graphs.popitem(last=False)
         return entry
 
     # Graphs hold raw device addresses: a copy or a pickle starts with none and captures anew.
