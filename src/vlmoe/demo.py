@@ -188,7 +188,10 @@ def plot_training_curves(results: list[StageResult], path: Path) -> None:
     axes.set_xlabel("step")
     axes.set_ylabel("training loss (LM + aux)")
     axes.set_title("vlmoe demo: loss per stage")
-    axes.legend()
+    if axes.lines:
+        axes.legend()
+    else:  # every stage shorter than its logging interval: say so rather than draw empty axes
+        axes.text(0.5, 0.5, "no training loss logged", ha="center", va="center", transform=axes.transAxes)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
 

@@ -49,8 +49,8 @@ def encoder_for(clusters: InstructionClusters, override: str | Path | None = Non
     centroid means nothing; the bundled default is recorded by name and found again here.
 
     >>> clusters = InstructionClusters(np.zeros((2, 384), np.float32), np.zeros(0), DEFAULT_EMBEDDING_NAME, 0)
-    >>> encoder_for(clusters).get_sentence_embedding_dimension()
-    384
+    >>> encoder_for(clusters).encode(["plot the sales by month"]).shape
+    (1, 384)
     """
     if override is not None:
         return load_sentence_encoder(override)
