@@ -122,6 +122,18 @@ def test_forward_graphs_capture_on_the_second_sight_and_evict_the_oldest(monkeyp
     assert len(cache) == 0
 
 
+def test_release_drops_every_layers_graphs(monkeypatch):
+    monkeypatch.setattr(graphs, "_record", _fake_record([]))
+    caches = [graphs.ForwardGraphs() for _ in range(3)]
+    x = torch.randn(2, 3)
+    for cache in caches:
+        cache.run(torch.neg, x, key="k"), cache.run(torch.neg, x, key="k")
+    assert all(len(cache) == 1 for cache in caches)
+    graphs.release()
+    assert all(len(cache) == 0 for cache in caches)
+    assert torch.equal(caches[0].run(torch.neg, x, key="k"), -x)  # and they work on
+
+
 def test_forward_graphs_serialise_threads(monkeypatch):
     """Two threads replaying one graph: each call's copy in, replay and copy out stay together."""
     monkeypatch.setattr(graphs, "_record", _fake_record([]))
@@ -243,6 +255,23 @@ def test_replays_follow_weights_changed_in_place_and_capture_for_new_ones():
         for _ in range(3):
             assert torch.equal(moe(x), _eager(moe, x))
         assert len(_graphs_of(moe)) == 3
+
+
+@pytest.mark.gpu
+def test_capture_after_release_and_after_every_graph_is_gone():
+    """A fresh pool after `release()`, and the same pool after all its graphs were freed (the
+    case torch's allocators assert on without the pool's kept graph)."""
+    x = torch.randn(2, 64, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        for attempt in range(3):
+            moe = _layer(seed=attempt).cuda().bfloat16()
+            for _ in range(3):
+                assert torch.equal(moe(x), _eager(moe, x)), attempt
+            assert len(_graphs_of(moe)) == 1
+            del moe  # its graphs go with it
+            if attempt == 1:
+                graphs.release()
+                torch.cuda.empty_cache()
 
 
 @pytest.mark.gpu

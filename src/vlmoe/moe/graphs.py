@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
@@ -73,6 +74,25 @@ def _follow_the_last_stream(device: torch.device) -> None:
     if last is not None and last != stream:
         stream.wait_event(last.record_event())  # after everything queued there so far
     _last_stream[stream.device_index] = stream
+
+
+_caches: weakref.WeakSet[ForwardGraphs] = weakref.WeakSet()
+
+
+def release() -> None:
+    """Drop every layer's graphs and the shared pools, so `torch.cuda.empty_cache()` can return
+    their memory (tens of MB for a 12-layer model); layers capture again when they next decode.
+
+    Example:
+        >>> release()  # nothing captured on a CPU: a no-op
+    """
+    with _replay_lock:
+        if _side:
+            torch.cuda.synchronize()  # no replay may still read what is freed here
+        for cache in list(_caches):
+            cache.clear()
+        _side.clear()  # the keepers go: each pool is freed with its last graph
+        _last_stream.clear()
 
 
 def can_capture(x: Tensor) -> bool:
@@ -138,6 +158,7 @@ class ForwardGraphs:
         self.max_graphs = max_graphs
         self._graphs: OrderedDict[Hashable, _Graph] = OrderedDict()
         self._seen: set[Hashable] = set()
+        _caches.add(self)
 
     def __len__(self) -> int:
         return len(self._graphs)
