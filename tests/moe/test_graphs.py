@@ -43,7 +43,8 @@ def test_graph_path_gate(monkeypatch):
     decode = torch.randn(4, 1, 64)  # 4 tokens x top-2 = 8 slots: the decode kernels
     batch = torch.randn(32, 1, 64)  # 64 slots: the grouped path on grouped_mm
     assert moe._graph_path(decode) == "decode" and moe._graph_path(batch) == "grouped"
-    assert moe._graph_path(torch.randn(2, 128, 64)) == "grouped"  # a short prompt
+    assert moe._graph_path(torch.randn(32, 64)) == "grouped"  # flat tokens
+    assert moe._graph_path(torch.randn(1, 8, 64)) is None  # a prompt: a length of its own each time
     for eager in [torch.randn(graphs.MAX_TOKENS + 1, 64), torch.randn(0, 64), torch.randn(64)]:
         assert moe._graph_path(eager) is None
     assert moe._graph_path(torch.randn(4, 1, 32)) is None  # the wrong width: the eager error

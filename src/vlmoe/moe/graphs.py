@@ -26,13 +26,14 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
 ENABLED = os.environ.get("VLMOE_CUDA_GRAPHS", "1") != "0"
-# Tokens per forward up to which a layer replays graphs: decoding (one token per sequence) and
-# short prompts; longer forwards are bound by the GPU, not by the host.
+# Tokens per decoding step up to which a layer replays graphs (a batch of 256 sequences);
+# larger steps are bound by the GPU, not by the host.
 MAX_TOKENS = 256
 # Graphs kept per layer: decoding sees one token count per batch size, prefill one per length.
 MAX_GRAPHS = 16
@@ -66,14 +67,15 @@ _replay_lock = threading.RLock()  # reentrant: a capture inside it must not dead
 _last_stream: dict[int, torch.cuda.Stream] = {}
 
 
-def _follow_the_last_stream(device: torch.device) -> None:
+def _follow_the_last_stream(device: torch.device) -> torch.cuda.Stream:
     """Order this call's replay after the last one, when that ran on another stream: graphs
-    share scratch memory, so two replays must never run at once on the GPU."""
+    share scratch memory, so two replays must never run at once on the GPU. -> this stream."""
     stream = torch.cuda.current_stream(device)
     last = _last_stream.get(stream.device_index)
     if last is not None and last != stream:
         stream.wait_event(last.record_event())  # after everything queued there so far
     _last_stream[stream.device_index] = stream
+    return stream
 
 
 _caches: weakref.WeakSet[ForwardGraphs] = weakref.WeakSet()
@@ -117,6 +119,7 @@ class _Graph:
     replay: Callable[[], None]  # the captured CUDAGraph's replay (it keeps the graph alive)
     static_input: Tensor
     static_output: Tensor
+    stream: Any = None  # the CUDA stream the static input was made on
 
 
 def _record(forward: Callable[[Tensor], Tensor], static_input: Tensor) -> tuple[Callable[[], None], Tensor]:
@@ -181,7 +184,12 @@ class ForwardGraphs:
                 entry = self._capture(forward, x, full_key)
             if entry is not None:
                 if x.is_cuda:
-                    _follow_the_last_stream(x.device)
+                    stream = _follow_the_last_stream(x.device)
+                    if stream != entry.stream:
+                        # Freed with the graph, the static tensors must wait for this stream's
+                        # use too, not only for the one they were made on.
+                        entry.static_input.record_stream(stream)
+                        entry.static_output.record_stream(stream)
                 entry.static_input.copy_(x)
                 entry.replay()
                 return entry.static_output.clone()
@@ -194,14 +202,10 @@ class ForwardGraphs:
         static_input = torch.empty(x.shape, dtype=x.dtype, device=x.device)
         static_input.copy_(x)
         replay, static_output = _record(forward, static_input)
-        entry = self._graphs[full_key] = _Graph(replay, static_input, static_output)
-        if len(self._graphs) > self.max_graphs:
-            # The oldest graph's last replay may still run on another stream than the one its
-            # static input was made on, which the allocator would hand that memory to at once.
-            if x.is_cuda:
-                torch.cuda.synchronize(x.device)
-            while len(self._graphs) > self.max_graphs:
-                self._graphs.popitem(last=False)
+        stream = torch.cuda.current_stream(x.device) if x.is_cuda else None
+        entry = self._graphs[full_key] = _Graph(replay, static_input, static_output, stream)
+        while len(self._graphs) > self.max_graphs:
+            self._graphs.popitem(last=False)
         return entry
 
     # Graphs hold raw device addresses: a copy or a pickle starts with none and captures anew.

@@ -175,13 +175,17 @@ class MoEFeedForward(SparseLayer):
 
     def _graph_path(self, x: Tensor) -> str | None:
         """The dispatch ("decode" or "grouped") a CUDA graph of this forward captures and
-        replays (`vlmoe.moe.graphs`), or None to run it eagerly. Graphs need autograd off, at
-        most `graphs.MAX_TOKENS` tokens, the fused routing kernel, no routing record, and a
-        dispatch that never reads the host: the decode kernels, or grouped_mm below QuACK's sizes."""
+        replays (`vlmoe.moe.graphs`), or None to run it eagerly. Graphs need autograd off, a
+        decoding step (one position per sequence, [batch, 1, d], or flat [tokens, d]) of at most
+        `graphs.MAX_TOKENS` tokens, the fused routing kernel, no routing record, and a dispatch
+        that never reads the host: the decode kernels, or grouped_mm below QuACK's sizes."""
         if not graphs.can_capture(x) or self.record_routing:
             return None
         experts, router = self.experts, self.router
         if router is None or x.dim() < 2 or x.shape[-1] != router.gate.in_features:
+            return None
+        if x.dim() > 2 and x.shape[-2] != 1:
+            # A prompt, not a decoding step: its lengths vary, each would be a capture of its own.
             return None
         num_tokens = x.numel() // x.shape[-1]
         if not 0 < num_tokens <= graphs.MAX_TOKENS:
