@@ -35,10 +35,10 @@ ENABLED = os.environ.get("VLMOE_CUDA_GRAPHS", "1") != "0"
 # Tokens per decoding step up to which a layer replays graphs (a batch of 256 sequences);
 # larger steps are bound by the GPU, not by the host.
 MAX_TOKENS = 256
-# Graphs kept per layer: decoding sees one token count per batch size, prefill one per length.
+# Graphs kept per layer: decoding sees one size per batch size.
 MAX_GRAPHS = 16
 # Keys seen once and not captured yet, per layer: a size is captured when it comes back (every
-# decoding step has the same size; a one-off prompt length is not worth a capture).
+# decoding step of a batch has the same size; a one-off size is not worth a capture).
 _MAX_SEEN = 64
 
 _side: dict[int, tuple[tuple[int, int], torch.cuda.Stream, torch.cuda.CUDAGraph]] = {}
@@ -89,8 +89,8 @@ def release() -> None:
         >>> release()  # nothing captured on a CPU: a no-op
     """
     with _replay_lock:
-        if _side:
-            torch.cuda.synchronize()  # no replay may still read what is freed here
+        for index in _side:
+            torch.cuda.synchronize(index)  # no replay may still read what is freed here
         for cache in list(_caches):
             cache.clear()
         _side.clear()  # the keepers go: each pool is freed with its last graph
