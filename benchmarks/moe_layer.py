@@ -152,6 +152,13 @@ def bench_ffn(
                 results.append(
                     _measure("vlmoe MoEFeedForward grouped, QuACK GEMMs, SwiGLU pass", moe, x, reps)
                 )
+            with quack_gemm.rows_spread_first():
+                moe(x).sum().backward()  # this layout's tiles timed outside the measurement
+                results.append(
+                    _measure(
+                        "vlmoe MoEFeedForward grouped, QuACK, rows spread before the gated GEMM", moe, x, reps
+                    )
+                )
             with quack_gemm.disabled():
                 results.append(_measure("vlmoe MoEFeedForward grouped, grouped_mm", moe, x, reps))
         else:

@@ -155,14 +155,16 @@ def test_moe_layer_on_quack_compiles_to_one_graph_and_matches_eager():
         (300, 64, 128, 16, 6),
     ],
 )
-@pytest.mark.parametrize("overwrite", [True, False])
+@pytest.mark.parametrize(("overwrite", "spread_first"), [(True, False), (False, False), (True, True)])
 def test_swiglu_in_the_gemm_epilogue_matches_the_float64_reference_with_every_gradient(
-    tokens, hidden, intermediate, num_experts, top_k, overwrite, monkeypatch
+    tokens, hidden, intermediate, num_experts, top_k, overwrite, spread_first, monkeypatch
 ):
     # dispatch.combined_glu: the SwiGLU inside QuACK's first GEMM, gate and up paired through
     # the backward, the combine weights as row scales with their own gradient; one expert left
-    # without tokens.
+    # without tokens. spread_first: the token rows copied to expert order before the GEMM
+    # (quack_gemm.rows_spread_first) instead of gathered in its loads.
     monkeypatch.setattr(swiglu_kernels, "OVERWRITE_IN_BACKWARD", overwrite)
+    monkeypatch.setattr(quack_gemm, "GATHER_IN_LOADS", not spread_first)
     calls = []
     fused = quack_gemm.experts_swiglu
     monkeypatch.setattr(quack_gemm, "experts_swiglu", lambda *args: calls.append(1) or fused(*args))

@@ -429,7 +429,12 @@ class _CombinedGLU(torch.autograd.Function):
         top_k,
     ):
         row_scale = combine_weights.reshape(-1).float().index_select(0, sorted_slots)  # [S]
-        preact, hidden = quack_gemm.experts_swiglu(x, gate_up_proj, bounds, sorted_tokens)
+        if quack_gemm.GATHER_IN_LOADS:
+            preact, hidden = quack_gemm.experts_swiglu(x, gate_up_proj, bounds, sorted_tokens)
+        else:  # the probe: [S, I] rows for one GEMM, the size of y_sorted below, so no higher peak
+            x_sorted = _gather_rows(x, slot_rows, sorted_tokens, top_k, None)
+            preact, hidden = quack_gemm.experts_swiglu(x_sorted, gate_up_proj, bounds, None)
+            del x_sorted
         y_sorted = quack_gemm.experts_mm(hidden, down_proj, bounds)
         del hidden
         out = gather_sum(y_sorted, slot_rows, combine_weights.float().contiguous(), top_k)

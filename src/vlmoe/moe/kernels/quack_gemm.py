@@ -45,6 +45,8 @@ ENABLED = os.environ.get("VLMOE_QUACK", "1") != "0"
 # expert matmuls on QuACK and the SwiGLU in its own Triton pass, as before v17.
 FUSE_SWIGLU = os.environ.get("VLMOE_QUACK_FUSED", "1") != "0"
 TUNE = os.environ.get("VLMOE_QUACK_TUNE", "1") != "0"
+# The gated GEMM gathers the token rows in its loads (False: `rows_spread_first`).
+GATHER_IN_LOADS = True
 # Below this many rows a problem is launch-bound (QuACK's host path is the heavier one) and was
 # not measured; grouped_mm keeps it. Decoding steps stay there.
 MIN_ROWS = 1024
@@ -120,6 +122,20 @@ def disabled():
 
 
 @contextlib.contextmanager
+def rows_spread_first():
+    """Inside this block the fused SwiGLU experts copy the token rows to expert order first
+    (`combine.spread_rows`) and the gated GEMM loads them with TMA, where every tile candidate
+    may run (QuACK's gather in the loads takes cluster_n 1 only). A probe: `moe_layer.py` times
+    it beside the shipped gather in the loads (NOTES.md, "Prepared, not yet measured")."""
+    global GATHER_IN_LOADS
+    saved, GATHER_IN_LOADS = GATHER_IN_LOADS, False
+    try:
+        yield
+    finally:
+        GATHER_IN_LOADS = saved
+
+
+@contextlib.contextmanager
 def swiglu_unfused():
     """QuACK's plain GEMMs with the SwiGLU in its own pass inside this block (the pre-v17 path)."""
     global FUSE_SWIGLU
@@ -172,13 +188,15 @@ def experts_mm_grad_weight(
 
 
 def experts_swiglu(
-    x: Tensor, gate_up_proj: Tensor, bounds: Tensor, token_rows: Tensor
+    x: Tensor, gate_up_proj: Tensor, bounds: Tensor, token_rows: Tensor | None
 ) -> tuple[Tensor, Tensor]:
     """One GEMM with the SwiGLU in its epilogue. With x_r = x[token_rows[r]] (gathered in the
-    loads) and e row r's expert: preact[r] = x_r @ gate_up_proj[e].T with gate j in column 2j and
-    up j in column 2j + 1, hidden[r] = silu(gate) * up from the float32 accumulator.
+    loads; x[r] when token_rows is None: rows already in expert order) and e row r's expert:
+    preact[r] = x_r @ gate_up_proj[e].T with gate j in column 2j and up j in column 2j + 1,
+    hidden[r] = silu(gate) * up from the float32 accumulator.
     x # [T, I], gate_up_proj # [E, 2F, I] ([gate; up] stacked) -> preact # [S, 2F], hidden # [S, F]."""
-    rows, width = token_rows.shape[0], gate_up_proj.shape[-2]
+    rows = x.shape[0] if token_rows is None else token_rows.shape[0]
+    width = gate_up_proj.shape[-2]
     preact = x.new_empty(rows, width)
     hidden = x.new_empty(rows, width // 2)
     _tuned(
@@ -190,7 +208,7 @@ def experts_swiglu(
             preact_out=preact,
             postact_out=hidden,
             cu_seqlens_m=bounds,
-            A_idx=token_rows.to(torch.int32),
+            A_idx=None if token_rows is None else token_rows.to(torch.int32),
             concat_layout=("B",),
         ),
     )
