@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from tests.moe.helpers import FcMLP, SwiGLU
-from vlmoe.moe import MoEFeedForward, graphs, layers, record_routing
+from vlmoe.moe import MoEFeedForward, graphs, layers, record_routing, routing_inputs
 
 
 def _layer(hidden=64, intermediate=96, num_experts=4, top_k=2, seed=0, mlp=SwiGLU):
@@ -179,6 +179,9 @@ def test_layer_graph_plumbing_on_cpu(monkeypatch):
         moe.router.config.temperature = 2.0  # a setting the captured forward read
         moe(x), moe(x)
         assert len(captures) == 3
+        with routing_inputs(moe, attention_mask=torch.ones(3, 5)):  # as vlmoe.eval.generate sets it
+            assert torch.equal(moe(x), moe.route_and_dispatch(x, None, None)[0])
+        assert len(captures) == 3  # the mask is no part of the key: the output does not read it
         with pytest.raises(ValueError, match="token_mask"):
             moe(x, token_mask=torch.ones(2, 1, dtype=torch.bool))
         assert torch.equal(

@@ -237,7 +237,11 @@ class MoEFeedForward(SparseLayer):
         return out
 
     def _eager_forward(self, x: Tensor) -> Tensor:
-        return self.route_and_dispatch(x, None, None)[0]
+        """What a graph captures: routing and dispatch only. Without the layer's padding mask or
+        cluster ids (no output reads them here), whose addresses change from call to call."""
+        x_tokens = x.reshape(-1, x.shape[-1])
+        out = dispatch(x_tokens, self.router(x_tokens), self.experts, self.backend)
+        return out.view(*x.shape[:-1], out.shape[-1])
 
     @classmethod
     def from_dense(
