@@ -53,16 +53,13 @@ def test_decode_backend_refuses_autograd_and_other_experts():
 
 
 def test_auto_decodes_only_small_no_grad_dropless_steps():
-    moe, routing, x = _case(8, 8, 8, 4, 2, torch.float64, seed=0)
+    moe, routing, _ = _case(8, 8, 8, 4, 2, torch.float64, seed=0)
     with torch.no_grad():
-        assert _auto_decodes(x, routing, moe)  # 16 slots
-        big, big_routing, big_x = _case(9, 8, 8, 4, 2, torch.float64, seed=0)
-        assert not _auto_decodes(big_x, big_routing, big)  # 18 slots
-        kept = torch.ones_like(routing.expert_indices, dtype=torch.bool)
-        from dataclasses import replace
-
-        assert not _auto_decodes(x, replace(routing, kept=kept), moe)
-    assert not _auto_decodes(x, routing, moe)  # autograd on
+        assert _auto_decodes(moe, routing.expert_indices.numel(), dropping=False)  # 16 slots
+        big, big_routing, _ = _case(9, 8, 8, 4, 2, torch.float64, seed=0)
+        assert not _auto_decodes(big, big_routing.expert_indices.numel(), dropping=False)  # 18 slots
+        assert not _auto_decodes(moe, routing.expert_indices.numel(), dropping=True)  # capacity
+    assert not _auto_decodes(moe, routing.expert_indices.numel(), dropping=False)  # autograd on
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")

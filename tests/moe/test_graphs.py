@@ -6,6 +6,7 @@ weight changes, capture anew for new parameters or sizes, and never alias their 
 """
 
 import copy
+import importlib
 import pickle
 import sys
 import threading
@@ -15,6 +16,8 @@ import torch
 
 from tests.moe.helpers import FcMLP, SwiGLU
 from vlmoe.moe import MoEFeedForward, graphs, layers, record_routing, routing_inputs
+
+dispatch_module = importlib.import_module("vlmoe.moe.dispatch")  # the module, not the function
 
 
 def _layer(hidden=64, intermediate=96, num_experts=4, top_k=2, seed=0, mlp=SwiGLU):
@@ -38,44 +41,52 @@ def test_graph_path_gate(monkeypatch):
     (they need a GPU to be true)."""
     moe = _layer()
     monkeypatch.setattr(graphs, "can_capture", lambda x: True)
+    auto_on_cuda = dispatch_module.resolve_backend
+    monkeypatch.setattr(
+        dispatch_module,
+        "resolve_backend",
+        lambda backend, x, e: "grouped" if backend == "auto" else auto_on_cuda(backend, x, e),
+    )
     monkeypatch.setattr(layers, "grouped_mm_runs", lambda x, weights: True)
     monkeypatch.setattr(moe.router, "_fused_routing_applies", lambda x: True)
-    decode = torch.randn(4, 1, 64)  # 4 tokens x top-2 = 8 slots: the decode kernels
-    batch = torch.randn(32, 1, 64)  # 64 slots: the grouped path on grouped_mm
-    assert moe._graph_path(decode) == "decode" and moe._graph_path(batch) == "grouped"
-    assert moe._graph_path(torch.randn(32, 64)) == "grouped"  # flat tokens
-    assert moe._graph_path(torch.randn(1, 8, 64)) is None  # a prompt: a length of its own each time
-    for eager in [torch.randn(graphs.MAX_TOKENS + 1, 64), torch.randn(0, 64), torch.randn(64)]:
-        assert moe._graph_path(eager) is None
-    assert moe._graph_path(torch.randn(4, 1, 32)) is None  # the wrong width: the eager error
-    moe.record_routing = True  # the record needs the eager routing
-    assert moe._graph_path(decode) is None
-    moe.record_routing = False
-    for backend, paths in [
-        ("reference", (None, None)),
-        ("segments", (None, None)),  # reads the expert counts to the host
-        ("grouped", ("grouped", "grouped")),
-        ("decode", ("decode", "decode")),
-    ]:
-        moe.backend = backend
-        assert (moe._graph_path(decode), moe._graph_path(batch)) == paths, backend
-    moe.backend = "auto"
-    monkeypatch.setattr(layers, "grouped_mm_runs", lambda x, weights: False)  # counts read to the host
-    assert moe._graph_path(decode) == "decode" and moe._graph_path(batch) is None
-    monkeypatch.setattr(moe.router, "_fused_routing_applies", lambda x: False)
-    assert moe._graph_path(decode) is None
+    with torch.no_grad():  # as can_capture asks
+        decode = torch.randn(4, 1, 64)  # 4 tokens x top-2 = 8 slots: the decode kernels
+        batch = torch.randn(32, 1, 64)  # 64 slots: the grouped path on grouped_mm
+        assert moe._graph_path(decode) == "decode" and moe._graph_path(batch) == "grouped"
+        assert moe._graph_path(torch.randn(32, 64)) == "grouped"  # flat tokens
+        assert moe._graph_path(torch.randn(1, 8, 64)) is None  # a prompt: a length of its own each time
+        for eager in [torch.randn(graphs.MAX_TOKENS + 1, 64), torch.randn(0, 64), torch.randn(64)]:
+            assert moe._graph_path(eager) is None
+        assert moe._graph_path(torch.randn(4, 1, 32)) is None  # the wrong width: the eager error
+        moe.record_routing = True  # the record needs the eager routing
+        assert moe._graph_path(decode) is None
+        moe.record_routing = False
+        for backend, paths in [
+            ("reference", (None, None)),
+            ("segments", (None, None)),  # reads the expert counts to the host
+            ("grouped", ("grouped", "grouped")),
+            ("decode", ("decode", "decode")),
+        ]:
+            moe.backend = backend
+            assert (moe._graph_path(decode), moe._graph_path(batch)) == paths, backend
+        moe.backend = "auto"
+        monkeypatch.setattr(layers, "grouped_mm_runs", lambda x, weights: False)  # counts read to the host
+        assert moe._graph_path(decode) == "decode" and moe._graph_path(batch) is None
+        monkeypatch.setattr(moe.router, "_fused_routing_applies", lambda x: False)
+        assert moe._graph_path(decode) is None
 
-    monkeypatch.setattr(layers, "grouped_mm_runs", lambda x, weights: True)
-    mlp = _layer(mlp=FcMLP)  # no decode kernels: the grouped path at every size
-    monkeypatch.setattr(mlp.router, "_fused_routing_applies", lambda x: True)
-    assert mlp._graph_path(decode) == "grouped"
-    mlp.backend = "decode"
-    assert mlp._graph_path(decode) is None  # the eager path's error names the backend
-    wide = _layer(num_experts=64, top_k=6)  # 200 tokens x 6 slots: QuACK's sizes
-    monkeypatch.setattr(wide.router, "_fused_routing_applies", lambda x: True)
-    assert (
-        wide._graph_path(torch.randn(100, 64)) == "grouped" and wide._graph_path(torch.randn(200, 64)) is None
-    )
+        monkeypatch.setattr(layers, "grouped_mm_runs", lambda x, weights: True)
+        mlp = _layer(mlp=FcMLP)  # no decode kernels: the grouped path at every size
+        monkeypatch.setattr(mlp.router, "_fused_routing_applies", lambda x: True)
+        assert mlp._graph_path(decode) == "grouped"
+        mlp.backend = "decode"
+        assert mlp._graph_path(decode) is None  # the eager path's error names the backend
+        wide = _layer(num_experts=64, top_k=6)  # 200 tokens x 6 slots: QuACK's sizes
+        monkeypatch.setattr(wide.router, "_fused_routing_applies", lambda x: True)
+        assert (
+            wide._graph_path(torch.randn(100, 64)) == "grouped"
+            and wide._graph_path(torch.randn(200, 64)) is None
+        )
 
 
 def test_copies_and_pickles_start_without_graphs():

@@ -616,20 +616,28 @@ def decode_dispatch(x: Tensor, routing: Routing, experts: Experts) -> Tensor:
     return decode_forward(x, routing.expert_indices, routing.combine_weights)
 
 
-def _auto_decodes(x: Tensor, routing: Routing, experts: Experts) -> bool:
+def _auto_decodes(experts: Experts, num_slots: int, dropping: bool) -> bool:
     return (
         hasattr(experts, "decode_forward")
-        and routing.kept is None
+        and not dropping
         and not torch.is_grad_enabled()
-        and x.shape[0] * routing.expert_indices.shape[-1] <= DECODE_MAX_SLOTS
+        and num_slots <= DECODE_MAX_SLOTS
     )
+
+
+def chosen_backend(backend: str, x: Tensor, experts: Experts, num_slots: int, dropping: bool = False) -> str:
+    """The backend `dispatch` runs for `num_slots` token-slots of x # [T, I] (`dropping`: the
+    capacity limit drops some); asked before routing by a layer that replays graphs."""
+    chosen = resolve_backend(backend, x, experts)
+    if chosen == "grouped" and backend == "auto" and _auto_decodes(experts, num_slots, dropping):
+        return "decode"
+    return chosen
 
 
 def dispatch(x: Tensor, routing: Routing, experts: Experts, backend: str = "auto") -> Tensor:
     """Run `experts` on the token-slots chosen by `routing` and combine. x # [T, I] -> [T, O]."""
-    chosen = resolve_backend(backend, x, experts)
-    if chosen == "grouped" and backend == "auto" and _auto_decodes(x, routing, experts):
-        chosen = "decode"
+    num_slots = routing.expert_indices.numel()
+    chosen = chosen_backend(backend, x, experts, num_slots, dropping=routing.kept is not None)
     if chosen == "decode":
         return decode_dispatch(x, routing, experts)
     if chosen in ("grouped", "segments"):

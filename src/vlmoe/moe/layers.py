@@ -19,9 +19,9 @@ from torch import Tensor, nn
 from vlmoe.moe import graphs
 from vlmoe.moe.config import RouterConfig
 from vlmoe.moe.dispatch import (
-    DECODE_MAX_SLOTS,
     Experts,
     check_backend,
+    chosen_backend,
     dispatch,
     gate_matrix,
     grouped_mm_runs,
@@ -193,11 +193,12 @@ class MoEFeedForward(SparseLayer):
         if not router._fused_routing_applies(x.reshape(num_tokens, x.shape[-1])):
             return None
         num_slots = num_tokens * router.config.top_k
-        decodes = self.backend == "decode" or (self.backend == "auto" and num_slots <= DECODE_MAX_SLOTS)
-        if decodes and isinstance(experts, GLUExperts):
-            return "decode"
+        # The dispatcher's own choice (no capacity here: the fused routing has none).
+        chosen = chosen_backend(self.backend, x, experts, num_slots)
+        if chosen == "decode":
+            return "decode" if isinstance(experts, GLUExperts) else None  # else its eager error
         if (
-            self.backend in ("auto", "grouped")
+            chosen == "grouped"
             and isinstance(experts, (GLUExperts, MLPExperts))
             and num_slots < quack_gemm.MIN_ROWS
             and grouped_mm_runs(x, _expert_weights(experts))
