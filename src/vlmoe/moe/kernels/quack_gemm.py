@@ -34,6 +34,7 @@ import logging
 import os
 import statistics
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -111,39 +112,32 @@ def usable(weight: Tensor, x: Tensor, rows: int | None = None, dtype: torch.dtyp
 
 
 @contextlib.contextmanager
-def disabled():
-    """grouped_mm for the expert matmuls inside this block (a baseline, or a workaround)."""
-    global ENABLED
-    saved, ENABLED = ENABLED, False
+def _switched(name: str, value: bool) -> Iterator[None]:
+    """This module's switch `name` set to `value` inside the block, restored after."""
+    saved = globals()[name]
+    globals()[name] = value
     try:
         yield
     finally:
-        ENABLED = saved
+        globals()[name] = saved
 
 
-@contextlib.contextmanager
-def rows_spread_first():
+def disabled() -> contextlib.AbstractContextManager[None]:
+    """grouped_mm for the expert matmuls inside this block (a baseline, or a workaround)."""
+    return _switched("ENABLED", False)
+
+
+def rows_spread_first() -> contextlib.AbstractContextManager[None]:
     """Inside this block the fused SwiGLU experts copy the token rows to expert order first
     (`combine.spread_rows`) and the gated GEMM loads them with TMA, where every tile candidate
     may run (QuACK's gather in the loads takes cluster_n 1 only). A probe: `moe_layer.py` times
     it beside the shipped gather in the loads (NOTES.md, "Prepared, not yet measured")."""
-    global GATHER_IN_LOADS
-    saved, GATHER_IN_LOADS = GATHER_IN_LOADS, False
-    try:
-        yield
-    finally:
-        GATHER_IN_LOADS = saved
+    return _switched("GATHER_IN_LOADS", False)
 
 
-@contextlib.contextmanager
-def swiglu_unfused():
+def swiglu_unfused() -> contextlib.AbstractContextManager[None]:
     """QuACK's plain GEMMs with the SwiGLU in its own pass inside this block (the pre-v17 path)."""
-    global FUSE_SWIGLU
-    saved, FUSE_SWIGLU = FUSE_SWIGLU, False
-    try:
-        yield
-    finally:
-        FUSE_SWIGLU = saved
+    return _switched("FUSE_SWIGLU", False)
 
 
 def cu_seqlens(offsets: Tensor) -> Tensor:
