@@ -26,7 +26,6 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -119,7 +118,7 @@ class _Graph:
     replay: Callable[[], None]  # the captured CUDAGraph's replay (it keeps the graph alive)
     static_input: Tensor
     static_output: Tensor
-    stream: Any = None  # the CUDA stream the static input was made on
+    stream: torch.cuda.Stream | None = None  # the CUDA stream the static input was made on
 
 
 def _record(forward: Callable[[Tensor], Tensor], static_input: Tensor) -> tuple[Callable[[], None], Tensor]:
