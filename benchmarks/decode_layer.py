@@ -1,13 +1,16 @@
 """One MoE layer at decoding size: microseconds per forward, autograd off, bf16.
 
-    python benchmarks/decode_layer.py [--tokens 1 8]
+    python benchmarks/decode_layer.py [--tokens 1 2 8 32 64]
 
 A decoding step is launch-bound: this times 500 forwards queued back to back (one sync at the
 end), so it reads the host cost per layer that the generation benchmark sums over 12 layers
-and 64 steps, without its run-to-run spread. Variants: the grouped path (sort + plan), the
+and 64 steps, without its run-to-run spread; where the GPU takes longer than the host, the
+same column reads the GPU's time. "GPU us" is the kernels' time per forward from the profiler
+(run eagerly: a graph replays the same kernels). Variants: the grouped path (sort + plan), the
 decode kernels with the torch router (six launches) and with the fused routing kernel, the
-latter replayed from a CUDA graph (`vlmoe.moe.graphs`, as generation runs it), and
-transformers' Mixtral block (grouped_mm) of the same weights.
+latter replayed from a CUDA graph (`vlmoe.moe.graphs`, as generation runs it), the grouped
+path as a graph (what `auto` replays past the decode kernels' 64 tokens), and transformers'
+Mixtral block (grouped_mm) of the same weights.
 """
 
 from __future__ import annotations
@@ -39,9 +42,24 @@ def us_per_call(fn, reps: int = 500) -> float:
     return (time.perf_counter() - start) / reps * 1e6
 
 
+def gpu_us_per_call(fn, reps: int = 20) -> float:
+    """Kernel time per call, from the profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return sum(e.self_device_time_total for e in kernels) / reps
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 2, 8, 32, 64])
     args = parser.parse_args()
     torch.manual_seed(0)
     hidden, intermediate, num_experts, top_k = 2048, 5632, 4, 2
@@ -56,19 +74,24 @@ def main() -> None:
     rows = []
     for tokens in args.tokens:
         x = torch.randn(tokens, hidden, device="cuda", dtype=DTYPE)
+        # name: (backend, fused routing limit, CUDA graph)
         variants = {
             "vlmoe grouped path, torch router": ("grouped", 0, False),
-            "vlmoe decode kernels, torch router": ("auto", 0, False),
-            "vlmoe decode kernels, fused router": ("auto", fused_limit, False),
-            "vlmoe decode kernels, fused router, CUDA graph": ("auto", fused_limit, True),
+            "vlmoe decode kernels, torch router": ("decode", 0, False),
+            "vlmoe decode kernels, fused router": ("decode", fused_limit, False),
+            "vlmoe decode kernels, fused router, CUDA graph": ("decode", fused_limit, True),
+            "vlmoe grouped path, fused router, CUDA graph": ("grouped", fused_limit, True),
         }
         with torch.no_grad():
             outputs = {}
             for name, (backend, limit, graphed) in variants.items():
                 moe.backend, router_module.FUSED_ROUTING_MAX_TOKENS = backend, limit
+                graphs.ENABLED = False
+                gpu = gpu_us_per_call(lambda x=x: moe(x))
                 graphs.ENABLED = graphed
                 outputs[name] = moe(x)
-                rows.append({"tokens": tokens, "variant": name, "us": us_per_call(lambda x=x: moe(x))})
+                us = us_per_call(lambda x=x: moe(x))
+                rows.append({"tokens": tokens, "variant": name, "us": us, "gpu_us": gpu})
             router_module.FUSED_ROUTING_MAX_TOKENS = fused_limit
             graphs.ENABLED = True
             reference = outputs["vlmoe grouped path, torch router"].float()
@@ -80,6 +103,7 @@ def main() -> None:
                     "tokens": tokens,
                     "variant": "Mixtral block (grouped_mm)",
                     "us": us_per_call(lambda x=x: mixtral(x)),
+                    "gpu_us": gpu_us_per_call(lambda x=x: mixtral(x)),
                 }
             )
             rows.append(
@@ -87,13 +111,14 @@ def main() -> None:
                     "tokens": tokens,
                     "variant": "dense SwiGLU MLP (one expert)",
                     "us": us_per_call(lambda x=x: dense(x)),
+                    "gpu_us": gpu_us_per_call(lambda x=x: dense(x)),
                 }
             )
     write_json("decode_layer", rows)
     print_table(
-        "one MoE layer (d=2048, ff=5632, 4 experts top-2), no_grad, us per forward (host-bound)",
-        ["tokens", "variant", "us"],
-        [[r["tokens"], r["variant"], f"{r['us']:.1f}"] for r in rows],
+        "one MoE layer (d=2048, ff=5632, 4 experts top-2), no_grad, us per forward queued back to back",
+        ["tokens", "variant", "us", "GPU us"],
+        [[r["tokens"], r["variant"], f"{r['us']:.1f}", f"{r['gpu_us']:.1f}"] for r in rows],
     )
 
 

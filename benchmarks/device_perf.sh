@@ -32,8 +32,8 @@ for part in $parts; do
     case $part in
         gen) timeout 70 python3 benchmarks/generation.py --new 64 > "$out/generation.log" 2>&1 ;;
         gen1) timeout ${GEN1_S:-150} python3 benchmarks/generation.py --new 64 --batches 1 --reps ${GEN1_REPS:-7} --models vlmoe,eager-ffn,dense,mixtral > "$out/generation_b1.log" 2>&1 ;;
-        gen32) timeout ${GEN32_S:-150} python3 benchmarks/generation.py --new 64 --batches 32 --models vlmoe,eager-ffn,mixtral > "$out/generation_b32.log" 2>&1 ;;
-        decodelayer) timeout 30 python3 benchmarks/decode_layer.py > "$out/decode_layer.log" 2>&1 ;;
+        gen32) timeout ${GEN32_S:-150} python3 benchmarks/generation.py --new 64 --batches 32 --reps ${GEN32_REPS:-5} --models ${GEN32_MODELS:-vlmoe,eager-ffn,mixtral} > "$out/generation_b32.log" 2>&1 ;;
+        decodelayer) timeout ${DECODELAYER_S:-90} python3 benchmarks/decode_layer.py > "$out/decode_layer.log" 2>&1 ;;
         static) timeout ${STATIC_S:-75} python3 benchmarks/generation.py --new 64 --batches 1 --static --models vlmoe,mixtral > "$out/generation_static.log" 2>&1 ;;
         ffn) timeout 170 python3 benchmarks/moe_layer.py > "$out/moe_ffn.log" 2>&1 ;;
         ffnq) timeout ${FFNQ_S:-200} python3 benchmarks/moe_layer.py --ffn-only --reps 30 > "$out/moe_ffn_quack.log" 2>&1 ;;

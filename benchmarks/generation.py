@@ -10,6 +10,9 @@ batch, each layer's FFN replayed as a CUDA graph), the same with the graphs off
 upcycling (FFN 5632: what an MoE layer that cost nothing beyond one expert would reach), stock
 Mixtral. `--static`: a static KV cache, with which transformers compiles the decoding step
 (torch.compile fullgraph, mode="reduce-overhead": CUDA graphs) for every model alike.
+Two readings per model: tokens/s of whole generate calls, and tokens/s from the median step
+(the host clock at every generated token, through a stopping criterion that stops nothing), which
+a few slow steps of a noisy host do not move. Both are compared with Mixtral round by round.
 Writes generation_b<batches>.json (generation_static_b<batches>.json with --static).
 """
 
@@ -22,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -33,22 +37,46 @@ from vlmoe.moe import MoEFeedForward, graphs
 from vlmoe.moe import router as router_module
 
 
-def greedy_generate(model, batch: int, prompt: int, new: int, static: bool = False) -> None:
+class StepClock(StoppingCriteria):
+    """Stops nothing; notes the host clock at every generated token. transformers calls its
+    stopping criteria once per step, after the step's token is chosen, and reads the result
+    on the host, so the clock follows the GPU within a step."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def __call__(self, input_ids, scores, **kwargs):
+        self.times.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    def median_step(self) -> float:
+        """Seconds of the median decoding step (the prompt's step excluded)."""
+        steps = [b - a for a, b in zip(self.times, self.times[1:], strict=False)]
+        return statistics.median(steps) if steps else float("nan")
+
+
+def greedy_generate(model, batch: int, prompt: int, new: int, static: bool = False, clock=None) -> None:
     """One greedy generate of exactly `new` tokens after a random `prompt`-token prompt."""
     input_ids = torch.randint(0, VOCAB - 2, (batch, prompt), device="cuda")
     kwargs = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
     if static:
         kwargs["cache_implementation"] = "static"
+    if clock is not None:
+        kwargs["stopping_criteria"] = StoppingCriteriaList([clock])
     model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
 
 
-def decode_tokens_per_s(model, batch: int, prompt: int, new: int, static: bool = False) -> float:
-    """Generated tokens/s of one generate call; warm the model first (compilation, CUDA graphs)."""
+def decode_tokens_per_s(
+    model, batch: int, prompt: int, new: int, static: bool = False
+) -> tuple[float, float]:
+    """(generated tokens/s of one generate call, tokens/s of its median step); warm the model
+    first (compilation, CUDA graphs)."""
+    clock = StepClock()
     torch.cuda.synchronize()
     start = time.perf_counter()
-    greedy_generate(model, batch, prompt, new, static)
+    greedy_generate(model, batch, prompt, new, static, clock)
     torch.cuda.synchronize()
-    return batch * new / (time.perf_counter() - start)
+    return batch * new / (time.perf_counter() - start), batch / clock.median_step()
 
 
 def _span(values: list[float]) -> str:
@@ -105,18 +133,22 @@ def main() -> None:
     rounds = max(args.reps, 1)
     for batch in args.batches:
         speeds: dict[str, list[float]] = {key: [] for key in models}
+        step_speeds: dict[str, list[float]] = {key: [] for key in models}
         for repeat in range(rounds + 1):  # round 0 warms up (compilation, CUDA graphs, clocks)
             for key, (name, model) in models.items():
                 router_module.FUSED_ROUTING_MAX_TOKENS = 0 if key == "torch-router" else fused_limit
                 graphs.ENABLED = key != "eager-ffn"
                 try:
                     with torch.no_grad():
-                        speed = decode_tokens_per_s(model, batch, args.prompt, args.new, static=args.static)
+                        speed, step_speed = decode_tokens_per_s(
+                            model, batch, args.prompt, args.new, static=args.static
+                        )
                 except Exception as error:  # e.g. a model transformers cannot compile: report, go on
                     print(f"  {name}, batch {batch}: {type(error).__name__}: {error}"[:2000], flush=True)
-                    speed = float("nan")
+                    speed = step_speed = float("nan")
                 if repeat:
                     speeds[key].append(speed)
+                    step_speeds[key].append(step_speed)
         router_module.FUSED_ROUTING_MAX_TOKENS = fused_limit
         graphs.ENABLED = True
         for key, (name, _) in models.items():
@@ -126,14 +158,19 @@ def main() -> None:
                     "batch": batch,
                     "tokens_per_s": statistics.median(speeds[key]),
                     "rounds": speeds[key],
+                    "median_step_tokens_per_s": statistics.median(step_speeds[key]),
+                    "median_step_rounds": step_speeds[key],
                 }
             )
             if "mixtral" in models:
                 ratios = [a / b for a, b in zip(speeds[key], speeds["mixtral"], strict=True)]
                 rows[-1]["ratio_to_mixtral"] = statistics.median(ratios)
                 rows[-1]["round_ratios"] = ratios
+                step_ratios = [a / b for a, b in zip(step_speeds[key], step_speeds["mixtral"], strict=True)]
+                rows[-1]["median_step_ratio_to_mixtral"] = statistics.median(step_ratios)
+                rows[-1]["median_step_round_ratios"] = step_ratios
             else:
-                rows[-1]["ratio_to_mixtral"] = float("nan")
+                rows[-1]["ratio_to_mixtral"] = rows[-1]["median_step_ratio_to_mixtral"] = float("nan")
             print(
                 f"  {name}, batch {batch}: rounds {' '.join(f'{v:.0f}' for v in speeds[key])} tokens/s",
                 flush=True,
@@ -149,6 +186,9 @@ def main() -> None:
             "tokens/s (median)",
             "ratio to Mixtral (median of rounds)",
             "range of round ratios",
+            "median-step tokens/s",
+            "median-step ratio",
+            "its range",
         ],
         [
             [
@@ -157,6 +197,9 @@ def main() -> None:
                 f"{r['tokens_per_s']:.0f}",
                 f"{r['ratio_to_mixtral']:.2f}",
                 _span(r.get("round_ratios", [float("nan")])),
+                f"{r['median_step_tokens_per_s']:.0f}",
+                f"{r['median_step_ratio_to_mixtral']:.2f}",
+                _span(r.get("median_step_round_ratios", [float("nan")])),
             ]
             for r in rows
         ],

@@ -5,13 +5,14 @@ float32 and are compared with the float64 reference.
 """
 
 import copy
+from unittest.mock import patch
 
 import pytest
 import torch
 
 from tests.moe.helpers import SwiGLU, relative_error
 from vlmoe.moe import GLUExperts, MoEFeedForward, Routing, dispatch
-from vlmoe.moe.dispatch import _auto_decodes
+from vlmoe.moe.dispatch import DECODE_MAX_TOKENS, _auto_decodes, chosen_backend
 from vlmoe.moe.kernels import HAS_TRITON
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -53,22 +54,38 @@ def test_decode_backend_refuses_autograd_and_other_experts():
 
 
 def test_auto_decodes_only_small_no_grad_dropless_steps():
-    moe, routing, _ = _case(8, 8, 8, 4, 2, torch.float64, seed=0)
+    moe = _case(1, 8, 8, 4, 2, torch.float64, seed=0)[0]
     with torch.no_grad():
-        assert _auto_decodes(moe, routing.expert_indices.numel(), dropping=False)  # 16 slots
-        big, big_routing, _ = _case(9, 8, 8, 4, 2, torch.float64, seed=0)
-        assert not _auto_decodes(big, big_routing.expert_indices.numel(), dropping=False)  # 18 slots
-        assert not _auto_decodes(moe, routing.expert_indices.numel(), dropping=True)  # capacity
-    assert not _auto_decodes(moe, routing.expert_indices.numel(), dropping=False)  # autograd on
+        assert _auto_decodes(moe, DECODE_MAX_TOKENS, dropping=False)
+        assert not _auto_decodes(moe, DECODE_MAX_TOKENS + 1, dropping=False)
+        assert not _auto_decodes(moe, 1, dropping=True)  # capacity
+    assert not _auto_decodes(moe, 1, dropping=False)  # autograd on
+
+
+def test_chosen_backend_counts_tokens_of_any_shape():
+    moe = _case(1, 8, 8, 4, 2, torch.float64, seed=0)[0]
+    with torch.no_grad(), patch("vlmoe.moe.dispatch.resolve_backend", return_value="grouped"):
+        assert chosen_backend("auto", torch.zeros(DECODE_MAX_TOKENS, 1, 8), moe) == "decode"
+        assert chosen_backend("auto", torch.zeros(2, DECODE_MAX_TOKENS, 8), moe) == "grouped"
+        assert chosen_backend("grouped", torch.zeros(1, 8), moe) == "grouped"  # asked for
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 @pytest.mark.parametrize(
     ("tokens", "hidden", "intermediate", "experts", "top_k"),
-    [(1, 40, 24, 4, 2), (3, 300, 530, 8, 2), (2, 24, 17, 3, 3), (1, 16, 16, 1, 1)],
+    # 70 tokens: two token blocks; 5 experts over 20 tokens: every expert chosen, several
+    # twice by one token.
+    [
+        (1, 40, 24, 4, 2),
+        (3, 300, 530, 8, 2),
+        (2, 24, 17, 3, 3),
+        (1, 16, 16, 1, 1),
+        (20, 33, 70, 5, 2),
+        (70, 20, 30, 4, 2),
+    ],
 )
 def test_decode_kernels_equal_float64_reference(tokens, hidden, intermediate, experts, top_k):
-    """Ragged sizes (not multiples of the blocks) exercise every mask; output poisoned first."""
+    """Ragged sizes (not multiples of the blocks) exercise every mask."""
     from vlmoe.moe.kernels.decode import glu_decode_reference, glu_decode_triton
 
     moe, routing, x = _case(
@@ -83,6 +100,23 @@ def test_decode_kernels_equal_float64_reference(tokens, hidden, intermediate, ex
     out = glu_decode_triton(x, *args)
     assert out.shape == (tokens, hidden) and torch.isfinite(out).all()
     expected = glu_decode_reference(x.double(), *(a.double() if a.is_floating_point() else a for a in args))
+    assert relative_error(out, expected) < 1e-5
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_decode_kernels_with_a_forced_expert_and_one_nobody_chose():
+    """Every token picks expert 2 in both slots; expert 0's weights are NaN and must not leak."""
+    from vlmoe.moe.kernels.decode import glu_decode_reference, glu_decode_triton
+
+    moe, routing, x = _case(5, 24, 40, 3, 2, torch.float32, seed=3, device=DEVICE)
+    gate_up, down = moe.gate_up_proj.detach().clone(), moe.down_proj.detach().clone()
+    gate_up[0], down[0] = float("nan"), float("nan")
+    forced = torch.full((5, 2), 2, device=DEVICE)
+    out = glu_decode_triton(x, gate_up, down, forced, routing.combine_weights)
+    expected = glu_decode_reference(
+        x.double(), gate_up[1:].double(), down[1:].double(), forced - 1, routing.combine_weights.double()
+    )
+    assert torch.isfinite(out).all()
     assert relative_error(out, expected) < 1e-5
 
 

@@ -50,10 +50,10 @@ def test_graph_path_gate(monkeypatch):
     monkeypatch.setattr(layers, "grouped_mm_runs", lambda x, weights: True)
     monkeypatch.setattr(moe.router, "_fused_routing_applies", lambda x: True)
     with torch.no_grad():  # as can_capture asks
-        decode = torch.randn(4, 1, 64)  # 4 tokens x top-2 = 8 slots: the decode kernels
-        batch = torch.randn(32, 1, 64)  # 64 slots: the grouped path on grouped_mm
+        decode = torch.randn(4, 1, 64)  # 4 tokens: the decode kernels
+        batch = torch.randn(100, 1, 64)  # past DECODE_MAX_TOKENS: the grouped path on grouped_mm
         assert moe._graph_path(decode) == "decode" and moe._graph_path(batch) == "grouped"
-        assert moe._graph_path(torch.randn(32, 64)) == "grouped"  # flat tokens
+        assert moe._graph_path(torch.randn(100, 64)) == "grouped"  # flat tokens
         assert moe._graph_path(torch.randn(1, 8, 64)) is None  # a prompt: a length of its own each time
         for eager in [torch.randn(graphs.MAX_TOKENS + 1, 64), torch.randn(0, 64), torch.randn(64)]:
             assert moe._graph_path(eager) is None
@@ -226,9 +226,9 @@ def test_replays_equal_the_eager_forward_bit_for_bit(dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize(("mlp", "tokens"), [(SwiGLU, 32), (SwiGLU, 200), (FcMLP, 3), (FcMLP, 48)])
+@pytest.mark.parametrize(("mlp", "tokens"), [(SwiGLU, 100), (SwiGLU, 200), (FcMLP, 3), (FcMLP, 48)])
 def test_grouped_path_replays_equal_the_eager_forward(mlp, tokens):
-    """Past the decode kernels' slots (and for MLP experts, which have none): the grouped path,
+    """Past the decode kernels' tokens (and for MLP experts, which have none): the grouped path,
     sort and gathers included, captured whole."""
     moe = _layer(mlp=mlp).cuda().bfloat16()
     with torch.no_grad():

@@ -51,9 +51,10 @@ Backend = Literal["auto", "reference", "grouped", "segments", "dense", "decode"]
 BACKENDS: tuple[str, ...] = ("auto", "reference", "grouped", "segments", "dense", "decode")
 # `auto` runs LoRA experts densely on CUDA while all experts' ranks together stay this small.
 DENSE_MAX_TOTAL_RANK = 512
-# `auto` takes the decode path on CUDA, with autograd off, up to this many token-slots (T * K):
-# every slot re-reads its expert's weights, cheap only while few sequences decode at once.
-DECODE_MAX_SLOTS = 16
+# `auto` takes the decode path on CUDA, with autograd off, up to this many tokens: its kernels
+# read each chosen expert's weights once per 64 tokens, and beat the grouped path (a CUDA graph
+# too) up to there: 89 against 136 us at 64 tokens of a 4-expert layer (H200, NOTES.md v21).
+DECODE_MAX_TOKENS = 64
 
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
@@ -616,28 +617,28 @@ def decode_dispatch(x: Tensor, routing: Routing, experts: Experts) -> Tensor:
     return decode_forward(x, routing.expert_indices, routing.combine_weights)
 
 
-def _auto_decodes(experts: Experts, num_slots: int, dropping: bool) -> bool:
+def _auto_decodes(experts: Experts, num_tokens: int, dropping: bool) -> bool:
     return (
         hasattr(experts, "decode_forward")
         and not dropping
         and not torch.is_grad_enabled()
-        and num_slots <= DECODE_MAX_SLOTS
+        and num_tokens <= DECODE_MAX_TOKENS
     )
 
 
-def chosen_backend(backend: str, x: Tensor, experts: Experts, num_slots: int, dropping: bool = False) -> str:
-    """The backend `dispatch` runs for `num_slots` token-slots of x # [T, I] (`dropping`: the
-    capacity limit drops some); asked before routing by a layer that replays graphs."""
+def chosen_backend(backend: str, x: Tensor, experts: Experts, dropping: bool = False) -> str:
+    """The backend `dispatch` runs for the tokens of x # [..., I] (`dropping`: the capacity
+    limit drops some slots); asked before routing by a layer that replays graphs."""
     chosen = resolve_backend(backend, x, experts)
-    if chosen == "grouped" and backend == "auto" and _auto_decodes(experts, num_slots, dropping):
+    num_tokens = x.shape[:-1].numel()
+    if chosen == "grouped" and backend == "auto" and _auto_decodes(experts, num_tokens, dropping):
         return "decode"
     return chosen
 
 
 def dispatch(x: Tensor, routing: Routing, experts: Experts, backend: str = "auto") -> Tensor:
     """Run `experts` on the token-slots chosen by `routing` and combine. x # [T, I] -> [T, O]."""
-    num_slots = routing.expert_indices.numel()
-    chosen = chosen_backend(backend, x, experts, num_slots, dropping=routing.kept is not None)
+    chosen = chosen_backend(backend, x, experts, dropping=routing.kept is not None)
     if chosen == "decode":
         return decode_dispatch(x, routing, experts)
     if chosen in ("grouped", "segments"):

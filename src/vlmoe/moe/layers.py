@@ -194,7 +194,7 @@ class MoEFeedForward(SparseLayer):
             return None
         num_slots = num_tokens * router.config.top_k
         # The dispatcher's own choice (no capacity here: the fused routing has none).
-        chosen = chosen_backend(self.backend, x, experts, num_slots)
+        chosen = chosen_backend(self.backend, x, experts)
         if chosen == "decode":
             return "decode" if isinstance(experts, GLUExperts) else None  # else its eager error
         if (

@@ -1,17 +1,22 @@
-"""A gated-FFN MoE layer for a handful of token-slots (decoding) in two kernel launches.
+"""A gated-FFN MoE layer for a few dozen tokens (decoding) in three kernel launches.
 
-At one token per sequence and step the sorted grouped-GEMM path (`dispatch.grouped_dispatch`)
-is bound by its ~25 launches (sort, plan, gathers, combine), not by bytes. Here, with S = T*K
-token-slots, token t = s // K and e_s the expert of slot s:
+At a handful of tokens per step the sorted grouped-GEMM path (`dispatch.grouped_dispatch`) is
+bound by its ~25 launches (sort, plan, gathers, combine) and by grouped GEMMs of a few rows, not
+by bytes. Here, expert-major with token t's K chosen experts in slots t * K + j:
 
-1. `_gate_up_kernel`, one program per (slot, block of F): h[s] = silu(G[e_s] x_t) * (U[e_s] x_t),
-   reading the chosen expert's rows of the fused [E, 2F, D] gate_up weight in place;
-2. `_down_combine_kernel`, one program per (token, block of D): out[t] = sum_k w[t, k] * W[e] h,
-   the down projection and the weighted K-way combine in one pass.
+1. `_gate_up_by_expert_kernel`, one program per (expert, block of F, block of 64 tokens):
+   h[slot] = silu(G[e] x_t) * (U[e] x_t) for the tokens that chose e, reading e's rows of the
+   fused [E, 2F, D] gate_up weight once for all of them; a program whose expert nobody chose
+   returns before reading anything;
+2. `_down_by_expert_kernel`, one program per (expert, block of D, block of tokens):
+   y[slot] = w[slot] * W[e] h[slot];
+3. `_sum_slots_kernel`: out[t] = sum_j y[t * K + j], in slot order (deterministic).
 
-Each slot reads its expert's weights itself (a matrix-vector product per slot): right while S
-is small, wasteful for prefill and training, which keep the grouped path. No backward: the
-dispatcher uses this only with autograd off. `glu_decode_reference` is the same function in torch.
+So a step reads each chosen expert's weights once per 64 tokens, where a kernel per slot would
+read them once per slot: 79 against 201 us at 8 tokens of a 4-expert layer on an H200, and
+55 against 59 us at one token (NOTES.md v21). Past 64 tokens the grouped path is the better
+one, and prefill and training keep it. No backward: the dispatcher uses this only with autograd
+off. `glu_decode_reference` is the same function in torch.
 """
 
 from __future__ import annotations
@@ -26,66 +31,114 @@ if HAS_TRITON:
     import triton.language as tl
 
     @triton.jit
-    def _gate_up_kernel(
-        x, experts, weight, hidden, D, F, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr
+    def _token_slots(experts, expert, tokens, token_ok, K: tl.constexpr):
+        """[BLOCK_T] int64: the slot (t * K + j) through which each token chose `expert`, the
+        last one if it chose it twice (a forced expert; both slots hold the same hidden), else -1."""
+        slot = tl.full(tokens.shape, -1, dtype=tl.int64)
+        for j in tl.static_range(K):
+            ids = tl.load(experts + tokens * K + j, mask=token_ok, other=-1)
+            slot = tl.where(ids == expert, tokens * K + j, slot)
+        return slot
+
+    @triton.jit
+    def _gate_up_by_expert_kernel(
+        x,
+        experts,
+        weight,
+        hidden,
+        T,
+        D,
+        F,
+        K: tl.constexpr,
+        BLOCK_T: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr,
     ):
-        slot = tl.program_id(0).to(tl.int64)
-        token = slot // K
-        expert = tl.load(experts + slot).to(tl.int64)
+        expert = tl.program_id(0).to(tl.int64)
+        tokens = tl.program_id(2).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+        token_ok = tokens < T
+        slot = _token_slots(experts, expert, tokens, token_ok, K)
+        uses = slot >= 0
+        if tl.max(uses.to(tl.int32), axis=0) == 0:
+            return  # no token chose this expert: its weights are not read
         rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < F
         gate_rows = weight + expert * 2 * F * D + rows.to(tl.int64)[:, None] * D
         up_rows = gate_rows + F * D
-        acc_gate = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-        acc_up = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        x_rows = x + tokens[:, None] * D
+        acc_gate = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
+        acc_up = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
         for start in range(0, D, BLOCK_D):
             cols = start + tl.arange(0, BLOCK_D)
             col_ok = cols < D
-            values = tl.load(x + token * D + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            x_tile = tl.load(x_rows + cols[None, :], mask=uses[:, None] & col_ok[None, :], other=0.0)
             mask = row_ok[:, None] & col_ok[None, :]
-            acc_gate += tl.load(gate_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32) * values
-            acc_up += tl.load(up_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32) * values
-        gate = tl.sum(acc_gate, axis=1)
-        up = tl.sum(acc_up, axis=1)
-        tl.store(hidden + slot * F + rows, gate * tl.sigmoid(gate) * up, mask=row_ok)
+            gate_tile = tl.load(gate_rows + cols[None, :], mask=mask, other=0.0)
+            up_tile = tl.load(up_rows + cols[None, :], mask=mask, other=0.0)
+            acc_gate = tl.dot(x_tile, tl.trans(gate_tile), acc_gate, input_precision="ieee")
+            acc_up = tl.dot(x_tile, tl.trans(up_tile), acc_up, input_precision="ieee")
+        h = (acc_gate * tl.sigmoid(acc_gate) * acc_up).to(hidden.dtype.element_ty)
+        tl.store(hidden + slot[:, None] * F + rows[None, :], h, mask=uses[:, None] & row_ok[None, :])
 
     @triton.jit
-    def _down_combine_kernel(
+    def _down_by_expert_kernel(
         hidden,
         experts,
         combine,
         weight,
-        out,
+        out_slots,
+        T,
         D,
         F,
         K: tl.constexpr,
+        BLOCK_T: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_F: tl.constexpr,
     ):
-        token = tl.program_id(0).to(tl.int64)
+        expert = tl.program_id(0).to(tl.int64)
+        tokens = tl.program_id(2).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+        token_ok = tokens < T
+        slot = _token_slots(experts, expert, tokens, token_ok, K)
+        uses = slot >= 0
+        if tl.max(uses.to(tl.int32), axis=0) == 0:
+            return
         rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < D
-        total = tl.zeros([BLOCK_N], dtype=tl.float32)
+        down_rows = weight + expert * D * F + rows.to(tl.int64)[:, None] * F
+        acc = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
+        for start in range(0, F, BLOCK_F):
+            cols = start + tl.arange(0, BLOCK_F)
+            col_ok = cols < F
+            h_mask = uses[:, None] & col_ok[None, :]
+            h = tl.load(hidden + slot[:, None] * F + cols[None, :], mask=h_mask, other=0.0)
+            w = tl.load(down_rows + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+            acc = tl.dot(h, tl.trans(w), acc, input_precision="ieee")
+        # Every slot of this expert gets its weighted row (a token that chose it twice, twice).
         for j in tl.static_range(K):
-            slot = token * K + j
-            expert = tl.load(experts + slot).to(tl.int64)
-            scale = tl.load(combine + slot).to(tl.float32)
-            down_rows = weight + expert * D * F + rows.to(tl.int64)[:, None] * F
-            acc = tl.zeros([BLOCK_N, BLOCK_F], dtype=tl.float32)
-            for start in range(0, F, BLOCK_F):
-                cols = start + tl.arange(0, BLOCK_F)
-                col_ok = cols < F
-                h = tl.load(hidden + slot * F + cols, mask=col_ok, other=0.0)[None, :]
-                mask = row_ok[:, None] & col_ok[None, :]
-                acc += tl.load(down_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32) * h
-            total += scale * tl.sum(acc, axis=1)
-        tl.store(out + token * D + rows, total.to(out.dtype.element_ty), mask=row_ok)
+            ids = tl.load(experts + tokens * K + j, mask=token_ok, other=-1)
+            scale = tl.load(combine + tokens * K + j, mask=token_ok, other=0.0).to(tl.float32)
+            mask = (ids == expert)[:, None] & row_ok[None, :]
+            rows_out = out_slots + (tokens * K + j)[:, None] * D + rows[None, :]
+            tl.store(rows_out, acc * scale[:, None], mask=mask)
+
+    @triton.jit
+    def _sum_slots_kernel(out_slots, out, D, K: tl.constexpr, BLOCK: tl.constexpr):
+        """out[t] = sum_j out_slots[t * K + j], in slot order (deterministic)."""
+        token = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        ok = cols < D
+        total = tl.zeros([BLOCK], dtype=tl.float32)
+        for j in tl.static_range(K):
+            total += tl.load(out_slots + (token * K + j) * D + cols, mask=ok, other=0.0)
+        tl.store(out + token * D + cols, total.to(out.dtype.element_ty), mask=ok)
 
 
-# Blocks of 16 weight rows x 256 columns: ~700 programs for the gate_up of one slot at F = 5632,
-# enough loads in flight to stream the weights; 8 rows per program for the narrower down pass.
-_GATE_UP_BLOCKS = (16, 256)
-_DOWN_BLOCKS = (8, 512)
+# 64 of F's rows x 128 columns a program (88 programs per expert at F = 5632), 32 of D's rows
+# x 128 for the down pass; tl.dot needs 16 token rows, and a block takes at most 64.
+_GATE_UP_BLOCKS = (64, 128)
+_DOWN_BLOCKS = (32, 128)
+_SUM_BLOCK = 512
+MAX_BLOCK_TOKENS = 64
 
 
 def glu_decode_triton(
@@ -94,34 +147,34 @@ def glu_decode_triton(
     """sum_k w[t, k] * down[e](silu(gate[e] x_t) * up[e] x_t) with e = expert_indices[t, k].
 
     x # [T, D]; gate_up_proj # [E, 2F, D]; down_proj # [E, D, F]; expert_indices, combine_weights
-    # [T, K] -> [T, D] in x's dtype. Accumulates in float32 (the hidden activations stay float32).
+    # [T, K] -> [T, D] in x's dtype. Products accumulate in float32; the hidden activations are
+    rounded to the weights' dtype, as the grouped path (prefill) rounds them.
     """
     num_tokens, hidden_size = x.shape
-    intermediate = gate_up_proj.shape[1] // 2
+    num_experts, intermediate = gate_up_proj.shape[0], gate_up_proj.shape[1] // 2
     top_k = expert_indices.shape[-1]
     x, gate_up_proj, down_proj = x.contiguous(), gate_up_proj.contiguous(), down_proj.contiguous()
-    experts = expert_indices.contiguous()
-    combine = combine_weights.contiguous()
-    hidden = torch.empty(num_tokens * top_k, intermediate, device=x.device, dtype=torch.float32)
+    experts, combine = expert_indices.contiguous(), combine_weights.contiguous()
     out = torch.empty_like(x)
     if num_tokens == 0:
         return out
+    hidden = torch.empty(num_tokens * top_k, intermediate, device=x.device, dtype=x.dtype)
+    out_slots = torch.empty(num_tokens * top_k, hidden_size, device=x.device, dtype=torch.float32)
+    # More than 64 tokens take several token blocks, each reading the weights again.
+    block_t = min(max(16, triton.next_power_of_2(num_tokens)), MAX_BLOCK_TOKENS)
+    token_blocks = triton.cdiv(num_tokens, block_t)
     block_n, block_d = _GATE_UP_BLOCKS
-    _gate_up_kernel[(num_tokens * top_k, triton.cdiv(intermediate, block_n))](
-        x, experts, gate_up_proj, hidden, hidden_size, intermediate, K=top_k, BLOCK_N=block_n, BLOCK_D=block_d
-    )
+    _gate_up_by_expert_kernel[(num_experts, triton.cdiv(intermediate, block_n), token_blocks)](
+        x, experts, gate_up_proj, hidden, num_tokens, hidden_size, intermediate,
+        K=top_k, BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_D=block_d,
+    )  # fmt: skip
     block_n, block_f = _DOWN_BLOCKS
-    _down_combine_kernel[(num_tokens, triton.cdiv(hidden_size, block_n))](
-        hidden,
-        experts,
-        combine,
-        down_proj,
-        out,
-        hidden_size,
-        intermediate,
-        K=top_k,
-        BLOCK_N=block_n,
-        BLOCK_F=block_f,
+    _down_by_expert_kernel[(num_experts, triton.cdiv(hidden_size, block_n), token_blocks)](
+        hidden, experts, combine, down_proj, out_slots, num_tokens, hidden_size, intermediate,
+        K=top_k, BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_F=block_f,
+    )  # fmt: skip
+    _sum_slots_kernel[(num_tokens, triton.cdiv(hidden_size, _SUM_BLOCK))](
+        out_slots, out, hidden_size, K=top_k, BLOCK=_SUM_BLOCK
     )
     return out
 
