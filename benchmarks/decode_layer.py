@@ -60,9 +60,29 @@ def gpu_us_per_call(fn, reps: int = 20) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 2, 8, 32, 64])
+    parser.add_argument(
+        "--layers",
+        nargs="+",
+        default=["2048,5632,4,2", "2048,1408,64,6"],
+        help="hidden,intermediate,experts,top_k per layer: the generation model's and a fine-grained one",
+    )
     args = parser.parse_args()
+    rows = []
+    for spec in args.layers:
+        rows += time_layer(*(int(v) for v in spec.split(",")), args.tokens)
+    write_json("decode_layer", rows)
+    print_table(
+        "one MoE layer, no_grad, bf16, us per forward queued back to back",
+        ["layer", "tokens", "variant", "us", "GPU us"],
+        [[r["layer"], r["tokens"], r["variant"], f"{r['us']:.1f}", f"{r['gpu_us']:.1f}"] for r in rows],
+    )
+
+
+def time_layer(
+    hidden: int, intermediate: int, num_experts: int, top_k: int, token_counts: list[int]
+) -> list[dict]:
     torch.manual_seed(0)
-    hidden, intermediate, num_experts, top_k = 2048, 5632, 4, 2
+    layer = f"d={hidden}, ff={intermediate}, {num_experts} experts top-{top_k}"
     dense = SwiGLU(hidden, intermediate).to("cuda", DTYPE)
     moe = MoEFeedForward.from_dense(dense, num_experts, top_k).eval()
     with torch.no_grad():
@@ -72,7 +92,7 @@ def main() -> None:
     mixtral = _As3D(_mixtral_block(hidden, intermediate, num_experts, top_k, "grouped_mm", moe)).eval()
     fused_limit = router_module.FUSED_ROUTING_MAX_TOKENS
     rows = []
-    for tokens in args.tokens:
+    for tokens in token_counts:
         x = torch.randn(tokens, hidden, device="cuda", dtype=DTYPE)
         # name: (backend, fused routing limit, CUDA graph)
         variants = {
@@ -91,7 +111,7 @@ def main() -> None:
                 graphs.ENABLED = graphed
                 outputs[name] = moe(x)
                 us = us_per_call(lambda x=x: moe(x))
-                rows.append({"tokens": tokens, "variant": name, "us": us, "gpu_us": gpu})
+                rows.append({"layer": layer, "tokens": tokens, "variant": name, "us": us, "gpu_us": gpu})
             router_module.FUSED_ROUTING_MAX_TOKENS = fused_limit
             graphs.ENABLED = True
             reference = outputs["vlmoe grouped path, torch router"].float()
@@ -100,6 +120,7 @@ def main() -> None:
                 print(f"  tokens {tokens}, {name}: rel. difference to grouped {error:.2e}")
             rows.append(
                 {
+                    "layer": layer,
                     "tokens": tokens,
                     "variant": "Mixtral block (grouped_mm)",
                     "us": us_per_call(lambda x=x: mixtral(x)),
@@ -108,18 +129,15 @@ def main() -> None:
             )
             rows.append(
                 {
+                    "layer": layer,
                     "tokens": tokens,
                     "variant": "dense SwiGLU MLP (one expert)",
                     "us": us_per_call(lambda x=x: dense(x)),
                     "gpu_us": gpu_us_per_call(lambda x=x: dense(x)),
                 }
             )
-    write_json("decode_layer", rows)
-    print_table(
-        "one MoE layer (d=2048, ff=5632, 4 experts top-2), no_grad, us per forward queued back to back",
-        ["tokens", "variant", "us", "GPU us"],
-        [[r["tokens"], r["variant"], f"{r['us']:.1f}", f"{r['gpu_us']:.1f}"] for r in rows],
-    )
+    graphs.release()  # the next layer's graphs start from an empty pool
+    return rows
 
 
 if __name__ == "__main__":
