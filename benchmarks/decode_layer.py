@@ -7,7 +7,8 @@ end), so it reads the host cost per layer that the generation benchmark sums ove
 and 64 steps, without its run-to-run spread; where the GPU takes longer than the host, the
 same column reads the GPU's time. "GPU us" is the kernels' time per forward from the profiler
 (run eagerly: a graph replays the same kernels). Variants: the grouped path (sort + plan), the
-decode kernels with the torch router (six launches) and with the fused routing kernel, the
+decode kernels with the torch router (the gate's matmul and the top-k kernel) and with the
+default one (the one-kernel routing while the gate is small, `router.FUSED_ROUTING_MAX_GATE`), the
 latter replayed from a CUDA graph (`vlmoe.moe.graphs`, as generation runs it), the grouped
 path as a graph (what `auto` replays past the decode kernels' 64 tokens), and transformers'
 Mixtral block (grouped_mm) of the same weights.
@@ -98,9 +99,9 @@ def time_layer(
         variants = {
             "vlmoe grouped path, torch router": ("grouped", 0, False),
             "vlmoe decode kernels, torch router": ("decode", 0, False),
-            "vlmoe decode kernels, fused router": ("decode", fused_limit, False),
-            "vlmoe decode kernels, fused router, CUDA graph": ("decode", fused_limit, True),
-            "vlmoe grouped path, fused router, CUDA graph": ("grouped", fused_limit, True),
+            "vlmoe decode kernels, default router": ("decode", fused_limit, False),
+            "vlmoe decode kernels, default router, CUDA graph": ("decode", fused_limit, True),
+            "vlmoe grouped path, default router, CUDA graph": ("grouped", fused_limit, True),
         }
         with torch.no_grad():
             outputs = {}

@@ -48,7 +48,6 @@ def test_graph_path_gate(monkeypatch):
         lambda backend, x, e: "grouped" if backend == "auto" else auto_on_cuda(backend, x, e),
     )
     monkeypatch.setattr(layers, "grouped_mm_runs", lambda x, weights: True)
-    monkeypatch.setattr(moe.router, "_fused_routing_applies", lambda x: True)
     with torch.no_grad():  # as can_capture asks
         decode = torch.randn(4, 1, 64)  # 4 tokens: the decode kernels
         batch = torch.randn(100, 1, 64)  # past DECODE_MAX_TOKENS: the grouped path on grouped_mm
@@ -72,17 +71,16 @@ def test_graph_path_gate(monkeypatch):
         moe.backend = "auto"
         monkeypatch.setattr(layers, "grouped_mm_runs", lambda x, weights: False)  # counts read to the host
         assert moe._graph_path(decode) == "decode" and moe._graph_path(batch) is None
-        monkeypatch.setattr(moe.router, "_fused_routing_applies", lambda x: False)
+        moe.router.forced_expert = 1  # a routing that does not replay (Router.routing_replays)
         assert moe._graph_path(decode) is None
+        moe.router.forced_expert = None
 
         monkeypatch.setattr(layers, "grouped_mm_runs", lambda x, weights: True)
         mlp = _layer(mlp=FcMLP)  # no decode kernels: the grouped path at every size
-        monkeypatch.setattr(mlp.router, "_fused_routing_applies", lambda x: True)
         assert mlp._graph_path(decode) == "grouped"
         mlp.backend = "decode"
         assert mlp._graph_path(decode) is None  # the eager path's error names the backend
         wide = _layer(num_experts=64, top_k=6)  # 200 tokens x 6 slots: QuACK's sizes
-        monkeypatch.setattr(wide.router, "_fused_routing_applies", lambda x: True)
         assert (
             wide._graph_path(torch.randn(100, 64)) == "grouped"
             and wide._graph_path(torch.randn(200, 64)) is None
@@ -234,6 +232,19 @@ def test_grouped_path_replays_equal_the_eager_forward(mlp, tokens):
     with torch.no_grad():
         for step in range(4):
             x = torch.randn(tokens, 64, device="cuda", dtype=torch.bfloat16)
+            assert torch.equal(moe(x), _eager(moe, x)), step
+        assert len(_graphs_of(moe)) == 1
+
+
+@pytest.mark.gpu
+def test_a_wide_gate_replays_its_matmul_and_topk_kernel():
+    """64 experts x 512: past FUSED_ROUTING_MAX_GATE the routing is the gate's matmul and
+    topk_softmax, captured like the one-kernel routing."""
+    moe = _layer(hidden=512, num_experts=64, top_k=6).cuda().bfloat16()
+    with torch.no_grad():
+        assert not moe.router._fused_routing_applies(torch.zeros(3, 512, device="cuda", dtype=torch.bfloat16))
+        for step in range(4):
+            x = torch.randn(3, 1, 512, device="cuda", dtype=torch.bfloat16)
             assert torch.equal(moe(x), _eager(moe, x)), step
         assert len(_graphs_of(moe)) == 1
 

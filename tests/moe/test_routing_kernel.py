@@ -73,6 +73,31 @@ def test_router_takes_the_fused_kernel_on_cuda_without_autograd():
     assert relative_error(fused.combine_weights[same], torch_path.combine_weights.detach()[same]) < 1e-2
 
 
+def test_which_routings_replay_and_which_take_the_one_kernel_routing(monkeypatch):
+    """routing_replays: a function of x and the parameters only. The one-kernel routing also
+    needs a small gate: past FUSED_ROUTING_MAX_GATE the gate's matmul and topk_softmax run."""
+    from vlmoe.moe import router as router_module
+
+    monkeypatch.setattr(router_module, "use_triton", lambda tensor: True)  # as on CUDA
+    small = Router(2048, RouterConfig(num_experts=4, top_k=2))
+    wide = Router(2048, RouterConfig(num_experts=64, top_k=6))
+    x = torch.zeros(3, 2048)
+    assert not small.routing_replays()  # autograd on
+    with torch.no_grad():
+        assert small.routing_replays() and wide.routing_replays()
+        assert small._fused_routing_applies(x) and not wide._fused_routing_applies(x)
+        assert not small._fused_routing_applies(torch.zeros(router_module.FUSED_ROUTING_MAX_TOKENS + 1, 2048))
+        for change in ({"capacity_factor": 1.0, "top_k": 2}, {"straight_through": True, "top_k": 1}):
+            router = Router(2048, RouterConfig(num_experts=4, **change))
+            assert not router.routing_replays(), change
+        small.forced_expert = 0
+        assert not small.routing_replays()
+        jittery = Router(2048, RouterConfig(num_experts=4, top_k=2, jitter_noise=0.1))
+        assert jittery.eval().routing_replays() and not jittery.train().routing_replays()
+        clustered = Router(2048, RouterConfig(num_experts=4, top_k=1, input="cluster", num_clusters=8))
+        assert not clustered.routing_replays()
+
+
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 @pytest.mark.parametrize(
     ("tokens", "experts", "top_k", "normalize", "temperature"),

@@ -177,8 +177,9 @@ class MoEFeedForward(SparseLayer):
         """The dispatch ("decode" or "grouped") a CUDA graph of this forward captures and
         replays (`vlmoe.moe.graphs`), or None to run it eagerly. Graphs need autograd off, a
         decoding step (one position per sequence, [batch, 1, d], or flat [tokens, d]) of at most
-        `graphs.MAX_TOKENS` tokens, the fused routing kernel, no routing record, and a dispatch
-        that never reads the host: the decode kernels, or grouped_mm below QuACK's sizes."""
+        `graphs.MAX_TOKENS` tokens, a routing that reads nothing but x and the parameters
+        (`Router.routing_replays`), no routing record, and a dispatch that never reads the host:
+        the decode kernels, or grouped_mm below QuACK's sizes."""
         if not graphs.can_capture(x) or self.record_routing:
             return None
         experts, router = self.experts, self.router
@@ -190,10 +191,10 @@ class MoEFeedForward(SparseLayer):
         num_tokens = x.numel() // x.shape[-1]
         if not 0 < num_tokens <= graphs.MAX_TOKENS:
             return None
-        if not router._fused_routing_applies(x.reshape(num_tokens, x.shape[-1])):
+        if not router.routing_replays():
             return None
         num_slots = num_tokens * router.config.top_k
-        # The dispatcher's own choice (no capacity here: the fused routing has none).
+        # The dispatcher's own choice (no capacity here: a routing that replays has none).
         chosen = chosen_backend(self.backend, x, experts)
         if chosen == "decode":
             return "decode" if isinstance(experts, GLUExperts) else None  # else its eager error

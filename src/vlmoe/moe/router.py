@@ -19,6 +19,11 @@ from vlmoe.moe.kernels.routing import route_triton, topk_softmax
 # With autograd off, up to this many tokens are routed by one fused kernel on CUDA
 # (`vlmoe.moe.kernels.routing`): decoding steps, where the six torch launches dominate.
 FUSED_ROUTING_MAX_TOKENS = 256
+# ... and while the gate (experts x hidden elements) is this small: each token's program reads
+# all of it in E x D / 4096 dependent steps of ~1.5 us. Past it the gate's matmul and
+# `topk_softmax` take over (three launches): at 64 experts x 2048 the one-kernel routing costs 48
+# us of GPU time more per layer and token (H200, NOTES.md v21); at 4 x 2048 it saves 3.
+FUSED_ROUTING_MAX_GATE = 16384
 # With autograd on (training), softmax, top-k and renormalising run in `topk_softmax`'s two Triton
 # kernels on CUDA, which also count the slots per expert for the balance loss and the dispatch plan.
 FUSED_TOPK = True
@@ -312,20 +317,31 @@ class Router(nn.Module):
         jitter = self.training and self.config.jitter_noise > 0
         return self.cluster_embedding is None and self.gate.bias is None and not jitter
 
-    def _fused_routing_applies(self, hidden: Tensor) -> bool:
+    def routing_replays(self) -> bool:
+        """Whether, with autograd off, this routing is a function of the input and the parameters
+        alone that reads nothing to the host: what a CUDA graph may capture (`vlmoe.moe.graphs`).
+        Not so for cluster routing (ids given per call), a forced expert, capacity (a host count),
+        straight-through weights or training-time jitter."""
         cfg = self.config
         return (
             not torch.is_grad_enabled()
-            and use_triton(hidden)
-            and hidden.shape[0] <= FUSED_ROUTING_MAX_TOKENS
-            and hidden.dtype == self.gate.weight.dtype
-            and hidden.dtype in (torch.bfloat16, torch.float16, torch.float32)
-            and cfg.num_experts <= 256
             and self.cluster_embedding is None
             and self.forced_expert is None
             and cfg.capacity_factor is None
             and not cfg.straight_through
             and not (self.training and cfg.jitter_noise > 0)
+        )
+
+    def _fused_routing_applies(self, hidden: Tensor) -> bool:
+        cfg = self.config
+        return (
+            self.routing_replays()
+            and use_triton(hidden)
+            and hidden.shape[0] <= FUSED_ROUTING_MAX_TOKENS
+            and cfg.num_experts <= 256
+            and cfg.num_experts * hidden.shape[-1] <= FUSED_ROUTING_MAX_GATE
+            and hidden.dtype == self.gate.weight.dtype
+            and hidden.dtype in (torch.bfloat16, torch.float16, torch.float32)
         )
 
     def _fused_routing(self, hidden: Tensor, token_mask: Tensor | None) -> Routing:
