@@ -1,7 +1,7 @@
 """CUDA graphs of a sparse layer's inference forward at decoding sizes.
 
 Eager decoding at one token per sequence is bound by the host, not the GPU: an MoE FFN's
-forward there is 130-150 us of Python and three Triton launches for ~60 us of GPU work
+forward there is 130-150 us of Python and a few Triton launches for ~60 us of GPU work
 (`benchmarks/decode_diagnosis.py`). `ForwardGraphs` captures the forward once per input
 signature (the second time it sees one) and then runs it as one copy in, one graph replay and
 one copy out: 66 us a forward on the H200 (`benchmarks/decode_layer.py`, NOTES.md v20).
