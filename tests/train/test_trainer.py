@@ -131,7 +131,7 @@ def test_router_losses_are_logged_as_means_read_once_per_log(tmp_path, monkeypat
     monkeypatch.setattr(trainer, "_accumulate_aux_losses", accumulate_without_host_reads)
     for batch in batches:
         loss = trainer.compute_loss(model, batch)
-        expected.setdefault("aux_loss", []).append(float(vlmoe.aux_loss(model)))
+        expected.setdefault("aux_loss", []).append(float(vlmoe.aux_loss(model).detach()))
         for layer, losses in vlmoe.moe.aux_losses_by_layer(model).items():
             for name, value in losses.items():
                 expected.setdefault(f"aux/{layer}/{name}", []).append(value)
