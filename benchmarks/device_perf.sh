@@ -4,7 +4,7 @@
 # ffnvar: the FFN table with v14's memory savings switched off one by one; gemm: the expert
 # matmuls alone; tgemm: the Triton grouped-GEMM probe; quack: the QuACK GEMM probe; fusedops: each
 # QuACK call of the fused SwiGLU experts against the unfused ones; first: QuACK's first-use cost, cold and cached; trainq: the
-# train step with QuACK's GEMMs and with grouped_mm; moves: the row gathers, combine and routing; decodediag: the batch-1 decoding diagnosis; compile: graph breaks and gain),
+# train step with QuACK's GEMMs and with grouped_mm; moves: the row gathers, combine and routing; decodediag: the batch-1 decoding diagnosis; decodeblocks: the decode kernels' block sizes; compile: graph breaks and gain),
 # each under its own time limit so one slow part cannot eat the rest.
 #   PARTS="gen mole train" bash benchmarks/device_perf.sh
 #   PARTS="static gen1" bash benchmarks/device_perf.sh   # compiled decoding, eager batch 1
@@ -33,6 +33,7 @@ for part in $parts; do
         gen) timeout 70 python3 benchmarks/generation.py --new 64 > "$out/generation.log" 2>&1 ;;
         gen1) timeout ${GEN1_S:-150} python3 benchmarks/generation.py --new 64 --batches 1 --reps ${GEN1_REPS:-7} --models vlmoe,eager-ffn,dense,mixtral > "$out/generation_b1.log" 2>&1 ;;
         gen32) timeout ${GEN32_S:-150} python3 benchmarks/generation.py --new 64 --batches 32 --reps ${GEN32_REPS:-5} --models ${GEN32_MODELS:-vlmoe,eager-ffn,mixtral} > "$out/generation_b32.log" 2>&1 ;;
+        decodeblocks) timeout ${DECODEBLOCKS_S:-240} python3 benchmarks/decode_blocks.py > "$out/decode_blocks.log" 2>&1 ;;
         decodelayer) timeout ${DECODELAYER_S:-90} python3 benchmarks/decode_layer.py > "$out/decode_layer.log" 2>&1 ;;
         static) timeout ${STATIC_S:-75} python3 benchmarks/generation.py --new 64 --batches 1 --static --models vlmoe,mixtral > "$out/generation_static.log" 2>&1 ;;
         ffn) timeout 170 python3 benchmarks/moe_layer.py > "$out/moe_ffn.log" 2>&1 ;;
@@ -70,7 +71,7 @@ done
 for log in "$out"/profile_shape*.log; do
     [ -f "$log" ] && { echo "== $log"; grep "^===\|host .* per step" "$log"; }
 done
-for log in "$out"/quack_tiles.log "$out"/quack_fused_ops.log "$out"/quack_gemm.log "$out"/triton_grouped_gemm.log "$out"/gemm_efficiency.log "$out"/decode_diagnosis.log "$out"/decode_layer.log "$out"/generation*.log "$out"/moe_layer.log "$out"/moe_ffn*.log "$out"/train_step*.log; do
+for log in "$out"/quack_tiles.log "$out"/quack_fused_ops.log "$out"/quack_gemm.log "$out"/triton_grouped_gemm.log "$out"/gemm_efficiency.log "$out"/decode_diagnosis.log "$out"/decode_layer.log "$out"/decode_blocks.log "$out"/generation*.log "$out"/moe_layer.log "$out"/moe_ffn*.log "$out"/train_step*.log; do
     [ -f "$log" ] && { echo "== $log"; grep -v "^  \|Warning\|warn" "$log" | tail -25; }
 done
 # At most 8 files come back from a device call: the JSON tables travel as one archive.
