@@ -31,7 +31,7 @@ tail -3 "$out/gpu_tests.log"
 for part in $parts; do
     case $part in
         gen) timeout 70 python3 benchmarks/generation.py --new 64 > "$out/generation.log" 2>&1 ;;
-        gen1) timeout ${GEN1_S:-150} python3 benchmarks/generation.py --new 64 --batches 1 --reps ${GEN1_REPS:-7} --models vlmoe,eager-ffn,dense,mixtral > "$out/generation_b1.log" 2>&1 ;;
+        gen1) timeout ${GEN1_S:-150} python3 benchmarks/generation.py --new 64 --batches 1 --reps ${GEN1_REPS:-7} --models ${GEN1_MODELS:-vlmoe,eager-ffn,dense,mixtral} > "$out/generation_b1.log" 2>&1 ;;
         gen32) timeout ${GEN32_S:-150} python3 benchmarks/generation.py --new 64 --batches 32 --reps ${GEN32_REPS:-5} --models ${GEN32_MODELS:-vlmoe,eager-ffn,mixtral} > "$out/generation_b32.log" 2>&1 ;;
         decodeblocks) timeout ${DECODEBLOCKS_S:-240} python3 benchmarks/decode_blocks.py > "$out/decode_blocks.log" 2>&1 ;;
         decodelayer) timeout ${DECODELAYER_S:-90} python3 benchmarks/decode_layer.py > "$out/decode_layer.log" 2>&1 ;;

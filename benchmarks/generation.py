@@ -1,12 +1,14 @@
 """Batched greedy decoding throughput: upcycled vlmoe LLaVA vs stock transformers Mixtral.
 
     python benchmarks/generation.py [--layers 12] [--prompt 128] [--new 128] [--batches 1 32]
-        [--static] [--models vlmoe,eager-ffn,grouped,dense,mixtral]
+        [--static] [--models vlmoe,eager-ffn,grouped,mole,mole-eager,dense,mixtral]
 
 Same LM shape for all (d=2048, FFN 5632, 4 experts top-2, bf16, SDPA, KV cache), text-only
 prompts; tokens/s counts generated tokens. Models: vlmoe (`auto`: the decode kernels at small
 batch, each layer's FFN replayed as a CUDA graph), the same with the graphs off
-(`eager-ffn`), vlmoe forced to the grouped path (the previous version), the dense LLaVA before
+(`eager-ffn`), vlmoe forced to the grouped path (the previous version), LLaVA-MoLE (4 LoRA
+experts r64 top-1 on each MLP, each replayed as a graph, plain LoRA on attention) with and
+without graphs (`mole`, `mole-eager`; not in the defaults), the dense LLaVA before
 upcycling (FFN 5632: what an MoE layer that cost nothing beyond one expert would reach), stock
 Mixtral. `--static`: a static KV cache, with which transformers compiles the decoding step
 (torch.compile fullgraph, mode="reduce-overhead": CUDA graphs) for every model alike.
@@ -104,6 +106,9 @@ def main() -> None:
                 module.backend = "grouped"
         return model
 
+    def mole():
+        return vlmoe.add_mole(llava(args.layers, FFN), num_experts=4, rank=64, alpha=128, top_k=1)
+
     builders = {
         "vlmoe": (
             "vlmoe LLaVA, upcycled 4x top-2 (auto)",
@@ -119,6 +124,9 @@ def main() -> None:
             "vlmoe LLaVA, upcycled, auto, torch router",
             lambda: vlmoe.upcycle_ffn(llava(args.layers, FFN), 4, 2),
         ),
+        # LLaVA-MoLE: 4 LoRA experts top-1 (rank 64) on each MLP, plain LoRA on attention.
+        "mole": ("vlmoe LLaVA-MoLE, 4 LoRA experts r64 top-1", mole),
+        "mole-eager": ("vlmoe LLaVA-MoLE, no CUDA graphs", mole),
         "dense": ("dense LLaVA, FFN 5632 (before upcycling)", lambda: llava(args.layers, FFN)),
         "mixtral": ("transformers Mixtral (grouped_mm)", lambda: mixtral(args.layers)),
     }
@@ -137,7 +145,7 @@ def main() -> None:
         for repeat in range(rounds + 1):  # round 0 warms up (compilation, CUDA graphs, clocks)
             for key, (name, model) in models.items():
                 router_module.FUSED_ROUTING_MAX_TOKENS = 0 if key == "torch-router" else fused_limit
-                graphs.ENABLED = key != "eager-ffn"
+                graphs.ENABLED = key not in ("eager-ffn", "mole-eager")
                 try:
                     with torch.no_grad():
                         speed, step_speed = decode_tokens_per_s(

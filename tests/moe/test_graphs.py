@@ -1,4 +1,4 @@
-"""CUDA graphs of the MoE FFN's decoding forward (`vlmoe.moe.graphs`).
+"""CUDA graphs of the MoE FFN's decoding forward (`vlmoe.moe.graphs`; MoLE's in tests/models/test_mole.py).
 
 On the CPU: which forwards may take the graph path, and that copies and pickles of a layer
 start with no graphs. On a GPU: replays equal the eager forward bit for bit, follow in-place
@@ -361,13 +361,21 @@ def test_bad_token_mask_is_refused_on_the_graph_path():
 
 
 @pytest.mark.gpu
-def test_generation_with_graphs_gives_the_eager_tokens():
+@pytest.mark.parametrize("surgery", ["upcycle", "mole"])
+def test_generation_with_graphs_gives_the_eager_tokens(surgery):
     import vlmoe
     from vlmoe.eval.generate import GenerationSettings, chat_prompt, generate_token_ids
     from vlmoe.models import tiny
 
     model, processor = tiny("llava")
-    vlmoe.upcycle_ffn(model, num_experts=4, top_k=2)
+    if surgery == "upcycle":
+        vlmoe.upcycle_ffn(model, num_experts=4, top_k=2)
+    else:  # LLaVA-MoLE, with every LoRA B made non-zero so the adapters count
+        vlmoe.add_mole(model, num_experts=4, rank=4, alpha=8, top_k=1)
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if "lora_B" in name:
+                    parameter.normal_(std=0.05)
     model = model.cuda().bfloat16()
     prompts = [chat_prompt(processor, question, 0) for question in ("What is it?", "Why is the sky blue?")]
     settings = GenerationSettings(max_new_tokens=8, batch_size=2)

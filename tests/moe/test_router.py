@@ -208,4 +208,5 @@ def test_global_balance_loss_on_two_ranks_is_the_loss_of_the_whole_batch(tmp_pat
     for (value, grad), (local_value, local_grad) in zip(device_scope, local, strict=True):
         assert value == pytest.approx(local_value, rel=1e-12)
         torch.testing.assert_close(grad, local_grad, rtol=0, atol=1e-14)
-    assert abs(float(whole.detach()) - sum(v for v, _ in local) / world_size) > 1e-4  # the two scopes differ here
+    # The two scopes differ here.
+    assert abs(float(whole.detach()) - sum(v for v, _ in local) / world_size) > 1e-4

@@ -1,14 +1,17 @@
 """LLaVA-MoLE's feed-forward: one router per MLP, shared by its gate, up and down projections.
 
 The router looks at the MLP input once; the three `MoLELinear` layers receive that routing
-through their `routing=` argument, so a token uses the same LoRA expert in all three.
+through their `routing=` argument, so a token uses the same LoRA expert in all three. With
+autograd off on CUDA, a decoding step replays the whole feed-forward (routing and the three
+linears) from a CUDA graph, as `MoEFeedForward` does (`vlmoe.moe.graphs`).
 """
 
 from __future__ import annotations
 
 from torch import Tensor, nn
 
-from vlmoe.moe import MoLELinear, Router, RouterConfig, SparseLayer
+from vlmoe.moe import MoLELinear, Router, RouterConfig, SparseLayer, graphs
+from vlmoe.moe.dispatch import resolve_backend
 
 
 class MoLEFeedForward(SparseLayer):
@@ -69,6 +72,42 @@ class MoLEFeedForward(SparseLayer):
     def forward(
         self, x: Tensor, token_mask: Tensor | None = None, cluster_ids: Tensor | None = None
     ) -> Tensor:
+        key = self._graph_key(x)
+        if key is not None:
+            return self._replay(x, key, self._eager_forward, token_mask, cluster_ids)
         routing = self.route(x, token_mask, cluster_ids)
+        return self._linears(x, routing)
+
+    def _linears(self, x: Tensor, routing) -> Tensor:
         hidden = self.act_fn(self.gate_proj(x, routing=routing)) * self.up_proj(x, routing=routing)
         return self.down_proj(hidden, routing=routing)
+
+    def _graph_key(self, x: Tensor) -> tuple | None:
+        """The key of this forward's CUDA graph, or None to run it eagerly: a decoding step that
+        may replay (`SparseLayer._decoding_tokens`; token routing, not MoCLE's clusters) whose
+        three linears take the dense LoRA dispatch (no host reads) without a live dropout."""
+        if self._decoding_tokens(x) is None:
+            return None
+        linears = (self.gate_proj, self.up_proj, self.down_proj)
+        for linear in linears:
+            experts = linear.experts
+            if experts is None or resolve_backend(linear.backend, x, experts) != "dense":
+                return None
+            if linear.training and not isinstance(experts.dropout, nn.Identity):
+                return None  # a fresh dropout mask every call
+        scalings = tuple(
+            (linear.experts.scaling, None if linear.universal is None else linear.universal.scaling)
+            for linear in linears
+        )
+        # Everything the captured forward reads besides x (the module note of vlmoe.moe.graphs).
+        return (
+            "mole",
+            *self._router_key(),
+            id(self.act_fn),
+            scalings,
+            tuple(graphs.address(parameter) for parameter in self.parameters()),
+        )
+
+    def _eager_forward(self, x: Tensor) -> Tensor:
+        """What a graph captures: the routing and the three linears, no record."""
+        return self._linears(x, self.router(x.reshape(-1, x.shape[-1])))

@@ -113,6 +113,18 @@ def can_capture(x: Tensor) -> bool:
     )
 
 
+def address(tensor: Tensor) -> tuple:
+    """A tensor's part of a graph key: a replay reads this memory, so a new address (a replaced
+    parameter) must mean a new graph, while writes in place are read as they are.
+
+    Example:
+        >>> weight = torch.zeros(2, 3)
+        >>> address(weight) == (weight.data_ptr(), torch.Size([2, 3]), torch.float32)
+        True
+    """
+    return tensor.data_ptr(), tensor.shape, tensor.dtype
+
+
 @dataclass
 class _Graph:
     replay: Callable[[], None]  # the captured CUDAGraph's replay (it keeps the graph alive)

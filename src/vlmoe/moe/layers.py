@@ -39,10 +39,6 @@ from vlmoe.moe.kernels import quack_gemm
 from vlmoe.moe.router import Router, Routing
 
 
-def _address(tensor: Tensor) -> tuple:
-    return tensor.data_ptr(), tensor.shape, tensor.dtype
-
-
 def _expert_weights(experts: GLUExperts | MLPExperts) -> tuple[Tensor, ...]:
     if isinstance(experts, GLUExperts):
         return experts.gate_up_proj, experts.down_proj
@@ -113,6 +109,59 @@ class SparseLayer(nn.Module):
                 f"got shape {tuple(x.shape)}"
             )
 
+    def _decoding_tokens(self, x: Tensor) -> int | None:
+        """The token count of x when this forward may replay a CUDA graph (`vlmoe.moe.graphs`),
+        else None: autograd off on CUDA (`graphs.can_capture`), no routing record, a routing
+        that reads nothing but x and the parameters (`Router.routing_replays`), and a decoding
+        step (one position per sequence, [batch, 1, d], or flat [tokens, d]) of at most
+        `graphs.MAX_TOKENS` tokens. The layer adds what its own dispatch needs."""
+        router = self.router
+        if not graphs.can_capture(x) or self.record_routing or router is None:
+            return None
+        if x.dim() < 2 or x.shape[-1] != router.gate.in_features or not router.routing_replays():
+            return None
+        if x.dim() > 2 and x.shape[-2] != 1:
+            # A prompt, not a decoding step: its lengths vary, each would be a capture of its own.
+            return None
+        num_tokens = x.numel() // x.shape[-1]
+        return num_tokens if 0 < num_tokens <= graphs.MAX_TOKENS else None
+
+    def _router_key(self) -> tuple:
+        """What a captured routing reads besides x: part of a graph's key."""
+        router = self.router
+        config, gate = router.config, router.gate
+        return (
+            torch.is_autocast_enabled("cuda"),
+            id(router),
+            config.top_k,
+            config.temperature,
+            config.normalize_top_k,
+            graphs.address(gate.weight),
+            None if gate.bias is None else graphs.address(gate.bias),
+        )
+
+    def _replay(
+        self,
+        x: Tensor,
+        key: tuple,
+        forward,
+        token_mask: Tensor | None,
+        cluster_ids: Tensor | None,
+    ) -> Tensor:
+        """forward(x) through this layer's graphs under `key`; the record as a no-grad forward
+        leaves it (no losses, no routing)."""
+        given = (token_mask, cluster_ids, self.token_mask, self.cluster_ids)
+        if any(value is not None for value in given):
+            # The mask and ids change no output here (no losses, no record), but are checked as eagerly.
+            self._flat_routing_inputs(x.shape[:-1], token_mask, cluster_ids)
+        cache = self.__dict__.get("_forward_graphs")
+        if cache is None:
+            cache = self.__dict__["_forward_graphs"] = graphs.ForwardGraphs()
+        out = cache.run(forward, x, key)
+        self.__dict__["last_aux_losses"] = {}
+        self.__dict__["last_routing"] = None
+        return out
+
     def route_and_dispatch(
         self, x: Tensor, token_mask: Tensor | None, cluster_ids: Tensor | None
     ) -> tuple[Tensor, Routing]:
@@ -175,24 +224,13 @@ class MoEFeedForward(SparseLayer):
 
     def _graph_path(self, x: Tensor) -> str | None:
         """The dispatch ("decode" or "grouped") a CUDA graph of this forward captures and
-        replays (`vlmoe.moe.graphs`), or None to run it eagerly. Graphs need autograd off, a
-        decoding step (one position per sequence, [batch, 1, d], or flat [tokens, d]) of at most
-        `graphs.MAX_TOKENS` tokens, a routing that reads nothing but x and the parameters
-        (`Router.routing_replays`), no routing record, and a dispatch that never reads the host:
-        the decode kernels, or grouped_mm below QuACK's sizes."""
-        if not graphs.can_capture(x) or self.record_routing:
+        replays (`vlmoe.moe.graphs`), or None to run it eagerly: a decoding step that may replay
+        (`SparseLayer._decoding_tokens`) and a dispatch that never reads the host: the decode
+        kernels, or grouped_mm below QuACK's sizes."""
+        num_tokens = self._decoding_tokens(x)
+        if num_tokens is None:
             return None
         experts, router = self.experts, self.router
-        if router is None or x.dim() < 2 or x.shape[-1] != router.gate.in_features:
-            return None
-        if x.dim() > 2 and x.shape[-2] != 1:
-            # A prompt, not a decoding step: its lengths vary, each would be a capture of its own.
-            return None
-        num_tokens = x.numel() // x.shape[-1]
-        if not 0 < num_tokens <= graphs.MAX_TOKENS:
-            return None
-        if not router.routing_replays():
-            return None
         num_slots = num_tokens * router.config.top_k
         # The dispatcher's own choice (no capacity here: a routing that replays has none).
         chosen = chosen_backend(self.backend, x, experts)
@@ -210,33 +248,16 @@ class MoEFeedForward(SparseLayer):
     def _graphed_forward(
         self, x: Tensor, path: str, token_mask: Tensor | None, cluster_ids: Tensor | None
     ) -> Tensor:
-        given = (token_mask, cluster_ids, self.token_mask, self.cluster_ids)
-        if any(value is not None for value in given):
-            # The mask and ids change no output here (no losses, no record), but are checked as eagerly.
-            self._flat_routing_inputs(x.shape[:-1], token_mask, cluster_ids)
-        router, experts = self.router, self.experts
-        config, gate = router.config, router.gate
+        experts = self.experts
         # Everything the captured forward reads besides x (the module note of vlmoe.moe.graphs).
         key = (
             path,
-            torch.is_autocast_enabled("cuda"),
-            id(router),
+            *self._router_key(),
             id(experts),
             id(experts.act_fn),
-            config.top_k,
-            config.temperature,
-            config.normalize_top_k,
-            _address(gate.weight),
-            None if gate.bias is None else _address(gate.bias),
-            *(None if p is None else _address(p) for p in experts._parameters.values()),
+            *(None if p is None else graphs.address(p) for p in experts._parameters.values()),
         )
-        cache = self.__dict__.get("_forward_graphs")
-        if cache is None:
-            cache = self.__dict__["_forward_graphs"] = graphs.ForwardGraphs()
-        out = cache.run(self._eager_forward, x, key)
-        self.__dict__["last_aux_losses"] = {}
-        self.__dict__["last_routing"] = None
-        return out
+        return self._replay(x, key, self._eager_forward, token_mask, cluster_ids)
 
     def _eager_forward(self, x: Tensor) -> Tensor:
         """What a graph captures: routing and dispatch only. Without the layer's padding mask or

@@ -1,0 +1,109 @@
+"""LLaVA-MoLE's feed-forward (`vlmoe.models.mole`): its CUDA-graph decoding path.
+
+On the CPU, with the capture faked through `graphs._record`: which forwards replay, the key,
+and results equal to the eager forward. On a GPU: replays equal the eager forward bit for bit.
+"""
+
+import pytest
+import torch
+from transformers.models.llama.modeling_llama import LlamaConfig, LlamaMLP
+
+from vlmoe.models import mole as mole_module
+from vlmoe.models.mole import MoLEFeedForward
+from vlmoe.moe import RouterConfig, graphs, record_routing
+
+
+def _mole(universal=False, dropout=0.0, seed=0, **router):
+    torch.manual_seed(seed)
+    mlp = LlamaMLP(LlamaConfig(hidden_size=64, intermediate_size=96, num_attention_heads=2))
+    config = RouterConfig(num_experts=4, top_k=1, **router)
+    layer = MoLEFeedForward.from_mlp(mlp, config, rank=4, alpha=8, dropout=dropout, universal=universal)
+    with torch.no_grad():
+        for parameter in layer.parameters():
+            parameter.normal_(std=0.2)  # LoRA B starts at zero: make every adapter count
+    return layer.eval()
+
+
+def _fake_record(captures):
+    """graphs._record without CUDA: the 'graph' recomputes the forward into its static output."""
+
+    def record(forward, static_input):
+        captures.append(tuple(static_input.shape))
+        static_output = forward(static_input)
+
+        def replay():
+            static_output.copy_(forward(static_input))
+
+        return replay, static_output
+
+    return record
+
+
+@pytest.fixture
+def as_on_cuda(monkeypatch):
+    """The device checks patched true, and `auto` resolving as on CUDA (the dense dispatch)."""
+    monkeypatch.setattr(graphs, "can_capture", lambda x: not torch.is_grad_enabled())
+    real = mole_module.resolve_backend
+    monkeypatch.setattr(
+        mole_module,
+        "resolve_backend",
+        lambda backend, x, experts: "dense" if backend == "auto" else real(backend, x, experts),
+    )
+
+
+def test_which_mole_forwards_replay(as_on_cuda):
+    layer = _mole()
+    step, prompt = torch.randn(3, 1, 64), torch.randn(1, 5, 64)
+    assert layer._graph_key(step) is None  # autograd on
+    with torch.no_grad():
+        assert layer._graph_key(step) is not None and layer._graph_key(torch.randn(3, 64)) is not None
+        assert layer._graph_key(prompt) is None  # a prompt: a length of its own each time
+        with record_routing(layer):
+            assert layer._graph_key(step) is None
+        layer.up_proj.backend = "grouped"  # reads the expert counts on the host
+        assert layer._graph_key(step) is None
+        layer.up_proj.backend = "auto"
+        layer.train()
+        assert layer._graph_key(step) is not None  # no dropout: training mode changes nothing
+        dropping = _mole(dropout=0.1)
+        assert dropping._graph_key(step) is not None  # eval: dropout is off
+        assert dropping.train()._graph_key(step) is None  # a fresh mask every call
+        clustered = _mole(input="cluster", num_clusters=8)  # MoCLE: ids given per call
+        assert clustered._graph_key(step) is None
+
+
+@pytest.mark.parametrize("universal", [False, True])
+def test_mole_graph_plumbing_on_cpu(as_on_cuda, monkeypatch, universal):
+    captures = []
+    monkeypatch.setattr(graphs, "_record", _fake_record(captures))
+    layer = _mole(universal=universal)
+    x = torch.randn(3, 1, 64)
+    with torch.no_grad():
+        routing = layer.route(x)
+        expected = layer._linears(x, routing)
+        for _ in range(3):
+            assert torch.equal(layer(x), expected)
+        assert len(captures) == 1 and layer.last_aux_losses == {} and layer.last_routing is None
+        layer.down_proj.experts.scaling *= 2  # a setting the captured forward read
+        layer(x), layer(x)
+        layer.gate_proj.experts.lora_A = torch.nn.Parameter(layer.gate_proj.experts.lora_A * 2)  # new address
+        changed = layer._linears(x, layer.router(x.reshape(3, 64)))
+        layer(x)
+        assert torch.equal(layer(x), changed)
+    assert len(captures) == 3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("universal", [False, True])
+def test_mole_replays_equal_the_eager_forward_bit_for_bit(universal):
+    layer = _mole(universal=universal).cuda().bfloat16()
+    with torch.no_grad():
+        for step in range(4):
+            x = torch.randn(2, 1, 64, device="cuda", dtype=torch.bfloat16)
+            out = layer(x)
+            enabled, graphs.ENABLED = graphs.ENABLED, False
+            try:
+                assert torch.equal(out, layer(x)), step
+            finally:
+                graphs.ENABLED = enabled
+        assert len(layer.__dict__["_forward_graphs"]) == 1
