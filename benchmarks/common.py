@@ -32,6 +32,23 @@ def time_cuda(step: Callable[[], None], warmup: int = 5, reps: int = 20) -> floa
     return statistics.median(start.elapsed_time(end) for start, end in events)
 
 
+def kernel_time(step: Callable[[], None], reps: int = 20, warmup: int = 3) -> tuple[float, float]:
+    """(GPU kernel milliseconds, kernel launches) per `step`, from the profiler: the GPU's own
+    time where the step alone is bound by the host (its launches take longer than its kernels)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            step()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    total_ms = sum(e.self_device_time_total for e in kernels) / 1e3
+    return total_ms / reps, sum(e.count for e in kernels) / reps
+
+
 def peak_memory_mib(step: Callable[[], None]) -> float:
     """Peak memory one step allocates beyond what was already allocated."""
     torch.cuda.synchronize()

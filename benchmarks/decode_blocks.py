@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import print_table, write_json
+from common import kernel_time, print_table, write_json
 from vlmoe.moe.kernels import decode
 
 GATE_UP_CHOICES = [(16, 128), (32, 128), (64, 128), (16, 256), (32, 256), (64, 64)]
@@ -42,21 +42,6 @@ def _cases(hidden: int, intermediate: int, num_experts: int, top_k: int, tokens:
         weights = torch.softmax(torch.rand(tokens, top_k, device="cuda", generator=generator), dim=-1)
         calls.append((x.bfloat16(), gate_up.bfloat16(), down.bfloat16(), experts, weights))
     return calls
-
-
-def _kernel_us(step, reps: int = 40) -> float:
-    """GPU kernel time per call of `step`, from the profiler."""
-    from torch.profiler import ProfilerActivity, profile
-
-    for _ in range(8):
-        step()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(reps):
-            step()
-        torch.cuda.synchronize()
-    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
-    return sum(e.self_device_time_total for e in kernels) / reps
 
 
 def _cycling(calls):
@@ -81,7 +66,7 @@ def main() -> None:
                         out = decode.glu_decode_triton(*call).float()
                         error = ((out - reference).norm() / reference.norm()).item()
                         assert error < 1e-2, (layer, tokens, kernel, blocks, error)
-                    us = _kernel_us(_cycling(calls))
+                    us = kernel_time(_cycling(calls), reps=40, warmup=8)[0] * 1e3
                     rows.append(
                         {"layer": layer, "tokens": tokens, "kernel": kernel, "blocks": list(blocks), "us": us}
                     )

@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import print_table, write_json
+from common import kernel_time, print_table, write_json
 from moe_layer import DTYPE, SwiGLU, _As3D, _mixtral_block
 from vlmoe.moe import MoEFeedForward, graphs
 from vlmoe.moe import router as router_module
@@ -43,19 +43,9 @@ def us_per_call(fn, reps: int = 500) -> float:
     return (time.perf_counter() - start) / reps * 1e6
 
 
-def gpu_us_per_call(fn, reps: int = 20) -> float:
+def gpu_us_per_call(fn) -> float:
     """Kernel time per call, from the profiler."""
-    from torch.profiler import ProfilerActivity, profile
-
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(reps):
-            fn()
-        torch.cuda.synchronize()
-    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
-    return sum(e.self_device_time_total for e in kernels) / reps
+    return kernel_time(fn)[0] * 1e3
 
 
 def main() -> None:

@@ -22,7 +22,7 @@ from functools import partial
 
 import torch
 
-from common import print_table, time_cuda, write_json
+from common import kernel_time, print_table, time_cuda, write_json
 from vlmoe.moe.dispatch import plan_dispatch
 from vlmoe.moe.kernels.combine import gather_sum_triton, spread_rows_triton
 from vlmoe.moe.kernels.plan import sort_slots_reference, sort_slots_triton
@@ -59,21 +59,10 @@ def _routing_step(router, x, grad_weights):
     return step
 
 
-def _kernel_time(step, steps: int = 5) -> tuple[float, float]:
-    """(GPU ms in kernels, kernel launches) per step, from the profiler: the router is too small to
-    fill the GPU, so its wall time is the host's, which the layer's GEMMs hide."""
-    from torch.profiler import ProfilerActivity, profile
-
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            step()
-        torch.cuda.synchronize()
-    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
-    total_ms = sum(e.self_device_time_total for e in kernels) / 1e3
-    return total_ms / steps, sum(e.count for e in kernels) / steps
+def _kernel_time(step) -> tuple[float, float]:
+    """(GPU ms in kernels, kernel launches) per step: the router is too small to fill the GPU,
+    so its wall time is the host's, which the layer's GEMMs hide."""
+    return kernel_time(step, reps=5)
 
 
 def _routing_rows(tokens, hidden, num_experts, top_k, reps) -> dict[str, tuple[float, float]]:

@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers.models.llama.modeling_llama import LlamaConfig, LlamaMLP
 
+from tests.moe.helpers import fake_record
 from vlmoe.models import mole as mole_module
 from vlmoe.models.mole import MoLEFeedForward
 from vlmoe.moe import RouterConfig, graphs, record_routing
@@ -22,21 +23,6 @@ def _mole(universal=False, dropout=0.0, seed=0, **router):
         for parameter in layer.parameters():
             parameter.normal_(std=0.2)  # LoRA B starts at zero: make every adapter count
     return layer.eval()
-
-
-def _fake_record(captures):
-    """graphs._record without CUDA: the 'graph' recomputes the forward into its static output."""
-
-    def record(forward, static_input):
-        captures.append(tuple(static_input.shape))
-        static_output = forward(static_input)
-
-        def replay():
-            static_output.copy_(forward(static_input))
-
-        return replay, static_output
-
-    return record
 
 
 @pytest.fixture
@@ -75,7 +61,7 @@ def test_which_mole_forwards_replay(as_on_cuda):
 @pytest.mark.parametrize("universal", [False, True])
 def test_mole_graph_plumbing_on_cpu(as_on_cuda, monkeypatch, universal):
     captures = []
-    monkeypatch.setattr(graphs, "_record", _fake_record(captures))
+    monkeypatch.setattr(graphs, "_record", fake_record(captures))
     layer = _mole(universal=universal)
     x = torch.randn(3, 1, 64)
     with torch.no_grad():

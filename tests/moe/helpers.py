@@ -56,3 +56,20 @@ def randomize_(module: nn.Module, seed: int = 0, std: float = 0.5) -> nn.Module:
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     actual, expected = actual.detach().double(), expected.detach().double()
     return float((actual - expected).norm() / expected.norm().clamp_min(1e-30))
+
+
+def fake_record(captures: list):
+    """`vlmoe.moe.graphs._record` without CUDA, for monkeypatching: the 'graph' recomputes the
+    forward on its static input into its static output, as a replay would; each capture appends
+    its input's shape to `captures`."""
+
+    def record(forward, static_input):
+        captures.append(tuple(static_input.shape))
+        static_output = forward(static_input)
+
+        def replay():
+            static_output.copy_(forward(static_input))
+
+        return replay, static_output
+
+    return record

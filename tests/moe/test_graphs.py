@@ -14,7 +14,7 @@ import threading
 import pytest
 import torch
 
-from tests.moe.helpers import FcMLP, SwiGLU
+from tests.moe.helpers import FcMLP, SwiGLU, fake_record
 from vlmoe.moe import MoEFeedForward, graphs, layers, record_routing, routing_inputs
 
 dispatch_module = importlib.import_module("vlmoe.moe.dispatch")  # the module, not the function
@@ -100,25 +100,9 @@ def test_copies_and_pickles_start_without_graphs():
     assert len(copied.__dict__["_forward_graphs"]) == 0 and len(cache) == 1
 
 
-def _fake_record(captures):
-    """graphs._record without CUDA: the 'graph' recomputes the forward on its static input,
-    into its static output, as a replay would."""
-
-    def record(forward, static_input):
-        captures.append(tuple(static_input.shape))
-        static_output = forward(static_input)
-
-        def replay():
-            static_output.copy_(forward(static_input))
-
-        return replay, static_output
-
-    return record
-
-
 def test_forward_graphs_capture_on_the_second_sight_and_evict_the_oldest(monkeypatch):
     captures = []
-    monkeypatch.setattr(graphs, "_record", _fake_record(captures))
+    monkeypatch.setattr(graphs, "_record", fake_record(captures))
     cache = graphs.ForwardGraphs(max_graphs=2)
     inputs = [torch.randn(n, 3) for n in (1, 1, 1, 2, 2, 3, 3, 1)]
     outputs = [cache.run(lambda x: x * 2 + 1, x, key="k") for x in inputs]
@@ -133,7 +117,7 @@ def test_forward_graphs_capture_on_the_second_sight_and_evict_the_oldest(monkeyp
 
 
 def test_release_drops_every_layers_graphs(monkeypatch):
-    monkeypatch.setattr(graphs, "_record", _fake_record([]))
+    monkeypatch.setattr(graphs, "_record", fake_record([]))
     caches = [graphs.ForwardGraphs() for _ in range(3)]
     x = torch.randn(2, 3)
     for cache in caches:
@@ -146,7 +130,7 @@ def test_release_drops_every_layers_graphs(monkeypatch):
 
 def test_forward_graphs_serialise_threads(monkeypatch):
     """Two threads replaying one graph: each call's copy in, replay and copy out stay together."""
-    monkeypatch.setattr(graphs, "_record", _fake_record([]))
+    monkeypatch.setattr(graphs, "_record", fake_record([]))
     cache = graphs.ForwardGraphs()
     wrong = []
 
@@ -173,7 +157,7 @@ def test_forward_graphs_serialise_threads(monkeypatch):
 def test_layer_graph_plumbing_on_cpu(monkeypatch):
     """The layer's graph path with the capture faked: results, the record, and the key."""
     captures = []
-    monkeypatch.setattr(graphs, "_record", _fake_record(captures))
+    monkeypatch.setattr(graphs, "_record", fake_record(captures))
     moe = _layer()
     monkeypatch.setattr(moe, "_graph_path", lambda x: "decode")
     x = torch.randn(3, 1, 64)

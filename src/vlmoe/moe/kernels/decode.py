@@ -31,14 +31,18 @@ if HAS_TRITON:
     import triton.language as tl
 
     @triton.jit
-    def _token_slots(experts, expert, tokens, token_ok, K: tl.constexpr):
-        """[BLOCK_T] int64: the slot (t * K + j) through which each token chose `expert`, the
-        last one if it chose it twice (a forced expert; both slots hold the same hidden), else -1."""
+    def _expert_tokens(experts, T, K: tl.constexpr, BLOCK_T: tl.constexpr):
+        """This program's expert and block of tokens: (expert, tokens, which exist, the slot
+        t * K + j through which each token chose the expert, the last one if it chose it twice
+        (a forced expert; both slots hold the same hidden) or -1, which tokens chose it)."""
+        expert = tl.program_id(0).to(tl.int64)
+        tokens = tl.program_id(2).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+        token_ok = tokens < T
         slot = tl.full(tokens.shape, -1, dtype=tl.int64)
         for j in tl.static_range(K):
             ids = tl.load(experts + tokens * K + j, mask=token_ok, other=-1)
             slot = tl.where(ids == expert, tokens * K + j, slot)
-        return slot
+        return expert, tokens, token_ok, slot, slot >= 0
 
     @triton.jit
     def _gate_up_by_expert_kernel(
@@ -54,11 +58,7 @@ if HAS_TRITON:
         BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr,
     ):
-        expert = tl.program_id(0).to(tl.int64)
-        tokens = tl.program_id(2).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
-        token_ok = tokens < T
-        slot = _token_slots(experts, expert, tokens, token_ok, K)
-        uses = slot >= 0
+        expert, tokens, _, slot, uses = _expert_tokens(experts, T, K, BLOCK_T)
         if tl.max(uses.to(tl.int32), axis=0) == 0:
             return  # no token chose this expert: its weights are not read
         rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -95,11 +95,7 @@ if HAS_TRITON:
         BLOCK_N: tl.constexpr,
         BLOCK_F: tl.constexpr,
     ):
-        expert = tl.program_id(0).to(tl.int64)
-        tokens = tl.program_id(2).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
-        token_ok = tokens < T
-        slot = _token_slots(experts, expert, tokens, token_ok, K)
-        uses = slot >= 0
+        expert, tokens, token_ok, slot, uses = _expert_tokens(experts, T, K, BLOCK_T)
         if tl.max(uses.to(tl.int32), axis=0) == 0:
             return
         rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
