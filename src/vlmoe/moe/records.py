@@ -51,7 +51,7 @@ def aux_loss(model: nn.Module) -> Tensor:
         >>> mlp = nn.Sequential()
         >>> mlp.fc1, mlp.fc2, mlp.act = nn.Linear(8, 16), nn.Linear(16, 8), nn.GELU()
         >>> moe = MoEFeedForward.from_dense(mlp, num_experts=4, top_k=2)
-        >>> _ = moe(torch.randn(4, 8)); float(aux_loss(moe)) > 0
+        >>> _ = moe(torch.randn(4, 8)); aux_loss(moe).item() > 0
         True
     """
     losses = [loss for _, layer in sparse_layers(model) for loss in layer.last_aux_losses.values()]
