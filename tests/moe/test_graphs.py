@@ -171,10 +171,13 @@ def test_layer_graph_plumbing_on_cpu(monkeypatch):
         moe(x), moe(x)
         moe.router.config.temperature = 2.0  # a setting the captured forward read
         moe(x), moe(x)
-        assert len(captures) == 3
+        moe.router.gate.weight = torch.nn.Parameter(moe.router.gate.weight.detach() * 2)
+        moe(x)
+        assert torch.equal(moe(x), moe.route_and_dispatch(x, None, None)[0])  # the new gate's routing
+        assert len(captures) == 4
         with routing_inputs(moe, attention_mask=torch.ones(3, 5)):  # as vlmoe.eval.generate sets it
             assert torch.equal(moe(x), moe.route_and_dispatch(x, None, None)[0])
-        assert len(captures) == 3  # the mask is no part of the key: the output does not read it
+        assert len(captures) == 4  # the mask is no part of the key: the output does not read it
         with pytest.raises(ValueError, match="token_mask"):
             moe(x, token_mask=torch.ones(2, 1, dtype=torch.bool))
         assert torch.equal(

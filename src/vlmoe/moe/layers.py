@@ -129,15 +129,16 @@ class SparseLayer(nn.Module):
     def _router_key(self) -> tuple:
         """What a captured routing reads besides x: part of a graph's key."""
         router = self.router
-        config, gate = router.config, router.gate
+        config = router.config
         return (
             torch.is_autocast_enabled("cuda"),
             id(router),
             config.top_k,
             config.temperature,
             config.normalize_top_k,
-            graphs.address(gate.weight),
-            None if gate.bias is None else graphs.address(gate.bias),
+            # Every parameter, not only the gate's weight and bias: the matmul-and-top-k routing
+            # runs the gate module as it is (a wrapped gate brings parameters of its own).
+            tuple(graphs.address(parameter) for parameter in router.parameters()),
         )
 
     def _replay(
