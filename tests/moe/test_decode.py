@@ -70,6 +70,17 @@ def test_chosen_backend_counts_tokens_of_any_shape():
         assert chosen_backend("grouped", torch.zeros(1, 8), moe) == "grouped"  # asked for
 
 
+def _kernel_args(moe, routing):
+    """glu_decode_triton's arguments after x."""
+    return moe.gate_up_proj.detach(), moe.down_proj.detach(), routing.expert_indices, routing.combine_weights
+
+
+def _float64_reference(x, args):
+    from vlmoe.moe.kernels.decode import glu_decode_reference
+
+    return glu_decode_reference(x.double(), *(a.double() if a.is_floating_point() else a for a in args))
+
+
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 @pytest.mark.parametrize(
     ("tokens", "hidden", "intermediate", "experts", "top_k"),
@@ -86,20 +97,15 @@ def test_chosen_backend_counts_tokens_of_any_shape():
 )
 def test_decode_kernels_equal_float64_reference(tokens, hidden, intermediate, experts, top_k):
     """Ragged sizes (not multiples of the blocks) exercise every mask."""
-    from vlmoe.moe.kernels.decode import glu_decode_reference, glu_decode_triton
+    from vlmoe.moe.kernels.decode import glu_decode_triton
 
     moe, routing, x = _case(
         tokens, hidden, intermediate, experts, top_k, torch.float32, seed=hidden, device=DEVICE
     )
-    args = (
-        moe.gate_up_proj.detach(),
-        moe.down_proj.detach(),
-        routing.expert_indices,
-        routing.combine_weights,
-    )
+    args = _kernel_args(moe, routing)
     out = glu_decode_triton(x, *args)
     assert out.shape == (tokens, hidden) and torch.isfinite(out).all()
-    expected = glu_decode_reference(x.double(), *(a.double() if a.is_floating_point() else a for a in args))
+    expected = _float64_reference(x, args)
     assert relative_error(out, expected) < 1e-5
 
 
@@ -108,18 +114,13 @@ def test_decode_kernels_in_half_precision_round_the_hidden_as_prefill_does():
     """fp16 weights: the hidden rows are rounded to fp16 before the down projection, as the
     grouped path rounds them. (fp16, not bf16, on the CPU: Triton 3.9's interpreter returns
     garbage from tl.dot on bf16 operands; the GPU tests cover bf16.)"""
-    from vlmoe.moe.kernels.decode import glu_decode_reference, glu_decode_triton
+    from vlmoe.moe.kernels.decode import glu_decode_triton
 
     moe, routing, x = _case(6, 40, 24, 4, 2, torch.float16, seed=5, device=DEVICE)
-    args = (
-        moe.gate_up_proj.detach(),
-        moe.down_proj.detach(),
-        routing.expert_indices,
-        routing.combine_weights,
-    )
+    args = _kernel_args(moe, routing)
     out = glu_decode_triton(x, *args)
     assert out.dtype == torch.float16
-    expected = glu_decode_reference(x.double(), *(a.double() if a.is_floating_point() else a for a in args))
+    expected = _float64_reference(x, args)
     assert relative_error(out, expected) < 1e-3
     # The float64 function with the hidden rounded to fp16 in between, then the output: the
     # kernels give it to within a few last-bit flips of the fp32 sums (here none).
