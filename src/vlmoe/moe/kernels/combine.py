@@ -3,7 +3,8 @@
 Combine: out[t] = sum_j weights[t, j] * rows_src[slot_rows[t * K + j]]: one read of the K rows and
 one write of the token row, where the torch version gathers, multiplies and reduces in three
 passes. The same kernel with unit weights is the backward of the token gather (`dispatch.py`) and
-the plain-sum combine `sum_sorted`, for experts that applied the weights themselves.
+the plain-sum combine `sum_sorted`, for experts that applied the weights themselves; with rows
+already in token-slot order (no slot_rows) it is the decode kernels' last step.
 
 Spread, the token gather itself: out[slot_rows[t * K + j]] = src[t]. It is index_select(0,
 sorted_tokens), run token by token instead of row by row: each token row is read once for its K
@@ -24,14 +25,25 @@ if HAS_TRITON:
 
     @triton.jit
     def _gather_sum_kernel(
-        src, slot_rows, weights, out, width, K: tl.constexpr, HAS_WEIGHTS: tl.constexpr, BLOCK: tl.constexpr
+        src,
+        slot_rows,
+        weights,
+        out,
+        width,
+        K: tl.constexpr,
+        HAS_ROWS: tl.constexpr,
+        HAS_WEIGHTS: tl.constexpr,
+        BLOCK: tl.constexpr,
     ):
         token = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         inside = cols < width
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         for j in tl.static_range(K):
-            row = tl.load(slot_rows + token * K + j).to(tl.int64)
+            if HAS_ROWS:  # noqa: SIM108 (a constexpr branch: Triton compiles only the one taken)
+                row = tl.load(slot_rows + token * K + j).to(tl.int64)
+            else:  # src is in token-slot order already
+                row = token * K + j
             values = tl.load(src + row * width + cols, mask=inside, other=0.0).to(tl.float32)
             if HAS_WEIGHTS:
                 values = values * tl.load(weights + token * K + j).to(tl.float32)
@@ -109,16 +121,25 @@ def gather_sum_reference(src: Tensor, slot_rows: Tensor, weights: Tensor | None,
     return rows.sum(dim=1)
 
 
-def gather_sum_triton(src: Tensor, slot_rows: Tensor, weights: Tensor | None, top_k: int) -> Tensor:
-    """out[t] = sum_j w[t, j] * src[slot_rows[t*K + j]] (w = 1 when weights is None)."""
-    num_tokens, width = slot_rows.numel() // top_k, src.shape[-1]
-    out = src.new_empty(num_tokens, width)
+def gather_sum_triton(
+    src: Tensor, slot_rows: Tensor | None, weights: Tensor | None, top_k: int, out: Tensor | None = None
+) -> Tensor:
+    """out[t] = sum_j w[t, j] * src[slot_rows[t*K + j]] (w = 1 when weights is None; src's row
+    t*K + j when slot_rows is None: rows in token-slot order), summed in j's order in float32;
+    into `out` (its dtype) when given, else a new tensor of src's dtype."""
+    num_rows = src.shape[0] if slot_rows is None else slot_rows.numel()
+    num_tokens, width = num_rows // top_k, src.shape[-1]
+    if out is None:
+        out = src.new_empty(num_tokens, width)
     if num_tokens:
         grid = (num_tokens, triton.cdiv(width, _BLOCK))
-        w = weights.contiguous() if weights is not None else slot_rows  # unused when HAS_WEIGHTS=False
+        # Unused pointers (HAS_ROWS / HAS_WEIGHTS false) still need a tensor: src stands in.
+        rows = src if slot_rows is None else slot_rows
+        w = src if weights is None else weights.contiguous()
         _gather_sum_kernel[grid](
-            src, slot_rows, w, out, width, K=top_k, HAS_WEIGHTS=weights is not None, BLOCK=_BLOCK
-        )
+            src, rows, w, out, width,
+            K=top_k, HAS_ROWS=slot_rows is not None, HAS_WEIGHTS=weights is not None, BLOCK=_BLOCK,
+        )  # fmt: skip
     return out
 
 
