@@ -130,10 +130,7 @@ def route_reference(
     """
     logits = torch.nn.functional.linear(x, gate_weight, gate_bias)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    probs = torch.softmax(logits / temperature, dim=-1)
-    top_probs, indices = torch.topk(probs, top_k, dim=-1)
-    if normalize:
-        top_probs = top_probs / top_probs.sum(dim=-1, keepdim=True)
+    probs, top_probs, indices, _ = topk_softmax_reference(logits, top_k, temperature, normalize)
     return logits, probs, indices, top_probs
 
 
