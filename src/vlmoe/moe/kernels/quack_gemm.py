@@ -131,7 +131,8 @@ def rows_spread_first() -> contextlib.AbstractContextManager[None]:
     """Inside this block the fused SwiGLU experts copy the token rows to expert order first
     (`combine.spread_rows`) and the gated GEMM loads them with TMA, where every tile candidate
     may run (QuACK's gather in the loads takes cluster_n 1 only). A probe: `moe_layer.py` times
-    it beside the shipped gather in the loads (NOTES.md, "Prepared, not yet measured")."""
+    it beside the shipped gather in the loads; one H200 call read no consistent gain (NOTES.md,
+    session 11), so the gather in the loads stays the default."""
     return _switched("GATHER_IN_LOADS", False)
 
 
