@@ -1,4 +1,4 @@
-"""LLaVA-MoLE's feed-forward (`vlmoe.models.mole`): its CUDA-graph decoding path.
+"""LLaVA-MoLE's and MoCLE's feed-forward (`vlmoe.models.mole`): its CUDA-graph decoding path.
 
 On the CPU, with the capture faked through `graphs._record`: which forwards replay, the key,
 and results equal to the eager forward. On a GPU: replays equal the eager forward bit for bit.
@@ -11,7 +11,7 @@ from transformers.models.llama.modeling_llama import LlamaConfig, LlamaMLP
 from tests.moe.helpers import fake_record
 from vlmoe.models import mole as mole_module
 from vlmoe.models.mole import MoLEFeedForward
-from vlmoe.moe import RouterConfig, graphs, record_routing
+from vlmoe.moe import RouterConfig, graphs, record_routing, routing_inputs
 
 
 def _mole(universal=False, dropout=0.0, seed=0, **router):
@@ -54,8 +54,8 @@ def test_which_mole_forwards_replay(as_on_cuda):
         dropping = _mole(dropout=0.1)
         assert dropping._graph_key(step) is not None  # eval: dropout is off
         assert dropping.train()._graph_key(step) is None  # a fresh mask every call
-        clustered = _mole(input="cluster", num_clusters=8)  # MoCLE: ids given per call
-        assert clustered._graph_key(step) is None
+        clustered = _mole(input="cluster", num_clusters=8)  # MoCLE: the ids a second graph input
+        assert clustered._graph_key(step) is not None
 
 
 @pytest.mark.parametrize("universal", [False, True])
@@ -79,17 +79,46 @@ def test_mole_graph_plumbing_on_cpu(as_on_cuda, monkeypatch, universal):
     assert len(captures) == 3
 
 
+def test_mocle_graph_plumbing_on_cpu(as_on_cuda, monkeypatch):
+    """MoCLE (cluster routing, universal expert): the ids per sample, per token, or set with
+    routing_inputs reach the replay as its second input; new ids at the same shape replay the
+    same graph; no ids at all is the router's own error."""
+    captures = []
+    monkeypatch.setattr(graphs, "_record", fake_record(captures))
+    layer = _mole(universal=True, input="cluster", num_clusters=8)
+    x = torch.randn(3, 1, 64)
+
+    def eager(ids):
+        return layer._linears(x, layer.route(x, cluster_ids=ids))
+
+    with torch.no_grad():
+        for ids in ([0, 5, 7], [7, 7, 1], [2, 3, 4]):
+            ids = torch.tensor(ids)
+            assert torch.equal(layer(x, cluster_ids=ids), eager(ids))
+            assert torch.equal(layer(x, cluster_ids=ids.view(3, 1)), eager(ids))  # one per token
+            with routing_inputs(layer, cluster_ids=ids):
+                assert torch.equal(layer(x), eager(ids))
+        assert captures == [(3, 1, 64)]
+        assert not torch.equal(eager(torch.tensor([0, 5, 7])), eager(torch.tensor([7, 7, 1])))
+        with pytest.raises(ValueError, match="got no cluster_ids"):
+            layer(x)
+        with pytest.raises(ValueError, match="cluster_ids must have one id per sample"):
+            layer(x, cluster_ids=torch.tensor([0, 1]))
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("universal", [False, True])
-def test_mole_replays_equal_the_eager_forward_bit_for_bit(universal):
-    layer = _mole(universal=universal).cuda().bfloat16()
+@pytest.mark.parametrize("kind", ["mole", "mole-universal", "mocle"])
+def test_mole_replays_equal_the_eager_forward_bit_for_bit(kind):
+    router = {"input": "cluster", "num_clusters": 8} if kind == "mocle" else {}
+    layer = _mole(universal=kind != "mole", **router).cuda().bfloat16()
     with torch.no_grad():
         for step in range(4):
             x = torch.randn(2, 1, 64, device="cuda", dtype=torch.bfloat16)
-            out = layer(x)
+            ids = torch.randint(0, 8, (2,), device="cuda") if kind == "mocle" else None
+            out = layer(x, cluster_ids=ids)
             enabled, graphs.ENABLED = graphs.ENABLED, False
             try:
-                assert torch.equal(out, layer(x)), step
+                assert torch.equal(out, layer(x, cluster_ids=ids)), step
             finally:
                 graphs.ENABLED = enabled
         assert len(layer.__dict__["_forward_graphs"]) == 1

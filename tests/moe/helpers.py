@@ -60,15 +60,15 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 def fake_record(captures: list):
     """`vlmoe.moe.graphs._record` without CUDA, for monkeypatching: the 'graph' recomputes the
-    forward on its static input into its static output, as a replay would; each capture appends
-    its input's shape to `captures`."""
+    forward on its static inputs into its static output, as a replay would; each capture appends
+    its first input's shape to `captures`."""
 
-    def record(forward, static_input):
-        captures.append(tuple(static_input.shape))
-        static_output = forward(static_input)
+    def record(forward, static_inputs):
+        captures.append(tuple(static_inputs[0].shape))
+        static_output = forward(*static_inputs)
 
         def replay():
-            static_output.copy_(forward(static_input))
+            static_output.copy_(forward(*static_inputs))
 
         return replay, static_output
 

@@ -90,7 +90,7 @@ def test_graph_path_gate(monkeypatch):
 def test_copies_and_pickles_start_without_graphs():
     cache = graphs.ForwardGraphs(max_graphs=3)
     cache._seen.add("seen")
-    cache._graphs["key"] = graphs._Graph(object(), torch.zeros(1), torch.zeros(1))
+    cache._graphs["key"] = graphs._Graph(object(), (torch.zeros(1),), torch.zeros(1))
     assert len(cache) == 1
     for fresh in (copy.deepcopy(cache), pickle.loads(pickle.dumps(cache))):
         assert len(fresh) == 0 and fresh.max_graphs == 3
@@ -114,6 +114,27 @@ def test_forward_graphs_capture_on_the_second_sight_and_evict_the_oldest(monkeyp
     assert captures == [(1, 3), (2, 3), (3, 3)]
     cache.clear()
     assert len(cache) == 0
+
+
+def test_forward_graphs_copy_every_extra_input_in(monkeypatch):
+    """An extra static input (MoCLE's cluster ids) is copied in on every replay like x, and its
+    shape and dtype are part of the key."""
+    captures = []
+    monkeypatch.setattr(graphs, "_record", fake_record(captures))
+    cache = graphs.ForwardGraphs()
+    table = torch.randn(5, 3)
+
+    def forward(x, ids):
+        return x + table[ids]
+
+    x = torch.randn(4, 3)
+    for ids in ([0, 1, 2, 3], [4, 4, 0, 1], [2, 2, 2, 2]):
+        ids = torch.tensor(ids)
+        assert torch.equal(cache.run(forward, x, "k", (ids,)), x + table[ids])
+    assert captures == [(4, 3)]
+    cache.run(forward, x, "k", (torch.tensor([0, 1, 2, 3], dtype=torch.int32),))  # another dtype
+    cache.run(forward, x, "k", (torch.tensor([[0, 1], [2, 3]]).reshape(-1),))  # same signature
+    assert captures == [(4, 3)] and len(cache) == 1
 
 
 def test_release_drops_every_layers_graphs(monkeypatch):
@@ -348,7 +369,7 @@ def test_bad_token_mask_is_refused_on_the_graph_path():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("surgery", ["upcycle", "mole"])
+@pytest.mark.parametrize("surgery", ["upcycle", "mole", "mocle"])
 def test_generation_with_graphs_gives_the_eager_tokens(surgery):
     import vlmoe
     from vlmoe.eval.generate import GenerationSettings, chat_prompt, generate_token_ids
@@ -357,8 +378,9 @@ def test_generation_with_graphs_gives_the_eager_tokens(surgery):
     model, processor = tiny("llava")
     if surgery == "upcycle":
         vlmoe.upcycle_ffn(model, num_experts=4, top_k=2)
-    else:  # LLaVA-MoLE, with every LoRA B made non-zero so the adapters count
-        vlmoe.add_mole(model, num_experts=4, rank=4, alpha=8, top_k=1)
+    else:  # LLaVA-MoLE or MoCLE, with every LoRA B made non-zero so the adapters count
+        mocle = {"router": "cluster", "num_clusters": 8, "universal": True} if surgery == "mocle" else {}
+        vlmoe.add_mole(model, num_experts=4, rank=4, alpha=8, top_k=1, **mocle)
         with torch.no_grad():
             for name, parameter in model.named_parameters():
                 if "lora_B" in name:
@@ -366,12 +388,13 @@ def test_generation_with_graphs_gives_the_eager_tokens(surgery):
     model = model.cuda().bfloat16()
     prompts = [chat_prompt(processor, question, 0) for question in ("What is it?", "Why is the sky blue?")]
     settings = GenerationSettings(max_new_tokens=8, batch_size=2)
-    graphed = generate_token_ids(model, processor, prompts, [[], []], settings)
+    cluster_ids = [3, 6] if surgery == "mocle" else None
+    graphed = generate_token_ids(model, processor, prompts, [[], []], settings, 0, cluster_ids)
     layers_with_graphs = [m for m in model.modules() if len(_graphs_of(m) or ()) > 0]
     assert layers_with_graphs  # every decoding step after the second replays
     enabled, graphs.ENABLED = graphs.ENABLED, False
     try:
-        eager = generate_token_ids(model, processor, prompts, [[], []], settings)
+        eager = generate_token_ids(model, processor, prompts, [[], []], settings, 0, cluster_ids)
     finally:
         graphs.ENABLED = enabled
     assert torch.equal(graphed, eager)

@@ -74,7 +74,7 @@ def test_router_takes_the_fused_kernel_on_cuda_without_autograd():
 
 
 def test_which_routings_replay_and_which_take_the_one_kernel_routing(monkeypatch):
-    """routing_replays: a function of x and the parameters only. The one-kernel routing also
+    """routing_replays: a function of x, the parameters (and cluster ids) only. The one-kernel routing also
     needs a small gate: past FUSED_ROUTING_MAX_GATE the gate's matmul and topk_softmax run."""
     from vlmoe.moe import router as router_module
 
@@ -94,8 +94,9 @@ def test_which_routings_replay_and_which_take_the_one_kernel_routing(monkeypatch
         assert not small.routing_replays()
         jittery = Router(2048, RouterConfig(num_experts=4, top_k=2, jitter_noise=0.1))
         assert jittery.eval().routing_replays() and not jittery.train().routing_replays()
+        # Routing by cluster replays (the ids are a second input of the graph), never in one kernel.
         clustered = Router(2048, RouterConfig(num_experts=4, top_k=1, input="cluster", num_clusters=8))
-        assert not clustered.routing_replays()
+        assert clustered.routing_replays() and not clustered._fused_routing_applies(x)
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")

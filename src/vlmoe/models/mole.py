@@ -3,7 +3,8 @@
 The router looks at the MLP input once; the three `MoLELinear` layers receive that routing
 through their `routing=` argument, so a token uses the same LoRA expert in all three. With
 autograd off on CUDA, a decoding step replays the whole feed-forward (routing and the three
-linears) from a CUDA graph, as `MoEFeedForward` does (`vlmoe.moe.graphs`).
+linears) from a CUDA graph, as `MoEFeedForward` does (`vlmoe.moe.graphs`); routed by cluster
+(MoCLE), the cluster ids are copied into the graph with x.
 """
 
 from __future__ import annotations
@@ -84,8 +85,9 @@ class MoLEFeedForward(SparseLayer):
 
     def _graph_key(self, x: Tensor) -> tuple | None:
         """The key of this forward's CUDA graph, or None to run it eagerly: a decoding step that
-        may replay (`SparseLayer._decoding_tokens`; token routing, not MoCLE's clusters) whose
-        three linears take the dense LoRA dispatch (no host reads) without a live dropout."""
+        may replay (`SparseLayer._decoding_tokens`; routed by token, or by MoCLE's clusters with
+        the ids as the graph's second input) whose three linears take the dense LoRA dispatch
+        (no host reads) without a live dropout."""
         if self._decoding_tokens(x) is None:
             return None
         linears = (self.gate_proj, self.up_proj, self.down_proj)
@@ -108,6 +110,7 @@ class MoLEFeedForward(SparseLayer):
             tuple(graphs.address(parameter) for parameter in self.parameters()),
         )
 
-    def _eager_forward(self, x: Tensor) -> Tensor:
-        """What a graph captures: the routing and the three linears, no record."""
-        return self._linears(x, self.router(x.reshape(-1, x.shape[-1])))
+    def _eager_forward(self, x: Tensor, cluster_ids: Tensor | None = None) -> Tensor:
+        """What a graph captures: the routing and the three linears, no record. cluster_ids # [T]
+        only when the router routes by them."""
+        return self._linears(x, self.router(x.reshape(-1, x.shape[-1]), cluster_ids=cluster_ids))

@@ -10,9 +10,10 @@ The protocol that makes one memory pool safe for every graph: a call writes the 
 replays and clones the static output before any other graph runs, so nothing a graph leaves in
 the pool outlives its own call. A lock keeps threads' calls apart on the host, and a call on
 another stream than the last one waits for that stream first, so they stay apart on the GPU.
-The caller's key must change whenever the captured work would: the input's shape, dtype and
-device (added here), and whatever the caller's forward reads besides the input (parameter
-addresses, settings).
+The caller's key must change whenever the captured work would: the inputs' shapes, dtypes and
+devices (added here), and whatever the caller's forward reads besides its inputs (parameter
+addresses, settings). Tensors that change from call to call at the same shape (MoCLE's cluster
+ids) are static inputs of their own (`extra`), copied in like x.
 
 `ENABLED` (env `VLMOE_CUDA_GRAPHS=0` to turn off) is read on every call.
 """
@@ -128,40 +129,44 @@ def address(tensor: Tensor) -> tuple:
 @dataclass
 class _Graph:
     replay: Callable[[], None]  # the captured CUDAGraph's replay (it keeps the graph alive)
-    static_input: Tensor
+    static_inputs: tuple[Tensor, ...]  # x, then the extra inputs
     static_output: Tensor
-    stream: torch.cuda.Stream | None = None  # the CUDA stream the static input was made on
+    stream: torch.cuda.Stream | None = None  # the CUDA stream the static inputs were made on
 
 
-def _record(forward: Callable[[Tensor], Tensor], static_input: Tensor) -> tuple[Callable[[], None], Tensor]:
-    """Capture forward(static_input) as a CUDA graph: its replay and its static output."""
-    pool, stream = _pool_and_stream(static_input.device)
+def _record(
+    forward: Callable[..., Tensor], static_inputs: tuple[Tensor, ...]
+) -> tuple[Callable[[], None], Tensor]:
+    """Capture forward(*static_inputs) as a CUDA graph: its replay and its static output."""
+    device = static_inputs[0].device
+    pool, stream = _pool_and_stream(device)
     graph = torch.cuda.CUDAGraph()
     # Warm on the capture's stream first, as torch's CUDA-graph notes ask: a library's
     # per-stream state (a matmul workspace) is then made outside the capture. capture_begin
     # rather than torch.cuda.graph, whose synchronize and empty_cache would cost every layer's
     # first decoding step a device-wide stall and the allocator its cached blocks.
-    stream.wait_stream(torch.cuda.current_stream(static_input.device))
+    stream.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(stream):
-        forward(static_input)
+        forward(*static_inputs)
         try:
             # thread_local: another thread's unrelated CUDA calls do not invalidate the capture.
             graph.capture_begin(pool=pool, capture_error_mode="thread_local")
-            static_output = forward(static_input)
+            static_output = forward(*static_inputs)
         except BaseException as error:
             with contextlib.suppress(RuntimeError):  # an invalid capture: the forward's error says why
                 graph.capture_end()
+            shape = tuple(static_inputs[0].shape)
             raise RuntimeError(
-                f"capturing a CUDA graph of a forward on input {tuple(static_input.shape)} failed: {error}. "
+                f"capturing a CUDA graph of a forward on input {shape} failed: {error}. "
                 "Set vlmoe.moe.graphs.ENABLED = False (or VLMOE_CUDA_GRAPHS=0) to run it eagerly."
             ) from error
         graph.capture_end()
-    torch.cuda.current_stream(static_input.device).wait_stream(stream)
+    torch.cuda.current_stream(device).wait_stream(stream)
     return graph.replay, static_output
 
 
 class ForwardGraphs:
-    """Captured graphs of one function of one tensor, keyed by the caller.
+    """Captured graphs of one function of one tensor (and of `extra` tensors), keyed by the caller.
 
     On a GPU, under torch.no_grad(): `graphs.run(lambda x: (x @ weight).relu(), x, key=(weight.data_ptr(),))`
     runs eagerly the first time a key (with x's shape, dtype and device) is seen, captures and
@@ -181,40 +186,50 @@ class ForwardGraphs:
         self._graphs.clear()
         self._seen.clear()
 
-    def run(self, forward: Callable[[Tensor], Tensor], x: Tensor, key: Hashable) -> Tensor:
-        """forward(x), replayed from a graph once this key and x's shape, dtype and device have
-        come twice; the result is a fresh tensor either way."""
+    def run(
+        self, forward: Callable[..., Tensor], x: Tensor, key: Hashable, extra: tuple[Tensor, ...] = ()
+    ) -> Tensor:
+        """forward(x, *extra), replayed from a graph once this key and the inputs' shapes,
+        dtypes and devices have come twice; the result is a fresh tensor either way. `extra`:
+        tensors on x's device that the forward reads and that may change from call to call."""
+        inputs = (x, *extra)
+        signature = tuple((t.shape, t.dtype, t.device) for t in inputs)
         # Inference mode apart: a static input made in it cannot be written outside it.
-        full_key = (key, x.shape, x.dtype, x.device, torch.is_inference_mode_enabled())
+        full_key = (key, signature, torch.is_inference_mode_enabled())
         # One thread at a time from the lookup to the copy out: the static tensors are each
         # graph's own, the pool's scratch memory is every graph's, and the cache is shared.
         with _replay_lock:
             entry = self._graphs.get(full_key)
             if entry is None and full_key in self._seen:
                 self._seen.discard(full_key)
-                entry = self._capture(forward, x, full_key)
+                entry = self._capture(forward, inputs, full_key)
             if entry is not None:
                 if x.is_cuda:
                     stream = _follow_the_last_stream(x.device)
                     if stream != entry.stream:
                         # Freed with the graph, the static tensors must wait for this stream's
                         # use too, not only for the one they were made on.
-                        entry.static_input.record_stream(stream)
-                        entry.static_output.record_stream(stream)
-                entry.static_input.copy_(x)
+                        for static in (*entry.static_inputs, entry.static_output):
+                            static.record_stream(stream)
+                for static, given in zip(entry.static_inputs, inputs, strict=True):
+                    static.copy_(given)
                 entry.replay()
                 return entry.static_output.clone()
             if len(self._seen) >= _MAX_SEEN:
                 self._seen.clear()
             self._seen.add(full_key)
-        return forward(x)  # the first sight: kernels compile and caches fill here, before a capture
+        return forward(*inputs)  # the first sight: kernels compile and caches fill here, before a capture
 
-    def _capture(self, forward: Callable[[Tensor], Tensor], x: Tensor, full_key: Hashable) -> _Graph:
-        static_input = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        static_input.copy_(x)
-        replay, static_output = _record(forward, static_input)
+    def _capture(
+        self, forward: Callable[..., Tensor], inputs: tuple[Tensor, ...], full_key: Hashable
+    ) -> _Graph:
+        static_inputs = tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in inputs)
+        for static, given in zip(static_inputs, inputs, strict=True):
+            static.copy_(given)
+        replay, static_output = _record(forward, static_inputs)
+        x = inputs[0]
         stream = torch.cuda.current_stream(x.device) if x.is_cuda else None
-        entry = self._graphs[full_key] = _Graph(replay, static_input, static_output, stream)
+        entry = self._graphs[full_key] = _Graph(replay, static_inputs, static_output, stream)
         while len(self._graphs) > self.max_graphs:
             self._graphs.popitem(last=False)
         return entry

@@ -112,13 +112,16 @@ class SparseLayer(nn.Module):
     def _decoding_tokens(self, x: Tensor) -> int | None:
         """The token count of x when this forward may replay a CUDA graph (`vlmoe.moe.graphs`),
         else None: autograd off on CUDA (`graphs.can_capture`), no routing record, a routing
-        that reads nothing but x and the parameters (`Router.routing_replays`), and a decoding
-        step (one position per sequence, [batch, 1, d], or flat [tokens, d]) of at most
-        `graphs.MAX_TOKENS` tokens. The layer adds what its own dispatch needs."""
+        that reads nothing but x, the parameters and the cluster ids (`Router.routing_replays`),
+        and a decoding step (one position per sequence, [batch, 1, d], or flat [tokens, d]) of
+        at most `graphs.MAX_TOKENS` tokens. The layer adds what its own dispatch needs."""
         router = self.router
         if not graphs.can_capture(x) or self.record_routing or router is None:
             return None
-        if x.dim() < 2 or x.shape[-1] != router.gate.in_features or not router.routing_replays():
+        input_size = self.input_size  # None routing by cluster: the layer's linears check x
+        if x.dim() < 2 or (input_size is not None and x.shape[-1] != input_size):
+            return None
+        if not router.routing_replays():
             return None
         if x.dim() > 2 and x.shape[-2] != 1:
             # A prompt, not a decoding step: its lengths vary, each would be a capture of its own.
@@ -149,16 +152,23 @@ class SparseLayer(nn.Module):
         token_mask: Tensor | None,
         cluster_ids: Tensor | None,
     ) -> Tensor:
-        """forward(x) through this layer's graphs under `key`; the record as a no-grad forward
-        leaves it (no losses, no routing)."""
+        """forward(x, cluster_ids) through this layer's graphs under `key`; the record as a
+        no-grad forward leaves it (no losses, no routing). Routing by cluster, the ids (one per
+        token) are the graph's second input; otherwise they are None and the forward's one."""
         given = (token_mask, cluster_ids, self.token_mask, self.cluster_ids)
         if any(value is not None for value in given):
-            # The mask and ids change no output here (no losses, no record), but are checked as eagerly.
-            self._flat_routing_inputs(x.shape[:-1], token_mask, cluster_ids)
+            # The mask changes no output here (no losses, no record), but is checked as eagerly.
+            _, cluster_ids = self._flat_routing_inputs(x.shape[:-1], token_mask, cluster_ids)
+        if self.router.cluster_embedding is None:
+            extra = ()
+        elif cluster_ids is None:
+            return forward(x, None)  # the router's error: no cluster ids given
+        else:
+            extra = (cluster_ids.to(x.device),)
         cache = self.__dict__.get("_forward_graphs")
         if cache is None:
             cache = self.__dict__["_forward_graphs"] = graphs.ForwardGraphs()
-        out = cache.run(forward, x, key)
+        out = cache.run(forward, x, key, extra)
         self.__dict__["last_aux_losses"] = {}
         self.__dict__["last_routing"] = None
         return out
@@ -260,11 +270,11 @@ class MoEFeedForward(SparseLayer):
         )
         return self._replay(x, key, self._eager_forward, token_mask, cluster_ids)
 
-    def _eager_forward(self, x: Tensor) -> Tensor:
-        """What a graph captures: routing and dispatch only. Without the layer's padding mask or
-        cluster ids (no output reads them here), whose addresses change from call to call."""
+    def _eager_forward(self, x: Tensor, cluster_ids: Tensor | None = None) -> Tensor:
+        """What a graph captures: routing and dispatch only. Without the layer's padding mask
+        (no output reads it here); cluster ids # [T] only when the router routes by them."""
         x_tokens = x.reshape(-1, x.shape[-1])
-        out = dispatch(x_tokens, self.router(x_tokens), self.experts, self.backend)
+        out = dispatch(x_tokens, self.router(x_tokens, cluster_ids=cluster_ids), self.experts, self.backend)
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @classmethod

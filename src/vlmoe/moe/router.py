@@ -319,13 +319,12 @@ class Router(nn.Module):
 
     def routing_replays(self) -> bool:
         """Whether, with autograd off, this routing is a function of the input and the parameters
-        alone that reads nothing to the host: what a CUDA graph may capture (`vlmoe.moe.graphs`).
-        Not so for cluster routing (ids given per call), a forced expert, capacity (a host count),
-        straight-through weights or training-time jitter."""
+        (and, routing by cluster, of the cluster ids: a graph's second input) that reads nothing
+        to the host: what a CUDA graph may capture (`vlmoe.moe.graphs`). Not so for a forced
+        expert, capacity (a host count), straight-through weights or training-time jitter."""
         cfg = self.config
         return (
             not torch.is_grad_enabled()
-            and self.cluster_embedding is None
             and self.forced_expert is None
             and cfg.capacity_factor is None
             and not cfg.straight_through
@@ -336,6 +335,7 @@ class Router(nn.Module):
         cfg = self.config
         return (
             self.routing_replays()
+            and self.cluster_embedding is None
             and use_triton(hidden)
             and hidden.shape[0] <= FUSED_ROUTING_MAX_TOKENS
             and cfg.num_experts <= 256
