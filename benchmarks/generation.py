@@ -1,14 +1,16 @@
 """Batched greedy decoding throughput: upcycled vlmoe LLaVA vs stock transformers Mixtral.
 
     python benchmarks/generation.py [--layers 12] [--prompt 128] [--new 128] [--batches 1 32]
-        [--static] [--models vlmoe,eager-ffn,grouped,mole,mole-eager,dense,mixtral]
+        [--static] [--models vlmoe,eager-ffn,grouped,mole,mole-eager,mocle,mocle-eager,dense,mixtral]
 
 Same LM shape for all (d=2048, FFN 5632, 4 experts top-2, bf16, SDPA, KV cache), text-only
 prompts; tokens/s counts generated tokens. Models: vlmoe (`auto`: the decode kernels at small
 batch, each layer's FFN replayed as a CUDA graph), the same with the graphs off
 (`eager-ffn`), vlmoe forced to the grouped path (the previous version), LLaVA-MoLE (4 LoRA
 experts r64 top-1 on each MLP, each replayed as a graph, plain LoRA on attention) with and
-without graphs (`mole`, `mole-eager`; not in the defaults), the dense LLaVA before
+without graphs (`mole`, `mole-eager`; not in the defaults), MoCLE (the same experts routed by
+one of 64 instruction clusters, a random one per sequence, plus a universal expert: `mocle`,
+`mocle-eager`; not in the defaults), the dense LLaVA before
 upcycling (FFN 5632: what an MoE layer that cost nothing beyond one expert would reach), stock
 Mixtral. `--static`: a static KV cache, with which transformers compiles the decoding step
 (torch.compile fullgraph, mode="reduce-overhead": CUDA graphs) for every model alike.
@@ -35,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import vlmoe
 from common import print_table, write_json
 from train_step import FFN, VOCAB, llava, mixtral
-from vlmoe.moe import MoEFeedForward, graphs
+from vlmoe.moe import MoEFeedForward, SparseLayer, graphs, routing_inputs
 from vlmoe.moe import router as router_module
 
 
@@ -57,15 +59,28 @@ class StepClock(StoppingCriteria):
         return statistics.median(steps) if steps else float("nan")
 
 
+def _num_clusters(model) -> int:
+    """The cluster count of a model routed by instruction cluster (MoCLE), else 0."""
+    for module in model.modules():
+        router = getattr(module, "router", None)
+        if isinstance(module, SparseLayer) and router is not None and router.cluster_embedding is not None:
+            return router.config.num_clusters
+    return 0
+
+
 def greedy_generate(model, batch: int, prompt: int, new: int, static: bool = False, clock=None) -> None:
-    """One greedy generate of exactly `new` tokens after a random `prompt`-token prompt."""
+    """One greedy generate of exactly `new` tokens after a random `prompt`-token prompt (and,
+    for MoCLE, a random instruction cluster per sequence)."""
     input_ids = torch.randint(0, VOCAB - 2, (batch, prompt), device="cuda")
     kwargs = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
     if static:
         kwargs["cache_implementation"] = "static"
     if clock is not None:
         kwargs["stopping_criteria"] = StoppingCriteriaList([clock])
-    model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
+    num_clusters = _num_clusters(model)
+    cluster_ids = torch.randint(0, num_clusters, (batch,), device="cuda") if num_clusters else None
+    with routing_inputs(model, cluster_ids=cluster_ids):
+        model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
 
 
 def decode_tokens_per_s(
@@ -109,6 +124,11 @@ def main() -> None:
     def mole():
         return vlmoe.add_mole(llava(args.layers, FFN), num_experts=4, rank=64, alpha=128, top_k=1)
 
+    def mocle():
+        by_cluster = {"router": "cluster", "num_clusters": 64, "universal": True}
+        model = llava(args.layers, FFN)
+        return vlmoe.add_mole(model, num_experts=4, rank=64, alpha=128, top_k=1, **by_cluster)
+
     builders = {
         "vlmoe": (
             "vlmoe LLaVA, upcycled 4x top-2 (auto)",
@@ -127,6 +147,9 @@ def main() -> None:
         # LLaVA-MoLE: 4 LoRA experts top-1 (rank 64) on each MLP, plain LoRA on attention.
         "mole": ("vlmoe LLaVA-MoLE, 4 LoRA experts r64 top-1", mole),
         "mole-eager": ("vlmoe LLaVA-MoLE, no CUDA graphs", mole),
+        # MoCLE: the same experts routed by one of 64 instruction clusters, plus a universal one.
+        "mocle": ("vlmoe MoCLE, 4 LoRA experts r64 by cluster + universal", mocle),
+        "mocle-eager": ("vlmoe MoCLE, no CUDA graphs", mocle),
         "dense": ("dense LLaVA, FFN 5632 (before upcycling)", lambda: llava(args.layers, FFN)),
         "mixtral": ("transformers Mixtral (grouped_mm)", lambda: mixtral(args.layers)),
     }
@@ -145,7 +168,7 @@ def main() -> None:
         for repeat in range(rounds + 1):  # round 0 warms up (compilation, CUDA graphs, clocks)
             for key, (name, model) in models.items():
                 router_module.FUSED_ROUTING_MAX_TOKENS = 0 if key == "torch-router" else fused_limit
-                graphs.ENABLED = key not in ("eager-ffn", "mole-eager")
+                graphs.ENABLED = key not in ("eager-ffn", "mole-eager", "mocle-eager")
                 try:
                     with torch.no_grad():
                         speed, step_speed = decode_tokens_per_s(

@@ -185,9 +185,19 @@ def test_plain_lora_equals_peft_and_merges():
         peft_layer.base_layer.bias.copy_(base.bias)
         peft_layer.lora_A["default"].weight.copy_(plain.universal.lora_A[0])
         peft_layer.lora_B["default"].weight.copy_(plain.universal.lora_B[0])
-    x = torch.randn(4, 8, dtype=torch.float64)
+    x = torch.randn(2, 4, 8, dtype=torch.float64, requires_grad=True)
     expected = peft_model(x)
-    assert relative_error(plain(x), expected) < 1e-12
+    out = plain(x)
+    assert relative_error(out, expected) < 1e-12
+    # The gradients through the scaled in-place addmm equal PEFT's separate scaling and sum.
+    grad_out = torch.randn_like(out)
+    ours = torch.autograd.grad(out, (x, plain.universal.lora_A, plain.universal.lora_B), grad_out)
+    peft_params = (peft_layer.lora_A["default"].weight, peft_layer.lora_B["default"].weight)
+    theirs = torch.autograd.grad(expected, (x, *peft_params), grad_out)
+    assert relative_error(ours[0], theirs[0]) < 1e-12
+    assert relative_error(ours[1][0], theirs[1]) < 1e-12 and relative_error(ours[2][0], theirs[2]) < 1e-12
+    x = x.detach()
+    expected = expected.detach()
     plain.merge_universal()
     assert plain.universal is None
     assert relative_error(plain(x), expected) < 1e-12

@@ -420,17 +420,30 @@ class MoLELinear(SparseLayer):
         """x # [..., in] -> [..., out]. `routing` reuses a decision made elsewhere (a shared router)."""
         self._check_input(x)
         x_tokens = x.reshape(-1, x.shape[-1])
-        if self.experts is not None and resolve_backend(self.backend, x_tokens, self.experts) == "dense":
+        if self.experts is None:  # plain LoRA, or nothing left once merged
+            return self._plain_forward(x, x_tokens)
+        if resolve_backend(self.backend, x_tokens, self.experts) == "dense":
             return self._dense_forward(x, x_tokens, token_mask, cluster_ids, routing)
         out = self.base(x)
-        if self.experts is None:  # plain LoRA, or nothing left once merged
-            return out if self.universal is None else out + self.universal.expert_forward(0, x)
         if routing is None:
             routing = self.route(x, token_mask, cluster_ids)
         delta = dispatch(x_tokens, routing, self.experts, self.backend)
         if self.universal is not None:
             delta = delta + self.universal.expert_forward(0, x_tokens)
         return out + delta.view(*x.shape[:-1], delta.shape[-1])
+
+    def _plain_forward(self, x: Tensor, x_tokens: Tensor) -> Tensor:
+        """base(x) + s * B A x with the adapter's second matmul adding, scaled, in place into the
+        base output (as `_dense_forward` does): three kernels, where a separate scaling and sum
+        would add two passes over [T, out]."""
+        out = self.base(x_tokens)
+        universal = self.universal
+        if universal is not None:
+            low_rank = universal.dropout(x_tokens) @ universal.lora_A[0].t()  # [T, r]
+            # The operands in the output's dtype: in-place ops do not autocast (see _dense_forward).
+            lora_B = universal.lora_B[0].t().to(out.dtype)
+            out = out.addmm_(low_rank.to(out.dtype), lora_B, alpha=universal.scaling)
+        return out.view(*x.shape[:-1], out.shape[-1])
 
     def _dense_forward(
         self,
