@@ -107,7 +107,7 @@ class MoLEFeedForward(SparseLayer):
             *self._router_key(),
             id(self.act_fn),
             scalings,
-            tuple(graphs.address(parameter) for parameter in self.parameters()),
+            graphs.parameter_addresses(self),
         )
 
     def _eager_forward(self, x: Tensor, cluster_ids: Tensor | None = None) -> Tensor:

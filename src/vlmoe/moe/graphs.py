@@ -126,6 +126,26 @@ def address(tensor: Tensor) -> tuple:
     return tensor.data_ptr(), tensor.shape, tensor.dtype
 
 
+def parameter_addresses(module: torch.nn.Module) -> tuple:
+    """`address` of every parameter of module and its submodules: a layer's part of a graph key.
+    A plain walk of `_modules`: `module.parameters()` costs 3x the host time (33 against 12 us
+    for a LoRA-expert feed-forward, on every decoding step of every layer).
+
+    Example:
+        >>> linear = torch.nn.Linear(3, 2)
+        >>> parameter_addresses(torch.nn.Sequential(linear)) == (address(linear.weight), address(linear.bias))
+        True
+    """
+    found = []
+    stack = [module]
+    while stack:
+        current = stack.pop()
+        parameters = current._parameters.values()
+        found.extend(address(parameter) for parameter in parameters if parameter is not None)
+        stack.extend(child for child in reversed(current._modules.values()) if child is not None)
+    return tuple(found)
+
+
 @dataclass
 class _Graph:
     replay: Callable[[], None]  # the captured CUDAGraph's replay (it keeps the graph alive)

@@ -141,7 +141,7 @@ class SparseLayer(nn.Module):
             config.normalize_top_k,
             # Every parameter, not only the gate's weight and bias: the matmul-and-top-k routing
             # runs the gate module as it is (a wrapped gate brings parameters of its own).
-            tuple(graphs.address(parameter) for parameter in router.parameters()),
+            graphs.parameter_addresses(router),
         )
 
     def _replay(
