@@ -1,6 +1,7 @@
 """Why batch-1 eager decoding of the upcycled model trails its layer-level cost (NOTES.md, v8b).
 
     python benchmarks/decode_diagnosis.py [--layers 12] [--new 64] [--rounds 3]
+        [--models dense,vlmoe,mole,mocle,mixtral]   # default: dense,vlmoe,mixtral
 
 Tests the three leads of the open question, same models as `generation.py`:
 1. order and clocks: every model warmed first, then timed in interleaved rounds (A B C A B C);
@@ -27,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import vlmoe
 from common import print_table, write_json
-from generation import decode_tokens_per_s, greedy_generate
+from generation import _num_clusters, decode_tokens_per_s, greedy_generate
 from train_step import FFN, HIDDEN, llava, mixtral
 
 PROMPT = 128  # tokens, as in generation.py
@@ -64,6 +65,12 @@ def _profile(model, name: str, new: int = 16) -> dict:
 def _ffn_host_and_gpu_us(ffn) -> tuple[float, float]:
     """(host us per call while queueing, GPU us per call from a CUDA-graph replay)."""
     x = torch.randn(1, 1, HIDDEN, device="cuda", dtype=torch.bfloat16)
+    if _num_clusters(ffn):  # MoCLE: one sequence of cluster 0
+        layer, ids = ffn, torch.zeros(1, dtype=torch.long, device="cuda")
+
+        def ffn(x):
+            return layer(x, cluster_ids=ids)
+
     with torch.no_grad():
         for _ in range(10):
             ffn(x)
@@ -108,18 +115,24 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--new", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--models", default="dense,vlmoe,mixtral", help="of dense,vlmoe,mole,mocle,mixtral")
     args = parser.parse_args()
     torch.manual_seed(0)
-    models = {
-        "dense LLaVA (FFN 5632)": llava(args.layers, FFN).eval(),
-        "vlmoe LLaVA, upcycled 4x top-2": vlmoe.upcycle_ffn(llava(args.layers, FFN), 4, 2).eval(),
-        "transformers Mixtral": mixtral(args.layers).eval(),
+    lora = {"num_experts": 4, "rank": 64, "alpha": 128, "top_k": 1}  # as generation.py's
+    by_cluster = {"router": "cluster", "num_clusters": 64, "universal": True}
+    builders = {
+        "dense": ("dense LLaVA (FFN 5632)", lambda: llava(args.layers, FFN)),
+        "vlmoe": ("vlmoe LLaVA, upcycled 4x top-2", lambda: vlmoe.upcycle_ffn(llava(args.layers, FFN), 4, 2)),
+        "mole": ("vlmoe LLaVA-MoLE", lambda: vlmoe.add_mole(llava(args.layers, FFN), **lora)),
+        "mocle": ("vlmoe MoCLE", lambda: vlmoe.add_mole(llava(args.layers, FFN), **lora, **by_cluster)),
+        "mixtral": ("transformers Mixtral", lambda: mixtral(args.layers)),
     }
-    ffns = {
-        "dense LLaVA (FFN 5632)": lambda m: m.model.language_model.layers[0].mlp,
-        "vlmoe LLaVA, upcycled 4x top-2": lambda m: m.model.language_model.layers[0].mlp,
-        "transformers Mixtral": lambda m: m.model.layers[0].mlp,
-    }
+    models, ffns = {}, {}
+    for key in args.models.split(","):
+        name, build = builders[key]
+        models[name] = build().eval()
+        language_model = models[name].model if key == "mixtral" else models[name].model.language_model
+        ffns[name] = language_model.layers[0].mlp
     rows = {name: {"model": name, "tokens_per_s": []} for name in models}
     with torch.no_grad():
         for model in models.values():  # warm every model (and the GPU clocks) before any timing
@@ -135,7 +148,7 @@ def main() -> None:
     for name, model in models.items():
         with torch.no_grad():
             rows[name].update(_profile(model, name))
-            host_us, gpu_us = _ffn_host_and_gpu_us(ffns[name](model))
+            host_us, gpu_us = _ffn_host_and_gpu_us(ffns[name])
         rows[name].update(ffn_host_us=host_us, ffn_gpu_us=gpu_us)
     table = list(rows.values())
     write_json("decode_diagnosis", table)

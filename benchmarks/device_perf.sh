@@ -41,7 +41,7 @@ for part in $parts; do
         ffnvar) timeout 170 python3 benchmarks/moe_layer.py --ffn-only --variants --reps 40 > "$out/moe_ffn_variants.log" 2>&1 ;;
         compile) timeout 90 python3 benchmarks/compile_check.py > "$out/compile.log" 2>&1; cat "$out/compile.log" ;;
         ffnrep) timeout 140 python3 benchmarks/moe_layer.py --ffn-only --reps 50 > "$out/moe_ffn_rep.log" 2>&1 ;;
-        mole) timeout 25 python3 benchmarks/moe_layer.py --mole-only > "$out/moe_layer.log" 2>&1 ;;
+        mole) timeout ${MOLE_S:-40} python3 benchmarks/moe_layer.py --mole-only > "$out/moe_layer.log" 2>&1 ;;
         train) timeout 70 python3 benchmarks/train_step.py --optimizers foreach fused > "$out/train_step.log" 2>&1 ;;
         trainv14) timeout 90 python3 benchmarks/train_step.py --optimizers fused --without-v14 > "$out/train_step_v14.log" 2>&1 ;;
         tgemm) timeout 300 python3 benchmarks/triton_grouped_gemm.py > "$out/triton_grouped_gemm.log" 2>&1 ;;
@@ -53,7 +53,7 @@ for part in $parts; do
             cat "$out/quack_first_use.log" ;;
         trainq) timeout 120 python3 benchmarks/train_step.py --optimizers fused --without-quack > "$out/train_step_quack.log" 2>&1 ;;
         gemm) timeout 60 python3 benchmarks/gemm_efficiency.py > "$out/gemm_efficiency.log" 2>&1 ;;
-        decodediag) timeout 120 python3 benchmarks/decode_diagnosis.py > "$out/decode_diagnosis.log" 2>&1 ;;
+        decodediag) timeout ${DECODEDIAG_S:-120} python3 benchmarks/decode_diagnosis.py --models ${DECODEDIAG_MODELS:-dense,vlmoe,mixtral} > "$out/decode_diagnosis.log" 2>&1 ;;
         prof1) timeout 60 python3 benchmarks/profile_moe.py 16384 2048 5632 4 2 > "$out/profile_shape1.log" 2>&1 ;;
         prof2) timeout 60 python3 benchmarks/profile_moe.py 8192 4096 14336 8 2 > "$out/profile_shape2.log" 2>&1 ;;
         prof3) timeout 60 python3 benchmarks/profile_moe.py 16384 2048 1408 64 6 > "$out/profile_shape3.log" 2>&1 ;;

@@ -244,6 +244,18 @@ class _PreviousDense(nn.Module):
         return mole.base(x) + low @ stacked_B.t() * experts.scaling
 
 
+class _PreviousPlain(nn.Module):
+    """Plain LoRA as `MoLELinear` computed it before session 12, as PEFT does: the second
+    matmul, then the scaling and the sum as separate passes over [T, out]."""
+
+    def __init__(self, plain: MoLELinear) -> None:
+        super().__init__()
+        self.plain = plain
+
+    def forward(self, x):
+        return self.plain.base(x) + self.plain.universal.expert_forward(0, x)
+
+
 def bench_mole(reps: int, tokens: int = 16384, fan_in: int = 4096, fan_out: int = 11008) -> list[dict]:
     torch.manual_seed(0)
     x = torch.randn(tokens, fan_in, device="cuda", dtype=DTYPE, requires_grad=True)
@@ -266,6 +278,13 @@ def bench_mole(reps: int, tokens: int = 16384, fan_in: int = 4096, fan_out: int 
             "vlmoe MoLE 4 experts r=64 top-1 (dense, previous version)", _PreviousDense(previous), x, reps
         )
     )
+    # Plain LoRA (attention's in LLaVA-MoLE and MoCLE): against PEFT's, the same computation.
+    plain = MoLELinear.plain(base(), rank=64, alpha=128)
+    with torch.no_grad():
+        plain.universal.lora_B.normal_(std=0.02)
+    rows.append(_measure("vlmoe plain LoRA r=64", plain, x, reps))
+    previous_plain = _PreviousPlain(plain)
+    rows.append(_measure("vlmoe plain LoRA r=64 (previous: scaling, sum apart)", previous_plain, x, reps))
     for backend in ("dense", "grouped", "reference"):
         mole = MoLELinear(base(), num_experts=4, rank=64, alpha=128, top_k=1, backend=backend)
         with torch.no_grad():
