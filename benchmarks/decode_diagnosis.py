@@ -139,7 +139,7 @@ def main() -> None:
             greedy_generate(model, 1, PROMPT, args.new)
         for _ in range(args.rounds):
             for name, model in models.items():
-                speed = decode_tokens_per_s(model, 1, PROMPT, args.new)
+                speed, _ = decode_tokens_per_s(model, 1, PROMPT, args.new)  # (whole call, median step)
                 rows[name]["tokens_per_s"].append(speed)
                 print(f"  {name}: {speed:.0f} tokens/s", flush=True)
         for name, model in models.items():
