@@ -17,12 +17,56 @@ from vlmoe.moe import RouterConfig, graphs, record_routing, routing_inputs
 def _mole(universal=False, dropout=0.0, seed=0, **router):
     torch.manual_seed(seed)
     mlp = LlamaMLP(LlamaConfig(hidden_size=64, intermediate_size=96, num_attention_heads=2))
-    config = RouterConfig(num_experts=4, top_k=1, **router)
+    config = RouterConfig(**{"num_experts": 4, "top_k": 1, **router})
     layer = MoLEFeedForward.from_mlp(mlp, config, rank=4, alpha=8, dropout=dropout, universal=universal)
     with torch.no_grad():
         for parameter in layer.parameters():
             parameter.normal_(std=0.2)  # LoRA B starts at zero: make every adapter count
     return layer.eval()
+
+
+def _reference_linear(linear, x, gates):
+    """base(x) + sum_e gate_e * s * B_e A_e x (+ s * B_u A_u x), expert by expert."""
+    out = linear.base(x)
+    experts = linear.experts
+    for expert in range(experts.num_experts):
+        delta = x @ experts.lora_A[expert].t() @ experts.lora_B[expert].t() * experts.scaling
+        out = out + gates[:, expert : expert + 1] * delta
+    if linear.universal is not None:
+        out = out + linear.universal.expert_forward(0, x)
+    return out
+
+
+@pytest.mark.parametrize("universal", [False, True])
+def test_feed_forward_equals_the_expert_by_expert_reference_and_shares_one_gate_matrix(universal):
+    """float64: the three linears of one forward share the routing's block gates (one entry
+    while their scalings agree, two once one differs), values and gradients as the reference."""
+    from vlmoe.moe.dispatch import gate_matrix
+
+    layer = _mole(universal=universal, top_k=2).double().train()
+    for linear in (layer.gate_proj, layer.up_proj, layer.down_proj):
+        linear.backend = "dense"  # what `auto` takes on CUDA
+    x = torch.randn(6, 64, dtype=torch.float64, requires_grad=True)
+    for change_scaling in (False, True):
+        if change_scaling:
+            layer.down_proj.experts.scaling *= 3
+            if universal:
+                layer.down_proj.universal.scaling *= 3
+        routing = layer.route(x)
+        out = layer._linears(x, routing)
+        assert len(routing._derived) == (2 if change_scaling else 1)
+        gates = gate_matrix(routing)
+        hidden = layer.act_fn(_reference_linear(layer.gate_proj, x, gates)) * _reference_linear(
+            layer.up_proj, x, gates
+        )
+        expected = _reference_linear(layer.down_proj, hidden, gates)
+        assert torch.allclose(out, expected, rtol=1e-12, atol=1e-12)
+        grad_out = torch.randn_like(out)
+        parameters = (x, layer.router.gate.weight, layer.up_proj.experts.lora_A)
+        ours = torch.autograd.grad(out, parameters, grad_out, retain_graph=True)  # the routing is shared
+        theirs = torch.autograd.grad(expected, parameters, grad_out)
+        for a, b in zip(ours, theirs, strict=True):
+            assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
 
 
 @pytest.fixture

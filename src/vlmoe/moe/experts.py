@@ -194,10 +194,19 @@ class LoRAExperts(nn.Module):
     def scale_blocks(self, low_rank: Tensor, gates: Tensor, always_on: LoRAExperts | None = None) -> Tensor:
         """Each expert's r columns of low_rank # [T, E*r] times its gate # [T, E] and `scaling`
         (`always_on`'s block gets gate 1): [T, E] multiplies instead of a pass over [T, O]."""
+        return self.apply_block_gates(low_rank, self.block_gates(gates, always_on))
+
+    def block_gates(self, gates: Tensor, always_on: LoRAExperts | None = None) -> Tensor:
+        """Each block's multiplier # [T, blocks]: its gate # [T, E] times `scaling`, then 1 times
+        `scaling` for `always_on`'s block (same rank and scaling)."""
         if always_on is not None:
             gates = torch.cat([gates, gates.new_ones(gates.shape[0], 1)], dim=1)
-        scaled_gates = (gates * self.scaling).unsqueeze(-1)  # [T, blocks, 1]
-        return (low_rank.unflatten(1, (gates.shape[1], self.rank)) * scaled_gates).flatten(1)
+        return gates * self.scaling
+
+    def apply_block_gates(self, low_rank: Tensor, block_gates: Tensor) -> Tensor:
+        """low_rank # [T, blocks*r] with each block's r columns times its multiplier # [T, blocks]."""
+        blocks = low_rank.unflatten(1, (block_gates.shape[1], self.rank))  # [T, blocks, r]
+        return (blocks * block_gates.unsqueeze(-1)).flatten(1)
 
     def delta_weight(self, expert: int) -> Tensor:
         """The dense weight update of one expert. # [O, I]"""

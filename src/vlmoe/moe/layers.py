@@ -478,7 +478,14 @@ class MoLELinear(SparseLayer):
             if routing is None:
                 routing = self.route(x, token_mask, cluster_ids)
             low_rank = experts.dropout(x_tokens) @ stacked_A.t()
-        low_rank = experts.scale_blocks(low_rank, gate_matrix(routing).to(x.dtype), self.universal)
+        # The routing's block gates, made once for every linear that shares this routing.
+        universal = self.universal
+
+        def block_gates() -> Tensor:
+            return experts.block_gates(gate_matrix(routing).to(x.dtype), universal)
+
+        key = ("lora block gates", x.dtype, experts.scaling, universal is not None)
+        low_rank = experts.apply_block_gates(low_rank, routing.derived(key, block_gates))
         # In place into the base output, which nothing saves for backward (the frozen linear
         # keeps its input): one matmul reading and writing [T, out] once. In-place ops do not
         # autocast: under mixed precision the base output is bf16 while the adapters are

@@ -5,6 +5,7 @@ Shape legend: T tokens, E experts, K top_k, D hidden size, C cluster-embedding s
 
 from __future__ import annotations
 
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -42,10 +43,28 @@ class Routing:
     aux_losses: dict[str, Tensor] = field(default_factory=dict)  # already scaled by coefficients
     # [E] int, token-slots per expert, where the fused router counted them (nothing dropped).
     expert_counts: Tensor | None = None
+    # What layers sharing this routing derive from it alike (`derived`); not copied by replace().
+    _derived: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def num_experts(self) -> int:
         return self.router_probs.shape[-1]
+
+    def derived(self, key: Hashable, make: Callable[[], Tensor]) -> Tensor:
+        """make(), once per routing and key: the three linears of a MoLE feed-forward share one
+        routing, and each would otherwise rebuild the same gate matrix (three to five small
+        kernels apiece). `key` must name everything make() reads besides this routing.
+
+        Example:
+            >>> probs = torch.full((2, 3), 1 / 3)
+            >>> routing = Routing(torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1), probs, probs.log())
+            >>> routing.derived("n", lambda: torch.ones(1)) is routing.derived("n", lambda: torch.zeros(1))
+            True
+        """
+        value = self._derived.get(key)
+        if value is None:
+            value = self._derived[key] = make()
+        return value
 
     def tokens_per_expert(self) -> Tensor:
         """Computed token-slots per expert (dropped and padding slots excluded). # [E]"""
