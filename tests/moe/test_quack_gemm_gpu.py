@@ -5,6 +5,7 @@ Skipped without a GPU, and where QuACK is not installed (`pip install vlmoe[quac
 
 import contextlib
 import copy
+import dataclasses
 import itertools
 
 import pytest
@@ -91,11 +92,13 @@ def _fixed_routing(moe, reference, x):
         reference(x.double())
     routing = reference.last_routing
     reference.router.forward = lambda *args, **kwargs: routing
-    on_cuda = type(routing)(
+    on_cuda = dataclasses.replace(
+        routing,
         **{
-            name: (value.cuda() if isinstance(value, torch.Tensor) else value)
-            for name, value in vars(routing).items()
-        }
+            field.name: getattr(routing, field.name).cuda()
+            for field in dataclasses.fields(routing)
+            if field.init and isinstance(getattr(routing, field.name), torch.Tensor)
+        },
     )
     moe.router.forward = lambda *args, **kwargs: on_cuda
 
