@@ -266,7 +266,7 @@ class MoEFeedForward(SparseLayer):
             *self._router_key(),
             id(experts),
             id(experts.act_fn),
-            *(None if p is None else graphs.address(p) for p in experts._parameters.values()),
+            graphs.parameter_addresses(experts),
         )
         return self._replay(x, key, self._eager_forward, token_mask, cluster_ids)
 
