@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import vlmoe
 from common import print_table, write_json
-from generation import _num_clusters, decode_tokens_per_s, greedy_generate
+from generation import _num_clusters, decode_tokens_per_s, greedy_generate, lora_llava
 from train_step import FFN, HIDDEN, llava, mixtral
 
 PROMPT = 128  # tokens, as in generation.py
@@ -118,13 +118,11 @@ def main() -> None:
     parser.add_argument("--models", default="dense,vlmoe,mixtral", help="of dense,vlmoe,mole,mocle,mixtral")
     args = parser.parse_args()
     torch.manual_seed(0)
-    lora = {"num_experts": 4, "rank": 64, "alpha": 128, "top_k": 1}  # as generation.py's
-    by_cluster = {"router": "cluster", "num_clusters": 64, "universal": True}
     builders = {
         "dense": ("dense LLaVA (FFN 5632)", lambda: llava(args.layers, FFN)),
         "vlmoe": ("vlmoe LLaVA, upcycled 4x top-2", lambda: vlmoe.upcycle_ffn(llava(args.layers, FFN), 4, 2)),
-        "mole": ("vlmoe LLaVA-MoLE", lambda: vlmoe.add_mole(llava(args.layers, FFN), **lora)),
-        "mocle": ("vlmoe MoCLE", lambda: vlmoe.add_mole(llava(args.layers, FFN), **lora, **by_cluster)),
+        "mole": ("vlmoe LLaVA-MoLE", lambda: lora_llava(args.layers)),
+        "mocle": ("vlmoe MoCLE", lambda: lora_llava(args.layers, by_cluster=True)),
         "mixtral": ("transformers Mixtral", lambda: mixtral(args.layers)),
     }
     models, ffns = {}, {}

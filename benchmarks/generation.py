@@ -59,6 +59,13 @@ class StepClock(StoppingCriteria):
         return statistics.median(steps) if steps else float("nan")
 
 
+def lora_llava(num_layers: int, by_cluster: bool = False):
+    """LLaVA-MoLE (4 LoRA experts r64 top-1 on each MLP, plain LoRA on attention) or, by cluster,
+    MoCLE (the same experts routed by one of 64 instruction clusters, plus a universal expert)."""
+    mocle = {"router": "cluster", "num_clusters": 64, "universal": True} if by_cluster else {}
+    return vlmoe.add_mole(llava(num_layers, FFN), num_experts=4, rank=64, alpha=128, top_k=1, **mocle)
+
+
 def _num_clusters(model) -> int:
     """The cluster count of a model routed by instruction cluster (MoCLE), else 0."""
     for module in model.modules():
@@ -122,12 +129,10 @@ def main() -> None:
         return model
 
     def mole():
-        return vlmoe.add_mole(llava(args.layers, FFN), num_experts=4, rank=64, alpha=128, top_k=1)
+        return lora_llava(args.layers)
 
     def mocle():
-        by_cluster = {"router": "cluster", "num_clusters": 64, "universal": True}
-        model = llava(args.layers, FFN)
-        return vlmoe.add_mole(model, num_experts=4, rank=64, alpha=128, top_k=1, **by_cluster)
+        return lora_llava(args.layers, by_cluster=True)
 
     builders = {
         "vlmoe": (
