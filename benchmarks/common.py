@@ -32,6 +32,38 @@ def time_cuda(step: Callable[[], None], warmup: int = 5, reps: int = 20) -> floa
     return statistics.median(start.elapsed_time(end) for start, end in events)
 
 
+def time_rounds(
+    steps: dict[str, Callable[[], None]],
+    rounds: int,
+    reps: int = 10,
+    timer: Callable[..., float] = time_cuda,
+) -> dict[str, list[float]]:
+    """Each step's median ms in each of `rounds` interleaved rounds (A B C, A B C, ...), after one
+    warm-up round that is not kept.
+
+    Timed one after another, a method and its baseline can read different GPU clocks or a
+    neighbour's noise (target 2's MoLE layer moved 11% between calls while PEFT's held, session 12);
+    in rounds a drift weighs on every step alike, and `round_ratios` pairs each method with its
+    baseline inside one round."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for round_index in range(rounds + 1):
+        for name, step in steps.items():
+            ms = timer(step, warmup=2, reps=reps)
+            if round_index:
+                times[name].append(ms)
+    return times
+
+
+def round_ratios(baseline_ms: list[float], method_ms: list[float]) -> list[float]:
+    """Baseline ms / method ms, round by round (above 1: the method is faster)."""
+    return [baseline / method for baseline, method in zip(baseline_ms, method_ms, strict=True)]
+
+
+def span(values: list[float]) -> str:
+    """'min-max' of a list, two decimals, for a table cell."""
+    return f"{min(values):.2f}-{max(values):.2f}" if values else "-"
+
+
 def kernel_time(step: Callable[[], None], reps: int = 20, warmup: int = 3) -> tuple[float, float]:
     """(GPU kernel milliseconds, kernel launches) per `step`, from the profiler: the GPU's own
     time where the step alone is bound by the host (its launches take longer than its kernels)."""

@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import vlmoe
-from common import print_table, write_json
+from common import print_table, span, write_json
 from train_step import FFN, VOCAB, llava, mixtral
 from vlmoe.moe import MoEFeedForward, SparseLayer, graphs, routing_inputs
 from vlmoe.moe import router as router_module
@@ -101,10 +101,6 @@ def decode_tokens_per_s(
     greedy_generate(model, batch, prompt, new, static, clock)
     torch.cuda.synchronize()
     return batch * new / (time.perf_counter() - start), batch / clock.median_step()
-
-
-def _span(values: list[float]) -> str:
-    return f"{min(values):.2f}-{max(values):.2f}"
 
 
 def main() -> None:
@@ -232,10 +228,10 @@ def main() -> None:
                 r["batch"],
                 f"{r['tokens_per_s']:.0f}",
                 f"{r['ratio_to_mixtral']:.2f}",
-                _span(r.get("round_ratios", [float("nan")])),
+                span(r.get("round_ratios", [float("nan")])),
                 f"{r['median_step_tokens_per_s']:.0f}",
                 f"{r['median_step_ratio_to_mixtral']:.2f}",
-                _span(r.get("median_step_round_ratios", [float("nan")])),
+                span(r.get("median_step_round_ratios", [float("nan")])),
             ]
             for r in rows
         ],
