@@ -64,7 +64,7 @@ for part in $parts; do
         autotune) timeout ${AUTOTUNE_S:-420} python3 benchmarks/moe_layer.py --ffn-only --autotune > "$out/moe_ffn_autotune.log" 2>&1 ;;
         moves) timeout 60 python3 benchmarks/row_moves.py > "$out/row_moves.log" 2>&1; cat "$out/row_moves.log" ;;
         sync) timeout 30 python3 benchmarks/sync_check.py > "$out/sync_check.log" 2>&1; cat "$out/sync_check.log" ;;
-        profmole) timeout 15 python3 benchmarks/profile_moe.py mole > "$out/profile_mole.log" 2>&1 ;;
+        profmole) timeout ${PROFMOLE_S:-45} python3 benchmarks/profile_moe.py mole > "$out/profile_mole.log" 2>&1 ;;
     esac
     echo "== $part: exit $?"
 done
