@@ -1,7 +1,8 @@
 """Batched greedy decoding throughput: upcycled vlmoe LLaVA vs stock transformers Mixtral.
 
     python benchmarks/generation.py [--layers 12] [--prompt 128] [--new 128] [--batches 1 32]
-        [--static] [--models vlmoe,eager-ffn,grouped,mole,mole-eager,mocle,mocle-eager,dense,mixtral]
+        [--static] [--models vlmoe,eager-ffn,grouped,mole,mole-eager,mole-merged,
+                  mocle,mocle-eager,mocle-merged,dense,mixtral]
 
 Same LM shape for all (d=2048, FFN 5632, 4 experts top-2, bf16, SDPA, KV cache), text-only
 prompts; tokens/s counts generated tokens. Models: vlmoe (`auto`: the decode kernels at small
@@ -151,6 +152,10 @@ def main() -> None:
         # MoCLE: the same experts routed by one of 64 instruction clusters, plus a universal one.
         "mocle": ("vlmoe MoCLE, 4 LoRA experts r64 by cluster + universal", mocle),
         "mocle-eager": ("vlmoe MoCLE, no CUDA graphs", mocle),
+        # The same two with plain and universal LoRA merged into the base weights (vlmoe.merge_lora):
+        # attention's linears plain again, MoCLE's feed-forwards without the universal expert.
+        "mole-merged": ("vlmoe LLaVA-MoLE, LoRA merged (vlmoe.merge_lora)", lambda: vlmoe.merge_lora(mole())),
+        "mocle-merged": ("vlmoe MoCLE, LoRA merged (vlmoe.merge_lora)", lambda: vlmoe.merge_lora(mocle())),
         "dense": ("dense LLaVA, FFN 5632 (before upcycling)", lambda: llava(args.layers, FFN)),
         "mixtral": ("transformers Mixtral (grouped_mm)", lambda: mixtral(args.layers)),
     }

@@ -124,6 +124,13 @@ def evaluate(
     dtype: Annotated[
         str, typer.Option(help="float32, bfloat16 or float16; auto = bfloat16 on GPU, float32 on CPU.")
     ] = "auto",
+    merge_lora: Annotated[
+        bool,
+        typer.Option(
+            help="Merge the model's plain and universal LoRA into its base weights first (vlmoe.merge_lora): "
+            "faster decoding; the logits move by the merged weights' rounding."
+        ),
+    ] = False,
 ) -> None:
     """Answer a benchmark with a model; predictions are appended as they come, so a rerun resumes."""
     from rich.console import Console
@@ -152,9 +159,10 @@ def evaluate(
             clusters=clusters if clusters is not None else default_clusters_dir(model),
             embedding_model=embedding_model,
             generation=GenerationSettings(max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed),
+            merge_lora=merge_lora,
         )
         samples = read_task(task, data, image_dir, split)  # before the (slow) model load
-        loaded_model, processor = load_model_for_eval(model, torch_device, torch_dtype)
+        loaded_model, processor = load_model_for_eval(model, torch_device, torch_dtype, merge_lora)
         summary = run_eval(loaded_model, processor, config, samples=samples)
     except (FileNotFoundError, ValueError) as error:
         typer.echo(f"vlmoe eval: {error}", err=True)

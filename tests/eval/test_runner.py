@@ -240,3 +240,35 @@ def test_every_task_end_to_end_with_a_real_tiny_model(task, tmp_path):
     assert list(summary["metrics"]) == EXPECTED_METRICS[task]
     assert all(0.0 <= value <= 1.0 for value in summary["metrics"].values())
     assert all(isinstance(record["raw_answer"], str) for record in records)
+
+
+def test_cli_eval_merge_lora_merges_records_and_refuses_a_mixed_resume(chartqa, tmp_path):
+    model, processor = tiny("llava")
+    vlmoe.add_mole(model, num_experts=0, rank=4, alpha=8)  # plain LoRA on attention and MLP
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.05)
+    model_dir = vlmoe.save(model, tmp_path / "lora-tiny", processor=processor)
+    merged, _ = load_model_for_eval(model_dir, merge_lora=True)
+    assert vlmoe.models.read_record(merged).kinds() == ["add_mole", "merge_lora"]
+    assert not any("universal" in key for key in merged.state_dict())
+    out = tmp_path / "out"
+    args = ["eval", str(model_dir), "--task", "chartqa", "--data", str(chartqa), "--out", str(out)]
+    args += ["--batch-size", "2", "--max-new-tokens", "3", "--device", "cpu", "--limit", "2"]
+    result = CliRunner().invoke(app, [*args, "--merge-lora"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / runner.RUN_NAME).read_text())["merge_lora"] is True
+    assert len(_lines(out / "predictions.jsonl")) == 2
+    refused = CliRunner().invoke(app, args)  # the same run without the merge: other predictions
+    assert refused.exit_code == 1 and "differs in: merge_lora" in refused.output
+
+
+def test_load_model_for_eval_merge_lora_errors(sparse_model_dir, tmp_path):
+    with pytest.raises(ValueError, match="--merge-lora: the model has no plain or universal LoRA"):
+        load_model_for_eval(sparse_model_dir, merge_lora=True)
+    dense, dense_processor = tiny("llava")
+    dense.save_pretrained(tmp_path)
+    dense_processor.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="no 'vlmoe' section"):
+        load_model_for_eval(tmp_path, merge_lora=True)

@@ -179,3 +179,77 @@ def test_record_without_the_modules_is_refused():
     dense_with_record = LlavaForConditionalGeneration(copy.deepcopy(model.config))
     with pytest.raises(ValueError, match=r"records surgery \['upcycle_ffn'\] but its modules show \[\]"):
         vlmoe.install_moe_connector(dense_with_record)
+
+
+def _merge_fixture(router: str):
+    model, processor = tiny("llava", seed=0)
+    if router == "cluster":  # MoCLE: routed by cluster, plus the universal expert
+        vlmoe.add_mole(model, num_experts=4, rank=4, router="cluster", num_clusters=4, universal=True)
+    else:  # LLaVA-MoLE: routed by token, plain LoRA on attention
+        vlmoe.add_mole(model, num_experts=4, rank=4, alpha=8, top_k=1)
+    perturb(model)  # every LoRA B away from zero
+    return model, tiny_batch("llava", processor)
+
+
+@pytest.mark.parametrize("router", ["token", "cluster"])
+def test_merge_lora_keeps_logits_and_leaves_only_routed_experts(router, tmp_path):
+    model, batch = _merge_fixture(router)
+    clusters = CLUSTERS if router == "cluster" else None
+    before = logits(model, batch, clusters)
+    vlmoe.merge_lora(model)
+    wrapped = [m for m in model.modules() if isinstance(m, MoLELinear)]
+    assert wrapped and all(m.universal is None for m in wrapped)
+    attention = model.model.language_model.layers[0].self_attn.q_proj
+    assert attention.experts is None  # plain LoRA gone: the base linear alone
+    assert all(m.experts is not None for mlp in model.modules() if isinstance(mlp, MoLEFeedForward)
+               for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))  # fmt: skip
+    assert not any("universal" in key for key in model.state_dict())
+    assert read_record(model).kinds() == ["add_mole", "merge_lora"]
+    # float32 weights: W + s B A rounded once, so the logits move by float32 rounding only.
+    torch.testing.assert_close(logits(model, batch, clusters), before, rtol=0, atol=1e-5)
+    # The record rebuilds the merged layout: the saved weights load into it, bit for bit.
+    again = vlmoe.load(vlmoe.save(model, tmp_path / "merged"))
+    assert read_record(again) == read_record(model)
+    assert torch.equal(logits(again, batch, clusters), logits(model, batch, clusters))
+
+
+def test_merged_plain_lora_runs_the_base_linear_alone():
+    base = torch.nn.Linear(8, 16)
+    plain = MoLELinear.plain(base, rank=2, alpha=4)
+    torch.nn.init.normal_(plain.universal.lora_B)
+    x = torch.randn(3, 5, 8, dtype=torch.float64)
+    plain.double()
+    expected = plain(x)
+    reference = base(x) + x @ (plain.universal.delta_weight(0)).t()
+    torch.testing.assert_close(expected, reference)
+    plain.merge_universal()
+    torch.testing.assert_close(plain(x), expected)
+    assert torch.equal(plain(x), base(x))
+
+
+def test_merge_universal_rounds_the_merged_bf16_weight_once():
+    torch.manual_seed(0)
+    plain = MoLELinear.plain(torch.nn.Linear(64, 32, bias=False), rank=8, alpha=16).to(torch.bfloat16)
+    torch.nn.init.normal_(plain.universal.lora_B, std=0.05)
+    universal = plain.universal
+    exact = (
+        plain.base.weight.double()
+        + universal.lora_B[0].double() @ universal.lora_A[0].double() * universal.scaling
+    )
+    plain.merge_universal()
+    # Within half a bf16 unit in the last place of each exact entry (one rounding, not two).
+    ulp = torch.finfo(torch.bfloat16).eps * exact.abs().clamp_min(2**-126)
+    assert ((plain.base.weight.double() - exact).abs() <= ulp).all()
+
+
+def test_merge_lora_refuses_a_model_without_lora_and_a_second_merge():
+    model, _ = tiny("llava")
+    with pytest.raises(ValueError, match="no plain or universal LoRA to merge"):
+        vlmoe.merge_lora(vlmoe.upcycle_ffn(model))
+    model, _ = tiny("llava")
+    vlmoe.merge_lora(vlmoe.add_mole(model, num_experts=0, rank=4))
+    with pytest.raises(ValueError, match="already applied"):
+        vlmoe.merge_lora(model)
+    # Other surgeries still see the merged model's record agree with its modules.
+    vlmoe.install_moe_connector(model, init="upcycle")
+    assert read_record(model).kinds() == ["add_mole", "merge_lora", "install_moe_connector"]

@@ -16,7 +16,7 @@ from vlmoe.models.parts import (
     unfreeze,
 )
 from vlmoe.models.record import SurgeryRecord, read_record
-from vlmoe.models.surgery import add_mole, install_moe_connector, upcycle_ffn
+from vlmoe.models.surgery import add_mole, install_moe_connector, merge_lora, upcycle_ffn
 from vlmoe.models.tiny import TINY_FAMILIES, tiny
 
 __all__ = [
@@ -33,6 +33,7 @@ __all__ = [
     "freeze",
     "install_moe_connector",
     "load",
+    "merge_lora",
     "model_card",
     "parameter_parts",
     "parameter_report",

@@ -21,6 +21,7 @@ _METHODS = {
     "add_mole": "LoRA experts (LLaVA-MoLE; MoCLE when routed by instruction cluster)",
     "install_moe_connector": "MoE connector (ChartMoE): projector experts",
     "import": "imported from a published checkpoint (vlmoe.interop)",
+    "merge_lora": "plain and universal LoRA merged into the base weights (vlmoe.merge_lora)",
 }
 
 

@@ -135,7 +135,7 @@ def _record_attention(config_file: Path, attn_implementation: str | None) -> Non
 
 
 def _replay(model: nn.Module, record: SurgeryRecord) -> None:
-    from vlmoe.models.surgery import add_mole, install_moe_connector, upcycle_ffn
+    from vlmoe.models.surgery import add_mole, install_moe_connector, merge_lora, upcycle_ffn
 
     for step in record.steps:
         if step.kind == "upcycle_ffn":
@@ -168,6 +168,8 @@ def _replay(model: nn.Module, record: SurgeryRecord) -> None:
                 attention_lora=step.attention_lora,
                 router_bias=step.router_bias,
             )
+        elif step.kind == "merge_lora":
+            merge_lora(model)  # the adapters are still zero here: only the layout changes
         elif step.kind == "import":
             from vlmoe.models.families import adapter_for
             from vlmoe.models.record import append_step

@@ -78,12 +78,21 @@ class ImportCheckpoint:
     kind: Literal["import"] = "import"
 
 
-Step = UpcycleFFN | AddMoLE | InstallConnector | ImportCheckpoint
+@dataclass
+class MergeLoRA:
+    """`merge_lora`: every plain and universal LoRA was folded into its base weight. The wrappers
+    stay (with nothing left in them but routed experts, if any), so the weights keep their names."""
+
+    kind: Literal["merge_lora"] = "merge_lora"
+
+
+Step = UpcycleFFN | AddMoLE | InstallConnector | ImportCheckpoint | MergeLoRA
 _STEP_TYPES: dict[str, type] = {
     "upcycle_ffn": UpcycleFFN,
     "add_mole": AddMoLE,
     "install_moe_connector": InstallConnector,
     "import": ImportCheckpoint,
+    "merge_lora": MergeLoRA,
 }
 
 

@@ -4,6 +4,9 @@
 - `add_mole`: LoRA experts on MLP linears with one shared router per MLP, plain LoRA on
   attention (LLaVA-MoLE); routed by instruction cluster with a universal LoRA (MoCLE).
 - `install_moe_connector`: the projector -> `MoEConnector` (ChartMoE).
+
+And one for inference after `add_mole`: `merge_lora` folds plain and universal LoRA into the
+base weights, as PEFT's merge does, so attention runs as plain linears.
 """
 
 from __future__ import annotations
@@ -16,7 +19,14 @@ from torch import nn
 from vlmoe.models.connector import build_connector
 from vlmoe.models.families import FamilyAdapter, adapter_for
 from vlmoe.models.mole import MoLEFeedForward
-from vlmoe.models.record import AddMoLE, InstallConnector, UpcycleFFN, append_step, read_record
+from vlmoe.models.record import (
+    AddMoLE,
+    InstallConnector,
+    MergeLoRA,
+    UpcycleFFN,
+    append_step,
+    read_record,
+)
 from vlmoe.moe import MoEConnector, MoEFeedForward, MoLELinear, RouterConfig
 
 LayerSpec = Literal["all", "every_other"] | Sequence[int]
@@ -222,11 +232,46 @@ def install_moe_connector(
     return model
 
 
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every plain and universal LoRA into its base weight, in place, for inference.
+
+    Attention's plain LoRA (LLaVA-MoLE, MoCLE, ChartMoE's LLM LoRA) then costs one matmul where it
+    cost three, and MoCLE's universal expert leaves its feed-forwards; routed LoRA experts stay as
+    they are. Each merged weight is W + s B A summed in float32 and rounded once to W's dtype, so
+    logits move by that rounding (in bf16, what an exported model computes too). The step is
+    recorded: `vlmoe.save` then writes the merged weights, and `vlmoe.load` rebuilds the merged
+    layout. It cannot be undone; merge a copy (`copy.deepcopy`) to keep training the adapters.
+
+    Example:
+        >>> import vlmoe
+        >>> model, _ = vlmoe.models.tiny("llava")
+        >>> model = vlmoe.merge_lora(vlmoe.add_mole(model, num_experts=0, rank=4, alpha=8))
+        >>> vlmoe.models.read_record(model).kinds()
+        ['add_mole', 'merge_lora']
+    """
+    adapter = adapter_for(model)
+    record = read_record(model)
+    if record is not None and "merge_lora" in record.kinds():
+        raise ValueError("merge_lora was already applied to this model: its LoRA is in the base weights")
+    _refuse_repeat(model, "merge_lora")
+    wrapped = [module for module in model.modules() if isinstance(module, MoLELinear)]
+    if not any(module.universal is not None for module in wrapped):
+        raise ValueError(
+            "the model has no plain or universal LoRA to merge (vlmoe.add_mole adds them); routed LoRA "
+            "experts cannot be merged into one weight"
+        )
+    for module in wrapped:
+        module.merge_universal()
+    append_step(model, adapter.name, MergeLoRA())
+    return model
+
+
 def _refuse_repeat(model: nn.Module, kind: str) -> None:
     record = read_record(model)
     applied = _applied_kinds(model)
-    # An "import" step changes no module kind (see vlmoe.interop), so the modules cannot show it.
-    if record is not None and set(record.kinds()) - {"import"} != applied:
+    # An "import" step changes no module kind (see vlmoe.interop), and a merge leaves the LoRA
+    # wrappers in place, so the modules cannot show either.
+    if record is not None and set(record.kinds()) - {"import", "merge_lora"} != applied:
         raise ValueError(
             f"the model's config records surgery {record.kinds()} but its modules show {sorted(applied)}: "
             "it was built from a vlmoe config without the surgery (e.g. from_pretrained on a vlmoe.save "

@@ -418,6 +418,10 @@ class MoLELinear(SparseLayer):
         routing: Routing | None = None,
     ) -> Tensor:
         """x # [..., in] -> [..., out]. `routing` reuses a decision made elsewhere (a shared router)."""
+        if self.experts is None and self.universal is None:
+            # Every adapter merged (`vlmoe.merge_lora`): the base linear alone, no wrapper work, as
+            # a decoding step at batch 1 is bound by the host's time per op.
+            return self.base(x)
         self._check_input(x)
         x_tokens = x.reshape(-1, x.shape[-1])
         if self.experts is None:  # plain LoRA, or nothing left once merged
@@ -497,9 +501,14 @@ class MoLELinear(SparseLayer):
 
     @torch.no_grad()
     def merge_universal(self) -> MoLELinear:
-        """Fold the universal (or plain) LoRA into the base weight; logits stay the same."""
+        """Fold the universal (or plain) LoRA into the base weight; logits stay the same up to one
+        rounding of the merged weight (W + s B A is summed in float32 or wider, then cast once)."""
         if self.universal is not None:
-            self.base.weight += self.universal.delta_weight(0).to(self.base.weight.dtype)
+            weight = self.base.weight
+            universal = self.universal
+            compute = torch.promote_types(weight.dtype, torch.float32)
+            delta = universal.lora_B[0].to(compute) @ universal.lora_A[0].to(compute) * universal.scaling
+            weight.copy_((weight.to(compute) + delta).to(weight.dtype))
             self.universal = None
         return self
 
