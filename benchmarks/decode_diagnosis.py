@@ -1,7 +1,7 @@
 """Why batch-1 eager decoding of the upcycled model trails its layer-level cost (NOTES.md, v8b).
 
     python benchmarks/decode_diagnosis.py [--layers 12] [--new 64] [--rounds 3]
-        [--models dense,vlmoe,mole,mocle,mixtral]   # default: dense,vlmoe,mixtral
+        [--models dense,vlmoe,mole,mocle,mole-merged,mocle-merged,mixtral]   # default: dense,vlmoe,mixtral
 
 Tests the three leads of the open question, same models as `generation.py`:
 1. order and clocks: every model warmed first, then timed in interleaved rounds (A B C A B C);
@@ -115,7 +115,11 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--new", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--models", default="dense,vlmoe,mixtral", help="of dense,vlmoe,mole,mocle,mixtral")
+    parser.add_argument(
+        "--models",
+        default="dense,vlmoe,mixtral",
+        help="of dense,vlmoe,mole,mocle,mole-merged,mocle-merged,mixtral",
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
     builders = {
@@ -123,6 +127,11 @@ def main() -> None:
         "vlmoe": ("vlmoe LLaVA, upcycled 4x top-2", lambda: vlmoe.upcycle_ffn(llava(args.layers, FFN), 4, 2)),
         "mole": ("vlmoe LLaVA-MoLE", lambda: lora_llava(args.layers)),
         "mocle": ("vlmoe MoCLE", lambda: lora_llava(args.layers, by_cluster=True)),
+        "mole-merged": ("vlmoe LLaVA-MoLE, LoRA merged", lambda: vlmoe.merge_lora(lora_llava(args.layers))),
+        "mocle-merged": (
+            "vlmoe MoCLE, LoRA merged",
+            lambda: vlmoe.merge_lora(lora_llava(args.layers, by_cluster=True)),
+        ),
         "mixtral": ("transformers Mixtral", lambda: mixtral(args.layers)),
     }
     models, ffns = {}, {}
