@@ -83,7 +83,13 @@ def evaluate(
     data: Annotated[
         Path, typer.Option(help="Local copy of the benchmark in its published layout, or a LLaVA JSON.")
     ],
-    out: Annotated[Path | None, typer.Option(help="Results folder; default eval/<model>/<task>.")] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            help="Results folder; default eval/<model>/<task>, where a recipe stage's final/ or "
+            "checkpoint-N/ model is named with its run and stage (eval/<run>-<stage>-final/<task>)."
+        ),
+    ] = None,
     batch_size: Annotated[int, typer.Option(help="Samples per generation batch.")] = 8,
     max_new_tokens: Annotated[int, typer.Option(help="Longest answer, in tokens.")] = 64,
     pot: Annotated[
@@ -100,8 +106,8 @@ def evaluate(
         int | None, typer.Option(help="Send every token to this expert (ablation).")
     ] = None,
     force_where: Annotated[
-        str, typer.Option(help="Where --force-expert applies: connector or all.")
-    ] = "connector",
+        str | None, typer.Option(help="Where --force-expert applies: connector (default) or all.")
+    ] = None,
     image_dir: Annotated[
         Path | None, typer.Option(help="Folder holding the images, if not the layout's.")
     ] = None,
@@ -140,22 +146,27 @@ def evaluate(
     from vlmoe.eval.report import summary_table
     from vlmoe.eval.runner import EvalConfig, load_model_for_eval, run_eval
     from vlmoe.eval.tasks import read_task
+    from vlmoe.moe import routes_by_cluster
 
     try:  # bad data, paths or settings end with one line naming the problem, not a traceback
         torch_device, torch_dtype = _device_and_dtype(device, dtype)
+        if force_where is not None and force_expert is None:
+            raise ValueError("--force-where says where --force-expert applies; give --force-expert I too")
+        if limit is not None and limit < 1:
+            raise ValueError(f"--limit {limit}: give a number of samples >= 1, or leave it out for all")
         config = EvalConfig(
             task=task,
             data=data,
             model_name=str(model.resolve()),
             model_dtype=str(torch_dtype).removeprefix("torch."),
-            out_dir=out if out is not None else Path("eval") / model.name / task,
+            out_dir=out if out is not None else Path("eval") / _eval_name(model) / task,
             image_dir=image_dir,
             split=split,
             limit=limit,
             pot=pot,
             pot_interpreter=pot_interpreter,
             force_expert=force_expert,
-            force_where=force_where,
+            force_where=force_where or "connector",
             clusters=clusters if clusters is not None else default_clusters_dir(model),
             embedding_model=embedding_model,
             generation=GenerationSettings(max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed),
@@ -163,6 +174,11 @@ def evaluate(
         )
         samples = read_task(task, data, image_dir, split)  # before the (slow) model load
         loaded_model, processor = load_model_for_eval(model, torch_device, torch_dtype, merge_lora)
+        if (clusters is not None or embedding_model is not None) and not routes_by_cluster(loaded_model):
+            raise ValueError(
+                f"--clusters and --embedding-model are for a model routed by instruction cluster (MoCLE); "
+                f"{model} routes by token or has no router: leave them out"
+            )
         summary = run_eval(loaded_model, processor, config, samples=samples)
     except (FileNotFoundError, ValueError) as error:
         typer.echo(f"vlmoe eval: {error}", err=True)
@@ -172,20 +188,27 @@ def evaluate(
     console.print(f"predictions: {summary['predictions']}\nsummary: {config.out_dir / 'summary.json'}")
 
 
+def _eval_name(model: Path) -> str:
+    """The folder name of `vlmoe eval`'s default --out for a model directory: its own name, or for
+    a recipe stage's `final/` or `checkpoint-N/` (every stage has one) the run's and stage's too."""
+    name = model.name
+    if name == "final" or name.startswith("checkpoint-"):
+        return "-".join(model.resolve().parts[-3:])
+    return name
+
+
 def _device_and_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
     """The torch device and dtype named by the --device / --dtype options."""
     import torch
 
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    from vlmoe.device import resolve_device
+
+    torch_device = resolve_device(device)
     if dtype == "auto":
-        dtype = "bfloat16" if device.startswith("cuda") else "float32"
+        dtype = "bfloat16" if torch_device.type == "cuda" else "float32"
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"--dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
-    try:
-        return torch.device(device), getattr(torch, dtype)
-    except RuntimeError as error:  # torch's message for an unknown device string
-        raise ValueError(f"--device {device!r}: {error}") from None
+    return torch_device, getattr(torch, dtype)
 
 
 @app.command()

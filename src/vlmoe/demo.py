@@ -26,6 +26,7 @@ from rich.console import Console
 from rich.table import Table
 
 from vlmoe.data import ConversationSample
+from vlmoe.device import resolve_device
 from vlmoe.train.data import chart_samples
 from vlmoe.train.recipe import ChartDataConfig, Recipe, load_recipe
 from vlmoe.train.stages import StageResult, base_processor, run_recipe
@@ -41,6 +42,9 @@ def run_demo(
     """Train `recipe` at `scale`, evaluate the last stage on held-out charts, write the report."""
     console = Console()
     out = Path(out)
+    resolve_device(device)  # before any training: a device the machine lacks is refused now
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; pass a folder for the demo's report")
     start = time.perf_counter()
     loaded = load_recipe(recipe, scale=scale, output_dir=out / "run")
     charts = _held_out_charts(loaded)  # before any work: the demo is scored on held-out charts
@@ -101,11 +105,9 @@ def _held_out_charts(recipe: Recipe) -> ChartDataConfig:
 
 
 def _load(model_dir: Path, device: str | None) -> Any:
-    import torch
-
     import vlmoe
 
-    return vlmoe.load(model_dir).to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return vlmoe.load(model_dir).to(resolve_device(device))
 
 
 def _with_clusters(

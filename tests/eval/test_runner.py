@@ -272,3 +272,32 @@ def test_load_model_for_eval_merge_lora_errors(sparse_model_dir, tmp_path):
     dense_processor.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="no 'vlmoe' section"):
         load_model_for_eval(tmp_path, merge_lora=True)
+
+
+def test_cli_eval_refuses_options_it_cannot_use(chartqa, sparse_model_dir, tmp_path):
+    base = ["eval", str(sparse_model_dir), "--task", "chartqa", "--data", str(chartqa), "--device", "cpu"]
+
+    def refused(*extra: str) -> str:
+        result = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "out"), *extra])
+        assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+        return result.output
+
+    assert "give --force-expert I too" in refused("--force-where", "all")
+    assert "--limit 0: give a number of samples >= 1" in refused("--limit", "0")
+    assert "for a model routed by instruction cluster (MoCLE)" in refused("--clusters", str(tmp_path))
+    assert "--device 'gpu': not a torch device" in refused("--device", "gpu")
+    if not torch.cuda.is_available():
+        assert "no usable CUDA GPU" in refused("--device", "cuda")
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("x")
+    result = CliRunner().invoke(app, [*base, "--out", str(a_file), "--limit", "1", "--max-new-tokens", "2"])
+    assert result.exit_code == 1 and f"--out {a_file} is a file" in result.output
+    assert not (tmp_path / "out").exists()  # nothing written by a refused run
+
+
+def test_default_eval_folder_names_a_recipe_stage_by_run_and_stage(tmp_path):
+    from vlmoe.cli import _eval_name
+
+    assert _eval_name(tmp_path / "runs" / "chartmoe" / "sft" / "final") == "chartmoe-sft-final"
+    assert _eval_name(tmp_path / "runs" / "x" / "align" / "checkpoint-40") == "x-align-checkpoint-40"
+    assert _eval_name(tmp_path / "my-model") == "my-model"

@@ -53,4 +53,9 @@ def test_vlmoe_import_llava_mole_explains_missing_parts(tmp_path):
         ],
     )
     assert result.exit_code == 1
-    assert "x.pt holds no weights" in result.output
+    assert "x.pt does not exist" in result.output
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    args = ["import", "llava-mole", str(empty), str(tmp_path / "out"), "--base-llm", str(tmp_path)]
+    result = CliRunner().invoke(app, [*args, "--vision-tower", str(tmp_path)])
+    assert result.exit_code == 1 and "empty holds no weights" in result.output

@@ -80,3 +80,15 @@ def test_demo_of_a_mocle_recipe_routes_held_out_charts_by_their_cluster(tmp_path
     assert all(0 <= cluster < 2 for cluster in by_task.values())
     assert sum(t["samples"] for t in metrics["tasks"].values()) == len(heldout)
     assert (tmp_path / "report/routing/report.html").is_file()
+
+
+def test_demo_refuses_a_device_or_out_it_cannot_use_before_training(tmp_path):
+    recipe = tmp_path / "demo.yaml"
+    recipe.write_text(yaml.safe_dump(RECIPE))
+    with pytest.raises(ValueError, match="--device 'gpu': not a torch device"):
+        run_demo(out=tmp_path / "report", recipe=str(recipe), scale=None, device="gpu")
+    a_file = tmp_path / "report.txt"
+    a_file.write_text("x")
+    with pytest.raises(ValueError, match="is a file; pass a folder"):
+        run_demo(out=a_file, recipe=str(recipe), scale=None, device="cpu")
+    assert not (tmp_path / "report").exists()  # nothing trained or written

@@ -144,6 +144,8 @@ def run_eval(
         samples = read_task(config.task, config.data, config.image_dir, config.split)
     samples = samples[: config.limit]
     assigner = cluster_assigner(model, config.clusters, config.embedding_model)  # MoCLE models only
+    if config.out_dir.exists() and not config.out_dir.is_dir():
+        raise ValueError(f"--out {config.out_dir} is a file; pass a folder for the predictions and summary")
     config.out_dir.mkdir(parents=True, exist_ok=True)
     _check_same_run(config)
     predictions_path = config.out_dir / PREDICTIONS_NAME

@@ -42,6 +42,8 @@ class CheckpointTensors:
 
     @staticmethod
     def _locate(path: Path) -> dict[str, Path]:
+        if not path.exists():
+            raise FileNotFoundError(f"{path} does not exist: give the checkpoint's file or folder")
         if path.is_file():
             return {name: path for name in _names_in(path)}
         for index_name in _INDEXES:
