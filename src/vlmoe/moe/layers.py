@@ -424,7 +424,7 @@ class MoLELinear(SparseLayer):
             return self.base(x)
         self._check_input(x)
         x_tokens = x.reshape(-1, x.shape[-1])
-        if self.experts is None:  # plain LoRA, or nothing left once merged
+        if self.experts is None:  # plain LoRA
             return self._plain_forward(x, x_tokens)
         if resolve_backend(self.backend, x_tokens, self.experts) == "dense":
             return self._dense_forward(x, x_tokens, token_mask, cluster_ids, routing)
