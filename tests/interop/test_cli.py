@@ -1,3 +1,5 @@
+import logging
+
 import torch
 from transformers import AutoProcessor
 from typer.testing import CliRunner
@@ -59,3 +61,23 @@ def test_vlmoe_import_llava_mole_explains_missing_parts(tmp_path):
     args = ["import", "llava-mole", str(empty), str(tmp_path / "out"), "--base-llm", str(tmp_path)]
     result = CliRunner().invoke(app, [*args, "--vision-tower", str(tmp_path)])
     assert result.exit_code == 1 and "empty holds no weights" in result.output
+
+
+def test_import_moe_llava_prints_no_model_type_warning(tmp_path):
+    write_moe_llava(tmp_path / "ckpt", "phi")  # its own tokenizer files, config.json of type moe_llava_phi
+    tower = write_vision_tower(tmp_path / "clip")
+    messages: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(record.getMessage())
+
+    handler = Collect(logging.WARNING)
+    logging.getLogger("transformers").addHandler(handler)  # transformers' loggers do not propagate
+    try:
+        args = ["import", "moe-llava", str(tmp_path / "ckpt"), str(tmp_path / "out")]
+        result = CliRunner().invoke(app, [*args, "--vision-tower", str(tower)])
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+    assert result.exit_code == 0, result.output
+    assert not [m for m in messages if "to instantiate a model of type" in m]

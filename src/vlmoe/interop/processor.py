@@ -18,6 +18,7 @@ from PIL import Image
 from transformers import AutoTokenizer, CLIPVisionConfig, PretrainedConfig, PreTrainedTokenizerBase
 from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 from transformers.models.llava.processing_llava import LlavaProcessor
+from transformers.utils import logging as hf_logging
 
 from vlmoe.interop.tiktoken_files import TIKTOKEN_FILES, read_tiktoken
 
@@ -134,10 +135,17 @@ def read_tokenizer(path: str | Path, whose: str) -> PreTrainedTokenizerBase:
             f"tokenizer_config.json, or {' / '.join(TIKTOKEN_FILES)}): copy them from the published "
             f"checkpoint, {fix}"
         )
+    # AutoTokenizer also reads the folder's config.json, whose model_type is MoE-LLaVA's own
+    # (moe_llava_phi, ...), to guess a tokenizer class, and warns that it instantiates a model of
+    # another type; no model is built from it here, so that warning is silenced for this call.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, ImportError) as error:
         raise ValueError(f"{path}: transformers cannot read this tokenizer ({error}); {fix}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
     if tokenizer.pad_token is None:  # their training pads with the unk token (MoE-LLaVA sets pad = unk)
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     return tokenizer
