@@ -23,12 +23,13 @@ def charts(
     """Synthetic charts (PNG + table + JSON + plotting code + QA with PoT) and LLaVA conversations."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from vlmoe.data.chart_dataset import ChartSetConfig, generate_chart_set
+    from vlmoe.data.chart_dataset import ChartSetConfig, check_chart_set, generate_chart_set
 
     config = ChartSetConfig(n=n, seed=seed, size_px=size, shard_size=shard_size)
     start = time.perf_counter()
     columns = (TextColumn("charts"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     try:
+        check_chart_set(out, config, workers)  # before the bar starts, so a bad option shows no "0/-5"
         with Progress(*columns) as progress:
             task = progress.add_task("charts", total=n)
             shards = generate_chart_set(
