@@ -134,3 +134,21 @@ def test_out_that_is_a_file_is_refused_with_the_fix(tmp_path):
         generate_chart_set(tmp_path / "notes.txt" / "charts", CONFIG)
     result = CliRunner().invoke(app, ["data", "charts", "--n", "3", "--out", str(tmp_path / "notes.txt")])
     assert result.exit_code == 2 and "is a file; pass a folder" in _message(result)
+
+
+def test_a_smaller_n_is_refused_and_leaves_the_set_whole_a_larger_one_extends_it(tmp_path):
+    out = tmp_path / "charts"
+    generate_chart_set(out, CONFIG)  # 7 charts, shards of 4
+    before = _snapshot(out)
+    with pytest.raises(ValueError, match=r"holds 7 charts but this run asks for --n 5.*Pass --n 7 or more"):
+        generate_chart_set(out, ChartSetConfig(n=5, seed=3, size_px=96, shard_size=4))
+    assert _snapshot(out) == before
+    # An interrupted run counts the images it drew: chart 6 exists, so --n 6 would orphan it.
+    (out / "shard_00001/done.json").unlink()
+    with pytest.raises(ValueError, match="holds 7 charts"):
+        generate_chart_set(out, ChartSetConfig(n=6, seed=3, size_px=96, shard_size=4))
+    generate_chart_set(out, ChartSetConfig(n=9, seed=3, size_px=96, shard_size=4))
+    for shard, count in (("shard_00000", 4), ("shard_00001", 4), ("shard_00002", 1)):
+        records = (out / shard / "records.jsonl").read_text().splitlines()
+        assert len(records) == count == len(list((out / shard / "images").iterdir()))
+        assert json.loads((out / shard / "done.json").read_text())["count"] == count

@@ -8,7 +8,8 @@ Layout under `out`:
     shard_00000/done.json               written last: the shard is complete
 
 Chart `i` depends only on (seed, i), so workers, interruptions and shard boundaries never change
-the output. A re-run skips complete shards and, in a partial one, re-draws only missing images.
+the output. A re-run skips complete shards and, in a partial one, re-draws only missing images;
+a larger n extends the set, a smaller one is refused (it would leave images without records).
 """
 
 from __future__ import annotations
@@ -127,6 +128,32 @@ def _check_manifest(out: Path, config: ChartSetConfig) -> None:
             )
 
 
+def charts_held(out: str | Path) -> int:
+    """How many charts `out` already holds: one past the highest chart number of any shard's
+    done.json or image (an interrupted run counts the images it drew).
+
+    >>> import tempfile
+    >>> out = tempfile.mkdtemp()
+    >>> charts_held(out), charts_held(generate_chart_set(out, ChartSetConfig(n=2, size_px=96))[0].parent)
+    (0, 2)
+    """
+    held = 0
+    for shard_dir in Path(out).glob("shard_*"):
+        done = shard_dir / "done.json"
+        if done.is_file():
+            try:
+                info = json.loads(done.read_text())
+                held = max(held, int(info["first"]) + int(info["count"]))
+            except (ValueError, KeyError, TypeError):
+                pass  # a damaged done.json: the shard is redrawn, its images still count below
+        if (shard_dir / "images").is_dir():
+            for entry in os.scandir(shard_dir / "images"):
+                number = entry.name.removesuffix(".png")
+                if entry.name.endswith(".png") and number.isdigit():
+                    held = max(held, int(number) + 1)
+    return held
+
+
 def _check_whole_number(value: object, option: str, low: int, high: int | None = None) -> None:
     valid = f"between {low} and {high}" if high is not None else f"at least {low}"
     if not isinstance(value, int) or isinstance(value, bool):
@@ -138,8 +165,9 @@ def _check_whole_number(value: object, option: str, low: int, high: int | None =
 def check_chart_set(out: str | Path, config: ChartSetConfig, workers: int = 1) -> Path:
     """Refuse, before anything is written, a run that cannot finish or would damage `out`.
 
-    Checks every setting's type and range, that `out` is a folder, and that it was made with the
-    same seed, size and shard size.
+    Checks every setting's type and range, that `out` is a folder, that it was made with the same
+    seed, size and shard size, and that it holds no more than `config.n` charts: a smaller --n
+    would leave more images than records, so it is refused rather than truncating the set.
 
     >>> check_chart_set("charts", ChartSetConfig(n=10, shard_size=0))
     Traceback (most recent call last):
@@ -154,6 +182,13 @@ def check_chart_set(out: str | Path, config: ChartSetConfig, workers: int = 1) -
     _check_whole_number(workers, "--workers", 1)
     out = output_folder(out)
     _check_manifest(out, config)
+    held = charts_held(out)
+    if held > config.n:
+        raise ValueError(
+            f"{out} already holds {held} charts but this run asks for --n {config.n}; a smaller set would "
+            f"leave images without records. Pass --n {held} or more to resume or extend it, or another "
+            "--out for a new set"
+        )
     return out
 
 
