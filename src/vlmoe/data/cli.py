@@ -57,7 +57,7 @@ def cluster(
     """MoCLE: embed each sample's instruction, k-means into K clusters, write cluster_id per sample."""
     import numpy as np
 
-    from vlmoe.data.clustering import cluster_conversation_file
+    from vlmoe.data.clustering import CENTROIDS_FILE, CLUSTERS_CONFIG_FILE, cluster_conversation_file
 
     try:
         data_out, clusters = cluster_conversation_file(data, out, num_clusters=k, model=model, seed=seed)
@@ -66,5 +66,6 @@ def cluster(
     sizes = np.bincount(clusters.labels, minlength=clusters.num_clusters)
     typer.echo(
         f"{len(clusters.labels)} samples in {clusters.num_clusters} clusters "
-        f"(sizes {sizes.min()}..{sizes.max()}); wrote {data_out} and {out / 'centroids.safetensors'}"
+        f"(sizes {sizes.min()}..{sizes.max()}); wrote {data_out}, {out / CENTROIDS_FILE} "
+        f"and {out / CLUSTERS_CONFIG_FILE}"
     )
