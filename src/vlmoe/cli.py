@@ -223,6 +223,10 @@ def analyze(
         typer.Option(help="Comma-separated names of the connector's experts, e.g. general,table,JSON,code."),
     ] = None,
     device: Annotated[str, typer.Option(help="Torch device; auto = cuda if available, else cpu.")] = "auto",
+    seed: Annotated[
+        int,
+        typer.Option(help="Seed of a tiny:<family> model's weights and routers (same seed, same report)."),
+    ] = 0,
 ) -> None:
     """Route a dataset through a sparse model and write routing pictures plus one HTML report."""
     from vlmoe.analysis.cli import run_analyze
@@ -240,6 +244,7 @@ def analyze(
             image_dir=image_dir,
             expert_names=expert_names,
             device=_device_and_dtype(device, "float32")[0],
+            seed=seed,
         )
     except (FileNotFoundError, ValueError) as error:
         typer.echo(f"vlmoe analyze: {error}", err=True)

@@ -13,8 +13,10 @@ from vlmoe.analysis.run import collect_routing, from_eval_samples, read_samples,
 TINY_PREFIX = "tiny:"
 
 
-def load_model(model: str, device: torch.device | str = "cpu") -> tuple[Any, Any]:
+def load_model(model: str, device: torch.device | str = "cpu", seed: int = 0) -> tuple[Any, Any]:
     """A model and processor: `tiny:<family>` (upcycled FFNs + upcycled MoE connector) or a directory.
+
+    A tiny model's weights and routers depend only on `seed`, so its analysis is reproducible.
 
     Example:
         >>> model, processor = load_model("tiny:llava")
@@ -24,9 +26,13 @@ def load_model(model: str, device: torch.device | str = "cpu") -> tuple[Any, Any
     if model.startswith(TINY_PREFIX):
         import vlmoe
 
-        built, processor = vlmoe.models.tiny(model[len(TINY_PREFIX) :])
-        vlmoe.upcycle_ffn(built, num_experts=4, top_k=2)
-        vlmoe.install_moe_connector(built, init="upcycle", num_experts=4, top_k=2)
+        # A private RNG stream: the routers' random init depends only on `seed`, and the caller's
+        # stream is untouched.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            built, processor = vlmoe.models.tiny(model[len(TINY_PREFIX) :], seed=seed)
+            vlmoe.upcycle_ffn(built, num_experts=4, top_k=2)
+            vlmoe.install_moe_connector(built, init="upcycle", num_experts=4, top_k=2)
         return built.to(device), processor
     from vlmoe.eval.runner import load_model_for_eval
 
@@ -46,9 +52,12 @@ def run_analyze(
     image_dir: Path | None = None,
     expert_names: str | None = None,
     device: torch.device | str = "cpu",
+    seed: int = 0,
     progress: bool = True,
 ) -> Path:
     """Route `data` through `model`, then write the report into `out`; returns the HTML path.
+
+    `seed` seeds a tiny:<family> model.
 
     Example:
         >>> html = run_analyze("tiny:llava", data=Path("charts.json"), out=Path("runs/a"))  # doctest: +SKIP
@@ -62,7 +71,7 @@ def run_analyze(
     samples = samples[:max_samples]
     if not samples:
         raise ValueError(f"no samples to route in {data}")
-    loaded, processor = load_model(model, device)
+    loaded, processor = load_model(model, device, seed)
     names = {}
     if expert_names:
         connectors = [info.name for info in routed_layers(loaded) if info.kind == "connector"]
@@ -75,6 +84,7 @@ def run_analyze(
         "task": task,
         "max_samples": max_samples,
         "device": str(device),
+        **({"seed": seed} if model.startswith(TINY_PREFIX) else {}),
     }
     stats = collect_routing(
         loaded, processor, samples, batch_size=batch_size, expert_names=names, meta=meta, progress=progress
