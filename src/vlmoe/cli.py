@@ -230,8 +230,9 @@ def analyze(
 ) -> None:
     """Route a dataset through a sparse model and write routing pictures plus one HTML report."""
     from vlmoe.analysis.cli import run_analyze
+    from vlmoe.device import resolve_device
 
-    try:
+    try:  # bad data, paths or settings end with one line naming the problem, not a traceback
         report = run_analyze(
             model,
             data=data,
@@ -243,7 +244,7 @@ def analyze(
             batch_size=batch_size,
             image_dir=image_dir,
             expert_names=expert_names,
-            device=_device_and_dtype(device, "float32")[0],
+            device=resolve_device(device),
             seed=seed,
         )
     except (FileNotFoundError, ValueError) as error:
