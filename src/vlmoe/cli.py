@@ -246,11 +246,16 @@ def analyze(
         typer.Option(help="Comma-separated names of the connector's experts, e.g. general,table,JSON,code."),
     ] = None,
     device: Annotated[str, typer.Option(help="Torch device; auto = cuda if available, else cpu.")] = "auto",
+    seed: Annotated[
+        int,
+        typer.Option(help="Seed of a tiny:<family> model's weights and routers (same seed, same report)."),
+    ] = 0,
 ) -> None:
     """Route a dataset through a sparse model and write routing pictures plus one HTML report."""
     from vlmoe.analysis.cli import run_analyze
+    from vlmoe.device import resolve_device
 
-    try:
+    try:  # bad data, paths or settings end with one line naming the problem, not a traceback
         report = run_analyze(
             model,
             data=data,
@@ -262,7 +267,8 @@ def analyze(
             batch_size=batch_size,
             image_dir=image_dir,
             expert_names=expert_names,
-            device=_device_and_dtype(device, "float32")[0],
+            device=resolve_device(device),
+            seed=seed,
         )
     except (FileNotFoundError, ValueError) as error:
         typer.echo(f"vlmoe analyze: {error}", err=True)

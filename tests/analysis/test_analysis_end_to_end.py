@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 import vlmoe
 from vlmoe.analysis import AnalysisSample, RoutingStats, collect_routing
+from vlmoe.analysis.cli import load_model, run_analyze
 from vlmoe.cli import app
 
 CONNECTOR = "model.multi_modal_projector"
@@ -126,3 +127,69 @@ def test_analysis_docstring_examples(name):
     module = importlib.import_module(f"vlmoe.analysis.{name}")
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert result.failed == 0
+
+
+def test_tiny_analysis_is_reproducible_for_a_seed(tmp_path):
+    data = _write_data(tmp_path, num_samples=3)
+
+    def statistics(name, seed):
+        run_analyze("tiny:llava", data=data, out=tmp_path / name, seed=seed, progress=False)
+        stats = RoutingStats.load_from(tmp_path / name)
+        return (tmp_path / name / "routing_stats.json").read_text(), stats.paths.tolist(), stats.load
+
+    first = statistics("a", seed=0)
+    assert statistics("b", seed=0)[:2] == first[:2]  # every count and path: the routers' init is seeded
+    other = statistics("c", seed=1)[2]
+    assert any(other[layer].tolist() != counts.tolist() for layer, counts in first[2].items())
+    torch.manual_seed(5)
+    before = torch.rand(1)
+    torch.manual_seed(5)
+    load_model("tiny:llava")
+    assert torch.rand(1) == before  # the caller's random stream is left alone
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--logs", "{tmp}/missing.json"], "--logs {tmp}/missing.json does not exist"),
+        (["--eval-dir", "{tmp}/nope"], "--eval-dir {tmp}/nope is not a folder"),
+        (["--expert-names", "a,b"], "--expert-names gives 2 names (a, b) but the connector "),
+        (["--expert-names", "a,,b,c"], "--expert-names 'a,,b,c' has an empty name"),
+        (["--out", "{tmp}/data.json"], "--out {tmp}/data.json is a file; pass a folder"),
+        (["--data", "{tmp}"], "--data {tmp} is a folder; pass a LLaVA-format .json or .jsonl file"),
+        (["--device", "gpu"], "--device 'gpu': not a torch device"),
+        (["--device", "cuda:99"], "--device 'cuda:99': "),  # no GPU, or no 100th GPU
+        pytest.param(
+            ["--device", "cuda"],
+            "--device 'cuda': this machine has no usable CUDA GPU",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU"),
+        ),
+    ],
+)
+def test_vlmoe_analyze_refuses_bad_options_in_one_line(tmp_path, args, message):
+    data = _write_data(tmp_path, num_samples=1)
+    out = tmp_path / "analysis"
+    given = ["analyze", "tiny:llava", "--data", str(data), "--out", str(out), "--device", "cpu"]
+    result = CliRunner().invoke(app, given + [arg.format(tmp=tmp_path) for arg in args])
+    assert result.exit_code == 1, result.output
+    assert result.output.startswith("vlmoe analyze: " + message.format(tmp=tmp_path))
+    assert len(result.output.splitlines()) == 1 and not out.exists()  # no traceback, no report
+
+
+def test_vlmoe_analyze_names_itself_for_a_missing_model(tmp_path):
+    data = _write_data(tmp_path, num_samples=1)
+    args = ["analyze", str(tmp_path / "nope"), "--data", str(data), "--out", str(tmp_path / "out")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1
+    assert "nope is not a local model directory" in result.output and "vlmoe analyze loads" in result.output
+    assert "vlmoe eval" not in result.output
+
+
+def test_expert_names_must_match_each_layer():
+    model, processor = vlmoe.models.tiny("llava")
+    vlmoe.install_moe_connector(model, init="upcycle", num_experts=4, top_k=2)
+    sample = AnalysisSample("s0", (), (("user", "Hi"), ("assistant", "Hello")))
+    with pytest.raises(ValueError, match=r"2 names \(a, b\) for 4 experts; give one name per expert"):
+        collect_routing(model, processor, [sample], expert_names={CONNECTOR: ["a", "b"]}, progress=False)
+    with pytest.raises(ValueError, match="'lm' is not a routed layer; layers: model.multi_modal_projector"):
+        collect_routing(model, processor, [sample], expert_names={"lm": ["a"]}, progress=False)

@@ -15,6 +15,10 @@ from vlmoe.data.chart_dataset import YOUNG_GC_THRESHOLD, ChartSetConfig, generat
 CONFIG = ChartSetConfig(n=7, seed=3, size_px=96, shard_size=4)
 
 
+def _message(result) -> str:
+    return " ".join(result.output.replace("│", " ").split())  # undo rich's boxed line wrapping
+
+
 def _snapshot(out) -> dict[str, bytes]:
     return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
 
@@ -87,3 +91,64 @@ def test_cli_writes_charts_and_reports_speed(tmp_path):
     assert result.exit_code == 0, result.output
     assert "3 charts in 1 shard(s)" in result.output
     assert len(list((tmp_path / "shard_00000/images").iterdir())) == 3
+
+
+@pytest.mark.parametrize(
+    ("config", "workers", "message"),
+    [
+        (ChartSetConfig(n=0), 1, "--n must be at least 1, got 0"),
+        (ChartSetConfig(n=3, size_px=0), 1, "--size must be between 64 and 4096, got 0"),
+        (ChartSetConfig(n=3, size_px=5000), 1, "--size must be between 64 and 4096, got 5000"),
+        (ChartSetConfig(n=3, shard_size=0), 1, "--shard-size must be at least 1, got 0"),
+        (ChartSetConfig(n=3, seed=-1), 1, "--seed must be at least 0, got -1"),
+        (ChartSetConfig(n=3, seed=1.5), 1, r"--seed must be a whole number at least 0, got 1.5 \(float\)"),
+        (ChartSetConfig(n="3"), 1, r"--n must be a whole number at least 1, got '3' \(str\)"),
+        (ChartSetConfig(n=3, questions_per_chart=0), 1, "questions_per_chart must be at least 1"),
+        (ChartSetConfig(n=3), 0, "--workers must be at least 1, got 0"),
+    ],
+)
+def test_bad_settings_are_refused_before_anything_is_written(tmp_path, config, workers, message):
+    out = tmp_path / "charts"
+    with pytest.raises(ValueError, match=message):
+        generate_chart_set(out, config, workers=workers)
+    assert not out.exists()  # no manifest of the bad setting, so a corrected run can use this --out
+
+
+def test_cli_refuses_a_bad_option_before_the_progress_bar_and_the_corrected_run_works(tmp_path):
+    out = tmp_path / "charts"
+    for option, message in (("--size", "--size must be between 64 and 4096, got 0"), ("--n", "--n must be")):
+        args = ["data", "charts", "--n", "3", "--out", str(out), "--size", "96", option, "0"]
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 2 and message in _message(result)
+        assert "0/" not in result.output and not out.exists()  # no bar started, nothing written
+    result = CliRunner().invoke(app, ["data", "charts", "--n", "3", "--out", str(out), "--size", "96"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "manifest.json").read_text())["size_px"] == 96
+
+
+def test_out_that_is_a_file_is_refused_with_the_fix(tmp_path):
+    (tmp_path / "notes.txt").write_text("")
+    with pytest.raises(ValueError, match=r"--out .*notes.txt is a file; pass a folder"):
+        generate_chart_set(tmp_path / "notes.txt", CONFIG)
+    with pytest.raises(ValueError, match=r"--out .*notes.txt/charts is inside .*notes.txt, which is a file"):
+        generate_chart_set(tmp_path / "notes.txt" / "charts", CONFIG)
+    result = CliRunner().invoke(app, ["data", "charts", "--n", "3", "--out", str(tmp_path / "notes.txt")])
+    assert result.exit_code == 2 and "is a file; pass a folder" in _message(result)
+
+
+def test_a_smaller_n_is_refused_and_leaves_the_set_whole_a_larger_one_extends_it(tmp_path):
+    out = tmp_path / "charts"
+    generate_chart_set(out, CONFIG)  # 7 charts, shards of 4
+    before = _snapshot(out)
+    with pytest.raises(ValueError, match=r"holds 7 charts but this run asks for --n 5.*Pass --n 7 or more"):
+        generate_chart_set(out, ChartSetConfig(n=5, seed=3, size_px=96, shard_size=4))
+    assert _snapshot(out) == before
+    # An interrupted run counts the images it drew: chart 6 exists, so --n 6 would orphan it.
+    (out / "shard_00001/done.json").unlink()
+    with pytest.raises(ValueError, match="holds 7 charts"):
+        generate_chart_set(out, ChartSetConfig(n=6, seed=3, size_px=96, shard_size=4))
+    generate_chart_set(out, ChartSetConfig(n=9, seed=3, size_px=96, shard_size=4))
+    for shard, count in (("shard_00000", 4), ("shard_00001", 4), ("shard_00002", 1)):
+        records = (out / shard / "records.jsonl").read_text().splitlines()
+        assert len(records) == count == len(list((out / shard / "images").iterdir()))
+        assert json.loads((out / shard / "done.json").read_text())["count"] == count

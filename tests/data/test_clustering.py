@@ -88,6 +88,9 @@ def test_cli_writes_cluster_ids_and_centroids_the_model_keeps(tmp_path, embeddin
         app, ["data", "cluster", "--data", str(data), "--k", "4", "--out", str(tmp_path / "c")]
     )
     assert result.exit_code == 0, result.output
+    printed = " ".join(result.output.split())
+    for name in ("train.clustered.jsonl", "centroids.safetensors", "clusters.json"):  # every file written
+        assert str(tmp_path / "c" / name) in printed and (tmp_path / "c" / name).is_file()
     written = [json.loads(line) for line in (tmp_path / "c/train.clustered.jsonl").read_text().splitlines()]
     assert [r["id"] for r in written] == [r["id"] for r in rows]
     expected = fit_instruction_clusters(embeddings, num_clusters=4, seed=0)  # <image> is not embedded
@@ -98,3 +101,13 @@ def test_cli_writes_cluster_ids_and_centroids_the_model_keeps(tmp_path, embeddin
     too_many = CliRunner().invoke(app, ["data", "cluster", "--data", str(data), "--out", str(tmp_path / "d")])
     message = " ".join(too_many.output.replace("│", " ").split())  # undo rich's boxed line wrapping
     assert too_many.exit_code == 2 and "use --k 12 or fewer" in message
+
+
+def test_cli_refuses_an_out_that_is_a_file_before_embedding(tmp_path):
+    data = tmp_path / "train.jsonl"
+    turns = [{"from": "human", "value": "Describe it."}, {"from": "gpt", "value": "ok"}]
+    data.write_text(json.dumps({"id": "0", "conversations": turns}) + "\n")
+    result = CliRunner().invoke(app, ["data", "cluster", "--data", str(data), "--k", "1", "--out", str(data)])
+    message = " ".join(result.output.replace("│", " ").split())
+    assert result.exit_code == 2 and "is a file; pass a folder" in message
+    assert data.read_text().count("\n") == 1  # the data file is left as it was

@@ -20,6 +20,7 @@ MODULES = [
     "clustering",
     "collator",
     "conversations",
+    "folders",
     "mixing",
 ]
 

@@ -19,13 +19,19 @@ def test_chartqa(tmp_path):
 
 
 def test_chartqa_failures_name_file_field_and_fix(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"no test_human\.json or test_augmented\.json"):
+    with pytest.raises(FileNotFoundError, match=r"no test_human\.json or test_augmented\.json") as missing:
         read_chartqa(tmp_path)
+    # The expected format names this split's files, with no "{split}" placeholder left in it.
+    assert "test/test_human.json and/or test_augmented.json" in str(missing.value)
+    assert "{split}" not in str(missing.value)
+    with pytest.raises(FileNotFoundError, match=r"val/val_human\.json and/or val_augmented\.json"):
+        read_chartqa(tmp_path, split="val")
     write_json(tmp_path / "test/test_human.json", [{"imgname": "a.png", "label": "4"}])
     with pytest.raises(
         ValueError, match=r"test_human.json record 0: missing field 'query'.*fields present: imgname"
-    ):
+    ) as field:
         read_chartqa(tmp_path)
+    assert "{split}" not in str(field.value) and "images in test/png/" in str(field.value)
     write_json(tmp_path / "test/test_human.json", [{"imgname": "a.png", "query": "q", "label": "4"}])
     with pytest.raises(FileNotFoundError, match=r"png/a.png does not exist.*--image-dir"):
         read_chartqa(tmp_path)

@@ -7,14 +7,19 @@ from typing import Any
 
 import torch
 
+from vlmoe.analysis.logs import read_log_history
 from vlmoe.analysis.report import write_report
 from vlmoe.analysis.run import collect_routing, from_eval_samples, read_samples, routed_layers
+from vlmoe.data.folders import output_folder
+from vlmoe.device import resolve_device
 
 TINY_PREFIX = "tiny:"
 
 
-def load_model(model: str, device: torch.device | str = "cpu") -> tuple[Any, Any]:
+def load_model(model: str, device: torch.device | str = "cpu", seed: int = 0) -> tuple[Any, Any]:
     """A model and processor: `tiny:<family>` (upcycled FFNs + upcycled MoE connector) or a directory.
+
+    A tiny model's weights and routers depend only on `seed`, so its analysis is reproducible.
 
     Example:
         >>> model, processor = load_model("tiny:llava")
@@ -24,12 +29,22 @@ def load_model(model: str, device: torch.device | str = "cpu") -> tuple[Any, Any
     if model.startswith(TINY_PREFIX):
         import vlmoe
 
-        built, processor = vlmoe.models.tiny(model[len(TINY_PREFIX) :])
-        vlmoe.upcycle_ffn(built, num_experts=4, top_k=2)
-        vlmoe.install_moe_connector(built, init="upcycle", num_experts=4, top_k=2)
+        # A private RNG stream: the routers' random init depends only on `seed`, and the caller's
+        # stream is untouched.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            built, processor = vlmoe.models.tiny(model[len(TINY_PREFIX) :], seed=seed)
+            vlmoe.upcycle_ffn(built, num_experts=4, top_k=2)
+            vlmoe.install_moe_connector(built, init="upcycle", num_experts=4, top_k=2)
         return built.to(device), processor
     from vlmoe.eval.runner import load_model_for_eval
 
+    if not (Path(model) / "config.json").is_file():  # said here: load_model_for_eval speaks of vlmoe eval
+        raise FileNotFoundError(
+            f"{model} is not a local model directory (no config.json); vlmoe analyze loads local copies "
+            "only (save one with vlmoe.save(model, path, processor=processor)), or tiny:<family> for a "
+            "tiny random model"
+        )
     return load_model_for_eval(model, device)
 
 
@@ -46,13 +61,26 @@ def run_analyze(
     image_dir: Path | None = None,
     expert_names: str | None = None,
     device: torch.device | str = "cpu",
+    seed: int = 0,
     progress: bool = True,
 ) -> Path:
     """Route `data` through `model`, then write the report into `out`; returns the HTML path.
 
+    Every option is checked before the model is loaded, except the expert names' count, which is
+    checked against the model's connector before any sample is routed. `seed` seeds a tiny model.
+
     Example:
         >>> html = run_analyze("tiny:llava", data=Path("charts.json"), out=Path("runs/a"))  # doctest: +SKIP
     """
+    out = output_folder(out)
+    device = resolve_device(device)
+    if logs is not None:
+        read_log_history(logs)  # a missing or unreadable --logs file fails now, not as a report line
+    if eval_dir is not None and not Path(eval_dir).is_dir():
+        raise FileNotFoundError(
+            f"--eval-dir {eval_dir} is not a folder; pass the folder of vlmoe eval results"
+        )
+    names_given = _expert_names(expert_names)
     if task is not None:
         from vlmoe.eval.tasks import read_task
 
@@ -62,21 +90,40 @@ def run_analyze(
     samples = samples[:max_samples]
     if not samples:
         raise ValueError(f"no samples to route in {data}")
-    loaded, processor = load_model(model, device)
+    loaded, processor = load_model(model, device, seed)
     names = {}
-    if expert_names:
-        connectors = [info.name for info in routed_layers(loaded) if info.kind == "connector"]
+    if names_given:
+        connectors = [info for info in routed_layers(loaded) if info.kind == "connector"]
         if not connectors:
             raise ValueError("--expert-names names connector experts, but the model has no MoE connector")
-        names = {name: [part.strip() for part in expert_names.split(",")] for name in connectors}
+        for info in connectors:
+            if len(names_given) != info.num_experts:
+                raise ValueError(
+                    f"--expert-names gives {len(names_given)} names ({', '.join(names_given)}) but the "
+                    f"connector {info.name} has {info.num_experts} experts; give one name per expert"
+                )
+        names = {info.name: names_given for info in connectors}
     meta = {
         "model": model,
         "data": str(data),
         "task": task,
         "max_samples": max_samples,
         "device": str(device),
+        **({"seed": seed} if model.startswith(TINY_PREFIX) else {}),
     }
     stats = collect_routing(
         loaded, processor, samples, batch_size=batch_size, expert_names=names, meta=meta, progress=progress
     )
     return write_report(stats, out, logs=logs, eval_dir=eval_dir, title=f"Routing analysis: {model}")
+
+
+def _expert_names(option: str | None) -> list[str]:
+    """The names in `--expert-names a,b,c`; an empty one is refused."""
+    if option is None:
+        return []
+    names = [part.strip() for part in option.split(",")]
+    if not all(names):
+        raise ValueError(
+            f"--expert-names {option!r} has an empty name; give names like general,table,JSON,code"
+        )
+    return names

@@ -47,59 +47,98 @@ def _expert_labels(stats: RoutingStats, layers: Sequence[str], count: int) -> li
     return [str(e) for e in range(count)]
 
 
+def _expert_axes(stats: RoutingStats) -> list[tuple[list[int], list[str]]]:
+    """The layers (row numbers) split into heatmaps that can share one expert axis, with its labels.
+
+    Layers that name their experts alike (a connector's general/table/JSON/code) get a heatmap of
+    their own with those names; the other layers share one numbered axis.
+    """
+    groups: dict[tuple[str, ...], list[int]] = {}
+    for row, info in enumerate(stats.layers):
+        names = tuple(stats.expert_names.get(info.name, ()))
+        groups.setdefault(names if len(names) == info.num_experts else (), []).append(row)
+    axes = []
+    for names, rows in groups.items():
+        count = max(stats.layers[row].num_experts for row in rows)
+        axes.append((rows, list(names) or [str(e) for e in range(count)]))
+    return axes
+
+
 def _heatmap(
     axes,
-    matrix: np.ndarray,
+    fractions: np.ndarray,
     row_labels: Sequence[str],
     title: str,
     column_labels: Sequence[str] | None = None,
 ) -> object:
-    image = axes.imshow(np.ma.masked_invalid(matrix), cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
-    labels = column_labels or [str(e) for e in range(matrix.shape[1])]
-    axes.set_xticks(range(matrix.shape[1]), labels)
+    percent = 100 * fractions  # cells and colour bar in the same unit: % of the layer's slots
+    image = axes.imshow(np.ma.masked_invalid(percent), cmap="viridis", vmin=0.0, vmax=100.0, aspect="auto")
+    labels = column_labels or [str(e) for e in range(percent.shape[1])]
+    axes.set_xticks(range(percent.shape[1]), labels)
     axes.set_yticks(range(len(row_labels)), row_labels)
     axes.set_xlabel("expert")
     axes.set_title(title, fontsize=10)
-    if matrix.size <= 96:  # annotate small maps with their percentages
-        for (row, col), value in np.ndenumerate(matrix):
+    if percent.size <= 96:  # annotate small maps with their percentages
+        for (row, col), value in np.ndenumerate(percent):
             if np.isfinite(value):
-                color = "white" if value < 0.5 else "black"
-                axes.text(col, row, f"{100 * value:.0f}", ha="center", va="center", fontsize=7, color=color)
+                color = "white" if value < 50 else "black"
+                axes.text(col, row, f"{value:.0f}", ha="center", va="center", fontsize=7, color=color)
     return image
+
+
+def _load_figure(
+    stats: RoutingStats, panels: Sequence[tuple[str, tuple[str, str] | None]], columns: int = 1
+) -> Figure:
+    """Expert-load heatmaps, one panel per (title, sample group), `columns` panels a row.
+
+    A panel stacks one heatmap per expert axis (`_expert_axes`), so named experts keep their names.
+    """
+    axes_groups = _expert_axes(stats)
+    block, rows = len(axes_groups), -(-len(panels) // columns)
+    longest = max(len(label) for _, labels in axes_groups for label in labels)
+    experts = max(len(labels) for _, labels in axes_groups)
+    width = 1.2 + columns * (0.4 + max(0.6, 0.2 + 0.075 * longest) * experts)
+    figure = _figure(width, 0.6 + rows * (0.3 + 0.38 * len(stats.layers) + 0.45 * block))
+    grid = figure.add_gridspec(rows * block, columns, height_ratios=[len(r) for r, _ in axes_groups] * rows)
+    image = None
+    for index, (title, group) in enumerate(panels):
+        fractions = stats.load_fractions(group)
+        first_row, column = (index // columns) * block, index % columns
+        for offset, (layer_rows, labels) in enumerate(axes_groups):
+            axes = figure.add_subplot(grid[first_row + offset, column])
+            names = [stats.layers[row].label if column == 0 else "" for row in layer_rows]
+            matrix = fractions[layer_rows][:, : len(labels)]
+            image = _heatmap(axes, matrix, names, title if offset == 0 else "", labels)
+    figure.colorbar(image, ax=figure.axes, fraction=0.05 / columns, label="% of slots")
+    return figure
+
+
+def expert_load_figure(stats: RoutingStats) -> Figure:
+    """The heatmap of `plot_expert_load`, not yet saved (tests read its labels and colour bar)."""
+    return _load_figure(stats, [("expert load (% of slots)", None)])
 
 
 def plot_expert_load(stats: RoutingStats, path: Path) -> Path:
     """Heatmap of layers x experts: each layer's share of token-slots per expert (MoE-LLaVA fig. 6)."""
-    figure = _figure(1.2 + 0.6 * max(stats.max_experts, 1), 1.0 + 0.4 * max(len(stats.layers), 1))
-    axes = figure.add_subplot()
-    expert_labels = _expert_labels(stats, [info.name for info in stats.layers], stats.max_experts)
-    rows = [info.label for info in stats.layers]
-    image = _heatmap(axes, stats.load_fractions(), rows, "expert load (% of slots)", expert_labels)
-    figure.colorbar(image, ax=axes, fraction=0.05)
-    return _save(figure, path)
+    return _save(expert_load_figure(stats), path)
 
 
-def plot_group_load(stats: RoutingStats, kind: str, path: Path, max_groups: int = 12) -> Path:
-    """One expert-load heatmap per value of a sample tag (domain, task, cluster), largest groups first."""
+def group_load_figure(stats: RoutingStats, kind: str, max_groups: int = 12) -> Figure:
+    """The heatmaps of `plot_group_load`, not yet saved."""
     groups = stats.group_load.get(kind, {})
     if not groups:
         raise ValueError(f"no samples carry the tag {kind!r}; tags present: {sorted(stats.group_load)}")
     sizes = {value: sum(int(np.sum(c)) for c in layers.values()) for value, layers in groups.items()}
     values = sorted(groups, key=lambda value: (-sizes[value], value))[:max_groups]
-    columns = min(4, len(values))
-    rows = -(-len(values) // columns)
-    width = columns * (1.0 + 0.5 * max(stats.max_experts, 1))
-    figure = _figure(width + 1.0, rows * (0.9 + 0.35 * max(len(stats.layers), 1)))
-    image = None
-    expert_labels = _expert_labels(stats, [info.name for info in stats.layers], stats.max_experts)
-    for index, value in enumerate(values):
-        axes = figure.add_subplot(rows, columns, index + 1)
-        labels = [info.label for info in stats.layers] if index % columns == 0 else [""] * len(stats.layers)
-        fractions = stats.load_fractions((kind, value))
-        image = _heatmap(axes, fractions, labels, f"{kind} = {value}", expert_labels)
-    figure.colorbar(image, ax=figure.axes, fraction=0.03)
+    panels = [(f"{kind} = {value}", (kind, value)) for value in values]
+    figure = _load_figure(stats, panels, columns=min(4, len(values)))
     figure.suptitle(f"expert load by {kind}", fontsize=11)
-    return _save(figure, path)
+    return figure
+
+
+def plot_group_load(stats: RoutingStats, kind: str, path: Path, max_groups: int = 12) -> Path:
+    """One expert-load heatmap per value of a sample tag (domain, task, cluster), largest groups first."""
+    return _save(group_load_figure(stats, kind, max_groups), path)
 
 
 def plot_modality_split(stats: RoutingStats, path: Path) -> Path:
@@ -191,7 +230,11 @@ def plot_patch_map(patch_map: PatchMap, expert_names: Sequence[str], path: Path)
     axes.set_yticks([])
     axes.set_title(f"top-1 connector expert per patch: {patch_map.sample_id}", fontsize=10)
     axes.legend(
-        handles=[Patch(color=colors[i], label=name) for i, name in enumerate(expert_names)],
+        # The patches show expert numbers, so a named expert's entry says its number too: "1 table".
+        handles=[
+            Patch(color=colors[i], label=name if name == f"expert {i}" else f"{i} {name}")
+            for i, name in enumerate(expert_names)
+        ],
         loc="upper left",
         bbox_to_anchor=(1.02, 1.0),
     )

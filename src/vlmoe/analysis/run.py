@@ -61,6 +61,11 @@ def read_samples(path: Path, image_dir: Path | None = None) -> list[AnalysisSamp
         {'domain': 'chart', 'task': 'chart_to_table'}
     """
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(
+            f"--data {path} is a folder; pass a LLaVA-format .json or .jsonl file, or --task <benchmark> "
+            "to read a benchmark's folder"
+        )
     records = (
         load_jsonl(path, "analysis data") if path.suffix == ".jsonl" else load_json(path, "analysis data")
     )
@@ -163,6 +168,15 @@ def collect_routing(
         )
     adapter = adapter_for(model)
     image_token_id = adapter.image_token_id(model)
+    experts = {info.name: info.num_experts for info in layers}
+    for name, given in (expert_names or {}).items():
+        if name not in experts:
+            raise ValueError(f"expert_names: {name!r} is not a routed layer; layers: {', '.join(experts)}")
+        if len(given) != experts[name]:
+            raise ValueError(
+                f"expert_names[{name!r}]: {len(given)} names ({', '.join(given)}) for {experts[name]} "
+                "experts; give one name per expert"
+            )
     names = {**_default_expert_names(model, layers), **dict(expert_names or {})}
     collector = RoutingCollector(layers, max_path_tokens, max_patch_maps, names)
     batches = [samples[i : i + batch_size] for i in range(0, len(samples), batch_size)]

@@ -8,7 +8,8 @@ Layout under `out`:
     shard_00000/done.json               written last: the shard is complete
 
 Chart `i` depends only on (seed, i), so workers, interruptions and shard boundaries never change
-the output. A re-run skips complete shards and, in a partial one, re-draws only missing images.
+the output. A re-run skips complete shards and, in a partial one, re-draws only missing images;
+a larger n extends the set, a smaller one is refused (it would leave images without records).
 """
 
 from __future__ import annotations
@@ -29,9 +30,11 @@ from vlmoe.data.chart_qa import chart_questions
 from vlmoe.data.chart_record import sample_chart_record
 from vlmoe.data.chart_render import ChartRenderer
 from vlmoe.data.chart_text import chart_json_text, chart_table
+from vlmoe.data.folders import output_folder
 
 SHARD_SIZE = 1000
 CHUNK_SIZE = 20  # charts per worker task: big enough to amortise IPC, small for a smooth progress bar
+MIN_SIZE_PX, MAX_SIZE_PX = 64, 4096  # text needs 64 px; a 4096 px figure is 64 MiB of RGBA
 YOUNG_GC_THRESHOLD = 20_000  # allocations between young collections while generating (Python: 700)
 
 
@@ -100,20 +103,93 @@ def _render_chunk(args: tuple[ChartSetConfig, Path, list[int]]) -> int:
     return len(indices)
 
 
+def _manifest(config: ChartSetConfig) -> dict[str, int]:
+    return {"seed": config.seed, "size_px": config.size_px, "shard_size": config.shard_size}
+
+
 def _check_manifest(out: Path, config: ChartSetConfig) -> None:
-    manifest = {"seed": config.seed, "size_px": config.size_px, "shard_size": config.shard_size}
+    """Refuse to resume a directory made with another seed, size or shard size (writes nothing)."""
     path = out / "manifest.json"
-    if path.exists():
+    if not path.exists():
+        return
+    try:
         found = json.loads(path.read_text())
-        for key, value in manifest.items():
-            if found.get(key) != value:
-                raise ValueError(
-                    f"{path}: {key} is {found.get(key)!r} but this run asks for {value!r}; "
-                    f"resume with the same --seed/--size, or write to a new --out directory"
-                )
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-        _atomic_write(path, json.dumps(manifest, indent=2).encode())
+    except (json.JSONDecodeError, UnicodeDecodeError, IsADirectoryError):
+        raise ValueError(
+            f"{path} is not the JSON manifest of a chart set; write to a new --out directory"
+        ) from None
+    options = {"seed": "--seed", "size_px": "--size", "shard_size": "--shard-size"}
+    for key, value in _manifest(config).items():
+        if not isinstance(found, dict) or found.get(key) != value:
+            was = found.get(key) if isinstance(found, dict) else None
+            raise ValueError(
+                f"{path}: {key} is {was!r} but this run asks for {value!r}; "
+                f"resume with the same {options[key]}, or write to a new --out directory"
+            )
+
+
+def charts_held(out: str | Path) -> int:
+    """How many charts `out` already holds: one past the highest chart number of any shard's
+    done.json or image (an interrupted run counts the images it drew).
+
+    >>> import tempfile
+    >>> out = tempfile.mkdtemp()
+    >>> charts_held(out), charts_held(generate_chart_set(out, ChartSetConfig(n=2, size_px=96))[0].parent)
+    (0, 2)
+    """
+    held = 0
+    for shard_dir in Path(out).glob("shard_*"):
+        done = shard_dir / "done.json"
+        if done.is_file():
+            try:
+                info = json.loads(done.read_text())
+                held = max(held, int(info["first"]) + int(info["count"]))
+            except (ValueError, KeyError, TypeError):
+                pass  # a damaged done.json: the shard is redrawn, its images still count below
+        if (shard_dir / "images").is_dir():
+            for entry in os.scandir(shard_dir / "images"):
+                number = entry.name.removesuffix(".png")
+                if entry.name.endswith(".png") and number.isdigit():
+                    held = max(held, int(number) + 1)
+    return held
+
+
+def _check_whole_number(value: object, option: str, low: int, high: int | None = None) -> None:
+    valid = f"between {low} and {high}" if high is not None else f"at least {low}"
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"{option} must be a whole number {valid}, got {value!r} ({type(value).__name__})")
+    if value < low or (high is not None and value > high):
+        raise ValueError(f"{option} must be {valid}, got {value}")
+
+
+def check_chart_set(out: str | Path, config: ChartSetConfig, workers: int = 1) -> Path:
+    """Refuse, before anything is written, a run that cannot finish or would damage `out`.
+
+    Checks every setting's type and range, that `out` is a folder, that it was made with the same
+    seed, size and shard size, and that it holds no more than `config.n` charts: a smaller --n
+    would leave more images than records, so it is refused rather than truncating the set.
+
+    >>> check_chart_set("charts", ChartSetConfig(n=10, shard_size=0))
+    Traceback (most recent call last):
+    ...
+    ValueError: --shard-size must be at least 1, got 0
+    """
+    _check_whole_number(config.n, "--n", 1)
+    _check_whole_number(config.seed, "--seed", 0)
+    _check_whole_number(config.size_px, "--size", MIN_SIZE_PX, MAX_SIZE_PX)
+    _check_whole_number(config.shard_size, "--shard-size", 1)
+    _check_whole_number(config.questions_per_chart, "questions_per_chart", 1)
+    _check_whole_number(workers, "--workers", 1)
+    out = output_folder(out)
+    _check_manifest(out, config)
+    held = charts_held(out)
+    if held > config.n:
+        raise ValueError(
+            f"{out} already holds {held} charts but this run asks for --n {config.n}; a smaller set would "
+            f"leave images without records. Pass --n {held} or more to resume or extend it, or another "
+            "--out for a new set"
+        )
+    return out
 
 
 def _shard_done(shard_dir: Path, count: int) -> bool:
@@ -141,12 +217,10 @@ def generate_chart_set(
     >>> sorted(p.name for p in (shards[0] / "images").iterdir())
     ['00000000.png', '00000001.png', '00000002.png']
     """
-    if config.n < 1:
-        raise ValueError(f"--n must be at least 1, got {config.n}")
-    if workers < 1:
-        raise ValueError(f"--workers must be at least 1, got {workers}")
-    out = Path(out)
-    _check_manifest(out, config)
+    out = check_chart_set(out, config, workers)
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / "manifest.json").exists():
+        _atomic_write(out / "manifest.json", json.dumps(_manifest(config), indent=2).encode())
     progress = on_progress or (lambda k: None)
     shard_dirs = []
     # Draw one chart before forking: workers inherit loaded fonts and figures instead of

@@ -23,12 +23,13 @@ def charts(
     """Synthetic charts (PNG + table + JSON + plotting code + QA with PoT) and LLaVA conversations."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from vlmoe.data.chart_dataset import ChartSetConfig, generate_chart_set
+    from vlmoe.data.chart_dataset import ChartSetConfig, check_chart_set, generate_chart_set
 
     config = ChartSetConfig(n=n, seed=seed, size_px=size, shard_size=shard_size)
     start = time.perf_counter()
     columns = (TextColumn("charts"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     try:
+        check_chart_set(out, config, workers)  # before the bar starts, so a bad option shows no "0/-5"
         with Progress(*columns) as progress:
             task = progress.add_task("charts", total=n)
             shards = generate_chart_set(
@@ -56,7 +57,7 @@ def cluster(
     """MoCLE: embed each sample's instruction, k-means into K clusters, write cluster_id per sample."""
     import numpy as np
 
-    from vlmoe.data.clustering import cluster_conversation_file
+    from vlmoe.data.clustering import CENTROIDS_FILE, CLUSTERS_CONFIG_FILE, cluster_conversation_file
 
     try:
         data_out, clusters = cluster_conversation_file(data, out, num_clusters=k, model=model, seed=seed)
@@ -65,5 +66,6 @@ def cluster(
     sizes = np.bincount(clusters.labels, minlength=clusters.num_clusters)
     typer.echo(
         f"{len(clusters.labels)} samples in {clusters.num_clusters} clusters "
-        f"(sizes {sizes.min()}..{sizes.max()}); wrote {data_out} and {out / 'centroids.safetensors'}"
+        f"(sizes {sizes.min()}..{sizes.max()}); wrote {data_out}, {out / CENTROIDS_FILE} "
+        f"and {out / CLUSTERS_CONFIG_FILE}"
     )

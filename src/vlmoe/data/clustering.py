@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from vlmoe.data.folders import output_folder
+
 CENTROIDS_FILE = "centroids.safetensors"
 CLUSTERS_CONFIG_FILE = "clusters.json"
 # The name clusters.json records for the bundled default (a site-packages path would not travel).
@@ -189,13 +191,13 @@ def cluster_conversation_file(
     """
     from vlmoe.data.conversations import raw_samples, read_conversations
 
+    out = output_folder(out)  # before the (slow) embedding
     samples, _ = read_conversations(data, check_images=False)  # fails at the first bad sample, with its line
     encoder = load_sentence_encoder(model)
     clusters = fit_instruction_clusters(
         embed_instructions([s.instruction for s in samples], encoder), num_clusters, seed
     )
     clusters.embedding_model = str(model) if model is not None else DEFAULT_EMBEDDING_NAME
-    out = Path(out)
     save_clusters(out, clusters)
     data_out = out / f"{Path(data).stem}.clustered.jsonl"
     raws = [raw for _, raw in raw_samples(data)]

@@ -39,6 +39,7 @@ def read_chartqa(root: Path, split: str = "test", image_dir: Path | None = None)
     """
     split_dir = root / split if (root / split).is_dir() else root
     images = image_dir or split_dir / "png"
+    expected = CHARTQA_FORMAT.replace("{split}", split)  # the format of this split, e.g. test/test_human.json
     samples = []
     for subset in ("human", "augmented"):
         path = split_dir / f"{split}_{subset}.json"
@@ -46,12 +47,12 @@ def read_chartqa(root: Path, split: str = "test", image_dir: Path | None = None)
             continue
         records = load_json(path, "ChartQA")
         if not isinstance(records, list):
-            raise ValueError(f"ChartQA: {path} must hold a JSON list; expected format: {CHARTQA_FORMAT}")
+            raise ValueError(f"ChartQA: {path} must hold a JSON list; expected format: {expected}")
         for index, record in enumerate(records):
             where = f"ChartQA {path} record {index}"
-            question = str(require(record, "query", where, CHARTQA_FORMAT))
-            label = str(require(record, "label", where, CHARTQA_FORMAT))
-            image = existing_image(images, require(record, "imgname", where, CHARTQA_FORMAT), where)
+            question = str(require(record, "query", where, expected))
+            label = str(require(record, "label", where, expected))
+            image = existing_image(images, require(record, "imgname", where, expected), where)
             samples.append(
                 EvalSample(
                     id=f"{subset}-{index}",
@@ -65,7 +66,7 @@ def read_chartqa(root: Path, split: str = "test", image_dir: Path | None = None)
     if not samples:
         raise FileNotFoundError(
             f"ChartQA: no {split}_human.json or {split}_augmented.json in {split_dir}; "
-            f"pass the ChartQA folder that contains {split}/ (expected format: {CHARTQA_FORMAT})"
+            f"pass the ChartQA folder that contains {split}/ (expected format: {expected})"
         )
     return samples
 
