@@ -107,3 +107,9 @@ def test_llava_json_and_jsonl(tmp_path):
     write_json(file, [{"id": "x", "conversations": [{"from": "human", "value": "q"}]}])
     with pytest.raises(ValueError, match="record 0: needs a 'human' turn followed by a 'gpt' turn"):
         read_llava(file)
+
+
+def test_vqav2_errors_show_the_format_of_the_split_asked_for(tmp_path):
+    with pytest.raises(FileNotFoundError) as error:
+        read_vqav2(tmp_path, split="val2014")
+    assert "*_val2014_questions.json" in str(error.value) and "{split}" not in str(error.value)

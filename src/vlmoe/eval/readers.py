@@ -189,36 +189,35 @@ def read_vqav2(root: Path, split: str = "val2014", image_dir: Path | None = None
         >>> samples[0].subset  # doctest: +SKIP
         'yes/no'
     """
-    questions_file = _one_file(root, f"*{split}_questions.json", "VQAv2 questions")
-    annotations_file = _one_file(root, f"*{split}_annotations.json", "VQAv2 annotations")
-    questions = require(
-        load_json(questions_file, "VQAv2"), "questions", f"VQAv2 {questions_file}", VQAV2_FORMAT
-    )
+    expected = VQAV2_FORMAT.replace("{split}", split)  # e.g. *_val2014_questions.json
+    questions_file = _one_file(root, f"*{split}_questions.json", "VQAv2 questions", expected)
+    annotations_file = _one_file(root, f"*{split}_annotations.json", "VQAv2 annotations", expected)
+    questions = require(load_json(questions_file, "VQAv2"), "questions", f"VQAv2 {questions_file}", expected)
     annotations = require(
-        load_json(annotations_file, "VQAv2"), "annotations", f"VQAv2 {annotations_file}", VQAV2_FORMAT
+        load_json(annotations_file, "VQAv2"), "annotations", f"VQAv2 {annotations_file}", expected
     )
     by_question = {}
     for index, annotation in enumerate(annotations):
         where = f"VQAv2 {annotations_file} annotations[{index}]"
-        answers = require(annotation, "answers", where, VQAV2_FORMAT)
-        by_question[require(annotation, "question_id", where, VQAV2_FORMAT)] = (
-            tuple(str(require(answer, "answer", where, VQAV2_FORMAT)) for answer in answers),
+        answers = require(annotation, "answers", where, expected)
+        by_question[require(annotation, "question_id", where, expected)] = (
+            tuple(str(require(answer, "answer", where, expected)) for answer in answers),
             str(annotation.get("answer_type", "")),
         )
     images = image_dir or root / split
     samples = []
     for index, record in enumerate(questions):
         where = f"VQAv2 {questions_file} questions[{index}]"
-        question_id = require(record, "question_id", where, VQAV2_FORMAT)
+        question_id = require(record, "question_id", where, expected)
         if question_id not in by_question:
             raise ValueError(f"{where}: question_id {question_id} has no entry in {annotations_file}")
         answers, answer_type = by_question[question_id]
-        image_id = int(require(record, "image_id", where, VQAV2_FORMAT))
+        image_id = int(require(record, "image_id", where, expected))
         samples.append(
             EvalSample(
                 id=str(question_id),
                 images=(existing_image(images, f"COCO_{split}_{image_id:012d}.jpg", where),),
-                question=str(require(record, "question", where, VQAV2_FORMAT)),
+                question=str(require(record, "question", where, expected)),
                 answers=answers,
                 task="vqav2",
                 subset=answer_type,
@@ -272,12 +271,12 @@ def read_llava(path: Path, image_dir: Path | None = None) -> list[EvalSample]:
     return samples
 
 
-def _one_file(root: Path, pattern: str, what: str) -> Path:
+def _one_file(root: Path, pattern: str, what: str, expected: str) -> Path:
     matches = sorted(root.glob(pattern))
     if len(matches) != 1:
         found = ", ".join(match.name for match in matches) or "none"
         raise FileNotFoundError(
             f"{what}: expected exactly one file matching {pattern!r} in {root}, found {found}; "
-            f"keep one questions and one annotations file per split there (format: {VQAV2_FORMAT})"
+            f"keep one questions and one annotations file per split there (format: {expected})"
         )
     return matches[0]
