@@ -27,6 +27,7 @@ from transformers import PrinterCallback, set_seed
 
 import vlmoe
 from vlmoe.data import ConversationCollator
+from vlmoe.device import resolve_device
 from vlmoe.models import set_trainable
 from vlmoe.moe import set_load_balance_scope
 from vlmoe.train.data import stage_samples
@@ -67,6 +68,7 @@ def run_recipe(
         PosixPath('runs/chartmoe-tiny/chart_qa_pot/final')
     """
     console = console or Console(quiet=not is_main_process())  # one progress display, not one per rank
+    torch_device = training_device(device)
     out = Path(recipe.output_dir)
     if is_main_process():  # under torchrun / accelerate launch, one process owns the run directory
         _check_run_directory(recipe, out, resume)
@@ -80,7 +82,7 @@ def run_recipe(
             results.append(StageResult(stage.name, stage_dir / "final", history, skipped=True))
             continue
         console.rule(f"stage {number}/{len(recipe.stages)}: {stage.name}")
-        history = run_stage(recipe, stage, results, processor, device, console, stop_after_steps)
+        history = run_stage(recipe, stage, results, processor, torch_device, console, stop_after_steps)
         if history is None:  # stopped early on purpose
             return results
         results.append(StageResult(stage.name, stage_dir / "final", history, skipped=False))
@@ -92,7 +94,7 @@ def run_stage(
     stage: StageConfig,
     earlier: list[StageResult],
     processor: Any,
-    device: str | None,
+    device: torch.device,
     console: Console,
     stop_after_steps: int | None = None,
 ) -> list[dict[str, Any]] | None:
@@ -179,13 +181,32 @@ def _checkpointing_field() -> str:
     return "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
 
 
-def training_arguments(recipe: Recipe, stage: StageConfig, stage_dir: Path, device: str | None) -> Any:
+def training_device(device: str | None) -> torch.device:
+    """The device `--device` names, checked before any work (None: the GPU when there is one).
+
+    HF Trainer places the model itself, one GPU per process (torchrun's LOCAL_RANK), so an index
+    like cuda:1 could not be honoured and is refused rather than ignored.
+
+    Example:
+        >>> training_device("cpu")
+        device(type='cpu')
+    """
+    resolved = resolve_device(device)
+    if resolved.index is not None:
+        raise ValueError(
+            f"--device {device!r}: training runs one process per GPU and cannot pick one by index; "
+            f"use CUDA_VISIBLE_DEVICES={resolved.index} with --device cuda"
+        )
+    return resolved
+
+
+def training_arguments(recipe: Recipe, stage: StageConfig, stage_dir: Path, device: torch.device) -> Any:
     from transformers import TrainingArguments
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # per-checkpoint "Writing model shards" bars
 
-    use_cpu = device == "cpu" or (device is None and not torch.cuda.is_available())
+    use_cpu = device.type == "cpu"  # training_device: cpu or cuda, never silently another one
     optimizer = stage.optimizer
     checkpointing_field = _checkpointing_field()
     return TrainingArguments(
