@@ -193,6 +193,8 @@ class Recipe:
     # {scale name: overrides}: "base"/"output_dir" replace, "stage" merges into every stage,
     # "stages" ({name: overrides}) into one stage, then "charts" into every synthetic-chart source.
     scales: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # The file the recipe was read from, for messages; set by load_recipe, not a key of the file.
+    source: str = field(default="", metadata={"key": False})
 
     def stage(self, name: str) -> StageConfig:
         for stage in self.stages:
@@ -246,6 +248,7 @@ def load_recipe(
     recipe = from_mapping(Recipe, raw, "", path)
     if output_dir is not None:
         recipe.output_dir = str(output_dir)
+    recipe.source = str(path)
     check_recipe(recipe, path)
     return recipe
 

@@ -32,6 +32,7 @@ from vlmoe.models import set_trainable
 from vlmoe.moe import set_load_balance_scope
 from vlmoe.train.data import stage_samples
 from vlmoe.train.distributed import is_main_process, seed_per_rank
+from vlmoe.train.preflight import check_base_path, check_local_files, recipe_label
 from vlmoe.train.progress import RichProgressCallback, StopAfter
 from vlmoe.train.recipe import Recipe, StageConfig, SurgeryConfig
 from vlmoe.train.trainer import MoETrainer, last_complete_checkpoint
@@ -68,11 +69,13 @@ def run_recipe(
         PosixPath('runs/chartmoe-tiny/chart_qa_pot/final')
     """
     console = console or Console(quiet=not is_main_process())  # one progress display, not one per rank
+    # Local paths and the processor are checked before the run directory is touched.
     torch_device = training_device(device)
+    check_local_files(recipe)
+    processor = base_processor(recipe)
     out = Path(recipe.output_dir)
     if is_main_process():  # under torchrun / accelerate launch, one process owns the run directory
         _check_run_directory(recipe, out, resume)
-    processor = base_processor(recipe)
     results: list[StageResult] = []
     for number, stage in enumerate(recipe.stages, start=1):
         stage_dir = out / stage.name
@@ -243,11 +246,20 @@ def training_arguments(recipe: Recipe, stage: StageConfig, stage_dir: Path, devi
 
 
 def base_processor(recipe: Recipe) -> Any:
+    """The base model's processor, from the local base.path only (never the Hub)."""
     if recipe.base.family is not None:
         return vlmoe.models.tiny(recipe.base.family, seed=recipe.base.seed)[1]
     from transformers import AutoProcessor
 
-    return AutoProcessor.from_pretrained(recipe.base.path)
+    check_base_path(recipe)
+    try:
+        return AutoProcessor.from_pretrained(recipe.base.path, local_files_only=True)
+    except (OSError, ValueError, TypeError, KeyError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise FileNotFoundError(
+            f"{recipe_label(recipe)}: base.path {recipe.base.path!r} holds no usable processor ({reason}); "
+            f"save the model's processor there (processor.save_pretrained) or edit base.path"
+        ) from None
 
 
 def base_model(recipe: Recipe) -> nn.Module:
@@ -266,7 +278,7 @@ def load_model_dir(path: str | Path, field: str) -> nn.Module:
         return vlmoe.load(path)
     from transformers import AutoModelForImageTextToText
 
-    return AutoModelForImageTextToText.from_pretrained(path)
+    return AutoModelForImageTextToText.from_pretrained(path, local_files_only=True)
 
 
 def start_model(recipe: Recipe, stage: StageConfig, earlier: list[StageResult]) -> nn.Module:
@@ -352,6 +364,7 @@ def _check_run_directory(recipe: Recipe, out: Path, resume: bool) -> None:
     """A new run needs an empty directory; a resumed one the same recipe it was started with."""
     saved = out / "recipe.json"
     current = dataclasses.asdict(recipe)
+    del current["source"]  # where it was read from, not what it is: recipe.json loads as a recipe
     if saved.is_file():
         if not resume:
             raise ValueError(

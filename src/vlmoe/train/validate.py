@@ -23,14 +23,16 @@ def from_mapping(cls: Any, raw: Any, where: str, path: Path) -> Any:
     if not isinstance(raw, dict):
         raise RecipeError(f"{path}: {label}: expected a mapping, got {type(raw).__name__} {raw!r}")
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    # A field with metadata {"key": False} is set by code (e.g. Recipe.source), never by the file.
+    fields = [f for f in dataclasses.fields(cls) if f.metadata.get("key", True)]
+    names = [f.name for f in fields]
     unknown = [key for key in raw if key not in names]
     if unknown:
         raise RecipeError(
             f"{path}: unknown key {_join(where, unknown[0])!r}; {label} takes {', '.join(names)}"
         )
     values = {}
-    for f in dataclasses.fields(cls):
+    for f in fields:
         key = _join(where, f.name)
         if f.name in raw:
             values[f.name] = _value(hints[f.name], raw[f.name], key, path)
