@@ -1,5 +1,5 @@
-"""Start-up checks: local paths and the processor fail before the run directory is written, and
-never reach the Hub."""
+"""Start-up checks: local paths and the processor fail before the run directory is written, never
+reach the Hub, and a run that failed at start-up can be rerun into the same directory."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from typer.testing import CliRunner
 
 import vlmoe
 from vlmoe.cli import app
-from vlmoe.train import load_recipe
+from vlmoe.train import load_recipe, run_recipe
 from vlmoe.train.preflight import check_local_files
-from vlmoe.train.stages import base_processor
+from vlmoe.train.stages import _check_run_directory, base_processor
 
 
 def _chat_file(folder):
@@ -124,3 +124,37 @@ def test_after_a_failed_start_the_corrected_recipe_runs_into_the_same_directory(
     result = _train(path)
     assert result.exit_code == 0, result.output
     assert (tmp_path / "run" / "sft" / "stage_done.json").is_file()
+
+
+def test_a_run_directory_where_no_stage_started_is_started_again(tmp_path):
+    """recipe.json written, then a failure before any checkpoint: a rerun (with or without
+    --resume, with a changed recipe) starts the run again instead of refusing it."""
+    recipe = load_recipe(_recipe_file(tmp_path, _chat_file(tmp_path / "data")))
+    out = tmp_path / "run"
+    _check_run_directory(recipe, out, resume=False)
+    recipe.stages[0].max_steps = 5
+    _check_run_directory(recipe, out, resume=False)
+    assert json.loads((out / "recipe.json").read_text())["stages"][0]["max_steps"] == 5
+    recipe.stages[0].max_steps = 7
+    _check_run_directory(recipe, out, resume=True)
+    assert json.loads((out / "recipe.json").read_text())["stages"][0]["max_steps"] == 7
+    (out / "sft" / "checkpoints" / "checkpoint-1").mkdir(parents=True)  # now there is work to keep
+    with pytest.raises(ValueError, match="already holds a run; continue it with --resume"):
+        _check_run_directory(recipe, out, resume=False)
+    recipe.stages[0].max_steps = 9
+    with pytest.raises(ValueError, match="different stages"):
+        _check_run_directory(recipe, out, resume=True)
+
+
+def test_a_run_whose_first_stage_failed_on_its_data_reruns_without_resume(tmp_path):
+    data = _chat_file(tmp_path / "data")
+    data.write_text(json.dumps([{"id": "bad", "conversations": []}]))  # found only when the stage reads it
+    path = _recipe_file(tmp_path, data)
+    first = _train(path)
+    assert first.exit_code == 1 and "bad" in first.output
+    assert (tmp_path / "run" / "recipe.json").is_file()
+    _chat_file(tmp_path / "data")
+    again = _train(path)
+    assert again.exit_code == 0, again.output
+    assert (tmp_path / "run" / "sft" / "stage_done.json").is_file()
+    assert run_recipe(load_recipe(path), resume=True, device="cpu")[0].skipped

@@ -69,7 +69,8 @@ def run_recipe(
         PosixPath('runs/chartmoe-tiny/chart_qa_pot/final')
     """
     console = console or Console(quiet=not is_main_process())  # one progress display, not one per rank
-    # Local paths and the processor are checked before the run directory is touched.
+    # Everything that can fail cheaply fails before the run directory is touched, so a corrected
+    # rerun into the same directory is a new run, not one to --resume.
     torch_device = training_device(device)
     check_local_files(recipe)
     processor = base_processor(recipe)
@@ -361,11 +362,13 @@ def _projector_state(name: str, model: nn.Module, earlier: list[StageResult]) ->
 
 
 def _check_run_directory(recipe: Recipe, out: Path, resume: bool) -> None:
-    """A new run needs an empty directory; a resumed one the same recipe it was started with."""
+    """A new run needs a directory without a started run; a resumed one the same recipe it was
+    started with. A run that never got to a checkpoint or a finished stage (it failed at start-up)
+    has nothing to keep: it is started again, with this recipe."""
     saved = out / "recipe.json"
     current = dataclasses.asdict(recipe)
     del current["source"]  # where it was read from, not what it is: recipe.json loads as a recipe
-    if saved.is_file():
+    if saved.is_file() and _run_started(out):
         if not resume:
             raise ValueError(
                 f"{out} already holds a run; continue it with --resume, or choose another output dir"
@@ -379,6 +382,11 @@ def _check_run_directory(recipe: Recipe, out: Path, resume: bool) -> None:
         return
     out.mkdir(parents=True, exist_ok=True)
     _write_json(saved, current)
+
+
+def _run_started(out: Path) -> bool:
+    """A stage finished or a checkpoint (even a half-written one) exists: there is work to keep."""
+    return any(out.glob(f"*/{STAGE_DONE}")) or any(out.glob("*/checkpoints/checkpoint-*"))
 
 
 def _write_json(path: Path, data: Any) -> None:
