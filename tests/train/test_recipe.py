@@ -138,3 +138,60 @@ def test_cli_reports_a_bad_recipe_in_one_line_before_any_work(tmp_path):
     assert result.exit_code == 1
     assert "unknown key 'stages[0].epoch'" in result.output and "recipe.yaml" in result.output
     assert not (tmp_path / "run").exists()  # nothing was started
+
+
+def _stage(**changes):
+    return {**MINIMAL, "stages": [{**MINIMAL["stages"][0], **changes}]}
+
+
+@pytest.mark.parametrize(
+    ("changes", "field", "allowed"),
+    [
+        ({"max_steps": -3}, "max_steps is -3", "at least 1, or -1 to train `epochs` epochs"),
+        ({"max_steps": 0}, "max_steps is 0", "at least 1, or -1"),
+        ({"batch_size": 0}, "batch_size is 0", "at least 1"),
+        ({"gradient_accumulation": -1}, "gradient_accumulation is -1", "at least 1"),
+        ({"epochs": 0}, "epochs is 0.0", "more than 0"),
+        ({"logging_steps": 0}, "logging_steps is 0", "at least 1"),
+        ({"save_steps": -5}, "save_steps is -5", "at least 1"),
+        ({"save_total_limit": 0}, "save_total_limit is 0", "at least 1 (the checkpoints kept)"),
+        ({"aux_loss_scale": -0.5}, "aux_loss_scale is -0.5", "0 or more"),
+        ({"learning_rate": {"default": -1e-3}}, "learning_rate.default is -0.001", "more than 0"),
+        ({"learning_rate": {"default": 1e-3, "router": 0}}, "learning_rate.router is 0.0", "more than 0"),
+        ({"optimizer": {"betas": [0.9]}}, "optimizer.betas is [0.9]", "two numbers in [0, 1)"),
+        ({"optimizer": {"weight_decay": -0.1}}, "optimizer.weight_decay is -0.1", "0 or more"),
+        ({"schedule": {"warmup_ratio": 1.5}}, "schedule.warmup_ratio is 1.5", "in [0, 1)"),
+        (
+            {"data": {"sources": [{"name": "c", "charts": {"n": 4, "held_out": -1}}]}},
+            "data.sources[0].charts.held_out is -1",
+            "0 or more",
+        ),
+        (
+            {"data": {"sources": [{"name": "c", "charts": {"n": 4, "size_px": 32}}]}},
+            "data.sources[0].charts.size_px is 32",
+            "at least 64",
+        ),
+        (
+            {"data": {"sources": [{"name": "c", "charts": {"n": 4}, "weight": 0}]}},
+            "data.sources[0].weight is 0.0",
+            "more than 0",
+        ),
+        (
+            {"data": {"sources": [{"name": "c", "charts": {"n": 4}}], "num_samples": 0}},
+            "data.num_samples is 0",
+            "at least 1",
+        ),
+    ],
+)
+def test_numbers_out_of_range_name_the_file_the_stage_and_the_field(tmp_path, changes, field, allowed):
+    path = _write(tmp_path, _stage(**changes))
+    with pytest.raises(RecipeError) as error:
+        load_recipe(path)
+    assert str(error.value).startswith(f"{path}: stages[0] (align).{field}; it must be {allowed}")
+
+
+def test_numbers_at_the_edge_of_their_range_are_accepted(tmp_path):
+    changes = {"max_steps": -1, "batch_size": 1, "epochs": 0.5, "schedule": {"warmup_ratio": 0.0}}
+    stage = load_recipe(_write(tmp_path, _stage(**changes))).stages[0]
+    assert (stage.max_steps, stage.batch_size, stage.epochs) == (-1, 1, 0.5)
+    assert load_recipe(_write(tmp_path, _stage(max_steps=1))).stages[0].max_steps == 1

@@ -28,7 +28,16 @@ from typing import Any, Literal
 
 import yaml
 
-from vlmoe.train.validate import RecipeError, from_mapping
+from vlmoe.data.chart_render import MIN_SIZE_PX
+from vlmoe.train.validate import (
+    AT_LEAST_1,
+    MORE_THAN_0,
+    NOT_NEGATIVE,
+    RecipeError,
+    check_values,
+    from_mapping,
+    valid,
+)
 
 BUILTIN_DIR = Path(__file__).resolve().parent.parent / "recipes"
 PARTS = ("vision_tower", "connector", "router", "experts", "lora", "lm")
@@ -45,13 +54,14 @@ class BaseModelConfig:
 class ChartDataConfig:
     """Synthetic charts made by `vlmoe.data.generate_chart_set` (cached under the run directory)."""
 
-    n: int = 200
+    n: int = field(default=200, metadata=AT_LEAST_1)
     seed: int = 0
-    size_px: int = 112
-    questions_per_chart: int = 4
+    size_px: int = field(default=112, metadata=valid(lambda px: px >= MIN_SIZE_PX, f"at least {MIN_SIZE_PX}"))
+    questions_per_chart: int = field(default=4, metadata=NOT_NEGATIVE)
     # Any of vlmoe.data's chart tasks, plus "chart_type" ("What type of chart is this?").
     tasks: list[str] = field(default_factory=lambda: ["chart_to_table"])
-    held_out: int = 0  # the last `held_out` charts are kept out of training, for evaluation
+    # The last `held_out` charts are kept out of training, for evaluation.
+    held_out: int = field(default=0, metadata=NOT_NEGATIVE)
     chart_types: list[str] | None = None  # keep only charts of these types (of the n generated)
 
 
@@ -61,7 +71,7 @@ class SourceConfig:
     path: str | None = None  # LLaVA-format JSON/JSONL
     image_root: str | None = None
     charts: ChartDataConfig | None = None
-    weight: float = 1.0
+    weight: float = field(default=1.0, metadata=MORE_THAN_0)
     tasks: list[str] | None = None  # keep only samples with these task tags
 
 
@@ -69,7 +79,7 @@ class SourceConfig:
 class ClusterConfig:
     """MoCLE: cluster the instructions before training; samples carry their cluster id."""
 
-    num_clusters: int = 64
+    num_clusters: int = field(default=64, metadata=AT_LEAST_1)
     model: str | None = None  # local sentence-transformers model; default all-MiniLM-L6-v2
     seed: int = 0
 
@@ -77,8 +87,9 @@ class ClusterConfig:
 @dataclass
 class DataConfig:
     sources: list[SourceConfig]
-    num_samples: int | None = None  # size of the weighted mixture; default all samples once
-    max_length: int | None = None
+    # The size of the weighted mixture; default all samples once.
+    num_samples: int | None = field(default=None, metadata=AT_LEAST_1)
+    max_length: int | None = field(default=None, metadata=AT_LEAST_1)
     cluster: ClusterConfig | None = None
     seed: int = 0
 
@@ -141,15 +152,20 @@ class SurgeryConfig:
 @dataclass
 class OptimizerConfig:
     name: Literal["adamw", "sgd"] = "adamw"
-    weight_decay: float = 0.0
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    max_grad_norm: float = 1.0
+    weight_decay: float = field(default=0.0, metadata=NOT_NEGATIVE)
+    betas: list[float] = field(
+        default_factory=lambda: [0.9, 0.999],
+        metadata=valid(lambda b: len(b) == 2 and all(0 <= x < 1 for x in b), "two numbers in [0, 1)"),
+    )
+    max_grad_norm: float = field(default=1.0, metadata=valid(lambda v: v >= 0, "0 (no clipping) or more"))
 
 
 @dataclass
 class ScheduleConfig:
     name: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "cosine"
-    warmup_ratio: float = 0.03
+    warmup_ratio: float = field(
+        default=0.03, metadata=valid(lambda r: 0 <= r < 1, "in [0, 1): a fraction of the steps")
+    )
 
 
 @dataclass
@@ -160,26 +176,34 @@ class StageConfig:
     start: str = "previous"  # base | previous | <an earlier stage's name>
     surgery: list[SurgeryConfig] = field(default_factory=list)
     # Per part (router, experts, lora, connector, lm, vision_tower); "default" for the rest.
-    learning_rate: dict[str, float] = field(default_factory=lambda: {"default": 1.0e-4})
+    learning_rate: dict[str, float] = field(
+        default_factory=lambda: {"default": 1.0e-4},
+        metadata=valid(lambda lr: lr > 0, "more than 0 (to freeze a part, leave it out of trainable)"),
+    )
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    batch_size: int = 8
-    gradient_accumulation: int = 1
+    batch_size: int = field(default=8, metadata=AT_LEAST_1)
+    gradient_accumulation: int = field(default=1, metadata=AT_LEAST_1)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    max_steps: int = -1  # -1: train `epochs` epochs
-    epochs: float = 1.0
-    aux_loss_scale: float = 1.0  # multiplies vlmoe.aux_loss(model); the coefficients are the surgery's
+    max_steps: int = field(  # -1: train `epochs` epochs
+        default=-1, metadata=valid(lambda n: n == -1 or n >= 1, "at least 1, or -1 to train `epochs` epochs")
+    )
+    epochs: float = field(default=1.0, metadata=MORE_THAN_0)
+    # Multiplies vlmoe.aux_loss(model); the coefficients are the surgery's.
+    aux_loss_scale: float = field(default=1.0, metadata=NOT_NEGATIVE)
     gradient_checkpointing: bool = False
-    logging_steps: int = 10
-    save_steps: int = 100
-    save_total_limit: int = 2
+    logging_steps: int = field(default=10, metadata=AT_LEAST_1)
+    save_steps: int = field(default=100, metadata=AT_LEAST_1)
+    save_total_limit: int = field(
+        default=2, metadata=valid(lambda n: n >= 1, "at least 1 (the checkpoints kept)")
+    )
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
     # The balance loss's expert counts: "device" (each process's batch, as Switch / DeepSpeed-MoE)
     # or "global" (all-reduced over the data-parallel processes first); see README "Multi-GPU".
     load_balance_scope: Literal["device", "global"] = "device"
     fsdp: str = ""  # passed to TrainingArguments (e.g. "full_shard auto_wrap")
     deepspeed: str | None = None  # a DeepSpeed JSON config file
-    dataloader_workers: int = 0
+    dataloader_workers: int = field(default=0, metadata=NOT_NEGATIVE)
 
 
 @dataclass
@@ -291,7 +315,8 @@ def _deep_merge(target: dict, overrides: dict) -> None:
 
 
 def check_recipe(recipe: Recipe, path: Path | str) -> None:
-    """Checks across fields: names, references between stages, parts, one surgery per entry."""
+    """Checks across fields (names, references between stages, parts, one surgery per entry) and
+    of values (signs and ranges), after the scale was merged."""
     if (recipe.base.family is None) == (recipe.base.path is None):
         raise RecipeError(f"{path}: base: give exactly one of family (a tiny model) or path")
     if not recipe.stages:
@@ -322,6 +347,7 @@ def check_recipe(recipe: Recipe, path: Path | str) -> None:
                         )
         if not stage.data.sources:
             raise RecipeError(f"{where}.data.sources: give at least one source")
+        check_values(stage, f"stages[{i}] ({stage.name})", path)
         for j, source in enumerate(stage.data.sources):
             if (source.path is None) == (source.charts is None):
                 raise RecipeError(f"{where}.data.sources[{j}]: give exactly one of path or charts")
