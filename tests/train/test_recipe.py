@@ -195,3 +195,47 @@ def test_numbers_at_the_edge_of_their_range_are_accepted(tmp_path):
     stage = load_recipe(_write(tmp_path, _stage(**changes))).stages[0]
     assert (stage.max_steps, stage.batch_size, stage.epochs) == (-1, 1, 0.5)
     assert load_recipe(_write(tmp_path, _stage(max_steps=1))).stages[0].max_steps == 1
+
+
+def test_held_out_must_leave_charts_to_train_on_after_the_scale(tmp_path):
+    charts = {"n": 2000, "tasks": ["chart_to_table"], "held_out": 100}
+    recipe = {
+        **_stage(data={"sources": [{"name": "chart", "charts": charts}]}),
+        "scales": {"tiny": {"charts": {"n": 20}}, "ok": {"charts": {"n": 20, "held_out": 4}}},
+    }
+    path = _write(tmp_path, recipe)
+    assert load_recipe(path).stages[0].data.sources[0].charts.held_out == 100  # fine unscaled
+    with pytest.raises(RecipeError) as error:
+        load_recipe(path, scale="tiny")
+    message = str(error.value)
+    assert message.startswith(f"{path}: stages[0] (align).data.sources[0] (chart).charts: held_out is 100")
+    assert "but n is 20 after --scale tiny" in message and "lower held_out or raise n" in message
+    assert "scales.tiny.charts can set both, e.g. {n: 20, held_out: 4}" in message
+    assert load_recipe(path, scale="ok").stages[0].data.sources[0].charts.held_out == 4
+    with pytest.raises(RecipeError, match="held_out is 4 but n is 4: every chart would be held out"):
+        load_recipe(
+            _write(tmp_path, _stage(data={"sources": [{"name": "c", "charts": {"n": 4, "held_out": 4}}]}))
+        )
+
+
+def test_unknown_chart_task_or_type_is_refused_before_any_chart_is_drawn(tmp_path):
+    charts = {"n": 4, "tasks": ["chart_qa", "chart_qaa"]}
+    bad = {
+        **_stage(data={"sources": [{"name": "chart", "charts": charts}]}),
+        "output_dir": str(tmp_path / "run"),
+    }
+    path = _write(tmp_path, bad)
+    with pytest.raises(RecipeError) as error:
+        load_recipe(path)
+    assert str(error.value) == (
+        f"{path}: stages[0] (align).data.sources[0] (chart).charts.tasks: unknown name(s) ['chart_qaa']; "
+        "the valid names are chart_to_table, chart_to_json, chart_to_code, chart_qa, chart_qa_pot, chart_type"
+    )
+    result = CliRunner().invoke(app, ["train", str(path), "--device", "cpu"])
+    assert result.exit_code == 1 and "chart_qaa" in result.output
+    assert not (tmp_path / "run").exists()  # no chart was generated
+    charts = {"n": 4, "chart_types": ["bar", "pi"]}
+    with pytest.raises(
+        RecipeError, match=r"charts\.chart_types: unknown name\(s\) \['pi'\]; the valid names are bar"
+    ):
+        load_recipe(_write(tmp_path, _stage(data={"sources": [{"name": "chart", "charts": charts}]})))

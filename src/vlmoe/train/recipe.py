@@ -28,6 +28,8 @@ from typing import Any, Literal
 
 import yaml
 
+from vlmoe.data.chart_conversations import CHART_TASKS
+from vlmoe.data.chart_record import CHART_TYPES
 from vlmoe.data.chart_render import MIN_SIZE_PX
 from vlmoe.train.validate import (
     AT_LEAST_1,
@@ -41,6 +43,7 @@ from vlmoe.train.validate import (
 
 BUILTIN_DIR = Path(__file__).resolve().parent.parent / "recipes"
 PARTS = ("vision_tower", "connector", "router", "experts", "lora", "lm")
+CHART_SOURCE_TASKS = (*CHART_TASKS, "chart_type")  # what a synthetic chart source can make
 
 
 @dataclass
@@ -273,7 +276,7 @@ def load_recipe(
     if output_dir is not None:
         recipe.output_dir = str(output_dir)
     recipe.source = str(path)
-    check_recipe(recipe, path)
+    check_recipe(recipe, path, scale)
     return recipe
 
 
@@ -314,9 +317,9 @@ def _deep_merge(target: dict, overrides: dict) -> None:
             target[key] = copy.deepcopy(value)
 
 
-def check_recipe(recipe: Recipe, path: Path | str) -> None:
+def check_recipe(recipe: Recipe, path: Path | str, scale: str | None = None) -> None:
     """Checks across fields (names, references between stages, parts, one surgery per entry) and
-    of values (signs and ranges), after the scale was merged."""
+    of values (signs and ranges, chart tasks), after `scale` was merged."""
     if (recipe.base.family is None) == (recipe.base.path is None):
         raise RecipeError(f"{path}: base: give exactly one of family (a tiny model) or path")
     if not recipe.stages:
@@ -351,4 +354,31 @@ def check_recipe(recipe: Recipe, path: Path | str) -> None:
         for j, source in enumerate(stage.data.sources):
             if (source.path is None) == (source.charts is None):
                 raise RecipeError(f"{where}.data.sources[{j}]: give exactly one of path or charts")
+            _check_source(source, f"{where}.data.sources[{j}] ({source.name})", scale)
         seen.append(stage.name)
+
+
+def _check_source(source: SourceConfig, where: str, scale: str | None) -> None:
+    """A chart source's held-out split and its task and chart-type names: checked now, before any
+    chart is drawn."""
+    charts = source.charts
+    if charts is None:
+        return
+    for key, names, known in (
+        ("charts.tasks", charts.tasks, CHART_SOURCE_TASKS),
+        ("tasks", source.tasks or [], CHART_SOURCE_TASKS),
+        ("charts.chart_types", charts.chart_types or [], CHART_TYPES),
+    ):
+        unknown = [name for name in names if name not in known]
+        if unknown:
+            raise RecipeError(
+                f"{where}.{key}: unknown name(s) {unknown}; the valid names are {', '.join(known)}"
+            )
+    if not charts.held_out < charts.n:
+        scaled = f" after --scale {scale}" if scale else ""
+        fix = f"; scales.{scale}.charts can set both, e.g. {{n: {charts.n}, held_out: {charts.n // 5}}}"
+        raise RecipeError(
+            f"{where}.charts: held_out is {charts.held_out} but n is {charts.n}{scaled}: every chart would "
+            f"be held out and none trained on; held_out must be less than n: lower held_out or raise n"
+            f"{fix if scale else ''}"
+        )
