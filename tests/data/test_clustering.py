@@ -98,3 +98,15 @@ def test_cli_writes_cluster_ids_and_centroids_the_model_keeps(tmp_path, embeddin
     too_many = CliRunner().invoke(app, ["data", "cluster", "--data", str(data), "--out", str(tmp_path / "d")])
     message = " ".join(too_many.output.replace("│", " ").split())  # undo rich's boxed line wrapping
     assert too_many.exit_code == 2 and "use --k 12 or fewer" in message
+
+
+def test_cli_names_a_bad_sample_with_a_fix_it_offers(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a short path: rich wraps the message at the terminal width
+    data = tmp_path / "train.jsonl"
+    good = {"id": "a", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "ok"}]}
+    data.write_text(json.dumps(good) + "\n" + json.dumps({"id": "b", "conversations": []}) + "\n")
+    result = CliRunner().invoke(app, ["data", "cluster", "--data", "train.jsonl", "--out", "c"])
+    message = " ".join(result.output.replace("│", " ").split())  # undo rich's boxed line wrapping
+    assert result.exit_code == 2
+    assert "--data: train.jsonl:2: sample 'b'" in message and "fix or remove the sample" in message
+    assert "on_error" not in message

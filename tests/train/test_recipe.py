@@ -239,3 +239,18 @@ def test_unknown_chart_task_or_type_is_refused_before_any_chart_is_drawn(tmp_pat
         RecipeError, match=r"charts\.chart_types: unknown name\(s\) \['pi'\]; the valid names are bar"
     ):
         load_recipe(_write(tmp_path, _stage(data={"sources": [{"name": "chart", "charts": charts}]})))
+
+
+def test_on_error_is_fail_or_skip_and_only_for_path_sources(tmp_path):
+    source = {"name": "chat", "path": "chat.json", "on_error": "skip"}
+    assert (
+        load_recipe(_write(tmp_path, _stage(data={"sources": [source]}))).stages[0].data.sources[0].on_error
+        == "skip"
+    )
+    with pytest.raises(
+        RecipeError, match=r"sources\[0\]\.on_error: must be one of \['fail', 'skip'\], got 'raise'"
+    ):
+        load_recipe(_write(tmp_path, _stage(data={"sources": [{**source, "on_error": "raise"}]})))
+    charts = {"name": "c", "charts": {"n": 4}, "on_error": "skip"}
+    with pytest.raises(RecipeError, match=r"sources\[0\] \(c\)\.on_error: applies to path sources"):
+        load_recipe(_write(tmp_path, _stage(data={"sources": [charts]})))

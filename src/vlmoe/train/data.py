@@ -12,6 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from vlmoe.data import (
+    BadSampleError,
     ChartSetConfig,
     ConversationSample,
     MixtureSource,
@@ -85,8 +86,7 @@ def stage_samples(data: DataConfig, output_dir: str | Path) -> list[Conversation
         if source.charts is not None:
             samples = chart_samples(source.charts, output_dir)
         else:
-            assert source.path is not None  # check_recipe: exactly one of path or charts
-            samples, _ = read_conversations(source.path, image_root=source.image_root, domain=source.name)
+            samples = _read_source(source)
         found = sorted({s.task for s in samples if s.task is not None})
         if source.tasks is not None:
             samples = [s for s in samples if s.task in source.tasks]
@@ -98,6 +98,21 @@ def stage_samples(data: DataConfig, output_dir: str | Path) -> list[Conversation
     if data.cluster is not None:
         mixed = with_clusters(mixed, data.cluster, Path(output_dir) / "clusters")
     return mixed
+
+
+def _read_source(source: SourceConfig) -> list[ConversationSample]:
+    """A path source's samples; a bad one stops the run with the recipe's fix, not the library's."""
+    assert source.path is not None  # check_recipe: exactly one of path or charts
+    try:
+        samples, _ = read_conversations(
+            source.path, image_root=source.image_root, on_error=source.on_error, domain=source.name
+        )
+    except BadSampleError as error:
+        raise ValueError(
+            f"{error.bad}\n  fix the sample, or set on_error: skip on data source {source.name!r} to leave "
+            f"bad samples out (they are reported)"
+        ) from None
+    return samples
 
 
 def _no_samples_message(source: SourceConfig, found: list[str]) -> str:

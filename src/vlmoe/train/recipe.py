@@ -76,6 +76,9 @@ class SourceConfig:
     charts: ChartDataConfig | None = None
     weight: float = field(default=1.0, metadata=MORE_THAN_0)
     tasks: list[str] | None = None  # keep only samples with these task tags
+    # A path source's bad samples: "fail" stops at the first (file, line, fix); "skip" leaves them
+    # out and reports them (vlmoe.data.read_conversations).
+    on_error: Literal["fail", "skip"] = "fail"
 
 
 @dataclass
@@ -359,11 +362,13 @@ def check_recipe(recipe: Recipe, path: Path | str, scale: str | None = None) -> 
 
 
 def _check_source(source: SourceConfig, where: str, scale: str | None) -> None:
-    """A chart source's held-out split and its task and chart-type names: checked now, before any
-    chart is drawn."""
+    """A chart source's held-out split, its task and chart-type names (checked now, before any chart
+    is drawn), and no on_error."""
     charts = source.charts
     if charts is None:
         return
+    if source.on_error != "fail":
+        raise RecipeError(f"{where}.on_error: applies to path sources; generated charts have no bad samples")
     for key, names, known in (
         ("charts.tasks", charts.tasks, CHART_SOURCE_TASKS),
         ("tasks", source.tasks or [], CHART_SOURCE_TASKS),
