@@ -254,3 +254,28 @@ def test_on_error_is_fail_or_skip_and_only_for_path_sources(tmp_path):
     charts = {"name": "c", "charts": {"n": 4}, "on_error": "skip"}
     with pytest.raises(RecipeError, match=r"sources\[0\] \(c\)\.on_error: applies to path sources"):
         load_recipe(_write(tmp_path, _stage(data={"sources": [charts]})))
+
+
+def test_a_runs_recipe_json_loads_as_the_recipe_it_was_started_with(tmp_path):
+    from vlmoe.train.stages import _check_run_directory
+
+    recipe = load_recipe("chartmoe", scale="tiny", output_dir=tmp_path / "run")
+    _check_run_directory(recipe, tmp_path / "run", resume=False)
+    again = load_recipe(tmp_path / "run" / "recipe.json")
+    assert again.source == str(tmp_path / "run" / "recipe.json")
+    again.source = recipe.source
+    assert again == recipe
+    (tmp_path / "broken.json").write_text("{")
+    with pytest.raises(RecipeError, match=r"broken\.json: not valid JSON"):
+        load_recipe(tmp_path / "broken.json")
+
+
+def test_cli_resumes_from_a_runs_recipe_json(tmp_path):
+    stage = {**MINIMAL["stages"][0], "max_steps": 1, "batch_size": 2, "report_to": []}
+    path = _write(tmp_path, {**MINIMAL, "output_dir": str(tmp_path / "run"), "stages": [stage]})
+    assert CliRunner().invoke(app, ["train", str(path), "--device", "cpu"]).exit_code == 0
+    result = CliRunner().invoke(
+        app, ["train", str(tmp_path / "run" / "recipe.json"), "--resume", "--device", "cpu"]
+    )
+    assert result.exit_code == 0, result.output
+    assert f"align: {tmp_path / 'run' / 'align' / 'final'} (done earlier)" in result.output

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -243,16 +244,17 @@ def builtin_recipes() -> list[str]:
 
 
 def recipe_path(name_or_path: str | Path) -> Path:
-    """The file of a built-in recipe name, or the given path."""
+    """The file of a built-in recipe name, or the given path (.yaml, or a run's recipe.json)."""
     path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml"):
+    if path.suffix in (".yaml", ".yml", ".json"):
         if not path.is_file():
             raise FileNotFoundError(f"recipe file {path} does not exist")
         return path
     builtin = BUILTIN_DIR / f"{name_or_path}.yaml"
     if not builtin.is_file():
         raise FileNotFoundError(
-            f"no recipe {name_or_path!r}: give a .yaml file or one of {', '.join(builtin_recipes())}"
+            f"no recipe {name_or_path!r}: give a .yaml file, a run's recipe.json or one of "
+            f"{', '.join(builtin_recipes())}"
         )
     return builtin
 
@@ -260,7 +262,8 @@ def recipe_path(name_or_path: str | Path) -> Path:
 def load_recipe(
     name_or_path: str | Path, scale: str | None = None, output_dir: str | Path | None = None
 ) -> Recipe:
-    """Read, merge the `scale` overrides and validate a recipe (built-in name or YAML path).
+    """Read, merge the `scale` overrides and validate a recipe: a built-in name, a YAML file, or the
+    recipe.json a run wrote (the validated recipe it was started with, after its scale).
 
     >>> recipe = load_recipe("chartmoe", scale="tiny")
     >>> recipe.base.family, [stage.name for stage in recipe.stages][:2]
@@ -268,7 +271,9 @@ def load_recipe(
     """
     path = recipe_path(name_or_path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = json.loads(path.read_text()) if path.suffix == ".json" else yaml.safe_load(path.read_text())
+    except json.JSONDecodeError as error:
+        raise RecipeError(f"{path}: not valid JSON: {error}") from None
     except yaml.YAMLError as error:
         raise RecipeError(f"{path}: not valid YAML: {error}") from None
     if not isinstance(raw, dict):
