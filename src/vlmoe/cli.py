@@ -51,7 +51,10 @@ def demo(
 @app.command()
 def train(
     recipe: Annotated[
-        str, typer.Argument(help="Built-in recipe (moe-llava, chartmoe, ...) or a .yaml file.")
+        str,
+        typer.Argument(
+            help="Built-in recipe (moe-llava, chartmoe, ...), a .yaml file or a run's recipe.json."
+        ),
     ],
     scale: Annotated[str | None, typer.Option(help="A scale the recipe defines, e.g. tiny.")] = None,
     out: Annotated[Path | None, typer.Option(help="Output directory; default the recipe's.")] = None,

@@ -111,3 +111,15 @@ def test_cli_refuses_an_out_that_is_a_file_before_embedding(tmp_path):
     message = " ".join(result.output.replace("│", " ").split())
     assert result.exit_code == 2 and "is a file; pass a folder" in message
     assert data.read_text().count("\n") == 1  # the data file is left as it was
+
+
+def test_cli_names_a_bad_sample_with_a_fix_it_offers(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a short path: rich wraps the message at the terminal width
+    data = tmp_path / "train.jsonl"
+    good = {"id": "a", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "ok"}]}
+    data.write_text(json.dumps(good) + "\n" + json.dumps({"id": "b", "conversations": []}) + "\n")
+    result = CliRunner().invoke(app, ["data", "cluster", "--data", "train.jsonl", "--out", "c"])
+    message = " ".join(result.output.replace("│", " ").split())  # undo rich's boxed line wrapping
+    assert result.exit_code == 2
+    assert "--data: train.jsonl:2: sample 'b'" in message and "fix or remove the sample" in message
+    assert "on_error" not in message

@@ -138,3 +138,144 @@ def test_cli_reports_a_bad_recipe_in_one_line_before_any_work(tmp_path):
     assert result.exit_code == 1
     assert "unknown key 'stages[0].epoch'" in result.output and "recipe.yaml" in result.output
     assert not (tmp_path / "run").exists()  # nothing was started
+
+
+def _stage(**changes):
+    return {**MINIMAL, "stages": [{**MINIMAL["stages"][0], **changes}]}
+
+
+@pytest.mark.parametrize(
+    ("changes", "field", "allowed"),
+    [
+        ({"max_steps": -3}, "max_steps is -3", "at least 1, or -1 to train `epochs` epochs"),
+        ({"max_steps": 0}, "max_steps is 0", "at least 1, or -1"),
+        ({"batch_size": 0}, "batch_size is 0", "at least 1"),
+        ({"gradient_accumulation": -1}, "gradient_accumulation is -1", "at least 1"),
+        ({"epochs": 0}, "epochs is 0.0", "more than 0"),
+        ({"logging_steps": 0}, "logging_steps is 0", "at least 1"),
+        ({"save_steps": -5}, "save_steps is -5", "at least 1"),
+        ({"save_total_limit": 0}, "save_total_limit is 0", "at least 1 (the checkpoints kept)"),
+        ({"aux_loss_scale": -0.5}, "aux_loss_scale is -0.5", "0 or more"),
+        ({"learning_rate": {"default": -1e-3}}, "learning_rate.default is -0.001", "more than 0"),
+        ({"learning_rate": {"default": 1e-3, "router": 0}}, "learning_rate.router is 0.0", "more than 0"),
+        ({"optimizer": {"betas": [0.9]}}, "optimizer.betas is [0.9]", "two numbers in [0, 1)"),
+        ({"optimizer": {"weight_decay": -0.1}}, "optimizer.weight_decay is -0.1", "0 or more"),
+        ({"schedule": {"warmup_ratio": 1.5}}, "schedule.warmup_ratio is 1.5", "in [0, 1)"),
+        (
+            {"data": {"sources": [{"name": "c", "charts": {"n": 4, "held_out": -1}}]}},
+            "data.sources[0].charts.held_out is -1",
+            "0 or more",
+        ),
+        (
+            {"data": {"sources": [{"name": "c", "charts": {"n": 4, "size_px": 32}}]}},
+            "data.sources[0].charts.size_px is 32",
+            "at least 64",
+        ),
+        (
+            {"data": {"sources": [{"name": "c", "charts": {"n": 4}, "weight": 0}]}},
+            "data.sources[0].weight is 0.0",
+            "more than 0",
+        ),
+        (
+            {"data": {"sources": [{"name": "c", "charts": {"n": 4}}], "num_samples": 0}},
+            "data.num_samples is 0",
+            "at least 1",
+        ),
+    ],
+)
+def test_numbers_out_of_range_name_the_file_the_stage_and_the_field(tmp_path, changes, field, allowed):
+    path = _write(tmp_path, _stage(**changes))
+    with pytest.raises(RecipeError) as error:
+        load_recipe(path)
+    assert str(error.value).startswith(f"{path}: stages[0] (align).{field}; it must be {allowed}")
+
+
+def test_numbers_at_the_edge_of_their_range_are_accepted(tmp_path):
+    changes = {"max_steps": -1, "batch_size": 1, "epochs": 0.5, "schedule": {"warmup_ratio": 0.0}}
+    stage = load_recipe(_write(tmp_path, _stage(**changes))).stages[0]
+    assert (stage.max_steps, stage.batch_size, stage.epochs) == (-1, 1, 0.5)
+    assert load_recipe(_write(tmp_path, _stage(max_steps=1))).stages[0].max_steps == 1
+
+
+def test_held_out_must_leave_charts_to_train_on_after_the_scale(tmp_path):
+    charts = {"n": 2000, "tasks": ["chart_to_table"], "held_out": 100}
+    recipe = {
+        **_stage(data={"sources": [{"name": "chart", "charts": charts}]}),
+        "scales": {"tiny": {"charts": {"n": 20}}, "ok": {"charts": {"n": 20, "held_out": 4}}},
+    }
+    path = _write(tmp_path, recipe)
+    assert load_recipe(path).stages[0].data.sources[0].charts.held_out == 100  # fine unscaled
+    with pytest.raises(RecipeError) as error:
+        load_recipe(path, scale="tiny")
+    message = str(error.value)
+    assert message.startswith(f"{path}: stages[0] (align).data.sources[0] (chart).charts: held_out is 100")
+    assert "but n is 20 after --scale tiny" in message and "lower held_out or raise n" in message
+    assert "scales.tiny.charts can set both, e.g. {n: 20, held_out: 4}" in message
+    assert load_recipe(path, scale="ok").stages[0].data.sources[0].charts.held_out == 4
+    with pytest.raises(RecipeError, match="held_out is 4 but n is 4: every chart would be held out"):
+        load_recipe(
+            _write(tmp_path, _stage(data={"sources": [{"name": "c", "charts": {"n": 4, "held_out": 4}}]}))
+        )
+
+
+def test_unknown_chart_task_or_type_is_refused_before_any_chart_is_drawn(tmp_path):
+    charts = {"n": 4, "tasks": ["chart_qa", "chart_qaa"]}
+    bad = {
+        **_stage(data={"sources": [{"name": "chart", "charts": charts}]}),
+        "output_dir": str(tmp_path / "run"),
+    }
+    path = _write(tmp_path, bad)
+    with pytest.raises(RecipeError) as error:
+        load_recipe(path)
+    assert str(error.value) == (
+        f"{path}: stages[0] (align).data.sources[0] (chart).charts.tasks: unknown name(s) ['chart_qaa']; "
+        "the valid names are chart_to_table, chart_to_json, chart_to_code, chart_qa, chart_qa_pot, chart_type"
+    )
+    result = CliRunner().invoke(app, ["train", str(path), "--device", "cpu"])
+    assert result.exit_code == 1 and "chart_qaa" in result.output
+    assert not (tmp_path / "run").exists()  # no chart was generated
+    charts = {"n": 4, "chart_types": ["bar", "pi"]}
+    with pytest.raises(
+        RecipeError, match=r"charts\.chart_types: unknown name\(s\) \['pi'\]; the valid names are bar"
+    ):
+        load_recipe(_write(tmp_path, _stage(data={"sources": [{"name": "chart", "charts": charts}]})))
+
+
+def test_on_error_is_fail_or_skip_and_only_for_path_sources(tmp_path):
+    source = {"name": "chat", "path": "chat.json", "on_error": "skip"}
+    assert (
+        load_recipe(_write(tmp_path, _stage(data={"sources": [source]}))).stages[0].data.sources[0].on_error
+        == "skip"
+    )
+    with pytest.raises(
+        RecipeError, match=r"sources\[0\]\.on_error: must be one of \['fail', 'skip'\], got 'raise'"
+    ):
+        load_recipe(_write(tmp_path, _stage(data={"sources": [{**source, "on_error": "raise"}]})))
+    charts = {"name": "c", "charts": {"n": 4}, "on_error": "skip"}
+    with pytest.raises(RecipeError, match=r"sources\[0\] \(c\)\.on_error: applies to path sources"):
+        load_recipe(_write(tmp_path, _stage(data={"sources": [charts]})))
+
+
+def test_a_runs_recipe_json_loads_as_the_recipe_it_was_started_with(tmp_path):
+    from vlmoe.train.stages import _check_run_directory
+
+    recipe = load_recipe("chartmoe", scale="tiny", output_dir=tmp_path / "run")
+    _check_run_directory(recipe, tmp_path / "run", resume=False)
+    again = load_recipe(tmp_path / "run" / "recipe.json")
+    assert again.source == str(tmp_path / "run" / "recipe.json")
+    again.source = recipe.source
+    assert again == recipe
+    (tmp_path / "broken.json").write_text("{")
+    with pytest.raises(RecipeError, match=r"broken\.json: not valid JSON"):
+        load_recipe(tmp_path / "broken.json")
+
+
+def test_cli_resumes_from_a_runs_recipe_json(tmp_path):
+    stage = {**MINIMAL["stages"][0], "max_steps": 1, "batch_size": 2, "report_to": []}
+    path = _write(tmp_path, {**MINIMAL, "output_dir": str(tmp_path / "run"), "stages": [stage]})
+    assert CliRunner().invoke(app, ["train", str(path), "--device", "cpu"]).exit_code == 0
+    result = CliRunner().invoke(
+        app, ["train", str(tmp_path / "run" / "recipe.json"), "--resume", "--device", "cpu"]
+    )
+    assert result.exit_code == 0, result.output
+    assert f"align: {tmp_path / 'run' / 'align' / 'final'} (done earlier)" in result.output

@@ -12,12 +12,14 @@ import pytest
 import torch
 import yaml
 from train_helpers import shrink, state, tiny_recipe
+from typer.testing import CliRunner
 
 import vlmoe
+from vlmoe.cli import app
 from vlmoe.models import parameter_parts
 from vlmoe.train import builtin_recipes, load_recipe, run_recipe
 from vlmoe.train.recipe import recipe_path
-from vlmoe.train.stages import base_model
+from vlmoe.train.stages import base_model, training_arguments, training_device
 from vlmoe.train.trainer import COMPLETE, complete_checkpoints
 
 
@@ -165,3 +167,33 @@ def test_aligned_connector_takes_an_expert_from_a_saved_model_directory(tmp_path
     x = torch.randn(3, donor.config.vision_config.hidden_size)
     with forced_expert(model, 1, where="connector"), torch.no_grad():
         assert torch.allclose(connector(x), donor.model.multi_modal_projector(x), atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [
+        ("gpu", "--device 'gpu': not a torch device; use cpu, cuda, cuda:N or auto"),
+        ("cuda:1", "CUDA_VISIBLE_DEVICES=1" if torch.cuda.device_count() > 1 else "--device 'cuda:1'"),
+        pytest.param(
+            "cuda",
+            "no usable CUDA GPU",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has a GPU"),
+        ),
+    ],
+)
+def test_a_device_the_machine_cannot_train_on_is_refused_before_any_write(tmp_path, device, message):
+    result = CliRunner().invoke(
+        app, ["train", "chartmoe", "--scale", "tiny", "--device", device, "--out", str(tmp_path / "run")]
+    )
+    assert result.exit_code == 1
+    assert result.output.startswith("vlmoe train: ") and message in result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_training_arguments_follow_the_resolved_device(tmp_path):
+    recipe = tiny_recipe(tmp_path)
+    stage = recipe.stages[0]
+    args = training_arguments(recipe, stage, tmp_path / stage.name, training_device("cpu"))
+    assert args.use_cpu and args.device.type == "cpu"
+    assert training_device(None).type == ("cuda" if torch.cuda.is_available() else "cpu")

@@ -21,6 +21,8 @@ from vlmoe.data.chart_agg import CachedTextCanvas
 from vlmoe.data.chart_code import plot_body, rc_params
 from vlmoe.data.chart_record import ChartRecord
 
+MIN_SIZE_PX = 64  # smaller, the axis labels and legends cannot be drawn legibly
+
 
 class ChartRenderer:
     """Draws records at `size_px` x `size_px` pixels.
@@ -32,8 +34,10 @@ class ChartRenderer:
     """
 
     def __init__(self, size_px: int, canvas_class: type[FigureCanvasAgg] = CachedTextCanvas) -> None:
-        if size_px < 64:
-            raise ValueError(f"chart size {size_px}px is too small to draw text; use --size 64 or more")
+        if size_px < MIN_SIZE_PX:
+            raise ValueError(
+                f"chart size {size_px}px is too small to draw text; use --size {MIN_SIZE_PX} or more"
+            )
         self.size_px = size_px
         self.canvas_class = canvas_class  # FigureCanvasAgg draws the same pixels, only slower
         self._figures: dict[int, tuple[Figure, Axes]] = {}

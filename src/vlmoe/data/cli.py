@@ -58,9 +58,16 @@ def cluster(
     import numpy as np
 
     from vlmoe.data.clustering import CENTROIDS_FILE, CLUSTERS_CONFIG_FILE, cluster_conversation_file
+    from vlmoe.data.conversations import BadSampleError
 
     try:
         data_out, clusters = cluster_conversation_file(data, out, num_clusters=k, model=model, seed=seed)
+    except BadSampleError as error:  # its own hint is the Python option on_error="skip", not ours
+        raise typer.BadParameter(
+            f"{error.bad}\n  fix or remove the sample: every sample of --data is written back with its "
+            f"cluster_id, so none can be skipped",
+            param_hint="--data",
+        ) from None
     except (ValueError, FileNotFoundError) as error:
         raise typer.BadParameter(str(error)) from None
     sizes = np.bincount(clusters.labels, minlength=clusters.num_clusters)

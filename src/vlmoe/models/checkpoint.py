@@ -89,7 +89,7 @@ def load(path: str | os.PathLike) -> nn.Module:
             f"{path} is not a vlmoe model directory: it needs config.json and {WEIGHTS_NAME} "
             "(write one with vlmoe.save)"
         )
-    config = AutoConfig.from_pretrained(path)
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
     saved = getattr(config, CONFIG_KEY, None)
     record = (
         None if saved is None else SurgeryRecord.from_dict(saved, where=f"{path}/config.json '{CONFIG_KEY}'")

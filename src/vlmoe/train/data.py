@@ -12,6 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from vlmoe.data import (
+    BadSampleError,
     ChartSetConfig,
     ConversationSample,
     MixtureSource,
@@ -20,7 +21,7 @@ from vlmoe.data import (
     read_conversations,
 )
 from vlmoe.train.distributed import is_main_process
-from vlmoe.train.recipe import ChartDataConfig, ClusterConfig, DataConfig
+from vlmoe.train.recipe import ChartDataConfig, ClusterConfig, DataConfig, SourceConfig
 
 CHART_TYPE_QUESTION = "What type of chart is this?\nAnswer with the chart type."
 
@@ -85,20 +86,53 @@ def stage_samples(data: DataConfig, output_dir: str | Path) -> list[Conversation
         if source.charts is not None:
             samples = chart_samples(source.charts, output_dir)
         else:
-            assert source.path is not None  # check_recipe: exactly one of path or charts
-            samples, _ = read_conversations(source.path, image_root=source.image_root, domain=source.name)
+            samples = _read_source(source)
+        found = sorted({s.task for s in samples if s.task is not None})
         if source.tasks is not None:
             samples = [s for s in samples if s.task in source.tasks]
         if not samples:
-            raise ValueError(
-                f"data source {source.name!r} has no samples (tasks {source.tasks}); check its path/tasks"
-            )
+            raise ValueError(_no_samples_message(source, found))
         sources.append(MixtureSource(source.name, samples, source.weight))
     total = data.num_samples or sum(len(s.samples) for s in sources)
     mixed = mix_sources(sources, total, seed=data.seed)
     if data.cluster is not None:
         mixed = with_clusters(mixed, data.cluster, Path(output_dir) / "clusters")
     return mixed
+
+
+def _read_source(source: SourceConfig) -> list[ConversationSample]:
+    """A path source's samples; a bad one stops the run with the recipe's fix, not the library's."""
+    assert source.path is not None  # check_recipe: exactly one of path or charts
+    try:
+        samples, _ = read_conversations(
+            source.path, image_root=source.image_root, on_error=source.on_error, domain=source.name
+        )
+    except BadSampleError as error:
+        raise ValueError(
+            f"{error.bad}\n  fix the sample, or set on_error: skip on data source {source.name!r} to leave "
+            f"bad samples out (they are reported)"
+        ) from None
+    return samples
+
+
+def _no_samples_message(source: SourceConfig, found: list[str]) -> str:
+    """Why a source gave no training samples, naming the fields that decide it."""
+    where = f"data source {source.name!r}"
+    charts = source.charts
+    if charts is not None:
+        types = f" of chart types {charts.chart_types}" if charts.chart_types is not None else ""
+        only = f" and source tasks {source.tasks}" if source.tasks is not None else ""
+        return (
+            f"{where}: no training samples: charts 0..{charts.n - charts.held_out - 1} of its n={charts.n} "
+            f"train (held_out={charts.held_out}), and none of them{types} has a sample of tasks "
+            f"{charts.tasks}{only}; raise n, lower held_out or widen chart_types"
+        )
+    if not found and source.tasks is None:
+        return f"{where}: {source.path} holds no samples; give a file with LLaVA-format conversations"
+    return (
+        f"{where}: no sample of {source.path} has a task in tasks {source.tasks}; its samples' tasks "
+        f"are {found or 'none (no task tags)'}: fix tasks, or leave it out to keep every sample"
+    )
 
 
 def with_clusters(

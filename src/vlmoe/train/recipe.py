@@ -22,16 +22,29 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
-from vlmoe.train.validate import RecipeError, from_mapping
+from vlmoe.data.chart_conversations import CHART_TASKS
+from vlmoe.data.chart_record import CHART_TYPES
+from vlmoe.data.chart_render import MIN_SIZE_PX
+from vlmoe.train.validate import (
+    AT_LEAST_1,
+    MORE_THAN_0,
+    NOT_NEGATIVE,
+    RecipeError,
+    check_values,
+    from_mapping,
+    valid,
+)
 
 BUILTIN_DIR = Path(__file__).resolve().parent.parent / "recipes"
 PARTS = ("vision_tower", "connector", "router", "experts", "lora", "lm")
+CHART_SOURCE_TASKS = (*CHART_TASKS, "chart_type")  # what a synthetic chart source can make
 
 
 @dataclass
@@ -45,13 +58,14 @@ class BaseModelConfig:
 class ChartDataConfig:
     """Synthetic charts made by `vlmoe.data.generate_chart_set` (cached under the run directory)."""
 
-    n: int = 200
+    n: int = field(default=200, metadata=AT_LEAST_1)
     seed: int = 0
-    size_px: int = 112
-    questions_per_chart: int = 4
+    size_px: int = field(default=112, metadata=valid(lambda px: px >= MIN_SIZE_PX, f"at least {MIN_SIZE_PX}"))
+    questions_per_chart: int = field(default=4, metadata=NOT_NEGATIVE)
     # Any of vlmoe.data's chart tasks, plus "chart_type" ("What type of chart is this?").
     tasks: list[str] = field(default_factory=lambda: ["chart_to_table"])
-    held_out: int = 0  # the last `held_out` charts are kept out of training, for evaluation
+    # The last `held_out` charts are kept out of training, for evaluation.
+    held_out: int = field(default=0, metadata=NOT_NEGATIVE)
     chart_types: list[str] | None = None  # keep only charts of these types (of the n generated)
 
 
@@ -61,15 +75,18 @@ class SourceConfig:
     path: str | None = None  # LLaVA-format JSON/JSONL
     image_root: str | None = None
     charts: ChartDataConfig | None = None
-    weight: float = 1.0
+    weight: float = field(default=1.0, metadata=MORE_THAN_0)
     tasks: list[str] | None = None  # keep only samples with these task tags
+    # A path source's bad samples: "fail" stops at the first (file, line, fix); "skip" leaves them
+    # out and reports them (vlmoe.data.read_conversations).
+    on_error: Literal["fail", "skip"] = "fail"
 
 
 @dataclass
 class ClusterConfig:
     """MoCLE: cluster the instructions before training; samples carry their cluster id."""
 
-    num_clusters: int = 64
+    num_clusters: int = field(default=64, metadata=AT_LEAST_1)
     model: str | None = None  # local sentence-transformers model; default all-MiniLM-L6-v2
     seed: int = 0
 
@@ -77,8 +94,9 @@ class ClusterConfig:
 @dataclass
 class DataConfig:
     sources: list[SourceConfig]
-    num_samples: int | None = None  # size of the weighted mixture; default all samples once
-    max_length: int | None = None
+    # The size of the weighted mixture; default all samples once.
+    num_samples: int | None = field(default=None, metadata=AT_LEAST_1)
+    max_length: int | None = field(default=None, metadata=AT_LEAST_1)
     cluster: ClusterConfig | None = None
     seed: int = 0
 
@@ -141,15 +159,20 @@ class SurgeryConfig:
 @dataclass
 class OptimizerConfig:
     name: Literal["adamw", "sgd"] = "adamw"
-    weight_decay: float = 0.0
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    max_grad_norm: float = 1.0
+    weight_decay: float = field(default=0.0, metadata=NOT_NEGATIVE)
+    betas: list[float] = field(
+        default_factory=lambda: [0.9, 0.999],
+        metadata=valid(lambda b: len(b) == 2 and all(0 <= x < 1 for x in b), "two numbers in [0, 1)"),
+    )
+    max_grad_norm: float = field(default=1.0, metadata=valid(lambda v: v >= 0, "0 (no clipping) or more"))
 
 
 @dataclass
 class ScheduleConfig:
     name: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "cosine"
-    warmup_ratio: float = 0.03
+    warmup_ratio: float = field(
+        default=0.03, metadata=valid(lambda r: 0 <= r < 1, "in [0, 1): a fraction of the steps")
+    )
 
 
 @dataclass
@@ -160,26 +183,34 @@ class StageConfig:
     start: str = "previous"  # base | previous | <an earlier stage's name>
     surgery: list[SurgeryConfig] = field(default_factory=list)
     # Per part (router, experts, lora, connector, lm, vision_tower); "default" for the rest.
-    learning_rate: dict[str, float] = field(default_factory=lambda: {"default": 1.0e-4})
+    learning_rate: dict[str, float] = field(
+        default_factory=lambda: {"default": 1.0e-4},
+        metadata=valid(lambda lr: lr > 0, "more than 0 (to freeze a part, leave it out of trainable)"),
+    )
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    batch_size: int = 8
-    gradient_accumulation: int = 1
+    batch_size: int = field(default=8, metadata=AT_LEAST_1)
+    gradient_accumulation: int = field(default=1, metadata=AT_LEAST_1)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    max_steps: int = -1  # -1: train `epochs` epochs
-    epochs: float = 1.0
-    aux_loss_scale: float = 1.0  # multiplies vlmoe.aux_loss(model); the coefficients are the surgery's
+    max_steps: int = field(  # -1: train `epochs` epochs
+        default=-1, metadata=valid(lambda n: n == -1 or n >= 1, "at least 1, or -1 to train `epochs` epochs")
+    )
+    epochs: float = field(default=1.0, metadata=MORE_THAN_0)
+    # Multiplies vlmoe.aux_loss(model); the coefficients are the surgery's.
+    aux_loss_scale: float = field(default=1.0, metadata=NOT_NEGATIVE)
     gradient_checkpointing: bool = False
-    logging_steps: int = 10
-    save_steps: int = 100
-    save_total_limit: int = 2
+    logging_steps: int = field(default=10, metadata=AT_LEAST_1)
+    save_steps: int = field(default=100, metadata=AT_LEAST_1)
+    save_total_limit: int = field(
+        default=2, metadata=valid(lambda n: n >= 1, "at least 1 (the checkpoints kept)")
+    )
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
     # The balance loss's expert counts: "device" (each process's batch, as Switch / DeepSpeed-MoE)
     # or "global" (all-reduced over the data-parallel processes first); see README "Multi-GPU".
     load_balance_scope: Literal["device", "global"] = "device"
     fsdp: str = ""  # passed to TrainingArguments (e.g. "full_shard auto_wrap")
     deepspeed: str | None = None  # a DeepSpeed JSON config file
-    dataloader_workers: int = 0
+    dataloader_workers: int = field(default=0, metadata=NOT_NEGATIVE)
 
 
 @dataclass
@@ -193,6 +224,8 @@ class Recipe:
     # {scale name: overrides}: "base"/"output_dir" replace, "stage" merges into every stage,
     # "stages" ({name: overrides}) into one stage, then "charts" into every synthetic-chart source.
     scales: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # The file the recipe was read from, for messages; set by load_recipe, not a key of the file.
+    source: str = field(default="", metadata={"key": False})
 
     def stage(self, name: str) -> StageConfig:
         for stage in self.stages:
@@ -211,16 +244,17 @@ def builtin_recipes() -> list[str]:
 
 
 def recipe_path(name_or_path: str | Path) -> Path:
-    """The file of a built-in recipe name, or the given path."""
+    """The file of a built-in recipe name, or the given path (.yaml, or a run's recipe.json)."""
     path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml"):
+    if path.suffix in (".yaml", ".yml", ".json"):
         if not path.is_file():
             raise FileNotFoundError(f"recipe file {path} does not exist")
         return path
     builtin = BUILTIN_DIR / f"{name_or_path}.yaml"
     if not builtin.is_file():
         raise FileNotFoundError(
-            f"no recipe {name_or_path!r}: give a .yaml file or one of {', '.join(builtin_recipes())}"
+            f"no recipe {name_or_path!r}: give a .yaml file, a run's recipe.json or one of "
+            f"{', '.join(builtin_recipes())}"
         )
     return builtin
 
@@ -228,7 +262,8 @@ def recipe_path(name_or_path: str | Path) -> Path:
 def load_recipe(
     name_or_path: str | Path, scale: str | None = None, output_dir: str | Path | None = None
 ) -> Recipe:
-    """Read, merge the `scale` overrides and validate a recipe (built-in name or YAML path).
+    """Read, merge the `scale` overrides and validate a recipe: a built-in name, a YAML file, or the
+    recipe.json a run wrote (the validated recipe it was started with, after its scale).
 
     >>> recipe = load_recipe("chartmoe", scale="tiny")
     >>> recipe.base.family, [stage.name for stage in recipe.stages][:2]
@@ -236,7 +271,9 @@ def load_recipe(
     """
     path = recipe_path(name_or_path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = json.loads(path.read_text()) if path.suffix == ".json" else yaml.safe_load(path.read_text())
+    except json.JSONDecodeError as error:
+        raise RecipeError(f"{path}: not valid JSON: {error}") from None
     except yaml.YAMLError as error:
         raise RecipeError(f"{path}: not valid YAML: {error}") from None
     if not isinstance(raw, dict):
@@ -246,7 +283,8 @@ def load_recipe(
     recipe = from_mapping(Recipe, raw, "", path)
     if output_dir is not None:
         recipe.output_dir = str(output_dir)
-    check_recipe(recipe, path)
+    recipe.source = str(path)
+    check_recipe(recipe, path, scale)
     return recipe
 
 
@@ -287,8 +325,9 @@ def _deep_merge(target: dict, overrides: dict) -> None:
             target[key] = copy.deepcopy(value)
 
 
-def check_recipe(recipe: Recipe, path: Path | str) -> None:
-    """Checks across fields: names, references between stages, parts, one surgery per entry."""
+def check_recipe(recipe: Recipe, path: Path | str, scale: str | None = None) -> None:
+    """Checks across fields (names, references between stages, parts, one surgery per entry) and
+    of values (signs and ranges, chart tasks), after `scale` was merged."""
     if (recipe.base.family is None) == (recipe.base.path is None):
         raise RecipeError(f"{path}: base: give exactly one of family (a tiny model) or path")
     if not recipe.stages:
@@ -319,7 +358,37 @@ def check_recipe(recipe: Recipe, path: Path | str) -> None:
                         )
         if not stage.data.sources:
             raise RecipeError(f"{where}.data.sources: give at least one source")
+        check_values(stage, f"stages[{i}] ({stage.name})", path)
         for j, source in enumerate(stage.data.sources):
             if (source.path is None) == (source.charts is None):
                 raise RecipeError(f"{where}.data.sources[{j}]: give exactly one of path or charts")
+            _check_source(source, f"{where}.data.sources[{j}] ({source.name})", scale)
         seen.append(stage.name)
+
+
+def _check_source(source: SourceConfig, where: str, scale: str | None) -> None:
+    """A chart source's held-out split, its task and chart-type names (checked now, before any chart
+    is drawn), and no on_error."""
+    charts = source.charts
+    if charts is None:
+        return
+    if source.on_error != "fail":
+        raise RecipeError(f"{where}.on_error: applies to path sources; generated charts have no bad samples")
+    for key, names, known in (
+        ("charts.tasks", charts.tasks, CHART_SOURCE_TASKS),
+        ("tasks", source.tasks or [], CHART_SOURCE_TASKS),
+        ("charts.chart_types", charts.chart_types or [], CHART_TYPES),
+    ):
+        unknown = [name for name in names if name not in known]
+        if unknown:
+            raise RecipeError(
+                f"{where}.{key}: unknown name(s) {unknown}; the valid names are {', '.join(known)}"
+            )
+    if not charts.held_out < charts.n:
+        scaled = f" after --scale {scale}" if scale else ""
+        fix = f"; scales.{scale}.charts can set both, e.g. {{n: {charts.n}, held_out: {charts.n // 5}}}"
+        raise RecipeError(
+            f"{where}.charts: held_out is {charts.held_out} but n is {charts.n}{scaled}: every chart would "
+            f"be held out and none trained on; held_out must be less than n: lower held_out or raise n"
+            f"{fix if scale else ''}"
+        )

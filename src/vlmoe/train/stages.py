@@ -27,10 +27,12 @@ from transformers import PrinterCallback, set_seed
 
 import vlmoe
 from vlmoe.data import ConversationCollator
+from vlmoe.device import resolve_device
 from vlmoe.models import set_trainable
 from vlmoe.moe import set_load_balance_scope
 from vlmoe.train.data import stage_samples
 from vlmoe.train.distributed import is_main_process, seed_per_rank
+from vlmoe.train.preflight import check_base_path, check_local_files, recipe_label
 from vlmoe.train.progress import RichProgressCallback, StopAfter
 from vlmoe.train.recipe import Recipe, StageConfig, SurgeryConfig
 from vlmoe.train.trainer import MoETrainer, last_complete_checkpoint
@@ -67,10 +69,14 @@ def run_recipe(
         PosixPath('runs/chartmoe-tiny/chart_qa_pot/final')
     """
     console = console or Console(quiet=not is_main_process())  # one progress display, not one per rank
+    # Everything that can fail cheaply fails before the run directory is touched, so a corrected
+    # rerun into the same directory is a new run, not one to --resume.
+    torch_device = training_device(device)
+    check_local_files(recipe)
+    processor = base_processor(recipe)
     out = Path(recipe.output_dir)
     if is_main_process():  # under torchrun / accelerate launch, one process owns the run directory
         _check_run_directory(recipe, out, resume)
-    processor = base_processor(recipe)
     results: list[StageResult] = []
     for number, stage in enumerate(recipe.stages, start=1):
         stage_dir = out / stage.name
@@ -80,7 +86,7 @@ def run_recipe(
             results.append(StageResult(stage.name, stage_dir / "final", history, skipped=True))
             continue
         console.rule(f"stage {number}/{len(recipe.stages)}: {stage.name}")
-        history = run_stage(recipe, stage, results, processor, device, console, stop_after_steps)
+        history = run_stage(recipe, stage, results, processor, torch_device, console, stop_after_steps)
         if history is None:  # stopped early on purpose
             return results
         results.append(StageResult(stage.name, stage_dir / "final", history, skipped=False))
@@ -92,7 +98,7 @@ def run_stage(
     stage: StageConfig,
     earlier: list[StageResult],
     processor: Any,
-    device: str | None,
+    device: torch.device,
     console: Console,
     stop_after_steps: int | None = None,
 ) -> list[dict[str, Any]] | None:
@@ -179,13 +185,32 @@ def _checkpointing_field() -> str:
     return "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
 
 
-def training_arguments(recipe: Recipe, stage: StageConfig, stage_dir: Path, device: str | None) -> Any:
+def training_device(device: str | None) -> torch.device:
+    """The device `--device` names, checked before any work (None: the GPU when there is one).
+
+    HF Trainer places the model itself, one GPU per process (torchrun's LOCAL_RANK), so an index
+    like cuda:1 could not be honoured and is refused rather than ignored.
+
+    Example:
+        >>> training_device("cpu")
+        device(type='cpu')
+    """
+    resolved = resolve_device(device)
+    if resolved.index is not None:
+        raise ValueError(
+            f"--device {device!r}: training runs one process per GPU and cannot pick one by index; "
+            f"use CUDA_VISIBLE_DEVICES={resolved.index} with --device cuda"
+        )
+    return resolved
+
+
+def training_arguments(recipe: Recipe, stage: StageConfig, stage_dir: Path, device: torch.device) -> Any:
     from transformers import TrainingArguments
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # per-checkpoint "Writing model shards" bars
 
-    use_cpu = device == "cpu" or (device is None and not torch.cuda.is_available())
+    use_cpu = device.type == "cpu"  # training_device: cpu or cuda, never silently another one
     optimizer = stage.optimizer
     checkpointing_field = _checkpointing_field()
     return TrainingArguments(
@@ -222,11 +247,20 @@ def training_arguments(recipe: Recipe, stage: StageConfig, stage_dir: Path, devi
 
 
 def base_processor(recipe: Recipe) -> Any:
+    """The base model's processor, from the local base.path only (never the Hub)."""
     if recipe.base.family is not None:
         return vlmoe.models.tiny(recipe.base.family, seed=recipe.base.seed)[1]
     from transformers import AutoProcessor
 
-    return AutoProcessor.from_pretrained(recipe.base.path)
+    check_base_path(recipe)
+    try:
+        return AutoProcessor.from_pretrained(recipe.base.path, local_files_only=True)
+    except (OSError, ValueError, TypeError, KeyError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise FileNotFoundError(
+            f"{recipe_label(recipe)}: base.path {recipe.base.path!r} holds no usable processor ({reason}); "
+            f"save the model's processor there (processor.save_pretrained) or edit base.path"
+        ) from None
 
 
 def base_model(recipe: Recipe) -> nn.Module:
@@ -245,7 +279,7 @@ def load_model_dir(path: str | Path, field: str) -> nn.Module:
         return vlmoe.load(path)
     from transformers import AutoModelForImageTextToText
 
-    return AutoModelForImageTextToText.from_pretrained(path)
+    return AutoModelForImageTextToText.from_pretrained(path, local_files_only=True)
 
 
 def start_model(recipe: Recipe, stage: StageConfig, earlier: list[StageResult]) -> nn.Module:
@@ -328,10 +362,13 @@ def _projector_state(name: str, model: nn.Module, earlier: list[StageResult]) ->
 
 
 def _check_run_directory(recipe: Recipe, out: Path, resume: bool) -> None:
-    """A new run needs an empty directory; a resumed one the same recipe it was started with."""
+    """A new run needs a directory without a started run; a resumed one the same recipe it was
+    started with. A run that never got to a checkpoint or a finished stage (it failed at start-up)
+    has nothing to keep: it is started again, with this recipe."""
     saved = out / "recipe.json"
     current = dataclasses.asdict(recipe)
-    if saved.is_file():
+    del current["source"]  # where it was read from, not what it is: recipe.json loads as a recipe
+    if saved.is_file() and _run_started(out):
         if not resume:
             raise ValueError(
                 f"{out} already holds a run; continue it with --resume, or choose another output dir"
@@ -345,6 +382,11 @@ def _check_run_directory(recipe: Recipe, out: Path, resume: bool) -> None:
         return
     out.mkdir(parents=True, exist_ok=True)
     _write_json(saved, current)
+
+
+def _run_started(out: Path) -> bool:
+    """A stage finished or a checkpoint (even a half-written one) exists: there is work to keep."""
+    return any(out.glob(f"*/{STAGE_DONE}")) or any(out.glob("*/checkpoints/checkpoint-*"))
 
 
 def _write_json(path: Path, data: Any) -> None:

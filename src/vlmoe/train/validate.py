@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,20 +18,62 @@ class RecipeError(ValueError):
     """A recipe file that does not validate; the message names the file, the key and the fix."""
 
 
+def valid(test: Callable[[Any], bool], allowed: str) -> dict[str, Any]:
+    """Field metadata: `check_values` refuses a value for which `test` is false, saying `allowed`
+    (for a mapping field, each of its values).
+
+    >>> import dataclasses
+    >>> @dataclasses.dataclass
+    ... class Stage:
+    ...     max_steps: int = dataclasses.field(default=-1, metadata=valid(lambda n: n != 0, "not 0"))
+    >>> check_values(Stage(max_steps=0), "stages[0] (sft)", "recipe.yaml")
+    Traceback (most recent call last):
+    ...
+    vlmoe.train.validate.RecipeError: recipe.yaml: stages[0] (sft).max_steps is 0; it must be not 0
+    """
+    return {"valid": (test, allowed)}
+
+
+AT_LEAST_1 = valid(lambda n: n >= 1, "at least 1")
+NOT_NEGATIVE = valid(lambda n: n >= 0, "0 or more")
+MORE_THAN_0 = valid(lambda n: n > 0, "more than 0")
+
+
+def check_values(obj: Any, where: str, path: Path | str) -> None:
+    """Refuse any value outside its field's `valid` metadata, in `obj` and the dataclasses in it.
+
+    Run after the types are checked (`from_mapping`) and the scale merged; None (unset) passes."""
+    for f in dataclasses.fields(obj):
+        value, key = getattr(obj, f.name), _join(where, f.name)
+        if dataclasses.is_dataclass(value):
+            check_values(value, key, path)
+        elif isinstance(value, list) and value and dataclasses.is_dataclass(value[0]):
+            for i, item in enumerate(value):
+                check_values(item, _join(key, i), path)
+        elif "valid" in f.metadata and value is not None:
+            test, allowed = f.metadata["valid"]
+            for item_key, item in value.items() if isinstance(value, dict) else [(None, value)]:
+                if not test(item):
+                    shown = key if item_key is None else _join(key, str(item_key))
+                    raise RecipeError(f"{path}: {shown} is {item!r}; it must be {allowed}")
+
+
 def from_mapping(cls: Any, raw: Any, where: str, path: Path) -> Any:
     """`cls` (a dataclass) from a YAML mapping, checking every key and type."""
     label = where or "recipe"
     if not isinstance(raw, dict):
         raise RecipeError(f"{path}: {label}: expected a mapping, got {type(raw).__name__} {raw!r}")
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    # A field with metadata {"key": False} is set by code (e.g. Recipe.source), never by the file.
+    fields = [f for f in dataclasses.fields(cls) if f.metadata.get("key", True)]
+    names = [f.name for f in fields]
     unknown = [key for key in raw if key not in names]
     if unknown:
         raise RecipeError(
             f"{path}: unknown key {_join(where, unknown[0])!r}; {label} takes {', '.join(names)}"
         )
     values = {}
-    for f in dataclasses.fields(cls):
+    for f in fields:
         key = _join(where, f.name)
         if f.name in raw:
             values[f.name] = _value(hints[f.name], raw[f.name], key, path)

@@ -1,0 +1,60 @@
+"""A stage's samples: a source that yields nothing names the fields that decided it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+from vlmoe.data import CHART_TYPES, sample_chart_record
+from vlmoe.train.data import stage_samples
+from vlmoe.train.recipe import ChartDataConfig, DataConfig, SourceConfig
+
+
+def test_a_chart_source_with_no_training_chart_names_held_out_and_chart_types(tmp_path):
+    first = sample_chart_record(0, 0).chart_type
+    other = next(t for t in CHART_TYPES if t != first)  # chart 0, the only training chart, is left out
+    charts = ChartDataConfig(n=2, held_out=1, questions_per_chart=0, chart_types=[other])
+    with pytest.raises(ValueError) as error:
+        stage_samples(DataConfig(sources=[SourceConfig(name="chart", charts=charts)]), tmp_path)
+    message = str(error.value)
+    assert message.startswith("data source 'chart': no training samples: charts 0..0 of its n=2 train")
+    assert f"(held_out=1), and none of them of chart types ['{other}']" in message
+    assert "raise n, lower held_out or widen chart_types" in message
+
+
+def _chat_file(tmp_path, *extra):
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "red.png")
+    turns = [{"from": "human", "value": "<image>\nColour?"}, {"from": "gpt", "value": "red"}]
+    rows = [{"id": "a", "image": "red.png", "task": "colour", "conversations": turns}, *extra]
+    (tmp_path / "chat.json").write_text(json.dumps(rows))
+    return str(tmp_path / "chat.json")
+
+
+def test_a_file_source_whose_tasks_match_nothing_lists_the_tasks_it_has(tmp_path):
+    _chat_file(tmp_path)
+    source = SourceConfig(name="chat", path=str(tmp_path / "chat.json"), tasks=["vqa"])
+    with pytest.raises(ValueError) as error:
+        stage_samples(DataConfig(sources=[source]), tmp_path)
+    assert str(error.value) == (
+        f"data source 'chat': no sample of {tmp_path / 'chat.json'} has a task in tasks ['vqa']; "
+        "its samples' tasks are ['colour']: fix tasks, or leave it out to keep every sample"
+    )
+
+
+def test_a_bad_sample_names_the_recipe_fix_and_on_error_skip_leaves_it_out(tmp_path):
+    path = _chat_file(tmp_path, {"id": "bad", "image": "missing.png", "conversations": []})
+    with pytest.raises(ValueError) as error:
+        stage_samples(DataConfig(sources=[SourceConfig(name="chat", path=path)]), tmp_path)
+    assert str(error.value).startswith(f"{path}:")
+    assert "sample 'bad'" in str(error.value) and 'on_error="skip"' not in str(error.value)
+    assert str(error.value).endswith(
+        "fix the sample, or set on_error: skip on data source 'chat' to leave bad samples out "
+        "(they are reported)"
+    )
+    with pytest.warns(UserWarning, match="1 of 2 samples loaded; 1 skipped"):
+        samples = stage_samples(
+            DataConfig(sources=[SourceConfig(name="chat", path=path, on_error="skip")]), tmp_path
+        )
+    assert [s.id for s in samples] == ["a"]
