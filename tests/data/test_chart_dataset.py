@@ -103,7 +103,7 @@ def test_cli_writes_charts_and_reports_speed(tmp_path):
         (ChartSetConfig(n=3, seed=-1), 1, "--seed must be at least 0, got -1"),
         (ChartSetConfig(n=3, seed=1.5), 1, r"--seed must be a whole number at least 0, got 1.5 \(float\)"),
         (ChartSetConfig(n="3"), 1, r"--n must be a whole number at least 1, got '3' \(str\)"),
-        (ChartSetConfig(n=3, questions_per_chart=0), 1, "questions_per_chart must be at least 1"),
+        (ChartSetConfig(n=3, questions_per_chart=-1), 1, "questions_per_chart must be at least 0"),
         (ChartSetConfig(n=3), 0, "--workers must be at least 1, got 0"),
     ],
 )

@@ -178,7 +178,7 @@ def check_chart_set(out: str | Path, config: ChartSetConfig, workers: int = 1) -
     _check_whole_number(config.seed, "--seed", 0)
     _check_whole_number(config.size_px, "--size", MIN_SIZE_PX, MAX_SIZE_PX)
     _check_whole_number(config.shard_size, "--shard-size", 1)
-    _check_whole_number(config.questions_per_chart, "questions_per_chart", 1)
+    _check_whole_number(config.questions_per_chart, "questions_per_chart", 0)  # 0: no QA, tables etc. only
     _check_whole_number(workers, "--workers", 1)
     out = output_folder(out)
     _check_manifest(out, config)
