@@ -26,6 +26,7 @@ from rich.console import Console
 from rich.table import Table
 
 from vlmoe.data import ConversationSample
+from vlmoe.data.folders import output_folder
 from vlmoe.device import resolve_device
 from vlmoe.train.data import chart_samples
 from vlmoe.train.recipe import ChartDataConfig, Recipe, load_recipe
@@ -43,8 +44,7 @@ def run_demo(
     console = Console()
     out = Path(out)
     resolve_device(device)  # before any training: a device the machine lacks is refused now
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file; pass a folder for the demo's report")
+    output_folder(out)
     start = time.perf_counter()
     loaded = load_recipe(recipe, scale=scale, output_dir=out / "run")
     charts = _held_out_charts(loaded)  # before any work: the demo is scored on held-out charts

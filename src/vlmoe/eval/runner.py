@@ -20,6 +20,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import nn
 
+from vlmoe.data.folders import output_folder
 from vlmoe.eval.clusters import cluster_assigner
 from vlmoe.eval.forced import Where, forced_expert
 from vlmoe.eval.generate import GenerationSettings, chat_prompt, generate_batch, progress_bar
@@ -144,9 +145,7 @@ def run_eval(
         samples = read_task(config.task, config.data, config.image_dir, config.split)
     samples = samples[: config.limit]
     assigner = cluster_assigner(model, config.clusters, config.embedding_model)  # MoCLE models only
-    if config.out_dir.exists() and not config.out_dir.is_dir():
-        raise ValueError(f"--out {config.out_dir} is a file; pass a folder for the predictions and summary")
-    config.out_dir.mkdir(parents=True, exist_ok=True)
+    output_folder(config.out_dir).mkdir(parents=True, exist_ok=True)
     _check_same_run(config)
     predictions_path = config.out_dir / PREDICTIONS_NAME
     done = read_predictions(predictions_path, config.task)
