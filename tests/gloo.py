@@ -31,14 +31,20 @@ def _worker(rank: int, world_size: int, store: str, out: str, fn: Callable, args
 def run_on_ranks(fn: Callable, world_size: int, tmp_path: Path, *args: Any) -> list[Any]:
     """fn(rank, world_size, *args) on `world_size` gloo processes; the list of their results.
 
-    `fn` runs in forked children; its result is saved with torch.save and loaded here.
+    `fn` runs in child processes (`start_method`); its result is saved with torch.save and loaded here.
     """
     out = Path(tempfile.mkdtemp(prefix=f"gloo-{fn.__name__}-", dir=tmp_path))
-    # fork, not spawn: the children need not import torch and vlmoe again (seconds per test).
     mp.start_processes(
         _worker,
         args=(world_size, str(out / "store"), str(out), fn, args),
         nprocs=world_size,
-        start_method="fork",
+        start_method=start_method(),
     )
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
+
+
+def start_method() -> str:
+    """fork where it is safe: the children need not import torch and vlmoe again (seconds per
+    test). Once this process has used CUDA (a GPU machine running the whole suite), autograd's
+    device threads make a forked child's backward fail, so the children are spawned instead."""
+    return "spawn" if torch.cuda.is_initialized() else "fork"

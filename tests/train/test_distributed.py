@@ -11,7 +11,7 @@ import torch.distributed as dist
 from PIL import Image
 
 import vlmoe
-from tests.gloo import run_on_ranks
+from tests.gloo import run_on_ranks, start_method
 from vlmoe.moe import aux_loss, set_load_balance_scope
 from vlmoe.train.distributed import full_state_dict, is_sharded, load_full_state_dict
 
@@ -106,6 +106,11 @@ def fsdp_run(rank, world_size, model, batch, save_dir):
 
 @pytest.mark.slow  # 3-6 s: two 2-process runs of a tiny LLaVA
 def test_ddp_and_fsdp2_losses_equal_one_process_and_the_sharded_checkpoint_loads(setup, tmp_path):
+    if start_method() == "spawn":  # this process used CUDA: the ranks cannot be forked
+        pytest.skip(
+            "an HF VLM unpickled in a spawned process lacks transformers' output-capture hooks (its "
+            "vision tower returns no hidden_states); runs where the ranks can be forked (no CUDA used)"
+        )
     model, batch = setup
     reference_model = copy.deepcopy(model)
     reference = train(reference_model, batch)
