@@ -37,12 +37,16 @@ class RichProgressCallback(TrainerCallback):
             self.progress.update(self.task, completed=state.global_step)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if self.progress is None or not logs or "loss" not in logs:
+        # The Trainer's last log carries the stage's mean train_loss: a stage shorter than
+        # logging_steps logs no "loss" at all, and its bar would end without one.
+        loss = None if not logs else logs.get("loss", logs.get("train_loss"))
+        if self.progress is None or loss is None:
             return
         steps = state.global_step - self.first_step
         seconds = max(time.perf_counter() - self.start, 1e-9)
         per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
-        text = f"{self.stage} loss {logs['loss']:.3f}"
+        mean = "" if "loss" in logs else " (mean)"
+        text = f"{self.stage} loss{mean} {loss:.3f}"
         if "aux_loss" in logs:
             text += f" aux {logs['aux_loss']:.4f}"
         text += f" {steps * per_step / seconds:.1f} samples/s"
