@@ -256,7 +256,6 @@ def analyze(
 ) -> None:
     """Route a dataset through a sparse model and write routing pictures plus one HTML report."""
     from vlmoe.analysis.cli import run_analyze
-    from vlmoe.device import resolve_device
 
     try:  # bad data, paths or settings end with one line naming the problem, not a traceback
         report = run_analyze(
@@ -270,7 +269,7 @@ def analyze(
             batch_size=batch_size,
             image_dir=image_dir,
             expert_names=expert_names,
-            device=resolve_device(device),
+            device=device,  # checked by run_analyze with its other options
             seed=seed,
         )
     except (FileNotFoundError, ValueError) as error:

@@ -20,7 +20,7 @@ import time
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
@@ -31,6 +31,9 @@ from vlmoe.device import resolve_device
 from vlmoe.train.data import chart_samples
 from vlmoe.train.recipe import ChartDataConfig, Recipe, load_recipe
 from vlmoe.train.stages import StageResult, base_processor, run_recipe
+
+if TYPE_CHECKING:
+    import torch
 
 
 def run_demo(
@@ -43,7 +46,7 @@ def run_demo(
     """Train `recipe` at `scale`, evaluate the last stage on held-out charts, write the report."""
     console = Console()
     out = Path(out)
-    resolve_device(device)  # before any training: a device the machine lacks is refused now
+    torch_device = resolve_device(device)  # before any work: a device the machine lacks is refused now
     output_folder(out)
     start = time.perf_counter()
     loaded = load_recipe(recipe, scale=scale, output_dir=out / "run")
@@ -56,7 +59,7 @@ def run_demo(
     heldout = chart_samples(charts, loaded.output_dir, held_out=True)
     training = chart_samples(charts, loaded.output_dir)
     model_dir = results[-1].model_dir
-    model = _load(model_dir, device)
+    model = _load(model_dir, torch_device)
     heldout = _with_clusters(model, model_dir, heldout)
     predictions = _answer(model, base_processor(loaded), heldout)
     metrics = _score(heldout, training, predictions)
@@ -104,10 +107,10 @@ def _held_out_charts(recipe: Recipe) -> ChartDataConfig:
     )
 
 
-def _load(model_dir: Path, device: str | None) -> Any:
+def _load(model_dir: Path, device: torch.device) -> Any:
     import vlmoe
 
-    return vlmoe.load(model_dir).to(resolve_device(device))
+    return vlmoe.load(model_dir).to(device)
 
 
 def _with_clusters(

@@ -93,13 +93,13 @@ def load_model_for_eval(
         from vlmoe.models.record import CONFIG_KEY
     except ImportError:  # a build of vlmoe without the models package
         vlmoe_load, CONFIG_KEY = None, None
-    config = json.loads(config_file.read_text())
-    if vlmoe_load is not None and CONFIG_KEY in config:
+    is_vlmoe_model = vlmoe_load is not None and CONFIG_KEY in json.loads(config_file.read_text())
+    if is_vlmoe_model:
         model = vlmoe_load(path)
     else:
         model = AutoModelForImageTextToText.from_pretrained(path, local_files_only=True)
     if merge_lora:
-        if vlmoe_load is None or CONFIG_KEY not in config:
+        if not is_vlmoe_model:
             raise ValueError(
                 f"{path}: --merge-lora needs a vlmoe model with LoRA (vlmoe.add_mole, saved by vlmoe.save); "
                 "this config.json has no 'vlmoe' section"
