@@ -143,12 +143,20 @@ def test_swiglu_kernel_with_row_scale_forward_and_backward(rows, size, overwrite
 
 
 @pytest.mark.parametrize(
-    ("rows", "size", "in_place"), [(5, 1500, False), (4, 48, True), (11, 384, True), (0, 16, True)]
+    ("rows", "size", "in_place", "launch"),
+    [
+        (5, 1500, False, None),  # a last column block part-filled, a last row block part-filled
+        (4, 48, True, None),
+        (11, 384, True, (2, 256, 4)),  # two column steps of 256 for 384 columns
+        (9, 128, True, (1, 128, 4)),
+        (0, 16, True, None),
+    ],
 )
 @pytest.mark.parametrize("triton_kernel", [True, False])
-def test_swiglu_pairs_backward_matches_autograd(monkeypatch, rows, size, in_place, triton_kernel):
+def test_swiglu_pairs_backward_matches_autograd(monkeypatch, rows, size, in_place, launch, triton_kernel):
     # Gate and up paired in adjacent columns (QuACK's gated epilogue): preact's gradient (paired
-    # too, possibly over preact), the row scale's gradient and scale * hidden in grad_hidden's place.
+    # too, possibly over preact), the weights' gradient at each row's slot and scale * hidden in
+    # grad_hidden's place. The rows hold the slots in a shuffled order, as the expert sort leaves them.
     from vlmoe.moe.kernels import swiglu
 
     monkeypatch.setattr(swiglu, "use_triton", lambda tensor: triton_kernel)
@@ -156,37 +164,48 @@ def test_swiglu_pairs_backward_matches_autograd(monkeypatch, rows, size, in_plac
     # bf16, the kernel's word layout: gate and up rounded first, so the float64 reference sees
     # the same inputs; the kernel computes in float32 and rounds its outputs to bf16.
     preact = torch.randn(rows, 2 * size, device=DEVICE).bfloat16()
-    scale = torch.rand(rows, device=DEVICE)
+    slot_weights = torch.rand(rows, device=DEVICE)
+    sorted_slots = torch.randperm(rows, device=DEVICE)
     grad_hidden = torch.randn(rows, size, device=DEVICE).bfloat16()
     preact64 = preact.double().requires_grad_()
-    scale64 = scale.double().requires_grad_()
+    weights64 = slot_weights.double().requires_grad_()
+    scale64 = weights64[sorted_slots].unsqueeze(-1)
     hidden64 = torch.nn.functional.silu(preact64[:, 0::2]) * preact64[:, 1::2]
-    expected = torch.autograd.grad(
-        hidden64 * scale64.unsqueeze(-1), [preact64, scale64], grad_hidden.double()
-    )
-    scaled_hidden = (hidden64 * scale64.unsqueeze(-1)).detach()
+    expected = torch.autograd.grad(hidden64 * scale64, [preact64, weights64], grad_hidden.double())
+    scaled_hidden = (hidden64 * scale64).detach()
 
-    grad_preact, grad_scale = swiglu.swiglu_pairs_backward(
-        preact, grad_hidden, scale, out=preact if in_place else None
+    grad_preact, grad_weights = swiglu.swiglu_pairs_backward(
+        preact, grad_hidden, slot_weights, sorted_slots, out=preact if in_place else None, launch=launch
     )
-    assert grad_preact.shape == preact.shape and grad_scale.shape == (rows,)
+    assert grad_preact.shape == preact.shape and grad_weights.shape == (rows,)
     assert (grad_preact.data_ptr() == preact.data_ptr()) is in_place
     if rows:
         assert grad_preact.dtype == torch.bfloat16 and relative_error(grad_preact, expected[0]) < 1e-2
-        assert grad_scale.dtype == torch.float32 and relative_error(grad_scale, expected[1]) < 1e-5
+        assert grad_weights.dtype == torch.float32 and relative_error(grad_weights, expected[1]) < 1e-5
         assert relative_error(grad_hidden, scaled_hidden) < 1e-2
         # gate and up land in their own columns (a swapped pair would still be close in norm)
         assert relative_error(grad_preact[:, 1::2], expected[0][:, 1::2]) < 1e-2
+        # each slot's own gradient, not a neighbour's (a permutation keeps the norm)
+        assert torch.allclose(grad_weights.double(), expected[1], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize(
-    ("size", "block"), [(1408, 512), (5632, 512), (14336, 1024), (1000, 1024), (48, 512)]
-)
-def test_swiglu_pairs_block_pads_a_row_least(size, block):
-    # F = 1408: three blocks of 512 (1536 lanes) where two of 1024 give 2048; 1024 on a tie.
-    from vlmoe.moe.kernels.swiglu import _pairs_block
+@pytest.mark.parametrize("triton_kernel", [True, False])
+def test_swiglu_pairs_backward_leaves_unheld_slots_at_zero(monkeypatch, triton_kernel):
+    # Fewer rows than slots: a slot no row holds gets no gradient, 0 rather than memory's garbage.
+    from vlmoe.moe.kernels import swiglu
 
-    assert _pairs_block(size) == block
+    monkeypatch.setattr(swiglu, "use_triton", lambda tensor: triton_kernel)
+    torch.manual_seed(3)
+    preact = torch.randn(3, 64, device=DEVICE).bfloat16()
+    grad_hidden = torch.randn(3, 32, device=DEVICE).bfloat16()
+    slot_weights = torch.rand(7, device=DEVICE)
+    sorted_slots = torch.tensor([5, 0, 2], device=DEVICE)
+    _, grad_weights = swiglu.swiglu_pairs_backward(preact, grad_hidden.clone(), slot_weights, sorted_slots)
+    hidden = torch.nn.functional.silu(preact[:, 0::2].double()) * preact[:, 1::2].double()
+    expected = torch.zeros(7, dtype=torch.float64, device=DEVICE)
+    expected[sorted_slots] = (grad_hidden.double() * hidden).sum(-1)
+    assert torch.allclose(grad_weights.double(), expected, rtol=1e-5, atol=1e-6)
+    assert (grad_weights[[1, 3, 4, 6]] == 0).all()
 
 
 def test_plain_sum_combine_saves_nothing_and_copies_gradients_back():

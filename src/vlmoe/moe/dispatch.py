@@ -429,7 +429,6 @@ class _CombinedGLU(torch.autograd.Function):
         bounds,
         top_k,
     ):
-        row_scale = combine_weights.reshape(-1).float().index_select(0, sorted_slots)  # [S]
         if quack_gemm.GATHER_IN_LOADS:
             preact, hidden = quack_gemm.experts_swiglu(x, gate_up_proj, bounds, sorted_tokens)
         else:  # the probe: [S, I] rows for one GEMM, the size of y_sorted below, so no higher peak
@@ -438,8 +437,13 @@ class _CombinedGLU(torch.autograd.Function):
             del x_sorted
         y_sorted = quack_gemm.experts_mm(hidden, down_proj, bounds)
         del hidden
-        out = gather_sum(y_sorted, slot_rows, combine_weights.float().contiguous(), top_k)
-        ctx.save_for_backward(x, gate_up_proj, down_proj, preact, row_scale, sorted_tokens, slot_rows, bounds)
+        weights = combine_weights.float().contiguous()  # [T, K]
+        out = gather_sum(y_sorted, slot_rows, weights, top_k)
+        # The weights stay in slot order: the backward's kernel reads each row's at its slot.
+        slot_weights = weights.view(-1)  # [S]
+        ctx.save_for_backward(
+            x, gate_up_proj, down_proj, preact, slot_weights, sorted_tokens, slot_rows, sorted_slots, bounds
+        )
         ctx.top_k, ctx.weights_dtype = top_k, combine_weights.dtype
         # preact is ours alone: its memory can take its gradient (as the SwiGLU kernel's backward).
         ctx.overwrite = swiglu_kernels.OVERWRITE_IN_BACKWARD and not torch.compiler.is_compiling()
@@ -454,14 +458,16 @@ class _CombinedGLU(torch.autograd.Function):
                 "first one wrote its gradient over the saved preact to save memory. To backward "
                 "twice, set vlmoe.moe.kernels.swiglu.OVERWRITE_IN_BACKWARD = False before the forward"
             )
-        x, gate_up_proj, down_proj, preact, row_scale, sorted_tokens, slot_rows, bounds = ctx.saved_tensors
+        x, gate_up_proj, down_proj, preact, slot_weights, sorted_tokens, slot_rows, sorted_slots, bounds = (
+            ctx.saved_tensors
+        )
         if ctx.overwrite:
             ctx.overwritten = True
         needs_x, needs_gate_up, needs_down, needs_weights = ctx.needs_input_grad[:4]
         grad_rows = _gather_rows(grad_out, slot_rows, sorted_tokens, ctx.top_k, None)  # [S, O]
         grad_hidden = quack_gemm.experts_mm_grad_input(grad_rows, down_proj, bounds)  # [S, F]
-        grad_preact, grad_scale = swiglu_kernels.swiglu_pairs_backward(
-            preact, grad_hidden, row_scale, out=preact if ctx.overwrite else None
+        grad_preact, grad_slot_weights = swiglu_kernels.swiglu_pairs_backward(
+            preact, grad_hidden, slot_weights, sorted_slots, out=preact if ctx.overwrite else None
         )
         del preact
         scaled_hidden = grad_hidden  # overwritten with w * hidden by the pass above
@@ -482,7 +488,7 @@ class _CombinedGLU(torch.autograd.Function):
             del grad_preact
             grad_x = _sum_slot_rows(grad_sorted, slot_rows, None, ctx.top_k)
         if needs_weights:
-            grad_weights = grad_scale.index_select(0, slot_rows).view(-1, ctx.top_k).to(ctx.weights_dtype)
+            grad_weights = grad_slot_weights.view(-1, ctx.top_k).to(ctx.weights_dtype)
         return grad_x, grad_gate_up, grad_down, grad_weights, None, None, None, None, None
 
 

@@ -15,7 +15,8 @@ reduced per column block in the kernel and over the blocks in torch (no atomics)
 
 `swiglu_pairs_backward` is the same backward for gate and up paired in adjacent columns, the
 layout of QuACK's gated GEMM epilogue, whose forward computes the SwiGLU itself
-(`vlmoe.moe.dispatch.combined_glu`).
+(`vlmoe.moe.dispatch.combined_glu`); it reads each row's combine weight at the row's slot and
+writes the weight's gradient there, so the caller gathers neither.
 """
 
 from __future__ import annotations
@@ -80,7 +81,16 @@ if HAS_TRITON:
 
     @triton.jit
     def _swiglu_pairs_backward_kernel(
-        preact_words, row_scale, grad_hidden, grad_words, grad_scale_parts, size, BLOCK: tl.constexpr
+        preact_words,
+        slot_weights,
+        sorted_slots,
+        grad_hidden,
+        grad_words,
+        grad_slot_weights,
+        rows,
+        size,
+        ROWS: tl.constexpr,
+        BLOCK: tl.constexpr,
     ):
         # preact pairs gate j and up j in bf16 columns 2j, 2j + 1 (QuACK's gated GEMM epilogue):
         # one little-endian 32-bit word per pair, gate in its low half, up in its high half. One
@@ -88,36 +98,39 @@ if HAS_TRITON:
         # of a float32); a [BLOCK, 2] tile with tl.split measured 2x slower (NOTES.md v17). Every
         # word is read before this same program writes it: grad_words may be preact_words, and
         # grad_hidden takes scale * hidden in place.
-        row = tl.program_id(0).to(tl.int64)
-        block = tl.program_id(1)
-        cols = block * BLOCK + tl.arange(0, BLOCK)
-        inside = cols < size
-        words = tl.load(preact_words + row * size + cols, mask=inside, other=0)
-        gate = (words << 16).to(tl.float32, bitcast=True)
-        up = (words & -65536).to(tl.float32, bitcast=True)
-        grad = tl.load(grad_hidden + row * size + cols, mask=inside, other=0.0).to(tl.float32)
-        scale = tl.load(row_scale + row).to(tl.float32)
-        hidden = gate * tl.sigmoid(gate) * up
-        tl.store(grad_scale_parts + row * tl.num_programs(1) + block, tl.sum(grad * hidden, axis=0))
-        grad_gate, grad_up = _swiglu_grads(gate, up, grad * scale)
-        gate_bits = grad_gate.to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) & 65535
-        up_bits = grad_up.to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) << 16
-        tl.store(grad_words + row * size + cols, gate_bits | up_bits, mask=inside)
-        tl.store(
-            grad_hidden + row * size + cols, (hidden * scale).to(grad_hidden.dtype.element_ty), mask=inside
-        )
+        # A program owns ROWS whole rows and walks their columns BLOCK at a time, so it finishes
+        # each row's weight gradient itself and stores it at the row's slot: no per-block partial
+        # sums, no reduction kernel, no gathers of the weights in and of their gradient out.
+        row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        row_inside = row < rows
+        slot = tl.load(sorted_slots + row, mask=row_inside, other=0)
+        scale = tl.load(slot_weights + slot, mask=row_inside, other=0.0).to(tl.float32)[:, None]
+        row_start = row.to(tl.int64)[:, None] * size
+        total = tl.zeros([ROWS], dtype=tl.float32)
+        for first in range(0, size, BLOCK):
+            cols = first + tl.arange(0, BLOCK)
+            inside = row_inside[:, None] & (cols < size)[None, :]
+            where = row_start + cols[None, :]
+            words = tl.load(preact_words + where, mask=inside, other=0)
+            gate = (words << 16).to(tl.float32, bitcast=True)
+            up = (words & -65536).to(tl.float32, bitcast=True)
+            grad = tl.load(grad_hidden + where, mask=inside, other=0.0).to(tl.float32)
+            hidden = gate * tl.sigmoid(gate) * up
+            total += tl.sum(grad * hidden, axis=1)
+            grad_gate, grad_up = _swiglu_grads(gate, up, grad * scale)
+            gate_bits = grad_gate.to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) & 65535
+            up_bits = grad_up.to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) << 16
+            tl.store(grad_words + where, gate_bits | up_bits, mask=inside)
+            tl.store(grad_hidden + where, (hidden * scale).to(grad_hidden.dtype.element_ty), mask=inside)
+        tl.store(grad_slot_weights + slot, total, mask=row_inside)
 
 
 _BLOCK = 1024
-# The pairs kernel's row blocks: 4 warps each (NOTES.md v18 timed 2-D tiles, 8 and 16 warps).
-_PAIRS_BLOCKS = (1024, 512)
-
-
-def _pairs_block(size: int) -> int:
-    """The pairs kernel's block for rows of `size` columns: the one that pads a row least,
-    1024 on a tie. At F = 1408 a block of 1024 leaves 31% of the second block's lanes masked;
-    three blocks of 512 measured 7% faster on the H200 (0.435 against 0.467 ms, NOTES.md v18)."""
-    return min(_PAIRS_BLOCKS, key=lambda block: (-(-size // block) * block, -block))
+# The pairs kernel's launch, (ROWS, BLOCK, num_warps): rows per program, columns per step of its
+# loop, warps. One row of 512-column steps was the fastest of ten launches at F = 1408 and 14336
+# and within 1% of the fastest at 5632 (H200, NOTES.md v25): 4.0 TB/s, where v18's kernel, with
+# a partial sum per block and the weights gathered around it, reached 3.7-3.8.
+PAIRS_LAUNCH = (1, 512, 4)
 
 
 def swiglu_reference(gate_up: Tensor, row_scale: Tensor | None = None) -> Tensor:
@@ -163,18 +176,24 @@ def swiglu_backward_triton(
 def swiglu_pairs_backward(
     preact: Tensor,
     grad_hidden: Tensor,
-    row_scale: Tensor,
+    slot_weights: Tensor,
+    sorted_slots: Tensor,
     out: Tensor | None = None,
-    launch: tuple[int, int] | None = None,
+    launch: tuple[int, int, int] | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """The backward of row_scale[r] * silu(gate) * up with gate and up paired in adjacent columns
+    """The backward of w[slot(r)] * silu(gate) * up with gate and up paired in adjacent columns
     of preact # [rows, 2F] (gate j in column 2j, up j in 2j + 1), given grad_hidden # [rows, F],
     the gradient of the scaled product (the Triton kernel for bf16 on CUDA, torch elsewhere).
-    Returns (grad_preact, grad_scale): grad_preact, paired as
-    preact, in `out` (may be preact itself) or a new tensor; grad_scale # [rows] float32, each
-    row's <grad_hidden, silu(gate) * up>. grad_hidden is overwritten with row_scale * silu(gate) *
-    up, what the next matmul's weight gradient multiplies (no [rows, F] tensor is kept for it).
-    `launch`: the kernel's (BLOCK, num_warps), for benchmarks; by default (`_pairs_block`, 4)."""
+    slot_weights # [S] are the combine weights in slot order and sorted_slots # [rows] the slot
+    of each row (`DispatchPlan.sorted_slots`; no slot twice): row r is scaled by
+    slot_weights[sorted_slots[r]].
+
+    Returns (grad_preact, grad_slot_weights): grad_preact, paired as preact, in `out` (may be
+    preact itself) or a new tensor; grad_slot_weights # [S] float32 in slot order, each slot's
+    <grad_hidden, silu(gate) * up> over its row (0 for a slot no row holds). grad_hidden is
+    overwritten with the scaled product, what the next matmul's weight gradient multiplies (no
+    [rows, F] tensor is kept for it). `launch`: the kernel's (ROWS, BLOCK, num_warps), for
+    benchmarks; by default `PAIRS_LAUNCH`."""
     rows, size = grad_hidden.shape
     grad_preact = torch.empty_like(preact) if out is None else out
     kernel_runs = (
@@ -185,39 +204,46 @@ def swiglu_pairs_backward(
         and grad_hidden.is_contiguous()
     )
     if not kernel_runs:
-        return _swiglu_pairs_backward_reference(preact, grad_hidden, row_scale, grad_preact)
-    block, num_warps = (_pairs_block(size), 4) if launch is None else launch
-    blocks = triton.cdiv(size, block)
-    grad_scale_parts = preact.new_empty(rows, blocks, dtype=torch.float32)
+        return _swiglu_pairs_backward_reference(preact, grad_hidden, slot_weights, sorted_slots, grad_preact)
+    row_block, block, num_warps = PAIRS_LAUNCH if launch is None else launch
+    # Slots no row holds (none on the MoE path, where the rows are a permutation) keep 0.
+    grad_slot_weights = (torch.empty if rows == slot_weights.numel() else torch.zeros)(
+        slot_weights.numel(), device=preact.device, dtype=torch.float32
+    )
     if rows:
-        _swiglu_pairs_backward_kernel[(rows, blocks)](
+        _swiglu_pairs_backward_kernel[(triton.cdiv(rows, row_block),)](
             preact.view(torch.int32),
-            row_scale.contiguous(),
+            slot_weights.contiguous(),
+            sorted_slots.contiguous(),
             grad_hidden,
             grad_preact.view(torch.int32),
-            grad_scale_parts,
+            grad_slot_weights,
+            rows,
             size,
+            ROWS=row_block,
             BLOCK=block,
             num_warps=num_warps,
         )
-    return grad_preact, grad_scale_parts.sum(dim=1)
+    return grad_preact, grad_slot_weights
 
 
 def _swiglu_pairs_backward_reference(
-    preact: Tensor, grad_hidden: Tensor, row_scale: Tensor, grad_preact: Tensor
+    preact: Tensor, grad_hidden: Tensor, slot_weights: Tensor, sorted_slots: Tensor, grad_preact: Tensor
 ) -> tuple[Tensor, Tensor]:
     compute = torch.promote_types(preact.dtype, torch.float32)
     gate, up = preact[:, 0::2].to(compute), preact[:, 1::2].to(compute)
-    grad, scale = grad_hidden.to(compute), row_scale.to(compute).unsqueeze(-1)
+    grad = grad_hidden.to(compute)
+    scale = slot_weights.to(compute).index_select(0, sorted_slots).unsqueeze(-1)
     sigmoid = torch.sigmoid(gate)
     silu = gate * sigmoid
     hidden = silu * up
-    grad_scale = (grad * hidden).sum(-1).float()
+    grad_slot_weights = torch.zeros(slot_weights.numel(), device=preact.device, dtype=torch.float32)
+    grad_slot_weights.index_copy_(0, sorted_slots, (grad * hidden).sum(-1).float())
     grad = grad * scale
     pairs = torch.stack([grad * up * (sigmoid + silu * (1 - sigmoid)), grad * silu], dim=-1)
     grad_preact.copy_(pairs.flatten(-2))  # every read of preact is done: grad_preact may be preact
     grad_hidden.copy_(hidden * scale)
-    return grad_preact, grad_scale
+    return grad_preact, grad_slot_weights
 
 
 class _SwiGLU(torch.autograd.Function):
