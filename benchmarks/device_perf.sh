@@ -4,7 +4,7 @@
 # ffnvar: the FFN table with v14's memory savings switched off one by one; gemm: the expert
 # matmuls alone; tgemm: the Triton grouped-GEMM probe; quack: the QuACK GEMM probe; fusedops: each
 # QuACK call of the fused SwiGLU experts against the unfused ones; first: QuACK's first-use cost, cold and cached; trainq: the
-# train step with QuACK's GEMMs and with grouped_mm; moves: the row gathers, combine and routing; decodediag: the batch-1 decoding diagnosis; decodeblocks: the decode kernels' block sizes; compile: graph breaks and gain),
+# train step with QuACK's GEMMs and with grouped_mm; moves: the row gathers, combine and routing; decodediag: the batch-1 decoding diagnosis; decodeblocks: the decode kernels' block sizes; compile: graph breaks and gain; ffn3: shape 3 of the FFN table alone, paired rounds; gaps3: where the GPU idles in a shape-3 step),
 # each under its own time limit so one slow part cannot eat the rest.
 #   PARTS="gen mole train" bash benchmarks/device_perf.sh
 #   PARTS="static gen1" bash benchmarks/device_perf.sh   # compiled decoding, eager batch 1
@@ -40,6 +40,8 @@ for part in $parts; do
         ffnq) timeout ${FFNQ_S:-200} python3 benchmarks/moe_layer.py --ffn-only --reps 30 > "$out/moe_ffn_quack.log" 2>&1 ;;
         ffnvar) timeout 170 python3 benchmarks/moe_layer.py --ffn-only --variants --reps 40 > "$out/moe_ffn_variants.log" 2>&1 ;;
         compile) timeout 90 python3 benchmarks/compile_check.py > "$out/compile.log" 2>&1; cat "$out/compile.log" ;;
+        ffn3) timeout ${FFN3_S:-150} python3 benchmarks/moe_layer.py --ffn-only --shape 3 --reps 30 --rounds ${FFN3_ROUNDS:-7} --v18-pairs > "$out/moe_ffn_shape3.log" 2>&1 ;;
+        gaps3) timeout 60 python3 benchmarks/gaps.py 16384 2048 1408 64 6 > "$out/gaps_shape3.log" 2>&1; cat "$out/gaps_shape3.log" ;;
         ffnrep) timeout 140 python3 benchmarks/moe_layer.py --ffn-only --reps 50 > "$out/moe_ffn_rep.log" 2>&1 ;;
         mole) timeout ${MOLE_S:-40} python3 benchmarks/moe_layer.py --mole-only > "$out/moe_layer.log" 2>&1 ;;
         train) timeout 70 python3 benchmarks/train_step.py --optimizers foreach fused > "$out/train_step.log" 2>&1 ;;

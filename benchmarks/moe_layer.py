@@ -15,6 +15,7 @@ LoRA and MoCLE against a rank-128 LoRA (target 2).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -65,13 +66,23 @@ def _train_step(module: nn.Module, x: torch.Tensor, grad_out: torch.Tensor):
     return step
 
 
-def _measure(name: str, module: nn.Module, x: torch.Tensor, reps: int, paired: dict | None = None) -> dict:
+def _measure(
+    name: str, module: nn.Module, x: torch.Tensor, reps: int, paired: dict | None = None, around=None
+) -> dict:
     """One method's median step and peak memory, timed alone. With `paired`, its step is kept
-    there (by name) for `_pair`'s interleaved rounds."""
+    there (by name) for `_pair`'s interleaved rounds. `around`: a context manager each step
+    runs inside (a switch of the layer's code for this method alone)."""
     try:
         with torch.no_grad():
             grad_out = torch.randn_like(module(x))
         step = _train_step(module, x, grad_out)
+        if around is not None:
+            plain_step = step
+
+            def step():
+                with around():
+                    plain_step()
+
         ms = time_cuda(step, reps=reps)
         mem = peak_memory_mib(step)
         row = {"method": name, "ms": ms, "peak_mib": mem}
@@ -101,6 +112,24 @@ def _pair(rows: list[dict], paired: dict, baseline: str, rounds: int, reps: int)
                 paired_range=span(ratios),
                 paired_baseline=baseline,
             )
+
+
+V18_PAIRS = "vlmoe MoEFeedForward grouped, QuACK, v18 pairs backward (before v25)"
+
+
+@contextlib.contextmanager
+def _v18_pairs_backward():
+    """The layer's SwiGLU backward on v18's kernel, gathers and reduction
+    (`quack_fused_ops.v18_pairs_backward`): v25 against what it replaced, in the same rounds."""
+    from quack_fused_ops import v18_pairs_backward
+    from vlmoe.moe.kernels import swiglu as swiglu_kernels
+
+    shipped = swiglu_kernels.swiglu_pairs_backward
+    swiglu_kernels.swiglu_pairs_backward = v18_pairs_backward
+    try:
+        yield
+    finally:
+        swiglu_kernels.swiglu_pairs_backward = shipped
 
 
 def _mixtral_block(hidden, intermediate, num_experts, top_k, implementation, source: MoEFeedForward):
@@ -166,6 +195,7 @@ def bench_ffn(
     autotune: bool = False,
     variants: bool = False,
     rounds: int = 0,
+    v18_pairs: bool = False,
 ) -> list[dict]:
     rows = []
     for tokens, hidden, intermediate, num_experts, top_k in shapes:
@@ -209,6 +239,8 @@ def bench_ffn(
                         "vlmoe MoEFeedForward grouped, QuACK, rows spread before the gated GEMM", moe, x, reps
                     )
                 )
+            if v18_pairs:
+                results.append(_measure(V18_PAIRS, moe, x, reps, paired, around=_v18_pairs_backward))
             with quack_gemm.disabled():
                 results.append(_measure("vlmoe MoEFeedForward grouped, grouped_mm", moe, x, reps))
         else:
@@ -386,10 +418,22 @@ def main() -> None:
         help="interleaved rounds re-timing each target's method with its baseline (0: none)",
     )
     parser.add_argument(
+        "--v18-pairs", action="store_true", help="add the layer on v18's SwiGLU backward (NOTES.md v25)"
+    )
+    parser.add_argument(
+        "--shape",
+        type=int,
+        action="append",
+        choices=range(1, len(FFN_SHAPES) + 1),
+        help="only this FFN shape (1-3, the issue's order; repeatable); default all",
+    )
+    parser.add_argument(
         "--autotune", action="store_true", help="add the layer under torch.compile (+ max-autotune)"
     )
     args = parser.parse_args()
-    shapes = [(2048, 256, 512, 4, 2), (2048, 256, 256, 16, 4)] if args.quick else FFN_SHAPES
+    shapes = [FFN_SHAPES[n - 1] for n in args.shape] if args.shape else FFN_SHAPES
+    if args.quick:
+        shapes = [(2048, 256, 512, 4, 2), (2048, 256, 256, 16, 4)]
     reps = 5 if args.quick else args.reps
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
     ffn_rows = (
@@ -402,6 +446,7 @@ def main() -> None:
             autotune=args.autotune,
             variants=args.variants,
             rounds=args.rounds,
+            v18_pairs=args.v18_pairs,
         )
     )
     mole_shape = (2048, 256, 512) if args.quick else ()

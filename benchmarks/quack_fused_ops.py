@@ -14,10 +14,10 @@ in the epilogue, SonicMoE's design, which vlmoe measured and does not use: NOTES
 more tiles, with and without the gather and the row reduction. `--tiles` times each GEMM of the
 fused path over QuACK's SM90 tile space (and the default tile's swizzle), against the best of
 quack_gemm's candidates: what a wider candidate list would gain, per step. `--pairs` times the
-pairs SwiGLU backward over launch shapes (NOTES.md v18), in place as the layer runs it, beside
-the concat-layout kernel, with the bandwidth each reaches. `--chosen` lets quack_gemm tune each
-GEMM of the fused path as the layer does, then times every candidate again in interleaved
-rounds: how much its pick loses against the best of its own candidates.
+pairs SwiGLU backward over launch shapes (NOTES.md v18, v25), in place as the layer runs it,
+beside v18's path and the concat-layout kernel, with the bandwidth each reaches. `--chosen`
+lets quack_gemm tune each GEMM of the fused path as the layer does, then times every candidate
+again in interleaved rounds: how much its pick loses against the best of its own candidates.
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ def _problem(tokens, hidden, intermediate, num_experts, top_k):
     grad_tokens = torch.randn(tokens, hidden, device=dev, dtype=dt)
     row_scale = torch.rand(rows, device=dev)
     return dict(
+        sorted_slots=sorted_slots.long(),
         x=x,
         gate_up=gate_up,
         down=down,
@@ -70,7 +71,7 @@ def _steps(p):
     """(name, path, flops, step) for each call of the fused and the unfused path."""
     x, gate_up, down, bounds, tokens = p["x"], p["gate_up"], p["down"], p["bounds"], p["sorted_tokens"]
     rows, hidden, width = p["rows"], x.shape[1], gate_up.shape[1]
-    scale, grad_tokens = p["row_scale"], p["grad_tokens"]
+    scale, grad_tokens, slots = p["row_scale"], p["grad_tokens"], p["sorted_slots"]
     mm, grad_input, grad_weight = (
         quack_gemm.experts_mm,
         quack_gemm.experts_mm_grad_input,
@@ -95,7 +96,7 @@ def _steps(p):
         ("gather output gradient", "both", 0, lambda: grad_tokens.index_select(0, tokens)),
         ("down grad input", "both", second, lambda: grad_input(grad_sorted, down, bounds)),
         ("SwiGLU backward pass, pairs, w * hidden out", "fused", 0,
-         lambda: swiglu_pairs_backward(pairs_preact, pairs_grad, scale, out=pairs_preact)),
+         lambda: swiglu_pairs_backward(pairs_preact, pairs_grad, scale, slots, out=pairs_preact)),
         ("SwiGLU backward pass", "unfused", 0,
          lambda: swiglu_backward_triton(gate_up_rows, grad_hidden, row_scale=scale)),
         ("down grad weight", "both", second, lambda: grad_weight(grad_sorted, hidden_rows, down, bounds)),
@@ -309,18 +310,23 @@ def tuning_check(reps: int, rounds: int = 3) -> None:
     )
 
 
-PAIRS_LAUNCHES = [(1024, 4), (512, 4), (1024, 8), (2048, 8), (256, 2)]
+# (ROWS, BLOCK, num_warps) of the v25 kernel; swiglu_kernels.PAIRS_LAUNCH is the default.
+PAIRS_LAUNCHES = [(1, 512, 4), (1, 256, 2), (2, 512, 4), (2, 256, 4), (4, 128, 4), (8, 128, 4), (8, 128, 8),
+                  (16, 128, 8), (4, 256, 8), (1, 2048, 8)]  # fmt: skip
 
 
 def pairs_launches(reps: int) -> None:
-    """The pairs SwiGLU backward in place (as `combined_glu` runs it) over launch shapes; (1024, 4)
-    is the v17 kernel's. Bandwidth: the 6 [S, F] bf16 units it moves (preact 2 in, 2 out,
-    grad_hidden 1 in, 1 out); the concat-layout kernel moves 5."""
+    """The pairs SwiGLU backward in place (as `combined_glu` runs it) over launch shapes, beside
+    the v18 kernel with the two gathers and the reduction around it that the layer ran before
+    v25 (`v18_pairs_backward`). Bandwidth: the 6 [S, F] bf16 units it moves (preact 2 in, 2
+    out, grad_hidden 1 in, 1 out); the concat-layout kernel moves 5."""
     table = []
     for shape in SHAPES:
         table += _pairs_rows(shape, reps)
         torch.cuda.empty_cache()
-    print_table("SwiGLU backward kernels, in place", ["shape", "kernel (BLOCK, warps)", "ms", "TB/s"], table)
+    print_table(
+        "SwiGLU backward kernels, in place", ["shape", "kernel (ROWS, BLOCK, warps)", "ms", "TB/s"], table
+    )
 
 
 def _pairs_rows(shape, reps: int) -> list[list[str]]:
@@ -329,23 +335,85 @@ def _pairs_rows(shape, reps: int) -> list[list[str]]:
     torch.manual_seed(0)
     preact = torch.randn(rows, 2 * width, device="cuda", dtype=torch.bfloat16)
     grad_hidden = torch.randn(rows, width, device="cuda", dtype=torch.bfloat16)
-    scale = torch.rand(rows, device="cuda")
+    slot_weights = torch.rand(rows, device="cuda")
+    sorted_slots = torch.randperm(rows, device="cuda")
     unit = rows * width * 2  # bytes of one [S, F] bf16 tensor
-    out = []
+    steps = {"v18 kernel + gathers + reduction (before v25)": lambda: v18_pairs_backward(
+        preact, grad_hidden, slot_weights, sorted_slots, out=preact
+    )}  # fmt: skip
     for launch in [*PAIRS_LAUNCHES, None]:
-        ms = time_cuda(
-            lambda launch=launch: swiglu_pairs_backward(
-                preact, grad_hidden, scale, out=preact, launch=launch
-            ),
-            reps=reps,
+        label = f"v25 {launch}" if launch else f"v25 {swiglu_kernels.PAIRS_LAUNCH} (default)"
+        steps[label] = lambda launch=launch: swiglu_pairs_backward(
+            preact, grad_hidden, slot_weights, sorted_slots, out=preact, launch=launch
         )
-        label = f"pairs {launch}" if launch else f"pairs ({swiglu_kernels._pairs_block(width)}, 4) (default)"
+    # Interleaved rounds: every launch once per round, the median over rounds.
+    times: dict[str, list[float]] = {label: [] for label in steps}
+    for _ in range(5):
+        for label, step in steps.items():
+            times[label].append(time_cuda(step, reps=reps))
+    out = []
+    for label, values in times.items():
+        ms = statistics.median(values)
         out.append([str(shape), label, f"{ms:.3f}", f"{6 * unit / ms / 1e9:.2f}"])
     ms = time_cuda(
-        lambda: swiglu_backward_triton(preact, grad_hidden, out=preact, row_scale=scale), reps=reps
+        lambda: swiglu_backward_triton(preact, grad_hidden, out=preact, row_scale=slot_weights), reps=reps
     )
     out.append([str(shape), "concat layout kernel, in place", f"{ms:.3f}", f"{5 * unit / ms / 1e9:.2f}"])
     return out
+
+
+if swiglu_kernels.HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _v18_pairs_kernel(
+        preact_words, row_scale, grad_hidden, grad_words, grad_scale_parts, size, BLOCK: tl.constexpr
+    ):
+        # The v18 kernel as the layer ran it until v25 (a named baseline, kept here only): one
+        # program per (row, column block), a partial weight gradient per block.
+        row = tl.program_id(0).to(tl.int64)
+        block = tl.program_id(1)
+        cols = block * BLOCK + tl.arange(0, BLOCK)
+        inside = cols < size
+        words = tl.load(preact_words + row * size + cols, mask=inside, other=0)
+        gate = (words << 16).to(tl.float32, bitcast=True)
+        up = (words & -65536).to(tl.float32, bitcast=True)
+        grad = tl.load(grad_hidden + row * size + cols, mask=inside, other=0.0).to(tl.float32)
+        scale = tl.load(row_scale + row).to(tl.float32)
+        hidden = gate * tl.sigmoid(gate) * up
+        tl.store(grad_scale_parts + row * tl.num_programs(1) + block, tl.sum(grad * hidden, axis=0))
+        grad_gate, grad_up = swiglu_kernels._swiglu_grads(gate, up, grad * scale)
+        gate_bits = grad_gate.to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) & 65535
+        up_bits = grad_up.to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) << 16
+        tl.store(grad_words + row * size + cols, gate_bits | up_bits, mask=inside)
+        tl.store(
+            grad_hidden + row * size + cols, (hidden * scale).to(grad_hidden.dtype.element_ty), mask=inside
+        )
+
+
+def v18_pairs_backward(preact, grad_hidden, slot_weights, sorted_slots, out=None, launch=None):
+    """v18's path with `swiglu_pairs_backward`'s signature (so the layer can run it, moe_layer.py
+    --v18-pairs): the weights gathered to row order (v18 did it in the forward), the kernel with
+    blocks of 512 (F = 1408) or 1024 columns, the per-block sums reduced, the gradient put back
+    in slot order (v18: an index_select by slot_rows; here its inverse, an index_copy)."""
+    rows, size = grad_hidden.shape
+    grad_preact = torch.empty_like(preact) if out is None else out
+    row_scale = slot_weights.index_select(0, sorted_slots)
+    block = 512 if size == 1408 else 1024
+    blocks = triton.cdiv(size, block)
+    parts = preact.new_empty(rows, blocks, dtype=torch.float32)
+    _v18_pairs_kernel[(rows, blocks)](
+        preact.view(torch.int32),
+        row_scale,
+        grad_hidden,
+        grad_preact.view(torch.int32),
+        parts,
+        size,
+        BLOCK=block,
+    )
+    grad_slot_weights = torch.empty_like(slot_weights, dtype=torch.float32)
+    return grad_preact, grad_slot_weights.index_copy_(0, sorted_slots, parts.sum(dim=1))
 
 
 def main() -> None:
