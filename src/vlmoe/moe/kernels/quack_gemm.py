@@ -321,7 +321,7 @@ def _announce_tuning() -> None:
         _announced = True
         logger.warning(
             "vlmoe: timing QuACK's tiles for new expert-matmul shapes; on first use QuACK also "
-            "compiles its kernels (up to a minute on an H200). Both are cached (%s and QuACK's cache).",
+            "compiles its kernels (about a minute on an H200). Both are cached (%s and QuACK's cache).",
             _cache_path(),
         )
 
