@@ -208,9 +208,12 @@ class LoRAExperts(nn.Module):
         blocks = low_rank.unflatten(1, (block_gates.shape[1], self.rank))  # [T, blocks, r]
         return (blocks * block_gates.unsqueeze(-1)).flatten(1)
 
-    def delta_weight(self, expert: int) -> Tensor:
-        """The dense weight update of one expert. # [O, I]"""
-        return self.lora_B[expert] @ self.lora_A[expert] * self.scaling
+    def delta_weight(self, expert: int, dtype: torch.dtype | None = None) -> Tensor:
+        """The dense weight update of one expert, computed in `dtype` (default the factors'). # [O, I]"""
+        lora_B, lora_A = self.lora_B[expert], self.lora_A[expert]
+        if dtype is not None:
+            lora_B, lora_A = lora_B.to(dtype), lora_A.to(dtype)
+        return lora_B @ lora_A * self.scaling
 
 
 class ModuleExperts(_LoopGatedForward, nn.Module):

@@ -505,9 +505,8 @@ class MoLELinear(SparseLayer):
         rounding of the merged weight (W + s B A is summed in float32 or wider, then cast once)."""
         if self.universal is not None:
             weight = self.base.weight
-            universal = self.universal
             compute = torch.promote_types(weight.dtype, torch.float32)
-            delta = universal.lora_B[0].to(compute) @ universal.lora_A[0].to(compute) * universal.scaling
+            delta = self.universal.delta_weight(0, compute)
             weight.copy_((weight.to(compute) + delta).to(weight.dtype))
             self.universal = None
         return self
