@@ -395,12 +395,13 @@ if swiglu_kernels.HAS_TRITON:
 def v18_pairs_backward(preact, grad_hidden, slot_weights, sorted_slots, out=None, launch=None):
     """v18's path with `swiglu_pairs_backward`'s signature (so the layer can run it, moe_layer.py
     --v18-pairs): the weights gathered to row order (v18 did it in the forward), the kernel with
-    blocks of 512 (F = 1408) or 1024 columns, the per-block sums reduced, the gradient put back
-    in slot order (v18: an index_select by slot_rows; here its inverse, an index_copy)."""
+    v18's blocks (of 1024 and 512 columns, the one that pads a row least, 1024 on a tie), the
+    per-block sums reduced, the gradient put back in slot order (v18: an index_select by
+    slot_rows; here its inverse, an index_copy)."""
     rows, size = grad_hidden.shape
     grad_preact = torch.empty_like(preact) if out is None else out
     row_scale = slot_weights.index_select(0, sorted_slots)
-    block = 512 if size == 1408 else 1024
+    block = min((1024, 512), key=lambda block: (triton.cdiv(size, block) * block, -block))
     blocks = triton.cdiv(size, block)
     parts = preact.new_empty(rows, blocks, dtype=torch.float32)
     _v18_pairs_kernel[(rows, blocks)](
