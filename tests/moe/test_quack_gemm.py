@@ -6,6 +6,7 @@ does around the kernel: operand orientation, cu_seqlens, the gather indices, the
 functions that call it, the choice among configurations and its cache. The kernel itself is
 tested on the GPU (test_quack_gemm_gpu.py)."""
 
+import contextlib
 import dataclasses
 import importlib
 import itertools
@@ -388,3 +389,163 @@ def test_the_disk_cache_keeps_other_processes_choices_and_ignores_other_candidat
     quack_gemm._chosen.clear()
     quack_gemm._load_disk_cache()
     assert quack_gemm._chosen == {}
+
+
+class _CompilePending(BaseException):
+    def __init__(self, sha):
+        super().__init__(sha)
+        self.sha = sha
+
+
+class _FakeAsyncCompile:
+    """quack.cache.async_compile's interface over a stand-in kernel cache: with a pool active and
+    not suppressed, a call whose kernel (its tile, without the swizzle, a launch argument) is not
+    compiled yet is submitted and raises CompilePending; otherwise it compiles in the calling
+    process (QuACK's jit_cache). Workers deliver the kernels in `workers_finish` at once and
+    never start the others, so those compile here."""
+
+    CompilePending = _CompilePending
+
+    def __init__(self, fake_quack, workers_finish):
+        self.events = []
+        self.compiled = set()
+        self.workers_finish = workers_finish
+        self.active = None
+        self.suppressed = 0
+        self.activations = []
+        for name in ("fn", "gemm_act"):
+            setattr(fake_quack, name, self._compiling(getattr(fake_quack, name)))
+
+    def _compiling(self, call):
+        def wrapper(*args, config=None, **kwargs):
+            kernel = (config.tile_m, config.tile_n, config.cluster_m, config.cluster_n, config.pingpong)
+            if kernel not in self.compiled:
+                if self.active is not None and not self.suppressed:
+                    if kernel not in self.active:
+                        self.active.append(kernel)
+                        self.events.append(("submit", kernel))
+                        if kernel[1] in self.workers_finish:
+                            self.compiled.add(kernel)
+                            self.events.append(("worker", kernel))
+                    raise _CompilePending(str(kernel))
+                self.compiled.add(kernel)
+                self.events.append(("here", kernel))
+            return call(*args, config=config, **kwargs)
+
+        return wrapper
+
+    @contextlib.contextmanager
+    def pool_scope(self):
+        if self.active is not None:  # QuACK's: the pool already active is joined and left active
+            yield self.active
+            return
+        self.active = []
+        self.activations.append(self.active)
+        try:
+            yield self.active
+        finally:
+            self.active = None
+
+    @contextlib.contextmanager
+    def suppress_pool(self):
+        self.suppressed += 1
+        try:
+            yield
+        finally:
+            self.suppressed -= 1
+
+
+@pytest.fixture
+def compile_pool(fake_quack, monkeypatch):
+    fake = _FakeAsyncCompile(fake_quack, workers_finish={256})
+    cache = types.ModuleType("quack.cache")
+    cache.async_compile = fake
+    monkeypatch.setitem(sys.modules, "quack.cache", cache)
+    monkeypatch.setitem(sys.modules, "quack.cache.async_compile", fake)
+    monkeypatch.setattr(quack_gemm, "TUNE", True)
+    monkeypatch.setattr(quack_gemm, "PARALLEL_COMPILE", True)
+    monkeypatch.setattr(quack_gemm, "_tuning_log", {})
+    monkeypatch.setattr(quack_gemm, "_compile_server_started", True)  # tested on its own below
+    monkeypatch.setattr(
+        quack_gemm, "_elapsed_ms", lambda run: (run(), 3.0 if fake_quack.calls[-1][1] == 192 else 1.0)[1]
+    )
+    return fake
+
+
+def test_the_candidates_kernels_go_to_quack_compile_workers_first_and_each_compiles_once(
+    compile_pool, fake_quack
+):
+    x = torch.randn(40, 16, dtype=torch.float64)
+    weight = torch.randn(3, 8, 16, dtype=torch.float64)
+    bounds = quack_gemm.cu_seqlens(torch.tensor([10, 25, 40]))
+    out = quack_gemm.experts_mm(x, weight, bounds)
+
+    wanted = torch.cat([x[:10] @ weight[0].T, x[10:25] @ weight[1].T, x[25:] @ weight[2].T])
+    assert relative_error(out, wanted) < 1e-12
+    kernels = {tile[:5] for tile in quack_gemm.CANDIDATES}
+    assert len(kernels) == 4 < len(quack_gemm.CANDIDATES)  # two candidates differ in the swizzle only
+    # Every kernel was handed to the workers before any compiled here, in one pool scope, left
+    # when the problem's kernels were in.
+    kinds = [kind for kind, _ in compile_pool.events]
+    assert kinds.index("here") > max(i for i, kind in enumerate(kinds) if kind == "submit")
+    assert {kernel for kind, kernel in compile_pool.events if kind == "submit"} == kernels
+    assert len(compile_pool.activations) == 1 and compile_pool.active is None
+    # Each kernel compiled once: the workers' (the 256-wide tiles), the others here.
+    compiled = [kernel for kind, kernel in compile_pool.events if kind in ("worker", "here")]
+    assert sorted(compiled) == sorted(kernels)
+    assert {kernel[1] for kind, kernel in compile_pool.events if kind == "worker"} == {256}
+    # The tuning then timed every candidate as before and chose among them all.
+    (key,) = quack_gemm._chosen
+    assert quack_gemm.CANDIDATES[quack_gemm._chosen[key]][1] != 192
+    entry = quack_gemm.tuning_seconds()[key]
+    assert entry["candidates"] == 5 and entry["on_workers"] == 5
+    assert entry["compile_s"] >= entry["handing_s"] >= 0 and entry["time_s"] >= 0
+
+
+def test_one_kernel_to_compile_or_the_switch_off_compiles_in_this_process(
+    compile_pool, fake_quack, monkeypatch
+):
+    # The gather takes cluster_n 1 only: two candidates, one kernel (they differ in the swizzle).
+    x = torch.randn(12, 16, dtype=torch.float64)
+    weight = torch.randn(2, 8, 16, dtype=torch.float64)
+    token_rows = torch.tensor([0, 3, 3, 5, 7, 11, 1, 2])
+    quack_gemm.experts_mm(x, weight, torch.tensor([0, 5, 8], dtype=torch.int32), token_rows=token_rows)
+    assert compile_pool.activations == [] and [kind for kind, _ in compile_pool.events] == ["here"]
+
+    monkeypatch.setattr(quack_gemm, "PARALLEL_COMPILE", False)
+    weight = torch.randn(3, 8, 16, dtype=torch.float64)
+    quack_gemm.experts_mm(
+        torch.randn(40, 16, dtype=torch.float64), weight, quack_gemm.cu_seqlens(torch.tensor([10, 25, 40]))
+    )
+    assert compile_pool.activations == []
+    assert all(kind == "here" for kind, _ in compile_pool.events) and len(compile_pool.events) == 4
+
+
+def test_the_compile_server_starts_once_at_the_first_problem_to_tune(compile_pool, fake_quack, monkeypatch):
+    import multiprocessing
+    from multiprocessing import forkserver
+
+    started, preloads = [], []
+
+    class Context:
+        def set_forkserver_preload(self, modules):
+            preloads.append(modules)
+
+    monkeypatch.setattr(quack_gemm, "_compile_server_started", False)
+    monkeypatch.setattr(
+        multiprocessing, "get_context", lambda method: Context() if method == "forkserver" else None
+    )
+    monkeypatch.setattr(forkserver, "ensure_running", lambda: started.append(True))
+    x = torch.randn(40, 16, dtype=torch.float64)
+    for rows in (40, 2000):  # two problems to tune (different size buckets)
+        x = torch.randn(rows, 16, dtype=torch.float64)
+        weight = torch.randn(3, 8, 16, dtype=torch.float64)
+        quack_gemm.experts_mm(x, weight, quack_gemm.cu_seqlens(torch.tensor([10, 25, rows])))
+    assert len(quack_gemm._chosen) == 2
+    assert started == [True] and preloads == [["quack.cache._pool_preload"]]
+
+    # QuACK told to spawn its workers: there is no server to start.
+    monkeypatch.setattr(quack_gemm, "_compile_server_started", False)
+    monkeypatch.setenv("QUACK_ASYNC_COMPILE_START", "spawn")
+    quack_gemm._start_compile_server()
+    assert started == [True]

@@ -217,3 +217,54 @@ def test_swiglu_in_the_gemm_epilogue_and_the_swiglu_pass_agree():
         results.append([out, xi.grad, *(p.grad.clone() for p in moe.parameters() if p.grad is not None)])
     for fused, unfused in zip(*results, strict=True):
         assert relative_error(fused, unfused) < 2e-2
+
+
+_COLD_START = """
+import json, torch
+from vlmoe.moe.kernels import quack_gemm
+quack_gemm.MIN_ROWS = 0
+torch.manual_seed(7)
+counts = [700, 0, 517, 831]
+x = torch.randn(sum(counts), 512, device="cuda", dtype=torch.bfloat16)
+weight = torch.randn(len(counts), 768, 512, device="cuda", dtype=torch.bfloat16) / 512**0.5
+bounds = quack_gemm.cu_seqlens(torch.tensor(counts, device="cuda").cumsum(0))
+out = quack_gemm.experts_mm(x, weight, bounds).double()
+want, start = [], 0
+for expert, count in enumerate(counts):
+    want.append(x[start : start + count].double() @ weight[expert].double().T)
+    start += count
+error = ((out - torch.cat(want)).norm() / torch.cat(want).norm()).item()
+(entry,) = quack_gemm.tuning_seconds().values()
+print(json.dumps({"error": error, **entry}))
+"""
+
+
+def test_a_cold_start_compiles_the_candidates_on_quacks_workers_and_a_warm_one_loads_them(tmp_path):
+    # A fresh process each time (QuACK keeps compiled kernels in memory too): with an empty
+    # QuACK cache the tuning hands every candidate to QuACK's compile workers (v26) and their
+    # kernels compute the products; a second process finds them all in QuACK's cache.
+    import json
+    import os
+    import subprocess
+    import sys
+
+    runs = []
+    for run in ("cold", "warm"):
+        env = {
+            **os.environ,
+            "QUACK_CACHE_DIR": str(tmp_path / "quack"),
+            "VLMOE_CACHE_DIR": str(tmp_path / run),
+            "VLMOE_QUACK_TUNE": "1",
+            "VLMOE_QUACK_PARALLEL_COMPILE": "1",
+        }
+        done = subprocess.run(
+            [sys.executable, "-c", _COLD_START], env=env, capture_output=True, text=True, timeout=240
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    cold, warm = runs
+    assert cold["error"] < 1e-2 and warm["error"] < 1e-2
+    assert cold["candidates"] == warm["candidates"] == len(quack_gemm.CANDIDATES)
+    assert cold["on_workers"] == len(quack_gemm.CANDIDATES) and warm["on_workers"] == 0
+    assert cold["worker_failures"] == 0
+    assert warm["compile_s"] < cold["compile_s"]

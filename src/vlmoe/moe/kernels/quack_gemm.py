@@ -21,9 +21,11 @@ of GLUExperts; QuACK's `concat_layout` maps one onto the other in the loads and 
 
 Each problem shape picks among a few tile configurations by timing them once on its first call
 (a few seconds, kernels compiled by QuACK once per configuration), remembered in-process and in
-`$VLMOE_CACHE_DIR/quack_gemm.json` (default ~/.cache/vlmoe) across runs. Switches:
-`VLMOE_QUACK=0` turns this path off; `VLMOE_QUACK_TUNE=0` keeps QuACK's default configuration;
-`VLMOE_QUACK_FUSED=0` keeps the SwiGLU out of the GEMM (its own Triton pass, as before v17).
+`$VLMOE_CACHE_DIR/quack_gemm.json` (default ~/.cache/vlmoe) across runs. A problem's candidate
+kernels compile side by side, on QuACK's pool of CPU compile workers (`_compile_candidates`).
+Switches: `VLMOE_QUACK=0` turns this path off; `VLMOE_QUACK_TUNE=0` keeps QuACK's default
+configuration; `VLMOE_QUACK_FUSED=0` keeps the SwiGLU out of the GEMM (its own Triton pass, as
+before v17); `VLMOE_QUACK_PARALLEL_COMPILE=0` compiles the candidates one after another here.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import logging
 import os
 import statistics
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -46,6 +49,8 @@ ENABLED = os.environ.get("VLMOE_QUACK", "1") != "0"
 # expert matmuls on QuACK and the SwiGLU in its own Triton pass, as before v17.
 FUSE_SWIGLU = os.environ.get("VLMOE_QUACK_FUSED", "1") != "0"
 TUNE = os.environ.get("VLMOE_QUACK_TUNE", "1") != "0"
+# A problem's candidate kernels compile side by side on QuACK's CPU worker processes (NOTES.md v26).
+PARALLEL_COMPILE = os.environ.get("VLMOE_QUACK_PARALLEL_COMPILE", "1") != "0"
 # The gated GEMM gathers the token rows in its loads (False: `rows_spread_first`).
 GATHER_IN_LOADS = True
 # Below this many rows a problem is launch-bound (QuACK's host path is the heavier one) and was
@@ -71,7 +76,14 @@ CANDIDATES: tuple[tuple, ...] = (
 )
 logger = logging.getLogger(__name__)
 _chosen: dict[str, int] = {}
+# Per problem key tuned in this process: seconds compiling (or loading) its candidates and
+# timing them, and how many were handed to QuACK's compile workers (`tuning_seconds`).
+_tuning_log: dict[str, dict[str, Any]] = {}
 _announced = False
+_compile_server_started = False
+# What the compile server imports before workers fork from it: the module QuACK's own pools
+# preload (quack.cache.async_compile._make_executor: torch, the CUTLASS DSL).
+COMPILE_SERVER_PRELOAD: tuple[str, ...] = ("quack.cache._pool_preload",)
 _disk_loaded = False
 _available: bool | None = None
 
@@ -289,7 +301,8 @@ def _tuned(direction: str, op: str, kwargs: dict) -> None:
             _run(candidates[0], op, kwargs)
             return
         _announce_tuning()
-        _chosen[key] = _time_candidates(candidates, op, kwargs)
+        _start_compile_server()
+        _chosen[key] = _time_candidates(candidates, op, kwargs, key=key)
         _save_disk_cache()
     _run(_chosen[key], op, kwargs)
 
@@ -321,23 +334,126 @@ def _announce_tuning() -> None:
         _announced = True
         logger.warning(
             "vlmoe: timing QuACK's tiles for new expert-matmul shapes; on first use QuACK also "
-            "compiles its kernels (about a minute on an H200). Both are cached (%s and QuACK's cache).",
+            "compiles its kernels (about half a minute on an H200). Both are cached (%s and QuACK's cache).",
             _cache_path(),
         )
 
 
-def _time_candidates(candidates: list[int], op: str, kwargs: dict, rounds: int = 7) -> int:
+def _time_candidates(candidates: list[int], op: str, kwargs: dict, rounds: int = 7, key: str = "") -> int:
     """The candidate with the least median time on this very call's operands. Timed in
     interleaved rounds, one call of each candidate a round: the clocks of a GPU that has just
     left idle, or heats up under the first candidates, weigh on all of them alike (timing each
     candidate's calls back to back picked by order as much as by tile, NOTES.md v18)."""
-    for index in candidates:
-        _run(index, op, kwargs)  # compile (once per configuration) and warm up
+    start = time.perf_counter()
+    compiling = _compile_candidates(candidates, op, kwargs)  # and one warm-up call each
+    compiled = time.perf_counter()
     times: dict[int, list[float]] = {index: [] for index in candidates}
     for _ in range(rounds):
         for index in candidates:
             times[index].append(_elapsed_ms(lambda index=index: _run(index, op, kwargs)))
+    _tuning_log[key] = {
+        "compile_s": compiled - start,
+        "time_s": time.perf_counter() - compiled,
+        "candidates": len(candidates),
+        **compiling,
+    }
     return min(candidates, key=lambda index: statistics.median(times[index]))
+
+
+def _compile_candidates(candidates: list[int], op: str, kwargs: dict) -> dict[str, Any]:
+    """Run every candidate once, which compiles its kernel or loads it from QuACK's disk cache;
+    -> what `tuning_seconds` reports of it.
+
+    Compiling one QuACK kernel takes ~2 s of this process's CPU, a problem has up to four
+    kernels to compile (five candidates, two differing only in a launch argument) and a layer
+    six problems: one after another, 38-50 s of a first step's 43-56 (NOTES.md v26). QuACK's
+    async compile (`quack.cache.async_compile`, what its own autotuner uses) ships a kernel
+    missing from its cache to a pool of CPU worker processes and raises CompilePending before
+    launching anything. So all the candidates go to the workers first; then each runs here in
+    turn, with the pool suppressed, and QuACK's per-kernel file lock sorts it out: a kernel a
+    worker has finished is loaded, one a worker is compiling is waited for, and one no worker
+    has started compiles here. A kernel a worker failed on compiles here too, where its failure
+    raises with QuACK's own error. The pool is QuACK's process-wide one (`pool_scope`): its
+    workers stay up between problems, and a worker's first compile costs ~3x its later ones
+    (a pool per problem measured no faster than one after another). A problem with one kernel
+    to compile gains nothing from workers and compiles here."""
+    kernels = {CANDIDATES[index][:5] for index in candidates}  # the swizzle is a launch argument
+    pool_api = _pool_api() if PARALLEL_COMPILE and len(kernels) > 1 else None
+    if pool_api is None:
+        for index in candidates:
+            _run(index, op, kwargs)
+        return {"on_workers": 0, "handing_s": 0.0, "after_s": [], "worker_failures": 0}
+    pending_error, suppress_pool, pool_scope = pool_api
+    handed: list[int] = []
+    after: list[float] = []
+    start = time.perf_counter()
+    with pool_scope() as pool:
+        for index in candidates:
+            try:
+                _run(index, op, kwargs)  # in QuACK's cache already: runs as it is
+            except pending_error:
+                handed.append(index)
+        handing = time.perf_counter() - start
+        with suppress_pool():
+            for index in handed:
+                _run(index, op, kwargs)
+                after.append(time.perf_counter() - start)
+        errors = pool.stats().get("errors", []) if hasattr(pool, "stats") else []
+    if errors:  # compiled here instead; say why, once per problem
+        logger.warning(
+            "vlmoe: QuACK's compile workers failed on %d kernels, compiled here instead: %s",
+            len(errors),
+            errors[0][1],
+        )
+    return {"on_workers": len(handed), "handing_s": handing, "after_s": after, "worker_failures": len(errors)}
+
+
+def _pool_api() -> tuple[Any, Any, Any] | None:
+    """(CompilePending, suppress_pool, pool_scope) from QuACK's async compile module, or None
+    where this QuACK has none. pool_scope activates a pool on QuACK's process-wide executor
+    (up to QUACK_COMPILE_WORKERS worker processes, default 8, started as needed and idle for the
+    rest of the process once the kernels are in) or joins the pool already active (QuACK's
+    pytest plugin's). VLMOE_QUACK_PARALLEL_COMPILE=0 starts no process."""
+    try:
+        from quack.cache import async_compile
+    except ImportError:
+        return None
+    return async_compile.CompilePending, async_compile.suppress_pool, async_compile.pool_scope
+
+
+def _start_compile_server() -> None:
+    """Start QuACK's compile server in the background, once per process, at the first problem
+    to tune. It is Python's forkserver with torch and the CUTLASS DSL imported (~13 s, QuACK's
+    figure), which compile workers fork from; the first pool would otherwise wait for all of
+    that import in its first worker's start. Nothing here waits: the layer's first problem
+    (one kernel, compiled here) runs meanwhile, and the second waits for the rest (6-14 s,
+    NOTES.md v26)."""
+    global _compile_server_started
+    if _compile_server_started or not PARALLEL_COMPILE:
+        return
+    _compile_server_started = True
+    # QUACK_ASYNC_COMPILE_START=spawn: QuACK's workers are spawned instead, no server to start.
+    if os.environ.get("QUACK_ASYNC_COMPILE_START", "forkserver") != "forkserver" or _pool_api() is None:
+        return
+    import multiprocessing
+    from multiprocessing import forkserver
+
+    multiprocessing.get_context("forkserver").set_forkserver_preload(list(COMPILE_SERVER_PRELOAD))
+    try:
+        forkserver.ensure_running()
+    except OSError:  # no room for a process here: the pools start it themselves
+        logger.debug("vlmoe: QuACK's compile server did not start early", exc_info=True)
+
+
+def tuning_seconds() -> dict[str, dict[str, Any]]:
+    """Per expert-matmul problem tuned in this process (its cache key): `compile_s`, seconds to
+    compile or load its candidates' kernels; `time_s`, seconds timing them; `candidates`;
+    `on_workers`, how many were handed to QuACK's compile workers (those not in its cache);
+    `handing_s`, the seconds handing them over took (a first pool waits there for its compile
+    server's imports); `after_s`, seconds from the handing's start to each handed candidate's
+    kernel being ready here; `worker_failures`, kernels the workers failed on (compiled here).
+    What a first step spent here."""
+    return {key: dict(entry) for key, entry in _tuning_log.items()}
 
 
 def _elapsed_ms(run) -> float:
