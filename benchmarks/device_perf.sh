@@ -3,7 +3,7 @@
 # (default: gen mole train; ffn: the MoE FFN table; ffnrep: its headline ratios at 50 reps;
 # ffnvar: the FFN table with v14's memory savings switched off one by one; gemm: the expert
 # matmuls alone; tgemm: the Triton grouped-GEMM probe; quack: the QuACK GEMM probe; fusedops: each
-# QuACK call of the fused SwiGLU experts against the unfused ones; first: QuACK's first-use cost, cold and cached; trainq: the
+# QuACK call of the fused SwiGLU experts against the unfused ones; first: QuACK's first-use cost, cold and cached; firstpar: cold with the candidates compiled on QuACK's workers and one after another (v26), then cached; trainq: the
 # train step with QuACK's GEMMs and with grouped_mm; moves: the row gathers, combine and routing; decodediag: the batch-1 decoding diagnosis; decodeblocks: the decode kernels' block sizes; compile: graph breaks and gain; ffn3: shape 3 of the FFN table alone, paired rounds; gaps3: where the GPU idles in a shape-3 step),
 # each under its own time limit so one slow part cannot eat the rest.
 #   PARTS="gen mole train" bash benchmarks/device_perf.sh
@@ -53,6 +53,17 @@ for part in $parts; do
         first) caches="QUACK_CACHE_DIR=$(mktemp -d) VLMOE_CACHE_DIR=$(mktemp -d)"
             for run in cold cached; do echo "-- $run"; env $caches timeout 150 python3 benchmarks/quack_first_use.py; done > "$out/quack_first_use.log" 2>&1
             cat "$out/quack_first_use.log" ;;
+        firstpar) # v26: cold first use with the candidates compiled on QuACK's workers and one after another, every cache
+            # (QuACK's, vlmoe's, Triton's) empty for each run, in the order of $FIRST_ORDER; then one run with the caches
+            # (a mode: 0, 1, or 1 followed by quack_first_use.py's arguments joined with ":", e.g. 1:--pool:shared)
+            for mode in ${FIRST_ORDER:-1 0 1 0}; do
+                caches="QUACK_CACHE_DIR=$(mktemp -d) VLMOE_CACHE_DIR=$(mktemp -d) TRITON_CACHE_DIR=$(mktemp -d)"
+                echo "-- cold, VLMOE_QUACK_PARALLEL_COMPILE=$mode"
+                env $caches VLMOE_QUACK_PARALLEL_COMPILE=${mode%%:*} timeout 150 python3 benchmarks/quack_first_use.py --shapes ${FIRST_SHAPES:-3} $(echo "${mode#?}" | tr ':' ' ')
+            done > "$out/quack_first_use.log" 2>&1
+            echo "-- cached (the last run's caches)" >> "$out/quack_first_use.log"
+            env $caches timeout 100 python3 benchmarks/quack_first_use.py --shapes ${FIRST_SHAPES:-3} >> "$out/quack_first_use.log" 2>&1
+            grep -v "^    " "$out/quack_first_use.log" ;;
         trainq) timeout 120 python3 benchmarks/train_step.py --optimizers fused --without-quack > "$out/train_step_quack.log" 2>&1 ;;
         gemm) timeout 60 python3 benchmarks/gemm_efficiency.py > "$out/gemm_efficiency.log" 2>&1 ;;
         decodediag) timeout ${DECODEDIAG_S:-120} python3 benchmarks/decode_diagnosis.py --models ${DECODEDIAG_MODELS:-dense,vlmoe,mixtral} > "$out/decode_diagnosis.log" 2>&1 ;;
