@@ -169,7 +169,12 @@ def _stage(**changes):
         (
             {"data": {"sources": [{"name": "c", "charts": {"n": 4, "size_px": 32}}]}},
             "data.sources[0].charts.size_px is 32",
-            "at least 64",
+            "from 64 to 4096 pixels",
+        ),
+        (
+            {"data": {"sources": [{"name": "c", "charts": {"n": 4, "size_px": 5000}}]}},
+            "data.sources[0].charts.size_px is 5000",
+            "from 64 to 4096 pixels",
         ),
         (
             {"data": {"sources": [{"name": "c", "charts": {"n": 4}, "weight": 0}]}},

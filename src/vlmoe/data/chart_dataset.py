@@ -28,13 +28,12 @@ from vlmoe.data.chart_code import plotting_code
 from vlmoe.data.chart_conversations import chart_samples
 from vlmoe.data.chart_qa import chart_questions
 from vlmoe.data.chart_record import sample_chart_record
-from vlmoe.data.chart_render import MIN_SIZE_PX, ChartRenderer
+from vlmoe.data.chart_render import MAX_SIZE_PX, MIN_SIZE_PX, ChartRenderer
 from vlmoe.data.chart_text import chart_json_text, chart_table
 from vlmoe.data.folders import output_folder
 
 SHARD_SIZE = 1000
 CHUNK_SIZE = 20  # charts per worker task: big enough to amortise IPC, small for a smooth progress bar
-MAX_SIZE_PX = 4096  # a 4096 px figure is 64 MiB of RGBA (the smallest, MIN_SIZE_PX, is the renderer's)
 YOUNG_GC_THRESHOLD = 20_000  # allocations between young collections while generating (Python: 700)
 
 

@@ -22,6 +22,7 @@ from vlmoe.data.chart_code import plot_body, rc_params
 from vlmoe.data.chart_record import ChartRecord
 
 MIN_SIZE_PX = 64  # smaller, the axis labels and legends cannot be drawn legibly
+MAX_SIZE_PX = 4096  # a 4096 px figure is 64 MiB of RGBA
 
 
 class ChartRenderer:

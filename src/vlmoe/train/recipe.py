@@ -31,7 +31,7 @@ import yaml
 
 from vlmoe.data.chart_conversations import CHART_TASKS
 from vlmoe.data.chart_record import CHART_TYPES
-from vlmoe.data.chart_render import MIN_SIZE_PX
+from vlmoe.data.chart_render import MAX_SIZE_PX, MIN_SIZE_PX
 from vlmoe.train.validate import (
     AT_LEAST_1,
     MORE_THAN_0,
@@ -60,7 +60,13 @@ class ChartDataConfig:
 
     n: int = field(default=200, metadata=AT_LEAST_1)
     seed: int = 0
-    size_px: int = field(default=112, metadata=valid(lambda px: px >= MIN_SIZE_PX, f"at least {MIN_SIZE_PX}"))
+    size_px: int = field(
+        default=112,
+        # The bounds chart generation checks, here so a recipe fails at load, not stages later.
+        metadata=valid(
+            lambda px: MIN_SIZE_PX <= px <= MAX_SIZE_PX, f"from {MIN_SIZE_PX} to {MAX_SIZE_PX} pixels"
+        ),
+    )
     questions_per_chart: int = field(default=4, metadata=NOT_NEGATIVE)
     # Any of vlmoe.data's chart tasks, plus "chart_type" ("What type of chart is this?").
     tasks: list[str] = field(default_factory=lambda: ["chart_to_table"])
