@@ -427,7 +427,10 @@ def _start_compile_server() -> None:
     figure), which compile workers fork from; the first pool would otherwise wait for all of
     that import in its first worker's start. Nothing here waits: the layer's first problem
     (one kernel, compiled here) runs meanwhile, and the second waits for the rest (6-14 s,
-    NOTES.md v26)."""
+    NOTES.md v26). The forkserver is the process's one: other code that starts processes
+    through it later gets them from this server, with QuACK's preload's environment (no GPU
+    visible, CUDA_VISIBLE_DEVICES=""); that is QuACK's pool's doing whenever it runs, and
+    VLMOE_QUACK_PARALLEL_COMPILE=0 keeps both out of the process."""
     global _compile_server_started
     if _compile_server_started or not PARALLEL_COMPILE:
         return
