@@ -407,6 +407,7 @@ class _FakeAsyncCompile:
     CompilePending = _CompilePending
 
     def __init__(self, fake_quack, workers_finish):
+        self.broken = False  # no worker process can start: handing a kernel over raises
         self.events = []
         self.compiled = set()
         self.workers_finish = workers_finish
@@ -421,6 +422,8 @@ class _FakeAsyncCompile:
             kernel = (config.tile_m, config.tile_n, config.cluster_m, config.cluster_n, config.pingpong)
             if kernel not in self.compiled:
                 if self.active is not None and not self.suppressed:
+                    if self.broken:
+                        raise OSError("[Errno 11] Resource temporarily unavailable")
                     if kernel not in self.active:
                         self.active.append(kernel)
                         self.events.append(("submit", kernel))
@@ -519,6 +522,28 @@ def test_one_kernel_to_compile_or_the_switch_off_compiles_in_this_process(
     )
     assert compile_pool.activations == []
     assert all(kind == "here" for kind, _ in compile_pool.events) and len(compile_pool.events) == 4
+
+
+def test_a_pool_that_cannot_start_workers_leaves_every_kernel_to_compile_here(
+    compile_pool, fake_quack, caplog
+):
+    compile_pool.broken = True
+    x = torch.randn(40, 16, dtype=torch.float64)
+    weight = torch.randn(3, 8, 16, dtype=torch.float64)
+    with caplog.at_level("WARNING", logger="vlmoe.moe.kernels.quack_gemm"):
+        out = quack_gemm.experts_mm(x, weight, quack_gemm.cu_seqlens(torch.tensor([10, 25, 40])))
+    wanted = torch.cat([x[:10] @ weight[0].T, x[10:25] @ weight[1].T, x[25:] @ weight[2].T])
+    assert relative_error(out, wanted) < 1e-12
+    assert sorted(kernel for _, kernel in compile_pool.events) == sorted(
+        {t[:5] for t in quack_gemm.CANDIDATES}
+    )
+    assert {kind for kind, _ in compile_pool.events} == {"here"}
+    (entry,) = quack_gemm.tuning_seconds().values()
+    assert entry["worker_failures"] == len(quack_gemm.CANDIDATES)
+    assert any(
+        "compiled here instead" in r.getMessage() and "Resource temporarily" in r.getMessage()
+        for r in caplog.records
+    )
 
 
 def test_the_compile_server_starts_once_at_the_first_problem_to_tune(compile_pool, fake_quack, monkeypatch):

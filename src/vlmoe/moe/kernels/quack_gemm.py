@@ -372,11 +372,12 @@ def _compile_candidates(candidates: list[int], op: str, kwargs: dict) -> dict[st
     launching anything. So all the candidates go to the workers first; then each runs here in
     turn, with the pool suppressed, and QuACK's per-kernel file lock sorts it out: a kernel a
     worker has finished is loaded, one a worker is compiling is waited for, and one no worker
-    has started compiles here. A kernel a worker failed on compiles here too, where its failure
-    raises with QuACK's own error. The pool is QuACK's process-wide one (`pool_scope`): its
-    workers stay up between problems, and a worker's first compile costs ~3x its later ones
-    (a pool per problem measured no faster than one after another). A problem with one kernel
-    to compile gains nothing from workers and compiles here."""
+    has started compiles here. A kernel a worker failed on, or the pool could not take, compiles
+    here too, where a failure of its own raises with QuACK's error. The pool is QuACK's
+    process-wide one (`pool_scope`): its workers stay up between problems, and a worker's first
+    compile costs ~3x its later ones (a pool per problem measured no faster than one after
+    another). A problem with one kernel to compile gains nothing from workers and compiles
+    here."""
     kernels = {CANDIDATES[index][:5] for index in candidates}  # the swizzle is a launch argument
     pool_api = _pool_api() if PARALLEL_COMPILE and len(kernels) > 1 else None
     if pool_api is None:
@@ -387,25 +388,32 @@ def _compile_candidates(candidates: list[int], op: str, kwargs: dict) -> dict[st
     handed: list[int] = []
     after: list[float] = []
     start = time.perf_counter()
+    refused: list[str] = []
     with pool_scope() as pool:
         for index in candidates:
             try:
                 _run(index, op, kwargs)  # in QuACK's cache already: runs as it is
             except pending_error:
                 handed.append(index)
+            except RuntimeError as error:
+                # The pool could not take it (no worker process could start, say): it compiles
+                # here below, where a failure of the kernel itself raises again.
+                handed.append(index)
+                refused.append(str(error.__cause__ or error))
         handing = time.perf_counter() - start
         with suppress_pool():
             for index in handed:
                 _run(index, op, kwargs)
                 after.append(time.perf_counter() - start)
         errors = pool.stats().get("errors", []) if hasattr(pool, "stats") else []
-    if errors:  # compiled here instead; say why, once per problem
+    if errors or refused:  # compiled here instead; say why, once per problem
         logger.warning(
             "vlmoe: QuACK's compile workers failed on %d kernels, compiled here instead: %s",
-            len(errors),
-            errors[0][1],
+            len(errors) + len(refused),
+            errors[0][1] if errors else refused[0],
         )
-    return {"on_workers": len(handed), "handing_s": handing, "after_s": after, "worker_failures": len(errors)}
+    failures = len(errors) + len(refused)
+    return {"on_workers": len(handed), "handing_s": handing, "after_s": after, "worker_failures": failures}
 
 
 def _pool_api() -> tuple[Any, Any, Any] | None:
