@@ -459,10 +459,12 @@ class _FakeAsyncCompile:
 
 
 @pytest.fixture
-def compile_pool(fake_quack, monkeypatch):
+def compile_pool(fake_quack, monkeypatch, tmp_path):
     fake = _FakeAsyncCompile(fake_quack, workers_finish={256})
     cache = types.ModuleType("quack.cache")
     cache.async_compile = fake
+    kernels = tmp_path / "quack"
+    cache.get_cache_path = lambda: kernels.mkdir(exist_ok=True) or kernels
     monkeypatch.setitem(sys.modules, "quack.cache", cache)
     monkeypatch.setitem(sys.modules, "quack.cache.async_compile", fake)
     monkeypatch.setattr(quack_gemm, "TUNE", True)
@@ -569,7 +571,18 @@ def test_the_compile_server_starts_once_at_the_first_problem_to_tune(compile_poo
     assert len(quack_gemm._chosen) == 2
     assert started == [True] and preloads == [["quack.cache._pool_preload"]]
 
+    # A machine where QuACK has compiled before: its kernels serve any size, so no server
+    # is started ahead of need.
+    from quack.cache import get_cache_path
+
+    (get_cache_path() / "fingerprint").mkdir()
+    (get_cache_path() / "fingerprint" / "kernel.o").write_bytes(b"")
+    monkeypatch.setattr(quack_gemm, "_compile_server_started", False)
+    quack_gemm._start_compile_server()
+    assert started == [True]
+
     # QuACK told to spawn its workers: there is no server to start.
+    (get_cache_path() / "fingerprint" / "kernel.o").unlink()
     monkeypatch.setattr(quack_gemm, "_compile_server_started", False)
     monkeypatch.setenv("QUACK_ASYNC_COMPILE_START", "spawn")
     quack_gemm._start_compile_server()

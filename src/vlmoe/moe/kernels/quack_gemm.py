@@ -431,20 +431,29 @@ def _pool_api() -> tuple[Any, Any, Any] | None:
 
 def _start_compile_server() -> None:
     """Start QuACK's compile server in the background, once per process, at the first problem
-    to tune. It is Python's forkserver with torch and the CUTLASS DSL imported (~13 s, QuACK's
-    figure), which compile workers fork from; the first pool would otherwise wait for all of
-    that import in its first worker's start. Nothing here waits: the layer's first problem
-    (one kernel, compiled here) runs meanwhile, and the second waits for the rest (6-14 s,
-    NOTES.md v26). The forkserver is the process's one: other code that starts processes
-    through it later gets them from this server, with QuACK's preload's environment (no GPU
-    visible, CUDA_VISIBLE_DEVICES=""); that is QuACK's pool's doing whenever it runs, and
-    VLMOE_QUACK_PARALLEL_COMPILE=0 keeps both out of the process."""
+    to tune, where QuACK has compiled nothing yet. It is Python's forkserver with torch and the
+    CUTLASS DSL imported (~13 s, QuACK's figure), which compile workers fork from; the first
+    pool would otherwise wait for all of that import in its first worker's start. Nothing here
+    waits: the layer's first problem (one kernel, compiled here) runs meanwhile, and the second
+    waits for the rest (6-14 s, NOTES.md v26). Where QuACK's cache holds kernels already, the
+    new problems most likely need none (its kernels do not depend on the sizes), and no server
+    is started unless a pool needs one. The forkserver is the process's one: other code that
+    starts processes through it later gets them from this server, with QuACK's preload's
+    environment (no GPU visible, CUDA_VISIBLE_DEVICES=""); that is QuACK's pool's doing whenever
+    it runs, and VLMOE_QUACK_PARALLEL_COMPILE=0 keeps both out of the process."""
     global _compile_server_started
     if _compile_server_started or not PARALLEL_COMPILE:
         return
     _compile_server_started = True
     # QUACK_ASYNC_COMPILE_START=spawn: QuACK's workers are spawned instead, no server to start.
     if os.environ.get("QUACK_ASYNC_COMPILE_START", "forkserver") != "forkserver" or _pool_api() is None:
+        return
+    from quack.cache import get_cache_path
+
+    try:
+        if any(get_cache_path().glob("*/*.o")):  # <cache>/<QuACK's source fingerprint>/<kernel>.o
+            return
+    except OSError:  # no cache folder to be had: QuACK compiles in process then, no pool either
         return
     import multiprocessing
     from multiprocessing import forkserver
