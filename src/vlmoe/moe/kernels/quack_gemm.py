@@ -453,7 +453,7 @@ def _start_compile_server() -> None:
     try:
         if any(get_cache_path().glob("*/*.o")):  # <cache>/<QuACK's source fingerprint>/<kernel>.o
             return
-    except OSError:  # no cache folder to be had: QuACK compiles in process then, no pool either
+    except OSError:  # no cache folder to look in: nothing is started ahead of need
         return
     import multiprocessing
     from multiprocessing import forkserver
