@@ -397,17 +397,30 @@ class _CompilePending(BaseException):
         self.sha = sha
 
 
+class _FakePool(list):
+    """The kernels submitted to it, and QuACK's CompilePool.stats() errors: (key, message)."""
+
+    def __init__(self):
+        super().__init__()
+        self.errors = []
+
+    def stats(self):
+        return {"submitted": len(self), "errors": list(self.errors)}
+
+
 class _FakeAsyncCompile:
     """quack.cache.async_compile's interface over a stand-in kernel cache: with a pool active and
     not suppressed, a call whose kernel (its tile, without the swizzle, a launch argument) is not
     compiled yet is submitted and raises CompilePending; otherwise it compiles in the calling
-    process (QuACK's jit_cache). Workers deliver the kernels in `workers_finish` at once and
-    never start the others, so those compile here."""
+    process (QuACK's jit_cache). Workers deliver the kernels in `workers_finish` at once, fail
+    on those in `workers_fail` and never start the others, so those compile here."""
 
     CompilePending = _CompilePending
 
     def __init__(self, fake_quack, workers_finish):
         self.broken = False  # no worker process can start: handing a kernel over raises
+        self.scope_fails = False  # no process pool at all: entering the scope raises
+        self.workers_fail = set()
         self.events = []
         self.compiled = set()
         self.workers_finish = workers_finish
@@ -430,6 +443,8 @@ class _FakeAsyncCompile:
                         if kernel[1] in self.workers_finish:
                             self.compiled.add(kernel)
                             self.events.append(("worker", kernel))
+                        elif kernel[1] in self.workers_fail:
+                            self.active.errors.append((str(kernel), "DSLRuntimeError: no such layout"))
                     raise _CompilePending(str(kernel))
                 self.compiled.add(kernel)
                 self.events.append(("here", kernel))
@@ -439,10 +454,12 @@ class _FakeAsyncCompile:
 
     @contextlib.contextmanager
     def pool_scope(self):
+        if self.scope_fails:
+            raise OSError("[Errno 38] Function not implemented")  # multiprocessing's semaphores
         if self.active is not None:  # QuACK's: the pool already active is joined and left active
             yield self.active
             return
-        self.active = []
+        self.active = _FakePool()
         self.activations.append(self.active)
         try:
             yield self.active
@@ -471,6 +488,7 @@ def compile_pool(fake_quack, monkeypatch, tmp_path):
     monkeypatch.setattr(quack_gemm, "PARALLEL_COMPILE", True)
     monkeypatch.setattr(quack_gemm, "_tuning_log", {})
     monkeypatch.setattr(quack_gemm, "_compile_server_started", True)  # tested on its own below
+    monkeypatch.setattr(quack_gemm, "_pool_unusable", None)
     monkeypatch.setattr(
         quack_gemm, "_elapsed_ms", lambda run: (run(), 3.0 if fake_quack.calls[-1][1] == 192 else 1.0)[1]
     )
@@ -526,7 +544,7 @@ def test_one_kernel_to_compile_or_the_switch_off_compiles_in_this_process(
     assert all(kind == "here" for kind, _ in compile_pool.events) and len(compile_pool.events) == 4
 
 
-def test_a_pool_that_cannot_start_workers_leaves_every_kernel_to_compile_here(
+def test_a_pool_that_cannot_start_workers_is_given_up_and_every_kernel_compiles_here(
     compile_pool, fake_quack, caplog
 ):
     compile_pool.broken = True
@@ -541,11 +559,78 @@ def test_a_pool_that_cannot_start_workers_leaves_every_kernel_to_compile_here(
     )
     assert {kind for kind, _ in compile_pool.events} == {"here"}
     (entry,) = quack_gemm.tuning_seconds().values()
-    assert entry["worker_failures"] == len(quack_gemm.CANDIDATES)
-    assert any(
-        "compiled here instead" in r.getMessage() and "Resource temporarily" in r.getMessage()
-        for r in caplog.records
+    assert entry["on_workers"] == 0 and entry["worker_failures"] == 0
+    # Said once, and the pool is not tried again in this process.
+    (said,) = [r.getMessage() for r in caplog.records if "unusable" in r.getMessage()]
+    assert "Resource temporarily unavailable" in said and "VLMOE_QUACK_PARALLEL_COMPILE=0" in said
+    compile_pool.events.clear()
+    quack_gemm.experts_mm(
+        torch.randn(3000, 16, dtype=torch.float64),
+        weight,
+        quack_gemm.cu_seqlens(torch.tensor([10, 25, 3000])),
     )
+    assert len(compile_pool.activations) == 1 and {kind for kind, _ in compile_pool.events} <= {"here"}
+
+
+def test_no_process_pool_on_the_machine_leaves_every_kernel_to_compile_here(compile_pool, fake_quack, caplog):
+    compile_pool.scope_fails = True
+    x = torch.randn(40, 16, dtype=torch.float64)
+    weight = torch.randn(3, 8, 16, dtype=torch.float64)
+    with caplog.at_level("WARNING", logger="vlmoe.moe.kernels.quack_gemm"):
+        out = quack_gemm.experts_mm(x, weight, quack_gemm.cu_seqlens(torch.tensor([10, 25, 40])))
+    wanted = torch.cat([x[:10] @ weight[0].T, x[10:25] @ weight[1].T, x[25:] @ weight[2].T])
+    assert relative_error(out, wanted) < 1e-12
+    assert {kind for kind, _ in compile_pool.events} == {"here"} and len(compile_pool.events) == 4
+    assert "Function not implemented" in quack_gemm._pool_unusable
+    assert sum("unusable" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_a_kernel_a_worker_failed_on_compiles_here_and_is_reported(compile_pool, fake_quack, caplog):
+    compile_pool.workers_finish, compile_pool.workers_fail = set(), {256}
+    # Errors a joined pool held already are not this problem's.
+    joined = compile_pool.active = _FakePool()
+    joined.errors.append(("an earlier kernel", "an earlier error"))
+    x = torch.randn(40, 16, dtype=torch.float64)
+    weight = torch.randn(3, 8, 16, dtype=torch.float64)
+    with caplog.at_level("WARNING", logger="vlmoe.moe.kernels.quack_gemm"):
+        out = quack_gemm.experts_mm(x, weight, quack_gemm.cu_seqlens(torch.tensor([10, 25, 40])))
+    wanted = torch.cat([x[:10] @ weight[0].T, x[10:25] @ weight[1].T, x[25:] @ weight[2].T])
+    assert relative_error(out, wanted) < 1e-12
+    (entry,) = quack_gemm.tuning_seconds().values()
+    assert entry["worker_failures"] == 1 and entry["on_workers"] == 5
+    (said,) = [r.getMessage() for r in caplog.records if "failed on" in r.getMessage()]
+    assert "failed on 1 kernels" in said and "no such layout" in said
+    # The 256-wide kernel too compiled here; the pool stays in use for the next problem.
+    assert (128, 256, 1, 2, False) in {kernel for kind, kernel in compile_pool.events if kind == "here"}
+    assert quack_gemm._pool_unusable is None and compile_pool.active is joined
+
+
+def test_a_kernels_own_failure_while_handing_over_raises_with_the_switch_that_avoids_it(
+    compile_pool, fake_quack, monkeypatch
+):
+    def broken(**kwargs):
+        raise ValueError("cannot implement")
+
+    monkeypatch.setattr(fake_quack, "fn", broken)
+    x = torch.randn(40, 16, dtype=torch.float64)
+    weight = torch.randn(3, 8, 16, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match=r"cannot implement.*VLMOE_QUACK=0"):
+        quack_gemm.experts_mm(x, weight, quack_gemm.cu_seqlens(torch.tensor([10, 25, 40])))
+    assert quack_gemm._pool_unusable is None and compile_pool.active is None
+
+
+def test_only_the_main_thread_uses_the_pool(compile_pool, fake_quack):
+    import threading
+
+    x = torch.randn(40, 16, dtype=torch.float64)
+    weight = torch.randn(3, 8, 16, dtype=torch.float64)
+    worker = threading.Thread(
+        target=quack_gemm.experts_mm, args=(x, weight, quack_gemm.cu_seqlens(torch.tensor([10, 25, 40])))
+    )
+    worker.start()
+    worker.join()
+    assert len(quack_gemm._chosen) == 1 and compile_pool.activations == []
+    assert {kind for kind, _ in compile_pool.events} == {"here"}
 
 
 def test_the_compile_server_starts_once_at_the_first_problem_to_tune(compile_pool, fake_quack, monkeypatch):
@@ -569,7 +654,8 @@ def test_the_compile_server_starts_once_at_the_first_problem_to_tune(compile_poo
         weight = torch.randn(3, 8, 16, dtype=torch.float64)
         quack_gemm.experts_mm(x, weight, quack_gemm.cu_seqlens(torch.tensor([10, 25, rows])))
     assert len(quack_gemm._chosen) == 2
-    assert started == [True] and preloads == [["quack.cache._pool_preload"]]
+    # (the preload is also set at each pool's start, for a server QuACK's executor would start)
+    assert started == [True] and preloads and all(p == ["vlmoe.compile_server"] for p in preloads)
 
     # A machine where QuACK has compiled before: its kernels serve any size, so no server
     # is started ahead of need.

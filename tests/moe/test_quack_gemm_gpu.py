@@ -241,8 +241,9 @@ print(json.dumps({"error": error, **entry}))
 
 def test_a_cold_start_compiles_the_candidates_on_quacks_workers_and_a_warm_one_loads_them(tmp_path):
     # A fresh process each time (QuACK keeps compiled kernels in memory too): with an empty
-    # QuACK cache the tuning hands every candidate to QuACK's compile workers (v26) and their
-    # kernels compute the products; a second process finds them all in QuACK's cache.
+    # QuACK cache the tuning hands every candidate to QuACK's compile workers (v26), none of
+    # them fails, and the kernels it then loads (or compiles here, where it got to one first)
+    # compute the products; a second process finds them all in QuACK's cache.
     import json
     import os
     import subprocess

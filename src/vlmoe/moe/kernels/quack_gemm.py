@@ -81,9 +81,12 @@ _chosen: dict[str, int] = {}
 _tuning_log: dict[str, dict[str, Any]] = {}
 _announced = False
 _compile_server_started = False
-# What the compile server imports before workers fork from it: the module QuACK's own pools
-# preload (quack.cache.async_compile._make_executor: torch, the CUTLASS DSL).
-COMPILE_SERVER_PRELOAD: tuple[str, ...] = ("quack.cache._pool_preload",)
+# What the compile server imports before workers fork from it: vlmoe.compile_server ties the
+# server's and its workers' lives to this process's, then runs QuACK's own preload (torch, the
+# CUTLASS DSL; what quack.cache.async_compile._make_executor names).
+COMPILE_SERVER_PRELOAD: tuple[str, ...] = ("vlmoe.compile_server",)
+# Why the compile pool is off for the rest of the process (it could not start or take work).
+_pool_unusable: str | None = None
 _disk_loaded = False
 _available: bool | None = None
 
@@ -371,49 +374,100 @@ def _compile_candidates(candidates: list[int], op: str, kwargs: dict) -> dict[st
     missing from its cache to a pool of CPU worker processes and raises CompilePending before
     launching anything. So all the candidates go to the workers first; then each runs here in
     turn, with the pool suppressed, and QuACK's per-kernel file lock sorts it out: a kernel a
-    worker has finished is loaded, one a worker is compiling is waited for, and one no worker
-    has started compiles here. A kernel a worker failed on, or the pool could not take, compiles
-    here too, where a failure of its own raises with QuACK's error. The pool is QuACK's
-    process-wide one (`pool_scope`): its workers stay up between problems, and a worker's first
-    compile costs ~3x its later ones (a pool per problem measured no faster than one after
-    another). A problem with one kernel to compile gains nothing from workers and compiles
-    here."""
+    worker has finished is loaded, one a worker is compiling is waited for (up to QuACK's 60 s
+    lock timeout, past which it compiles here too), and one no worker has started compiles
+    here. A kernel a worker failed on compiles here too, where a failure of its own raises with
+    QuACK's error; a pool that cannot take work (no process can start) is given up for the
+    process. The pool is QuACK's process-wide one (`pool_scope`): its workers stay up between
+    problems, and a worker's first compile costs ~3x its later ones (a pool per problem measured
+    no faster than one after another). A problem with one kernel to compile gains nothing from
+    workers and compiles here."""
     kernels = {CANDIDATES[index][:5] for index in candidates}  # the swizzle is a launch argument
-    pool_api = _pool_api() if PARALLEL_COMPILE and len(kernels) > 1 else None
+    pool_api = _pool_api() if _pool_wanted() and len(kernels) > 1 else None
     if pool_api is None:
         for index in candidates:
             _run(index, op, kwargs)
         return {"on_workers": 0, "handing_s": 0.0, "after_s": [], "worker_failures": 0}
     pending_error, suppress_pool, pool_scope = pool_api
-    handed: list[int] = []
+    handed: list[int] = []  # candidates whose kernel went to a worker (or another process had)
+    left: list[int] = []  # candidates the pool could not take: compiled here
     after: list[float] = []
     start = time.perf_counter()
-    refused: list[str] = []
-    with pool_scope() as pool:
-        for index in candidates:
-            try:
-                _run(index, op, kwargs)  # in QuACK's cache already: runs as it is
-            except pending_error:
-                handed.append(index)
-            except RuntimeError as error:
-                # The pool could not take it (no worker process could start, say): it compiles
-                # here below, where a failure of the kernel itself raises again.
-                handed.append(index)
-                refused.append(str(error.__cause__ or error))
-        handing = time.perf_counter() - start
-        with suppress_pool():
-            for index in handed:
-                _run(index, op, kwargs)
-                after.append(time.perf_counter() - start)
-        errors = pool.stats().get("errors", []) if hasattr(pool, "stats") else []
-    if errors or refused:  # compiled here instead; say why, once per problem
+    handing, errors = 0.0, []
+    with contextlib.ExitStack() as stack:
+        try:
+            pool = stack.enter_context(pool_scope())
+        except (OSError, RuntimeError, NotImplementedError) as error:  # no process pool to be had here
+            _give_up_pool(error)
+            pool, left = None, list(candidates)
+        if pool is not None:
+            earlier = _pool_errors(pool)  # a pool joined (QuACK's pytest plugin's) may hold others'
+            _set_server_preload()  # for a server QuACK's executor starts, if it has not yet
+            for index in candidates:
+                if left:  # the pool refused one: the rest compile here too
+                    left.append(index)
+                    continue
+                try:
+                    _run(index, op, kwargs)  # in QuACK's cache already: runs as it is
+                except pending_error:
+                    handed.append(index)
+                except RuntimeError as error:
+                    if not _pool_side(error.__cause__):
+                        raise  # the kernel's own failure
+                    _give_up_pool(error.__cause__)
+                    left.append(index)
+            handing = time.perf_counter() - start
+            with suppress_pool():
+                for index in handed:
+                    _run(index, op, kwargs)
+                    after.append(time.perf_counter() - start)
+            errors = [error for error in _pool_errors(pool) if error not in earlier]
+    for index in left:
+        _run(index, op, kwargs)
+    if errors:  # compiled here instead; say why, once per problem
         logger.warning(
             "vlmoe: QuACK's compile workers failed on %d kernels, compiled here instead: %s",
-            len(errors) + len(refused),
-            errors[0][1] if errors else refused[0],
+            len(errors),
+            errors[0][1],
         )
-    failures = len(errors) + len(refused)
-    return {"on_workers": len(handed), "handing_s": handing, "after_s": after, "worker_failures": failures}
+    return {"on_workers": len(handed), "handing_s": handing, "after_s": after, "worker_failures": len(errors)}
+
+
+def _pool_wanted() -> bool:
+    """The pool is used from the main thread only: QuACK's active pool is process-wide, and a
+    kernel another thread compiled while it was active would raise CompilePending there (nn.
+    DataParallel runs its replicas in threads: they compile one after another instead)."""
+    import threading
+
+    return (
+        PARALLEL_COMPILE and _pool_unusable is None and threading.current_thread() is threading.main_thread()
+    )
+
+
+def _pool_side(error: BaseException | None) -> bool:
+    """Whether an error raised while handing a kernel over is the pool's (no worker process could
+    start, or the pool broke), not the kernel's."""
+    from concurrent.futures import BrokenExecutor
+
+    return isinstance(error, (OSError, EOFError, BrokenExecutor, NotImplementedError))
+
+
+def _give_up_pool(error: BaseException) -> None:
+    """The pool off for the rest of the process, said once: each further try would pay its
+    failure again (a server that cannot start is waited for at every submission)."""
+    global _pool_unusable
+    if _pool_unusable is None:
+        _pool_unusable = f"{type(error).__name__}: {error}"
+        logger.warning(
+            "vlmoe: QuACK's compile workers are unusable here (%s); the tile candidates compile in "
+            "this process, one after another (VLMOE_QUACK_PARALLEL_COMPILE=0 skips the attempt).",
+            _pool_unusable,
+        )
+
+
+def _pool_errors(pool: Any) -> list[tuple[str, str]]:
+    """(kernel key, error) for each kernel QuACK's workers failed on in `pool`, so far."""
+    return list(pool.stats().get("errors", [])) if hasattr(pool, "stats") else []
 
 
 def _pool_api() -> tuple[Any, Any, Any] | None:
@@ -440,29 +494,41 @@ def _start_compile_server() -> None:
     is started unless a pool needs one. The forkserver is the process's one: other code that
     starts processes through it later gets them from this server, with QuACK's preload's
     environment (no GPU visible, CUDA_VISIBLE_DEVICES=""); that is QuACK's pool's doing whenever
-    it runs, and VLMOE_QUACK_PARALLEL_COMPILE=0 keeps both out of the process."""
+    it runs, and VLMOE_QUACK_PARALLEL_COMPILE=0 keeps both out of the process. A forkserver that
+    other code started first serves the workers without vlmoe.compile_server: they then import
+    QuACK themselves, and are not tied to this process's life."""
     global _compile_server_started
-    if _compile_server_started or not PARALLEL_COMPILE:
+    if _compile_server_started or not _pool_wanted():
         return
     _compile_server_started = True
     # QUACK_ASYNC_COMPILE_START=spawn: QuACK's workers are spawned instead, no server to start.
     if os.environ.get("QUACK_ASYNC_COMPILE_START", "forkserver") != "forkserver" or _pool_api() is None:
         return
-    from quack.cache import get_cache_path
+    from quack import cache as quack_cache
+
+    if not getattr(quack_cache, "CACHE_ENABLED", True):  # QUACK_CACHE_ENABLED=0: QuACK uses no pool
+        return
 
     try:
-        if any(get_cache_path().glob("*/*.o")):  # <cache>/<QuACK's source fingerprint>/<kernel>.o
+        if any(quack_cache.get_cache_path().glob("*/*.o")):  # <cache>/<QuACK's source fingerprint>/<kernel>.o
             return
     except OSError:  # no cache folder to look in: nothing is started ahead of need
         return
-    import multiprocessing
     from multiprocessing import forkserver
 
-    multiprocessing.get_context("forkserver").set_forkserver_preload(list(COMPILE_SERVER_PRELOAD))
+    _set_server_preload()
     try:
         forkserver.ensure_running()
     except OSError:  # no room for a process here: the pools start it themselves
         logger.debug("vlmoe: QuACK's compile server did not start early", exc_info=True)
+
+
+def _set_server_preload() -> None:
+    """COMPILE_SERVER_PRELOAD for the process's forkserver, for when it starts (QuACK's executor
+    sets its own preload as it is made; nothing changes a server already running)."""
+    import multiprocessing
+
+    multiprocessing.get_context("forkserver").set_forkserver_preload(list(COMPILE_SERVER_PRELOAD))
 
 
 def tuning_seconds() -> dict[str, dict[str, Any]]:
