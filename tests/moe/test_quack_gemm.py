@@ -495,6 +495,14 @@ def compile_pool(fake_quack, monkeypatch, tmp_path):
     return fake
 
 
+def _three_experts(rows=40):
+    """experts_mm over three experts of 10, 15 and rows - 25 rows -> (its output, the product wanted)."""
+    x = torch.randn(rows, 16, dtype=torch.float64)
+    weight = torch.randn(3, 8, 16, dtype=torch.float64)
+    out = quack_gemm.experts_mm(x, weight, quack_gemm.cu_seqlens(torch.tensor([10, 25, rows])))
+    return out, torch.cat([x[:10] @ weight[0].T, x[10:25] @ weight[1].T, x[25:] @ weight[2].T])
+
+
 def test_the_candidates_kernels_go_to_quack_compile_workers_first_and_each_compiles_once(
     compile_pool, fake_quack
 ):
@@ -548,11 +556,8 @@ def test_a_pool_that_cannot_start_workers_is_given_up_and_every_kernel_compiles_
     compile_pool, fake_quack, caplog
 ):
     compile_pool.broken = True
-    x = torch.randn(40, 16, dtype=torch.float64)
-    weight = torch.randn(3, 8, 16, dtype=torch.float64)
     with caplog.at_level("WARNING", logger="vlmoe.moe.kernels.quack_gemm"):
-        out = quack_gemm.experts_mm(x, weight, quack_gemm.cu_seqlens(torch.tensor([10, 25, 40])))
-    wanted = torch.cat([x[:10] @ weight[0].T, x[10:25] @ weight[1].T, x[25:] @ weight[2].T])
+        out, wanted = _three_experts()
     assert relative_error(out, wanted) < 1e-12
     assert sorted(kernel for _, kernel in compile_pool.events) == sorted(
         {t[:5] for t in quack_gemm.CANDIDATES}
@@ -564,21 +569,14 @@ def test_a_pool_that_cannot_start_workers_is_given_up_and_every_kernel_compiles_
     (said,) = [r.getMessage() for r in caplog.records if "unusable" in r.getMessage()]
     assert "Resource temporarily unavailable" in said and "VLMOE_QUACK_PARALLEL_COMPILE=0" in said
     compile_pool.events.clear()
-    quack_gemm.experts_mm(
-        torch.randn(3000, 16, dtype=torch.float64),
-        weight,
-        quack_gemm.cu_seqlens(torch.tensor([10, 25, 3000])),
-    )
+    _three_experts(rows=3000)  # another problem (size bucket)
     assert len(compile_pool.activations) == 1 and {kind for kind, _ in compile_pool.events} <= {"here"}
 
 
 def test_no_process_pool_on_the_machine_leaves_every_kernel_to_compile_here(compile_pool, fake_quack, caplog):
     compile_pool.scope_fails = True
-    x = torch.randn(40, 16, dtype=torch.float64)
-    weight = torch.randn(3, 8, 16, dtype=torch.float64)
     with caplog.at_level("WARNING", logger="vlmoe.moe.kernels.quack_gemm"):
-        out = quack_gemm.experts_mm(x, weight, quack_gemm.cu_seqlens(torch.tensor([10, 25, 40])))
-    wanted = torch.cat([x[:10] @ weight[0].T, x[10:25] @ weight[1].T, x[25:] @ weight[2].T])
+        out, wanted = _three_experts()
     assert relative_error(out, wanted) < 1e-12
     assert {kind for kind, _ in compile_pool.events} == {"here"} and len(compile_pool.events) == 4
     assert "Function not implemented" in quack_gemm._pool_unusable
@@ -590,11 +588,8 @@ def test_a_kernel_a_worker_failed_on_compiles_here_and_is_reported(compile_pool,
     # Errors a joined pool held already are not this problem's.
     joined = compile_pool.active = _FakePool()
     joined.errors.append(("an earlier kernel", "an earlier error"))
-    x = torch.randn(40, 16, dtype=torch.float64)
-    weight = torch.randn(3, 8, 16, dtype=torch.float64)
     with caplog.at_level("WARNING", logger="vlmoe.moe.kernels.quack_gemm"):
-        out = quack_gemm.experts_mm(x, weight, quack_gemm.cu_seqlens(torch.tensor([10, 25, 40])))
-    wanted = torch.cat([x[:10] @ weight[0].T, x[10:25] @ weight[1].T, x[25:] @ weight[2].T])
+        out, wanted = _three_experts()
     assert relative_error(out, wanted) < 1e-12
     (entry,) = quack_gemm.tuning_seconds().values()
     assert entry["worker_failures"] == 1 and entry["on_workers"] == 5
@@ -612,21 +607,15 @@ def test_a_kernels_own_failure_while_handing_over_raises_with_the_switch_that_av
         raise ValueError("cannot implement")
 
     monkeypatch.setattr(fake_quack, "fn", broken)
-    x = torch.randn(40, 16, dtype=torch.float64)
-    weight = torch.randn(3, 8, 16, dtype=torch.float64)
     with pytest.raises(RuntimeError, match=r"cannot implement.*VLMOE_QUACK=0"):
-        quack_gemm.experts_mm(x, weight, quack_gemm.cu_seqlens(torch.tensor([10, 25, 40])))
+        _three_experts()
     assert quack_gemm._pool_unusable is None and compile_pool.active is None
 
 
 def test_only_the_main_thread_uses_the_pool(compile_pool, fake_quack):
     import threading
 
-    x = torch.randn(40, 16, dtype=torch.float64)
-    weight = torch.randn(3, 8, 16, dtype=torch.float64)
-    worker = threading.Thread(
-        target=quack_gemm.experts_mm, args=(x, weight, quack_gemm.cu_seqlens(torch.tensor([10, 25, 40])))
-    )
+    worker = threading.Thread(target=_three_experts)
     worker.start()
     worker.join()
     assert len(quack_gemm._chosen) == 1 and compile_pool.activations == []
