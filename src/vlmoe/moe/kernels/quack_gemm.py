@@ -305,7 +305,7 @@ def _tuned(direction: str, op: str, kwargs: dict) -> None:
             return
         _announce_tuning()
         _start_compile_server()
-        _chosen[key] = _time_candidates(candidates, op, kwargs, key=key)
+        _chosen[key] = _time_candidates(candidates, op, kwargs, key)
         _save_disk_cache()
     _run(_chosen[key], op, kwargs)
 
@@ -342,11 +342,12 @@ def _announce_tuning() -> None:
         )
 
 
-def _time_candidates(candidates: list[int], op: str, kwargs: dict, rounds: int = 7, key: str = "") -> int:
+def _time_candidates(candidates: list[int], op: str, kwargs: dict, key: str, rounds: int = 7) -> int:
     """The candidate with the least median time on this very call's operands. Timed in
     interleaved rounds, one call of each candidate a round: the clocks of a GPU that has just
     left idle, or heats up under the first candidates, weigh on all of them alike (timing each
-    candidate's calls back to back picked by order as much as by tile, NOTES.md v18)."""
+    candidate's calls back to back picked by order as much as by tile, NOTES.md v18). What it
+    spent is logged under the problem's `key` (`tuning_seconds`)."""
     start = time.perf_counter()
     compiling = _compile_candidates(candidates, op, kwargs)  # and one warm-up call each
     compiled = time.perf_counter()
@@ -467,7 +468,7 @@ def _give_up_pool(error: BaseException) -> None:
 
 def _pool_errors(pool: Any) -> list[tuple[str, str]]:
     """(kernel key, error) for each kernel QuACK's workers failed on in `pool`, so far."""
-    return list(pool.stats().get("errors", [])) if hasattr(pool, "stats") else []
+    return list(pool.stats().get("errors", []))
 
 
 def _pool_api() -> tuple[Any, Any, Any] | None:
