@@ -612,14 +612,52 @@ def test_a_kernels_own_failure_while_handing_over_raises_with_the_switch_that_av
     assert quack_gemm._pool_unusable is None and compile_pool.active is None
 
 
-def test_only_the_main_thread_uses_the_pool(compile_pool, fake_quack):
+def _in_a_thread(run):
     import threading
 
-    worker = threading.Thread(target=_three_experts)
+    worker = threading.Thread(target=run)
     worker.start()
     worker.join()
+
+
+def test_another_thread_uses_the_pool_once_the_compile_server_runs(compile_pool, fake_quack, monkeypatch):
+    # A backward's GEMMs are tuned on autograd's device thread: they use the pool the forward's
+    # tuning (on the main thread) started the server for.
+    from multiprocessing import forkserver
+
+    monkeypatch.setattr(forkserver._forkserver, "_forkserver_pid", 12345)
+    _in_a_thread(_three_experts)
+    assert len(quack_gemm._chosen) == 1 and len(compile_pool.activations) == 1
+    assert "submit" in {kind for kind, _ in compile_pool.events}
+
+
+def test_only_the_main_thread_starts_the_compile_server(compile_pool, fake_quack, monkeypatch):
+    # The server dies with the thread that started it: a thread that may end (a DataParallel
+    # replica's) does not start it, and compiles here.
+    from multiprocessing import forkserver
+
+    monkeypatch.setattr(forkserver._forkserver, "_forkserver_pid", None)
+    monkeypatch.delenv("QUACK_ASYNC_COMPILE_START", raising=False)
+    _in_a_thread(_three_experts)
     assert len(quack_gemm._chosen) == 1 and compile_pool.activations == []
     assert {kind for kind, _ in compile_pool.events} == {"here"}
+
+
+def test_a_thread_compiles_here_while_another_has_the_pool_active(compile_pool, fake_quack):
+    # QuACK's pool is process-wide: while another thread hands kernels over (its lock held, its
+    # pool active), this one's kernels compile here with the pool suppressed instead of raising
+    # CompilePending.
+    other_threads_pool = compile_pool.active = _FakePool()
+    assert quack_gemm._pool_lock.acquire(blocking=False)
+    try:
+        out, wanted = _three_experts()
+    finally:
+        quack_gemm._pool_lock.release()
+    assert relative_error(out, wanted) < 1e-12
+    assert {kind for kind, _ in compile_pool.events} == {"here"} and compile_pool.suppressed == 0
+    assert compile_pool.active is other_threads_pool and other_threads_pool == []
+    (entry,) = quack_gemm.tuning_seconds().values()
+    assert entry["on_workers"] == 0
 
 
 def test_the_compile_server_starts_once_at_the_first_problem_to_tune(compile_pool, fake_quack, monkeypatch):

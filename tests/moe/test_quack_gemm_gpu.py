@@ -234,8 +234,22 @@ for expert, count in enumerate(counts):
     want.append(x[start : start + count].double() @ weight[expert].double().T)
     start += count
 error = ((out - torch.cat(want)).norm() / torch.cat(want).norm()).item()
-(entry,) = quack_gemm.tuning_seconds().values()
-print(json.dumps({"error": error, **entry}))
+((first, entry),) = quack_gemm.tuning_seconds().items()
+# A layer's step: its backward's GEMMs are tuned on autograd's device thread, not the main one.
+from torch import nn
+from vlmoe.moe import MoEFeedForward
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gate_proj, self.up_proj = nn.Linear(512, 768, bias=False), nn.Linear(512, 768, bias=False)
+        self.down_proj, self.act_fn = nn.Linear(768, 512, bias=False), nn.SiLU()
+    def forward(self, x):
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+moe = MoEFeedForward.from_dense(MLP(), 4, 2, backend="grouped").to("cuda", torch.bfloat16)
+tokens = torch.randn(2048, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+moe(tokens).float().square().sum().backward()
+layer = {key: tuned["on_workers"] for key, tuned in quack_gemm.tuning_seconds().items() if key != first}
+print(json.dumps({"error": error, **entry, "layer": layer}))
 """
 
 
@@ -269,3 +283,8 @@ def test_a_cold_start_compiles_the_candidates_on_quacks_workers_and_a_warm_one_l
     assert cold["on_workers"] == len(quack_gemm.CANDIDATES) and warm["on_workers"] == 0
     assert cold["worker_failures"] == 0
     assert warm["compile_s"] < cold["compile_s"]
+    # The layer's backward problems too went to the workers (its forward's plain GEMM reuses the
+    # kernels compiled above: QuACK's kernels do not depend on the sizes).
+    backward = {key: handed for key, handed in cold["layer"].items() if key.startswith("grad_")}
+    assert len(backward) == 4 and all(backward.values()), cold["layer"]
+    assert not any(warm["layer"].values())

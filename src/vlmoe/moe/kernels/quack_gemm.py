@@ -36,6 +36,7 @@ import logging
 import os
 import statistics
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -87,6 +88,9 @@ _compile_server_started = False
 COMPILE_SERVER_PRELOAD: tuple[str, ...] = ("vlmoe.compile_server",)
 # Why the compile pool is off for the rest of the process (it could not start or take work).
 _pool_unusable: str | None = None
+# Held by the thread handing kernels to QuACK's pool: that pool is process-wide, so one thread
+# at a time may have it active (`_compile_candidates`).
+_pool_lock = threading.Lock()
 _disk_loaded = False
 _available: bool | None = None
 
@@ -389,7 +393,25 @@ def _compile_candidates(candidates: list[int], op: str, kwargs: dict) -> dict[st
         for index in candidates:
             _run(index, op, kwargs)
         return {"on_workers": 0, "handing_s": 0.0, "after_s": [], "worker_failures": 0}
-    pending_error, suppress_pool, pool_scope = pool_api
+    if not _pool_lock.acquire(blocking=False):
+        # Another thread has QuACK's process-wide pool active (nn.DataParallel's replicas tune in
+        # threads): with it, this thread's kernels would be handed over too and raise
+        # CompilePending here. They compile here, the pool suppressed (the other thread's calls
+        # meanwhile compile in their process too: slower, not wrong).
+        with pool_api[1]():
+            for index in candidates:
+                _run(index, op, kwargs)
+        return {"on_workers": 0, "handing_s": 0.0, "after_s": [], "worker_failures": 0}
+    try:
+        return _hand_to_pool(candidates, op, kwargs, *pool_api)
+    finally:
+        _pool_lock.release()
+
+
+def _hand_to_pool(
+    candidates: list[int], op: str, kwargs: dict, pending_error: Any, suppress_pool: Any, pool_scope: Any
+) -> dict[str, Any]:
+    """`_compile_candidates` with QuACK's pool: every candidate handed over, then each run here."""
     handed: list[int] = []  # candidates whose kernel went to a worker (or another process had)
     left: list[int] = []  # candidates the pool could not take: compiled here
     after: list[float] = []
@@ -435,14 +457,22 @@ def _compile_candidates(candidates: list[int], op: str, kwargs: dict) -> dict[st
 
 
 def _pool_wanted() -> bool:
-    """The pool is used from the main thread only: QuACK's active pool is process-wide, and a
-    kernel another thread compiled while it was active would raise CompilePending there (nn.
-    DataParallel runs its replicas in threads: they compile one after another instead)."""
-    import threading
+    """Whether to try QuACK's pool: asked for, not given up, and its compile server either running
+    or startable from this thread. A backward's GEMMs are tuned on autograd's device thread, not
+    the main one, and use the pool the forward's tuning started (a main-thread-only rule left
+    every backward problem compiling one after another: 55 s first use, s16-run1). The server
+    itself starts from the main thread only: it dies with the thread that started it
+    (`vlmoe.compile_server`), and only the main thread surely lives as long as the process."""
+    if not PARALLEL_COMPILE or _pool_unusable is not None:
+        return False
+    if threading.current_thread() is threading.main_thread():
+        return True
+    if os.environ.get("QUACK_ASYNC_COMPILE_START", "forkserver") != "forkserver":
+        return True  # workers spawned, no server
+    from multiprocessing import forkserver
 
-    return (
-        PARALLEL_COMPILE and _pool_unusable is None and threading.current_thread() is threading.main_thread()
-    )
+    # The process's forkserver, running once its pid is known (CPython's, 3.8 to 3.14).
+    return getattr(getattr(forkserver, "_forkserver", None), "_forkserver_pid", None) is not None
 
 
 def _pool_side(error: BaseException | None) -> bool:
