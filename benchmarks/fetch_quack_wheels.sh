@@ -15,6 +15,9 @@ pip_download() {
 }
 pip_download .whl quack-kernels==0.6.5 nvidia-cutlass-dsl==4.8.1 nvidia-cutlass-dsl-libs-base==4.8.1 \
     nvidia-cutlass-dsl-libs-core==4.8.1 "apache-tvm-ffi==0.1.15.post2" torch-c-dlpack-ext==0.1.5
+# SonicMoE, the performance issue's baseline (`moe_layer.py --sonic`): pure Python over QuACK's GEMMs.
+# Its pins (torch <= 2.9.1, nvidia-cutlass-dsl 4.4.2) are not installed: it runs on the QuACK above.
+pip_download .whl sonic-moe==0.1.2.post1
 work=$(mktemp -d)
 pip_download "$work" nvidia-cutlass-dsl-libs-cu13==4.8.1
 mkdir "$work/unpacked" && (cd "$work/unpacked" && python3 -m zipfile -e "$work"/nvidia_cutlass_dsl_libs_cu13-*.whl .)

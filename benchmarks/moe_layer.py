@@ -95,13 +95,13 @@ def _measure(
     return row
 
 
-def _pair(rows: list[dict], paired: dict, baseline: str, rounds: int, reps: int) -> None:
+def _pair(rows: list[dict], paired: dict, baseline: str, rounds: int, reps: int) -> dict[str, list[float]]:
     """Re-time the kept steps in `rounds` interleaved rounds and add to each of their rows the
     median and range of its per-round ratio to `baseline` (baseline ms / method ms): the reading
     the performance issue's targets are judged by, as a drift between two steps timed one after
-    the other does not enter it."""
+    the other does not enter it. -> each kept step's ms per round."""
     if rounds <= 0 or baseline not in paired:
-        return
+        return {}
     times = time_rounds(paired, rounds, reps)
     for row in rows:
         if row["method"] in times:
@@ -112,6 +112,7 @@ def _pair(rows: list[dict], paired: dict, baseline: str, rounds: int, reps: int)
                 paired_range=span(ratios),
                 paired_baseline=baseline,
             )
+    return times
 
 
 V18_PAIRS = "vlmoe MoEFeedForward grouped, QuACK, v18 pairs backward (before v25)"
@@ -130,6 +131,24 @@ def _v18_pairs_backward():
         yield
     finally:
         swiglu_kernels.swiglu_pairs_backward = shipped
+
+
+def _measure_sonic(moe: MoEFeedForward, top_k: int, x: torch.Tensor, reps: int, paired: dict) -> dict:
+    """SonicMoE on the vlmoe layer's weights, paired with the others; its first step is QuACK's
+    autotuner compiling and timing its configurations for each GEMM."""
+    sonic = _SonicFFN(moe, top_k)
+    start = time.perf_counter()
+    out = sonic(x)
+    # A contiguous output gradient: SonicMoE's backward rejects out.sum()'s expanded one
+    # (QuACK's varlen GEMM wants its A k-major).
+    out.backward(torch.randn_like(out))
+    torch.cuda.synchronize()
+    first_s = time.perf_counter() - start
+    agreement = _agreement(moe, sonic, x)
+    print(f"  SonicMoE first step {first_s:.1f} s; {agreement}", flush=True)
+    row = _measure(SONIC, sonic, x, reps, paired)
+    row["note"] = f"first step {first_s:.1f} s; {agreement}"
+    return row
 
 
 def _mixtral_block(hidden, intermediate, num_experts, top_k, implementation, source: MoEFeedForward):
@@ -151,6 +170,63 @@ def _mixtral_block(hidden, intermediate, num_experts, top_k, implementation, sou
         block.experts.gate_up_proj.copy_(source.experts.gate_up_proj)
         block.experts.down_proj.copy_(source.experts.down_proj)
     return block
+
+
+SONIC = "SonicMoE MoE (sonic-moe, QuACK autotuned)"
+
+
+def _sonic_unavailable() -> str | None:
+    """Why SonicMoE cannot run here, or None. It needs a Hopper or Blackwell GPU and its package,
+    installed without its pins (torch <= 2.9.1, nvidia-cutlass-dsl 4.4.2) beside QuACK's
+    (`fetch_quack_wheels.sh`): its kernels are QuACK's GEMMs plus its own top-k and gather-sum."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        return "needs compute capability >= 9"
+    try:
+        import sonicmoe  # noqa: F401
+    except Exception as error:  # not installed, or its imports do not match this QuACK/CUTLASS
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
+class _SonicFFN(nn.Module):
+    """SonicMoE's MoE module holding the vlmoe layer's weights, so both route the same tokens to
+    the same experts (both take the softmax over the top-k logits). Returns the output only: its
+    balance loss is computed in its forward, as vlmoe's is, and neither gets a gradient here."""
+
+    def __init__(self, source: MoEFeedForward, top_k: int) -> None:
+        super().__init__()
+        from sonicmoe import MoE
+        from sonicmoe.enums import ActivationType
+
+        num_experts, two_ff, hidden = source.experts.gate_up_proj.shape
+        self.moe = MoE(
+            num_experts=num_experts,
+            num_experts_per_tok=top_k,
+            hidden_size=hidden,
+            intermediate_size=two_ff // 2,
+            activation_function=ActivationType.SWIGLU,
+            add_bias=False,
+            std=0.02,
+        ).to("cuda", DTYPE)
+        with torch.no_grad():  # SonicMoE interleaves gate and up rows; vlmoe stacks [gate; up]
+            gate, up = source.experts.gate_up_proj.chunk(2, dim=1)
+            self.moe.c_fc.weight[:, 0::2].copy_(gate)
+            self.moe.c_fc.weight[:, 1::2].copy_(up)
+            self.moe.c_proj.weight.copy_(source.experts.down_proj)
+            self.moe.router.weight.copy_(source.router.gate.weight)
+
+    def forward(self, x):
+        return self.moe(x)[0]
+
+
+def _agreement(reference: nn.Module, other: nn.Module, x: torch.Tensor) -> str:
+    """How closely `other` computes `reference`'s output: the median row's relative error, and
+    the share of rows within 2% (a row whose routing flips on a near-tie differs by far more)."""
+    with torch.no_grad():
+        want, got = reference(x).float(), other(x).float()
+    errors = (got - want).norm(dim=-1) / want.norm(dim=-1).clamp_min(1e-12)
+    median, close = errors.median().item(), (errors < 0.02).float().mean().item()
+    return f"rows vs vlmoe: median rel. error {median:.1e}, {close:.1%} within 2%"
 
 
 class _As3D(nn.Module):
@@ -185,6 +261,7 @@ def _compiled_rows(moe: MoEFeedForward, x: torch.Tensor, reps: int) -> list[dict
 
 
 DENSE_EAGER = "dense SwiGLU on tokens x k (eager)"
+SHIPPED = "vlmoe MoEFeedForward grouped, QuACK, SwiGLU in GEMM epilogue"
 DENSE_COMPILED = "dense SwiGLU on tokens x k (torch.compile)"
 
 
@@ -196,8 +273,13 @@ def bench_ffn(
     variants: bool = False,
     rounds: int = 0,
     v18_pairs: bool = False,
+    sonic: bool = False,
+    headline: bool = False,
 ) -> list[dict]:
     rows = []
+    sonic_missing = _sonic_unavailable() if sonic else None
+    if sonic_missing:
+        print(f"SonicMoE not run: {sonic_missing}", flush=True)
     for tokens, hidden, intermediate, num_experts, top_k in shapes:
         torch.manual_seed(0)
         dense = SwiGLU(hidden, intermediate).to("cuda", DTYPE)
@@ -223,10 +305,11 @@ def bench_ffn(
             moe(x).sum().backward()
             torch.cuda.synchronize()
             first_s = time.perf_counter() - start
-            results.append(
-                _measure("vlmoe MoEFeedForward grouped, QuACK, SwiGLU in GEMM epilogue", moe, x, reps, paired)
-            )
+            results.append(_measure(SHIPPED, moe, x, reps, paired))
             results[-1]["note"] = f"first step {first_s:.1f} s"
+            if sonic and not sonic_missing:
+                results.append(_measure_sonic(moe, top_k, x, reps, paired))
+        if quack_gemm.available() and not headline:
             with quack_gemm.swiglu_unfused():
                 moe(x).sum().backward()  # tiles of the unfused problems timed outside the measurement
                 results.append(
@@ -243,7 +326,7 @@ def bench_ffn(
                 results.append(_measure(V18_PAIRS, moe, x, reps, paired, around=_v18_pairs_backward))
             with quack_gemm.disabled():
                 results.append(_measure("vlmoe MoEFeedForward grouped, grouped_mm", moe, x, reps))
-        else:
+        if not quack_gemm.available():
             results.append(_measure("vlmoe MoEFeedForward grouped", moe, x, reps, paired))
         if variants:
             for fold, gather_inside in ((False, False), (True, False), (False, True)):
@@ -252,13 +335,19 @@ def bench_ffn(
                     rows_kept = "gathered inside" if gather_inside else "gathered first"
                     name = f"vlmoe grouped, weights {weights}, rows {rows_kept}"
                     results.append(_measure(name, moe, x, reps))
-        # The same layer with the counts read to the host once and one cuBLAS matmul per expert.
-        moe.backend = "segments"
-        results.append(_measure("vlmoe MoEFeedForward segments", moe, x, reps))
-        moe.backend = "grouped"
+        if not headline:
+            # The same layer with the counts read to the host once and one cuBLAS matmul per expert.
+            moe.backend = "segments"
+            results.append(_measure("vlmoe MoEFeedForward segments", moe, x, reps))
+            moe.backend = "grouped"
         if autotune:
             results += _compiled_rows(moe, x, reps)
-        _pair(results, paired, DENSE_COMPILED, rounds, max(reps // 2, 5))
+        times = _pair(results, paired, DENSE_COMPILED, rounds, max(reps // 2, 5))
+        if SONIC in times and SHIPPED in times:  # the layer against SonicMoE, round by round
+            over_sonic = round_ratios(times[SONIC], times[SHIPPED])
+            shipped_row = next(row for row in results if row["method"] == SHIPPED)
+            shipped_row.update(over_sonic=statistics.median(over_sonic), over_sonic_range=span(over_sonic))
+            shipped_row["note"] += f"; {statistics.median(over_sonic):.3f}x SonicMoE ({span(over_sonic)})"
         del paired
         if not baselines:
             for row in results:
@@ -428,6 +517,16 @@ def main() -> None:
         help="only this FFN shape (1-3, the issue's order; repeatable); default all",
     )
     parser.add_argument(
+        "--sonic",
+        action="store_true",
+        help="add SonicMoE (sonic-moe) on the same weights, paired with the others, where it imports",
+    )
+    parser.add_argument(
+        "--headline",
+        action="store_true",
+        help="only the dense baselines, the layer as shipped (and SonicMoE): no variants of the layer",
+    )
+    parser.add_argument(
         "--autotune", action="store_true", help="add the layer under torch.compile (+ max-autotune)"
     )
     args = parser.parse_args()
@@ -447,6 +546,8 @@ def main() -> None:
             variants=args.variants,
             rounds=args.rounds,
             v18_pairs=args.v18_pairs,
+            sonic=args.sonic,
+            headline=args.headline,
         )
     )
     mole_shape = (2048, 256, 512) if args.quick else ()
