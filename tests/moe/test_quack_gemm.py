@@ -612,6 +612,52 @@ def test_a_kernels_own_failure_while_handing_over_raises_with_the_switch_that_av
     assert quack_gemm._pool_unusable is None and compile_pool.active is None
 
 
+def _rejecting_tile_n(fake_quack, monkeypatch, tile_n):
+    """QuACK refusing every kernel `tile_n` wide, as it refuses a tile a layout cannot take."""
+    inner = fake_quack.fn
+
+    def picky(*args, config=None, **kwargs):
+        if config.tile_n == tile_n:
+            raise ValueError(f"config rejected: tile_n {tile_n} cannot take this layout")
+        return inner(*args, config=config, **kwargs)
+
+    monkeypatch.setattr(fake_quack, "fn", picky)
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+def test_a_tile_quack_cannot_run_for_a_problem_is_left_out_of_the_tuning(
+    compile_pool, fake_quack, monkeypatch, caplog, parallel
+):
+    # The 256-wide tile would win (the 192-wide ones time 3 ms, the others 1 ms); QuACK refuses
+    # it for this problem, so the tuning times the other four and picks the 128-wide one.
+    monkeypatch.setattr(quack_gemm, "PARALLEL_COMPILE", parallel)
+    _rejecting_tile_n(fake_quack, monkeypatch, 256)
+    with caplog.at_level("WARNING", logger="vlmoe.moe.kernels.quack_gemm"):
+        out, wanted = _three_experts()
+    assert relative_error(out, wanted) < 1e-12
+    (key,) = quack_gemm._chosen
+    assert quack_gemm.CANDIDATES[quack_gemm._chosen[key]][:2] == (256, 128)
+    entry = quack_gemm.tuning_seconds()[key]
+    assert entry["candidates"] == 5 and entry["rejected"] == 1
+    (said,) = [r.getMessage() for r in caplog.records if "cannot run" in r.getMessage()]
+    assert "(128, 256, 1, 2, False)" in said and key in said and "tile_n 256" in said
+    # Later calls run the chosen tile and never the refused one.
+    fake_quack.calls.clear()
+    _three_experts()
+    assert {call[1] for call in fake_quack.calls} == {128}
+
+
+def test_when_quack_can_run_no_candidate_the_first_ones_error_is_raised(
+    compile_pool, fake_quack, monkeypatch
+):
+    for tile_n in (128, 192, 256):
+        _rejecting_tile_n(fake_quack, monkeypatch, tile_n)
+    first = r"tile_n 192 cannot take.*tile \(128, 192, 2, 1, True\).*VLMOE_QUACK=0"
+    with pytest.raises(RuntimeError, match=first):
+        _three_experts()
+    assert quack_gemm._chosen == {}
+
+
 def _in_a_thread(run):
     import threading
 

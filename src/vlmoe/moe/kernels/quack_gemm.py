@@ -22,7 +22,8 @@ of GLUExperts; QuACK's `concat_layout` maps one onto the other in the loads and 
 Each problem shape picks among a few tile configurations by timing them once on its first call
 (a few seconds, kernels compiled by QuACK once per configuration), remembered in-process and in
 `$VLMOE_CACHE_DIR/quack_gemm.json` (default ~/.cache/vlmoe) across runs. A problem's candidate
-kernels compile side by side, on QuACK's pool of CPU compile workers (`_compile_candidates`).
+kernels compile side by side, on QuACK's pool of CPU compile workers (`_compile_candidates`);
+a candidate QuACK cannot run for a problem is left out of its timing, with a warning.
 Switches: `VLMOE_QUACK=0` turns this path off; `VLMOE_QUACK_TUNE=0` keeps QuACK's default
 configuration; `VLMOE_QUACK_FUSED=0` keeps the SwiGLU out of the GEMM (its own Triton pass, as
 before v17); `VLMOE_QUACK_PARALLEL_COMPILE=0` compiles the candidates one after another here.
@@ -353,24 +354,41 @@ def _time_candidates(candidates: list[int], op: str, kwargs: dict, key: str, rou
     candidate's calls back to back picked by order as much as by tile, NOTES.md v18). What it
     spent is logged under the problem's `key` (`tuning_seconds`)."""
     start = time.perf_counter()
-    compiling = _compile_candidates(candidates, op, kwargs)  # and one warm-up call each
+    rejected: dict[int, RuntimeError] = {}
+    compiling = _compile_candidates(candidates, op, kwargs, rejected)  # and one warm-up call each
     compiled = time.perf_counter()
-    times: dict[int, list[float]] = {index: [] for index in candidates}
+    ran = [index for index in candidates if index not in rejected]
+    if not ran:
+        raise rejected[candidates[0]]
+    if rejected:
+        logger.warning(
+            "vlmoe: QuACK cannot run tiles %s for %s (%s); the tuning chose among the other %d.",
+            [CANDIDATES[index] for index in rejected],
+            key,
+            next(iter(rejected.values())).__cause__,
+            len(ran),
+        )
+    times: dict[int, list[float]] = {index: [] for index in ran}
     for _ in range(rounds):
-        for index in candidates:
+        for index in ran:
             times[index].append(_elapsed_ms(lambda index=index: _run(index, op, kwargs)))
     _tuning_log[key] = {
         "compile_s": compiled - start,
         "time_s": time.perf_counter() - compiled,
         "candidates": len(candidates),
+        "rejected": len(rejected),
         **compiling,
     }
-    return min(candidates, key=lambda index: statistics.median(times[index]))
+    return min(ran, key=lambda index: statistics.median(times[index]))
 
 
-def _compile_candidates(candidates: list[int], op: str, kwargs: dict) -> dict[str, Any]:
+def _compile_candidates(
+    candidates: list[int], op: str, kwargs: dict, rejected: dict[int, RuntimeError]
+) -> dict[str, Any]:
     """Run every candidate once, which compiles its kernel or loads it from QuACK's disk cache;
-    -> what `tuning_seconds` reports of it.
+    -> what `tuning_seconds` reports of it. A candidate whose kernel QuACK or the CUTLASS DSL
+    refuses for this problem (a tile its epilogue, gather or layout cannot take) goes into
+    `rejected` with its error, and the tuning chooses among the others.
 
     Compiling one QuACK kernel takes ~2 s of this process's CPU, a problem has up to four
     kernels to compile (five candidates, two differing only in a launch argument) and a layer
@@ -381,8 +399,8 @@ def _compile_candidates(candidates: list[int], op: str, kwargs: dict) -> dict[st
     turn, with the pool suppressed, and QuACK's per-kernel file lock sorts it out: a kernel a
     worker has finished is loaded, one a worker is compiling is waited for (up to QuACK's 60 s
     lock timeout, past which it compiles here too), and one no worker has started compiles
-    here. A kernel a worker failed on compiles here too, where a failure of its own raises with
-    QuACK's error; a pool that cannot take work (no process can start) is given up for the
+    here. A kernel a worker failed on compiles here too, where a failure of its own rejects the
+    candidate; a pool that cannot take work (no process can start) is given up for the
     process. The pool is QuACK's process-wide one (`pool_scope`): its workers stay up between
     problems, and a worker's first compile costs ~3x its later ones (a pool per problem measured
     no faster than one after another). A problem with one kernel to compile gains nothing from
@@ -391,7 +409,7 @@ def _compile_candidates(candidates: list[int], op: str, kwargs: dict) -> dict[st
     pool_api = _pool_api() if _pool_wanted() and len(kernels) > 1 else None
     if pool_api is None:
         for index in candidates:
-            _run(index, op, kwargs)
+            _run_or_reject(index, op, kwargs, rejected)
         return {"on_workers": 0, "handing_s": 0.0, "after_s": [], "worker_failures": 0}
     if not _pool_lock.acquire(blocking=False):
         # Another thread has QuACK's process-wide pool active (nn.DataParallel's replicas tune in
@@ -400,16 +418,30 @@ def _compile_candidates(candidates: list[int], op: str, kwargs: dict) -> dict[st
         # meanwhile compile in their process too: slower, not wrong).
         with pool_api[1]():
             for index in candidates:
-                _run(index, op, kwargs)
+                _run_or_reject(index, op, kwargs, rejected)
         return {"on_workers": 0, "handing_s": 0.0, "after_s": [], "worker_failures": 0}
     try:
-        return _hand_to_pool(candidates, op, kwargs, *pool_api)
+        return _hand_to_pool(candidates, op, kwargs, rejected, *pool_api)
     finally:
         _pool_lock.release()
 
 
+def _run_or_reject(index: int, op: str, kwargs: dict, rejected: dict[int, RuntimeError]) -> None:
+    """`_run`, with a failure of the candidate's own kernel kept in `rejected` instead of raised."""
+    try:
+        _run(index, op, kwargs)
+    except RuntimeError as error:
+        rejected[index] = error
+
+
 def _hand_to_pool(
-    candidates: list[int], op: str, kwargs: dict, pending_error: Any, suppress_pool: Any, pool_scope: Any
+    candidates: list[int],
+    op: str,
+    kwargs: dict,
+    rejected: dict[int, RuntimeError],
+    pending_error: Any,
+    suppress_pool: Any,
+    pool_scope: Any,
 ) -> dict[str, Any]:
     """`_compile_candidates` with QuACK's pool: every candidate handed over, then each run here."""
     handed: list[int] = []  # candidates whose kernel went to a worker (or another process had)
@@ -435,18 +467,19 @@ def _hand_to_pool(
                 except pending_error:
                     handed.append(index)
                 except RuntimeError as error:
-                    if not _pool_side(error.__cause__):
-                        raise  # the kernel's own failure
-                    _give_up_pool(error.__cause__)
-                    left.append(index)
+                    if _pool_side(error.__cause__):
+                        _give_up_pool(error.__cause__)
+                        left.append(index)
+                    else:  # the kernel's own failure, before any handing over
+                        rejected[index] = error
             handing = time.perf_counter() - start
             with suppress_pool():
                 for index in handed:
-                    _run(index, op, kwargs)
+                    _run_or_reject(index, op, kwargs, rejected)
                     after.append(time.perf_counter() - start)
             errors = [error for error in _pool_errors(pool) if error not in earlier]
     for index in left:
-        _run(index, op, kwargs)
+        _run_or_reject(index, op, kwargs, rejected)
     if errors:  # compiled here instead; say why, once per problem
         logger.warning(
             "vlmoe: QuACK's compile workers failed on %d kernels, compiled here instead: %s",
@@ -566,6 +599,7 @@ def tuning_seconds() -> dict[str, dict[str, Any]]:
     """Per expert-matmul problem tuned in this process (its cache key): `compile_s`, seconds to
     compile or load its candidates' kernels; `time_s`, seconds timing them; `candidates`;
     `on_workers`, how many were handed to QuACK's compile workers (those not in its cache);
+    `rejected`, how many QuACK could not run for this problem (the others were timed);
     `handing_s`, the seconds handing them over took (a first pool waits there for its compile
     server's imports); `after_s`, seconds from the handing's start to each handed candidate's
     kernel being ready here; `worker_failures`, kernels the workers failed on (compiled here).
