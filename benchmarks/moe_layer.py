@@ -151,6 +151,25 @@ def _measure_sonic(moe: MoEFeedForward, top_k: int, x: torch.Tensor, reps: int, 
     return row
 
 
+def _measure_wider(moe: MoEFeedForward, x: torch.Tensor, reps: int, paired: dict) -> dict:
+    """The layer tuning among vlmoe's tile candidates and the wider ones (`quack_gemm.
+    wider_tiles`), paired with the others: what those tiles buy inside the layer. Its first step
+    compiles and times them; the tiles it chose are printed."""
+    before = set(quack_gemm._chosen)
+    with quack_gemm.wider_tiles():
+        start = time.perf_counter()
+        moe(x).sum().backward()
+        torch.cuda.synchronize()
+        first_s = time.perf_counter() - start
+    tuned = quack_gemm.tuning_seconds()
+    for key in sorted(set(quack_gemm._chosen) - before):
+        tile, rejected = quack_gemm._tile(quack_gemm._chosen[key]), tuned.get(key, {}).get("rejected", 0)
+        print(f"    wider: {key}: {tile}, {rejected} rejected", flush=True)
+    row = _measure(WIDER, moe, x, reps, paired, around=quack_gemm.wider_tiles)
+    row["note"] = f"first step {first_s:.1f} s"
+    return row
+
+
 def _mixtral_block(hidden, intermediate, num_experts, top_k, implementation, source: MoEFeedForward):
     from transformers import MixtralConfig
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
@@ -262,6 +281,7 @@ def _compiled_rows(moe: MoEFeedForward, x: torch.Tensor, reps: int) -> list[dict
 
 DENSE_EAGER = "dense SwiGLU on tokens x k (eager)"
 SHIPPED = "vlmoe MoEFeedForward grouped, QuACK, SwiGLU in GEMM epilogue"
+WIDER = "vlmoe MoEFeedForward grouped, QuACK, with the wider tile candidates (s16-run5)"
 DENSE_COMPILED = "dense SwiGLU on tokens x k (torch.compile)"
 
 
@@ -275,6 +295,7 @@ def bench_ffn(
     v18_pairs: bool = False,
     sonic: bool = False,
     headline: bool = False,
+    wider: bool = False,
 ) -> list[dict]:
     rows = []
     sonic_missing = _sonic_unavailable() if sonic else None
@@ -309,6 +330,8 @@ def bench_ffn(
             results[-1]["note"] = f"first step {first_s:.1f} s"
             if sonic and not sonic_missing:
                 results.append(_measure_sonic(moe, top_k, x, reps, paired))
+            if wider:
+                results.append(_measure_wider(moe, x, reps, paired))
         if quack_gemm.available() and not headline:
             with quack_gemm.swiglu_unfused():
                 moe(x).sum().backward()  # tiles of the unfused problems timed outside the measurement
@@ -343,6 +366,11 @@ def bench_ffn(
         if autotune:
             results += _compiled_rows(moe, x, reps)
         times = _pair(results, paired, DENSE_COMPILED, rounds, max(reps // 2, 5))
+        if WIDER in times and SHIPPED in times:  # the wider candidates against the shipped ones
+            gain = round_ratios(times[SHIPPED], times[WIDER])
+            wider_row = next(row for row in results if row["method"] == WIDER)
+            wider_row.update(over_shipped=statistics.median(gain), over_shipped_range=span(gain))
+            wider_row["note"] += f"; {statistics.median(gain):.3f}x the shipped tiles ({span(gain)})"
         if SONIC in times and SHIPPED in times:  # the layer against SonicMoE, round by round
             over_sonic = round_ratios(times[SONIC], times[SHIPPED])
             shipped_row = next(row for row in results if row["method"] == SHIPPED)
@@ -522,6 +550,11 @@ def main() -> None:
         help="add SonicMoE (sonic-moe) on the same weights, paired with the others, where it imports",
     )
     parser.add_argument(
+        "--wider-tiles",
+        action="store_true",
+        help="add the layer tuned among the wider tile candidates too (quack_gemm.wider_tiles), paired",
+    )
+    parser.add_argument(
         "--headline",
         action="store_true",
         help="only the dense baselines, the layer as shipped (and SonicMoE): no variants of the layer",
@@ -548,6 +581,7 @@ def main() -> None:
             v18_pairs=args.v18_pairs,
             sonic=args.sonic,
             headline=args.headline,
+            wider=args.wider_tiles,
         )
     )
     mole_shape = (2048, 256, 512) if args.quick else ()

@@ -658,6 +658,36 @@ def test_when_quack_can_run_no_candidate_the_first_ones_error_is_raised(
     assert quack_gemm._chosen == {}
 
 
+def test_wider_tiles_tune_among_eight_under_keys_that_stay_in_the_process(
+    compile_pool, fake_quack, monkeypatch
+):
+    # The probe for the tiles QuACK's autotuner chose for SonicMoE (NOTES.md session 16): inside
+    # the block a problem times the five candidates and the three wider ones under a key of its
+    # own; the choice is not written to the disk cache, whose indices mean the five.
+    times = {160: 0.5, 192: 3.0}  # ms by tile width: the 256 x 160 tile wins where it may run
+    monkeypatch.setattr(
+        quack_gemm, "_elapsed_ms", lambda run: (run(), times.get(fake_quack.calls[-1][1], 1.0))[1]
+    )
+    out, wanted = _three_experts()
+    assert relative_error(out, wanted) < 1e-12
+    with quack_gemm.wider_tiles():
+        out, wanted = _three_experts()
+    assert relative_error(out, wanted) < 1e-12
+    (shipped,) = [key for key in quack_gemm._chosen if not key.endswith("/wider")]
+    (wider,) = [key for key in quack_gemm._chosen if key.endswith("/wider")]
+    assert wider == shipped + "/wider"
+    assert quack_gemm._tile(quack_gemm._chosen[wider]) == (256, 160, 2, 1, False)
+    assert quack_gemm._chosen[shipped] < len(quack_gemm.CANDIDATES)
+    assert quack_gemm.tuning_seconds()[wider]["candidates"] == 8
+    assert quack_gemm.tuning_seconds()[shipped]["candidates"] == 5
+    saved = json.loads(quack_gemm._cache_path().read_text())
+    assert set(saved["chosen"]) == {shipped}
+    # Outside the block the shipped choice runs again, nothing is tuned anew.
+    fake_quack.calls.clear()
+    _three_experts()
+    assert len(quack_gemm._chosen) == 2 and 160 not in {call[1] for call in fake_quack.calls}
+
+
 def _in_a_thread(run):
     import threading
 

@@ -76,6 +76,19 @@ CANDIDATES: tuple[tuple, ...] = (
     (128, 192, 1, 2, True),
     (128, 192, 2, 1, True, 1),
 )
+# Tiles QuACK's own autotuner chose for SonicMoE's GEMMs at the 64-expert shape that the
+# candidates above lack (s16-run5, NOTES.md session 16): 128x256 cooperative 2x1, the widest a
+# gather can take; 192x128 pingpong 1x2; 256x160 cooperative 2x1. Not yet measured in the
+# layer, so not candidates by default: `wider_tiles()` adds them, for an A/B reading
+# (`benchmarks/moe_layer.py --wider-tiles`). A tuned index means a tile of CANDIDATES +
+# WIDER_CANDIDATES (`_tile`).
+WIDER_CANDIDATES: tuple[tuple, ...] = (
+    (128, 256, 2, 1, False),
+    (192, 128, 1, 2, True),
+    (256, 160, 2, 1, False),
+)
+WIDER = False
+WIDER_KEY = "wider"  # the last part of a key tuned among the wider candidates
 logger = logging.getLogger(__name__)
 _chosen: dict[str, int] = {}
 # Per problem key tuned in this process: seconds compiling (or loading) its candidates and
@@ -154,6 +167,12 @@ def rows_spread_first() -> contextlib.AbstractContextManager[None]:
     it beside the shipped gather in the loads; one H200 call read no consistent gain (NOTES.md,
     session 11), so the gather in the loads stays the default."""
     return _switched("GATHER_IN_LOADS", False)
+
+
+def wider_tiles() -> contextlib.AbstractContextManager[None]:
+    """Inside this block each problem tunes among CANDIDATES and WIDER_CANDIDATES, under keys of
+    their own that stay in this process (a probe for `moe_layer.py --wider-tiles`)."""
+    return _switched("WIDER", True)
 
 
 def swiglu_unfused() -> contextlib.AbstractContextManager[None]:
@@ -248,6 +267,11 @@ def gemm_config(tile: tuple) -> Any:
     )
 
 
+def _tile(index: int) -> tuple:
+    """The tile a tuned index means."""
+    return (CANDIDATES + WIDER_CANDIDATES)[index]
+
+
 def _run(index: int, op: str, kwargs: dict) -> None:
     """One QuACK call, `op` "gemm" (gemm_tuned) or "gated" (gemm_act with the SwiGLU epilogue),
     with candidate `index`'s tile."""
@@ -261,9 +285,9 @@ def _run(index: int, op: str, kwargs: dict) -> None:
             args = {**kwargs, "concat_layout": ",".join(concat)} if concat else kwargs
             gemm_interface.gemm_out(**args, tuned=False)
         elif op == "gemm":
-            gemm_interface.gemm_tuned.fn(**kwargs, config=gemm_config(CANDIDATES[index]))
+            gemm_interface.gemm_tuned.fn(**kwargs, config=gemm_config(_tile(index)))
         else:  # gemm_act goes to its own custom op while compiling; an explicit tile only in eager
-            config = None if compiling else gemm_config(CANDIDATES[index])
+            config = None if compiling else gemm_config(_tile(index))
             gemm_interface.gemm_act(**kwargs, activation="swiglu", tuned=False, config=config)
     except Exception as error:  # a QuACK or CUTLASS-DSL failure, reported with the way around it
         if compiling:
@@ -279,7 +303,7 @@ def _run(index: int, op: str, kwargs: dict) -> None:
             )
         raise RuntimeError(
             f"QuACK's grouped GEMM ({op}) failed ({type(error).__name__}: {error}) on {shapes}, tile "
-            f"{CANDIDATES[index]}. Set VLMOE_QUACK=0 (or wrap the call in "
+            f"{_tile(index)}. Set VLMOE_QUACK=0 (or wrap the call in "
             "vlmoe.moe.kernels.quack_gemm.disabled()) to run the expert matmuls on torch's grouped_mm"
             + (", or VLMOE_QUACK_FUSED=0 to keep the SwiGLU out of the GEMMs." if op != "gemm" else ".")
             + hint
@@ -295,7 +319,7 @@ def _tuned(direction: str, op: str, kwargs: dict) -> None:
     gathers = kwargs.get("A_idx") is not None
     candidates = [
         index
-        for index, tile in enumerate(CANDIDATES)
+        for index, tile in enumerate(CANDIDATES + (WIDER_CANDIDATES if WIDER else ()))
         if not (gathers and tile[3] != 1)  # QuACK's gather needs cluster_n == 1
     ]
     if torch.compiler.is_compiling() or not TUNE or len(candidates) == 1:
@@ -331,6 +355,8 @@ def _key(direction: str, kwargs: dict) -> str:
     parts = [direction, layout, bucket, *dims, segments.shape[0] - 1]
     device = torch.cuda.get_device_name(a.device) if a.is_cuda else a.device.type
     parts += [str(a.dtype).removeprefix("torch."), device]
+    if WIDER:
+        parts.append(WIDER_KEY)
     return "/".join(str(part) for part in parts)
 
 
@@ -363,7 +389,7 @@ def _time_candidates(candidates: list[int], op: str, kwargs: dict, key: str, rou
     if rejected:
         logger.warning(
             "vlmoe: QuACK cannot run tiles %s for %s (%s); the tuning chose among the other %d.",
-            [CANDIDATES[index] for index in rejected],
+            [_tile(index) for index in rejected],
             key,
             next(iter(rejected.values())).__cause__,
             len(ran),
@@ -405,7 +431,7 @@ def _compile_candidates(
     problems, and a worker's first compile costs ~3x its later ones (a pool per problem measured
     no faster than one after another). A problem with one kernel to compile gains nothing from
     workers and compiles here."""
-    kernels = {CANDIDATES[index][:5] for index in candidates}  # the swizzle is a launch argument
+    kernels = {_tile(index)[:5] for index in candidates}  # the swizzle is a launch argument
     pool_api = _pool_api() if _pool_wanted() and len(kernels) > 1 else None
     if pool_api is None:
         for index in candidates:
@@ -643,7 +669,9 @@ def _read_disk_cache() -> dict[str, int]:
 def _save_disk_cache() -> None:
     path = _cache_path()
     # Merged with what is on disk, so processes tuning side by side (one per GPU) keep each other's.
-    chosen = {**_read_disk_cache(), **_chosen}
+    # Choices among the wider candidates (a probe) stay in this process.
+    merged = {**_read_disk_cache(), **_chosen}
+    chosen = {key: index for key, index in merged.items() if not key.endswith(WIDER_KEY)}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         payload = json.dumps({"candidates": [list(c) for c in CANDIDATES], "chosen": chosen}, indent=1)
