@@ -133,17 +133,38 @@ def _v18_pairs_backward():
         swiglu_kernels.swiglu_pairs_backward = shipped
 
 
+def _first_step_s(module: nn.Module, x: torch.Tensor, contiguous_grad: bool = False) -> float:
+    """Wall seconds of one fwd+bwd step of `module` (out.sum()'s backward): on a first call, its
+    compiling and tuning. `contiguous_grad`: a random output gradient instead, for SonicMoE,
+    whose backward rejects out.sum()'s expanded one (QuACK's varlen GEMM wants its A k-major)."""
+    start = time.perf_counter()
+    out = module(x)
+    if contiguous_grad:
+        out.backward(torch.randn_like(out))
+    else:
+        out.sum().backward()
+    torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def _ratio_in_rounds(
+    results: list[dict], times: dict[str, list[float]], method: str, baseline: str, field: str, label: str
+) -> None:
+    """Onto `method`'s row: the median and range of baseline ms / method ms over the paired
+    rounds, as `field` and in its note ("1.012x `label` (range)"). Nothing if either was not paired."""
+    if method not in times or baseline not in times:
+        return
+    ratios = round_ratios(times[baseline], times[method])
+    row = next(row for row in results if row["method"] == method)
+    row.update({field: statistics.median(ratios), f"{field}_range": span(ratios)})
+    row["note"] += f"; {statistics.median(ratios):.3f}x {label} ({span(ratios)})"
+
+
 def _measure_sonic(moe: MoEFeedForward, top_k: int, x: torch.Tensor, reps: int, paired: dict) -> dict:
     """SonicMoE on the vlmoe layer's weights, paired with the others; its first step is QuACK's
     autotuner compiling and timing its configurations for each GEMM."""
     sonic = _SonicFFN(moe, top_k)
-    start = time.perf_counter()
-    out = sonic(x)
-    # A contiguous output gradient: SonicMoE's backward rejects out.sum()'s expanded one
-    # (QuACK's varlen GEMM wants its A k-major).
-    out.backward(torch.randn_like(out))
-    torch.cuda.synchronize()
-    first_s = time.perf_counter() - start
+    first_s = _first_step_s(sonic, x, contiguous_grad=True)
     agreement = _agreement(moe, sonic, x)
     print(f"  SonicMoE first step {first_s:.1f} s; {agreement}", flush=True)
     row = _measure(SONIC, sonic, x, reps, paired)
@@ -157,10 +178,7 @@ def _measure_wider(moe: MoEFeedForward, x: torch.Tensor, reps: int, paired: dict
     compiles and times them; the tiles it chose are printed."""
     before = set(quack_gemm._chosen)
     with quack_gemm.wider_tiles():
-        start = time.perf_counter()
-        moe(x).sum().backward()
-        torch.cuda.synchronize()
-        first_s = time.perf_counter() - start
+        first_s = _first_step_s(moe, x)
     tuned = quack_gemm.tuning_seconds()
     for key in sorted(set(quack_gemm._chosen) - before):
         tile, rejected = quack_gemm._tile(quack_gemm._chosen[key]), tuned.get(key, {}).get("rejected", 0)
@@ -267,10 +285,7 @@ def _compiled_rows(moe: MoEFeedForward, x: torch.Tensor, reps: int) -> list[dict
     for mode in ("default", "max-autotune-no-cudagraphs"):
         torch._dynamo.reset()
         compiled = torch.compile(moe, mode=mode)
-        start = time.perf_counter()
-        compiled(x).sum().backward()
-        torch.cuda.synchronize()
-        first_s = time.perf_counter() - start
+        first_s = _first_step_s(compiled, x)
         row = _measure(f"vlmoe MoEFeedForward grouped, torch.compile {mode}", compiled, x, reps)
         row["note"] = f"first step {first_s:.0f} s"
         rows.append(row)
@@ -322,10 +337,7 @@ def bench_ffn(
         results.append(_measure(DENSE_COMPILED, compiled, x_dense, reps, paired))
         if quack_gemm.available():
             # First step's wall time: QuACK compiling its kernels and timing its candidate tiles.
-            start = time.perf_counter()
-            moe(x).sum().backward()
-            torch.cuda.synchronize()
-            first_s = time.perf_counter() - start
+            first_s = _first_step_s(moe, x)
             results.append(_measure(SHIPPED, moe, x, reps, paired))
             results[-1]["note"] = f"first step {first_s:.1f} s"
             if sonic and not sonic_missing:
@@ -366,16 +378,8 @@ def bench_ffn(
         if autotune:
             results += _compiled_rows(moe, x, reps)
         times = _pair(results, paired, DENSE_COMPILED, rounds, max(reps // 2, 5))
-        if WIDER in times and SHIPPED in times:  # the wider candidates against the shipped ones
-            gain = round_ratios(times[SHIPPED], times[WIDER])
-            wider_row = next(row for row in results if row["method"] == WIDER)
-            wider_row.update(over_shipped=statistics.median(gain), over_shipped_range=span(gain))
-            wider_row["note"] += f"; {statistics.median(gain):.3f}x the shipped tiles ({span(gain)})"
-        if SONIC in times and SHIPPED in times:  # the layer against SonicMoE, round by round
-            over_sonic = round_ratios(times[SONIC], times[SHIPPED])
-            shipped_row = next(row for row in results if row["method"] == SHIPPED)
-            shipped_row.update(over_sonic=statistics.median(over_sonic), over_sonic_range=span(over_sonic))
-            shipped_row["note"] += f"; {statistics.median(over_sonic):.3f}x SonicMoE ({span(over_sonic)})"
+        _ratio_in_rounds(results, times, WIDER, SHIPPED, "over_shipped", "the shipped tiles")
+        _ratio_in_rounds(results, times, SHIPPED, SONIC, "over_sonic", "SonicMoE")
         del paired
         if not baselines:
             for row in results:
