@@ -433,23 +433,19 @@ def _compile_candidates(
     workers and compiles here."""
     kernels = {_tile(index)[:5] for index in candidates}  # the swizzle is a launch argument
     pool_api = _pool_api() if _pool_wanted() and len(kernels) > 1 else None
-    if pool_api is None:
+    if pool_api is not None and _pool_lock.acquire(blocking=False):
+        try:
+            return _hand_to_pool(candidates, op, kwargs, rejected, *pool_api)
+        finally:
+            _pool_lock.release()
+    # Here, one after another. Where another thread has QuACK's process-wide pool active
+    # (nn.DataParallel's replicas tune in threads), this thread's kernels would be handed over
+    # too and raise CompilePending here: the pool is suppressed (the other thread's calls
+    # meanwhile compile in their process too: slower, not wrong).
+    with pool_api[1]() if pool_api is not None else contextlib.nullcontext():
         for index in candidates:
             _run_or_reject(index, op, kwargs, rejected)
-        return {"on_workers": 0, "handing_s": 0.0, "after_s": [], "worker_failures": 0}
-    if not _pool_lock.acquire(blocking=False):
-        # Another thread has QuACK's process-wide pool active (nn.DataParallel's replicas tune in
-        # threads): with it, this thread's kernels would be handed over too and raise
-        # CompilePending here. They compile here, the pool suppressed (the other thread's calls
-        # meanwhile compile in their process too: slower, not wrong).
-        with pool_api[1]():
-            for index in candidates:
-                _run_or_reject(index, op, kwargs, rejected)
-        return {"on_workers": 0, "handing_s": 0.0, "after_s": [], "worker_failures": 0}
-    try:
-        return _hand_to_pool(candidates, op, kwargs, rejected, *pool_api)
-    finally:
-        _pool_lock.release()
+    return {"on_workers": 0, "handing_s": 0.0, "after_s": [], "worker_failures": 0}
 
 
 def _run_or_reject(index: int, op: str, kwargs: dict, rejected: dict[int, RuntimeError]) -> None:
@@ -526,12 +522,18 @@ def _pool_wanted() -> bool:
         return False
     if threading.current_thread() is threading.main_thread():
         return True
-    if os.environ.get("QUACK_ASYNC_COMPILE_START", "forkserver") != "forkserver":
+    if not _forkserver_workers():
         return True  # workers spawned, no server
     from multiprocessing import forkserver
 
     # The process's forkserver, running once its pid is known (CPython's, 3.8 to 3.14).
     return getattr(getattr(forkserver, "_forkserver", None), "_forkserver_pid", None) is not None
+
+
+def _forkserver_workers() -> bool:
+    """Whether QuACK's workers fork from a compile server (its default), not spawned
+    (QUACK_ASYNC_COMPILE_START=spawn: no server to start)."""
+    return os.environ.get("QUACK_ASYNC_COMPILE_START", "forkserver") == "forkserver"
 
 
 def _pool_side(error: BaseException | None) -> bool:
@@ -591,8 +593,7 @@ def _start_compile_server() -> None:
     if _compile_server_started or not _pool_wanted():
         return
     _compile_server_started = True
-    # QUACK_ASYNC_COMPILE_START=spawn: QuACK's workers are spawned instead, no server to start.
-    if os.environ.get("QUACK_ASYNC_COMPILE_START", "forkserver") != "forkserver" or _pool_api() is None:
+    if not _forkserver_workers() or _pool_api() is None:
         return
     from quack import cache as quack_cache
 
