@@ -60,7 +60,8 @@ def main() -> None:
             torch.cuda.synchronize()
             steps.append(time.perf_counter() - start)
         shape = f"({tokens}, {hidden}, {intermediate}, {num_experts}, {top_k})"
-        tuned = [entry for key, entry in quack_gemm.tuning_seconds().items() if key not in before]
+        new = {key: entry for key, entry in quack_gemm.tuning_seconds().items() if key not in before}
+        tuned = list(new.values())
         compile_s = sum(entry["compile_s"] for entry in tuned)
         handing_s = sum(entry["handing_s"] for entry in tuned)
         time_s = sum(entry["time_s"] for entry in tuned)
@@ -71,15 +72,14 @@ def main() -> None:
             f"timing {time_s:.1f} s, the rest {steps[0] - compile_s - time_s:.1f} s",
             flush=True,
         )
-        for key, entry in quack_gemm.tuning_seconds().items():
-            if key not in before:
-                after = " ".join(f"{seconds:.1f}" for seconds in entry["after_s"])
-                print(
-                    f"    {key}: compile {entry['compile_s']:.1f} s (handing {entry['on_workers']} "
-                    f"{entry['handing_s']:.1f} s, ready at [{after}] s, {entry['worker_failures']} failed on "
-                    f"workers), timing {entry['time_s']:.2f} s",
-                    flush=True,
-                )
+        for key, entry in new.items():
+            after = " ".join(f"{seconds:.1f}" for seconds in entry["after_s"])
+            print(
+                f"    {key}: compile {entry['compile_s']:.1f} s (handing {entry['on_workers']} "
+                f"{entry['handing_s']:.1f} s, ready at [{after}] s, {entry['worker_failures']} failed on "
+                f"workers), timing {entry['time_s']:.2f} s",
+                flush=True,
+            )
         del moe, dense, x
         torch.cuda.empty_cache()
 
