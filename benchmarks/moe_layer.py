@@ -172,18 +172,46 @@ def _measure_sonic(moe: MoEFeedForward, top_k: int, x: torch.Tensor, reps: int, 
     return row
 
 
-def _measure_wider(moe: MoEFeedForward, x: torch.Tensor, reps: int, paired: dict) -> dict:
-    """The layer tuning among vlmoe's tile candidates and the wider ones (`quack_gemm.
-    wider_tiles`), paired with the others: what those tiles buy inside the layer. Its first step
-    compiles and times them; the tiles it chose are printed."""
+@contextlib.contextmanager
+def _dgated_more_tiles():
+    with quack_gemm.swiglu_backward_fused(), quack_gemm.more_tiles():
+        yield
+
+
+# The layer with one of its code paths switched (a context manager around each step), paired
+# with the shipped one: --probe NAME.
+PROBES = {
+    "more": (
+        "vlmoe MoEFeedForward grouped, QuACK, tuned among the extra tile candidates too (s16-run5)",
+        quack_gemm.more_tiles,
+    ),
+    "dgated": (
+        "vlmoe MoEFeedForward grouped, QuACK, the SwiGLU's gradient in the backward GEMM (v27)",
+        quack_gemm.swiglu_backward_fused,
+    ),
+    "pairs": (
+        "vlmoe MoEFeedForward grouped, QuACK, the SwiGLU's gradient in the Triton pass (v17-v26)",
+        lambda: quack_gemm.swiglu_backward_fused(False),
+    ),
+    "dgated+more": (
+        "vlmoe MoEFeedForward grouped, QuACK, the SwiGLU's gradient in the backward GEMM, extra tiles",
+        _dgated_more_tiles,
+    ),
+}
+
+
+def _measure_probe(name: str, around, moe: MoEFeedForward, x: torch.Tensor, reps: int, paired: dict) -> dict:
+    """The layer with `around` switched on for each step, paired with the others. Its first step
+    compiles and times what the switch makes new (kernels, tiles); the tiles chosen for the
+    problems it tuned are printed."""
     before = set(quack_gemm._chosen)
-    with quack_gemm.wider_tiles():
+    with around():
         first_s = _first_step_s(moe, x)
     tuned = quack_gemm.tuning_seconds()
     for key in sorted(set(quack_gemm._chosen) - before):
         tile, rejected = quack_gemm._tile(quack_gemm._chosen[key]), tuned.get(key, {}).get("rejected", 0)
-        print(f"    wider: {key}: {tile}, {rejected} rejected", flush=True)
-    row = _measure(WIDER, moe, x, reps, paired, around=quack_gemm.wider_tiles)
+        print(f"    chose {key}: {tile}, {rejected} rejected", flush=True)
+    row = _measure(name, moe, x, reps, paired, around=around)
     row["note"] = f"first step {first_s:.1f} s"
     return row
 
@@ -296,7 +324,6 @@ def _compiled_rows(moe: MoEFeedForward, x: torch.Tensor, reps: int) -> list[dict
 
 DENSE_EAGER = "dense SwiGLU on tokens x k (eager)"
 SHIPPED = "vlmoe MoEFeedForward grouped, QuACK, SwiGLU in GEMM epilogue"
-WIDER = "vlmoe MoEFeedForward grouped, QuACK, with the wider tile candidates (s16-run5)"
 DENSE_COMPILED = "dense SwiGLU on tokens x k (torch.compile)"
 
 
@@ -310,7 +337,7 @@ def bench_ffn(
     v18_pairs: bool = False,
     sonic: bool = False,
     headline: bool = False,
-    wider: bool = False,
+    probes: tuple[str, ...] = (),
 ) -> list[dict]:
     rows = []
     sonic_missing = _sonic_unavailable() if sonic else None
@@ -342,8 +369,8 @@ def bench_ffn(
             results[-1]["note"] = f"first step {first_s:.1f} s"
             if sonic and not sonic_missing:
                 results.append(_measure_sonic(moe, top_k, x, reps, paired))
-            if wider:
-                results.append(_measure_wider(moe, x, reps, paired))
+            for probe in probes:
+                results.append(_measure_probe(*PROBES[probe], moe, x, reps, paired))
         if quack_gemm.available() and not headline:
             with quack_gemm.swiglu_unfused():
                 moe(x).sum().backward()  # tiles of the unfused problems timed outside the measurement
@@ -378,7 +405,8 @@ def bench_ffn(
         if autotune:
             results += _compiled_rows(moe, x, reps)
         times = _pair(results, paired, DENSE_COMPILED, rounds, max(reps // 2, 5))
-        _ratio_in_rounds(results, times, WIDER, SHIPPED, "over_shipped", "the shipped tiles")
+        for probe in probes:
+            _ratio_in_rounds(results, times, PROBES[probe][0], SHIPPED, "over_shipped", "the shipped layer")
         _ratio_in_rounds(results, times, SHIPPED, SONIC, "over_sonic", "SonicMoE")
         del paired
         if not baselines:
@@ -554,9 +582,13 @@ def main() -> None:
         help="add SonicMoE (sonic-moe) on the same weights, paired with the others, where it imports",
     )
     parser.add_argument(
-        "--wider-tiles",
-        action="store_true",
-        help="add the layer tuned among the wider tile candidates too (quack_gemm.wider_tiles), paired",
+        "--probe",
+        action="append",
+        default=[],
+        choices=sorted(PROBES),
+        help="add the layer with a code path switched, paired with the shipped one: more (tuned among "
+        "quack_gemm.MORE_CANDIDATES too), dgated / pairs (the SwiGLU's gradient in the backward GEMM, or "
+        "in the Triton pass), dgated+more; repeatable",
     )
     parser.add_argument(
         "--headline",
@@ -585,7 +617,7 @@ def main() -> None:
             v18_pairs=args.v18_pairs,
             sonic=args.sonic,
             headline=args.headline,
-            wider=args.wider_tiles,
+            probes=tuple(args.probe),
         )
     )
     mole_shape = (2048, 256, 512) if args.quick else ()

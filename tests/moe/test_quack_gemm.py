@@ -99,6 +99,31 @@ class _FakeQuack:
             postact_out[rows] = torch.nn.functional.silu(preact[:, ::2]) * preact[:, 1::2]
         return preact_out, postact_out
 
+    def gemm_dact(
+        self, A, B, PreAct, activation, dx_out, postact_out, colvec_scale, colvec_reduce, cu_seqlens_m,
+        dynamic_scheduler, tuned, config,
+    ):  # fmt: skip
+        # gemm_dgated_ref: acc = A_rows @ B; (x, y) = PreAct's pairs; with dout = acc * scale,
+        # dx = dout * y * silu'(x), dy = dout * silu(x); postact = silu(x) * y * scale; the
+        # row reduction <acc, silu(x) * y>. All of one row's PreAct is read before its dx_out is
+        # written (dx_out may be PreAct itself, as on the GPU, tile by tile).
+        assert activation == "swiglu" and not tuned and not dynamic_scheduler and colvec_reduce
+        self.calls.append(("dgated", config.tile_n, True, False))
+        self.configs.append(config)
+        self.concat_layouts.append(None)
+        reduce = torch.empty(dx_out.shape[0], dtype=torch.float32)
+        for rows, acc in _varlen_m(A, B, cu_seqlens_m, None):
+            gate, up = PreAct[rows, ::2].clone(), PreAct[rows, 1::2].clone()
+            scale = colvec_scale[rows].to(acc.dtype).unsqueeze(-1)
+            sig = torch.sigmoid(gate)
+            silu = gate * sig
+            dout = acc * scale
+            dx_out[rows, ::2] = dout * up * sig * (1 + gate * (1 - sig))
+            dx_out[rows, 1::2] = dout * silu
+            postact_out[rows] = silu * up * scale
+            reduce[rows] = (acc * silu * up).sum(-1).float()
+        return dx_out, postact_out, reduce
+
 
 @pytest.fixture
 def fake_quack(monkeypatch, tmp_path):
@@ -106,7 +131,9 @@ def fake_quack(monkeypatch, tmp_path):
     package = types.ModuleType("quack")
     interface = types.ModuleType("quack.gemm_interface")
     interface.gemm_tuned = fake
-    interface.gemm_act = fake.gemm_act
+    # Looked up on each call, so a test can wrap the fake's methods (compile_pool does).
+    interface.gemm_act = lambda *args, **kwargs: fake.gemm_act(*args, **kwargs)
+    interface.gemm_dact = lambda *args, **kwargs: fake.gemm_dact(*args, **kwargs)
     package.gemm_interface = interface
     config = types.ModuleType("quack.gemm_config")
     config.GemmConfig = _FakeGemmConfig
@@ -124,6 +151,7 @@ def fake_quack(monkeypatch, tmp_path):
     monkeypatch.setattr(quack_gemm, "_disk_loaded", False)
     monkeypatch.setattr(quack_gemm, "_announced", False)
     monkeypatch.setenv("VLMOE_CACHE_DIR", str(tmp_path))
+    quack_gemm.gemm_config.cache_clear()  # configs of this fake's class only
     return fake
 
 
@@ -138,16 +166,25 @@ def _routing(tokens, num_experts, top_k, seed, empty_expert=None):
 
 
 @pytest.mark.parametrize(
-    ("fused", "gathers", "overwrite"),
-    [(True, True, True), (True, True, False), (False, True, True), (False, False, True)],
+    ("fused", "gathers", "overwrite", "fused_backward"),
+    [
+        (True, True, True, False),
+        (True, True, False, False),
+        (True, True, True, True),
+        (True, True, False, True),
+        (False, True, True, False),
+        (False, False, True, False),
+    ],
 )
 @pytest.mark.parametrize("empty_expert", [None, 2])
 def test_glu_experts_on_quack_match_the_reference_with_gradients(
-    fake_quack, monkeypatch, fused, gathers, overwrite, empty_expert
+    fake_quack, monkeypatch, fused, gathers, overwrite, fused_backward, empty_expert
 ):
     # fused: the SwiGLU in the first GEMM's epilogue (dispatch.combined_glu); else QuACK's plain
     # GEMMs around the SwiGLU (Triton's torch reference here), gathering in the first one or not.
+    # fused_backward: the SwiGLU's gradient in the backward's first GEMM (QuACK's dgated).
     monkeypatch.setattr(quack_gemm, "FUSE_SWIGLU", fused)
+    monkeypatch.setattr(quack_gemm, "FUSE_SWIGLU_BACKWARD", fused_backward)
     monkeypatch.setattr(swiglu_kernels, "OVERWRITE_IN_BACKWARD", overwrite)
     torch.manual_seed(0)
     tokens, hidden, intermediate, num_experts, top_k = 37, 16, 24, 4, 2
@@ -167,6 +204,7 @@ def test_glu_experts_on_quack_match_the_reference_with_gradients(
     out = dispatch(x, routing, experts, backend="grouped")
     grads = torch.autograd.grad(out, inputs, grad_out)
     assert any(call[0] == "gated" for call in fake_quack.calls) is fused
+    assert any(call[0] == "dgated" for call in fake_quack.calls) is fused_backward
     fake_quack.calls.clear()
     ref = reference_dispatch(x, routing, experts)
     ref_grads = torch.autograd.grad(ref, inputs, grad_out)
@@ -210,6 +248,42 @@ def test_fused_glu_experts_refuse_a_second_backward_over_their_overwritten_preac
     out.sum().backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="OVERWRITE_IN_BACKWARD = False"):
         out.sum().backward()
+
+
+def test_the_fused_backward_is_one_dgated_gemm_in_place_of_the_product_and_the_pass(fake_quack, monkeypatch):
+    monkeypatch.setattr(quack_gemm, "FUSE_SWIGLU_BACKWARD", True)
+    monkeypatch.setattr(
+        swiglu_kernels, "swiglu_pairs_backward", lambda *a, **k: pytest.fail("pairs pass ran")
+    )
+    experts = GLUExperts(4, 16, 24, nn.SiLU()).double()
+    x = torch.randn(20, 16, dtype=torch.float64, requires_grad=True)
+    dispatch(x, _routing(20, 4, 2, seed=2), experts, backend="grouped").sum().backward()
+    # Backward: the SwiGLU's gradient in the epilogue of the output gradient's product with down
+    # (its rows gathered first, as down's weight gradient needs them), then as before.
+    assert [op for op, *_ in fake_quack.calls] == ["gated", "gemm", "dgated", "gemm", "gemm", "gemm"]
+
+
+@pytest.mark.parametrize("overwrite", [True, False])
+def test_tuning_the_fused_backward_in_place_times_on_a_scratch_gradient(fake_quack, monkeypatch, overwrite):
+    # Tuning runs each candidate several times on one call's operands: written over preact, all
+    # runs after the first would read a gradient as preact. The result must be the untuned one.
+    monkeypatch.setattr(quack_gemm, "FUSE_SWIGLU_BACKWARD", True)
+    monkeypatch.setattr(swiglu_kernels, "OVERWRITE_IN_BACKWARD", overwrite)
+    torch.manual_seed(7)
+    experts = GLUExperts(4, 16, 24, nn.SiLU()).double()
+    routing = _routing(20, 4, 2, seed=7)
+    x = torch.randn(20, 16, dtype=torch.float64, requires_grad=True)
+    untuned = torch.autograd.grad(
+        dispatch(x, routing, experts, backend="grouped").sum(), [x, *experts.parameters()]
+    )
+    monkeypatch.setattr(quack_gemm, "TUNE", True)
+    monkeypatch.setattr(quack_gemm, "_elapsed_ms", lambda run: (run(), run(), 1.0)[2])
+    tuned = torch.autograd.grad(
+        dispatch(x, routing, experts, backend="grouped").sum(), [x, *experts.parameters()]
+    )
+    for got, want in zip(tuned, untuned, strict=True):
+        assert relative_error(got, want) < 1e-12
+    assert any(key.startswith("swiglu_backward/sorted/") for key in quack_gemm._chosen)
 
 
 def test_fused_tuning_times_the_gated_gemm_and_keeps_the_result(fake_quack, monkeypatch):
@@ -427,7 +501,7 @@ class _FakeAsyncCompile:
         self.active = None
         self.suppressed = 0
         self.activations = []
-        for name in ("fn", "gemm_act"):
+        for name in ("fn", "gemm_act", "gemm_dact"):
             setattr(fake_quack, name, self._compiling(getattr(fake_quack, name)))
 
     def _compiling(self, call):
@@ -658,11 +732,11 @@ def test_when_quack_can_run_no_candidate_the_first_ones_error_is_raised(
     assert quack_gemm._chosen == {}
 
 
-def test_wider_tiles_tune_among_eight_under_keys_that_stay_in_the_process(
+def test_more_tiles_tune_among_nine_under_keys_that_stay_in_the_process(
     compile_pool, fake_quack, monkeypatch
 ):
     # The probe for the tiles QuACK's autotuner chose for SonicMoE (NOTES.md session 16): inside
-    # the block a problem times the five candidates and the three wider ones under a key of its
+    # the block a problem times the five candidates and the four extra ones under a key of its
     # own; the choice is not written to the disk cache, whose indices mean the five.
     times = {160: 0.5, 192: 3.0}  # ms by tile width: the 256 x 160 tile wins where it may run
     monkeypatch.setattr(
@@ -670,15 +744,15 @@ def test_wider_tiles_tune_among_eight_under_keys_that_stay_in_the_process(
     )
     out, wanted = _three_experts()
     assert relative_error(out, wanted) < 1e-12
-    with quack_gemm.wider_tiles():
+    with quack_gemm.more_tiles():
         out, wanted = _three_experts()
     assert relative_error(out, wanted) < 1e-12
-    (shipped,) = [key for key in quack_gemm._chosen if not key.endswith("/wider")]
-    (wider,) = [key for key in quack_gemm._chosen if key.endswith("/wider")]
-    assert wider == shipped + "/wider"
-    assert quack_gemm._tile(quack_gemm._chosen[wider]) == (256, 160, 2, 1, False)
+    (shipped,) = [key for key in quack_gemm._chosen if not key.endswith("/more")]
+    (more,) = [key for key in quack_gemm._chosen if key.endswith("/more")]
+    assert more == shipped + "/more"
+    assert quack_gemm._tile(quack_gemm._chosen[more]) == (256, 160, 2, 1, False)
     assert quack_gemm._chosen[shipped] < len(quack_gemm.CANDIDATES)
-    assert quack_gemm.tuning_seconds()[wider]["candidates"] == 8
+    assert quack_gemm.tuning_seconds()[more]["candidates"] == 9
     assert quack_gemm.tuning_seconds()[shipped]["candidates"] == 5
     saved = json.loads(quack_gemm._cache_path().read_text())
     assert set(saved["chosen"]) == {shipped}

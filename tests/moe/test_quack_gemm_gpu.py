@@ -131,7 +131,10 @@ def test_moe_layer_on_quack_matches_the_float64_reference(
         assert relative_error(grad.cpu(), ref_grad) < 2e-2
 
 
-def test_moe_layer_on_quack_compiles_to_one_graph_and_matches_eager():
+@pytest.mark.parametrize("fused_backward", [False, True])
+def test_moe_layer_on_quack_compiles_to_one_graph_and_matches_eager(fused_backward, monkeypatch):
+    monkeypatch.setattr(quack_gemm, "FUSE_SWIGLU_BACKWARD", fused_backward)
+    torch._dynamo.reset()
     torch.manual_seed(0)
     moe, _ = _layer(1024, 256, 320, 8, 2, None)
     x = torch.randn(1024, 256, device="cuda", dtype=torch.bfloat16)
@@ -158,16 +161,27 @@ def test_moe_layer_on_quack_compiles_to_one_graph_and_matches_eager():
         (300, 64, 128, 16, 6),
     ],
 )
-@pytest.mark.parametrize(("overwrite", "spread_first"), [(True, False), (False, False), (True, True)])
+@pytest.mark.parametrize(
+    ("overwrite", "spread_first", "fused_backward"),
+    [
+        (True, False, False),
+        (False, False, False),
+        (True, True, False),
+        (True, False, True),
+        (False, False, True),
+    ],
+)
 def test_swiglu_in_the_gemm_epilogue_matches_the_float64_reference_with_every_gradient(
-    tokens, hidden, intermediate, num_experts, top_k, overwrite, spread_first, monkeypatch
+    tokens, hidden, intermediate, num_experts, top_k, overwrite, spread_first, fused_backward, monkeypatch
 ):
     # dispatch.combined_glu: the SwiGLU inside QuACK's first GEMM, gate and up paired through
     # the backward, the combine weights as row scales with their own gradient; one expert left
     # without tokens. spread_first: the token rows copied to expert order before the GEMM
-    # (quack_gemm.rows_spread_first) instead of gathered in its loads.
+    # (quack_gemm.rows_spread_first) instead of gathered in its loads. fused_backward: the
+    # SwiGLU's gradient in the backward's first GEMM (QuACK's dgated).
     monkeypatch.setattr(swiglu_kernels, "OVERWRITE_IN_BACKWARD", overwrite)
     monkeypatch.setattr(quack_gemm, "GATHER_IN_LOADS", not spread_first)
+    monkeypatch.setattr(quack_gemm, "FUSE_SWIGLU_BACKWARD", fused_backward)
     calls = []
     fused = quack_gemm.experts_swiglu
     monkeypatch.setattr(quack_gemm, "experts_swiglu", lambda *args: calls.append(1) or fused(*args))
@@ -200,6 +214,48 @@ def test_swiglu_in_the_gemm_epilogue_matches_the_float64_reference_with_every_gr
         assert relative_error(grad.cpu(), ref_grad) < 2e-2, name
     for grad in grads[2:]:
         assert grad[1].abs().max() == 0  # the expert without tokens
+
+
+@pytest.mark.parametrize("tune", [True, False])
+def test_the_swiglu_gradient_in_the_gemm_epilogue_matches_float64_in_place_and_not(tune, monkeypatch):
+    # quack_gemm.experts_swiglu_backward (QuACK's dgated) against its formulas in float64: written
+    # over preact (tile by tile, each tile's pairs read first) and to a tensor of its own, equal
+    # bit for bit; tuned, the in-place call times its candidates on a scratch output.
+    monkeypatch.setattr(quack_gemm, "TUNE", tune)
+    torch.manual_seed(11)
+    counts, hidden, intermediate = [700, 0, 517, 831, 256], 512, 384
+    rows = sum(counts)
+    grad_rows = torch.randn(rows, hidden, device="cuda", dtype=torch.bfloat16)
+    down = torch.randn(len(counts), hidden, intermediate, device="cuda", dtype=torch.bfloat16) / hidden**0.5
+    preact = torch.randn(rows, 2 * intermediate, device="cuda", dtype=torch.bfloat16)
+    row_weights = torch.rand(rows, device="cuda")
+    bounds = quack_gemm.cu_seqlens(torch.tensor(counts, device="cuda").cumsum(0))
+
+    # In place first: tuned, that call is the one timing the candidates (on a scratch output).
+    overwritten = preact.clone()
+    own = quack_gemm.experts_swiglu_backward(
+        grad_rows, down, overwritten, row_weights, bounds, out=overwritten
+    )
+    apart = quack_gemm.experts_swiglu_backward(grad_rows, down, preact, row_weights, bounds)
+    assert own[0].data_ptr() == overwritten.data_ptr()
+    assert any(key.startswith("swiglu_backward/") for key in quack_gemm._chosen) is tune
+    for got, want in zip(own, apart, strict=True):
+        assert torch.equal(got, want)
+
+    gate, up = preact.double()[:, ::2], preact.double()[:, 1::2]
+    acc = torch.cat(
+        [grad_rows[start:end].double() @ down[e].double() for e, (start, end) in enumerate(_segments(counts))]
+    )
+    weight = row_weights.double().unsqueeze(-1)
+    sig = torch.sigmoid(gate)
+    grad_gate = acc * weight * up * sig * (1 + gate * (1 - sig))
+    grad_up = acc * weight * gate * sig
+    grad_preact, scaled_hidden, grad_row_weights = apart
+    assert relative_error(grad_preact[:, ::2], grad_gate) < 1e-2
+    assert relative_error(grad_preact[:, 1::2], grad_up) < 1e-2
+    assert relative_error(scaled_hidden, weight * gate * sig * up) < 1e-2
+    assert grad_row_weights.dtype == torch.float32
+    assert relative_error(grad_row_weights, (acc * gate * sig * up).sum(-1)) < 1e-2
 
 
 def test_swiglu_in_the_gemm_epilogue_and_the_swiglu_pass_agree():

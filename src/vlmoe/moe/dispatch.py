@@ -413,8 +413,9 @@ class _CombinedGLU(torch.autograd.Function):
     preact; hidden and y are not kept. Backward: the output gradient gathered to the rows, its
     product with down, then one Triton pass (`swiglu_pairs_backward`) gives preact's gradient
     (written over preact), w's gradient and w * hidden for down's weight gradient; the other
-    three matmuls read the paired columns through QuACK's concat_layout. (QuACK's dgated
-    epilogue would fold that pass into the product, but measured slower: NOTES.md v17.)"""
+    three matmuls read the paired columns through QuACK's concat_layout. With
+    `quack_gemm.FUSE_SWIGLU_BACKWARD` the product and that pass are one GEMM, QuACK's dgated
+    epilogue (`experts_swiglu_backward`, NOTES.md v27)."""
 
     @staticmethod
     def forward(
@@ -465,16 +466,26 @@ class _CombinedGLU(torch.autograd.Function):
             ctx.overwritten = True
         needs_x, needs_gate_up, needs_down, needs_weights = ctx.needs_input_grad[:4]
         grad_rows = _gather_rows(grad_out, slot_rows, sorted_tokens, ctx.top_k, None)  # [S, O]
-        grad_hidden = quack_gemm.experts_mm_grad_input(grad_rows, down_proj, bounds)  # [S, F]
-        grad_preact, grad_slot_weights = swiglu_kernels.swiglu_pairs_backward(
-            preact, grad_hidden, slot_weights, sorted_slots, out=preact if ctx.overwrite else None
-        )
-        del preact
-        scaled_hidden = grad_hidden  # overwritten with w * hidden by the pass above
+        out = preact if ctx.overwrite else None
+        if quack_gemm.FUSE_SWIGLU_BACKWARD:  # the SwiGLU's gradient in the GEMM's epilogue
+            row_weights = slot_weights.index_select(0, sorted_slots)  # [S], expert order
+            grad_preact, scaled_hidden, grad_row_weights = quack_gemm.experts_swiglu_backward(
+                grad_rows, down_proj, preact, row_weights, bounds, out=out
+            )
+            # Every slot holds one row here (no dropped rows on this path).
+            grad_slot_weights = torch.empty_like(slot_weights).index_copy_(0, sorted_slots, grad_row_weights)
+        else:
+            grad_hidden = quack_gemm.experts_mm_grad_input(grad_rows, down_proj, bounds)  # [S, F]
+            grad_preact, grad_slot_weights = swiglu_kernels.swiglu_pairs_backward(
+                preact, grad_hidden, slot_weights, sorted_slots, out=out
+            )
+            scaled_hidden = grad_hidden  # overwritten with w * hidden by the pass above
+            del grad_hidden
+        del preact, out
         grad_x = grad_gate_up = grad_down = grad_weights = None
         if needs_down:
             grad_down = quack_gemm.experts_mm_grad_weight(grad_rows, scaled_hidden, down_proj, bounds)
-        del grad_rows, scaled_hidden, grad_hidden
+        del grad_rows, scaled_hidden
         if needs_gate_up:
             x_sorted = _gather_rows(x, slot_rows, sorted_tokens, ctx.top_k, None)
             grad_gate_up = quack_gemm.experts_mm_grad_weight(

@@ -14,7 +14,9 @@ Three problems, each over expert-sorted rows with cu_seqlens = [0, offsets...] o
 - input gradient g_x[r] = g[r] @ W[e]         varlen-M
 - weight grad.   g_W[e] = g[seg e].T @ x[seg e]  varlen-K
 And `experts_swiglu`, the first GEMM of GLU experts with the SwiGLU in its epilogue (SonicMoE's
-forward, NOTES.md v17), for their whole FFN in one autograd function (`dispatch.combined_glu`).
+forward, NOTES.md v17), and `experts_swiglu_backward`, the backward's first GEMM with the
+SwiGLU's gradient in its epilogue (SonicMoE's backward, v27), for their whole FFN in one
+autograd function (`dispatch.combined_glu`).
 QuACK's gated epilogue pairs gate and up in adjacent columns: preact and its gradient come with
 gate j in column 2j and up j in column 2j + 1, while the weights keep the [gate; up] stacking
 of GLUExperts; QuACK's `concat_layout` maps one onto the other in the loads and stores.
@@ -26,12 +28,14 @@ kernels compile side by side, on QuACK's pool of CPU compile workers (`_compile_
 a candidate QuACK cannot run for a problem is left out of its timing, with a warning.
 Switches: `VLMOE_QUACK=0` turns this path off; `VLMOE_QUACK_TUNE=0` keeps QuACK's default
 configuration; `VLMOE_QUACK_FUSED=0` keeps the SwiGLU out of the GEMM (its own Triton pass, as
-before v17); `VLMOE_QUACK_PARALLEL_COMPILE=0` compiles the candidates one after another here.
+before v17); `VLMOE_QUACK_FUSED_BACKWARD=1` puts its gradient into the backward's GEMM (v27);
+`VLMOE_QUACK_PARALLEL_COMPILE=0` compiles the candidates one after another here.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -50,6 +54,10 @@ ENABLED = os.environ.get("VLMOE_QUACK", "1") != "0"
 # The SwiGLU in the first GEMM's epilogue for GLU experts (`dispatch.combined_glu`); off: the
 # expert matmuls on QuACK and the SwiGLU in its own Triton pass, as before v17.
 FUSE_SWIGLU = os.environ.get("VLMOE_QUACK_FUSED", "1") != "0"
+# Their backward's first GEMM with the SwiGLU's gradient in its epilogue (QuACK's dgated, as
+# SonicMoE's backward; `experts_swiglu_backward`, NOTES.md v27); off: the plain GEMM and then the
+# Triton pairs pass (`swiglu.swiglu_pairs_backward`), as v17 to v26.
+FUSE_SWIGLU_BACKWARD = os.environ.get("VLMOE_QUACK_FUSED_BACKWARD", "0") == "1"
 TUNE = os.environ.get("VLMOE_QUACK_TUNE", "1") != "0"
 # A problem's candidate kernels compile side by side on QuACK's CPU worker processes (NOTES.md v26).
 PARALLEL_COMPILE = os.environ.get("VLMOE_QUACK_PARALLEL_COMPILE", "1") != "0"
@@ -78,17 +86,19 @@ CANDIDATES: tuple[tuple, ...] = (
 )
 # Tiles QuACK's own autotuner chose for SonicMoE's GEMMs at the 64-expert shape that the
 # candidates above lack (s16-run5, NOTES.md session 16): 128x256 cooperative 2x1, the widest a
-# gather can take; 192x128 pingpong 1x2; 256x160 cooperative 2x1. Not yet measured in the
-# layer, so not candidates by default: `wider_tiles()` adds them, for an A/B reading
-# (`benchmarks/moe_layer.py --wider-tiles`). A tuned index means a tile of CANDIDATES +
-# WIDER_CANDIDATES (`_tile`).
-WIDER_CANDIDATES: tuple[tuple, ...] = (
+# gather can take; 192x128 pingpong 1x2; 256x160 cooperative 2x1; 128x128 pingpong 2x1, whose
+# N fits F = 1408 (and 5632, 14336) without a part-empty last tile. Not yet measured in the
+# layer, so not candidates by default: `more_tiles()` adds them, for an A/B reading
+# (`benchmarks/moe_layer.py --probe more`). A tuned index means a tile of CANDIDATES +
+# MORE_CANDIDATES (`_tile`).
+MORE_CANDIDATES: tuple[tuple, ...] = (
     (128, 256, 2, 1, False),
     (192, 128, 1, 2, True),
     (256, 160, 2, 1, False),
+    (128, 128, 2, 1, True),  # SonicMoE's dgated GEMM: 1.30 ms where 128x192 took 2.07 (s16-run5)
 )
-WIDER = False
-WIDER_KEY = "wider"  # the last part of a key tuned among the wider candidates
+MORE = False
+MORE_KEY = "more"  # the last part of a key tuned among the extra candidates too
 logger = logging.getLogger(__name__)
 _chosen: dict[str, int] = {}
 # Per problem key tuned in this process: seconds compiling (or loading) its candidates and
@@ -169,10 +179,16 @@ def rows_spread_first() -> contextlib.AbstractContextManager[None]:
     return _switched("GATHER_IN_LOADS", False)
 
 
-def wider_tiles() -> contextlib.AbstractContextManager[None]:
-    """Inside this block each problem tunes among CANDIDATES and WIDER_CANDIDATES, under keys of
-    their own that stay in this process (a probe for `moe_layer.py --wider-tiles`)."""
-    return _switched("WIDER", True)
+def more_tiles() -> contextlib.AbstractContextManager[None]:
+    """Inside this block each problem tunes among CANDIDATES and MORE_CANDIDATES, under keys of
+    their own that stay in this process (a probe for `moe_layer.py --probe more`)."""
+    return _switched("MORE", True)
+
+
+def swiglu_backward_fused(on: bool = True) -> contextlib.AbstractContextManager[None]:
+    """Inside this block the fused SwiGLU experts' backward takes the SwiGLU's gradient in its
+    first GEMM's epilogue (`experts_swiglu_backward`) if `on`, else in the Triton pairs pass."""
+    return _switched("FUSE_SWIGLU_BACKWARD", on)
 
 
 def swiglu_unfused() -> contextlib.AbstractContextManager[None]:
@@ -249,9 +265,49 @@ def experts_swiglu(
     return preact, hidden
 
 
+def experts_swiglu_backward(
+    grad_rows: Tensor,
+    down_proj: Tensor,
+    preact: Tensor,
+    row_weights: Tensor,
+    bounds: Tensor,
+    out: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The backward of w_r * down(silu(gate) * up) up to preact, in one GEMM with the SwiGLU's
+    gradient in its epilogue (QuACK's dgated). With e row r's expert, g_r = grad_rows[r] @
+    down_proj[e] (float32 accumulator, never stored) and (gate, up) preact[r]'s pairs:
+    - grad_preact[r]: the gradient of w_r * silu(gate) * up against g_r, paired as preact;
+    - scaled_hidden[r] = w_r * silu(gate) * up, what down's weight gradient multiplies;
+    - grad_row_weights[r] = <g_r, silu(gate) * up>, float32.
+    grad_rows # [S, O] (expert order), down_proj # [E, O, F], preact # [S, 2F] (`experts_swiglu`'s),
+    row_weights # [S] float32. `out`: where grad_preact goes, preact itself allowed (its memory,
+    written tile by tile after that tile's pairs are read)."""
+    grad_preact = torch.empty_like(preact) if out is None else out
+    scaled_hidden = preact.new_empty(preact.shape[0], preact.shape[1] // 2)
+    kwargs = dict(
+        A=grad_rows,
+        B=down_proj,
+        PreAct=preact,
+        dx_out=grad_preact,
+        postact_out=scaled_hidden,
+        colvec_scale=row_weights,
+        colvec_reduce=True,
+        cu_seqlens_m=bounds,
+    )
+    if grad_preact.data_ptr() == preact.data_ptr() and _tunes("swiglu_backward", kwargs):
+        # Tuning runs each candidate several times on these operands: in place, every run after
+        # the first would read the gradient as preact. It runs on a scratch output instead.
+        _tuned("swiglu_backward", "dgated", {**kwargs, "dx_out": torch.empty_like(preact)})
+    _, _, grad_row_weights = _tuned("swiglu_backward", "dgated", kwargs)
+    return grad_preact, scaled_hidden, grad_row_weights
+
+
+@functools.cache
 def gemm_config(tile: tuple) -> Any:
     """QuACK's GemmConfig for (tile_m, tile_n, cluster_m, cluster_n, pingpong[, max_swizzle_size])
-    on SM90; the swizzle (how many tiles the scheduler groups for L2 reuse) defaults to QuACK's 8."""
+    on SM90; the swizzle (how many tiles the scheduler groups for L2 reuse) defaults to QuACK's 8.
+    One object per tile: QuACK's epilogue GEMMs key their launch cache by the config's identity,
+    so a new one each call would take the slow host path every time."""
     from quack.gemm_config import GemmConfig
 
     tile_m, tile_n, cluster_m, cluster_n, pingpong, *swizzle = tile
@@ -269,12 +325,13 @@ def gemm_config(tile: tuple) -> Any:
 
 def _tile(index: int) -> tuple:
     """The tile a tuned index means."""
-    return (CANDIDATES + WIDER_CANDIDATES)[index]
+    return (CANDIDATES + MORE_CANDIDATES)[index]
 
 
-def _run(index: int, op: str, kwargs: dict) -> None:
-    """One QuACK call, `op` "gemm" (gemm_tuned) or "gated" (gemm_act with the SwiGLU epilogue),
-    with candidate `index`'s tile."""
+def _run(index: int, op: str, kwargs: dict) -> Any:
+    """One QuACK call with candidate `index`'s tile, -> what QuACK returns. `op`: "gemm"
+    (gemm_tuned), "gated" (gemm_act with the SwiGLU epilogue) or "dgated" (gemm_dact with the
+    SwiGLU's gradient in the epilogue)."""
     from quack import gemm_interface
 
     compiling = torch.compiler.is_compiling()
@@ -283,12 +340,16 @@ def _run(index: int, op: str, kwargs: dict) -> None:
             # QuACK's custom op, which torch.compile traces as one node (its default configuration).
             concat = kwargs.get("concat_layout")
             args = {**kwargs, "concat_layout": ",".join(concat)} if concat else kwargs
-            gemm_interface.gemm_out(**args, tuned=False)
-        elif op == "gemm":
-            gemm_interface.gemm_tuned.fn(**kwargs, config=gemm_config(_tile(index)))
-        else:  # gemm_act goes to its own custom op while compiling; an explicit tile only in eager
-            config = None if compiling else gemm_config(_tile(index))
-            gemm_interface.gemm_act(**kwargs, activation="swiglu", tuned=False, config=config)
+            return gemm_interface.gemm_out(**args, tuned=False)
+        if op == "gemm":
+            return gemm_interface.gemm_tuned.fn(**kwargs, config=gemm_config(_tile(index)))
+        # The epilogue GEMMs go to their own custom ops while compiling; an explicit tile only in eager.
+        config = None if compiling else gemm_config(_tile(index))
+        if op == "gated":
+            return gemm_interface.gemm_act(**kwargs, activation="swiglu", tuned=False, config=config)
+        return gemm_interface.gemm_dact(
+            **kwargs, activation="swiglu", dynamic_scheduler=False, tuned=False, config=config
+        )
     except Exception as error:  # a QuACK or CUTLASS-DSL failure, reported with the way around it
         if compiling:
             raise
@@ -314,29 +375,39 @@ def _gemm(direction: str, **kwargs: Any) -> None:
     _tuned(direction, "gemm", kwargs)
 
 
-def _tuned(direction: str, op: str, kwargs: dict) -> None:
-    """Run `op` with the tile chosen for this problem, timing the candidates on its first call."""
+def _candidates(kwargs: dict) -> list[int]:
     gathers = kwargs.get("A_idx") is not None
-    candidates = [
+    return [
         index
-        for index, tile in enumerate(CANDIDATES + (WIDER_CANDIDATES if WIDER else ()))
+        for index, tile in enumerate(CANDIDATES + (MORE_CANDIDATES if MORE else ()))
         if not (gathers and tile[3] != 1)  # QuACK's gather needs cluster_n == 1
     ]
-    if torch.compiler.is_compiling() or not TUNE or len(candidates) == 1:
-        _run(candidates[0], op, kwargs)
-        return
+
+
+def _tunes(direction: str, kwargs: dict) -> bool:
+    """Whether this call of the problem will time its candidates (its first, untimed so far)."""
+    if torch.compiler.is_compiling() or not TUNE or len(_candidates(kwargs)) == 1:
+        return False
     key = _key(direction, kwargs)
     if key not in _chosen:
         _load_disk_cache()
-    if key not in _chosen:
-        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-            _run(candidates[0], op, kwargs)
-            return
+    # Nothing is timed during CUDA-graph capture: the first candidate runs there.
+    capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    return key not in _chosen and not capturing
+
+
+def _tuned(direction: str, op: str, kwargs: dict) -> Any:
+    """Run `op` with the tile chosen for this problem, timing the candidates on its first call;
+    -> what QuACK returns."""
+    candidates = _candidates(kwargs)
+    if _tunes(direction, kwargs):
+        key = _key(direction, kwargs)
         _announce_tuning()
         _start_compile_server()
         _chosen[key] = _time_candidates(candidates, op, kwargs, key)
         _save_disk_cache()
-    _run(_chosen[key], op, kwargs)
+    key = _key(direction, kwargs) if TUNE and not torch.compiler.is_compiling() else None
+    return _run(_chosen.get(key, candidates[0]), op, kwargs)
 
 
 def _key(direction: str, kwargs: dict) -> str:
@@ -355,8 +426,8 @@ def _key(direction: str, kwargs: dict) -> str:
     parts = [direction, layout, bucket, *dims, segments.shape[0] - 1]
     device = torch.cuda.get_device_name(a.device) if a.is_cuda else a.device.type
     parts += [str(a.dtype).removeprefix("torch."), device]
-    if WIDER:
-        parts.append(WIDER_KEY)
+    if MORE:
+        parts.append(MORE_KEY)
     return "/".join(str(part) for part in parts)
 
 
@@ -670,9 +741,9 @@ def _read_disk_cache() -> dict[str, int]:
 def _save_disk_cache() -> None:
     path = _cache_path()
     # Merged with what is on disk, so processes tuning side by side (one per GPU) keep each other's.
-    # Choices among the wider candidates (a probe) stay in this process.
+    # Choices among the extra candidates (a probe) stay in this process.
     merged = {**_read_disk_cache(), **_chosen}
-    chosen = {key: index for key, index in merged.items() if not key.endswith(WIDER_KEY)}
+    chosen = {key: index for key, index in merged.items() if not key.endswith(MORE_KEY)}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         payload = json.dumps({"candidates": [list(c) for c in CANDIDATES], "chosen": chosen}, indent=1)
