@@ -4,7 +4,7 @@
 # ffnvar: the FFN table with v14's memory savings switched off one by one; gemm: the expert
 # matmuls alone; tgemm: the Triton grouped-GEMM probe; quack: the QuACK GEMM probe; fusedops: each
 # QuACK call of the fused SwiGLU experts against the unfused ones; first: QuACK's first-use cost, cold and cached; firstpar: cold with the candidates compiled on QuACK's workers and one after another (v26), then cached; trainq: the
-# train step with QuACK's GEMMs and with grouped_mm; moves: the row gathers, combine and routing; decodediag: the batch-1 decoding diagnosis; decodeblocks: the decode kernels' block sizes; compile: graph breaks and gain; ffn3: shape 3 of the FFN table alone, paired rounds; gaps3: where the GPU idles in a shape-3 step),
+# train step with QuACK's GEMMs and with grouped_mm; moves: the row gathers, combine and routing; decodediag: the batch-1 decoding diagnosis; decodeblocks: the decode kernels' block sizes; compile: graph breaks and gain; ffn3: shape 3 of the FFN table alone, paired rounds; gaps3: where the GPU idles in a shape-3 step; profprobe: the kernels of a step of the layer and of it under each of $PROBES (shapes $PROFPROBE_SHAPES, default 3)),
 # each under its own time limit so one slow part cannot eat the rest.
 #   PARTS="gen mole train" bash benchmarks/device_perf.sh
 #   PARTS="static gen1" bash benchmarks/device_perf.sh   # compiled decoding, eager batch 1
@@ -51,7 +51,7 @@ for part in $parts; do
         train) timeout 70 python3 benchmarks/train_step.py --optimizers foreach fused > "$out/train_step.log" 2>&1 ;;
         trainv14) timeout 90 python3 benchmarks/train_step.py --optimizers fused --without-v14 > "$out/train_step_v14.log" 2>&1 ;;
         tgemm) timeout 300 python3 benchmarks/triton_grouped_gemm.py > "$out/triton_grouped_gemm.log" 2>&1 ;;
-        epivar) timeout ${EPIVAR_S:-300} python3 benchmarks/quack_fused_ops.py --epilogues > "$out/quack_epilogue_variants.log" 2>&1; grep -v "^  \|Warning\|warn" "$out/quack_epilogue_variants.log" ;;
+        epivar) timeout ${EPIVAR_S:-300} python3 benchmarks/quack_fused_ops.py --epilogues $(for n in ${EPIVAR_SHAPES:-1 2 3}; do echo --shape $n; done) > "$out/quack_epilogue_variants.log" 2>&1; grep -v "^  \|Warning\|warn" "$out/quack_epilogue_variants.log" ;;
         fusedops) timeout ${FUSEDOPS_S:-300} python3 benchmarks/quack_fused_ops.py > "$out/quack_fused_ops.log" 2>&1 ;;
         quack) timeout 400 python3 benchmarks/quack_gemm.py --reps 10 --tune-seconds 120 > "$out/quack_gemm.log" 2>&1 ;;
         first) caches="QUACK_CACHE_DIR=$(mktemp -d) VLMOE_CACHE_DIR=$(mktemp -d)"
@@ -74,6 +74,11 @@ for part in $parts; do
         prof1) timeout 60 python3 benchmarks/profile_moe.py 16384 2048 5632 4 2 > "$out/profile_shape1.log" 2>&1 ;;
         prof2) timeout 60 python3 benchmarks/profile_moe.py 8192 4096 14336 8 2 > "$out/profile_shape2.log" 2>&1 ;;
         prof3) timeout 60 python3 benchmarks/profile_moe.py 16384 2048 1408 64 6 > "$out/profile_shape3.log" 2>&1 ;;
+        profprobe) for shape in ${PROFPROBE_SHAPES:-3}; do
+                dims=$(case $shape in 1) echo 16384 2048 5632 4 2;; 2) echo 8192 4096 14336 8 2;; 3) echo 16384 2048 1408 64 6;; esac)
+                timeout ${PROFPROBE_S:-150} python3 benchmarks/profile_moe.py $dims $(for p in ${PROBES:-dgated+more more}; do echo --probe $p; done) > "$out/profile_probes_shape$shape.log" 2>&1
+                grep "^===\|host .* per step" "$out/profile_probes_shape$shape.log"
+            done ;;
         pairs) timeout 90 python3 benchmarks/quack_fused_ops.py --pairs > "$out/swiglu_pairs.log" 2>&1; cat "$out/swiglu_pairs.log" ;;
         chosen) timeout ${CHOSEN_S:-200} python3 benchmarks/quack_fused_ops.py --chosen > "$out/quack_chosen.log" 2>&1; grep -v "^  \|Warning\|warn" "$out/quack_chosen.log" | tail -22 ;;
         tiles) timeout ${TILES_S:-420} python3 benchmarks/quack_fused_ops.py --tiles > "$out/quack_tiles.log" 2>&1 ;;

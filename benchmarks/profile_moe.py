@@ -2,10 +2,13 @@
 
 python benchmarks/profile_moe.py [T d ff E k]   # dense, compiled dense, grouped, segments
 python benchmarks/profile_moe.py mole     # MoLE (4 experts r=64 top-1) vs PEFT bf16 LoRA r=64
+python benchmarks/profile_moe.py T d ff E k --probe dgated --probe more   # and the layer probed
+    (moe_layer.py's PROBES: a code path switched around each step), no segments
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 from pathlib import Path
@@ -32,7 +35,14 @@ def host_ms_per_step(step, reps: int = 5) -> float:
     return host
 
 
-def profile_step(name: str, step) -> None:
+def profile_step(name: str, step, around=None) -> None:
+    if around is not None:  # the step inside a switch of the layer's code
+        plain_step = step
+
+        def step():
+            with around():
+                plain_step()
+
     for _ in range(3):
         step()
     print(f"{name}: host {host_ms_per_step(step):.3f} ms per step to queue")
@@ -78,9 +88,13 @@ def profile_mole(tokens: int = 16384, fan_in: int = 4096, fan_out: int = 11008) 
 def main() -> None:
     if sys.argv[1:] == ["mole"]:
         return profile_mole()
-    tokens, hidden, intermediate, num_experts, top_k = (
-        int(v) for v in (sys.argv[1:] or [16384, 2048, 5632, 4, 2])
-    )
+    from moe_layer import PROBES
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("shape", type=int, nargs="*", default=[16384, 2048, 5632, 4, 2], help="T d ff E k")
+    parser.add_argument("--probe", action="append", default=[], choices=sorted(PROBES))
+    args = parser.parse_args()
+    tokens, hidden, intermediate, num_experts, top_k = args.shape
     torch.manual_seed(0)
     dense = SwiGLU(hidden, intermediate).to("cuda", DTYPE)
     x_dense = torch.randn(tokens * top_k, hidden, device="cuda", dtype=DTYPE, requires_grad=True)
@@ -92,8 +106,12 @@ def main() -> None:
         moe.router.gate.weight.normal_(std=0.5)
     x = torch.randn(tokens, hidden, device="cuda", dtype=DTYPE, requires_grad=True)
     profile_step("vlmoe grouped", _train_step(moe, x, torch.randn_like(x)))
-    moe.backend = "segments"
-    profile_step("vlmoe segments", _train_step(moe, x, torch.randn_like(x)))
+    for probe in args.probe:
+        name, around = PROBES[probe]
+        profile_step(name, _train_step(moe, x, torch.randn_like(x)), around=around)
+    if not args.probe:
+        moe.backend = "segments"
+        profile_step("vlmoe segments", _train_step(moe, x, torch.randn_like(x)))
 
 
 if __name__ == "__main__":

@@ -135,7 +135,7 @@ def epilogue_variants(reps: int) -> list[dict]:
 
 
 def _epilogue_variants_for(shape, reps: int) -> list[dict]:
-    from quack.gemm_interface import gemm_act, gemm_dact
+    from quack.gemm_interface import gemm_act, gemm_dact, gemm_tuned
 
     rows_out = []
     p = _problem(*shape)
@@ -163,9 +163,25 @@ def _epilogue_variants_for(shape, reps: int) -> list[dict]:
             config=quack_gemm.gemm_config(tile),
         )  # fmt: skip
 
+    from vlmoe.moe.kernels import swiglu as swiglu_kernels
+
+    slot_weights, sorted_slots = p["row_scale"], p["sorted_slots"]
+
+    def v26(tile):  # the shipped backward up to preact: the plain GEMM, then the pairs pass
+        grad_hidden = gemm_tile(grad_sorted, down, cu, tile)
+        return swiglu_kernels.swiglu_pairs_backward(preact, grad_hidden, slot_weights, sorted_slots, out=dx)
+
+    def gemm_tile(a, b, cu, tile):
+        out = a.new_empty(a.shape[0], b.shape[-1])
+        gemm_tuned.fn(A=a, B=b, out=out, cu_seqlens_m=cu, config=quack_gemm.gemm_config(tile))
+        return out
+
     variants = []
     for tile in EPILOGUE_TILES:
         variants.append((f"dgated {tile}", lambda tile=tile: dgated(tile)))
+    for tile in ((128, 128, 2, 1, True), (128, 192, 2, 1, True), (128, 256, 1, 2, False)):
+        variants.append((f"v27: dgated pre-gathered {tile}", lambda tile=tile: dgated(tile, gather=False)))
+        variants.append((f"v26: plain GEMM {tile} + pairs pass", lambda tile=tile: v26(tile)))
     base = EPILOGUE_TILES[0]
     variants += [
         ("dgated, rows pre-gathered (no A_idx)", lambda: dgated(base, gather=False)),
@@ -424,7 +440,10 @@ def main() -> None:
     parser.add_argument("--tiles", action="store_true", help="the fused path's GEMMs over more tiles")
     parser.add_argument("--pairs", action="store_true", help="the pairs SwiGLU backward's launch shapes")
     parser.add_argument("--chosen", action="store_true", help="quack_gemm's tuning against a re-timing")
+    parser.add_argument("--shape", type=int, action="append", choices=range(1, len(SHAPES) + 1))
     args = parser.parse_args()
+    if args.shape:
+        SHAPES[:] = [SHAPES[n - 1] for n in args.shape]
     if args.pairs:  # Triton only: no QuACK needed
         pairs_launches(args.reps)
         return

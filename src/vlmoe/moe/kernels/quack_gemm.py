@@ -294,7 +294,7 @@ def experts_swiglu_backward(
         colvec_reduce=True,
         cu_seqlens_m=bounds,
     )
-    if grad_preact.data_ptr() == preact.data_ptr() and _tunes("swiglu_backward", kwargs):
+    if out is preact and _tunes("swiglu_backward", kwargs):
         # Tuning runs each candidate several times on these operands: in place, every run after
         # the first would read the gradient as preact. It runs on a scratch output instead.
         _tuned("swiglu_backward", "dgated", {**kwargs, "dx_out": torch.empty_like(preact)})
