@@ -211,8 +211,10 @@ def _measure_probe(name: str, around, moe: MoEFeedForward, x: torch.Tensor, reps
     for key in sorted(set(quack_gemm._chosen) - before):
         tile, rejected = quack_gemm._tile(quack_gemm._chosen[key]), tuned.get(key, {}).get("rejected", 0)
         print(f"    chose {key}: {tile}, {rejected} rejected", flush=True)
+    agreement = _agreement(moe, moe, x, around=around)
+    print(f"    {agreement}", flush=True)
     row = _measure(name, moe, x, reps, paired, around=around)
-    row["note"] = f"first step {first_s:.1f} s"
+    row["note"] = f"first step {first_s:.1f} s; {agreement}"
     return row
 
 
@@ -284,14 +286,27 @@ class _SonicFFN(nn.Module):
         return self.moe(x)[0]
 
 
-def _agreement(reference: nn.Module, other: nn.Module, x: torch.Tensor) -> str:
-    """How closely `other` computes `reference`'s output: the median row's relative error, and
-    the share of rows within 2% (a row whose routing flips on a near-tie differs by far more)."""
-    with torch.no_grad():
-        want, got = reference(x).float(), other(x).float()
-    errors = (got - want).norm(dim=-1) / want.norm(dim=-1).clamp_min(1e-12)
-    median, close = errors.median().item(), (errors < 0.02).float().mean().item()
-    return f"rows vs vlmoe: median rel. error {median:.1e}, {close:.1%} within 2%"
+def _agreement(reference: nn.Module, other: nn.Module, x: torch.Tensor, around=None) -> str:
+    """How closely `other` computes `reference`'s output and its gradient of x for one random
+    output gradient: per row, the median relative error and the share of rows within 2% (a row
+    whose routing flips on a near-tie differs by far more). `around`: a context manager the
+    other's forward and backward run in (a probe: then `other` may be `reference` itself)."""
+    grad_out = torch.randn_like(x)  # the FFN maps d to d
+    results = []
+    for module, switch in ((reference, contextlib.nullcontext), (other, around or contextlib.nullcontext)):
+        xi = x.detach().clone().requires_grad_()
+        with switch():
+            out = module(xi)
+            out.backward(grad_out)
+        results.append((out.detach().float(), xi.grad.float()))
+        for p in module.parameters():
+            p.grad = None
+    parts = []
+    for label, want, got in zip(("rows", "x grad rows"), results[0], results[1], strict=True):
+        errors = (got - want).norm(dim=-1) / want.norm(dim=-1).clamp_min(1e-12)
+        median, close = errors.median().item(), (errors < 0.02).float().mean().item()
+        parts.append(f"{label} vs vlmoe: median rel. error {median:.1e}, {close:.1%} within 2%")
+    return "; ".join(parts)
 
 
 class _As3D(nn.Module):
