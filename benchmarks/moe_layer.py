@@ -178,6 +178,12 @@ def _dgated_more_tiles():
         yield
 
 
+@contextlib.contextmanager
+def _more_tiles_cold_l2():
+    with quack_gemm.more_tiles(), quack_gemm.tuning_from_cold_l2():
+        yield
+
+
 # The layer with one of its code paths switched (a context manager around each step), paired
 # with the shipped one: --probe NAME.
 PROBES = {
@@ -192,6 +198,14 @@ PROBES = {
     "pairs": (
         "vlmoe MoEFeedForward grouped, QuACK, the SwiGLU's gradient in the Triton pass (v17-v26)",
         lambda: quack_gemm.swiglu_backward_fused(False),
+    ),
+    "coldl2": (
+        "vlmoe MoEFeedForward grouped, QuACK, tiles tuned from a cold L2",
+        quack_gemm.tuning_from_cold_l2,
+    ),
+    "more+coldl2": (
+        "vlmoe MoEFeedForward grouped, QuACK, the extra tile candidates too, tuned from a cold L2",
+        _more_tiles_cold_l2,
     ),
     "dgated+more": (
         "vlmoe MoEFeedForward grouped, QuACK, the SwiGLU's gradient in the backward GEMM, extra tiles",
@@ -603,7 +617,8 @@ def main() -> None:
         choices=sorted(PROBES),
         help="add the layer with a code path switched, paired with the shipped one: more (tuned among "
         "quack_gemm.MORE_CANDIDATES too), dgated / pairs (the SwiGLU's gradient in the backward GEMM, or "
-        "in the Triton pass), dgated+more; repeatable",
+        "in the Triton pass), dgated+more, coldl2 (tiles tuned with the L2 cache emptied before each timed "
+        "call), more+coldl2; repeatable",
     )
     parser.add_argument(
         "--headline",

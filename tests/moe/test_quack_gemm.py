@@ -850,3 +850,27 @@ def test_the_compile_server_starts_once_at_the_first_problem_to_tune(compile_poo
     monkeypatch.setenv("QUACK_ASYNC_COMPILE_START", "spawn")
     quack_gemm._start_compile_server()
     assert started == [True]
+
+
+def test_tuning_from_a_cold_l2_flushes_before_each_timed_call_under_keys_that_stay_in_the_process(
+    fake_quack, monkeypatch
+):
+    monkeypatch.setattr(quack_gemm, "TUNE", True)
+    events = []
+    monkeypatch.setattr(quack_gemm, "_flush_l2", lambda: events.append("flush"))
+    monkeypatch.setattr(quack_gemm, "_elapsed_ms", lambda run: (run(), events.append("timed"), 1.0)[2])
+    with quack_gemm.tuning_from_cold_l2():
+        out, wanted = _three_experts()
+    assert relative_error(out, wanted) < 1e-12
+    # 7 rounds of the five candidates, each timed call right after its own flush.
+    assert events == ["flush", "timed"] * (7 * len(quack_gemm.CANDIDATES))
+    (key,) = quack_gemm._chosen
+    assert key.endswith("/coldl2")
+    assert not json.loads(quack_gemm._cache_path().read_text())["chosen"]
+    with quack_gemm.more_tiles(), quack_gemm.tuning_from_cold_l2():
+        _three_experts()
+    assert any(key.endswith("/more/coldl2") for key in quack_gemm._chosen)
+    assert not json.loads(quack_gemm._cache_path().read_text())["chosen"]
+    events.clear()
+    _three_experts()  # outside the block: tuned anew, without flushing, and saved
+    assert "flush" not in events and len(json.loads(quack_gemm._cache_path().read_text())["chosen"]) == 1

@@ -99,6 +99,11 @@ MORE_CANDIDATES: tuple[tuple, ...] = (
 )
 MORE = False
 MORE_KEY = "more"  # the last part of a key tuned among the extra candidates too
+# The tuning's timed calls each start from an L2 cache emptied of their operands, as in a layer's
+# step, where the previous kernels' outputs fill it (a probe: `tuning_from_cold_l2`).
+COLD_L2 = False
+COLD_L2_KEY = "coldl2"
+_l2_flush_buffer: Tensor | None = None
 logger = logging.getLogger(__name__)
 _chosen: dict[str, int] = {}
 # Per problem key tuned in this process: seconds compiling (or loading) its candidates and
@@ -183,6 +188,13 @@ def more_tiles() -> contextlib.AbstractContextManager[None]:
     """Inside this block each problem tunes among CANDIDATES and MORE_CANDIDATES, under keys of
     their own that stay in this process (a probe for `moe_layer.py --probe more`)."""
     return _switched("MORE", True)
+
+
+def tuning_from_cold_l2() -> contextlib.AbstractContextManager[None]:
+    """Inside this block a problem's tuning empties the L2 cache before each timed call (QuACK's
+    own autotuner rotates its operands for the same reason), under keys of its own that stay in
+    this process: a probe of whether L2-warm operands mislead the choice."""
+    return _switched("COLD_L2", True)
 
 
 def swiglu_backward_fused(on: bool = True) -> contextlib.AbstractContextManager[None]:
@@ -428,6 +440,8 @@ def _key(direction: str, kwargs: dict) -> str:
     parts += [str(a.dtype).removeprefix("torch."), device]
     if MORE:
         parts.append(MORE_KEY)
+    if COLD_L2:
+        parts.append(COLD_L2_KEY)
     return "/".join(str(part) for part in parts)
 
 
@@ -468,6 +482,8 @@ def _time_candidates(candidates: list[int], op: str, kwargs: dict, key: str, rou
     times: dict[int, list[float]] = {index: [] for index in ran}
     for _ in range(rounds):
         for index in ran:
+            if COLD_L2:
+                _flush_l2()  # queued ahead of the timing's start event: not timed
             times[index].append(_elapsed_ms(lambda index=index: _run(index, op, kwargs)))
     _tuning_log[key] = {
         "compile_s": compiled - start,
@@ -714,6 +730,15 @@ def _elapsed_ms(run) -> float:
     return start.elapsed_time(end)
 
 
+def _flush_l2() -> None:
+    """Overwrite twice the GPU's L2 cache with a buffer no GEMM reads."""
+    global _l2_flush_buffer
+    if _l2_flush_buffer is None:
+        size = 2 * torch.cuda.get_device_properties(torch.cuda.current_device()).L2_cache_size
+        _l2_flush_buffer = torch.empty(max(size, 1 << 20) // 4, dtype=torch.int32, device="cuda")
+    _l2_flush_buffer.zero_()
+
+
 def _cache_path() -> Path:
     root = os.environ.get("VLMOE_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "vlmoe")
     return Path(root) / "quack_gemm.json"
@@ -741,9 +766,10 @@ def _read_disk_cache() -> dict[str, int]:
 def _save_disk_cache() -> None:
     path = _cache_path()
     # Merged with what is on disk, so processes tuning side by side (one per GPU) keep each other's.
-    # Choices among the extra candidates (a probe) stay in this process.
+    # Choices under a probe (the extra candidates, the cold-L2 timing) stay in this process.
     merged = {**_read_disk_cache(), **_chosen}
-    chosen = {key: index for key, index in merged.items() if not key.endswith(MORE_KEY)}
+    probe_parts = {MORE_KEY, COLD_L2_KEY}
+    chosen = {key: index for key, index in merged.items() if not probe_parts & set(key.split("/")[-2:])}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         payload = json.dumps({"candidates": [list(c) for c in CANDIDATES], "chosen": chosen}, indent=1)
