@@ -150,6 +150,7 @@ def fake_quack(monkeypatch, tmp_path):
     monkeypatch.setattr(quack_gemm, "_chosen", {})
     monkeypatch.setattr(quack_gemm, "_disk_loaded", False)
     monkeypatch.setattr(quack_gemm, "_announced", False)
+    monkeypatch.setattr(quack_gemm, "_tuning_log", {})
     monkeypatch.setenv("VLMOE_CACHE_DIR", str(tmp_path))
     quack_gemm.gemm_config.cache_clear()  # configs of this fake's class only
     return fake
@@ -222,6 +223,7 @@ def test_every_expert_matmul_goes_through_quack_and_the_first_gathers_in_its_loa
     fake_quack, monkeypatch, fused
 ):
     monkeypatch.setattr(quack_gemm, "FUSE_SWIGLU", fused)
+    monkeypatch.setattr(quack_gemm, "FUSE_SWIGLU_BACKWARD", False)  # its own test below
     experts = GLUExperts(4, 16, 24, nn.SiLU()).double()
     routing = _routing(20, 4, 2, seed=2)
     x = torch.randn(20, 16, dtype=torch.float64, requires_grad=True)
@@ -451,18 +453,23 @@ def test_disabled_restores_the_switch(monkeypatch):
     assert quack_gemm.ENABLED
 
 
-def test_the_disk_cache_keeps_other_processes_choices_and_ignores_other_candidates(fake_quack, tmp_path):
+def test_the_disk_cache_keeps_other_processes_choices_and_ignores_other_candidates(
+    fake_quack, tmp_path, monkeypatch
+):
     path = tmp_path / "quack_gemm.json"
-    candidates = [list(c) for c in quack_gemm.CANDIDATES]
+    # The saved indices mean CANDIDATES + MORE_CANDIDATES (the dgated GEMM takes one of the latter).
+    candidates = [list(c) for c in quack_gemm.CANDIDATES + quack_gemm.MORE_CANDIDATES]
     path.write_text(json.dumps({"candidates": candidates, "chosen": {"another/gpu": 2}}))
     quack_gemm._chosen["this/process"] = 1
     quack_gemm._save_disk_cache()
     assert json.loads(path.read_text())["chosen"] == {"another/gpu": 2, "this/process": 1}
 
-    path.write_text(json.dumps({"candidates": [[64, 64, 1, 1, True]], "chosen": {"old/tiles": 0}}))
-    quack_gemm._chosen.clear()
-    quack_gemm._load_disk_cache()
-    assert quack_gemm._chosen == {}
+    for other in ([[64, 64, 1, 1, True]], [list(c) for c in quack_gemm.CANDIDATES]):  # the latter: v26's
+        path.write_text(json.dumps({"candidates": other, "chosen": {"old/tiles": 0}}))
+        quack_gemm._chosen.clear()
+        monkeypatch.setattr(quack_gemm, "_disk_loaded", False)
+        quack_gemm._load_disk_cache()
+        assert quack_gemm._chosen == {}
 
 
 class _CompilePending(BaseException):
@@ -874,3 +881,31 @@ def test_tuning_from_a_cold_l2_flushes_before_each_timed_call_under_keys_that_st
     events.clear()
     _three_experts()  # outside the block: tuned anew, without flushing, and saved
     assert "flush" not in events and len(json.loads(quack_gemm._cache_path().read_text())["chosen"]) == 1
+
+
+def test_the_fused_backward_tunes_among_the_candidates_and_its_own_128x128_tile(fake_quack, monkeypatch):
+    monkeypatch.setattr(quack_gemm, "TUNE", True)
+
+    def elapsed(run):
+        run()
+        config = fake_quack.configs[-1]
+        return 1.0 if (config.tile_m, config.tile_n) == (128, 128) else 2.0
+
+    monkeypatch.setattr(quack_gemm, "_elapsed_ms", elapsed)
+    experts = GLUExperts(4, 16, 24, nn.SiLU()).double()
+    x = torch.randn(20, 16, dtype=torch.float64, requires_grad=True)
+    dispatch(x, _routing(20, 4, 2, seed=8), experts, backend="grouped").sum().backward()
+    tuned = quack_gemm.tuning_seconds()
+    (backward,) = [key for key in tuned if key.startswith("swiglu_backward/")]
+    assert tuned[backward]["candidates"] == len(quack_gemm.CANDIDATES) + 1
+    assert quack_gemm._tile(quack_gemm._chosen[backward]) == (128, 128, 2, 1, True)
+    # Every other problem keeps the five (those without a gather, which takes cluster_n 1 only):
+    # the 128 x 128 tile is the dgated GEMM's alone.
+    assert all(
+        entry["candidates"] == len(quack_gemm.CANDIDATES)
+        for key, entry in tuned.items()
+        if key != backward and "/gather" not in key
+    )
+    assert (
+        json.loads(quack_gemm._cache_path().read_text())["chosen"][backward] == quack_gemm._chosen[backward]
+    )

@@ -28,7 +28,7 @@ kernels compile side by side, on QuACK's pool of CPU compile workers (`_compile_
 a candidate QuACK cannot run for a problem is left out of its timing, with a warning.
 Switches: `VLMOE_QUACK=0` turns this path off; `VLMOE_QUACK_TUNE=0` keeps QuACK's default
 configuration; `VLMOE_QUACK_FUSED=0` keeps the SwiGLU out of the GEMM (its own Triton pass, as
-before v17); `VLMOE_QUACK_FUSED_BACKWARD=1` puts its gradient into the backward's GEMM (v27);
+before v17); `VLMOE_QUACK_FUSED_BACKWARD=0` keeps its gradient out of the backward's GEMM (v27);
 `VLMOE_QUACK_PARALLEL_COMPILE=0` compiles the candidates one after another here.
 """
 
@@ -55,9 +55,10 @@ ENABLED = os.environ.get("VLMOE_QUACK", "1") != "0"
 # expert matmuls on QuACK and the SwiGLU in its own Triton pass, as before v17.
 FUSE_SWIGLU = os.environ.get("VLMOE_QUACK_FUSED", "1") != "0"
 # Their backward's first GEMM with the SwiGLU's gradient in its epilogue (QuACK's dgated, as
-# SonicMoE's backward; `experts_swiglu_backward`, NOTES.md v27); off: the plain GEMM and then the
-# Triton pairs pass (`swiglu.swiglu_pairs_backward`), as v17 to v26.
-FUSE_SWIGLU_BACKWARD = os.environ.get("VLMOE_QUACK_FUSED_BACKWARD", "0") == "1"
+# SonicMoE's backward; `experts_swiglu_backward`, NOTES.md v27: 1.12 ms at the 64-expert shape
+# where the plain GEMM and the pass took 1.36); off: the plain GEMM and then the Triton pairs
+# pass (`swiglu.swiglu_pairs_backward`), as v17 to v26.
+FUSE_SWIGLU_BACKWARD = os.environ.get("VLMOE_QUACK_FUSED_BACKWARD", "1") != "0"
 TUNE = os.environ.get("VLMOE_QUACK_TUNE", "1") != "0"
 # A problem's candidate kernels compile side by side on QuACK's CPU worker processes (NOTES.md v26).
 PARALLEL_COMPILE = os.environ.get("VLMOE_QUACK_PARALLEL_COMPILE", "1") != "0"
@@ -87,16 +88,20 @@ CANDIDATES: tuple[tuple, ...] = (
 # Tiles QuACK's own autotuner chose for SonicMoE's GEMMs at the 64-expert shape that the
 # candidates above lack (s16-run5, NOTES.md session 16): 128x256 cooperative 2x1, the widest a
 # gather can take; 192x128 pingpong 1x2; 256x160 cooperative 2x1; 128x128 pingpong 2x1, whose
-# N fits F = 1408 (and 5632, 14336) without a part-empty last tile. Not yet measured in the
-# layer, so not candidates by default: `more_tiles()` adds them, for an A/B reading
-# (`benchmarks/moe_layer.py --probe more`). A tuned index means a tile of CANDIDATES +
-# MORE_CANDIDATES (`_tile`).
+# N divides F = 1408 (and 5632, 14336). In the layer they gained 2-4% at the 64-expert shape
+# and lost 2% at the 4-expert one (s17-run1/2), so they are not candidates by default:
+# `more_tiles()` adds them, for an A/B reading (`benchmarks/moe_layer.py --probe more`). A tuned
+# index means a tile of CANDIDATES + MORE_CANDIDATES (`_tile`).
 MORE_CANDIDATES: tuple[tuple, ...] = (
     (128, 256, 2, 1, False),
     (192, 128, 1, 2, True),
     (256, 160, 2, 1, False),
-    (128, 128, 2, 1, True),  # SonicMoE's dgated GEMM: 1.30 ms where 128x192 took 2.07 (s16-run5)
+    (128, 128, 2, 1, True),
 )
+# Tiles one kind of call times besides CANDIDATES. The dgated GEMM (`experts_swiglu_backward`)
+# chose 128x128 pingpong 2x1 at all three reference shapes whenever it could (s17-run1), where
+# SonicMoE's dgated GEMM ran 1.30 ms against 2.07 on 128x192 (s16-run5).
+OP_CANDIDATES: dict[str, tuple[tuple, ...]] = {"dgated": ((128, 128, 2, 1, True),)}
 MORE = False
 MORE_KEY = "more"  # the last part of a key tuned among the extra candidates too
 # The tuning's timed calls each start from an L2 cache emptied of their operands, as in a layer's
@@ -306,7 +311,7 @@ def experts_swiglu_backward(
         colvec_reduce=True,
         cu_seqlens_m=bounds,
     )
-    if out is preact and _tunes("swiglu_backward", kwargs):
+    if out is preact and _tunes("swiglu_backward", "dgated", kwargs):
         # Tuning runs each candidate several times on these operands: in place, every run after
         # the first would read the gradient as preact. It runs on a scratch output instead.
         _tuned("swiglu_backward", "dgated", {**kwargs, "dx_out": torch.empty_like(preact)})
@@ -387,18 +392,20 @@ def _gemm(direction: str, **kwargs: Any) -> None:
     _tuned(direction, "gemm", kwargs)
 
 
-def _candidates(kwargs: dict) -> list[int]:
+def _candidates(op: str, kwargs: dict) -> list[int]:
+    """The indices (into CANDIDATES + MORE_CANDIDATES) of the tiles this call may take."""
     gathers = kwargs.get("A_idx") is not None
+    tiles = set(CANDIDATES + (MORE_CANDIDATES if MORE else ()) + OP_CANDIDATES.get(op, ()))
     return [
         index
-        for index, tile in enumerate(CANDIDATES + (MORE_CANDIDATES if MORE else ()))
-        if not (gathers and tile[3] != 1)  # QuACK's gather needs cluster_n == 1
+        for index, tile in enumerate(CANDIDATES + MORE_CANDIDATES)
+        if tile in tiles and not (gathers and tile[3] != 1)  # QuACK's gather needs cluster_n == 1
     ]
 
 
-def _tunes(direction: str, kwargs: dict) -> bool:
+def _tunes(direction: str, op: str, kwargs: dict) -> bool:
     """Whether this call of the problem will time its candidates (its first, untimed so far)."""
-    if torch.compiler.is_compiling() or not TUNE or len(_candidates(kwargs)) == 1:
+    if torch.compiler.is_compiling() or not TUNE or len(_candidates(op, kwargs)) == 1:
         return False
     key = _key(direction, kwargs)
     if key not in _chosen:
@@ -411,8 +418,8 @@ def _tunes(direction: str, kwargs: dict) -> bool:
 def _tuned(direction: str, op: str, kwargs: dict) -> Any:
     """Run `op` with the tile chosen for this problem, timing the candidates on its first call;
     -> what QuACK returns."""
-    candidates = _candidates(kwargs)
-    if _tunes(direction, kwargs):
+    candidates = _candidates(op, kwargs)
+    if _tunes(direction, op, kwargs):
         key = _key(direction, kwargs)
         _announce_tuning()
         _start_compile_server()
@@ -758,9 +765,14 @@ def _read_disk_cache() -> dict[str, int]:
         saved = json.loads(_cache_path().read_text())
     except (OSError, ValueError):
         return {}
-    if saved.get("candidates") != [list(c) for c in CANDIDATES]:
+    if saved.get("candidates") != _saved_tiles():
         return {}  # chosen among other candidates: indices that mean other tiles now
     return {key: int(index) for key, index in saved.get("chosen", {}).items()}
+
+
+def _saved_tiles() -> list[list]:
+    """The tiles a saved index means: the cache is read only where they are the same."""
+    return [list(tile) for tile in CANDIDATES + MORE_CANDIDATES]
 
 
 def _save_disk_cache() -> None:
@@ -772,7 +784,7 @@ def _save_disk_cache() -> None:
     chosen = {key: index for key, index in merged.items() if not probe_parts & set(key.split("/")[-2:])}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        payload = json.dumps({"candidates": [list(c) for c in CANDIDATES], "chosen": chosen}, indent=1)
+        payload = json.dumps({"candidates": _saved_tiles(), "chosen": chosen}, indent=1)
         # Atomic: a crash mid-write leaves the previous file, never half of one.
         with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as handle:
             handle.write(payload)
