@@ -223,7 +223,6 @@ def test_every_expert_matmul_goes_through_quack_and_the_first_gathers_in_its_loa
     fake_quack, monkeypatch, fused
 ):
     monkeypatch.setattr(quack_gemm, "FUSE_SWIGLU", fused)
-    monkeypatch.setattr(quack_gemm, "FUSE_SWIGLU_BACKWARD", False)  # its own test below
     experts = GLUExperts(4, 16, 24, nn.SiLU()).double()
     routing = _routing(20, 4, 2, seed=2)
     x = torch.randn(20, 16, dtype=torch.float64, requires_grad=True)
@@ -885,6 +884,7 @@ def test_tuning_from_a_cold_l2_flushes_before_each_timed_call_under_keys_that_st
 
 def test_the_fused_backward_tunes_among_the_candidates_and_its_own_128x128_tile(fake_quack, monkeypatch):
     monkeypatch.setattr(quack_gemm, "TUNE", True)
+    monkeypatch.setattr(quack_gemm, "FUSE_SWIGLU_BACKWARD", True)
 
     def elapsed(run):
         run()

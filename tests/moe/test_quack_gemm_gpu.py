@@ -340,8 +340,8 @@ def test_a_cold_start_compiles_the_candidates_on_quacks_workers_and_a_warm_one_l
     assert cold["worker_failures"] == 0
     assert warm["compile_s"] < cold["compile_s"]
     # The layer's backward problems too went to the workers (its forward's plain GEMM reuses the
-    # kernels compiled above: QuACK's kernels do not depend on the sizes): the dgated GEMM and
-    # three weight or input gradients.
+    # kernels compiled above: QuACK's kernels do not depend on the sizes): three weight or input
+    # gradients and the down input gradient, or the dgated GEMM in its place (VLMOE_QUACK_FUSED_BACKWARD=1).
     backward = {
         key: handed for key, handed in cold["layer"].items() if key.startswith(("grad_", "swiglu_backward"))
     }

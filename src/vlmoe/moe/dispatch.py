@@ -414,7 +414,7 @@ class _CombinedGLU(torch.autograd.Function):
     product with down, then one Triton pass (`swiglu_pairs_backward`) gives preact's gradient
     (written over preact), w's gradient and w * hidden for down's weight gradient; the other
     three matmuls read the paired columns through QuACK's concat_layout. With
-    `quack_gemm.FUSE_SWIGLU_BACKWARD` (the default) the product and that pass are one GEMM,
+    `quack_gemm.FUSE_SWIGLU_BACKWARD` (off by default) the product and that pass are one GEMM,
     QuACK's dgated epilogue (`experts_swiglu_backward`, NOTES.md v27)."""
 
     @staticmethod

@@ -28,7 +28,7 @@ kernels compile side by side, on QuACK's pool of CPU compile workers (`_compile_
 a candidate QuACK cannot run for a problem is left out of its timing, with a warning.
 Switches: `VLMOE_QUACK=0` turns this path off; `VLMOE_QUACK_TUNE=0` keeps QuACK's default
 configuration; `VLMOE_QUACK_FUSED=0` keeps the SwiGLU out of the GEMM (its own Triton pass, as
-before v17); `VLMOE_QUACK_FUSED_BACKWARD=0` keeps its gradient out of the backward's GEMM (v27);
+before v17); `VLMOE_QUACK_FUSED_BACKWARD=1` puts its gradient into the backward's GEMM (v27);
 `VLMOE_QUACK_PARALLEL_COMPILE=0` compiles the candidates one after another here.
 """
 
@@ -56,9 +56,10 @@ ENABLED = os.environ.get("VLMOE_QUACK", "1") != "0"
 FUSE_SWIGLU = os.environ.get("VLMOE_QUACK_FUSED", "1") != "0"
 # Their backward's first GEMM with the SwiGLU's gradient in its epilogue (QuACK's dgated, as
 # SonicMoE's backward; `experts_swiglu_backward`, NOTES.md v27: 1.12 ms at the 64-expert shape
-# where the plain GEMM and the pass took 1.36); off: the plain GEMM and then the Triton pairs
-# pass (`swiglu.swiglu_pairs_backward`), as v17 to v26.
-FUSE_SWIGLU_BACKWARD = os.environ.get("VLMOE_QUACK_FUSED_BACKWARD", "1") != "0"
+# where the plain GEMM and the pass take 1.36, yet in the layer within +-2% of them over three
+# calls, so off by default); off: the plain GEMM and then the Triton pairs pass
+# (`swiglu.swiglu_pairs_backward`), as v17 to v26.
+FUSE_SWIGLU_BACKWARD = os.environ.get("VLMOE_QUACK_FUSED_BACKWARD", "0") == "1"
 TUNE = os.environ.get("VLMOE_QUACK_TUNE", "1") != "0"
 # A problem's candidate kernels compile side by side on QuACK's CPU worker processes (NOTES.md v26).
 PARALLEL_COMPILE = os.environ.get("VLMOE_QUACK_PARALLEL_COMPILE", "1") != "0"
