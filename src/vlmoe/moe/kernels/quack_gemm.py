@@ -312,7 +312,7 @@ def experts_swiglu_backward(
         colvec_reduce=True,
         cu_seqlens_m=bounds,
     )
-    if out is preact and _tunes("swiglu_backward", "dgated", kwargs):
+    if out is preact and _untimed(_tuning_key("swiglu_backward", "dgated", kwargs)):
         # Tuning runs each candidate several times on these operands: in place, every run after
         # the first would read the gradient as preact. It runs on a scratch output instead.
         _tuned("swiglu_backward", "dgated", {**kwargs, "dx_out": torch.empty_like(preact)})
@@ -404,11 +404,18 @@ def _candidates(op: str, kwargs: dict) -> list[int]:
     ]
 
 
-def _tunes(direction: str, op: str, kwargs: dict) -> bool:
-    """Whether this call of the problem will time its candidates (its first, untimed so far)."""
+def _tuning_key(direction: str, op: str, kwargs: dict) -> str | None:
+    """The problem's key where its tile is chosen by timing; None where the first candidate runs
+    (torch.compile tracing, tuning off, one candidate)."""
     if torch.compiler.is_compiling() or not TUNE or len(_candidates(op, kwargs)) == 1:
+        return None
+    return _key(direction, kwargs)
+
+
+def _untimed(key: str | None) -> bool:
+    """Whether the problem `key` has no chosen tile yet (here or on disk) and can be timed now."""
+    if key is None:
         return False
-    key = _key(direction, kwargs)
     if key not in _chosen:
         _load_disk_cache()
     # Nothing is timed during CUDA-graph capture: the first candidate runs there.
@@ -420,13 +427,12 @@ def _tuned(direction: str, op: str, kwargs: dict) -> Any:
     """Run `op` with the tile chosen for this problem, timing the candidates on its first call;
     -> what QuACK returns."""
     candidates = _candidates(op, kwargs)
-    if _tunes(direction, op, kwargs):
-        key = _key(direction, kwargs)
+    key = _tuning_key(direction, op, kwargs)
+    if _untimed(key):
         _announce_tuning()
         _start_compile_server()
         _chosen[key] = _time_candidates(candidates, op, kwargs, key)
         _save_disk_cache()
-    key = _key(direction, kwargs) if TUNE and not torch.compiler.is_compiling() else None
     return _run(_chosen.get(key, candidates[0]), op, kwargs)
 
 
