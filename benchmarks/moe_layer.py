@@ -56,12 +56,17 @@ class SwiGLU(nn.Module):
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
-def _train_step(module: nn.Module, x: torch.Tensor, grad_out: torch.Tensor):
+def _train_step(module: nn.Module, x: torch.Tensor, grad_out: torch.Tensor, around=None):
+    """One fwd+bwd step of `module`; `around`: a context manager it runs inside (a switch of the
+    layer's code)."""
+    switch = around or contextlib.nullcontext
+
     def step() -> None:
         for p in module.parameters():
             p.grad = None
         x.grad = None
-        module(x).backward(grad_out)
+        with switch():
+            module(x).backward(grad_out)
 
     return step
 
@@ -75,14 +80,7 @@ def _measure(
     try:
         with torch.no_grad():
             grad_out = torch.randn_like(module(x))
-        step = _train_step(module, x, grad_out)
-        if around is not None:
-            plain_step = step
-
-            def step():
-                with around():
-                    plain_step()
-
+        step = _train_step(module, x, grad_out, around)
         ms = time_cuda(step, reps=reps)
         mem = peak_memory_mib(step)
         row = {"method": name, "ms": ms, "peak_mib": mem}
@@ -172,16 +170,17 @@ def _measure_sonic(moe: MoEFeedForward, top_k: int, x: torch.Tensor, reps: int, 
     return row
 
 
-@contextlib.contextmanager
-def _dgated_more_tiles():
-    with quack_gemm.swiglu_backward_fused(), quack_gemm.more_tiles():
-        yield
+def _together(*switches):
+    """A context-manager factory entering each of `switches` (factories themselves)."""
 
+    @contextlib.contextmanager
+    def around():
+        with contextlib.ExitStack() as stack:
+            for switch in switches:
+                stack.enter_context(switch())
+            yield
 
-@contextlib.contextmanager
-def _more_tiles_cold_l2():
-    with quack_gemm.more_tiles(), quack_gemm.tuning_from_cold_l2():
-        yield
+    return around
 
 
 # The layer with one of its code paths switched (a context manager around each step), paired
@@ -205,11 +204,11 @@ PROBES = {
     ),
     "more+coldl2": (
         "vlmoe MoEFeedForward grouped, QuACK, the extra tile candidates too, tuned from a cold L2",
-        _more_tiles_cold_l2,
+        _together(quack_gemm.more_tiles, quack_gemm.tuning_from_cold_l2),
     ),
     "dgated+more": (
         "vlmoe MoEFeedForward grouped, QuACK, the SwiGLU's gradient in the backward GEMM, extra tiles",
-        _dgated_more_tiles,
+        _together(quack_gemm.swiglu_backward_fused, quack_gemm.more_tiles),
     ),
 }
 

@@ -35,14 +35,7 @@ def host_ms_per_step(step, reps: int = 5) -> float:
     return host
 
 
-def profile_step(name: str, step, around=None) -> None:
-    if around is not None:  # the step inside a switch of the layer's code
-        plain_step = step
-
-        def step():
-            with around():
-                plain_step()
-
+def profile_step(name: str, step) -> None:
     for _ in range(3):
         step()
     print(f"{name}: host {host_ms_per_step(step):.3f} ms per step to queue")
@@ -108,7 +101,7 @@ def main() -> None:
     profile_step("vlmoe grouped", _train_step(moe, x, torch.randn_like(x)))
     for probe in args.probe:
         name, around = PROBES[probe]
-        profile_step(name, _train_step(moe, x, torch.randn_like(x)), around=around)
+        profile_step(name, _train_step(moe, x, torch.randn_like(x), around))
     if not args.probe:
         moe.backend = "segments"
         profile_step("vlmoe segments", _train_step(moe, x, torch.randn_like(x)))

@@ -23,6 +23,7 @@ again in interleaved rounds: how much its pick loses against the best of its own
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 from pathlib import Path
@@ -135,7 +136,7 @@ def epilogue_variants(reps: int) -> list[dict]:
 
 
 def _epilogue_variants_for(shape, reps: int) -> list[dict]:
-    from quack.gemm_interface import gemm_act, gemm_dact, gemm_tuned
+    from quack.gemm_interface import gemm_act, gemm_dact
 
     rows_out = []
     p = _problem(*shape)
@@ -163,18 +164,12 @@ def _epilogue_variants_for(shape, reps: int) -> list[dict]:
             config=quack_gemm.gemm_config(tile),
         )  # fmt: skip
 
-    from vlmoe.moe.kernels import swiglu as swiglu_kernels
-
     slot_weights, sorted_slots = p["row_scale"], p["sorted_slots"]
 
     def v26(tile):  # the shipped backward up to preact: the plain GEMM, then the pairs pass
-        grad_hidden = gemm_tile(grad_sorted, down, cu, tile)
-        return swiglu_kernels.swiglu_pairs_backward(preact, grad_hidden, slot_weights, sorted_slots, out=dx)
-
-    def gemm_tile(a, b, cu, tile):
-        out = a.new_empty(a.shape[0], b.shape[-1])
-        gemm_tuned.fn(A=a, B=b, out=out, cu_seqlens_m=cu, config=quack_gemm.gemm_config(tile))
-        return out
+        with _tile_pinned(tile):
+            grad_hidden = quack_gemm.experts_mm_grad_input(grad_sorted, down, cu)
+        return swiglu_pairs_backward(preact, grad_hidden, slot_weights, sorted_slots, out=dx)
 
     variants = []
     for tile in EPILOGUE_TILES:
@@ -236,17 +231,25 @@ def _tile_name(tile) -> str:
     return f"{m}x{n} {cm}x{cn} {'pp' if pp else 'coop'}" + (f" swz{swizzle[0]}" if swizzle else "")
 
 
-def _time_with_tile(step, tile, reps: int) -> tuple[float, str | None]:
-    """(median ms, None) of `step` with quack_gemm held to `tile`, or (NaN, the error) where the
-    problem refuses that tile (QuACK's gather takes cluster_n 1 only: no candidate is left)."""
+@contextlib.contextmanager
+def _tile_pinned(tile):
+    """quack_gemm held to `tile` inside the block: its only candidate, so nothing is tuned."""
     saved = quack_gemm.CANDIDATES
     quack_gemm.CANDIDATES = (tile,)
     try:
-        return time_cuda(step, reps=reps), None
-    except (RuntimeError, IndexError) as error:  # _run reports every QuACK failure as RuntimeError
-        return float("nan"), f"{type(error).__name__}: {str(error)[:80]}"
+        yield
     finally:
         quack_gemm.CANDIDATES = saved
+
+
+def _time_with_tile(step, tile, reps: int) -> tuple[float, str | None]:
+    """(median ms, None) of `step` with quack_gemm held to `tile`, or (NaN, the error) where the
+    problem refuses that tile (QuACK's gather takes cluster_n 1 only: no candidate is left)."""
+    with _tile_pinned(tile):
+        try:
+            return time_cuda(step, reps=reps), None
+        except (RuntimeError, IndexError) as error:  # _run reports every QuACK failure as RuntimeError
+            return float("nan"), f"{type(error).__name__}: {str(error)[:80]}"
 
 
 def tile_sweep(reps: int) -> None:

@@ -312,7 +312,7 @@ def experts_swiglu_backward(
         colvec_reduce=True,
         cu_seqlens_m=bounds,
     )
-    if out is preact and _untimed(_tuning_key("swiglu_backward", "dgated", kwargs)):
+    if out is preact and _untimed(_tuning_key("swiglu_backward", _candidates("dgated", kwargs), kwargs)):
         # Tuning runs each candidate several times on these operands: in place, every run after
         # the first would read the gradient as preact. It runs on a scratch output instead.
         _tuned("swiglu_backward", "dgated", {**kwargs, "dx_out": torch.empty_like(preact)})
@@ -404,10 +404,10 @@ def _candidates(op: str, kwargs: dict) -> list[int]:
     ]
 
 
-def _tuning_key(direction: str, op: str, kwargs: dict) -> str | None:
-    """The problem's key where its tile is chosen by timing; None where the first candidate runs
-    (torch.compile tracing, tuning off, one candidate)."""
-    if torch.compiler.is_compiling() or not TUNE or len(_candidates(op, kwargs)) == 1:
+def _tuning_key(direction: str, candidates: list[int], kwargs: dict) -> str | None:
+    """The problem's key where its tile is chosen by timing among `candidates`; None where the
+    first candidate runs (torch.compile tracing, tuning off, one candidate)."""
+    if torch.compiler.is_compiling() or not TUNE or len(candidates) == 1:
         return None
     return _key(direction, kwargs)
 
@@ -427,7 +427,7 @@ def _tuned(direction: str, op: str, kwargs: dict) -> Any:
     """Run `op` with the tile chosen for this problem, timing the candidates on its first call;
     -> what QuACK returns."""
     candidates = _candidates(op, kwargs)
-    key = _tuning_key(direction, op, kwargs)
+    key = _tuning_key(direction, candidates, kwargs)
     if _untimed(key):
         _announce_tuning()
         _start_compile_server()
