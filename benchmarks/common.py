@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import statistics
+import time
 from collections.abc import Callable
 
 import torch
@@ -37,9 +38,11 @@ def time_rounds(
     rounds: int,
     reps: int = 10,
     timer: Callable[..., float] = time_cuda,
+    windows: list[tuple[str, int, float, float]] | None = None,
 ) -> dict[str, list[float]]:
     """Each step's median ms in each of `rounds` interleaved rounds (A B C, A B C, ...), after one
-    warm-up round that is not kept.
+    warm-up round that is not kept. `windows`: where each kept timing's (step name, round from 0,
+    host start and end time.perf_counter()) is appended, for the GPU's clocks in it (telemetry.py).
 
     Timed one after another, a method and its baseline can read different GPU clocks or a
     neighbour's noise (target 2's MoLE layer moved 11% between calls while PEFT's held, session 12);
@@ -48,9 +51,12 @@ def time_rounds(
     times: dict[str, list[float]] = {name: [] for name in steps}
     for round_index in range(rounds + 1):
         for name, step in steps.items():
+            start = time.perf_counter()
             ms = timer(step, warmup=2, reps=reps)
             if round_index:
                 times[name].append(ms)
+                if windows is not None:
+                    windows.append((name, round_index - 1, start, time.perf_counter()))
     return times
 
 

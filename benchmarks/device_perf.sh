@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call for the performance issue: GPU tests ($TESTS to name other files), then the benchmarks named in $PARTS
-# (default: gen mole train; ffn: the MoE FFN table; sonic: the FFN table with SonicMoE on the same weights (shapes $SONIC_SHAPES, default 1 2 3); sonictiles: QuACK's autotuning of SonicMoE's GEMMs against vlmoe's tile candidates (default shape 3); probe: the layer with the code paths in $PROBES switched (moe_layer.py --probe; default dgated more dgated+more) against the shipped one, paired (shapes $PROBE_SHAPES, default 3 1 2); ffnrep: its headline ratios at 50 reps;
+# (default: gen mole train; ffn: the MoE FFN table; sonic: the FFN table with SonicMoE on the same weights (shapes $SONIC_SHAPES, default 1 2 3); sonictiles: QuACK's autotuning of SonicMoE's GEMMs against vlmoe's tile candidates (default shape 3); probe: the layer with the code paths in $PROBES switched (moe_layer.py --probe; default dgated more dgated+more) against the shipped one, paired (shapes $PROBE_SHAPES, default 3 1 2); clocks: step time against the GPU's SM clock and power, from idle and sustained (clocks.py; shapes $CLOCKS_SHAPES, default 3, probes $CLOCKS_PROBES); ffnrep: its headline ratios at 50 reps;
 # ffnvar: the FFN table with v14's memory savings switched off one by one; gemm: the expert
 # matmuls alone; tgemm: the Triton grouped-GEMM probe; quack: the QuACK GEMM probe; fusedops: each
 # QuACK call of the fused SwiGLU experts against the unfused ones; first: QuACK's first-use cost, cold and cached; firstpar: cold with the candidates compiled on QuACK's workers and one after another (v26), then cached; trainq: the
@@ -40,7 +40,11 @@ for part in $parts; do
         sonic) timeout ${SONIC_S:-420} python3 benchmarks/moe_layer.py --ffn-only --headline --sonic --reps ${SONIC_REPS:-30} --rounds ${SONIC_ROUNDS:-5} $(for n in ${SONIC_SHAPES:-1 2 3}; do echo --shape $n; done) > "$out/moe_ffn_sonic.log" 2>&1 ;;
         sonictiles) QUACK_PRINT_AUTOTUNING=1 timeout ${SONIC_S:-300} python3 benchmarks/moe_layer.py --ffn-only --headline --sonic --reps 5 --rounds 0 $(for n in ${SONIC_SHAPES:-3}; do echo --shape $n; done) > "$out/sonic_autotune.log" 2>&1
             python3 benchmarks/quack_autotune_log.py "$out/sonic_autotune.log" ;;
-        probe) timeout ${PROBE_S:-420} python3 benchmarks/moe_layer.py --ffn-only --headline $(for p in ${PROBES:-dgated more dgated+more}; do echo --probe $p; done) --reps ${PROBE_REPS:-30} --rounds ${PROBE_ROUNDS:-7} $(for n in ${PROBE_SHAPES:-3 1 2}; do echo --shape $n; done) > "$out/moe_ffn_probes.log" 2>&1 ;;
+        probe) timeout ${PROBE_S:-420} python3 benchmarks/moe_layer.py --ffn-only --headline --telemetry $(for p in ${PROBES:-dgated more dgated+more}; do echo --probe $p; done) --reps ${PROBE_REPS:-30} --rounds ${PROBE_ROUNDS:-7} $(for n in ${PROBE_SHAPES:-3 1 2}; do echo --shape $n; done) > "$out/moe_ffn_probes.log" 2>&1 ;;
+        clocks) for shape in ${CLOCKS_SHAPES:-3}; do
+                timeout ${CLOCKS_S:-200} python3 benchmarks/clocks.py --shape $shape --seconds ${CLOCKS_SECONDS:-2} --blocks ${CLOCKS_BLOCKS:-4} $(for p in ${CLOCKS_PROBES:-}; do echo --probe $p; done) > "$out/clocks_shape$shape.log" 2>&1
+                grep -v "Warning\|warn" "$out/clocks_shape$shape.log" | tail -${CLOCKS_TAIL:-30}
+            done ;;
         ffnq) timeout ${FFNQ_S:-200} python3 benchmarks/moe_layer.py --ffn-only --reps 30 > "$out/moe_ffn_quack.log" 2>&1 ;;
         ffnvar) timeout 170 python3 benchmarks/moe_layer.py --ffn-only --variants --reps 40 > "$out/moe_ffn_variants.log" 2>&1 ;;
         compile) timeout 90 python3 benchmarks/compile_check.py > "$out/compile.log" 2>&1; cat "$out/compile.log" ;;

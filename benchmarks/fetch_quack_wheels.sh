@@ -18,6 +18,8 @@ pip_download .whl quack-kernels==0.6.5 nvidia-cutlass-dsl==4.8.1 nvidia-cutlass-
 # SonicMoE, the performance issue's baseline (`moe_layer.py --sonic`): pure Python over QuACK's GEMMs.
 # Its pins (torch <= 2.9.1, nvidia-cutlass-dsl 4.4.2) are not installed: it runs on the QuACK above.
 pip_download .whl sonic-moe==0.1.2.post1
+# NVML's Python binding, for the benchmarks' clock and power telemetry (telemetry.py, clocks.py).
+pip_download .whl nvidia-ml-py==13.615.71
 work=$(mktemp -d)
 pip_download "$work" nvidia-cutlass-dsl-libs-cu13==4.8.1
 mkdir "$work/unpacked" && (cd "$work/unpacked" && python3 -m zipfile -e "$work"/nvidia_cutlass_dsl_libs_cu13-*.whl .)

@@ -37,6 +37,7 @@ from common import (
     v14_variant,
     write_json,
 )
+from telemetry import GpuSampler
 from vlmoe.moe import MoEFeedForward, MoLELinear
 from vlmoe.moe.kernels import quack_gemm
 
@@ -54,6 +55,25 @@ class SwiGLU(nn.Module):
 
     def forward(self, x):
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+def build_ffn(
+    tokens: int, hidden: int, intermediate: int, num_experts: int, top_k: int
+) -> tuple[SwiGLU, MoEFeedForward, torch.Tensor, torch.Tensor]:
+    """The dense SwiGLU, the MoE layer upcycled from it (distinct experts, a router spread enough
+    for realistic routing), the layer's input and the dense-equivalent's (tokens x top_k rows)."""
+    torch.manual_seed(0)
+    dense = SwiGLU(hidden, intermediate).to("cuda", DTYPE)
+    for p in dense.parameters():
+        nn.init.normal_(p, std=0.02)
+    x = torch.randn(tokens, hidden, device="cuda", dtype=DTYPE, requires_grad=True)
+    x_dense = torch.randn(tokens * top_k, hidden, device="cuda", dtype=DTYPE, requires_grad=True)
+    moe = MoEFeedForward.from_dense(dense, num_experts, top_k, load_balance_coef=0.01, backend="grouped")
+    with torch.no_grad():
+        moe.experts.gate_up_proj.normal_(std=0.02)
+        moe.experts.down_proj.normal_(std=0.02)
+        moe.router.gate.weight.normal_(std=0.5)
+    return dense, moe, x, x_dense
 
 
 def _train_step(module: nn.Module, x: torch.Tensor, grad_out: torch.Tensor, around=None):
@@ -93,14 +113,19 @@ def _measure(
     return row
 
 
-def _pair(rows: list[dict], paired: dict, baseline: str, rounds: int, reps: int) -> dict[str, list[float]]:
+def _pair(
+    rows: list[dict], paired: dict, baseline: str, rounds: int, reps: int, sampler: GpuSampler | None = None
+) -> dict[str, list[float]]:
     """Re-time the kept steps in `rounds` interleaved rounds and add to each of their rows the
     median and range of its per-round ratio to `baseline` (baseline ms / method ms): the reading
     the performance issue's targets are judged by, as a drift between two steps timed one after
-    the other does not enter it. -> each kept step's ms per round."""
+    the other does not enter it. -> each kept step's ms per round. With `sampler`, each row also
+    gets the GPU's mean SM clock and power in each of its rounds (`_print_round_clocks`)."""
     if rounds <= 0 or baseline not in paired:
         return {}
-    times = time_rounds(paired, rounds, reps)
+    windows: list[tuple[str, int, float, float]] = []
+    with sampler or contextlib.nullcontext():
+        times = time_rounds(paired, rounds, reps, windows=windows)
     for row in rows:
         if row["method"] in times:
             ratios = round_ratios(times[baseline], times[row["method"]])
@@ -110,7 +135,32 @@ def _pair(rows: list[dict], paired: dict, baseline: str, rounds: int, reps: int)
                 paired_range=span(ratios),
                 paired_baseline=baseline,
             )
+            if sampler is not None:
+                clocks = [sampler.window(t0, t1) for name, _, t0, t1 in windows if name == row["method"]]
+                row["round_clocks"] = [window.as_dict() if window else None for window in clocks]
+    if sampler is not None:
+        _print_round_clocks(rows, sampler)
     return times
+
+
+def _print_round_clocks(rows: list[dict], sampler: GpuSampler) -> None:
+    """Each paired method's ms, mean SM clock and power round by round, and how far its ms follow
+    the clock (Pearson's r over the rounds; near -1: the spread is the clock's)."""
+    print(f"  rounds with the GPU's clocks (power: {sampler.power_source}):", flush=True)
+    for row in rows:
+        clocks = row.get("round_clocks")
+        if not clocks or None in clocks:
+            continue
+        cells = "  ".join(
+            f"{ms:.2f} ms {c['sm_mhz']:.0f} MHz {c['power_w']:.0f} W"
+            for ms, c in zip(row["round_ms"], clocks, strict=True)
+        )
+        mhz = [c["sm_mhz"] for c in clocks]
+        capped = statistics.fmean(c["reason_share"].get("power-cap", 0.0) for c in clocks)
+        follow = ""
+        if len(set(mhz)) > 1 and len(set(row["round_ms"])) > 1:
+            follow = f"; r(ms, MHz) = {statistics.correlation(row['round_ms'], mhz):+.2f}"
+        print(f"    {row['method']}: power-capped {capped:.0%}{follow}\n      {cells}", flush=True)
 
 
 V18_PAIRS = "vlmoe MoEFeedForward grouped, QuACK, v18 pairs backward (before v25)"
@@ -366,23 +416,14 @@ def bench_ffn(
     sonic: bool = False,
     headline: bool = False,
     probes: tuple[str, ...] = (),
+    sampler: GpuSampler | None = None,
 ) -> list[dict]:
     rows = []
     sonic_missing = _sonic_unavailable() if sonic else None
     if sonic_missing:
         print(f"SonicMoE not run: {sonic_missing}", flush=True)
     for tokens, hidden, intermediate, num_experts, top_k in shapes:
-        torch.manual_seed(0)
-        dense = SwiGLU(hidden, intermediate).to("cuda", DTYPE)
-        for p in dense.parameters():
-            nn.init.normal_(p, std=0.02)
-        x = torch.randn(tokens, hidden, device="cuda", dtype=DTYPE, requires_grad=True)
-        x_dense = torch.randn(tokens * top_k, hidden, device="cuda", dtype=DTYPE, requires_grad=True)
-        moe = MoEFeedForward.from_dense(dense, num_experts, top_k, load_balance_coef=0.01, backend="grouped")
-        with torch.no_grad():  # distinct experts, realistic routing
-            moe.experts.gate_up_proj.normal_(std=0.02)
-            moe.experts.down_proj.normal_(std=0.02)
-            moe.router.gate.weight.normal_(std=0.5)
+        dense, moe, x, x_dense = build_ffn(tokens, hidden, intermediate, num_experts, top_k)
         shape = f"({tokens}, {hidden}, {intermediate}, {num_experts}, {top_k})"
         print(f"shape {shape}", flush=True)
         # Paired in rounds: both dense baselines and the layer as shipped (no context switched on).
@@ -432,7 +473,7 @@ def bench_ffn(
             moe.backend = "grouped"
         if autotune:
             results += _compiled_rows(moe, x, reps)
-        times = _pair(results, paired, DENSE_COMPILED, rounds, max(reps // 2, 5))
+        times = _pair(results, paired, DENSE_COMPILED, rounds, max(reps // 2, 5), sampler)
         for probe in probes:
             _ratio_in_rounds(results, times, PROBES[probe][0], SHIPPED, "over_shipped", "the shipped layer")
         _ratio_in_rounds(results, times, SHIPPED, SONIC, "over_sonic", "SonicMoE")
@@ -627,6 +668,11 @@ def main() -> None:
     parser.add_argument(
         "--autotune", action="store_true", help="add the layer under torch.compile (+ max-autotune)"
     )
+    parser.add_argument(
+        "--telemetry",
+        action="store_true",
+        help="sample the GPU's SM clock and power (NVML, nvidia-ml-py) in the FFN's paired rounds",
+    )
     args = parser.parse_args()
     shapes = [FFN_SHAPES[n - 1] for n in args.shape] if args.shape else FFN_SHAPES
     if args.quick:
@@ -647,6 +693,7 @@ def main() -> None:
             sonic=args.sonic,
             headline=args.headline,
             probes=tuple(args.probe),
+            sampler=GpuSampler.open() if args.telemetry else None,
         )
     )
     mole_shape = (2048, 256, 512) if args.quick else ()

@@ -1,0 +1,134 @@
+"""Step time against the GPU's clocks: the MoE FFN layer and its compiled dense-equivalent (and
+the layer under `moe_layer.py`'s probes) from idle and under sustained load, one process.
+
+    python benchmarks/clocks.py [--shape 3] [--probe more] [--seconds 2] [--blocks 4]
+
+Why: the same layer's paired rounds at the 64-expert shape read 9.0-9.5 or 9.8-10.3 ms a step
+(NOTES.md sessions 16-17), and tiles that win the tuner's short timing lose 2% inside the layer
+at shape 1. Both would follow if the GPU ran at a lower SM clock under a power cap in a long loop
+than in a short burst, and more so for some kernels than others. This prints, for each method:
+- burst: 5 steps after 2 s idle (what a tuner timing a few calls sees);
+- sustained: `--blocks` blocks of `--seconds` each, methods alternating block by block, each block
+  split in quarters: median ms, mean SM clock and power, the share of samples under NVML's
+  power cap, and joules per step (mean power x median step time);
+and writes clocks.json. Needs nvidia-ml-py (carried in .whl to the device).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import write_json
+from moe_layer import DENSE_COMPILED, FFN_SHAPES, PROBES, SHIPPED, _first_step_s, _train_step, build_ffn
+from telemetry import GpuSampler
+
+
+def _timed_steps(step, seconds: float, step_ms: float) -> tuple[list[float], float, float]:
+    """Steps back to back for about `seconds` -> (each step's GPU ms, host start, host end)."""
+    count = max(int(seconds * 1000 / step_ms), 8)
+    events = [
+        (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(count)
+    ]
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for begin, end in events:
+        begin.record()
+        step()
+        end.record()
+    torch.cuda.synchronize()
+    return [begin.elapsed_time(end) for begin, end in events], start, time.perf_counter()
+
+
+def _quarters(ms: list[float], start: float, end: float, sampler: GpuSampler) -> list[dict]:
+    """The block in four equal parts by step count, each with its clocks (host times spread
+    evenly over the steps: the GPU ran them back to back)."""
+    parts = []
+    span_s = (end - start) / len(ms)
+    for q in range(4):
+        lo, hi = q * len(ms) // 4, (q + 1) * len(ms) // 4
+        window = sampler.window(start + lo * span_s, start + hi * span_s)
+        median = statistics.median(ms[lo:hi])
+        part = {"ms": median, **(window.as_dict() if window else {})}
+        if window:
+            part["joules_per_step"] = window.power_w * median / 1000
+        parts.append(part)
+    return parts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shape", type=int, default=3, choices=range(1, len(FFN_SHAPES) + 1))
+    parser.add_argument("--probe", action="append", default=[], choices=sorted(PROBES))
+    parser.add_argument("--seconds", type=float, default=2.0, help="length of one sustained block")
+    parser.add_argument("--blocks", type=int, default=4, help="sustained blocks per method")
+    args = parser.parse_args()
+    sampler = GpuSampler.open()
+    if sampler is None:
+        sys.exit("clocks.py needs NVML: pip install nvidia-ml-py")
+    shape = FFN_SHAPES[args.shape - 1]
+    dense, moe, x, x_dense = build_ffn(*shape)
+    compiled = torch.compile(dense)
+    steps = {}
+    for name, module, inputs, around in [
+        (DENSE_COMPILED, compiled, x_dense, None),
+        (SHIPPED, moe, x, None),
+        *[(PROBES[p][0], moe, x, PROBES[p][1]) for p in args.probe],
+    ]:
+        with (around or contextlib.nullcontext)():
+            first_s = _first_step_s(module, inputs)  # compiling and tuning, outside every timing
+        with torch.no_grad():
+            grad_out = torch.randn_like(module(inputs))
+        steps[name] = _train_step(module, inputs, grad_out, around)
+        print(f"  {name}: first step {first_s:.1f} s", flush=True)
+    print(f"device: {torch.cuda.get_device_name()}  shape {shape}  power: {sampler.power_source}", flush=True)
+    rows = []
+    with sampler:
+        step_ms = {}
+        for name, step in steps.items():
+            time.sleep(2.0)
+            ms, start, end = _timed_steps(step, 0.0, 1.0)  # the floor: 8 steps
+            window = sampler.window(start, end)
+            step_ms[name] = statistics.median(ms)
+            rows.append(
+                {"method": name, "phase": "burst", "ms": ms, "clocks": window.as_dict() if window else None}
+            )
+            print(
+                f"  burst  {name}: {statistics.median(ms):.3f} ms; {window.brief() if window else '-'}",
+                flush=True,
+            )
+        for block in range(args.blocks):
+            for name, step in steps.items():
+                ms, start, end = _timed_steps(step, args.seconds, step_ms[name])
+                parts = _quarters(ms, start, end, sampler)
+                rows.append({"method": name, "phase": "sustained", "block": block, "quarters": parts})
+                cells = "  ".join(
+                    f"{p['ms']:.2f} ms {p.get('sm_mhz', 0):.0f} MHz {p.get('power_w', 0):.0f} W "
+                    f"cap {p.get('reason_share', {}).get('power-cap', 0):.0%}"
+                    for p in parts
+                )
+                print(f"  block {block} {name}:\n    {cells}", flush=True)
+    print("\nsustained, all blocks: median of quarter medians")
+    for name in steps:
+        quarters = [
+            q for r in rows if r["method"] == name and r["phase"] == "sustained" for q in r["quarters"]
+        ]
+        ms = statistics.median(q["ms"] for q in quarters)
+        mhz = statistics.fmean(q.get("sm_mhz", 0) for q in quarters)
+        watts = statistics.fmean(q.get("power_w", 0) for q in quarters)
+        joules = statistics.median(q.get("joules_per_step", 0) for q in quarters)
+        print(f"  {name}: {ms:.3f} ms, {mhz:.0f} MHz, {watts:.0f} W, {joules:.2f} J/step")
+    write_json("clocks", rows)
+
+
+if __name__ == "__main__":
+    main()
