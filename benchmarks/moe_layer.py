@@ -248,13 +248,13 @@ PROBES = {
         "vlmoe MoEFeedForward grouped, QuACK, the SwiGLU's gradient in the Triton pass (v17-v26)",
         lambda: quack_gemm.swiglu_backward_fused(False),
     ),
-    "coldl2": (
-        "vlmoe MoEFeedForward grouped, QuACK, tiles tuned from a cold L2",
-        quack_gemm.tuning_from_cold_l2,
+    "burst": (
+        "vlmoe MoEFeedForward grouped, QuACK, tiles timed one call at a time (before session 18)",
+        quack_gemm.tuning_in_bursts,
     ),
-    "more+coldl2": (
-        "vlmoe MoEFeedForward grouped, QuACK, the extra tile candidates too, tuned from a cold L2",
-        _together(quack_gemm.more_tiles, quack_gemm.tuning_from_cold_l2),
+    "burst+more": (
+        "vlmoe MoEFeedForward grouped, QuACK, the extra tile candidates too, timed one call at a time",
+        _together(quack_gemm.more_tiles, quack_gemm.tuning_in_bursts),
     ),
     "dgated+more": (
         "vlmoe MoEFeedForward grouped, QuACK, the SwiGLU's gradient in the backward GEMM, extra tiles",
@@ -657,8 +657,8 @@ def main() -> None:
         choices=sorted(PROBES),
         help="add the layer with a code path switched, paired with the shipped one: more (tuned among "
         "quack_gemm.MORE_CANDIDATES too), dgated / pairs (the SwiGLU's gradient in the backward GEMM, or "
-        "in the Triton pass), dgated+more, coldl2 (tiles tuned with the L2 cache emptied before each timed "
-        "call), more+coldl2; repeatable",
+        "in the Triton pass), dgated+more, burst (tiles timed one call at a time from idle clocks, as "
+        "before session 18), burst+more; repeatable",
     )
     parser.add_argument(
         "--headline",

@@ -22,7 +22,9 @@ gate j in column 2j and up j in column 2j + 1, while the weights keep the [gate;
 of GLUExperts; QuACK's `concat_layout` maps one onto the other in the loads and stores.
 
 Each problem shape picks among a few tile configurations by timing them once on its first call
-(a few seconds, kernels compiled by QuACK once per configuration), remembered in-process and in
+(a few seconds, kernels compiled by QuACK once per configuration; each timed in spans of
+back-to-back calls after a warm-up, as a training loop runs it: at the clocks of a GPU held at
+its power cap), remembered in-process and in
 `$VLMOE_CACHE_DIR/quack_gemm.json` (default ~/.cache/vlmoe) across runs. A problem's candidate
 kernels compile side by side, on QuACK's pool of CPU compile workers (`_compile_candidates`);
 a candidate QuACK cannot run for a problem is left out of its timing, with a warning.
@@ -38,6 +40,7 @@ import contextlib
 import functools
 import json
 import logging
+import math
 import os
 import statistics
 import tempfile
@@ -105,11 +108,23 @@ MORE_CANDIDATES: tuple[tuple, ...] = (
 OP_CANDIDATES: dict[str, tuple[tuple, ...]] = {"dgated": ((128, 128, 2, 1, True),)}
 MORE = False
 MORE_KEY = "more"  # the last part of a key tuned among the extra candidates too
-# The tuning's timed calls each start from an L2 cache emptied of their operands, as in a layer's
-# step, where the previous kernels' outputs fill it (a probe: `tuning_from_cold_l2`).
-COLD_L2 = False
-COLD_L2_KEY = "coldl2"
-_l2_flush_buffer: Tensor | None = None
+# How a problem's candidates are timed. An H200 running a layer's steps back to back sits at its
+# power cap (700 W) with the SM clock at ~1450-1550 MHz, against 1980 MHz from idle (s18-run1,
+# `benchmarks/clocks.py`): there a kernel's time follows its energy per call more than its cycles,
+# and a tile that is faster at the full clock can be slower at the capped one. So each candidate
+# is timed as it runs in training: after STEADY_WARMUP_MS of back-to-back calls that settle the
+# clocks, in spans of STEADY_SPAN_MS of back-to-back calls, one span per candidate per round, in
+# STEADY_ROUNDS interleaved rounds (a round sees one state of the power controller for all).
+# Until session 18 a candidate was timed one call at a time from a GPU that had idled while the
+# kernels compiled (`tuning_in_bursts`, a probe now): at full clock.
+STEADY_WARMUP_MS = 200.0
+STEADY_SPAN_MS = 10.0
+STEADY_ROUNDS = 5
+BURST_ROUNDS = 7
+BURST = False
+BURST_KEY = "burst"
+# What the disk cache's choices were timed by: a cache written by another timing is not read.
+TIMING = "steady"
 logger = logging.getLogger(__name__)
 _chosen: dict[str, int] = {}
 # Per problem key tuned in this process: seconds compiling (or loading) its candidates and
@@ -196,11 +211,11 @@ def more_tiles() -> contextlib.AbstractContextManager[None]:
     return _switched("MORE", True)
 
 
-def tuning_from_cold_l2() -> contextlib.AbstractContextManager[None]:
-    """Inside this block a problem's tuning empties the L2 cache before each timed call (QuACK's
-    own autotuner rotates its operands for the same reason), under keys of its own that stay in
-    this process: a probe of whether L2-warm operands mislead the choice."""
-    return _switched("COLD_L2", True)
+def tuning_in_bursts() -> contextlib.AbstractContextManager[None]:
+    """Inside this block a problem times its candidates one call at a time, 7 rounds, as before
+    session 18 (at the clock a GPU has just after idling), under keys of its own that stay in
+    this process: the probe against the steady timing (`moe_layer.py --probe burst`)."""
+    return _switched("BURST", True)
 
 
 def swiglu_backward_fused(on: bool = True) -> contextlib.AbstractContextManager[None]:
@@ -454,8 +469,8 @@ def _key(direction: str, kwargs: dict) -> str:
     parts += [str(a.dtype).removeprefix("torch."), device]
     if MORE:
         parts.append(MORE_KEY)
-    if COLD_L2:
-        parts.append(COLD_L2_KEY)
+    if BURST:
+        parts.append(BURST_KEY)
     return "/".join(str(part) for part in parts)
 
 
@@ -472,12 +487,12 @@ def _announce_tuning() -> None:
         )
 
 
-def _time_candidates(candidates: list[int], op: str, kwargs: dict, key: str, rounds: int = 7) -> int:
-    """The candidate with the least median time on this very call's operands. Timed in
-    interleaved rounds, one call of each candidate a round: the clocks of a GPU that has just
-    left idle, or heats up under the first candidates, weigh on all of them alike (timing each
-    candidate's calls back to back picked by order as much as by tile, NOTES.md v18). What it
-    spent is logged under the problem's `key` (`tuning_seconds`)."""
+def _time_candidates(candidates: list[int], op: str, kwargs: dict, key: str) -> int:
+    """The candidate with the least median time on this very call's operands, timed in
+    interleaved rounds (steady spans, `_steady_times`; or single calls, `_burst_times`): the
+    clocks of a GPU that has just left idle, or heats up under the first candidates, weigh on all
+    of them alike (timing each candidate's calls back to back picked by order as much as by
+    tile, NOTES.md v18). What it spent is logged under the problem's `key` (`tuning_seconds`)."""
     start = time.perf_counter()
     rejected: dict[int, RuntimeError] = {}
     compiling = _compile_candidates(candidates, op, kwargs, rejected)  # and one warm-up call each
@@ -493,20 +508,44 @@ def _time_candidates(candidates: list[int], op: str, kwargs: dict, key: str, rou
             next(iter(rejected.values())).__cause__,
             len(ran),
         )
-    times: dict[int, list[float]] = {index: [] for index in ran}
-    for _ in range(rounds):
-        for index in ran:
-            if COLD_L2:
-                _flush_l2()  # queued ahead of the timing's start event: not timed
-            times[index].append(_elapsed_ms(lambda index=index: _run(index, op, kwargs)))
+    times, calls = _burst_times(ran, op, kwargs) if BURST else _steady_times(ran, op, kwargs)
     _tuning_log[key] = {
         "compile_s": compiled - start,
         "time_s": time.perf_counter() - compiled,
         "candidates": len(candidates),
         "rejected": len(rejected),
+        "calls_per_timing": calls,
         **compiling,
     }
     return min(ran, key=lambda index: statistics.median(times[index]))
+
+
+def _steady_times(ran: list[int], op: str, kwargs: dict) -> tuple[dict[int, list[float]], int]:
+    """Each candidate's ms per call in STEADY_ROUNDS rounds, each round one span of back-to-back
+    calls per candidate, after a warm-up that brings the GPU to the clocks it keeps under a
+    sustained load -> (times, calls per span)."""
+
+    def repeat(index: int, count: int) -> None:
+        for _ in range(count):
+            _run(index, op, kwargs)
+
+    one_call = max(_elapsed_ms(lambda: repeat(ran[0], 1)), 1e-3)
+    calls = min(max(math.ceil(STEADY_SPAN_MS / one_call), 1), 100)
+    repeat(ran[0], min(math.ceil(STEADY_WARMUP_MS / one_call), 1000))  # queued ahead of the spans
+    times: dict[int, list[float]] = {index: [] for index in ran}
+    for _ in range(STEADY_ROUNDS):
+        for index in ran:
+            times[index].append(_elapsed_ms(lambda index=index: repeat(index, calls)) / calls)
+    return times, calls
+
+
+def _burst_times(ran: list[int], op: str, kwargs: dict) -> tuple[dict[int, list[float]], int]:
+    """Each candidate's ms for one call, one call per candidate per round (`tuning_in_bursts`)."""
+    times: dict[int, list[float]] = {index: [] for index in ran}
+    for _ in range(BURST_ROUNDS):
+        for index in ran:
+            times[index].append(_elapsed_ms(lambda index=index: _run(index, op, kwargs)))
+    return times, 1
 
 
 def _compile_candidates(
@@ -744,15 +783,6 @@ def _elapsed_ms(run) -> float:
     return start.elapsed_time(end)
 
 
-def _flush_l2() -> None:
-    """Overwrite twice the GPU's L2 cache with a buffer no GEMM reads."""
-    global _l2_flush_buffer
-    if _l2_flush_buffer is None:
-        size = 2 * torch.cuda.get_device_properties(torch.cuda.current_device()).L2_cache_size
-        _l2_flush_buffer = torch.empty(max(size, 1 << 20) // 4, dtype=torch.int32, device="cuda")
-    _l2_flush_buffer.zero_()
-
-
 def _cache_path() -> Path:
     root = os.environ.get("VLMOE_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "vlmoe")
     return Path(root) / "quack_gemm.json"
@@ -774,6 +804,8 @@ def _read_disk_cache() -> dict[str, int]:
         return {}
     if saved.get("candidates") != _saved_tiles():
         return {}  # chosen among other candidates: indices that mean other tiles now
+    if saved.get("timing") != TIMING:
+        return {}  # timed another way (before session 18: single calls from idle clocks)
     return {key: int(index) for key, index in saved.get("chosen", {}).items()}
 
 
@@ -785,13 +817,13 @@ def _saved_tiles() -> list[list]:
 def _save_disk_cache() -> None:
     path = _cache_path()
     # Merged with what is on disk, so processes tuning side by side (one per GPU) keep each other's.
-    # Choices under a probe (the extra candidates, the cold-L2 timing) stay in this process.
+    # Choices under a probe (the extra candidates, the timing in bursts) stay in this process.
     merged = {**_read_disk_cache(), **_chosen}
-    probe_parts = {MORE_KEY, COLD_L2_KEY}
+    probe_parts = {MORE_KEY, BURST_KEY}
     chosen = {key: index for key, index in merged.items() if not probe_parts & set(key.split("/")[-2:])}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        payload = json.dumps({"candidates": _saved_tiles(), "chosen": chosen}, indent=1)
+        payload = json.dumps({"candidates": _saved_tiles(), "timing": TIMING, "chosen": chosen}, indent=1)
         # Atomic: a crash mid-write leaves the previous file, never half of one.
         with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as handle:
             handle.write(payload)
