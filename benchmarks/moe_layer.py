@@ -263,6 +263,15 @@ PROBES = {
 }
 
 
+def _print_chosen(before: set[str]) -> None:
+    """The tile each problem tuned since `before` (the keys chosen then) took, and what timing cost."""
+    tuned = quack_gemm.tuning_seconds()
+    for key in sorted(set(quack_gemm._chosen) - before):
+        tile, log = quack_gemm._tile(quack_gemm._chosen[key]), tuned.get(key, {})
+        timing = f", timed in {log['time_s']:.2f} s" if "time_s" in log else ""
+        print(f"    chose {key}: {tile}, {log.get('rejected', 0)} rejected{timing}", flush=True)
+
+
 def _measure_probe(name: str, around, moe: MoEFeedForward, x: torch.Tensor, reps: int, paired: dict) -> dict:
     """The layer with `around` switched on for each step, paired with the others. Its first step
     compiles and times what the switch makes new (kernels, tiles); the tiles chosen for the
@@ -270,10 +279,7 @@ def _measure_probe(name: str, around, moe: MoEFeedForward, x: torch.Tensor, reps
     before = set(quack_gemm._chosen)
     with around():
         first_s = _first_step_s(moe, x)
-    tuned = quack_gemm.tuning_seconds()
-    for key in sorted(set(quack_gemm._chosen) - before):
-        tile, rejected = quack_gemm._tile(quack_gemm._chosen[key]), tuned.get(key, {}).get("rejected", 0)
-        print(f"    chose {key}: {tile}, {rejected} rejected", flush=True)
+    _print_chosen(before)
     agreement = _agreement(moe, moe, x, around=around)
     print(f"    {agreement}", flush=True)
     row = _measure(name, moe, x, reps, paired, around=around)
@@ -433,7 +439,9 @@ def bench_ffn(
         results.append(_measure(DENSE_COMPILED, compiled, x_dense, reps, paired))
         if quack_gemm.available():
             # First step's wall time: QuACK compiling its kernels and timing its candidate tiles.
+            before = set(quack_gemm._chosen)
             first_s = _first_step_s(moe, x)
+            _print_chosen(before)
             results.append(_measure(SHIPPED, moe, x, reps, paired))
             results[-1]["note"] = f"first step {first_s:.1f} s"
             if sonic and not sonic_missing:
