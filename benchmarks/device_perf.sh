@@ -52,7 +52,7 @@ for part in $parts; do
         gaps3) timeout 60 python3 benchmarks/gaps.py 16384 2048 1408 64 6 > "$out/gaps_shape3.log" 2>&1; cat "$out/gaps_shape3.log" ;;
         ffnrep) timeout 140 python3 benchmarks/moe_layer.py --ffn-only --reps 50 > "$out/moe_ffn_rep.log" 2>&1 ;;
         mole) timeout ${MOLE_S:-40} python3 benchmarks/moe_layer.py --mole-only > "$out/moe_layer.log" 2>&1 ;;
-        train) timeout 70 python3 benchmarks/train_step.py --optimizers foreach fused > "$out/train_step.log" 2>&1 ;;
+        train) timeout ${TRAIN_S:-70} python3 benchmarks/train_step.py --optimizers foreach fused > "$out/train_step.log" 2>&1 ;;
         trainv14) timeout 90 python3 benchmarks/train_step.py --optimizers fused --without-v14 > "$out/train_step_v14.log" 2>&1 ;;
         tgemm) timeout 300 python3 benchmarks/triton_grouped_gemm.py > "$out/triton_grouped_gemm.log" 2>&1 ;;
         epivar) timeout ${EPIVAR_S:-300} python3 benchmarks/quack_fused_ops.py --epilogues $(for n in ${EPIVAR_SHAPES:-1 2 3}; do echo --shape $n; done) > "$out/quack_epilogue_variants.log" 2>&1; grep -v "^  \|Warning\|warn" "$out/quack_epilogue_variants.log" ;;

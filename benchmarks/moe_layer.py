@@ -248,13 +248,13 @@ PROBES = {
         "vlmoe MoEFeedForward grouped, QuACK, the SwiGLU's gradient in the Triton pass (v17-v26)",
         lambda: quack_gemm.swiglu_backward_fused(False),
     ),
-    "burst": (
-        "vlmoe MoEFeedForward grouped, QuACK, tiles timed one call at a time (before session 18)",
-        quack_gemm.tuning_in_bursts,
+    "steady": (
+        "vlmoe MoEFeedForward grouped, QuACK, tiles timed in steady spans (v28)",
+        quack_gemm.tuning_in_steady_spans,
     ),
-    "burst+more": (
-        "vlmoe MoEFeedForward grouped, QuACK, the extra tile candidates too, timed one call at a time",
-        _together(quack_gemm.more_tiles, quack_gemm.tuning_in_bursts),
+    "steady+more": (
+        "vlmoe MoEFeedForward grouped, QuACK, the extra tile candidates too, timed in steady spans",
+        _together(quack_gemm.more_tiles, quack_gemm.tuning_in_steady_spans),
     ),
     "dgated+more": (
         "vlmoe MoEFeedForward grouped, QuACK, the SwiGLU's gradient in the backward GEMM, extra tiles",
@@ -665,8 +665,8 @@ def main() -> None:
         choices=sorted(PROBES),
         help="add the layer with a code path switched, paired with the shipped one: more (tuned among "
         "quack_gemm.MORE_CANDIDATES too), dgated / pairs (the SwiGLU's gradient in the backward GEMM, or "
-        "in the Triton pass), dgated+more, burst (tiles timed one call at a time from idle clocks, as "
-        "before session 18), burst+more; repeatable",
+        "in the Triton pass), dgated+more, steady (tiles timed in spans of back-to-back calls after a "
+        "warm-up, at sustained clocks), steady+more; repeatable",
     )
     parser.add_argument(
         "--headline",

@@ -14,7 +14,9 @@ Writes train_step.json; MFU is against a measured 8192^3 bf16 matmul.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -24,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import vlmoe
 from common import print_table, time_cuda, v14_variant, write_json
+from telemetry import GpuSampler
 from vlmoe.moe.kernels import quack_gemm
 
 HIDDEN, FFN, VOCAB = 2048, 5632, 32000
@@ -127,10 +130,14 @@ def active_params(model, experts_total: int = 1, experts_active: int = 1) -> flo
     return total
 
 
-def matmul_peak_tflops() -> float:
+def matmul_peak_tflops(sustained: bool = False) -> float:
+    """bf16 TFLOP/s of one 8192^3 cuBLAS matmul: from a few calls (the GPU at its idle-to-busy
+    clocks, ~1980 MHz on an H200) or, `sustained`, after ~1 s of them back to back, where a GPU
+    held at its power cap runs (~1450-1550 MHz at 700 W, NOTES.md session 18), the clocks the
+    training step itself runs at."""
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    ms = time_cuda(lambda: a @ b, warmup=3, reps=20)
+    ms = time_cuda(lambda: a @ b, warmup=700 if sustained else 3, reps=300 if sustained else 20)
     return 2 * 8192**3 / ms / 1e9
 
 
@@ -153,13 +160,21 @@ def main() -> None:
     torch.manual_seed(0)
     tokens = args.batch * args.seq
     input_ids = torch.randint(0, VOCAB - 2, (args.batch, args.seq), device="cuda")
-    peak = matmul_peak_tflops()
-    print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  bf16 matmul peak {peak:.0f} TFLOP/s")
+    peak, sustained_peak = matmul_peak_tflops(), matmul_peak_tflops(sustained=True)
+    print(
+        f"{torch.cuda.get_device_name()}  torch {torch.__version__}  bf16 matmul peak {peak:.0f} TFLOP/s "
+        f"({sustained_peak:.0f} sustained)"
+    )
+    sampler = GpuSampler.open()
 
     rows = []
 
     def measure(name, model, with_aux, n_active, optimizer):
-        ms = time_cuda(make_step(model, input_ids, with_aux, optimizer), warmup=3, reps=10)
+        step = make_step(model, input_ids, with_aux, optimizer)
+        start = time.perf_counter()
+        with sampler or contextlib.nullcontext():
+            ms = time_cuda(step, warmup=3, reps=10)
+        clocks = sampler.window(start, time.perf_counter()) if sampler else None
         flops = 6 * n_active * tokens + 12 * args.layers * HIDDEN * args.seq * tokens
         rows.append(
             {
@@ -168,10 +183,12 @@ def main() -> None:
                 "ms": ms,
                 "tokens_per_s": tokens / ms * 1e3,
                 "mfu": flops / ms / 1e9 / peak,
+                "mfu_sustained": flops / ms / 1e9 / sustained_peak,
                 "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+                "clocks": clocks.as_dict() if clocks else None,
             }
         )
-        print(f"  {name}, AdamW {optimizer}: {ms:.1f} ms", flush=True)
+        print(f"  {name}, AdamW {optimizer}: {ms:.1f} ms; {clocks.brief() if clocks else ''}", flush=True)
 
     builds = [
         ("dense LLaVA, FFN 2 x 5632", lambda: (llava(args.layers, 2 * FFN), False, 1, 1)),
@@ -220,7 +237,7 @@ def main() -> None:
     write_json("train_step", rows)
     print_table(
         f"train step, {args.layers} layers, batch {args.batch}x{args.seq}; ratio = step ms / dense ms",
-        ["model", "AdamW", "step ms", "ratio", "tokens/s", "MFU", "peak GiB"],
+        ["model", "AdamW", "step ms", "ratio", "tokens/s", "MFU", "MFU sustained", "peak GiB"],
         [
             [
                 r["model"],
@@ -229,6 +246,7 @@ def main() -> None:
                 f"{r['step_ratio_to_dense']:.3f}",
                 f"{r['tokens_per_s']:.0f}",
                 f"{r['mfu']:.2f}",
+                f"{r['mfu_sustained']:.2f}",
                 f"{r['peak_gib']:.1f}",
             ]
             for r in rows

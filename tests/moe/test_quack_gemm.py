@@ -359,9 +359,36 @@ def test_the_fastest_configuration_is_chosen_once_and_remembered_on_disk(
     assert [call[1] for call in fake_quack.calls] == [256]
 
 
-def test_tuning_times_steady_spans_in_interleaved_rounds_after_a_warm_up_and_picks_by_median(
+def test_tuning_times_the_candidates_in_interleaved_rounds_and_picks_by_median(fake_quack, monkeypatch):
+    # Candidate 1 (tile_n 256) is slow once, in the first round (a GPU leaving idle), and the
+    # fastest in every other: the median sees through it, and every round times each candidate.
+    monkeypatch.setattr(quack_gemm, "TUNE", True)
+    timed = []
+
+    def elapsed(run):
+        run()
+        timed.append(fake_quack.configs[-1])
+        first_round = len(timed) <= len(quack_gemm.CANDIDATES)
+        return (50.0 if first_round else 1.0) if timed[-1].tile_n == 256 else 2.0
+
+    monkeypatch.setattr(quack_gemm, "_elapsed_ms", elapsed)
+    x = torch.randn(40, 16, dtype=torch.float64)
+    weight = torch.randn(3, 8, 16, dtype=torch.float64)
+    quack_gemm.experts_mm(x, weight, quack_gemm.cu_seqlens(torch.tensor([10, 25, 40])))
+    count = len(quack_gemm.CANDIDATES)
+    assert len(timed) == 7 * count
+    rounds = [
+        [(c.tile_m, c.tile_n, c.cluster_n, c.max_swizzle_size) for c in timed[i : i + count]]
+        for i in range(0, len(timed), count)
+    ]
+    assert all(r == rounds[0] for r in rounds) and len(set(rounds[0])) == count
+    assert list(quack_gemm._chosen.values()) == [1]
+
+
+def test_tuning_in_steady_spans_times_interleaved_rounds_after_a_warm_up_under_keys_that_stay_here(
     fake_quack, monkeypatch
 ):
+    # The probe (NOTES.md v28): inside quack_gemm.tuning_in_steady_spans().
     # The GPU is first kept busy (the warm-up: back-to-back calls, untimed), then each round times
     # one span of back-to-back calls per candidate. Candidate 1 (tile_n 256) is slow once, in the
     # first round, and the fastest in every other: the median sees through it.
@@ -384,7 +411,8 @@ def test_tuning_times_steady_spans_in_interleaved_rounds_after_a_warm_up_and_pic
     x = torch.randn(40, 16, dtype=torch.float64)
     weight = torch.randn(3, 8, 16, dtype=torch.float64)
     calls_before_timing = len(fake_quack.configs)
-    quack_gemm.experts_mm(x, weight, quack_gemm.cu_seqlens(torch.tensor([10, 25, 40])))
+    with quack_gemm.tuning_in_steady_spans():
+        quack_gemm.experts_mm(x, weight, quack_gemm.cu_seqlens(torch.tensor([10, 25, 40])))
     count = len(quack_gemm.CANDIDATES)
     calibration, *timed = spans
     assert calibration[0] == 1
@@ -397,7 +425,9 @@ def test_tuning_times_steady_spans_in_interleaved_rounds_after_a_warm_up_and_pic
     warm_up = 200 // 2.5
     assert len(fake_quack.configs) - calls_before_timing == count + 1 + warm_up + len(timed) * span_calls + 1
     assert list(quack_gemm._chosen.values()) == [1]
-    assert quack_gemm.tuning_seconds()[next(iter(quack_gemm._chosen))]["calls_per_timing"] == span_calls
+    (key,) = quack_gemm._chosen
+    assert key.endswith("/steady") and quack_gemm.tuning_seconds()[key]["calls_per_timing"] == span_calls
+    assert not json.loads(quack_gemm._cache_path().read_text())["chosen"]
 
 
 def test_the_gather_never_times_configurations_it_cannot_run(fake_quack, monkeypatch):
@@ -473,13 +503,13 @@ def test_the_disk_cache_keeps_other_processes_choices_and_ignores_other_candidat
     path = tmp_path / "quack_gemm.json"
     # The saved indices mean CANDIDATES + MORE_CANDIDATES (the dgated GEMM takes one of the latter).
     candidates = [list(c) for c in quack_gemm.CANDIDATES + quack_gemm.MORE_CANDIDATES]
-    path.write_text(json.dumps({"candidates": candidates, "timing": "steady", "chosen": {"another/gpu": 2}}))
+    path.write_text(json.dumps({"candidates": candidates, "chosen": {"another/gpu": 2}}))
     quack_gemm._chosen["this/process"] = 1
     quack_gemm._save_disk_cache()
     assert json.loads(path.read_text())["chosen"] == {"another/gpu": 2, "this/process": 1}
 
     for other in ([[64, 64, 1, 1, True]], [list(c) for c in quack_gemm.CANDIDATES]):  # the latter: v26's
-        path.write_text(json.dumps({"candidates": other, "timing": "steady", "chosen": {"old/tiles": 0}}))
+        path.write_text(json.dumps({"candidates": other, "chosen": {"old/tiles": 0}}))
         quack_gemm._chosen.clear()
         monkeypatch.setattr(quack_gemm, "_disk_loaded", False)
         quack_gemm._load_disk_cache()
@@ -871,45 +901,6 @@ def test_the_compile_server_starts_once_at_the_first_problem_to_tune(compile_poo
     monkeypatch.setenv("QUACK_ASYNC_COMPILE_START", "spawn")
     quack_gemm._start_compile_server()
     assert started == [True]
-
-
-def test_tuning_in_bursts_times_single_calls_under_keys_that_stay_in_the_process(fake_quack, monkeypatch):
-    # The probe of the timing before session 18: one call per candidate per round, 7 rounds.
-    monkeypatch.setattr(quack_gemm, "TUNE", True)
-    counts = []
-
-    def elapsed(run):
-        before = len(fake_quack.configs)
-        run()
-        counts.append(len(fake_quack.configs) - before)
-        return 1.0
-
-    monkeypatch.setattr(quack_gemm, "_elapsed_ms", elapsed)
-    with quack_gemm.tuning_in_bursts():
-        out, wanted = _three_experts()
-    assert relative_error(out, wanted) < 1e-12
-    assert counts == [1] * (quack_gemm.BURST_ROUNDS * len(quack_gemm.CANDIDATES))
-    (key,) = quack_gemm._chosen
-    assert key.endswith("/burst")
-    assert not json.loads(quack_gemm._cache_path().read_text())["chosen"]
-    with quack_gemm.more_tiles(), quack_gemm.tuning_in_bursts():
-        _three_experts()
-    assert any(key.endswith("/more/burst") for key in quack_gemm._chosen)
-    assert not json.loads(quack_gemm._cache_path().read_text())["chosen"]
-    counts.clear()
-    _three_experts()  # outside the block: tuned anew in steady spans, and saved
-    assert max(counts) > 1 and len(json.loads(quack_gemm._cache_path().read_text())["chosen"]) == 1
-
-
-def test_a_disk_cache_timed_another_way_is_not_read(fake_quack, monkeypatch):
-    monkeypatch.setattr(quack_gemm, "TUNE", True)
-    monkeypatch.setattr(quack_gemm, "_elapsed_ms", lambda run: (run(), 1.0)[1])
-    _three_experts()
-    saved = json.loads(quack_gemm._cache_path().read_text())
-    assert saved["timing"] == "steady" and len(saved["chosen"]) == 1
-    assert quack_gemm._read_disk_cache() == saved["chosen"]
-    quack_gemm._cache_path().write_text(json.dumps({**saved, "timing": None}))  # a pre-session-18 file
-    assert quack_gemm._read_disk_cache() == {}
 
 
 def test_the_fused_backward_tunes_among_the_candidates_and_its_own_128x128_tile(fake_quack, monkeypatch):

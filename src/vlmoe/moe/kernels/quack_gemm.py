@@ -22,9 +22,7 @@ gate j in column 2j and up j in column 2j + 1, while the weights keep the [gate;
 of GLUExperts; QuACK's `concat_layout` maps one onto the other in the loads and stores.
 
 Each problem shape picks among a few tile configurations by timing them once on its first call
-(a few seconds, kernels compiled by QuACK once per configuration; each timed in spans of
-back-to-back calls after a warm-up, as a training loop runs it: at the clocks of a GPU held at
-its power cap), remembered in-process and in
+(a few seconds, kernels compiled by QuACK once per configuration), remembered in-process and in
 `$VLMOE_CACHE_DIR/quack_gemm.json` (default ~/.cache/vlmoe) across runs. A problem's candidate
 kernels compile side by side, on QuACK's pool of CPU compile workers (`_compile_candidates`);
 a candidate QuACK cannot run for a problem is left out of its timing, with a warning.
@@ -108,23 +106,19 @@ MORE_CANDIDATES: tuple[tuple, ...] = (
 OP_CANDIDATES: dict[str, tuple[tuple, ...]] = {"dgated": ((128, 128, 2, 1, True),)}
 MORE = False
 MORE_KEY = "more"  # the last part of a key tuned among the extra candidates too
-# How a problem's candidates are timed. An H200 running a layer's steps back to back sits at its
-# power cap (700 W) with the SM clock at ~1450-1550 MHz, against 1980 MHz from idle (s18-run1,
-# `benchmarks/clocks.py`): there a kernel's time follows its energy per call more than its cycles,
-# and a tile that is faster at the full clock can be slower at the capped one. So each candidate
-# is timed as it runs in training: after STEADY_WARMUP_MS of back-to-back calls that settle the
-# clocks, in spans of STEADY_SPAN_MS of back-to-back calls, one span per candidate per round, in
-# STEADY_ROUNDS interleaved rounds (a round sees one state of the power controller for all).
-# Until session 18 a candidate was timed one call at a time from a GPU that had idled while the
-# kernels compiled (`tuning_in_bursts`, a probe now): at full clock.
+# How a problem's candidates are timed: by default one call per candidate per round, 7 rounds,
+# right after their kernels compiled (the GPU idle meanwhile, so at ~1980 MHz on an H200). In a
+# training loop the same kernels run at the power cap, 700 W and ~1450-1550 MHz (s18-run1,
+# `benchmarks/clocks.py`), so `tuning_in_steady_spans` times them that way instead: STEADY_WARMUP_MS
+# of back-to-back calls to settle the clocks, then STEADY_ROUNDS interleaved rounds of one
+# STEADY_SPAN_MS span of back-to-back calls per candidate. A probe, not the default: its choices
+# lost 4.6% in the layer at the 4-expert shape and tied elsewhere (s18-run2, NOTES.md v28).
+BURST_ROUNDS = 7
+STEADY = False
+STEADY_KEY = "steady"
 STEADY_WARMUP_MS = 200.0
 STEADY_SPAN_MS = 10.0
 STEADY_ROUNDS = 5
-BURST_ROUNDS = 7
-BURST = False
-BURST_KEY = "burst"
-# What the disk cache's choices were timed by: a cache written by another timing is not read.
-TIMING = "steady"
 logger = logging.getLogger(__name__)
 _chosen: dict[str, int] = {}
 # Per problem key tuned in this process: seconds compiling (or loading) its candidates and
@@ -211,11 +205,11 @@ def more_tiles() -> contextlib.AbstractContextManager[None]:
     return _switched("MORE", True)
 
 
-def tuning_in_bursts() -> contextlib.AbstractContextManager[None]:
-    """Inside this block a problem times its candidates one call at a time, 7 rounds, as before
-    session 18 (at the clock a GPU has just after idling), under keys of its own that stay in
-    this process: the probe against the steady timing (`moe_layer.py --probe burst`)."""
-    return _switched("BURST", True)
+def tuning_in_steady_spans() -> contextlib.AbstractContextManager[None]:
+    """Inside this block a problem times its candidates in spans of back-to-back calls after a
+    warm-up (at the clocks a GPU keeps under sustained load, `_steady_times`), under keys of its
+    own that stay in this process (`moe_layer.py --probe steady`)."""
+    return _switched("STEADY", True)
 
 
 def swiglu_backward_fused(on: bool = True) -> contextlib.AbstractContextManager[None]:
@@ -469,8 +463,8 @@ def _key(direction: str, kwargs: dict) -> str:
     parts += [str(a.dtype).removeprefix("torch."), device]
     if MORE:
         parts.append(MORE_KEY)
-    if BURST:
-        parts.append(BURST_KEY)
+    if STEADY:
+        parts.append(STEADY_KEY)
     return "/".join(str(part) for part in parts)
 
 
@@ -489,7 +483,7 @@ def _announce_tuning() -> None:
 
 def _time_candidates(candidates: list[int], op: str, kwargs: dict, key: str) -> int:
     """The candidate with the least median time on this very call's operands, timed in
-    interleaved rounds (steady spans, `_steady_times`; or single calls, `_burst_times`): the
+    interleaved rounds (single calls, `_burst_times`; or steady spans, `_steady_times`): the
     clocks of a GPU that has just left idle, or heats up under the first candidates, weigh on all
     of them alike (timing each candidate's calls back to back picked by order as much as by
     tile, NOTES.md v18). What it spent is logged under the problem's `key` (`tuning_seconds`)."""
@@ -508,7 +502,7 @@ def _time_candidates(candidates: list[int], op: str, kwargs: dict, key: str) -> 
             next(iter(rejected.values())).__cause__,
             len(ran),
         )
-    times, calls = _burst_times(ran, op, kwargs) if BURST else _steady_times(ran, op, kwargs)
+    times, calls = _steady_times(ran, op, kwargs) if STEADY else _burst_times(ran, op, kwargs)
     _tuning_log[key] = {
         "compile_s": compiled - start,
         "time_s": time.perf_counter() - compiled,
@@ -540,7 +534,7 @@ def _steady_times(ran: list[int], op: str, kwargs: dict) -> tuple[dict[int, list
 
 
 def _burst_times(ran: list[int], op: str, kwargs: dict) -> tuple[dict[int, list[float]], int]:
-    """Each candidate's ms for one call, one call per candidate per round (`tuning_in_bursts`)."""
+    """Each candidate's ms for one call, one call per candidate per round (the default)."""
     times: dict[int, list[float]] = {index: [] for index in ran}
     for _ in range(BURST_ROUNDS):
         for index in ran:
@@ -804,8 +798,6 @@ def _read_disk_cache() -> dict[str, int]:
         return {}
     if saved.get("candidates") != _saved_tiles():
         return {}  # chosen among other candidates: indices that mean other tiles now
-    if saved.get("timing") != TIMING:
-        return {}  # timed another way (before session 18: single calls from idle clocks)
     return {key: int(index) for key, index in saved.get("chosen", {}).items()}
 
 
@@ -817,13 +809,13 @@ def _saved_tiles() -> list[list]:
 def _save_disk_cache() -> None:
     path = _cache_path()
     # Merged with what is on disk, so processes tuning side by side (one per GPU) keep each other's.
-    # Choices under a probe (the extra candidates, the timing in bursts) stay in this process.
+    # Choices under a probe (the extra candidates, the timing in steady spans) stay in this process.
     merged = {**_read_disk_cache(), **_chosen}
-    probe_parts = {MORE_KEY, BURST_KEY}
+    probe_parts = {MORE_KEY, STEADY_KEY}
     chosen = {key: index for key, index in merged.items() if not probe_parts & set(key.split("/")[-2:])}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        payload = json.dumps({"candidates": _saved_tiles(), "timing": TIMING, "chosen": chosen}, indent=1)
+        payload = json.dumps({"candidates": _saved_tiles(), "chosen": chosen}, indent=1)
         # Atomic: a crash mid-write leaves the previous file, never half of one.
         with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as handle:
             handle.write(payload)
