@@ -37,7 +37,7 @@ for part in $parts; do
         decodelayer) timeout ${DECODELAYER_S:-90} python3 benchmarks/decode_layer.py > "$out/decode_layer.log" 2>&1 ;;
         static) timeout ${STATIC_S:-75} python3 benchmarks/generation.py --new 64 --batches 1 --static --models vlmoe,mixtral > "$out/generation_static.log" 2>&1 ;;
         ffn) timeout 170 python3 benchmarks/moe_layer.py > "$out/moe_ffn.log" 2>&1 ;;
-        sonic) timeout ${SONIC_S:-420} python3 benchmarks/moe_layer.py --ffn-only --headline --sonic --reps ${SONIC_REPS:-30} --rounds ${SONIC_ROUNDS:-5} $(for n in ${SONIC_SHAPES:-1 2 3}; do echo --shape $n; done) > "$out/moe_ffn_sonic.log" 2>&1 ;;
+        sonic) timeout ${SONIC_S:-420} python3 benchmarks/moe_layer.py --ffn-only --headline --sonic --telemetry --reps ${SONIC_REPS:-30} --rounds ${SONIC_ROUNDS:-5} $(for n in ${SONIC_SHAPES:-1 2 3}; do echo --shape $n; done) > "$out/moe_ffn_sonic.log" 2>&1 ;;
         sonictiles) QUACK_PRINT_AUTOTUNING=1 timeout ${SONIC_S:-300} python3 benchmarks/moe_layer.py --ffn-only --headline --sonic --reps 5 --rounds 0 $(for n in ${SONIC_SHAPES:-3}; do echo --shape $n; done) > "$out/sonic_autotune.log" 2>&1
             python3 benchmarks/quack_autotune_log.py "$out/sonic_autotune.log" ;;
         probe) timeout ${PROBE_S:-420} python3 benchmarks/moe_layer.py --ffn-only --headline --telemetry $(for p in ${PROBES:-dgated more dgated+more}; do echo --probe $p; done) --reps ${PROBE_REPS:-30} --rounds ${PROBE_ROUNDS:-7} $(for n in ${PROBE_SHAPES:-3 1 2}; do echo --shape $n; done) > "$out/moe_ffn_probes.log" 2>&1 ;;
