@@ -28,25 +28,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import write_json
+from common import step_times, write_json
 from moe_layer import DENSE_COMPILED, FFN_SHAPES, PROBES, SHIPPED, _first_step_s, _train_step, build_ffn
 from telemetry import GpuSampler
 
 
-def _timed_steps(step, seconds: float, step_ms: float) -> tuple[list[float], float, float]:
-    """Steps back to back for about `seconds` -> (each step's GPU ms, host start, host end)."""
-    count = max(int(seconds * 1000 / step_ms), 8)
-    events = [
-        (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(count)
-    ]
-    torch.cuda.synchronize()
+def _timed_steps(step, count: int) -> tuple[list[float], float, float]:
+    """`count` steps back to back -> (each step's GPU ms, host start, host end)."""
     start = time.perf_counter()
-    for begin, end in events:
-        begin.record()
-        step()
-        end.record()
-    torch.cuda.synchronize()
-    return [begin.elapsed_time(end) for begin, end in events], start, time.perf_counter()
+    ms = step_times(step, warmup=0, reps=count)
+    return ms, start, time.perf_counter()
 
 
 def _quarters(ms: list[float], start: float, end: float, sampler: GpuSampler) -> list[dict]:
@@ -96,7 +87,7 @@ def main() -> None:
         step_ms = {}
         for name, step in steps.items():
             time.sleep(2.0)
-            ms, start, end = _timed_steps(step, 0.0, 1.0)  # the floor: 8 steps
+            ms, start, end = _timed_steps(step, 8)
             window = sampler.window(start, end)
             step_ms[name] = statistics.median(ms)
             rows.append(
@@ -108,7 +99,7 @@ def main() -> None:
             )
         for block in range(args.blocks):
             for name, step in steps.items():
-                ms, start, end = _timed_steps(step, args.seconds, step_ms[name])
+                ms, start, end = _timed_steps(step, max(int(args.seconds * 1000 / step_ms[name]), 8))
                 parts = _quarters(ms, start, end, sampler)
                 rows.append({"method": name, "phase": "sustained", "block": block, "quarters": parts})
                 cells = "  ".join(

@@ -19,6 +19,12 @@ def time_cuda(step: Callable[[], None], warmup: int = 5, reps: int = 20) -> floa
     host queues the next step while the GPU runs this one, so host-side launch cost shows
     only where it exceeds the GPU work (as it would in training).
     """
+    return statistics.median(step_times(step, warmup, reps))
+
+
+def step_times(step: Callable[[], None], warmup: int, reps: int) -> list[float]:
+    """Each of `reps` steps' milliseconds (CUDA events), queued back to back after `warmup`
+    untimed ones and one synchronisation (`time_cuda`'s median is over these)."""
     for _ in range(warmup):
         step()
     torch.cuda.synchronize()
@@ -30,7 +36,7 @@ def time_cuda(step: Callable[[], None], warmup: int = 5, reps: int = 20) -> floa
         step()
         end.record()
     torch.cuda.synchronize()
-    return statistics.median(start.elapsed_time(end) for start, end in events)
+    return [start.elapsed_time(end) for start, end in events]
 
 
 def time_rounds(

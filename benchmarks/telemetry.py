@@ -5,19 +5,20 @@ cap. Two readings of the same code minutes apart, or two rounds of it, can then 
 clock alone; `GpuSampler` tells that apart from the code: each timed window gets the mean SM
 clock, power and the clock-event reasons NVML reported while it ran.
 
-    with GpuSampler() as sampler:
+    sampler = GpuSampler.open()  # None without NVML
+    with sampler:
         start = time.perf_counter(); run(); end = time.perf_counter()
-    print(sampler.window(start, end))
+    print(sampler.window(start, end).brief())
 
 Without nvidia-ml-py or a GPU `GpuSampler.open()` returns None and the caller goes on without it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import threading
 import time
-from dataclasses import dataclass
 
 # NVML's clock-event ("throttle") reason bits (nvml.h, nvmlClocksEventReason*): why the SM clock
 # is below its maximum. Idle and the application-clock setting are not slowdowns.
@@ -34,7 +35,7 @@ REASONS = {
 }
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Sample:
     time_s: float  # time.perf_counter()
     sm_mhz: float
@@ -43,7 +44,7 @@ class Sample:
     reasons: int  # NVML's bit mask
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Window:
     """What the samples between two host times say: the means, the lowest clock, and the share of
     samples under each clock-event reason."""
@@ -62,14 +63,7 @@ class Window:
         )
 
     def as_dict(self) -> dict:
-        return {
-            "samples": self.samples,
-            "sm_mhz": self.sm_mhz,
-            "sm_mhz_min": self.sm_mhz_min,
-            "power_w": self.power_w,
-            "temperature_c": self.temperature_c,
-            "reason_share": self.reason_share,
-        }
+        return dataclasses.asdict(self)
 
 
 def reason_names(mask: int) -> list[str]:
