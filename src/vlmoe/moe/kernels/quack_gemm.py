@@ -119,6 +119,10 @@ STEADY_KEY = "steady"
 STEADY_WARMUP_MS = 200.0
 STEADY_SPAN_MS = 10.0
 STEADY_ROUNDS = 5
+# `in_step_probe`: keys of their own for a layer tuned by `step_tuning.tune_in_step` beside the
+# shipped one in a benchmark (kept in this process, like the two probes above).
+IN_STEP = False
+IN_STEP_KEY = "instep"
 logger = logging.getLogger(__name__)
 _chosen: dict[str, int] = {}
 # Per problem key tuned in this process: seconds compiling (or loading) its candidates and
@@ -137,6 +141,10 @@ _pool_unusable: str | None = None
 _pool_lock = threading.Lock()
 _disk_loaded = False
 _available: bool | None = None
+# While `recording_problems` is open: each problem key a call tunes under -> the candidates it
+# may take in a step (the chosen one first), their kernels compiled (`_record_problem`).
+_recording: dict[str, list[int]] | None = None
+_recording_more = False
 
 
 def available() -> bool:
@@ -210,6 +218,31 @@ def tuning_in_steady_spans() -> contextlib.AbstractContextManager[None]:
     warm-up (at the clocks a GPU keeps under sustained load, `_steady_times`), under keys of its
     own that stay in this process (`moe_layer.py --probe steady`)."""
     return _switched("STEADY", True)
+
+
+def in_step_probe() -> contextlib.AbstractContextManager[None]:
+    """Inside this block problems tune under keys of their own that stay in this process, so a
+    benchmark can tune a layer in its step (`step_tuning.tune_in_step`) and time it beside the
+    shipped one (`moe_layer.py --probe instep`)."""
+    return _switched("IN_STEP", True)
+
+
+@contextlib.contextmanager
+def recording_problems(extra_tiles: bool = True) -> Iterator[dict[str, list[int]]]:
+    """Inside this block each tuned problem a call meets is recorded: its key -> the candidates
+    it may take (CANDIDATES, with `extra_tiles` MORE_CANDIDATES too, and its op's own; the one
+    chosen now first, those QuACK cannot run left out), each kernel compiled on the call's
+    operands. What `step_tuning.tune_in_step` times inside the step. Problems met under CUDA-graph
+    capture or torch.compile tracing are not recorded (nothing is timed there)."""
+    global _recording, _recording_more
+    if _recording is not None:
+        raise RuntimeError("recording_problems() is already open (one recording at a time)")
+    problems: dict[str, list[int]] = {}
+    _recording, _recording_more = problems, extra_tiles
+    try:
+        yield problems
+    finally:
+        _recording, _recording_more = None, False
 
 
 def swiglu_backward_fused(on: bool = True) -> contextlib.AbstractContextManager[None]:
@@ -442,7 +475,26 @@ def _tuned(direction: str, op: str, kwargs: dict) -> Any:
         _start_compile_server()
         _chosen[key] = _time_candidates(candidates, op, kwargs, key)
         _save_disk_cache()
+    if _recording is not None and key in _chosen and key not in _recording:
+        _recording[key] = _record_problem(key, op, kwargs)
     return _run(_chosen.get(key, candidates[0]), op, kwargs)
+
+
+def _record_problem(key: str, op: str, kwargs: dict) -> list[int]:
+    """The candidates problem `key` may take in a step, the chosen one first, each compiled (or
+    loaded) with one call on these operands; those QuACK cannot run for it are left out."""
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        return [_chosen[key]]
+    with _switched("MORE", MORE or _recording_more):
+        widened = _candidates(op, kwargs)
+    if kwargs.get("dx_out") is not None and kwargs.get("dx_out") is kwargs.get("PreAct"):
+        # In place (the dgated backward over preact): every call after the first would read a
+        # gradient as preact, so the candidates run on a scratch gradient.
+        kwargs = {**kwargs, "dx_out": torch.empty_like(kwargs["dx_out"])}
+    rejected: dict[int, RuntimeError] = {}
+    _compile_candidates(widened, op, kwargs, rejected)
+    chosen = _chosen[key]
+    return [chosen] + [index for index in widened if index != chosen and index not in rejected]
 
 
 def _key(direction: str, kwargs: dict) -> str:
@@ -465,6 +517,8 @@ def _key(direction: str, kwargs: dict) -> str:
         parts.append(MORE_KEY)
     if STEADY:
         parts.append(STEADY_KEY)
+    if IN_STEP:
+        parts.append(IN_STEP_KEY)
     return "/".join(str(part) for part in parts)
 
 
@@ -811,8 +865,8 @@ def _save_disk_cache() -> None:
     # Merged with what is on disk, so processes tuning side by side (one per GPU) keep each other's.
     # Choices under a probe (the extra candidates, the timing in steady spans) stay in this process.
     merged = {**_read_disk_cache(), **_chosen}
-    probe_parts = {MORE_KEY, STEADY_KEY}
-    chosen = {key: index for key, index in merged.items() if not probe_parts & set(key.split("/")[-2:])}
+    probe_parts = {MORE_KEY, STEADY_KEY, IN_STEP_KEY}
+    chosen = {key: index for key, index in merged.items() if not probe_parts & set(key.split("/")[-3:])}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         payload = json.dumps({"candidates": _saved_tiles(), "chosen": chosen}, indent=1)
