@@ -17,7 +17,6 @@ and writes clocks.json. Needs nvidia-ml-py (carried in .whl to the device).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 import sys
 import time
@@ -29,7 +28,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import step_times, write_json
-from moe_layer import DENSE_COMPILED, FFN_SHAPES, PROBES, SHIPPED, _first_step_s, _train_step, build_ffn
+from moe_layer import (
+    DENSE_COMPILED,
+    FFN_SHAPES,
+    PROBES,
+    SHIPPED,
+    _first_step_s,
+    _train_step,
+    build_ffn,
+    prepare_probe,
+)
 from telemetry import GpuSampler
 
 
@@ -70,17 +78,16 @@ def main() -> None:
     dense, moe, x, x_dense = build_ffn(*shape)
     compiled = torch.compile(dense)
     steps = {}
-    for name, module, inputs, around in [
-        (DENSE_COMPILED, compiled, x_dense, None),
-        (SHIPPED, moe, x, None),
-        *[(PROBES[p][0], moe, x, PROBES[p][1]) for p in args.probe],
-    ]:
-        with (around or contextlib.nullcontext)():
-            first_s = _first_step_s(module, inputs)  # compiling and tuning, outside every timing
+    for name, module, inputs in [(DENSE_COMPILED, compiled, x_dense), (SHIPPED, moe, x)]:
+        first_s = _first_step_s(module, inputs)  # compiling and tuning, outside every timing
         with torch.no_grad():
             grad_out = torch.randn_like(module(inputs))
-        steps[name] = _train_step(module, inputs, grad_out, around)
+        steps[name] = _train_step(module, inputs, grad_out)
         print(f"  {name}: first step {first_s:.1f} s", flush=True)
+    for probe in (PROBES[p] for p in args.probe):
+        note = prepare_probe(probe, moe, x)  # as the shipped layer's first step, outside every timing
+        steps[probe.label] = _train_step(moe, x, torch.randn_like(x), probe.around)
+        print(f"  {probe.label}: {note}", flush=True)
     print(f"device: {torch.cuda.get_device_name()}  shape {shape}  power: {sampler.power_source}", flush=True)
     rows = []
     with sampler:

@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import statistics
 import sys
+import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -39,7 +42,7 @@ from common import (
 )
 from telemetry import GpuSampler
 from vlmoe.moe import MoEFeedForward, MoLELinear
-from vlmoe.moe.kernels import quack_gemm
+from vlmoe.moe.kernels import quack_gemm, step_tuning
 
 FFN_SHAPES = [(16384, 2048, 5632, 4, 2), (8192, 4096, 14336, 8, 2), (16384, 2048, 1408, 64, 6)]
 DTYPE = torch.bfloat16
@@ -233,32 +236,53 @@ def _together(*switches):
     return around
 
 
-# The layer with one of its code paths switched (a context manager around each step), paired
-# with the shipped one: --probe NAME.
+@dataclasses.dataclass(frozen=True)
+class Probe:
+    """The layer with one of its code paths switched (`around`, a context manager around each
+    step), paired with the shipped one. `in_step`: after its first step, its tiles are ranked by
+    the step's own time (`step_tuning.tune_in_step`, v29) before it is timed."""
+
+    label: str
+    around: Callable[[], contextlib.AbstractContextManager]
+    in_step: bool = False
+
+
+# --probe NAME
 PROBES = {
-    "more": (
+    "more": Probe(
         "vlmoe MoEFeedForward grouped, QuACK, tuned among the extra tile candidates too (s16-run5)",
         quack_gemm.more_tiles,
     ),
-    "dgated": (
+    "dgated": Probe(
         "vlmoe MoEFeedForward grouped, QuACK, the SwiGLU's gradient in the backward GEMM (v27)",
         quack_gemm.swiglu_backward_fused,
     ),
-    "pairs": (
+    "pairs": Probe(
         "vlmoe MoEFeedForward grouped, QuACK, the SwiGLU's gradient in the Triton pass (v17-v26)",
         lambda: quack_gemm.swiglu_backward_fused(False),
     ),
-    "steady": (
+    "steady": Probe(
         "vlmoe MoEFeedForward grouped, QuACK, tiles timed in steady spans (v28)",
         quack_gemm.tuning_in_steady_spans,
     ),
-    "steady+more": (
+    "steady+more": Probe(
         "vlmoe MoEFeedForward grouped, QuACK, the extra tile candidates too, timed in steady spans",
         _together(quack_gemm.more_tiles, quack_gemm.tuning_in_steady_spans),
     ),
-    "dgated+more": (
+    "dgated+more": Probe(
         "vlmoe MoEFeedForward grouped, QuACK, the SwiGLU's gradient in the backward GEMM, extra tiles",
         _together(quack_gemm.swiglu_backward_fused, quack_gemm.more_tiles),
+    ),
+    "instep": Probe(
+        "vlmoe MoEFeedForward grouped, QuACK, tiles (the extra ones too) ranked in the step (v29)",
+        quack_gemm.in_step_probe,
+        in_step=True,
+    ),
+    "instep+dgated": Probe(
+        "vlmoe MoEFeedForward grouped, QuACK, the SwiGLU's gradient in the backward GEMM, tiles ranked in "
+        "the step",
+        _together(quack_gemm.in_step_probe, quack_gemm.swiglu_backward_fused),
+        in_step=True,
     ),
 }
 
@@ -272,18 +296,35 @@ def _print_chosen(before: set[str]) -> None:
         print(f"    chose {key}: {tile}, {log.get('rejected', 0)} rejected{timing}", flush=True)
 
 
-def _measure_probe(name: str, around, moe: MoEFeedForward, x: torch.Tensor, reps: int, paired: dict) -> dict:
-    """The layer with `around` switched on for each step, paired with the others. Its first step
-    compiles and times what the switch makes new (kernels, tiles); the tiles chosen for the
-    problems it tuned are printed."""
+def prepare_probe(probe: Probe, moe: MoEFeedForward, x: torch.Tensor) -> str:
+    """The probe's first step (compiling and timing what its switch makes new: kernels, tiles) and,
+    for an in-step probe, its tiles ranked in the step, all outside any timing; prints the tiles
+    chosen and returns a note of what it cost."""
     before = set(quack_gemm._chosen)
-    with around():
+    with probe.around():
         first_s = _first_step_s(moe, x)
     _print_chosen(before)
-    agreement = _agreement(moe, moe, x, around=around)
+    note = f"first step {first_s:.1f} s"
+    if probe.in_step:
+        with torch.no_grad():
+            grad_out = torch.randn_like(moe(x))
+        start = time.perf_counter()
+        choices = step_tuning.tune_in_step(_train_step(moe, x, grad_out, probe.around), progress=False)
+        ranked_s = time.perf_counter() - start
+        changed = sum(choice.changed for choice in choices)
+        print(f"    ranked in the step in {ranked_s:.1f} s, {changed} of {len(choices)} changed:", flush=True)
+        print(textwrap.indent(step_tuning.summary(choices), "      "), flush=True)
+        note += f"; ranked in the step in {ranked_s:.1f} s ({changed} of {len(choices)} changed)"
+    return note
+
+
+def _measure_probe(probe: Probe, moe: MoEFeedForward, x: torch.Tensor, reps: int, paired: dict) -> dict:
+    """The layer with the probe's switch on for each step, paired with the others."""
+    note = prepare_probe(probe, moe, x)
+    agreement = _agreement(moe, moe, x, around=probe.around)
     print(f"    {agreement}", flush=True)
-    row = _measure(name, moe, x, reps, paired, around=around)
-    row["note"] = f"first step {first_s:.1f} s; {agreement}"
+    row = _measure(probe.label, moe, x, reps, paired, around=probe.around)
+    row["note"] = f"{note}; {agreement}"
     return row
 
 
@@ -447,7 +488,7 @@ def bench_ffn(
             if sonic and not sonic_missing:
                 results.append(_measure_sonic(moe, top_k, x, reps, paired))
             for probe in probes:
-                results.append(_measure_probe(*PROBES[probe], moe, x, reps, paired))
+                results.append(_measure_probe(PROBES[probe], moe, x, reps, paired))
         if quack_gemm.available() and not headline:
             with quack_gemm.swiglu_unfused():
                 moe(x).sum().backward()  # tiles of the unfused problems timed outside the measurement
@@ -483,7 +524,8 @@ def bench_ffn(
             results += _compiled_rows(moe, x, reps)
         times = _pair(results, paired, DENSE_COMPILED, rounds, max(reps // 2, 5), sampler)
         for probe in probes:
-            _ratio_in_rounds(results, times, PROBES[probe][0], SHIPPED, "over_shipped", "the shipped layer")
+            label = PROBES[probe].label
+            _ratio_in_rounds(results, times, label, SHIPPED, "over_shipped", "the shipped layer")
         _ratio_in_rounds(results, times, SHIPPED, SONIC, "over_sonic", "SonicMoE")
         del paired
         if not baselines:
@@ -666,7 +708,9 @@ def main() -> None:
         help="add the layer with a code path switched, paired with the shipped one: more (tuned among "
         "quack_gemm.MORE_CANDIDATES too), dgated / pairs (the SwiGLU's gradient in the backward GEMM, or "
         "in the Triton pass), dgated+more, steady (tiles timed in spans of back-to-back calls after a "
-        "warm-up, at sustained clocks), steady+more; repeatable",
+        "warm-up, at sustained clocks), steady+more, instep / instep+dgated (after the first step, each "
+        "problem's tiles, the extra ones too, ranked by the whole step's time: step_tuning.tune_in_step); "
+        "repeatable",
     )
     parser.add_argument(
         "--headline",

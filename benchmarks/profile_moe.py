@@ -81,7 +81,7 @@ def profile_mole(tokens: int = 16384, fan_in: int = 4096, fan_out: int = 11008) 
 def main() -> None:
     if sys.argv[1:] == ["mole"]:
         return profile_mole()
-    from moe_layer import PROBES
+    from moe_layer import PROBES, prepare_probe
 
     parser = argparse.ArgumentParser()
     parser.add_argument("shape", type=int, nargs="*", default=[16384, 2048, 5632, 4, 2], help="T d ff E k")
@@ -99,9 +99,9 @@ def main() -> None:
         moe.router.gate.weight.normal_(std=0.5)
     x = torch.randn(tokens, hidden, device="cuda", dtype=DTYPE, requires_grad=True)
     profile_step("vlmoe grouped", _train_step(moe, x, torch.randn_like(x)))
-    for probe in args.probe:
-        name, around = PROBES[probe]
-        profile_step(name, _train_step(moe, x, torch.randn_like(x), around))
+    for probe in (PROBES[p] for p in args.probe):
+        prepare_probe(probe, moe, x)  # its first step (and in-step ranking) before the profiled ones
+        profile_step(probe.label, _train_step(moe, x, torch.randn_like(x), probe.around))
     if not args.probe:
         moe.backend = "segments"
         profile_step("vlmoe segments", _train_step(moe, x, torch.randn_like(x)))
