@@ -347,3 +347,33 @@ def test_a_cold_start_compiles_the_candidates_on_quacks_workers_and_a_warm_one_l
     }
     assert len(backward) == 4 and all(backward.values()), cold["layer"]
     assert not any(warm["layer"].values())
+
+
+@pytest.mark.parametrize("fused_backward", [False, True])
+def test_tiles_ranked_in_the_step_keep_the_layer_exact_and_are_what_it_runs(fused_backward, monkeypatch):
+    from vlmoe.moe.kernels import step_tuning
+
+    monkeypatch.setattr(quack_gemm, "FUSE_SWIGLU_BACKWARD", fused_backward)
+    torch.manual_seed(7)
+    moe, reference = _layer(1024, 256, 384, 8, 2, None)
+    x = torch.randn(1024, 256)
+    grad_out = torch.randn(1024, 256)
+    _fixed_routing(moe, reference, x)
+    xc, grad_c = x.cuda().bfloat16().requires_grad_(), grad_out.cuda().bfloat16()
+    params = [xc, *moe.experts.parameters()]
+
+    def step():
+        torch.autograd.grad(moe(xc), params, grad_c)
+
+    choices = step_tuning.tune_in_step(step, rounds=2, span_ms=5, warmup_ms=10, progress=False)
+    assert choices and {choice.key for choice in choices} <= set(quack_gemm._chosen)
+    for choice in choices:
+        assert quack_gemm._tile(quack_gemm._chosen[choice.key]) == choice.after
+        assert choice.scores[choice.before] == 1.0 and choice.after in choice.scores
+    tiles = {quack_gemm._tile(quack_gemm._chosen[c.key]) for c in choices}
+    assert tiles <= set(quack_gemm.CANDIDATES + quack_gemm.MORE_CANDIDATES)
+    xr = x.double().requires_grad_()
+    ref_grads = torch.autograd.grad(reference(xr), [xr, *reference.experts.parameters()], grad_out.double())
+    grads = torch.autograd.grad(moe(xc), params, grad_c)
+    for grad, ref_grad in zip(grads, ref_grads, strict=True):
+        assert relative_error(grad.cpu(), ref_grad) < 2e-2
