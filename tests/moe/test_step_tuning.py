@@ -92,7 +92,7 @@ def test_a_tile_faster_in_the_step_replaces_the_choice_and_is_kept_on_disk(tuned
     (winner,) = changed
     assert winner.before == quack_gemm.CANDIDATES[0] and winner.after == FAST_TILE
     assert winner.scores[FAST_TILE] == pytest.approx(5.8 / 6.0)  # the step's six problems, one 20% faster
-    assert winner.scores[winner.before] == 1.0
+    assert winner.scores[winner.before] == 1.0 and winner.confirmed == pytest.approx(5.8 / 6.0)
     forward = by_key["forward/sorted"]
     assert not forward.changed and forward.scores[quack_gemm.CANDIDATES[2]] == pytest.approx(5.998 / 6.0)
     # Kept: in this process, and in the disk cache for later runs.
@@ -117,7 +117,7 @@ def test_the_candidates_are_timed_in_interleaved_rounds_that_start_at_another_ea
     )
     calibration, warm_up, *timed = spans.spans
     assert calibration[0] == 1 and warm_up[0] == 50 and {steps for steps, _ in timed} == {5}
-    assert len(timed) == 3 * sum(len(choice.scores) for choice in choices)
+    assert len(timed) == 3 * sum(len(choice.scores) for choice in choices)  # no confirmation: all level
     first = choices[0]
     count = len(first.scores)
     order = [chosen[first.key] for _, chosen in timed[: 3 * count]]
@@ -125,6 +125,32 @@ def test_the_candidates_are_timed_in_interleaved_rounds_that_start_at_another_ea
     assert all(sorted(r) == sorted(rounds[0]) for r in rounds) and len(set(rounds[0])) == count
     assert [r[0] for r in rounds] == [rounds[0][0], rounds[0][1], rounds[0][2]]  # each starts further on
     assert not any(choice.changed for choice in choices)  # all level: nothing moves
+
+
+def test_a_tile_that_ranks_first_by_chance_is_not_taken_when_timed_again(tuned, monkeypatch):
+    experts, routing, x, grad_out = _problem()
+    step = _step(experts, routing, x, grad_out)
+    scripted = _ScriptedSpans({})
+    lucky = {"spans": 0}
+
+    def span(step, steps):
+        # FAST_TILE on gate_up's weight gradient reads 5% fast in the ranking's spans, then level:
+        # the noise that makes the lowest of many medians low.
+        ms = scripted(step, steps)
+        chosen = scripted.spans[-1][1]
+        if any(k.startswith(WEIGHT_GRAD_PAIRED) and t == FAST_TILE for k, t in chosen.items()):
+            lucky["spans"] += 1
+            return ms * (0.95 if lucky["spans"] <= 3 else 1.0)
+        return ms
+
+    monkeypatch.setattr(step_tuning, "_span_ms", span)
+    choices = step_tuning.tune_in_step(step, rounds=3, span_ms=10.0, progress=False)
+    (weight_grad,) = [choice for choice in choices if choice.key.startswith(WEIGHT_GRAD_PAIRED)]
+    assert weight_grad.scores[FAST_TILE] == pytest.approx(0.95)  # ranked first...
+    assert weight_grad.confirmed == pytest.approx(1.0) and not weight_grad.changed  # ...but not again
+    assert all(choice.confirmed is None for choice in choices if choice is not weight_grad)
+    assert "again" in step_tuning.summary([weight_grad])
+    assert quack_gemm._tile(quack_gemm._chosen[weight_grad.key]) == weight_grad.before
 
 
 @pytest.mark.parametrize("extra_tiles", [True, False])
