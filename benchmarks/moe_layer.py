@@ -273,6 +273,10 @@ PROBES = {
         "vlmoe MoEFeedForward grouped, QuACK, the SwiGLU's gradient in the backward GEMM, extra tiles",
         _together(quack_gemm.swiglu_backward_fused, quack_gemm.more_tiles),
     ),
+    "norule": Probe(
+        "vlmoe MoEFeedForward grouped, QuACK, without the small-experts rule (five tiles, pairs pass)",
+        lambda: quack_gemm.small_experts_rule(False),
+    ),
     "instep": Probe(
         "vlmoe MoEFeedForward grouped, QuACK, tiles (the extra ones too) ranked in the step (v29)",
         quack_gemm.in_step_probe,
@@ -709,8 +713,8 @@ def main() -> None:
         "quack_gemm.MORE_CANDIDATES too), dgated / pairs (the SwiGLU's gradient in the backward GEMM, or "
         "in the Triton pass), dgated+more, steady (tiles timed in spans of back-to-back calls after a "
         "warm-up, at sustained clocks), steady+more, instep / instep+dgated (after the first step, each "
-        "problem's tiles, the extra ones too, ranked by the whole step's time: step_tuning.tune_in_step); "
-        "repeatable",
+        "problem's tiles, the extra ones too, ranked by the whole step's time: step_tuning.tune_in_step), "
+        "norule (the small-experts rule off: the layer before session 19); repeatable",
     )
     parser.add_argument(
         "--headline",

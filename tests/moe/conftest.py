@@ -139,6 +139,9 @@ def fake_quack(monkeypatch, tmp_path):
     monkeypatch.setattr(quack_gemm, "usable", lambda weight, x, rows=None, dtype=None: True)
     monkeypatch.setattr(dispatch_module, "_can_use_grouped_mm", lambda x, weight: True)
     monkeypatch.setattr(quack_gemm, "TUNE", False)
+    # The small-experts rule off (every layer here is small): tests that want it set it.
+    monkeypatch.setattr(quack_gemm, "SMALL_EXPERTS_FF", 0)
+    monkeypatch.setattr(quack_gemm, "FUSE_SWIGLU_BACKWARD", None)
     monkeypatch.setattr(quack_gemm, "_chosen", {})
     monkeypatch.setattr(quack_gemm, "_disk_loaded", False)
     monkeypatch.setattr(quack_gemm, "_announced", False)

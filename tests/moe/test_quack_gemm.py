@@ -798,3 +798,54 @@ def test_the_fused_backward_tunes_among_the_candidates_and_its_own_128x128_tile(
     assert (
         json.loads(quack_gemm._cache_path().read_text())["chosen"][backward] == quack_gemm._chosen[backward]
     )
+
+
+@pytest.mark.parametrize(
+    ("small_experts_ff", "fused_env"), [(2048, None), (16, None), (2048, False), (0, True)]
+)
+def test_the_small_experts_rule_picks_the_dgated_backward_and_the_extra_tiles(
+    fake_quack, monkeypatch, small_experts_ff, fused_env
+):
+    # F = 24: under the rule at 2048, not at 16 (or 0, the rule off). FUSE_SWIGLU_BACKWARD, where
+    # set (VLMOE_QUACK_FUSED_BACKWARD), decides the backward for every layer; the tiles stay the rule's.
+    monkeypatch.setattr(quack_gemm, "SMALL_EXPERTS_FF", small_experts_ff)
+    monkeypatch.setattr(quack_gemm, "FUSE_SWIGLU_BACKWARD", fused_env)
+    monkeypatch.setattr(quack_gemm, "TUNE", True)
+    timed = []
+    monkeypatch.setattr(quack_gemm, "_elapsed_ms", lambda run: (run(), timed.append(1), 1.0)[2])
+    torch.manual_seed(8)
+    experts = GLUExperts(4, 16, 24, nn.SiLU()).double()
+    for parameter in experts.parameters():
+        nn.init.normal_(parameter, std=0.3)
+    routing = _routing(20, 4, 2, seed=8)
+    x = torch.randn(20, 16, dtype=torch.float64, requires_grad=True)
+    inputs = [x, *experts.parameters()]
+    grads = torch.autograd.grad(dispatch(x, routing, experts, backend="grouped").sum(), inputs)
+    small = small_experts_ff >= 24
+    dgated = small if fused_env is None else fused_env
+    assert any(op == "dgated" for op, *_ in fake_quack.calls) is dgated
+    assert len(quack_gemm._chosen) == 6
+    assert all(key.endswith("/wide") is small for key in quack_gemm._chosen)
+    tiles = {(c.tile_m, c.tile_n, c.cluster_m, c.cluster_n, c.pingpong) for c in fake_quack.configs}
+    # (the dgated GEMM's own 128 x 128 tile, OP_CANDIDATES, is timed by every dgated call)
+    extra = {tile[:5] for tile in quack_gemm.MORE_CANDIDATES} - set(quack_gemm.CANDIDATES)
+    extra -= set(quack_gemm.OP_CANDIDATES["dgated"])
+    assert bool(tiles & extra) is small
+    # The rule's choices are the layer's own: saved for later runs (the `more` probe's are not).
+    saved = json.loads(quack_gemm._cache_path().read_text())["chosen"]
+    assert set(saved) == set(quack_gemm._chosen)
+    reference = reference_dispatch(x, routing, experts)
+    for got, want in zip(grads, torch.autograd.grad(reference.sum(), inputs), strict=True):
+        assert relative_error(got, want) < 1e-6
+
+
+def test_the_small_experts_rule_can_be_switched_off_for_a_block(fake_quack, monkeypatch):
+    monkeypatch.setattr(quack_gemm, "SMALL_EXPERTS_FF", 2048)
+    experts = GLUExperts(4, 16, 24, nn.SiLU()).double()
+    assert quack_gemm.is_small_experts(experts.down_proj)
+    with quack_gemm.small_experts_rule(False):
+        assert not quack_gemm.is_small_experts(experts.down_proj)
+        assert not quack_gemm.fuse_swiglu_backward(experts.down_proj)
+        with quack_gemm.swiglu_backward_fused():
+            assert quack_gemm.fuse_swiglu_backward(experts.down_proj)
+    assert quack_gemm.SMALL_EXPERTS_FF == 2048 and quack_gemm.fuse_swiglu_backward(experts.down_proj)

@@ -28,6 +28,10 @@ def small_problems_too(monkeypatch, tmp_path):
     # The size thresholds keep small problems on grouped_mm; here every problem takes QuACK.
     monkeypatch.setattr(quack_gemm, "MIN_ROWS", 0)
     monkeypatch.setattr(quack_gemm, "MIN_DIM", 0)
+    # The small-experts rule off (every layer here is small, and its extra tiles would compile for
+    # each shape): the tests that want it set it.
+    monkeypatch.setattr(quack_gemm, "SMALL_EXPERTS_FF", 0)
+    monkeypatch.setattr(quack_gemm, "FUSE_SWIGLU_BACKWARD", None)
     monkeypatch.setattr(quack_gemm, "_chosen", {})
     monkeypatch.setattr(quack_gemm, "_disk_loaded", False)
     monkeypatch.setenv("VLMOE_CACHE_DIR", str(tmp_path))
@@ -131,9 +135,11 @@ def test_moe_layer_on_quack_matches_the_float64_reference(
         assert relative_error(grad.cpu(), ref_grad) < 2e-2
 
 
-@pytest.mark.parametrize("fused_backward", [False, True])
+@pytest.mark.parametrize("fused_backward", [False, True, None])  # None: by the small-experts rule
 def test_moe_layer_on_quack_compiles_to_one_graph_and_matches_eager(fused_backward, monkeypatch):
     monkeypatch.setattr(quack_gemm, "FUSE_SWIGLU_BACKWARD", fused_backward)
+    if fused_backward is None:  # the rule's default width: this layer (F = 320) falls under it
+        monkeypatch.setattr(quack_gemm, "SMALL_EXPERTS_FF", 2048)
     torch._dynamo.reset()
     torch.manual_seed(0)
     moe, _ = _layer(1024, 256, 320, 8, 2, None)
@@ -142,6 +148,9 @@ def test_moe_layer_on_quack_compiles_to_one_graph_and_matches_eager(fused_backwa
     eager = moe(eager_x)
     eager.float().square().sum().backward()
     eager_grads = [eager_x.grad, *(p.grad.clone() for p in moe.experts.parameters())]
+    if fused_backward is None:  # eager: tuned among the extra tiles too, keys of the rule's own
+        assert quack_gemm._chosen and all(key.endswith("/wide") for key in quack_gemm._chosen)
+        assert any(key.startswith("swiglu_backward/") for key in quack_gemm._chosen)
     moe.zero_grad()
     compiled = torch.compile(moe, fullgraph=True)
     compiled_x = x.clone().requires_grad_()
@@ -365,7 +374,10 @@ def test_tiles_ranked_in_the_step_keep_the_layer_exact_and_are_what_it_runs(fuse
     def step():
         torch.autograd.grad(moe(xc), params, grad_c)
 
-    choices = step_tuning.tune_in_step(step, rounds=2, span_ms=5, warmup_ms=10, progress=False)
+    # The five tiles only: their kernels compiled in the first step, so no compile here.
+    choices = step_tuning.tune_in_step(
+        step, extra_tiles=False, rounds=2, span_ms=5, warmup_ms=10, progress=False
+    )
     assert choices and {choice.key for choice in choices} <= set(quack_gemm._chosen)
     for choice in choices:
         assert quack_gemm._tile(quack_gemm._chosen[choice.key]) == choice.after

@@ -414,8 +414,9 @@ class _CombinedGLU(torch.autograd.Function):
     product with down, then one Triton pass (`swiglu_pairs_backward`) gives preact's gradient
     (written over preact), w's gradient and w * hidden for down's weight gradient; the other
     three matmuls read the paired columns through QuACK's concat_layout. With
-    `quack_gemm.FUSE_SWIGLU_BACKWARD` (off by default) the product and that pass are one GEMM,
-    QuACK's dgated epilogue (`experts_swiglu_backward`, NOTES.md v27)."""
+    `quack_gemm.fuse_swiglu_backward` (by default for small experts, F <= 2048) the product and
+    that pass are one GEMM, QuACK's dgated epilogue (`experts_swiglu_backward`, NOTES.md v27).
+    Small experts' problems also tune among the extra tiles (`quack_gemm.SMALL_EXPERTS_FF`)."""
 
     @staticmethod
     def forward(
@@ -430,13 +431,14 @@ class _CombinedGLU(torch.autograd.Function):
         bounds,
         top_k,
     ):
-        if quack_gemm.GATHER_IN_LOADS:
-            preact, hidden = quack_gemm.experts_swiglu(x, gate_up_proj, bounds, sorted_tokens)
-        else:  # the probe: [S, I] rows for one GEMM, the size of y_sorted below, so no higher peak
-            x_sorted = _gather_rows(x, slot_rows, sorted_tokens, top_k, None)
-            preact, hidden = quack_gemm.experts_swiglu(x_sorted, gate_up_proj, bounds, None)
-            del x_sorted
-        y_sorted = quack_gemm.experts_mm(hidden, down_proj, bounds)
+        with quack_gemm.small_experts_calls(down_proj):
+            if quack_gemm.GATHER_IN_LOADS:
+                preact, hidden = quack_gemm.experts_swiglu(x, gate_up_proj, bounds, sorted_tokens)
+            else:  # the probe: [S, I] rows for one GEMM, the size of y_sorted below, so no higher peak
+                x_sorted = _gather_rows(x, slot_rows, sorted_tokens, top_k, None)
+                preact, hidden = quack_gemm.experts_swiglu(x_sorted, gate_up_proj, bounds, None)
+                del x_sorted
+            y_sorted = quack_gemm.experts_mm(hidden, down_proj, bounds)
         del hidden
         weights = combine_weights.float().contiguous()  # [T, K]
         out = gather_sum(y_sorted, slot_rows, weights, top_k)
@@ -459,6 +461,11 @@ class _CombinedGLU(torch.autograd.Function):
                 "first one wrote its gradient over the saved preact to save memory. To backward "
                 "twice, set vlmoe.moe.kernels.swiglu.OVERWRITE_IN_BACKWARD = False before the forward"
             )
+        with quack_gemm.small_experts_calls(ctx.saved_tensors[2]):  # down_proj
+            return _CombinedGLU._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out: Tensor):
         x, gate_up_proj, down_proj, preact, slot_weights, sorted_tokens, slot_rows, sorted_slots, bounds = (
             ctx.saved_tensors
         )
@@ -467,7 +474,7 @@ class _CombinedGLU(torch.autograd.Function):
         needs_x, needs_gate_up, needs_down, needs_weights = ctx.needs_input_grad[:4]
         grad_rows = _gather_rows(grad_out, slot_rows, sorted_tokens, ctx.top_k, None)  # [S, O]
         out = preact if ctx.overwrite else None
-        if quack_gemm.FUSE_SWIGLU_BACKWARD:  # the SwiGLU's gradient in the GEMM's epilogue
+        if quack_gemm.fuse_swiglu_backward(down_proj):  # the SwiGLU's gradient in the GEMM's epilogue
             row_weights = slot_weights.index_select(0, sorted_slots)  # [S], expert order
             grad_preact, scaled_hidden, grad_row_weights = quack_gemm.experts_swiglu_backward(
                 grad_rows, down_proj, preact, row_weights, bounds, out=out

@@ -56,11 +56,19 @@ ENABLED = os.environ.get("VLMOE_QUACK", "1") != "0"
 # expert matmuls on QuACK and the SwiGLU in its own Triton pass, as before v17.
 FUSE_SWIGLU = os.environ.get("VLMOE_QUACK_FUSED", "1") != "0"
 # Their backward's first GEMM with the SwiGLU's gradient in its epilogue (QuACK's dgated, as
-# SonicMoE's backward; `experts_swiglu_backward`, NOTES.md v27: 1.12 ms at the 64-expert shape
-# where the plain GEMM and the pass take 1.36, yet in the layer within +-2% of them over three
-# calls, so off by default); off: the plain GEMM and then the Triton pairs pass
-# (`swiglu.swiglu_pairs_backward`), as v17 to v26.
-FUSE_SWIGLU_BACKWARD = os.environ.get("VLMOE_QUACK_FUSED_BACKWARD", "0") == "1"
+# SonicMoE's backward; `experts_swiglu_backward`, NOTES.md v27); off: the plain GEMM and then
+# the Triton pairs pass (`swiglu.swiglu_pairs_backward`), as v17 to v26. None (the default): by
+# the small-experts rule below. VLMOE_QUACK_FUSED_BACKWARD=1 / 0 sets it for every layer.
+_fused_backward_env = os.environ.get("VLMOE_QUACK_FUSED_BACKWARD")
+FUSE_SWIGLU_BACKWARD: bool | None = None if _fused_backward_env is None else _fused_backward_env == "1"
+# The small-experts rule (NOTES.md session 19): SwiGLU experts whose FFN width F is at most this
+# take the dgated backward and tune each of their problems among CANDIDATES + MORE_CANDIDATES.
+# At the 64-expert shape (F = 1408) the two together gained 2.3-4.1% in four H200 calls
+# (s17-run1/2, s19-run1/2); at F = 5632 the extra tiles alone lost 2% (s17, s18) and at 14336
+# the pair read 0.994. 0 turns the rule off (VLMOE_QUACK_SMALL_EXPERTS_FF=0).
+SMALL_EXPERTS_FF = int(os.environ.get("VLMOE_QUACK_SMALL_EXPERTS_FF", "2048"))
+WIDE_KEY = "wide"  # a key part: tuned among the extra candidates by the rule (saved, unlike `more`)
+_small_experts = False  # set around a small-experts layer's QuACK calls (`small_experts_calls`)
 TUNE = os.environ.get("VLMOE_QUACK_TUNE", "1") != "0"
 # A problem's candidate kernels compile side by side on QuACK's CPU worker processes (NOTES.md v26).
 PARALLEL_COMPILE = os.environ.get("VLMOE_QUACK_PARALLEL_COMPILE", "1") != "0"
@@ -245,10 +253,40 @@ def recording_problems(extra_tiles: bool = True) -> Iterator[dict[str, list[int]
         _recording, _recording_more = None, False
 
 
-def swiglu_backward_fused(on: bool = True) -> contextlib.AbstractContextManager[None]:
+def swiglu_backward_fused(on: bool | None = True) -> contextlib.AbstractContextManager[None]:
     """Inside this block the fused SwiGLU experts' backward takes the SwiGLU's gradient in its
-    first GEMM's epilogue (`experts_swiglu_backward`) if `on`, else in the Triton pairs pass."""
+    first GEMM's epilogue (`experts_swiglu_backward`) if `on`, else in the Triton pairs pass;
+    None: by the small-experts rule (`SMALL_EXPERTS_FF`)."""
     return _switched("FUSE_SWIGLU_BACKWARD", on)
+
+
+def is_small_experts(down_proj: torch.Tensor) -> bool:
+    """Whether SwiGLU experts with this down projection (# [E, I, F]) fall under the small-experts
+    rule: F at most `SMALL_EXPERTS_FF`."""
+    return down_proj.shape[-1] <= SMALL_EXPERTS_FF
+
+
+def fuse_swiglu_backward(down_proj: torch.Tensor) -> bool:
+    """Whether these SwiGLU experts' backward takes the dgated GEMM: `FUSE_SWIGLU_BACKWARD` where
+    set, else the small-experts rule."""
+    if FUSE_SWIGLU_BACKWARD is not None:
+        return FUSE_SWIGLU_BACKWARD
+    return is_small_experts(down_proj)
+
+
+def small_experts_calls(down_proj: torch.Tensor) -> contextlib.AbstractContextManager[None]:
+    """Around a SwiGLU experts layer's QuACK calls: where the small-experts rule takes the layer,
+    its problems tune among the extra candidates too, under keys of their own (`WIDE_KEY`).
+    Nothing under torch.compile, where nothing is tuned (QuACK's default tile)."""
+    if torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    return _switched("_small_experts", is_small_experts(down_proj))
+
+
+def small_experts_rule(on: bool = True) -> contextlib.AbstractContextManager[None]:
+    """Inside this block the small-experts rule applies (at its default width) if `on`, else to no
+    layer: the layer as before session 19 (`moe_layer.py --probe norule`)."""
+    return _switched("SMALL_EXPERTS_FF", 2048 if on else 0)
 
 
 def swiglu_unfused() -> contextlib.AbstractContextManager[None]:
@@ -438,7 +476,8 @@ def _gemm(direction: str, **kwargs: Any) -> None:
 def _candidates(op: str, kwargs: dict) -> list[int]:
     """The indices (into CANDIDATES + MORE_CANDIDATES) of the tiles this call may take."""
     gathers = kwargs.get("A_idx") is not None
-    tiles = set(CANDIDATES + (MORE_CANDIDATES if MORE else ()) + OP_CANDIDATES.get(op, ()))
+    more = MORE or _small_experts
+    tiles = set(CANDIDATES + (MORE_CANDIDATES if more else ()) + OP_CANDIDATES.get(op, ()))
     return [
         index
         for index, tile in enumerate(CANDIDATES + MORE_CANDIDATES)
@@ -513,6 +552,8 @@ def _key(direction: str, kwargs: dict) -> str:
     parts = [direction, layout, bucket, *dims, segments.shape[0] - 1]
     device = torch.cuda.get_device_name(a.device) if a.is_cuda else a.device.type
     parts += [str(a.dtype).removeprefix("torch."), device]
+    if _small_experts:
+        parts.append(WIDE_KEY)
     if MORE:
         parts.append(MORE_KEY)
     if STEADY:
@@ -866,7 +907,7 @@ def _save_disk_cache() -> None:
     # Choices under a probe (the extra candidates, the timing in steady spans) stay in this process.
     merged = {**_read_disk_cache(), **_chosen}
     probe_parts = {MORE_KEY, STEADY_KEY, IN_STEP_KEY}
-    chosen = {key: index for key, index in merged.items() if not probe_parts & set(key.split("/")[-3:])}
+    chosen = {key: index for key, index in merged.items() if not probe_parts & set(key.split("/")[-4:])}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         payload = json.dumps({"candidates": _saved_tiles(), "chosen": chosen}, indent=1)
