@@ -28,8 +28,10 @@ kernels compile side by side, on QuACK's pool of CPU compile workers (`_compile_
 a candidate QuACK cannot run for a problem is left out of its timing, with a warning.
 Switches: `VLMOE_QUACK=0` turns this path off; `VLMOE_QUACK_TUNE=0` keeps QuACK's default
 configuration; `VLMOE_QUACK_FUSED=0` keeps the SwiGLU out of the GEMM (its own Triton pass, as
-before v17); `VLMOE_QUACK_FUSED_BACKWARD=1` puts its gradient into the backward's GEMM (v27);
-`VLMOE_QUACK_PARALLEL_COMPILE=0` compiles the candidates one after another here.
+before v17); `VLMOE_QUACK_FUSED_BACKWARD=1` / `0` puts its gradient into the backward's GEMM
+(v27) for every layer or for none, where by default small experts (`SMALL_EXPERTS_FF`) take it;
+`VLMOE_QUACK_SMALL_EXPERTS_FF=0` turns that rule off; `VLMOE_QUACK_PARALLEL_COMPILE=0` compiles
+the candidates one after another here.
 """
 
 from __future__ import annotations
@@ -99,9 +101,10 @@ CANDIDATES: tuple[tuple, ...] = (
 # candidates above lack (s16-run5, NOTES.md session 16): 128x256 cooperative 2x1, the widest a
 # gather can take; 192x128 pingpong 1x2; 256x160 cooperative 2x1; 128x128 pingpong 2x1, whose
 # N divides F = 1408 (and 5632, 14336). In the layer they gained 2-4% at the 64-expert shape
-# and lost 2% at the 4-expert one (s17-run1/2), so they are not candidates by default:
-# `more_tiles()` adds them, for an A/B reading (`benchmarks/moe_layer.py --probe more`). A tuned
-# index means a tile of CANDIDATES + MORE_CANDIDATES (`_tile`).
+# and lost 2% at the 4-expert one (s17-run1/2), so they are candidates only for small experts
+# (`SMALL_EXPERTS_FF`); `more_tiles()` adds them for every problem, for an A/B reading
+# (`benchmarks/moe_layer.py --probe more`). A tuned index means a tile of CANDIDATES +
+# MORE_CANDIDATES (`_tile`).
 MORE_CANDIDATES: tuple[tuple, ...] = (
     (128, 256, 2, 1, False),
     (192, 128, 1, 2, True),
