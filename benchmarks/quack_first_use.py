@@ -10,7 +10,8 @@ Each shape's line splits its first step: seconds compiling or loading the candid
 (of which handing them to QuACK's compile workers), timing them, and the rest (Triton's kernels,
 the step itself). `VLMOE_QUACK_PARALLEL_COMPILE=0` compiles the candidates one after another in
 this process, as before v26; `device_perf.sh`'s `firstpar` part times both, each run with every
-cache empty. `--preload a,b` has QuACK's compile server import those modules too (v26 probe).
+cache empty. `--shape 3 --shape 1` times shape 3 first (the order of a cold process matters: the
+first shape pays for the kernels the others share). `--preload a,b` has QuACK's compile server import those modules too (v26 probe).
 """
 
 from __future__ import annotations
@@ -30,6 +31,12 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--shapes", type=int, default=3, help="how many of FFN_SHAPES, from the first")
     parser.add_argument(
+        "--shape",
+        type=int,
+        action="append",
+        help="FFN_SHAPES' shape N (from 1), in the order given; repeatable, overrides --shapes",
+    )
+    parser.add_argument(
         "--preload", default="", help="modules the compile server imports too, comma-separated"
     )
     args = parser.parse_args()
@@ -46,7 +53,10 @@ def main() -> None:
         f"compile server preload {quack_gemm.COMPILE_SERVER_PRELOAD}, "
         f"candidates compiled on QuACK's workers {quack_gemm.PARALLEL_COMPILE}"
     )
-    for tokens, hidden, intermediate, num_experts, top_k in FFN_SHAPES[: args.shapes]:
+    if args.shape and not all(1 <= number <= len(FFN_SHAPES) for number in args.shape):
+        parser.error(f"--shape takes 1 to {len(FFN_SHAPES)}, got {args.shape}")
+    shapes = [FFN_SHAPES[number - 1] for number in args.shape] if args.shape else FFN_SHAPES[: args.shapes]
+    for tokens, hidden, intermediate, num_experts, top_k in shapes:
         torch.manual_seed(0)
         dense = SwiGLU(hidden, intermediate).to("cuda", DTYPE)
         moe = MoEFeedForward.from_dense(dense, num_experts, top_k, backend="grouped")
