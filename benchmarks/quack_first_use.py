@@ -11,7 +11,8 @@ Each shape's line splits its first step: seconds compiling or loading the candid
 the step itself). `VLMOE_QUACK_PARALLEL_COMPILE=0` compiles the candidates one after another in
 this process, as before v26; `device_perf.sh`'s `firstpar` part times both, each run with every
 cache empty. `--shape 3 --shape 1` times shape 3 first (the order of a cold process matters: the
-first shape pays for the kernels the others share). `--preload a,b` has QuACK's compile server import those modules too (v26 probe).
+first shape pays for the kernels the others share). `--preload a,b` has QuACK's compile server
+import those modules too (v26 probe).
 """
 
 from __future__ import annotations

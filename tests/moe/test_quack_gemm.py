@@ -849,3 +849,79 @@ def test_the_small_experts_rule_can_be_switched_off_for_a_block(fake_quack, monk
         with quack_gemm.swiglu_backward_fused():
             assert quack_gemm.fuse_swiglu_backward(experts.down_proj)
     assert quack_gemm.SMALL_EXPERTS_FF == 2048 and quack_gemm.fuse_swiglu_backward(experts.down_proj)
+
+
+def _recording_console(monkeypatch):
+    """A terminal the tuning bars draw on, kept in a string."""
+    import io
+
+    from rich.console import Console
+
+    console = Console(file=io.StringIO(), force_terminal=True, width=140, color_system=None)
+    monkeypatch.setattr(quack_gemm, "progress_console", lambda: console)
+    monkeypatch.setattr(quack_gemm, "_elapsed_ms", lambda run: (run(), 1.0)[1])  # no CUDA events here
+    return console
+
+
+@pytest.mark.parametrize("pool", [False, True])
+def test_first_use_tuning_shows_a_bar_over_the_kernels_then_the_rounds(
+    fake_quack, monkeypatch, request, pool
+):
+    if pool:
+        request.getfixturevalue("compile_pool")  # the kernels handed to QuACK's workers first
+    monkeypatch.setattr(quack_gemm, "TUNE", True)
+    monkeypatch.setattr(quack_gemm, "PROGRESS", "1")
+    console = _recording_console(monkeypatch)
+    advances = []
+    real = quack_gemm._tuning_progress
+
+    @contextlib.contextmanager
+    def counted(key, kernels, rounds):
+        with real(key, kernels, rounds) as advance:
+            yield lambda: (advances.append(key), advance())
+
+    monkeypatch.setattr(quack_gemm, "_tuning_progress", counted)
+    out, wanted = _three_experts()
+    assert relative_error(out, wanted) < 1e-12
+    # Each candidate once as its kernel is ready, then each of the 7 rounds: the bar ends full.
+    assert len(advances) == len(quack_gemm.CANDIDATES) + quack_gemm.BURST_ROUNDS
+    drawn = console.file.getvalue()
+    assert "QuACK tiles for forward/sorted" in drawn and "(5 candidates)" in drawn
+    assert "12/12" in drawn
+
+
+def test_tuning_bars_stay_off_where_stderr_is_no_terminal_and_when_switched_off(fake_quack, monkeypatch):
+    monkeypatch.setattr(quack_gemm, "TUNE", True)
+    console = _recording_console(monkeypatch)
+    monkeypatch.setattr(quack_gemm.sys.stderr, "isatty", lambda: False, raising=False)
+    monkeypatch.setattr(quack_gemm, "PROGRESS", "auto")
+    assert not quack_gemm._progress_wanted()
+    monkeypatch.setattr(quack_gemm, "PROGRESS", "0")
+    out, wanted = _three_experts()
+    assert relative_error(out, wanted) < 1e-12 and console.file.getvalue() == ""
+    monkeypatch.setattr(quack_gemm.sys.stderr, "isatty", lambda: True, raising=False)
+    monkeypatch.setattr(quack_gemm, "PROGRESS", "auto")
+    assert quack_gemm._progress_wanted()
+
+
+@pytest.mark.parametrize("refuses", [False, True])
+def test_a_tuning_bar_inside_another_live_display_still_tunes(fake_quack, monkeypatch, refuses):
+    # rich 13 refuses a second live display on one console; rich >= 14 stacks them. Either way the
+    # problem is tuned and its choice kept.
+    from rich.errors import LiveError
+    from rich.progress import Progress
+
+    monkeypatch.setattr(quack_gemm, "TUNE", True)
+    monkeypatch.setattr(quack_gemm, "PROGRESS", "1")
+    console = _recording_console(monkeypatch)
+
+    def refusing_start(self):
+        raise LiveError("Only one live display may be active at once")
+
+    with Progress(console=console) as outer, pytest.MonkeyPatch.context() as refusing:
+        outer.add_task("ranking", total=1)
+        if refuses:
+            refusing.setattr(Progress, "start", refusing_start)
+        out, wanted = _three_experts()
+    assert relative_error(out, wanted) < 1e-12
+    assert len(quack_gemm._chosen) == 1

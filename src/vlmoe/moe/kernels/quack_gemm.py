@@ -31,7 +31,8 @@ configuration; `VLMOE_QUACK_FUSED=0` keeps the SwiGLU out of the GEMM (its own T
 before v17); `VLMOE_QUACK_FUSED_BACKWARD=1` / `0` puts its gradient into the backward's GEMM
 (v27) for every layer or for none, where by default small experts (`SMALL_EXPERTS_FF`) take it;
 `VLMOE_QUACK_SMALL_EXPERTS_FF=0` turns that rule off; `VLMOE_QUACK_PARALLEL_COMPILE=0` compiles
-the candidates one after another here.
+the candidates one after another here; `VLMOE_QUACK_PROGRESS=1` / `0` shows or hides the tuning's
+progress bars (default: where stderr is a terminal).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ import logging
 import math
 import os
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -134,6 +136,10 @@ STEADY_ROUNDS = 5
 # shipped one in a benchmark (kept in this process, like the two probes above).
 IN_STEP = False
 IN_STEP_KEY = "instep"
+# A transient rich progress bar for each problem tuned on first use (its kernels ready, then its
+# timing rounds), so the half minute a first step can take reads as work, not a hang; "auto"
+# (the default): where stderr is a terminal. VLMOE_QUACK_PROGRESS=1 / 0 forces it.
+PROGRESS = os.environ.get("VLMOE_QUACK_PROGRESS", "auto")
 logger = logging.getLogger(__name__)
 _chosen: dict[str, int] = {}
 # Per problem key tuned in this process: seconds compiling (or loading) its candidates and
@@ -587,20 +593,25 @@ def _time_candidates(candidates: list[int], op: str, kwargs: dict, key: str) -> 
     tile, NOTES.md v18). What it spent is logged under the problem's `key` (`tuning_seconds`)."""
     start = time.perf_counter()
     rejected: dict[int, RuntimeError] = {}
-    compiling = _compile_candidates(candidates, op, kwargs, rejected)  # and one warm-up call each
-    compiled = time.perf_counter()
-    ran = [index for index in candidates if index not in rejected]
-    if not ran:
-        raise rejected[candidates[0]]
-    if rejected:
-        logger.warning(
-            "vlmoe: QuACK cannot run tiles %s for %s (%s); the tuning chose among the other %d.",
-            [_tile(index) for index in rejected],
-            key,
-            next(iter(rejected.values())).__cause__,
-            len(ran),
+    rounds = STEADY_ROUNDS if STEADY else BURST_ROUNDS
+    with _tuning_progress(key, len(candidates), rounds) as advance:
+        # and one warm-up call each
+        compiling = _compile_candidates(candidates, op, kwargs, rejected, on_ready=advance)
+        compiled = time.perf_counter()
+        ran = [index for index in candidates if index not in rejected]
+        if not ran:
+            raise rejected[candidates[0]]
+        if rejected:
+            logger.warning(
+                "vlmoe: QuACK cannot run tiles %s for %s (%s); the tuning chose among the other %d.",
+                [_tile(index) for index in rejected],
+                key,
+                next(iter(rejected.values())).__cause__,
+                len(ran),
+            )
+        times, calls = (
+            _steady_times(ran, op, kwargs, advance) if STEADY else _burst_times(ran, op, kwargs, advance)
         )
-    times, calls = _steady_times(ran, op, kwargs) if STEADY else _burst_times(ran, op, kwargs)
     _tuning_log[key] = {
         "compile_s": compiled - start,
         "time_s": time.perf_counter() - compiled,
@@ -609,10 +620,65 @@ def _time_candidates(candidates: list[int], op: str, kwargs: dict, key: str) -> 
         "calls_per_timing": calls,
         **compiling,
     }
-    return min(ran, key=lambda index: statistics.median(times[index]))
+    chosen = min(ran, key=lambda index: statistics.median(times[index]))
+    logger.info(
+        "vlmoe: %s takes tile %s (of %d; compiled in %.1f s, timed in %.1f s)",
+        key,
+        _tile(chosen),
+        len(ran),
+        compiled - start,
+        _tuning_log[key]["time_s"],
+    )
+    return chosen
 
 
-def _steady_times(ran: list[int], op: str, kwargs: dict) -> tuple[dict[int, list[float]], int]:
+def _progress_wanted() -> bool:
+    """Whether first-use tuning shows its bar (`PROGRESS`)."""
+    if PROGRESS in ("0", "1"):
+        return PROGRESS == "1"
+    return sys.stderr.isatty()
+
+
+@functools.cache
+def progress_console() -> Any:
+    """Where the tuning bars draw: stderr, beside the log; one console for the process, so a bar
+    started inside another's (a first-use tuning during `step_tuning`'s ranking) stacks under it
+    (rich >= 14; rich 13 refuses, and the inner one goes without)."""
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+@contextlib.contextmanager
+def _tuning_progress(key: str, kernels: int, rounds: int) -> Iterator[Any]:
+    """A transient bar over one problem's tuning: `kernels` candidates to compile (or load), then
+    `rounds` timing rounds; yields its advance function (a no-op without a bar). Where another
+    live display holds the console and rich cannot stack them, there is no bar."""
+    if not _progress_wanted():
+        yield lambda: None
+        return
+    from rich.errors import LiveError
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    direction = key.split("/", 2)[:2]
+    label = TextColumn(f"vlmoe: QuACK tiles for {'/'.join(direction)} [dim]({kernels} candidates)")
+    columns = (label, BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    bar = Progress(*columns, console=progress_console(), transient=True)
+    task = bar.add_task("tuning", total=kernels + rounds)
+    try:
+        bar.start()
+    except LiveError:
+        yield lambda: None
+        return
+    try:
+        yield lambda: bar.advance(task)
+    finally:
+        bar.stop()
+
+
+def _steady_times(
+    ran: list[int], op: str, kwargs: dict, after_round: Any = lambda: None
+) -> tuple[dict[int, list[float]], int]:
     """Each candidate's ms per call in STEADY_ROUNDS rounds, each round one span of back-to-back
     calls per candidate, after a warm-up that brings the GPU to the clocks it keeps under a
     sustained load -> (times, calls per span)."""
@@ -628,20 +694,28 @@ def _steady_times(ran: list[int], op: str, kwargs: dict) -> tuple[dict[int, list
     for _ in range(STEADY_ROUNDS):
         for index in ran:
             times[index].append(_elapsed_ms(lambda index=index: repeat(index, calls)) / calls)
+        after_round()
     return times, calls
 
 
-def _burst_times(ran: list[int], op: str, kwargs: dict) -> tuple[dict[int, list[float]], int]:
+def _burst_times(
+    ran: list[int], op: str, kwargs: dict, after_round: Any = lambda: None
+) -> tuple[dict[int, list[float]], int]:
     """Each candidate's ms for one call, one call per candidate per round (the default)."""
     times: dict[int, list[float]] = {index: [] for index in ran}
     for _ in range(BURST_ROUNDS):
         for index in ran:
             times[index].append(_elapsed_ms(lambda index=index: _run(index, op, kwargs)))
+        after_round()
     return times, 1
 
 
 def _compile_candidates(
-    candidates: list[int], op: str, kwargs: dict, rejected: dict[int, RuntimeError]
+    candidates: list[int],
+    op: str,
+    kwargs: dict,
+    rejected: dict[int, RuntimeError],
+    on_ready: Any = lambda: None,
 ) -> dict[str, Any]:
     """Run every candidate once, which compiles its kernel or loads it from QuACK's disk cache;
     -> what `tuning_seconds` reports of it. A candidate whose kernel QuACK or the CUTLASS DSL
@@ -667,7 +741,7 @@ def _compile_candidates(
     pool_api = _pool_api() if _pool_wanted() and len(kernels) > 1 else None
     if pool_api is not None and _pool_lock.acquire(blocking=False):
         try:
-            return _hand_to_pool(candidates, op, kwargs, rejected, *pool_api)
+            return _hand_to_pool(candidates, op, kwargs, rejected, on_ready, *pool_api)
         finally:
             _pool_lock.release()
     # Here, one after another. Where another thread has QuACK's process-wide pool active
@@ -677,6 +751,7 @@ def _compile_candidates(
     with pool_api[1]() if pool_api is not None else contextlib.nullcontext():
         for index in candidates:
             _run_or_reject(index, op, kwargs, rejected)
+            on_ready()
     return {"on_workers": 0, "handing_s": 0.0, "after_s": [], "worker_failures": 0}
 
 
@@ -693,6 +768,7 @@ def _hand_to_pool(
     op: str,
     kwargs: dict,
     rejected: dict[int, RuntimeError],
+    on_ready: Any,
     pending_error: Any,
     suppress_pool: Any,
     pool_scope: Any,
@@ -718,6 +794,7 @@ def _hand_to_pool(
                     continue
                 try:
                     _run(index, op, kwargs)  # in QuACK's cache already: runs as it is
+                    on_ready()
                 except pending_error:
                     handed.append(index)
                 except RuntimeError as error:
@@ -726,14 +803,17 @@ def _hand_to_pool(
                         left.append(index)
                     else:  # the kernel's own failure, before any handing over
                         rejected[index] = error
+                        on_ready()
             handing = time.perf_counter() - start
             with suppress_pool():
                 for index in handed:
                     _run_or_reject(index, op, kwargs, rejected)
                     after.append(time.perf_counter() - start)
+                    on_ready()
             errors = [error for error in _pool_errors(pool) if error not in earlier]
     for index in left:
         _run_or_reject(index, op, kwargs, rejected)
+        on_ready()
     if errors:  # compiled here instead; say why, once per problem
         logger.warning(
             "vlmoe: QuACK's compile workers failed on %d kernels, compiled here instead: %s",
