@@ -11,7 +11,8 @@ than in a short burst, and more so for some kernels than others. This prints, fo
 - sustained: `--blocks` blocks of `--seconds` each, methods alternating block by block, each block
   split in quarters: median ms, mean SM clock and power, the share of samples under NVML's
   power cap, and joules per step (mean power x median step time);
-and writes clocks.json. Needs nvidia-ml-py (carried in .whl to the device).
+and writes clocks.json and clocks.png (`plot_telemetry.py`). Needs nvidia-ml-py (carried in .whl
+to the device).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from moe_layer import (
     build_ffn,
     prepare_probe,
 )
+from plot_telemetry import picture
 from telemetry import GpuSampler
 
 
@@ -125,7 +127,7 @@ def main() -> None:
         watts = statistics.fmean(q.get("power_w", 0) for q in quarters)
         joules = statistics.median(q.get("joules_per_step", 0) for q in quarters)
         print(f"  {name}: {ms:.3f} ms, {mhz:.0f} MHz, {watts:.0f} W, {joules:.2f} J/step")
-    write_json("clocks", rows)
+    print(picture(Path(write_json("clocks", rows))))
 
 
 if __name__ == "__main__":

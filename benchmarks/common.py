@@ -103,11 +103,12 @@ def peak_memory_mib(step: Callable[[], None]) -> float:
     return (torch.cuda.max_memory_allocated() - before) / 2**20
 
 
-def write_json(name: str, rows: list[dict]) -> None:
-    """Rows to $OUT/<name>.json (device runs) or benchmarks/results/<name>.json."""
+def write_json(name: str, rows: list[dict]) -> str:
+    """Rows to $OUT/<name>.json (device runs) or benchmarks/results/<name>.json -> its path."""
     folder = os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results")
     os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, f"{name}.json"), "w") as handle:
+    path = os.path.join(folder, f"{name}.json")
+    with open(path, "w") as handle:
         json.dump(
             {
                 "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
@@ -117,6 +118,7 @@ def write_json(name: str, rows: list[dict]) -> None:
             handle,
             indent=1,
         )
+    return path
 
 
 def print_table(title: str, header: list[str], rows: list[list[str]]) -> None:

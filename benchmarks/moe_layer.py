@@ -40,6 +40,7 @@ from common import (
     v14_variant,
     write_json,
 )
+from plot_telemetry import picture
 from telemetry import GpuSampler
 from vlmoe.moe import MoEFeedForward, MoLELinear
 from vlmoe.moe.kernels import quack_gemm, step_tuning
@@ -754,7 +755,9 @@ def main() -> None:
     )
     mole_shape = (2048, 256, 512) if args.quick else ()
     mole_rows = [] if args.ffn_only else bench_mole(reps, *mole_shape, rounds=args.rounds)
-    write_json("moe_layer", ffn_rows + mole_rows)
+    json_path = write_json("moe_layer", ffn_rows + mole_rows)
+    if args.telemetry:  # each round's ms against its clock, per shape
+        print(picture(Path(json_path)), flush=True)
 
     def fmt(row, ratio_key):
         note = row.get("note", "")
