@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from tests.moe.helpers import relative_error
+from vlmoe.console import sharing
 from vlmoe.moe import GLUExperts, Routing, dispatch, reference_dispatch
 from vlmoe.moe.kernels import quack_gemm
 from vlmoe.moe.kernels import swiglu as swiglu_kernels
@@ -851,16 +852,19 @@ def test_the_small_experts_rule_can_be_switched_off_for_a_block(fake_quack, monk
     assert quack_gemm.SMALL_EXPERTS_FF == 2048 and quack_gemm.fuse_swiglu_backward(experts.down_proj)
 
 
-def _recording_console(monkeypatch):
-    """A terminal the tuning bars draw on, kept in a string."""
+def _terminal(terminal=True):
+    """A console kept in a string, a terminal or not."""
     import io
 
     from rich.console import Console
 
-    console = Console(file=io.StringIO(), force_terminal=True, width=140, color_system=None)
-    monkeypatch.setattr(quack_gemm, "progress_console", lambda: console)
+    return Console(file=io.StringIO(), force_terminal=terminal, width=140, color_system=None)
+
+
+@pytest.fixture
+def untimed(monkeypatch):
+    monkeypatch.setattr(quack_gemm, "TUNE", True)
     monkeypatch.setattr(quack_gemm, "_elapsed_ms", lambda run: (run(), 1.0)[1])  # no CUDA events here
-    return console
 
 
 @pytest.mark.parametrize("pool", [False, True])
@@ -869,9 +873,8 @@ def test_first_use_tuning_shows_a_bar_over_the_kernels_then_the_rounds(
 ):
     if pool:
         request.getfixturevalue("compile_pool")  # the kernels handed to QuACK's workers first
-    monkeypatch.setattr(quack_gemm, "TUNE", True)
+    request.getfixturevalue("untimed")
     monkeypatch.setattr(quack_gemm, "PROGRESS", "1")
-    console = _recording_console(monkeypatch)
     advances = []
     real = quack_gemm._tuning_progress
 
@@ -881,7 +884,8 @@ def test_first_use_tuning_shows_a_bar_over_the_kernels_then_the_rounds(
             yield lambda: (advances.append(key), advance())
 
     monkeypatch.setattr(quack_gemm, "_tuning_progress", counted)
-    out, wanted = _three_experts()
+    with sharing(_terminal()) as console:
+        out, wanted = _three_experts()
     assert relative_error(out, wanted) < 1e-12
     # Each candidate once as its kernel is ready, then each of the 7 rounds: the bar ends full.
     assert len(advances) == len(quack_gemm.CANDIDATES) + quack_gemm.BURST_ROUNDS
@@ -890,38 +894,48 @@ def test_first_use_tuning_shows_a_bar_over_the_kernels_then_the_rounds(
     assert "12/12" in drawn
 
 
-def test_tuning_bars_stay_off_where_stderr_is_no_terminal_and_when_switched_off(fake_quack, monkeypatch):
-    monkeypatch.setattr(quack_gemm, "TUNE", True)
-    console = _recording_console(monkeypatch)
-    monkeypatch.setattr(quack_gemm.sys.stderr, "isatty", lambda: False, raising=False)
+def test_tuning_bars_draw_only_on_a_terminal_unless_forced(fake_quack, monkeypatch, untimed):
     monkeypatch.setattr(quack_gemm, "PROGRESS", "auto")
-    assert not quack_gemm._progress_wanted()
-    monkeypatch.setattr(quack_gemm, "PROGRESS", "0")
-    out, wanted = _three_experts()
+    with sharing(_terminal(False)) as console:
+        assert not quack_gemm._progress_wanted()
+        out, wanted = _three_experts()
     assert relative_error(out, wanted) < 1e-12 and console.file.getvalue() == ""
-    monkeypatch.setattr(quack_gemm.sys.stderr, "isatty", lambda: True, raising=False)
-    monkeypatch.setattr(quack_gemm, "PROGRESS", "auto")
-    assert quack_gemm._progress_wanted()
+    with sharing(_terminal()):
+        assert quack_gemm._progress_wanted()
+        monkeypatch.setattr(quack_gemm, "PROGRESS", "0")
+        assert not quack_gemm._progress_wanted()
+    monkeypatch.setattr(quack_gemm, "PROGRESS", "1")
+    with sharing(_terminal(False)):
+        assert quack_gemm._progress_wanted()
 
 
 @pytest.mark.parametrize("refuses", [False, True])
-def test_a_tuning_bar_inside_another_live_display_still_tunes(fake_quack, monkeypatch, refuses):
-    # rich 13 refuses a second live display on one console; rich >= 14 stacks them. Either way the
-    # problem is tuned and its choice kept.
+def test_a_tuning_bar_inside_a_training_bar_stacks_on_its_console(fake_quack, monkeypatch, untimed, refuses):
+    # A training run shares its console (vlmoe.train's run_recipe): the first step's tuning bar
+    # stacks under the stage's bar there (rich >= 14). Where rich refuses a second live display
+    # (rich 13), the problem is tuned all the same, with no bar.
     from rich.errors import LiveError
     from rich.progress import Progress
 
-    monkeypatch.setattr(quack_gemm, "TUNE", True)
-    monkeypatch.setattr(quack_gemm, "PROGRESS", "1")
-    console = _recording_console(monkeypatch)
+    monkeypatch.setattr(quack_gemm, "PROGRESS", "auto")
+    console = _terminal()
+    if not refuses and not hasattr(console, "_live_stack"):
+        pytest.skip("rich < 14 keeps one live display a console")
+    started = []
+    real_start = Progress.start
 
-    def refusing_start(self):
-        raise LiveError("Only one live display may be active at once")
-
-    with Progress(console=console) as outer, pytest.MonkeyPatch.context() as refusing:
-        outer.add_task("ranking", total=1)
+    def start(self):
         if refuses:
-            refusing.setattr(Progress, "start", refusing_start)
+            raise LiveError("Only one live display may be active at once")
+        real_start(self)
+        started.append((self.console, len(console._live_stack)))
+
+    with sharing(console), Progress(console=console) as stage_bar, pytest.MonkeyPatch.context() as patch:
+        stage_bar.add_task("stage 1/3 align", total=10)
+        patch.setattr(Progress, "start", start)
         out, wanted = _three_experts()
     assert relative_error(out, wanted) < 1e-12
     assert len(quack_gemm._chosen) == 1
+    assert "stage 1/3 align" in console.file.getvalue()
+    # The tuning's bar went live on the training's console, second on its stack.
+    assert started == ([] if refuses else [(console, 2)])

@@ -197,3 +197,23 @@ def test_training_arguments_follow_the_resolved_device(tmp_path):
     args = training_arguments(recipe, stage, tmp_path / stage.name, training_device("cpu"))
     assert args.use_cpu and args.device.type == "cpu"
     assert training_device(None).type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_a_run_shares_its_console_with_the_kernels_progress_bars(tmp_path, monkeypatch):
+    # The first step on QuACK draws its tuning bars on vlmoe.console's shared console: inside a
+    # run that is the run's own, the one its stage bars are on (one terminal, one live stack).
+    import importlib
+
+    from rich.console import Console
+
+    from vlmoe.console import shared_console
+
+    stages = importlib.import_module("vlmoe.train.stages")
+    seen = []
+    monkeypatch.setattr(stages, "run_stage", lambda *args, **kwargs: seen.append(shared_console()) or [])
+    console = Console(quiet=True)
+    before = shared_console()
+    results = run_recipe(tiny_recipe(tmp_path, steps=1), device="cpu", console=console)
+    assert seen and all(shared is console for shared in seen)
+    assert [result.skipped for result in results] == [False] * len(seen)
+    assert shared_console() is before  # the stderr console again once the run is over

@@ -26,6 +26,7 @@ from torch import nn
 from transformers import PrinterCallback, set_seed
 
 import vlmoe
+from vlmoe.console import sharing
 from vlmoe.data import ConversationCollator
 from vlmoe.device import resolve_device
 from vlmoe.models import set_trainable
@@ -78,18 +79,20 @@ def run_recipe(
     if is_main_process():  # under torchrun / accelerate launch, one process owns the run directory
         _check_run_directory(recipe, out, resume)
     results: list[StageResult] = []
-    for number, stage in enumerate(recipe.stages, start=1):
-        stage_dir = out / stage.name
-        if (stage_dir / STAGE_DONE).is_file():
-            console.print(f"[dim]stage {number}/{len(recipe.stages)} {stage.name}: done earlier, skipped")
-            history = json.loads((stage_dir / STAGE_DONE).read_text())["log_history"]
-            results.append(StageResult(stage.name, stage_dir / "final", history, skipped=True))
-            continue
-        console.rule(f"stage {number}/{len(recipe.stages)}: {stage.name}")
-        history = run_stage(recipe, stage, results, processor, torch_device, console, stop_after_steps)
-        if history is None:  # stopped early on purpose
-            return results
-        results.append(StageResult(stage.name, stage_dir / "final", history, skipped=False))
+    # The stage bars' console is the one the kernels' first-use bars draw on too (vlmoe.console).
+    with sharing(console):
+        for number, stage in enumerate(recipe.stages, start=1):
+            stage_dir = out / stage.name
+            if (stage_dir / STAGE_DONE).is_file():
+                console.print(f"[dim]stage {number}/{len(recipe.stages)} {stage.name}: done earlier, skipped")
+                history = json.loads((stage_dir / STAGE_DONE).read_text())["log_history"]
+                results.append(StageResult(stage.name, stage_dir / "final", history, skipped=True))
+                continue
+            console.rule(f"stage {number}/{len(recipe.stages)}: {stage.name}")
+            history = run_stage(recipe, stage, results, processor, torch_device, console, stop_after_steps)
+            if history is None:  # stopped early on purpose
+                return results
+            results.append(StageResult(stage.name, stage_dir / "final", history, skipped=False))
     return results
 
 

@@ -44,7 +44,6 @@ import logging
 import math
 import os
 import statistics
-import sys
 import tempfile
 import threading
 import time
@@ -633,20 +632,19 @@ def _time_candidates(candidates: list[int], op: str, kwargs: dict, key: str) -> 
 
 
 def _progress_wanted() -> bool:
-    """Whether first-use tuning shows its bar (`PROGRESS`)."""
+    """Whether first-use tuning shows its bar (`PROGRESS`; "auto": where its console is a terminal)."""
     if PROGRESS in ("0", "1"):
         return PROGRESS == "1"
-    return sys.stderr.isatty()
+    return progress_console().is_terminal
 
 
-@functools.cache
 def progress_console() -> Any:
-    """Where the tuning bars draw: stderr, beside the log; one console for the process, so a bar
-    started inside another's (a first-use tuning during `step_tuning`'s ranking) stacks under it
-    (rich >= 14; rich 13 refuses, and the inner one goes without)."""
-    from rich.console import Console
+    """Where the tuning bars draw: the console a caller's live display shares (a training run's,
+    `vlmoe.console.sharing`), so the bar stacks under its bar (rich >= 14; rich 13 refuses, and
+    the tuning goes without one), else stderr, beside the log."""
+    from vlmoe.console import shared_console
 
-    return Console(stderr=True)
+    return shared_console()
 
 
 @contextlib.contextmanager

@@ -36,6 +36,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from vlmoe.console import shared_console
 from vlmoe.moe.kernels import quack_gemm
 
 
@@ -198,7 +199,7 @@ def _progress(enabled: bool, total: int) -> Iterator[Callable[[], None]]:
 
     label = TextColumn("vlmoe: ranking tiles in the step")
     columns = (label, BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=quack_gemm.progress_console(), transient=True) as bar:
+    with Progress(*columns, console=shared_console(), transient=True) as bar:
         task = bar.add_task("spans", total=total)
         yield lambda: bar.advance(task)
 
