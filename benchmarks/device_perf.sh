@@ -11,7 +11,7 @@
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=src
 out=${OUT:-/tmp}
-parts=${PARTS:-gen mole train}
+parts=${PARTS-gen mole train}  # PARTS="" runs the tests alone (unset: the defaults)
 # QuACK (optional, vlmoe[quack]) from wheels carried in .whl (see benchmarks/README.md: the device
 # has no package index); its CUTLASS-DSL libraries travel as an xz archive to fit the carry limit.
 # The target must sit under a site-packages directory: QuACK fingerprints epilogue functions for
