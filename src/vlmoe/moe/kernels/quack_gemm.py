@@ -32,7 +32,7 @@ before v17); `VLMOE_QUACK_FUSED_BACKWARD=1` / `0` puts its gradient into the bac
 (v27) for every layer or for none, where by default small experts (`SMALL_EXPERTS_FF`) take it;
 `VLMOE_QUACK_SMALL_EXPERTS_FF=0` turns that rule off; `VLMOE_QUACK_PARALLEL_COMPILE=0` compiles
 the candidates one after another here; `VLMOE_QUACK_PROGRESS=1` / `0` shows or hides the tuning's
-progress bars (default: where stderr is a terminal).
+progress bars (default: where their console, stderr or a training run's, is a terminal).
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ import statistics
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -137,7 +137,8 @@ IN_STEP = False
 IN_STEP_KEY = "instep"
 # A transient rich progress bar for each problem tuned on first use (its kernels ready, then its
 # timing rounds), so the half minute a first step can take reads as work, not a hang; "auto"
-# (the default): where stderr is a terminal. VLMOE_QUACK_PROGRESS=1 / 0 forces it.
+# (the default): where its console (`progress_console`) is a terminal. VLMOE_QUACK_PROGRESS=1 / 0
+# forces it.
 PROGRESS = os.environ.get("VLMOE_QUACK_PROGRESS", "auto")
 logger = logging.getLogger(__name__)
 _chosen: dict[str, int] = {}
@@ -648,7 +649,7 @@ def progress_console() -> Any:
 
 
 @contextlib.contextmanager
-def _tuning_progress(key: str, kernels: int, rounds: int) -> Iterator[Any]:
+def _tuning_progress(key: str, kernels: int, rounds: int) -> Iterator[Callable[[], None]]:
     """A transient bar over one problem's tuning: `kernels` candidates to compile (or load), then
     `rounds` timing rounds; yields its advance function (a no-op without a bar). Where another
     live display holds the console and rich cannot stack them, there is no bar."""
@@ -675,7 +676,7 @@ def _tuning_progress(key: str, kernels: int, rounds: int) -> Iterator[Any]:
 
 
 def _steady_times(
-    ran: list[int], op: str, kwargs: dict, after_round: Any = lambda: None
+    ran: list[int], op: str, kwargs: dict, after_round: Callable[[], None] = lambda: None
 ) -> tuple[dict[int, list[float]], int]:
     """Each candidate's ms per call in STEADY_ROUNDS rounds, each round one span of back-to-back
     calls per candidate, after a warm-up that brings the GPU to the clocks it keeps under a
@@ -697,7 +698,7 @@ def _steady_times(
 
 
 def _burst_times(
-    ran: list[int], op: str, kwargs: dict, after_round: Any = lambda: None
+    ran: list[int], op: str, kwargs: dict, after_round: Callable[[], None] = lambda: None
 ) -> tuple[dict[int, list[float]], int]:
     """Each candidate's ms for one call, one call per candidate per round (the default)."""
     times: dict[int, list[float]] = {index: [] for index in ran}
@@ -713,7 +714,7 @@ def _compile_candidates(
     op: str,
     kwargs: dict,
     rejected: dict[int, RuntimeError],
-    on_ready: Any = lambda: None,
+    on_ready: Callable[[], None] = lambda: None,
 ) -> dict[str, Any]:
     """Run every candidate once, which compiles its kernel or loads it from QuACK's disk cache;
     -> what `tuning_seconds` reports of it. A candidate whose kernel QuACK or the CUTLASS DSL
@@ -766,7 +767,7 @@ def _hand_to_pool(
     op: str,
     kwargs: dict,
     rejected: dict[int, RuntimeError],
-    on_ready: Any,
+    on_ready: Callable[[], None],
     pending_error: Any,
     suppress_pool: Any,
     pool_scope: Any,
