@@ -127,7 +127,7 @@ def main() -> None:
         watts = statistics.fmean(q.get("power_w", 0) for q in quarters)
         joules = statistics.median(q.get("joules_per_step", 0) for q in quarters)
         print(f"  {name}: {ms:.3f} ms, {mhz:.0f} MHz, {watts:.0f} W, {joules:.2f} J/step")
-    print(picture(Path(write_json("clocks", rows))))
+    print(picture(write_json("clocks", rows)))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import os
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -103,11 +104,11 @@ def peak_memory_mib(step: Callable[[], None]) -> float:
     return (torch.cuda.max_memory_allocated() - before) / 2**20
 
 
-def write_json(name: str, rows: list[dict]) -> str:
+def write_json(name: str, rows: list[dict]) -> Path:
     """Rows to $OUT/<name>.json (device runs) or benchmarks/results/<name>.json -> its path."""
     folder = os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results")
     os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, f"{name}.json")
+    path = Path(folder) / f"{name}.json"
     with open(path, "w") as handle:
         json.dump(
             {

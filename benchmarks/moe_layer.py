@@ -757,7 +757,7 @@ def main() -> None:
     mole_rows = [] if args.ffn_only else bench_mole(reps, *mole_shape, rounds=args.rounds)
     json_path = write_json("moe_layer", ffn_rows + mole_rows)
     if args.telemetry:  # each round's ms against its clock, per shape
-        print(picture(Path(json_path)), flush=True)
+        print(picture(json_path), flush=True)
 
     def fmt(row, ratio_key):
         note = row.get("note", "")

@@ -749,17 +749,20 @@ def _compile_candidates(
     # meanwhile compile in their process too: slower, not wrong).
     with pool_api[1]() if pool_api is not None else contextlib.nullcontext():
         for index in candidates:
-            _run_or_reject(index, op, kwargs, rejected)
-            on_ready()
+            _run_or_reject(index, op, kwargs, rejected, on_ready)
     return {"on_workers": 0, "handing_s": 0.0, "after_s": [], "worker_failures": 0}
 
 
-def _run_or_reject(index: int, op: str, kwargs: dict, rejected: dict[int, RuntimeError]) -> None:
-    """`_run`, with a failure of the candidate's own kernel kept in `rejected` instead of raised."""
+def _run_or_reject(
+    index: int, op: str, kwargs: dict, rejected: dict[int, RuntimeError], on_ready: Callable[[], None]
+) -> None:
+    """`_run`, with a failure of the candidate's own kernel kept in `rejected` instead of raised;
+    `on_ready` once the candidate is settled either way (the tuning's progress)."""
     try:
         _run(index, op, kwargs)
     except RuntimeError as error:
         rejected[index] = error
+    on_ready()
 
 
 def _hand_to_pool(
@@ -793,7 +796,6 @@ def _hand_to_pool(
                     continue
                 try:
                     _run(index, op, kwargs)  # in QuACK's cache already: runs as it is
-                    on_ready()
                 except pending_error:
                     handed.append(index)
                 except RuntimeError as error:
@@ -803,16 +805,16 @@ def _hand_to_pool(
                     else:  # the kernel's own failure, before any handing over
                         rejected[index] = error
                         on_ready()
+                else:
+                    on_ready()
             handing = time.perf_counter() - start
             with suppress_pool():
                 for index in handed:
-                    _run_or_reject(index, op, kwargs, rejected)
+                    _run_or_reject(index, op, kwargs, rejected, on_ready)
                     after.append(time.perf_counter() - start)
-                    on_ready()
             errors = [error for error in _pool_errors(pool) if error not in earlier]
     for index in left:
-        _run_or_reject(index, op, kwargs, rejected)
-        on_ready()
+        _run_or_reject(index, op, kwargs, rejected, on_ready)
     if errors:  # compiled here instead; say why, once per problem
         logger.warning(
             "vlmoe: QuACK's compile workers failed on %d kernels, compiled here instead: %s",
