@@ -2,7 +2,7 @@
 # One device call for the performance issue: GPU tests ($TESTS to name other files), then the benchmarks named in $PARTS
 # (default: gen mole train; ffn: the MoE FFN table; sonic: the FFN table with SonicMoE on the same weights (shapes $SONIC_SHAPES, default 1 2 3); sonictiles: QuACK's autotuning of SonicMoE's GEMMs against vlmoe's tile candidates (default shape 3); probe: the layer with the code paths in $PROBES switched (moe_layer.py --probe; default dgated more dgated+more) against the shipped one, paired (shapes $PROBE_SHAPES, default 3 1 2); clocks: step time against the GPU's SM clock and power, from idle and sustained (clocks.py; shapes $CLOCKS_SHAPES, default 3, probes $CLOCKS_PROBES); ffnrep: its headline ratios at 50 reps;
 # ffnvar: the FFN table with v14's memory savings switched off one by one; gemm: the expert
-# matmuls alone; tgemm: the Triton grouped-GEMM probe; quack: the QuACK GEMM probe; fusedops: each
+# matmuls alone; rowtiles: the varlen-M GEMMs over tiles of coarse and fine row blocks (quack_fused_ops.py --tiles rows; shapes $ROWTILES_SHAPES, default 3); tgemm: the Triton grouped-GEMM probe; quack: the QuACK GEMM probe; fusedops: each
 # QuACK call of the fused SwiGLU experts against the unfused ones; first: QuACK's first-use cost, cold and cached; firstpar: cold with the candidates compiled on QuACK's workers and one after another (v26), then cached; trainq: the
 # train step with QuACK's GEMMs and with grouped_mm; moves: the row gathers, combine and routing; decodediag: the batch-1 decoding diagnosis; decodeblocks: the decode kernels' block sizes; compile: graph breaks and gain; ffn3: shape 3 of the FFN table alone, paired rounds; gaps3: where the GPU idles in a shape-3 step; profprobe: the kernels of a step of the layer and of it under each of $PROBES (shapes $PROFPROBE_SHAPES, default 3)),
 # each under its own time limit so one slow part cannot eat the rest.
@@ -86,6 +86,8 @@ for part in $parts; do
         pairs) timeout 90 python3 benchmarks/quack_fused_ops.py --pairs > "$out/swiglu_pairs.log" 2>&1; cat "$out/swiglu_pairs.log" ;;
         chosen) timeout ${CHOSEN_S:-200} python3 benchmarks/quack_fused_ops.py --chosen > "$out/quack_chosen.log" 2>&1; grep -v "^  \|Warning\|warn" "$out/quack_chosen.log" | tail -22 ;;
         tiles) timeout ${TILES_S:-420} python3 benchmarks/quack_fused_ops.py --tiles > "$out/quack_tiles.log" 2>&1 ;;
+        rowtiles) timeout ${ROWTILES_S:-300} python3 benchmarks/quack_fused_ops.py --tiles rows $(for n in ${ROWTILES_SHAPES:-3}; do echo --shape $n; done) > "$out/quack_row_tiles.log" 2>&1
+            grep -v "^  \|Warning\|warn" "$out/quack_row_tiles.log" | tail -30 ;;
         trainseg) timeout 90 python3 benchmarks/train_step.py --optimizers fused --segments > "$out/train_step.log" 2>&1 ;;
         autotune) timeout ${AUTOTUNE_S:-420} python3 benchmarks/moe_layer.py --ffn-only --autotune > "$out/moe_ffn_autotune.log" 2>&1 ;;
         moves) timeout 60 python3 benchmarks/row_moves.py > "$out/row_moves.log" 2>&1; cat "$out/row_moves.log" ;;

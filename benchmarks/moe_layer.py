@@ -278,6 +278,15 @@ PROBES = {
         "vlmoe MoEFeedForward grouped, QuACK, without the small-experts rule (five tiles, pairs pass)",
         lambda: quack_gemm.small_experts_rule(False),
     ),
+    "rows64": Probe(
+        "vlmoe MoEFeedForward grouped, QuACK, varlen-M problems tuned among finer row blocks too (v30)",
+        quack_gemm.fine_row_tiles,
+    ),
+    "rows64+instep": Probe(
+        "vlmoe MoEFeedForward grouped, QuACK, finer row blocks too, tiles ranked in the step",
+        _together(quack_gemm.fine_row_tiles, quack_gemm.in_step_probe),
+        in_step=True,
+    ),
     "instep": Probe(
         "vlmoe MoEFeedForward grouped, QuACK, tiles (the extra ones too) ranked in the step (v29)",
         quack_gemm.in_step_probe,

@@ -3,6 +3,7 @@
     python benchmarks/quack_fused_ops.py [--reps 20]      # both paths, step by step
     python benchmarks/quack_fused_ops.py --epilogues      # QuACK's gated and dgated GEMMs
     python benchmarks/quack_fused_ops.py --tiles          # the fused path's GEMMs over 13 tiles
+    python benchmarks/quack_fused_ops.py --tiles rows     # its varlen-M GEMMs by row block (v30)
     python benchmarks/quack_fused_ops.py --pairs          # the pairs SwiGLU backward's launches
     python benchmarks/quack_fused_ops.py --chosen         # does quack_gemm's tuning pick the best?
 
@@ -13,7 +14,10 @@ FLOPs. `--epilogues` times QuACK's gated forward and its dgated backward (the Sw
 in the epilogue, SonicMoE's design, which vlmoe measured and does not use: NOTES.md v17) over
 more tiles, with and without the gather and the row reduction. `--tiles` times each GEMM of the
 fused path over QuACK's SM90 tile space (and the default tile's swizzle), against the best of
-quack_gemm's candidates: what a wider candidate list would gain, per step. `--pairs` times the
+quack_gemm's candidates: what a wider candidate list would gain, per step; `--tiles rows` times
+the varlen-M GEMMs over tiles of coarse and fine row blocks (the rows QuACK pads at each
+expert's end: `quack_gemm.ROW_TILES`) in interleaved rounds, kernels compiled on QuACK's
+workers first. `--pairs` times the
 pairs SwiGLU backward over launch shapes (NOTES.md v18, v25), in place as the layer runs it,
 beside v18's path and the concat-layout kernel, with the bandwidth each reaches. `--chosen`
 lets quack_gemm tune each GEMM of the fused path as the layer does, then times every candidate
@@ -100,6 +104,8 @@ def _steps(p):
          lambda: swiglu_pairs_backward(pairs_preact, pairs_grad, scale, slots, out=pairs_preact)),
         ("SwiGLU backward pass", "unfused", 0,
          lambda: swiglu_backward_triton(gate_up_rows, grad_hidden, row_scale=scale)),
+        ("down grad input + SwiGLU grad (dgated epilogue)", "dgated", second,
+         lambda: quack_gemm.experts_swiglu_backward(grad_sorted, down, preact, scale, bounds)),
         ("down grad weight", "both", second, lambda: grad_weight(grad_sorted, hidden_rows, down, bounds)),
         ("gate_up grad weight (interleaved)", "fused", first,
          lambda: grad_weight(preact, x_sorted, gate_up, bounds, interleaved=True)),
@@ -294,6 +300,109 @@ def tile_sweep(reps: int) -> None:
 
 # (BLOCK, num_warps) of the one-row-a-program kernel; v18's 2-D tiles (rows x 128 to 512, 8 and
 # 16 warps) measured no faster (NOTES.md) and are gone.
+# `--tiles rows`: the tiles the 64-expert shape's varlen-M GEMMs take now (s8-run4's sweep, the
+# small-experts rule's) beside quack_gemm.ROW_TILES and a few more of a finer row block.
+ROW_SWEEP_TILES = [
+    (128, 192, 2, 1, True),
+    (128, 192, 2, 1, True, 1),
+    (128, 208, 1, 2, True),
+    (128, 256, 1, 2, False),
+    (128, 128, 2, 1, True),
+    (128, 256, 2, 1, False),
+    *quack_gemm.ROW_TILES,
+    (64, 128, 1, 1, True),
+    (64, 176, 1, 2, True),
+    (64, 256, 2, 1, True),
+    (128, 128, 1, 2, True),
+    (128, 160, 1, 1, True),
+]
+# The varlen-M steps (each expert's last row block padded) and the small-experts backward's GEMM.
+ROW_STEPS = (
+    "gate_up forward + SwiGLU (epilogue)",
+    "down forward",
+    "down grad input",
+    "down grad input + SwiGLU grad (dgated epilogue)",
+    "gate_up grad input (interleaved)",
+)
+
+
+def _padding(tile, counts: torch.Tensor) -> float:
+    """The fraction of rows QuACK's varlen-M scheduler computes past the experts' ends with this
+    tile: it hands an expert whole blocks of tile_m x cluster_m rows."""
+    block = tile[0] * tile[2]
+    return ((counts + block - 1) // block * block).sum().item() / counts.sum().item() - 1
+
+
+def _compile_on_workers(step, tiles) -> None:
+    """Every kernel of `step` over `tiles` compiled at once on QuACK's compile workers, by letting
+    quack_gemm tune the step among them (v26's pool; a tile QuACK refuses is left out with a
+    warning), so the sweep's timing loads kernels instead of compiling one after another."""
+    saved = quack_gemm.CANDIDATES, quack_gemm.MORE_CANDIDATES, quack_gemm.ROW_TILES, quack_gemm.TUNE
+    quack_gemm.CANDIDATES, quack_gemm.MORE_CANDIDATES, quack_gemm.ROW_TILES = tuple(tiles), (), ()
+    quack_gemm.TUNE = True
+    try:
+        quack_gemm._chosen.clear()
+        step()
+    finally:
+        quack_gemm.CANDIDATES, quack_gemm.MORE_CANDIDATES, quack_gemm.ROW_TILES, quack_gemm.TUNE = saved
+        quack_gemm._chosen.clear()
+
+
+def row_block_sweep(reps: int, rounds: int = 5) -> None:
+    """The varlen-M GEMMs (and the dgated backward) over tiles of coarse and fine row blocks, each
+    tile's median over interleaved rounds, with the padding its row block computes."""
+    import os
+    import tempfile
+
+    os.environ["VLMOE_CACHE_DIR"] = tempfile.mkdtemp()  # the sweep's tunings stay out of the user's cache
+    quack_gemm._disk_loaded = True
+    quack_gemm.TUNE = False
+    results, summary = [], []
+    for shape in SHAPES:
+        problem = _problem(*shape)
+        counts = problem["bounds"].diff().cpu()
+        print(f"{shape}: padding by row block " + ", ".join(
+            f"{block}: {_padding((block, 0, 1), counts):.2%}" for block in (64, 128, 192, 256)
+        ), flush=True)  # fmt: skip
+        steps = {name: step for name, _, _, step in _steps(problem) if name in ROW_STEPS}
+        for name, step in steps.items():
+            _compile_on_workers(step, ROW_SWEEP_TILES)
+            times = {tile: [] for tile in ROW_SWEEP_TILES}
+            for _ in range(rounds):
+                for tile in ROW_SWEEP_TILES:
+                    ms, error = _time_with_tile(step, tile, reps)
+                    times[tile].append(ms)
+                    if error and len(times[tile]) == 1:
+                        print(f"{shape} {name} {_tile_name(tile)}: {error}", flush=True)
+            medians = {tile: statistics.median(v) for tile, v in times.items() if v[0] == v[0]}
+            best = min(medians, key=medians.__getitem__)
+            coarse = min((t for t in medians if t[0] * t[2] > 128), key=medians.__getitem__, default=None)
+            for tile in ROW_SWEEP_TILES:
+                ms = medians.get(tile, float("nan"))
+                results.append({
+                    "shape": str(shape), "step": name, "tile": _tile_name(tile), "ms": ms,
+                    "rounds_ms": times[tile], "padding": _padding(tile, counts),
+                })  # fmt: skip
+            coarse_ms = medians.get(coarse, float("nan"))
+            summary.append([
+                str(shape), name, _tile_name(coarse) if coarse else "-", f"{coarse_ms:.3f}",
+                _tile_name(best), f"{medians[best]:.3f}", f"{_padding(best, counts):.1%}",
+                f"{coarse_ms - medians[best]:.3f}",
+            ])  # fmt: skip
+            every = " ".join(f"{medians.get(t, float('nan')):.3f}" for t in ROW_SWEEP_TILES)
+            print(" | ".join(summary[-1]), "|", every, flush=True)
+        del problem, steps
+        torch.cuda.empty_cache()
+    print("tiles, in order:", "; ".join(_tile_name(t) for t in ROW_SWEEP_TILES))
+    print_table(
+        "Varlen-M GEMMs by row block, ms (median of interleaved rounds): the best tile of a row block over "
+        "128 rows (tile_m x cluster_m) against the best of all",
+        ["shape", "step", "best coarse", "its ms", "best tile", "its ms", "its padding", "gain ms"],
+        summary,
+    )
+    write_json("quack_row_tiles", results)
+
+
 def tuning_check(reps: int, rounds: int = 3) -> None:
     """quack_gemm's own pick per GEMM of the fused path against every candidate re-timed."""
     quack_gemm.TUNE = True
@@ -440,7 +549,10 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--epilogues", action="store_true", help="only the epilogue GEMMs' variants")
-    parser.add_argument("--tiles", action="store_true", help="the fused path's GEMMs over more tiles")
+    parser.add_argument(
+        "--tiles", nargs="?", const="space", choices=("space", "rows"),
+        help="the fused path's GEMMs over QuACK's tile space, or (rows) the varlen-M ones by row block",
+    )  # fmt: skip
     parser.add_argument("--pairs", action="store_true", help="the pairs SwiGLU backward's launch shapes")
     parser.add_argument("--chosen", action="store_true", help="quack_gemm's tuning against a re-timing")
     parser.add_argument("--shape", type=int, action="append", choices=range(1, len(SHAPES) + 1))
@@ -453,6 +565,9 @@ def main() -> None:
     assert quack_gemm.available(), "needs QuACK and a Hopper GPU"
     if args.epilogues:
         epilogue_variants(args.reps)
+        return
+    if args.tiles == "rows":
+        row_block_sweep(min(args.reps, 10))
         return
     if args.tiles:
         tile_sweep(min(args.reps, 10))

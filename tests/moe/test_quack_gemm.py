@@ -370,14 +370,15 @@ def test_the_disk_cache_keeps_other_processes_choices_and_ignores_other_candidat
     fake_quack, tmp_path, monkeypatch
 ):
     path = tmp_path / "quack_gemm.json"
-    # The saved indices mean CANDIDATES + MORE_CANDIDATES (the dgated GEMM takes one of the latter).
-    candidates = [list(c) for c in quack_gemm.CANDIDATES + quack_gemm.MORE_CANDIDATES]
+    # The saved indices mean every tile group (the dgated GEMM takes one of MORE_CANDIDATES).
+    candidates = [list(c) for c in quack_gemm.CANDIDATES + quack_gemm.MORE_CANDIDATES + quack_gemm.ROW_TILES]
     path.write_text(json.dumps({"candidates": candidates, "chosen": {"another/gpu": 2}}))
     quack_gemm._chosen["this/process"] = 1
     quack_gemm._save_disk_cache()
     assert json.loads(path.read_text())["chosen"] == {"another/gpu": 2, "this/process": 1}
 
-    for other in ([[64, 64, 1, 1, True]], [list(c) for c in quack_gemm.CANDIDATES]):  # the latter: v26's
+    v29 = [list(c) for c in quack_gemm.CANDIDATES + quack_gemm.MORE_CANDIDATES]
+    for other in ([[64, 64, 1, 1, True]], [list(c) for c in quack_gemm.CANDIDATES], v29):  # v26's, v29's
         path.write_text(json.dumps({"candidates": other, "chosen": {"old/tiles": 0}}))
         quack_gemm._chosen.clear()
         monkeypatch.setattr(quack_gemm, "_disk_loaded", False)
@@ -680,6 +681,47 @@ def test_more_tiles_tune_among_nine_under_keys_that_stay_in_the_process(
     fake_quack.calls.clear()
     _three_experts()
     assert len(quack_gemm._chosen) == 2 and 160 not in {call[1] for call in fake_quack.calls}
+
+
+def test_fine_row_tiles_add_64_row_blocks_to_varlen_m_problems_only(compile_pool, fake_quack, monkeypatch):
+    # The probe for QuACK's padding of each expert's last row block (tile_m x cluster_m rows):
+    # inside the block the varlen-M problems (forward, input gradient) also time ROW_TILES, the
+    # gathered one those with cluster_n 1 only; the varlen-K weight gradient keeps its five. The
+    # choices stay in this process, under keys of their own.
+    monkeypatch.setattr(quack_gemm, "TUNE", True)
+    last_m = lambda: fake_quack.configs[-1].tile_m  # noqa: E731
+    monkeypatch.setattr(quack_gemm, "_elapsed_ms", lambda run: (run(), 0.5 if last_m() == 64 else 1.0)[1])
+    x = torch.randn(40, 16, dtype=torch.float64)
+    weight = torch.randn(3, 8, 16, dtype=torch.float64)
+    bounds = quack_gemm.cu_seqlens(torch.tensor([10, 25, 40]))
+    rows = torch.randperm(40)
+    with quack_gemm.fine_row_tiles():
+        forward = quack_gemm.experts_mm(x, weight, bounds, token_rows=rows)
+        grad_input = quack_gemm.experts_mm_grad_input(forward, weight, bounds)
+        grad_weight = quack_gemm.experts_mm_grad_weight(forward, x[rows], weight, bounds)
+    xs = x[rows]
+    segments = [slice(0, 10), slice(10, 25), slice(25, 40)]
+    wanted = torch.cat([xs[s] @ weight[e].T for e, s in enumerate(segments)])
+    assert relative_error(forward, wanted) < 1e-12
+    wanted_grad = torch.cat([wanted[s] @ weight[e] for e, s in enumerate(segments)])
+    assert relative_error(grad_input, wanted_grad) < 1e-12
+    assert relative_error(grad_weight, torch.stack([wanted[s].T @ xs[s] for s in segments])) < 1e-12
+    tuned = quack_gemm.tuning_seconds()
+    assert all(key.endswith("/" + quack_gemm.FINE_ROWS_KEY) for key in tuned)
+    by_direction = {key.split("/")[0]: key for key in tuned}
+    gather_ok = [t for t in quack_gemm.ROW_TILES if t[3] == 1 and t not in quack_gemm.CANDIDATES]
+    # Two of the five candidates take the gather.
+    assert tuned[by_direction["forward"]]["candidates"] == 2 + len(gather_ok)
+    assert tuned[by_direction["grad_input"]]["candidates"] == 5 + len(quack_gemm.ROW_TILES)
+    assert tuned[by_direction["grad_weight"]]["candidates"] == 5
+    for direction in ("forward", "grad_input"):  # the 64-row tiles time fastest here
+        assert quack_gemm._tile(quack_gemm._chosen[by_direction[direction]])[0] == 64
+    assert quack_gemm._tile(quack_gemm._chosen[by_direction["grad_weight"]]) in quack_gemm.CANDIDATES
+    path = quack_gemm._cache_path()
+    assert not path.exists() or not json.loads(path.read_text())["chosen"]
+    # The tile groups do not overlap: each tile has one index.
+    tiles = quack_gemm._all_tiles()
+    assert len(set(tiles)) == len(tiles)
 
 
 def _in_a_thread(run):

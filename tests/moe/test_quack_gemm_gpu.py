@@ -80,6 +80,64 @@ def test_the_three_expert_matmuls_match_float64_loops(counts, fan_in, fan_out, t
             assert grad_w[expert].abs().max() == 0
 
 
+@pytest.mark.parametrize("tile", quack_gemm.ROW_TILES, ids=lambda tile: "x".join(map(str, tile[:4])))
+def test_each_fine_row_block_tile_runs_every_varlen_m_problem_exactly(tile, monkeypatch):
+    # quack_gemm.ROW_TILES (64-row pingpong tiles, 128-row ones without an M cluster) pinned as
+    # the only candidate: the plain, gathered, input-gradient, gated and dgated GEMMs against
+    # float64 over experts of 0, 1, 63, 64, 65 and a few hundred rows, so the padded last
+    # blocks, empty experts and ragged ends all occur. The gather runs where the tile has
+    # cluster_n 1 (QuACK's gather takes no other).
+    monkeypatch.setattr(quack_gemm, "CANDIDATES", (tile,))
+    monkeypatch.setattr(quack_gemm, "TUNE", False)
+    torch.manual_seed(sum(tile))
+    counts, hidden, intermediate = [300, 0, 1, 63, 64, 65, 517], 256, 256
+    rows, experts = sum(counts), len(counts)
+    tokens = rows // 2 + 1
+    x_tokens = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16)
+    token_rows = torch.randint(0, tokens, (rows,), device="cuda")
+    x = x_tokens[token_rows]
+    bf16 = dict(device="cuda", dtype=torch.bfloat16)
+    gate_up = torch.randn(experts, 2 * intermediate, hidden, **bf16) / hidden**0.5
+    down = torch.randn(experts, hidden, intermediate, **bf16) / intermediate**0.5
+    grad_rows = torch.randn(rows, hidden, device="cuda", dtype=torch.bfloat16)
+    row_weights = torch.rand(rows, device="cuda")
+    bounds = quack_gemm.cu_seqlens(torch.tensor(counts, device="cuda").cumsum(0))
+    gathers = tile[3] == 1
+
+    forward = quack_gemm.experts_mm(x, down.transpose(-2, -1).contiguous(), bounds)
+    grad_x = quack_gemm.experts_mm_grad_input(grad_rows, down, bounds)
+    preact, hidden_rows = quack_gemm.experts_swiglu(x, gate_up, bounds, None)
+    if gathers:
+        gathered = quack_gemm.experts_swiglu(x_tokens, gate_up, bounds, token_rows)
+        for got, want in zip(gathered, (preact, hidden_rows), strict=True):
+            assert torch.equal(got, want)
+    grad_preact, scaled_hidden, grad_row_weights = quack_gemm.experts_swiglu_backward(
+        grad_rows, down, preact, row_weights, bounds
+    )
+    assert {quack_gemm._tile(0)} == {tile}
+
+    x64, g64, p64, w64 = x.double(), grad_rows.double(), preact.double(), row_weights.double().unsqueeze(-1)
+    for e, (start, end) in enumerate(_segments(counts)):
+        if end == start:
+            continue
+        rows_ = slice(start, end)
+        assert relative_error(forward[rows_], x64[rows_] @ down[e].double()) < 1e-2
+        assert relative_error(grad_x[rows_], g64[rows_] @ down[e].double()) < 1e-2
+        pairs = x64[rows_] @ gate_up[e].double().T  # [gate; up] stacked, QuACK pairs them
+        gate, up = pairs[:, :intermediate], pairs[:, intermediate:]
+        assert relative_error(preact[rows_, ::2], gate) < 1e-2
+        assert relative_error(preact[rows_, 1::2], up) < 1e-2
+        assert relative_error(hidden_rows[rows_], torch.nn.functional.silu(gate) * up) < 1e-2
+        acc = g64[rows_] @ down[e].double()
+        gate, up = p64[rows_, ::2], p64[rows_, 1::2]
+        sig = torch.sigmoid(gate)
+        grad_gate = acc * w64[rows_] * up * sig * (1 + gate * (1 - sig))
+        assert relative_error(grad_preact[rows_, ::2], grad_gate) < 1e-2
+        assert relative_error(grad_preact[rows_, 1::2], acc * w64[rows_] * gate * sig) < 1e-2
+        assert relative_error(scaled_hidden[rows_], w64[rows_] * gate * sig * up) < 1e-2
+        assert relative_error(grad_row_weights[rows_], (acc * gate * sig * up).sum(-1)) < 1e-2
+
+
 def _layer(tokens, hidden, intermediate, num_experts, top_k, capacity):
     dense = SwiGLU(hidden, intermediate)
     moe = MoEFeedForward.from_dense(dense, num_experts, top_k, capacity_factor=capacity, backend="grouped")

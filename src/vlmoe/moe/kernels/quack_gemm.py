@@ -104,8 +104,7 @@ CANDIDATES: tuple[tuple, ...] = (
 # N divides F = 1408 (and 5632, 14336). In the layer they gained 2-4% at the 64-expert shape
 # and lost 2% at the 4-expert one (s17-run1/2), so they are candidates only for small experts
 # (`SMALL_EXPERTS_FF`); `more_tiles()` adds them for every problem, for an A/B reading
-# (`benchmarks/moe_layer.py --probe more`). A tuned index means a tile of CANDIDATES +
-# MORE_CANDIDATES (`_tile`).
+# (`benchmarks/moe_layer.py --probe more`).
 MORE_CANDIDATES: tuple[tuple, ...] = (
     (128, 256, 2, 1, False),
     (192, 128, 1, 2, True),
@@ -118,6 +117,24 @@ MORE_CANDIDATES: tuple[tuple, ...] = (
 OP_CANDIDATES: dict[str, tuple[tuple, ...]] = {"dgated": ((128, 128, 2, 1, True),)}
 MORE = False
 MORE_KEY = "more"  # the last part of a key tuned among the extra candidates too
+# Tiles of a finer row block. QuACK's varlen-M scheduler hands each expert whole blocks of
+# tile_m x cluster_m rows, so an expert's last block is on average half padding: at the
+# 64-expert shape (~1536 rows an expert) 7.0% of the rows computed with the 2x1 clusters of
+# 128-row tiles most candidates above have, 3.5% with 128-row blocks, 1.8% with 64 (SM90
+# pingpong takes tile_m 64, N up to 256). These are those blocks: 64-row pingpong tiles, and
+# 128-row ones without a cluster along M, for the gather (cluster_n 1) too. A probe
+# (`fine_row_tiles`, `benchmarks/moe_layer.py --probe rows64`): varlen-M problems tune among
+# them besides their usual candidates. A tuned index means a tile of `_all_tiles()`.
+ROW_TILES: tuple[tuple, ...] = (
+    (64, 256, 1, 1, True),
+    (64, 256, 1, 2, True),
+    (64, 192, 1, 1, True),
+    (64, 128, 1, 2, True),
+    (128, 256, 1, 1, False),
+    (128, 192, 1, 1, True),
+)
+FINE_ROWS = False
+FINE_ROWS_KEY = "rows64"
 # How a problem's candidates are timed: by default one call per candidate per round, 7 rounds,
 # right after their kernels compiled (the GPU idle meanwhile, so at ~1980 MHz on an H200). In a
 # training loop the same kernels run at the power cap, 700 W and ~1450-1550 MHz (s18-run1,
@@ -228,6 +245,13 @@ def more_tiles() -> contextlib.AbstractContextManager[None]:
     """Inside this block each problem tunes among CANDIDATES and MORE_CANDIDATES, under keys of
     their own that stay in this process (a probe for `moe_layer.py --probe more`)."""
     return _switched("MORE", True)
+
+
+def fine_row_tiles() -> contextlib.AbstractContextManager[None]:
+    """Inside this block each varlen-M problem tunes among ROW_TILES (row blocks of 64 and 128
+    rows, less padding in each expert's last block) besides its usual candidates, under keys of
+    their own that stay in this process (`moe_layer.py --probe rows64`)."""
+    return _switched("FINE_ROWS", True)
 
 
 def tuning_in_steady_spans() -> contextlib.AbstractContextManager[None]:
@@ -430,9 +454,15 @@ def gemm_config(tile: tuple) -> Any:
     )
 
 
+def _all_tiles() -> tuple[tuple, ...]:
+    """Every tile a tuned index may mean, in index order (saved indices stay valid as long as this
+    list does: `_saved_tiles`)."""
+    return CANDIDATES + MORE_CANDIDATES + ROW_TILES
+
+
 def _tile(index: int) -> tuple:
     """The tile a tuned index means."""
-    return (CANDIDATES + MORE_CANDIDATES)[index]
+    return _all_tiles()[index]
 
 
 def _run(index: int, op: str, kwargs: dict) -> Any:
@@ -483,13 +513,15 @@ def _gemm(direction: str, **kwargs: Any) -> None:
 
 
 def _candidates(op: str, kwargs: dict) -> list[int]:
-    """The indices (into CANDIDATES + MORE_CANDIDATES) of the tiles this call may take."""
+    """The indices (into `_all_tiles()`) of the tiles this call may take."""
     gathers = kwargs.get("A_idx") is not None
     more = MORE or _small_experts
     tiles = set(CANDIDATES + (MORE_CANDIDATES if more else ()) + OP_CANDIDATES.get(op, ()))
+    if FINE_ROWS and kwargs.get("cu_seqlens_m") is not None:  # a row block pads only varlen-M problems
+        tiles.update(ROW_TILES)
     return [
         index
-        for index, tile in enumerate(CANDIDATES + MORE_CANDIDATES)
+        for index, tile in enumerate(_all_tiles())
         if tile in tiles and not (gathers and tile[3] != 1)  # QuACK's gather needs cluster_n == 1
     ]
 
@@ -569,6 +601,8 @@ def _key(direction: str, kwargs: dict) -> str:
         parts.append(STEADY_KEY)
     if IN_STEP:
         parts.append(IN_STEP_KEY)
+    if FINE_ROWS:
+        parts.append(FINE_ROWS_KEY)
     return "/".join(str(part) for part in parts)
 
 
@@ -982,7 +1016,7 @@ def _read_disk_cache() -> dict[str, int]:
 
 def _saved_tiles() -> list[list]:
     """The tiles a saved index means: the cache is read only where they are the same."""
-    return [list(tile) for tile in CANDIDATES + MORE_CANDIDATES]
+    return [list(tile) for tile in _all_tiles()]
 
 
 def _save_disk_cache() -> None:
@@ -990,8 +1024,8 @@ def _save_disk_cache() -> None:
     # Merged with what is on disk, so processes tuning side by side (one per GPU) keep each other's.
     # Choices under a probe (the extra candidates, the timing in steady spans) stay in this process.
     merged = {**_read_disk_cache(), **_chosen}
-    probe_parts = {MORE_KEY, STEADY_KEY, IN_STEP_KEY}
-    chosen = {key: index for key, index in merged.items() if not probe_parts & set(key.split("/")[-4:])}
+    probe_parts = {MORE_KEY, STEADY_KEY, IN_STEP_KEY, FINE_ROWS_KEY}
+    chosen = {key: index for key, index in merged.items() if not probe_parts & set(key.split("/"))}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         payload = json.dumps({"candidates": _saved_tiles(), "chosen": chosen}, indent=1)
