@@ -278,14 +278,14 @@ PROBES = {
         "vlmoe MoEFeedForward grouped, QuACK, without the small-experts rule (five tiles, pairs pass)",
         lambda: quack_gemm.small_experts_rule(False),
     ),
-    "rows64": Probe(
-        "vlmoe MoEFeedForward grouped, QuACK, varlen-M problems tuned among finer row blocks too (v30)",
-        quack_gemm.fine_row_tiles,
+    "rows": Probe(
+        "vlmoe MoEFeedForward grouped, QuACK, every layer's varlen-M problems tuned among the 128-row "
+        "block tiles too (v30)",
+        quack_gemm.row_tiles,
     ),
-    "rows64+instep": Probe(
-        "vlmoe MoEFeedForward grouped, QuACK, finer row blocks too, tiles ranked in the step",
-        _together(quack_gemm.fine_row_tiles, quack_gemm.in_step_probe),
-        in_step=True,
+    "norows": Probe(
+        "vlmoe MoEFeedForward grouped, QuACK, the small-experts rule without the 128-row block tiles (v29)",
+        lambda: quack_gemm.small_experts_row_tiles(False),
     ),
     "instep": Probe(
         "vlmoe MoEFeedForward grouped, QuACK, tiles (the extra ones too) ranked in the step (v29)",

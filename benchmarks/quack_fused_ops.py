@@ -300,21 +300,14 @@ def tile_sweep(reps: int) -> None:
 
 # (BLOCK, num_warps) of the one-row-a-program kernel; v18's 2-D tiles (rows x 128 to 512, 8 and
 # 16 warps) measured no faster (NOTES.md) and are gone.
-# `--tiles rows`: the tiles the 64-expert shape's varlen-M GEMMs take now (s8-run4's sweep, the
-# small-experts rule's) beside quack_gemm.ROW_TILES and a few more of a finer row block.
+# `--tiles rows`: every tile the small-experts rule tunes a varlen-M problem among (the 64-expert
+# shape's), and two of a 64-row block that s21-run1's sweep measured 10-60% slower, for reference.
 ROW_SWEEP_TILES = [
-    (128, 192, 2, 1, True),
-    (128, 192, 2, 1, True, 1),
-    (128, 208, 1, 2, True),
-    (128, 256, 1, 2, False),
-    (128, 128, 2, 1, True),
-    (128, 256, 2, 1, False),
+    *quack_gemm.CANDIDATES,
+    *quack_gemm.MORE_CANDIDATES,
     *quack_gemm.ROW_TILES,
-    (64, 128, 1, 1, True),
-    (64, 176, 1, 2, True),
-    (64, 256, 2, 1, True),
-    (128, 128, 1, 2, True),
-    (128, 160, 1, 1, True),
+    (64, 256, 1, 1, True),
+    (128, 256, 1, 1, False),
 ]
 # The varlen-M steps (each expert's last row block padded) and the small-experts backward's GEMM.
 ROW_STEPS = (

@@ -683,11 +683,9 @@ def test_more_tiles_tune_among_nine_under_keys_that_stay_in_the_process(
     assert len(quack_gemm._chosen) == 2 and 160 not in {call[1] for call in fake_quack.calls}
 
 
-def test_fine_row_tiles_add_64_row_blocks_to_varlen_m_problems_only(compile_pool, fake_quack, monkeypatch):
-    # The probe for QuACK's padding of each expert's last row block (tile_m x cluster_m rows):
-    # inside the block the varlen-M problems (forward, input gradient) also time ROW_TILES, the
-    # gathered one those with cluster_n 1 only; the varlen-K weight gradient keeps its five. The
-    # choices stay in this process, under keys of their own.
+def _fine_row_problems(fake_quack, monkeypatch):
+    """The three expert matmuls over uneven experts, the gathered forward among them, tuned with
+    64-row tiles timing fastest -> ({direction: key}, tuning_seconds())."""
     monkeypatch.setattr(quack_gemm, "TUNE", True)
     last_m = lambda: fake_quack.configs[-1].tile_m  # noqa: E731
     monkeypatch.setattr(quack_gemm, "_elapsed_ms", lambda run: (run(), 0.5 if last_m() == 64 else 1.0)[1])
@@ -695,10 +693,9 @@ def test_fine_row_tiles_add_64_row_blocks_to_varlen_m_problems_only(compile_pool
     weight = torch.randn(3, 8, 16, dtype=torch.float64)
     bounds = quack_gemm.cu_seqlens(torch.tensor([10, 25, 40]))
     rows = torch.randperm(40)
-    with quack_gemm.fine_row_tiles():
-        forward = quack_gemm.experts_mm(x, weight, bounds, token_rows=rows)
-        grad_input = quack_gemm.experts_mm_grad_input(forward, weight, bounds)
-        grad_weight = quack_gemm.experts_mm_grad_weight(forward, x[rows], weight, bounds)
+    forward = quack_gemm.experts_mm(x, weight, bounds, token_rows=rows)
+    grad_input = quack_gemm.experts_mm_grad_input(forward, weight, bounds)
+    grad_weight = quack_gemm.experts_mm_grad_weight(forward, x[rows], weight, bounds)
     xs = x[rows]
     segments = [slice(0, 10), slice(10, 25), slice(25, 40)]
     wanted = torch.cat([xs[s] @ weight[e].T for e, s in enumerate(segments)])
@@ -707,21 +704,50 @@ def test_fine_row_tiles_add_64_row_blocks_to_varlen_m_problems_only(compile_pool
     assert relative_error(grad_input, wanted_grad) < 1e-12
     assert relative_error(grad_weight, torch.stack([wanted[s].T @ xs[s] for s in segments])) < 1e-12
     tuned = quack_gemm.tuning_seconds()
+    return {key.split("/")[0]: key for key in tuned}, tuned
+
+
+def test_row_tiles_join_varlen_m_problems_only_and_stay_in_the_process(compile_pool, fake_quack, monkeypatch):
+    # The probe for QuACK's padding of each expert's last row block (tile_m x cluster_m rows):
+    # inside `row_tiles()` the varlen-M problems (forward, input gradient) also time ROW_TILES,
+    # the gathered one those with cluster_n 1 only; the varlen-K weight gradient keeps its five.
+    # The choices stay in this process, under keys of their own.
+    with quack_gemm.row_tiles():
+        keys, tuned = _fine_row_problems(fake_quack, monkeypatch)
     assert all(key.endswith("/" + quack_gemm.FINE_ROWS_KEY) for key in tuned)
-    by_direction = {key.split("/")[0]: key for key in tuned}
-    gather_ok = [t for t in quack_gemm.ROW_TILES if t[3] == 1 and t not in quack_gemm.CANDIDATES]
+    gather_ok = [t for t in quack_gemm.ROW_TILES if t[3] == 1]
+    assert 0 < len(gather_ok) < len(quack_gemm.ROW_TILES)
     # Two of the five candidates take the gather.
-    assert tuned[by_direction["forward"]]["candidates"] == 2 + len(gather_ok)
-    assert tuned[by_direction["grad_input"]]["candidates"] == 5 + len(quack_gemm.ROW_TILES)
-    assert tuned[by_direction["grad_weight"]]["candidates"] == 5
-    for direction in ("forward", "grad_input"):  # the 64-row tiles time fastest here
-        assert quack_gemm._tile(quack_gemm._chosen[by_direction[direction]])[0] == 64
-    assert quack_gemm._tile(quack_gemm._chosen[by_direction["grad_weight"]]) in quack_gemm.CANDIDATES
+    assert tuned[keys["forward"]]["candidates"] == 2 + len(gather_ok)
+    assert tuned[keys["grad_input"]]["candidates"] == 5 + len(quack_gemm.ROW_TILES)
+    assert tuned[keys["grad_weight"]]["candidates"] == 5
+    for direction in ("forward", "grad_input"):  # the 64-row tile times fastest here
+        assert quack_gemm._tile(quack_gemm._chosen[keys[direction]]) == (64, 256, 2, 1, True)
+    assert quack_gemm._tile(quack_gemm._chosen[keys["grad_weight"]]) in quack_gemm.CANDIDATES
     path = quack_gemm._cache_path()
     assert not path.exists() or not json.loads(path.read_text())["chosen"]
     # The tile groups do not overlap: each tile has one index.
     tiles = quack_gemm._all_tiles()
     assert len(set(tiles)) == len(tiles)
+
+
+@pytest.mark.parametrize("row_tiles", [True, False])
+def test_small_experts_varlen_m_problems_take_the_row_tiles_unless_switched_off(
+    compile_pool, fake_quack, monkeypatch, row_tiles
+):
+    # By the small-experts rule the varlen-M problems tune among ROW_TILES besides the nine;
+    # VLMOE_QUACK_ROW_TILES=0 (or the `norows` probe's block) leaves them out, under keys of their
+    # own. Both are the layer's choices, saved for later runs.
+    monkeypatch.setattr(quack_gemm, "_small_experts", True)
+    with quack_gemm.small_experts_row_tiles(row_tiles):
+        keys, tuned = _fine_row_problems(fake_quack, monkeypatch)
+    nine = len(quack_gemm.CANDIDATES + quack_gemm.MORE_CANDIDATES)
+    assert tuned[keys["grad_input"]]["candidates"] == nine + len(quack_gemm.ROW_TILES) * row_tiles
+    assert tuned[keys["grad_weight"]]["candidates"] == nine
+    assert all(key.endswith("/wide" if row_tiles else "/wide/norows") for key in tuned)
+    assert (quack_gemm._tile(quack_gemm._chosen[keys["grad_input"]])[0] == 64) is row_tiles
+    assert set(json.loads(quack_gemm._cache_path().read_text())["chosen"]) == set(tuned)
+    assert quack_gemm.ROW_TILES_FOR_SMALL_EXPERTS
 
 
 def _in_a_thread(run):
