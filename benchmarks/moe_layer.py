@@ -279,13 +279,8 @@ PROBES = {
         lambda: quack_gemm.small_experts_rule(False),
     ),
     "rows": Probe(
-        "vlmoe MoEFeedForward grouped, QuACK, every layer's varlen-M problems tuned among the 128-row "
-        "block tiles too (v30)",
+        "vlmoe MoEFeedForward grouped, QuACK, varlen-M problems tuned among 128-row block tiles too (v30)",
         quack_gemm.row_tiles,
-    ),
-    "norows": Probe(
-        "vlmoe MoEFeedForward grouped, QuACK, the small-experts rule without the 128-row block tiles (v29)",
-        lambda: quack_gemm.small_experts_row_tiles(False),
     ),
     "instep": Probe(
         "vlmoe MoEFeedForward grouped, QuACK, tiles (the extra ones too) ranked in the step (v29)",

@@ -301,7 +301,8 @@ def tile_sweep(reps: int) -> None:
 # (BLOCK, num_warps) of the one-row-a-program kernel; v18's 2-D tiles (rows x 128 to 512, 8 and
 # 16 warps) measured no faster (NOTES.md) and are gone.
 # `--tiles rows`: every tile the small-experts rule tunes a varlen-M problem among (the 64-expert
-# shape's), and two of a 64-row block that s21-run1's sweep measured 10-60% slower, for reference.
+# shape's), quack_gemm.ROW_TILES, and for reference two without an M cluster (a 64-row block and a
+# 128-row one) of the kind s21-run1's sweep measured 2-60% slower.
 ROW_SWEEP_TILES = [
     *quack_gemm.CANDIDATES,
     *quack_gemm.MORE_CANDIDATES,

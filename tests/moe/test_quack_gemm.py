@@ -731,25 +731,6 @@ def test_row_tiles_join_varlen_m_problems_only_and_stay_in_the_process(compile_p
     assert len(set(tiles)) == len(tiles)
 
 
-@pytest.mark.parametrize("row_tiles", [True, False])
-def test_small_experts_varlen_m_problems_take_the_row_tiles_unless_switched_off(
-    compile_pool, fake_quack, monkeypatch, row_tiles
-):
-    # By the small-experts rule the varlen-M problems tune among ROW_TILES besides the nine;
-    # VLMOE_QUACK_ROW_TILES=0 (or the `norows` probe's block) leaves them out, under keys of their
-    # own. Both are the layer's choices, saved for later runs.
-    monkeypatch.setattr(quack_gemm, "_small_experts", True)
-    with quack_gemm.small_experts_row_tiles(row_tiles):
-        keys, tuned = _fine_row_problems(fake_quack, monkeypatch)
-    nine = len(quack_gemm.CANDIDATES + quack_gemm.MORE_CANDIDATES)
-    assert tuned[keys["grad_input"]]["candidates"] == nine + len(quack_gemm.ROW_TILES) * row_tiles
-    assert tuned[keys["grad_weight"]]["candidates"] == nine
-    assert all(key.endswith("/wide" if row_tiles else "/wide/norows") for key in tuned)
-    assert (quack_gemm._tile(quack_gemm._chosen[keys["grad_input"]])[0] == 64) is row_tiles
-    assert set(json.loads(quack_gemm._cache_path().read_text())["chosen"]) == set(tuned)
-    assert quack_gemm.ROW_TILES_FOR_SMALL_EXPERTS
-
-
 def _in_a_thread(run):
     import threading
 

@@ -117,24 +117,21 @@ MORE_CANDIDATES: tuple[tuple, ...] = (
 OP_CANDIDATES: dict[str, tuple[tuple, ...]] = {"dgated": ((128, 128, 2, 1, True),)}
 MORE = False
 MORE_KEY = "more"  # the last part of a key tuned among the extra candidates too
-# Tiles of a finer row block. QuACK's varlen-M scheduler hands each expert whole blocks of
-# tile_m x cluster_m rows, so an expert's last block is on average half padding: at the
-# 64-expert shape (~1536 rows an expert) 9.6% of the rows computed are padding with 256-row
-# blocks (128-row tiles in 2x1 clusters, most candidates above), 7.2% with 192, 4.8% with 128,
-# 2.3% with 64 (s21-run1's routing). These two keep a 2-CTA cluster's multicast on a 128-row
-# block: 64 x 256 pingpong in 2x1 (SM90 pingpong takes tile_m 64, N up to 256) and 128 x 128
-# pingpong in 1x2. In s21-run1's sweep (`benchmarks/quack_fused_ops.py --tiles rows`) they were
-# the fastest of 17 tiles on three of the five varlen-M GEMMs at that shape; 64-row tiles with
-# no cluster along M (64-row blocks) ran 10-60% slower, each CTA loading all of B for 64 rows.
-# By the small-experts rule (`SMALL_EXPERTS_FF`) varlen-M problems (forward, input gradient,
-# dgated) tune among them too; VLMOE_QUACK_ROW_TILES=0 leaves them out, `row_tiles()` adds them
-# for every layer (a probe). A tuned index means a tile of `_all_tiles()`.
+# Tiles of a finer row block, a probe (`row_tiles`, `benchmarks/moe_layer.py --probe rows`).
+# QuACK's varlen-M scheduler hands each expert whole blocks of tile_m x cluster_m rows, so an
+# expert's last block is on average half padding: at the 64-expert shape (~1536 rows an
+# expert) 9.6% of the rows computed are padding with 256-row blocks (128-row tiles in 2x1
+# clusters), 7.2% with 192, 4.8% with 128, 2.3% with 64 (s21-run1's routing). These two keep a
+# 2-CTA cluster's multicast on a 128-row block: 64 x 256 pingpong in 2x1 (SM90 pingpong takes
+# tile_m 64) and 128 x 128 pingpong in 1x2. They won three of that shape's five varlen-M GEMMs
+# in one H200 sweep (s21-run1) and none in the next (s21-run2, a fresh machine), and tuned
+# among by the layer's varlen-M problems they read 0.995x in steady blocks (s21-run2): the
+# padding is not where the time goes (NOTES.md v30). 64-row tiles without an M cluster (64-row
+# blocks) ran 10-60% slower, each CTA loading all of B for 64 rows.
 ROW_TILES: tuple[tuple, ...] = (
     (64, 256, 2, 1, True),
     (128, 128, 1, 2, True),
 )
-ROW_TILES_FOR_SMALL_EXPERTS = os.environ.get("VLMOE_QUACK_ROW_TILES", "1") != "0"
-NO_ROWS_KEY = "norows"  # a key part: a small-experts problem tuned without ROW_TILES
 FINE_ROWS = False
 FINE_ROWS_KEY = "rows"
 # How a problem's candidates are timed: by default one call per candidate per round, 7 rounds,
@@ -250,16 +247,10 @@ def more_tiles() -> contextlib.AbstractContextManager[None]:
 
 
 def row_tiles() -> contextlib.AbstractContextManager[None]:
-    """Inside this block every layer's varlen-M problems tune among ROW_TILES (128-row blocks, less
-    padding at each expert's end) besides their usual candidates, as small experts' do by default,
-    under keys of their own that stay in this process (`moe_layer.py --probe rows`)."""
+    """Inside this block varlen-M problems tune among ROW_TILES (128-row blocks, less padding at each
+    expert's end) besides their usual candidates, under keys of their own that stay in this
+    process (`moe_layer.py --probe rows`)."""
     return _switched("FINE_ROWS", True)
-
-
-def small_experts_row_tiles(on: bool = True) -> contextlib.AbstractContextManager[None]:
-    """Inside this block the small-experts rule's varlen-M problems tune among ROW_TILES if `on`,
-    else without them, as before session 21 (`moe_layer.py --probe norows`)."""
-    return _switched("ROW_TILES_FOR_SMALL_EXPERTS", on)
 
 
 def tuning_in_steady_spans() -> contextlib.AbstractContextManager[None]:
@@ -525,19 +516,13 @@ def _candidates(op: str, kwargs: dict) -> list[int]:
     gathers = kwargs.get("A_idx") is not None
     more = MORE or _small_experts
     tiles = set(CANDIDATES + (MORE_CANDIDATES if more else ()) + OP_CANDIDATES.get(op, ()))
-    if _row_tiles_apply() and kwargs.get("cu_seqlens_m") is not None:  # only varlen-M rows are padded
+    if FINE_ROWS and kwargs.get("cu_seqlens_m") is not None:  # only varlen-M rows are padded
         tiles.update(ROW_TILES)
     return [
         index
         for index, tile in enumerate(_all_tiles())
         if tile in tiles and not (gathers and tile[3] != 1)  # QuACK's gather needs cluster_n == 1
     ]
-
-
-def _row_tiles_apply() -> bool:
-    """Whether this call's varlen-M problems tune among ROW_TILES too: by the small-experts rule, or
-    inside `row_tiles()`."""
-    return FINE_ROWS or (_small_experts and ROW_TILES_FOR_SMALL_EXPERTS)
 
 
 def _tuning_key(direction: str, candidates: list[int], kwargs: dict) -> str | None:
@@ -609,8 +594,6 @@ def _key(direction: str, kwargs: dict) -> str:
     parts += [str(a.dtype).removeprefix("torch."), device]
     if _small_experts:
         parts.append(WIDE_KEY)
-        if not ROW_TILES_FOR_SMALL_EXPERTS:
-            parts.append(NO_ROWS_KEY)
     if MORE:
         parts.append(MORE_KEY)
     if STEADY:
