@@ -8,7 +8,7 @@ on held-out charts against the majority-answer baseline → a report folder:
     <out>/predictions.jsonl     every held-out question, the answer given and the reference
     <out>/training_curve.png    loss per step of every stage
     <out>/heldout.jsonl         the held-out samples (LLaVA format), for `vlmoe analyze`
-    <out>/routing/              routing pictures, when `vlmoe.analysis` is installed
+    <out>/routing/              routing pictures (`vlmoe analyze` of heldout.jsonl)
     <out>/run/                  the recipe's run directory (stages, checkpoints, models)
 """
 
