@@ -88,6 +88,13 @@ def test_malformed_record_and_missing_files_are_clear(saved, tmp_path):
     (saved / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="record version 99"):
         vlmoe.load(saved)
+    config["vlmoe"]["version"] = 1
+    config["vlmoe"]["steps"][0]["num_experts"] = "four"
+    (saved / "config.json").write_text(json.dumps(config))
+    with pytest.raises(
+        ValueError, match=r"config\.json 'vlmoe': the recorded surgery does not replay .* vlmoe\.save"
+    ):
+        vlmoe.load(saved)
     with pytest.raises(FileNotFoundError, match="not a vlmoe model directory"):
         vlmoe.load(tmp_path / "nowhere")
 

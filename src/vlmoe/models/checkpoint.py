@@ -98,7 +98,13 @@ def load(path: str | os.PathLike) -> nn.Module:
         delattr(config, CONFIG_KEY)
     model = _base_model(config, path)
     if record is not None:
-        _replay(model, record)
+        try:
+            _replay(model, record)
+        except (TypeError, ValueError) as error:  # an edited value, e.g. "num_experts": "four"
+            raise ValueError(
+                f"{path}/config.json '{CONFIG_KEY}': the recorded surgery does not replay ({error}); the "
+                "record was edited: restore it, or save the model again with vlmoe.save"
+            ) from None
         if read_record(model) != record:
             raise ValueError(
                 f"{path}: replaying the recorded surgery gave a different record; the file was edited"
