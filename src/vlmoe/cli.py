@@ -64,10 +64,13 @@ def train(
     device: Annotated[str | None, typer.Option(help="cpu or cuda; default cuda when available.")] = None,
 ) -> None:
     """Train a recipe stage by stage; --resume skips finished stages and continues the interrupted one."""
+    from vlmoe.data.folders import output_folder
     from vlmoe.train import RecipeError, load_recipe, run_recipe
     from vlmoe.train.distributed import is_main_process
 
     try:
+        if out is not None:
+            output_folder(out)
         loaded = load_recipe(recipe, scale=scale, output_dir=out)
         results = run_recipe(loaded, resume=resume, device=device)
     except (RecipeError, FileNotFoundError, ValueError) as error:
@@ -284,10 +287,12 @@ def export(
     dst: str = typer.Argument(..., help="Where to write the standard HF checkpoint."),
 ) -> None:
     """Export an upcycled model (vlmoe.save) to a standard HF MoE checkpoint: Mixtral or Qwen2-MoE."""
+    from vlmoe.data.folders import output_folder
     from vlmoe.models import export_hf, load
 
     try:
-        path = export_hf(load(src), dst)
+        target = output_folder(dst, "DST")  # before the load: export_hf would replace a file there
+        path = export_hf(load(src), target)
     except (ValueError, FileNotFoundError) as error:
         typer.echo(f"vlmoe export: {error}", err=True)
         raise typer.Exit(code=1) from error
@@ -326,10 +331,12 @@ def import_moe_llava_command(
     ] = "auto",
 ) -> None:
     """MoE-LLaVA (DeepSpeed-MoE layers) -> a vlmoe LLaVA on stock transformers, with its processor."""
+    from vlmoe.data.folders import output_folder
     from vlmoe.interop import import_moe_llava
     from vlmoe.models import save
 
     try:
+        output_folder(dst, "DST")  # before the conversion: vlmoe.save would replace a file there
         model, processor = import_moe_llava(
             src,
             vision_tower,
@@ -367,10 +374,12 @@ def import_llava_mole_command(
     ] = "auto",
 ) -> None:
     """LLaVA-MoLE (LoRA experts on FFN, LoRA on attention) -> a vlmoe LLaVA with MoLE, and its processor."""
+    from vlmoe.data.folders import output_folder
     from vlmoe.interop import import_llava_mole
     from vlmoe.models import save
 
     try:
+        output_folder(dst, "DST")  # before the conversion: vlmoe.save would replace a file there
         model, processor = import_llava_mole(
             src,
             base_llm,

@@ -113,6 +113,15 @@ def test_cli_refuses_an_out_that_is_a_file_before_embedding(tmp_path):
     assert data.read_text().count("\n") == 1  # the data file is left as it was
 
 
+def test_cli_names_an_empty_data_file_instead_of_asking_for_k_0(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a short path: rich wraps the message at the terminal width
+    (tmp_path / "train.jsonl").write_text("")
+    result = CliRunner().invoke(app, ["data", "cluster", "--data", "train.jsonl", "--k", "2", "--out", "c"])
+    message = " ".join(result.output.replace("│", " ").split())  # undo rich's boxed line wrapping
+    assert result.exit_code == 2 and "--data train.jsonl holds no samples" in message
+    assert "--k 0" not in message
+
+
 def test_cli_names_a_bad_sample_with_a_fix_it_offers(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # a short path: rich wraps the message at the terminal width
     data = tmp_path / "train.jsonl"

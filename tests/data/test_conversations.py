@@ -71,6 +71,8 @@ BAD = {
     "image_count_mismatch": {"id": "b5", "image": "red.png", "conversations": _turns("No placeholder", "ok")},
     "missing_image": {"id": "b6", "image": "gone.png", "conversations": _turns("<image>\nq", "a")},
     "corrupt_image": {"id": "b7", "image": "broken.png", "conversations": _turns("<image>\nq", "a")},
+    "bad_image_field": {"id": "b8", "image": 5, "conversations": _turns("<image>\nq", "a")},
+    "bad_cluster_id": {"id": "b9", "cluster_id": "seven", "conversations": _turns("q", "a")},
 }
 
 
@@ -78,10 +80,10 @@ def test_every_bad_kind_is_skipped_counted_and_reported_with_file_and_line(image
     lines = [json.dumps(GOOD[0]), "{not json", *(json.dumps(s) for s in BAD.values()), json.dumps(GOOD[1])]
     path = image_dir / "mixed.jsonl"
     path.write_text("\n".join(lines) + "\n")
-    with pytest.warns(UserWarning, match="2 of 10 samples loaded; 8 skipped"):
+    with pytest.warns(UserWarning, match="2 of 12 samples loaded; 10 skipped"):
         samples, report = read_conversations(path, on_error="skip")
     assert [s.id for s in samples] == ["text", "multi"]
-    assert report.total == 10 and report.loaded == 2
+    assert report.total == 12 and report.loaded == 2
     assert report.counts() == {kind: 1 for kind in BAD_SAMPLE_KINDS}
     assert [(b.line, b.kind) for b in report.bad] == [(2, "invalid_json")] + [
         (3 + i, kind) for i, kind in enumerate(BAD)
@@ -132,3 +134,12 @@ def test_unreadable_sources_name_the_file(tmp_path):
         read_conversations(tmp_path / "broken.json")
     with pytest.raises(ValueError, match='on_error must be "fail" or "skip"'):
         read_conversations(tmp_path / "broken.json", on_error="ignore")
+
+
+def test_a_file_that_is_not_utf8_or_a_folder_that_is_no_dataset_names_itself_and_the_fix(tmp_path):
+    (tmp_path / "latin1.jsonl").write_bytes(json.dumps(GOOD[0]).replace("2+2", "\u00e9").encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1\.jsonl: not UTF-8 text .*; save the file as UTF-8"):
+        read_conversations(tmp_path / "latin1.jsonl")
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"folder: a folder but not a datasets\.save_to_disk"):
+        read_conversations(tmp_path / "folder")

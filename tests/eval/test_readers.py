@@ -109,6 +109,18 @@ def test_llava_json_and_jsonl(tmp_path):
         read_llava(file)
 
 
+def test_llava_refuses_an_image_field_that_is_no_file_name_a_folder_and_non_utf8(tmp_path):
+    turns = [{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}]
+    file = write_json(tmp_path / "eval.json", [{"id": "x", "image": 5, "conversations": turns}])
+    with pytest.raises(ValueError, match=r"eval\.json record 0: 'image' must be an image file name"):
+        read_llava(file)
+    with pytest.raises(FileNotFoundError, match=r"LLaVA: .* is a folder; pass the data file in it"):
+        read_llava(tmp_path)
+    file.write_bytes('[{"id": "\u00e9"}]'.encode("latin-1"))
+    with pytest.raises(ValueError, match=r"eval\.json: not UTF-8 text .*; save the file as UTF-8"):
+        read_llava(file)
+
+
 def test_vqav2_errors_show_the_format_of_the_split_asked_for(tmp_path):
     with pytest.raises(FileNotFoundError) as error:
         read_vqav2(tmp_path, split="val2014")

@@ -205,6 +205,21 @@ def test_cli_eval_reports_bad_data_without_a_traceback(sparse_model_dir, tmp_pat
     assert result.exit_code == 1 and "--dtype must be auto, float32, bfloat16 or float16" in result.output
 
 
+def test_cli_eval_names_a_model_directory_that_cannot_be_loaded(chartqa, tmp_path):
+    base = ["--task", "chartqa", "--data", str(chartqa), "--device", "cpu", "--out", str(tmp_path / "out")]
+    (tmp_path / "bert").mkdir()
+    (tmp_path / "bert" / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    (tmp_path / "cut").mkdir()
+    (tmp_path / "cut" / "config.json").write_text('{"model_type": ')
+    for model, message in [
+        ("bert", "bert/config.json: model_type 'bert' is not a vision-language model"),
+        ("cut", "cut/config.json is not valid JSON (line 1, column 16: Expecting value); copy or save"),
+    ]:
+        result = CliRunner().invoke(app, ["eval", str(tmp_path / model), *base])
+        assert result.exit_code == 1 and len(result.output.splitlines()) == 1, result.output
+        assert result.output.startswith(f"vlmoe eval: {tmp_path / model}") and message in result.output
+
+
 def test_load_model_for_eval_dense_and_sparse(sparse_model_dir, tmp_path):
     model, _ = load_model_for_eval(sparse_model_dir, dtype=torch.bfloat16)
     assert type(model).__name__ == "LlavaForConditionalGeneration" and not model.training

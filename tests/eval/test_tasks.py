@@ -68,3 +68,6 @@ def test_read_task_errors(tmp_path):
     )
     with pytest.raises(ValueError, match="sample id 'a' appears more than once"):
         read_task("llava", Path(tmp_path / "d.json"))
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(ValueError, match=r"llava data at .*empty\.jsonl holds no samples; pass a copy"):
+        read_task("llava", tmp_path / "empty.jsonl")

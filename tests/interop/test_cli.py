@@ -81,3 +81,17 @@ def test_import_moe_llava_prints_no_model_type_warning(tmp_path):
         logging.getLogger("transformers").removeHandler(handler)
     assert result.exit_code == 0, result.output
     assert not [m for m in messages if "to instantiate a model of type" in m]
+
+
+def test_vlmoe_import_refuses_a_dst_that_is_a_file_before_converting(tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("keep me")
+    for command in (
+        ["moe-llava"],
+        ["llava-mole", "--base-llm", str(tmp_path), "--vision-tower", str(tmp_path)],
+    ):
+        result = CliRunner().invoke(
+            app, ["import", command[0], str(tmp_path / "ckpt"), str(notes), *command[1:]]
+        )
+        assert result.exit_code == 1 and f"DST {notes} is a file; pass a folder" in result.output
+    assert notes.read_text() == "keep me"

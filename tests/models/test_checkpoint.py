@@ -7,6 +7,7 @@ from safetensors.torch import load_file, save_file
 
 import vlmoe
 from vlmoe.models import read_record, tiny
+from vlmoe.models.checkpoint import load_pretrained_vlm
 
 CLUSTERS = torch.tensor([1, 3])
 
@@ -87,8 +88,35 @@ def test_malformed_record_and_missing_files_are_clear(saved, tmp_path):
     (saved / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="record version 99"):
         vlmoe.load(saved)
+    config["vlmoe"]["version"] = 1
+    config["vlmoe"]["steps"][0]["num_experts"] = "four"
+    (saved / "config.json").write_text(json.dumps(config))
+    with pytest.raises(
+        ValueError, match=r"config\.json 'vlmoe': the recorded surgery does not replay .* vlmoe\.save"
+    ):
+        vlmoe.load(saved)
     with pytest.raises(FileNotFoundError, match="not a vlmoe model directory"):
         vlmoe.load(tmp_path / "nowhere")
+
+
+def test_a_damaged_config_or_weights_file_is_named_with_the_fix(saved):
+    config_text = (saved / "config.json").read_text()
+    (saved / "config.json").write_text(config_text[:40])  # cut short, as by a failed copy
+    with pytest.raises(ValueError, match=r"m/config\.json is not valid JSON \(line .*\); copy or save"):
+        vlmoe.load(saved)
+    (saved / "config.json").write_text(config_text.replace('"model_type": "llava"', '"model_type": "llavva"'))
+    with pytest.raises(ValueError, match=r"m/config\.json: model_type 'llavva' is not one transformers"):
+        vlmoe.load(saved)
+    (saved / "config.json").write_text(config_text)
+    (saved / "model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(ValueError, match=r"m/model\.safetensors is not a readable safetensors file .* copy"):
+        vlmoe.load(saved)
+
+
+def test_load_pretrained_vlm_names_a_model_type_that_is_no_vlm(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(ValueError, match=r"config\.json: model_type 'bert' is not a vision-language model"):
+        load_pretrained_vlm(tmp_path)
 
 
 def test_tied_embeddings_stay_tied_and_identical(tmp_path):

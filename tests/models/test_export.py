@@ -92,3 +92,8 @@ def test_cli_export_reads_a_vlmoe_save(tmp_path):
     assert stock.config.text_config.num_local_experts == 4
     refused = CliRunner().invoke(app, ["export", str(tmp_path / "nowhere"), str(tmp_path / "x")])
     assert refused.exit_code == 1 and "not a vlmoe model directory" in refused.output
+    notes = tmp_path / "notes.txt"
+    notes.write_text("keep me")
+    refused = CliRunner().invoke(app, ["export", str(tmp_path / "saved"), str(notes)])
+    assert refused.exit_code == 1 and f"DST {notes} is a file; pass a folder" in refused.output
+    assert notes.read_text() == "keep me"  # not replaced by the export

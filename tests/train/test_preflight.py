@@ -117,6 +117,20 @@ def test_missing_data_files_are_named_with_their_stage_and_source(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_an_output_directory_that_is_a_file_is_refused_before_the_base_loads(tmp_path):
+    path = _recipe_file(tmp_path, _chat_file(tmp_path / "data"))
+    (tmp_path / "run").write_text("notes")  # the recipe's output_dir
+    result = _train(path)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert f"recipe {path}: output_dir {tmp_path / 'run'} is a file; pass a folder" in result.output
+    result = _train(path, "--out", tmp_path / "run" / "sub")
+    assert (
+        result.exit_code == 1
+        and f"--out {tmp_path / 'run' / 'sub'} is inside {tmp_path / 'run'}" in result.output
+    )
+    assert (tmp_path / "run").read_text() == "notes"
+
+
 def test_after_a_failed_start_the_corrected_recipe_runs_into_the_same_directory(tmp_path):
     path = _recipe_file(tmp_path, tmp_path / "data" / "chat.json")  # not written yet
     assert _train(path).exit_code == 1

@@ -74,6 +74,8 @@ def run_analyze(
     """
     out = output_folder(out)
     device = resolve_device(device)
+    if max_samples is not None and max_samples < 1:  # -1 would silently drop the last sample
+        raise ValueError(f"--max-samples {max_samples}: give a number >= 1, or leave it out for all samples")
     if logs is not None:
         read_log_history(logs)  # a missing or unreadable --logs file fails now, not as a report line
     if eval_dir is not None and not Path(eval_dir).is_dir():

@@ -18,7 +18,7 @@ from torch import nn
 from vlmoe.analysis.collect import BatchImages, RoutingCollector
 from vlmoe.analysis.stats import LayerInfo, RoutingStats
 from vlmoe.eval.generate import progress_bar
-from vlmoe.eval.samples import EvalSample, existing_image, load_json, load_jsonl, require
+from vlmoe.eval.samples import EvalSample, existing_image, image_names_of, load_json, load_jsonl, require
 from vlmoe.moe import (
     MoEConnector,
     record_routing,
@@ -84,8 +84,7 @@ def read_samples(path: Path, image_dir: Path | None = None) -> list[AnalysisSamp
                 raise ValueError(f"{where}: 'from' must be 'human' or 'gpt', got {speaker!r}")
             text = str(require(turn, "value", where, SAMPLE_FORMAT)).replace("<image>", "").strip()
             turns.append(("user" if speaker == "human" else "assistant", text))
-        image_field = record.get("image") or record.get("images") or []
-        names = [image_field] if isinstance(image_field, str) else list(image_field)
+        names = image_names_of(record, "image", "images", where=where, expected_format=SAMPLE_FORMAT)
         samples.append(
             AnalysisSample(
                 id=str(record.get("id", index)),

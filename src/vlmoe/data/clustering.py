@@ -193,6 +193,8 @@ def cluster_conversation_file(
 
     out = output_folder(out)  # before the (slow) embedding
     samples, _ = read_conversations(data, check_images=False)  # fails at the first bad sample, with its line
+    if not samples:
+        raise ValueError(f"--data {data} holds no samples; give a file with LLaVA-format conversations")
     encoder = load_sentence_encoder(model)
     clusters = fit_instruction_clusters(
         embed_instructions([s.instruction for s in samples], encoder), num_clusters, seed

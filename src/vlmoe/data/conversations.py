@@ -34,6 +34,8 @@ BAD_SAMPLE_KINDS = (
     "image_count_mismatch",
     "missing_image",
     "corrupt_image",
+    "bad_image_field",
+    "bad_cluster_id",
 )
 OnError = Literal["fail", "skip"]
 
@@ -134,13 +136,20 @@ def raw_samples(source: Any) -> Iterator[tuple[int, Any]]:
     if path.is_dir():
         import datasets
 
-        yield from raw_samples(datasets.load_from_disk(str(path)))
+        try:
+            dataset = datasets.load_from_disk(str(path))
+        except FileNotFoundError:  # a folder, but not one save_to_disk wrote
+            raise FileNotFoundError(
+                f"{path}: a folder but not a datasets.save_to_disk directory; pass a .json or .jsonl "
+                "conversation file, or such a directory"
+            ) from None
+        yield from raw_samples(dataset)
         return
     if not path.exists():
         raise FileNotFoundError(
             f"{path}: no such conversation file; pass a .json, .jsonl or a datasets directory"
         )
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path)
     if path.suffix == ".jsonl":
         for number, line in enumerate(text.splitlines(), start=1):
             if line.strip():
@@ -157,6 +166,17 @@ def raw_samples(source: Any) -> Iterator[tuple[int, Any]]:
         yield from _json_array_items(text)
     except json.JSONDecodeError as error:
         raise ValueError(f"{path}:{error.lineno}: invalid JSON ({error.msg}); fix the file") from None
+
+
+def read_text(path: Path) -> str:
+    """The UTF-8 text of a data file; any other encoding is a ValueError naming the file and the fix."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"{path}: not UTF-8 text (a byte that UTF-8 cannot decode at offset {error.start}); save the "
+            "file as UTF-8"
+        ) from None
 
 
 def _check_turns(turns: Any) -> list[dict[str, str]]:
@@ -207,6 +227,11 @@ def _check_sample(raw: Any, image_root: Path, check_images: bool) -> Conversatio
     images = raw.get("images")
     if images is None:
         images = [] if raw.get("image") is None else [raw["image"]]
+    if not isinstance(images, list) or not all(isinstance(i, (str, Image.Image)) for i in images):
+        raise _Invalid(
+            "bad_image_field",
+            f'"image" must be a file name and "images" a list of file names, got {str(images)[:80]}',
+        )
     placeholders = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages)
     if placeholders != len(images):
         raise _Invalid(
@@ -217,13 +242,20 @@ def _check_sample(raw: Any, image_root: Path, check_images: bool) -> Conversatio
     if check_images:
         images = [_check_image(image, image_root) for image in images]
     cluster_id = raw.get("cluster_id")
+    if cluster_id is not None:
+        try:
+            cluster_id = int(cluster_id)
+        except (TypeError, ValueError):
+            raise _Invalid(
+                "bad_cluster_id", f'"cluster_id" must be an integer cluster number, got {cluster_id!r}'
+            ) from None
     return ConversationSample(
         id=str(raw.get("id", "")),
         images=list(images),
         messages=messages,
         domain=raw.get("domain"),
         task=raw.get("task"),
-        cluster_id=None if cluster_id is None else int(cluster_id),
+        cluster_id=cluster_id,
     )
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from vlmoe.eval.metrics import OPTION_LETTERS
-from vlmoe.eval.samples import EvalSample, existing_image, load_json, load_jsonl, require
+from vlmoe.eval.samples import EvalSample, existing_image, image_names_of, load_json, load_jsonl, require
 
 CHARTQA_FORMAT = (
     '{split}/{split}_human.json and/or {split}_augmented.json: [{"imgname", "query", "label"}], '
@@ -255,8 +255,7 @@ def read_llava(path: Path, image_dir: Path | None = None) -> list[EvalSample]:
             )
         human = speakers.index("human")
         gpt = speakers.index("gpt", human)
-        image_field = record.get("image") or []
-        image_names = [image_field] if isinstance(image_field, str) else list(image_field)
+        image_names = image_names_of(record, "image", where=where, expected_format=LLAVA_FORMAT)
         samples.append(
             EvalSample(
                 id=str(require(record, "id", where, LLAVA_FORMAT)),

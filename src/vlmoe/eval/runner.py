@@ -90,14 +90,16 @@ def load_model_for_eval(
         )
     try:
         from vlmoe.models.checkpoint import load as vlmoe_load
+        from vlmoe.models.checkpoint import load_pretrained_vlm, read_config
         from vlmoe.models.record import CONFIG_KEY
     except ImportError:  # a build of vlmoe without the models package
-        vlmoe_load, CONFIG_KEY = None, None
-    is_vlmoe_model = vlmoe_load is not None and CONFIG_KEY in json.loads(config_file.read_text())
-    if is_vlmoe_model:
-        model = vlmoe_load(path)
-    else:
+        vlmoe_load = None
+    if vlmoe_load is None:
+        is_vlmoe_model = False
         model = AutoModelForImageTextToText.from_pretrained(path, local_files_only=True)
+    else:  # a damaged config.json or a non-VLM model_type is named with its file, not a transformers page
+        is_vlmoe_model = CONFIG_KEY in read_config(path)
+        model = vlmoe_load(path) if is_vlmoe_model else load_pretrained_vlm(path)
     if merge_lora:
         if not is_vlmoe_model:
             raise ValueError(

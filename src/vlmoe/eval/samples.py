@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vlmoe.data.conversations import read_text
+
 
 @dataclass(frozen=True)
 class EvalSample:
@@ -35,10 +37,9 @@ class EvalSample:
 
 def load_json(path: Path, what: str) -> Any:
     """Parse a JSON file; errors name the file, what it should be, and where it broke."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{what}: {path} does not exist; check --data points at the right folder")
+    _check_file(path, what)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(read_text(path))
     except json.JSONDecodeError as error:
         raise ValueError(
             f"{what}: {path} is not valid JSON (line {error.lineno}, column {error.colno}: {error.msg})"
@@ -47,10 +48,9 @@ def load_json(path: Path, what: str) -> Any:
 
 def load_jsonl(path: Path, what: str) -> list[Any]:
     """Parse a JSON-lines file (blank lines skipped); errors name the file and line."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{what}: {path} does not exist; check --data points at the right folder")
+    _check_file(path, what)
     records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(read_text(path).splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -58,6 +58,13 @@ def load_jsonl(path: Path, what: str) -> list[Any]:
         except json.JSONDecodeError as error:
             raise ValueError(f"{what}: {path} line {number} is not valid JSON ({error.msg})") from None
     return records
+
+
+def _check_file(path: Path, what: str) -> None:
+    if path.is_dir():
+        raise FileNotFoundError(f"{what}: {path} is a folder; pass the data file in it with --data")
+    if not path.is_file():
+        raise FileNotFoundError(f"{what}: {path} does not exist; check --data points at the right folder")
 
 
 def require(record: Any, name: str, where: str, expected_format: str) -> Any:
@@ -72,6 +79,23 @@ def require(record: Any, name: str, where: str, expected_format: str) -> Any:
             f"{where}: missing field {name!r} (fields present: {present}); expected format: {expected_format}"
         )
     return record[name]
+
+
+def image_names_of(record: Mapping, *fields: str, where: str, expected_format: str) -> list[str]:
+    """The image file names in the first of `fields` the record has: a name, a list of names, or none.
+
+    Example:
+        >>> image_names_of({"images": ["a.png"]}, "image", "images", where="record 0", expected_format="")
+        ['a.png']
+    """
+    value = next((record[name] for name in fields if record.get(name)), [])
+    names = [value] if isinstance(value, str) else value
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        raise ValueError(
+            f"{where}: {' / '.join(repr(f) for f in fields)} must be an image file name or a list of them, "
+            f"got {str(value)[:80]}; expected format: {expected_format}"
+        )
+    return names
 
 
 def existing_image(image_dir: Path, relative: str, where: str) -> Path:

@@ -47,6 +47,10 @@ def read_task(
     if not data.exists():
         raise FileNotFoundError(f"--data {data} does not exist; pass the local copy of the {task} benchmark")
     samples = readers[task]()
+    if not samples:  # a run would write a summary of nothing, scored as if it had passed
+        raise ValueError(
+            f"{task} data at {data} holds no samples; pass a copy of the benchmark with its questions"
+        )
     ids = [sample.id for sample in samples]
     if len(set(ids)) != len(ids):
         duplicate = next(i for i in ids if ids.count(i) > 1)

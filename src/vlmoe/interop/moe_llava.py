@@ -23,7 +23,6 @@ and the conversation format of the family's training script.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -45,7 +44,7 @@ from vlmoe.interop.processor import conversation as conversation_format
 from vlmoe.interop.qwen1 import Qwen1Tensors, qwen2_fields
 from vlmoe.interop.tensors import CheckpointTensors, TargetState, load_checked
 from vlmoe.interop.vision import DERIVED, VISION_PREFIX, map_tower, read_vision_tower
-from vlmoe.models.checkpoint import add_lm_head_bias
+from vlmoe.models.checkpoint import add_lm_head_bias, read_config
 from vlmoe.models.record import ImportCheckpoint, append_step
 from vlmoe.models.surgery import upcycle_ffn
 from vlmoe.moe import GLUExperts, MLPExperts, MoEFeedForward
@@ -170,7 +169,7 @@ def _read_config(path: Path) -> dict[str, Any]:
     config_file = path / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{path} is not a MoE-LLaVA checkpoint directory: it has no config.json")
-    config = json.loads(config_file.read_text())
+    config = read_config(path)
     model_type = config.get("model_type")
     if model_type not in TEXT_FAMILIES:
         raise ValueError(

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 import transformers
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoConfig, ProcessorMixin
@@ -89,7 +89,7 @@ def load(path: str | os.PathLike) -> nn.Module:
             f"{path} is not a vlmoe model directory: it needs config.json and {WEIGHTS_NAME} "
             "(write one with vlmoe.save)"
         )
-    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    config = _auto_config(path)
     saved = getattr(config, CONFIG_KEY, None)
     record = (
         None if saved is None else SurgeryRecord.from_dict(saved, where=f"{path}/config.json '{CONFIG_KEY}'")
@@ -98,13 +98,79 @@ def load(path: str | os.PathLike) -> nn.Module:
         delattr(config, CONFIG_KEY)
     model = _base_model(config, path)
     if record is not None:
-        _replay(model, record)
+        try:
+            _replay(model, record)
+        except (TypeError, ValueError) as error:  # an edited value, e.g. "num_experts": "four"
+            raise ValueError(
+                f"{path}/config.json '{CONFIG_KEY}': the recorded surgery does not replay ({error}); the "
+                "record was edited: restore it, or save the model again with vlmoe.save"
+            ) from None
         if read_record(model) != record:
             raise ValueError(
                 f"{path}: replaying the recorded surgery gave a different record; the file was edited"
             )
     _load_weights(model, weights)
     return model.eval()
+
+
+def read_config(path: str | os.PathLike) -> dict:
+    """The parsed config.json of the model directory `path`; a damaged file is a ValueError naming it.
+
+    Example:
+        >>> import tempfile
+        >>> folder = Path(tempfile.mkdtemp())
+        >>> _ = (folder / "config.json").write_text('{"model_type": "llava"')
+        >>> read_config(folder)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: .../config.json is not valid JSON (line 1, column 23: ...); copy or save the model again
+    """
+    config_file = Path(path) / "config.json"
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(
+            f"{config_file} is not valid JSON (line {error.lineno}, column {error.colno}: {error.msg}); "
+            "copy or save the model again"
+        ) from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{config_file} is not UTF-8 text; copy or save the model again") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_file} must hold a JSON object; copy or save the model again")
+    return config
+
+
+def _auto_config(path: Path):
+    """AutoConfig of a local directory, with the errors naming config.json and its model_type."""
+    model_type = read_config(path).get("model_type")
+    try:
+        return AutoConfig.from_pretrained(path, local_files_only=True)
+    except ValueError:  # no or an unknown model_type; transformers' own text is a page of advice
+        known = "has no model_type" if model_type is None else f"model_type {model_type!r} is not one"
+        raise ValueError(
+            f"{path / 'config.json'}: {known} transformers {transformers.__version__} knows; fix "
+            "model_type, or install the transformers version the model was saved with"
+        ) from None
+
+
+def load_pretrained_vlm(path: str | os.PathLike) -> nn.Module:
+    """A plain HF vision-language model (no vlmoe record) from a local directory, never the Hub.
+
+    Example:
+        >>> model = load_pretrained_vlm("checkpoints/llava-v1.5-7b")  # doctest: +SKIP
+    """
+    from transformers import AutoModelForImageTextToText
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    path = Path(path)
+    model_type = _auto_config(path).model_type
+    if model_type not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+        raise ValueError(
+            f"{path / 'config.json'}: model_type {model_type!r} is not a vision-language model "
+            "(AutoModelForImageTextToText has no class for it); give the directory of a VLM such as LLaVA "
+            "or Qwen2-VL, saved with save_pretrained or vlmoe.save"
+        )
+    return AutoModelForImageTextToText.from_pretrained(path, local_files_only=True)
 
 
 def _base_model(config, path: Path) -> nn.Module:
@@ -235,7 +301,14 @@ def without_tied(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, 
 
 def _load_weights(model: nn.Module, weights: Path) -> None:
     expected = unique_state(model)
-    with safe_open(str(weights), framework="pt") as handle:
+    try:
+        handle = safe_open(str(weights), framework="pt")
+    except SafetensorError as error:
+        raise ValueError(
+            f"{weights} is not a readable safetensors file ({error}); it is damaged or was cut short: "
+            "copy or save the model again"
+        ) from None
+    with handle:
         names = set(handle.keys())
         missing = sorted(set(expected) - names)
         unexpected = sorted(names - set(expected))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from vlmoe.data.folders import output_folder
 from vlmoe.train.recipe import Recipe
 
 
@@ -34,6 +35,7 @@ def check_local_files(recipe: Recipe) -> None:
     """
     check_base_path(recipe)
     label = recipe_label(recipe)
+    output_folder(recipe.output_dir, f"{label}: output_dir")  # a file there would fail after the base loads
     for i, stage in enumerate(recipe.stages):
         where = f"stages[{i}] ({stage.name})"
         for j, source in enumerate(stage.data.sources):
