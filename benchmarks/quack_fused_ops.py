@@ -320,10 +320,13 @@ ROW_STEPS = (
 )
 
 
-def _padding(tile, counts: torch.Tensor) -> float:
-    """The fraction of rows QuACK's varlen-M scheduler computes past the experts' ends with this
-    tile: it hands an expert whole blocks of tile_m x cluster_m rows."""
-    block = tile[0] * tile[2]
+def _row_block(tile) -> int:
+    """The rows QuACK's varlen-M scheduler hands an expert at a time with this tile: tile_m x cluster_m."""
+    return tile[0] * tile[2]
+
+
+def _padding(block: int, counts: torch.Tensor) -> float:
+    """The fraction of rows computed past the experts' ends when each takes whole blocks of `block` rows."""
     return ((counts + block - 1) // block * block).sum().item() / counts.sum().item() - 1
 
 
@@ -356,7 +359,7 @@ def row_block_sweep(reps: int, rounds: int = 5) -> None:
         problem = _problem(*shape)
         counts = problem["bounds"].diff().cpu()
         print(f"{shape}: padding by row block " + ", ".join(
-            f"{block}: {_padding((block, 0, 1), counts):.2%}" for block in (64, 128, 192, 256)
+            f"{block}: {_padding(block, counts):.2%}" for block in (64, 128, 192, 256)
         ), flush=True)  # fmt: skip
         steps = {name: step for name, _, _, step in _steps(problem) if name in ROW_STEPS}
         for name, step in steps.items():
@@ -370,17 +373,17 @@ def row_block_sweep(reps: int, rounds: int = 5) -> None:
                         print(f"{shape} {name} {_tile_name(tile)}: {error}", flush=True)
             medians = {tile: statistics.median(v) for tile, v in times.items() if v[0] == v[0]}
             best = min(medians, key=medians.__getitem__)
-            coarse = min((t for t in medians if t[0] * t[2] > 128), key=medians.__getitem__, default=None)
+            coarse = min((t for t in medians if _row_block(t) > 128), key=medians.__getitem__, default=None)
             for tile in ROW_SWEEP_TILES:
                 ms = medians.get(tile, float("nan"))
                 results.append({
                     "shape": str(shape), "step": name, "tile": _tile_name(tile), "ms": ms,
-                    "rounds_ms": times[tile], "padding": _padding(tile, counts),
+                    "rounds_ms": times[tile], "padding": _padding(_row_block(tile), counts),
                 })  # fmt: skip
             coarse_ms = medians.get(coarse, float("nan"))
             summary.append([
                 str(shape), name, _tile_name(coarse) if coarse else "-", f"{coarse_ms:.3f}",
-                _tile_name(best), f"{medians[best]:.3f}", f"{_padding(best, counts):.1%}",
+                _tile_name(best), f"{medians[best]:.3f}", f"{_padding(_row_block(best), counts):.1%}",
                 f"{coarse_ms - medians[best]:.3f}",
             ])  # fmt: skip
             every = " ".join(f"{medians.get(t, float('nan')):.3f}" for t in ROW_SWEEP_TILES)

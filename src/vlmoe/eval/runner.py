@@ -79,7 +79,7 @@ def load_model_for_eval(
     Example:
         >>> model, processor = load_model_for_eval("runs/chartmoe")  # doctest: +SKIP
     """
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoProcessor
 
     path = Path(path)
     config_file = path / "config.json"
@@ -88,20 +88,13 @@ def load_model_for_eval(
             f"{path} is not a local model directory (no config.json); vlmoe eval loads local copies "
             "only: save one with vlmoe.save(model, path) or model.save_pretrained(path)"
         )
-    try:
-        from vlmoe.models.checkpoint import load as vlmoe_load
-        from vlmoe.models.checkpoint import load_pretrained_vlm, read_config
-        from vlmoe.models.record import CONFIG_KEY
-    except ImportError:  # a build of vlmoe without the models package
-        vlmoe_load = None
-    if vlmoe_load is None:
-        is_vlmoe_model = False
-        model = AutoModelForImageTextToText.from_pretrained(path, local_files_only=True)
-    else:  # a damaged config.json or a non-VLM model_type is named with its file, not a transformers page
-        is_vlmoe_model = CONFIG_KEY in read_config(path)
-        model = vlmoe_load(path) if is_vlmoe_model else load_pretrained_vlm(path)
+    from vlmoe.models.checkpoint import load_local, read_config
+    from vlmoe.models.record import CONFIG_KEY
+
+    # A damaged config.json or a non-VLM model_type is named with its file, not a transformers page.
+    model = load_local(path)
     if merge_lora:
-        if not is_vlmoe_model:
+        if CONFIG_KEY not in read_config(path):
             raise ValueError(
                 f"{path}: --merge-lora needs a vlmoe model with LoRA (vlmoe.add_mole, saved by vlmoe.save); "
                 "this config.json has no 'vlmoe' section"

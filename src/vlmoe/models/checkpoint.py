@@ -173,6 +173,16 @@ def load_pretrained_vlm(path: str | os.PathLike) -> nn.Module:
     return AutoModelForImageTextToText.from_pretrained(path, local_files_only=True)
 
 
+def load_local(path: str | os.PathLike) -> nn.Module:
+    """A local model directory: a vlmoe model (its config.json carries the surgery record) rebuilt by
+    `load`, any other HF vision-language model by `load_pretrained_vlm`.
+
+    Example:
+        >>> model = load_local("runs/chartmoe/chart_qa_pot/final")  # doctest: +SKIP
+    """
+    return load(path) if CONFIG_KEY in read_config(path) else load_pretrained_vlm(path)
+
+
 def _base_model(config, path: Path) -> nn.Module:
     names = getattr(config, "architectures", None) or []
     model_class = getattr(transformers, names[0], None) if names else None

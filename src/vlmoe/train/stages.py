@@ -30,8 +30,7 @@ from vlmoe.console import sharing
 from vlmoe.data import ConversationCollator
 from vlmoe.device import resolve_device
 from vlmoe.models import set_trainable
-from vlmoe.models.checkpoint import load_pretrained_vlm, read_config
-from vlmoe.models.record import CONFIG_KEY
+from vlmoe.models.checkpoint import load_local
 from vlmoe.moe import set_load_balance_scope
 from vlmoe.train.data import stage_samples
 from vlmoe.train.distributed import is_main_process, seed_per_rank
@@ -280,9 +279,7 @@ def load_model_dir(path: str | Path, field: str) -> nn.Module:
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{field} {path}: no config.json there; give a local model directory")
-    if CONFIG_KEY in read_config(path):
-        return vlmoe.load(path)
-    return load_pretrained_vlm(path)
+    return load_local(path)
 
 
 def start_model(recipe: Recipe, stage: StageConfig, earlier: list[StageResult]) -> nn.Module:
