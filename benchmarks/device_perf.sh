@@ -2,7 +2,7 @@
 # One device call for the performance issue: GPU tests ($TESTS to name other files), then the benchmarks named in $PARTS
 # (default: gen mole train; ffn: the MoE FFN table; sonic: the FFN table with SonicMoE on the same weights (shapes $SONIC_SHAPES, default 1 2 3); sonictiles: QuACK's autotuning of SonicMoE's GEMMs against vlmoe's tile candidates (default shape 3); probe: the layer with the code paths in $PROBES switched (moe_layer.py --probe; default dgated more dgated+more) against the shipped one, paired (shapes $PROBE_SHAPES, default 3 1 2); clocks: step time against the GPU's SM clock and power, from idle and sustained (clocks.py; shapes $CLOCKS_SHAPES, default 3, probes $CLOCKS_PROBES); ffnrep: its headline ratios at 50 reps;
 # ffnvar: the FFN table with v14's memory savings switched off one by one; gemm: the expert
-# matmuls alone; rowtiles: the varlen-M GEMMs over tiles of coarse and fine row blocks (quack_fused_ops.py --tiles rows; shapes $ROWTILES_SHAPES, default 3); tgemm: the Triton grouped-GEMM probe; quack: the QuACK GEMM probe; fusedops: each
+# matmuls alone; rowtiles: the varlen-M GEMMs over tiles of coarse and fine row blocks (quack_fused_ops.py --tiles rows; shapes $ROWTILES_SHAPES, default 3); gathers: the backward's token rows copied first against read in the GEMMs' loads (quack_fused_ops.py --gathers; shapes $GATHERS_SHAPES, default 3); tgemm: the Triton grouped-GEMM probe; quack: the QuACK GEMM probe; fusedops: each
 # QuACK call of the fused SwiGLU experts against the unfused ones; first: QuACK's first-use cost, cold and cached; firstpar: cold with the candidates compiled on QuACK's workers and one after another (v26), then cached; trainq: the
 # train step with QuACK's GEMMs and with grouped_mm; moves: the row gathers, combine and routing; decodediag: the batch-1 decoding diagnosis; decodeblocks: the decode kernels' block sizes; compile: graph breaks and gain; ffn3: shape 3 of the FFN table alone, paired rounds; gaps3: where the GPU idles in a shape-3 step; profprobe: the kernels of a step of the layer and of it under each of $PROBES (shapes $PROFPROBE_SHAPES, default 3)),
 # each under its own time limit so one slow part cannot eat the rest.
@@ -26,7 +26,8 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv
 python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)"
 python3 -c "from vlmoe.moe.kernels import quack_gemm; print('QuACK expert GEMMs:', quack_gemm.available())"
 tests=${TESTS:-tests/moe/test_kernels.py tests/moe/test_decode.py tests/moe/test_graphs.py tests/moe/test_routing_kernel.py tests/moe/test_dispatch_gpu.py tests/moe/test_quack_gemm_gpu.py tests/train/test_trainer.py}
-timeout ${TESTS_S:-150} python3 -m pytest -p no:cacheprovider -q $tests --continue-on-collection-errors > "$out/gpu_tests.log" 2>&1
+# TESTS_K: a pytest -k expression, passed whole (one inside TESTS would be split at its spaces)
+timeout ${TESTS_S:-150} python3 -m pytest -p no:cacheprovider -q $tests ${TESTS_K:+-k "$TESTS_K"} --continue-on-collection-errors > "$out/gpu_tests.log" 2>&1
 tail -3 "$out/gpu_tests.log"
 for part in $parts; do
     case $part in
@@ -86,6 +87,8 @@ for part in $parts; do
         pairs) timeout 90 python3 benchmarks/quack_fused_ops.py --pairs > "$out/swiglu_pairs.log" 2>&1; cat "$out/swiglu_pairs.log" ;;
         chosen) timeout ${CHOSEN_S:-200} python3 benchmarks/quack_fused_ops.py --chosen > "$out/quack_chosen.log" 2>&1; grep -v "^  \|Warning\|warn" "$out/quack_chosen.log" | tail -22 ;;
         tiles) timeout ${TILES_S:-420} python3 benchmarks/quack_fused_ops.py --tiles > "$out/quack_tiles.log" 2>&1 ;;
+        gathers) timeout ${GATHERS_S:-200} python3 benchmarks/quack_fused_ops.py --gathers $(for n in ${GATHERS_SHAPES:-3}; do echo --shape $n; done) > "$out/quack_gathers.log" 2>&1
+            grep -v "^  \|Warning\|warn" "$out/quack_gathers.log" | tail -12 ;;
         rowtiles) timeout ${ROWTILES_S:-300} python3 benchmarks/quack_fused_ops.py --tiles rows $(for n in ${ROWTILES_SHAPES:-3}; do echo --shape $n; done) > "$out/quack_row_tiles.log" 2>&1
             grep -v "^  \|Warning\|warn" "$out/quack_row_tiles.log" | tail -30 ;;
         trainseg) timeout 90 python3 benchmarks/train_step.py --optimizers fused --segments > "$out/train_step.log" 2>&1 ;;

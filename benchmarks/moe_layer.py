@@ -282,6 +282,14 @@ PROBES = {
         "vlmoe MoEFeedForward grouped, QuACK, varlen-M problems tuned among 128-row block tiles too (v30)",
         quack_gemm.row_tiles,
     ),
+    "kgather": Probe(
+        "vlmoe MoEFeedForward grouped, QuACK, gate_up's weight gradient gathering x along K (v31)",
+        lambda: quack_gemm.backward_gathers("x"),
+    ),
+    "kgather+grad": Probe(
+        "vlmoe MoEFeedForward grouped, QuACK, the backward reading x and the output gradient in place (v31)",
+        lambda: quack_gemm.backward_gathers("all"),
+    ),
     "instep": Probe(
         "vlmoe MoEFeedForward grouped, QuACK, tiles (the extra ones too) ranked in the step (v29)",
         quack_gemm.in_step_probe,

@@ -6,6 +6,7 @@
     python benchmarks/quack_fused_ops.py --tiles rows     # its varlen-M GEMMs by row block (v30)
     python benchmarks/quack_fused_ops.py --pairs          # the pairs SwiGLU backward's launches
     python benchmarks/quack_fused_ops.py --chosen         # does quack_gemm's tuning pick the best?
+    python benchmarks/quack_fused_ops.py --gathers        # the backward's token rows read in place (v31)
 
 `dispatch.combined_glu` puts the SwiGLU in the first GEMM's epilogue and pairs gate and up
 columns (QuACK's concat_layout) through the backward. Per shape, every step of both paths is
@@ -22,6 +23,9 @@ pairs SwiGLU backward over launch shapes (NOTES.md v18, v25), in place as the la
 beside v18's path and the concat-layout kernel, with the bandwidth each reaches. `--chosen`
 lets quack_gemm tune each GEMM of the fused path as the layer does, then times every candidate
 again in interleaved rounds: how much its pick loses against the best of its own candidates.
+`--gathers` times the backward's GEMMs that take token rows, fed a gathered copy (the shipped
+path) against reading the rows in their loads (`quack_gemm.backward_gathers`), each tuned as the
+layer tunes it, in interleaved rounds.
 """
 
 from __future__ import annotations
@@ -435,6 +439,70 @@ def tuning_check(reps: int, rounds: int = 3) -> None:
     )
 
 
+def _gather_pairs(p):
+    """(name, copied first, read in place) for the backward's GEMMs that take token rows, each
+    side the whole of what it runs: the copy to expert order is part of the first."""
+    x, gate_up, down, bounds, tokens = p["x"], p["gate_up"], p["down"], p["bounds"], p["sorted_tokens"]
+    scale, grad_tokens = p["row_scale"], p["grad_tokens"]
+    preact, _ = quack_gemm.experts_swiglu(x, gate_up, bounds, tokens)
+    grad_preact = preact.clone()  # the values do not matter, only the layout
+
+    def dgated_then_down(gathered: bool):
+        if gathered:
+            out = quack_gemm.experts_swiglu_backward(
+                grad_tokens, down, preact, scale, bounds, token_rows=tokens
+            )
+            quack_gemm.experts_mm_grad_weight(grad_tokens, out[1], down, bounds, token_rows=tokens)
+        else:
+            grad_rows = grad_tokens.index_select(0, tokens)
+            out = quack_gemm.experts_swiglu_backward(grad_rows, down, preact, scale, bounds)
+            quack_gemm.experts_mm_grad_weight(grad_rows, out[1], down, bounds)
+
+    return [
+        (
+            "gate_up grad weight: x re-gathered / gathered along K",
+            lambda: quack_gemm.experts_mm_grad_weight(
+                grad_preact, x.index_select(0, tokens), gate_up, bounds, interleaved=True
+            ),
+            lambda: quack_gemm.experts_mm_grad_weight_gathered_x(
+                grad_preact, x, tokens, gate_up, bounds, interleaved=True
+            ),
+        ),
+        (
+            "dgated + down grad weight: output gradient gathered / read in place",
+            lambda: dgated_then_down(False),
+            lambda: dgated_then_down(True),
+        ),
+    ]
+
+
+def gather_check(reps: int, rounds: int = 5) -> None:
+    """Each of `_gather_pairs`, tuned as the layer tunes it (the small-experts rule where it
+    applies), then timed side by side in interleaved rounds."""
+    table = []
+    for shape in SHAPES:
+        problem = _problem(*shape)
+        with quack_gemm.small_experts_calls(problem["down"]):
+            for name, copied, in_place in _gather_pairs(problem):
+                copied(), in_place()  # tune and compile, outside the timing
+                times = {"copied": [], "in place": []}
+                for _ in range(rounds):
+                    times["copied"].append(time_cuda(copied, reps=reps))
+                    times["in place"].append(time_cuda(in_place, reps=reps))
+                a, b = (statistics.median(v) for v in times.values())
+                ratios = sorted(c / i for c, i in zip(times["copied"], times["in place"], strict=True))
+                spread = f"{statistics.median(ratios):.3f} ({ratios[0]:.3f}-{ratios[-1]:.3f})"
+                table.append([str(shape), name, f"{a:.3f}", f"{b:.3f}", f"{a - b:+.3f}", spread])
+                print(" | ".join(table[-1]), flush=True)
+        del problem
+        torch.cuda.empty_cache()
+    print_table(
+        "the backward's token rows copied first against read in the GEMMs' loads, ms (median of rounds)",
+        ["shape", "GEMMs", "copied", "in place", "saved", "copied / in place per round"],
+        table,
+    )
+
+
 # (ROWS, BLOCK, num_warps) of the v25 kernel; swiglu_kernels.PAIRS_LAUNCH is the default.
 PAIRS_LAUNCHES = [(1, 512, 4), (1, 256, 2), (2, 512, 4), (2, 256, 4), (4, 128, 4), (8, 128, 4), (8, 128, 8),
                   (16, 128, 8), (4, 256, 8), (1, 2048, 8)]  # fmt: skip
@@ -552,6 +620,7 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument("--pairs", action="store_true", help="the pairs SwiGLU backward's launch shapes")
     parser.add_argument("--chosen", action="store_true", help="quack_gemm's tuning against a re-timing")
+    parser.add_argument("--gathers", action="store_true", help="the backward's token rows read in place")
     parser.add_argument("--shape", type=int, action="append", choices=range(1, len(SHAPES) + 1))
     args = parser.parse_args()
     if args.shape:
@@ -571,6 +640,9 @@ def main() -> None:
         return
     if args.chosen:
         tuning_check(min(args.reps, 10))
+        return
+    if args.gathers:
+        gather_check(min(args.reps, 10))
         return
     quack_gemm.TUNE = False
     candidates = quack_gemm.CANDIDATES

@@ -75,8 +75,12 @@ class _FakeQuack:
         for group, (start, end) in enumerate(itertools.pairwise(bounds)):
             columns = A[:, A_idx[start:end].long()] if A_idx is not None else A[:, start:end]
             product = columns @ B[start:end]
-            if "out" in concat_layout:  # interleaved rows stored as [first; second] halves
-                product = torch.cat([product[::2], product[1::2]])
+            if "out" in concat_layout:  # interleaved along out's non-contiguous dim, stored as halves
+                dim = -2 if out.stride(-1) == 1 else -1
+                pairs = torch.arange(product.shape[dim])
+                product = torch.cat(
+                    [product.index_select(dim, pairs[::2]), product.index_select(dim, pairs[1::2])], dim
+                )
             out[group] = product
 
     def gemm_act(
@@ -93,18 +97,18 @@ class _FakeQuack:
 
     def gemm_dact(
         self, A, B, PreAct, activation, dx_out, postact_out, colvec_scale, colvec_reduce, cu_seqlens_m,
-        dynamic_scheduler, tuned, config,
+        A_idx, dynamic_scheduler, tuned, config,
     ):  # fmt: skip
         # gemm_dgated_ref: acc = A_rows @ B; (x, y) = PreAct's pairs; with dout = acc * scale,
         # dx = dout * y * silu'(x), dy = dout * silu(x); postact = silu(x) * y * scale; the
         # row reduction <acc, silu(x) * y>. All of one row's PreAct is read before its dx_out is
         # written (dx_out may be PreAct itself, as on the GPU, tile by tile).
         assert activation == "swiglu" and not tuned and not dynamic_scheduler and colvec_reduce
-        self.calls.append(("dgated", config.tile_n, True, False))
+        self.calls.append(("dgated", config.tile_n, True, A_idx is not None))
         self.configs.append(config)
         self.concat_layouts.append(None)
         reduce = torch.empty(dx_out.shape[0], dtype=torch.float32)
-        for rows, acc in _varlen_m(A, B, cu_seqlens_m, None):
+        for rows, acc in _varlen_m(A, B, cu_seqlens_m, A_idx):
             gate, up = PreAct[rows, ::2].clone(), PreAct[rows, 1::2].clone()
             scale = colvec_scale[rows].to(acc.dtype).unsqueeze(-1)
             sig = torch.sigmoid(gate)

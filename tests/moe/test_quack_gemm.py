@@ -133,6 +133,51 @@ def test_the_fused_backward_is_one_dgated_gemm_in_place_of_the_product_and_the_p
     assert [op for op, *_ in fake_quack.calls] == ["gated", "gemm", "dgated", "gemm", "gemm", "gemm"]
 
 
+@pytest.mark.parametrize("fused_backward", [True, False])
+@pytest.mark.parametrize("mode", ["x", "all"])
+def test_backward_gathers_read_token_rows_in_the_loads_and_match_the_reference(
+    fake_quack, monkeypatch, mode, fused_backward
+):
+    # BACKWARD_GATHER "x": gate_up's weight gradient as its transpose, x gathered along K into an
+    # M-major view of the result; "all": the output gradient also read in place, by the first
+    # backward GEMM (varlen-M gather) and down's weight gradient (varlen-K gather).
+    monkeypatch.setattr(quack_gemm, "FUSE_SWIGLU_BACKWARD", fused_backward)
+    spread = []
+    real_spread = dispatch_module.spread_rows
+    monkeypatch.setattr(
+        dispatch_module, "spread_rows", lambda *a: spread.append(a[0].shape) or real_spread(*a)
+    )
+    torch.manual_seed(3)
+    tokens, hidden, intermediate, num_experts, top_k = 29, 16, 24, 4, 2
+    experts = GLUExperts(num_experts, hidden, intermediate, nn.SiLU()).double()
+    for parameter in experts.parameters():
+        nn.init.normal_(parameter, std=0.3)
+    routing = _routing(tokens, num_experts, top_k, seed=4, empty_expert=1)
+    weights = routing.combine_weights.float().double().requires_grad_()
+    routing = Routing(routing.expert_indices, weights, routing.router_probs, routing.router_logits)
+    x = torch.randn(tokens, hidden, dtype=torch.float64, requires_grad=True)
+    grad_out = torch.randn(tokens, hidden, dtype=torch.float64)
+    inputs = [x, weights, *experts.parameters()]
+    with quack_gemm.backward_gathers(mode):
+        grads = torch.autograd.grad(dispatch(x, routing, experts, backend="grouped"), inputs, grad_out)
+    ref_grads = torch.autograd.grad(reference_dispatch(x, routing, experts), inputs, grad_out)
+    for grad, ref_grad, name in zip(grads, ref_grads, ["x", "weights", "gate_up", "down"], strict=True):
+        assert relative_error(grad, ref_grad) < (1e-6 if name == "weights" else 1e-12), name
+    assert grads[2][1].abs().max() == 0 and grads[3][1].abs().max() == 0  # the empty expert's
+    # (op, varlen-M, gathered) of the backward's calls, after the forward's two.
+    first = ("dgated" if fused_backward else "gemm", True, mode == "all")
+    assert [(op, m, g) for op, _, m, g in fake_quack.calls[2:]] == [
+        first,
+        ("gemm", False, mode == "all"),  # down's weight gradient
+        ("gemm", False, True),  # gate_up's, x gathered along K
+        ("gemm", True, False),  # gate_up's input gradient
+    ]
+    # No [S, I] copy of x in the backward, nor of the output gradient under "all".
+    assert len(spread) == (0 if mode == "all" else 1)
+    with pytest.raises(ValueError, match="BACKWARD_GATHER|mode must be one of"):
+        quack_gemm.backward_gathers("both")
+
+
 @pytest.mark.parametrize("overwrite", [True, False])
 def test_tuning_the_fused_backward_in_place_times_on_a_scratch_gradient(fake_quack, monkeypatch, overwrite):
     # Tuning runs each candidate several times on one call's operands: written over preact, all

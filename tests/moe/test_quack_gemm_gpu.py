@@ -80,6 +80,66 @@ def test_the_three_expert_matmuls_match_float64_loops(counts, fan_in, fan_out, t
             assert grad_w[expert].abs().max() == 0
 
 
+@pytest.mark.parametrize("tune", [True, False])
+def test_the_backward_gemms_that_gather_token_rows_match_float64_loops(tune, monkeypatch):
+    # quack_gemm.BACKWARD_GATHER's GEMMs: the weight gradient gathering the output gradient along K
+    # (A_idx on A = grad.T), gate_up's as its transpose with x gathered along K into an M-major view
+    # of the result (plain and with paired columns), the input gradient and the dgated GEMM
+    # reading the output gradient's token rows in their loads. Over an empty and a one-row expert.
+    monkeypatch.setattr(quack_gemm, "TUNE", tune)
+    torch.manual_seed(5)
+    counts, hidden, intermediate = [300, 0, 517, 183, 1], 256, 384
+    rows, experts = sum(counts), len(counts)
+    tokens = rows // 2 + 1
+    bf16 = dict(device="cuda", dtype=torch.bfloat16)
+    x_tokens = torch.randn(tokens, hidden, **bf16)
+    grad_tokens = torch.randn(tokens, hidden, **bf16)
+    token_rows = torch.randint(0, tokens, (rows,), device="cuda")
+    grad_preact = torch.randn(rows, 2 * intermediate, **bf16)
+    scaled_hidden = torch.randn(rows, intermediate, **bf16)
+    preact = torch.randn(rows, 2 * intermediate, **bf16)
+    gate_up = torch.randn(experts, 2 * intermediate, hidden, **bf16) / hidden**0.5
+    down = torch.randn(experts, hidden, intermediate, **bf16) / intermediate**0.5
+    row_weights = torch.rand(rows, device="cuda")
+    bounds = quack_gemm.cu_seqlens(torch.tensor(counts, device="cuda").cumsum(0))
+
+    grad_down = quack_gemm.experts_mm_grad_weight(
+        grad_tokens, scaled_hidden, down, bounds, token_rows=token_rows
+    )
+    grad_gate_up = quack_gemm.experts_mm_grad_weight_gathered_x(
+        grad_preact, x_tokens, token_rows, gate_up, bounds, interleaved=True
+    )
+    weight_like = torch.empty(experts, intermediate, hidden, **bf16)  # [E, F, I], unpaired
+    plain = quack_gemm.experts_mm_grad_weight_gathered_x(
+        scaled_hidden, x_tokens, token_rows, weight_like, bounds
+    )
+    grad_hidden = quack_gemm.experts_mm_grad_input(grad_tokens, down, bounds, token_rows=token_rows)
+    dgated = quack_gemm.experts_swiglu_backward(
+        grad_tokens, down, preact, row_weights, bounds, token_rows=token_rows
+    )
+    pre_gathered = quack_gemm.experts_swiglu_backward(
+        grad_tokens[token_rows], down, preact, row_weights, bounds
+    )
+    assert grad_gate_up.shape == gate_up.shape and grad_gate_up.is_contiguous()
+
+    x64, g64 = x_tokens.double()[token_rows], grad_tokens.double()[token_rows]
+    gp64, h64 = grad_preact.double(), scaled_hidden.double()
+    for e, (start, end) in enumerate(_segments(counts)):
+        seg = slice(start, end)
+        if end == start:
+            for grad in (grad_down, grad_gate_up, plain):
+                assert grad[e].abs().max() == 0
+            continue
+        assert relative_error(grad_down[e], g64[seg].T @ h64[seg]) < 1e-2
+        # gate j in preact column 2j, up j in 2j + 1; the gradient comes back as [gate; up] rows.
+        stacked = torch.cat([gp64[seg, ::2], gp64[seg, 1::2]], dim=1)
+        assert relative_error(grad_gate_up[e], stacked.T @ x64[seg]) < 1e-2
+        assert relative_error(plain[e], h64[seg].T @ x64[seg]) < 1e-2
+        assert relative_error(grad_hidden[seg], g64[seg] @ down[e].double()) < 1e-2
+    for got, want in zip(dgated, pre_gathered, strict=True):
+        assert relative_error(got.double(), want.double()) < 1e-2
+
+
 @pytest.mark.parametrize("tile", quack_gemm.ROW_TILES, ids=lambda tile: "x".join(map(str, tile[:4])))
 def test_each_fine_row_block_tile_runs_every_varlen_m_problem_exactly(tile, monkeypatch):
     # quack_gemm.ROW_TILES (64-row pingpong tiles, 128-row ones without an M cluster) pinned as
@@ -193,9 +253,15 @@ def test_moe_layer_on_quack_matches_the_float64_reference(
         assert relative_error(grad.cpu(), ref_grad) < 2e-2
 
 
-@pytest.mark.parametrize("fused_backward", [False, True, None])  # None: by the small-experts rule
-def test_moe_layer_on_quack_compiles_to_one_graph_and_matches_eager(fused_backward, monkeypatch):
+@pytest.mark.parametrize(
+    ("fused_backward", "backward_gather"),
+    [(False, "none"), (True, "none"), (None, "none"), (True, "all"), (False, "x")],
+)  # fused_backward None: by the small-experts rule
+def test_moe_layer_on_quack_compiles_to_one_graph_and_matches_eager(
+    fused_backward, backward_gather, monkeypatch
+):
     monkeypatch.setattr(quack_gemm, "FUSE_SWIGLU_BACKWARD", fused_backward)
+    monkeypatch.setattr(quack_gemm, "BACKWARD_GATHER", backward_gather)
     if fused_backward is None:  # the rule's default width: this layer (F = 320) falls under it
         monkeypatch.setattr(quack_gemm, "SMALL_EXPERTS_FF", 2048)
     torch._dynamo.reset()
@@ -229,26 +295,32 @@ def test_moe_layer_on_quack_compiles_to_one_graph_and_matches_eager(fused_backwa
     ],
 )
 @pytest.mark.parametrize(
-    ("overwrite", "spread_first", "fused_backward"),
+    ("overwrite", "spread_first", "fused_backward", "backward_gather"),
     [
-        (True, False, False),
-        (False, False, False),
-        (True, True, False),
-        (True, False, True),
-        (False, False, True),
+        (True, False, False, "none"),
+        (False, False, False, "none"),
+        (True, True, False, "none"),
+        (True, False, True, "none"),
+        (False, False, True, "none"),
+        (True, False, True, "x"),
+        (True, False, True, "all"),
+        (True, False, False, "all"),
     ],
 )
 def test_swiglu_in_the_gemm_epilogue_matches_the_float64_reference_with_every_gradient(
-    tokens, hidden, intermediate, num_experts, top_k, overwrite, spread_first, fused_backward, monkeypatch
-):
+    tokens, hidden, intermediate, num_experts, top_k, overwrite, spread_first, fused_backward,
+    backward_gather, monkeypatch,
+):  # fmt: skip
     # dispatch.combined_glu: the SwiGLU inside QuACK's first GEMM, gate and up paired through
     # the backward, the combine weights as row scales with their own gradient; one expert left
     # without tokens. spread_first: the token rows copied to expert order before the GEMM
     # (quack_gemm.rows_spread_first) instead of gathered in its loads. fused_backward: the
-    # SwiGLU's gradient in the backward's first GEMM (QuACK's dgated).
+    # SwiGLU's gradient in the backward's first GEMM (QuACK's dgated). backward_gather: which
+    # token rows the backward's GEMMs read in place (quack_gemm.BACKWARD_GATHER).
     monkeypatch.setattr(swiglu_kernels, "OVERWRITE_IN_BACKWARD", overwrite)
     monkeypatch.setattr(quack_gemm, "GATHER_IN_LOADS", not spread_first)
     monkeypatch.setattr(quack_gemm, "FUSE_SWIGLU_BACKWARD", fused_backward)
+    monkeypatch.setattr(quack_gemm, "BACKWARD_GATHER", backward_gather)
     calls = []
     fused = quack_gemm.experts_swiglu
     monkeypatch.setattr(quack_gemm, "experts_swiglu", lambda *args: calls.append(1) or fused(*args))

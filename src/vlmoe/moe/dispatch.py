@@ -472,28 +472,44 @@ class _CombinedGLU(torch.autograd.Function):
         if ctx.overwrite:
             ctx.overwritten = True
         needs_x, needs_gate_up, needs_down, needs_weights = ctx.needs_input_grad[:4]
-        grad_rows = _gather_rows(grad_out, slot_rows, sorted_tokens, ctx.top_k, None)  # [S, O]
+        # The output gradient in expert order, or (BACKWARD_GATHER "all") read in place by the two
+        # GEMMs that take it, at the rows' tokens (`grad_tokens`).
+        gathers = quack_gemm.BACKWARD_GATHER
+        grad_tokens = sorted_tokens if gathers == "all" else None
+        grad_rows = (
+            grad_out
+            if gathers == "all"
+            else _gather_rows(grad_out, slot_rows, sorted_tokens, ctx.top_k, None)
+        )
         out = preact if ctx.overwrite else None
         if quack_gemm.fuse_swiglu_backward(down_proj):  # the SwiGLU's gradient in the GEMM's epilogue
             row_weights = slot_weights.index_select(0, sorted_slots)  # [S], expert order
             grad_preact, scaled_hidden, grad_row_weights = quack_gemm.experts_swiglu_backward(
-                grad_rows, down_proj, preact, row_weights, bounds, out=out
+                grad_rows, down_proj, preact, row_weights, bounds, out=out, token_rows=grad_tokens
             )
             # Every slot holds one row here (no dropped rows on this path).
             grad_slot_weights = torch.empty_like(slot_weights).index_copy_(0, sorted_slots, grad_row_weights)
         else:
-            grad_hidden = quack_gemm.experts_mm_grad_input(grad_rows, down_proj, bounds)  # [S, F]
+            grad_hidden = quack_gemm.experts_mm_grad_input(
+                grad_rows, down_proj, bounds, token_rows=grad_tokens
+            )
             grad_preact, grad_slot_weights = swiglu_kernels.swiglu_pairs_backward(
                 preact, grad_hidden, slot_weights, sorted_slots, out=out
-            )
+            )  # grad_hidden # [S, F]
             scaled_hidden = grad_hidden  # overwritten with w * hidden by the pass above
             del grad_hidden
         del preact, out
         grad_x = grad_gate_up = grad_down = grad_weights = None
         if needs_down:
-            grad_down = quack_gemm.experts_mm_grad_weight(grad_rows, scaled_hidden, down_proj, bounds)
+            grad_down = quack_gemm.experts_mm_grad_weight(
+                grad_rows, scaled_hidden, down_proj, bounds, token_rows=grad_tokens
+            )
         del grad_rows, scaled_hidden
-        if needs_gate_up:
+        if needs_gate_up and gathers != "none":  # x read in place, gathered along K
+            grad_gate_up = quack_gemm.experts_mm_grad_weight_gathered_x(
+                grad_preact, x, sorted_tokens, gate_up_proj, bounds, interleaved=True
+            )
+        elif needs_gate_up:
             x_sorted = _gather_rows(x, slot_rows, sorted_tokens, ctx.top_k, None)
             grad_gate_up = quack_gemm.experts_mm_grad_weight(
                 grad_preact, x_sorted, gate_up_proj, bounds, interleaved=True

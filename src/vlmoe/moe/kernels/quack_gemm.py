@@ -77,6 +77,14 @@ TUNE = os.environ.get("VLMOE_QUACK_TUNE", "1") != "0"
 PARALLEL_COMPILE = os.environ.get("VLMOE_QUACK_PARALLEL_COMPILE", "1") != "0"
 # The gated GEMM gathers the token rows in its loads (False: `rows_spread_first`).
 GATHER_IN_LOADS = True
+# Where the fused SwiGLU experts' backward reads token rows in place (QuACK's gather on A) instead
+# of from a gathered [S, I] copy, a probe (`backward_gathers`, NOTES.md v31). "none": both copies
+# are made, as v17 to v30. "x": gate_up's weight gradient is computed as its transpose,
+# x[rows].T @ grad_preact, with x gathered along K, so x is not copied to expert order again.
+# "all": besides, the output gradient is read in place by the backward's first GEMM (varlen-M
+# gather) and by down's weight gradient (varlen-K gather): no [S, O] copy of it either.
+BACKWARD_GATHERS = ("none", "x", "all")
+BACKWARD_GATHER = "none"
 # Below this many rows a problem is launch-bound (QuACK's host path is the heavier one) and was
 # not measured; grouped_mm keeps it. Decoding steps stay there.
 MIN_ROWS = 1024
@@ -321,6 +329,14 @@ def small_experts_rule(on: bool = True) -> contextlib.AbstractContextManager[Non
     return _switched("SMALL_EXPERTS_FF", 2048 if on else 0)
 
 
+def backward_gathers(mode: str = "x") -> contextlib.AbstractContextManager[None]:
+    """Inside this block the fused SwiGLU experts' backward gathers token rows in the GEMMs' loads
+    as `mode` says (`BACKWARD_GATHER`: "none", "x" or "all"; `moe_layer.py --probe kgather`)."""
+    if mode not in BACKWARD_GATHERS:
+        raise ValueError(f"backward_gathers: mode must be one of {BACKWARD_GATHERS}, got {mode!r}")
+    return _switched("BACKWARD_GATHER", mode)
+
+
 def swiglu_unfused() -> contextlib.AbstractContextManager[None]:
     """QuACK's plain GEMMs with the SwiGLU in its own pass inside this block (the pre-v17 path)."""
     return _switched("FUSE_SWIGLU", False)
@@ -344,26 +360,68 @@ def experts_mm(x: Tensor, weight: Tensor, bounds: Tensor, token_rows: Tensor | N
 
 
 def experts_mm_grad_input(
-    grad_out: Tensor, weight: Tensor, bounds: Tensor, interleaved: bool = False
+    grad_out: Tensor,
+    weight: Tensor,
+    bounds: Tensor,
+    interleaved: bool = False,
+    token_rows: Tensor | None = None,
 ) -> Tensor:
-    """Row r: grad_out[r] @ weight[e]. -> [S, I]; rows past the last segment left unwritten.
+    """Row r: g_r @ weight[e], g_r = grad_out[token_rows[r]] if token_rows is given (gathered in
+    the loads) else grad_out[r]. -> [S, I]; rows past the last segment left unwritten.
     `interleaved`: grad_out's columns pair gate and up (column 2j, 2j + 1) while weight # [E, 2F, I]
     stacks [gate; up] (the gradient of `experts_swiglu`'s preact)."""
-    out = grad_out.new_empty(grad_out.shape[0], weight.shape[-1])
+    rows = grad_out.shape[0] if token_rows is None else token_rows.shape[0]
+    out = grad_out.new_empty(rows, weight.shape[-1])
     concat = {"concat_layout": ("B",)} if interleaved else {}
-    _gemm("grad_input", A=grad_out, B=weight, out=out, cu_seqlens_m=bounds, **concat)
+    a_idx = None if token_rows is None else token_rows.to(torch.int32)
+    _gemm("grad_input", A=grad_out, B=weight, out=out, cu_seqlens_m=bounds, A_idx=a_idx, **concat)
     return out
 
 
 def experts_mm_grad_weight(
-    grad_out: Tensor, x_sorted: Tensor, weight: Tensor, bounds: Tensor, interleaved: bool = False
+    grad_out: Tensor,
+    x_sorted: Tensor,
+    weight: Tensor,
+    bounds: Tensor,
+    interleaved: bool = False,
+    token_rows: Tensor | None = None,
 ) -> Tensor:
-    """Expert e: grad_out[segment e].T @ x_sorted[segment e]. -> [E, O, I] (zeros for empty experts)
-    `interleaved`: grad_out's columns pair gate and up, and the result comes back as [gate; up]
-    stacked rows, the layout of `weight`."""
+    """Expert e: g[segment e].T @ x_sorted[segment e], g_r = grad_out[token_rows[r]] if token_rows
+    is given (gathered along K in the loads) else grad_out[r]. -> [E, O, I] (zeros for empty
+    experts). `interleaved`: grad_out's columns pair gate and up, and the result comes back as
+    [gate; up] stacked rows, the layout of `weight`."""
     out = torch.empty_like(weight)
     concat = {"concat_layout": ("out",)} if interleaved else {}
-    _gemm("grad_weight", A=grad_out.t(), B=x_sorted, out=out, cu_seqlens_k=bounds, **concat)
+    a_idx = None if token_rows is None else token_rows.to(torch.int32)
+    _gemm("grad_weight", A=grad_out.t(), B=x_sorted, out=out, cu_seqlens_k=bounds, A_idx=a_idx, **concat)
+    return out
+
+
+def experts_mm_grad_weight_gathered_x(
+    grad_out: Tensor,
+    x: Tensor,
+    token_rows: Tensor,
+    weight: Tensor,
+    bounds: Tensor,
+    interleaved: bool = False,
+) -> Tensor:
+    """`experts_mm_grad_weight` with x in token order: expert e's grad_out[segment e].T @
+    x[token_rows[segment e]], computed as its transpose x[rows].T @ grad_out[segment e] so that
+    the gathered operand is A (QuACK gathers A only), x gathered along K in the loads, and stored
+    through a transposed view of the [E, O, I] result (an M-major output). -> [E, O, I].
+    `interleaved`: as `experts_mm_grad_weight` (the paired columns are now N, the result's
+    non-contiguous dimension still)."""
+    out = torch.empty_like(weight)
+    concat = {"concat_layout": ("out",)} if interleaved else {}
+    _gemm(
+        "grad_weight_t",
+        A=x.t(),
+        B=grad_out,
+        out=out.transpose(-2, -1),
+        cu_seqlens_k=bounds,
+        A_idx=token_rows.to(torch.int32),
+        **concat,
+    )
     return out
 
 
@@ -402,6 +460,7 @@ def experts_swiglu_backward(
     row_weights: Tensor,
     bounds: Tensor,
     out: Tensor | None = None,
+    token_rows: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The backward of w_r * down(silu(gate) * up) up to preact, in one GEMM with the SwiGLU's
     gradient in its epilogue (QuACK's dgated). With e row r's expert, g_r = grad_rows[r] @
@@ -411,7 +470,8 @@ def experts_swiglu_backward(
     - grad_row_weights[r] = <g_r, silu(gate) * up>, float32.
     grad_rows # [S, O] (expert order), down_proj # [E, O, F], preact # [S, 2F] (`experts_swiglu`'s),
     row_weights # [S] float32. `out`: where grad_preact goes, preact itself allowed (its memory,
-    written tile by tile after that tile's pairs are read)."""
+    written tile by tile after that tile's pairs are read). `token_rows`: grad_rows is the
+    tokens' output gradient # [T, O], row r read at token_rows[r] in the GEMM's loads."""
     grad_preact = torch.empty_like(preact) if out is None else out
     scaled_hidden = preact.new_empty(preact.shape[0], preact.shape[1] // 2)
     kwargs = dict(
@@ -423,6 +483,7 @@ def experts_swiglu_backward(
         colvec_scale=row_weights,
         colvec_reduce=True,
         cu_seqlens_m=bounds,
+        A_idx=None if token_rows is None else token_rows.to(torch.int32),
     )
     if out is preact and _untimed(_tuning_key("swiglu_backward", _candidates("dgated", kwargs), kwargs)):
         # Tuning runs each candidate several times on these operands: in place, every run after
@@ -579,7 +640,7 @@ def _record_problem(key: str, op: str, kwargs: dict) -> list[int]:
 def _key(direction: str, kwargs: dict) -> str:
     a, b = kwargs["A"], kwargs["B"]
     gathers = kwargs.get("A_idx") is not None
-    if direction == "grad_weight":  # A # [O, S], B # [S, I]
+    if direction.startswith("grad_weight"):  # A # [O, S] ([I, T] for _t), B # [S, I] ([S, O])
         rows, dims = b.shape[0], (a.shape[0], b.shape[-1])
     else:  # A # [S or T, K], B # [E, K, N]
         rows, dims = (kwargs["A_idx"].shape[0] if gathers else a.shape[0]), (a.shape[-1], b.shape[-1])
