@@ -416,7 +416,9 @@ class _CombinedGLU(torch.autograd.Function):
     three matmuls read the paired columns through QuACK's concat_layout. With
     `quack_gemm.fuse_swiglu_backward` (by default for small experts, F <= 2048) the product and
     that pass are one GEMM, QuACK's dgated epilogue (`experts_swiglu_backward`, NOTES.md v27).
-    Small experts' problems also tune among the extra tiles (`quack_gemm.SMALL_EXPERTS_FF`)."""
+    Small experts' problems also tune among the extra tiles (`quack_gemm.SMALL_EXPERTS_FF`).
+    `quack_gemm.backward_gathers` (a probe, NOTES.md v31) reads x and the output gradient in the
+    backward GEMMs' loads instead of copying them to expert order."""
 
     @staticmethod
     def forward(
@@ -476,6 +478,8 @@ class _CombinedGLU(torch.autograd.Function):
         # GEMMs that take it, at the rows' tokens (`grad_tokens`).
         gathers = quack_gemm.BACKWARD_GATHER
         grad_tokens = sorted_tokens if gathers == "all" else None
+        if gathers == "all":
+            grad_out = grad_out.contiguous()  # QuACK's varlen-M A must be k-major (not expanded)
         grad_rows = (
             grad_out
             if gathers == "all"
@@ -505,7 +509,9 @@ class _CombinedGLU(torch.autograd.Function):
                 grad_rows, scaled_hidden, down_proj, bounds, token_rows=grad_tokens
             )
         del grad_rows, scaled_hidden
-        if needs_gate_up and gathers != "none":  # x read in place, gathered along K
+        # x read in place, gathered along K into a transposed view of the result: not under
+        # torch.compile, whose tracing of QuACK's custom op takes a contiguous out= only.
+        if needs_gate_up and gathers != "none" and not torch.compiler.is_compiling():
             grad_gate_up = quack_gemm.experts_mm_grad_weight_gathered_x(
                 grad_preact, x, sorted_tokens, gate_up_proj, bounds, interleaved=True
             )
