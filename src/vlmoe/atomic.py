@@ -9,13 +9,50 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+# What marks a directory as one this library (or transformers) wrote: one holding it may be replaced.
+MODEL_MARKER = "config.json"
+
+
+def check_replaceable(path: str | os.PathLike, marker: str = MODEL_MARKER, option: str = "") -> Path:
+    """`path` if a directory written there may replace what is there: nothing, an empty
+    directory, or a directory holding `marker` (a model folder saved before). A file, or a folder
+    of other things, raises a ValueError naming the fix: replacing it would delete them.
+    `option`: the command-line name of the path, put before it in the message (e.g. "DST").
+
+    Example:
+        >>> import tempfile
+        >>> folder = Path(tempfile.mkdtemp())
+        >>> _ = (folder / "notes.txt").write_text("mine")
+        >>> check_replaceable(folder)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: ... holds other files (notes.txt) and no config.json: ...
+    """
+    path = Path(path)
+    named = f"{option} {path}" if option else str(path)
+    if path.is_dir():
+        entries = sorted(entry.name for entry in path.iterdir())
+        if entries and marker not in entries:
+            shown = ", ".join(entries[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
+            raise ValueError(
+                f"{named} holds other files ({shown}) and no {marker}: writing a model there would "
+                "replace the whole folder and delete them; pass a new or empty folder (or a model "
+                "folder saved before, which is replaced)"
+            )
+    elif path.exists() or path.is_symlink():
+        raise ValueError(f"{named} is a file, not a folder: pass a folder path for the model")
+    return path
+
 
 @contextmanager
-def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_directory(path: str | os.PathLike, marker: str | None = MODEL_MARKER) -> Iterator[Path]:
     """Yield an empty temporary directory that replaces `path` when the block succeeds.
 
     A crash or an exception inside the block leaves `path` as it was (an old copy stays until
-    the new one is in place) and removes the temporary directory.
+    the new one is in place) and removes the temporary directory. What is at `path` is checked
+    before anything is written: it must be nothing, an empty directory or one holding `marker`
+    (`check_replaceable`), so a typo cannot replace a folder of the user's own; `marker` None
+    skips the check.
 
     Example:
         >>> import tempfile
@@ -26,6 +63,8 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
         ['config.json']
     """
     path = Path(path)
+    if marker is not None:
+        check_replaceable(path, marker)
     path.parent.mkdir(parents=True, exist_ok=True)
     temp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:

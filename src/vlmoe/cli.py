@@ -287,11 +287,13 @@ def export(
     dst: str = typer.Argument(..., help="Where to write the standard HF checkpoint."),
 ) -> None:
     """Export an upcycled model (vlmoe.save) to a standard HF MoE checkpoint: Mixtral or Qwen2-MoE."""
+    from vlmoe.atomic import check_replaceable
     from vlmoe.data.folders import output_folder
     from vlmoe.models import export_hf, load
 
     try:
-        target = output_folder(dst, "DST")  # before the load: export_hf would replace a file there
+        # Before the load: export_hf would replace a file there, or a folder of the user's own.
+        target = check_replaceable(output_folder(dst, "DST"), option="DST")
         path = export_hf(load(src), target)
     except (ValueError, FileNotFoundError) as error:
         typer.echo(f"vlmoe export: {error}", err=True)
@@ -331,12 +333,14 @@ def import_moe_llava_command(
     ] = "auto",
 ) -> None:
     """MoE-LLaVA (DeepSpeed-MoE layers) -> a vlmoe LLaVA on stock transformers, with its processor."""
+    from vlmoe.atomic import check_replaceable
     from vlmoe.data.folders import output_folder
     from vlmoe.interop import import_moe_llava
     from vlmoe.models import save
 
     try:
-        output_folder(dst, "DST")  # before the conversion: vlmoe.save would replace a file there
+        # Before the conversion: vlmoe.save would replace a file there, or a folder of the user's own.
+        check_replaceable(output_folder(dst, "DST"), option="DST")
         model, processor = import_moe_llava(
             src,
             vision_tower,
@@ -374,12 +378,14 @@ def import_llava_mole_command(
     ] = "auto",
 ) -> None:
     """LLaVA-MoLE (LoRA experts on FFN, LoRA on attention) -> a vlmoe LLaVA with MoLE, and its processor."""
+    from vlmoe.atomic import check_replaceable
     from vlmoe.data.folders import output_folder
     from vlmoe.interop import import_llava_mole
     from vlmoe.models import save
 
     try:
-        output_folder(dst, "DST")  # before the conversion: vlmoe.save would replace a file there
+        # Before the conversion: vlmoe.save would replace a file there, or a folder of the user's own.
+        check_replaceable(output_folder(dst, "DST"), option="DST")
         model, processor = import_llava_mole(
             src,
             base_llm,

@@ -95,3 +95,19 @@ def test_vlmoe_import_refuses_a_dst_that_is_a_file_before_converting(tmp_path):
         )
         assert result.exit_code == 1 and f"DST {notes} is a file; pass a folder" in result.output
     assert notes.read_text() == "keep me"
+
+
+def test_vlmoe_import_and_export_refuse_a_dst_folder_of_other_files_before_any_work(tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "data.csv").write_text("keep me")
+    for args in (
+        ["import", "moe-llava", str(tmp_path / "ckpt"), str(mine)],
+        ["import", "llava-mole", str(tmp_path / "ckpt"), str(mine), "--base-llm", str(tmp_path),
+         "--vision-tower", str(tmp_path)],
+        ["export", str(tmp_path / "no-model"), str(mine)],
+    ):  # fmt: skip
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 1, result.output
+        assert f"DST {mine} holds other files (data.csv) and no config.json" in result.output
+    assert (mine / "data.csv").read_text() == "keep me" and len(list(mine.iterdir())) == 1

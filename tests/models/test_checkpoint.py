@@ -156,3 +156,24 @@ def test_a_record_written_before_the_newer_step_fields_still_loads(tmp_path):
     (path / "config.json").write_text(json.dumps(config))
     router = vlmoe.load(path).model.language_model.layers[0].mlp.router.config
     assert (router.min_capacity, router.load_balance_first_choice) == (0, False)
+
+
+def test_save_refuses_to_replace_a_folder_of_other_files_or_a_file_and_deletes_nothing(tmp_path):
+    model, _ = tiny("llava")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    with pytest.raises(ValueError, match=r"holds other files \(thesis\.tex\) and no config\.json"):
+        vlmoe.save(model, mine)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("keep me")
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        vlmoe.save(model, notes)
+    with pytest.raises(ValueError, match="holds other files"):
+        vlmoe.export_hf(vlmoe.upcycle_ffn(tiny("llava")[0], num_experts=2), mine)
+    assert (mine / "thesis.tex").read_text() == "years of work" and notes.read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "notes.txt"]  # no temp dirs left
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert vlmoe.save(model, empty) == empty and (empty / "config.json").exists()
+    assert vlmoe.save(model, empty) == empty  # a model folder saved before is replaced

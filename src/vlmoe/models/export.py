@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from transformers.initialization import no_init_weights
 
-from vlmoe.atomic import atomic_directory
+from vlmoe.atomic import atomic_directory, check_replaceable
 from vlmoe.models.card import CARD_NAME, CardInfo, model_card
 from vlmoe.models.families import FamilyAdapter, adapter_for
 from vlmoe.models.mole import MoLEFeedForward
@@ -51,6 +51,7 @@ def export_hf(model: nn.Module, path: str | os.PathLike, card: CardInfo | None =
         >>> AutoModelForImageTextToText.from_pretrained(path).config.text_config.model_type
         'mixtral'
     """
+    check_replaceable(path)  # before the conversion's work, not only before the write
     adapter = adapter_for(model)
     model = copy.deepcopy(model).eval()
     _merge_lora(model, adapter)
