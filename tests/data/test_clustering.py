@@ -113,6 +113,20 @@ def test_cli_refuses_an_out_that_is_a_file_before_embedding(tmp_path):
     assert data.read_text().count("\n") == 1  # the data file is left as it was
 
 
+def test_cli_refuses_k_0_before_loading_the_encoder(tmp_path, monkeypatch):
+    from vlmoe.data import clustering
+
+    monkeypatch.setattr(clustering, "load_sentence_encoder", lambda model: pytest.fail("encoder loaded"))
+    data = tmp_path / "train.jsonl"
+    turns = [{"from": "human", "value": "Describe it."}, {"from": "gpt", "value": "ok"}]
+    data.write_text(json.dumps({"id": "0", "conversations": turns}) + "\n")
+    result = CliRunner().invoke(
+        app, ["data", "cluster", "--data", str(data), "--k", "0", "--out", str(tmp_path / "c")]
+    )
+    message = " ".join(result.output.replace("│", " ").split())
+    assert result.exit_code == 2 and "--k must be at least 1, got 0" in message
+
+
 def test_cli_names_an_empty_data_file_instead_of_asking_for_k_0(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # a short path: rich wraps the message at the terminal width
     (tmp_path / "train.jsonl").write_text("")

@@ -143,3 +143,12 @@ def test_a_file_that_is_not_utf8_or_a_folder_that_is_no_dataset_names_itself_and
     (tmp_path / "folder").mkdir()
     with pytest.raises(FileNotFoundError, match=r"folder: a folder but not a datasets\.save_to_disk"):
         read_conversations(tmp_path / "folder")
+
+
+def test_a_turn_value_that_is_not_a_string_is_named_with_its_type(image_dir):
+    path = image_dir / "list.jsonl"
+    turns = [{"from": "human", "value": ["Describe", "it"]}, {"from": "gpt", "value": "ok"}]
+    path.write_text(json.dumps({"id": "l1", "conversations": turns}) + "\n")
+    with pytest.raises(BadSampleError, match=r"list.jsonl:1: sample 'l1': empty_turn: turn 0 \(human\): "
+                       r'"value" must be a string, got list'):  # fmt: skip
+        read_conversations(path, check_images=False)

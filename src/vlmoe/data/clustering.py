@@ -192,6 +192,8 @@ def cluster_conversation_file(
     from vlmoe.data.conversations import raw_samples, read_conversations
 
     out = output_folder(out)  # before the (slow) embedding
+    if num_clusters < 1:  # before the encoder loads, not only in fit_instruction_clusters
+        raise ValueError(f"--k must be at least 1, got {num_clusters}")
     samples, _ = read_conversations(data, check_images=False)  # fails at the first bad sample, with its line
     if not samples:
         raise ValueError(f"--data {data} holds no samples; give a file with LLaVA-format conversations")

@@ -193,6 +193,10 @@ def _check_turns(turns: Any) -> list[dict[str, str]]:
                 "bad_alternation", f"turn {i} is from {role!r}; turns must alternate human, gpt, ..."
             )
         value = turn.get("value")
+        if value is not None and not isinstance(value, str):
+            raise _Invalid(
+                "empty_turn", f'turn {i} ({role}): "value" must be a string, got {type(value).__name__}'
+            )
         if not isinstance(value, str) or not value.replace(IMAGE_PLACEHOLDER, "").strip():
             raise _Invalid("empty_turn", f"turn {i} ({role}) has no text")
         messages.append({"role": ROLES[role], "content": value})
