@@ -352,13 +352,18 @@ def cu_seqlens(offsets: Tensor) -> Tensor:
     return torch.nn.functional.pad(offsets.to(torch.int32), (1, 0))
 
 
+def _gather_index(token_rows: Tensor | None) -> Tensor | None:
+    """QuACK's A_idx for rows read at `token_rows` (int32, as its gather takes), None for none."""
+    return None if token_rows is None else token_rows.to(torch.int32)
+
+
 def experts_mm(x: Tensor, weight: Tensor, bounds: Tensor, token_rows: Tensor | None = None) -> Tensor:
     """Row r: x_r @ weight[e].T, x_r = x[token_rows[r]] if token_rows is given (the gather in the
     GEMM's loads) else x[r]. -> [S, O]; rows past the last segment are left unwritten.
     bounds # [E + 1] int32, expert e's rows bounds[e]:bounds[e + 1] (`cu_seqlens`)."""
     rows = x.shape[0] if token_rows is None else token_rows.shape[0]
     out = x.new_empty(rows, weight.shape[-2])
-    a_idx = None if token_rows is None else token_rows.to(torch.int32)
+    a_idx = _gather_index(token_rows)
     _gemm("forward", A=x, B=weight.transpose(-2, -1), out=out, cu_seqlens_m=bounds, A_idx=a_idx)
     return out
 
@@ -377,7 +382,7 @@ def experts_mm_grad_input(
     rows = grad_out.shape[0] if token_rows is None else token_rows.shape[0]
     out = grad_out.new_empty(rows, weight.shape[-1])
     concat = {"concat_layout": ("B",)} if interleaved else {}
-    a_idx = None if token_rows is None else token_rows.to(torch.int32)
+    a_idx = _gather_index(token_rows)
     _gemm("grad_input", A=grad_out, B=weight, out=out, cu_seqlens_m=bounds, A_idx=a_idx, **concat)
     return out
 
@@ -396,7 +401,7 @@ def experts_mm_grad_weight(
     [gate; up] stacked rows, the layout of `weight`."""
     out = torch.empty_like(weight)
     concat = {"concat_layout": ("out",)} if interleaved else {}
-    a_idx = None if token_rows is None else token_rows.to(torch.int32)
+    a_idx = _gather_index(token_rows)
     _gemm("grad_weight", A=grad_out.t(), B=x_sorted, out=out, cu_seqlens_k=bounds, A_idx=a_idx, **concat)
     return out
 
@@ -424,7 +429,7 @@ def experts_mm_grad_weight_gathered_x(
         B=grad_out,
         out=out.transpose(-2, -1),
         cu_seqlens_k=bounds,
-        A_idx=token_rows.to(torch.int32),
+        A_idx=_gather_index(token_rows),
         **concat,
     )
     return out
@@ -451,7 +456,7 @@ def experts_swiglu(
             preact_out=preact,
             postact_out=hidden,
             cu_seqlens_m=bounds,
-            A_idx=None if token_rows is None else token_rows.to(torch.int32),
+            A_idx=_gather_index(token_rows),
             concat_layout=("B",),
         ),
     )
@@ -488,7 +493,7 @@ def experts_swiglu_backward(
         colvec_scale=row_weights,
         colvec_reduce=True,
         cu_seqlens_m=bounds,
-        A_idx=None if token_rows is None else token_rows.to(torch.int32),
+        A_idx=_gather_index(token_rows),
     )
     if out is preact and _untimed(_tuning_key("swiglu_backward", _candidates("dgated", kwargs), kwargs)):
         # Tuning runs each candidate several times on these operands: in place, every run after
