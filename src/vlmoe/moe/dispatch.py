@@ -477,14 +477,10 @@ class _CombinedGLU(torch.autograd.Function):
         # The output gradient in expert order, or (BACKWARD_GATHER "all") read in place by the two
         # GEMMs that take it, at the rows' tokens (`grad_tokens`).
         gathers = quack_gemm.BACKWARD_GATHER
-        grad_tokens = sorted_tokens if gathers == "all" else None
-        if gathers == "all":
-            grad_out = grad_out.contiguous()  # QuACK's varlen-M A must be k-major (not expanded)
-        grad_rows = (
-            grad_out
-            if gathers == "all"
-            else _gather_rows(grad_out, slot_rows, sorted_tokens, ctx.top_k, None)
-        )
+        if gathers == "all":  # QuACK's varlen-M A must be k-major (an expanded gradient is not)
+            grad_rows, grad_tokens = grad_out.contiguous(), sorted_tokens
+        else:
+            grad_rows, grad_tokens = _gather_rows(grad_out, slot_rows, sorted_tokens, ctx.top_k, None), None
         out = preact if ctx.overwrite else None
         if quack_gemm.fuse_swiglu_backward(down_proj):  # the SwiGLU's gradient in the GEMM's epilogue
             row_weights = slot_weights.index_select(0, sorted_slots)  # [S], expert order
