@@ -287,18 +287,25 @@ def export(
     dst: str = typer.Argument(..., help="Where to write the standard HF checkpoint."),
 ) -> None:
     """Export an upcycled model (vlmoe.save) to a standard HF MoE checkpoint: Mixtral or Qwen2-MoE."""
-    from vlmoe.atomic import check_replaceable
-    from vlmoe.data.folders import output_folder
     from vlmoe.models import export_hf, load
 
     try:
-        # Before the load: export_hf would replace a file there, or a folder of the user's own.
-        target = check_replaceable(output_folder(dst, "DST"), option="DST")
+        target = _model_destination(dst)  # before the load
         path = export_hf(load(src), target)
     except (ValueError, FileNotFoundError) as error:
         typer.echo(f"vlmoe export: {error}", err=True)
         raise typer.Exit(code=1) from error
     typer.echo(f"exported {src} -> {path}")
+
+
+def _model_destination(dst: str | Path) -> Path:
+    """DST of `vlmoe export` / `vlmoe import`, checked before any work: a folder path (no file on
+    the way) holding nothing, or a model saved before (which is replaced), not a folder of the
+    user's own files, which writing the model would delete."""
+    from vlmoe.atomic import check_replaceable
+    from vlmoe.data.folders import output_folder
+
+    return check_replaceable(output_folder(dst, "DST"), option="DST")
 
 
 # --- vlmoe import: published sparse VLM checkpoints -> vlmoe models (vlmoe.interop) -------------
@@ -333,14 +340,11 @@ def import_moe_llava_command(
     ] = "auto",
 ) -> None:
     """MoE-LLaVA (DeepSpeed-MoE layers) -> a vlmoe LLaVA on stock transformers, with its processor."""
-    from vlmoe.atomic import check_replaceable
-    from vlmoe.data.folders import output_folder
     from vlmoe.interop import import_moe_llava
     from vlmoe.models import save
 
     try:
-        # Before the conversion: vlmoe.save would replace a file there, or a folder of the user's own.
-        check_replaceable(output_folder(dst, "DST"), option="DST")
+        _model_destination(dst)  # before the conversion
         model, processor = import_moe_llava(
             src,
             vision_tower,
@@ -378,14 +382,11 @@ def import_llava_mole_command(
     ] = "auto",
 ) -> None:
     """LLaVA-MoLE (LoRA experts on FFN, LoRA on attention) -> a vlmoe LLaVA with MoLE, and its processor."""
-    from vlmoe.atomic import check_replaceable
-    from vlmoe.data.folders import output_folder
     from vlmoe.interop import import_llava_mole
     from vlmoe.models import save
 
     try:
-        # Before the conversion: vlmoe.save would replace a file there, or a folder of the user's own.
-        check_replaceable(output_folder(dst, "DST"), option="DST")
+        _model_destination(dst)  # before the conversion
         model, processor = import_llava_mole(
             src,
             base_llm,
