@@ -82,6 +82,11 @@ class InstructionClusters:
         return int(self.centroids.shape[0])
 
 
+def _check_num_clusters(num_clusters: int) -> None:
+    if num_clusters < 1:
+        raise ValueError(f"--k must be at least 1, got {num_clusters}")
+
+
 def fit_instruction_clusters(
     embeddings: np.ndarray, num_clusters: int = 64, seed: int = 0
 ) -> InstructionClusters:
@@ -96,8 +101,7 @@ def fit_instruction_clusters(
     from sklearn.cluster import KMeans
 
     distinct = len(np.unique(embeddings, axis=0))
-    if num_clusters < 1:
-        raise ValueError(f"--k must be at least 1, got {num_clusters}")
+    _check_num_clusters(num_clusters)
     if distinct < num_clusters:
         raise ValueError(
             f"{len(embeddings)} instructions ({distinct} distinct) cannot make {num_clusters} clusters; "
@@ -192,8 +196,7 @@ def cluster_conversation_file(
     from vlmoe.data.conversations import raw_samples, read_conversations
 
     out = output_folder(out)  # before the (slow) embedding
-    if num_clusters < 1:  # before the encoder loads, not only in fit_instruction_clusters
-        raise ValueError(f"--k must be at least 1, got {num_clusters}")
+    _check_num_clusters(num_clusters)  # before the encoder loads, not only in the fit
     samples, _ = read_conversations(data, check_images=False)  # fails at the first bad sample, with its line
     if not samples:
         raise ValueError(f"--data {data} holds no samples; give a file with LLaVA-format conversations")

@@ -197,7 +197,7 @@ def _check_turns(turns: Any) -> list[dict[str, str]]:
             raise _Invalid(
                 "empty_turn", f'turn {i} ({role}): "value" must be a string, got {type(value).__name__}'
             )
-        if not isinstance(value, str) or not value.replace(IMAGE_PLACEHOLDER, "").strip():
+        if value is None or not value.replace(IMAGE_PLACEHOLDER, "").strip():
             raise _Invalid("empty_turn", f"turn {i} ({role}) has no text")
         messages.append({"role": ROLES[role], "content": value})
     if len(messages) % 2:
