@@ -1,7 +1,7 @@
 """Step time against the GPU's clocks: the MoE FFN layer and its compiled dense-equivalent (and
 the layer under `moe_layer.py`'s probes) from idle and under sustained load, one process.
 
-    python benchmarks/clocks.py [--shape 3] [--probe more] [--seconds 2] [--blocks 4]
+    python benchmarks/clocks.py [--shape 3] [--probe more] [--compiled-layer] [--seconds 2] [--blocks 4]
 
 Why: the same layer's paired rounds at the 64-expert shape read 9.0-9.5 or 9.8-10.3 ms a step
 (NOTES.md sessions 16-17), and tiles that win the tuner's short timing lose 2% inside the layer
@@ -11,8 +11,9 @@ than in a short burst, and more so for some kernels than others. This prints, fo
 - sustained: `--blocks` blocks of `--seconds` each, methods alternating block by block, each block
   split in quarters: median ms, mean SM clock and power, the share of samples under NVML's
   power cap, and joules per step (mean power x median step time);
-and writes clocks.json and clocks.png (`plot_telemetry.py`). Needs nvidia-ml-py (carried in .whl
-to the device).
+`--compiled-layer` adds the layer under torch.compile beside its eager self (target 4's gain, and
+target 1 read compiled against compiled). Writes clocks.json and clocks.png (`plot_telemetry.py`).
+Needs nvidia-ml-py (carried in .whl to the device).
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ from moe_layer import (
 from plot_telemetry import picture
 from telemetry import GpuSampler
 
+COMPILED_LAYER = "vlmoe layer, torch.compile"
+
 
 def _timed_steps(step, count: int) -> tuple[list[float], float, float]:
     """`count` steps back to back -> (each step's GPU ms, host start, host end)."""
@@ -70,6 +73,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--shape", type=int, default=3, choices=range(1, len(FFN_SHAPES) + 1))
     parser.add_argument("--probe", action="append", default=[], choices=sorted(PROBES))
+    parser.add_argument(
+        "--compiled-layer", action="store_true", help="also time torch.compile(layer), as one more method"
+    )
     parser.add_argument("--seconds", type=float, default=2.0, help="length of one sustained block")
     parser.add_argument("--blocks", type=int, default=4, help="sustained blocks per method")
     args = parser.parse_args()
@@ -80,7 +86,10 @@ def main() -> None:
     dense, moe, x, x_dense = build_ffn(*shape)
     compiled = torch.compile(dense)
     steps = {}
-    for name, module, inputs in [(DENSE_COMPILED, compiled, x_dense), (SHIPPED, moe, x)]:
+    methods = [(DENSE_COMPILED, compiled, x_dense), (SHIPPED, moe, x)]
+    if args.compiled_layer:
+        methods.append((COMPILED_LAYER, torch.compile(moe), x))
+    for name, module, inputs in methods:
         first_s = _first_step_s(module, inputs)  # compiling and tuning, outside every timing
         with torch.no_grad():
             grad_out = torch.randn_like(module(inputs))
