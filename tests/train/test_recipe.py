@@ -125,6 +125,30 @@ def test_scale_merges_and_unknown_scale_fails(tmp_path):
         load_recipe(path, scale="huge")
 
 
+@pytest.mark.parametrize(
+    ("scales", "message"),
+    [
+        (["tiny"], "scales: expected a mapping of scale names to overrides, got ['tiny']"),
+        ({"tiny": None}, "scales.tiny: expected a mapping of overrides, got None"),
+        ({"tiny": {"stage": [1]}}, "scales.tiny.stage: expected a mapping, got [1]"),
+        ({"tiny": {"charts": "small"}}, "scales.tiny.charts: expected a mapping, got 'small'"),
+        ({"tiny": {"stages": ["align"]}}, "scales.tiny.stages: expected a mapping of stage names"),
+        ({"tiny": {"stages": {"align": 3}}}, "scales.tiny.stages.align: expected a mapping, got 3"),
+        ({"tiny": {"stage": {"batch_sze": 2}}}, "unknown key 'scales.tiny.stage.batch_sze'; scales.tiny"),
+        (
+            {"tiny": {"stages": {"align": {"data": {"max_lenght": 9}}}}},
+            "unknown key 'scales.tiny.stages.align.data.max_lenght'; scales.tiny.stages.align.data takes",
+        ),
+        ({"tiny": {"charts": {"count": 2}}}, "unknown key 'scales.tiny.charts.count'; scales.tiny.charts"),
+    ],
+)
+def test_a_malformed_scale_names_its_own_key_in_the_file(tmp_path, scales, message):
+    path = _write(tmp_path, {**MINIMAL, "scales": scales})
+    with pytest.raises(RecipeError) as error:
+        load_recipe(path, scale="tiny")
+    assert str(error.value).startswith(f"{path}: ") and message in str(error.value)
+
+
 def test_float_fields_accept_yaml_exponents(tmp_path):
     stage = {**MINIMAL["stages"][0], "learning_rate": {"default": "1e-3"}}
     assert load_recipe(_write(tmp_path, {**MINIMAL, "stages": [stage]})).stages[0].learning_rate == {

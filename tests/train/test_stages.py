@@ -217,3 +217,33 @@ def test_a_run_shares_its_console_with_the_kernels_progress_bars(tmp_path, monke
     assert seen and all(shared is console for shared in seen)
     assert [result.skipped for result in results] == [False] * len(seen)
     assert shared_console() is before  # the stderr console again once the run is over
+
+
+@pytest.mark.parametrize(
+    ("change", "changed"),
+    [
+        (lambda r: setattr(r.base, "family", "qwen2_vl"), "base"),
+        (lambda r: setattr(r.base, "seed", 1), "base"),
+        (lambda r: setattr(r, "seed", 1), "seed"),
+        (lambda r: (setattr(r, "seed", 1), setattr(r.stages[0], "max_steps", 9)), "seed and stages"),
+    ],
+)
+def test_resume_refuses_a_recipe_whose_base_or_seed_changed(tmp_path, change, changed):
+    # A checkpoint of one tiny family does not load into another (it failed deep in safetensors),
+    # and another seed would continue with a different data order and surgery init.
+    from vlmoe.train.stages import _check_run_directory
+
+    out = tmp_path / "run"
+    _check_run_directory(tiny_recipe(out), out, resume=False)
+    (out / "moe" / "checkpoints" / "checkpoint-2").mkdir(parents=True)
+    moved = tiny_recipe(tmp_path / "moved")
+    moved.name, moved.description = "renamed", "another description"
+    _check_run_directory(moved, out, resume=True)  # name, description and output_dir may differ
+    recipe = tiny_recipe(out)
+    change(recipe)
+    with pytest.raises(ValueError) as error:
+        _check_run_directory(recipe, out, resume=True)
+    assert str(error.value) == (
+        f"{out / 'recipe.json'}: the run was started with different {changed}; resume with the same "
+        f"recipe and --scale (or {out / 'recipe.json'} itself), or start a new output dir"
+    )

@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -296,19 +297,31 @@ def load_recipe(
 
 def apply_scale(raw: dict[str, Any], scale: str, path: Path) -> dict[str, Any]:
     scales = raw.get("scales") or {}
+    if not isinstance(scales, dict):
+        raise RecipeError(f"{path}: scales: expected a mapping of scale names to overrides, got {scales!r}")
     if scale not in scales:
         raise RecipeError(f"{path}: no scale {scale!r}; the recipe defines {sorted(scales) or 'none'}")
     overrides = scales[scale]
+    where = f"scales.{scale}"
+    if not isinstance(overrides, dict):
+        raise RecipeError(f"{path}: {where}: expected a mapping of overrides, got {overrides!r}")
     unknown = set(overrides) - {"base", "output_dir", "stage", "stages", "charts"}
     if unknown:
         raise RecipeError(
-            f"{path}: scales.{scale}: unknown key(s) {sorted(unknown)}; "
-            f"use base, output_dir, stage, stages, charts"
+            f"{path}: {where}: unknown key(s) {sorted(unknown)}; use base, output_dir, stage, stages, charts"
         )
+    # The keys are checked here, where they are written: once merged, a typo would be reported
+    # under stages[i], where the file does not have it.
+    _check_override_keys(StageConfig, overrides.get("stage", {}), f"{where}.stage", path)
+    _check_override_keys(ChartDataConfig, overrides.get("charts", {}), f"{where}.charts", path)
     names = [s.get("name") for s in raw.get("stages") or [] if isinstance(s, dict)]
-    for name in overrides.get("stages", {}):
+    stages = overrides.get("stages", {})
+    if not isinstance(stages, dict):
+        raise RecipeError(f"{path}: {where}.stages: expected a mapping of stage names to overrides")
+    for name, stage_overrides in stages.items():
         if name not in names:
-            raise RecipeError(f"{path}: scales.{scale}.stages: no stage named {name!r}; stages are {names}")
+            raise RecipeError(f"{path}: {where}.stages: no stage named {name!r}; stages are {names}")
+        _check_override_keys(StageConfig, stage_overrides, f"{where}.stages.{name}", path)
     merged = copy.deepcopy(raw)
     for key in ("base", "output_dir"):
         if key in overrides:
@@ -321,6 +334,21 @@ def apply_scale(raw: dict[str, Any], scale: str, path: Path) -> dict[str, Any]:
                 if isinstance(source, dict) and isinstance(source.get("charts"), dict):
                     _deep_merge(source["charts"], overrides.get("charts", {}))
     return merged
+
+
+def _check_override_keys(cls: Any, overrides: Any, where: str, path: Path) -> None:
+    """Every key of a partial mapping merged over `cls` is one of its fields, down through the
+    mappings that merge into nested dataclasses (values are checked after the merge)."""
+    if not isinstance(overrides, dict):
+        raise RecipeError(f"{path}: {where}: expected a mapping, got {overrides!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.metadata.get("key", True)]
+    for key, value in overrides.items():
+        if key not in names:
+            raise RecipeError(f"{path}: unknown key '{where}.{key}'; {where} takes {', '.join(names)}")
+        nested = [a for a in (typing.get_args(hints[key]) or (hints[key],)) if dataclasses.is_dataclass(a)]
+        if isinstance(value, dict) and nested:
+            _check_override_keys(nested[0], value, f"{where}.{key}", path)
 
 
 def _deep_merge(target: dict, overrides: dict) -> None:

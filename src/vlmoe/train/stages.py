@@ -40,6 +40,7 @@ from vlmoe.train.recipe import Recipe, StageConfig, SurgeryConfig
 from vlmoe.train.trainer import MoETrainer, last_complete_checkpoint
 
 STAGE_DONE = "stage_done.json"
+RESUME_KEYS = ("base", "seed", "stages")  # what a resumed run must share with the started one
 
 
 @dataclasses.dataclass
@@ -373,11 +374,15 @@ def _check_run_directory(recipe: Recipe, out: Path, resume: bool) -> None:
             raise ValueError(
                 f"{out} already holds a run; continue it with --resume, or choose another output dir"
             )
-        previous = json.loads(saved.read_text())
-        if previous["stages"] != json.loads(json.dumps(current["stages"])):
+        previous, now = json.loads(saved.read_text()), json.loads(json.dumps(current, default=str))
+        # What the weights depend on: the base model (its checkpoints would not load into another
+        # one), the seed (data order, surgery inits) and the stages. Name, description and
+        # output_dir (a moved run) may differ.
+        changed = [key for key in RESUME_KEYS if previous.get(key) != now[key]]
+        if changed:
             raise ValueError(
-                f"{saved}: the run was started with different stages; resume with the same recipe "
-                f"and --scale, or start a new output dir"
+                f"{saved}: the run was started with different {' and '.join(changed)}; resume with the "
+                f"same recipe and --scale (or {saved} itself), or start a new output dir"
             )
         return
     out.mkdir(parents=True, exist_ok=True)
