@@ -152,3 +152,17 @@ def test_a_turn_value_that_is_not_a_string_is_named_with_its_type(image_dir):
     with pytest.raises(BadSampleError, match=r"list.jsonl:1: sample 'l1': empty_turn: turn 0 \(human\): "
                        r'"value" must be a string, got list'):  # fmt: skip
         read_conversations(path, check_images=False)
+
+
+def test_a_truncated_jpeg_is_a_corrupt_image(tmp_path):
+    # PIL's verify() checks nothing in a JPEG; a cut-off one would only fail in the collator, mid-training.
+    Image.effect_noise((64, 64), 64).convert("RGB").save(tmp_path / "whole.jpg")
+    data = (tmp_path / "whole.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
+    path = tmp_path / "photos.jsonl"
+    samples = [{"id": name, "image": f"{name}.jpg", "conversations": _turns("<image>\nq", "a")}
+               for name in ("whole", "cut")]  # fmt: skip
+    path.write_text("\n".join(json.dumps(sample) for sample in samples) + "\n")
+    expected = r"photos\.jsonl:2: sample 'cut': corrupt_image: image .*cut\.jpg cannot be decoded"
+    with pytest.raises(BadSampleError, match=expected + r" \(OSError: image file is truncated"):
+        read_conversations(path)

@@ -214,7 +214,9 @@ def _check_image(image: Any, image_root: Path) -> Any:
         raise _Invalid("missing_image", f"image {str(image)!r} not found at {path}")
     try:
         with Image.open(path) as opened:
-            opened.verify()  # reads the whole file: catches truncated and non-image files
+            opened.verify()  # PNG: every chunk and its checksum
+        with Image.open(path) as opened:  # verify() leaves the image unusable, so open it again
+            opened.load()  # decodes: the only check that catches a truncated JPEG (verify() skips them)
     except Exception as error:
         raise _Invalid(
             "corrupt_image", f"image {path} cannot be decoded ({type(error).__name__}: {error})"
