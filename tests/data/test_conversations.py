@@ -166,3 +166,18 @@ def test_a_truncated_jpeg_is_a_corrupt_image(tmp_path):
     expected = r"photos\.jsonl:2: sample 'cut': corrupt_image: image .*cut\.jpg cannot be decoded"
     with pytest.raises(BadSampleError, match=expected + r" \(OSError: image file is truncated"):
         read_conversations(path)
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "problem"),
+    [
+        ('[{"id": "a"},\n', 2, r"the list is not closed with '\]' \(is the file cut off\?\)"),
+        ('[{"id": "a"}\n{"id": "b"}]', 2, r"expected ',' or '\]' after a sample"),
+        ('[{"id": "a"}]\n{"id": "b"}', 1, r"text after the list's closing '\]'"),
+    ],
+)
+def test_a_cut_off_json_list_or_one_missing_a_comma_is_invalid_json(tmp_path, text, line, problem):
+    path = tmp_path / "cut.json"
+    path.write_text(text.replace('{"id": "a"}', json.dumps(GOOD[0])))
+    with pytest.raises(ValueError, match=rf"cut\.json:{line}: invalid JSON \({problem}\); fix the file"):
+        read_conversations(path, on_error="skip")

@@ -114,16 +114,26 @@ def _json_array_items(text: str) -> Iterator[tuple[int, Any]]:
     decoder = json.JSONDecoder()
     pos = text.index("[") + 1
     line, counted_to = 1, 0  # newlines are counted incrementally: LLaVA-665k is a 1 GB list
+    expect_item = True  # after "[" or ",": an element (or "]" for an empty list); after one: "," or "]"
     while True:
-        while pos < len(text) and text[pos] in " \t\r\n,":
+        while pos < len(text) and text[pos] in " \t\r\n":
             pos += 1
-        if pos >= len(text) or text[pos] == "]":
+        if pos >= len(text):  # a cut-off file must not load as a shorter list
+            raise json.JSONDecodeError("the list is not closed with ']' (is the file cut off?)", text, pos)
+        if text[pos] == "]":
+            if text[pos + 1 :].strip():
+                raise json.JSONDecodeError("text after the list's closing ']'", text, pos + 1)
             return
+        if not expect_item:
+            if text[pos] != ",":
+                raise json.JSONDecodeError("expected ',' or ']' after a sample", text, pos)
+            pos, expect_item = pos + 1, True
+            continue
         item, end = decoder.raw_decode(text, pos)
         line += text.count("\n", counted_to, pos)
         counted_to = pos
         yield line, item
-        pos = end
+        pos, expect_item = end, False
 
 
 def raw_samples(source: Any) -> Iterator[tuple[int, Any]]:
