@@ -181,3 +181,11 @@ def test_a_cut_off_json_list_or_one_missing_a_comma_is_invalid_json(tmp_path, te
     path.write_text(text.replace('{"id": "a"}', json.dumps(GOOD[0])))
     with pytest.raises(ValueError, match=rf"cut\.json:{line}: invalid JSON \({problem}\); fix the file"):
         read_conversations(path, on_error="skip")
+
+
+def test_a_utf8_file_with_a_byte_order_mark_reads_like_one_without(tmp_path):
+    (tmp_path / "bom.json").write_text(json.dumps([GOOD[0]]), encoding="utf-8-sig")
+    (tmp_path / "bom.jsonl").write_text(json.dumps(GOOD[0]) + "\n", encoding="utf-8-sig")
+    for name in ("bom.json", "bom.jsonl"):
+        samples, report = read_conversations(tmp_path / name)
+        assert [s.id for s in samples] == ["text"] and report.loaded == 1

@@ -181,7 +181,7 @@ def raw_samples(source: Any) -> Iterator[tuple[int, Any]]:
 def read_text(path: Path) -> str:
     """The UTF-8 text of a data file; any other encoding is a ValueError naming the file and the fix."""
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")  # a leading byte-order mark (Windows editors) dropped
     except UnicodeDecodeError as error:
         raise ValueError(
             f"{path}: not UTF-8 text (a byte that UTF-8 cannot decode at offset {error.start}); save the "
