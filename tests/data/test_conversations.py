@@ -152,3 +152,40 @@ def test_a_turn_value_that_is_not_a_string_is_named_with_its_type(image_dir):
     with pytest.raises(BadSampleError, match=r"list.jsonl:1: sample 'l1': empty_turn: turn 0 \(human\): "
                        r'"value" must be a string, got list'):  # fmt: skip
         read_conversations(path, check_images=False)
+
+
+def test_a_truncated_jpeg_is_a_corrupt_image(tmp_path):
+    # PIL's verify() checks nothing in a JPEG; a cut-off one would only fail in the collator, mid-training.
+    Image.effect_noise((64, 64), 64).convert("RGB").save(tmp_path / "whole.jpg")
+    data = (tmp_path / "whole.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
+    path = tmp_path / "photos.jsonl"
+    samples = [{"id": name, "image": f"{name}.jpg", "conversations": _turns("<image>\nq", "a")}
+               for name in ("whole", "cut")]  # fmt: skip
+    path.write_text("\n".join(json.dumps(sample) for sample in samples) + "\n")
+    expected = r"photos\.jsonl:2: sample 'cut': corrupt_image: image .*cut\.jpg cannot be decoded"
+    with pytest.raises(BadSampleError, match=expected + r" \(OSError: image file is truncated"):
+        read_conversations(path)
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "problem"),
+    [
+        ('[{"id": "a"},\n', 2, r"the list is not closed with '\]' \(is the file cut off\?\)"),
+        ('[{"id": "a"}\n{"id": "b"}]', 2, r"expected ',' or '\]' after a sample"),
+        ('[{"id": "a"}]\n{"id": "b"}', 1, r"text after the list's closing '\]'"),
+    ],
+)
+def test_a_cut_off_json_list_or_one_missing_a_comma_is_invalid_json(tmp_path, text, line, problem):
+    path = tmp_path / "cut.json"
+    path.write_text(text.replace('{"id": "a"}', json.dumps(GOOD[0])))
+    with pytest.raises(ValueError, match=rf"cut\.json:{line}: invalid JSON \({problem}\); fix the file"):
+        read_conversations(path, on_error="skip")
+
+
+def test_a_utf8_file_with_a_byte_order_mark_reads_like_one_without(tmp_path):
+    (tmp_path / "bom.json").write_text(json.dumps([GOOD[0]]), encoding="utf-8-sig")
+    (tmp_path / "bom.jsonl").write_text(json.dumps(GOOD[0]) + "\n", encoding="utf-8-sig")
+    for name in ("bom.json", "bom.jsonl"):
+        samples, report = read_conversations(tmp_path / name)
+        assert [s.id for s in samples] == ["text"] and report.loaded == 1

@@ -62,6 +62,20 @@ def test_pope_image_dir_and_bad_label(tmp_path):
     assert read_pope(file, image_dir=tmp_path / "coco")[0].images == (tmp_path / "coco/x.jpg",)
 
 
+def test_pope_and_llava_jsonl_errors_name_the_line_of_the_record(tmp_path):
+    pope(tmp_path)  # each file: one record on line 1, then a blank line
+    file = tmp_path / "coco_pope_random.json"
+    unlabelled = {"question_id": 2, "image": "x.jpg", "answer": "no"}
+    file.write_text(file.read_text() + json.dumps(unlabelled) + "\n")
+    with pytest.raises(ValueError, match=r"coco_pope_random\.json line 3: missing field 'label'"):
+        read_pope(file)
+    jsonl = tmp_path / "eval.jsonl"
+    unanswered = {"id": "x", "conversations": [{"from": "human", "value": "q"}]}
+    jsonl.write_text("\n\n" + json.dumps(unanswered) + "\n")
+    with pytest.raises(ValueError, match=r"eval\.jsonl line 3: needs a 'human' turn followed by a 'gpt'"):
+        read_llava(jsonl)
+
+
 def test_scienceqa_keeps_image_questions_of_the_split(tmp_path):
     scienceqa(tmp_path)
     problems = json.loads((tmp_path / "problems.json").read_text())

@@ -114,16 +114,26 @@ def _json_array_items(text: str) -> Iterator[tuple[int, Any]]:
     decoder = json.JSONDecoder()
     pos = text.index("[") + 1
     line, counted_to = 1, 0  # newlines are counted incrementally: LLaVA-665k is a 1 GB list
+    expect_item = True  # after "[" or ",": an element (or "]" for an empty list); after one: "," or "]"
     while True:
-        while pos < len(text) and text[pos] in " \t\r\n,":
+        while pos < len(text) and text[pos] in " \t\r\n":
             pos += 1
-        if pos >= len(text) or text[pos] == "]":
+        if pos >= len(text):  # a cut-off file must not load as a shorter list
+            raise json.JSONDecodeError("the list is not closed with ']' (is the file cut off?)", text, pos)
+        if text[pos] == "]":
+            if text[pos + 1 :].strip():
+                raise json.JSONDecodeError("text after the list's closing ']'", text, pos + 1)
             return
+        if not expect_item:
+            if text[pos] != ",":
+                raise json.JSONDecodeError("expected ',' or ']' after a sample", text, pos)
+            pos, expect_item = pos + 1, True
+            continue
         item, end = decoder.raw_decode(text, pos)
         line += text.count("\n", counted_to, pos)
         counted_to = pos
         yield line, item
-        pos = end
+        pos, expect_item = end, False
 
 
 def raw_samples(source: Any) -> Iterator[tuple[int, Any]]:
@@ -171,7 +181,7 @@ def raw_samples(source: Any) -> Iterator[tuple[int, Any]]:
 def read_text(path: Path) -> str:
     """The UTF-8 text of a data file; any other encoding is a ValueError naming the file and the fix."""
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")  # a leading byte-order mark (Windows editors) dropped
     except UnicodeDecodeError as error:
         raise ValueError(
             f"{path}: not UTF-8 text (a byte that UTF-8 cannot decode at offset {error.start}); save the "
@@ -214,7 +224,9 @@ def _check_image(image: Any, image_root: Path) -> Any:
         raise _Invalid("missing_image", f"image {str(image)!r} not found at {path}")
     try:
         with Image.open(path) as opened:
-            opened.verify()  # reads the whole file: catches truncated and non-image files
+            opened.verify()  # PNG: every chunk and its checksum
+        with Image.open(path) as opened:  # verify() leaves the image unusable, so open it again
+            opened.load()  # decodes: the only check that catches a truncated JPEG (verify() skips them)
     except Exception as error:
         raise _Invalid(
             "corrupt_image", f"image {path} cannot be decoded ({type(error).__name__}: {error})"

@@ -9,7 +9,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from vlmoe.eval.metrics import OPTION_LETTERS
-from vlmoe.eval.samples import EvalSample, existing_image, image_names_of, load_json, load_jsonl, require
+from vlmoe.eval.samples import (
+    EvalSample,
+    existing_image,
+    image_names_of,
+    load_json,
+    load_jsonl_lines,
+    require,
+)
 
 CHARTQA_FORMAT = (
     '{split}/{split}_human.json and/or {split}_augmented.json: [{"imgname", "query", "label"}], '
@@ -89,8 +96,8 @@ def read_pope(path: Path, image_dir: Path | None = None) -> list[EvalSample]:
     for file in files:
         category = file.name.split(".")[0].rpartition("pope_")[2] or file.stem
         images = image_dir or file.parent
-        for index, record in enumerate(load_jsonl(file, "POPE")):
-            where = f"POPE {file} line record {index}"
+        for line, record in load_jsonl_lines(file, "POPE"):
+            where = f"POPE {file} line {line}"
             label = str(require(record, "label", where, POPE_FORMAT)).strip().lower()
             if label not in ("yes", "no"):
                 raise ValueError(f"{where}: label must be 'yes' or 'no', got {label!r}")
@@ -238,15 +245,19 @@ def read_llava(path: Path, image_dir: Path | None = None) -> list[EvalSample]:
         >>> samples[0].question, samples[0].answers  # doctest: +SKIP
         ('What is the total?', ('128',))
     """
-    records = load_jsonl(path, "LLaVA") if path.suffix == ".jsonl" else load_json(path, "LLaVA")
-    if not isinstance(records, list):
-        raise ValueError(
-            f"LLaVA: {path} must hold a JSON list of conversations; expected format: {LLAVA_FORMAT}"
-        )
+    if path.suffix == ".jsonl":  # each record named by its line, a JSON list's by its index
+        places = [(f"line {line}", record) for line, record in load_jsonl_lines(path, "LLaVA")]
+    else:
+        records = load_json(path, "LLaVA")
+        if not isinstance(records, list):
+            raise ValueError(
+                f"LLaVA: {path} must hold a JSON list of conversations; expected format: {LLAVA_FORMAT}"
+            )
+        places = [(f"record {index}", record) for index, record in enumerate(records)]
     images_root = image_dir or path.parent
     samples = []
-    for index, record in enumerate(records):
-        where = f"LLaVA {path} record {index}"
+    for place, record in places:
+        where = f"LLaVA {path} {place}"
         turns = require(record, "conversations", where, LLAVA_FORMAT)
         speakers = [str(require(turn, "from", where, LLAVA_FORMAT)) for turn in turns]
         if "human" not in speakers or "gpt" not in speakers[speakers.index("human") :]:

@@ -48,13 +48,18 @@ def load_json(path: Path, what: str) -> Any:
 
 def load_jsonl(path: Path, what: str) -> list[Any]:
     """Parse a JSON-lines file (blank lines skipped); errors name the file and line."""
+    return [record for _, record in load_jsonl_lines(path, what)]
+
+
+def load_jsonl_lines(path: Path, what: str) -> list[tuple[int, Any]]:
+    """(1-based line number, record) of each non-blank line, so later errors can name the line."""
     _check_file(path, what)
     records = []
     for number, line in enumerate(read_text(path).splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            records.append((number, json.loads(line)))
         except json.JSONDecodeError as error:
             raise ValueError(f"{what}: {path} line {number} is not valid JSON ({error.msg})") from None
     return records
