@@ -177,3 +177,21 @@ def test_save_refuses_to_replace_a_folder_of_other_files_or_a_file_and_deletes_n
     empty.mkdir()
     assert vlmoe.save(model, empty) == empty and (empty / "config.json").exists()
     assert vlmoe.save(model, empty) == empty  # a model folder saved before is replaced
+
+
+def test_a_model_cast_to_bf16_is_rebuilt_in_bf16_on_load(tmp_path):
+    # .to(dtype) leaves the config's dtype behind; save records the model's own, so load builds
+    # the model in bf16 instead of an fp32 copy the size of the model first.
+    import transformers
+
+    from vlmoe.models import checkpoint
+
+    model, _ = tiny("llava")
+    model.to(torch.bfloat16)
+    path = vlmoe.save(model, tmp_path / "bf16")
+    assert json.loads((path / "config.json").read_text())["dtype"] == "bfloat16"
+    built = checkpoint._base_model(transformers.AutoConfig.from_pretrained(path), path)
+    assert {p.dtype for p in built.parameters()} == {torch.bfloat16}
+    again = vlmoe.load(path)
+    for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items(), strict=True):
+        assert a.dtype == b.dtype and torch.equal(a, b), name

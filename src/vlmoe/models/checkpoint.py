@@ -49,6 +49,10 @@ def save(
     """
     path = Path(path)
     model.config.architectures = [_model_class_name(model)]
+    # A model cast with .to(dtype) keeps its config's old dtype; load builds the model in the one
+    # recorded here, so a bf16 7B model never passes through an fp32 copy (transformers' own
+    # save_pretrained records it the same way).
+    model.config.dtype = model.dtype
     state = unique_state(model) if state_dict is None else without_tied(model, state_dict)
     with atomic_directory(path) as temp:
         model.config.save_pretrained(temp)
