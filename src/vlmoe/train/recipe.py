@@ -23,7 +23,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -38,6 +37,7 @@ from vlmoe.train.validate import (
     MORE_THAN_0,
     NOT_NEGATIVE,
     RecipeError,
+    check_override_keys,
     check_values,
     from_mapping,
     valid,
@@ -312,8 +312,8 @@ def apply_scale(raw: dict[str, Any], scale: str, path: Path) -> dict[str, Any]:
         )
     # The keys are checked here, where they are written: once merged, a typo would be reported
     # under stages[i], where the file does not have it.
-    _check_override_keys(StageConfig, overrides.get("stage", {}), f"{where}.stage", path)
-    _check_override_keys(ChartDataConfig, overrides.get("charts", {}), f"{where}.charts", path)
+    check_override_keys(StageConfig, overrides.get("stage", {}), f"{where}.stage", path)
+    check_override_keys(ChartDataConfig, overrides.get("charts", {}), f"{where}.charts", path)
     names = [s.get("name") for s in raw.get("stages") or [] if isinstance(s, dict)]
     stages = overrides.get("stages", {})
     if not isinstance(stages, dict):
@@ -321,7 +321,7 @@ def apply_scale(raw: dict[str, Any], scale: str, path: Path) -> dict[str, Any]:
     for name, stage_overrides in stages.items():
         if name not in names:
             raise RecipeError(f"{path}: {where}.stages: no stage named {name!r}; stages are {names}")
-        _check_override_keys(StageConfig, stage_overrides, f"{where}.stages.{name}", path)
+        check_override_keys(StageConfig, stage_overrides, f"{where}.stages.{name}", path)
     merged = copy.deepcopy(raw)
     for key in ("base", "output_dir"):
         if key in overrides:
@@ -334,21 +334,6 @@ def apply_scale(raw: dict[str, Any], scale: str, path: Path) -> dict[str, Any]:
                 if isinstance(source, dict) and isinstance(source.get("charts"), dict):
                     _deep_merge(source["charts"], overrides.get("charts", {}))
     return merged
-
-
-def _check_override_keys(cls: Any, overrides: Any, where: str, path: Path) -> None:
-    """Every key of a partial mapping merged over `cls` is one of its fields, down through the
-    mappings that merge into nested dataclasses (values are checked after the merge)."""
-    if not isinstance(overrides, dict):
-        raise RecipeError(f"{path}: {where}: expected a mapping, got {overrides!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls) if f.metadata.get("key", True)]
-    for key, value in overrides.items():
-        if key not in names:
-            raise RecipeError(f"{path}: unknown key '{where}.{key}'; {where} takes {', '.join(names)}")
-        nested = [a for a in (typing.get_args(hints[key]) or (hints[key],)) if dataclasses.is_dataclass(a)]
-        if isinstance(value, dict) and nested:
-            _check_override_keys(nested[0], value, f"{where}.{key}", path)
 
 
 def _deep_merge(target: dict, overrides: dict) -> None:

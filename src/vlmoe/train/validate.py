@@ -64,14 +64,7 @@ def from_mapping(cls: Any, raw: Any, where: str, path: Path) -> Any:
     if not isinstance(raw, dict):
         raise RecipeError(f"{path}: {label}: expected a mapping, got {type(raw).__name__} {raw!r}")
     hints = typing.get_type_hints(cls)
-    # A field with metadata {"key": False} is set by code (e.g. Recipe.source), never by the file.
-    fields = [f for f in dataclasses.fields(cls) if f.metadata.get("key", True)]
-    names = [f.name for f in fields]
-    unknown = [key for key in raw if key not in names]
-    if unknown:
-        raise RecipeError(
-            f"{path}: unknown key {_join(where, unknown[0])!r}; {label} takes {', '.join(names)}"
-        )
+    fields = _check_keys(cls, raw, where, path)
     values = {}
     for f in fields:
         key = _join(where, f.name)
@@ -80,6 +73,33 @@ def from_mapping(cls: Any, raw: Any, where: str, path: Path) -> Any:
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise RecipeError(f"{path}: missing key {key!r}")
     return cls(**values)
+
+
+def check_override_keys(cls: Any, overrides: Any, where: str, path: Path) -> None:
+    """Every key of a partial mapping that will be merged over `cls` is one of its fields, down
+    through the mappings that merge into nested dataclasses. Used where the overrides are written
+    (a recipe's scales), so a typo is named there; the values are checked after the merge."""
+    if not isinstance(overrides, dict):
+        raise RecipeError(f"{path}: {where}: expected a mapping, got {overrides!r}")
+    _check_keys(cls, overrides, where, path)
+    hints = typing.get_type_hints(cls)
+    for key, value in overrides.items():
+        nested = [a for a in (typing.get_args(hints[key]) or (hints[key],)) if dataclasses.is_dataclass(a)]
+        if isinstance(value, dict) and nested:
+            check_override_keys(nested[0], value, _join(where, key), path)
+
+
+def _check_keys(cls: Any, raw: dict, where: str, path: Path) -> list[dataclasses.Field]:
+    """The fields of `cls` a file may set, after refusing any key of `raw` that is none of them."""
+    # A field with metadata {"key": False} is set by code (e.g. Recipe.source), never by the file.
+    fields = [f for f in dataclasses.fields(cls) if f.metadata.get("key", True)]
+    names = [f.name for f in fields]
+    unknown = [key for key in raw if key not in names]
+    if unknown:
+        raise RecipeError(
+            f"{path}: unknown key {_join(where, unknown[0])!r}; {where or 'recipe'} takes {', '.join(names)}"
+        )
+    return fields
 
 
 def _join(where: str, key: str | int) -> str:
