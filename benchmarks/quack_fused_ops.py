@@ -444,28 +444,30 @@ def _gather_pairs(p):
     side the whole of what it runs: the copy to expert order is part of the first."""
     x, gate_up, down, bounds, tokens = p["x"], p["gate_up"], p["down"], p["bounds"], p["sorted_tokens"]
     scale, grad_tokens = p["row_scale"], p["grad_tokens"]
-    preact, _ = quack_gemm.experts_swiglu(x, gate_up, bounds, tokens)
+    # Tuned as the layer tunes them: the small-experts rule's tiles where it takes the layer.
+    small = {"small_experts": quack_gemm.is_small_experts(down)}
+    preact, _ = quack_gemm.experts_swiglu(x, gate_up, bounds, tokens, **small)
     grad_preact = preact.clone()  # the values do not matter, only the layout
 
     def dgated_then_down(gathered: bool):
         if gathered:
             out = quack_gemm.experts_swiglu_backward(
-                grad_tokens, down, preact, scale, bounds, token_rows=tokens
+                grad_tokens, down, preact, scale, bounds, token_rows=tokens, **small
             )
-            quack_gemm.experts_mm_grad_weight(grad_tokens, out[1], down, bounds, token_rows=tokens)
+            quack_gemm.experts_mm_grad_weight(grad_tokens, out[1], down, bounds, token_rows=tokens, **small)
         else:
             grad_rows = grad_tokens.index_select(0, tokens)
-            out = quack_gemm.experts_swiglu_backward(grad_rows, down, preact, scale, bounds)
-            quack_gemm.experts_mm_grad_weight(grad_rows, out[1], down, bounds)
+            out = quack_gemm.experts_swiglu_backward(grad_rows, down, preact, scale, bounds, **small)
+            quack_gemm.experts_mm_grad_weight(grad_rows, out[1], down, bounds, **small)
 
     return [
         (
             "gate_up grad weight: x re-gathered / gathered along K",
             lambda: quack_gemm.experts_mm_grad_weight(
-                grad_preact, x.index_select(0, tokens), gate_up, bounds, interleaved=True
+                grad_preact, x.index_select(0, tokens), gate_up, bounds, interleaved=True, **small
             ),
             lambda: quack_gemm.experts_mm_grad_weight_gathered_x(
-                grad_preact, x, tokens, gate_up, bounds, interleaved=True
+                grad_preact, x, tokens, gate_up, bounds, interleaved=True, **small
             ),
         ),
         (
@@ -482,18 +484,17 @@ def gather_check(reps: int, rounds: int = 5) -> None:
     table = []
     for shape in SHAPES:
         problem = _problem(*shape)
-        with quack_gemm.small_experts_calls(problem["down"]):
-            for name, copied, in_place in _gather_pairs(problem):
-                copied(), in_place()  # tune and compile, outside the timing
-                times = {"copied": [], "in place": []}
-                for _ in range(rounds):
-                    times["copied"].append(time_cuda(copied, reps=reps))
-                    times["in place"].append(time_cuda(in_place, reps=reps))
-                a, b = (statistics.median(v) for v in times.values())
-                ratios = sorted(c / i for c, i in zip(times["copied"], times["in place"], strict=True))
-                spread = f"{statistics.median(ratios):.3f} ({ratios[0]:.3f}-{ratios[-1]:.3f})"
-                table.append([str(shape), name, f"{a:.3f}", f"{b:.3f}", f"{a - b:+.3f}", spread])
-                print(" | ".join(table[-1]), flush=True)
+        for name, copied, in_place in _gather_pairs(problem):
+            copied(), in_place()  # tune and compile, outside the timing
+            times = {"copied": [], "in place": []}
+            for _ in range(rounds):
+                times["copied"].append(time_cuda(copied, reps=reps))
+                times["in place"].append(time_cuda(in_place, reps=reps))
+            a, b = (statistics.median(v) for v in times.values())
+            ratios = sorted(c / i for c, i in zip(times["copied"], times["in place"], strict=True))
+            spread = f"{statistics.median(ratios):.3f} ({ratios[0]:.3f}-{ratios[-1]:.3f})"
+            table.append([str(shape), name, f"{a:.3f}", f"{b:.3f}", f"{a - b:+.3f}", spread])
+            print(" | ".join(table[-1]), flush=True)
         del problem
         torch.cuda.empty_cache()
     print_table(

@@ -16,9 +16,9 @@ import pytest
 import torch
 from torch import nn
 
-from tests.moe.helpers import relative_error
+from tests.moe.helpers import SwiGLU, relative_error
 from vlmoe.console import sharing
-from vlmoe.moe import GLUExperts, Routing, dispatch, reference_dispatch
+from vlmoe.moe import GLUExperts, MoEFeedForward, Routing, dispatch, reference_dispatch
 from vlmoe.moe.kernels import quack_gemm
 from vlmoe.moe.kernels import swiglu as swiglu_kernels
 
@@ -932,6 +932,64 @@ def test_the_small_experts_rule_picks_the_dgated_backward_and_the_extra_tiles(
     reference = reference_dispatch(x, routing, experts)
     for got, want in zip(grads, torch.autograd.grad(reference.sum(), inputs), strict=True):
         assert relative_error(got, want) < 1e-6
+
+
+@pytest.mark.parametrize(
+    ("fused_backward", "gathers", "tuned_first"),
+    [(False, "none", "eager"), (True, "none", "compiled"), (True, "all", "eager")],
+)
+def test_the_compiled_layer_is_one_graph_whose_gemms_take_the_tuned_tiles(
+    fake_quack, monkeypatch, fused_backward, gathers, tuned_first
+):
+    # Each QuACK call is a custom op under torch.compile whose body is the eager call: the tile
+    # tuned for its problem (here the 256-wide ones, the fastest), timed once whether the
+    # first step ran eagerly or compiled, where tracing QuACK's own ops took its default tile.
+    # The small-experts rule's keys, the dgated backward and the backward's gathers too.
+    monkeypatch.setattr(quack_gemm, "TUNE", True)
+    monkeypatch.setattr(quack_gemm, "SMALL_EXPERTS_FF", 2048)
+    monkeypatch.setattr(quack_gemm, "FUSE_SWIGLU_BACKWARD", fused_backward)
+    monkeypatch.setattr(quack_gemm, "BACKWARD_GATHER", gathers)
+    timed = []
+
+    def elapsed(run):
+        run()
+        timed.append(fake_quack.configs[-1].tile_n)
+        return 1.0 if timed[-1] == 256 else 2.0
+
+    monkeypatch.setattr(quack_gemm, "_elapsed_ms", elapsed)
+    torch.manual_seed(0)
+    layer = MoEFeedForward.from_dense(SwiGLU(16, 24).double(), 4, 2, backend="grouped")
+    for parameter in layer.parameters():
+        nn.init.normal_(parameter, std=0.3)
+    x = torch.randn(37, 16, dtype=torch.float64, requires_grad=True)
+    inputs = [x, *layer.parameters()]
+
+    def step(module):
+        out = module(x)
+        return out, torch.autograd.grad(
+            out, inputs, torch.randn_like(out, generator=torch.Generator().manual_seed(1))
+        )
+
+    torch._dynamo.reset()
+    compiled_layer = torch.compile(layer, backend="aot_eager", fullgraph=True)  # one graph, or it raises
+    first, second = (compiled_layer, layer) if tuned_first == "compiled" else (layer, compiled_layer)
+    first_out, first_grads = step(first)
+    # (a gathered problem's 256-wide tile is 2x1: QuACK's gather takes no N cluster)
+    assert len(quack_gemm._chosen) == 6
+    assert {quack_gemm._tile(index)[1] for index in quack_gemm._chosen.values()} == {256}
+    assert all(key.endswith("/wide") for key in quack_gemm._chosen)
+    timings = len(timed)
+    fake_quack.calls.clear()
+    second_out, second_grads = step(second)
+    assert len(timed) == timings  # nothing timed again
+    ops = [op for op, *_ in fake_quack.calls]
+    assert ops == ["gated", "gemm", "dgated" if fused_backward else "gemm", "gemm", "gemm", "gemm"]
+    assert {tile_n for _, tile_n, *_ in fake_quack.calls} == {256}
+    gathered = [g for *_, g in fake_quack.calls]
+    assert gathered == ([True, False, True, True, True, False] if gathers == "all" else [True] + [False] * 5)
+    assert relative_error(second_out, first_out) < 1e-12
+    for got, want in zip(second_grads, first_grads, strict=True):
+        assert relative_error(got, want) < 1e-12
 
 
 def test_the_small_experts_rule_can_be_switched_off_for_a_block(fake_quack, monkeypatch):

@@ -433,14 +433,18 @@ class _CombinedGLU(torch.autograd.Function):
         bounds,
         top_k,
     ):
-        with quack_gemm.small_experts_calls(down_proj):
-            if quack_gemm.GATHER_IN_LOADS:
-                preact, hidden = quack_gemm.experts_swiglu(x, gate_up_proj, bounds, sorted_tokens)
-            else:  # the probe: [S, I] rows for one GEMM, the size of y_sorted below, so no higher peak
-                x_sorted = _gather_rows(x, slot_rows, sorted_tokens, top_k, None)
-                preact, hidden = quack_gemm.experts_swiglu(x_sorted, gate_up_proj, bounds, None)
-                del x_sorted
-            y_sorted = quack_gemm.experts_mm(hidden, down_proj, bounds)
+        small = quack_gemm.is_small_experts(down_proj)  # the rule's tiles for each GEMM of the layer
+        if quack_gemm.GATHER_IN_LOADS:
+            preact, hidden = quack_gemm.experts_swiglu(
+                x, gate_up_proj, bounds, sorted_tokens, small_experts=small
+            )
+        else:  # the probe: [S, I] rows for one GEMM, the size of y_sorted below, so no higher peak
+            x_sorted = _gather_rows(x, slot_rows, sorted_tokens, top_k, None)
+            preact, hidden = quack_gemm.experts_swiglu(
+                x_sorted, gate_up_proj, bounds, None, small_experts=small
+            )
+            del x_sorted
+        y_sorted = quack_gemm.experts_mm(hidden, down_proj, bounds, small_experts=small)
         del hidden
         weights = combine_weights.float().contiguous()  # [T, K]
         out = gather_sum(y_sorted, slot_rows, weights, top_k)
@@ -463,14 +467,10 @@ class _CombinedGLU(torch.autograd.Function):
                 "first one wrote its gradient over the saved preact to save memory. To backward "
                 "twice, set vlmoe.moe.kernels.swiglu.OVERWRITE_IN_BACKWARD = False before the forward"
             )
-        with quack_gemm.small_experts_calls(ctx.saved_tensors[2]):  # down_proj
-            return _CombinedGLU._backward(ctx, grad_out)
-
-    @staticmethod
-    def _backward(ctx, grad_out: Tensor):
         x, gate_up_proj, down_proj, preact, slot_weights, sorted_tokens, slot_rows, sorted_slots, bounds = (
             ctx.saved_tensors
         )
+        small = quack_gemm.is_small_experts(down_proj)
         if ctx.overwrite:
             ctx.overwritten = True
         needs_x, needs_gate_up, needs_down, needs_weights = ctx.needs_input_grad[:4]
@@ -485,13 +485,20 @@ class _CombinedGLU(torch.autograd.Function):
         if quack_gemm.fuse_swiglu_backward(down_proj):  # the SwiGLU's gradient in the GEMM's epilogue
             row_weights = slot_weights.index_select(0, sorted_slots)  # [S], expert order
             grad_preact, scaled_hidden, grad_row_weights = quack_gemm.experts_swiglu_backward(
-                grad_rows, down_proj, preact, row_weights, bounds, out=out, token_rows=grad_tokens
+                grad_rows,
+                down_proj,
+                preact,
+                row_weights,
+                bounds,
+                out=out,
+                token_rows=grad_tokens,
+                small_experts=small,
             )
             # Every slot holds one row here (no dropped rows on this path).
             grad_slot_weights = torch.empty_like(slot_weights).index_copy_(0, sorted_slots, grad_row_weights)
         else:
             grad_hidden = quack_gemm.experts_mm_grad_input(
-                grad_rows, down_proj, bounds, token_rows=grad_tokens
+                grad_rows, down_proj, bounds, token_rows=grad_tokens, small_experts=small
             )
             grad_preact, grad_slot_weights = swiglu_kernels.swiglu_pairs_backward(
                 preact, grad_hidden, slot_weights, sorted_slots, out=out
@@ -502,24 +509,22 @@ class _CombinedGLU(torch.autograd.Function):
         grad_x = grad_gate_up = grad_down = grad_weights = None
         if needs_down:
             grad_down = quack_gemm.experts_mm_grad_weight(
-                grad_rows, scaled_hidden, down_proj, bounds, token_rows=grad_tokens
+                grad_rows, scaled_hidden, down_proj, bounds, token_rows=grad_tokens, small_experts=small
             )
         del grad_rows, scaled_hidden
-        # x read in place, gathered along K into a transposed view of the result: not under
-        # torch.compile, whose tracing of QuACK's custom op takes a contiguous out= only.
-        if needs_gate_up and gathers != "none" and not torch.compiler.is_compiling():
+        if needs_gate_up and gathers != "none":  # x read in place, gathered along K
             grad_gate_up = quack_gemm.experts_mm_grad_weight_gathered_x(
-                grad_preact, x, sorted_tokens, gate_up_proj, bounds, interleaved=True
+                grad_preact, x, sorted_tokens, gate_up_proj, bounds, interleaved=True, small_experts=small
             )
         elif needs_gate_up:
             x_sorted = _gather_rows(x, slot_rows, sorted_tokens, ctx.top_k, None)
             grad_gate_up = quack_gemm.experts_mm_grad_weight(
-                grad_preact, x_sorted, gate_up_proj, bounds, interleaved=True
+                grad_preact, x_sorted, gate_up_proj, bounds, interleaved=True, small_experts=small
             )
             del x_sorted
         if needs_x:
             grad_sorted = quack_gemm.experts_mm_grad_input(
-                grad_preact, gate_up_proj, bounds, interleaved=True
+                grad_preact, gate_up_proj, bounds, interleaved=True, small_experts=small
             )
             del grad_preact
             grad_x = _sum_slot_rows(grad_sorted, slot_rows, None, ctx.top_k)

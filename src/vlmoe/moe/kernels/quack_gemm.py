@@ -73,7 +73,6 @@ FUSE_SWIGLU_BACKWARD: bool | None = None if _fused_backward_env is None else _fu
 # the pair read 0.994. 0 turns the rule off (VLMOE_QUACK_SMALL_EXPERTS_FF=0).
 SMALL_EXPERTS_FF = int(os.environ.get("VLMOE_QUACK_SMALL_EXPERTS_FF", "2048"))
 WIDE_KEY = "wide"  # a key part: tuned among the extra candidates by the rule (saved, unlike `more`)
-_small_experts = False  # set around a small-experts layer's QuACK calls (`small_experts_calls`)
 TUNE = os.environ.get("VLMOE_QUACK_TUNE", "1") != "0"
 # A problem's candidate kernels compile side by side on QuACK's CPU worker processes (NOTES.md v26).
 PARALLEL_COMPILE = os.environ.get("VLMOE_QUACK_PARALLEL_COMPILE", "1") != "0"
@@ -97,8 +96,8 @@ MIN_ROWS = 1024
 MIN_DIM = 256
 
 # (tile_m, tile_n, cluster_m, cluster_n, pingpong[, max_swizzle_size]). The first is QuACK's
-# SM90 default and the choice wherever nothing was timed (torch.compile tracing, CUDA-graph
-# capture). The others were the fastest on some of the layer's GEMMs in a sweep of QuACK's SM90
+# SM90 default and the choice wherever nothing was timed (tuning off, a first call under
+# CUDA-graph capture). The others were the fastest on some of the layer's GEMMs in a sweep of QuACK's SM90
 # tile space on the H200 (`benchmarks/quack_fused_ops.py --tiles`, NOTES.md v18; in the layer
 # they gain 2-3 points at the 8 x 14336 shape, within noise elsewhere); the last is the default
 # tile scheduled without swizzling. A swizzle is a launch argument, not a compile: four kernels
@@ -285,7 +284,7 @@ def recording_problems(extra_tiles: bool = True) -> Iterator[dict[str, list[int]
     it may take (CANDIDATES, with `extra_tiles` MORE_CANDIDATES too, and its op's own; the one
     chosen now first, those QuACK cannot run left out), each kernel compiled on the call's
     operands. What `step_tuning.tune_in_step` times inside the step. Problems met under CUDA-graph
-    capture or torch.compile tracing are not recorded (nothing is timed there)."""
+    capture are not recorded (nothing is timed there)."""
     global _recording, _recording_more
     if _recording is not None:
         raise RuntimeError("recording_problems() is already open (one recording at a time)")
@@ -318,15 +317,6 @@ def fuse_swiglu_backward(down_proj: torch.Tensor) -> bool:
     return is_small_experts(down_proj)
 
 
-def small_experts_calls(down_proj: torch.Tensor) -> contextlib.AbstractContextManager[None]:
-    """Around a SwiGLU experts layer's QuACK calls: where the small-experts rule takes the layer,
-    its problems tune among the extra candidates too, under keys of their own (`WIDE_KEY`).
-    Nothing under torch.compile, where nothing is tuned (QuACK's default tile)."""
-    if torch.compiler.is_compiling():
-        return contextlib.nullcontext()
-    return _switched("_small_experts", is_small_experts(down_proj))
-
-
 def small_experts_rule(on: bool = True) -> contextlib.AbstractContextManager[None]:
     """Inside this block the small-experts rule applies (at its default width) if `on`, else to no
     layer: the layer as before session 19 (`moe_layer.py --probe norule`)."""
@@ -357,14 +347,35 @@ def _gather_index(token_rows: Tensor | None) -> Tensor | None:
     return None if token_rows is None else token_rows.to(torch.int32)
 
 
-def experts_mm(x: Tensor, weight: Tensor, bounds: Tensor, token_rows: Tensor | None = None) -> Tensor:
+# `small_experts` (each function below): the call is one of a SwiGLU experts layer that the
+# small-experts rule takes (`is_small_experts`): its problem tunes among MORE_CANDIDATES too, under
+# a key of its own (WIDE_KEY).
+#
+# Under torch.compile each function is one node of the graph, a custom op (`_compiled`) whose
+# body is the eager call: the tile tuned for the problem (timed on its first call, as in eager),
+# where tracing QuACK's own custom ops ran QuACK's default tile, never timed (nothing can be timed
+# while tracing), which made the compiled layer 0.92x eager at the 64-expert shape (s23-run1).
+
+
+def experts_mm(
+    x: Tensor,
+    weight: Tensor,
+    bounds: Tensor,
+    token_rows: Tensor | None = None,
+    *,
+    small_experts: bool = False,
+) -> Tensor:
     """Row r: x_r @ weight[e].T, x_r = x[token_rows[r]] if token_rows is given (the gather in the
     GEMM's loads) else x[r]. -> [S, O]; rows past the last segment are left unwritten.
     bounds # [E + 1] int32, expert e's rows bounds[e]:bounds[e + 1] (`cu_seqlens`)."""
+    if torch.compiler.is_compiling():
+        return _experts_mm_op(x, weight, bounds, token_rows, small_experts)
     rows = x.shape[0] if token_rows is None else token_rows.shape[0]
     out = x.new_empty(rows, weight.shape[-2])
     a_idx = _gather_index(token_rows)
-    _gemm("forward", A=x, B=weight.transpose(-2, -1), out=out, cu_seqlens_m=bounds, A_idx=a_idx)
+    _gemm(
+        "forward", small_experts, A=x, B=weight.transpose(-2, -1), out=out, cu_seqlens_m=bounds, A_idx=a_idx
+    )
     return out
 
 
@@ -374,16 +385,22 @@ def experts_mm_grad_input(
     bounds: Tensor,
     interleaved: bool = False,
     token_rows: Tensor | None = None,
+    *,
+    small_experts: bool = False,
 ) -> Tensor:
     """Row r: g_r @ weight[e], g_r = grad_out[token_rows[r]] if token_rows is given (gathered in
     the loads) else grad_out[r]. -> [S, I]; rows past the last segment left unwritten.
     `interleaved`: grad_out's columns pair gate and up (column 2j, 2j + 1) while weight # [E, 2F, I]
     stacks [gate; up] (the gradient of `experts_swiglu`'s preact)."""
+    if torch.compiler.is_compiling():
+        return _experts_mm_grad_input_op(grad_out, weight, bounds, interleaved, token_rows, small_experts)
     rows = grad_out.shape[0] if token_rows is None else token_rows.shape[0]
     out = grad_out.new_empty(rows, weight.shape[-1])
     concat = {"concat_layout": ("B",)} if interleaved else {}
     a_idx = _gather_index(token_rows)
-    _gemm("grad_input", A=grad_out, B=weight, out=out, cu_seqlens_m=bounds, A_idx=a_idx, **concat)
+    _gemm(
+        "grad_input", small_experts, A=grad_out, B=weight, out=out, cu_seqlens_m=bounds, A_idx=a_idx, **concat
+    )
     return out
 
 
@@ -394,15 +411,30 @@ def experts_mm_grad_weight(
     bounds: Tensor,
     interleaved: bool = False,
     token_rows: Tensor | None = None,
+    *,
+    small_experts: bool = False,
 ) -> Tensor:
     """Expert e: g[segment e].T @ x_sorted[segment e], g_r = grad_out[token_rows[r]] if token_rows
     is given (gathered along K in the loads) else grad_out[r]. -> [E, O, I] (zeros for empty
     experts). `interleaved`: grad_out's columns pair gate and up, and the result comes back as
     [gate; up] stacked rows, the layout of `weight`."""
+    if torch.compiler.is_compiling():
+        return _experts_mm_grad_weight_op(
+            grad_out, x_sorted, weight, bounds, interleaved, token_rows, small_experts
+        )
     out = torch.empty_like(weight)
     concat = {"concat_layout": ("out",)} if interleaved else {}
     a_idx = _gather_index(token_rows)
-    _gemm("grad_weight", A=grad_out.t(), B=x_sorted, out=out, cu_seqlens_k=bounds, A_idx=a_idx, **concat)
+    _gemm(
+        "grad_weight",
+        small_experts,
+        A=grad_out.t(),
+        B=x_sorted,
+        out=out,
+        cu_seqlens_k=bounds,
+        A_idx=a_idx,
+        **concat,
+    )
     return out
 
 
@@ -413,18 +445,24 @@ def experts_mm_grad_weight_gathered_x(
     weight: Tensor,
     bounds: Tensor,
     interleaved: bool = False,
+    *,
+    small_experts: bool = False,
 ) -> Tensor:
     """`experts_mm_grad_weight` with x in token order: expert e's grad_out[segment e].T @
     x[token_rows[segment e]], computed as its transpose x[rows].T @ grad_out[segment e] so that
     the gathered operand is A (QuACK gathers A only), x gathered along K in the loads, and stored
     through a transposed view of the [E, O, I] result (an M-major output). -> [E, O, I].
     `interleaved`: as `experts_mm_grad_weight` (the paired columns are now N, the result's
-    non-contiguous dimension still). Eager only: torch.compile's tracing of QuACK's custom op
-    takes a contiguous `out=` alone."""
+    non-contiguous dimension still)."""
+    if torch.compiler.is_compiling():
+        return _experts_mm_grad_weight_gathered_x_op(
+            grad_out, x, token_rows, weight, bounds, interleaved, small_experts
+        )
     out = torch.empty_like(weight)
     concat = {"concat_layout": ("out",)} if interleaved else {}
     _gemm(
         "grad_weight_t",
+        small_experts,
         A=x.t(),
         B=grad_out,
         out=out.transpose(-2, -1),
@@ -436,13 +474,16 @@ def experts_mm_grad_weight_gathered_x(
 
 
 def experts_swiglu(
-    x: Tensor, gate_up_proj: Tensor, bounds: Tensor, token_rows: Tensor | None
+    x: Tensor, gate_up_proj: Tensor, bounds: Tensor, token_rows: Tensor | None, *, small_experts: bool = False
 ) -> tuple[Tensor, Tensor]:
     """One GEMM with the SwiGLU in its epilogue. With x_r = x[token_rows[r]] (gathered in the
     loads; x[r] when token_rows is None: rows already in expert order) and e row r's expert:
     preact[r] = x_r @ gate_up_proj[e].T with gate j in column 2j and up j in column 2j + 1,
     hidden[r] = silu(gate) * up from the float32 accumulator.
     x # [T, I], gate_up_proj # [E, 2F, I] ([gate; up] stacked) -> preact # [S, 2F], hidden # [S, F]."""
+    if torch.compiler.is_compiling():
+        preact, hidden = _experts_swiglu_op(x, gate_up_proj, bounds, token_rows, small_experts)
+        return preact, hidden
     rows = x.shape[0] if token_rows is None else token_rows.shape[0]
     width = gate_up_proj.shape[-2]
     preact = x.new_empty(rows, width)
@@ -459,6 +500,7 @@ def experts_swiglu(
             A_idx=_gather_index(token_rows),
             concat_layout=("B",),
         ),
+        small_experts,
     )
     return preact, hidden
 
@@ -471,6 +513,8 @@ def experts_swiglu_backward(
     bounds: Tensor,
     out: Tensor | None = None,
     token_rows: Tensor | None = None,
+    *,
+    small_experts: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The backward of w_r * down(silu(gate) * up) up to preact, in one GEMM with the SwiGLU's
     gradient in its epilogue (QuACK's dgated). With e row r's expert, g_r = grad_rows[r] @
@@ -480,8 +524,15 @@ def experts_swiglu_backward(
     - grad_row_weights[r] = <g_r, silu(gate) * up>, float32.
     grad_rows # [S, O] (expert order), down_proj # [E, O, F], preact # [S, 2F] (`experts_swiglu`'s),
     row_weights # [S] float32. `out`: where grad_preact goes, preact itself allowed (its memory,
-    written tile by tile after that tile's pairs are read). `token_rows`: grad_rows is the
-    tokens' output gradient # [T, O], row r read at token_rows[r] in the GEMM's loads."""
+    written tile by tile after that tile's pairs are read; eager only). `token_rows`: grad_rows
+    is the tokens' output gradient # [T, O], row r read at token_rows[r] in the GEMM's loads."""
+    if torch.compiler.is_compiling():
+        if out is not None:
+            raise ValueError("experts_swiglu_backward: out= is eager only (a custom op returns new tensors)")
+        grad_preact, scaled_hidden, grad_row_weights = _experts_swiglu_backward_op(
+            grad_rows, down_proj, preact, row_weights, bounds, token_rows, small_experts
+        )
+        return grad_preact, scaled_hidden, grad_row_weights
     grad_preact = torch.empty_like(preact) if out is None else out
     scaled_hidden = preact.new_empty(preact.shape[0], preact.shape[1] // 2)
     kwargs = dict(
@@ -495,12 +546,132 @@ def experts_swiglu_backward(
         cu_seqlens_m=bounds,
         A_idx=_gather_index(token_rows),
     )
-    if out is preact and _untimed(_tuning_key("swiglu_backward", _candidates("dgated", kwargs), kwargs)):
+    candidates = _candidates("dgated", kwargs, small_experts)
+    if out is preact and _untimed(_tuning_key("swiglu_backward", candidates, kwargs, small_experts)):
         # Tuning runs each candidate several times on these operands: in place, every run after
         # the first would read the gradient as preact. It runs on a scratch output instead.
-        _tuned("swiglu_backward", "dgated", {**kwargs, "dx_out": torch.empty_like(preact)})
-    _, _, grad_row_weights = _tuned("swiglu_backward", "dgated", kwargs)
+        _tuned("swiglu_backward", "dgated", {**kwargs, "dx_out": torch.empty_like(preact)}, small_experts)
+    _, _, grad_row_weights = _tuned("swiglu_backward", "dgated", kwargs, small_experts)
     return grad_preact, scaled_hidden, grad_row_weights
+
+
+# The custom ops torch.compile traces the functions above as. Each body calls its function (no
+# longer tracing there, so the eager path runs); each fake gives the outputs' shapes for tracing.
+# The outputs are new tensors (no out= to mutate), so Inductor has nothing to copy around them.
+
+
+def _compiled(name: str, fake: Callable[..., Any]) -> Callable[[Callable[..., Any]], Any]:
+    def register(body: Callable[..., Any]) -> Any:
+        op = torch.library.custom_op(f"vlmoe::{name}", body, mutates_args=())
+        op.register_fake(fake)
+        return op
+
+    return register
+
+
+def _rows(x: Tensor, token_rows: Tensor | None) -> int:
+    return x.shape[0] if token_rows is None else token_rows.shape[0]
+
+
+@_compiled(
+    "quack_experts_mm",
+    lambda x, weight, bounds, token_rows, small: x.new_empty(_rows(x, token_rows), weight.shape[-2]),
+)
+def _experts_mm_op(
+    x: Tensor, weight: Tensor, bounds: Tensor, token_rows: Tensor | None, small_experts: bool
+) -> Tensor:
+    return experts_mm(x, weight, bounds, token_rows, small_experts=small_experts)
+
+
+@_compiled(
+    "quack_experts_mm_grad_input",
+    lambda grad_out, weight, bounds, interleaved, token_rows, small: grad_out.new_empty(
+        _rows(grad_out, token_rows), weight.shape[-1]
+    ),
+)
+def _experts_mm_grad_input_op(
+    grad_out: Tensor,
+    weight: Tensor,
+    bounds: Tensor,
+    interleaved: bool,
+    token_rows: Tensor | None,
+    small_experts: bool,
+) -> Tensor:
+    return experts_mm_grad_input(
+        grad_out, weight, bounds, interleaved, token_rows, small_experts=small_experts
+    )
+
+
+@_compiled(
+    "quack_experts_mm_grad_weight",
+    lambda grad_out, x_sorted, weight, bounds, interleaved, token_rows, small: torch.empty_like(weight),
+)
+def _experts_mm_grad_weight_op(
+    grad_out: Tensor,
+    x_sorted: Tensor,
+    weight: Tensor,
+    bounds: Tensor,
+    interleaved: bool,
+    token_rows: Tensor | None,
+    small_experts: bool,
+) -> Tensor:
+    return experts_mm_grad_weight(
+        grad_out, x_sorted, weight, bounds, interleaved, token_rows, small_experts=small_experts
+    )
+
+
+@_compiled(
+    "quack_experts_mm_grad_weight_gathered_x",
+    lambda grad_out, x, token_rows, weight, bounds, interleaved, small: torch.empty_like(weight),
+)
+def _experts_mm_grad_weight_gathered_x_op(
+    grad_out: Tensor,
+    x: Tensor,
+    token_rows: Tensor,
+    weight: Tensor,
+    bounds: Tensor,
+    interleaved: bool,
+    small_experts: bool,
+) -> Tensor:
+    return experts_mm_grad_weight_gathered_x(
+        grad_out, x, token_rows, weight, bounds, interleaved, small_experts=small_experts
+    )
+
+
+def _experts_swiglu_fake(x, gate_up_proj, bounds, token_rows, small):
+    rows, width = _rows(x, token_rows), gate_up_proj.shape[-2]
+    return x.new_empty(rows, width), x.new_empty(rows, width // 2)
+
+
+@_compiled("quack_experts_swiglu", _experts_swiglu_fake)
+def _experts_swiglu_op(
+    x: Tensor, gate_up_proj: Tensor, bounds: Tensor, token_rows: Tensor | None, small_experts: bool
+) -> tuple[Tensor, Tensor]:
+    return experts_swiglu(x, gate_up_proj, bounds, token_rows, small_experts=small_experts)
+
+
+def _experts_swiglu_backward_fake(grad_rows, down_proj, preact, row_weights, bounds, token_rows, small):
+    rows = preact.shape[0]
+    return (
+        torch.empty_like(preact),
+        preact.new_empty(rows, preact.shape[1] // 2),
+        preact.new_empty(rows, dtype=torch.float32),
+    )
+
+
+@_compiled("quack_experts_swiglu_backward", _experts_swiglu_backward_fake)
+def _experts_swiglu_backward_op(
+    grad_rows: Tensor,
+    down_proj: Tensor,
+    preact: Tensor,
+    row_weights: Tensor,
+    bounds: Tensor,
+    token_rows: Tensor | None,
+    small_experts: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    return experts_swiglu_backward(
+        grad_rows, down_proj, preact, row_weights, bounds, None, token_rows, small_experts=small_experts
+    )
 
 
 @functools.cache
@@ -541,25 +712,16 @@ def _run(index: int, op: str, kwargs: dict) -> Any:
     SwiGLU's gradient in the epilogue)."""
     from quack import gemm_interface
 
-    compiling = torch.compiler.is_compiling()
     try:
-        if op == "gemm" and compiling:
-            # QuACK's custom op, which torch.compile traces as one node (its default configuration).
-            concat = kwargs.get("concat_layout")
-            args = {**kwargs, "concat_layout": ",".join(concat)} if concat else kwargs
-            return gemm_interface.gemm_out(**args, tuned=False)
         if op == "gemm":
             return gemm_interface.gemm_tuned.fn(**kwargs, config=gemm_config(_tile(index)))
-        # The epilogue GEMMs go to their own custom ops while compiling; an explicit tile only in eager.
-        config = None if compiling else gemm_config(_tile(index))
+        config = gemm_config(_tile(index))
         if op == "gated":
             return gemm_interface.gemm_act(**kwargs, activation="swiglu", tuned=False, config=config)
         return gemm_interface.gemm_dact(
             **kwargs, activation="swiglu", dynamic_scheduler=False, tuned=False, config=config
         )
     except Exception as error:  # a QuACK or CUTLASS-DSL failure, reported with the way around it
-        if compiling:
-            raise
         shapes = ", ".join(f"{k}={tuple(v.shape)}" for k, v in kwargs.items() if isinstance(v, Tensor))
         hint = ""
         if "semantic key" in str(error):
@@ -578,14 +740,15 @@ def _run(index: int, op: str, kwargs: dict) -> Any:
         ) from error
 
 
-def _gemm(direction: str, **kwargs: Any) -> None:
-    _tuned(direction, "gemm", kwargs)
+def _gemm(direction: str, small_experts: bool, **kwargs: Any) -> None:
+    _tuned(direction, "gemm", kwargs, small_experts)
 
 
-def _candidates(op: str, kwargs: dict) -> list[int]:
-    """The indices (into `_all_tiles()`) of the tiles this call may take."""
+def _candidates(op: str, kwargs: dict, small_experts: bool) -> list[int]:
+    """The indices (into `_all_tiles()`) of the tiles this call may take; `small_experts`: a call
+    of a layer the small-experts rule takes (`is_small_experts`), which adds MORE_CANDIDATES."""
     gathers = kwargs.get("A_idx") is not None
-    more = MORE or _small_experts
+    more = MORE or small_experts
     tiles = set(CANDIDATES + (MORE_CANDIDATES if more else ()) + OP_CANDIDATES.get(op, ()))
     if FINE_ROWS and kwargs.get("cu_seqlens_m") is not None:  # only varlen-M rows are padded
         tiles.update(ROW_TILES)
@@ -596,12 +759,12 @@ def _candidates(op: str, kwargs: dict) -> list[int]:
     ]
 
 
-def _tuning_key(direction: str, candidates: list[int], kwargs: dict) -> str | None:
+def _tuning_key(direction: str, candidates: list[int], kwargs: dict, small_experts: bool) -> str | None:
     """The problem's key where its tile is chosen by timing among `candidates`; None where the
-    first candidate runs (torch.compile tracing, tuning off, one candidate)."""
-    if torch.compiler.is_compiling() or not TUNE or len(candidates) == 1:
+    first candidate runs (tuning off, one candidate)."""
+    if not TUNE or len(candidates) == 1:
         return None
-    return _key(direction, kwargs)
+    return _key(direction, kwargs, small_experts)
 
 
 def _untimed(key: str | None) -> bool:
@@ -615,28 +778,28 @@ def _untimed(key: str | None) -> bool:
     return key not in _chosen and not capturing
 
 
-def _tuned(direction: str, op: str, kwargs: dict) -> Any:
+def _tuned(direction: str, op: str, kwargs: dict, small_experts: bool) -> Any:
     """Run `op` with the tile chosen for this problem, timing the candidates on its first call;
     -> what QuACK returns."""
-    candidates = _candidates(op, kwargs)
-    key = _tuning_key(direction, candidates, kwargs)
+    candidates = _candidates(op, kwargs, small_experts)
+    key = _tuning_key(direction, candidates, kwargs, small_experts)
     if _untimed(key):
         _announce_tuning()
         _start_compile_server()
         _chosen[key] = _time_candidates(candidates, op, kwargs, key)
         _save_disk_cache()
     if _recording is not None and key in _chosen and key not in _recording:
-        _recording[key] = _record_problem(key, op, kwargs)
+        _recording[key] = _record_problem(key, op, kwargs, small_experts)
     return _run(_chosen.get(key, candidates[0]), op, kwargs)
 
 
-def _record_problem(key: str, op: str, kwargs: dict) -> list[int]:
+def _record_problem(key: str, op: str, kwargs: dict, small_experts: bool) -> list[int]:
     """The candidates problem `key` may take in a step, the chosen one first, each compiled (or
     loaded) with one call on these operands; those QuACK cannot run for it are left out."""
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         return [_chosen[key]]
     with _switched("MORE", MORE or _recording_more):
-        widened = _candidates(op, kwargs)
+        widened = _candidates(op, kwargs, small_experts)
     if kwargs.get("dx_out") is not None and kwargs.get("dx_out") is kwargs.get("PreAct"):
         # In place (the dgated backward over preact): every call after the first would read a
         # gradient as preact, so the candidates run on a scratch gradient.
@@ -647,7 +810,7 @@ def _record_problem(key: str, op: str, kwargs: dict) -> list[int]:
     return [chosen] + [index for index in widened if index != chosen and index not in rejected]
 
 
-def _key(direction: str, kwargs: dict) -> str:
+def _key(direction: str, kwargs: dict, small_experts: bool) -> str:
     a, b = kwargs["A"], kwargs["B"]
     gathers = kwargs.get("A_idx") is not None
     if direction.startswith("grad_weight"):  # A # [O, S] ([I, T] for _t), B # [S, I] ([S, O])
@@ -663,7 +826,7 @@ def _key(direction: str, kwargs: dict) -> str:
     parts = [direction, layout, bucket, *dims, segments.shape[0] - 1]
     device = torch.cuda.get_device_name(a.device) if a.is_cuda else a.device.type
     parts += [str(a.dtype).removeprefix("torch."), device]
-    if _small_experts:
+    if small_experts:
         parts.append(WIDE_KEY)
     if MORE:
         parts.append(MORE_KEY)
