@@ -323,7 +323,9 @@ def test_swiglu_in_the_gemm_epilogue_matches_the_float64_reference_with_every_gr
     monkeypatch.setattr(quack_gemm, "BACKWARD_GATHER", backward_gather)
     calls = []
     fused = quack_gemm.experts_swiglu
-    monkeypatch.setattr(quack_gemm, "experts_swiglu", lambda *args: calls.append(1) or fused(*args))
+    monkeypatch.setattr(
+        quack_gemm, "experts_swiglu", lambda *args, **kwargs: calls.append(1) or fused(*args, **kwargs)
+    )
     torch.manual_seed(tokens + top_k)
     reference = GLUExperts(num_experts, hidden, intermediate, nn.SiLU()).double()
     for parameter in reference.parameters():
