@@ -319,28 +319,21 @@ def test_mocle_router_takes_every_cluster_id_of_the_data(tmp_path):
         f"{path}: stages[0] (mocle).data.cluster.num_clusters is 8 but the MoCLE router has 4 clusters "
         "(mocle.num_clusters): the cluster ids would run past its table; make them equal"
     )
-    path = _write(tmp_path, _mocle_stages(router_clusters=4, data_clusters=None, later_cluster=4))
-    with pytest.raises(RecipeError) as error:
-        load_recipe(path)
-    assert str(error.value) == (
-        f"{path}: stages[0] (mocle).data.cluster: the model routes by instruction cluster (MoCLE, 4 "
-        "clusters), so the samples need cluster ids: set data.cluster, e.g. {num_clusters: 4}"
-    )
 
 
-def test_a_stage_starting_from_a_mocle_model_needs_its_cluster_ids(tmp_path):
-    path = _write(tmp_path, _mocle_stages(router_clusters=4, data_clusters=4, later_cluster=None))
-    with pytest.raises(RecipeError, match=r"stages\[1\] \(more\)\.data\.cluster: the model routes by"):
-        load_recipe(path)
+def test_a_stage_starting_from_a_mocle_model_checks_its_clusters_against_that_router(tmp_path):
     path = _write(tmp_path, _mocle_stages(router_clusters=4, data_clusters=4, later_cluster=8))
     with pytest.raises(RecipeError, match=r"stages\[1\] \(more\).data.cluster.num_clusters is 8 but"):
         load_recipe(path)
     # Fewer data clusters than the router's table leaves rows unused, which is no error.
     recipe = load_recipe(_write(tmp_path, _mocle_stages(router_clusters=8, data_clusters=4, later_cluster=2)))
     assert [stage.data.cluster.num_clusters for stage in recipe.stages] == [4, 2]
-    recipe = _mocle_stages(router_clusters=4, data_clusters=4, later_cluster=None)
+    recipe = _mocle_stages(router_clusters=4, data_clusters=4, later_cluster=8)
     recipe["stages"][1]["start"] = "base"  # a fresh base model: no cluster router
-    assert load_recipe(_write(tmp_path, recipe)).stages[1].data.cluster is None
+    assert load_recipe(_write(tmp_path, recipe)).stages[1].data.cluster.num_clusters == 8
+    # Without data.cluster the cluster ids come with the samples (a path source's "cluster_id").
+    recipe = load_recipe(_write(tmp_path, _mocle_stages(router_clusters=4, data_clusters=None)))
+    assert recipe.stages[0].data.cluster is None
 
 
 def test_numbers_at_the_edge_of_their_range_are_accepted(tmp_path):

@@ -436,21 +436,15 @@ def _check_top_k(surgery: SurgeryConfig, where: str) -> None:
 
 def _check_clusters(stage: StageConfig, where: str, started_with: int | None) -> int | None:
     """The clusters of the MoCLE router in the model `stage` trains (its own mocle surgery's, else
-    `started_with`, that of the model it starts from), after checking that the stage's samples carry
-    cluster ids that router can take: ids in [0, data.cluster.num_clusters) index its table."""
+    `started_with`, that of the model it starts from), after checking that the ids data.cluster
+    gives the samples, in [0, data.cluster.num_clusters), index that router's table. Without
+    data.cluster the ids are the "cluster_id" of a path source's samples, read later."""
     router = started_with
     for surgery in stage.surgery:
         if surgery.mocle is not None:
             router = surgery.mocle.num_clusters
-    if router is None:
-        return None
     cluster = stage.data.cluster
-    if cluster is None:
-        raise RecipeError(
-            f"{where}.data.cluster: the model routes by instruction cluster (MoCLE, {router} clusters), "
-            f"so the samples need cluster ids: set data.cluster, e.g. {{num_clusters: {router}}}"
-        )
-    if cluster.num_clusters > router:
+    if router is not None and cluster is not None and cluster.num_clusters > router:
         raise RecipeError(
             f"{where}.data.cluster.num_clusters is {cluster.num_clusters} but the MoCLE router has "
             f"{router} clusters (mocle.num_clusters): the cluster ids would run past its table; make "
