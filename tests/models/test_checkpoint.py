@@ -92,6 +92,12 @@ def test_malformed_record_and_missing_files_are_clear(saved, tmp_path):
     config["vlmoe"]["steps"][0]["num_experts"] = "four"
     (saved / "config.json").write_text(json.dumps(config))
     with pytest.raises(
+        ValueError, match=r"config\.json 'vlmoe': step 0 \(upcycle_ffn\)\.num_experts is 'four'; expected an"
+    ):
+        vlmoe.load(saved)
+    config["vlmoe"]["steps"][0]["num_experts"] = 0  # the right type, a value no surgery takes
+    (saved / "config.json").write_text(json.dumps(config))
+    with pytest.raises(
         ValueError, match=r"config\.json 'vlmoe': the recorded surgery does not replay .* vlmoe\.save"
     ):
         vlmoe.load(saved)

@@ -219,6 +219,123 @@ def test_numbers_out_of_range_name_the_file_the_stage_and_the_field(tmp_path, ch
     assert str(error.value).startswith(f"{path}: stages[0] (align).{field}; it must be {allowed}")
 
 
+def _surgery(kind, **values):
+    return {"surgery": [{kind: values}]}
+
+
+@pytest.mark.parametrize(
+    ("changes", "field", "allowed"),
+    [
+        (_surgery("upcycle", num_experts=0), "upcycle.num_experts is 0", "at least 1"),
+        (_surgery("upcycle", top_k=0), "upcycle.top_k is 0", "at least 1"),
+        (_surgery("upcycle", load_balance_coef=-0.1), "upcycle.load_balance_coef is -0.1", "0 or more"),
+        (_surgery("upcycle", z_loss_coef=-1), "upcycle.z_loss_coef is -1.0", "0 or more"),
+        (_surgery("upcycle", capacity_factor=0), "upcycle.capacity_factor is 0.0", "more than 0, or null"),
+        (
+            _surgery("upcycle", layers="every_second"),
+            "upcycle.layers is 'every_second'",
+            "'all', 'every_other' or a non-empty list of layer indices (0 or more)",
+        ),
+        (_surgery("upcycle", layers=[0, -1]), "upcycle.layers is [0, -1]", "'all', 'every_other' or a"),
+        (_surgery("upcycle", layers=[]), "upcycle.layers is []", "'all', 'every_other' or a non-empty"),
+        (_surgery("mole", num_experts=-1), "mole.num_experts is -1", "0 (plain LoRA) or more"),
+        (_surgery("mole", rank=0), "mole.rank is 0", "at least 1"),
+        (_surgery("mole", alpha=0), "mole.alpha is 0.0", "more than 0"),
+        (_surgery("mole", top_k=0), "mole.top_k is 0", "at least 1"),
+        (_surgery("mole", dropout=1), "mole.dropout is 1.0", "in [0, 1)"),
+        (_surgery("mole", load_balance_coef=-1), "mole.load_balance_coef is -1.0", "0 or more"),
+        (_surgery("mole", layers="odd"), "mole.layers is 'odd'", "'all', 'every_other' or a"),
+        (_surgery("mocle", num_experts=0), "mocle.num_experts is 0", "at least 1"),
+        (_surgery("mocle", rank=0), "mocle.rank is 0", "at least 1"),
+        (_surgery("mocle", alpha=-8), "mocle.alpha is -8.0", "more than 0"),
+        (_surgery("mocle", num_clusters=0), "mocle.num_clusters is 0", "at least 1"),
+        (_surgery("mocle", temperature=0), "mocle.temperature is 0.0", "more than 0"),
+        (_surgery("mocle", layers=[-2]), "mocle.layers is [-2]", "'all', 'every_other' or a"),
+        (_surgery("connector", num_experts=0), "connector.num_experts is 0", "at least 1"),
+        (_surgery("connector", top_k=0), "connector.top_k is 0", "at least 1"),
+        (_surgery("connector", load_balance_coef=-1), "connector.load_balance_coef is -1.0", "0 or more"),
+        (_surgery("connector", z_loss_coef=-1), "connector.z_loss_coef is -1.0", "0 or more"),
+    ],
+)
+def test_surgery_numbers_out_of_range_name_the_file_the_stage_and_the_field(
+    tmp_path, changes, field, allowed
+):
+    path = _write(tmp_path, _stage(**changes))
+    with pytest.raises(RecipeError) as error:
+        load_recipe(path)
+    assert str(error.value).startswith(f"{path}: stages[0] (align).surgery[0].{field}; it must be {allowed}")
+
+
+@pytest.mark.parametrize(
+    ("surgery", "message"),
+    [
+        ({"upcycle": {"num_experts": 4, "top_k": 5}}, "upcycle.top_k is 5 but num_experts is 4"),
+        ({"mole": {"num_experts": 2, "top_k": 3}}, "mole.top_k is 3 but num_experts is 2"),
+        ({"connector": {"num_experts": 2, "top_k": 3}}, "connector.top_k is 3 but num_experts is 2"),
+        (
+            {"connector": {"init": "aligned", "projectors": ["base"], "top_k": 2}},
+            "connector.top_k is 2 but the number of projectors is 1; top_k must be from 1 to the number of",
+        ),
+        (
+            {"connector": {"init": "aligned"}},
+            "connector: projectors are for init aligned, and init aligned needs them (one per expert",
+        ),
+        (
+            {"connector": {"projectors": ["base"]}},
+            "connector: projectors are for init aligned, and init aligned needs them (one per expert, "
+            "e.g. [base, align_table]); got init 'upcycle' and projectors ['base']",
+        ),
+    ],
+)
+def test_top_k_is_at_most_the_experts_the_surgery_builds(tmp_path, surgery, message):
+    path = _write(tmp_path, _stage(surgery=[surgery]))
+    with pytest.raises(RecipeError) as error:
+        load_recipe(path)
+    assert str(error.value).startswith(f"{path}: stages[0] (align).surgery[0].{message}")
+
+
+def test_plain_lora_and_an_aligned_connector_take_top_k_from_what_they_build(tmp_path):
+    aligned = {"init": "aligned", "projectors": ["base", "base"], "num_experts": 1, "top_k": 2}
+    surgery = [{"connector": aligned}, {"mole": {"num_experts": 0, "top_k": 1}}]
+    stage = load_recipe(_write(tmp_path, _stage(surgery=surgery))).stages[0]
+    assert stage.surgery[0].connector.top_k == 2 and stage.surgery[1].mole.num_experts == 0
+
+
+def _mocle_stages(router_clusters, data_clusters, later_cluster=None):
+    data = {"sources": [{"name": "chart", "charts": {"n": 4}}]}
+    first = {**MINIMAL["stages"][0], "name": "mocle", "trainable": ["lora", "router"]}
+    first["surgery"] = [{"mocle": {"num_clusters": router_clusters}}]
+    first["data"] = {**data, **({"cluster": {"num_clusters": data_clusters}} if data_clusters else {})}
+    later = {**first, "name": "more", "surgery": []}
+    later["data"] = {**data, **({"cluster": {"num_clusters": later_cluster}} if later_cluster else {})}
+    return {**MINIMAL, "stages": [first, later]}
+
+
+def test_mocle_router_takes_every_cluster_id_of_the_data(tmp_path):
+    path = _write(tmp_path, _mocle_stages(router_clusters=4, data_clusters=8, later_cluster=4))
+    with pytest.raises(RecipeError) as error:
+        load_recipe(path)
+    assert str(error.value) == (
+        f"{path}: stages[0] (mocle).data.cluster.num_clusters is 8 but the MoCLE router has 4 clusters "
+        "(mocle.num_clusters): the cluster ids would run past its table; make them equal"
+    )
+
+
+def test_a_stage_starting_from_a_mocle_model_checks_its_clusters_against_that_router(tmp_path):
+    path = _write(tmp_path, _mocle_stages(router_clusters=4, data_clusters=4, later_cluster=8))
+    with pytest.raises(RecipeError, match=r"stages\[1\] \(more\).data.cluster.num_clusters is 8 but"):
+        load_recipe(path)
+    # Fewer data clusters than the router's table leaves rows unused, which is no error.
+    recipe = load_recipe(_write(tmp_path, _mocle_stages(router_clusters=8, data_clusters=4, later_cluster=2)))
+    assert [stage.data.cluster.num_clusters for stage in recipe.stages] == [4, 2]
+    recipe = _mocle_stages(router_clusters=4, data_clusters=4, later_cluster=8)
+    recipe["stages"][1]["start"] = "base"  # a fresh base model: no cluster router
+    assert load_recipe(_write(tmp_path, recipe)).stages[1].data.cluster.num_clusters == 8
+    # Without data.cluster the cluster ids come with the samples (a path source's "cluster_id").
+    recipe = load_recipe(_write(tmp_path, _mocle_stages(router_clusters=4, data_clusters=None)))
+    assert recipe.stages[0].data.cluster is None
+
+
 def test_numbers_at_the_edge_of_their_range_are_accepted(tmp_path):
     changes = {"max_steps": -1, "batch_size": 1, "epochs": 0.5, "schedule": {"warmup_ratio": 0.0}}
     stage = load_recipe(_write(tmp_path, _stage(**changes))).stages[0]

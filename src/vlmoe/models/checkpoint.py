@@ -104,7 +104,7 @@ def load(path: str | os.PathLike) -> nn.Module:
     if record is not None:
         try:
             _replay(model, record)
-        except (TypeError, ValueError) as error:  # an edited value, e.g. "num_experts": "four"
+        except (TypeError, ValueError) as error:  # an edited value, e.g. "num_experts": 0
             raise ValueError(
                 f"{path}/config.json '{CONFIG_KEY}': the recorded surgery does not replay ({error}); the "
                 "record was edited: restore it, or save the model again with vlmoe.save"

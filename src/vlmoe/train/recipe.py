@@ -108,49 +108,68 @@ class DataConfig:
     seed: int = 0
 
 
+# The layer choices of vlmoe.models.surgery (_layer_indices); a list's upper bound is the model's
+# number of layers, checked by the surgery.
+LAYERS = valid(
+    lambda layers: (
+        layers in ("all", "every_other")
+        if isinstance(layers, str)
+        else bool(layers) and all(i >= 0 for i in layers)
+    ),
+    "'all', 'every_other' or a non-empty list of layer indices (0 or more)",
+)
+PROBABILITY = valid(lambda p: 0 <= p < 1, "in [0, 1)")
+
+
 @dataclass
 class UpcycleConfig:
-    num_experts: int = 4
-    top_k: int = 2
-    layers: str | list[int] = "every_other"
-    load_balance_coef: float = 0.01
-    z_loss_coef: float = 0.0
-    capacity_factor: float | None = None
+    num_experts: int = field(default=4, metadata=AT_LEAST_1)
+    top_k: int = field(default=2, metadata=AT_LEAST_1)  # and at most num_experts (check_recipe)
+    layers: str | list[int] = field(default="every_other", metadata=LAYERS)
+    load_balance_coef: float = field(default=0.01, metadata=NOT_NEGATIVE)
+    z_loss_coef: float = field(default=0.0, metadata=NOT_NEGATIVE)
+    capacity_factor: float | None = field(
+        default=None, metadata=valid(lambda f: f > 0, "more than 0, or null (dropless)")
+    )
 
 
 @dataclass
 class MoLEConfig:
-    num_experts: int = 4  # 0: plain LoRA everywhere (ChartMoE's LLM LoRA)
-    rank: int = 16
-    alpha: float = 32.0
-    top_k: int = 1
-    layers: str | list[int] = "all"
-    load_balance_coef: float = 0.01
-    dropout: float = 0.0
+    num_experts: int = field(  # 0: plain LoRA everywhere (ChartMoE's LLM LoRA)
+        default=4, metadata=valid(lambda n: n >= 0, "0 (plain LoRA) or more")
+    )
+    rank: int = field(default=16, metadata=AT_LEAST_1)
+    alpha: float = field(default=32.0, metadata=MORE_THAN_0)  # 0 would scale the LoRA output to 0
+    top_k: int = field(default=1, metadata=AT_LEAST_1)  # and at most num_experts, unless that is 0
+    layers: str | list[int] = field(default="all", metadata=LAYERS)
+    load_balance_coef: float = field(default=0.01, metadata=NOT_NEGATIVE)
+    dropout: float = field(default=0.0, metadata=PROBABILITY)
 
 
 @dataclass
 class MoCLEConfig:
-    num_experts: int = 8
-    rank: int = 16
-    alpha: float = 32.0
-    num_clusters: int = 64
+    # At least 1: with 0, add_mole would put plain LoRA there, with no cluster router.
+    num_experts: int = field(default=8, metadata=AT_LEAST_1)
+    rank: int = field(default=16, metadata=AT_LEAST_1)
+    alpha: float = field(default=32.0, metadata=MORE_THAN_0)
+    # The router's table of clusters: at least the stage's data.cluster.num_clusters (check_recipe).
+    num_clusters: int = field(default=64, metadata=AT_LEAST_1)
     universal: bool = True
-    temperature: float = 0.1
-    layers: str | list[int] = "all"
+    temperature: float = field(default=0.1, metadata=MORE_THAN_0)
+    layers: str | list[int] = field(default="all", metadata=LAYERS)
 
 
 @dataclass
 class ConnectorConfig:
     init: Literal["aligned", "upcycle", "random"] = "upcycle"
-    num_experts: int = 4
-    top_k: int = 2
+    num_experts: int = field(default=4, metadata=AT_LEAST_1)  # init "aligned": one per projector instead
+    top_k: int = field(default=2, metadata=AT_LEAST_1)  # and at most the number of experts
     # init "aligned": the stages whose projectors become the experts, in order; "base" is the
     # model the stage starts from (ChartMoE's general expert). An entry may also be the directory
     # of a saved model (another run's aligned stage), so several runs share one alignment.
     projectors: list[str] = field(default_factory=list)
-    load_balance_coef: float = 0.0
-    z_loss_coef: float = 0.0
+    load_balance_coef: float = field(default=0.0, metadata=NOT_NEGATIVE)
+    z_loss_coef: float = field(default=0.0, metadata=NOT_NEGATIVE)
 
 
 @dataclass
@@ -352,6 +371,7 @@ def check_recipe(recipe: Recipe, path: Path | str, scale: str | None = None) -> 
     if not recipe.stages:
         raise RecipeError(f"{path}: stages: a recipe needs at least one stage")
     seen: list[str] = []
+    clusters_after: dict[str, int | None] = {}  # per stage: its model's MoCLE router's clusters
     for i, stage in enumerate(recipe.stages):
         where = f"{path}: stages[{i}] ({stage.name})"
         if stage.name in seen or stage.name in ("base", "previous"):
@@ -368,6 +388,12 @@ def check_recipe(recipe: Recipe, path: Path | str, scale: str | None = None) -> 
                     f"{where}.surgery[{j}]: give exactly one of upcycle, mole, mocle, connector"
                 )
             connector = surgery.connector
+            if connector is not None and (connector.init == "aligned") != bool(connector.projectors):
+                raise RecipeError(
+                    f"{where}.surgery[{j}].connector: projectors are for init aligned, and init aligned "
+                    f"needs them (one per expert, e.g. [base, align_table]); got init {connector.init!r} "
+                    f"and projectors {connector.projectors}"
+                )
             if connector is not None and connector.init == "aligned":
                 for name in connector.projectors:
                     if name not in ("base", *seen) and not (Path(name) / "config.json").is_file():
@@ -378,11 +404,53 @@ def check_recipe(recipe: Recipe, path: Path | str, scale: str | None = None) -> 
         if not stage.data.sources:
             raise RecipeError(f"{where}.data.sources: give at least one source")
         check_values(stage, f"stages[{i}] ({stage.name})", path)
+        for j, surgery in enumerate(stage.surgery):
+            _check_top_k(surgery, f"{where}.surgery[{j}]")
+        # The model a stage starts from, as start_model picks it; a base checkpoint is not read here.
+        if stage.start == "base" or not seen:
+            started_with = None
+        else:
+            started_with = clusters_after[seen[-1] if stage.start == "previous" else stage.start]
+        clusters_after[stage.name] = _check_clusters(stage, where, started_with)
         for j, source in enumerate(stage.data.sources):
             if (source.path is None) == (source.charts is None):
                 raise RecipeError(f"{where}.data.sources[{j}]: give exactly one of path or charts")
             _check_source(source, f"{where}.data.sources[{j}] ({source.name})", scale)
         seen.append(stage.name)
+
+
+def _check_top_k(surgery: SurgeryConfig, where: str) -> None:
+    """top_k at most the number of experts the surgery builds (an aligned connector: its projectors)."""
+    for name in ("upcycle", "mole", "connector"):
+        config = getattr(surgery, name)
+        if config is None or (name == "mole" and config.num_experts == 0):  # plain LoRA: no router
+            continue
+        experts, of = config.num_experts, "num_experts"
+        if name == "connector" and config.init == "aligned":
+            experts, of = len(config.projectors), "the number of projectors"
+        if config.top_k > experts:
+            raise RecipeError(
+                f"{where}.{name}.top_k is {config.top_k} but {of} is {experts}; top_k must be from 1 to {of}"
+            )
+
+
+def _check_clusters(stage: StageConfig, where: str, started_with: int | None) -> int | None:
+    """The clusters of the MoCLE router in the model `stage` trains (its own mocle surgery's, else
+    `started_with`, that of the model it starts from), after checking that the ids data.cluster
+    gives the samples, in [0, data.cluster.num_clusters), index that router's table. Without
+    data.cluster the ids are the "cluster_id" of a path source's samples, read later."""
+    router = started_with
+    for surgery in stage.surgery:
+        if surgery.mocle is not None:
+            router = surgery.mocle.num_clusters
+    cluster = stage.data.cluster
+    if router is not None and cluster is not None and cluster.num_clusters > router:
+        raise RecipeError(
+            f"{where}.data.cluster.num_clusters is {cluster.num_clusters} but the MoCLE router has "
+            f"{router} clusters (mocle.num_clusters): the cluster ids would run past its table; make "
+            f"them equal"
+        )
+    return router
 
 
 def _check_source(source: SourceConfig, where: str, scale: str | None) -> None:
