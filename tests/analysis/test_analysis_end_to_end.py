@@ -3,6 +3,7 @@
 import doctest
 import importlib
 import json
+import re
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 import vlmoe
-from vlmoe.analysis import AnalysisSample, RoutingStats, collect_routing
+from vlmoe.analysis import AnalysisSample, RoutingStats, collect_routing, read_samples
 from vlmoe.analysis.cli import load_model, run_analyze
 from vlmoe.cli import app
 
@@ -85,6 +86,19 @@ def test_vlmoe_analyze_reports_bad_input_in_one_line(tmp_path):
     )
     assert result.exit_code == 1
     assert "vlmoe analyze:" in result.output and "missing.json does not exist" in result.output
+
+
+def test_a_bad_jsonl_record_is_named_by_its_file_and_line(tmp_path):
+    # The blank line makes the bad record's line (4) differ from its index (2).
+    good = {"id": "a", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join([json.dumps(good), "", json.dumps(good), json.dumps({"id": "b"})]) + "\n")
+    expected = rf"analysis data {re.escape(str(path))} line 4: missing field 'conversations'"
+    with pytest.raises(ValueError, match=expected):
+        read_samples(path)
+    (tmp_path / "data.json").write_text(json.dumps([good, {"id": "b"}]))
+    with pytest.raises(ValueError, match=r"data\.json record 1: missing field 'conversations'"):
+        read_samples(tmp_path / "data.json")
 
 
 def test_cluster_routed_model_sends_each_sample_to_one_expert():

@@ -146,3 +146,18 @@ def test_cli_names_a_bad_sample_with_a_fix_it_offers(tmp_path, monkeypatch):
     assert result.exit_code == 2
     assert "--data: train.jsonl:2: sample 'b'" in message and "fix or remove the sample" in message
     assert "on_error" not in message
+
+
+def test_missing_cluster_files_are_named_with_the_command_that_makes_them(tmp_path):
+    from vlmoe.data.clustering import CENTROIDS_FILE, InstructionClusters, save_clusters
+
+    fix = f"make it with `vlmoe data cluster --data <conversations .json or .jsonl> --out {tmp_path}`"
+    with pytest.raises(FileNotFoundError) as error:
+        load_clusters(tmp_path)
+    assert str(error.value) == f"{tmp_path / 'clusters.json'} not found; {fix}"
+    clusters = InstructionClusters(np.eye(2, 3, dtype=np.float32), np.zeros(0), "minilm", seed=0)
+    save_clusters(tmp_path, clusters)
+    (tmp_path / CENTROIDS_FILE).unlink()  # clusters.json alone: the centroids are named too
+    with pytest.raises(FileNotFoundError) as error:
+        load_clusters(tmp_path)
+    assert str(error.value) == f"{tmp_path / CENTROIDS_FILE} not found; {fix}"

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 
 import datasets
 import pytest
 from PIL import Image
+from rich.console import Console
 
+from vlmoe.console import sharing
+from vlmoe.data import conversations
 from vlmoe.data.conversations import BAD_SAMPLE_KINDS, BadSampleError, read_conversations
 
 
@@ -189,3 +194,50 @@ def test_a_utf8_file_with_a_byte_order_mark_reads_like_one_without(tmp_path):
     for name in ("bom.json", "bom.jsonl"):
         samples, report = read_conversations(tmp_path / name)
         assert [s.id for s in samples] == ["text"] and report.loaded == 1
+
+
+def _console(terminal: bool) -> Console:
+    """A console kept in a string, a terminal or not."""
+    return Console(file=io.StringIO(), force_terminal=terminal, width=120, color_system=None)
+
+
+def test_the_image_checks_show_a_bar_over_every_image_on_a_terminal_only(image_dir, monkeypatch):
+    path = image_dir / "a.jsonl"
+    path.write_text("\n".join(json.dumps(s) for s in GOOD) + "\n")
+    totals, advances = [], []
+    real = conversations._image_check_progress
+
+    @contextlib.contextmanager
+    def counted(total):
+        totals.append(total)
+        with real(total) as advance:
+            yield lambda k: (advances.append(k), advance(k))
+
+    monkeypatch.setattr(conversations, "_image_check_progress", counted)
+    with sharing(_console(terminal=True)) as console:
+        samples, _ = read_conversations(path)
+    assert [s.id for s in samples] == ["text", "multi", "two"]
+    assert samples[2].images == [image_dir / "red.png", image_dir / "blue.png"]
+    # 0 + 1 + 2 images, advanced per sample; the (transient) bar drew its full count.
+    assert totals == [3] and advances == [0, 1, 2]
+    drawn = console.file.getvalue()
+    assert "vlmoe: checking images" in drawn and "3/3" in drawn
+    with sharing(_console(terminal=False)) as console:  # a log file or a test's captured stderr
+        samples, _ = read_conversations(path)
+    assert len(samples) == 3 and console.file.getvalue() == ""
+    read_conversations(path, check_images=False)
+    assert totals == [3, 3]  # no image check, no bar
+
+
+def test_a_malformed_sample_fails_before_the_images_of_earlier_samples_are_decoded(image_dir):
+    # The text of every sample is checked first: on LLaVA-665k a bad turn at the end of the file
+    # fails in seconds, not after ~18 minutes of image decodes. Skipped samples keep file order.
+    lines = [json.dumps(BAD["corrupt_image"]), json.dumps(GOOD[1]), json.dumps(BAD["bad_role"])]
+    path = image_dir / "late.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(BadSampleError, match="late.jsonl:3: sample 'b2': bad_role"):
+        read_conversations(path)
+    with pytest.warns(UserWarning, match="1 of 3 samples loaded"):
+        samples, report = read_conversations(path, on_error="skip")
+    assert [s.id for s in samples] == ["multi"]
+    assert [(b.line, b.kind) for b in report.bad] == [(1, "corrupt_image"), (3, "bad_role")]

@@ -92,6 +92,24 @@ def test_half_written_line_is_redone(chartqa, tmp_path, monkeypatch):
     assert [r["id"] for r in _lines(predictions)] == ["human-0", "human-1"]
 
 
+@pytest.mark.parametrize(
+    ("line", "found"),
+    [
+        ('{"task": "chartqa", "prediction": "4"}', "fields present: prediction, task"),
+        ("[1]", "a JSON list, not an object"),
+    ],
+)
+def test_a_prediction_record_without_an_id_names_its_file_line_and_field(tmp_path, line, found):
+    path = tmp_path / "predictions.jsonl"
+    path.write_text(json.dumps({"id": "a", "task": "chartqa"}) + "\n\n" + line + "\n")
+    with pytest.raises(ValueError) as error:
+        runner.read_predictions(path, "chartqa")
+    assert str(error.value) == (
+        f"{path} line 3: a prediction record needs its sample's 'id' field ({found}); "
+        "delete that line to redo its sample"
+    )
+
+
 def test_resume_with_other_settings_is_refused(chartqa, tmp_path, monkeypatch):
     model, processor = tiny("llava")
     monkeypatch.setattr(runner, "generate_batch", _scripted({"bar": "45"}, []))

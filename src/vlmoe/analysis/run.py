@@ -18,7 +18,14 @@ from torch import nn
 from vlmoe.analysis.collect import BatchImages, RoutingCollector
 from vlmoe.analysis.stats import LayerInfo, RoutingStats
 from vlmoe.eval.generate import progress_bar
-from vlmoe.eval.samples import EvalSample, existing_image, image_names_of, load_json, load_jsonl, require
+from vlmoe.eval.samples import (
+    EvalSample,
+    existing_image,
+    image_names_of,
+    load_json,
+    load_jsonl_lines,
+    require,
+)
 from vlmoe.moe import (
     MoEConnector,
     record_routing,
@@ -66,17 +73,19 @@ def read_samples(path: Path, image_dir: Path | None = None) -> list[AnalysisSamp
             f"--data {path} is a folder; pass a LLaVA-format .json or .jsonl file, or --task <benchmark> "
             "to read a benchmark's folder"
         )
-    records = (
-        load_jsonl(path, "analysis data") if path.suffix == ".jsonl" else load_json(path, "analysis data")
-    )
-    if not isinstance(records, list):
-        raise ValueError(
-            f"analysis data: {path} must hold a list of samples; expected format: {SAMPLE_FORMAT}"
-        )
+    if path.suffix == ".jsonl":  # each record named by its line (blank lines make it differ from its index)
+        places = [(f"line {line}", record) for line, record in load_jsonl_lines(path, "analysis data")]
+    else:
+        records = load_json(path, "analysis data")
+        if not isinstance(records, list):
+            raise ValueError(
+                f"analysis data: {path} must hold a list of samples; expected format: {SAMPLE_FORMAT}"
+            )
+        places = [(f"record {index}", record) for index, record in enumerate(records)]
     root = image_dir or path.parent
     samples = []
-    for index, record in enumerate(records):
-        where = f"analysis data {path} record {index}"
+    for index, (place, record) in enumerate(places):
+        where = f"analysis data {path} {place}"
         turns = []
         for turn in require(record, "conversations", where, SAMPLE_FORMAT):
             speaker = str(require(turn, "from", where, SAMPLE_FORMAT))

@@ -174,10 +174,12 @@ def load_clusters(directory: str | Path) -> InstructionClusters:
 
     directory = Path(directory)
     config_path = directory / CLUSTERS_CONFIG_FILE
-    if not config_path.exists():
-        raise FileNotFoundError(
-            f"{config_path} not found; make it with `vlmoe data cluster --out {directory}`"
-        )
+    for path in (config_path, directory / CENTROIDS_FILE):  # `vlmoe data cluster` writes both
+        if not path.exists():
+            raise FileNotFoundError(
+                f"{path} not found; make it with `vlmoe data cluster --data <conversations .json or .jsonl> "
+                f"--out {directory}`"
+            )
     config = json.loads(config_path.read_text())
     centroids = load_file(str(directory / CENTROIDS_FILE))["centroids"]
     if centroids.shape[0] != config["num_clusters"]:

@@ -210,6 +210,15 @@ def read_predictions(path: Path, task: str) -> dict[str, dict[str, Any]]:
             raise ValueError(
                 f"{path} line {number} is not valid JSON; delete that line to redo its sample"
             ) from None
+        if not isinstance(record, dict) or "id" not in record:
+            if isinstance(record, dict):
+                found = f"fields present: {', '.join(sorted(record)) or 'none'}"
+            else:
+                found = f"a JSON {type(record).__name__}, not an object"
+            raise ValueError(
+                f"{path} line {number}: a prediction record needs its sample's 'id' field ({found}); "
+                "delete that line to redo its sample"
+            )
         if record.get("task") != task:
             raise ValueError(
                 f"{path} holds {record.get('task')!r} predictions, not {task!r}; use another --out "
