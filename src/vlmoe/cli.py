@@ -291,11 +291,27 @@ def export(
 
     try:
         target = _model_destination(dst, src)  # before the load
+        _check_upcycled(Path(src))
         path = export_hf(load(src), target)
     except (ValueError, FileNotFoundError) as error:
         typer.echo(f"vlmoe export: {error}", err=True)
         raise typer.Exit(code=1) from error
     typer.echo(f"exported {src} -> {path}")
+
+
+def _check_upcycled(src: Path) -> None:
+    """SRC of `vlmoe export` holds the surgery record that vlmoe.save writes in config.json; a stock
+    checkpoint (a download, or what `vlmoe export` wrote) has none, and vlmoe.load would fail on its
+    weight names with a list of tensors instead of the reason."""
+    from vlmoe.models.checkpoint import read_config
+    from vlmoe.models.record import CONFIG_KEY
+
+    if (src / "config.json").is_file() and CONFIG_KEY not in read_config(src):
+        raise ValueError(
+            f"SRC {src}/config.json has no '{CONFIG_KEY}' record: it is a stock checkpoint (a download, "
+            "or one `vlmoe export` wrote, which is already the HF form), not a model upcycled and saved "
+            "with vlmoe.save; export takes the vlmoe.save folder"
+        )
 
 
 def _model_destination(dst: str | Path, src: str | Path) -> Path:
