@@ -267,3 +267,18 @@ def test_configs_it_cannot_honour_are_refused_with_the_reason(tmp_path, tower):
         config_file.write_text(json.dumps({**original, **change}))
         with pytest.raises(ValueError, match=message):
             import_moe_llava(tmp_path / "ckpt", tower)
+
+
+def test_a_damaged_or_foreign_vision_tower_config_names_the_file(tmp_path, tower):
+    write_moe_llava(tmp_path / "ckpt")
+    broken = tmp_path / "broken-clip"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "clip_vision_model",')
+    with pytest.raises(ValueError, match=r"broken-clip/config.json is not valid JSON \(line 1, column 36"):
+        import_moe_llava(tmp_path / "ckpt", broken)
+    for model_type in ("nonsense", "llama", None):
+        (broken / "config.json").write_text(json.dumps({"model_type": model_type}))
+        with pytest.raises(
+            ValueError, match=rf"broken-clip/config.json: model_type {model_type!r}; expected a CLIP"
+        ):
+            import_moe_llava(tmp_path / "ckpt", broken)
