@@ -282,3 +282,27 @@ def test_a_damaged_or_foreign_vision_tower_config_names_the_file(tmp_path, tower
             ValueError, match=rf"broken-clip/config.json: model_type {model_type!r}; expected a CLIP"
         ):
             import_moe_llava(tmp_path / "ckpt", broken)
+
+
+def test_a_config_field_of_the_wrong_type_or_missing_names_the_field(tmp_path, tower):
+    write_moe_llava(tmp_path / "ckpt")
+    write_moe_llava(tmp_path / "qwen1", "qwen1")
+    original = {
+        folder: json.loads((tmp_path / folder / "config.json").read_text()) for folder in ("ckpt", "qwen1")
+    }
+    for folder, change, message in (
+        ("ckpt", {"moe": {"moe_layers_idx": None}}, r"'moe': moe_layers_idx None must be a list of layer"),
+        ("ckpt", {"moe": {"moe_layers_idx": [0, 9]}}, r"'moe': layers must be non-empty indices in \[0, 3\)"),
+        ("ckpt", {"moe": {"top_k_experts": "two"}}, r"'moe': top_k_experts 'two' must be an integer"),
+        ("ckpt", {"moe": {"top_k_experts": 6}}, r"'moe': top_k must be an integer in \[1, num_experts=4\]"),
+        ("ckpt", {"moe": {"eval_capacity_factor": None}}, r"'moe': eval_capacity_factor None must be a"),
+        ("ckpt", {"vocab_size": "big"}, r": Validation error for field 'vocab_size': TypeError"),
+        ("qwen1", {"hidden_size": None}, r": 'hidden_size' is missing or not an integer \(None\)"),
+    ):
+        config = original[folder]
+        edited = {**config, **change, "moe": {**config["moe"], **change.get("moe", {})}}
+        (tmp_path / folder / "config.json").write_text(json.dumps(edited))
+        with pytest.raises(ValueError, match=rf"{folder}/config.json.*{message}") as error:
+            import_moe_llava(tmp_path / folder, tower)
+        assert "\n" not in str(error.value)
+        (tmp_path / folder / "config.json").write_text(json.dumps(config))

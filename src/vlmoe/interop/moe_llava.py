@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from torch import nn
 from transformers import CONFIG_MAPPING, CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
 from transformers.initialization import no_init_weights
@@ -145,16 +146,19 @@ def import_moe_llava(
     if lm_head_bias:
         add_lm_head_bias(model)
     append_step(model, "llava", ImportCheckpoint("moe-llava", lm_head_bias, checkpoint=path.name))
-    upcycle_ffn(
-        model,
-        moe["num_experts"],
-        moe["top_k"],
-        moe["layers"],
-        load_balance_coef=moe["load_balance_coef"],
-        capacity_factor=moe["capacity_factor"],
-        min_capacity=moe["min_capacity"],
-        load_balance_first_choice=True,
-    )
+    try:
+        upcycle_ffn(
+            model,
+            moe["num_experts"],
+            moe["top_k"],
+            moe["layers"],
+            load_balance_coef=moe["load_balance_coef"],
+            capacity_factor=moe["capacity_factor"],
+            min_capacity=moe["min_capacity"],
+            load_balance_first_choice=True,
+        )
+    except ValueError as error:  # e.g. a layer index past the LM's layers: the 'moe' section is wrong
+        raise ValueError(f"{path}/config.json 'moe': {error}") from None
     target = TargetState(model, str(path))
     _map_language_model(model, tensors, target, grow_vocab)
     map_tower(tensors, _THEIR_TOWER + VISION_PREFIX, tower, target)
@@ -206,41 +210,60 @@ def _moe_settings(config: dict[str, Any], path: Path) -> dict[str, Any]:
             f"{where}: use_residual=true (DeepSpeed's residual MoE: a dense MLP mixed in by a learned "
             "coefficient) has no vlmoe layer; it is not imported"
         )
-    layers, counts = list(moe["moe_layers_idx"]), moe["num_experts"]
+    layers, counts = moe["moe_layers_idx"], moe["num_experts"]
+    if not isinstance(layers, list) or not all(_is_int(i) for i in layers):
+        raise ValueError(f"{where}: moe_layers_idx {layers!r} must be a list of layer indices")
     counts = counts * len(layers) if isinstance(counts, list) and len(counts) == 1 else counts
-    if not isinstance(counts, list) or len(counts) != len(layers):
+    if not isinstance(counts, list) or len(counts) != len(layers) or not all(_is_int(c) for c in counts):
         raise ValueError(f"{where}: num_experts {moe['num_experts']!r} needs one entry per layer of {layers}")
     if len(set(counts)) != 1:
         raise ValueError(f"{where}: layers have different expert counts {counts}; vlmoe needs one count")
-    num_experts, top_k = counts[0], int(moe["top_k_experts"])
+    num_experts, top_k = counts[0], _field(moe, "top_k_experts", None, int, where)
     # Their model runs in eval mode with eval_capacity_factor. DeepSpeed's capacity per expert is
     # max(min_capacity, ceil(T / E * factor * k)) slots for T tokens; when factor * k / E >= 1 it is
     # >= T, which no expert can exceed (a token's k slots go to k different experts): dropless, so
     # exactly equal to no capacity at all (and exportable).
-    factor = float(moe.get("eval_capacity_factor", 1.0))
+    factor = _field(moe, "eval_capacity_factor", 1.0, float, where)
     capacity_factor = None if _dropless(factor, top_k, num_experts) else factor
     return {
         "layers": layers,
         "num_experts": num_experts,
         "top_k": top_k,
         "capacity_factor": capacity_factor,
-        "min_capacity": int(moe.get("min_capacity", 0)),
-        "load_balance_coef": float(moe.get("router_aux_loss_coef", 0.01)),
+        "min_capacity": _field(moe, "min_capacity", 0, int, where),
+        "load_balance_coef": _field(moe, "router_aux_loss_coef", 0.01, float, where),
     }
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _field(moe: dict[str, Any], key: str, default: Any, kind: type, where: str) -> Any:
+    """moe[key] (or `default` when absent) as `kind`; a value of another type names the field."""
+    value = moe.get(key, default)
+    if _is_int(value) or (kind is float and isinstance(value, float)):
+        return kind(value)
+    raise ValueError(f"{where}: {key} {value!r} must be {'an integer' if kind is int else 'a number'}")
 
 
 def _text_config(config: dict[str, Any], path: Path):
     stock_type, renames = TEXT_FAMILIES[config["model_type"]]
     config_class = CONFIG_MAPPING[stock_type]
     if config["model_type"] == "moe_llava_qwen":
-        return config_class(**qwen2_fields(config, f"{path}/config.json"))
-    known = set(config_class().to_dict()) | set(_LEGACY_ROPE_KEYS)
-    fields = {renames.get(key, key): value for key, value in config.items()}
-    fields = {key: value for key, value in fields.items() if key in known and key != "model_type"}
-    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
-        if key not in fields:
-            raise ValueError(f"{path}/config.json: missing {key!r}")
-    return config_class(**fields)
+        fields = qwen2_fields(config, f"{path}/config.json")
+    else:
+        known = set(config_class().to_dict()) | set(_LEGACY_ROPE_KEYS)
+        fields = {renames.get(key, key): value for key, value in config.items()}
+        fields = {key: value for key, value in fields.items() if key in known and key != "model_type"}
+        for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
+            if key not in fields:
+                raise ValueError(f"{path}/config.json: missing {key!r}")
+    try:
+        return config_class(**fields)
+    except (TypeError, ValueError, StrictDataclassError) as error:  # transformers 5 checks field types
+        message = " ".join(str(error).split())  # its message spans lines
+        raise ValueError(f"{path}/config.json: {message}; fix the field or fetch the file again") from None
 
 
 def _dropless(capacity_factor: float, top_k: int, num_experts: int) -> bool:
