@@ -306,3 +306,22 @@ def test_a_config_field_of_the_wrong_type_or_missing_names_the_field(tmp_path, t
             import_moe_llava(tmp_path / folder, tower)
         assert "\n" not in str(error.value)
         (tmp_path / folder / "config.json").write_text(json.dumps(config))
+
+
+def test_a_malformed_or_empty_shard_index_names_the_file(tmp_path, tower):
+    write_moe_llava(tmp_path / "ckpt")
+    index = tmp_path / "ckpt" / "model.safetensors.index.json"
+    for weight_map, message in (
+        (["model-00001-of-00002.safetensors"], "'weight_map' must map tensor names to shard file names"),
+        ({"lm_head.weight": 1}, "'weight_map' must map tensor names to shard file names"),
+        ({}, "'weight_map' lists no tensors; fetch it again"),
+    ):
+        index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+        with pytest.raises(ValueError, match=rf"model.safetensors.index.json: {message}"):
+            import_moe_llava(tmp_path / "ckpt", tower)
+    index.unlink()
+    for shard in (tmp_path / "ckpt").glob("*.safetensors"):
+        shard.unlink()
+    save_file({}, tmp_path / "ckpt" / "model.safetensors")
+    with pytest.raises(ValueError, match=r"ckpt holds no tensors: the weights file is empty; fetch it again"):
+        import_moe_llava(tmp_path / "ckpt", tower)
