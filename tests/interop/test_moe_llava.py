@@ -325,3 +325,22 @@ def test_a_malformed_or_empty_shard_index_names_the_file(tmp_path, tower):
     save_file({}, tmp_path / "ckpt" / "model.safetensors")
     with pytest.raises(ValueError, match=r"ckpt holds no tensors: the weights file is empty; fetch it again"):
         import_moe_llava(tmp_path / "ckpt", tower)
+
+
+def test_a_vision_select_layer_past_the_tower_is_refused_at_import(tmp_path, tower):
+    write_moe_llava(tmp_path / "ckpt")  # the tiny tower has 3 layers: hidden states -4..3
+    config_file = tmp_path / "ckpt" / "config.json"
+    config = json.loads(config_file.read_text())
+    for layer in (4, -5, "-2"):
+        config_file.write_text(json.dumps({**config, "mm_vision_select_layer": layer}))
+        with pytest.raises(
+            ValueError,
+            match=rf"mm_vision_select_layer {layer!r} is not one of the vision tower's 4 hidden states",
+        ):
+            import_moe_llava(tmp_path / "ckpt", tower)
+    ids, _, pixels = _inputs()
+    for layer in (-4, 3):  # the embeddings and the last layer: both run
+        config_file.write_text(json.dumps({**config, "mm_vision_select_layer": layer}))
+        model = import_moe_llava(tmp_path / "ckpt", tower)
+        assert model.config.vision_feature_layer == layer
+        assert _logits(model, ids, pixels).shape == (1, ids.shape[1], model.config.text_config.vocab_size)

@@ -134,7 +134,7 @@ def import_moe_llava(
         image_token_index=image_token_id,
         image_seq_length=_num_patches(vision_config, config),
         projector_hidden_act="gelu",  # their mlp2x_gelu is Linear, nn.GELU() (exact), Linear
-        vision_feature_layer=config.get("mm_vision_select_layer", -2),
+        vision_feature_layer=_select_layer(config, vision_config, path),
         vision_feature_select_strategy=strategy,
         multimodal_projector_bias=True,
         tie_word_embeddings=text_config.tie_word_embeddings,
@@ -277,6 +277,19 @@ def _num_patches(vision_config, config: dict[str, Any]) -> int:
     tokens = (vision_config.image_size // vision_config.patch_size) ** 2
     tokens += isinstance(vision_config, CLIPVisionConfig)
     return tokens - (config.get("mm_vision_select_feature", "patch") == "patch")
+
+
+def _select_layer(config: dict[str, Any], vision_config, path: Path) -> int:
+    """Their mm_vision_select_layer, an index into the tower's hidden states (the embeddings, then
+    one per layer): checked here, or the imported model would fail at its first image."""
+    layer, count = config.get("mm_vision_select_layer", -2), vision_config.num_hidden_layers + 1
+    if not isinstance(layer, int) or isinstance(layer, bool) or not -count <= layer < count:
+        raise ValueError(
+            f"{path}/config.json: mm_vision_select_layer {layer!r} is not one of the vision tower's "
+            f"{count} hidden states (-{count}..{count - 1}): the --vision-tower is not the one it was "
+            f"trained with ({config.get('mm_image_tower')}), or the field was edited"
+        )
+    return layer
 
 
 def _select_strategy(feature: str, path: Path) -> str:
