@@ -37,6 +37,8 @@ class CheckpointTensors:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self._file_of = self._locate(self.path)  # {tensor name: file}
+        if not self._file_of:
+            raise ValueError(f"{self.path} holds no tensors: the weights file is empty; fetch it again")
         self._loaded: dict[Path, dict[str, torch.Tensor]] = {}
         self._used: set[str] = set()
 
@@ -90,8 +92,6 @@ class CheckpointTensors:
 
     def dtype(self) -> torch.dtype:
         """The dtype of the first tensor (checkpoints are saved in one dtype), without marking it used."""
-        if not self._file_of:
-            raise ValueError(f"{self.path} holds no tensors: the weights file is empty; fetch it again")
         first = self.names()[0]
         return _read(self._file_of[first], self._loaded)[first].dtype
 
