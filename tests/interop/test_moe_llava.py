@@ -292,7 +292,6 @@ def test_a_config_field_of_the_wrong_type_or_missing_names_the_field(tmp_path, t
     }
     for folder, change, message in (
         ("ckpt", {"moe": {"moe_layers_idx": None}}, r"'moe': moe_layers_idx None must be a list of layer"),
-        ("ckpt", {"moe": {"moe_layers_idx": [0, 9]}}, r"'moe': layers must be non-empty indices in \[0, 3\)"),
         ("ckpt", {"moe": {"top_k_experts": "two"}}, r"'moe': top_k_experts 'two' must be an integer"),
         ("ckpt", {"moe": {"top_k_experts": 6}}, r"'moe': top_k must be an integer in \[1, num_experts=4\]"),
         ("ckpt", {"moe": {"eval_capacity_factor": None}}, r"'moe': eval_capacity_factor None must be a"),
@@ -344,3 +343,30 @@ def test_a_vision_select_layer_past_the_tower_is_refused_at_import(tmp_path, tow
         model = import_moe_llava(tmp_path / "ckpt", tower)
         assert model.config.vision_feature_layer == layer
         assert _logits(model, ids, pixels).shape == (1, ids.shape[1], model.config.text_config.vocab_size)
+
+
+def test_a_moe_section_that_does_not_describe_the_weights_names_both(tmp_path, tower):
+    write_moe_llava(tmp_path / "ckpt")  # DeepSpeed-MoE layers 0 and 2, 4 experts each
+    config_file = tmp_path / "ckpt" / "config.json"
+    config = json.loads(config_file.read_text())
+    for moe, message in (
+        (
+            {"moe_layers_idx": [0, 1]},
+            r"moe_layers_idx \[0, 1\] but the checkpoint has DeepSpeed-MoE layers at \[0, 2\]",
+        ),
+        (
+            {"moe_layers_idx": [0, 9]},
+            r"moe_layers_idx \[0, 9\] but the checkpoint has DeepSpeed-MoE layers at \[0, 2\]",
+        ),
+        (
+            {"num_experts": [2, 2]},
+            r"num_experts 2 but layer 0 of the checkpoint has experts \['0', '1', '2', '3'\]",
+        ),
+        (
+            {"num_experts": [8, 8]},
+            r"num_experts 8 but layer 0 of the checkpoint has experts \['0', '1', '2', '3'\]",
+        ),
+    ):
+        config_file.write_text(json.dumps({**config, "moe": {**config["moe"], **moe}}))
+        with pytest.raises(ValueError, match=rf"ckpt/config.json 'moe': {message}: config.json is not this"):
+            import_moe_llava(tmp_path / "ckpt", tower)

@@ -116,6 +116,7 @@ def import_moe_llava(
     tensors = CheckpointTensors(path)
     if config["model_type"] == "moe_llava_qwen":
         tensors = Qwen1Tensors(tensors)
+    _check_moe_layout(tensors, moe, path)
     if dtype is None:
         dtype = tensors.dtype()
     vision_config, tower = read_vision_tower(vision_tower, config.get("mm_image_tower"))
@@ -331,6 +332,31 @@ def _map_language_model(
         _map_moe_layer(lm.layers[index].mlp, index, tensors, target)
 
 
+def _check_moe_layout(tensors: CheckpointTensors, moe: dict[str, Any], path: Path) -> None:
+    """The layers with DeepSpeed-MoE tensors, and their experts, are the ones config.json's 'moe'
+    names: else a tensor-by-tensor error would blame a dense MLP or an 'unknown' part."""
+    experts: dict[int, set[str]] = {}  # {layer: expert indices as named}
+    for name in tensors.names():
+        if name.startswith(_THEIR_LM + "layers.") and _MOE in name:
+            layer, _, rest = name[len(_THEIR_LM + "layers.") :].partition(_MOE)
+            found = experts.setdefault(int(layer), set())
+            if rest.startswith("experts.deepspeed_experts."):
+                found.add(rest.split(".")[2])
+    where = f"{path}/config.json 'moe'"
+    if sorted(experts) != sorted(moe["layers"]):
+        raise ValueError(
+            f"{where}: moe_layers_idx {moe['layers']} but the checkpoint has DeepSpeed-MoE layers at "
+            f"{sorted(experts)}: config.json is not this checkpoint's; fetch it again"
+        )
+    expected = {str(j) for j in range(moe["num_experts"])}
+    for layer, found in sorted(experts.items()):
+        if found != expected:
+            raise ValueError(
+                f"{where}: num_experts {moe['num_experts']} but layer {layer} of the checkpoint has experts "
+                f"{sorted(found, key=lambda j: (len(j), j))}: config.json is not this checkpoint's"
+            )
+
+
 def _map_moe_layer(mlp: MoEFeedForward, index: int, tensors: CheckpointTensors, target: TargetState) -> None:
     theirs = f"model.layers.{index}{_MOE}"
     ours = f"{_OUR_LM}layers.{index}.mlp."
@@ -338,15 +364,6 @@ def _map_moe_layer(mlp: MoEFeedForward, index: int, tensors: CheckpointTensors, 
         f"{ours}router.gate.weight", tensors.take(f"{theirs}gate.wg.weight"), f"{theirs}gate.wg.weight"
     )
     expert = f"{theirs}experts.deepspeed_experts."
-    extra = [
-        n
-        for n in tensors.names()
-        if n.startswith(expert) and int(n[len(expert) :].split(".")[0]) >= mlp.num_experts
-    ]
-    if extra:
-        raise ValueError(
-            f"{tensors.path}: {extra[:3]} belong to experts beyond num_experts={mlp.num_experts}"
-        )
     if isinstance(mlp.experts, GLUExperts):
         gate_up, down = [], []
         for j in range(mlp.num_experts):
