@@ -113,3 +113,12 @@ def test_cli_export_of_a_stock_checkpoint_names_the_missing_record(tmp_path):
         assert f"SRC {stock}/config.json has no 'vlmoe' record: it is a stock checkpoint" in result.output
         assert "missing tensors" not in result.output
     assert not (tmp_path / "again").exists()
+
+
+def test_export_to_a_path_inside_a_file_names_the_file(tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("keep me")
+    model = vlmoe.upcycle_ffn(tiny("llava")[0])
+    with pytest.raises(ValueError, match=rf"{notes}/out is inside {notes}, which is a file: pass a folder"):
+        vlmoe.export_hf(model, notes / "out")
+    assert notes.read_text() == "keep me"
