@@ -41,6 +41,12 @@ def check_replaceable(path: str | os.PathLike, marker: str = MODEL_MARKER, optio
             )
     elif path.exists() or path.is_symlink():
         raise ValueError(f"{named} is a file, not a folder: pass a folder path for the model")
+    else:
+        existing = next(parent for parent in path.parents if parent.exists())
+        if not existing.is_dir():  # the folder could not be made: mkdir's bare FileExistsError
+            raise ValueError(
+                f"{named} is inside {existing}, which is a file: pass a folder path for the model"
+            )
     return path
 
 

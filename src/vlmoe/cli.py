@@ -290,7 +290,8 @@ def export(
     from vlmoe.models import export_hf, load
 
     try:
-        target = _model_destination(dst)  # before the load
+        target = _model_destination(dst, src)  # before the load
+        _check_upcycled(Path(src))
         path = export_hf(load(src), target)
     except (ValueError, FileNotFoundError) as error:
         typer.echo(f"vlmoe export: {error}", err=True)
@@ -298,14 +299,37 @@ def export(
     typer.echo(f"exported {src} -> {path}")
 
 
-def _model_destination(dst: str | Path) -> Path:
+def _check_upcycled(src: Path) -> None:
+    """SRC of `vlmoe export` holds the surgery record that vlmoe.save writes in config.json; a stock
+    checkpoint (a download, or what `vlmoe export` wrote) has none, and vlmoe.load would fail on its
+    weight names with a list of tensors instead of the reason."""
+    from vlmoe.models.checkpoint import read_config
+    from vlmoe.models.record import CONFIG_KEY
+
+    if (src / "config.json").is_file() and CONFIG_KEY not in read_config(src):
+        raise ValueError(
+            f"SRC {src}/config.json has no '{CONFIG_KEY}' record: it is a stock checkpoint (a download, "
+            "or one `vlmoe export` wrote, which is already the HF form), not a model upcycled and saved "
+            "with vlmoe.save; export takes the vlmoe.save folder"
+        )
+
+
+def _model_destination(dst: str | Path, src: str | Path) -> Path:
     """DST of `vlmoe export` / `vlmoe import`, checked before any work: a folder path (no file on
     the way) holding nothing, or a model saved before (which is replaced), not a folder of the
-    user's own files, which writing the model would delete."""
+    user's own files, which writing the model would delete, nor SRC or a folder holding it (SRC
+    has a config.json, so it passes as "a model saved before", and the write would delete it)."""
     from vlmoe.atomic import check_replaceable
     from vlmoe.data.folders import output_folder
 
-    return check_replaceable(output_folder(dst, "DST"), option="DST")
+    target = output_folder(dst, "DST")
+    source = Path(src).resolve()
+    if target.resolve() == source or target.resolve() in source.parents:
+        raise ValueError(
+            f"DST {target} {'is' if target.resolve() == source else 'holds'} SRC {src}: writing the "
+            "model there would delete the model it is made from; pass another folder for DST"
+        )
+    return check_replaceable(target, option="DST")
 
 
 # --- vlmoe import: published sparse VLM checkpoints -> vlmoe models (vlmoe.interop) -------------
@@ -344,7 +368,7 @@ def import_moe_llava_command(
     from vlmoe.models import save
 
     try:
-        _model_destination(dst)  # before the conversion
+        _model_destination(dst, src)  # before the conversion
         model, processor = import_moe_llava(
             src,
             vision_tower,
@@ -386,7 +410,7 @@ def import_llava_mole_command(
     from vlmoe.models import save
 
     try:
-        _model_destination(dst)  # before the conversion
+        _model_destination(dst, src)  # before the conversion
         model, processor = import_llava_mole(
             src,
             base_llm,

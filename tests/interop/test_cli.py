@@ -111,3 +111,22 @@ def test_vlmoe_import_and_export_refuse_a_dst_folder_of_other_files_before_any_w
         assert result.exit_code == 1, result.output
         assert f"DST {mine} holds other files (data.csv) and no config.json" in result.output
     assert (mine / "data.csv").read_text() == "keep me" and len(list(mine.iterdir())) == 1
+
+
+def test_vlmoe_import_and_export_refuse_a_dst_that_is_src_or_holds_it(tmp_path):
+    source = tmp_path / "models" / "ckpt"  # a config.json passes it as "a model saved before"
+    source.mkdir(parents=True)
+    (source / "config.json").write_text("{}")
+    (source / "model.safetensors").write_text("the only copy")
+    (tmp_path / "models" / "config.json").write_text("{}")
+    for dst, relation in ((source, "is"), (tmp_path / "models", "holds")):
+        for args in (
+            ["import", "moe-llava", str(source), str(dst)],
+            ["import", "llava-mole", str(source), str(dst), "--base-llm", str(tmp_path),
+             "--vision-tower", str(tmp_path)],
+            ["export", str(source), str(dst)],
+        ):  # fmt: skip
+            result = CliRunner().invoke(app, args)
+            assert result.exit_code == 1, result.output
+            assert f"DST {dst} {relation} SRC {source}: writing the model there would delete" in result.output
+    assert (source / "model.safetensors").read_text() == "the only copy"

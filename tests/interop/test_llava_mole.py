@@ -1,6 +1,8 @@
 """LLaVA-MoLE import: tiny checkpoints in their layout (read in forwchen/LLaVA-MoLE `model.py`,
 `moe.py`, `llava_mole_infer.py`) and their forward, written here from the checkpoint's tensors."""
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -262,3 +264,18 @@ def test_vlmoe_import_llava_mole_command(tmp_path, folders):
     assert "| straight through | True |" in (tmp_path / "out" / "README.md").read_text()
     result = CliRunner().invoke(app, [*args, "--routing", "soft"])
     assert result.exit_code == 1 and "routing must be 'dense' or 'sparse'" in result.output
+
+
+def test_a_damaged_or_non_llama_base_llm_config_names_the_file(tmp_path, folders):
+    torch.save({"state_dict": _trained_parts()}, tmp_path / "mole.pt")
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text('{"model_type": "llama",')
+    with pytest.raises(ValueError, match=r"base/config.json is not valid JSON \(line 1, column 24"):
+        import_llava_mole(tmp_path / "mole.pt", base, folders / "clip")
+    for model_type in ("mistral", "nonsense"):
+        (base / "config.json").write_text(json.dumps({"model_type": model_type}))
+        with pytest.raises(
+            ValueError, match=rf"base/config.json: model_type '{model_type}'; LLaVA-MoLE is built on a Llama"
+        ):
+            import_llava_mole(tmp_path / "mole.pt", base, folders / "clip")

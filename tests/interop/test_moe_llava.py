@@ -267,3 +267,106 @@ def test_configs_it_cannot_honour_are_refused_with_the_reason(tmp_path, tower):
         config_file.write_text(json.dumps({**original, **change}))
         with pytest.raises(ValueError, match=message):
             import_moe_llava(tmp_path / "ckpt", tower)
+
+
+def test_a_damaged_or_foreign_vision_tower_config_names_the_file(tmp_path, tower):
+    write_moe_llava(tmp_path / "ckpt")
+    broken = tmp_path / "broken-clip"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "clip_vision_model",')
+    with pytest.raises(ValueError, match=r"broken-clip/config.json is not valid JSON \(line 1, column 36"):
+        import_moe_llava(tmp_path / "ckpt", broken)
+    for model_type in ("nonsense", "llama", None):
+        (broken / "config.json").write_text(json.dumps({"model_type": model_type}))
+        with pytest.raises(
+            ValueError, match=rf"broken-clip/config.json: model_type {model_type!r}; expected a CLIP"
+        ):
+            import_moe_llava(tmp_path / "ckpt", broken)
+
+
+def test_a_config_field_of_the_wrong_type_or_missing_names_the_field(tmp_path, tower):
+    write_moe_llava(tmp_path / "ckpt")
+    write_moe_llava(tmp_path / "qwen1", "qwen1")
+    original = {
+        folder: json.loads((tmp_path / folder / "config.json").read_text()) for folder in ("ckpt", "qwen1")
+    }
+    for folder, change, message in (
+        ("ckpt", {"moe": {"moe_layers_idx": None}}, r"'moe': moe_layers_idx None must be a list of layer"),
+        ("ckpt", {"moe": {"top_k_experts": "two"}}, r"'moe': top_k_experts 'two' must be an integer"),
+        ("ckpt", {"moe": {"top_k_experts": 6}}, r"'moe': top_k must be an integer in \[1, num_experts=4\]"),
+        ("ckpt", {"moe": {"eval_capacity_factor": None}}, r"'moe': eval_capacity_factor None must be a"),
+        ("ckpt", {"vocab_size": "big"}, r": Validation error for field 'vocab_size': TypeError"),
+        ("qwen1", {"hidden_size": None}, r": 'hidden_size' is missing or not an integer \(None\)"),
+    ):
+        config = original[folder]
+        edited = {**config, **change, "moe": {**config["moe"], **change.get("moe", {})}}
+        (tmp_path / folder / "config.json").write_text(json.dumps(edited))
+        with pytest.raises(ValueError, match=rf"{folder}/config.json.*{message}") as error:
+            import_moe_llava(tmp_path / folder, tower)
+        assert "\n" not in str(error.value)
+        (tmp_path / folder / "config.json").write_text(json.dumps(config))
+
+
+def test_a_malformed_or_empty_shard_index_names_the_file(tmp_path, tower):
+    write_moe_llava(tmp_path / "ckpt")
+    index = tmp_path / "ckpt" / "model.safetensors.index.json"
+    for weight_map, message in (
+        (["model-00001-of-00002.safetensors"], "'weight_map' must map tensor names to shard file names"),
+        ({"lm_head.weight": 1}, "'weight_map' must map tensor names to shard file names"),
+        ({}, "'weight_map' lists no tensors; fetch it again"),
+    ):
+        index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+        with pytest.raises(ValueError, match=rf"model.safetensors.index.json: {message}"):
+            import_moe_llava(tmp_path / "ckpt", tower)
+    index.unlink()
+    for shard in (tmp_path / "ckpt").glob("*.safetensors"):
+        shard.unlink()
+    save_file({}, tmp_path / "ckpt" / "model.safetensors")
+    with pytest.raises(ValueError, match=r"ckpt holds no tensors: the weights file is empty; fetch it again"):
+        import_moe_llava(tmp_path / "ckpt", tower)
+
+
+def test_a_vision_select_layer_past_the_tower_is_refused_at_import(tmp_path, tower):
+    write_moe_llava(tmp_path / "ckpt")  # the tiny tower has 3 layers: hidden states -4..3
+    config_file = tmp_path / "ckpt" / "config.json"
+    config = json.loads(config_file.read_text())
+    for layer in (4, -5, "-2"):
+        config_file.write_text(json.dumps({**config, "mm_vision_select_layer": layer}))
+        with pytest.raises(
+            ValueError,
+            match=rf"mm_vision_select_layer {layer!r} is not one of the vision tower's 4 hidden states",
+        ):
+            import_moe_llava(tmp_path / "ckpt", tower)
+    ids, _, pixels = _inputs()
+    for layer in (-4, 3):  # the embeddings and the last layer: both run
+        config_file.write_text(json.dumps({**config, "mm_vision_select_layer": layer}))
+        model = import_moe_llava(tmp_path / "ckpt", tower)
+        assert model.config.vision_feature_layer == layer
+        assert _logits(model, ids, pixels).shape == (1, ids.shape[1], model.config.text_config.vocab_size)
+
+
+def test_a_moe_section_that_does_not_describe_the_weights_names_both(tmp_path, tower):
+    write_moe_llava(tmp_path / "ckpt")  # DeepSpeed-MoE layers 0 and 2, 4 experts each
+    config_file = tmp_path / "ckpt" / "config.json"
+    config = json.loads(config_file.read_text())
+    for moe, message in (
+        (
+            {"moe_layers_idx": [0, 1]},
+            r"moe_layers_idx \[0, 1\] but the checkpoint has DeepSpeed-MoE layers at \[0, 2\]",
+        ),
+        (
+            {"moe_layers_idx": [0, 9]},
+            r"moe_layers_idx \[0, 9\] but the checkpoint has DeepSpeed-MoE layers at \[0, 2\]",
+        ),
+        (
+            {"num_experts": [2, 2]},
+            r"num_experts 2 but layer 0 of the checkpoint has experts \['0', '1', '2', '3'\]",
+        ),
+        (
+            {"num_experts": [8, 8]},
+            r"num_experts 8 but layer 0 of the checkpoint has experts \['0', '1', '2', '3'\]",
+        ),
+    ):
+        config_file.write_text(json.dumps({**config, "moe": {**config["moe"], **moe}}))
+        with pytest.raises(ValueError, match=rf"ckpt/config.json 'moe': {message}: config.json is not this"):
+            import_moe_llava(tmp_path / "ckpt", tower)

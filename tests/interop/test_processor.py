@@ -188,3 +188,15 @@ def test_the_conversation_format_can_be_chosen(tmp_path):
     assert rendered.endswith("ASSISTANT: A bar chart.<|end_of_turn|>")
     with pytest.raises(ValueError, match=r"unknown conversation format 'vicuna'; known: \['llava-mole'"):
         import_moe_llava(tmp_path / "ckpt", tower, conversation="vicuna")
+
+
+def test_a_damaged_preprocessor_config_names_the_file(tmp_path):
+    write_moe_llava(tmp_path / "ckpt", "qwen1_5")
+    tower = write_vision_tower(tmp_path / "clip")
+    for text, message in (
+        ('{"crop_size": 28,', r"clip/preprocessor_config.json is not valid JSON \(Expecting property name"),
+        ("[28, 28]", r"clip/preprocessor_config.json must hold a JSON object"),
+    ):
+        (tower / "preprocessor_config.json").write_text(text)
+        with pytest.raises(ValueError, match=message):
+            import_moe_llava(tmp_path / "ckpt", tower)

@@ -97,3 +97,28 @@ def test_cli_export_reads_a_vlmoe_save(tmp_path):
     refused = CliRunner().invoke(app, ["export", str(tmp_path / "saved"), str(notes)])
     assert refused.exit_code == 1 and f"DST {notes} is a file; pass a folder" in refused.output
     assert notes.read_text() == "keep me"  # not replaced by the export
+
+
+def test_cli_export_of_a_stock_checkpoint_names_the_missing_record(tmp_path):
+    from typer.testing import CliRunner
+
+    from vlmoe.cli import app
+
+    vlmoe.save(vlmoe.upcycle_ffn(tiny("llava")[0]), tmp_path / "saved")
+    assert CliRunner().invoke(app, ["export", str(tmp_path / "saved"), str(tmp_path / "hf")]).exit_code == 0
+    tiny("llava")[0].save_pretrained(tmp_path / "download")
+    for stock in (tmp_path / "hf", tmp_path / "download"):  # export's own output, a plain HF save
+        result = CliRunner().invoke(app, ["export", str(stock), str(tmp_path / "again")])
+        assert result.exit_code == 1, result.output
+        assert f"SRC {stock}/config.json has no 'vlmoe' record: it is a stock checkpoint" in result.output
+        assert "missing tensors" not in result.output
+    assert not (tmp_path / "again").exists()
+
+
+def test_export_to_a_path_inside_a_file_names_the_file(tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("keep me")
+    model = vlmoe.upcycle_ffn(tiny("llava")[0])
+    with pytest.raises(ValueError, match=rf"{notes}/out is inside {notes}, which is a file: pass a folder"):
+        vlmoe.export_hf(model, notes / "out")
+    assert notes.read_text() == "keep me"

@@ -35,7 +35,7 @@ from typing import Literal
 
 import torch
 from torch import nn
-from transformers import AutoConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from transformers import AutoConfig, LlavaConfig, LlavaForConditionalGeneration
 from transformers.initialization import no_init_weights
 from transformers.models.llava.processing_llava import LlavaProcessor
 
@@ -43,6 +43,7 @@ from vlmoe.interop.processor import conversation as conversation_format
 from vlmoe.interop.processor import image_processor_for, llava_processor, read_tokenizer
 from vlmoe.interop.tensors import CheckpointTensors, TargetState, load_checked
 from vlmoe.interop.vision import DERIVED, VISION_PREFIX, map_tower, read_vision_tower
+from vlmoe.models.checkpoint import read_config
 from vlmoe.models.record import ImportCheckpoint, append_step
 from vlmoe.models.surgery import add_mole
 
@@ -93,11 +94,13 @@ def import_llava_mole(
             f"{base_dir}: not a model directory (no config.json). LLaVA-MoLE's checkpoint has no config; "
             "pass the local Vicuna directory it was trained on (e.g. lmsys/vicuna-7b-v1.5) as --base-llm"
         )
-    text_config = AutoConfig.from_pretrained(base_dir)
-    if not isinstance(text_config, LlamaConfig):
+    model_type = read_config(base_dir).get("model_type")  # damaged JSON: a ValueError naming the file
+    if model_type != "llama":
         raise ValueError(
-            f"{base_dir}: a {type(text_config).__name__}; LLaVA-MoLE is built on a Llama (Vicuna)"
+            f"{base_dir}/config.json: model_type {model_type!r}; LLaVA-MoLE is built on a Llama (Vicuna): "
+            "pass the Vicuna directory it was trained on as --base-llm"
         )
+    text_config = AutoConfig.from_pretrained(base_dir)
     tokens = read_tokenizer(base_dir if tokenizer is None else tokenizer, "the base LLM")
     base = CheckpointTensors(base_dir)
     vision_config, tower = read_vision_tower(vision_tower, "openai/clip-vit-large-patch14-336")

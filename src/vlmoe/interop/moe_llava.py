@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from torch import nn
 from transformers import CONFIG_MAPPING, CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
 from transformers.initialization import no_init_weights
@@ -115,6 +116,7 @@ def import_moe_llava(
     tensors = CheckpointTensors(path)
     if config["model_type"] == "moe_llava_qwen":
         tensors = Qwen1Tensors(tensors)
+    _check_moe_layout(tensors, moe, path)
     if dtype is None:
         dtype = tensors.dtype()
     vision_config, tower = read_vision_tower(vision_tower, config.get("mm_image_tower"))
@@ -133,7 +135,7 @@ def import_moe_llava(
         image_token_index=image_token_id,
         image_seq_length=_num_patches(vision_config, config),
         projector_hidden_act="gelu",  # their mlp2x_gelu is Linear, nn.GELU() (exact), Linear
-        vision_feature_layer=config.get("mm_vision_select_layer", -2),
+        vision_feature_layer=_select_layer(config, vision_config, path),
         vision_feature_select_strategy=strategy,
         multimodal_projector_bias=True,
         tie_word_embeddings=text_config.tie_word_embeddings,
@@ -145,16 +147,19 @@ def import_moe_llava(
     if lm_head_bias:
         add_lm_head_bias(model)
     append_step(model, "llava", ImportCheckpoint("moe-llava", lm_head_bias, checkpoint=path.name))
-    upcycle_ffn(
-        model,
-        moe["num_experts"],
-        moe["top_k"],
-        moe["layers"],
-        load_balance_coef=moe["load_balance_coef"],
-        capacity_factor=moe["capacity_factor"],
-        min_capacity=moe["min_capacity"],
-        load_balance_first_choice=True,
-    )
+    try:
+        upcycle_ffn(
+            model,
+            moe["num_experts"],
+            moe["top_k"],
+            moe["layers"],
+            load_balance_coef=moe["load_balance_coef"],
+            capacity_factor=moe["capacity_factor"],
+            min_capacity=moe["min_capacity"],
+            load_balance_first_choice=True,
+        )
+    except ValueError as error:  # e.g. a layer index past the LM's layers: the 'moe' section is wrong
+        raise ValueError(f"{path}/config.json 'moe': {error}") from None
     target = TargetState(model, str(path))
     _map_language_model(model, tensors, target, grow_vocab)
     map_tower(tensors, _THEIR_TOWER + VISION_PREFIX, tower, target)
@@ -206,41 +211,60 @@ def _moe_settings(config: dict[str, Any], path: Path) -> dict[str, Any]:
             f"{where}: use_residual=true (DeepSpeed's residual MoE: a dense MLP mixed in by a learned "
             "coefficient) has no vlmoe layer; it is not imported"
         )
-    layers, counts = list(moe["moe_layers_idx"]), moe["num_experts"]
+    layers, counts = moe["moe_layers_idx"], moe["num_experts"]
+    if not isinstance(layers, list) or not all(_is_int(i) for i in layers):
+        raise ValueError(f"{where}: moe_layers_idx {layers!r} must be a list of layer indices")
     counts = counts * len(layers) if isinstance(counts, list) and len(counts) == 1 else counts
-    if not isinstance(counts, list) or len(counts) != len(layers):
+    if not isinstance(counts, list) or len(counts) != len(layers) or not all(_is_int(c) for c in counts):
         raise ValueError(f"{where}: num_experts {moe['num_experts']!r} needs one entry per layer of {layers}")
     if len(set(counts)) != 1:
         raise ValueError(f"{where}: layers have different expert counts {counts}; vlmoe needs one count")
-    num_experts, top_k = counts[0], int(moe["top_k_experts"])
+    num_experts, top_k = counts[0], _field(moe, "top_k_experts", None, int, where)
     # Their model runs in eval mode with eval_capacity_factor. DeepSpeed's capacity per expert is
     # max(min_capacity, ceil(T / E * factor * k)) slots for T tokens; when factor * k / E >= 1 it is
     # >= T, which no expert can exceed (a token's k slots go to k different experts): dropless, so
     # exactly equal to no capacity at all (and exportable).
-    factor = float(moe.get("eval_capacity_factor", 1.0))
+    factor = _field(moe, "eval_capacity_factor", 1.0, float, where)
     capacity_factor = None if _dropless(factor, top_k, num_experts) else factor
     return {
         "layers": layers,
         "num_experts": num_experts,
         "top_k": top_k,
         "capacity_factor": capacity_factor,
-        "min_capacity": int(moe.get("min_capacity", 0)),
-        "load_balance_coef": float(moe.get("router_aux_loss_coef", 0.01)),
+        "min_capacity": _field(moe, "min_capacity", 0, int, where),
+        "load_balance_coef": _field(moe, "router_aux_loss_coef", 0.01, float, where),
     }
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _field(moe: dict[str, Any], key: str, default: Any, kind: type, where: str) -> Any:
+    """moe[key] (or `default` when absent) as `kind`; a value of another type names the field."""
+    value = moe.get(key, default)
+    if _is_int(value) or (kind is float and isinstance(value, float)):
+        return kind(value)
+    raise ValueError(f"{where}: {key} {value!r} must be {'an integer' if kind is int else 'a number'}")
 
 
 def _text_config(config: dict[str, Any], path: Path):
     stock_type, renames = TEXT_FAMILIES[config["model_type"]]
     config_class = CONFIG_MAPPING[stock_type]
     if config["model_type"] == "moe_llava_qwen":
-        return config_class(**qwen2_fields(config, f"{path}/config.json"))
-    known = set(config_class().to_dict()) | set(_LEGACY_ROPE_KEYS)
-    fields = {renames.get(key, key): value for key, value in config.items()}
-    fields = {key: value for key, value in fields.items() if key in known and key != "model_type"}
-    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
-        if key not in fields:
-            raise ValueError(f"{path}/config.json: missing {key!r}")
-    return config_class(**fields)
+        fields = qwen2_fields(config, f"{path}/config.json")
+    else:
+        known = set(config_class().to_dict()) | set(_LEGACY_ROPE_KEYS)
+        fields = {renames.get(key, key): value for key, value in config.items()}
+        fields = {key: value for key, value in fields.items() if key in known and key != "model_type"}
+        for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
+            if key not in fields:
+                raise ValueError(f"{path}/config.json: missing {key!r}")
+    try:
+        return config_class(**fields)
+    except (TypeError, ValueError, StrictDataclassError) as error:  # transformers 5 checks field types
+        message = " ".join(str(error).split())  # its message spans lines
+        raise ValueError(f"{path}/config.json: {message}; fix the field or fetch the file again") from None
 
 
 def _dropless(capacity_factor: float, top_k: int, num_experts: int) -> bool:
@@ -254,6 +278,19 @@ def _num_patches(vision_config, config: dict[str, Any]) -> int:
     tokens = (vision_config.image_size // vision_config.patch_size) ** 2
     tokens += isinstance(vision_config, CLIPVisionConfig)
     return tokens - (config.get("mm_vision_select_feature", "patch") == "patch")
+
+
+def _select_layer(config: dict[str, Any], vision_config, path: Path) -> int:
+    """Their mm_vision_select_layer, an index into the tower's hidden states (the embeddings, then
+    one per layer): checked here, or the imported model would fail at its first image."""
+    layer, count = config.get("mm_vision_select_layer", -2), vision_config.num_hidden_layers + 1
+    if not isinstance(layer, int) or isinstance(layer, bool) or not -count <= layer < count:
+        raise ValueError(
+            f"{path}/config.json: mm_vision_select_layer {layer!r} is not one of the vision tower's "
+            f"{count} hidden states (-{count}..{count - 1}): the --vision-tower is not the one it was "
+            f"trained with ({config.get('mm_image_tower')}), or the field was edited"
+        )
+    return layer
 
 
 def _select_strategy(feature: str, path: Path) -> str:
@@ -295,6 +332,31 @@ def _map_language_model(
         _map_moe_layer(lm.layers[index].mlp, index, tensors, target)
 
 
+def _check_moe_layout(tensors: CheckpointTensors, moe: dict[str, Any], path: Path) -> None:
+    """The layers with DeepSpeed-MoE tensors, and their experts, are the ones config.json's 'moe'
+    names: else a tensor-by-tensor error would blame a dense MLP or an 'unknown' part."""
+    experts: dict[int, set[str]] = {}  # {layer: expert indices as named}
+    for name in tensors.names():
+        if name.startswith(_THEIR_LM + "layers.") and _MOE in name:
+            layer, _, rest = name[len(_THEIR_LM + "layers.") :].partition(_MOE)
+            found = experts.setdefault(int(layer), set())
+            if rest.startswith("experts.deepspeed_experts."):
+                found.add(rest.split(".")[2])
+    where = f"{path}/config.json 'moe'"
+    if sorted(experts) != sorted(moe["layers"]):
+        raise ValueError(
+            f"{where}: moe_layers_idx {moe['layers']} but the checkpoint has DeepSpeed-MoE layers at "
+            f"{sorted(experts)}: config.json is not this checkpoint's; fetch it again"
+        )
+    expected = {str(j) for j in range(moe["num_experts"])}
+    for layer, found in sorted(experts.items()):
+        if found != expected:
+            raise ValueError(
+                f"{where}: num_experts {moe['num_experts']} but layer {layer} of the checkpoint has experts "
+                f"{sorted(found, key=lambda j: (len(j), j))}: config.json is not this checkpoint's"
+            )
+
+
 def _map_moe_layer(mlp: MoEFeedForward, index: int, tensors: CheckpointTensors, target: TargetState) -> None:
     theirs = f"model.layers.{index}{_MOE}"
     ours = f"{_OUR_LM}layers.{index}.mlp."
@@ -302,15 +364,6 @@ def _map_moe_layer(mlp: MoEFeedForward, index: int, tensors: CheckpointTensors, 
         f"{ours}router.gate.weight", tensors.take(f"{theirs}gate.wg.weight"), f"{theirs}gate.wg.weight"
     )
     expert = f"{theirs}experts.deepspeed_experts."
-    extra = [
-        n
-        for n in tensors.names()
-        if n.startswith(expert) and int(n[len(expert) :].split(".")[0]) >= mlp.num_experts
-    ]
-    if extra:
-        raise ValueError(
-            f"{tensors.path}: {extra[:3]} belong to experts beyond num_experts={mlp.num_experts}"
-        )
     if isinstance(mlp.experts, GLUExperts):
         gate_up, down = [], []
         for j in range(mlp.num_experts):

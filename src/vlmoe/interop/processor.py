@@ -191,7 +191,14 @@ def image_processor_for(
             f"{config_file} is missing: the tower's image preprocessing (size, crop, normalisation) comes "
             "from it; copy preprocessor_config.json from the tower's published repository into that directory"
         )
-    settings = json.loads(config_file.read_text())
+    try:
+        settings = json.loads(config_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(
+            f"{config_file} is not valid JSON ({error}); copy it again from the tower's published repository"
+        ) from None
+    if not isinstance(settings, dict):
+        raise ValueError(f"{config_file} must hold a JSON object; copy it again from the tower's repository")
     fields = {key: settings[key] for key in _IMAGE_FIELDS if key in settings}
     # CLIP crops (its config says so); SigLIP resizes to height x width and has no crop.
     processor = LlavaImageProcessorPil(

@@ -76,6 +76,9 @@ class Qwen1Tensors:
 
 def qwen2_fields(config: dict[str, Any], where: str) -> dict[str, Any]:
     """Qwen2Config fields for a Qwen-1 (`QWenConfig`) config dict; refuses what Qwen2 cannot express."""
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size"):
+        if not isinstance(config.get(key), int):
+            raise ValueError(f"{where}: {key!r} is missing or not an integer ({config.get(key)!r})")
     heads, hidden = config["num_attention_heads"], config["hidden_size"]
     if config.get("kv_channels", hidden // heads) * heads != hidden:
         raise ValueError(f"{where}: kv_channels * num_attention_heads != hidden_size; Qwen2 cannot hold it")

@@ -37,6 +37,8 @@ class CheckpointTensors:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self._file_of = self._locate(self.path)  # {tensor name: file}
+        if not self._file_of:
+            raise ValueError(f"{self.path} holds no tensors: the weights file is empty; fetch it again")
         self._loaded: dict[Path, dict[str, torch.Tensor]] = {}
         self._used: set[str] = set()
 
@@ -49,12 +51,7 @@ class CheckpointTensors:
         for index_name in _INDEXES:
             index_file = path / index_name
             if index_file.is_file():
-                try:
-                    weight_map = json.loads(index_file.read_text())["weight_map"]
-                except (json.JSONDecodeError, KeyError, TypeError) as error:
-                    raise ValueError(
-                        f"{index_file}: not a shard index with a 'weight_map' ({error})"
-                    ) from None
+                weight_map = _weight_map(index_file)
                 files = {shard: path / shard for shard in set(weight_map.values())}
                 absent = sorted(shard for shard, file in files.items() if not file.is_file())
                 if absent:
@@ -100,6 +97,21 @@ class CheckpointTensors:
 
     def unused(self) -> list[str]:
         return sorted(set(self._file_of) - self._used)
+
+
+def _weight_map(index_file: Path) -> dict[str, str]:
+    """{tensor name: shard file name} of a shard index json, refused with the reason if malformed."""
+    try:
+        weight_map = json.loads(index_file.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise ValueError(f"{index_file}: not a shard index with a 'weight_map' ({error})") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(shard, str) for shard in weight_map.values()):
+        raise ValueError(
+            f"{index_file}: 'weight_map' must map tensor names to shard file names; fetch it again"
+        )
+    if not weight_map:
+        raise ValueError(f"{index_file}: 'weight_map' lists no tensors; fetch it again")
+    return weight_map
 
 
 def _names_in(file: Path) -> Iterable[str]:

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from transformers import AutoConfig, CLIPVisionConfig, PretrainedConfig, SiglipVisionConfig
+from transformers import AutoConfig, PretrainedConfig
 
 from vlmoe.interop.tensors import CheckpointTensors, TargetState
+from vlmoe.models.checkpoint import read_config
 
 VISION_PREFIX = "vision_model."  # the tower's keys in CLIPVisionModel / SiglipVisionModel
 # Buffers older transformers saved that are recomputed from the config (never learned).
 DERIVED = ("rotary_emb.inv_freq", "embeddings.position_ids")
+_TOWER_TYPES = ("clip_vision_model", "clip", "siglip_vision_model", "siglip")
 
 
 def read_vision_tower(
@@ -34,10 +36,14 @@ def read_vision_tower(
         raise FileNotFoundError(
             f"{path}: not a vision tower directory (no config.json); pass a save_pretrained folder"
         )
+    model_type = read_config(path).get("model_type")  # damaged JSON: a ValueError naming the file
+    if model_type not in _TOWER_TYPES:
+        raise ValueError(
+            f"{path}/config.json: model_type {model_type!r}; expected a CLIP or SigLIP vision tower "
+            f"({', '.join(_TOWER_TYPES)}): pass the directory of the tower the checkpoint names"
+        )
     config = AutoConfig.from_pretrained(path)
     config = getattr(config, "vision_config", config)  # a full CLIP/SigLIP model holds the tower's config
-    if not isinstance(config, (CLIPVisionConfig, SiglipVisionConfig)):
-        raise ValueError(f"{path}: a {type(config).__name__}; expected a CLIP or SigLIP vision tower")
     return config, CheckpointTensors(path)
 
 
