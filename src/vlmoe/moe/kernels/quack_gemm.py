@@ -21,6 +21,9 @@ QuACK's gated epilogue pairs gate and up in adjacent columns: preact and its gra
 gate j in column 2j and up j in column 2j + 1, while the weights keep the [gate; up] stacking
 of GLUExperts; QuACK's `concat_layout` maps one onto the other in the loads and stores.
 
+Under torch.compile each of these functions is one custom op of the graph (`vlmoe::quack_*`)
+whose body is the eager call, so a compiled model runs the tuned tiles too.
+
 Each problem shape picks among a few tile configurations by timing them once on its first call
 (a few seconds, kernels compiled by QuACK once per configuration), remembered in-process and in
 `$VLMOE_CACHE_DIR/quack_gemm.json` (default ~/.cache/vlmoe) across runs. A problem's candidate
