@@ -190,7 +190,16 @@ class _Resolver:
 
 def _experts_and_rank(tensors: CheckpointTensors) -> tuple[int, int]:
     prefix = f"{_LAYERS}0.mlp.moe_gate."
-    experts = {int(n[len(prefix) :].split(".")[0]) for n in tensors.names() if n.startswith(prefix)}
+    experts = set()
+    for name in tensors.names():
+        if name.startswith(prefix):
+            index = name[len(prefix) :].split(".")[0]
+            if not index.isdecimal():
+                raise ValueError(
+                    f"{tensors.path}: tensor {name!r} is not '{prefix}<e>.lora_A' or .lora_B with <e> "
+                    "an expert number 0, 1, ...: not a LLaVA-MoLE checkpoint, or its keys were renamed"
+                )
+            experts.add(int(index))
     if not experts:
         raise ValueError(
             f"{tensors.path}: no '{prefix}<e>.lora_A' tensors: not a LLaVA-MoLE checkpoint with LoRA experts "
