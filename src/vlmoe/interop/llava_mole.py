@@ -101,7 +101,10 @@ def import_llava_mole(
             "pass the Vicuna directory it was trained on as --base-llm"
         )
     text_config = AutoConfig.from_pretrained(base_dir)
-    tokens = read_tokenizer(base_dir if tokenizer is None else tokenizer, "the base LLM")
+    if tokenizer is None:
+        tokens = read_tokenizer(base_dir, "the base LLM")
+    else:
+        tokens = read_tokenizer(tokenizer, "the --tokenizer folder")
     base = CheckpointTensors(base_dir)
     vision_config, tower = read_vision_tower(vision_tower, "openai/clip-vit-large-patch14-336")
     image_processor = image_processor_for(vision_tower, vision_config, pad=True)  # their process_images pads
