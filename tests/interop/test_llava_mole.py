@@ -244,6 +244,26 @@ def test_bad_checkpoints_fail_clearly(tmp_path, folders):
         import_llava_mole(tmp_path / "cut.pt", folders / "vicuna", folders / "clip")
 
 
+def test_an_expert_index_that_is_not_a_number_names_the_file_and_the_tensor(tmp_path, folders):
+    from typer.testing import CliRunner
+
+    from vlmoe.cli import app
+
+    trained = _trained_parts()
+    trained[f"{LM}model.layers.0.mlp.moe_gate.x.lora_A"] = torch.zeros(RANK, HIDDEN)
+    torch.save({"state_dict": trained}, tmp_path / "named.pt")
+    args = ["import", "llava-mole", str(tmp_path / "named.pt"), str(tmp_path / "out")]
+    args += ["--base-llm", str(folders / "vicuna"), "--vision-tower", str(folders / "clip")]
+    result = CliRunner().invoke(app, args)
+    layer = f"{LM}model.layers.0.mlp.moe_gate."
+    assert result.exit_code == 1
+    assert result.output == (
+        f"vlmoe import llava-mole: {tmp_path / 'named.pt'}: tensor '{layer}x.lora_A' is not "
+        f"'{layer}<e>.lora_A' or .lora_B with <e> an expert number 0, 1, ...: not a LLaVA-MoLE "
+        "checkpoint, or its keys were renamed\n"
+    )
+
+
 def test_vlmoe_import_llava_mole_command(tmp_path, folders):
     from typer.testing import CliRunner
 

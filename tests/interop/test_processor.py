@@ -167,7 +167,23 @@ def test_missing_tokenizer_or_preprocessor_config_name_the_file_and_the_fix(tmp_
             *["--tokenizer", str(tmp_path / "clip")],
         ],
     )
-    assert result.exit_code == 1 and "clip (the base LLM) has no tokenizer files" in result.output
+    assert result.exit_code == 1 and "clip (the --tokenizer folder) has no tokenizer files" in result.output
+
+
+def test_a_folder_without_tokenizer_files_is_named_by_the_option_that_gave_it(tmp_path):
+    write_moe_llava(tmp_path / "ckpt", "qwen1_5")
+    tower = write_vision_tower(tmp_path / "clip")
+    for name in ("vocab.json", "merges.txt"):
+        (tmp_path / "ckpt" / name).unlink()
+    args = ["import", "moe-llava", str(tmp_path / "ckpt"), str(tmp_path / "out")]
+    args += ["--vision-tower", str(tower)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1
+    checkpoint = tmp_path / "ckpt"
+    assert f"vlmoe import moe-llava: {checkpoint} (the checkpoint) has no tokenizer files" in result.output
+    result = CliRunner().invoke(app, [*args, "--tokenizer", str(tower)])
+    assert result.exit_code == 1
+    assert f"vlmoe import moe-llava: {tower} (the --tokenizer folder) has no tokenizer files" in result.output
 
 
 def test_an_explicit_image_token_id_must_be_a_special_token(tmp_path):

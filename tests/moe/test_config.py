@@ -36,3 +36,34 @@ def test_dict_round_trip_and_unknown_keys():
     assert RouterConfig.from_dict(config.to_dict()) == config
     with pytest.raises(ValueError, match="unknown key.*'topk'"):
         RouterConfig.from_dict({"num_experts": 2, "topk": 1}, where="config.json")
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "expected"),
+    [
+        ("normalize_top_k", "false", "true or false"),  # a non-empty string would be read as true
+        ("straight_through", 1, "true or false"),
+        ("top_k", "2", "an integer"),
+        ("num_experts", 4.0, "an integer"),
+        ("min_capacity", True, "an integer"),
+        ("z_loss_coef", None, "a number"),
+        ("temperature", "0.1", "a number"),
+        ("capacity_factor", "1.25", "a number or null"),
+        ("load_balance_scope", "local", "one of ['device', 'global']"),
+        ("input", 0, "one of ['token', 'cluster']"),
+    ],
+)
+def test_a_value_of_the_wrong_type_names_where_the_key_the_value_and_the_type(key, value, expected):
+    data = {"num_experts": 4, key: value}
+    with pytest.raises(ValueError) as error:
+        RouterConfig.from_dict(data, where="m/config.json 'router'")
+    assert str(error.value) == f"m/config.json 'router': {key} is {value!r}; expected {expected}"
+
+
+def test_from_dict_still_checks_the_ranges():
+    config = RouterConfig.from_dict({"num_experts": 4, "capacity_factor": 2, "load_balance_coef": 0})
+    assert config.capacity_factor == 2  # a whole number is a number
+    with pytest.raises(ValueError, match=r"top_k must be an integer in \[1, num_experts=4\], got 5"):
+        RouterConfig.from_dict({"num_experts": 4, "top_k": 5})
+    with pytest.raises(ValueError, match="z_loss_coef must be >= 0, got -1"):
+        RouterConfig.from_dict({"num_experts": 4, "z_loss_coef": -1.0})

@@ -101,7 +101,10 @@ def import_llava_mole(
             "pass the Vicuna directory it was trained on as --base-llm"
         )
     text_config = AutoConfig.from_pretrained(base_dir)
-    tokens = read_tokenizer(base_dir if tokenizer is None else tokenizer, "the base LLM")
+    if tokenizer is None:
+        tokens = read_tokenizer(base_dir, "the base LLM")
+    else:
+        tokens = read_tokenizer(tokenizer, "the --tokenizer folder")
     base = CheckpointTensors(base_dir)
     vision_config, tower = read_vision_tower(vision_tower, "openai/clip-vit-large-patch14-336")
     image_processor = image_processor_for(vision_tower, vision_config, pad=True)  # their process_images pads
@@ -190,7 +193,16 @@ class _Resolver:
 
 def _experts_and_rank(tensors: CheckpointTensors) -> tuple[int, int]:
     prefix = f"{_LAYERS}0.mlp.moe_gate."
-    experts = {int(n[len(prefix) :].split(".")[0]) for n in tensors.names() if n.startswith(prefix)}
+    experts = set()
+    for name in tensors.names():
+        if name.startswith(prefix):
+            index = name[len(prefix) :].split(".")[0]
+            if not index.isdecimal():
+                raise ValueError(
+                    f"{tensors.path}: tensor {name!r} is not '{prefix}<e>.lora_A' or .lora_B with <e> "
+                    "an expert number 0, 1, ...: not a LLaVA-MoLE checkpoint, or its keys were renamed"
+                )
+            experts.add(int(index))
     if not experts:
         raise ValueError(
             f"{tensors.path}: no '{prefix}<e>.lora_A' tensors: not a LLaVA-MoLE checkpoint with LoRA experts "

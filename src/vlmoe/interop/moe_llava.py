@@ -112,7 +112,10 @@ def import_moe_llava(
     moe = _moe_settings(config, path)
     chat = CONVERSATION_OF[config["model_type"]] if conversation is None else conversation
     chat_format = conversation_format(chat)
-    tokens = read_tokenizer(path if tokenizer is None else tokenizer, "the checkpoint")
+    if tokenizer is None:
+        tokens = read_tokenizer(path, "the checkpoint")
+    else:
+        tokens = read_tokenizer(tokenizer, "the --tokenizer folder")
     tensors = CheckpointTensors(path)
     if config["model_type"] == "moe_llava_qwen":
         tensors = Qwen1Tensors(tensors)

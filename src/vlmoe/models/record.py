@@ -6,12 +6,13 @@ the steps in order before loading weights, so the record is the one source of tr
 
 from __future__ import annotations
 
-import types
 import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, Literal
 
 from torch import nn
+
+from vlmoe.moe.config import check_type
 
 RECORD_VERSION = 1
 CONFIG_KEY = "vlmoe"  # the key of the record inside config.json
@@ -121,7 +122,7 @@ class SurgeryRecord:
         if not isinstance(data, dict) or set(data) != {"version", "family", "steps"}:
             raise ValueError(f"{where}: expected keys version, family, steps; got {data!r}")
         for name, hint in (("version", int), ("family", str), ("steps", list)):
-            _check_type(data[name], hint, f"{where}: {name}")
+            check_type(data[name], hint, f"{where}: {name}")
         if data["version"] != RECORD_VERSION:
             raise ValueError(
                 f"{where}: record version {data['version']} but this vlmoe reads version {RECORD_VERSION}; "
@@ -143,53 +144,9 @@ class SurgeryRecord:
                 )
             hints = typing.get_type_hints(step_type)
             for name, value in step.items():
-                _check_type(value, hints[name], f"{where}: step {position} ({kind}).{name}")
+                check_type(value, hints[name], f"{where}: step {position} ({kind}).{name}")
             steps.append(step_type(**step))
         return cls(family=data["family"], steps=steps, version=data["version"])
-
-
-def _check_type(value: Any, hint: Any, key: str) -> None:
-    """Refuse a value of another JSON type than `hint` says: an edited record's "false" or "no" would
-    otherwise be read as true, and a string number fail deep inside the replay."""
-    if not _is(value, hint):
-        raise ValueError(f"{key} is {value!r}; expected {_describe(hint)}")
-
-
-def _is(value: Any, hint: Any) -> bool:
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin is Literal:
-        return any(type(value) is type(arg) and value == arg for arg in args)
-    if origin in (typing.Union, types.UnionType):
-        return any(_is(value, arg) for arg in args)
-    if origin is list:
-        return isinstance(value, list) and all(_is(item, args[0]) for item in value)
-    if hint is type(None):
-        return value is None
-    if isinstance(value, bool):  # an int to Python, not to the record
-        return hint is bool
-    if hint is float:  # a whole number given for a float (alpha=8) is saved as 8
-        return isinstance(value, (int, float))
-    return isinstance(value, hint)
-
-
-def _describe(hint: Any) -> str:
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin is Literal:
-        return f"one of {list(args)}"
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_describe(arg) for arg in args)
-    if origin is list or hint is list:
-        return "a list of integers" if args == (int,) else "a list"  # the records' lists: layers, steps
-    return _TYPE_NAMES[hint]
-
-
-_TYPE_NAMES = {
-    int: "an integer",
-    float: "a number",
-    bool: "true or false",
-    str: "a string",
-    type(None): "null",
-}
 
 
 def read_record(model: nn.Module) -> SurgeryRecord | None:

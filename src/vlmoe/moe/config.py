@@ -7,6 +7,8 @@ Every MoE flavour (FFN experts, LoRA experts, connector experts) is configured t
 from __future__ import annotations
 
 import math
+import types
+import typing
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
@@ -104,4 +106,59 @@ class RouterConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"{where}: unknown key(s) {unknown}; known keys are {sorted(known)}")
+        hints = typing.get_type_hints(cls)
+        for name, value in data.items():
+            check_type(value, hints[name], f"{where}: {name}")
         return cls(**data)
+
+
+def check_type(value: Any, hint: Any, key: str) -> None:
+    """Refuse a value of another JSON type than the type annotation `hint` says; `key` names it.
+
+    A hand-edited config.json's "false" or "no" would otherwise be read as true, and a string number
+    fail far from the file. Shared by `RouterConfig.from_dict` and the surgery record (`vlmoe.models`).
+
+    Example:
+        >>> check_type("false", bool, "config.json: normalize_top_k")
+        Traceback (most recent call last):
+        ValueError: config.json: normalize_top_k is 'false'; expected true or false
+    """
+    if not _is(value, hint):
+        raise ValueError(f"{key} is {value!r}; expected {_describe(hint)}")
+
+
+def _is(value: Any, hint: Any) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        return any(type(value) is type(arg) and value == arg for arg in args)
+    if origin in (typing.Union, types.UnionType):
+        return any(_is(value, arg) for arg in args)
+    if origin is list:
+        return isinstance(value, list) and all(_is(item, args[0]) for item in value)
+    if hint is type(None):
+        return value is None
+    if isinstance(value, bool):  # an int to Python, not to JSON
+        return hint is bool
+    if hint is float:  # a whole number given for a float (alpha=8) is saved as 8
+        return isinstance(value, (int, float))
+    return isinstance(value, hint)
+
+
+def _describe(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        return f"one of {list(args)}"
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(arg) for arg in args)
+    if origin is list or hint is list:
+        return "a list of integers" if args == (int,) else "a list"  # the lists saved: layers, steps
+    return _TYPE_NAMES[hint]
+
+
+_TYPE_NAMES = {
+    int: "an integer",
+    float: "a number",
+    bool: "true or false",
+    str: "a string",
+    type(None): "null",
+}
