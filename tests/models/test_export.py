@@ -122,3 +122,14 @@ def test_export_to_a_path_inside_a_file_names_the_file(tmp_path):
     with pytest.raises(ValueError, match=rf"{notes}/out is inside {notes}, which is a file: pass a folder"):
         vlmoe.export_hf(model, notes / "out")
     assert notes.read_text() == "keep me"
+
+
+def test_export_refuses_the_folder_the_model_was_loaded_from_or_one_holding_it(tmp_path):
+    path = vlmoe.save(vlmoe.upcycle_ffn(tiny("llava")[0], num_experts=4, top_k=2), tmp_path / "runs" / "m")
+    (tmp_path / "runs" / "config.json").write_text("{}")  # so check_replaceable alone would pass it
+    model = vlmoe.load(path)
+    for target, verb in ((path, "is"), (tmp_path / "runs", "holds")):
+        with pytest.raises(ValueError, match=rf"{target} {verb} {path}, the folder the model was loaded"):
+            vlmoe.export_hf(model, target)
+    assert "vlmoe" in vlmoe.models.checkpoint.read_config(path)  # the vlmoe model is still there
+    assert vlmoe.export_hf(model, tmp_path / "hf") == tmp_path / "hf"
