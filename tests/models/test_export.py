@@ -1,3 +1,6 @@
+import errno
+import os
+
 import pytest
 import torch
 from model_helpers import logits, perturb
@@ -133,3 +136,34 @@ def test_export_refuses_the_folder_the_model_was_loaded_from_or_one_holding_it(t
             vlmoe.export_hf(model, target)
     assert "vlmoe" in vlmoe.models.checkpoint.read_config(path)  # the vlmoe model is still there
     assert vlmoe.export_hf(model, tmp_path / "hf") == tmp_path / "hf"
+
+
+@pytest.mark.parametrize("code", [errno.EACCES, errno.ENOSPC])
+def test_cli_export_reports_an_os_error_writing_dst_in_one_line(code, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from vlmoe.cli import app
+    from vlmoe.models import export
+
+    vlmoe.save(vlmoe.upcycle_ffn(tiny("llava")[0]), tmp_path / "saved")
+    dst = tmp_path / "hf"
+
+    def fail(model, path, card_text):  # root ignores chmod, so the write fails here instead
+        raise OSError(code, os.strerror(code), str(path))
+
+    monkeypatch.setattr(export, "_save_atomically", fail)
+    result = CliRunner().invoke(app, ["export", str(tmp_path / "saved"), str(dst)])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
+    assert result.output == f"vlmoe export: {os.strerror(code)} ({dst})\n"
+
+
+def test_cli_export_keeps_the_traceback_of_a_bug(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from vlmoe.cli import app
+    from vlmoe.models import export
+
+    vlmoe.save(vlmoe.upcycle_ffn(tiny("llava")[0]), tmp_path / "saved")
+    monkeypatch.setattr(export, "_save_atomically", lambda *args: None + 1)
+    result = CliRunner().invoke(app, ["export", str(tmp_path / "saved"), str(tmp_path / "hf")])
+    assert isinstance(result.exception, TypeError)  # not reported as a user's error
