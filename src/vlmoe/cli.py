@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -27,6 +29,26 @@ def main() -> None:
     """vlmoe: sparse MoE vision-language models."""
 
 
+@contextmanager
+def _reported(command: str) -> Iterator[None]:
+    """End `vlmoe <command>` with one line and exit code 1 on what the user can fix, not a traceback:
+    a ValueError (a RecipeError too) or any OSError (a missing file, no permission to write DST, a
+    full disk). Other exceptions are bugs and keep their traceback."""
+    try:
+        yield
+    except (ValueError, OSError) as error:
+        typer.echo(f"vlmoe {command}: {_message(error)}", err=True)
+        raise typer.Exit(code=1) from None
+
+
+def _message(error: Exception) -> str:
+    """The error's text; an OSError raised by the system (errno set) as "<what> (<path>)"."""
+    if not isinstance(error, OSError) or error.strerror is None:
+        return str(error)  # vlmoe's own FileNotFoundError texts name the path and the fix
+    paths = " -> ".join(str(name) for name in (error.filename, error.filename2) if name is not None)
+    return f"{error.strerror} ({paths})" if paths else error.strerror
+
+
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Report folder (metrics, curves, predictions, run).")] = Path(
@@ -39,13 +61,9 @@ def demo(
 ) -> None:
     """Synthetic charts, a tiny VLM, ChartMoE (aligned experts, MoE connector, SFT), held-out scores."""
     from vlmoe.demo import run_demo
-    from vlmoe.train import RecipeError
 
-    try:
+    with _reported("demo"):
         run_demo(out=out, recipe=recipe, scale=scale, device=device, resume=resume)
-    except (RecipeError, FileNotFoundError, ValueError) as error:
-        typer.echo(f"vlmoe demo: {error}", err=True)
-        raise typer.Exit(code=1) from None
 
 
 @app.command()
@@ -65,17 +83,14 @@ def train(
 ) -> None:
     """Train a recipe stage by stage; --resume skips finished stages and continues the interrupted one."""
     from vlmoe.data.folders import output_folder
-    from vlmoe.train import RecipeError, load_recipe, run_recipe
+    from vlmoe.train import load_recipe, run_recipe
     from vlmoe.train.distributed import is_main_process
 
-    try:
+    with _reported("train"):
         if out is not None:
             output_folder(out)
         loaded = load_recipe(recipe, scale=scale, output_dir=out)
         results = run_recipe(loaded, resume=resume, device=device)
-    except (RecipeError, FileNotFoundError, ValueError) as error:
-        typer.echo(f"vlmoe train: {error}", err=True)
-        raise typer.Exit(code=1) from None
     for result in results if is_main_process() else []:  # under torchrun, one list, not one per rank
         typer.echo(f"{result.name}: {result.model_dir}{' (done earlier)' if result.skipped else ''}")
 
@@ -154,7 +169,7 @@ def evaluate(
     from vlmoe.eval.tasks import read_task
     from vlmoe.moe import routes_by_cluster
 
-    try:  # bad data, paths or settings end with one line naming the problem, not a traceback
+    with _reported("eval"):
         torch_device, torch_dtype = _device_and_dtype(device, dtype)
         if force_where is not None and force_expert is None:
             raise ValueError("--force-where says where --force-expert applies; give --force-expert I too")
@@ -186,9 +201,6 @@ def evaluate(
                 f"{model} routes by token or has no router: leave them out"
             )
         summary = run_eval(loaded_model, processor, config, samples=samples)
-    except (FileNotFoundError, ValueError) as error:
-        typer.echo(f"vlmoe eval: {error}", err=True)
-        raise typer.Exit(code=1) from None
     console = Console()
     console.print(summary_table(summary))
     console.print(f"predictions: {summary['predictions']}\nsummary: {config.out_dir / 'summary.json'}")
@@ -260,7 +272,7 @@ def analyze(
     """Route a dataset through a sparse model and write routing pictures plus one HTML report."""
     from vlmoe.analysis.cli import run_analyze
 
-    try:  # bad data, paths or settings end with one line naming the problem, not a traceback
+    with _reported("analyze"):
         report = run_analyze(
             model,
             data=data,
@@ -275,9 +287,6 @@ def analyze(
             device=device,  # checked by run_analyze with its other options
             seed=seed,
         )
-    except (FileNotFoundError, ValueError) as error:
-        typer.echo(f"vlmoe analyze: {error}", err=True)
-        raise typer.Exit(code=1) from None
     typer.echo(f"report: {report}")
 
 
@@ -289,13 +298,10 @@ def export(
     """Export an upcycled model (vlmoe.save) to a standard HF MoE checkpoint: Mixtral or Qwen2-MoE."""
     from vlmoe.models import export_hf, load
 
-    try:
+    with _reported("export"):
         target = _model_destination(dst, src)  # before the load
         _check_upcycled(Path(src))
         path = export_hf(load(src), target)
-    except (ValueError, FileNotFoundError) as error:
-        typer.echo(f"vlmoe export: {error}", err=True)
-        raise typer.Exit(code=1) from error
     typer.echo(f"exported {src} -> {path}")
 
 
@@ -367,7 +373,7 @@ def import_moe_llava_command(
     from vlmoe.interop import import_moe_llava
     from vlmoe.models import save
 
-    try:
+    with _reported("import moe-llava"):
         _model_destination(dst, src)  # before the conversion
         model, processor = import_moe_llava(
             src,
@@ -378,9 +384,6 @@ def import_moe_llava_command(
             dtype=_import_dtype(dtype),
         )
         typer.echo(f"imported {src} -> {save(model, dst, processor=processor)}")
-    except (ValueError, FileNotFoundError) as error:
-        typer.echo(f"vlmoe import moe-llava: {error}", err=True)
-        raise typer.Exit(code=1) from None
 
 
 @import_app.command("llava-mole")
@@ -409,7 +412,7 @@ def import_llava_mole_command(
     from vlmoe.interop import import_llava_mole
     from vlmoe.models import save
 
-    try:
+    with _reported("import llava-mole"):
         _model_destination(dst, src)  # before the conversion
         model, processor = import_llava_mole(
             src,
@@ -421,9 +424,6 @@ def import_llava_mole_command(
             dtype=_import_dtype(dtype),
         )
         typer.echo(f"imported {src} -> {save(model, dst, processor=processor)}")
-    except (ValueError, FileNotFoundError) as error:
-        typer.echo(f"vlmoe import llava-mole: {error}", err=True)
-        raise typer.Exit(code=1) from None
 
 
 def _import_dtype(name: str) -> torch.dtype | None:

@@ -201,3 +201,32 @@ def test_a_model_cast_to_bf16_is_rebuilt_in_bf16_on_load(tmp_path):
     again = vlmoe.load(path)
     for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items(), strict=True):
         assert a.dtype == b.dtype and torch.equal(a, b), name
+
+
+def test_save_in_place_over_the_loaded_folder_is_safe_and_keeps_the_new_weights(tmp_path, monkeypatch):
+    path = vlmoe.save(vlmoe.upcycle_ffn(tiny("llava")[0]), tmp_path / "m")
+    monkeypatch.chdir(tmp_path)
+    model = vlmoe.load("m")  # a relative path: load records it resolved
+    monkeypatch.chdir(path)
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)  # load copied the tensors: the folder can go
+    assert vlmoe.save(model, path) == path
+    again = vlmoe.load(path).state_dict()
+    assert all(torch.equal(tensor, again[name]) for name, tensor in model.state_dict().items())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no temp dirs left
+
+
+def test_save_in_place_refuses_to_drop_the_processor_and_leaves_the_folder(tmp_path):
+    model, processor = tiny("llava")
+    path = vlmoe.save(vlmoe.upcycle_ffn(model), tmp_path / "m", processor=processor)
+    before = {p.name: p.read_bytes() for p in path.iterdir()}
+    with pytest.raises(
+        ValueError,
+        match=rf"{path} is the folder the model was loaded from, .* deleting chat_template\.jinja, "
+        r"processor_config\.json, tokenizer\.json and 1 more, .*processor=AutoProcessor\.from_pretrained",
+    ):
+        vlmoe.save(vlmoe.load(path), path)
+    assert {p.name: p.read_bytes() for p in path.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+    vlmoe.save(vlmoe.load(path), path, processor=processor)  # with it, nothing is lost
+    assert sorted(p.name for p in path.iterdir()) == sorted(before)

@@ -1,3 +1,6 @@
+import errno
+import os
+
 import pytest
 import torch
 from model_helpers import logits, perturb
@@ -122,3 +125,45 @@ def test_export_to_a_path_inside_a_file_names_the_file(tmp_path):
     with pytest.raises(ValueError, match=rf"{notes}/out is inside {notes}, which is a file: pass a folder"):
         vlmoe.export_hf(model, notes / "out")
     assert notes.read_text() == "keep me"
+
+
+def test_export_refuses_the_folder_the_model_was_loaded_from_or_one_holding_it(tmp_path):
+    path = vlmoe.save(vlmoe.upcycle_ffn(tiny("llava")[0], num_experts=4, top_k=2), tmp_path / "runs" / "m")
+    (tmp_path / "runs" / "config.json").write_text("{}")  # so check_replaceable alone would pass it
+    model = vlmoe.load(path)
+    for target, verb in ((path, "is"), (tmp_path / "runs", "holds")):
+        with pytest.raises(ValueError, match=rf"{target} {verb} {path}, the folder the model was loaded"):
+            vlmoe.export_hf(model, target)
+    assert "vlmoe" in vlmoe.models.checkpoint.read_config(path)  # the vlmoe model is still there
+    assert vlmoe.export_hf(model, tmp_path / "hf") == tmp_path / "hf"
+
+
+@pytest.mark.parametrize("code", [errno.EACCES, errno.ENOSPC])
+def test_cli_export_reports_an_os_error_writing_dst_in_one_line(code, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from vlmoe.cli import app
+    from vlmoe.models import export
+
+    vlmoe.save(vlmoe.upcycle_ffn(tiny("llava")[0]), tmp_path / "saved")
+    dst = tmp_path / "hf"
+
+    def fail(model, path, card_text):  # root ignores chmod, so the write fails here instead
+        raise OSError(code, os.strerror(code), str(path))
+
+    monkeypatch.setattr(export, "_save_atomically", fail)
+    result = CliRunner().invoke(app, ["export", str(tmp_path / "saved"), str(dst)])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
+    assert result.output == f"vlmoe export: {os.strerror(code)} ({dst})\n"
+
+
+def test_cli_export_keeps_the_traceback_of_a_bug(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from vlmoe.cli import app
+    from vlmoe.models import export
+
+    vlmoe.save(vlmoe.upcycle_ffn(tiny("llava")[0]), tmp_path / "saved")
+    monkeypatch.setattr(export, "_save_atomically", lambda *args: None + 1)
+    result = CliRunner().invoke(app, ["export", str(tmp_path / "saved"), str(tmp_path / "hf")])
+    assert isinstance(result.exception, TypeError)  # not reported as a user's error

@@ -40,6 +40,11 @@ def save(
     finds it next to the model. A model card (README.md) describes the model; `card` adds the
     recipe, data and evaluation results when the caller knows them.
 
+    Saving in place, `save(load(path), path)`, is safe: `load` copies every tensor into memory, and
+    the new folder replaces the old one only once it is complete. As the whole folder is replaced,
+    an in-place save that would not write again everything the folder holds (the processor's files
+    when `processor` is not given, a MoCLE model's clusters/) is refused with a ValueError naming them.
+
     Example:
         >>> import tempfile, vlmoe
         >>> model = vlmoe.upcycle_ffn(vlmoe.models.tiny("llava")[0])
@@ -54,6 +59,7 @@ def save(
     # save_pretrained records it the same way).
     model.config.dtype = model.dtype
     state = unique_state(model) if state_dict is None else without_tied(model, state_dict)
+    in_place = loaded_from(model) == path.resolve()
     with atomic_directory(path) as temp:
         model.config.save_pretrained(temp)
         _record_attention(temp / "config.json", model.config._attn_implementation)
@@ -65,7 +71,36 @@ def save(
             temp / WEIGHTS_NAME,
             metadata={"format": "pt"},
         )
+        if in_place:  # raising here leaves the folder as it was
+            _check_nothing_lost(path, temp)
     return path
+
+
+def _check_nothing_lost(path: Path, written: Path) -> None:
+    lost = sorted({entry.name for entry in path.iterdir()} - {entry.name for entry in written.iterdir()})
+    if lost:
+        shown = ", ".join(lost[:3]) + (f" and {len(lost) - 3} more" if len(lost) > 3 else "")
+        raise ValueError(
+            f"{path} is the folder the model was loaded from, and saving it there replaces the whole "
+            f"folder, deleting {shown}, which this save does not write again; pass "
+            "processor=AutoProcessor.from_pretrained(path) if they are the processor's files, or save to "
+            "another folder"
+        )
+
+
+def loaded_from(model: nn.Module) -> Path | None:
+    """The local folder `model` was loaded from (`load`, or a local `from_pretrained`), resolved;
+    None for a model built in memory or named by a Hub id. `load` records it resolved, so a later
+    change of the working directory does not move it.
+
+    Example:
+        >>> import vlmoe
+        >>> loaded_from(vlmoe.models.tiny("llava")[0]) is None
+        True
+    """
+    name = getattr(model.config, "_name_or_path", "")
+    folder = Path(name).resolve() if name else None
+    return folder if folder is not None and folder.is_dir() else None
 
 
 def _model_class_name(model: nn.Module) -> str:
@@ -100,6 +135,7 @@ def load(path: str | os.PathLike) -> nn.Module:
     )
     if saved is not None:
         delattr(config, CONFIG_KEY)
+    config.name_or_path = str(path.resolve())  # see `loaded_from`; the card's "base" shows it too
     model = _base_model(config, path)
     if record is not None:
         try:

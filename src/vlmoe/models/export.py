@@ -29,6 +29,7 @@ from transformers.initialization import no_init_weights
 
 from vlmoe.atomic import atomic_directory, check_replaceable
 from vlmoe.models.card import CARD_NAME, CardInfo, model_card
+from vlmoe.models.checkpoint import loaded_from
 from vlmoe.models.families import FamilyAdapter, adapter_for
 from vlmoe.models.mole import MoLEFeedForward
 from vlmoe.models.record import CONFIG_KEY
@@ -43,6 +44,10 @@ def export_hf(model: nn.Module, path: str | os.PathLike, card: CardInfo | None =
     have no standard equivalent and are refused with the reason. A model card (README.md) comes
     with the weights; `card` adds the recipe, data and evaluation results.
 
+    `path` may be a new or empty folder or a model folder saved before (which is replaced), but not
+    the folder the model was loaded from (`vlmoe.models.checkpoint.loaded_from`) nor one holding it: the
+    stock checkpoint would replace the vlmoe model, and its surgery record with it.
+
     Example:
         >>> import tempfile, vlmoe
         >>> from transformers import AutoModelForImageTextToText
@@ -51,6 +56,7 @@ def export_hf(model: nn.Module, path: str | os.PathLike, card: CardInfo | None =
         >>> AutoModelForImageTextToText.from_pretrained(path).config.text_config.model_type
         'mixtral'
     """
+    _check_not_the_source(model, Path(path))
     check_replaceable(path)  # before the conversion's work, not only before the write
     adapter = adapter_for(model)
     model = copy.deepcopy(model).eval()
@@ -68,6 +74,16 @@ def export_hf(model: nn.Module, path: str | os.PathLike, card: CardInfo | None =
         exported = _to_qwen2_moe(model, adapter, moe_layers)
     text = model_card(model, card, exported_as=type(exported).__name__)
     return _save_atomically(exported, Path(path), text)
+
+
+def _check_not_the_source(model: nn.Module, path: Path) -> None:
+    source, target = loaded_from(model), path.resolve()
+    if source is not None and (target == source or target in source.parents):
+        raise ValueError(
+            f"{path} {'is' if target == source else 'holds'} {source}, the folder the model was loaded "
+            "from: the export would replace the vlmoe model there with a stock HF checkpoint, which has no "
+            "surgery record to load it back as a vlmoe model; pass another folder"
+        )
 
 
 def _export_style(model: nn.Module, adapter: FamilyAdapter) -> str:
