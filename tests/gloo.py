@@ -21,6 +21,10 @@ def _worker(rank: int, world_size: int, store: str, out: str, fn: Callable, args
     torch.set_num_threads(1)  # the CI machine has two cores for everything
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
+    # Every rank's connections up before any goes on: a function with no collective (a refusal)
+    # let a fast rank finish and close its side while another was still connecting ("Gloo
+    # connectFullMesh failed ... Connection closed by peer", seen once in a loaded full run).
+    dist.barrier()
     try:
         result = fn(rank, world_size, *args)
         torch.save(result, Path(out) / f"rank{rank}.pt")
