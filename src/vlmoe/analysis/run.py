@@ -22,8 +22,7 @@ from vlmoe.eval.samples import (
     EvalSample,
     existing_image,
     image_names_of,
-    load_json,
-    load_jsonl_lines,
+    load_records,
     require,
 )
 from vlmoe.moe import (
@@ -73,15 +72,8 @@ def read_samples(path: Path, image_dir: Path | None = None) -> list[AnalysisSamp
             f"--data {path} is a folder; pass a LLaVA-format .json or .jsonl file, or --task <benchmark> "
             "to read a benchmark's folder"
         )
-    if path.suffix == ".jsonl":  # each record named by its line (blank lines make it differ from its index)
-        places = [(f"line {line}", record) for line, record in load_jsonl_lines(path, "analysis data")]
-    else:
-        records = load_json(path, "analysis data")
-        if not isinstance(records, list):
-            raise ValueError(
-                f"analysis data: {path} must hold a list of samples; expected format: {SAMPLE_FORMAT}"
-            )
-        places = [(f"record {index}", record) for index, record in enumerate(records)]
+    expected = f"must hold a list of samples; expected format: {SAMPLE_FORMAT}"
+    places = load_records(path, "analysis data", expected)
     root = image_dir or path.parent
     samples = []
     for index, (place, record) in enumerate(places):

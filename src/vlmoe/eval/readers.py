@@ -15,6 +15,7 @@ from vlmoe.eval.samples import (
     image_names_of,
     load_json,
     load_jsonl_lines,
+    load_records,
     require,
 )
 
@@ -245,15 +246,9 @@ def read_llava(path: Path, image_dir: Path | None = None) -> list[EvalSample]:
         >>> samples[0].question, samples[0].answers  # doctest: +SKIP
         ('What is the total?', ('128',))
     """
-    if path.suffix == ".jsonl":  # each record named by its line, a JSON list's by its index
-        places = [(f"line {line}", record) for line, record in load_jsonl_lines(path, "LLaVA")]
-    else:
-        records = load_json(path, "LLaVA")
-        if not isinstance(records, list):
-            raise ValueError(
-                f"LLaVA: {path} must hold a JSON list of conversations; expected format: {LLAVA_FORMAT}"
-            )
-        places = [(f"record {index}", record) for index, record in enumerate(records)]
+    places = load_records(
+        path, "LLaVA", f"must hold a JSON list of conversations; expected format: {LLAVA_FORMAT}"
+    )
     images_root = image_dir or path.parent
     samples = []
     for place, record in places:

@@ -65,6 +65,18 @@ def load_jsonl_lines(path: Path, what: str) -> list[tuple[int, Any]]:
     return records
 
 
+def load_records(path: Path, what: str, not_a_list: str) -> list[tuple[str, Any]]:
+    """(place, record) of each sample of a .jsonl file ("line N", blank lines skipped) or of a .json
+    list ("record N", by index), so errors name where the record is; `not_a_list`: what a .json
+    file that is not a list is told (the format it should hold)."""
+    if path.suffix == ".jsonl":
+        return [(f"line {line}", record) for line, record in load_jsonl_lines(path, what)]
+    records = load_json(path, what)
+    if not isinstance(records, list):
+        raise ValueError(f"{what}: {path} {not_a_list}")
+    return [(f"record {index}", record) for index, record in enumerate(records)]
+
+
 def _check_file(path: Path, what: str) -> None:
     if path.is_dir():
         raise FileNotFoundError(f"{what}: {path} is a folder; pass the data file in it with --data")
