@@ -350,16 +350,42 @@ def _gather_index(token_rows: Tensor | None) -> Tensor | None:
     return None if token_rows is None else token_rows.to(torch.int32)
 
 
+def _rows(x: Tensor, token_rows: Tensor | None) -> int:
+    """The rows a varlen-M GEMM computes: x's own, or one per token row it gathers."""
+    return x.shape[0] if token_rows is None else token_rows.shape[0]
+
+
+def _one_op_under_compile(fake: Callable[..., Any]) -> Callable[[Callable[..., Any]], Any]:
+    """The decorated function, run as it is in eager and as one custom op of the graph under
+    torch.compile (`vlmoe::quack_<name>`, `fake` giving its outputs' shapes for tracing). The op's
+    body is the eager function: the tile tuned for the problem (timed on its first call, as in
+    eager), where tracing QuACK's own custom ops ran QuACK's default tile, never timed (nothing can
+    be timed while tracing), which made the compiled layer 0.92x eager at the 64-expert shape
+    (s23-run1). Its outputs are new tensors (no out= to mutate): Inductor copies nothing around it."""
+
+    def wrap(eager: Callable[..., Any]) -> Callable[..., Any]:
+        op = torch.library.custom_op(f"vlmoe::quack_{eager.__name__}", eager, mutates_args=())
+        op.register_fake(fake)
+
+        @functools.wraps(eager)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return (op if torch.compiler.is_compiling() else eager)(*args, **kwargs)
+
+        return call
+
+    return wrap
+
+
 # `small_experts` (each function below): the call is one of a SwiGLU experts layer that the
 # small-experts rule takes (`is_small_experts`): its problem tunes among MORE_CANDIDATES too, under
 # a key of its own (WIDE_KEY).
-#
-# Under torch.compile each function is one node of the graph, a custom op (`_compiled`) whose
-# body is the eager call: the tile tuned for the problem (timed on its first call, as in eager),
-# where tracing QuACK's own custom ops ran QuACK's default tile, never timed (nothing can be timed
-# while tracing), which made the compiled layer 0.92x eager at the 64-expert shape (s23-run1).
 
 
+def _experts_mm_fake(x, weight, bounds, token_rows=None, *, small_experts=False):
+    return x.new_empty(_rows(x, token_rows), weight.shape[-2])
+
+
+@_one_op_under_compile(_experts_mm_fake)
 def experts_mm(
     x: Tensor,
     weight: Tensor,
@@ -371,10 +397,7 @@ def experts_mm(
     """Row r: x_r @ weight[e].T, x_r = x[token_rows[r]] if token_rows is given (the gather in the
     GEMM's loads) else x[r]. -> [S, O]; rows past the last segment are left unwritten.
     bounds # [E + 1] int32, expert e's rows bounds[e]:bounds[e + 1] (`cu_seqlens`)."""
-    if torch.compiler.is_compiling():
-        return _experts_mm_op(x, weight, bounds, token_rows, small_experts)
-    rows = x.shape[0] if token_rows is None else token_rows.shape[0]
-    out = x.new_empty(rows, weight.shape[-2])
+    out = x.new_empty(_rows(x, token_rows), weight.shape[-2])
     a_idx = _gather_index(token_rows)
     _gemm(
         "forward", small_experts, A=x, B=weight.transpose(-2, -1), out=out, cu_seqlens_m=bounds, A_idx=a_idx
@@ -382,6 +405,13 @@ def experts_mm(
     return out
 
 
+def _experts_mm_grad_input_fake(
+    grad_out, weight, bounds, interleaved=False, token_rows=None, *, small_experts=False
+):
+    return grad_out.new_empty(_rows(grad_out, token_rows), weight.shape[-1])
+
+
+@_one_op_under_compile(_experts_mm_grad_input_fake)
 def experts_mm_grad_input(
     grad_out: Tensor,
     weight: Tensor,
@@ -395,10 +425,7 @@ def experts_mm_grad_input(
     the loads) else grad_out[r]. -> [S, I]; rows past the last segment left unwritten.
     `interleaved`: grad_out's columns pair gate and up (column 2j, 2j + 1) while weight # [E, 2F, I]
     stacks [gate; up] (the gradient of `experts_swiglu`'s preact)."""
-    if torch.compiler.is_compiling():
-        return _experts_mm_grad_input_op(grad_out, weight, bounds, interleaved, token_rows, small_experts)
-    rows = grad_out.shape[0] if token_rows is None else token_rows.shape[0]
-    out = grad_out.new_empty(rows, weight.shape[-1])
+    out = grad_out.new_empty(_rows(grad_out, token_rows), weight.shape[-1])
     concat = {"concat_layout": ("B",)} if interleaved else {}
     a_idx = _gather_index(token_rows)
     _gemm(
@@ -407,6 +434,13 @@ def experts_mm_grad_input(
     return out
 
 
+def _experts_mm_grad_weight_fake(
+    grad_out, x_sorted, weight, bounds, interleaved=False, token_rows=None, *, small_experts=False
+):
+    return torch.empty_like(weight)
+
+
+@_one_op_under_compile(_experts_mm_grad_weight_fake)
 def experts_mm_grad_weight(
     grad_out: Tensor,
     x_sorted: Tensor,
@@ -421,10 +455,6 @@ def experts_mm_grad_weight(
     is given (gathered along K in the loads) else grad_out[r]. -> [E, O, I] (zeros for empty
     experts). `interleaved`: grad_out's columns pair gate and up, and the result comes back as
     [gate; up] stacked rows, the layout of `weight`."""
-    if torch.compiler.is_compiling():
-        return _experts_mm_grad_weight_op(
-            grad_out, x_sorted, weight, bounds, interleaved, token_rows, small_experts
-        )
     out = torch.empty_like(weight)
     concat = {"concat_layout": ("out",)} if interleaved else {}
     a_idx = _gather_index(token_rows)
@@ -441,6 +471,13 @@ def experts_mm_grad_weight(
     return out
 
 
+def _experts_mm_grad_weight_gathered_x_fake(
+    grad_out, x, token_rows, weight, bounds, interleaved=False, *, small_experts=False
+):
+    return torch.empty_like(weight)
+
+
+@_one_op_under_compile(_experts_mm_grad_weight_gathered_x_fake)
 def experts_mm_grad_weight_gathered_x(
     grad_out: Tensor,
     x: Tensor,
@@ -457,10 +494,6 @@ def experts_mm_grad_weight_gathered_x(
     through a transposed view of the [E, O, I] result (an M-major output). -> [E, O, I].
     `interleaved`: as `experts_mm_grad_weight` (the paired columns are now N, the result's
     non-contiguous dimension still)."""
-    if torch.compiler.is_compiling():
-        return _experts_mm_grad_weight_gathered_x_op(
-            grad_out, x, token_rows, weight, bounds, interleaved, small_experts
-        )
     out = torch.empty_like(weight)
     concat = {"concat_layout": ("out",)} if interleaved else {}
     _gemm(
@@ -476,6 +509,13 @@ def experts_mm_grad_weight_gathered_x(
     return out
 
 
+def _swiglu_outputs(x, gate_up_proj, bounds, token_rows, *, small_experts=False):
+    """experts_swiglu's preact and hidden, unwritten: what it fills, and its fake under tracing."""
+    rows, width = _rows(x, token_rows), gate_up_proj.shape[-2]
+    return x.new_empty(rows, width), x.new_empty(rows, width // 2)
+
+
+@_one_op_under_compile(_swiglu_outputs)
 def experts_swiglu(
     x: Tensor, gate_up_proj: Tensor, bounds: Tensor, token_rows: Tensor | None, *, small_experts: bool = False
 ) -> tuple[Tensor, Tensor]:
@@ -484,13 +524,7 @@ def experts_swiglu(
     preact[r] = x_r @ gate_up_proj[e].T with gate j in column 2j and up j in column 2j + 1,
     hidden[r] = silu(gate) * up from the float32 accumulator.
     x # [T, I], gate_up_proj # [E, 2F, I] ([gate; up] stacked) -> preact # [S, 2F], hidden # [S, F]."""
-    if torch.compiler.is_compiling():
-        preact, hidden = _experts_swiglu_op(x, gate_up_proj, bounds, token_rows, small_experts)
-        return preact, hidden
-    rows = x.shape[0] if token_rows is None else token_rows.shape[0]
-    width = gate_up_proj.shape[-2]
-    preact = x.new_empty(rows, width)
-    hidden = x.new_empty(rows, width // 2)
+    preact, hidden = _swiglu_outputs(x, gate_up_proj, bounds, token_rows)
     _tuned(
         "swiglu_forward",
         "gated",
@@ -508,6 +542,20 @@ def experts_swiglu(
     return preact, hidden
 
 
+def _experts_swiglu_backward_fake(
+    grad_rows, down_proj, preact, row_weights, bounds, out=None, token_rows=None, *, small_experts=False
+):
+    if out is not None:
+        raise ValueError("experts_swiglu_backward: out= is eager only (a custom op returns new tensors)")
+    rows = preact.shape[0]
+    return (
+        torch.empty_like(preact),
+        preact.new_empty(rows, preact.shape[1] // 2),
+        preact.new_empty(rows, dtype=torch.float32),
+    )
+
+
+@_one_op_under_compile(_experts_swiglu_backward_fake)
 def experts_swiglu_backward(
     grad_rows: Tensor,
     down_proj: Tensor,
@@ -529,13 +577,6 @@ def experts_swiglu_backward(
     row_weights # [S] float32. `out`: where grad_preact goes, preact itself allowed (its memory,
     written tile by tile after that tile's pairs are read; eager only). `token_rows`: grad_rows
     is the tokens' output gradient # [T, O], row r read at token_rows[r] in the GEMM's loads."""
-    if torch.compiler.is_compiling():
-        if out is not None:
-            raise ValueError("experts_swiglu_backward: out= is eager only (a custom op returns new tensors)")
-        grad_preact, scaled_hidden, grad_row_weights = _experts_swiglu_backward_op(
-            grad_rows, down_proj, preact, row_weights, bounds, token_rows, small_experts
-        )
-        return grad_preact, scaled_hidden, grad_row_weights
     grad_preact = torch.empty_like(preact) if out is None else out
     scaled_hidden = preact.new_empty(preact.shape[0], preact.shape[1] // 2)
     kwargs = dict(
@@ -556,125 +597,6 @@ def experts_swiglu_backward(
         _tuned("swiglu_backward", "dgated", {**kwargs, "dx_out": torch.empty_like(preact)}, small_experts)
     _, _, grad_row_weights = _tuned("swiglu_backward", "dgated", kwargs, small_experts)
     return grad_preact, scaled_hidden, grad_row_weights
-
-
-# The custom ops torch.compile traces the functions above as. Each body calls its function (no
-# longer tracing there, so the eager path runs); each fake gives the outputs' shapes for tracing.
-# The outputs are new tensors (no out= to mutate), so Inductor has nothing to copy around them.
-
-
-def _compiled(name: str, fake: Callable[..., Any]) -> Callable[[Callable[..., Any]], Any]:
-    def register(body: Callable[..., Any]) -> Any:
-        op = torch.library.custom_op(f"vlmoe::{name}", body, mutates_args=())
-        op.register_fake(fake)
-        return op
-
-    return register
-
-
-def _rows(x: Tensor, token_rows: Tensor | None) -> int:
-    return x.shape[0] if token_rows is None else token_rows.shape[0]
-
-
-@_compiled(
-    "quack_experts_mm",
-    lambda x, weight, bounds, token_rows, small: x.new_empty(_rows(x, token_rows), weight.shape[-2]),
-)
-def _experts_mm_op(
-    x: Tensor, weight: Tensor, bounds: Tensor, token_rows: Tensor | None, small_experts: bool
-) -> Tensor:
-    return experts_mm(x, weight, bounds, token_rows, small_experts=small_experts)
-
-
-@_compiled(
-    "quack_experts_mm_grad_input",
-    lambda grad_out, weight, bounds, interleaved, token_rows, small: grad_out.new_empty(
-        _rows(grad_out, token_rows), weight.shape[-1]
-    ),
-)
-def _experts_mm_grad_input_op(
-    grad_out: Tensor,
-    weight: Tensor,
-    bounds: Tensor,
-    interleaved: bool,
-    token_rows: Tensor | None,
-    small_experts: bool,
-) -> Tensor:
-    return experts_mm_grad_input(
-        grad_out, weight, bounds, interleaved, token_rows, small_experts=small_experts
-    )
-
-
-@_compiled(
-    "quack_experts_mm_grad_weight",
-    lambda grad_out, x_sorted, weight, bounds, interleaved, token_rows, small: torch.empty_like(weight),
-)
-def _experts_mm_grad_weight_op(
-    grad_out: Tensor,
-    x_sorted: Tensor,
-    weight: Tensor,
-    bounds: Tensor,
-    interleaved: bool,
-    token_rows: Tensor | None,
-    small_experts: bool,
-) -> Tensor:
-    return experts_mm_grad_weight(
-        grad_out, x_sorted, weight, bounds, interleaved, token_rows, small_experts=small_experts
-    )
-
-
-@_compiled(
-    "quack_experts_mm_grad_weight_gathered_x",
-    lambda grad_out, x, token_rows, weight, bounds, interleaved, small: torch.empty_like(weight),
-)
-def _experts_mm_grad_weight_gathered_x_op(
-    grad_out: Tensor,
-    x: Tensor,
-    token_rows: Tensor,
-    weight: Tensor,
-    bounds: Tensor,
-    interleaved: bool,
-    small_experts: bool,
-) -> Tensor:
-    return experts_mm_grad_weight_gathered_x(
-        grad_out, x, token_rows, weight, bounds, interleaved, small_experts=small_experts
-    )
-
-
-def _experts_swiglu_fake(x, gate_up_proj, bounds, token_rows, small):
-    rows, width = _rows(x, token_rows), gate_up_proj.shape[-2]
-    return x.new_empty(rows, width), x.new_empty(rows, width // 2)
-
-
-@_compiled("quack_experts_swiglu", _experts_swiglu_fake)
-def _experts_swiglu_op(
-    x: Tensor, gate_up_proj: Tensor, bounds: Tensor, token_rows: Tensor | None, small_experts: bool
-) -> tuple[Tensor, Tensor]:
-    return experts_swiglu(x, gate_up_proj, bounds, token_rows, small_experts=small_experts)
-
-
-def _experts_swiglu_backward_fake(grad_rows, down_proj, preact, row_weights, bounds, token_rows, small):
-    rows = preact.shape[0]
-    return (
-        torch.empty_like(preact),
-        preact.new_empty(rows, preact.shape[1] // 2),
-        preact.new_empty(rows, dtype=torch.float32),
-    )
-
-
-@_compiled("quack_experts_swiglu_backward", _experts_swiglu_backward_fake)
-def _experts_swiglu_backward_op(
-    grad_rows: Tensor,
-    down_proj: Tensor,
-    preact: Tensor,
-    row_weights: Tensor,
-    bounds: Tensor,
-    token_rows: Tensor | None,
-    small_experts: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    return experts_swiglu_backward(
-        grad_rows, down_proj, preact, row_weights, bounds, None, token_rows, small_experts=small_experts
-    )
 
 
 @functools.cache
