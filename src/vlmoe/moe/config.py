@@ -152,10 +152,11 @@ def _describe(hint: Any) -> str:
         return " or ".join(_describe(arg) for arg in args)
     if origin is list or hint is list:
         return "a list of integers" if args == (int,) else "a list"  # the lists saved: layers, steps
-    return _TYPE_NAMES[hint]
+    return JSON_TYPE_NAMES[hint]
 
 
-_TYPE_NAMES = {
+# How a message names a JSON value's expected type (the recipe checks too: vlmoe.train.validate).
+JSON_TYPE_NAMES = {
     int: "an integer",
     float: "a number",
     bool: "true or false",

@@ -13,6 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
+from vlmoe.moe.config import JSON_TYPE_NAMES
+
 
 class RecipeError(ValueError):
     """A recipe file that does not validate; the message names the file, the key and the fix."""
@@ -153,7 +155,6 @@ def _value(hint: Any, value: Any, key: str, path: Path) -> Any:
 
 
 def _describe(hint: Any) -> str:
-    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
-    if hint in names:
-        return names[hint]
+    if hint in (int, float, str, bool):
+        return JSON_TYPE_NAMES[hint]
     return str(hint).replace("typing.", "")
