@@ -287,7 +287,7 @@ def _select_layer(config: dict[str, Any], vision_config, path: Path) -> int:
     """Their mm_vision_select_layer, an index into the tower's hidden states (the embeddings, then
     one per layer): checked here, or the imported model would fail at its first image."""
     layer, count = config.get("mm_vision_select_layer", -2), vision_config.num_hidden_layers + 1
-    if not isinstance(layer, int) or isinstance(layer, bool) or not -count <= layer < count:
+    if not _is_int(layer) or not -count <= layer < count:
         raise ValueError(
             f"{path}/config.json: mm_vision_select_layer {layer!r} is not one of the vision tower's "
             f"{count} hidden states (-{count}..{count - 1}): the --vision-tower is not the one it was "
