@@ -14,6 +14,7 @@ import vlmoe
 from vlmoe.analysis import AnalysisSample, RoutingStats, collect_routing, read_samples
 from vlmoe.analysis.cli import load_model, run_analyze
 from vlmoe.cli import app
+from vlmoe.data import ChartSetConfig, generate_chart_set
 
 CONNECTOR = "model.multi_modal_projector"
 LM_LAYERS = ["model.language_model.layers.0.mlp", "model.language_model.layers.1.mlp"]
@@ -101,6 +102,47 @@ def test_a_bad_jsonl_record_is_named_by_its_file_and_line(tmp_path):
         read_samples(tmp_path / "data.json")
 
 
+def test_a_chart_set_folder_is_read_shard_by_shard(tmp_path):
+    # What `vlmoe data charts --out` writes, analysed as it is: 3 charts in 2 shards.
+    charts = tmp_path / "charts"
+    shards = generate_chart_set(charts, ChartSetConfig(n=3, size_px=96, shard_size=2, questions_per_chart=1))
+    lines = [line for shard in shards for line in (shard / "conversations.jsonl").read_text().splitlines()]
+    samples = read_samples(charts)
+    assert [sample.id for sample in samples] == [json.loads(line)["id"] for line in lines]
+    assert {sample.tags["task"] for sample in samples} == {
+        "chart_to_table",
+        "chart_to_json",
+        "chart_to_code",
+        "chart_qa",
+        "chart_qa_pot",
+    }
+    assert all(sample.tags["domain"] == "chart" for sample in samples)
+    # Image paths are relative to each shard: chart 2's image is in the second shard.
+    last = [sample for sample in samples if sample.id.startswith("chart-0-00000002-")]
+    assert last and all(sample.images == (shards[1] / "images" / "00000002.png",) for sample in last)
+
+    with pytest.raises(
+        ValueError, match="--image-dir does not apply to the chart set .*leave --image-dir out"
+    ):
+        read_samples(charts, tmp_path)
+    (shards[1] / "done.json").unlink()  # as an interrupted `vlmoe data charts` leaves it
+    with pytest.raises(ValueError, match=r"shard_00001 is unfinished .* `vlmoe data charts --out "):
+        read_samples(charts)
+
+
+def test_vlmoe_analyze_takes_a_chart_set_folder(tmp_path):
+    charts = tmp_path / "charts"
+    generate_chart_set(charts, ChartSetConfig(n=2, size_px=96, questions_per_chart=1))
+    out = tmp_path / "analysis"
+    args = ["analyze", "tiny:llava", "--data", str(charts), "--out", str(out), "--device", "cpu"]
+    result = CliRunner().invoke(app, [*args, "--max-samples", "6"])
+    assert result.exit_code == 0, result.output
+    stats = RoutingStats.load_from(out)
+    assert stats.meta["num_samples"] == 6
+    tasks = {"chart_to_table", "chart_to_json", "chart_to_code", "chart_qa", "chart_qa_pot"}
+    assert len(stats.group_load["task"]) > 1 and set(stats.group_load["task"]) <= tasks
+
+
 def test_cluster_routed_model_sends_each_sample_to_one_expert():
     model, processor = vlmoe.models.tiny("llava")
     vlmoe.add_mole(model, num_experts=4, rank=2, top_k=1, router="cluster", num_clusters=3, universal=True)
@@ -171,7 +213,7 @@ def test_tiny_analysis_is_reproducible_for_a_seed(tmp_path):
         (["--max-samples", "-1"], "--max-samples -1: give a number >= 1, or leave it out for all samples"),
         (["--expert-names", "a,,b,c"], "--expert-names 'a,,b,c' has an empty name"),
         (["--out", "{tmp}/data.json"], "--out {tmp}/data.json is a file; pass a folder"),
-        (["--data", "{tmp}"], "--data {tmp} is a folder; pass a LLaVA-format .json or .jsonl file"),
+        (["--data", "{tmp}"], "--data {tmp} is a folder but not a chart set (no manifest.json); pass a "),
         (["--device", "gpu"], "--device 'gpu': not a torch device"),
         (["--device", "cuda:99"], "--device 'cuda:99': "),  # no GPU, or no 100th GPU
         pytest.param(

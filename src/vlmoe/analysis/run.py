@@ -17,6 +17,7 @@ from torch import nn
 
 from vlmoe.analysis.collect import BatchImages, RoutingCollector
 from vlmoe.analysis.stats import LayerInfo, RoutingStats
+from vlmoe.data.chart_dataset import chart_set_shards
 from vlmoe.eval.generate import progress_bar
 from vlmoe.eval.samples import (
     EvalSample,
@@ -59,19 +60,30 @@ class AnalysisSample:
 
 
 def read_samples(path: Path, image_dir: Path | None = None) -> list[AnalysisSample]:
-    """LLaVA-format JSON/JSONL conversations with optional `domain`, `task`, `cluster_id` tags.
+    """LLaVA-format JSON/JSONL conversations with optional `domain`, `task`, `cluster_id` tags,
+    or every conversation of a chart set (the folder `vlmoe data charts --out` wrote).
 
     Example:
-        >>> samples = read_samples(Path("data/charts/train.jsonl"))  # doctest: +SKIP
+        >>> samples = read_samples(Path("data/charts"))  # doctest: +SKIP
         >>> samples[0].tags  # doctest: +SKIP
         {'domain': 'chart', 'task': 'chart_to_table'}
     """
     path = Path(path)
     if path.is_dir():
-        raise ValueError(
-            f"--data {path} is a folder; pass a LLaVA-format .json or .jsonl file, or --task <benchmark> "
-            "to read a benchmark's folder"
-        )
+        shards = chart_set_shards(path)
+        if not shards:
+            raise ValueError(
+                f"--data {path} is a folder but not a chart set (no manifest.json); pass a LLaVA-format "
+                ".json or .jsonl file, a `vlmoe data charts` folder, or --task <benchmark> to read a "
+                "benchmark's folder"
+            )
+        if image_dir is not None:
+            raise ValueError(
+                f"--image-dir does not apply to the chart set {path}: its images are in its shards; "
+                "leave --image-dir out"
+            )
+        # Image paths in a shard's conversations are relative to that shard.
+        return [sample for shard in shards for sample in read_samples(shard / "conversations.jsonl", shard)]
     expected = f"must hold a list of samples; expected format: {SAMPLE_FORMAT}"
     places = load_records(path, "analysis data", expected)
     root = image_dir or path.parent

@@ -12,7 +12,7 @@
 from typing import Any
 
 from vlmoe.data.chart_code import plotting_code
-from vlmoe.data.chart_dataset import ChartSetConfig, generate_chart_set
+from vlmoe.data.chart_dataset import ChartSetConfig, chart_set_shards, generate_chart_set
 from vlmoe.data.chart_qa import QA_KINDS, ChartQuestion, chart_questions
 from vlmoe.data.chart_record import CHART_TYPES, ChartRecord, sample_chart_record
 from vlmoe.data.chart_render import ChartRenderer
@@ -60,6 +60,7 @@ __all__ = [
     "assign_clusters",
     "chart_json",
     "chart_questions",
+    "chart_set_shards",
     "chart_table",
     "fit_instruction_clusters",
     "generate_chart_set",

@@ -153,6 +153,29 @@ def charts_held(out: str | Path) -> int:
     return held
 
 
+def chart_set_shards(folder: str | Path) -> list[Path]:
+    """The complete shards of a chart set on disk, in chart order; [] when `folder` is not one
+    (it has no manifest.json). An unfinished shard is an error: its conversations are not written.
+
+    >>> import tempfile
+    >>> out = tempfile.mkdtemp()
+    >>> _ = generate_chart_set(out, ChartSetConfig(n=3, size_px=96, shard_size=2))
+    >>> [shard.name for shard in chart_set_shards(out)], chart_set_shards(Path(out) / "shard_00000")
+    (['shard_00000', 'shard_00001'], [])
+    """
+    folder = Path(folder)
+    if not (folder / "manifest.json").is_file():
+        return []
+    shards = sorted(path for path in folder.glob("shard_*") if path.is_dir())
+    for shard in shards:
+        if not (shard / "done.json").is_file() or not (shard / "conversations.jsonl").is_file():
+            raise ValueError(
+                f"chart set {folder}: {shard.name} is unfinished (no done.json); finish it by running "
+                f"`vlmoe data charts --out {folder}` again with the options it was made with"
+            )
+    return shards
+
+
 def _check_whole_number(value: object, option: str, low: int, high: int | None = None) -> None:
     valid = f"between {low} and {high}" if high is not None else f"at least {low}"
     if not isinstance(value, int) or isinstance(value, bool):
