@@ -50,6 +50,21 @@ def check_replaceable(path: str | os.PathLike, marker: str = MODEL_MARKER, optio
     return path
 
 
+def deletes_source(path: str | os.PathLike, source: str | os.PathLike) -> str | None:
+    """How replacing the folder `path` would delete the folder `source`: "is" (it is `source`),
+    "holds" (`source` lies inside it), or None (it would not; a `path` inside `source` leaves
+    `source` and its files in place). Written to be read in a message: f"{path} {how} {source}".
+
+    Example:
+        >>> deletes_source("/runs", "/runs/model"), deletes_source("/runs/model/moe", "/runs/model")
+        ('holds', None)
+    """
+    target, source = Path(path).resolve(), Path(source).resolve()
+    if target == source:
+        return "is"
+    return "holds" if target in source.parents else None
+
+
 @contextmanager
 def atomic_directory(path: str | os.PathLike, marker: str | None = MODEL_MARKER) -> Iterator[Path]:
     """Yield an empty temporary directory that replaces `path` when the block succeeds.
