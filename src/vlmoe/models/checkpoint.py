@@ -17,7 +17,7 @@ from torch import nn
 from transformers import AutoConfig, ProcessorMixin
 from transformers.initialization import no_init_weights
 
-from vlmoe.atomic import atomic_directory, deletes_source
+from vlmoe.atomic import atomic_directory, deletes_source, first_names
 from vlmoe.models.card import CARD_NAME, CardInfo, model_card
 from vlmoe.models.record import CONFIG_KEY, SurgeryRecord, read_record
 
@@ -83,21 +83,19 @@ def save(
 
 def _refuse_deleting_the_source(path: Path, source: Path) -> None:
     entries = sorted(entry.name for entry in path.iterdir())
-    shown = ", ".join(entries[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
     raise ValueError(
         f"{path} holds {source}, the folder the model was loaded from: saving there replaces the whole "
-        f"folder {path}, deleting {shown} (the model's source among them); pass another folder, one "
-        f"that does not hold {source}"
+        f"folder {path}, deleting {first_names(entries)} (the model's source among them); pass another "
+        f"folder, one that does not hold {source}"
     )
 
 
 def _check_nothing_lost(path: Path, written: Path) -> None:
     lost = sorted({entry.name for entry in path.iterdir()} - {entry.name for entry in written.iterdir()})
     if lost:
-        shown = ", ".join(lost[:3]) + (f" and {len(lost) - 3} more" if len(lost) > 3 else "")
         raise ValueError(
             f"{path} is the folder the model was loaded from, and saving it there replaces the whole "
-            f"folder, deleting {shown}, which this save does not write again; pass "
+            f"folder, deleting {first_names(lost)}, which this save does not write again; pass "
             "processor=AutoProcessor.from_pretrained(path) if they are the processor's files, or save to "
             "another folder"
         )
