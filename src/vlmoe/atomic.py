@@ -33,11 +33,10 @@ def check_replaceable(path: str | os.PathLike, marker: str = MODEL_MARKER, optio
     if path.is_dir():
         entries = sorted(entry.name for entry in path.iterdir())
         if entries and marker not in entries:
-            shown = ", ".join(entries[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
             raise ValueError(
-                f"{named} holds other files ({shown}) and no {marker}: writing a model there would "
-                "replace the whole folder and delete them; pass a new or empty folder (or a model "
-                "folder saved before, which is replaced)"
+                f"{named} holds other files ({first_names(entries)}) and no {marker}: writing a model "
+                "there would replace the whole folder and delete them; pass a new or empty folder (or a "
+                "model folder saved before, which is replaced)"
             )
     elif path.exists() or path.is_symlink():
         raise ValueError(f"{named} is a file, not a folder: pass a folder path for the model")
@@ -48,6 +47,31 @@ def check_replaceable(path: str | os.PathLike, marker: str = MODEL_MARKER, optio
                 f"{named} is inside {existing}, which is a file: pass a folder path for the model"
             )
     return path
+
+
+def first_names(names: list[str]) -> str:
+    """The first three of `names` and how many more, for a message about what would be deleted.
+
+    Example:
+        >>> first_names(["a", "b", "c", "d", "e"])
+        'a, b, c and 2 more'
+    """
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
+def deletes_source(path: str | os.PathLike, source: str | os.PathLike) -> str | None:
+    """How replacing the folder `path` would delete the folder `source`: "is" (it is `source`),
+    "holds" (`source` lies inside it), or None (it would not; a `path` inside `source` leaves
+    `source` and its files in place). Written to be read in a message: f"{path} {how} {source}".
+
+    Example:
+        >>> deletes_source("/runs", "/runs/model"), deletes_source("/runs/model/moe", "/runs/model")
+        ('holds', None)
+    """
+    target, source = Path(path).resolve(), Path(source).resolve()
+    if target == source:
+        return "is"
+    return "holds" if target in source.parents else None
 
 
 @contextmanager

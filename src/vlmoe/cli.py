@@ -325,15 +325,15 @@ def _model_destination(dst: str | Path, src: str | Path) -> Path:
     the way) holding nothing, or a model saved before (which is replaced), not a folder of the
     user's own files, which writing the model would delete, nor SRC or a folder holding it (SRC
     has a config.json, so it passes as "a model saved before", and the write would delete it)."""
-    from vlmoe.atomic import check_replaceable
+    from vlmoe.atomic import check_replaceable, deletes_source
     from vlmoe.data.folders import output_folder
 
     target = output_folder(dst, "DST")
-    source = Path(src).resolve()
-    if target.resolve() == source or target.resolve() in source.parents:
+    how = deletes_source(target, src)
+    if how is not None:
         raise ValueError(
-            f"DST {target} {'is' if target.resolve() == source else 'holds'} SRC {src}: writing the "
-            "model there would delete the model it is made from; pass another folder for DST"
+            f"DST {target} {how} SRC {src}: writing the model there would delete the model it is made "
+            "from; pass another folder for DST"
         )
     return check_replaceable(target, option="DST")
 

@@ -230,3 +230,29 @@ def test_save_in_place_refuses_to_drop_the_processor_and_leaves_the_folder(tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
     vlmoe.save(vlmoe.load(path), path, processor=processor)  # with it, nothing is lost
     assert sorted(p.name for p in path.iterdir()) == sorted(before)
+
+
+def test_save_refuses_a_folder_holding_the_loaded_folder_and_deletes_nothing(tmp_path):
+    runs = tmp_path / "runs"
+    path = vlmoe.save(vlmoe.upcycle_ffn(tiny("llava")[0]), runs / "model")
+    (runs / "config.json").write_text("{}")  # a model folder saved before: check_replaceable passes it
+    (runs / "notes.txt").write_text("mine")
+    model = vlmoe.load(path)
+    with pytest.raises(ValueError) as error:
+        vlmoe.save(model, runs)
+    assert str(error.value) == (
+        f"{runs} holds {path}, the folder the model was loaded from: saving there replaces the whole "
+        f"folder {runs}, deleting config.json, model, notes.txt (the model's source among them); pass "
+        f"another folder, one that does not hold {path}"
+    )
+    assert sorted(p.name for p in runs.iterdir()) == ["config.json", "model", "notes.txt"]
+    assert read_record(vlmoe.load(path)).kinds() == ["upcycle_ffn"]
+
+
+def test_save_into_a_folder_inside_the_loaded_folder_keeps_the_source(tmp_path):
+    path = vlmoe.save(vlmoe.upcycle_ffn(tiny("llava")[0]), tmp_path / "m")
+    before = {p.name: p.read_bytes() for p in path.iterdir()}
+    inner = vlmoe.save(vlmoe.load(path), path / "copy")
+    assert {p.name: p.read_bytes() for p in path.iterdir() if p.is_file()} == before
+    assert sorted(p.name for p in path.iterdir()) == sorted([*before, "copy"])  # no temp dirs left
+    assert read_record(vlmoe.load(inner)).kinds() == read_record(vlmoe.load(path)).kinds() == ["upcycle_ffn"]

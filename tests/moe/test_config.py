@@ -58,6 +58,20 @@ def test_a_value_of_the_wrong_type_names_where_the_key_the_value_and_the_type(ke
     with pytest.raises(ValueError) as error:
         RouterConfig.from_dict(data, where="m/config.json 'router'")
     assert str(error.value) == f"m/config.json 'router': {key} is {value!r}; expected {expected}"
+    # Built from Python the same check runs, so a top_k=2.0 fails here and not inside torch.
+    with pytest.raises(ValueError) as error:
+        RouterConfig(**data)
+    assert str(error.value) == f"{key} is {value!r}; expected {expected}"
+
+
+def test_a_float_top_k_or_a_string_num_experts_from_python_is_refused_on_construction():
+    with pytest.raises(ValueError) as error:
+        RouterConfig(num_experts=4, top_k=2.0)
+    assert str(error.value) == "top_k is 2.0; expected an integer"
+    with pytest.raises(ValueError) as error:
+        RouterConfig(num_experts="4")
+    assert str(error.value) == "num_experts is '4'; expected an integer"
+    assert RouterConfig(num_experts=4, temperature=1).temperature == 1  # a whole number is a number
 
 
 def test_from_dict_still_checks_the_ranges():
@@ -65,5 +79,6 @@ def test_from_dict_still_checks_the_ranges():
     assert config.capacity_factor == 2  # a whole number is a number
     with pytest.raises(ValueError, match=r"top_k must be an integer in \[1, num_experts=4\], got 5"):
         RouterConfig.from_dict({"num_experts": 4, "top_k": 5})
-    with pytest.raises(ValueError, match="z_loss_coef must be >= 0, got -1"):
-        RouterConfig.from_dict({"num_experts": 4, "z_loss_coef": -1.0})
+    with pytest.raises(ValueError) as error:
+        RouterConfig.from_dict({"num_experts": 4, "z_loss_coef": -1.0}, where="m/config.json 'router'")
+    assert str(error.value) == "m/config.json 'router': z_loss_coef must be >= 0, got -1.0"

@@ -17,7 +17,7 @@ from torch import nn
 from transformers import AutoConfig, ProcessorMixin
 from transformers.initialization import no_init_weights
 
-from vlmoe.atomic import atomic_directory
+from vlmoe.atomic import atomic_directory, deletes_source, first_names
 from vlmoe.models.card import CARD_NAME, CardInfo, model_card
 from vlmoe.models.record import CONFIG_KEY, SurgeryRecord, read_record
 
@@ -43,7 +43,8 @@ def save(
     Saving in place, `save(load(path), path)`, is safe: `load` copies every tensor into memory, and
     the new folder replaces the old one only once it is complete. As the whole folder is replaced,
     an in-place save that would not write again everything the folder holds (the processor's files
-    when `processor` is not given, a MoCLE model's clusters/) is refused with a ValueError naming them.
+    when `processor` is not given, a MoCLE model's clusters/) is refused with a ValueError naming them,
+    and so is a save into a folder holding the one the model was loaded from, which would delete it.
 
     Example:
         >>> import tempfile, vlmoe
@@ -58,8 +59,12 @@ def save(
     # recorded here, so a bf16 7B model never passes through an fp32 copy (transformers' own
     # save_pretrained records it the same way).
     model.config.dtype = model.dtype
+    source = loaded_from(model)
+    how = None if source is None else deletes_source(path, source)
+    if how == "holds":
+        _refuse_deleting_the_source(path, source)
+    in_place = how == "is"
     state = unique_state(model) if state_dict is None else without_tied(model, state_dict)
-    in_place = loaded_from(model) == path.resolve()
     with atomic_directory(path) as temp:
         model.config.save_pretrained(temp)
         _record_attention(temp / "config.json", model.config._attn_implementation)
@@ -76,13 +81,21 @@ def save(
     return path
 
 
+def _refuse_deleting_the_source(path: Path, source: Path) -> None:
+    entries = sorted(entry.name for entry in path.iterdir())
+    raise ValueError(
+        f"{path} holds {source}, the folder the model was loaded from: saving there replaces the whole "
+        f"folder {path}, deleting {first_names(entries)} (the model's source among them); pass another "
+        f"folder, one that does not hold {source}"
+    )
+
+
 def _check_nothing_lost(path: Path, written: Path) -> None:
     lost = sorted({entry.name for entry in path.iterdir()} - {entry.name for entry in written.iterdir()})
     if lost:
-        shown = ", ".join(lost[:3]) + (f" and {len(lost) - 3} more" if len(lost) > 3 else "")
         raise ValueError(
             f"{path} is the folder the model was loaded from, and saving it there replaces the whole "
-            f"folder, deleting {shown}, which this save does not write again; pass "
+            f"folder, deleting {first_names(lost)}, which this save does not write again; pass "
             "processor=AutoProcessor.from_pretrained(path) if they are the processor's files, or save to "
             "another folder"
         )

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from transformers.initialization import no_init_weights
 
-from vlmoe.atomic import atomic_directory, check_replaceable
+from vlmoe.atomic import atomic_directory, check_replaceable, deletes_source
 from vlmoe.models.card import CARD_NAME, CardInfo, model_card
 from vlmoe.models.checkpoint import loaded_from
 from vlmoe.models.families import FamilyAdapter, adapter_for
@@ -77,12 +77,13 @@ def export_hf(model: nn.Module, path: str | os.PathLike, card: CardInfo | None =
 
 
 def _check_not_the_source(model: nn.Module, path: Path) -> None:
-    source, target = loaded_from(model), path.resolve()
-    if source is not None and (target == source or target in source.parents):
+    source = loaded_from(model)
+    how = None if source is None else deletes_source(path, source)
+    if how is not None:
         raise ValueError(
-            f"{path} {'is' if target == source else 'holds'} {source}, the folder the model was loaded "
-            "from: the export would replace the vlmoe model there with a stock HF checkpoint, which has no "
-            "surgery record to load it back as a vlmoe model; pass another folder"
+            f"{path} {how} {source}, the folder the model was loaded from: the export would replace the "
+            "vlmoe model there with a stock HF checkpoint, which has no surgery record to load it back as "
+            "a vlmoe model; pass another folder"
         )
 
 

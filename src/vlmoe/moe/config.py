@@ -59,9 +59,13 @@ class RouterConfig:
     cluster_embed_dim: int = 64
 
     def __post_init__(self) -> None:
-        if not isinstance(self.num_experts, int) or self.num_experts < 1:
+        # Types first, here rather than only in from_dict: a top_k=2.0 or num_experts="4" from
+        # Python would otherwise pass the range checks below and fail deep inside torch.
+        for name, hint in typing.get_type_hints(type(self)).items():
+            check_type(getattr(self, name), hint, name)
+        if self.num_experts < 1:
             raise ValueError(f"num_experts must be an integer >= 1, got {self.num_experts!r}")
-        if not isinstance(self.top_k, int) or not 1 <= self.top_k <= self.num_experts:
+        if not 1 <= self.top_k <= self.num_experts:
             raise ValueError(
                 f"top_k must be an integer in [1, num_experts={self.num_experts}], got {self.top_k!r}"
             )
@@ -76,12 +80,6 @@ class RouterConfig:
         for name in ("load_balance_coef", "z_loss_coef"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.load_balance_scope not in ("device", "global"):
-            raise ValueError(
-                f"load_balance_scope must be 'device' or 'global', got {self.load_balance_scope!r}"
-            )
-        if self.input not in ("token", "cluster"):
-            raise ValueError(f"input must be 'token' or 'cluster', got {self.input!r}")
         if self.input == "cluster" and self.num_clusters < 1:
             raise ValueError(
                 "num_clusters must be >= 1 when input='cluster' "
@@ -106,17 +104,18 @@ class RouterConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"{where}: unknown key(s) {unknown}; known keys are {sorted(known)}")
-        hints = typing.get_type_hints(cls)
-        for name, value in data.items():
-            check_type(value, hints[name], f"{where}: {name}")
-        return cls(**data)
+        try:
+            return cls(**data)  # __post_init__ checks the types and ranges
+        except ValueError as error:
+            raise ValueError(f"{where}: {error}") from None
 
 
 def check_type(value: Any, hint: Any, key: str) -> None:
     """Refuse a value of another JSON type than the type annotation `hint` says; `key` names it.
 
     A hand-edited config.json's "false" or "no" would otherwise be read as true, and a string number
-    fail far from the file. Shared by `RouterConfig.from_dict` and the surgery record (`vlmoe.models`).
+    fail far from the file. Shared by `RouterConfig` (checked on construction) and the surgery record
+    (`vlmoe.models`).
 
     Example:
         >>> check_type("false", bool, "config.json: normalize_top_k")
