@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from vlmoe.cli_errors import reported
 from vlmoe.data.cli import data_app
 
 if TYPE_CHECKING:  # torch loads inside the commands, so `vlmoe --help` stays fast
@@ -29,26 +28,6 @@ def main() -> None:
     """vlmoe: sparse MoE vision-language models."""
 
 
-@contextmanager
-def _reported(command: str) -> Iterator[None]:
-    """End `vlmoe <command>` with one line and exit code 1 on what the user can fix, not a traceback:
-    a ValueError (a RecipeError too) or any OSError (a missing file, no permission to write DST, a
-    full disk). Other exceptions are bugs and keep their traceback."""
-    try:
-        yield
-    except (ValueError, OSError) as error:
-        typer.echo(f"vlmoe {command}: {_message(error)}", err=True)
-        raise typer.Exit(code=1) from None
-
-
-def _message(error: Exception) -> str:
-    """The error's text; an OSError raised by the system (errno set) as "<what> (<path>)"."""
-    if not isinstance(error, OSError) or error.strerror is None:
-        return str(error)  # vlmoe's own FileNotFoundError texts name the path and the fix
-    paths = " -> ".join(str(name) for name in (error.filename, error.filename2) if name is not None)
-    return f"{error.strerror} ({paths})" if paths else error.strerror
-
-
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Report folder (metrics, curves, predictions, run).")] = Path(
@@ -62,7 +41,7 @@ def demo(
     """Synthetic charts, a tiny VLM, ChartMoE (aligned experts, MoE connector, SFT), held-out scores."""
     from vlmoe.demo import run_demo
 
-    with _reported("demo"):
+    with reported("demo"):
         run_demo(out=out, recipe=recipe, scale=scale, device=device, resume=resume)
 
 
@@ -86,7 +65,7 @@ def train(
     from vlmoe.train import load_recipe, run_recipe
     from vlmoe.train.distributed import is_main_process
 
-    with _reported("train"):
+    with reported("train"):
         if out is not None:
             output_folder(out)
         loaded = load_recipe(recipe, scale=scale, output_dir=out)
@@ -169,7 +148,7 @@ def evaluate(
     from vlmoe.eval.tasks import read_task
     from vlmoe.moe import routes_by_cluster
 
-    with _reported("eval"):
+    with reported("eval"):
         torch_device, torch_dtype = _device_and_dtype(device, dtype)
         if force_where is not None and force_expert is None:
             raise ValueError("--force-where says where --force-expert applies; give --force-expert I too")
@@ -272,7 +251,7 @@ def analyze(
     """Route a dataset through a sparse model and write routing pictures plus one HTML report."""
     from vlmoe.analysis.cli import run_analyze
 
-    with _reported("analyze"):
+    with reported("analyze"):
         report = run_analyze(
             model,
             data=data,
@@ -298,7 +277,7 @@ def export(
     """Export an upcycled model (vlmoe.save) to a standard HF MoE checkpoint: Mixtral or Qwen2-MoE."""
     from vlmoe.models import export_hf, load
 
-    with _reported("export"):
+    with reported("export"):
         target = _model_destination(dst, src)  # before the load
         _check_upcycled(Path(src))
         path = export_hf(load(src), target)
@@ -373,7 +352,7 @@ def import_moe_llava_command(
     from vlmoe.interop import import_moe_llava
     from vlmoe.models import save
 
-    with _reported("import moe-llava"):
+    with reported("import moe-llava"):
         _model_destination(dst, src)  # before the conversion
         model, processor = import_moe_llava(
             src,
@@ -412,7 +391,7 @@ def import_llava_mole_command(
     from vlmoe.interop import import_llava_mole
     from vlmoe.models import save
 
-    with _reported("import llava-mole"):
+    with reported("import llava-mole"):
         _model_destination(dst, src)  # before the conversion
         model, processor = import_llava_mole(
             src,

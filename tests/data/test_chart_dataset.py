@@ -136,6 +136,14 @@ def test_out_that_is_a_file_is_refused_with_the_fix(tmp_path):
     assert result.exit_code == 2 and "is a file; pass a folder" in _message(result)
 
 
+def test_cli_reports_an_os_error_on_out_in_one_line_with_exit_code_1(tmp_path):
+    out = tmp_path / ("x" * 300)  # a name longer than any file system allows: fails for root too
+    result = CliRunner().invoke(app, ["data", "charts", "--n", "3", "--out", str(out)])
+    # exit code 1 alone would not tell: CliRunner gives 1 for an uncaught exception as well
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
+    assert result.stderr == f"vlmoe data charts: File name too long ({out})\n"
+
+
 def test_a_smaller_n_is_refused_and_leaves_the_set_whole_a_larger_one_extends_it(tmp_path):
     out = tmp_path / "charts"
     generate_chart_set(out, CONFIG)  # 7 charts, shards of 4

@@ -148,6 +148,30 @@ def test_cli_names_a_bad_sample_with_a_fix_it_offers(tmp_path, monkeypatch):
     assert "on_error" not in message
 
 
+def test_cli_reports_an_unreadable_model_folder_in_one_line_with_exit_code_1(tmp_path):
+    data = tmp_path / "train.jsonl"
+    turns = [{"from": "human", "value": "Describe it."}, {"from": "gpt", "value": "ok"}]
+    data.write_text(json.dumps({"id": "0", "conversations": turns}) + "\n")
+    model = tmp_path / "model"
+    (model / "modules.json").mkdir(parents=True)  # unreadable as a file, for root too
+    args = [
+        "data",
+        "cluster",
+        "--data",
+        str(data),
+        "--k",
+        "1",
+        "--out",
+        str(tmp_path / "c"),
+        "--model",
+        str(model),
+    ]
+    result = CliRunner().invoke(app, args)
+    # exit code 1 alone would not tell: CliRunner gives 1 for an uncaught exception as well
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
+    assert result.stderr == f"vlmoe data cluster: Is a directory ({model / 'modules.json'})\n"
+
+
 def test_missing_cluster_files_are_named_with_the_command_that_makes_them(tmp_path):
     from vlmoe.data.clustering import CENTROIDS_FILE, InstructionClusters, save_clusters
 

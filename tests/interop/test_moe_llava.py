@@ -213,6 +213,24 @@ def test_an_unused_tensor_is_an_error_naming_it(tmp_path, tower):
         import_moe_llava(tmp_path / "ckpt", tower)
 
 
+def test_a_moe_tensor_without_a_layer_index_is_an_error_naming_it(tmp_path, tower):
+    write_moe_llava(tmp_path / "ckpt")
+    name = "model.layers.0.self_attn.mlp.deepspeed_moe.gate.wg.weight"  # no index before the MoE part
+
+    def add(tensors, index):
+        tensors[name] = torch.zeros(4, 32)
+        index["weight_map"][name] = sorted(set(index["weight_map"].values()))[0]
+
+    _edit_shard(tmp_path / "ckpt", add)
+    with pytest.raises(ValueError) as error:
+        import_moe_llava(tmp_path / "ckpt", tower)
+    assert str(error.value) == (
+        f"{tmp_path / 'ckpt'}: tensor {name!r} has a DeepSpeed-MoE part but '0.self_attn' where the layer "
+        "index goes; expected model.layers.<index>.mlp.deepspeed_moe.<part>: the weights are not MoE-LLaVA's "
+        "or were renamed; fetch them again"
+    )
+
+
 def test_a_missing_tensor_is_an_error_naming_it(tmp_path, tower):
     write_moe_llava(tmp_path / "ckpt")
     name = "model.layers.2.mlp.deepspeed_moe.experts.deepspeed_experts.3.up_proj.weight"

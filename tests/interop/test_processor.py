@@ -13,9 +13,10 @@ import vlmoe
 from tests.interop.moe_llava_checkpoints import IMAGE_TOKEN, write_moe_llava, write_vision_tower
 from tests.interop.test_llava_mole import ALPHA, _trained_parts
 from tests.interop.test_llava_mole import folders as mole_folders  # noqa: F401 (a fixture)
-from tests.interop.tiny_tokenizers import write_gpt2_style
+from tests.interop.tiny_tokenizers import write_gpt2_style, write_vicuna_tokenizer
 from vlmoe.cli import app
 from vlmoe.interop import import_llava_mole, import_moe_llava
+from vlmoe.interop.processor import read_tokenizer
 
 SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
@@ -210,9 +211,37 @@ def test_a_damaged_preprocessor_config_names_the_file(tmp_path):
     write_moe_llava(tmp_path / "ckpt", "qwen1_5")
     tower = write_vision_tower(tmp_path / "clip")
     for text, message in (
-        ('{"crop_size": 28,', r"clip/preprocessor_config.json is not valid JSON \(Expecting property name"),
-        ("[28, 28]", r"clip/preprocessor_config.json must hold a JSON object"),
+        (
+            '{"crop_size": 28,',
+            r"clip/preprocessor_config.json is not valid JSON \(line 1, column 18: Expecting property name",
+        ),
+        (
+            "[28, 28]",
+            r"clip/preprocessor_config.json must hold a JSON object; copy it again from the tower's",
+        ),
     ):
         (tower / "preprocessor_config.json").write_text(text)
         with pytest.raises(ValueError, match=message):
             import_moe_llava(tmp_path / "ckpt", tower)
+
+
+@pytest.mark.parametrize("name", ["tokenizer_config.json", "vocab.json"])
+def test_a_damaged_tokenizer_json_file_names_the_file(tmp_path, name):
+    folder = write_gpt2_style(tmp_path / "tok")
+    fix = "copy it again from the published checkpoint, or pass --tokenizer DIR"
+    for text, message in (
+        ("", "is not valid JSON (line 1, column 1: Expecting value)"),
+        ('{"a": ', "is not valid JSON (line 1, column 7: Expecting value)"),
+        ("[]", "must hold a JSON object"),  # transformers: AttributeError; tokenizers: a bare Exception
+    ):
+        (folder / name).write_text(text)
+        with pytest.raises(ValueError) as error:
+            read_tokenizer(folder, "the checkpoint")
+        assert str(error.value).startswith(f"{folder / name} {message}; {fix}")
+
+
+def test_a_tokenizer_json_that_is_not_an_object_names_the_file(tmp_path):
+    folder = write_vicuna_tokenizer(tmp_path / "tok")
+    (folder / "tokenizer.json").write_text("[]")  # transformers: "'str' object cannot be interpreted..."
+    with pytest.raises(ValueError, match=r"tok/tokenizer.json must hold a JSON object; copy it again"):
+        read_tokenizer(folder, "the checkpoint")

@@ -342,6 +342,12 @@ def _check_moe_layout(tensors: CheckpointTensors, moe: dict[str, Any], path: Pat
     for name in tensors.names():
         if name.startswith(_THEIR_LM + "layers.") and _MOE in name:
             layer, _, rest = name[len(_THEIR_LM + "layers.") :].partition(_MOE)
+            if not layer.isdecimal():  # e.g. "0.self_attn": int() would fail with no name or file
+                raise ValueError(
+                    f"{tensors.path}: tensor {name!r} has a DeepSpeed-MoE part but {layer!r} where the "
+                    f"layer index goes; expected {_THEIR_LM}layers.<index>{_MOE}<part>: the weights are not "
+                    "MoE-LLaVA's or were renamed; fetch them again"
+                )
             found = experts.setdefault(int(layer), set())
             if rest.startswith("experts.deepspeed_experts."):
                 found.add(rest.split(".")[2])

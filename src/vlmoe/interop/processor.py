@@ -10,7 +10,6 @@ and `AutoProcessor.from_pretrained(DST)` use the imported model as it was traine
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from transformers.models.llava.processing_llava import LlavaProcessor
 from transformers.utils import logging as hf_logging
 
 from vlmoe.interop.tiktoken_files import TIKTOKEN_FILES, read_tiktoken
+from vlmoe.models.checkpoint import read_json_object
 
 IMAGE_TOKEN = "<image>"
 _SYSTEM = (
@@ -28,6 +28,9 @@ _SYSTEM = (
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
 )
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+# The JSON files AutoTokenizer reads; damaged, transformers and tokenizers fail on them with an
+# AttributeError, a TypeError or a bare Exception that names no file.
+_TOKENIZER_JSON_FILES = ("tokenizer_config.json", "tokenizer.json", "vocab.json")
 # Image processor settings a tower's preprocessor_config.json may carry that LLaVA's takes too.
 _IMAGE_FIELDS = (
     "size",
@@ -135,6 +138,9 @@ def read_tokenizer(path: str | Path, whose: str) -> PreTrainedTokenizerBase:
             f"tokenizer_config.json, or {' / '.join(TIKTOKEN_FILES)}): copy them from the published "
             f"checkpoint, {fix}"
         )
+    for name in _TOKENIZER_JSON_FILES:
+        if (path / name).is_file():
+            read_json_object(path / name, f"copy it again from the published checkpoint, {fix}")
     # AutoTokenizer also reads the folder's config.json, whose model_type is MoE-LLaVA's own
     # (moe_llava_phi, ...), to guess a tokenizer class, and warns that it instantiates a model of
     # another type; no model is built from it here, so that warning is silenced for this call.
@@ -191,14 +197,7 @@ def image_processor_for(
             f"{config_file} is missing: the tower's image preprocessing (size, crop, normalisation) comes "
             "from it; copy preprocessor_config.json from the tower's published repository into that directory"
         )
-    try:
-        settings = json.loads(config_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(
-            f"{config_file} is not valid JSON ({error}); copy it again from the tower's published repository"
-        ) from None
-    if not isinstance(settings, dict):
-        raise ValueError(f"{config_file} must hold a JSON object; copy it again from the tower's repository")
+    settings = read_json_object(config_file, "copy it again from the tower's published repository")
     fields = {key: settings[key] for key in _IMAGE_FIELDS if key in settings}
     # CLIP crops (its config says so); SigLIP resizes to height x width and has no crop.
     processor = LlavaImageProcessorPil(

@@ -178,19 +178,33 @@ def read_config(path: str | os.PathLike) -> dict:
         ...
         ValueError: .../config.json is not valid JSON (line 1, column 23: ...); copy or save the model again
     """
-    config_file = Path(path) / "config.json"
+    return read_json_object(Path(path) / "config.json", "copy or save the model again")
+
+
+def read_json_object(file: Path, fix: str) -> dict:
+    """The JSON object in `file`; damaged, not UTF-8 or not an object is a ValueError naming the file
+    and ending in `fix` (how to get a good copy), so a caller's reader never sees a list or a str.
+
+    Example:
+        >>> import tempfile
+        >>> file = Path(tempfile.mkdtemp()) / "tokenizer_config.json"
+        >>> _ = file.write_text("[]")
+        >>> read_json_object(file, "copy it again")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: .../tokenizer_config.json must hold a JSON object; copy it again
+    """
     try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
+        value = json.loads(file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         raise ValueError(
-            f"{config_file} is not valid JSON (line {error.lineno}, column {error.colno}: {error.msg}); "
-            "copy or save the model again"
+            f"{file} is not valid JSON (line {error.lineno}, column {error.colno}: {error.msg}); {fix}"
         ) from None
     except UnicodeDecodeError:
-        raise ValueError(f"{config_file} is not UTF-8 text; copy or save the model again") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{config_file} must hold a JSON object; copy or save the model again")
-    return config
+        raise ValueError(f"{file} is not UTF-8 text; {fix}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{file} must hold a JSON object; {fix}")
+    return value
 
 
 def _auto_config(path: Path):
