@@ -92,6 +92,26 @@ def test_half_written_line_is_redone(chartqa, tmp_path, monkeypatch):
     assert [r["id"] for r in _lines(predictions)] == ["human-0", "human-1"]
 
 
+def test_dropping_a_half_written_line_never_truncates_the_answers_before_it(tmp_path, monkeypatch):
+    path = tmp_path / "predictions.jsonl"
+    lines = [json.dumps({"id": name, "task": "chartqa"}) for name in ("a", "b")]
+    text = "\n".join(lines) + "\n" + '{"id": "c", "ta'  # the last line cut by a kill
+    path.write_text(text)
+    real_write_text = Path.write_text
+
+    def disk_full_halfway(self, data, *args, **kwargs):
+        real_write_text(self, data[:10], *args, **kwargs)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", disk_full_halfway)
+    with pytest.raises(OSError, match="No space left"):
+        runner.read_predictions(path, "chartqa")
+    monkeypatch.undo()
+    assert path.read_text() == text  # was: the first 10 characters, answers a and b gone
+    assert list(runner.read_predictions(path, "chartqa")) == ["a", "b"]
+    assert path.read_text() == "\n".join(lines) + "\n"
+
+
 @pytest.mark.parametrize(
     ("line", "found"),
     [

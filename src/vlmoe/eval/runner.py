@@ -199,7 +199,9 @@ def read_predictions(path: Path, task: str) -> dict[str, dict[str, Any]]:
     text = path.read_text(encoding="utf-8")
     if text and not text.endswith("\n"):
         text = text[: text.rfind("\n") + 1]
-        path.write_text(text, encoding="utf-8")  # so the next append starts on a fresh line
+        # So the next append starts on a fresh line; atomically, as a disk filling up or a second
+        # interrupt during a plain rewrite would leave the file truncated, every answer lost.
+        _write_atomically(path, text)
     records = {}
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
