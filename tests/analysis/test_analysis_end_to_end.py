@@ -143,6 +143,25 @@ def test_vlmoe_analyze_takes_a_chart_set_folder(tmp_path):
     assert len(stats.group_load["task"]) > 1 and set(stats.group_load["task"]) <= tasks
 
 
+def test_cluster_ids_are_read_as_training_reads_them_and_a_bad_one_is_named(tmp_path):
+    turns = [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]
+    path = tmp_path / "data.json"
+    path.write_text(
+        json.dumps([{"id": i, "cluster_id": c, "conversations": turns} for i, c in [(0, 3.0), (1, "3")]])
+    )
+    assert [sample.cluster_id for sample in read_samples(path)] == [3, 3]  # was: int('3.0') failed
+    assert [sample.tags["cluster_id"] for sample in read_samples(path)] == ["3", "3"]  # one group
+    path.write_text(
+        json.dumps([{"id": "a", "conversations": turns}, {"cluster_id": "topic-a", "conversations": turns}])
+    )
+    with pytest.raises(ValueError) as error:  # was: "invalid literal for int() with base 10: 'topic-a'"
+        read_samples(path)
+    assert str(error.value) == (
+        f"analysis data {path} record 1: 'cluster_id' must be an integer cluster number (as vlmoe data "
+        "cluster writes), got 'topic-a'; fix it or leave the field out"
+    )
+
+
 def test_cluster_routed_model_sends_each_sample_to_one_expert():
     model, processor = vlmoe.models.tiny("llava")
     vlmoe.add_mole(model, num_experts=4, rank=2, top_k=1, router="cluster", num_clusters=3, universal=True)

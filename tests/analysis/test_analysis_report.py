@@ -124,3 +124,18 @@ def test_ablation_table(eval_dir):
     assert table.rows == {("chartqa", "relaxed_accuracy"): {"routed": 0.6, "expert 0": 0.55, "expert 3": 0.4}}
     html = table.to_html(["general", "table", "JSON", "code"])
     assert "expert 0 (general)" in html and "<td>40.00</td>" in html
+
+
+def test_ablation_refuses_two_runs_of_one_setting(eval_dir):
+    # Before, the later file's number silently replaced the earlier one's in the table.
+    other = eval_dir / "other-model" / "routed"
+    other.mkdir(parents=True)
+    summary = {"task": "chartqa", "force_expert": None, "metrics": {"relaxed_accuracy": 0.1}}
+    (other / "summary.json").write_text(json.dumps(summary))
+    with pytest.raises(ValueError) as error:
+        read_ablation(eval_dir)
+    assert str(error.value) == (
+        f"{other / 'summary.json'} and {eval_dir / 'routed' / 'summary.json'} are both chartqa results of "
+        "one setting (routed); a table compares one model's settings: pass the folder of one model's runs "
+        "as --eval-dir"
+    )

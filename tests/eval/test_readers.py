@@ -109,6 +109,27 @@ def test_vqav2_joins_questions_and_annotations(tmp_path):
         read_vqav2(tmp_path, split="test2015")
 
 
+@pytest.mark.parametrize("answers", ["nokia", [], 5])
+def test_textvqa_and_vqav2_refuse_answers_that_are_no_list_of_human_answers(tmp_path, answers):
+    # Before: a string was scored as its letters, [] failed only when scoring, 5 was a TypeError.
+    file = textvqa(tmp_path / "t") / "TextVQA_0.5.1_val.json"
+    data = json.loads(file.read_text())
+    data["data"][0]["answers"] = answers
+    write_json(file, data)
+    with pytest.raises(ValueError) as error:
+        read_textvqa(file)
+    assert str(error.value).startswith(
+        f"TextVQA {file} data[0]: 'answers' must be a non-empty list of the human answers, "
+        f"got {str(answers)!r}"
+    )
+    file = vqav2(tmp_path / "v") / "v2_mscoco_val2014_annotations.json"
+    data = json.loads(file.read_text())
+    data["annotations"][0]["answers"] = answers
+    write_json(file, data)
+    with pytest.raises(ValueError, match=r"annotations\[0\]: 'answers' must be a non-empty list"):
+        read_vqav2(file.parent)
+
+
 def test_llava_json_and_jsonl(tmp_path):
     file = llava(tmp_path / "imgs")  # an image-and-question record, then a text-only one
     text_only = json.loads(file.read_text())[1]

@@ -92,6 +92,26 @@ def test_half_written_line_is_redone(chartqa, tmp_path, monkeypatch):
     assert [r["id"] for r in _lines(predictions)] == ["human-0", "human-1"]
 
 
+def test_dropping_a_half_written_line_never_truncates_the_answers_before_it(tmp_path, monkeypatch):
+    path = tmp_path / "predictions.jsonl"
+    lines = [json.dumps({"id": name, "task": "chartqa"}) for name in ("a", "b")]
+    text = "\n".join(lines) + "\n" + '{"id": "c", "ta'  # the last line cut by a kill
+    path.write_text(text)
+    real_write_text = Path.write_text
+
+    def disk_full_halfway(self, data, *args, **kwargs):
+        real_write_text(self, data[:10], *args, **kwargs)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", disk_full_halfway)
+    with pytest.raises(OSError, match="No space left"):
+        runner.read_predictions(path, "chartqa")
+    monkeypatch.undo()
+    assert path.read_text() == text  # was: the first 10 characters, answers a and b gone
+    assert list(runner.read_predictions(path, "chartqa")) == ["a", "b"]
+    assert path.read_text() == "\n".join(lines) + "\n"
+
+
 @pytest.mark.parametrize(
     ("line", "found"),
     [
@@ -119,6 +139,22 @@ def test_resume_with_other_settings_is_refused(chartqa, tmp_path, monkeypatch):
     other = EvalConfig(task="chartqa", data=chartqa, out_dir=tmp_path, limit=1, pot=True)
     with pytest.raises(ValueError, match="other settings \\(differs in: pot"):
         run_eval(model, processor, other, progress=False)
+
+
+def test_a_run_that_failed_before_its_first_answer_does_not_pin_its_settings(chartqa, tmp_path, monkeypatch):
+    model, processor = tiny("llava")
+    vlmoe.install_moe_connector(model, init="random", num_experts=4, top_k=2)
+    monkeypatch.setattr(runner, "generate_batch", _scripted({"bar": "45"}, []))
+    typo = EvalConfig(task="chartqa", data=chartqa, out_dir=tmp_path, limit=1, force_expert=9)
+    with pytest.raises(ValueError, match=r"expert must be in \[0, 4\) for this model, got 9"):
+        run_eval(model, processor, typo, progress=False)
+    # The folder holds no prediction, so the corrected run starts there instead of being refused.
+    summary = run_eval(model, processor, EvalConfig(**{**typo.__dict__, "force_expert": 3}), progress=False)
+    assert summary["num_samples"] == 1 and summary["force_expert"] == 3
+    assert json.loads((tmp_path / runner.RUN_NAME).read_text())["force_expert"] == 3
+    # Once it has answered, other settings are refused as before.
+    with pytest.raises(ValueError, match="other settings \\(differs in: force_expert"):
+        run_eval(model, processor, EvalConfig(**{**typo.__dict__, "force_expert": 2}), progress=False)
 
 
 def test_pot_runs_programs_and_contains_hostile_ones(chartqa, tmp_path, monkeypatch):

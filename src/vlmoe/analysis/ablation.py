@@ -65,6 +65,7 @@ def read_ablation(eval_dir: str | Path) -> AblationTable:
     table = AblationTable()
     forced: set[int] = set()
     routed = False
+    first: dict[tuple[str, str], Path] = {}  # (task, column) -> the summary that filled it
     for path in sorted(eval_dir.rglob("summary.json")):
         try:
             summary = json.loads(path.read_text(encoding="utf-8"))
@@ -79,6 +80,14 @@ def read_ablation(eval_dir: str | Path) -> AblationTable:
         else:
             forced.add(int(expert))
         task = str(summary.get("task", path.parent.name))
+        # Two runs of one setting (two models, --pot and not, --force-where connector and all) would
+        # silently share one cell, the later file winning.
+        if (task, column) in first:
+            raise ValueError(
+                f"{first[task, column]} and {path} are both {task} results of one setting ({column}); a "
+                "table compares one model's settings: pass the folder of one model's runs as --eval-dir"
+            )
+        first[task, column] = path
         for metric, value in summary["metrics"].items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 table.rows.setdefault((task, metric), {})[column] = float(value)

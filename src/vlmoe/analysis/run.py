@@ -98,15 +98,28 @@ def read_samples(path: Path, image_dir: Path | None = None) -> list[AnalysisSamp
             text = str(require(turn, "value", where, SAMPLE_FORMAT)).replace("<image>", "").strip()
             turns.append(("user" if speaker == "human" else "assistant", text))
         names = image_names_of(record, "image", "images", where=where, expected_format=SAMPLE_FORMAT)
+        tags = {tag: str(record[tag]) for tag in TAG_FIELDS if record.get(tag) not in (None, "")}
+        if "cluster_id" in tags:  # read as training reads it (3, "3" and 3.0 alike), checked now
+            tags["cluster_id"] = str(_cluster_number(record["cluster_id"], where))
         samples.append(
             AnalysisSample(
                 id=str(record.get("id", index)),
                 images=tuple(existing_image(root, name, where) for name in names),
                 turns=tuple(turns),
-                tags={tag: str(record[tag]) for tag in TAG_FIELDS if record.get(tag) not in (None, "")},
+                tags=tags,
             )
         )
     return samples
+
+
+def _cluster_number(value: Any, where: str) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"{where}: 'cluster_id' must be an integer cluster number (as vlmoe data cluster writes), "
+            f"got {value!r}; fix it or leave the field out"
+        ) from None
 
 
 def from_eval_samples(samples: Sequence[EvalSample]) -> list[AnalysisSample]:

@@ -7,6 +7,7 @@ time is spent, with the file, the field and the fix in the message.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from vlmoe.eval.metrics import OPTION_LETTERS
 from vlmoe.eval.samples import (
@@ -179,7 +180,7 @@ def read_textvqa(path: Path, image_dir: Path | None = None) -> list[EvalSample]:
                 id=str(require(record, "question_id", where, TEXTVQA_FORMAT)),
                 images=(existing_image(images, f"{image_id}.jpg", where),),
                 question=str(require(record, "question", where, TEXTVQA_FORMAT)),
-                answers=tuple(str(answer) for answer in require(record, "answers", where, TEXTVQA_FORMAT)),
+                answers=tuple(str(answer) for answer in _human_answers(record, where, TEXTVQA_FORMAT)),
                 task="textvqa",
             )
         )
@@ -207,7 +208,7 @@ def read_vqav2(root: Path, split: str = "val2014", image_dir: Path | None = None
     by_question = {}
     for index, annotation in enumerate(annotations):
         where = f"VQAv2 {annotations_file} annotations[{index}]"
-        answers = require(annotation, "answers", where, expected)
+        answers = _human_answers(annotation, where, expected)
         by_question[require(annotation, "question_id", where, expected)] = (
             tuple(str(require(answer, "answer", where, expected)) for answer in answers),
             str(annotation.get("answer_type", "")),
@@ -274,6 +275,18 @@ def read_llava(path: Path, image_dir: Path | None = None) -> list[EvalSample]:
             )
         )
     return samples
+
+
+def _human_answers(record: Any, where: str, expected: str) -> list:
+    """record["answers"], checked now: a string would be scored as its letters, an empty list only
+    fail at scoring time, after the model has answered."""
+    answers = require(record, "answers", where, expected)
+    if not isinstance(answers, list) or not answers:
+        raise ValueError(
+            f"{where}: 'answers' must be a non-empty list of the human answers, got {str(answers)[:80]!r}; "
+            f"expected format: {expected}"
+        )
+    return answers
 
 
 def _one_file(root: Path, pattern: str, what: str, expected: str) -> Path:

@@ -141,9 +141,9 @@ def run_eval(
     samples = samples[: config.limit]
     assigner = cluster_assigner(model, config.clusters, config.embedding_model)  # MoCLE models only
     output_folder(config.out_dir).mkdir(parents=True, exist_ok=True)
-    _check_same_run(config)
     predictions_path = config.out_dir / PREDICTIONS_NAME
     done = read_predictions(predictions_path, config.task)
+    _check_same_run(config, answered=bool(done))
     todo = [sample for sample in samples if sample.id not in done]
     settings = config.generation
     batches = [todo[i : i + settings.batch_size] for i in range(0, len(todo), settings.batch_size)]
@@ -199,7 +199,9 @@ def read_predictions(path: Path, task: str) -> dict[str, dict[str, Any]]:
     text = path.read_text(encoding="utf-8")
     if text and not text.endswith("\n"):
         text = text[: text.rfind("\n") + 1]
-        path.write_text(text, encoding="utf-8")  # so the next append starts on a fresh line
+        # So the next append starts on a fresh line; atomically, as a disk filling up or a second
+        # interrupt during a plain rewrite would leave the file truncated, every answer lost.
+        _write_atomically(path, text)
     records = {}
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -252,10 +254,12 @@ def _run_identity(config: EvalConfig) -> dict[str, Any]:
     }
 
 
-def _check_same_run(config: EvalConfig) -> None:
+def _check_same_run(config: EvalConfig, answered: bool) -> None:
     path = config.out_dir / RUN_NAME
     identity = json.loads(json.dumps(_run_identity(config)))  # tuples as lists, as read back
-    if not path.is_file():
+    # With nothing answered yet there is nothing to mix: a run that failed before its first
+    # prediction (a bad --force-expert, an unreadable image) must not pin its settings.
+    if not path.is_file() or not answered:
         _write_atomically(path, json.dumps(identity, indent=2))
         return
     recorded = json.loads(path.read_text(encoding="utf-8"))
