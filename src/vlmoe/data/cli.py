@@ -8,6 +8,8 @@ from typing import Annotated
 
 import typer
 
+from vlmoe.cli_errors import reported
+
 data_app = typer.Typer(help="Data: synthetic charts, instruction clustering.", no_args_is_help=True)
 
 
@@ -28,15 +30,18 @@ def charts(
     config = ChartSetConfig(n=n, seed=seed, size_px=size, shard_size=shard_size)
     start = time.perf_counter()
     columns = (TextColumn("charts"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    try:
-        check_chart_set(out, config, workers)  # before the bar starts, so a bad option shows no "0/-5"
-        with Progress(*columns) as progress:
-            task = progress.add_task("charts", total=n)
-            shards = generate_chart_set(
-                out, config, workers=workers, on_progress=lambda k: progress.advance(task, k)
-            )
-    except ValueError as error:
-        raise typer.BadParameter(str(error)) from None
+    # A bad option is typer's exit 2 with the option named; an OSError (a name too long, no space
+    # left, no permission) is one line and exit 1 through `reported`, not a traceback.
+    with reported("data charts"):
+        try:
+            check_chart_set(out, config, workers)  # before the bar starts, so a bad option shows no "0/-5"
+            with Progress(*columns) as progress:
+                task = progress.add_task("charts", total=n)
+                shards = generate_chart_set(
+                    out, config, workers=workers, on_progress=lambda k: progress.advance(task, k)
+                )
+        except ValueError as error:
+            raise typer.BadParameter(str(error)) from None
     seconds = time.perf_counter() - start
     typer.echo(
         f"{n} charts in {len(shards)} shard(s) under {out} in {seconds:.1f}s ({n / seconds:.1f} charts/s)"
@@ -60,16 +65,19 @@ def cluster(
     from vlmoe.data.clustering import CENTROIDS_FILE, CLUSTERS_CONFIG_FILE, cluster_conversation_file
     from vlmoe.data.conversations import BadSampleError
 
-    try:
-        data_out, clusters = cluster_conversation_file(data, out, num_clusters=k, model=model, seed=seed)
-    except BadSampleError as error:  # its own hint is the Python option on_error="skip", not ours
-        raise typer.BadParameter(
-            f"{error.bad}\n  fix or remove the sample: every sample of --data is written back with its "
-            f"cluster_id, so none can be skipped",
-            param_hint="--data",
-        ) from None
-    except (ValueError, FileNotFoundError) as error:
-        raise typer.BadParameter(str(error)) from None
+    # vlmoe's own errors about the options (a missing --data, a bad sample) are typer's exit 2; any
+    # other OSError (a --model folder that cannot be read, no space left) is one line and exit 1.
+    with reported("data cluster"):
+        try:
+            data_out, clusters = cluster_conversation_file(data, out, num_clusters=k, model=model, seed=seed)
+        except BadSampleError as error:  # its own hint is the Python option on_error="skip", not ours
+            raise typer.BadParameter(
+                f"{error.bad}\n  fix or remove the sample: every sample of --data is written back with its "
+                f"cluster_id, so none can be skipped",
+                param_hint="--data",
+            ) from None
+        except (ValueError, FileNotFoundError) as error:
+            raise typer.BadParameter(str(error)) from None
     sizes = np.bincount(clusters.labels, minlength=clusters.num_clusters)
     typer.echo(
         f"{len(clusters.labels)} samples in {clusters.num_clusters} clusters "
