@@ -82,3 +82,27 @@ def test_from_dict_still_checks_the_ranges():
     with pytest.raises(ValueError) as error:
         RouterConfig.from_dict({"num_experts": 4, "z_loss_coef": -1.0}, where="m/config.json 'router'")
     assert str(error.value) == "m/config.json 'router': z_loss_coef must be >= 0, got -1.0"
+
+
+def test_from_dict_names_a_missing_key_instead_of_a_bare_type_error():
+    with pytest.raises(ValueError) as error:
+        RouterConfig.from_dict({"top_k": 2}, where="m/config.json 'router'")
+    assert str(error.value).startswith("m/config.json 'router': missing key(s) ['num_experts']")
+
+
+def test_numpy_scalars_are_taken_as_the_python_numbers_they_are():
+    import json
+
+    import numpy as np
+
+    config = RouterConfig(
+        num_experts=np.int64(8),
+        top_k=np.int32(2),
+        temperature=np.float32(0.5),
+        capacity_factor=np.float32(1.5),
+    )
+    assert config == RouterConfig(num_experts=8, top_k=2, temperature=0.5, capacity_factor=1.5)
+    assert type(config.num_experts) is int and type(config.temperature) is float
+    assert RouterConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config  # saves as JSON
+    with pytest.raises(ValueError, match=r"top_k is np.float32\(2.0\); expected an integer"):
+        RouterConfig(num_experts=4, top_k=np.float32(2.0))  # a float is still not a count

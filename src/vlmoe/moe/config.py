@@ -7,9 +7,10 @@ Every MoE flavour (FFN experts, LoRA experts, connector experts) is configured t
 from __future__ import annotations
 
 import math
+import numbers
 import types
 import typing
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Any, Literal
 
 RouterInput = Literal["token", "cluster"]
@@ -62,7 +63,9 @@ class RouterConfig:
         # Types first, here rather than only in from_dict: a top_k=2.0 or num_experts="4" from
         # Python would otherwise pass the range checks below and fail deep inside torch.
         for name, hint in typing.get_type_hints(type(self)).items():
-            check_type(getattr(self, name), hint, name)
+            value = _as_python_number(getattr(self, name), hint)
+            check_type(value, hint, name)
+            setattr(self, name, value)
         if self.num_experts < 1:
             raise ValueError(f"num_experts must be an integer >= 1, got {self.num_experts!r}")
         if not 1 <= self.top_k <= self.num_experts:
@@ -104,10 +107,29 @@ class RouterConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"{where}: unknown key(s) {unknown}; known keys are {sorted(known)}")
+        missing = [f.name for f in fields(cls) if f.default is MISSING and f.name not in data]
+        if missing:
+            raise ValueError(f'{where}: missing key(s) {missing}; add them, e.g. "num_experts": 4')
         try:
             return cls(**data)  # __post_init__ checks the types and ranges
         except ValueError as error:
             raise ValueError(f"{where}: {error}") from None
+
+
+def _as_python_number(value: Any, hint: Any) -> Any:
+    """A numpy (or other `numbers`) scalar given for an int or float field, as the Python number.
+
+    Values computed with numpy (`np.int64(4)` experts) are numbers to the user; kept as they are,
+    they would be refused by `check_type` or break `json.dump` of the saved config.
+    """
+    if isinstance(value, (bool, int, float)) or not isinstance(value, numbers.Real):
+        return value  # already plain, or not a number at all (check_type names it)
+    accepted = typing.get_args(hint) or (hint,)
+    if int in accepted and isinstance(value, numbers.Integral):
+        return int(value)
+    if float in accepted:
+        return float(value)
+    return value
 
 
 def check_type(value: Any, hint: Any, key: str) -> None:
