@@ -76,6 +76,23 @@ def test_pope_and_llava_jsonl_errors_name_the_line_of_the_record(tmp_path):
         read_llava(jsonl)
 
 
+@pytest.mark.parametrize("name", [None, True, ["a.png"]])
+def test_chartqa_and_pope_image_names_that_are_no_string_name_the_record_and_field(tmp_path, name):
+    chartqa(tmp_path)
+    write_json(tmp_path / "test/test_human.json", [{"imgname": name, "query": "q", "label": "4"}])
+    with pytest.raises(ValueError) as error:  # was: TypeError from PosixPath / None
+        read_chartqa(tmp_path)
+    where = f"ChartQA {tmp_path / 'test/test_human.json'} record 0"
+    assert str(error.value).startswith(f"{where}: 'imgname' is {json.dumps(name)}; it must be a string")
+    pope(tmp_path)
+    line = {"question_id": 1, "image": name, "text": "q", "label": "yes"}
+    (tmp_path / "coco_pope_random.json").write_text(json.dumps(line) + "\n")
+    with pytest.raises(
+        ValueError, match=r"coco_pope_random\.json line 1: 'image' is .*; it must be a string"
+    ):
+        read_pope(tmp_path)
+
+
 def test_scienceqa_keeps_image_questions_of_the_split(tmp_path):
     scienceqa(tmp_path)
     problems = json.loads((tmp_path / "problems.json").read_text())

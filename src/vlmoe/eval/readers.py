@@ -18,6 +18,7 @@ from vlmoe.eval.samples import (
     load_jsonl_lines,
     load_records,
     require,
+    require_text,
 )
 
 CHARTQA_FORMAT = (
@@ -61,7 +62,7 @@ def read_chartqa(root: Path, split: str = "test", image_dir: Path | None = None)
             where = f"ChartQA {path} record {index}"
             question = str(require(record, "query", where, expected))
             label = str(require(record, "label", where, expected))
-            image = existing_image(images, require(record, "imgname", where, expected), where)
+            image = existing_image(images, require_text(record, "imgname", where, expected), where)
             samples.append(
                 EvalSample(
                     id=f"{subset}-{index}",
@@ -107,7 +108,9 @@ def read_pope(path: Path, image_dir: Path | None = None) -> list[EvalSample]:
             samples.append(
                 EvalSample(
                     id=f"{category}-{question_id}",
-                    images=(existing_image(images, require(record, "image", where, POPE_FORMAT), where),),
+                    images=(
+                        existing_image(images, require_text(record, "image", where, POPE_FORMAT), where),
+                    ),
                     question=str(require(record, "text", where, POPE_FORMAT)),
                     answers=(label,),
                     task="pope",

@@ -98,6 +98,18 @@ def require(record: Any, name: str, where: str, expected_format: str) -> Any:
     return record[name]
 
 
+def require_text(record: Any, name: str, where: str, expected_format: str) -> str:
+    """record[name] as text: a string, or a number written as one; null, true/false, a list or an
+    object is refused (as text it would be "None" or "['a']", scored or looked up as such)."""
+    value = require(record, name, where, expected_format)
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise ValueError(
+            f"{where}: {name!r} is {json.dumps(value)[:80]}; it must be a string, expected format: "
+            f"{expected_format}"
+        )
+    return str(value)
+
+
 def image_names_of(record: Mapping, *fields: str, where: str, expected_format: str) -> list[str]:
     """The image file names in the first of `fields` the record has: a name, a list of names, or none.
 
