@@ -93,6 +93,25 @@ def test_chartqa_and_pope_image_names_that_are_no_string_name_the_record_and_fie
         read_pope(tmp_path)
 
 
+def test_null_or_object_questions_labels_and_answers_are_refused_not_read_as_none(tmp_path):
+    # As text they were "None" / "{...}": a model answering "None" scored right on a null label.
+    chartqa(tmp_path)
+    write_json(tmp_path / "test/test_human.json", [{"imgname": "a.png", "query": "q", "label": None}])
+    with pytest.raises(ValueError, match=r"test_human\.json record 0: 'label' is null; it must be a string"):
+        read_chartqa(tmp_path)
+    write_json(tmp_path / "test/test_human.json", [{"imgname": "a.png", "query": "q", "label": 45}])
+    assert read_chartqa(tmp_path)[0].answers == ("45",)  # a number is its text
+    data = json.loads((textvqa(tmp_path) / "TextVQA_0.5.1_val.json").read_text())
+    data["data"][0]["answers"][3] = {"answer": "nokia"}
+    write_json(tmp_path / "TextVQA_0.5.1_val.json", data)
+    with pytest.raises(ValueError, match=r"data\[0\]: answers\[3\] is \{\"answer\": \"nokia\"\}; it must be"):
+        read_textvqa(tmp_path)
+    record = {"id": "x", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": None}]}
+    file = write_json(tmp_path / "eval.json", [record])
+    with pytest.raises(ValueError, match=r"eval\.json record 0: 'value' is null; it must be a string"):
+        read_llava(file)
+
+
 def test_scienceqa_keeps_image_questions_of_the_split(tmp_path):
     scienceqa(tmp_path)
     problems = json.loads((tmp_path / "problems.json").read_text())

@@ -19,6 +19,7 @@ from vlmoe.eval.samples import (
     load_records,
     require,
     require_text,
+    text_value,
 )
 
 CHARTQA_FORMAT = (
@@ -60,8 +61,8 @@ def read_chartqa(root: Path, split: str = "test", image_dir: Path | None = None)
             raise ValueError(f"ChartQA: {path} must hold a JSON list; expected format: {expected}")
         for index, record in enumerate(records):
             where = f"ChartQA {path} record {index}"
-            question = str(require(record, "query", where, expected))
-            label = str(require(record, "label", where, expected))
+            question = require_text(record, "query", where, expected)
+            label = require_text(record, "label", where, expected)
             image = existing_image(images, require_text(record, "imgname", where, expected), where)
             samples.append(
                 EvalSample(
@@ -111,7 +112,7 @@ def read_pope(path: Path, image_dir: Path | None = None) -> list[EvalSample]:
                     images=(
                         existing_image(images, require_text(record, "image", where, POPE_FORMAT), where),
                     ),
-                    question=str(require(record, "text", where, POPE_FORMAT)),
+                    question=require_text(record, "text", where, POPE_FORMAT),
                     answers=(label,),
                     task="pope",
                     subset=category,
@@ -149,7 +150,7 @@ def read_scienceqa(root: Path, split: str = "test", image_dir: Path | None = Non
             EvalSample(
                 id=str(pid),
                 images=(existing_image(image_dir, f"{split}/{pid}/{problem['image']}", where),),
-                question=str(require(problem, "question", where, SCIENCEQA_FORMAT)),
+                question=require_text(problem, "question", where, SCIENCEQA_FORMAT),
                 answers=(OPTION_LETTERS[answer],),
                 task="scienceqa",
                 choices=tuple(choices),
@@ -182,8 +183,11 @@ def read_textvqa(path: Path, image_dir: Path | None = None) -> list[EvalSample]:
             EvalSample(
                 id=str(require(record, "question_id", where, TEXTVQA_FORMAT)),
                 images=(existing_image(images, f"{image_id}.jpg", where),),
-                question=str(require(record, "question", where, TEXTVQA_FORMAT)),
-                answers=tuple(str(answer) for answer in _human_answers(record, where, TEXTVQA_FORMAT)),
+                question=require_text(record, "question", where, TEXTVQA_FORMAT),
+                answers=tuple(
+                    text_value(answer, f"answers[{i}]", where, TEXTVQA_FORMAT)
+                    for i, answer in enumerate(_human_answers(record, where, TEXTVQA_FORMAT))
+                ),
                 task="textvqa",
             )
         )
@@ -213,7 +217,7 @@ def read_vqav2(root: Path, split: str = "val2014", image_dir: Path | None = None
         where = f"VQAv2 {annotations_file} annotations[{index}]"
         answers = _human_answers(annotation, where, expected)
         by_question[require(annotation, "question_id", where, expected)] = (
-            tuple(str(require(answer, "answer", where, expected)) for answer in answers),
+            tuple(require_text(answer, "answer", where, expected) for answer in answers),
             str(annotation.get("answer_type", "")),
         )
     images = image_dir or root / split
@@ -229,7 +233,7 @@ def read_vqav2(root: Path, split: str = "val2014", image_dir: Path | None = None
             EvalSample(
                 id=str(question_id),
                 images=(existing_image(images, f"COCO_{split}_{image_id:012d}.jpg", where),),
-                question=str(require(record, "question", where, expected)),
+                question=require_text(record, "question", where, expected),
                 answers=answers,
                 task="vqav2",
                 subset=answer_type,
@@ -270,10 +274,10 @@ def read_llava(path: Path, image_dir: Path | None = None) -> list[EvalSample]:
             EvalSample(
                 id=str(require(record, "id", where, LLAVA_FORMAT)),
                 images=tuple(existing_image(images_root, name, where) for name in image_names),
-                question=str(require(turns[human], "value", where, LLAVA_FORMAT))
+                question=require_text(turns[human], "value", where, LLAVA_FORMAT)
                 .replace("<image>", "")
                 .strip(),
-                answers=(str(require(turns[gpt], "value", where, LLAVA_FORMAT)),),
+                answers=(require_text(turns[gpt], "value", where, LLAVA_FORMAT),),
                 task="llava",
             )
         )

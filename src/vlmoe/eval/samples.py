@@ -101,10 +101,14 @@ def require(record: Any, name: str, where: str, expected_format: str) -> Any:
 def require_text(record: Any, name: str, where: str, expected_format: str) -> str:
     """record[name] as text: a string, or a number written as one; null, true/false, a list or an
     object is refused (as text it would be "None" or "['a']", scored or looked up as such)."""
-    value = require(record, name, where, expected_format)
+    return text_value(require(record, name, where, expected_format), repr(name), where, expected_format)
+
+
+def text_value(value: Any, field: str, where: str, expected_format: str) -> str:
+    """`value` (the field `field` of the record at `where`) as text, refused as `require_text` says."""
     if isinstance(value, bool) or not isinstance(value, str | int | float):
         raise ValueError(
-            f"{where}: {name!r} is {json.dumps(value)[:80]}; it must be a string, expected format: "
+            f"{where}: {field} is {json.dumps(value)[:80]}; it must be a string, expected format: "
             f"{expected_format}"
         )
     return str(value)
