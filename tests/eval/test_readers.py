@@ -112,6 +112,34 @@ def test_null_or_object_questions_labels_and_answers_are_refused_not_read_as_non
         read_llava(file)
 
 
+def test_lists_of_the_wrong_json_type_name_the_file_and_field(tmp_path):
+    write_json(tmp_path / "TextVQA_0.5.1_val.json", {"data": 5})
+    with pytest.raises(ValueError, match=r"TextVQA .*val\.json: 'data' is 5; it must be a list"):
+        read_textvqa(tmp_path)  # was: TypeError: 'int' object is not iterable
+    vqav2(tmp_path)
+    write_json(tmp_path / "v2_OpenEnded_mscoco_val2014_questions.json", {"questions": {"image_id": 42}})
+    with pytest.raises(
+        ValueError, match=r"questions\.json: 'questions' is \{\"image_id\": 42\}; it must be a list"
+    ):
+        read_vqav2(tmp_path)
+    record = {"id": "x", "conversations": 5}
+    with pytest.raises(ValueError, match=r"eval\.json record 0: 'conversations' is 5; it must be a list"):
+        read_llava(write_json(tmp_path / "eval.json", [record]))
+    scienceqa(tmp_path)
+    problems = json.loads((tmp_path / "problems.json").read_text())
+    problems["1"]["choices"] = "iron"  # was: read as the choices i, r, o, n
+    write_json(tmp_path / "problems.json", problems)
+    with pytest.raises(ValueError, match=r"problem '1': 'choices' is \"iron\"; it must be a list"):
+        read_scienceqa(tmp_path)
+    problems["1"] = ["iron"]  # was: AttributeError: 'list' object has no attribute 'get'
+    write_json(tmp_path / "problems.json", problems)
+    with pytest.raises(ValueError, match=r"problem '1' is \[\"iron\"\]; it must be an object"):
+        read_scienceqa(tmp_path)
+    write_json(tmp_path / "pid_splits.json", {"test": 1})
+    with pytest.raises(ValueError, match=r"pid_splits\.json: 'test' is 1; it must be a list"):
+        read_scienceqa(tmp_path)
+
+
 def test_scienceqa_keeps_image_questions_of_the_split(tmp_path):
     scienceqa(tmp_path)
     problems = json.loads((tmp_path / "problems.json").read_text())

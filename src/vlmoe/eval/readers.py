@@ -6,6 +6,7 @@ time is spent, with the file, the field and the fix in the message.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from vlmoe.eval.samples import (
     load_jsonl_lines,
     load_records,
     require,
+    require_list,
     require_text,
     text_value,
 )
@@ -133,16 +135,21 @@ def read_scienceqa(root: Path, split: str = "test", image_dir: Path | None = Non
     """
     problems = load_json(root / "problems.json", "ScienceQA")
     splits = load_json(root / "pid_splits.json", "ScienceQA")
-    pids = require(splits, split, f"ScienceQA {root / 'pid_splits.json'}", SCIENCEQA_FORMAT)
+    pids = require_list(splits, split, f"ScienceQA {root / 'pid_splits.json'}", SCIENCEQA_FORMAT)
     if image_dir is None:
         image_dir = root / "images" if (root / "images" / split).is_dir() else root
     samples = []
     for pid in pids:
         where = f"ScienceQA {root / 'problems.json'} problem {pid!r}"
         problem = require(problems, str(pid), f"ScienceQA {root / 'problems.json'}", SCIENCEQA_FORMAT)
+        if not isinstance(problem, dict):
+            raise ValueError(
+                f"{where} is {json.dumps(problem)[:80]}; it must be an object, "
+                f"expected format: {SCIENCEQA_FORMAT}"
+            )
         if not problem.get("image"):
             continue  # the IMG subset: questions that come with a picture
-        choices = [str(choice) for choice in require(problem, "choices", where, SCIENCEQA_FORMAT)]
+        choices = [str(choice) for choice in require_list(problem, "choices", where, SCIENCEQA_FORMAT)]
         answer = require(problem, "answer", where, SCIENCEQA_FORMAT)
         if not isinstance(answer, int) or not 0 <= answer < len(choices):
             raise ValueError(f"{where}: answer must be a choice index in [0, {len(choices)}), got {answer!r}")
@@ -173,7 +180,7 @@ def read_textvqa(path: Path, image_dir: Path | None = None) -> list[EvalSample]:
         10
     """
     file = path / "TextVQA_0.5.1_val.json" if path.is_dir() else path
-    data = require(load_json(file, "TextVQA"), "data", f"TextVQA {file}", TEXTVQA_FORMAT)
+    data = require_list(load_json(file, "TextVQA"), "data", f"TextVQA {file}", TEXTVQA_FORMAT)
     images = image_dir or file.parent / "train_images"
     samples = []
     for index, record in enumerate(data):
@@ -208,8 +215,10 @@ def read_vqav2(root: Path, split: str = "val2014", image_dir: Path | None = None
     expected = VQAV2_FORMAT.replace("{split}", split)  # e.g. *_val2014_questions.json
     questions_file = _one_file(root, f"*{split}_questions.json", "VQAv2 questions", expected)
     annotations_file = _one_file(root, f"*{split}_annotations.json", "VQAv2 annotations", expected)
-    questions = require(load_json(questions_file, "VQAv2"), "questions", f"VQAv2 {questions_file}", expected)
-    annotations = require(
+    questions = require_list(
+        load_json(questions_file, "VQAv2"), "questions", f"VQAv2 {questions_file}", expected
+    )
+    annotations = require_list(
         load_json(annotations_file, "VQAv2"), "annotations", f"VQAv2 {annotations_file}", expected
     )
     by_question = {}
@@ -261,7 +270,7 @@ def read_llava(path: Path, image_dir: Path | None = None) -> list[EvalSample]:
     samples = []
     for place, record in places:
         where = f"LLaVA {path} {place}"
-        turns = require(record, "conversations", where, LLAVA_FORMAT)
+        turns = require_list(record, "conversations", where, LLAVA_FORMAT)
         speakers = [str(require(turn, "from", where, LLAVA_FORMAT)) for turn in turns]
         if "human" not in speakers or "gpt" not in speakers[speakers.index("human") :]:
             raise ValueError(
