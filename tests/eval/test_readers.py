@@ -140,6 +140,22 @@ def test_lists_of_the_wrong_json_type_name_the_file_and_field(tmp_path):
         read_scienceqa(tmp_path)
 
 
+@pytest.mark.parametrize("image_id", ["COCO_val2014_000000000042.jpg", None, -42])
+def test_vqav2_image_id_that_is_no_coco_number_names_the_question(tmp_path, image_id):
+    vqav2(tmp_path)
+    questions = {"questions": [{"image_id": image_id, "question": "How many?", "question_id": 420}]}
+    write_json(tmp_path / "v2_OpenEnded_mscoco_val2014_questions.json", questions)
+    with pytest.raises(ValueError) as error:  # was: "invalid literal for int()" or a TypeError
+        read_vqav2(tmp_path)
+    assert str(error.value).startswith(
+        f"VQAv2 {tmp_path / 'v2_OpenEnded_mscoco_val2014_questions.json'} questions[0]: 'image_id' is "
+        f"{json.dumps(image_id)}; it must be the COCO image number (e.g. 42 for COCO_val2014_000000000042"
+    )
+    questions["questions"][0]["image_id"] = "42"  # a number written as a string is still read
+    write_json(tmp_path / "v2_OpenEnded_mscoco_val2014_questions.json", questions)
+    assert read_vqav2(tmp_path)[0].images == (tmp_path / "val2014/COCO_val2014_000000000042.jpg",)
+
+
 def test_scienceqa_keeps_image_questions_of_the_split(tmp_path):
     scienceqa(tmp_path)
     problems = json.loads((tmp_path / "problems.json").read_text())

@@ -237,11 +237,16 @@ def read_vqav2(root: Path, split: str = "val2014", image_dir: Path | None = None
         if question_id not in by_question:
             raise ValueError(f"{where}: question_id {question_id} has no entry in {annotations_file}")
         answers, answer_type = by_question[question_id]
-        image_id = int(require(record, "image_id", where, expected))
+        image_id = require(record, "image_id", where, expected)
+        if isinstance(image_id, bool) or not isinstance(image_id, int | str) or not str(image_id).isdigit():
+            raise ValueError(
+                f"{where}: 'image_id' is {json.dumps(image_id)[:80]}; it must be the COCO image number "
+                f"(e.g. 42 for COCO_{split}_000000000042.jpg), expected format: {expected}"
+            )
         samples.append(
             EvalSample(
                 id=str(question_id),
-                images=(existing_image(images, f"COCO_{split}_{image_id:012d}.jpg", where),),
+                images=(existing_image(images, f"COCO_{split}_{int(image_id):012d}.jpg", where),),
                 question=require_text(record, "question", where, expected),
                 answers=answers,
                 task="vqav2",
