@@ -28,6 +28,9 @@ from vlmoe.eval.vqa_normalize import normalize_textvqa_answer, normalize_vqa_ans
         ("45 percent", "45", 1.0),
         ("$12.5 million", "12.5", 1.0),  # currency and a unit word
         ("12 kg", "12", 1.0),
+        ("12 kg", "12 kg", 1.0),
+        ("5 million", "5 billion", 0.0),  # two different unit words: not the same quantity
+        ("12 kg", "12 lb", 0.0),
         ("12.", "12", 1.0),  # trailing period
         ("-5", "5", 0.0),  # the sign matters (ChartMoE's scorer drops it)
         ("", "0", 0.0),  # empty is wrong (ChartMoE's scorer says right)

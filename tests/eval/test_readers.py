@@ -76,6 +76,86 @@ def test_pope_and_llava_jsonl_errors_name_the_line_of_the_record(tmp_path):
         read_llava(jsonl)
 
 
+@pytest.mark.parametrize("name", [None, True, ["a.png"]])
+def test_chartqa_and_pope_image_names_that_are_no_string_name_the_record_and_field(tmp_path, name):
+    chartqa(tmp_path)
+    write_json(tmp_path / "test/test_human.json", [{"imgname": name, "query": "q", "label": "4"}])
+    with pytest.raises(ValueError) as error:  # was: TypeError from PosixPath / None
+        read_chartqa(tmp_path)
+    where = f"ChartQA {tmp_path / 'test/test_human.json'} record 0"
+    assert str(error.value).startswith(f"{where}: 'imgname' is {json.dumps(name)}; it must be a string")
+    pope(tmp_path)
+    line = {"question_id": 1, "image": name, "text": "q", "label": "yes"}
+    (tmp_path / "coco_pope_random.json").write_text(json.dumps(line) + "\n")
+    with pytest.raises(
+        ValueError, match=r"coco_pope_random\.json line 1: 'image' is .*; it must be a string"
+    ):
+        read_pope(tmp_path)
+
+
+def test_null_or_object_questions_labels_and_answers_are_refused_not_read_as_none(tmp_path):
+    # As text they were "None" / "{...}": a model answering "None" scored right on a null label.
+    chartqa(tmp_path)
+    write_json(tmp_path / "test/test_human.json", [{"imgname": "a.png", "query": "q", "label": None}])
+    with pytest.raises(ValueError, match=r"test_human\.json record 0: 'label' is null; it must be a string"):
+        read_chartqa(tmp_path)
+    write_json(tmp_path / "test/test_human.json", [{"imgname": "a.png", "query": "q", "label": 45}])
+    assert read_chartqa(tmp_path)[0].answers == ("45",)  # a number is its text
+    data = json.loads((textvqa(tmp_path) / "TextVQA_0.5.1_val.json").read_text())
+    data["data"][0]["answers"][3] = {"answer": "nokia"}
+    write_json(tmp_path / "TextVQA_0.5.1_val.json", data)
+    with pytest.raises(ValueError, match=r"data\[0\]: answers\[3\] is \{\"answer\": \"nokia\"\}; it must be"):
+        read_textvqa(tmp_path)
+    record = {"id": "x", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": None}]}
+    file = write_json(tmp_path / "eval.json", [record])
+    with pytest.raises(ValueError, match=r"eval\.json record 0: 'value' is null; it must be a string"):
+        read_llava(file)
+
+
+def test_lists_of_the_wrong_json_type_name_the_file_and_field(tmp_path):
+    write_json(tmp_path / "TextVQA_0.5.1_val.json", {"data": 5})
+    with pytest.raises(ValueError, match=r"TextVQA .*val\.json: 'data' is 5; it must be a list"):
+        read_textvqa(tmp_path)  # was: TypeError: 'int' object is not iterable
+    vqav2(tmp_path)
+    write_json(tmp_path / "v2_OpenEnded_mscoco_val2014_questions.json", {"questions": {"image_id": 42}})
+    with pytest.raises(
+        ValueError, match=r"questions\.json: 'questions' is \{\"image_id\": 42\}; it must be a list"
+    ):
+        read_vqav2(tmp_path)
+    record = {"id": "x", "conversations": 5}
+    with pytest.raises(ValueError, match=r"eval\.json record 0: 'conversations' is 5; it must be a list"):
+        read_llava(write_json(tmp_path / "eval.json", [record]))
+    scienceqa(tmp_path)
+    problems = json.loads((tmp_path / "problems.json").read_text())
+    problems["1"]["choices"] = "iron"  # was: read as the choices i, r, o, n
+    write_json(tmp_path / "problems.json", problems)
+    with pytest.raises(ValueError, match=r"problem '1': 'choices' is \"iron\"; it must be a list"):
+        read_scienceqa(tmp_path)
+    problems["1"] = ["iron"]  # was: AttributeError: 'list' object has no attribute 'get'
+    write_json(tmp_path / "problems.json", problems)
+    with pytest.raises(ValueError, match=r"problem '1' is \[\"iron\"\]; it must be an object"):
+        read_scienceqa(tmp_path)
+    write_json(tmp_path / "pid_splits.json", {"test": 1})
+    with pytest.raises(ValueError, match=r"pid_splits\.json: 'test' is 1; it must be a list"):
+        read_scienceqa(tmp_path)
+
+
+@pytest.mark.parametrize("image_id", ["COCO_val2014_000000000042.jpg", None, -42])
+def test_vqav2_image_id_that_is_no_coco_number_names_the_question(tmp_path, image_id):
+    vqav2(tmp_path)
+    questions = {"questions": [{"image_id": image_id, "question": "How many?", "question_id": 420}]}
+    write_json(tmp_path / "v2_OpenEnded_mscoco_val2014_questions.json", questions)
+    with pytest.raises(ValueError) as error:  # was: "invalid literal for int()" or a TypeError
+        read_vqav2(tmp_path)
+    assert str(error.value).startswith(
+        f"VQAv2 {tmp_path / 'v2_OpenEnded_mscoco_val2014_questions.json'} questions[0]: 'image_id' is "
+        f"{json.dumps(image_id)}; it must be the COCO image number (e.g. 42 for COCO_val2014_000000000042"
+    )
+    questions["questions"][0]["image_id"] = "42"  # a number written as a string is still read
+    write_json(tmp_path / "v2_OpenEnded_mscoco_val2014_questions.json", questions)
+    assert read_vqav2(tmp_path)[0].images == (tmp_path / "val2014/COCO_val2014_000000000042.jpg",)
+
+
 def test_scienceqa_keeps_image_questions_of_the_split(tmp_path):
     scienceqa(tmp_path)
     problems = json.loads((tmp_path / "problems.json").read_text())

@@ -112,6 +112,16 @@ def test_dropping_a_half_written_line_never_truncates_the_answers_before_it(tmp_
     assert path.read_text() == "\n".join(lines) + "\n"
 
 
+def test_a_kill_inside_a_non_ascii_character_of_the_last_line_still_resumes(tmp_path):
+    path = tmp_path / "predictions.jsonl"
+    first = json.dumps({"id": "a", "task": "chartqa", "prediction": "12 °C"}, ensure_ascii=False) + "\n"
+    last = json.dumps({"id": "b", "task": "chartqa", "prediction": "15 °C"}, ensure_ascii=False).encode()
+    path.write_bytes(first.encode() + last[: last.index("°".encode()) + 1])  # cut inside the 2-byte °
+    done = runner.read_predictions(path, "chartqa")  # was: UnicodeDecodeError, the run could not resume
+    assert list(done) == ["a"] and done["a"]["prediction"] == "12 °C"
+    assert path.read_text(encoding="utf-8") == first
+
+
 @pytest.mark.parametrize(
     ("line", "found"),
     [

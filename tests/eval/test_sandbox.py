@@ -145,6 +145,13 @@ def test_evaluator_keeps_going_after_hostile_programs():
     assert run_program("print(6 * 7)").stdout == "42\n"
 
 
+def test_a_program_that_is_not_valid_text_is_an_error_not_a_crash_of_the_evaluator():
+    result = run_program("print('\ud800')")  # a lone surrogate, e.g. read back from a JSON file
+    assert result.status == "error" and result.stdout == ""  # was: UnicodeEncodeError out of run_program
+    assert result.message.startswith("the program is not valid text, so it was not run")
+    assert run_program("print(6 * 7)").stdout == "42\n"
+
+
 def test_unknown_allowed_module_is_rejected():
     with pytest.raises(ValueError, match="vetted list"):
         run_program("print(1)", allowed_modules=("os",))

@@ -41,15 +41,22 @@ def parse_number(text: str) -> tuple[float, bool] | None:
     return float(match["number"].replace(",", "")), match["percent"] is not None
 
 
+def _unit_word(text: str) -> str | None:
+    """The unit word after a number ("kg" of "12 kg"), None when there is none."""
+    match = _NUMBER.match(_normalize_text(text))
+    return match["unit"] if match else None
+
+
 def relaxed_accuracy(prediction: str, target: str, max_relative_error: float = 0.05) -> float:
     """ChartQA's relaxed accuracy: numbers within 5% relative error, exact match otherwise.
 
     This is the standard definition (ChartQA paper, Pix2Struct/MatCha scorer), not ChartMoE's
     lenient scorer, which counts an empty answer as correct and drops minus signs. vlmoe's
     normalisation before comparing: case, white space, one trailing period, thousands separators,
-    a currency sign and one trailing unit word are ignored. A percent sign on one side only is
-    read both ways ("45%" matches "45" and "0.45"), because ChartQA labels write percentages
-    both ways. A target of 0 needs an exact numeric match (relative error is undefined there).
+    a currency sign and one trailing unit word are ignored (but two different unit words, as in
+    "5 million" and "5 billion", do not match). A percent sign on one side only is read both ways
+    ("45%" matches "45" and "0.45"), because ChartQA labels write percentages both ways. A target
+    of 0 needs an exact numeric match (relative error is undefined there).
 
     Example:
         >>> relaxed_accuracy("1,020", "1000"), relaxed_accuracy("45%", "45"), relaxed_accuracy("Yes.", "yes")
@@ -60,6 +67,9 @@ def relaxed_accuracy(prediction: str, target: str, max_relative_error: float = 0
     predicted, expected = parse_number(prediction), parse_number(target)
     if predicted is None or expected is None:
         return float(_normalize_text(prediction) == _normalize_text(target))
+    units = (_unit_word(prediction), _unit_word(target))
+    if None not in units and units[0] != units[1]:
+        return 0.0  # "5 million" and "5 billion", "12 kg" and "12 lb" are not the same quantity
     (value, value_percent), (reference, reference_percent) = predicted, expected
     candidates = [value]
     if value_percent != reference_percent:

@@ -6,6 +6,7 @@ time is spent, with the file, the field and the fix in the message.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,9 @@ from vlmoe.eval.samples import (
     load_jsonl_lines,
     load_records,
     require,
+    require_list,
+    require_text,
+    text_value,
 )
 
 CHARTQA_FORMAT = (
@@ -59,9 +63,9 @@ def read_chartqa(root: Path, split: str = "test", image_dir: Path | None = None)
             raise ValueError(f"ChartQA: {path} must hold a JSON list; expected format: {expected}")
         for index, record in enumerate(records):
             where = f"ChartQA {path} record {index}"
-            question = str(require(record, "query", where, expected))
-            label = str(require(record, "label", where, expected))
-            image = existing_image(images, require(record, "imgname", where, expected), where)
+            question = require_text(record, "query", where, expected)
+            label = require_text(record, "label", where, expected)
+            image = existing_image(images, require_text(record, "imgname", where, expected), where)
             samples.append(
                 EvalSample(
                     id=f"{subset}-{index}",
@@ -107,8 +111,10 @@ def read_pope(path: Path, image_dir: Path | None = None) -> list[EvalSample]:
             samples.append(
                 EvalSample(
                     id=f"{category}-{question_id}",
-                    images=(existing_image(images, require(record, "image", where, POPE_FORMAT), where),),
-                    question=str(require(record, "text", where, POPE_FORMAT)),
+                    images=(
+                        existing_image(images, require_text(record, "image", where, POPE_FORMAT), where),
+                    ),
+                    question=require_text(record, "text", where, POPE_FORMAT),
                     answers=(label,),
                     task="pope",
                     subset=category,
@@ -129,16 +135,21 @@ def read_scienceqa(root: Path, split: str = "test", image_dir: Path | None = Non
     """
     problems = load_json(root / "problems.json", "ScienceQA")
     splits = load_json(root / "pid_splits.json", "ScienceQA")
-    pids = require(splits, split, f"ScienceQA {root / 'pid_splits.json'}", SCIENCEQA_FORMAT)
+    pids = require_list(splits, split, f"ScienceQA {root / 'pid_splits.json'}", SCIENCEQA_FORMAT)
     if image_dir is None:
         image_dir = root / "images" if (root / "images" / split).is_dir() else root
     samples = []
     for pid in pids:
         where = f"ScienceQA {root / 'problems.json'} problem {pid!r}"
         problem = require(problems, str(pid), f"ScienceQA {root / 'problems.json'}", SCIENCEQA_FORMAT)
+        if not isinstance(problem, dict):
+            raise ValueError(
+                f"{where} is {json.dumps(problem)[:80]}; it must be an object, "
+                f"expected format: {SCIENCEQA_FORMAT}"
+            )
         if not problem.get("image"):
             continue  # the IMG subset: questions that come with a picture
-        choices = [str(choice) for choice in require(problem, "choices", where, SCIENCEQA_FORMAT)]
+        choices = [str(choice) for choice in require_list(problem, "choices", where, SCIENCEQA_FORMAT)]
         answer = require(problem, "answer", where, SCIENCEQA_FORMAT)
         if not isinstance(answer, int) or not 0 <= answer < len(choices):
             raise ValueError(f"{where}: answer must be a choice index in [0, {len(choices)}), got {answer!r}")
@@ -146,7 +157,7 @@ def read_scienceqa(root: Path, split: str = "test", image_dir: Path | None = Non
             EvalSample(
                 id=str(pid),
                 images=(existing_image(image_dir, f"{split}/{pid}/{problem['image']}", where),),
-                question=str(require(problem, "question", where, SCIENCEQA_FORMAT)),
+                question=require_text(problem, "question", where, SCIENCEQA_FORMAT),
                 answers=(OPTION_LETTERS[answer],),
                 task="scienceqa",
                 choices=tuple(choices),
@@ -169,7 +180,7 @@ def read_textvqa(path: Path, image_dir: Path | None = None) -> list[EvalSample]:
         10
     """
     file = path / "TextVQA_0.5.1_val.json" if path.is_dir() else path
-    data = require(load_json(file, "TextVQA"), "data", f"TextVQA {file}", TEXTVQA_FORMAT)
+    data = require_list(load_json(file, "TextVQA"), "data", f"TextVQA {file}", TEXTVQA_FORMAT)
     images = image_dir or file.parent / "train_images"
     samples = []
     for index, record in enumerate(data):
@@ -179,8 +190,11 @@ def read_textvqa(path: Path, image_dir: Path | None = None) -> list[EvalSample]:
             EvalSample(
                 id=str(require(record, "question_id", where, TEXTVQA_FORMAT)),
                 images=(existing_image(images, f"{image_id}.jpg", where),),
-                question=str(require(record, "question", where, TEXTVQA_FORMAT)),
-                answers=tuple(str(answer) for answer in _human_answers(record, where, TEXTVQA_FORMAT)),
+                question=require_text(record, "question", where, TEXTVQA_FORMAT),
+                answers=tuple(
+                    text_value(answer, f"answers[{i}]", where, TEXTVQA_FORMAT)
+                    for i, answer in enumerate(_human_answers(record, where, TEXTVQA_FORMAT))
+                ),
                 task="textvqa",
             )
         )
@@ -201,8 +215,10 @@ def read_vqav2(root: Path, split: str = "val2014", image_dir: Path | None = None
     expected = VQAV2_FORMAT.replace("{split}", split)  # e.g. *_val2014_questions.json
     questions_file = _one_file(root, f"*{split}_questions.json", "VQAv2 questions", expected)
     annotations_file = _one_file(root, f"*{split}_annotations.json", "VQAv2 annotations", expected)
-    questions = require(load_json(questions_file, "VQAv2"), "questions", f"VQAv2 {questions_file}", expected)
-    annotations = require(
+    questions = require_list(
+        load_json(questions_file, "VQAv2"), "questions", f"VQAv2 {questions_file}", expected
+    )
+    annotations = require_list(
         load_json(annotations_file, "VQAv2"), "annotations", f"VQAv2 {annotations_file}", expected
     )
     by_question = {}
@@ -210,7 +226,7 @@ def read_vqav2(root: Path, split: str = "val2014", image_dir: Path | None = None
         where = f"VQAv2 {annotations_file} annotations[{index}]"
         answers = _human_answers(annotation, where, expected)
         by_question[require(annotation, "question_id", where, expected)] = (
-            tuple(str(require(answer, "answer", where, expected)) for answer in answers),
+            tuple(require_text(answer, "answer", where, expected) for answer in answers),
             str(annotation.get("answer_type", "")),
         )
     images = image_dir or root / split
@@ -221,12 +237,17 @@ def read_vqav2(root: Path, split: str = "val2014", image_dir: Path | None = None
         if question_id not in by_question:
             raise ValueError(f"{where}: question_id {question_id} has no entry in {annotations_file}")
         answers, answer_type = by_question[question_id]
-        image_id = int(require(record, "image_id", where, expected))
+        image_id = require(record, "image_id", where, expected)
+        if isinstance(image_id, bool) or not isinstance(image_id, int | str) or not str(image_id).isdigit():
+            raise ValueError(
+                f"{where}: 'image_id' is {json.dumps(image_id)[:80]}; it must be the COCO image number "
+                f"(e.g. 42 for COCO_{split}_000000000042.jpg), expected format: {expected}"
+            )
         samples.append(
             EvalSample(
                 id=str(question_id),
-                images=(existing_image(images, f"COCO_{split}_{image_id:012d}.jpg", where),),
-                question=str(require(record, "question", where, expected)),
+                images=(existing_image(images, f"COCO_{split}_{int(image_id):012d}.jpg", where),),
+                question=require_text(record, "question", where, expected),
                 answers=answers,
                 task="vqav2",
                 subset=answer_type,
@@ -254,7 +275,7 @@ def read_llava(path: Path, image_dir: Path | None = None) -> list[EvalSample]:
     samples = []
     for place, record in places:
         where = f"LLaVA {path} {place}"
-        turns = require(record, "conversations", where, LLAVA_FORMAT)
+        turns = require_list(record, "conversations", where, LLAVA_FORMAT)
         speakers = [str(require(turn, "from", where, LLAVA_FORMAT)) for turn in turns]
         if "human" not in speakers or "gpt" not in speakers[speakers.index("human") :]:
             raise ValueError(
@@ -267,10 +288,10 @@ def read_llava(path: Path, image_dir: Path | None = None) -> list[EvalSample]:
             EvalSample(
                 id=str(require(record, "id", where, LLAVA_FORMAT)),
                 images=tuple(existing_image(images_root, name, where) for name in image_names),
-                question=str(require(turns[human], "value", where, LLAVA_FORMAT))
+                question=require_text(turns[human], "value", where, LLAVA_FORMAT)
                 .replace("<image>", "")
                 .strip(),
-                answers=(str(require(turns[gpt], "value", where, LLAVA_FORMAT)),),
+                answers=(require_text(turns[gpt], "value", where, LLAVA_FORMAT),),
                 task="llava",
             )
         )

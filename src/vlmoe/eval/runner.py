@@ -196,9 +196,11 @@ def read_predictions(path: Path, task: str) -> dict[str, dict[str, Any]]:
     """
     if not path.is_file():
         return {}
-    text = path.read_text(encoding="utf-8")
-    if text and not text.endswith("\n"):
-        text = text[: text.rfind("\n") + 1]
+    data = path.read_bytes()
+    # Cut as bytes: a kill can end the file inside a multi-byte character of the half-written line.
+    kept = data[: data.rfind(b"\n") + 1]
+    text = kept.decode("utf-8")
+    if len(kept) != len(data):
         # So the next append starts on a fresh line; atomically, as a disk filling up or a second
         # interrupt during a plain rewrite would leave the file truncated, every answer lost.
         _write_atomically(path, text)

@@ -98,6 +98,33 @@ def require(record: Any, name: str, where: str, expected_format: str) -> Any:
     return record[name]
 
 
+def require_list(record: Any, name: str, where: str, expected_format: str) -> list:
+    """record[name], which must be a JSON list (a string or an object would be iterated silently)."""
+    value = require(record, name, where, expected_format)
+    if not isinstance(value, list):
+        raise ValueError(
+            f"{where}: {name!r} is {json.dumps(value)[:80]}; it must be a list, expected format: "
+            f"{expected_format}"
+        )
+    return value
+
+
+def require_text(record: Any, name: str, where: str, expected_format: str) -> str:
+    """record[name] as text: a string, or a number written as one; null, true/false, a list or an
+    object is refused (as text it would be "None" or "['a']", scored or looked up as such)."""
+    return text_value(require(record, name, where, expected_format), repr(name), where, expected_format)
+
+
+def text_value(value: Any, field: str, where: str, expected_format: str) -> str:
+    """`value` (the field `field` of the record at `where`) as text, refused as `require_text` says."""
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise ValueError(
+            f"{where}: {field} is {json.dumps(value)[:80]}; it must be a string, expected format: "
+            f"{expected_format}"
+        )
+    return str(value)
+
+
 def image_names_of(record: Mapping, *fields: str, where: str, expected_format: str) -> list[str]:
     """The image file names in the first of `fields` the record has: a name, a list of names, or none.
 

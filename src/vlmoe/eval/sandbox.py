@@ -97,6 +97,12 @@ def run_program(
             "remove them (the sandbox only vouches for pure-computation modules)"
         )
     started = time.monotonic()
+    try:
+        source = code.encode()
+    except UnicodeEncodeError as error:  # a lone surrogate, e.g. from a "\\ud800" escape in a JSON file
+        return ProgramResult(
+            status="error", stdout="", message=f"the program is not valid text, so it was not run ({error})"
+        )
     # Set by the child itself before anything else runs (no preexec_fn: it is unsafe in a
     # multi-threaded parent such as one running torch).
     cpu_s = int(timeout_s) + 1
@@ -139,7 +145,7 @@ def run_program(
                 close_fds=True,
                 **({"user": uid, "group": uid, "extra_groups": []} if uid is not None else {}),
             )
-            timed_out = _feed_and_wait(process, code, timeout_s)
+            timed_out = _feed_and_wait(process, source, timeout_s)
         printed = stdout_path.read_bytes()
         errors = stderr_path.read_bytes()[-4000:].decode(errors="replace").strip()
     finally:
@@ -153,10 +159,10 @@ def run_program(
     return ProgramResult(status=status, stdout=stdout_text, message=message, seconds=seconds)
 
 
-def _feed_and_wait(process: subprocess.Popen, code: str, timeout_s: float) -> bool:
+def _feed_and_wait(process: subprocess.Popen, source: bytes, timeout_s: float) -> bool:
     """Send the program, wait; on timeout kill the whole process group. True if it timed out."""
     try:
-        process.communicate(code.encode(), timeout=timeout_s)
+        process.communicate(source, timeout=timeout_s)
         return False
     except subprocess.TimeoutExpired:
         _kill_group(process)
