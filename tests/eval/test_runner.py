@@ -380,3 +380,17 @@ def test_default_eval_folder_names_a_recipe_stage_by_run_and_stage(tmp_path):
     assert _eval_name(tmp_path / "runs" / "chartmoe" / "sft" / "final") == "chartmoe-sft-final"
     assert _eval_name(tmp_path / "runs" / "x" / "align" / "checkpoint-40") == "x-align-checkpoint-40"
     assert _eval_name(tmp_path / "my-model") == "my-model"
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("limit", -1, "limit is -1; give a whole number >= 1"),  # samples[:-1] would drop the last one
+        ("limit", 0, "limit is 0; give a whole number >= 1"),
+        ("limit", 2.5, "limit is 2.5; give a whole number >= 1"),
+        ("pot_timeout_s", 0, "pot_timeout_s is 0; give a number of seconds > 0"),
+    ],
+)
+def test_a_config_that_would_drop_or_time_out_every_sample_is_refused(tmp_path, field, value, message):
+    with pytest.raises(ValueError, match=message):
+        EvalConfig(task="chartqa", data=tmp_path, out_dir=tmp_path, **{field: value})

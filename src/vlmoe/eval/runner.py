@@ -60,6 +60,19 @@ class EvalConfig:
     # `load_model_for_eval(merge_lora=True)`): recorded, as the merged weights round differently.
     merge_lora: bool = False
 
+    def __post_init__(self) -> None:
+        # samples[:limit] with a negative limit would drop the last samples instead of keeping the first.
+        if self.limit is not None and (
+            isinstance(self.limit, bool) or not isinstance(self.limit, int) or self.limit < 1
+        ):
+            raise ValueError(
+                f"EvalConfig: limit is {self.limit!r}; give a whole number >= 1, or None for every sample"
+            )
+        if not self.pot_timeout_s > 0:
+            raise ValueError(
+                f"EvalConfig: pot_timeout_s is {self.pot_timeout_s!r}; give a number of seconds > 0"
+            )
+
 
 def load_model_for_eval(
     path: str | os.PathLike,
