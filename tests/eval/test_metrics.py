@@ -53,6 +53,10 @@ def test_parse_number():
     assert parse_number("€3") == (3.0, False)
     assert parse_number("12 kg 5") is None
     assert parse_number("abc") is None
+    # The sign may come before the currency ("-$5" is how charts of losses write it), once.
+    assert parse_number("-$1,000.5") == parse_number("$-1,000.5") == (-1000.5, False)
+    assert parse_number("-$-5") is None
+    assert relaxed_accuracy("-$5", "-5") == 1.0 and relaxed_accuracy("-$5", "5") == 0.0
 
 
 @pytest.mark.parametrize(

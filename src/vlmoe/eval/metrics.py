@@ -12,9 +12,10 @@ from collections.abc import Sequence
 from vlmoe.eval.vqa_normalize import normalize_textvqa_answer, normalize_vqa_answer, process_punctuation
 
 # A number as a chart answer writes it: optional currency, sign, thousands separators, decimals,
-# then optional percent sign or one unit word ("12 kg", "$1,000", "45%", "3.5 million").
+# then optional percent sign or one unit word ("12 kg", "$1,000", "45%", "3.5 million"); the sign
+# may also come before the currency ("-$5").
 _NUMBER = re.compile(
-    r"""^[$€£¥]?\s*
+    r"""^(?P<sign>[-+](?=[$€£¥]))?[$€£¥]?\s*
     (?P<number>[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|[-+]?\.\d+)
     \s*(?P<percent>%|percent\b)?
     \s*(?P<unit>[^\W\d_]+)?$""",
@@ -32,13 +33,14 @@ def parse_number(text: str) -> tuple[float, bool] | None:
     """(value, had_percent_sign) of a numeric answer, or None when it is not a single number.
 
     Example:
-        >>> parse_number("$1,234.5 million."), parse_number("45%"), parse_number("2019 and 2020")
-        ((1234.5, False), (45.0, True), None)
+        >>> parse_number("$1,234.5 million."), parse_number("-$5"), parse_number("2019 and 2020")
+        ((1234.5, False), (-5.0, False), None)
     """
     match = _NUMBER.match(_normalize_text(text))
-    if match is None:
-        return None
-    return float(match["number"].replace(",", "")), match["percent"] is not None
+    if match is None or (match["sign"] and match["number"][0] in "-+"):
+        return None  # "-$-5" is no number
+    value = float(match["number"].replace(",", ""))
+    return (-value if match["sign"] == "-" else value), match["percent"] is not None
 
 
 def _unit_word(text: str) -> str | None:
