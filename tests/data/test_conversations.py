@@ -74,6 +74,11 @@ BAD = {
     "bad_alternation": {"id": "b3", "conversations": _turns("a", "b", "c")},
     "empty_turn": {"id": "b4", "image": "red.png", "conversations": _turns("<image>", "ok")},
     "image_count_mismatch": {"id": "b5", "image": "red.png", "conversations": _turns("No placeholder", "ok")},
+    "image_in_reply": {
+        "id": "b10",
+        "image": "red.png",
+        "conversations": _turns("Describe.", "<image>\nBlack."),
+    },
     "missing_image": {"id": "b6", "image": "gone.png", "conversations": _turns("<image>\nq", "a")},
     "corrupt_image": {"id": "b7", "image": "broken.png", "conversations": _turns("<image>\nq", "a")},
     "bad_image_field": {"id": "b8", "image": 5, "conversations": _turns("<image>\nq", "a")},
@@ -85,16 +90,16 @@ def test_every_bad_kind_is_skipped_counted_and_reported_with_file_and_line(image
     lines = [json.dumps(GOOD[0]), "{not json", *(json.dumps(s) for s in BAD.values()), json.dumps(GOOD[1])]
     path = image_dir / "mixed.jsonl"
     path.write_text("\n".join(lines) + "\n")
-    with pytest.warns(UserWarning, match="2 of 12 samples loaded; 10 skipped"):
+    with pytest.warns(UserWarning, match="2 of 13 samples loaded; 11 skipped"):
         samples, report = read_conversations(path, on_error="skip")
     assert [s.id for s in samples] == ["text", "multi"]
-    assert report.total == 12 and report.loaded == 2
+    assert report.total == 13 and report.loaded == 2
     assert report.counts() == {kind: 1 for kind in BAD_SAMPLE_KINDS}
     assert [(b.line, b.kind) for b in report.bad] == [(2, "invalid_json")] + [
         (3 + i, kind) for i, kind in enumerate(BAD)
     ]
     assert all(b.source == str(path) for b in report.bad)
-    assert f"{path}:8: sample 'b6': missing_image" in report.summary()
+    assert f"{path}:9: sample 'b6': missing_image" in report.summary()
 
 
 @pytest.mark.parametrize("kind", list(BAD))

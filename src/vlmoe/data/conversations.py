@@ -35,6 +35,7 @@ BAD_SAMPLE_KINDS = (
     "bad_alternation",
     "empty_turn",
     "image_count_mismatch",
+    "image_in_reply",
     "missing_image",
     "corrupt_image",
     "bad_image_field",
@@ -212,6 +213,14 @@ def _check_turns(turns: Any) -> list[dict[str, str]]:
             )
         if value is None or not value.replace(IMAGE_PLACEHOLDER, "").strip():
             raise _Invalid("empty_turn", f"turn {i} ({role}) has no text")
+        if role == "gpt" and IMAGE_PLACEHOLDER in value:
+            # The collator gives images to the prompt parts only: one in a reply would be trained
+            # on as text and leave the model one image short.
+            raise _Invalid(
+                "image_in_reply",
+                f"turn {i} (gpt) holds an {IMAGE_PLACEHOLDER} placeholder; images belong in human turns: "
+                "move it into the question before this reply",
+            )
         messages.append({"role": ROLES[role], "content": value})
     if len(messages) % 2:
         raise _Invalid("bad_alternation", "the last turn is from human; a sample must end with a gpt answer")
