@@ -246,3 +246,15 @@ def test_a_malformed_sample_fails_before_the_images_of_earlier_samples_are_decod
         samples, report = read_conversations(path, on_error="skip")
     assert [s.id for s in samples] == ["multi"]
     assert [(b.line, b.kind) for b in report.bad] == [(1, "corrupt_image"), (3, "bad_role")]
+
+
+def test_a_jsonl_line_is_one_sample_whatever_unicode_line_breaks_its_strings_hold(tmp_path):
+    # U+2028 and U+0085 (scraped text) are legal unescaped in JSON strings, and
+    # json.dumps(..., ensure_ascii=False) writes them as they are; only "\n" ends a JSONL line.
+    text = "Para one\u2028para two\x85three"
+    rows = [{"id": "a", "conversations": _turns(text, "ok")}, {"id": "b", "conversations": _turns("q", "a")}]
+    path = tmp_path / "unicode.jsonl"
+    path.write_text("\r\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\r\n", encoding="utf-8")
+    samples, report = read_conversations(path)
+    assert [(s.id, s.line) for s in samples] == [("a", 1), ("b", 2)] and report.bad == []
+    assert samples[0].messages[0]["content"] == text

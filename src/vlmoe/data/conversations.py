@@ -165,7 +165,9 @@ def raw_samples(source: Any) -> Iterator[tuple[int, Any]]:
         )
     text = read_text(path)
     if path.suffix == ".jsonl":
-        for number, line in enumerate(text.splitlines(), start=1):
+        # Lines end at "\n" only: splitlines() also breaks at U+2028, U+0085 and other characters
+        # that JSON strings may hold unescaped (json.dumps(..., ensure_ascii=False) writes them).
+        for number, line in enumerate(text.split("\n"), start=1):
             if line.strip():
                 try:
                     yield number, json.loads(line)
