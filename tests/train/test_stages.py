@@ -247,3 +247,22 @@ def test_resume_refuses_a_recipe_whose_base_or_seed_changed(tmp_path, change, ch
         f"{out / 'recipe.json'}: the run was started with different {changed}; resume with the same "
         f"recipe and --scale (or {out / 'recipe.json'} itself), or start a new output dir"
     )
+
+
+def test_a_stage_that_fails_mid_training_leaves_the_terminal_as_it_was(tmp_path):
+    # The collator refuses the first batch (max_length below the image tokens) inside
+    # trainer.train: the stage's bar must still end, showing the cursor again and giving
+    # sys.stderr back, or the error line and everything after it go through rich's proxy.
+    import io
+
+    from rich.console import Console
+
+    recipe = tiny_recipe(tmp_path, steps=2)
+    recipe.stages[0].data.max_length = 8
+    terminal = io.StringIO()
+    stderr = sys.stderr
+    with pytest.raises(ValueError, match="raise max_length to at least"):
+        run_recipe(recipe, device="cpu", console=Console(file=terminal, force_terminal=True))
+    assert sys.stderr is stderr
+    text = terminal.getvalue()
+    assert "\x1b[?25l" in text and text.rfind("\x1b[?25h") > text.rfind("\x1b[?25l")

@@ -126,7 +126,8 @@ def run_stage(
         f"{len(samples)} samples · trainable {report.trainable:,} of {report.total:,} parameters "
         f"({', '.join(stage.trainable)})"
     )
-    callbacks: list[Any] = [RichProgressCallback(console, stage.name)]
+    progress = RichProgressCallback(console, stage.name)
+    callbacks: list[Any] = [progress]
     if stop_after_steps is not None:
         callbacks.append(StopAfter(stop_after_steps))
     trainer = MoETrainer(
@@ -146,7 +147,10 @@ def run_stage(
     if checkpoint is not None:
         console.print(f"resuming {stage.name} from {checkpoint}")
     start = time.perf_counter()
-    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    try:
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    finally:
+        progress.stop()
     if stop_after_steps is not None:
         return None
     # Sharded weights (FSDP, DeepSpeed ZeRO) are gathered whole first: a collective on every rank.
