@@ -258,3 +258,39 @@ def test_a_jsonl_line_is_one_sample_whatever_unicode_line_breaks_its_strings_hol
     samples, report = read_conversations(path)
     assert [(s.id, s.line) for s in samples] == [("a", 1), ("b", 2)] and report.bad == []
     assert samples[0].messages[0]["content"] == text
+
+
+@pytest.mark.parametrize(
+    ("sample", "kind", "message"),
+    [
+        (
+            {"id": "m", "messages": _turns("q", "a")},
+            "no_conversations",
+            """no "conversations" key (the sample has 'id', 'messages'); put its turns there""",
+        ),
+        (
+            {
+                "id": "o",
+                "conversations": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+            },
+            "bad_role",
+            """turn 0 has no "from" key (it has 'role', 'content'); LLaVA turns are {"from": """,
+        ),
+        (
+            {"id": "t", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "text": "a"}]},
+            "empty_turn",
+            """turn 1 (gpt) has no "value" key (it has 'from', 'text'); put its text there""",
+        ),
+    ],
+)
+def test_a_sample_in_another_format_names_the_keys_it_has_and_the_ones_it_needs(
+    tmp_path, sample, kind, message
+):
+    # These were "turn 1 (gpt) has no text" and '"from" is None': true of the LLaVA keys, but no
+    # hint that the text is there under another key.
+    path = tmp_path / "other.jsonl"
+    path.write_text(json.dumps(GOOD[0]) + "\n" + json.dumps(sample) + "\n")
+    with pytest.raises(BadSampleError) as error:
+        read_conversations(path)
+    assert error.value.bad.kind == kind and error.value.bad.line == 2
+    assert str(error.value).startswith(f"{path}:2: sample {sample['id']!r}: {kind}: {message}")

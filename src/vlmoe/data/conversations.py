@@ -200,6 +200,12 @@ def _check_turns(turns: Any) -> list[dict[str, str]]:
         raise _Invalid("no_conversations", '"conversations" must be a non-empty list of turns')
     messages = []
     for i, turn in enumerate(turns):
+        if isinstance(turn, dict) and "from" not in turn:  # e.g. {"role", "content"}: another format
+            raise _Invalid(
+                "bad_role",
+                f'turn {i} has no "from" key (it has {_keys(turn)}); LLaVA turns are '
+                '{"from": "human" or "gpt", "value": text}',
+            )
         role = turn.get("from") if isinstance(turn, dict) else None
         if role not in ROLES:
             raise _Invalid("bad_role", f'turn {i}: "from" is {role!r}; it must be "human" or "gpt"')
@@ -207,6 +213,11 @@ def _check_turns(turns: Any) -> list[dict[str, str]]:
         if role != expected:
             raise _Invalid(
                 "bad_alternation", f"turn {i} is from {role!r}; turns must alternate human, gpt, ..."
+            )
+        if "value" not in turn:
+            raise _Invalid(
+                "empty_turn",
+                f'turn {i} ({role}) has no "value" key (it has {_keys(turn)}); put its text there',
             )
         value = turn.get("value")
         if value is not None and not isinstance(value, str):
@@ -252,12 +263,22 @@ def _check_image(image: Any, image_root: Path) -> Any:
     return path
 
 
+def _keys(mapping: dict) -> str:
+    return ", ".join(repr(str(key)) for key in mapping) if mapping else "no keys"
+
+
 def _check_sample(raw: Any) -> ConversationSample:
     """The sample's turns and fields checked; its images are still the names the file gives."""
     if isinstance(raw, json.JSONDecodeError):
         raise _Invalid("invalid_json", f"invalid JSON ({raw.msg})")
     if not isinstance(raw, dict):
         raise _Invalid("invalid_json", f"a sample must be a JSON object, got {type(raw).__name__}")
+    if "conversations" not in raw:
+        raise _Invalid(
+            "no_conversations",
+            f'no "conversations" key (the sample has {_keys(raw)}); put its turns there as '
+            '[{"from": "human", "value": ...}, {"from": "gpt", "value": ...}]',
+        )
     messages = _check_turns(raw.get("conversations"))
     images = raw.get("images")
     if images is None:
