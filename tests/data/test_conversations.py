@@ -74,6 +74,11 @@ BAD = {
     "bad_alternation": {"id": "b3", "conversations": _turns("a", "b", "c")},
     "empty_turn": {"id": "b4", "image": "red.png", "conversations": _turns("<image>", "ok")},
     "image_count_mismatch": {"id": "b5", "image": "red.png", "conversations": _turns("No placeholder", "ok")},
+    "image_in_reply": {
+        "id": "b10",
+        "image": "red.png",
+        "conversations": _turns("Describe.", "<image>\nBlack."),
+    },
     "missing_image": {"id": "b6", "image": "gone.png", "conversations": _turns("<image>\nq", "a")},
     "corrupt_image": {"id": "b7", "image": "broken.png", "conversations": _turns("<image>\nq", "a")},
     "bad_image_field": {"id": "b8", "image": 5, "conversations": _turns("<image>\nq", "a")},
@@ -85,16 +90,16 @@ def test_every_bad_kind_is_skipped_counted_and_reported_with_file_and_line(image
     lines = [json.dumps(GOOD[0]), "{not json", *(json.dumps(s) for s in BAD.values()), json.dumps(GOOD[1])]
     path = image_dir / "mixed.jsonl"
     path.write_text("\n".join(lines) + "\n")
-    with pytest.warns(UserWarning, match="2 of 12 samples loaded; 10 skipped"):
+    with pytest.warns(UserWarning, match="2 of 13 samples loaded; 11 skipped"):
         samples, report = read_conversations(path, on_error="skip")
     assert [s.id for s in samples] == ["text", "multi"]
-    assert report.total == 12 and report.loaded == 2
+    assert report.total == 13 and report.loaded == 2
     assert report.counts() == {kind: 1 for kind in BAD_SAMPLE_KINDS}
     assert [(b.line, b.kind) for b in report.bad] == [(2, "invalid_json")] + [
         (3 + i, kind) for i, kind in enumerate(BAD)
     ]
     assert all(b.source == str(path) for b in report.bad)
-    assert f"{path}:8: sample 'b6': missing_image" in report.summary()
+    assert f"{path}:9: sample 'b6': missing_image" in report.summary()
 
 
 @pytest.mark.parametrize("kind", list(BAD))
@@ -241,3 +246,51 @@ def test_a_malformed_sample_fails_before_the_images_of_earlier_samples_are_decod
         samples, report = read_conversations(path, on_error="skip")
     assert [s.id for s in samples] == ["multi"]
     assert [(b.line, b.kind) for b in report.bad] == [(1, "corrupt_image"), (3, "bad_role")]
+
+
+def test_a_jsonl_line_is_one_sample_whatever_unicode_line_breaks_its_strings_hold(tmp_path):
+    # U+2028 and U+0085 (scraped text) are legal unescaped in JSON strings, and
+    # json.dumps(..., ensure_ascii=False) writes them as they are; only "\n" ends a JSONL line.
+    text = "Para one\u2028para two\x85three"
+    rows = [{"id": "a", "conversations": _turns(text, "ok")}, {"id": "b", "conversations": _turns("q", "a")}]
+    path = tmp_path / "unicode.jsonl"
+    path.write_text("\r\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\r\n", encoding="utf-8")
+    samples, report = read_conversations(path)
+    assert [(s.id, s.line) for s in samples] == [("a", 1), ("b", 2)] and report.bad == []
+    assert samples[0].messages[0]["content"] == text
+
+
+@pytest.mark.parametrize(
+    ("sample", "kind", "message"),
+    [
+        (
+            {"id": "m", "messages": _turns("q", "a")},
+            "no_conversations",
+            """no "conversations" key (the sample has 'id', 'messages'); put its turns there""",
+        ),
+        (
+            {
+                "id": "o",
+                "conversations": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+            },
+            "bad_role",
+            """turn 0 has no "from" key (it has 'role', 'content'); LLaVA turns are {"from": """,
+        ),
+        (
+            {"id": "t", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "text": "a"}]},
+            "empty_turn",
+            """turn 1 (gpt) has no "value" key (it has 'from', 'text'); put its text there""",
+        ),
+    ],
+)
+def test_a_sample_in_another_format_names_the_keys_it_has_and_the_ones_it_needs(
+    tmp_path, sample, kind, message
+):
+    # These were "turn 1 (gpt) has no text" and '"from" is None': true of the LLaVA keys, but no
+    # hint that the text is there under another key.
+    path = tmp_path / "other.jsonl"
+    path.write_text(json.dumps(GOOD[0]) + "\n" + json.dumps(sample) + "\n")
+    with pytest.raises(BadSampleError) as error:
+        read_conversations(path)
+    assert error.value.bad.kind == kind and error.value.bad.line == 2
+    assert str(error.value).startswith(f"{path}:2: sample {sample['id']!r}: {kind}: {message}")

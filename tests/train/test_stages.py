@@ -222,10 +222,27 @@ def test_a_run_shares_its_console_with_the_kernels_progress_bars(tmp_path, monke
 @pytest.mark.parametrize(
     ("change", "changed"),
     [
-        (lambda r: setattr(r.base, "family", "qwen2_vl"), "base"),
-        (lambda r: setattr(r.base, "seed", 1), "base"),
-        (lambda r: setattr(r, "seed", 1), "seed"),
-        (lambda r: (setattr(r, "seed", 1), setattr(r.stages[0], "max_steps", 9)), "seed and stages"),
+        (lambda r: setattr(r.base, "family", "qwen2_vl"), 'base (base.family: "llava" -> "qwen2_vl")'),
+        (lambda r: setattr(r.base, "seed", 1), "base (base.seed: 0 -> 1)"),
+        (lambda r: setattr(r, "seed", 1), "seed (seed: 0 -> 1)"),
+        (
+            lambda r: (setattr(r, "seed", 1), setattr(r.stages[0], "max_steps", 9)),
+            "seed and stages (seed: 0 -> 1; stages[0] (moe).max_steps: 6 -> 9)",
+        ),
+        (
+            lambda r: (
+                setattr(r.stages[0], "learning_rate", {"default": 1e-3}),
+                r.stages.append(r.stages[0]),
+            ),
+            'stages (stages: ["moe"] -> ["moe", "moe"])',
+        ),
+        (
+            lambda r: [
+                setattr(r.stages[0], key, 7) for key in ("max_steps", "save_steps", "logging_steps", "epochs")
+            ],
+            "stages (stages[0] (moe).max_steps: 6 -> 7; stages[0] (moe).epochs: 1.0 -> 7; "
+            "stages[0] (moe).logging_steps: 1 -> 7; and 1 more)",
+        ),
     ],
 )
 def test_resume_refuses_a_recipe_whose_base_or_seed_changed(tmp_path, change, changed):
@@ -247,3 +264,22 @@ def test_resume_refuses_a_recipe_whose_base_or_seed_changed(tmp_path, change, ch
         f"{out / 'recipe.json'}: the run was started with different {changed}; resume with the same "
         f"recipe and --scale (or {out / 'recipe.json'} itself), or start a new output dir"
     )
+
+
+def test_a_stage_that_fails_mid_training_leaves_the_terminal_as_it_was(tmp_path):
+    # The collator refuses the first batch (max_length below the image tokens) inside
+    # trainer.train: the stage's bar must still end, showing the cursor again and giving
+    # sys.stderr back, or the error line and everything after it go through rich's proxy.
+    import io
+
+    from rich.console import Console
+
+    recipe = tiny_recipe(tmp_path, steps=2)
+    recipe.stages[0].data.max_length = 8
+    terminal = io.StringIO()
+    stderr = sys.stderr
+    with pytest.raises(ValueError, match="raise max_length to at least"):
+        run_recipe(recipe, device="cpu", console=Console(file=terminal, force_terminal=True))
+    assert sys.stderr is stderr
+    text = terminal.getvalue()
+    assert "\x1b[?25l" in text and text.rfind("\x1b[?25h") > text.rfind("\x1b[?25l")

@@ -142,3 +142,71 @@ def test_router_losses_are_logged_as_means_read_once_per_log(tmp_path, monkeypat
     for key, values in expected.items():
         assert logged[key] == pytest.approx(sum(values) / len(values), rel=1e-6)
     assert trainer._aux_count == 0 and not trainer._aux_sums  # reset for the next window
+
+
+def _one_step(tmp_path, batch_size, accumulation, load_balance_coef):
+    """One SGD step (learning rate 1, no clipping) on two samples of unequal reply lengths: the
+    update is minus the gradient. Returns (logged step, update per trainable parameter)."""
+    torch.manual_seed(0)
+    model, processor = vlmoe.models.tiny("llava")
+    model = vlmoe.upcycle_ffn(
+        model, num_experts=4, top_k=2, layers="all", load_balance_coef=load_balance_coef
+    )
+    set_trainable(model, "experts", "router")
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    replies = ["red", "a much longer blue answer with many more words to learn from"]
+    samples = [
+        ConversationSample(
+            str(i),
+            [Image.new("RGB", (28, 28), (60 * i, 0, 0))],
+            [{"role": "user", "content": "<image>\nWhat colour?"}, {"role": "assistant", "content": reply}],
+        )
+        for i, reply in enumerate(replies)
+    ]
+    args = TrainingArguments(
+        output_dir=str(tmp_path / f"{batch_size}x{accumulation}-{load_balance_coef}"),
+        per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=accumulation,
+        max_steps=1,
+        optim="sgd",
+        learning_rate=1.0,
+        lr_scheduler_type="constant",
+        max_grad_norm=0,
+        logging_steps=1,
+        save_strategy="no",
+        remove_unused_columns=False,
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    trainer = MoETrainer(
+        model=model,
+        args=args,
+        train_dataset=samples,
+        data_collator=ConversationCollator(processor),
+        learning_rates={"default": 1.0},
+    )
+    trainer.train()
+    update = {n: before[n] - p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    return trainer.state.log_history[0], update
+
+
+def test_gradient_accumulation_equals_the_large_batch(tmp_path):
+    # Without the router loss (which is not linear in the batch) the two are the same computation:
+    # the LM loss is the mean over every label token of the step, however the step is split.
+    large, large_update = _one_step(tmp_path, batch_size=2, accumulation=1, load_balance_coef=0.0)
+    split, split_update = _one_step(tmp_path, batch_size=1, accumulation=2, load_balance_coef=0.0)
+    assert split["loss"] == pytest.approx(large["loss"], rel=1e-5)
+    for name, update in large_update.items():
+        torch.testing.assert_close(split_update[name], update, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_the_router_loss_is_added_once_per_step_at_its_scale(tmp_path, accumulation):
+    # The forward before the first update is the same with or without the balance loss, so the
+    # logged losses differ by exactly the step's router loss: the mean over its micro-batches.
+    batch_size = 2 // accumulation
+    without, _ = _one_step(tmp_path, batch_size, accumulation, load_balance_coef=0.0)
+    with_balance, _ = _one_step(tmp_path, batch_size, accumulation, load_balance_coef=0.01)
+    assert with_balance["aux_loss"] >= 0.02 - 1e-6  # two layers, each at least the coefficient
+    assert with_balance["loss"] - without["loss"] == pytest.approx(with_balance["aux_loss"], rel=1e-3)

@@ -35,6 +35,7 @@ BAD_SAMPLE_KINDS = (
     "bad_alternation",
     "empty_turn",
     "image_count_mismatch",
+    "image_in_reply",
     "missing_image",
     "corrupt_image",
     "bad_image_field",
@@ -164,7 +165,9 @@ def raw_samples(source: Any) -> Iterator[tuple[int, Any]]:
         )
     text = read_text(path)
     if path.suffix == ".jsonl":
-        for number, line in enumerate(text.splitlines(), start=1):
+        # Lines end at "\n" only: splitlines() also breaks at U+2028, U+0085 and other characters
+        # that JSON strings may hold unescaped (json.dumps(..., ensure_ascii=False) writes them).
+        for number, line in enumerate(text.split("\n"), start=1):
             if line.strip():
                 try:
                     yield number, json.loads(line)
@@ -197,6 +200,12 @@ def _check_turns(turns: Any) -> list[dict[str, str]]:
         raise _Invalid("no_conversations", '"conversations" must be a non-empty list of turns')
     messages = []
     for i, turn in enumerate(turns):
+        if isinstance(turn, dict) and "from" not in turn:  # e.g. {"role", "content"}: another format
+            raise _Invalid(
+                "bad_role",
+                f'turn {i} has no "from" key (it has {_keys(turn)}); LLaVA turns are '
+                '{"from": "human" or "gpt", "value": text}',
+            )
         role = turn.get("from") if isinstance(turn, dict) else None
         if role not in ROLES:
             raise _Invalid("bad_role", f'turn {i}: "from" is {role!r}; it must be "human" or "gpt"')
@@ -205,6 +214,11 @@ def _check_turns(turns: Any) -> list[dict[str, str]]:
             raise _Invalid(
                 "bad_alternation", f"turn {i} is from {role!r}; turns must alternate human, gpt, ..."
             )
+        if "value" not in turn:
+            raise _Invalid(
+                "empty_turn",
+                f'turn {i} ({role}) has no "value" key (it has {_keys(turn)}); put its text there',
+            )
         value = turn.get("value")
         if value is not None and not isinstance(value, str):
             raise _Invalid(
@@ -212,6 +226,14 @@ def _check_turns(turns: Any) -> list[dict[str, str]]:
             )
         if value is None or not value.replace(IMAGE_PLACEHOLDER, "").strip():
             raise _Invalid("empty_turn", f"turn {i} ({role}) has no text")
+        if role == "gpt" and IMAGE_PLACEHOLDER in value:
+            # The collator gives images to the prompt parts only: one in a reply would be trained
+            # on as text and leave the model one image short.
+            raise _Invalid(
+                "image_in_reply",
+                f"turn {i} (gpt) holds an {IMAGE_PLACEHOLDER} placeholder; images belong in human turns: "
+                "move it into the question before this reply",
+            )
         messages.append({"role": ROLES[role], "content": value})
     if len(messages) % 2:
         raise _Invalid("bad_alternation", "the last turn is from human; a sample must end with a gpt answer")
@@ -241,12 +263,22 @@ def _check_image(image: Any, image_root: Path) -> Any:
     return path
 
 
+def _keys(mapping: dict) -> str:
+    return ", ".join(repr(str(key)) for key in mapping) if mapping else "no keys"
+
+
 def _check_sample(raw: Any) -> ConversationSample:
     """The sample's turns and fields checked; its images are still the names the file gives."""
     if isinstance(raw, json.JSONDecodeError):
         raise _Invalid("invalid_json", f"invalid JSON ({raw.msg})")
     if not isinstance(raw, dict):
         raise _Invalid("invalid_json", f"a sample must be a JSON object, got {type(raw).__name__}")
+    if "conversations" not in raw:
+        raise _Invalid(
+            "no_conversations",
+            f'no "conversations" key (the sample has {_keys(raw)}); put its turns there as '
+            '[{"from": "human", "value": ...}, {"from": "gpt", "value": ...}]',
+        )
     messages = _check_turns(raw.get("conversations"))
     images = raw.get("images")
     if images is None:

@@ -53,6 +53,11 @@ class RichProgressCallback(TrainerCallback):
         self.progress.update(self.task, description=text)
 
     def on_train_end(self, args, state, control, **kwargs):
+        self.stop()
+
+    def stop(self) -> None:
+        """End the bar; also where training raised, which skips on_train_end: a bar left live keeps
+        the terminal's cursor hidden and sys.stdout/stderr redirected after the run."""
         if self.progress is not None:
             self.progress.stop()
             self.progress = None

@@ -126,7 +126,8 @@ def run_stage(
         f"{len(samples)} samples · trainable {report.trainable:,} of {report.total:,} parameters "
         f"({', '.join(stage.trainable)})"
     )
-    callbacks: list[Any] = [RichProgressCallback(console, stage.name)]
+    progress = RichProgressCallback(console, stage.name)
+    callbacks: list[Any] = [progress]
     if stop_after_steps is not None:
         callbacks.append(StopAfter(stop_after_steps))
     trainer = MoETrainer(
@@ -146,7 +147,10 @@ def run_stage(
     if checkpoint is not None:
         console.print(f"resuming {stage.name} from {checkpoint}")
     start = time.perf_counter()
-    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    try:
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    finally:
+        progress.stop()
     if stop_after_steps is not None:
         return None
     # Sharded weights (FSDP, DeepSpeed ZeRO) are gathered whole first: a collective on every rank.
@@ -380,13 +384,45 @@ def _check_run_directory(recipe: Recipe, out: Path, resume: bool) -> None:
         # output_dir (a moved run) may differ.
         changed = [key for key in RESUME_KEYS if previous.get(key) != now[key]]
         if changed:
+            found = [d for key in changed for d in _differences(previous.get(key), now[key], key)]
+            shown = "; ".join(found[:3]) + (f"; and {len(found) - 3} more" if len(found) > 3 else "")
             raise ValueError(
-                f"{saved}: the run was started with different {' and '.join(changed)}; resume with the "
-                f"same recipe and --scale (or {saved} itself), or start a new output dir"
+                f"{saved}: the run was started with different {' and '.join(changed)} ({shown}); resume "
+                f"with the same recipe and --scale (or {saved} itself), or start a new output dir"
             )
         return
     out.mkdir(parents=True, exist_ok=True)
     _write_json(saved, current)
+
+
+def _differences(before: Any, now: Any, path: str) -> list[str]:
+    """Where two JSON values differ, as "path: before -> now"; list items with a name show it.
+
+    >>> _differences({"a": [1, {"name": "s", "b": 2}]}, {"a": [1, {"name": "s", "b": 3}]}, "x")
+    ['x.a[1] (s).b: 2 -> 3']
+    """
+    if isinstance(before, dict) and isinstance(now, dict):
+        keys = list(before) + [k for k in now if k not in before]
+        return [d for k in keys for d in _differences(before.get(k), now.get(k), f"{path}.{k}")]
+    if isinstance(before, list) and isinstance(now, list) and len(before) == len(now):
+        found = []
+        for i, (b, n) in enumerate(zip(before, now, strict=True)):
+            same_name = (
+                isinstance(b, dict) and isinstance(n, dict) and "name" in b and b["name"] == n.get("name")
+            )
+            name = f" ({b['name']})" if same_name else ""
+            found += _differences(b, n, f"{path}[{i}]{name}")
+        return found
+    if before == now:
+        return []
+
+    def shown(value: Any) -> str:
+        if isinstance(value, list) and value and all(isinstance(v, dict) and "name" in v for v in value):
+            value = [v["name"] for v in value]  # stages or sources added or removed: their names
+        text = json.dumps(value)
+        return text if len(text) <= 60 else text[:57] + "..."
+
+    return [f"{path}: {shown(before)} -> {shown(now)}"]
 
 
 def _run_started(out: Path) -> bool:

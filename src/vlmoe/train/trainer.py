@@ -87,13 +87,25 @@ class MoETrainer(Trainer):
             self._routing_active = False
 
     def compute_loss(
-        self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False, **kwargs: Any
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
     ):
+        # HF's compute_loss gives the LM loss over the label tokens of the whole accumulated step
+        # (num_items_in_batch) when the model takes it, so that accumulation equals the large batch;
+        # training_step then no longer divides by the accumulation steps, and the router loss (a
+        # mean over this micro-batch) is divided here instead.
         with self._routing_inputs(model, inputs):
             model_inputs, _ = split_model_inputs(inputs)
-            outputs = model(**model_inputs)
+            lm_loss, outputs = super().compute_loss(
+                model, model_inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+            )
         router_loss = aux_loss(model)
-        loss = outputs.loss + self.aux_loss_scale * router_loss
+        spans_step = self.model_accepts_loss_kwargs and num_items_in_batch is not None
+        router_scale = 1 / self.current_gradient_accumulation_steps if spans_step else 1
+        loss = lm_loss + self.aux_loss_scale * router_scale * router_loss
         if model.training:
             self._accumulate_aux_losses(model, router_loss)
         return (loss, outputs) if return_outputs else loss
