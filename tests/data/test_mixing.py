@@ -37,8 +37,11 @@ def test_mixing_is_deterministic_per_seed():
 
 
 def test_bad_weights_are_refused_clearly():
-    with pytest.raises(ValueError, match="weight -1 is negative"):
-        mix_sources([MixtureSource("a", _samples("a", 2), -1)], 4)
+    for weight in (-1, float("inf"), float("nan")):  # an infinite share makes every count garbage
+        with pytest.raises(ValueError, match=f"'a': weight is {weight}; use a finite weight >= 0"):
+            mix_sources(
+                [MixtureSource("a", _samples("a", 2), weight), MixtureSource("b", _samples("b", 2), 1)], 4
+            )
     with pytest.raises(ValueError, match="all mixture weights are 0"):
         mix_sources([MixtureSource("a", _samples("a", 2), 0)], 4)
     with pytest.raises(ValueError, match="'b' has weight 1 but no samples"):

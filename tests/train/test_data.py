@@ -58,3 +58,22 @@ def test_a_bad_sample_names_the_recipe_fix_and_on_error_skip_leaves_it_out(tmp_p
             DataConfig(sources=[SourceConfig(name="chat", path=path, on_error="skip")]), tmp_path
         )
     assert [s.id for s in samples] == ["a"]
+
+
+def test_sources_without_weights_give_every_sample_once_and_weights_give_shares(tmp_path):
+    charts = ChartDataConfig(n=6, questions_per_chart=0, tasks=["chart_to_table"])
+    big = SourceConfig(name="charts", charts=charts)  # 6 samples
+    small = SourceConfig(name="chat", path=_chat_file(tmp_path))  # 1 sample
+    samples = stage_samples(DataConfig(sources=[big, small]), tmp_path)
+    # Equal default weights would have drawn 3.5 of each: the chat sample repeated, charts dropped.
+    chart_ids = [s.id for s in samples if s.domain == "charts"]
+    assert len(chart_ids) == len(set(chart_ids)) == 6 and all(
+        i.endswith("-chart_to_table") for i in chart_ids
+    )
+    assert [s.id for s in samples if s.domain == "chat"] == ["a"]
+    weighted = [
+        SourceConfig(name="charts", charts=charts, weight=1),
+        SourceConfig(name="chat", path=small.path, weight=1),
+    ]
+    shares = [s.domain for s in stage_samples(DataConfig(sources=weighted, num_samples=8), tmp_path)]
+    assert shares.count("charts") == shares.count("chat") == 4

@@ -425,3 +425,21 @@ def test_cli_resumes_from_a_runs_recipe_json(tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert f"align: {tmp_path / 'run' / 'align' / 'final'} (done earlier)" in result.output
+
+
+def test_weights_on_some_sources_only_or_infinite_are_refused(tmp_path):
+    sources = [{"name": "a", "path": "a.json", "weight": 2}, {"name": "b", "path": "b.json"}]
+    with pytest.raises(
+        RecipeError, match=r"data\.sources: \['b'\] have no weight while others do; give every"
+    ):
+        load_recipe(_write(tmp_path, _stage(data={"sources": sources})))
+    sources[1]["weight"] = float("inf")
+    with pytest.raises(
+        RecipeError, match=r"sources\[1\]\.weight is inf; it must be more than 0 and finite"
+    ):
+        load_recipe(_write(tmp_path, _stage(data={"sources": sources})))
+    sources[1]["weight"] = 1
+    assert [
+        s.weight
+        for s in load_recipe(_write(tmp_path, _stage(data={"sources": sources}))).stages[0].data.sources
+    ] == [2, 1]

@@ -36,8 +36,8 @@ def mix_sources(sources: list[MixtureSource], num_samples: int, seed: int = 0) -
     if not sources:
         raise ValueError("mix_sources needs at least one source")
     for source in sources:
-        if source.weight < 0:
-            raise ValueError(f"source {source.name!r}: weight {source.weight} is negative; use a weight >= 0")
+        if not 0 <= source.weight < float("inf"):  # NaN too; an infinite share makes every count garbage
+            raise ValueError(f"source {source.name!r}: weight is {source.weight}; use a finite weight >= 0")
         if source.weight > 0 and not source.samples:
             raise ValueError(f"source {source.name!r} has weight {source.weight} but no samples; drop it")
     weights = np.array([s.weight for s in sources], dtype=np.float64)

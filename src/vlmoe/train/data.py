@@ -92,7 +92,9 @@ def stage_samples(data: DataConfig, output_dir: str | Path) -> list[Conversation
             samples = [s for s in samples if s.task in source.tasks]
         if not samples:
             raise ValueError(_no_samples_message(source, found))
-        sources.append(MixtureSource(source.name, samples, source.weight))
+        # No weights given: each source's share is its size, so every sample is drawn once.
+        weight = len(samples) if source.weight is None else source.weight
+        sources.append(MixtureSource(source.name, samples, weight))
     total = data.num_samples or sum(len(s.samples) for s in sources)
     mixed = mix_sources(sources, total, seed=data.seed)
     if data.cluster is not None:

@@ -34,6 +34,7 @@ from vlmoe.data.chart_record import CHART_TYPES
 from vlmoe.data.chart_render import MAX_SIZE_PX, MIN_SIZE_PX
 from vlmoe.train.validate import (
     AT_LEAST_1,
+    FINITE_MORE_THAN_0,
     MORE_THAN_0,
     NOT_NEGATIVE,
     RecipeError,
@@ -82,7 +83,9 @@ class SourceConfig:
     path: str | None = None  # LLaVA-format JSON/JSONL
     image_root: str | None = None
     charts: ChartDataConfig | None = None
-    weight: float = field(default=1.0, metadata=MORE_THAN_0)
+    # Its share of the mixture is weight / the sum of weights. Left out on every source: each
+    # source's share is its size, so the mixture (num_samples unset) holds every sample once.
+    weight: float | None = field(default=None, metadata=FINITE_MORE_THAN_0)
     tasks: list[str] | None = None  # keep only samples with these task tags
     # A path source's bad samples: "fail" stops at the first (file, line, fix); "skip" leaves them
     # out and reports them (vlmoe.data.read_conversations).
@@ -101,7 +104,7 @@ class ClusterConfig:
 @dataclass
 class DataConfig:
     sources: list[SourceConfig]
-    # The size of the weighted mixture; default all samples once.
+    # The size of the mixture; default the sources' sizes summed (with no weights: every sample once).
     num_samples: int | None = field(default=None, metadata=AT_LEAST_1)
     max_length: int | None = field(default=None, metadata=AT_LEAST_1)
     cluster: ClusterConfig | None = None
@@ -412,6 +415,13 @@ def check_recipe(recipe: Recipe, path: Path | str, scale: str | None = None) -> 
         else:
             started_with = clusters_after[seen[-1] if stage.start == "previous" else stage.start]
         clusters_after[stage.name] = _check_clusters(stage, where, started_with)
+        weighted = [source.weight is not None for source in stage.data.sources]
+        if any(weighted) and not all(weighted):
+            unweighted = [source.name for source in stage.data.sources if source.weight is None]
+            raise RecipeError(
+                f"{where}.data.sources: {unweighted} have no weight while others do; give every source a "
+                "weight (shares are weight / their sum), or none (each sample once)"
+            )
         for j, source in enumerate(stage.data.sources):
             if (source.path is None) == (source.charts is None):
                 raise RecipeError(f"{where}.data.sources[{j}]: give exactly one of path or charts")

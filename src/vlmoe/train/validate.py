@@ -7,6 +7,7 @@ integer, got 'eight'`), so a bad recipe fails before any work starts.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Callable
@@ -39,6 +40,7 @@ def valid(test: Callable[[Any], bool], allowed: str) -> dict[str, Any]:
 AT_LEAST_1 = valid(lambda n: n >= 1, "at least 1")
 NOT_NEGATIVE = valid(lambda n: n >= 0, "0 or more")
 MORE_THAN_0 = valid(lambda n: n > 0, "more than 0")
+FINITE_MORE_THAN_0 = valid(lambda n: 0 < n < math.inf, "more than 0 and finite")
 
 
 def check_values(obj: Any, where: str, path: Path | str) -> None:
