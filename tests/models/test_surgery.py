@@ -43,6 +43,32 @@ def test_upcycle_layers_every_other_and_list():
         vlmoe.upcycle_ffn(tiny("llava")[0], layers=[2])
 
 
+@pytest.mark.parametrize(
+    ("layers", "message"),
+    [
+        (1, r"got 1; for layer 1 alone pass layers=\[1\]"),
+        (None, "got None"),
+        ([True], r"got \[True\]"),  # a bool is an int to Python, not a layer index
+        ([0, 0], r"layers \[0, 0\] lists layer\(s\) \[0\] more than once"),
+        ([1, 0, 1], r"layers \[1, 0, 1\] lists layer\(s\) \[1\] more than once"),
+    ],
+)
+def test_a_layers_value_that_is_no_list_of_distinct_indices_is_refused(layers, message):
+    for surgery in (vlmoe.upcycle_ffn, vlmoe.add_mole):
+        model, _ = tiny("llava")
+        with pytest.raises(ValueError, match=message):
+            surgery(model, layers=layers)
+        assert read_record(model) is None  # refused before any change
+
+
+def test_numpy_layer_indices_are_taken_as_ints():
+    import numpy as np
+
+    model = vlmoe.upcycle_ffn(tiny("llava")[0], layers=[np.int64(1)])
+    assert read_record(model).steps[0].layers == [1] and type(read_record(model).steps[0].layers[0]) is int
+    assert isinstance(model.model.language_model.layers[1].mlp, MoEFeedForward)
+
+
 def test_surgery_twice_is_refused():
     model, _ = tiny("llava")
     vlmoe.upcycle_ffn(model)

@@ -11,6 +11,7 @@ base weights, as PEFT's merge does, so attention runs as plain linears.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from typing import Literal
 
@@ -303,12 +304,24 @@ def _layer_indices(model: nn.Module, adapter: FamilyAdapter, layers: LayerSpec) 
         return list(range(num_layers))
     if layers == "every_other":
         return list(range(0, num_layers, 2))
-    if isinstance(layers, str) or not all(isinstance(i, int) for i in layers):
-        raise ValueError(f"layers must be 'all', 'every_other' or a list of layer indices, got {layers!r}")
-    indices = sorted(set(layers))
+    if not isinstance(layers, Sequence) or isinstance(layers, str) or not all(map(_is_index, layers)):
+        hint = f"; for layer {layers} alone pass layers=[{layers}]" if _is_index(layers) else ""
+        raise ValueError(
+            f"layers must be 'all', 'every_other' or a list of layer indices, got {layers!r}{hint}"
+        )
+    given = [int(i) for i in layers]
+    indices = sorted(set(given))
     if not indices or indices[0] < 0 or indices[-1] >= num_layers:
-        raise ValueError(f"layers must be non-empty indices in [0, {num_layers}), got {list(layers)}")
+        raise ValueError(f"layers must be non-empty indices in [0, {num_layers}), got {given}")
+    if len(indices) != len(given):
+        twice = sorted({i for i in given if given.count(i) > 1})
+        raise ValueError(f"layers {given} lists layer(s) {twice} more than once; give each layer once")
     return indices
+
+
+def _is_index(value: object) -> bool:
+    # A bool is an int to Python but no layer index; numpy integers (np.arange) count as ints.
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _add_plain_lora(
