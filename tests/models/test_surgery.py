@@ -89,6 +89,18 @@ def test_mole_on_upcycled_layer_is_refused_but_other_layers_compose():
     assert [step.kind for step in read_record(model).steps] == ["upcycle_ffn", "add_mole"]
 
 
+def test_mole_that_would_add_no_lora_is_refused_and_later_surgery_still_works():
+    model, _ = tiny("llava")
+    vlmoe.upcycle_ffn(model, layers=[0])
+    with pytest.raises(ValueError, match=r"adds no LoRA to layers \[0\].*Pass attention_lora=True"):
+        vlmoe.add_mole(model, num_experts=0, attention_lora=False, layers=[0])
+    assert read_record(model).kinds() == ["upcycle_ffn"]  # nothing recorded
+    vlmoe.install_moe_connector(model)  # the record still agrees with the modules
+    vlmoe.add_mole(model, num_experts=0, attention_lora=False, layers=[0, 1])  # layer 1 gets MLP LoRA
+    assert isinstance(model.model.language_model.layers[1].mlp.up_proj, MoLELinear)
+    assert read_record(model).kinds() == ["upcycle_ffn", "install_moe_connector", "add_mole"]
+
+
 def test_mole_one_router_per_mlp_shared_by_its_three_linears():
     model, processor = tiny("llava")
     vlmoe.add_mole(model, num_experts=4, rank=4, top_k=1)

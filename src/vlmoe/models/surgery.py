@@ -155,6 +155,14 @@ def add_mole(
                 f"{adapter.mlp_path(index)} is an upcycled MoEFeedForward; MoLE needs a dense MLP. "
                 "Pass layers=... without the upcycled layers, or num_experts=0 for attention LoRA only"
             )
+    upcycled = [i for i in indices if isinstance(model.get_submodule(adapter.mlp_path(i)), MoEFeedForward)]
+    if not attention_lora and upcycled == indices:
+        # Recorded, a step that changed no module would make every later surgery refuse the model.
+        raise ValueError(
+            f"add_mole(num_experts=0, attention_lora=False) adds no LoRA to layers {indices}: their "
+            "MLPs are upcycled MoEFeedForward layers, which keep their experts. Pass attention_lora=True, or "
+            "layers=... with dense layers"
+        )
     for index in indices:
         mlp_path = adapter.mlp_path(index)
         mlp = model.get_submodule(mlp_path)
