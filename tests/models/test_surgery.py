@@ -171,6 +171,32 @@ def test_aligned_projector_of_wrong_shape_names_the_tensor():
         vlmoe.install_moe_connector(model, init="aligned")
 
 
+def test_aligned_projector_module_of_another_shape_is_refused_but_a_sequential_of_its_shape_works():
+    import copy
+
+    from transformers import LlavaForConditionalGeneration
+
+    model, processor = tiny("llava")
+    projector = model.model.multi_modal_projector
+    wider = copy.deepcopy(model.config)
+    wider.text_config.hidden_size = 64  # a projector trained for a bigger LM
+    other = LlavaForConditionalGeneration(wider).model.multi_modal_projector
+    with pytest.raises(
+        ValueError,
+        match=r"projectors\[1\]: LlavaMultiModalProjector has tensors of shapes \[\(64, 32\), \(64,\), "
+        r"\(64, 64\), \(64,\)\], the projector model\.multi_modal_projector .* has \[\(32, 32\)",
+    ):
+        vlmoe.install_moe_connector(model, init="aligned", projectors=[projector, other])
+    assert read_record(model) is None and model.model.multi_modal_projector is projector
+    sequential = torch.nn.Sequential(
+        copy.deepcopy(projector.linear_1), torch.nn.GELU(), copy.deepcopy(projector.linear_2)
+    )
+    vlmoe.install_moe_connector(model, init="aligned", projectors=[projector, sequential])
+    connector = model.model.multi_modal_projector
+    assert torch.equal(connector.experts.fc1_weight[1], projector.linear_1.weight)
+    assert logits(model, tiny_batch("llava", processor)).isfinite().all()
+
+
 def test_surgered_model_trains_generates_and_reports_aux_loss(family, tiny_model):
     model, _, batch = tiny_model
     torch.manual_seed(0)  # router init

@@ -43,9 +43,19 @@ def build_connector(
 
 def _as_projector(item: object, template: nn.Module, projector_path: str, index: int) -> nn.Module:
     """A module shaped like `template` holding `item`'s weights (a module, state dict or file)."""
-    if isinstance(item, nn.Module):
-        return item
     where = f"projectors[{index}]"
+    if isinstance(item, nn.Module):
+        # Compared by shapes in order, not by names: a Sequential(Linear, GELU, Linear) stacks into
+        # the same experts as LLaVA's projector class. Another shape would fail deep in the forward.
+        shapes = [tuple(t.shape) for t in item.state_dict().values()]
+        needed = [tuple(t.shape) for t in template.state_dict().values()]
+        if shapes != needed:
+            raise ValueError(
+                f"{where}: {type(item).__name__} has tensors of shapes {shapes}, the projector "
+                f"{projector_path} ({type(template).__name__}) has {needed}; pass projectors of the model's "
+                "own shape (one trained for another model size does not fit)"
+            )
+        return item
     if isinstance(item, (str, Path)):
         where = f"{where} ({item})"
         item = _read_state_dict(Path(item))
