@@ -197,6 +197,30 @@ def test_aligned_projector_module_of_another_shape_is_refused_but_a_sequential_o
     assert logits(model, tiny_batch("llava", processor)).isfinite().all()
 
 
+@pytest.mark.parametrize("name", ["table.safetensors", "table.pt"])
+def test_a_damaged_projector_checkpoint_is_named_with_the_fix(name, tmp_path):
+    model, _ = tiny("llava")
+    projector = model.model.multi_modal_projector
+    good = tmp_path / f"good{name[5:]}"
+    if name.endswith(".pt"):
+        torch.save(projector.state_dict(), good)
+    else:
+        save_file(projector.state_dict(), good)
+    data = good.read_bytes()
+    for damaged in (data[: len(data) // 2], b"", b"junk"):  # cut short by a copy, empty, not a checkpoint
+        (tmp_path / name).write_bytes(damaged)
+        with pytest.raises(
+            ValueError, match=rf"projector checkpoint {tmp_path / name} cannot be read \(.*\); it is damaged"
+        ):
+            vlmoe.install_moe_connector(model, init="aligned", projectors=[projector, tmp_path / name])
+    torch.save(projector, tmp_path / "module.pt")  # a pickled module, not a state dict
+    with pytest.raises(ValueError, match=r"module\.pt cannot be read \(Weights only load failed.*state_dict"):
+        vlmoe.install_moe_connector(model, init="aligned", projectors=[projector, tmp_path / "module.pt"])
+    assert read_record(model) is None
+    vlmoe.install_moe_connector(model, init="aligned", projectors=[projector, good])
+    assert torch.equal(model.model.multi_modal_projector.experts.fc2_weight[1], projector.linear_2.weight)
+
+
 def test_surgered_model_trains_generates_and_reports_aux_loss(family, tiny_model):
     model, _, batch = tiny_model
     torch.manual_seed(0)  # router init

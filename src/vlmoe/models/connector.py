@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import pickle
+import struct
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -92,8 +94,19 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(
             f"projector checkpoint {path} does not exist; pass a .safetensors or .pt file"
         )
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
 
-        return load_file(str(path))
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(str(path))
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except PermissionError:
+        raise  # its own message names the file and the cause
+    # torch.load reports a cut-short zip as OSError(EINVAL), junk as struct.error, an empty file as EOFError.
+    except (SafetensorError, pickle.UnpicklingError, RuntimeError, EOFError, struct.error, OSError) as error:
+        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        raise ValueError(
+            f"projector checkpoint {path} cannot be read ({reason}); it is damaged, cut short or not a "
+            "state dict: save the projector's state_dict() again (safetensors save_file or torch.save)"
+        ) from None
