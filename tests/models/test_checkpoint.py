@@ -119,6 +119,25 @@ def test_a_damaged_config_or_weights_file_is_named_with_the_fix(saved):
         vlmoe.load(saved)
 
 
+@pytest.mark.parametrize(
+    ("architectures", "message"),
+    [
+        (
+            ["Qwen2VLForConditionalGeneration"],
+            r"'architectures' names Qwen2VLForConditionalGeneration, a model of Qwen2VLConfig, but "
+            r"model_type 'llava' is a LlavaConfig: the file mixes two models\. Restore 'architectures'",
+        ),
+        (["AutoConfig"], r"'architectures' is \['AutoConfig'\]; expected one transformers model class"),
+    ],
+)
+def test_architectures_that_do_not_fit_the_config_are_named(saved, architectures, message):
+    config = json.loads((saved / "config.json").read_text())
+    config["architectures"] = architectures
+    (saved / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=rf"{saved}/config\.json: {message}"):
+        vlmoe.load(saved)
+
+
 def test_load_pretrained_vlm_names_a_model_type_that_is_no_vlm(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
     with pytest.raises(ValueError, match=r"config\.json: model_type 'bert' is not a vision-language model"):
