@@ -251,6 +251,24 @@ def test_save_in_place_refuses_to_drop_the_processor_and_leaves_the_folder(tmp_p
     assert sorted(p.name for p in path.iterdir()) == sorted(before)
 
 
+def test_save_refuses_a_model_built_without_its_recorded_surgery_and_keeps_the_folder(tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    path = vlmoe.save(vlmoe.upcycle_ffn(tiny("llava")[0]), tmp_path / "m")
+    before = {p.name: p.read_bytes() for p in path.iterdir()}
+    # Dense MLPs with random weights where the experts were, and the record of the surgery.
+    stock = AutoModelForImageTextToText.from_pretrained(path)
+    for target in (path, tmp_path / "copy"):
+        with pytest.raises(
+            ValueError,
+            match=r"records surgery \['upcycle_ffn'\] but its modules show \[\].*vlmoe\.load\(path\)",
+        ):
+            vlmoe.save(stock, target)
+    assert {p.name: p.read_bytes() for p in path.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+    assert read_record(vlmoe.load(path)).kinds() == ["upcycle_ffn"]
+
+
 def test_save_refuses_a_folder_holding_the_loaded_folder_and_deletes_nothing(tmp_path):
     runs = tmp_path / "runs"
     path = vlmoe.save(vlmoe.upcycle_ffn(tiny("llava")[0]), runs / "model")

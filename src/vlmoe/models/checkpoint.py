@@ -53,6 +53,12 @@ def save(
         >>> sorted(p.name for p in path.iterdir())
         ['README.md', 'config.json', 'model.safetensors']
     """
+    from vlmoe.models.surgery import check_record_agrees
+
+    # A model whose record its modules do not show (from_pretrained on a vlmoe.save folder: dense
+    # MLPs, random where the experts were) would be written as weights vlmoe.load cannot read, and
+    # saved in place it would replace the good model.
+    check_record_agrees(model)
     path = Path(path)
     model.config.architectures = [_model_class_name(model)]
     # A model cast with .to(dtype) keeps its config's old dtype; load builds the model in the one

@@ -275,7 +275,13 @@ def merge_lora(model: nn.Module) -> nn.Module:
     return model
 
 
-def _refuse_repeat(model: nn.Module, kind: str) -> None:
+def check_record_agrees(model: nn.Module) -> None:
+    """Refuse a model whose config records surgery its modules do not show (or the reverse).
+
+    Example:
+        >>> import vlmoe
+        >>> check_record_agrees(vlmoe.upcycle_ffn(vlmoe.models.tiny("llava")[0]))  # agrees: no error
+    """
     record = read_record(model)
     applied = _applied_kinds(model)
     # An "import" step changes no module kind (see vlmoe.interop), and a merge leaves the LoRA
@@ -286,6 +292,11 @@ def _refuse_repeat(model: nn.Module, kind: str) -> None:
             "it was built from a vlmoe config without the surgery (e.g. from_pretrained on a vlmoe.save "
             "directory, or a config shared with another model). Load it with vlmoe.load(path)"
         )
+
+
+def _refuse_repeat(model: nn.Module, kind: str) -> None:
+    check_record_agrees(model)
+    applied = _applied_kinds(model)
     if kind in applied:
         raise ValueError(
             f"{kind} was already applied to this model (its config records {sorted(applied)}); "
