@@ -197,6 +197,22 @@ def test_aligned_projector_module_of_another_shape_is_refused_but_a_sequential_o
     assert logits(model, tiny_batch("llava", processor)).isfinite().all()
 
 
+def test_aligned_projector_modules_in_another_dtype_take_the_models_dtype():
+    model, processor = tiny("llava")
+    model.to(torch.bfloat16)
+    fp32 = tiny("llava", seed=1)[0].model.multi_modal_projector  # trained apart, kept in float32
+    vlmoe.install_moe_connector(model, init="aligned", projectors=[fp32, model.model.multi_modal_projector])
+    experts = model.model.multi_modal_projector.experts
+    assert {p.dtype for p in model.model.multi_modal_projector.parameters()} == {torch.bfloat16}
+    assert torch.equal(experts.fc1_weight[0], fp32.linear_1.weight.to(torch.bfloat16))
+    assert fp32.linear_1.weight.dtype == torch.float32  # the caller's module is not changed
+    batch = {
+        k: v.to(torch.bfloat16) if v.is_floating_point() else v
+        for k, v in tiny_batch("llava", processor).items()
+    }
+    assert logits(model, batch).isfinite().all()
+
+
 @pytest.mark.parametrize("name", ["table.safetensors", "table.pt"])
 def test_a_damaged_projector_checkpoint_is_named_with_the_fix(name, tmp_path):
     model, _ = tiny("llava")

@@ -57,7 +57,10 @@ def _as_projector(item: object, template: nn.Module, projector_path: str, index:
                 f"{projector_path} ({type(template).__name__}) has {needed}; pass projectors of the model's "
                 "own shape (one trained for another model size does not fit)"
             )
-        return item
+        # In the model's dtype and device, as a state dict is: an fp32 projector in a bf16 model
+        # would make fp32 experts, and the first forward a dtype error deep in a matmul.
+        reference = next(iter(template.parameters()))
+        return copy.deepcopy(item).to(device=reference.device, dtype=reference.dtype)
     if isinstance(item, (str, Path)):
         where = f"{where} ({item})"
         item = _read_state_dict(Path(item))
