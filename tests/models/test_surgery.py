@@ -213,6 +213,22 @@ def test_aligned_projector_modules_in_another_dtype_take_the_models_dtype():
     assert logits(model, batch).isfinite().all()
 
 
+def test_aligned_projector_modules_become_copies_of_the_models_projector_and_reload_the_same(tmp_path):
+    import copy
+
+    model, processor = tiny("llava")
+    projector = model.model.multi_modal_projector
+    # Another activation than the model's GELU: the experts were ReLU-MLPs, vlmoe.load made them GELU.
+    relu = torch.nn.Sequential(
+        copy.deepcopy(projector.linear_1), torch.nn.ReLU(), copy.deepcopy(projector.linear_2)
+    )
+    vlmoe.install_moe_connector(model, init="aligned", projectors=[relu, projector])
+    assert type(model.model.multi_modal_projector.experts.act_fn) is type(projector.act)
+    batch = tiny_batch("llava", processor)
+    again = vlmoe.load(vlmoe.save(model, tmp_path / "m"))
+    assert torch.equal(logits(again, batch), logits(model, batch))
+
+
 @pytest.mark.parametrize("name", ["table.safetensors", "table.pt"])
 def test_a_damaged_projector_checkpoint_is_named_with_the_fix(name, tmp_path):
     model, _ = tiny("llava")

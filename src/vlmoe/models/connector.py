@@ -44,11 +44,13 @@ def build_connector(
 
 
 def _as_projector(item: object, template: nn.Module, projector_path: str, index: int) -> nn.Module:
-    """A module shaped like `template` holding `item`'s weights (a module, state dict or file)."""
+    """A copy of `template` holding `item`'s weights (a module, state dict or file)."""
     where = f"projectors[{index}]"
     if isinstance(item, nn.Module):
-        # Compared by shapes in order, not by names: a Sequential(Linear, GELU, Linear) stacks into
-        # the same experts as LLaVA's projector class. Another shape would fail deep in the forward.
+        # Taken by its weights, in order (a Sequential(Linear, GELU, Linear) fits LLaVA's projector
+        # class), into a copy of the model's projector below: every expert then has the projector's
+        # activation, dtype and device, the layout vlmoe.load rebuilds. Another shape would fail
+        # deep in the forward.
         shapes = [tuple(t.shape) for t in item.state_dict().values()]
         needed = [tuple(t.shape) for t in template.state_dict().values()]
         if shapes != needed:
@@ -57,10 +59,7 @@ def _as_projector(item: object, template: nn.Module, projector_path: str, index:
                 f"{projector_path} ({type(template).__name__}) has {needed}; pass projectors of the model's "
                 "own shape (one trained for another model size does not fit)"
             )
-        # In the model's dtype and device, as a state dict is: an fp32 projector in a bf16 model
-        # would make fp32 experts, and the first forward a dtype error deep in a matmul.
-        reference = next(iter(template.parameters()))
-        return copy.deepcopy(item).to(device=reference.device, dtype=reference.dtype)
+        item = dict(zip(template.state_dict(), item.state_dict().values(), strict=True))
     if isinstance(item, (str, Path)):
         where = f"{where} ({item})"
         item = _read_state_dict(Path(item))
