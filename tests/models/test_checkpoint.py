@@ -119,6 +119,25 @@ def test_a_damaged_config_or_weights_file_is_named_with_the_fix(saved):
         vlmoe.load(saved)
 
 
+@pytest.mark.parametrize(
+    ("architectures", "message"),
+    [
+        (
+            ["Qwen2VLForConditionalGeneration"],
+            r"'architectures' names Qwen2VLForConditionalGeneration, a model of Qwen2VLConfig, but "
+            r"model_type 'llava' is a LlavaConfig: the file mixes two models\. Restore 'architectures'",
+        ),
+        (["AutoConfig"], r"'architectures' is \['AutoConfig'\]; expected one transformers model class"),
+    ],
+)
+def test_architectures_that_do_not_fit_the_config_are_named(saved, architectures, message):
+    config = json.loads((saved / "config.json").read_text())
+    config["architectures"] = architectures
+    (saved / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=rf"{saved}/config\.json: {message}"):
+        vlmoe.load(saved)
+
+
 def test_load_pretrained_vlm_names_a_model_type_that_is_no_vlm(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
     with pytest.raises(ValueError, match=r"config\.json: model_type 'bert' is not a vision-language model"):
@@ -230,6 +249,24 @@ def test_save_in_place_refuses_to_drop_the_processor_and_leaves_the_folder(tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
     vlmoe.save(vlmoe.load(path), path, processor=processor)  # with it, nothing is lost
     assert sorted(p.name for p in path.iterdir()) == sorted(before)
+
+
+def test_save_refuses_a_model_built_without_its_recorded_surgery_and_keeps_the_folder(tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    path = vlmoe.save(vlmoe.upcycle_ffn(tiny("llava")[0]), tmp_path / "m")
+    before = {p.name: p.read_bytes() for p in path.iterdir()}
+    # Dense MLPs with random weights where the experts were, and the record of the surgery.
+    stock = AutoModelForImageTextToText.from_pretrained(path)
+    for target in (path, tmp_path / "copy"):
+        with pytest.raises(
+            ValueError,
+            match=r"records surgery \['upcycle_ffn'\] but its modules show \[\].*vlmoe\.load\(path\)",
+        ):
+            vlmoe.save(stock, target)
+    assert {p.name: p.read_bytes() for p in path.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+    assert read_record(vlmoe.load(path)).kinds() == ["upcycle_ffn"]
 
 
 def test_save_refuses_a_folder_holding_the_loaded_folder_and_deletes_nothing(tmp_path):

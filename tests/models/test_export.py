@@ -82,6 +82,17 @@ def test_export_refuses_what_has_no_standard_form(surgery, message, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def test_export_refuses_a_model_built_without_its_recorded_surgery(tmp_path):
+    path = vlmoe.save(vlmoe.upcycle_ffn(tiny("llava")[0]), tmp_path / "m")
+    stock = AutoModelForImageTextToText.from_pretrained(path)  # random dense MLPs, the record kept
+    with pytest.raises(
+        ValueError, match=r"records surgery \['upcycle_ffn'\] but its modules show \[\]"
+    ) as error:
+        vlmoe.export_hf(stock, tmp_path / "hf")
+    assert "save_pretrained" not in str(error.value)
+    assert not (tmp_path / "hf").exists()
+
+
 def test_cli_export_reads_a_vlmoe_save(tmp_path):
     from typer.testing import CliRunner
 

@@ -43,6 +43,32 @@ def test_upcycle_layers_every_other_and_list():
         vlmoe.upcycle_ffn(tiny("llava")[0], layers=[2])
 
 
+@pytest.mark.parametrize(
+    ("layers", "message"),
+    [
+        (1, r"got 1; for layer 1 alone pass layers=\[1\]"),
+        (None, "got None"),
+        ([True], r"got \[True\]"),  # a bool is an int to Python, not a layer index
+        ([0, 0], r"layers \[0, 0\] lists layer\(s\) \[0\] more than once"),
+        ([1, 0, 1], r"layers \[1, 0, 1\] lists layer\(s\) \[1\] more than once"),
+    ],
+)
+def test_a_layers_value_that_is_no_list_of_distinct_indices_is_refused(layers, message):
+    for surgery in (vlmoe.upcycle_ffn, vlmoe.add_mole):
+        model, _ = tiny("llava")
+        with pytest.raises(ValueError, match=message):
+            surgery(model, layers=layers)
+        assert read_record(model) is None  # refused before any change
+
+
+def test_numpy_layer_indices_are_taken_as_ints():
+    import numpy as np
+
+    model = vlmoe.upcycle_ffn(tiny("llava")[0], layers=[np.int64(1)])
+    assert read_record(model).steps[0].layers == [1] and type(read_record(model).steps[0].layers[0]) is int
+    assert isinstance(model.model.language_model.layers[1].mlp, MoEFeedForward)
+
+
 def test_surgery_twice_is_refused():
     model, _ = tiny("llava")
     vlmoe.upcycle_ffn(model)
@@ -61,6 +87,18 @@ def test_mole_on_upcycled_layer_is_refused_but_other_layers_compose():
     assert not any(isinstance(m, MoLELinear) for m in model.modules())  # the refusal changed nothing
     vlmoe.add_mole(model, layers=[1], rank=2)
     assert [step.kind for step in read_record(model).steps] == ["upcycle_ffn", "add_mole"]
+
+
+def test_mole_that_would_add_no_lora_is_refused_and_later_surgery_still_works():
+    model, _ = tiny("llava")
+    vlmoe.upcycle_ffn(model, layers=[0])
+    with pytest.raises(ValueError, match=r"adds no LoRA to layers \[0\].*Pass attention_lora=True"):
+        vlmoe.add_mole(model, num_experts=0, attention_lora=False, layers=[0])
+    assert read_record(model).kinds() == ["upcycle_ffn"]  # nothing recorded
+    vlmoe.install_moe_connector(model)  # the record still agrees with the modules
+    vlmoe.add_mole(model, num_experts=0, attention_lora=False, layers=[0, 1])  # layer 1 gets MLP LoRA
+    assert isinstance(model.model.language_model.layers[1].mlp.up_proj, MoLELinear)
+    assert read_record(model).kinds() == ["upcycle_ffn", "install_moe_connector", "add_mole"]
 
 
 def test_mole_one_router_per_mlp_shared_by_its_three_linears():
@@ -131,6 +169,88 @@ def test_aligned_projector_of_wrong_shape_names_the_tensor():
         vlmoe.install_moe_connector(model, init="aligned", projectors=[{"weight": torch.zeros(1)}])
     with pytest.raises(ValueError, match="needs projectors"):
         vlmoe.install_moe_connector(model, init="aligned")
+
+
+def test_aligned_projector_module_of_another_shape_is_refused_but_a_sequential_of_its_shape_works():
+    import copy
+
+    from transformers import LlavaForConditionalGeneration
+
+    model, processor = tiny("llava")
+    projector = model.model.multi_modal_projector
+    wider = copy.deepcopy(model.config)
+    wider.text_config.hidden_size = 64  # a projector trained for a bigger LM
+    other = LlavaForConditionalGeneration(wider).model.multi_modal_projector
+    with pytest.raises(
+        ValueError,
+        match=r"projectors\[1\]: LlavaMultiModalProjector has tensors of shapes \[\(64, 32\), \(64,\), "
+        r"\(64, 64\), \(64,\)\], the projector model\.multi_modal_projector .* has \[\(32, 32\)",
+    ):
+        vlmoe.install_moe_connector(model, init="aligned", projectors=[projector, other])
+    assert read_record(model) is None and model.model.multi_modal_projector is projector
+    sequential = torch.nn.Sequential(
+        copy.deepcopy(projector.linear_1), torch.nn.GELU(), copy.deepcopy(projector.linear_2)
+    )
+    vlmoe.install_moe_connector(model, init="aligned", projectors=[projector, sequential])
+    connector = model.model.multi_modal_projector
+    assert torch.equal(connector.experts.fc1_weight[1], projector.linear_1.weight)
+    assert logits(model, tiny_batch("llava", processor)).isfinite().all()
+
+
+def test_aligned_projector_modules_in_another_dtype_take_the_models_dtype():
+    model, processor = tiny("llava")
+    model.to(torch.bfloat16)
+    fp32 = tiny("llava", seed=1)[0].model.multi_modal_projector  # trained apart, kept in float32
+    vlmoe.install_moe_connector(model, init="aligned", projectors=[fp32, model.model.multi_modal_projector])
+    experts = model.model.multi_modal_projector.experts
+    assert {p.dtype for p in model.model.multi_modal_projector.parameters()} == {torch.bfloat16}
+    assert torch.equal(experts.fc1_weight[0], fp32.linear_1.weight.to(torch.bfloat16))
+    assert fp32.linear_1.weight.dtype == torch.float32  # the caller's module is not changed
+    batch = {
+        k: v.to(torch.bfloat16) if v.is_floating_point() else v
+        for k, v in tiny_batch("llava", processor).items()
+    }
+    assert logits(model, batch).isfinite().all()
+
+
+def test_aligned_projector_modules_become_copies_of_the_models_projector_and_reload_the_same(tmp_path):
+    import copy
+
+    model, processor = tiny("llava")
+    projector = model.model.multi_modal_projector
+    # Another activation than the model's GELU: the experts were ReLU-MLPs, vlmoe.load made them GELU.
+    relu = torch.nn.Sequential(
+        copy.deepcopy(projector.linear_1), torch.nn.ReLU(), copy.deepcopy(projector.linear_2)
+    )
+    vlmoe.install_moe_connector(model, init="aligned", projectors=[relu, projector])
+    assert type(model.model.multi_modal_projector.experts.act_fn) is type(projector.act)
+    batch = tiny_batch("llava", processor)
+    again = vlmoe.load(vlmoe.save(model, tmp_path / "m"))
+    assert torch.equal(logits(again, batch), logits(model, batch))
+
+
+@pytest.mark.parametrize("name", ["table.safetensors", "table.pt"])
+def test_a_damaged_projector_checkpoint_is_named_with_the_fix(name, tmp_path):
+    model, _ = tiny("llava")
+    projector = model.model.multi_modal_projector
+    good = tmp_path / f"good{name[5:]}"
+    if name.endswith(".pt"):
+        torch.save(projector.state_dict(), good)
+    else:
+        save_file(projector.state_dict(), good)
+    data = good.read_bytes()
+    for damaged in (data[: len(data) // 2], b"", b"junk"):  # cut short by a copy, empty, not a checkpoint
+        (tmp_path / name).write_bytes(damaged)
+        with pytest.raises(
+            ValueError, match=rf"projector checkpoint {tmp_path / name} cannot be read \(.*\); it is damaged"
+        ):
+            vlmoe.install_moe_connector(model, init="aligned", projectors=[projector, tmp_path / name])
+    torch.save(projector, tmp_path / "module.pt")  # a pickled module, not a state dict
+    with pytest.raises(ValueError, match=r"module\.pt cannot be read \(Weights only load failed.*state_dict"):
+        vlmoe.install_moe_connector(model, init="aligned", projectors=[projector, tmp_path / "module.pt"])
+    assert read_record(model) is None
+    vlmoe.install_moe_connector(model, init="aligned", projectors=[projector, good])
+    assert torch.equal(model.model.multi_modal_projector.experts.fc2_weight[1], projector.linear_2.weight)
 
 
 def test_surgered_model_trains_generates_and_reports_aux_loss(family, tiny_model):

@@ -14,7 +14,7 @@ import transformers
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
-from transformers import AutoConfig, ProcessorMixin
+from transformers import AutoConfig, PreTrainedModel, ProcessorMixin
 from transformers.initialization import no_init_weights
 
 from vlmoe.atomic import atomic_directory, deletes_source, first_names
@@ -53,6 +53,12 @@ def save(
         >>> sorted(p.name for p in path.iterdir())
         ['README.md', 'config.json', 'model.safetensors']
     """
+    from vlmoe.models.surgery import check_record_agrees
+
+    # A model whose record its modules do not show (from_pretrained on a vlmoe.save folder: dense
+    # MLPs, random where the experts were) would be written as weights vlmoe.load cannot read, and
+    # saved in place it would replace the good model.
+    check_record_agrees(model)
     path = Path(path)
     model.config.architectures = [_model_class_name(model)]
     # A model cast with .to(dtype) keeps its config's old dtype; load builds the model in the one
@@ -253,9 +259,16 @@ def load_local(path: str | os.PathLike) -> nn.Module:
 def _base_model(config, path: Path) -> nn.Module:
     names = getattr(config, "architectures", None) or []
     model_class = getattr(transformers, names[0], None) if names else None
-    if model_class is None:
+    if not (isinstance(model_class, type) and issubclass(model_class, PreTrainedModel)):
         raise ValueError(
             f"{path}/config.json: 'architectures' is {names!r}; expected one transformers model class"
+        )
+    if not isinstance(config, model_class.config_class):
+        raise ValueError(
+            f"{path}/config.json: 'architectures' names {names[0]}, a model of "
+            f"{model_class.config_class.__name__}, but model_type {config.model_type!r} is a "
+            f"{type(config).__name__}: the file mixes two models. Restore 'architectures' and model_type "
+            "as vlmoe.save wrote them, or save the model again"
         )
     # `config.json` names the attention kernel the model was saved with (see `_record_attention`),
     # which AutoConfig reads back into `config._attn_implementation`. Random init is skipped (every

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import pickle
+import struct
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -42,10 +44,22 @@ def build_connector(
 
 
 def _as_projector(item: object, template: nn.Module, projector_path: str, index: int) -> nn.Module:
-    """A module shaped like `template` holding `item`'s weights (a module, state dict or file)."""
-    if isinstance(item, nn.Module):
-        return item
+    """A copy of `template` holding `item`'s weights (a module, state dict or file)."""
     where = f"projectors[{index}]"
+    if isinstance(item, nn.Module):
+        # Taken by its weights, in order (a Sequential(Linear, GELU, Linear) fits LLaVA's projector
+        # class), into a copy of the model's projector below: every expert then has the projector's
+        # activation, dtype and device, the layout vlmoe.load rebuilds. Another shape would fail
+        # deep in the forward.
+        shapes = [tuple(t.shape) for t in item.state_dict().values()]
+        needed = [tuple(t.shape) for t in template.state_dict().values()]
+        if shapes != needed:
+            raise ValueError(
+                f"{where}: {type(item).__name__} has tensors of shapes {shapes}, the projector "
+                f"{projector_path} ({type(template).__name__}) has {needed}; pass projectors of the model's "
+                "own shape (one trained for another model size does not fit)"
+            )
+        item = dict(zip(template.state_dict(), item.state_dict().values(), strict=True))
     if isinstance(item, (str, Path)):
         where = f"{where} ({item})"
         item = _read_state_dict(Path(item))
@@ -82,8 +96,19 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(
             f"projector checkpoint {path} does not exist; pass a .safetensors or .pt file"
         )
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
 
-        return load_file(str(path))
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(str(path))
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except PermissionError:
+        raise  # its own message names the file and the cause
+    # torch.load reports a cut-short zip as OSError(EINVAL), junk as struct.error, an empty file as EOFError.
+    except (SafetensorError, pickle.UnpicklingError, RuntimeError, EOFError, struct.error, OSError) as error:
+        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        raise ValueError(
+            f"projector checkpoint {path} cannot be read ({reason}); it is damaged, cut short or not a "
+            "state dict: save the projector's state_dict() again (safetensors save_file or torch.save)"
+        ) from None

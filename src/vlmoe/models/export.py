@@ -56,6 +56,11 @@ def export_hf(model: nn.Module, path: str | os.PathLike, card: CardInfo | None =
         >>> AutoModelForImageTextToText.from_pretrained(path).config.text_config.model_type
         'mixtral'
     """
+    from vlmoe.models.surgery import check_record_agrees
+
+    # A model from_pretrained on a vlmoe.save folder has dense MLPs with random weights under the
+    # record of its surgery: refused here, not reported as a dense model to save_pretrained.
+    check_record_agrees(model)
     _check_not_the_source(model, Path(path))
     check_replaceable(path)  # before the conversion's work, not only before the write
     adapter = adapter_for(model)

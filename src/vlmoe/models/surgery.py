@@ -11,6 +11,7 @@ base weights, as PEFT's merge does, so attention runs as plain linears.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from typing import Literal
 
@@ -154,6 +155,14 @@ def add_mole(
                 f"{adapter.mlp_path(index)} is an upcycled MoEFeedForward; MoLE needs a dense MLP. "
                 "Pass layers=... without the upcycled layers, or num_experts=0 for attention LoRA only"
             )
+    upcycled = [i for i in indices if isinstance(model.get_submodule(adapter.mlp_path(i)), MoEFeedForward)]
+    if not attention_lora and upcycled == indices:
+        # Recorded, a step that changed no module would make every later surgery refuse the model.
+        raise ValueError(
+            f"add_mole(num_experts=0, attention_lora=False) adds no LoRA to layers {indices}: their "
+            "MLPs are upcycled MoEFeedForward layers, which keep their experts. Pass attention_lora=True, or "
+            "layers=... with dense layers"
+        )
     for index in indices:
         mlp_path = adapter.mlp_path(index)
         mlp = model.get_submodule(mlp_path)
@@ -266,7 +275,13 @@ def merge_lora(model: nn.Module) -> nn.Module:
     return model
 
 
-def _refuse_repeat(model: nn.Module, kind: str) -> None:
+def check_record_agrees(model: nn.Module) -> None:
+    """Refuse a model whose config records surgery its modules do not show (or the reverse).
+
+    Example:
+        >>> import vlmoe
+        >>> check_record_agrees(vlmoe.upcycle_ffn(vlmoe.models.tiny("llava")[0]))  # agrees: no error
+    """
     record = read_record(model)
     applied = _applied_kinds(model)
     # An "import" step changes no module kind (see vlmoe.interop), and a merge leaves the LoRA
@@ -277,6 +292,11 @@ def _refuse_repeat(model: nn.Module, kind: str) -> None:
             "it was built from a vlmoe config without the surgery (e.g. from_pretrained on a vlmoe.save "
             "directory, or a config shared with another model). Load it with vlmoe.load(path)"
         )
+
+
+def _refuse_repeat(model: nn.Module, kind: str) -> None:
+    check_record_agrees(model)
+    applied = _applied_kinds(model)
     if kind in applied:
         raise ValueError(
             f"{kind} was already applied to this model (its config records {sorted(applied)}); "
@@ -303,12 +323,24 @@ def _layer_indices(model: nn.Module, adapter: FamilyAdapter, layers: LayerSpec) 
         return list(range(num_layers))
     if layers == "every_other":
         return list(range(0, num_layers, 2))
-    if isinstance(layers, str) or not all(isinstance(i, int) for i in layers):
-        raise ValueError(f"layers must be 'all', 'every_other' or a list of layer indices, got {layers!r}")
-    indices = sorted(set(layers))
+    if not isinstance(layers, Sequence) or isinstance(layers, str) or not all(map(_is_index, layers)):
+        hint = f"; for layer {layers} alone pass layers=[{layers}]" if _is_index(layers) else ""
+        raise ValueError(
+            f"layers must be 'all', 'every_other' or a list of layer indices, got {layers!r}{hint}"
+        )
+    given = [int(i) for i in layers]
+    indices = sorted(set(given))
     if not indices or indices[0] < 0 or indices[-1] >= num_layers:
-        raise ValueError(f"layers must be non-empty indices in [0, {num_layers}), got {list(layers)}")
+        raise ValueError(f"layers must be non-empty indices in [0, {num_layers}), got {given}")
+    if len(indices) != len(given):
+        twice = sorted({i for i in given if given.count(i) > 1})
+        raise ValueError(f"layers {given} lists layer(s) {twice} more than once; give each layer once")
     return indices
+
+
+def _is_index(value: object) -> bool:
+    # A bool is an int to Python but no layer index; numpy integers (np.arange) count as ints.
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _add_plain_lora(
