@@ -67,6 +67,10 @@ def test_numpy_layer_indices_are_taken_as_ints():
     model = vlmoe.upcycle_ffn(tiny("llava")[0], layers=[np.int64(1)])
     assert read_record(model).steps[0].layers == [1] and type(read_record(model).steps[0].layers[0]) is int
     assert isinstance(model.model.language_model.layers[1].mlp, MoEFeedForward)
+    # An array of indices too (np.arange(1, 2) == "all" is an array, once an ambiguous-truth error).
+    for layers in (np.arange(1, 2), torch.tensor([1])):
+        model = vlmoe.upcycle_ffn(tiny("llava")[0], layers=layers)
+        assert read_record(model).steps[0].layers == [1]
 
 
 def test_surgery_twice_is_refused():

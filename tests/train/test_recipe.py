@@ -434,9 +434,7 @@ def test_weights_on_some_sources_only_or_infinite_are_refused(tmp_path):
     ):
         load_recipe(_write(tmp_path, _stage(data={"sources": sources})))
     sources[1]["weight"] = float("inf")
-    with pytest.raises(
-        RecipeError, match=r"sources\[1\]\.weight is inf; it must be more than 0 and finite"
-    ):
+    with pytest.raises(RecipeError, match=r"sources\[1\]\.weight is inf; it must be more than 0 and finite"):
         load_recipe(_write(tmp_path, _stage(data={"sources": sources})))
     sources[1]["weight"] = 1
     assert [

@@ -15,6 +15,8 @@ import numbers
 from collections.abc import Sequence
 from typing import Literal
 
+import numpy as np
+import torch
 from torch import nn
 
 from vlmoe.models.connector import build_connector
@@ -319,10 +321,13 @@ def _applied_kinds(model: nn.Module) -> set[str]:
 
 def _layer_indices(model: nn.Module, adapter: FamilyAdapter, layers: LayerSpec) -> list[int]:
     num_layers = len(adapter.decoder_layer_list(model))
-    if layers == "all":
+    # A string is compared first: `layers == "all"` of a numpy array is an array, not a bool.
+    if isinstance(layers, str) and layers == "all":
         return list(range(num_layers))
-    if layers == "every_other":
+    if isinstance(layers, str) and layers == "every_other":
         return list(range(0, num_layers, 2))
+    if isinstance(layers, torch.Tensor | np.ndarray):
+        layers = layers.tolist()  # np.arange(0, 8, 2), torch.tensor([1, 3])
     if not isinstance(layers, Sequence) or isinstance(layers, str) or not all(map(_is_index, layers)):
         hint = f"; for layer {layers} alone pass layers=[{layers}]" if _is_index(layers) else ""
         raise ValueError(
