@@ -280,8 +280,29 @@ def export(
     with reported("export"):
         target = _model_destination(dst, src)  # before the load
         _check_upcycled(Path(src))
-        path = export_hf(load(src), target)
-    typer.echo(f"exported {src} -> {path}")
+        processor = _saved_processor(Path(src))
+        path = export_hf(load(src), target, processor=processor)
+    typer.echo(f"exported {src} -> {path}" + ("" if processor is None else " (with its processor)"))
+
+
+# The files `processor.save_pretrained` writes, one of which marks a folder that holds a processor.
+_PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json")
+
+
+def _saved_processor(src: Path):
+    """The processor saved beside SRC's weights (vlmoe.save(..., processor=...)), or None if none is:
+    the export carries it, so AutoProcessor.from_pretrained(DST) works as on SRC."""
+    if not any((src / name).is_file() for name in _PROCESSOR_FILES):
+        return None
+    from transformers import AutoProcessor
+
+    try:
+        return AutoProcessor.from_pretrained(src, local_files_only=True)
+    except (OSError, ValueError, TypeError) as error:
+        raise ValueError(
+            f"SRC {src} holds processor files that do not load ({error}); save the processor again "
+            "with processor.save_pretrained(SRC), or remove its files to export the model alone"
+        ) from None
 
 
 def _check_upcycled(src: Path) -> None:

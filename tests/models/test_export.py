@@ -159,7 +159,7 @@ def test_cli_export_reports_an_os_error_writing_dst_in_one_line(code, tmp_path, 
     vlmoe.save(vlmoe.upcycle_ffn(tiny("llava")[0]), tmp_path / "saved")
     dst = tmp_path / "hf"
 
-    def fail(model, path, card_text):  # root ignores chmod, so the write fails here instead
+    def fail(model, path, card_text, processor):  # root ignores chmod, so the write fails here instead
         raise OSError(code, os.strerror(code), str(path))
 
     monkeypatch.setattr(export, "_save_atomically", fail)
@@ -178,3 +178,30 @@ def test_cli_export_keeps_the_traceback_of_a_bug(tmp_path, monkeypatch):
     monkeypatch.setattr(export, "_save_atomically", lambda *args: None + 1)
     result = CliRunner().invoke(app, ["export", str(tmp_path / "saved"), str(tmp_path / "hf")])
     assert isinstance(result.exception, TypeError)  # not reported as a user's error
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_cli_export_carries_the_processor_saved_in_src(family, tmp_path):
+    from transformers import AutoProcessor, PreTrainedTokenizerBase, ProcessorMixin
+    from typer.testing import CliRunner
+
+    from vlmoe.cli import app
+
+    model, processor = tiny(family)
+    model = vlmoe.upcycle_ffn(model, layers=[1] if family == "qwen2_vl" else "all")
+    vlmoe.save(model, tmp_path / "saved", processor=processor)
+    result = CliRunner().invoke(app, ["export", str(tmp_path / "saved"), str(tmp_path / "hf")])
+    assert result.exit_code == 0 and "(with its processor)" in result.output, result.output
+    loaded = AutoProcessor.from_pretrained(tmp_path / "hf")
+    prompt = "a chart of sales"
+    if family == "llava":  # the whole VLM: the processor, images and all
+        assert isinstance(loaded, ProcessorMixin) and type(loaded) is type(processor)
+        assert loaded.tokenizer(prompt).input_ids == processor.tokenizer(prompt).input_ids
+    else:  # Qwen2MoeForCausalLM, the LM alone: its tokenizer
+        assert isinstance(loaded, PreTrainedTokenizerBase)
+        assert loaded(prompt).input_ids == processor.tokenizer(prompt).input_ids
+    # Without a processor in SRC the export is the weights alone, as before.
+    vlmoe.save(model, tmp_path / "bare")
+    result = CliRunner().invoke(app, ["export", str(tmp_path / "bare"), str(tmp_path / "hf2")])
+    assert result.exit_code == 0 and "processor" not in result.output
+    assert not (tmp_path / "hf2" / "tokenizer_config.json").exists()

@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -36,8 +37,14 @@ from vlmoe.models.record import CONFIG_KEY
 from vlmoe.moe import GLUExperts, MoEConnector, MoEFeedForward, MoLELinear
 
 
-def export_hf(model: nn.Module, path: str | os.PathLike, card: CardInfo | None = None) -> Path:
+def export_hf(
+    model: nn.Module, path: str | os.PathLike, card: CardInfo | None = None, processor: Any = None
+) -> Path:
     """Write `model` (not changed) as a stock transformers MoE checkpoint at `path`; returns the path.
+
+    With `processor`, its files go beside the weights, so `AutoProcessor.from_pretrained(path)`
+    loads it (`vlmoe export` passes the one saved in SRC); a language-model-only export (Qwen2-MoE)
+    takes the processor's tokenizer, its only part that model uses.
 
     Plain and universal LoRA are merged into their base weights first. Routed LoRA experts, an
     MoE connector, capacity-limited routers and (for Mixtral) top-1 or un-renormalised routing
@@ -78,7 +85,9 @@ def export_hf(model: nn.Module, path: str | os.PathLike, card: CardInfo | None =
     else:
         exported = _to_qwen2_moe(model, adapter, moe_layers)
     text = model_card(model, card, exported_as=type(exported).__name__)
-    return _save_atomically(exported, Path(path), text)
+    if processor is not None and style == "qwen2_moe":
+        processor = getattr(processor, "tokenizer", processor)  # Qwen2MoeForCausalLM reads no images
+    return _save_atomically(exported, Path(path), text, processor)
 
 
 def _check_not_the_source(model: nn.Module, path: Path) -> None:
@@ -273,8 +282,10 @@ def _empty(model_class, config, dtype: torch.dtype) -> nn.Module:
     return model
 
 
-def _save_atomically(model: nn.Module, path: Path, card_text: str) -> Path:
+def _save_atomically(model: nn.Module, path: Path, card_text: str, processor: Any = None) -> Path:
     with atomic_directory(path) as temp:
         model.save_pretrained(temp)
+        if processor is not None:
+            processor.save_pretrained(temp)
         (temp / CARD_NAME).write_text(card_text)
     return path
