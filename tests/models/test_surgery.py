@@ -377,3 +377,19 @@ def test_merge_lora_refuses_a_model_without_lora_and_a_second_merge():
     # Other surgeries still see the merged model's record agree with its modules.
     vlmoe.install_moe_connector(model, init="upcycle")
     assert read_record(model).kinds() == ["add_mole", "merge_lora", "install_moe_connector"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"rank": 2.0}, "rank is 2.0; expected an integer"),  # was a TypeError from torch.empty
+        ({"alpha": "8"}, "alpha is '8'; expected a number"),  # was a TypeError from alpha / rank
+        ({"dropout": None}, "dropout is None; expected a number"),
+        ({"alpha": 0}, r"alpha must be > 0 \(LoRA scales its output by alpha / rank\), got 0"),
+    ],
+)
+def test_add_mole_names_a_rank_alpha_or_dropout_of_the_wrong_type(kwargs, message):
+    model, _ = tiny("llava")
+    with pytest.raises(ValueError, match=message):
+        vlmoe.add_mole(model, num_experts=2, **kwargs)
+    assert read_record(model) is None  # refused before any change

@@ -31,6 +31,7 @@ from vlmoe.models.record import (
     read_record,
 )
 from vlmoe.moe import MoEConnector, MoEFeedForward, MoLELinear, RouterConfig
+from vlmoe.moe.config import as_python_number, check_type
 
 LayerSpec = Literal["all", "every_other"] | Sequence[int]
 
@@ -133,6 +134,14 @@ def add_mole(
     """
     adapter = adapter_for(model)
     _refuse_repeat(model, "add_mole")
+    # Checked here: a rank=2.0 or alpha="8" would fail deep inside the LoRA weights' construction.
+    rank, alpha, dropout = (
+        as_python_number(v, t) for v, t in ((rank, int), (alpha, float), (dropout, float))
+    )
+    for name, value, hint in (("rank", rank, int), ("alpha", alpha, float), ("dropout", dropout, float)):
+        check_type(value, hint, name)
+    if not alpha > 0:
+        raise ValueError(f"alpha must be > 0 (LoRA scales its output by alpha / rank), got {alpha!r}")
     if router not in ("token", "cluster"):
         raise ValueError(f"router must be 'token' or 'cluster', got {router!r}")
     if not isinstance(num_experts, int) or num_experts < 0:

@@ -63,7 +63,7 @@ class RouterConfig:
         # Types first, here rather than only in from_dict: a top_k=2.0 or num_experts="4" from
         # Python would otherwise pass the range checks below and fail deep inside torch.
         for name, hint in typing.get_type_hints(type(self)).items():
-            value = _as_python_number(getattr(self, name), hint)
+            value = as_python_number(getattr(self, name), hint)
             check_type(value, hint, name)
             setattr(self, name, value)
         if self.num_experts < 1:
@@ -116,7 +116,7 @@ class RouterConfig:
             raise ValueError(f"{where}: {error}") from None
 
 
-def _as_python_number(value: Any, hint: Any) -> Any:
+def as_python_number(value: Any, hint: Any) -> Any:
     """A numpy (or other `numbers`) scalar given for an int or float field, as the Python number.
 
     Values computed with numpy (`np.int64(4)` experts) are numbers to the user; kept as they are,
