@@ -238,10 +238,12 @@ def test_a_run_shares_its_console_with_the_kernels_progress_bars(tmp_path, monke
         ),
         (
             lambda r: [
-                setattr(r.stages[0], key, 7) for key in ("max_steps", "save_steps", "logging_steps", "epochs")
+                setattr(r.stages[0], key, 7)
+                for key in ("max_steps", "save_steps", "logging_steps", "epochs", "batch_size", "seed")
+                if hasattr(r.stages[0], key)
             ],
-            "stages (stages[0] (moe).max_steps: 6 -> 7; stages[0] (moe).epochs: 1.0 -> 7; "
-            "stages[0] (moe).logging_steps: 1 -> 7; and 1 more)",
+            "stages (stages[0] (moe).batch_size: 2 -> 7; stages[0] (moe).max_steps: 6 -> 7; "
+            "stages[0] (moe).epochs: 1.0 -> 7)",  # save_steps and logging_steps may change
         ),
     ],
 )
@@ -264,6 +266,21 @@ def test_resume_refuses_a_recipe_whose_base_or_seed_changed(tmp_path, change, ch
         f"{out / 'recipe.json'}: the run was started with different {changed}; resume with the same "
         f"recipe and --scale (or {out / 'recipe.json'} itself), or start a new output dir"
     )
+
+
+def test_resume_may_change_how_a_run_logs_saves_and_checkpoints_activations(tmp_path):
+    from vlmoe.train.stages import _check_run_directory
+
+    out = tmp_path / "run"
+    _check_run_directory(tiny_recipe(out), out, resume=False)
+    (out / "moe" / "checkpoints" / "checkpoint-2").mkdir(parents=True)
+    recipe = tiny_recipe(out)
+    stage = recipe.stages[0]
+    stage.logging_steps, stage.save_steps, stage.save_total_limit = 5, 50, 1
+    stage.report_to, stage.dataloader_workers, stage.gradient_checkpointing = [], 2, True
+    _check_run_directory(recipe, out, resume=True)  # none of these changes the weights
+    saved = json.loads((out / "recipe.json").read_text())["stages"][0]
+    assert (saved["logging_steps"], saved["report_to"], saved["gradient_checkpointing"]) == (5, [], True)
 
 
 def test_a_stage_that_fails_mid_training_leaves_the_terminal_as_it_was(tmp_path):

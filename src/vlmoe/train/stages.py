@@ -41,6 +41,16 @@ from vlmoe.train.trainer import MoETrainer, last_complete_checkpoint
 
 STAGE_DONE = "stage_done.json"
 RESUME_KEYS = ("base", "seed", "stages")  # what a resumed run must share with the started one
+# Stage fields a resumed run may change: how it logs, saves and loads, and activation checkpointing
+# (the same gradients, recomputed; the way out of an out-of-memory), none of which the weights depend on.
+RESUME_FREE_STAGE_KEYS = (
+    "logging_steps",
+    "save_steps",
+    "save_total_limit",
+    "report_to",
+    "dataloader_workers",
+    "gradient_checkpointing",
+)
 
 
 @dataclasses.dataclass
@@ -382,6 +392,7 @@ def _check_run_directory(recipe: Recipe, out: Path, resume: bool) -> None:
         # What the weights depend on: the base model (its checkpoints would not load into another
         # one), the seed (data order, surgery inits) and the stages. Name, description and
         # output_dir (a moved run) may differ.
+        previous, now = _without_free_keys(previous), _without_free_keys(now)
         changed = [key for key in RESUME_KEYS if previous.get(key) != now[key]]
         if changed:
             found = [d for key in changed for d in _differences(previous.get(key), now[key], key)]
@@ -390,9 +401,23 @@ def _check_run_directory(recipe: Recipe, out: Path, resume: bool) -> None:
                 f"{saved}: the run was started with different {' and '.join(changed)} ({shown}); resume "
                 f"with the same recipe and --scale (or {saved} itself), or start a new output dir"
             )
+        _write_json(saved, current)  # the logging and saving it now runs with
         return
     out.mkdir(parents=True, exist_ok=True)
     _write_json(saved, current)
+
+
+def _without_free_keys(recipe: dict[str, Any]) -> dict[str, Any]:
+    stages = recipe.get("stages")
+    if not isinstance(stages, list):
+        return recipe
+    kept = [
+        {k: v for k, v in stage.items() if k not in RESUME_FREE_STAGE_KEYS}
+        if isinstance(stage, dict)
+        else stage
+        for stage in stages
+    ]
+    return {**recipe, "stages": kept}
 
 
 def _differences(before: Any, now: Any, path: str) -> list[str]:
