@@ -210,3 +210,15 @@ def test_global_balance_loss_on_two_ranks_is_the_loss_of_the_whole_batch(tmp_pat
         torch.testing.assert_close(grad, local_grad, rtol=0, atol=1e-14)
     # The two scopes differ here.
     assert abs(float(whole.detach()) - sum(v for v, _ in local) / world_size) > 1e-4
+
+
+def test_forced_expert_takes_every_token_whatever_the_capacity():
+    # MoE-LLaVA trains with capacity 1.5: forcing expert 1 must still give every token expert 1's
+    # output alone, not drop the slots over one expert's capacity (and halve the rest).
+    router = _router(num_experts=4, top_k=2, capacity_factor=1.5)
+    router.forced_expert = 1
+    routing = router(torch.randn(10, 8))
+    assert routing.kept is None
+    assert torch.all(routing.expert_indices == 1)
+    assert torch.equal(routing.combine_weights, torch.full((10, 2), 0.5))
+    assert routing.tokens_per_expert().tolist() == [0, 20, 0, 0]

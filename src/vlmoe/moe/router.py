@@ -257,7 +257,9 @@ class Router(nn.Module):
             top_probs = torch.full_like(top_probs, 1.0 / cfg.top_k)
 
         kept = None
-        if cfg.capacity_factor is not None:  # the real-token count is a host sync: only when needed
+        # A forced expert takes every token (the ablation's point): its K slots all go to one
+        # expert, so a capacity limit would drop most tokens and halve the rest.
+        if cfg.capacity_factor is not None and self.forced_expert is None:  # a host sync: only when needed
             capacity = cfg.capacity(int(token_mask.sum()) if token_mask is not None else hidden.shape[0])
             kept = capacity_keep_mask(expert_indices, cfg.num_experts, capacity, token_mask)
             top_probs = top_probs * kept
