@@ -222,3 +222,21 @@ def test_forced_expert_takes_every_token_whatever_the_capacity():
     assert torch.all(routing.expert_indices == 1)
     assert torch.equal(routing.combine_weights, torch.full((10, 2), 0.5))
     assert routing.tokens_per_expert().tolist() == [0, 20, 0, 0]
+
+
+@pytest.mark.parametrize("capacity_factor", [None, 4.0])
+def test_tokens_per_expert_counts_real_tokens_only(capacity_factor):
+    router = _router(num_experts=4, top_k=2, capacity_factor=capacity_factor)
+    x = torch.randn(9, 8)
+    mask = torch.tensor([True, True, False, True, False, False, True, True, False])
+    routing = router(x, token_mask=mask)
+    expected = torch.zeros(4, dtype=torch.long)
+    for t in range(9):
+        for j in range(2):
+            if mask[t] and (routing.kept is None or routing.kept[t, j]):
+                expected[routing.expert_indices[t, j]] += 1
+    assert int(expected.sum()) == 10  # the 5 real tokens' slots, none dropped at this capacity
+    assert torch.equal(routing.tokens_per_expert(), expected)
+    # The fused router's counts (every slot) are not taken when there is padding.
+    routing.expert_counts = torch.bincount(routing.expert_indices.flatten(), minlength=4)
+    assert torch.equal(routing.tokens_per_expert(), expected)

@@ -68,11 +68,13 @@ class Routing:
 
     def tokens_per_expert(self) -> Tensor:
         """Computed token-slots per expert (dropped and padding slots excluded). # [E]"""
-        if self.expert_counts is not None and self.kept is None:
+        if self.expert_counts is not None and self.kept is None and self.token_mask is None:
             return self.expert_counts
         indices = self.expert_indices
         if self.kept is not None:
             indices = indices[self.kept]
+        elif self.token_mask is not None:  # dropless: padding is routed too, but is no load
+            indices = indices[self.token_mask]
         return torch.bincount(indices.flatten(), minlength=self.num_experts)
 
     def detached(self) -> Routing:
