@@ -393,3 +393,18 @@ def test_nested_routing_inputs_keep_the_outer_cluster_ids_and_restore_on_exit():
             layer(torch.randn(2, 3, 8))  # routes: the cluster ids are still there
         assert layer.token_mask is None and torch.equal(layer.cluster_ids, ids)
     assert layer.cluster_ids is None and layer.token_mask is None
+
+
+def test_mocle_layer_refuses_cluster_ids_that_are_not_an_integer_tensor():
+    layer = MoLELinear(nn.Linear(8, 8), num_experts=3, rank=2, router_input="cluster", num_clusters=5)
+    x = torch.randn(2, 4, 8)
+    with pytest.raises(ValueError, match="cluster_ids is a list; pass a tensor"):
+        layer(x, cluster_ids=[1, 4])
+    with pytest.raises(ValueError, match="cluster_ids is a torch.bool tensor"):
+        layer(x, cluster_ids=torch.tensor([True, False]))
+    with (
+        pytest.raises(ValueError, match="cluster_ids is a torch.float32 tensor"),
+        routing_inputs(layer, cluster_ids=torch.tensor([1.0, 4.0])),
+    ):
+        pass
+    assert layer(x, cluster_ids=torch.tensor([1, 4])).shape == (2, 4, 8)

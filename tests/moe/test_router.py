@@ -5,6 +5,7 @@ import torch
 
 from tests.gloo import run_on_ranks
 from vlmoe.moe import Router, RouterConfig, capacity_keep_mask, load_balancing_loss, router_z_loss
+from vlmoe.moe.router import check_cluster_ids
 
 
 def _router(seed=0, hidden=8, **config):
@@ -240,3 +241,18 @@ def test_tokens_per_expert_counts_real_tokens_only(capacity_factor):
     # The fused router's counts (every slot) are not taken when there is padding.
     routing.expert_counts = torch.bincount(routing.expert_indices.flatten(), minlength=4)
     assert torch.equal(routing.tokens_per_expert(), expected)
+
+
+def test_cluster_ids_of_the_wrong_type_are_refused_by_name():
+    router = _router(num_experts=4, top_k=1, input="cluster", num_clusters=3)
+    x = torch.randn(3, 8)
+    # A bool tensor indexed the clusters as a mask: two routed rows for three tokens.
+    with pytest.raises(ValueError, match=r"cluster_ids is a torch.bool tensor; .*integer tensor"):
+        router(x, cluster_ids=torch.tensor([True, False, True]))
+    with pytest.raises(ValueError, match=r"cluster_ids is a torch.float32 tensor; .*cluster_ids.long\(\)"):
+        router(x, cluster_ids=torch.tensor([0.0, 1.0, 2.0]))
+    with pytest.raises(ValueError, match="cluster_ids is a list; pass a tensor"):
+        router(x, cluster_ids=[0, 1, 2])
+    with pytest.raises(ValueError, match="cluster_ids is a torch.float32 tensor"):
+        check_cluster_ids(torch.tensor([0.5, 1.0]), 3)  # what routing_inputs checks
+    assert router(x, cluster_ids=torch.tensor([0, 2, 2], dtype=torch.int32)).expert_indices.shape == (3, 1)

@@ -36,7 +36,7 @@ from vlmoe.moe.experts import (
     experts_from_dense,
 )
 from vlmoe.moe.kernels import quack_gemm
-from vlmoe.moe.router import Router, Routing
+from vlmoe.moe.router import Router, Routing, check_cluster_ids_type
 
 
 def _expert_weights(experts: GLUExperts | MLPExperts) -> tuple[Tensor, ...]:
@@ -199,6 +199,7 @@ class SparseLayer(nn.Module):
         if cluster_ids is None:
             cluster_ids = self.cluster_ids
         if cluster_ids is not None:
+            check_cluster_ids_type(cluster_ids)
             if cluster_ids.shape == lead_shape:
                 cluster_ids = cluster_ids.reshape(-1)
             elif len(lead_shape) >= 2 and cluster_ids.shape == lead_shape[:1]:

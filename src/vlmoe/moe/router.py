@@ -388,6 +388,7 @@ class Router(nn.Module):
                 "this router routes by instruction cluster (input='cluster') but got no cluster_ids; "
                 "pass cluster_ids=... or wrap the forward in vlmoe.moe.routing_inputs(model, cluster_ids=...)"
             )
+        check_cluster_ids_type(cluster_ids)
         cluster_ids = cluster_ids.to(hidden.device)
         if cluster_ids.shape != hidden.shape[:1]:
             raise ValueError(
@@ -403,8 +404,24 @@ class Router(nn.Module):
         return logits_per_cluster[cluster_ids]
 
 
+def check_cluster_ids_type(cluster_ids: object) -> None:
+    """Raise a ValueError unless `cluster_ids` is an integer tensor (no host sync): a bool tensor
+    would index the clusters as a mask (fewer rows than tokens), a float one fail deep in torch."""
+    if not isinstance(cluster_ids, Tensor):
+        raise ValueError(
+            f"cluster_ids is a {type(cluster_ids).__name__}; pass a tensor of cluster indices, "
+            "e.g. torch.tensor([3, 0])"
+        )
+    if cluster_ids.is_floating_point() or cluster_ids.is_complex() or cluster_ids.dtype == torch.bool:
+        raise ValueError(
+            f"cluster_ids is a {cluster_ids.dtype} tensor; pass the k-means cluster indices as an "
+            "integer tensor (cluster_ids.long())"
+        )
+
+
 def check_cluster_ids(cluster_ids: Tensor, num_clusters: int) -> None:
-    """Raise a ValueError unless every id is in [0, num_clusters)."""
+    """Raise a ValueError unless `cluster_ids` is an integer tensor with every id in [0, num_clusters)."""
+    check_cluster_ids_type(cluster_ids)
     if not cluster_ids.numel():
         return
     # Both bounds in one read to the host (one synchronisation on CUDA, not two or four).
