@@ -408,3 +408,15 @@ def test_mocle_layer_refuses_cluster_ids_that_are_not_an_integer_tensor():
     ):
         pass
     assert layer(x, cluster_ids=torch.tensor([1, 4])).shape == (2, 4, 8)
+
+
+def test_aligned_projectors_with_different_activations_keep_their_own():
+    torch.manual_seed(0)
+    projectors = [Projector(6, 10).double() for _ in range(3)]
+    projectors[1].act = nn.GELU(approximate="tanh")
+    projectors[2].act = nn.ReLU()
+    connector = MoEConnector.from_projectors(projectors, top_k=2)
+    x = torch.randn(7, 6, dtype=torch.float64)
+    for i, projector in enumerate(projectors):
+        connector.router.forced_expert = i
+        assert relative_error(connector(x), projector(x)) < 1e-12

@@ -613,7 +613,18 @@ def _stack_projectors(projectors: list[nn.Module]) -> MLPExperts | ModuleExperts
     """Stack two-layer MLP projectors of one shape into MLPExperts; anything else is a loop."""
     pairs = [_linear_pair(p) for p in projectors]
     if all(pair is not None for pair in pairs):
-        shapes = {(p[0].weight.shape, p[1].weight.shape, p[0].bias is None, p[1].bias is None) for p in pairs}
+        # The activation too (type and settings, e.g. GELU's approximate): stacked experts share one.
+        shapes = {
+            (
+                p[0].weight.shape,
+                p[1].weight.shape,
+                p[0].bias is None,
+                p[1].bias is None,
+                type(p[2]),
+                repr(p[2]),
+            )
+            for p in pairs
+        }
         if len(shapes) == 1 and pairs[0][0].bias is not None and pairs[0][1].bias is not None:
             fc1, fc2, act = pairs[0]
             experts = MLPExperts(len(projectors), fc1.in_features, fc1.out_features, fc2.out_features, act)
