@@ -420,3 +420,18 @@ def test_aligned_projectors_with_different_activations_keep_their_own():
     for i, projector in enumerate(projectors):
         connector.router.forced_expert = i
         assert relative_error(connector(x), projector(x)) < 1e-12
+
+
+def test_integer_inputs_are_refused_by_every_layer():
+    mocle = MoLELinear(nn.Linear(8, 4), num_experts=2, rank=2, router_input="cluster", num_clusters=2)
+    calls = [
+        (MoEFeedForward.from_dense(SwiGLU(8, 12), 4, 2), {}),
+        (MoLELinear(nn.Linear(8, 4), num_experts=2, rank=2), {}),
+        (mocle, {"cluster_ids": torch.tensor([0, 1])}),
+        (MoEConnector.upcycle(Projector(8, 10), 4, 2), {}),
+    ]
+    ids = torch.randint(0, 8, (2, 3, 8))
+    for layer, inputs in calls:
+        name = type(layer).__name__
+        with pytest.raises(ValueError, match=rf"{name} got a torch.int64 input of shape \(2, 3, 8\)"):
+            layer(ids, **inputs)

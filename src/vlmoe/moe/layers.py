@@ -102,6 +102,11 @@ class SparseLayer(nn.Module):
         return routing
 
     def _check_input(self, x: Tensor) -> None:
+        if not x.is_floating_point():
+            raise ValueError(
+                f"{type(self).__name__} got a {x.dtype} input of shape {tuple(x.shape)}; it takes hidden "
+                "states (a floating-point tensor), not token ids or masks"
+            )
         input_size = self.input_size
         if input_size is not None and (x.dim() == 0 or x.shape[-1] != input_size):
             raise ValueError(
