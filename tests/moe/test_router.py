@@ -256,3 +256,23 @@ def test_cluster_ids_of_the_wrong_type_are_refused_by_name():
     with pytest.raises(ValueError, match="cluster_ids is a torch.float32 tensor"):
         check_cluster_ids(torch.tensor([0.5, 1.0]), 3)  # what routing_inputs checks
     assert router(x, cluster_ids=torch.tensor([0, 2, 2], dtype=torch.int32)).expert_indices.shape == (3, 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("top_k", [1, 2, 3])
+def test_ties_go_to_the_lower_expert_index(top_k, dtype):
+    # Experts 1, 2 and 4 score the same for every token (expert 3 less, 0 least), as bf16 logits
+    # often do: the ties break towards the lower index, as argmax and the fused kernels do.
+    router = _router(num_experts=5, top_k=top_k, hidden=4)
+    scale = torch.rand(6, 1, generator=torch.Generator().manual_seed(0)) * 3 + 0.1
+    logits = (torch.tensor([0.0, 1.0, 1.0, 0.5, 1.0]) * scale).to(dtype).requires_grad_(True)
+    routing = router(torch.zeros(6, 4), logits=logits)
+    expected = torch.tensor([1, 2, 4][:top_k]).expand(6, top_k)
+    assert torch.equal(routing.expert_indices, expected)
+    if top_k == 1:
+        assert torch.equal(routing.expert_indices[:, 0], routing.router_probs.argmax(-1))
+    chosen = routing.router_probs.gather(1, expected)
+    wanted = chosen / chosen.sum(-1, keepdim=True) if top_k > 1 else chosen
+    assert torch.allclose(routing.combine_weights, wanted)
+    routing.combine_weights[:, 0].sum().backward()  # the gradient still reaches the logits
+    assert logits.grad.abs().sum() > 0

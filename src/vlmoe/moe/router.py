@@ -250,7 +250,10 @@ class Router(nn.Module):
             return self._fused_topk(router_logits, token_mask)
         scaled_logits = router_logits if cfg.temperature == 1.0 else router_logits / cfg.temperature
         router_probs = torch.softmax(scaled_logits, dim=-1)
-        top_probs, expert_indices = torch.topk(router_probs, cfg.top_k, dim=-1)  # [T, K]
+        # Ties go to the lower expert index, as argmax (Switch, DeepSpeed-MoE) and the fused
+        # kernels break them; torch.topk picks any of the tied experts (bf16 logits tie often).
+        sorted_probs, order = torch.sort(router_probs, dim=-1, descending=True, stable=True)
+        top_probs, expert_indices = sorted_probs[:, : cfg.top_k], order[:, : cfg.top_k]  # [T, K]
         if self.forced_expert is not None:
             if not 0 <= self.forced_expert < cfg.num_experts:
                 raise ValueError(f"forced_expert must be in [0, {cfg.num_experts}), got {self.forced_expert}")
