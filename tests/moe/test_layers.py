@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -435,3 +437,102 @@ def test_integer_inputs_are_refused_by_every_layer():
         name = type(layer).__name__
         with pytest.raises(ValueError, match=rf"{name} got a torch.int64 input of shape \(2, 3, 8\)"):
             layer(ids, **inputs)
+
+
+# --- the whole MoE FFN against a float64 per-token reference -------------------------------
+
+
+def _reference_moe_ffn(x, mask, layer, *, top_k, capacity_factor, min_capacity, normalize, first_choice):
+    """The published method, one token and one expert at a time: softmax router, top-k with ties
+    to the lower index, GShard capacity (first choices before second, earlier tokens first,
+    padding takes none), renormalised kept weights; Switch balance loss E * sum_i f_i * P_i over
+    real tokens with f_i the fraction of (first-choice, under GShard) slots before dropping; z-loss."""
+    gate = layer.router.gate.weight
+    experts = layer.experts
+    num_tokens, num_experts = x.shape[0], gate.shape[0]
+    logits = x @ gate.t()
+    probs = torch.softmax(logits, dim=-1)
+    real = [bool(m) for m in mask]
+    choices = [
+        sorted(range(num_experts), key=lambda e, t=t: (-float(probs[t, e].detach()), e))[:top_k]
+        for t in range(num_tokens)
+    ]
+    kept = [[real[t]] * top_k if capacity_factor is not None else [True] * top_k for t in range(num_tokens)]
+    if capacity_factor is not None:
+        capacity = max(min_capacity, math.ceil(capacity_factor * sum(real) * top_k / num_experts))
+        load = [0] * num_experts
+        for j in range(top_k):
+            for t in range(num_tokens):
+                if not real[t]:
+                    continue
+                e = choices[t][j]
+                kept[t][j] = load[e] < capacity
+                load[e] += kept[t][j]
+    rows = []
+    for t in range(num_tokens):
+        weights = [probs[t, e] * kept[t][j] for j, e in enumerate(choices[t])]
+        if normalize and top_k > 1:
+            total = sum(weights)
+            weights = [w / total.clamp_min(1e-9) for w in weights]
+        row = x.new_zeros(x.shape[-1])
+        for j, e in enumerate(choices[t]):
+            if kept[t][j]:
+                row = row + weights[j] * experts.expert_forward(e, x[t : t + 1])[0]
+        rows.append(row)
+    counted = [choices[t][:1] if first_choice else choices[t] for t in range(num_tokens) if real[t]]
+    num_real, slots = sum(real), len(counted[0])
+    f = [sum(c.count(e) for c in counted) / (num_real * slots) for e in range(num_experts)]
+    p = [sum(probs[t, e] for t in range(num_tokens) if real[t]) / num_real for e in range(num_experts)]
+    balance = num_experts * sum(f[e] * p[e] for e in range(num_experts))
+    z_loss = sum(torch.logsumexp(logits[t], -1) ** 2 for t in range(num_tokens) if real[t]) / num_real
+    return torch.stack(rows), torch.tensor(kept), balance, z_loss
+
+
+@pytest.mark.parametrize(
+    ("top_k", "capacity_factor", "min_capacity", "normalize", "first_choice"),
+    [
+        (2, None, 0, True, False),  # MoE-LLaVA at evaluation without capacity
+        (2, 0.75, 0, True, True),  # DeepSpeed-MoE top-2 training: drops, first-choice f_i
+        (2, 1.0, 0, False, False),  # raw (not renormalised) weights with drops
+        (1, 0.5, 3, True, False),  # Switch top-1 with a min_capacity floor
+        (4, 0.6, 0, True, False),  # top_k == num_experts
+    ],
+)
+@pytest.mark.parametrize("backend", ["reference", "grouped", "segments", "dense"])
+def test_moe_ffn_equals_a_float64_per_token_reference(
+    backend, top_k, capacity_factor, min_capacity, normalize, first_choice
+):
+    torch.manual_seed(0)
+    layer = MoEFeedForward.from_dense(
+        SwiGLU(6, 10).double(), num_experts=4, top_k=top_k, load_balance_coef=0.3, z_loss_coef=0.2,
+        capacity_factor=capacity_factor, min_capacity=min_capacity, normalize_top_k=normalize,
+        load_balance_first_choice=first_choice, backend=backend,
+    )  # fmt: skip
+    randomize_(layer, seed=2)  # distinct experts and a router far from uniform
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 7, 6, generator=generator, dtype=torch.float64, requires_grad=True)
+    mask = torch.ones(2, 7, dtype=torch.bool)
+    mask[1, 5:] = False
+    grad_out = torch.randn(2, 7, 6, generator=generator, dtype=torch.float64)
+
+    with record_routing(layer):
+        out = layer(x, token_mask=mask)
+    losses = layer.last_aux_losses
+    expected, kept, balance, z_loss = _reference_moe_ffn(
+        x.reshape(-1, 6), mask.reshape(-1), layer, top_k=top_k, capacity_factor=capacity_factor,
+        min_capacity=min_capacity, normalize=normalize, first_choice=first_choice,
+    )  # fmt: skip
+    if capacity_factor is not None:
+        assert torch.equal(layer.last_routing.kept, kept)
+        assert not kept.all()  # the case drops slots
+    assert relative_error(out.reshape(-1, 6), expected) < 1e-12
+    assert relative_error(losses["load_balance"], 0.3 * balance) < 1e-12
+    assert relative_error(losses["z_loss"], 0.2 * z_loss) < 1e-12
+
+    params = [x, *layer.parameters()]
+    total = (out * grad_out).sum() + losses["load_balance"] + losses["z_loss"]
+    wanted = (expected * grad_out.reshape(-1, 6)).sum() + 0.3 * balance + 0.2 * z_loss
+    grads = torch.autograd.grad(total, params)
+    expected_grads = torch.autograd.grad(wanted, params)
+    for grad, expected_grad in zip(grads, expected_grads, strict=True):
+        assert relative_error(grad, expected_grad) < 1e-12
