@@ -536,3 +536,69 @@ def test_moe_ffn_equals_a_float64_per_token_reference(
     expected_grads = torch.autograd.grad(wanted, params)
     for grad, expected_grad in zip(grads, expected_grads, strict=True):
         assert relative_error(grad, expected_grad) < 1e-12
+
+
+def _reference_mole(layer, x, cluster_ids, *, temperature, straight_through):
+    """LLaVA-MoLE / MoCLE, one token at a time: softmax(logits / temperature) over the LoRA
+    experts from the token (or its sample's cluster embedding), the argmax expert (lowest index
+    on ties) weighted by its probability (straight-through: forward 1, gradient through it), plus
+    the universal LoRA at weight 1."""
+    router, experts, universal = layer.router, layer.experts, layer.universal
+    scaling = experts.scaling
+    rows = []
+    for t in range(x.shape[0]):
+        if router.cluster_embedding is not None:
+            logits = router.gate.weight @ router.cluster_embedding.weight[int(cluster_ids[t])]
+        else:
+            logits = router.gate.weight @ x[t]
+        probs = torch.softmax(logits / temperature, dim=-1)
+        e = int(torch.argmax(probs.detach()))
+        weight = probs[e] - probs[e].detach() + 1 if straight_through else probs[e]
+        row = layer.base(x[t]) + weight * scaling * (experts.lora_B[e] @ (experts.lora_A[e] @ x[t]))
+        if universal is not None:
+            row = row + universal.scaling * (universal.lora_B[0] @ (universal.lora_A[0] @ x[t]))
+        rows.append(row)
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize(
+    ("router_input", "universal", "temperature", "straight_through"),
+    [
+        ("token", False, 1.0, False),  # LLaVA-MoLE, Switch-style gate
+        ("token", False, 1.0, True),  # LLaVA-MoLE's straight-through
+        ("token", True, 0.5, False),
+        ("cluster", True, 0.05, False),  # MoCLE
+        ("cluster", False, 0.1, True),
+    ],
+)
+@pytest.mark.parametrize("backend", ["reference", "grouped", "segments", "dense"])
+def test_mole_and_mocle_equal_a_float64_per_token_reference(
+    backend, router_input, universal, temperature, straight_through
+):
+    torch.manual_seed(0)
+    cluster = {"router_input": "cluster", "num_clusters": 3} if router_input == "cluster" else {}
+    layer = MoLELinear(
+        nn.Linear(6, 5).double(), num_experts=4, rank=2, alpha=3, universal=universal,
+        temperature=temperature, straight_through=straight_through, backend=backend, **cluster,
+    )  # fmt: skip
+    randomize_(layer, seed=3)
+    for parameter in layer.base.parameters():
+        parameter.requires_grad_(True)  # its gradient is checked too (the layer freezes it)
+    generator = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 4, 6, generator=generator, dtype=torch.float64, requires_grad=True)
+    ids = torch.tensor([2, 0, 2])
+    out = layer(x, cluster_ids=ids if cluster else None)
+    token_ids = ids.repeat_interleave(4)
+    expected = _reference_mole(
+        layer, x.reshape(-1, 6), token_ids, temperature=temperature, straight_through=straight_through
+    )
+    assert relative_error(out.reshape(-1, 5), expected) < 1e-12
+    grad_out = torch.randn(12, 5, generator=generator, dtype=torch.float64)
+    params = [x, *layer.parameters()]
+    grads = torch.autograd.grad((out.reshape(-1, 5) * grad_out).sum(), params)
+    expected_grads = torch.autograd.grad((expected * grad_out).sum(), params, allow_unused=True)
+    for grad, expected_grad in zip(grads, expected_grads, strict=True):
+        if expected_grad is None:  # the cluster embeddings of clusters no sample has
+            assert torch.all(grad == 0)
+        else:
+            assert relative_error(grad, expected_grad) < 1e-12
