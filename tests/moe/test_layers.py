@@ -602,3 +602,31 @@ def test_mole_and_mocle_equal_a_float64_per_token_reference(
             assert torch.all(grad == 0)
         else:
             assert relative_error(grad, expected_grad) < 1e-12
+
+
+class _ConnectorAndFFN(nn.Module):
+    """A connector that only image batches reach, then an MoE FFN (a VLM in miniature)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.connector = MoEConnector.upcycle(Projector(8, 8), 4, 2, load_balance_coef=0.1)
+        self.ffn = MoEFeedForward.from_dense(SwiGLU(8, 12), 4, 2, load_balance_coef=0.01)
+
+    def forward(self, text, image=None):
+        return self.ffn(text if image is None else torch.cat([self.connector(image), text]))
+
+
+def test_a_layer_a_forward_does_not_reach_adds_no_stale_loss():
+    torch.manual_seed(0)
+    model = _ConnectorAndFFN()
+    for image in (torch.randn(2, 8), None):  # an image batch, then a text-only one
+        with routing_inputs(model):  # as vlmoe.train wraps every step
+            out = model(torch.randn(3, 8), image)
+        # The text-only step: the connector's loss of the image step (its graph freed by that
+        # step's backward) made this backward fail ("backward through the graph a second time").
+        loss = out.sum() + aux_loss(model)
+        loss.backward()
+    assert model.connector.last_aux_losses == {}
+    assert set(aux_losses_by_layer(model)) == {"connector", "ffn"}
+    assert aux_losses_by_layer(model)["connector"] == {}
+    assert torch.equal(aux_loss(model), model.ffn.last_aux_losses["load_balance"].float())
