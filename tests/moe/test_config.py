@@ -106,3 +106,15 @@ def test_numpy_scalars_are_taken_as_the_python_numbers_they_are():
     assert RouterConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config  # saves as JSON
     with pytest.raises(ValueError, match=r"top_k is np.float32\(2.0\); expected an integer"):
         RouterConfig(num_experts=4, top_k=np.float32(2.0))  # a float is still not a count
+
+
+@pytest.mark.parametrize(
+    "key", ["jitter_noise", "load_balance_coef", "z_loss_coef", "capacity_factor", "temperature"]
+)
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_nan_or_infinite_numbers_are_refused(key, value):
+    # NaN passed the range checks (every comparison with it is false): a NaN jitter or coefficient
+    # made the logits or the aux loss NaN, and an infinite capacity failed in math.ceil at forward.
+    with pytest.raises(ValueError) as error:
+        RouterConfig.from_dict({"num_experts": 4, key: value}, where="m/config.json 'router'")
+    assert str(error.value) == f"m/config.json 'router': {key} must be a finite number, got {value}"

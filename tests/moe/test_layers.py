@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -393,3 +395,238 @@ def test_nested_routing_inputs_keep_the_outer_cluster_ids_and_restore_on_exit():
             layer(torch.randn(2, 3, 8))  # routes: the cluster ids are still there
         assert layer.token_mask is None and torch.equal(layer.cluster_ids, ids)
     assert layer.cluster_ids is None and layer.token_mask is None
+
+
+def test_mocle_layer_refuses_cluster_ids_that_are_not_an_integer_tensor():
+    layer = MoLELinear(nn.Linear(8, 8), num_experts=3, rank=2, router_input="cluster", num_clusters=5)
+    x = torch.randn(2, 4, 8)
+    with pytest.raises(ValueError, match="cluster_ids is a list; pass a tensor"):
+        layer(x, cluster_ids=[1, 4])
+    with pytest.raises(ValueError, match="cluster_ids is a torch.bool tensor"):
+        layer(x, cluster_ids=torch.tensor([True, False]))
+    with (
+        pytest.raises(ValueError, match="cluster_ids is a torch.float32 tensor"),
+        routing_inputs(layer, cluster_ids=torch.tensor([1.0, 4.0])),
+    ):
+        pass
+    assert layer(x, cluster_ids=torch.tensor([1, 4])).shape == (2, 4, 8)
+
+
+def test_aligned_projectors_with_different_activations_keep_their_own():
+    torch.manual_seed(0)
+    projectors = [Projector(6, 10).double() for _ in range(3)]
+    projectors[1].act = nn.GELU(approximate="tanh")
+    projectors[2].act = nn.ReLU()
+    connector = MoEConnector.from_projectors(projectors, top_k=2)
+    x = torch.randn(7, 6, dtype=torch.float64)
+    for i, projector in enumerate(projectors):
+        connector.router.forced_expert = i
+        assert relative_error(connector(x), projector(x)) < 1e-12
+
+
+def test_integer_inputs_are_refused_by_every_layer():
+    mocle = MoLELinear(nn.Linear(8, 4), num_experts=2, rank=2, router_input="cluster", num_clusters=2)
+    calls = [
+        (MoEFeedForward.from_dense(SwiGLU(8, 12), 4, 2), {}),
+        (MoLELinear(nn.Linear(8, 4), num_experts=2, rank=2), {}),
+        (mocle, {"cluster_ids": torch.tensor([0, 1])}),
+        (MoEConnector.upcycle(Projector(8, 10), 4, 2), {}),
+    ]
+    ids = torch.randint(0, 8, (2, 3, 8))
+    for layer, inputs in calls:
+        name = type(layer).__name__
+        with pytest.raises(ValueError, match=rf"{name} got a torch.int64 input of shape \(2, 3, 8\)"):
+            layer(ids, **inputs)
+
+
+# --- the whole MoE FFN against a float64 per-token reference -------------------------------
+
+
+def _reference_moe_ffn(x, mask, layer, *, top_k, capacity_factor, min_capacity, normalize, first_choice):
+    """The published method, one token and one expert at a time: softmax router, top-k with ties
+    to the lower index, GShard capacity (first choices before second, earlier tokens first,
+    padding takes none), renormalised kept weights; Switch balance loss E * sum_i f_i * P_i over
+    real tokens with f_i the fraction of (first-choice, under GShard) slots before dropping; z-loss."""
+    gate = layer.router.gate.weight
+    experts = layer.experts
+    num_tokens, num_experts = x.shape[0], gate.shape[0]
+    logits = x @ gate.t()
+    probs = torch.softmax(logits, dim=-1)
+    real = [bool(m) for m in mask]
+    choices = [
+        sorted(range(num_experts), key=lambda e, t=t: (-float(probs[t, e].detach()), e))[:top_k]
+        for t in range(num_tokens)
+    ]
+    kept = [[real[t]] * top_k if capacity_factor is not None else [True] * top_k for t in range(num_tokens)]
+    if capacity_factor is not None:
+        capacity = max(min_capacity, math.ceil(capacity_factor * sum(real) * top_k / num_experts))
+        load = [0] * num_experts
+        for j in range(top_k):
+            for t in range(num_tokens):
+                if not real[t]:
+                    continue
+                e = choices[t][j]
+                kept[t][j] = load[e] < capacity
+                load[e] += kept[t][j]
+    rows = []
+    for t in range(num_tokens):
+        weights = [probs[t, e] * kept[t][j] for j, e in enumerate(choices[t])]
+        if normalize and top_k > 1:
+            total = sum(weights)
+            weights = [w / total.clamp_min(1e-9) for w in weights]
+        row = x.new_zeros(x.shape[-1])
+        for j, e in enumerate(choices[t]):
+            if kept[t][j]:
+                row = row + weights[j] * experts.expert_forward(e, x[t : t + 1])[0]
+        rows.append(row)
+    counted = [choices[t][:1] if first_choice else choices[t] for t in range(num_tokens) if real[t]]
+    num_real, slots = sum(real), len(counted[0])
+    f = [sum(c.count(e) for c in counted) / (num_real * slots) for e in range(num_experts)]
+    p = [sum(probs[t, e] for t in range(num_tokens) if real[t]) / num_real for e in range(num_experts)]
+    balance = num_experts * sum(f[e] * p[e] for e in range(num_experts))
+    z_loss = sum(torch.logsumexp(logits[t], -1) ** 2 for t in range(num_tokens) if real[t]) / num_real
+    return torch.stack(rows), torch.tensor(kept), balance, z_loss
+
+
+@pytest.mark.parametrize(
+    ("top_k", "capacity_factor", "min_capacity", "normalize", "first_choice"),
+    [
+        (2, None, 0, True, False),  # MoE-LLaVA at evaluation without capacity
+        (2, 0.75, 0, True, True),  # DeepSpeed-MoE top-2 training: drops, first-choice f_i
+        (2, 1.0, 0, False, False),  # raw (not renormalised) weights with drops
+        (1, 0.5, 3, True, False),  # Switch top-1 with a min_capacity floor
+        (4, 0.6, 0, True, False),  # top_k == num_experts
+    ],
+)
+@pytest.mark.parametrize("backend", ["reference", "grouped", "segments", "dense"])
+def test_moe_ffn_equals_a_float64_per_token_reference(
+    backend, top_k, capacity_factor, min_capacity, normalize, first_choice
+):
+    torch.manual_seed(0)
+    layer = MoEFeedForward.from_dense(
+        SwiGLU(6, 10).double(), num_experts=4, top_k=top_k, load_balance_coef=0.3, z_loss_coef=0.2,
+        capacity_factor=capacity_factor, min_capacity=min_capacity, normalize_top_k=normalize,
+        load_balance_first_choice=first_choice, backend=backend,
+    )  # fmt: skip
+    randomize_(layer, seed=2)  # distinct experts and a router far from uniform
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 7, 6, generator=generator, dtype=torch.float64, requires_grad=True)
+    mask = torch.ones(2, 7, dtype=torch.bool)
+    mask[1, 5:] = False
+    grad_out = torch.randn(2, 7, 6, generator=generator, dtype=torch.float64)
+
+    with record_routing(layer):
+        out = layer(x, token_mask=mask)
+    losses = layer.last_aux_losses
+    expected, kept, balance, z_loss = _reference_moe_ffn(
+        x.reshape(-1, 6), mask.reshape(-1), layer, top_k=top_k, capacity_factor=capacity_factor,
+        min_capacity=min_capacity, normalize=normalize, first_choice=first_choice,
+    )  # fmt: skip
+    if capacity_factor is not None:
+        assert torch.equal(layer.last_routing.kept, kept)
+        assert not kept.all()  # the case drops slots
+    assert relative_error(out.reshape(-1, 6), expected) < 1e-12
+    assert relative_error(losses["load_balance"], 0.3 * balance) < 1e-12
+    assert relative_error(losses["z_loss"], 0.2 * z_loss) < 1e-12
+
+    params = [x, *layer.parameters()]
+    total = (out * grad_out).sum() + losses["load_balance"] + losses["z_loss"]
+    wanted = (expected * grad_out.reshape(-1, 6)).sum() + 0.3 * balance + 0.2 * z_loss
+    grads = torch.autograd.grad(total, params)
+    expected_grads = torch.autograd.grad(wanted, params)
+    for grad, expected_grad in zip(grads, expected_grads, strict=True):
+        assert relative_error(grad, expected_grad) < 1e-12
+
+
+def _reference_mole(layer, x, cluster_ids, *, temperature, straight_through):
+    """LLaVA-MoLE / MoCLE, one token at a time: softmax(logits / temperature) over the LoRA
+    experts from the token (or its sample's cluster embedding), the argmax expert (lowest index
+    on ties) weighted by its probability (straight-through: forward 1, gradient through it), plus
+    the universal LoRA at weight 1."""
+    router, experts, universal = layer.router, layer.experts, layer.universal
+    scaling = experts.scaling
+    rows = []
+    for t in range(x.shape[0]):
+        if router.cluster_embedding is not None:
+            logits = router.gate.weight @ router.cluster_embedding.weight[int(cluster_ids[t])]
+        else:
+            logits = router.gate.weight @ x[t]
+        probs = torch.softmax(logits / temperature, dim=-1)
+        e = int(torch.argmax(probs.detach()))
+        weight = probs[e] - probs[e].detach() + 1 if straight_through else probs[e]
+        row = layer.base(x[t]) + weight * scaling * (experts.lora_B[e] @ (experts.lora_A[e] @ x[t]))
+        if universal is not None:
+            row = row + universal.scaling * (universal.lora_B[0] @ (universal.lora_A[0] @ x[t]))
+        rows.append(row)
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize(
+    ("router_input", "universal", "temperature", "straight_through"),
+    [
+        ("token", False, 1.0, False),  # LLaVA-MoLE, Switch-style gate
+        ("token", False, 1.0, True),  # LLaVA-MoLE's straight-through
+        ("token", True, 0.5, False),
+        ("cluster", True, 0.05, False),  # MoCLE
+        ("cluster", False, 0.1, True),
+    ],
+)
+@pytest.mark.parametrize("backend", ["reference", "grouped", "segments", "dense"])
+def test_mole_and_mocle_equal_a_float64_per_token_reference(
+    backend, router_input, universal, temperature, straight_through
+):
+    torch.manual_seed(0)
+    cluster = {"router_input": "cluster", "num_clusters": 3} if router_input == "cluster" else {}
+    layer = MoLELinear(
+        nn.Linear(6, 5).double(), num_experts=4, rank=2, alpha=3, universal=universal,
+        temperature=temperature, straight_through=straight_through, backend=backend, **cluster,
+    )  # fmt: skip
+    randomize_(layer, seed=3)
+    for parameter in layer.base.parameters():
+        parameter.requires_grad_(True)  # its gradient is checked too (the layer freezes it)
+    generator = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 4, 6, generator=generator, dtype=torch.float64, requires_grad=True)
+    ids = torch.tensor([2, 0, 2])
+    out = layer(x, cluster_ids=ids if cluster else None)
+    token_ids = ids.repeat_interleave(4)
+    expected = _reference_mole(
+        layer, x.reshape(-1, 6), token_ids, temperature=temperature, straight_through=straight_through
+    )
+    assert relative_error(out.reshape(-1, 5), expected) < 1e-12
+    grad_out = torch.randn(12, 5, generator=generator, dtype=torch.float64)
+    params = [x, *layer.parameters()]
+    grads = torch.autograd.grad((out.reshape(-1, 5) * grad_out).sum(), params)
+    expected_grads = torch.autograd.grad((expected * grad_out).sum(), params, allow_unused=True)
+    for grad, expected_grad in zip(grads, expected_grads, strict=True):
+        if expected_grad is None:  # the cluster embeddings of clusters no sample has
+            assert torch.all(grad == 0)
+        else:
+            assert relative_error(grad, expected_grad) < 1e-12
+
+
+class _ConnectorAndFFN(nn.Module):
+    """A connector that only image batches reach, then an MoE FFN (a VLM in miniature)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.connector = MoEConnector.upcycle(Projector(8, 8), 4, 2, load_balance_coef=0.1)
+        self.ffn = MoEFeedForward.from_dense(SwiGLU(8, 12), 4, 2, load_balance_coef=0.01)
+
+    def forward(self, text, image=None):
+        return self.ffn(text if image is None else torch.cat([self.connector(image), text]))
+
+
+def test_a_layer_a_forward_does_not_reach_adds_no_stale_loss():
+    torch.manual_seed(0)
+    model = _ConnectorAndFFN()
+    for image in (torch.randn(2, 8), None):  # an image batch, then a text-only one
+        with routing_inputs(model):  # as vlmoe.train wraps every step
+            out = model(torch.randn(3, 8), image)
+        # The text-only step: the connector's loss of the image step (its graph freed by that
+        # step's backward) made this backward fail ("backward through the graph a second time").
+        loss = out.sum() + aux_loss(model)
+        loss.backward()
+    assert model.connector.last_aux_losses == {}
+    assert set(aux_losses_by_layer(model)) == {"connector", "ffn"}
+    assert aux_losses_by_layer(model)["connector"] == {}
+    assert torch.equal(aux_loss(model), model.ffn.last_aux_losses["load_balance"].float())

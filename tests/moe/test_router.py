@@ -5,6 +5,7 @@ import torch
 
 from tests.gloo import run_on_ranks
 from vlmoe.moe import Router, RouterConfig, capacity_keep_mask, load_balancing_loss, router_z_loss
+from vlmoe.moe.router import check_cluster_ids
 
 
 def _router(seed=0, hidden=8, **config):
@@ -210,3 +211,68 @@ def test_global_balance_loss_on_two_ranks_is_the_loss_of_the_whole_batch(tmp_pat
         torch.testing.assert_close(grad, local_grad, rtol=0, atol=1e-14)
     # The two scopes differ here.
     assert abs(float(whole.detach()) - sum(v for v, _ in local) / world_size) > 1e-4
+
+
+def test_forced_expert_takes_every_token_whatever_the_capacity():
+    # MoE-LLaVA trains with capacity 1.5: forcing expert 1 must still give every token expert 1's
+    # output alone, not drop the slots over one expert's capacity (and halve the rest).
+    router = _router(num_experts=4, top_k=2, capacity_factor=1.5)
+    router.forced_expert = 1
+    routing = router(torch.randn(10, 8))
+    assert routing.kept is None
+    assert torch.all(routing.expert_indices == 1)
+    assert torch.equal(routing.combine_weights, torch.full((10, 2), 0.5))
+    assert routing.tokens_per_expert().tolist() == [0, 20, 0, 0]
+
+
+@pytest.mark.parametrize("capacity_factor", [None, 4.0])
+def test_tokens_per_expert_counts_real_tokens_only(capacity_factor):
+    router = _router(num_experts=4, top_k=2, capacity_factor=capacity_factor)
+    x = torch.randn(9, 8)
+    mask = torch.tensor([True, True, False, True, False, False, True, True, False])
+    routing = router(x, token_mask=mask)
+    expected = torch.zeros(4, dtype=torch.long)
+    for t in range(9):
+        for j in range(2):
+            if mask[t] and (routing.kept is None or routing.kept[t, j]):
+                expected[routing.expert_indices[t, j]] += 1
+    assert int(expected.sum()) == 10  # the 5 real tokens' slots, none dropped at this capacity
+    assert torch.equal(routing.tokens_per_expert(), expected)
+    # The fused router's counts (every slot) are not taken when there is padding.
+    routing.expert_counts = torch.bincount(routing.expert_indices.flatten(), minlength=4)
+    assert torch.equal(routing.tokens_per_expert(), expected)
+
+
+def test_cluster_ids_of_the_wrong_type_are_refused_by_name():
+    router = _router(num_experts=4, top_k=1, input="cluster", num_clusters=3)
+    x = torch.randn(3, 8)
+    # A bool tensor indexed the clusters as a mask: two routed rows for three tokens.
+    with pytest.raises(ValueError, match=r"cluster_ids is a torch.bool tensor; .*integer tensor"):
+        router(x, cluster_ids=torch.tensor([True, False, True]))
+    with pytest.raises(ValueError, match=r"cluster_ids is a torch.float32 tensor; .*cluster_ids.long\(\)"):
+        router(x, cluster_ids=torch.tensor([0.0, 1.0, 2.0]))
+    with pytest.raises(ValueError, match="cluster_ids is a list; pass a tensor"):
+        router(x, cluster_ids=[0, 1, 2])
+    with pytest.raises(ValueError, match="cluster_ids is a torch.float32 tensor"):
+        check_cluster_ids(torch.tensor([0.5, 1.0]), 3)  # what routing_inputs checks
+    assert router(x, cluster_ids=torch.tensor([0, 2, 2], dtype=torch.int32)).expert_indices.shape == (3, 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("top_k", [1, 2, 3])
+def test_ties_go_to_the_lower_expert_index(top_k, dtype):
+    # Experts 1, 2 and 4 score the same for every token (expert 3 less, 0 least), as bf16 logits
+    # often do: the ties break towards the lower index, as argmax and the fused kernels do.
+    router = _router(num_experts=5, top_k=top_k, hidden=4)
+    scale = torch.rand(6, 1, generator=torch.Generator().manual_seed(0)) * 3 + 0.1
+    logits = (torch.tensor([0.0, 1.0, 1.0, 0.5, 1.0]) * scale).to(dtype).requires_grad_(True)
+    routing = router(torch.zeros(6, 4), logits=logits)
+    expected = torch.tensor([1, 2, 4][:top_k]).expand(6, top_k)
+    assert torch.equal(routing.expert_indices, expected)
+    if top_k == 1:
+        assert torch.equal(routing.expert_indices[:, 0], routing.router_probs.argmax(-1))
+    chosen = routing.router_probs.gather(1, expected)
+    wanted = chosen / chosen.sum(-1, keepdim=True) if top_k > 1 else chosen
+    assert torch.allclose(routing.combine_weights, wanted)
+    routing.combine_weights[:, 0].sum().backward()  # the gradient still reaches the logits
+    assert logits.grad.abs().sum() > 0

@@ -66,6 +66,10 @@ class RouterConfig:
             value = as_python_number(getattr(self, name), hint)
             check_type(value, hint, name)
             setattr(self, name, value)
+            # NaN passes every range check below (each comparison is false) and would make the
+            # losses or the jitter NaN; an infinite capacity or coefficient is no number either.
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value}")
         if self.num_experts < 1:
             raise ValueError(f"num_experts must be an integer >= 1, got {self.num_experts!r}")
         if not 1 <= self.top_k <= self.num_experts:

@@ -36,7 +36,7 @@ from vlmoe.moe.experts import (
     experts_from_dense,
 )
 from vlmoe.moe.kernels import quack_gemm
-from vlmoe.moe.router import Router, Routing
+from vlmoe.moe.router import Router, Routing, check_cluster_ids_type
 
 
 def _expert_weights(experts: GLUExperts | MLPExperts) -> tuple[Tensor, ...]:
@@ -102,6 +102,11 @@ class SparseLayer(nn.Module):
         return routing
 
     def _check_input(self, x: Tensor) -> None:
+        if not x.is_floating_point():
+            raise ValueError(
+                f"{type(self).__name__} got a {x.dtype} input of shape {tuple(x.shape)}; it takes hidden "
+                "states (a floating-point tensor), not token ids or masks"
+            )
         input_size = self.input_size
         if input_size is not None and (x.dim() == 0 or x.shape[-1] != input_size):
             raise ValueError(
@@ -199,6 +204,7 @@ class SparseLayer(nn.Module):
         if cluster_ids is None:
             cluster_ids = self.cluster_ids
         if cluster_ids is not None:
+            check_cluster_ids_type(cluster_ids)
             if cluster_ids.shape == lead_shape:
                 cluster_ids = cluster_ids.reshape(-1)
             elif len(lead_shape) >= 2 and cluster_ids.shape == lead_shape[:1]:
@@ -612,7 +618,18 @@ def _stack_projectors(projectors: list[nn.Module]) -> MLPExperts | ModuleExperts
     """Stack two-layer MLP projectors of one shape into MLPExperts; anything else is a loop."""
     pairs = [_linear_pair(p) for p in projectors]
     if all(pair is not None for pair in pairs):
-        shapes = {(p[0].weight.shape, p[1].weight.shape, p[0].bias is None, p[1].bias is None) for p in pairs}
+        # The activation too (type and settings, e.g. GELU's approximate): stacked experts share one.
+        shapes = {
+            (
+                p[0].weight.shape,
+                p[1].weight.shape,
+                p[0].bias is None,
+                p[1].bias is None,
+                type(p[2]),
+                repr(p[2]),
+            )
+            for p in pairs
+        }
         if len(shapes) == 1 and pairs[0][0].bias is not None and pairs[0][1].bias is not None:
             fc1, fc2, act = pairs[0]
             experts = MLPExperts(len(projectors), fc1.in_features, fc1.out_features, fc2.out_features, act)

@@ -134,6 +134,9 @@ def routing_inputs(
 
     `attention_mask` # [batch, seq] (1 = real token): padding takes no capacity and no part in
     the router losses. `cluster_ids` # [batch] (MoCLE): the instruction cluster of each sample.
+    Entering clears every sparse layer's record (losses and routing): a layer the forward inside
+    does not reach (the connector in a text-only batch) then adds no loss of an earlier forward,
+    whose graph is gone, to `aux_loss`.
 
     Example:
         >>> from vlmoe.moe import MoLELinear
@@ -142,9 +145,11 @@ def routing_inputs(
         ...     layer(torch.randn(2, 5, 4)).shape
         torch.Size([2, 5, 4])
     """
-    layers = [
-        module for module in model.modules() if isinstance(module, SparseLayer) and module.routes_text_tokens
-    ]
+    all_layers = [module for module in model.modules() if isinstance(module, SparseLayer)]
+    for layer in all_layers:  # plain attributes, as SparseLayer.route writes them
+        layer.__dict__["last_aux_losses"] = {}
+        layer.__dict__["last_routing"] = None
+    layers = [layer for layer in all_layers if layer.routes_text_tokens]
     mask = None if attention_mask is None else attention_mask.bool()
     if cluster_ids is not None:
         for num_clusters in {

@@ -68,11 +68,13 @@ class Routing:
 
     def tokens_per_expert(self) -> Tensor:
         """Computed token-slots per expert (dropped and padding slots excluded). # [E]"""
-        if self.expert_counts is not None and self.kept is None:
+        if self.expert_counts is not None and self.kept is None and self.token_mask is None:
             return self.expert_counts
         indices = self.expert_indices
         if self.kept is not None:
             indices = indices[self.kept]
+        elif self.token_mask is not None:  # dropless: padding is routed too, but is no load
+            indices = indices[self.token_mask]
         return torch.bincount(indices.flatten(), minlength=self.num_experts)
 
     def detached(self) -> Routing:
@@ -248,7 +250,10 @@ class Router(nn.Module):
             return self._fused_topk(router_logits, token_mask)
         scaled_logits = router_logits if cfg.temperature == 1.0 else router_logits / cfg.temperature
         router_probs = torch.softmax(scaled_logits, dim=-1)
-        top_probs, expert_indices = torch.topk(router_probs, cfg.top_k, dim=-1)  # [T, K]
+        # Ties go to the lower expert index, as argmax (Switch, DeepSpeed-MoE) and the fused
+        # kernels break them; torch.topk picks any of the tied experts (bf16 logits tie often).
+        sorted_probs, order = torch.sort(router_probs, dim=-1, descending=True, stable=True)
+        top_probs, expert_indices = sorted_probs[:, : cfg.top_k], order[:, : cfg.top_k]  # [T, K]
         if self.forced_expert is not None:
             if not 0 <= self.forced_expert < cfg.num_experts:
                 raise ValueError(f"forced_expert must be in [0, {cfg.num_experts}), got {self.forced_expert}")
@@ -257,7 +262,9 @@ class Router(nn.Module):
             top_probs = torch.full_like(top_probs, 1.0 / cfg.top_k)
 
         kept = None
-        if cfg.capacity_factor is not None:  # the real-token count is a host sync: only when needed
+        # A forced expert takes every token (the ablation's point): its K slots all go to one
+        # expert, so a capacity limit would drop most tokens and halve the rest.
+        if cfg.capacity_factor is not None and self.forced_expert is None:  # a host sync: only when needed
             capacity = cfg.capacity(int(token_mask.sum()) if token_mask is not None else hidden.shape[0])
             kept = capacity_keep_mask(expert_indices, cfg.num_experts, capacity, token_mask)
             top_probs = top_probs * kept
@@ -384,6 +391,7 @@ class Router(nn.Module):
                 "this router routes by instruction cluster (input='cluster') but got no cluster_ids; "
                 "pass cluster_ids=... or wrap the forward in vlmoe.moe.routing_inputs(model, cluster_ids=...)"
             )
+        check_cluster_ids_type(cluster_ids)
         cluster_ids = cluster_ids.to(hidden.device)
         if cluster_ids.shape != hidden.shape[:1]:
             raise ValueError(
@@ -399,8 +407,24 @@ class Router(nn.Module):
         return logits_per_cluster[cluster_ids]
 
 
+def check_cluster_ids_type(cluster_ids: object) -> None:
+    """Raise a ValueError unless `cluster_ids` is an integer tensor (no host sync): a bool tensor
+    would index the clusters as a mask (fewer rows than tokens), a float one fail deep in torch."""
+    if not isinstance(cluster_ids, Tensor):
+        raise ValueError(
+            f"cluster_ids is a {type(cluster_ids).__name__}; pass a tensor of cluster indices, "
+            "e.g. torch.tensor([3, 0])"
+        )
+    if cluster_ids.is_floating_point() or cluster_ids.is_complex() or cluster_ids.dtype == torch.bool:
+        raise ValueError(
+            f"cluster_ids is a {cluster_ids.dtype} tensor; pass the k-means cluster indices as an "
+            "integer tensor (cluster_ids.long())"
+        )
+
+
 def check_cluster_ids(cluster_ids: Tensor, num_clusters: int) -> None:
-    """Raise a ValueError unless every id is in [0, num_clusters)."""
+    """Raise a ValueError unless `cluster_ids` is an integer tensor with every id in [0, num_clusters)."""
+    check_cluster_ids_type(cluster_ids)
     if not cluster_ids.numel():
         return
     # Both bounds in one read to the host (one synchronisation on CUDA, not two or four).
