@@ -160,3 +160,39 @@ def test_a_smaller_n_is_refused_and_leaves_the_set_whole_a_larger_one_extends_it
         records = (out / shard / "records.jsonl").read_text().splitlines()
         assert len(records) == count == len(list((out / shard / "images").iterdir()))
         assert json.loads((out / shard / "done.json").read_text())["count"] == count
+
+
+def _disk_full_at(monkeypatch, name: str) -> None:
+    """Make writing the file `name` fail as a full disk does."""
+    from vlmoe.data import chart_dataset
+
+    write = chart_dataset._atomic_write
+
+    def failing(path, data):
+        if path.name == name:
+            raise OSError(28, "No space left on device")
+        write(path, data)
+
+    monkeypatch.setattr(chart_dataset, "_atomic_write", failing)
+
+
+def test_an_extension_cut_short_leaves_the_grown_shard_unfinished_and_a_rerun_completes_it(
+    tmp_path, monkeypatch
+):
+    from vlmoe.data.chart_dataset import chart_set_shards
+
+    out = tmp_path / "charts"
+    generate_chart_set(out, ChartSetConfig(n=5, seed=3, size_px=96, shard_size=4))  # shard 1 holds 1 chart
+    bigger = ChartSetConfig(n=8, seed=3, size_px=96, shard_size=4)
+    with monkeypatch.context() as patch:
+        _disk_full_at(patch, "conversations.jsonl")  # shard 1's records.jsonl now has 4 charts, not 1
+        with pytest.raises(OSError, match="No space left"):
+            generate_chart_set(out, bigger)
+    # shard 1's done.json of the 1-chart shard must not make the half-written 4-chart one read as done
+    with pytest.raises(ValueError, match="shard_00001 is unfinished"):
+        chart_set_shards(out)
+    generate_chart_set(out, bigger)
+    generate_chart_set(tmp_path / "fresh", bigger)
+    assert _snapshot(out) == _snapshot(tmp_path / "fresh")
+    records = [line for shard in chart_set_shards(out) for line in (shard / "records.jsonl").open()]
+    assert [json.loads(line)["id"] for line in records] == [f"chart-3-{i:08d}" for i in range(8)]

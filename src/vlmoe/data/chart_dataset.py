@@ -266,6 +266,9 @@ def generate_chart_set(
             if _shard_done(shard_dir, len(indices)):
                 progress(len(indices))
                 continue
+            # A done.json of fewer charts (a smaller --n before) would make this shard read as done
+            # while its files are rewritten; done.json comes back last, once they all are.
+            (shard_dir / "done.json").unlink(missing_ok=True)
             (shard_dir / "images").mkdir(parents=True, exist_ok=True)
             tasks = [(config, shard_dir, chunk) for chunk in _chunks(indices)]
             finished = pool.imap_unordered(_render_chunk, tasks) if pool else map(_render_chunk, tasks)
