@@ -196,3 +196,14 @@ def test_an_extension_cut_short_leaves_the_grown_shard_unfinished_and_a_rerun_co
     assert _snapshot(out) == _snapshot(tmp_path / "fresh")
     records = [line for shard in chart_set_shards(out) for line in (shard / "records.jsonl").open()]
     assert [json.loads(line)["id"] for line in records] == [f"chart-3-{i:08d}" for i in range(8)]
+
+
+@pytest.mark.parametrize("damaged", ["{", "[4]", "\udcff"])
+def test_a_damaged_done_json_is_redrawn_not_a_crash(tmp_path, damaged):
+    out = tmp_path / "charts"
+    generate_chart_set(out, CONFIG)
+    reference = _snapshot(out)
+    (out / "shard_00001/records.jsonl").unlink()
+    (out / "shard_00001/done.json").write_bytes(damaged.encode(errors="surrogateescape"))
+    generate_chart_set(out, CONFIG)
+    assert _snapshot(out) == reference

@@ -216,7 +216,13 @@ def check_chart_set(out: str | Path, config: ChartSetConfig, workers: int = 1) -
 
 def _shard_done(shard_dir: Path, count: int) -> bool:
     done = shard_dir / "done.json"
-    return done.exists() and json.loads(done.read_text()).get("count") == count
+    if not done.is_file():
+        return False
+    try:
+        info = json.loads(done.read_text())
+    except ValueError:  # damaged (not JSON, not UTF-8): the shard is redrawn, as charts_held says
+        return False
+    return isinstance(info, dict) and info.get("count") == count
 
 
 def _chunks(indices: range) -> Iterator[list[int]]:
