@@ -207,3 +207,22 @@ def test_a_damaged_done_json_is_redrawn_not_a_crash(tmp_path, damaged):
     (out / "shard_00001/done.json").write_bytes(damaged.encode(errors="surrogateescape"))
     generate_chart_set(out, CONFIG)
     assert _snapshot(out) == reference
+
+
+def test_extending_a_set_with_another_number_of_questions_is_refused(tmp_path):
+    out = tmp_path / "charts"
+    generate_chart_set(out, ChartSetConfig(n=2, seed=3, size_px=96, questions_per_chart=2))
+    before = _snapshot(out)
+    with pytest.raises(
+        ValueError, match="questions_per_chart is 2 but this run asks for 4; resume with the same"
+    ):
+        generate_chart_set(out, ChartSetConfig(n=3, seed=3, size_px=96))  # chart 2 would have 4 questions
+    assert _snapshot(out) == before
+    generate_chart_set(out, ChartSetConfig(n=3, seed=3, size_px=96, questions_per_chart=2))
+    records = [json.loads(line) for line in (out / "shard_00000/records.jsonl").read_text().splitlines()]
+    assert [len(r["qa"]) for r in records] == [2, 2, 2]
+    # a manifest written before questions_per_chart was recorded still resumes
+    manifest = json.loads((out / "manifest.json").read_text())
+    del manifest["questions_per_chart"]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    generate_chart_set(out, ChartSetConfig(n=3, seed=3, size_px=96, questions_per_chart=2))
