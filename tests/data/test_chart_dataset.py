@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
+import re
 
 import pytest
 from typer.testing import CliRunner
@@ -226,3 +227,42 @@ def test_extending_a_set_with_another_number_of_questions_is_refused(tmp_path):
     del manifest["questions_per_chart"]
     (out / "manifest.json").write_text(json.dumps(manifest))
     generate_chart_set(out, ChartSetConfig(n=3, seed=3, size_px=96, questions_per_chart=2))
+
+
+def _whole_set(out) -> tuple[list[str], list[str], dict[str, bytes]]:
+    """Records and conversations in chart order, and every image by name, whatever the shards."""
+    from vlmoe.data.chart_dataset import chart_set_shards
+
+    shards = chart_set_shards(out)
+    records = [line for s in shards for line in (s / "records.jsonl").read_text().splitlines()]
+    conversations = [line for s in shards for line in (s / "conversations.jsonl").read_text().splitlines()]
+    images = {p.name: p.read_bytes() for s in shards for p in sorted((s / "images").iterdir())}
+    return records, conversations, images
+
+
+def test_the_same_seed_gives_the_same_charts_whatever_the_shard_size(tmp_path):
+    sets = [
+        _whole_set(
+            generate_chart_set(
+                tmp_path / str(size), ChartSetConfig(n=7, seed=3, size_px=96, shard_size=size)
+            )[0].parent
+        )
+        for size in (1, 3, 7, 100)
+    ]
+    assert all(s == sets[0] for s in sets[1:])
+    records, _, images = sets[0]
+    assert [json.loads(r)["id"] for r in records] == [f"chart-3-{i:08d}" for i in range(7)]
+    assert sorted(images) == [f"{i:08d}.png" for i in range(7)]
+
+
+@pytest.mark.parametrize("size", [64, 4096])
+def test_one_chart_at_the_size_limits(tmp_path, size):
+    from PIL import Image
+
+    (shard,) = generate_chart_set(tmp_path, ChartSetConfig(n=1, seed=0, size_px=size))
+    assert Image.open(shard / "images/00000000.png").size == (size, size)
+    (record,) = [json.loads(line) for line in (shard / "records.jsonl").read_text().splitlines()]
+    assert record["id"] == "chart-0-00000000"
+    inches, dpi = re.search(r"figsize=\(([\d.]+), [\d.]+\), dpi=(\d+)", record["code"]).groups()
+    assert round(float(inches) * int(dpi)) == size  # the plotting code draws the same size
+    assert json.loads((shard / "done.json").read_text()) == {"count": 1, "first": 0}
