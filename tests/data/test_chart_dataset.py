@@ -266,3 +266,31 @@ def test_one_chart_at_the_size_limits(tmp_path, size):
     inches, dpi = re.search(r"figsize=\(([\d.]+), [\d.]+\), dpi=(\d+)", record["code"]).groups()
     assert round(float(inches) * int(dpi)) == size  # the plotting code draws the same size
     assert json.loads((shard / "done.json").read_text()) == {"count": 1, "first": 0}
+
+
+def test_a_disk_full_while_drawing_leaves_no_half_image_that_counts_and_a_rerun_completes(
+    tmp_path, monkeypatch
+):
+    from pathlib import Path
+
+    from vlmoe.data.chart_dataset import chart_set_shards, charts_held
+
+    write_bytes = Path.write_bytes
+
+    def half_then_full(path, data):
+        if path.name == "00000005.png.tmp":
+            write_bytes(path, data[: len(data) // 2])
+            raise OSError(28, "No space left on device")
+        return write_bytes(path, data)
+
+    out = tmp_path / "charts"
+    with monkeypatch.context() as patch:
+        patch.setattr(Path, "write_bytes", half_then_full)
+        with pytest.raises(OSError, match="No space left"):
+            generate_chart_set(out, CONFIG)
+    assert not (out / "shard_00001/images/00000005.png").exists() and charts_held(out) == 5
+    with pytest.raises(ValueError, match="shard_00001 is unfinished"):
+        chart_set_shards(out)
+    generate_chart_set(out, CONFIG)
+    generate_chart_set(tmp_path / "fresh", CONFIG)
+    assert _snapshot(out) == _snapshot(tmp_path / "fresh")  # the half-written .tmp is gone too
