@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
+import re
 
 import pytest
 from typer.testing import CliRunner
@@ -160,3 +161,136 @@ def test_a_smaller_n_is_refused_and_leaves_the_set_whole_a_larger_one_extends_it
         records = (out / shard / "records.jsonl").read_text().splitlines()
         assert len(records) == count == len(list((out / shard / "images").iterdir()))
         assert json.loads((out / shard / "done.json").read_text())["count"] == count
+
+
+def _disk_full_at(monkeypatch, name: str) -> None:
+    """Make writing the file `name` fail as a full disk does."""
+    from vlmoe.data import chart_dataset
+
+    write = chart_dataset._atomic_write
+
+    def failing(path, data):
+        if path.name == name:
+            raise OSError(28, "No space left on device")
+        write(path, data)
+
+    monkeypatch.setattr(chart_dataset, "_atomic_write", failing)
+
+
+def test_an_extension_cut_short_leaves_the_grown_shard_unfinished_and_a_rerun_completes_it(
+    tmp_path, monkeypatch
+):
+    from vlmoe.data.chart_dataset import chart_set_shards
+
+    out = tmp_path / "charts"
+    generate_chart_set(out, ChartSetConfig(n=5, seed=3, size_px=96, shard_size=4))  # shard 1 holds 1 chart
+    bigger = ChartSetConfig(n=8, seed=3, size_px=96, shard_size=4)
+    with monkeypatch.context() as patch:
+        _disk_full_at(patch, "conversations.jsonl")  # shard 1's records.jsonl now has 4 charts, not 1
+        with pytest.raises(OSError, match="No space left"):
+            generate_chart_set(out, bigger)
+    # shard 1's done.json of the 1-chart shard must not make the half-written 4-chart one read as done
+    with pytest.raises(ValueError, match="shard_00001 is unfinished"):
+        chart_set_shards(out)
+    generate_chart_set(out, bigger)
+    generate_chart_set(tmp_path / "fresh", bigger)
+    assert _snapshot(out) == _snapshot(tmp_path / "fresh")
+    records = [line for shard in chart_set_shards(out) for line in (shard / "records.jsonl").open()]
+    assert [json.loads(line)["id"] for line in records] == [f"chart-3-{i:08d}" for i in range(8)]
+
+
+@pytest.mark.parametrize("damaged", ["{", "[4]", "\udcff"])
+def test_a_damaged_done_json_is_redrawn_not_a_crash(tmp_path, damaged):
+    out = tmp_path / "charts"
+    generate_chart_set(out, CONFIG)
+    reference = _snapshot(out)
+    (out / "shard_00001/records.jsonl").unlink()
+    (out / "shard_00001/done.json").write_bytes(damaged.encode(errors="surrogateescape"))
+    generate_chart_set(out, CONFIG)
+    assert _snapshot(out) == reference
+
+
+def test_extending_a_set_with_another_number_of_questions_is_refused(tmp_path):
+    out = tmp_path / "charts"
+    generate_chart_set(out, ChartSetConfig(n=2, seed=3, size_px=96, questions_per_chart=2))
+    before = _snapshot(out)
+    with pytest.raises(
+        ValueError, match="questions_per_chart is 2 but this run asks for 4; resume with the same"
+    ):
+        generate_chart_set(out, ChartSetConfig(n=3, seed=3, size_px=96))  # chart 2 would have 4 questions
+    assert _snapshot(out) == before
+    generate_chart_set(out, ChartSetConfig(n=3, seed=3, size_px=96, questions_per_chart=2))
+    records = [json.loads(line) for line in (out / "shard_00000/records.jsonl").read_text().splitlines()]
+    assert [len(r["qa"]) for r in records] == [2, 2, 2]
+    # a manifest written before questions_per_chart was recorded still resumes
+    manifest = json.loads((out / "manifest.json").read_text())
+    del manifest["questions_per_chart"]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    generate_chart_set(out, ChartSetConfig(n=3, seed=3, size_px=96, questions_per_chart=2))
+
+
+def _whole_set(out) -> tuple[list[str], list[str], dict[str, bytes]]:
+    """Records and conversations in chart order, and every image by name, whatever the shards."""
+    from vlmoe.data.chart_dataset import chart_set_shards
+
+    shards = chart_set_shards(out)
+    records = [line for s in shards for line in (s / "records.jsonl").read_text().splitlines()]
+    conversations = [line for s in shards for line in (s / "conversations.jsonl").read_text().splitlines()]
+    images = {p.name: p.read_bytes() for s in shards for p in sorted((s / "images").iterdir())}
+    return records, conversations, images
+
+
+def test_the_same_seed_gives_the_same_charts_whatever_the_shard_size(tmp_path):
+    sets = [
+        _whole_set(
+            generate_chart_set(
+                tmp_path / str(size), ChartSetConfig(n=7, seed=3, size_px=96, shard_size=size)
+            )[0].parent
+        )
+        for size in (1, 3, 7, 100)
+    ]
+    assert all(s == sets[0] for s in sets[1:])
+    records, _, images = sets[0]
+    assert [json.loads(r)["id"] for r in records] == [f"chart-3-{i:08d}" for i in range(7)]
+    assert sorted(images) == [f"{i:08d}.png" for i in range(7)]
+
+
+@pytest.mark.parametrize("size", [64, 4096])
+def test_one_chart_at_the_size_limits(tmp_path, size):
+    from PIL import Image
+
+    (shard,) = generate_chart_set(tmp_path, ChartSetConfig(n=1, seed=0, size_px=size))
+    assert Image.open(shard / "images/00000000.png").size == (size, size)
+    (record,) = [json.loads(line) for line in (shard / "records.jsonl").read_text().splitlines()]
+    assert record["id"] == "chart-0-00000000"
+    inches, dpi = re.search(r"figsize=\(([\d.]+), [\d.]+\), dpi=(\d+)", record["code"]).groups()
+    assert round(float(inches) * int(dpi)) == size  # the plotting code draws the same size
+    assert json.loads((shard / "done.json").read_text()) == {"count": 1, "first": 0}
+
+
+def test_a_disk_full_while_drawing_leaves_no_half_image_that_counts_and_a_rerun_completes(
+    tmp_path, monkeypatch
+):
+    from pathlib import Path
+
+    from vlmoe.data.chart_dataset import chart_set_shards, charts_held
+
+    write_bytes = Path.write_bytes
+
+    def half_then_full(path, data):
+        if path.name == "00000005.png.tmp":
+            write_bytes(path, data[: len(data) // 2])
+            raise OSError(28, "No space left on device")
+        return write_bytes(path, data)
+
+    out = tmp_path / "charts"
+    with monkeypatch.context() as patch:
+        patch.setattr(Path, "write_bytes", half_then_full)
+        with pytest.raises(OSError, match="No space left"):
+            generate_chart_set(out, CONFIG)
+    assert not (out / "shard_00001/images/00000005.png").exists() and charts_held(out) == 5
+    with pytest.raises(ValueError, match="shard_00001 is unfinished"):
+        chart_set_shards(out)
+    generate_chart_set(out, CONFIG)
+    generate_chart_set(tmp_path / "fresh", CONFIG)
+    assert _snapshot(out) == _snapshot(tmp_path / "fresh")  # the half-written .tmp is gone too

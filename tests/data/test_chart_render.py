@@ -119,3 +119,27 @@ def test_same_record_same_png_bytes():
 def test_too_small_size_is_refused_with_the_fix():
     with pytest.raises(ValueError, match="--size 64 or more"):
         ChartRenderer(32)
+
+
+@pytest.mark.parametrize("chart_type", CHART_TYPES)
+def test_drawn_title_axes_labels_and_legend_are_the_jsons(chart_type):
+    renderer = ChartRenderer(SIZE)
+    for seed in range(3):
+        record = sample_chart_record(seed, 0, chart_type)
+        data = chart_json(record)
+        ax = renderer.draw(record).axes[0]
+        assert ax.get_title() == data["title"]
+        legend = [t.get_text() for t in ax.get_legend().get_texts()] if ax.get_legend() else []
+        names = [s["name"] for s in data.get("series", [])]
+        assert legend == (names if len(names) > 1 else [])  # one series: named by the axis label
+        if chart_type == "pie":
+            labels = [s["label"] for s in data["slices"]]
+            drawn = [t.get_text() for t in ax.texts if t.get_text()]
+            assert [text.split(" (")[0] for text in drawn] == labels
+            continue
+        assert (ax.get_xlabel(), ax.get_ylabel()) == (data["x_axis"]["label"], data["y_axis"]["label"])
+        if chart_type in ("scatter", "histogram"):
+            continue
+        ticks = ax.get_yticklabels() if chart_type == "horizontal_bar" else ax.get_xticklabels()
+        categories = data.get("categories") or [d["label"] for d in data["data"]]
+        assert [t.get_text() for t in ticks] == categories

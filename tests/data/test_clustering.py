@@ -185,3 +185,37 @@ def test_missing_cluster_files_are_named_with_the_command_that_makes_them(tmp_pa
     with pytest.raises(FileNotFoundError) as error:
         load_clusters(tmp_path)
     assert str(error.value) == f"{tmp_path / CENTROIDS_FILE} not found; {fix}"
+
+
+def test_damaged_or_mismatched_cluster_files_are_named_with_the_fix(tmp_path):
+    from vlmoe.data.clustering import CENTROIDS_FILE, CLUSTERS_CONFIG_FILE, InstructionClusters, save_clusters
+
+    remake = (
+        f"make both again with `vlmoe data cluster --data <conversations .json or .jsonl> --out {tmp_path}`"
+    )
+    save_clusters(
+        tmp_path, InstructionClusters(np.eye(3, 4, dtype=np.float32), np.zeros(0), "minilm", seed=0)
+    )
+    config = (tmp_path / CLUSTERS_CONFIG_FILE).read_text()
+    for damaged in ("{", "[]", '{"num_clusters": 3}'):
+        (tmp_path / CLUSTERS_CONFIG_FILE).write_text(damaged)
+        with pytest.raises(ValueError) as error:
+            load_clusters(tmp_path)
+        assert str(error.value) == (
+            f"{tmp_path / CLUSTERS_CONFIG_FILE} is not a clusters.json (fields embedding_model, "
+            f"num_clusters, embedding_dim, seed); {remake}"
+        )
+    (tmp_path / CLUSTERS_CONFIG_FILE).write_text(config)
+    (tmp_path / CENTROIDS_FILE).write_bytes(b"garbage")
+    with pytest.raises(ValueError, match=f"{CENTROIDS_FILE} holds no 'centroids' array"):
+        load_clusters(tmp_path)
+    # centroids of another embedding model (8-dim) beside the clusters.json of a 4-dim one
+    other = tmp_path / "other"
+    save_clusters(other, InstructionClusters(np.eye(3, 8, dtype=np.float32), np.zeros(0), "other", seed=0))
+    (tmp_path / CENTROIDS_FILE).write_bytes((other / CENTROIDS_FILE).read_bytes())
+    with pytest.raises(ValueError) as error:
+        load_clusters(tmp_path)
+    assert str(error.value) == (
+        f"{tmp_path / CENTROIDS_FILE}: embedding_dim is 8 but clusters.json says 4; the two files come from "
+        f"different runs: {remake}"
+    )

@@ -126,6 +126,43 @@ def test_mocle_model_without_centroids_is_a_clear_error(mocle_dir, questions, tm
         cluster_assigner(model, tmp_path / "three")
 
 
+def test_fewer_instructions_than_the_routers_clusters_train_and_evaluate_with_the_same_ids(tmp_path):
+    from vlmoe.data.conversations import ConversationSample
+    from vlmoe.train.data import with_clusters
+    from vlmoe.train.recipe import ClusterConfig
+
+    texts = [TABLE[0], FRENCH[0], "Describe the image in detail."]  # 3 instructions, 4 clusters asked
+    samples = [
+        ConversationSample(
+            str(i), [], [{"role": "user", "content": t}, {"role": "assistant", "content": "x"}]
+        )
+        for i, t in enumerate(texts * 2)
+    ]
+    trained = with_clusters(samples, ClusterConfig(num_clusters=4), tmp_path / "clusters")  # k-means, k=3
+    model, _ = tiny("llava")
+    vlmoe.add_mole(model, num_experts=2, rank=2, router="cluster", num_clusters=4, universal=True)
+    assigner = cluster_assigner(model, tmp_path / "clusters")  # 3 centroids index a table of 4
+    assert assigner.num_clusters == 3
+    assert assigner.assign(texts * 2) == [s.cluster_id for s in trained]
+    assert sorted(set(assigner.assign(texts))) == [0, 1, 2]
+
+
+def test_an_embedding_model_other_than_the_centroids_is_refused_naming_both(mocle_dir, encoder, tmp_path):
+    from sentence_transformers import SentenceTransformer, models
+
+    torch.manual_seed(0)
+    small = SentenceTransformer(modules=[*encoder, models.Dense(384, 32)], device="cpu")  # 32-dim sentences
+    small.save(str(tmp_path / "small"))
+    with pytest.raises(ValueError) as error:
+        cluster_assigner(vlmoe.load(mocle_dir), mocle_dir / CLUSTERS_DIR, tmp_path / "small")
+    assert str(error.value) == (
+        f"{mocle_dir / CLUSTERS_DIR / 'centroids.safetensors'}: its centroids are 384-dim embeddings of "
+        f"{DEFAULT_EMBEDDING_NAME!r} but the sentence encoder {str(tmp_path / 'small')!r} gives 32-dim ones; "
+        "pass the --embedding-model the clusters were made with, or leave it out to use the one "
+        "clusters.json names"
+    )
+
+
 def test_dense_and_token_routed_models_need_no_clusters():
     model, _ = tiny("llava")
     vlmoe.add_mole(model, num_experts=2, rank=2)

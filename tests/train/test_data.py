@@ -77,3 +77,23 @@ def test_sources_without_weights_give_every_sample_once_and_weights_give_shares(
     ]
     shares = [s.domain for s in stage_samples(DataConfig(sources=weighted, num_samples=8), tmp_path)]
     assert shares.count("charts") == shares.count("chat") == 4
+
+
+def test_instructions_differing_only_in_case_are_one_cluster_when_clusters_outnumber_them(tmp_path):
+    from vlmoe.data.clustering import load_clusters
+    from vlmoe.data.conversations import ConversationSample
+    from vlmoe.train.data import with_clusters
+    from vlmoe.train.recipe import ClusterConfig
+
+    # MiniLM is uncased: the first two embed alike, so 3 texts are 2 distinct instructions
+    texts = ["Describe the chart.", "describe the chart.", "Translate this into French."]
+    samples = [
+        ConversationSample(
+            str(i), [], [{"role": "user", "content": t}, {"role": "assistant", "content": "x"}]
+        )
+        for i, t in enumerate(texts)
+    ]
+    clustered = with_clusters(samples, ClusterConfig(num_clusters=4), tmp_path)
+    ids = [s.cluster_id for s in clustered]
+    assert ids[0] == ids[1] != ids[2] and sorted(set(ids)) == [0, 1]
+    assert load_clusters(tmp_path).num_clusters == 2

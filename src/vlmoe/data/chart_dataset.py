@@ -1,7 +1,7 @@
 """Generate a synthetic chart data set on disk: sharded, resumable, deterministic, in parallel.
 
 Layout under `out`:
-    manifest.json                       seed, size and shard size the directory was made with
+    manifest.json                       seed, size, shard size, questions per chart it was made with
     shard_00000/images/00000000.png     one PNG per chart
     shard_00000/records.jsonl           per chart: type, table, JSON, code, QA with PoT programs
     shard_00000/conversations.jsonl     LLaVA samples (image paths relative to the shard)
@@ -103,11 +103,17 @@ def _render_chunk(args: tuple[ChartSetConfig, Path, list[int]]) -> int:
 
 
 def _manifest(config: ChartSetConfig) -> dict[str, int]:
-    return {"seed": config.seed, "size_px": config.size_px, "shard_size": config.shard_size}
+    return {
+        "seed": config.seed,
+        "size_px": config.size_px,
+        "shard_size": config.shard_size,
+        "questions_per_chart": config.questions_per_chart,
+    }
 
 
 def _check_manifest(out: Path, config: ChartSetConfig) -> None:
-    """Refuse to resume a directory made with another seed, size or shard size (writes nothing)."""
+    """Refuse to resume a directory made with another seed, size, shard size or number of questions
+    per chart (writes nothing)."""
     path = out / "manifest.json"
     if not path.exists():
         return
@@ -117,9 +123,16 @@ def _check_manifest(out: Path, config: ChartSetConfig) -> None:
         raise ValueError(
             f"{path} is not the JSON manifest of a chart set; write to a new --out directory"
         ) from None
-    options = {"seed": "--seed", "size_px": "--size", "shard_size": "--shard-size"}
+    options = {
+        "seed": "--seed",
+        "size_px": "--size",
+        "shard_size": "--shard-size",
+        "questions_per_chart": "questions_per_chart",
+    }
     for key, value in _manifest(config).items():
-        if not isinstance(found, dict) or found.get(key) != value:
+        # questions_per_chart came later: a manifest without it says nothing about it
+        default = value if key == "questions_per_chart" else None
+        if not isinstance(found, dict) or found.get(key, default) != value:
             was = found.get(key) if isinstance(found, dict) else None
             raise ValueError(
                 f"{path}: {key} is {was!r} but this run asks for {value!r}; "
@@ -216,7 +229,13 @@ def check_chart_set(out: str | Path, config: ChartSetConfig, workers: int = 1) -
 
 def _shard_done(shard_dir: Path, count: int) -> bool:
     done = shard_dir / "done.json"
-    return done.exists() and json.loads(done.read_text()).get("count") == count
+    if not done.is_file():
+        return False
+    try:
+        info = json.loads(done.read_text())
+    except ValueError:  # damaged (not JSON, not UTF-8): the shard is redrawn, as charts_held says
+        return False
+    return isinstance(info, dict) and info.get("count") == count
 
 
 def _chunks(indices: range) -> Iterator[list[int]]:
@@ -266,6 +285,9 @@ def generate_chart_set(
             if _shard_done(shard_dir, len(indices)):
                 progress(len(indices))
                 continue
+            # A done.json of fewer charts (a smaller --n before) would make this shard read as done
+            # while its files are rewritten; done.json comes back last, once they all are.
+            (shard_dir / "done.json").unlink(missing_ok=True)
             (shard_dir / "images").mkdir(parents=True, exist_ok=True)
             tasks = [(config, shard_dir, chunk) for chunk in _chunks(indices)]
             finished = pool.imap_unordered(_render_chunk, tasks) if pool else map(_render_chunk, tasks)

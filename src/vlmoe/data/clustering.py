@@ -170,6 +170,7 @@ def load_clusters(directory: str | Path) -> InstructionClusters:
     >>> loaded.num_clusters, bool((loaded.centroids == clusters.centroids).all())
     (3, True)
     """
+    from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
     directory = Path(directory)
@@ -180,12 +181,30 @@ def load_clusters(directory: str | Path) -> InstructionClusters:
                 f"{path} not found; make it with `vlmoe data cluster --data <conversations .json or .jsonl> "
                 f"--out {directory}`"
             )
-    config = json.loads(config_path.read_text())
-    centroids = load_file(str(directory / CENTROIDS_FILE))["centroids"]
-    if centroids.shape[0] != config["num_clusters"]:
-        raise ValueError(
-            f"{directory}: {centroids.shape[0]} centroids but clusters.json says {config['num_clusters']}"
-        )
+    remake = (
+        f"make both again with `vlmoe data cluster --data <conversations .json or .jsonl> --out {directory}`"
+    )
+    try:
+        config = json.loads(config_path.read_text())
+    except ValueError:  # not JSON, not UTF-8
+        config = None
+    fields = {"embedding_model": str, "num_clusters": int, "embedding_dim": int, "seed": int}
+    if not isinstance(config, dict) or not all(isinstance(config.get(k), t) for k, t in fields.items()):
+        raise ValueError(f"{config_path} is not a clusters.json (fields {', '.join(fields)}); {remake}")
+    try:
+        centroids = load_file(str(directory / CENTROIDS_FILE))["centroids"]
+    except (SafetensorError, KeyError):
+        raise ValueError(f"{directory / CENTROIDS_FILE} holds no 'centroids' array; {remake}") from None
+    found = {
+        "num_clusters": centroids.shape[0],
+        "embedding_dim": centroids.shape[1] if centroids.ndim == 2 else 0,
+    }
+    for key, value in found.items():  # a centroid file of another run or embedding model
+        if value != config[key]:
+            raise ValueError(
+                f"{directory / CENTROIDS_FILE}: {key} is {value} but {CLUSTERS_CONFIG_FILE} says "
+                f"{config[key]}; the two files come from different runs: {remake}"
+            )
     return InstructionClusters(centroids, np.zeros(0, np.int64), config["embedding_model"], config["seed"])
 
 

@@ -17,7 +17,13 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from vlmoe.data.clustering import CLUSTERS_CONFIG_FILE, assign_embeddings, embed_instructions, encoder_for
+from vlmoe.data.clustering import (
+    CENTROIDS_FILE,
+    CLUSTERS_CONFIG_FILE,
+    assign_embeddings,
+    embed_instructions,
+    encoder_for,
+)
 from vlmoe.data.clustering import load_clusters as read_clusters
 from vlmoe.moe import routes_by_cluster, sparse_layers
 
@@ -71,12 +77,25 @@ def cluster_assigner(
         for _, layer in sparse_layers(model)
         if layer.router.config.input == "cluster"
     }
-    if expected != {clusters.num_clusters}:
+    # Fewer centroids than the router's table is a trained model too: training fits at most one
+    # cluster per distinct instruction, and its ids (and so ours) all index the table.
+    if clusters.num_clusters > min(expected):
         raise ValueError(
             f"{clusters_dir} has {clusters.num_clusters} centroids but the model's cluster routers expect "
             f"{sorted(expected)} clusters; pass the clusters folder this model was trained with"
         )
-    return ClusterAssigner(clusters.centroids, encoder_for(clusters, embedding_model), clusters_dir)
+    encoder = encoder_for(clusters, embedding_model)
+    # Another encoder's embeddings have no nearest centroid; say so now, not as numpy's matmul error.
+    dim, centroid_dim = embed_instructions(["dimension probe"], encoder).shape[1], clusters.centroids.shape[1]
+    if dim != centroid_dim:
+        used = embedding_model if embedding_model is not None else clusters.embedding_model
+        raise ValueError(
+            f"{clusters_dir / CENTROIDS_FILE}: its centroids are {centroid_dim}-dim embeddings "
+            f"of {clusters.embedding_model!r} but the sentence encoder {str(used)!r} gives {dim}-dim ones; "
+            f"pass the --embedding-model the clusters were made with, or leave it out to use the one "
+            f"{CLUSTERS_CONFIG_FILE} names"
+        )
+    return ClusterAssigner(clusters.centroids, encoder, clusters_dir)
 
 
 def default_clusters_dir(model_dir: str | Path) -> Path | None:

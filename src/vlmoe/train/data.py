@@ -141,13 +141,17 @@ def with_clusters(
     samples: list[ConversationSample], cluster: ClusterConfig, out: Path
 ) -> list[ConversationSample]:
     """MoCLE: k-means of the instruction embeddings; centroids saved under `out` for inference."""
+    import numpy as np
+
     from vlmoe.data import fit_instruction_clusters, save_clusters
     from vlmoe.data.clustering import DEFAULT_EMBEDDING_NAME, embed_instructions, load_sentence_encoder
 
     instructions = [s.instruction for s in samples]
     unique = sorted(set(instructions))
     embeddings = embed_instructions(unique, load_sentence_encoder(cluster.model))
-    clusters = fit_instruction_clusters(embeddings, min(cluster.num_clusters, len(unique)), cluster.seed)
+    # One cluster per distinct embedding at most: texts differing only in case embed alike (uncased MiniLM).
+    distinct = len(np.unique(embeddings, axis=0))
+    clusters = fit_instruction_clusters(embeddings, min(cluster.num_clusters, distinct), cluster.seed)
     clusters.embedding_model = cluster.model or DEFAULT_EMBEDDING_NAME  # what inference must embed with
     if is_main_process():  # every rank computes the same clusters; one writes them
         save_clusters(out, clusters)
