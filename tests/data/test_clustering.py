@@ -219,3 +219,22 @@ def test_damaged_or_mismatched_cluster_files_are_named_with_the_fix(tmp_path):
         f"{tmp_path / CENTROIDS_FILE}: embedding_dim is 8 but clusters.json says 4; the two files come from "
         f"different runs: {remake}"
     )
+
+
+def test_centroids_of_another_run_of_the_same_shape_are_refused_by_their_hash(tmp_path):
+    from vlmoe.data.clustering import CENTROIDS_FILE, CLUSTERS_CONFIG_FILE, InstructionClusters, save_clusters
+
+    first = InstructionClusters(np.eye(3, 4, dtype=np.float32), np.zeros(0), "minilm", seed=0)
+    second = InstructionClusters(np.eye(3, 4, dtype=np.float32)[::-1].copy(), np.zeros(0), "minilm", seed=1)
+    save_clusters(tmp_path / "a", first)
+    save_clusters(tmp_path / "b", second)
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [CENTROIDS_FILE, CLUSTERS_CONFIG_FILE]
+    # A kill between the two writes of a second save: its centroids beside the first's clusters.json.
+    (tmp_path / "a" / CENTROIDS_FILE).write_bytes((tmp_path / "b" / CENTROIDS_FILE).read_bytes())
+    with pytest.raises(ValueError, match=r"is not the centroids file clusters\.json was written with"):
+        load_clusters(tmp_path / "a")
+    # A clusters.json written before the hash was recorded still loads.
+    config = json.loads((tmp_path / "b" / CLUSTERS_CONFIG_FILE).read_text())
+    del config["centroids_sha256"]
+    (tmp_path / "b" / CLUSTERS_CONFIG_FILE).write_text(json.dumps(config))
+    assert np.array_equal(load_clusters(tmp_path / "b").centroids, second.centroids)

@@ -9,7 +9,9 @@ to its nearest centroid (`assign_clusters`), the same rule k-means used for trai
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -148,16 +150,29 @@ def save_clusters(directory: str | Path, clusters: InstructionClusters) -> Path:
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    save_file({"centroids": np.ascontiguousarray(clusters.centroids)}, str(directory / CENTROIDS_FILE))
+    # Each file is written whole (beside, then renamed in), and clusters.json last records the
+    # centroids' hash: a kill between the two leaves a pair that load_clusters refuses, not one that
+    # assigns with another run's centroids.
+    temp = directory / f".{CENTROIDS_FILE}.tmp"
+    save_file({"centroids": np.ascontiguousarray(clusters.centroids)}, str(temp))
+    digest = _sha256(temp)
+    os.replace(temp, directory / CENTROIDS_FILE)
     config = {
         "embedding_model": clusters.embedding_model,
         "num_clusters": clusters.num_clusters,
         "embedding_dim": int(clusters.centroids.shape[1]),
         "seed": clusters.seed,
         "distance": "euclidean",
+        "centroids_sha256": digest,
     }
-    (directory / CLUSTERS_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    temp = directory / f".{CLUSTERS_CONFIG_FILE}.tmp"
+    temp.write_text(json.dumps(config, indent=2) + "\n")
+    os.replace(temp, directory / CLUSTERS_CONFIG_FILE)
     return directory
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def load_clusters(directory: str | Path) -> InstructionClusters:
@@ -205,6 +220,13 @@ def load_clusters(directory: str | Path) -> InstructionClusters:
                 f"{directory / CENTROIDS_FILE}: {key} is {value} but {CLUSTERS_CONFIG_FILE} says "
                 f"{config[key]}; the two files come from different runs: {remake}"
             )
+    # Files written before the hash was recorded have none; they load on the checks above.
+    recorded = config.get("centroids_sha256")
+    if recorded is not None and recorded != _sha256(directory / CENTROIDS_FILE):
+        raise ValueError(
+            f"{directory / CENTROIDS_FILE} is not the centroids file {CLUSTERS_CONFIG_FILE} was written with "
+            f"(its sha256 differs): the two files come from different runs: {remake}"
+        )
     return InstructionClusters(centroids, np.zeros(0, np.int64), config["embedding_model"], config["seed"])
 
 
