@@ -303,6 +303,11 @@ def load_recipe(
         raw = json.loads(path.read_text()) if path.suffix == ".json" else yaml.safe_load(path.read_text())
     except json.JSONDecodeError as error:
         raise RecipeError(f"{path}: not valid JSON: {error}") from None
+    except UnicodeDecodeError as error:
+        raise RecipeError(
+            f"{path}: not a UTF-8 text file (byte {error.object[error.start]:#x} at {error.start}); pass a "
+            "YAML recipe or a run's recipe.json"
+        ) from None
     except yaml.YAMLError as error:
         raise RecipeError(f"{path}: not valid YAML{_yaml_problem(error)}; fix the file there") from None
     if not isinstance(raw, dict):
