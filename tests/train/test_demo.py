@@ -92,3 +92,15 @@ def test_demo_refuses_a_device_or_out_it_cannot_use_before_training(tmp_path):
     with pytest.raises(ValueError, match="is a file; pass a folder"):
         run_demo(out=a_file, recipe=str(recipe), scale=None, device="cpu")
     assert not (tmp_path / "report").exists()  # nothing trained or written
+
+
+def test_demo_keeps_a_run_folder_in_out_that_is_not_a_demo_run(tmp_path):
+    """Without --resume the demo starts over by deleting <out>/run, which must be its own run."""
+    recipe = tmp_path / "demo.yaml"
+    recipe.write_text(yaml.safe_dump(RECIPE))
+    mine = tmp_path / "project" / "run" / "notes.txt"
+    mine.parent.mkdir(parents=True)
+    mine.write_text("mine")
+    with pytest.raises(ValueError, match=r"run holds other files \(notes\.txt\) and no recipe\.json"):
+        run_demo(out=tmp_path / "project", recipe=str(recipe), scale=None, device="cpu")
+    assert mine.read_text() == "mine"
