@@ -34,7 +34,9 @@ def demo(
         "demo-report"
     ),
     recipe: Annotated[str, typer.Option(help="Recipe to run: a built-in name or a .yaml file.")] = "demo",
-    scale: Annotated[str | None, typer.Option(help="Recipe scale; tiny runs on a CPU in minutes.")] = "tiny",
+    scale: Annotated[
+        str, typer.Option(help="Recipe scale; tiny runs on a CPU in minutes; none: the recipe's own sizes.")
+    ] = "tiny",
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     resume: Annotated[bool, typer.Option(help="Continue an interrupted demo run in --out.")] = False,
 ) -> None:
@@ -42,7 +44,9 @@ def demo(
     from vlmoe.demo import run_demo
 
     with reported("demo"):
-        run_demo(out=out, recipe=recipe, scale=scale, device=device, resume=resume)
+        run_demo(
+            out=out, recipe=recipe, scale=None if scale == "none" else scale, device=device, resume=resume
+        )
 
 
 @app.command()

@@ -104,3 +104,23 @@ def test_demo_keeps_a_run_folder_in_out_that_is_not_a_demo_run(tmp_path):
     with pytest.raises(ValueError, match=r"run holds other files \(notes\.txt\) and no recipe\.json"):
         run_demo(out=tmp_path / "project", recipe=str(recipe), scale=None, device="cpu")
     assert mine.read_text() == "mine"
+
+
+@pytest.mark.slow  # the two-step recipe through the command: ~5 s
+def test_cli_demo_runs_a_recipe_without_scales_at_its_own_sizes_with_scale_none(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from vlmoe.cli import app
+
+    (tmp_path / "own.yaml").write_text(yaml.safe_dump(RECIPE))  # defines no scales, so no tiny
+    monkeypatch.chdir(tmp_path)
+    args = ["demo", "--recipe", "own.yaml", "--device", "cpu", "--out", "report"]
+    refused = CliRunner().invoke(app, args)
+    assert (
+        refused.exit_code == 1 and "own.yaml: no scale 'tiny'; the recipe defines no scales" in refused.output
+    )
+    assert "vlmoe demo: --scale none" in refused.output
+    result = CliRunner().invoke(app, [*args, "--scale", "none"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert metrics["scale"] is None and metrics["tasks"]["chart_type"]["samples"] == 4

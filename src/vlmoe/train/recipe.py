@@ -346,8 +346,13 @@ def apply_scale(raw: dict[str, Any], scale: str, path: Path) -> dict[str, Any]:
     scales = raw.get("scales") or {}
     if not isinstance(scales, dict):
         raise RecipeError(f"{path}: scales: expected a mapping of scale names to overrides, got {scales!r}")
+    if not scales:
+        raise RecipeError(
+            f"{path}: no scale {scale!r}; the recipe defines no scales: run it at its own sizes "
+            "(vlmoe train: leave --scale out; vlmoe demo: --scale none)"
+        )
     if scale not in scales:
-        raise RecipeError(f"{path}: no scale {scale!r}; the recipe defines {sorted(scales) or 'none'}")
+        raise RecipeError(f"{path}: no scale {scale!r}; the recipe defines {sorted(scales)}")
     overrides = scales[scale]
     where = f"scales.{scale}"
     if not isinstance(overrides, dict):
