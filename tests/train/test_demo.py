@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 import yaml
 
 from vlmoe.demo import run_demo
+
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 RECIPE = {
     "name": "demo-test",
@@ -53,6 +56,15 @@ def test_demo_writes_metrics_curve_and_predictions(tmp_path, monkeypatch):
     assert html.count("data:image/png;base64,") >= 3  # expert load, modality split, patch maps
     stats = json.loads((report / "routing" / "routing_stats.json").read_text())
     assert stats  # the routing counts behind the pictures
+    assert sorted(path.name for path in report.iterdir()) == _readme_demo_report_entries()
+
+
+def _readme_demo_report_entries() -> list[str]:
+    """The entries of demo-report/ the README's `vlmoe demo` section lists."""
+    section = README.read_text().split("### `vlmoe demo`", 1)[1]
+    listed = section.split("writes `demo-report/`:", 1)[1].split("(see Output and resume)", 1)[0]
+    names = re.findall(r"`([^`]+)`", re.sub(r"\([^)]*\)", "", listed))  # without the parenthesised asides
+    return sorted(name.rstrip("/") for name in names)
 
 
 def test_demo_needs_held_out_charts(tmp_path):
