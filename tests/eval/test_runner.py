@@ -151,6 +151,20 @@ def test_resume_with_other_settings_is_refused(chartqa, tmp_path, monkeypatch):
         run_eval(model, processor, other, progress=False)
 
 
+def test_resume_with_another_batch_size_names_the_setting_and_both_values(chartqa, tmp_path, monkeypatch):
+    model, processor = tiny("llava")
+    monkeypatch.setattr(runner, "generate_batch", _scripted({"bar": "45"}, []))
+    first = EvalConfig(task="chartqa", data=chartqa, out_dir=tmp_path, limit=1)
+    run_eval(model, processor, first, progress=False)
+    other = EvalConfig(**{**first.__dict__, "generation": GenerationSettings(batch_size=2)})
+    with pytest.raises(ValueError) as error:
+        run_eval(model, processor, other, progress=False)
+    assert (
+        f"{tmp_path} holds predictions made with other settings (differs in: generation.batch_size 8 -> 2; "
+        in (str(error.value))
+    )
+
+
 def test_a_run_that_failed_before_its_first_answer_does_not_pin_its_settings(chartqa, tmp_path, monkeypatch):
     model, processor = tiny("llava")
     vlmoe.install_moe_connector(model, init="random", num_experts=4, top_k=2)
