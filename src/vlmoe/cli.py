@@ -192,10 +192,10 @@ def evaluate(
 def _eval_name(model: Path) -> str:
     """The folder name of `vlmoe eval`'s default --out for a model directory: its own name, or for
     a recipe stage's `final/` or `checkpoint-N/` (every stage has one) the run's and stage's too."""
-    name = model.name
-    if name == "final" or name.startswith("checkpoint-"):
-        return "-".join(model.resolve().parts[-3:])
-    return name
+    model = model.resolve()  # `.` or `..` name no folder ("eval/../chartqa" is outside eval/)
+    if model.name == "final" or model.name.startswith("checkpoint-"):
+        return "-".join(model.parts[-3:])
+    return model.name
 
 
 def _device_and_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:

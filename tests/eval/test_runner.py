@@ -396,6 +396,16 @@ def test_default_eval_folder_names_a_recipe_stage_by_run_and_stage(tmp_path):
     assert _eval_name(tmp_path / "my-model") == "my-model"
 
 
+def test_default_eval_folder_names_the_model_given_as_a_relative_path(tmp_path, monkeypatch):
+    from vlmoe.cli import _eval_name
+
+    (tmp_path / "my-model" / "sub").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "my-model")
+    assert _eval_name(Path(".")) == "my-model"  # was "": results went to eval/<task>
+    monkeypatch.chdir(tmp_path / "my-model" / "sub")
+    assert _eval_name(Path("..")) == "my-model"  # was ".."
+
+
 @pytest.mark.parametrize(
     ("field", "value", "message"),
     [
