@@ -34,7 +34,9 @@ def demo(
         "demo-report"
     ),
     recipe: Annotated[str, typer.Option(help="Recipe to run: a built-in name or a .yaml file.")] = "demo",
-    scale: Annotated[str | None, typer.Option(help="Recipe scale; tiny runs on a CPU in minutes.")] = "tiny",
+    scale: Annotated[
+        str, typer.Option(help="Recipe scale; tiny runs on a CPU in minutes; none: the recipe's own sizes.")
+    ] = "tiny",
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     resume: Annotated[bool, typer.Option(help="Continue an interrupted demo run in --out.")] = False,
 ) -> None:
@@ -42,7 +44,9 @@ def demo(
     from vlmoe.demo import run_demo
 
     with reported("demo"):
-        run_demo(out=out, recipe=recipe, scale=scale, device=device, resume=resume)
+        run_demo(
+            out=out, recipe=recipe, scale=None if scale == "none" else scale, device=device, resume=resume
+        )
 
 
 @app.command()
@@ -188,10 +192,10 @@ def evaluate(
 def _eval_name(model: Path) -> str:
     """The folder name of `vlmoe eval`'s default --out for a model directory: its own name, or for
     a recipe stage's `final/` or `checkpoint-N/` (every stage has one) the run's and stage's too."""
-    name = model.name
-    if name == "final" or name.startswith("checkpoint-"):
-        return "-".join(model.resolve().parts[-3:])
-    return name
+    model = model.resolve()  # `.` or `..` name no folder ("eval/../chartqa" is outside eval/)
+    if model.name == "final" or model.name.startswith("checkpoint-"):
+        return "-".join(model.parts[-3:])
+    return model.name
 
 
 def _device_and_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:

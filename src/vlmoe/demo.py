@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Console
 from rich.table import Table
 
+from vlmoe.atomic import first_names
 from vlmoe.data import ConversationSample
 from vlmoe.data.folders import output_folder
 from vlmoe.device import resolve_device
@@ -52,6 +53,7 @@ def run_demo(
     loaded = load_recipe(recipe, scale=scale, output_dir=out / "run")
     charts = _held_out_charts(loaded)  # before any work: the demo is scored on held-out charts
     if not resume:
+        _check_demo_run(out / "run")
         shutil.rmtree(out / "run", ignore_errors=True)
     results = run_recipe(loaded, resume=resume, device=device, console=console)
     train_seconds = time.perf_counter() - start
@@ -94,6 +96,19 @@ def run_demo(
         "experiments/README.md in the vlmoe repository"
     )
     return metrics
+
+
+def _check_demo_run(run: Path) -> None:
+    """`run` may be deleted for a fresh start: absent, empty, or a run directory (recipe.json) a
+    demo wrote; a folder of other files in --out is the user's, not the demo's."""
+    if not run.is_dir():
+        return
+    entries = sorted(entry.name for entry in run.iterdir())
+    if entries and "recipe.json" not in entries:
+        raise ValueError(
+            f"--out {run.parent}: {run} holds other files ({first_names(entries)}) and no recipe.json, so it "
+            "is not a demo run; the demo starts over by deleting it: pass a new or empty --out"
+        )
 
 
 def _held_out_charts(recipe: Recipe) -> ChartDataConfig:

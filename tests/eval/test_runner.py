@@ -151,6 +151,20 @@ def test_resume_with_other_settings_is_refused(chartqa, tmp_path, monkeypatch):
         run_eval(model, processor, other, progress=False)
 
 
+def test_resume_with_another_batch_size_names_the_setting_and_both_values(chartqa, tmp_path, monkeypatch):
+    model, processor = tiny("llava")
+    monkeypatch.setattr(runner, "generate_batch", _scripted({"bar": "45"}, []))
+    first = EvalConfig(task="chartqa", data=chartqa, out_dir=tmp_path, limit=1)
+    run_eval(model, processor, first, progress=False)
+    other = EvalConfig(**{**first.__dict__, "generation": GenerationSettings(batch_size=2)})
+    with pytest.raises(ValueError) as error:
+        run_eval(model, processor, other, progress=False)
+    assert (
+        f"{tmp_path} holds predictions made with other settings (differs in: generation.batch_size 8 -> 2; "
+        in (str(error.value))
+    )
+
+
 def test_a_run_that_failed_before_its_first_answer_does_not_pin_its_settings(chartqa, tmp_path, monkeypatch):
     model, processor = tiny("llava")
     vlmoe.install_moe_connector(model, init="random", num_experts=4, top_k=2)
@@ -380,6 +394,16 @@ def test_default_eval_folder_names_a_recipe_stage_by_run_and_stage(tmp_path):
     assert _eval_name(tmp_path / "runs" / "chartmoe" / "sft" / "final") == "chartmoe-sft-final"
     assert _eval_name(tmp_path / "runs" / "x" / "align" / "checkpoint-40") == "x-align-checkpoint-40"
     assert _eval_name(tmp_path / "my-model") == "my-model"
+
+
+def test_default_eval_folder_names_the_model_given_as_a_relative_path(tmp_path, monkeypatch):
+    from vlmoe.cli import _eval_name
+
+    (tmp_path / "my-model" / "sub").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "my-model")
+    assert _eval_name(Path(".")) == "my-model"  # was "": results went to eval/<task>
+    monkeypatch.chdir(tmp_path / "my-model" / "sub")
+    assert _eval_name(Path("..")) == "my-model"  # was ".."
 
 
 @pytest.mark.parametrize(

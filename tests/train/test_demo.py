@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 import yaml
 
 from vlmoe.demo import run_demo
+
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 RECIPE = {
     "name": "demo-test",
@@ -53,6 +56,15 @@ def test_demo_writes_metrics_curve_and_predictions(tmp_path, monkeypatch):
     assert html.count("data:image/png;base64,") >= 3  # expert load, modality split, patch maps
     stats = json.loads((report / "routing" / "routing_stats.json").read_text())
     assert stats  # the routing counts behind the pictures
+    assert sorted(path.name for path in report.iterdir()) == _readme_demo_report_entries()
+
+
+def _readme_demo_report_entries() -> list[str]:
+    """The entries of demo-report/ the README's `vlmoe demo` section lists."""
+    section = README.read_text().split("### `vlmoe demo`", 1)[1]
+    listed = section.split("writes `demo-report/`:", 1)[1].split("(see Output and resume)", 1)[0]
+    names = re.findall(r"`([^`]+)`", re.sub(r"\([^)]*\)", "", listed))  # without the parenthesised asides
+    return sorted(name.rstrip("/") for name in names)
 
 
 def test_demo_needs_held_out_charts(tmp_path):
@@ -92,3 +104,35 @@ def test_demo_refuses_a_device_or_out_it_cannot_use_before_training(tmp_path):
     with pytest.raises(ValueError, match="is a file; pass a folder"):
         run_demo(out=a_file, recipe=str(recipe), scale=None, device="cpu")
     assert not (tmp_path / "report").exists()  # nothing trained or written
+
+
+def test_demo_keeps_a_run_folder_in_out_that_is_not_a_demo_run(tmp_path):
+    """Without --resume the demo starts over by deleting <out>/run, which must be its own run."""
+    recipe = tmp_path / "demo.yaml"
+    recipe.write_text(yaml.safe_dump(RECIPE))
+    mine = tmp_path / "project" / "run" / "notes.txt"
+    mine.parent.mkdir(parents=True)
+    mine.write_text("mine")
+    with pytest.raises(ValueError, match=r"run holds other files \(notes\.txt\) and no recipe\.json"):
+        run_demo(out=tmp_path / "project", recipe=str(recipe), scale=None, device="cpu")
+    assert mine.read_text() == "mine"
+
+
+@pytest.mark.slow  # the two-step recipe through the command: ~5 s
+def test_cli_demo_runs_a_recipe_without_scales_at_its_own_sizes_with_scale_none(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from vlmoe.cli import app
+
+    (tmp_path / "own.yaml").write_text(yaml.safe_dump(RECIPE))  # defines no scales, so no tiny
+    monkeypatch.chdir(tmp_path)
+    args = ["demo", "--recipe", "own.yaml", "--device", "cpu", "--out", "report"]
+    refused = CliRunner().invoke(app, args)
+    assert (
+        refused.exit_code == 1 and "own.yaml: no scale 'tiny'; the recipe defines no scales" in refused.output
+    )
+    assert "vlmoe demo: --scale none" in refused.output
+    result = CliRunner().invoke(app, [*args, "--scale", "none"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert metrics["scale"] is None and metrics["tasks"]["chart_type"]["samples"] == 4

@@ -416,6 +416,28 @@ def test_a_runs_recipe_json_loads_as_the_recipe_it_was_started_with(tmp_path):
         load_recipe(tmp_path / "broken.json")
 
 
+def test_a_recipe_that_is_not_valid_yaml_is_one_line_naming_the_file_line_and_column(tmp_path):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("name: mini\nstages: [{name: a}\n")
+    with pytest.raises(RecipeError) as error:
+        load_recipe(broken)
+    assert str(error.value) == (
+        f"{broken}: not valid YAML at line 3, column 1: expected ',' or ']', but got '<stream end>' "
+        "(while parsing a flow sequence from line 2, column 9); fix the file there"
+    )
+    result = CliRunner().invoke(app, ["train", str(broken)])
+    assert result.exit_code == 1 and result.output.count("\n") == 1, result.output
+
+
+def test_a_recipe_that_is_not_text_names_the_file(tmp_path):
+    image = tmp_path / "chart.yaml"
+    image.write_bytes(b"\x89PNG\r\n\x1a\n")
+    with pytest.raises(
+        RecipeError, match=r"chart\.yaml: not a UTF-8 text file \(byte 0x89 at 0\); pass a YAML"
+    ):
+        load_recipe(image)
+
+
 def test_cli_resumes_from_a_runs_recipe_json(tmp_path):
     stage = {**MINIMAL["stages"][0], "max_steps": 1, "batch_size": 2, "report_to": []}
     path = _write(tmp_path, {**MINIMAL, "output_dir": str(tmp_path / "run"), "stages": [stage]})

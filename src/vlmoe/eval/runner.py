@@ -279,13 +279,28 @@ def _check_same_run(config: EvalConfig, answered: bool) -> None:
         return
     recorded = json.loads(path.read_text(encoding="utf-8"))
     if recorded != identity:
-        changed = sorted(
-            key for key in identity.keys() | recorded.keys() if identity.get(key) != recorded.get(key)
-        )
+        changed = _changed_settings(recorded, identity)
         raise ValueError(
             f"{config.out_dir} holds predictions made with other settings (differs in: {', '.join(changed)}; "
             f"see {path}); resuming would mix them: pass another --out, or delete that folder to start over"
         )
+
+
+def _changed_settings(recorded: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """The settings that differ, as "name before -> now" ("generation.batch_size 8 -> 2"), so the
+    message names the option that changed.
+
+    >>> _changed_settings({"pot": False, "generation": {"seed": 0}}, {"pot": True, "generation": {"seed": 1}})
+    ['generation.seed 0 -> 1', 'pot False -> True']
+    """
+    changed = []
+    for key in sorted(recorded.keys() | now.keys()):
+        before, after = recorded.get(key), now.get(key)
+        if isinstance(before, dict) and isinstance(after, dict):
+            changed += [f"{key}.{item}" for item in _changed_settings(before, after)]
+        elif before != after:
+            changed.append(f"{key} {before} -> {after}")
+    return changed
 
 
 def _record(sample: EvalSample, answer: str, config: EvalConfig) -> dict[str, Any]:

@@ -303,8 +303,13 @@ def load_recipe(
         raw = json.loads(path.read_text()) if path.suffix == ".json" else yaml.safe_load(path.read_text())
     except json.JSONDecodeError as error:
         raise RecipeError(f"{path}: not valid JSON: {error}") from None
+    except UnicodeDecodeError as error:
+        raise RecipeError(
+            f"{path}: not a UTF-8 text file (byte {error.object[error.start]:#x} at {error.start}); pass a "
+            "YAML recipe or a run's recipe.json"
+        ) from None
     except yaml.YAMLError as error:
-        raise RecipeError(f"{path}: not valid YAML: {error}") from None
+        raise RecipeError(f"{path}: not valid YAML{_yaml_problem(error)}; fix the file there") from None
     if not isinstance(raw, dict):
         raise RecipeError(f"{path}: a recipe is a mapping with name, base, output_dir and stages")
     if scale is not None:
@@ -317,12 +322,37 @@ def load_recipe(
     return recipe
 
 
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """Where and what PyYAML found wrong, on one line and in the file's own line numbers (its own
+    text spans five lines and names the file "<unicode string>").
+
+    >>> try:
+    ...     yaml.safe_load("a: b: c")
+    ... except yaml.YAMLError as error:
+    ...     _yaml_problem(error)
+    ' at line 1, column 5: mapping values are not allowed here'
+    """
+    mark, problem = getattr(error, "problem_mark", None), getattr(error, "problem", None)
+    if mark is None or problem is None:
+        return ": " + " ".join(str(error).split())
+    text = f" at line {mark.line + 1}, column {mark.column + 1}: {problem}"
+    context, context_mark = getattr(error, "context", None), getattr(error, "context_mark", None)
+    if context is not None and context_mark is not None:
+        text += f" ({context} from line {context_mark.line + 1}, column {context_mark.column + 1})"
+    return text
+
+
 def apply_scale(raw: dict[str, Any], scale: str, path: Path) -> dict[str, Any]:
     scales = raw.get("scales") or {}
     if not isinstance(scales, dict):
         raise RecipeError(f"{path}: scales: expected a mapping of scale names to overrides, got {scales!r}")
+    if not scales:
+        raise RecipeError(
+            f"{path}: no scale {scale!r}; the recipe defines no scales: run it at its own sizes "
+            "(vlmoe train: leave --scale out; vlmoe demo: --scale none)"
+        )
     if scale not in scales:
-        raise RecipeError(f"{path}: no scale {scale!r}; the recipe defines {sorted(scales) or 'none'}")
+        raise RecipeError(f"{path}: no scale {scale!r}; the recipe defines {sorted(scales)}")
     overrides = scales[scale]
     where = f"scales.{scale}"
     if not isinstance(overrides, dict):
