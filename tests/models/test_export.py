@@ -72,7 +72,6 @@ def test_qwen2_moe_export_of_top1_keeps_raw_probability_weights(tmp_path):
         (lambda m: vlmoe.upcycle_ffn(m, capacity_factor=1.5), "drops tokens over capacity"),
         (lambda m: vlmoe.add_mole(vlmoe.upcycle_ffn(m, layers=[0]), layers=[1]), "routed LoRA experts"),
         (lambda m: vlmoe.install_moe_connector(vlmoe.upcycle_ffn(m)), "MoEConnector"),
-        (lambda m: m, "no upcycled FFN layers"),
     ],
 )
 def test_export_refuses_what_has_no_standard_form(surgery, message, tmp_path):
@@ -205,3 +204,25 @@ def test_cli_export_carries_the_processor_saved_in_src(family, tmp_path):
     result = CliRunner().invoke(app, ["export", str(tmp_path / "bare"), str(tmp_path / "hf2")])
     assert result.exit_code == 0 and "processor" not in result.output
     assert not (tmp_path / "hf2" / "tokenizer_config.json").exists()
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_a_model_with_plain_lora_only_exports_as_its_own_stock_architecture(family, tmp_path):
+    # ChartMoE's LLM LoRA without its connector: save_pretrained would write q_proj.base.weight
+    # names no stock model reads; the export merges the LoRA and writes the base architecture.
+    model, processor = tiny(family)
+    stock_class = type(model)
+    vlmoe.add_mole(model, num_experts=0, rank=4)
+    perturb(model)
+    path = vlmoe.export_hf(model, tmp_path / "dense", processor=processor)
+    stock = AutoModelForImageTextToText.from_pretrained(path).eval()
+    assert type(stock) is stock_class and "vlmoe" not in stock.config.to_dict()
+    assert not any(type(m).__module__.startswith("vlmoe") for m in stock.modules())
+    batch = {
+        "input_ids": torch.tensor([[5, 9, 17, 33, 65]]),
+        "attention_mask": torch.ones(1, 5, dtype=torch.long),
+    }
+    with torch.no_grad():
+        exported = stock(**batch).logits
+    torch.testing.assert_close(exported, logits(model, batch), rtol=0, atol=1e-5)  # the merge's rounding
+    assert (path / "tokenizer_config.json").is_file()  # the whole processor: the export is the VLM

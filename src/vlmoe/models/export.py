@@ -46,7 +46,9 @@ def export_hf(
     loads it (`vlmoe export` passes the one saved in SRC); a language-model-only export (Qwen2-MoE)
     takes the processor's tokenizer, its only part that model uses.
 
-    Plain and universal LoRA are merged into their base weights first. Routed LoRA experts, an
+    Plain and universal LoRA are merged into their base weights first; a model without upcycled FFNs
+    (plain LoRA only, as ChartMoE's LLM LoRA without its connector) exports as its own base
+    architecture. Routed LoRA experts, an
     MoE connector, capacity-limited routers and (for Mixtral) top-1 or un-renormalised routing
     have no standard equivalent and are refused with the reason. A model card (README.md) comes
     with the weights; `card` adds the recipe, data and evaluation results.
@@ -78,16 +80,29 @@ def export_hf(
             f"{adapter.projector} is an MoEConnector, which no stock transformers architecture has; "
             "export_hf covers the LM's FFN experts. Save with vlmoe.save instead"
         )
-    style = _export_style(model, adapter)
     moe_layers = _moe_layers(model, adapter)
-    if style == "mixtral":
-        exported = _to_mixtral(model, adapter, moe_layers)
+    if not moe_layers:  # a dense model, its LoRA merged above: the base architecture as it is
+        style, exported = "dense", _as_stock_dense(model)
     else:
-        exported = _to_qwen2_moe(model, adapter, moe_layers)
+        style = _export_style(model, adapter)
+        exported = (_to_mixtral if style == "mixtral" else _to_qwen2_moe)(model, adapter, moe_layers)
     text = model_card(model, card, exported_as=type(exported).__name__)
     if processor is not None and style == "qwen2_moe":
         processor = getattr(processor, "tokenizer", processor)  # Qwen2MoeForCausalLM reads no images
     return _save_atomically(exported, Path(path), text, processor)
+
+
+def _as_stock_dense(model: nn.Module) -> nn.Module:
+    """`model` (a copy, its LoRA merged) without the surgery record: its own transformers class.
+
+    `model.save_pretrained` of a model with LoRA would write vlmoe's `q_proj.base.weight` names,
+    which stock transformers does not read; merged, every linear is plain again."""
+    left = sorted({type(m).__name__ for m in model.modules() if type(m).__module__.startswith("vlmoe")})
+    if left:  # every vlmoe module is refused or merged above; a new kind would land here
+        raise ValueError(f"the model still holds vlmoe modules {left}, which no stock architecture has")
+    if hasattr(model.config, CONFIG_KEY):
+        delattr(model.config, CONFIG_KEY)
+    return model
 
 
 def _check_not_the_source(model: nn.Module, path: Path) -> None:
@@ -137,10 +152,7 @@ def _moe_layers(model: nn.Module, adapter: FamilyAdapter) -> dict[int, MoEFeedFo
     moe = {i: getattr(layer, adapter.mlp) for i, layer in enumerate(layers)}
     moe = {i: mlp for i, mlp in moe.items() if isinstance(mlp, MoEFeedForward)}
     if not moe:
-        raise ValueError(
-            "the model has no upcycled FFN layers (vlmoe.upcycle_ffn); a dense model is already a standard "
-            "checkpoint: use model.save_pretrained"
-        )
+        return {}
     configs = {
         (m.router.config.num_experts, m.router.config.top_k, m.router.config.normalize_top_k)
         for m in moe.values()
