@@ -278,7 +278,7 @@ def export(
     src: str = typer.Argument(..., help="A model directory written by vlmoe.save."),
     dst: str = typer.Argument(..., help="Where to write the standard HF checkpoint."),
 ) -> None:
-    """Export an upcycled model (vlmoe.save) to a standard HF MoE checkpoint: Mixtral or Qwen2-MoE."""
+    """Export a vlmoe.save model to a standard HF checkpoint: Mixtral or Qwen2-MoE (plain LoRA merged)."""
     from vlmoe.models import export_hf, load
 
     with reported("export"):
