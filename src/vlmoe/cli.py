@@ -158,6 +158,9 @@ def evaluate(
             raise ValueError("--force-where says where --force-expert applies; give --force-expert I too")
         if limit is not None and limit < 1:
             raise ValueError(f"--limit {limit}: give a number of samples >= 1, or leave it out for all")
+        for option, value in (("--batch-size", batch_size), ("--max-new-tokens", max_new_tokens)):
+            if value < 1:  # else named by GenerationSettings' field, not by the option given
+                raise ValueError(f"{option} {value}: give a number >= 1")
         config = EvalConfig(
             task=task,
             data=data,

@@ -377,6 +377,8 @@ def test_cli_eval_refuses_options_it_cannot_use(chartqa, sparse_model_dir, tmp_p
 
     assert "give --force-expert I too" in refused("--force-where", "all")
     assert "--limit 0: give a number of samples >= 1" in refused("--limit", "0")
+    assert "--batch-size 0: give a number >= 1" in refused("--batch-size", "0")
+    assert "--max-new-tokens -1: give a number >= 1" in refused("--max-new-tokens", "-1")
     assert "for a model routed by instruction cluster (MoCLE)" in refused("--clusters", str(tmp_path))
     assert "--device 'gpu': not a torch device" in refused("--device", "gpu")
     if not torch.cuda.is_available():
