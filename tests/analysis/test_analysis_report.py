@@ -2,12 +2,13 @@
 
 import base64
 import json
+import re
 
 import pytest
 from PIL import Image
 
 from tests.analysis import routing_fixture as fx
-from vlmoe.analysis import read_ablation, read_log_history, router_series, write_report
+from vlmoe.analysis import RoutingCollector, read_ablation, read_log_history, router_series, write_report
 from vlmoe.analysis.stats import PatchMap
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -139,3 +140,16 @@ def test_ablation_refuses_two_runs_of_one_setting(eval_dir):
         "one setting (routed); a table compares one model's settings: pass the folder of one model's runs "
         "as --eval-dir"
     )
+
+
+def test_report_of_text_only_data_says_the_connector_saw_no_image(tmp_path):
+    # Before, the connector's heatmap row read 0 % for every expert and the skipped patch map
+    # blamed LLaVA-NeXT tiles.
+    collector = RoutingCollector([fx.CONNECTOR, fx.L1])
+    records = {fx.L1.name: fx.records()[fx.L1.name]}
+    collector.add(records, input_ids=fx.INPUT_IDS, attention_mask=fx.ATTENTION_MASK, tags=fx.TAGS)
+    html = write_report(collector.stats(), tmp_path).read_text()
+    skipped = re.findall(r"<li>(.*?)</li>", html)
+    assert skipped == [
+        "connector: no token was routed through it (no sample had an image); its heatmap row is blank"
+    ]

@@ -9,6 +9,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from vlmoe.analysis import plots
 from vlmoe.analysis.ablation import read_ablation
 from vlmoe.analysis.logs import read_log_history, router_series
@@ -61,6 +63,10 @@ def write_report(
         sections.append((section, caption, pngs, ""))
         return pngs
 
+    for info in stats.layers:
+        if not stats.load.get(info.name, np.zeros(0)).sum():
+            why = "no sample had an image" if info.kind == "connector" else "no batch reached it"
+            skipped.append(f"{info.label}: no token was routed through it ({why}); its heatmap row is blank")
     if stats.layers:
         draw(
             "Expert load",
@@ -103,7 +109,7 @@ def write_report(
                 for index, patch_map in enumerate(stats.patch_maps)
             ],
         )
-    elif connector is not None:
+    elif connector is not None and stats.load.get(connector, np.zeros(0)).sum():
         skipped.append(
             "per-patch map: no image's patch grid was known (LLaVA-NeXT/Idefics3 tiles are not drawn)"
         )

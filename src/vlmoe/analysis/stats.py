@@ -93,14 +93,16 @@ class RoutingStats:
     def load_fractions(self, group: tuple[str, str] | None = None) -> np.ndarray:
         """Share of each layer's token-slots per expert. # [L, max E], NaN where a layer has fewer.
 
-        `group=("domain", "chart")` restricts to the samples tagged so.
+        `group=("domain", "chart")` restricts to the samples tagged so. A layer no token reached
+        (the connector in text-only data) is all NaN: it has no shares, which 0 % would claim.
         """
         counts = self.load if group is None else self.group_load.get(group[0], {}).get(group[1], {})
         matrix = np.full((len(self.layers), self.max_experts), np.nan)
         for row, info in enumerate(self.layers):
             layer_counts = np.asarray(counts.get(info.name, np.zeros(info.num_experts)), dtype=float)
             total = layer_counts.sum()
-            matrix[row, : info.num_experts] = layer_counts / total if total > 0 else 0.0
+            if total > 0:
+                matrix[row, : info.num_experts] = layer_counts / total
         return matrix
 
     def modality_shares(self, layer: str) -> np.ndarray:
