@@ -2,7 +2,9 @@
 
 import base64
 import json
+import os
 import re
+import shutil
 
 import pytest
 from PIL import Image
@@ -109,7 +111,7 @@ def test_log_history_from_a_folder_and_errors(tmp_path, logs):
     (checkpoint / "trainer_state.json").write_text(logs.read_text())
     assert len(read_log_history(tmp_path / "run")) == 4
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="no trainer_state.json"):
+    with pytest.raises(FileNotFoundError, match="no stage_done.json, trainer_state.json or"):
         read_log_history(tmp_path / "empty")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         read_log_history(tmp_path / "nothing.jsonl")
@@ -153,3 +155,26 @@ def test_report_of_text_only_data_says_the_connector_saw_no_image(tmp_path):
     assert skipped == [
         "connector: no token was routed through it (no sample had an image); its heatmap row is blank"
     ]
+
+
+def test_log_history_of_a_vlmoe_train_stage_folder_is_the_whole_stage(tmp_path):
+    # vlmoe train writes <stage>/stage_done.json with the full log_history; its checkpoints' HF
+    # trainer_state.json stops at the last save. Before, the folder gave the checkpoint's entries
+    # (or, with no checkpoint left, "no trainer_state.json").
+    entries = _log_entries()
+    stage = tmp_path / "runs" / "chart_qa_pot"
+    checkpoint = stage / "checkpoints" / "checkpoint-10"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"log_history": entries[:1]}))
+    os.utime(checkpoint / "trainer_state.json", (1_000, 1_000))
+    (stage / "stage_done.json").write_text(json.dumps({"stage": "chart_qa_pot", "log_history": entries}))
+    assert read_log_history(stage) == entries
+    assert read_log_history(stage.parent) == entries  # the recipe's output folder
+    shutil.rmtree(stage / "checkpoints")
+    assert read_log_history(stage) == entries
+    # A later stage still training: its newest checkpoint is newer than the stage done before it.
+    running = tmp_path / "runs" / "sft" / "checkpoints" / "checkpoint-5"
+    running.mkdir(parents=True)
+    (running / "trainer_state.json").write_text(json.dumps({"log_history": entries[1:2]}))
+    os.utime(stage / "stage_done.json", (1_000, 1_000))
+    assert read_log_history(tmp_path / "runs") == entries[1:2]
