@@ -5,13 +5,14 @@ import json
 import os
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from tests.analysis import routing_fixture as fx
 from vlmoe.analysis import RoutingCollector, read_ablation, read_log_history, router_series, write_report
-from vlmoe.analysis.stats import PatchMap
+from vlmoe.analysis.stats import PatchMap, RoutingStats
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 L0, L1 = fx.L0.name, fx.L1.name
@@ -178,3 +179,34 @@ def test_log_history_of_a_vlmoe_train_stage_folder_is_the_whole_stage(tmp_path):
     (running / "trainer_state.json").write_text(json.dumps({"log_history": entries[1:2]}))
     os.utime(stage / "stage_done.json", (1_000, 1_000))
     assert read_log_history(tmp_path / "runs") == entries[1:2]
+
+
+def _interrupted_write(names):
+    """A Path.write_text that, for a file whose name holds one of `names`, stops halfway (a kill)."""
+    write_text = Path.write_text
+
+    def write(path, text, *args, **kwargs):
+        if any(name in path.name for name in names):
+            write_text(path, text[: len(text) // 2], *args, **kwargs)
+            raise KeyboardInterrupt
+        return write_text(path, text, *args, **kwargs)
+
+    return write
+
+
+@pytest.mark.parametrize("name", ["report.html", "routing_stats.json"])
+def test_an_interrupted_rerun_leaves_the_earlier_report_whole(tmp_path, monkeypatch, name):
+    # Before, report.html and routing_stats.json were written in place: a kill while writing them
+    # left half a page, or a JSON that RoutingStats.load_from cannot read.
+    out = tmp_path / "analysis"
+    stats = fx.collector().stats({"model": "first"})
+    before = write_report(stats, out).read_text()
+    monkeypatch.setattr(Path, "write_text", _interrupted_write([name]))
+    with pytest.raises(KeyboardInterrupt):
+        write_report(fx.collector().stats({"model": "second"}), out)
+    monkeypatch.undo()
+    assert (out / "report.html").read_text() == before
+    assert RoutingStats.load_from(out).meta["model"] == (
+        "first" if name == "routing_stats.json" else "second"
+    )
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []  # no temporary file left

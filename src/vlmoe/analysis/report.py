@@ -14,7 +14,7 @@ import numpy as np
 from vlmoe.analysis import plots
 from vlmoe.analysis.ablation import read_ablation
 from vlmoe.analysis.logs import read_log_history, router_series
-from vlmoe.analysis.stats import RoutingStats
+from vlmoe.analysis.stats import RoutingStats, write_atomically
 
 REPORT_NAME = "report.html"
 
@@ -50,7 +50,6 @@ def write_report(
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stats.save(out_dir)
     sections: list[tuple[str, str, list[Path], str]] = []  # (title, caption, pngs, extra html)
     skipped: list[str] = []
 
@@ -138,8 +137,10 @@ def write_report(
     described = {**stats.meta, **dict(settings or {})}
     described.update({key: value for key, value in (("model", model), ("data", data)) if value is not None})
     page = _page(title, stats, described, sections, skipped, logs, eval_dir)
+    # The statistics, then the page last: an interrupted rerun leaves the earlier page whole.
+    stats.save(out_dir)
     path = out_dir / REPORT_NAME
-    path.write_text(page, encoding="utf-8")
+    write_atomically(path, lambda temp: temp.write_text(page, encoding="utf-8"))
     return path
 
 

@@ -9,6 +9,8 @@ capacity-dropped slots excluded). Paths and the PCA use each token's top-1 exper
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -176,8 +178,14 @@ class RoutingStats:
             "meta": self.meta,
         }
         path = directory / STATS_JSON
-        path.write_text(json.dumps(data, indent=1, default=str), encoding="utf-8")
-        np.savez(directory / PATHS_NPZ, paths=self.paths, path_is_image=self.path_is_image)
+        text = json.dumps(data, indent=1, default=str)
+        write_atomically(path, lambda temp: temp.write_text(text, encoding="utf-8"))
+
+        def write_paths(temp: Path) -> None:
+            with temp.open("wb") as file:  # a file object: np.savez would add ".npz" to a temp name
+                np.savez(file, paths=self.paths, path_is_image=self.path_is_image)
+
+        write_atomically(directory / PATHS_NPZ, write_paths)
         return path
 
     @classmethod
@@ -231,6 +239,26 @@ def expert_load_entropy(tokens_per_expert: Any) -> float:
         return 0.0
     shares = counts[counts > 0] / total
     return float(-(shares * np.log(shares)).sum()) + 0.0
+
+
+def write_atomically(path: Path, write: Callable[[Path], Any]) -> None:
+    """`write(temp)` into a temporary file beside `path`, then rename it over `path`, so a kill
+    mid-write leaves the earlier file whole (a rerun of vlmoe analyze over its old report).
+
+    Example:
+        >>> import tempfile
+        >>> path = Path(tempfile.mkdtemp()) / "report.html"
+        >>> write_atomically(path, lambda temp: temp.write_text("<html></html>"))
+        >>> path.read_text(), sorted(p.name for p in path.parent.iterdir())
+        ('<html></html>', ['report.html'])
+    """
+    temp = path.with_name(f".{path.name}.tmp")
+    try:
+        write(temp)
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
 
 
 def _ints(counts: np.ndarray) -> list:
