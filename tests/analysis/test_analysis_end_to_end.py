@@ -269,3 +269,18 @@ def test_expert_names_must_match_each_layer():
         collect_routing(model, processor, [sample], expert_names={CONNECTOR: ["a", "b"]}, progress=False)
     with pytest.raises(ValueError, match="'lm' is not a routed layer; layers: model.multi_modal_projector"):
         collect_routing(model, processor, [sample], expert_names={"lm": ["a"]}, progress=False)
+
+
+def test_a_record_without_turns_is_named_before_the_model_loads(tmp_path):
+    # Before, an empty "conversations" ended in an IndexError deep inside apply_chat_template,
+    # after the model was loaded; a string was iterated character by character.
+    good = {"id": "a", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}
+    path = tmp_path / "data.json"
+    for bad, shown in (([], "[]"), ("hello", '"hello"')):
+        path.write_text(json.dumps([good, {"id": "b", "conversations": bad}]))
+        with pytest.raises(ValueError) as error:
+            read_samples(path)
+        assert str(error.value).startswith(
+            f"analysis data {path} record 1: 'conversations' is {shown}; it must be a non-empty list of "
+            "turns, expected format: "
+        )
