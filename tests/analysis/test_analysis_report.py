@@ -210,3 +210,16 @@ def test_an_interrupted_rerun_leaves_the_earlier_report_whole(tmp_path, monkeypa
         "first" if name == "routing_stats.json" else "second"
     )
     assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []  # no temporary file left
+
+
+def test_text_from_the_data_is_escaped_in_the_page(tmp_path):
+    # A tag's name reached the caption of its section unescaped (RoutingCollector takes any tags).
+    collector = RoutingCollector([fx.L1])
+    tags = [{"<b>src</b> & co": "<script>alert(1)</script>"}, {"task": "a & b"}]
+    records = {fx.L1.name: fx.records()[fx.L1.name]}
+    collector.add(records, input_ids=fx.INPUT_IDS, attention_mask=fx.ATTENTION_MASK, tags=tags)
+    html = write_report(collector.stats({"model": "<script>m</script>"}), tmp_path).read_text()
+    assert "<b>src" not in html and "<script>" not in html
+    assert "<h2>Expert load by &lt;b&gt;src&lt;/b&gt; &amp; co</h2>" in html
+    assert "As above, for the samples of each &lt;b&gt;src&lt;/b&gt; &amp; co (" in html
+    assert "<td>&lt;script&gt;m&lt;/script&gt;</td>" in html

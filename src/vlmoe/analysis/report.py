@@ -75,7 +75,7 @@ def write_report(
         for kind in sorted(stats.group_load):
             draw(
                 f"Expert load by {kind}",
-                f"As above, for the samples of each {kind} (at most the 12 largest groups).",
+                f"As above, for the samples of each {html.escape(kind)} (at most the 12 largest groups).",
                 lambda kind=kind: [
                     plots.plot_group_load(stats, kind, out_dir / f"expert_load_by_{kind}.png")
                 ],
