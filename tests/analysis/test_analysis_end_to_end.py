@@ -228,6 +228,8 @@ def test_tiny_analysis_is_reproducible_for_a_seed(tmp_path):
     [
         (["--logs", "{tmp}/missing.json"], "--logs {tmp}/missing.json does not exist"),
         (["--eval-dir", "{tmp}/nope"], "--eval-dir {tmp}/nope is not a folder"),
+        # Was a line under "Skipped" in a report written after every sample was routed.
+        (["--eval-dir", "{tmp}"], "--eval-dir {tmp}: no summary.json with metrics under this folder; pass "),
         (["--expert-names", "a,b"], "--expert-names gives 2 names (a, b) but the connector "),
         (["--max-samples", "-1"], "--max-samples -1: give a number >= 1, or leave it out for all samples"),
         (["--expert-names", "a,,b,c"], "--expert-names 'a,,b,c' has an empty name"),

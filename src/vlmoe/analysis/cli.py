@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from vlmoe.analysis.ablation import read_ablation
 from vlmoe.analysis.logs import read_log_history
 from vlmoe.analysis.report import write_report
 from vlmoe.analysis.run import collect_routing, from_eval_samples, read_samples, routed_layers
@@ -66,8 +67,9 @@ def run_analyze(
 ) -> Path:
     """Route `data` through `model`, then write the report into `out`; returns the HTML path.
 
-    Every option is checked before the model is loaded, except the expert names' count, which is
-    checked against the model's connector before any sample is routed. `seed` seeds a tiny model.
+    Every option is checked before the model is loaded (`logs` and `eval_dir` are read), except the
+    expert names' count, which is checked against the model's connector before any sample is
+    routed. `seed` seeds a tiny model.
 
     Example:
         >>> html = run_analyze("tiny:llava", data=Path("charts.json"), out=Path("runs/a"))  # doctest: +SKIP
@@ -81,6 +83,11 @@ def run_analyze(
     if eval_dir is not None and not Path(eval_dir).is_dir():
         raise FileNotFoundError(
             f"--eval-dir {eval_dir} is not a folder; pass the folder of vlmoe eval results"
+        )
+    if eval_dir is not None and not read_ablation(eval_dir).rows:  # two runs of one setting raise here
+        raise ValueError(
+            f"--eval-dir {eval_dir}: no summary.json with metrics under this folder; pass the folder "
+            "holding one model's vlmoe eval --out folders (routed and --force-expert i)"
         )
     names_given = _expert_names(expert_names)
     if task is not None:
