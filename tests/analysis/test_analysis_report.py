@@ -223,3 +223,16 @@ def test_text_from_the_data_is_escaped_in_the_page(tmp_path):
     assert "<h2>Expert load by &lt;b&gt;src&lt;/b&gt; &amp; co</h2>" in html
     assert "As above, for the samples of each &lt;b&gt;src&lt;/b&gt; &amp; co (" in html
     assert "<td>&lt;script&gt;m&lt;/script&gt;</td>" in html
+
+
+def test_log_history_of_a_binary_file_names_it(tmp_path):
+    # HF's TensorBoard events file, passed as the training log: it said only "'utf-8' codec can't
+    # decode byte 0x8c in position 9".
+    events = tmp_path / "events.out.tfevents.1700000000.host"
+    events.write_bytes(b"\x18\x00\x00\x00\x00\x00\x00\x00\xa3\x8c\x7f\xff")
+    with pytest.raises(ValueError) as error:
+        read_log_history(events)
+    assert str(error.value) == (
+        f"--logs {events} is not a text file (TensorBoard events are not read); pass a trainer_state.json, "
+        "a stage_done.json, a JSONL log or the training run's folder"
+    )

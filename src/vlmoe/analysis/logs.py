@@ -50,7 +50,13 @@ def read_log_history(path: str | Path) -> list[dict[str, Any]]:
         path = candidates[-1]
     if not path.is_file():
         raise FileNotFoundError(f"--logs {path} does not exist; pass a trainer_state.json or a JSONL log")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(
+            f"--logs {path} is not a text file (TensorBoard events are not read); pass a "
+            f"trainer_state.json, a {STAGE_LOG}, a JSONL log or the training run's folder"
+        ) from None
     if path.suffix == ".jsonl":
         entries = []
         for number, line in enumerate(text.splitlines(), start=1):
