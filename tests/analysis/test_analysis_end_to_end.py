@@ -286,3 +286,27 @@ def test_a_record_without_turns_is_named_before_the_model_loads(tmp_path):
             f"analysis data {path} record 1: 'conversations' is {shown}; it must be a non-empty list of "
             "turns, expected format: "
         )
+
+
+def test_vlmoe_analyze_of_a_dense_model_names_its_folder(tmp_path):
+    # A dense stage's model (MoE-LLaVA's pretraining stage) was told to "load a vlmoe.save
+    # directory", which it is, without naming it.
+    model, processor = vlmoe.models.tiny("llava")
+    vlmoe.save(model, tmp_path / "pretrain" / "final", processor=processor)
+    data = _write_data(tmp_path, num_samples=1)
+    args = [
+        "analyze",
+        str(tmp_path / "pretrain" / "final"),
+        "--data",
+        str(data),
+        "--out",
+        str(tmp_path / "out"),
+    ]
+    result = CliRunner().invoke(app, [*args, "--device", "cpu"])
+    assert result.exit_code == 1
+    assert result.output.splitlines()[-1] == (
+        f"vlmoe analyze: {tmp_path / 'pretrain' / 'final'} has no routed sparse layer (MoE FFN, MoLE or MoE "
+        "connector): it is a dense model; pass a sparse model's folder (e.g. the final/ of a MoE stage), or "
+        "apply vlmoe.upcycle_ffn / add_mole / install_moe_connector and vlmoe.save it"
+    )
+    assert not (tmp_path / "out").exists()

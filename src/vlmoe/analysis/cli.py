@@ -100,6 +100,12 @@ def run_analyze(
     if not samples:
         raise ValueError(f"no samples to route in {data}")
     loaded, processor = load_model(model, device, seed)
+    if not routed_layers(loaded):  # said here: collect_routing cannot name the folder
+        raise ValueError(
+            f"{model} has no routed sparse layer (MoE FFN, MoLE or MoE connector): it is a dense model; "
+            "pass a sparse model's folder (e.g. the final/ of a MoE stage), or apply vlmoe.upcycle_ffn / "
+            "add_mole / install_moe_connector and vlmoe.save it"
+        )
     names = {}
     if names_given:
         connectors = [info for info in routed_layers(loaded) if info.kind == "connector"]
