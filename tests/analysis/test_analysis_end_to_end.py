@@ -228,6 +228,8 @@ def test_tiny_analysis_is_reproducible_for_a_seed(tmp_path):
     [
         (["--logs", "{tmp}/missing.json"], "--logs {tmp}/missing.json does not exist"),
         (["--eval-dir", "{tmp}/nope"], "--eval-dir {tmp}/nope is not a folder"),
+        # Was a line under "Skipped" in a report written after every sample was routed.
+        (["--eval-dir", "{tmp}"], "--eval-dir {tmp}: no summary.json with metrics under this folder; pass "),
         (["--expert-names", "a,b"], "--expert-names gives 2 names (a, b) but the connector "),
         (["--max-samples", "-1"], "--max-samples -1: give a number >= 1, or leave it out for all samples"),
         (["--expert-names", "a,,b,c"], "--expert-names 'a,,b,c' has an empty name"),
@@ -269,3 +271,42 @@ def test_expert_names_must_match_each_layer():
         collect_routing(model, processor, [sample], expert_names={CONNECTOR: ["a", "b"]}, progress=False)
     with pytest.raises(ValueError, match="'lm' is not a routed layer; layers: model.multi_modal_projector"):
         collect_routing(model, processor, [sample], expert_names={"lm": ["a"]}, progress=False)
+
+
+def test_a_record_without_turns_is_named_before_the_model_loads(tmp_path):
+    # Before, an empty "conversations" ended in an IndexError deep inside apply_chat_template,
+    # after the model was loaded; a string was iterated character by character.
+    good = {"id": "a", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}
+    path = tmp_path / "data.json"
+    for bad, shown in (([], "[]"), ("hello", '"hello"')):
+        path.write_text(json.dumps([good, {"id": "b", "conversations": bad}]))
+        with pytest.raises(ValueError) as error:
+            read_samples(path)
+        assert str(error.value).startswith(
+            f"analysis data {path} record 1: 'conversations' is {shown}; it must be a non-empty list of "
+            "turns, expected format: "
+        )
+
+
+def test_vlmoe_analyze_of_a_dense_model_names_its_folder(tmp_path):
+    # A dense stage's model (MoE-LLaVA's pretraining stage) was told to "load a vlmoe.save
+    # directory", which it is, without naming it.
+    model, processor = vlmoe.models.tiny("llava")
+    vlmoe.save(model, tmp_path / "pretrain" / "final", processor=processor)
+    data = _write_data(tmp_path, num_samples=1)
+    args = [
+        "analyze",
+        str(tmp_path / "pretrain" / "final"),
+        "--data",
+        str(data),
+        "--out",
+        str(tmp_path / "out"),
+    ]
+    result = CliRunner().invoke(app, [*args, "--device", "cpu"])
+    assert result.exit_code == 1
+    assert result.output.splitlines()[-1] == (
+        f"vlmoe analyze: {tmp_path / 'pretrain' / 'final'} has no routed sparse layer (MoE FFN, MoLE or MoE "
+        "connector): it is a dense model; pass a sparse model's folder (e.g. the final/ of a MoE stage), or "
+        "apply vlmoe.upcycle_ffn / add_mole / install_moe_connector and vlmoe.save it"
+    )
+    assert not (tmp_path / "out").exists()

@@ -1,8 +1,10 @@
 from dataclasses import replace
 
 import numpy as np
+import pytest
 
 import tests.analysis.routing_fixture as fx
+from vlmoe.analysis import plots, router_series
 from vlmoe.analysis.plots import _expert_labels, expert_load_figure, group_load_figure
 
 
@@ -52,3 +54,13 @@ def test_named_connector_experts_label_the_load_heatmaps():
         ["connector", "layer 0", "layer 1"],
         ["0", "1", "2", "3"],
     )
+
+
+def test_router_training_panels_say_the_entropy_is_in_nats(monkeypatch, tmp_path):
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda figure, path: figures.append(figure) or path)
+    series = router_series([{"step": 1, "aux/l.0/tokens_per_expert": [1, 1], "aux/l.0/z_loss": 0.5}])
+    plots.plot_router_training(series, tmp_path / "router_training.png")
+    (figure,) = figures
+    panels = {axes.get_title(): axes.lines[0].get_ydata().tolist() for axes in figure.axes}
+    assert panels == {"load_entropy (nats)": [pytest.approx(np.log(2))], "z_loss": [0.5]}

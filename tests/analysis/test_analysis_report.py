@@ -2,13 +2,17 @@
 
 import base64
 import json
+import os
+import re
+import shutil
+from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from tests.analysis import routing_fixture as fx
-from vlmoe.analysis import read_ablation, read_log_history, router_series, write_report
-from vlmoe.analysis.stats import PatchMap
+from vlmoe.analysis import RoutingCollector, read_ablation, read_log_history, router_series, write_report
+from vlmoe.analysis.stats import PatchMap, RoutingStats
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 L0, L1 = fx.L0.name, fx.L1.name
@@ -108,7 +112,7 @@ def test_log_history_from_a_folder_and_errors(tmp_path, logs):
     (checkpoint / "trainer_state.json").write_text(logs.read_text())
     assert len(read_log_history(tmp_path / "run")) == 4
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="no trainer_state.json"):
+    with pytest.raises(FileNotFoundError, match="no stage_done.json, trainer_state.json or"):
         read_log_history(tmp_path / "empty")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         read_log_history(tmp_path / "nothing.jsonl")
@@ -138,4 +142,97 @@ def test_ablation_refuses_two_runs_of_one_setting(eval_dir):
         f"{other / 'summary.json'} and {eval_dir / 'routed' / 'summary.json'} are both chartqa results of "
         "one setting (routed); a table compares one model's settings: pass the folder of one model's runs "
         "as --eval-dir"
+    )
+
+
+def test_report_of_text_only_data_says_the_connector_saw_no_image(tmp_path):
+    # Before, the connector's heatmap row read 0 % for every expert and the skipped patch map
+    # blamed LLaVA-NeXT tiles.
+    collector = RoutingCollector([fx.CONNECTOR, fx.L1])
+    records = {fx.L1.name: fx.records()[fx.L1.name]}
+    collector.add(records, input_ids=fx.INPUT_IDS, attention_mask=fx.ATTENTION_MASK, tags=fx.TAGS)
+    html = write_report(collector.stats(), tmp_path).read_text()
+    skipped = re.findall(r"<li>(.*?)</li>", html)
+    assert skipped == [
+        "connector: no token was routed through it (no sample had an image); its heatmap row is blank"
+    ]
+
+
+def test_log_history_of_a_vlmoe_train_stage_folder_is_the_whole_stage(tmp_path):
+    # vlmoe train writes <stage>/stage_done.json with the full log_history; its checkpoints' HF
+    # trainer_state.json stops at the last save. Before, the folder gave the checkpoint's entries
+    # (or, with no checkpoint left, "no trainer_state.json").
+    entries = _log_entries()
+    stage = tmp_path / "runs" / "chart_qa_pot"
+    checkpoint = stage / "checkpoints" / "checkpoint-10"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"log_history": entries[:1]}))
+    os.utime(checkpoint / "trainer_state.json", (1_000, 1_000))
+    (stage / "stage_done.json").write_text(json.dumps({"stage": "chart_qa_pot", "log_history": entries}))
+    assert read_log_history(stage) == entries
+    assert read_log_history(stage.parent) == entries  # the recipe's output folder
+    shutil.rmtree(stage / "checkpoints")
+    assert read_log_history(stage) == entries
+    # A later stage still training: its newest checkpoint is newer than the stage done before it.
+    running = tmp_path / "runs" / "sft" / "checkpoints" / "checkpoint-5"
+    running.mkdir(parents=True)
+    (running / "trainer_state.json").write_text(json.dumps({"log_history": entries[1:2]}))
+    os.utime(stage / "stage_done.json", (1_000, 1_000))
+    assert read_log_history(tmp_path / "runs") == entries[1:2]
+
+
+def _interrupted_write(names):
+    """A Path.write_text that, for a file whose name holds one of `names`, stops halfway (a kill)."""
+    write_text = Path.write_text
+
+    def write(path, text, *args, **kwargs):
+        if any(name in path.name for name in names):
+            write_text(path, text[: len(text) // 2], *args, **kwargs)
+            raise KeyboardInterrupt
+        return write_text(path, text, *args, **kwargs)
+
+    return write
+
+
+@pytest.mark.parametrize("name", ["report.html", "routing_stats.json"])
+def test_an_interrupted_rerun_leaves_the_earlier_report_whole(tmp_path, monkeypatch, name):
+    # Before, report.html and routing_stats.json were written in place: a kill while writing them
+    # left half a page, or a JSON that RoutingStats.load_from cannot read.
+    out = tmp_path / "analysis"
+    stats = fx.collector().stats({"model": "first"})
+    before = write_report(stats, out).read_text()
+    monkeypatch.setattr(Path, "write_text", _interrupted_write([name]))
+    with pytest.raises(KeyboardInterrupt):
+        write_report(fx.collector().stats({"model": "second"}), out)
+    monkeypatch.undo()
+    assert (out / "report.html").read_text() == before
+    assert RoutingStats.load_from(out).meta["model"] == (
+        "first" if name == "routing_stats.json" else "second"
+    )
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []  # no temporary file left
+
+
+def test_text_from_the_data_is_escaped_in_the_page(tmp_path):
+    # A tag's name reached the caption of its section unescaped (RoutingCollector takes any tags).
+    collector = RoutingCollector([fx.L1])
+    tags = [{"<b>src</b> & co": "<script>alert(1)</script>"}, {"task": "a & b"}]
+    records = {fx.L1.name: fx.records()[fx.L1.name]}
+    collector.add(records, input_ids=fx.INPUT_IDS, attention_mask=fx.ATTENTION_MASK, tags=tags)
+    html = write_report(collector.stats({"model": "<script>m</script>"}), tmp_path).read_text()
+    assert "<b>src" not in html and "<script>" not in html
+    assert "<h2>Expert load by &lt;b&gt;src&lt;/b&gt; &amp; co</h2>" in html
+    assert "As above, for the samples of each &lt;b&gt;src&lt;/b&gt; &amp; co (" in html
+    assert "<td>&lt;script&gt;m&lt;/script&gt;</td>" in html
+
+
+def test_log_history_of_a_binary_file_names_it(tmp_path):
+    # HF's TensorBoard events file, passed as the training log: it said only "'utf-8' codec can't
+    # decode byte 0x8c in position 9".
+    events = tmp_path / "events.out.tfevents.1700000000.host"
+    events.write_bytes(b"\x18\x00\x00\x00\x00\x00\x00\x00\xa3\x8c\x7f\xff")
+    with pytest.raises(ValueError) as error:
+        read_log_history(events)
+    assert str(error.value) == (
+        f"--logs {events} is not a text file (TensorBoard events are not read); pass a trainer_state.json, "
+        "a stage_done.json, a JSONL log or the training run's folder"
     )

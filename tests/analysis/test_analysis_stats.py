@@ -141,3 +141,18 @@ def test_connector_images_without_a_known_grid_count_overall_only():
     stats = collector.stats()
     assert stats.load[fx.CONNECTOR.name].tolist() == [1, 1, 0, 2]
     assert stats.group_load == {} and stats.patch_maps == []  # no guessing which patch is whose
+
+
+def test_a_layer_no_token_reached_has_no_shares_rather_than_zero_percent():
+    # A text-only batch never reaches the connector; its heatmap row read 0 % for every expert.
+    collector = RoutingCollector([fx.CONNECTOR, fx.L1])
+    records = {fx.L1.name: fx.records()[fx.L1.name]}
+    collector.add(records, input_ids=fx.INPUT_IDS, attention_mask=fx.ATTENTION_MASK, tags=fx.TAGS)
+    stats = collector.stats()
+    fractions = stats.load_fractions()
+    assert np.isnan(fractions[0]).all()
+    np.testing.assert_allclose(fractions[1, :2], [3 / 7, 4 / 7])
+    doc = stats.load_fractions(("domain", "doc"))  # t5, t6 -> 0, t7 -> 1 (t4 is padding)
+    assert np.isnan(doc[0]).all() and doc[1, :2].tolist() == pytest.approx([2 / 3, 1 / 3])
+    for row in (fractions, doc):
+        assert np.nansum(row[1]) == pytest.approx(1.0)  # a reached layer's shares sum to 1

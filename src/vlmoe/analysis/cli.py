@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from vlmoe.analysis.ablation import read_ablation
 from vlmoe.analysis.logs import read_log_history
 from vlmoe.analysis.report import write_report
 from vlmoe.analysis.run import collect_routing, from_eval_samples, read_samples, routed_layers
@@ -66,8 +67,9 @@ def run_analyze(
 ) -> Path:
     """Route `data` through `model`, then write the report into `out`; returns the HTML path.
 
-    Every option is checked before the model is loaded, except the expert names' count, which is
-    checked against the model's connector before any sample is routed. `seed` seeds a tiny model.
+    Every option is checked before the model is loaded (`logs` and `eval_dir` are read), except the
+    expert names' count, which is checked against the model's connector before any sample is
+    routed. `seed` seeds a tiny model.
 
     Example:
         >>> html = run_analyze("tiny:llava", data=Path("charts.json"), out=Path("runs/a"))  # doctest: +SKIP
@@ -82,6 +84,11 @@ def run_analyze(
         raise FileNotFoundError(
             f"--eval-dir {eval_dir} is not a folder; pass the folder of vlmoe eval results"
         )
+    if eval_dir is not None and not read_ablation(eval_dir).rows:  # two runs of one setting raise here
+        raise ValueError(
+            f"--eval-dir {eval_dir}: no summary.json with metrics under this folder; pass the folder "
+            "holding one model's vlmoe eval --out folders (routed and --force-expert i)"
+        )
     names_given = _expert_names(expert_names)
     if task is not None:
         from vlmoe.eval.tasks import read_task
@@ -93,6 +100,12 @@ def run_analyze(
     if not samples:
         raise ValueError(f"no samples to route in {data}")
     loaded, processor = load_model(model, device, seed)
+    if not routed_layers(loaded):  # said here: collect_routing cannot name the folder
+        raise ValueError(
+            f"{model} has no routed sparse layer (MoE FFN, MoLE or MoE connector): it is a dense model; "
+            "pass a sparse model's folder (e.g. the final/ of a MoE stage), or apply vlmoe.upcycle_ffn / "
+            "add_mole / install_moe_connector and vlmoe.save it"
+        )
     names = {}
     if names_given:
         connectors = [info for info in routed_layers(loaded) if info.kind == "connector"]

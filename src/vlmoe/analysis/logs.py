@@ -3,9 +3,12 @@
 The trainer logs per-layer router scalars named `aux/<layer name>/<statistic>` (e.g.
 `aux/model.language_model.layers.0.mlp/load_balance`, `.../z_loss`, `.../load_entropy`). A
 list-valued statistic (tokens per expert) is turned into its load entropy. Logs are a JSON-lines
-file of dicts, an HF `trainer_state.json` (its `log_history`), a JSON list of dicts, or a folder
-holding one of those (the newest `trainer_state.json` under it wins). Entries without aux keys,
-non-numeric values and missing steps are tolerated.
+file of dicts, an HF `trainer_state.json` or vlmoe's `stage_done.json` (their `log_history`), a
+JSON list of dicts, or a folder holding one of those (the newest under it wins). Entries without
+aux keys, non-numeric values and missing steps are tolerated.
+
+A folder may be a `vlmoe train` stage or run folder: a finished stage's `stage_done.json` holds
+its whole `log_history`, while a checkpoint's `trainer_state.json` stops at that checkpoint.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Any
 from vlmoe.analysis.stats import expert_load_entropy
 
 PREFIX = "aux/"
+STAGE_LOG = "stage_done.json"  # what vlmoe train writes when a stage ends (vlmoe.train.stages)
 Series = dict[str, dict[str, tuple[list[float], list[float]]]]  # statistic -> layer -> (steps, values)
 
 
@@ -34,14 +38,25 @@ def read_log_history(path: str | Path) -> list[dict[str, Any]]:
     """
     path = Path(path)
     if path.is_dir():
-        candidates = sorted(path.rglob("trainer_state.json"), key=lambda p: p.stat().st_mtime)
+        # vlmoe train's stage_done.json holds a finished stage's whole log_history, a checkpoint's
+        # trainer_state.json only the steps up to that save; the newest file is the latest stage.
+        found = [*path.rglob(STAGE_LOG), *path.rglob("trainer_state.json")]
+        candidates = sorted(found, key=lambda p: p.stat().st_mtime)
         candidates = candidates or sorted(path.rglob("*.jsonl"))
         if not candidates:
-            raise FileNotFoundError(f"--logs {path}: no trainer_state.json or *.jsonl under this folder")
+            raise FileNotFoundError(
+                f"--logs {path}: no {STAGE_LOG}, trainer_state.json or *.jsonl under this folder"
+            )
         path = candidates[-1]
     if not path.is_file():
         raise FileNotFoundError(f"--logs {path} does not exist; pass a trainer_state.json or a JSONL log")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(
+            f"--logs {path} is not a text file (TensorBoard events are not read); pass a "
+            f"trainer_state.json, a {STAGE_LOG}, a JSONL log or the training run's folder"
+        ) from None
     if path.suffix == ".jsonl":
         entries = []
         for number, line in enumerate(text.splitlines(), start=1):

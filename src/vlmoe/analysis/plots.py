@@ -253,7 +253,8 @@ def plot_router_training(
         axes = figure.add_subplot(1, len(metrics), index + 1)
         for layer, (steps, values) in sorted(series[metric].items()):
             axes.plot(steps, values, label=_short(layer), linewidth=1.2)
-        axes.set_title(metric, fontsize=10)
+        # expert_load_entropy's unit; a tokens-per-expert list is turned into it (logs.router_series).
+        axes.set_title(f"{metric} (nats)" if metric == "load_entropy" else metric, fontsize=10)
         axes.set_xlabel("step")
         if len(series[metric]) <= 12:
             axes.legend(fontsize=7)

@@ -9,10 +9,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from vlmoe.analysis import plots
 from vlmoe.analysis.ablation import read_ablation
 from vlmoe.analysis.logs import read_log_history, router_series
-from vlmoe.analysis.stats import RoutingStats
+from vlmoe.analysis.stats import RoutingStats, write_atomically
 
 REPORT_NAME = "report.html"
 
@@ -48,7 +50,6 @@ def write_report(
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stats.save(out_dir)
     sections: list[tuple[str, str, list[Path], str]] = []  # (title, caption, pngs, extra html)
     skipped: list[str] = []
 
@@ -61,6 +62,10 @@ def write_report(
         sections.append((section, caption, pngs, ""))
         return pngs
 
+    for info in stats.layers:
+        if not stats.load.get(info.name, np.zeros(0)).sum():
+            why = "no sample had an image" if info.kind == "connector" else "no batch reached it"
+            skipped.append(f"{info.label}: no token was routed through it ({why}); its heatmap row is blank")
     if stats.layers:
         draw(
             "Expert load",
@@ -70,7 +75,7 @@ def write_report(
         for kind in sorted(stats.group_load):
             draw(
                 f"Expert load by {kind}",
-                f"As above, for the samples of each {kind} (at most the 12 largest groups).",
+                f"As above, for the samples of each {html.escape(kind)} (at most the 12 largest groups).",
                 lambda kind=kind: [
                     plots.plot_group_load(stats, kind, out_dir / f"expert_load_by_{kind}.png")
                 ],
@@ -103,7 +108,7 @@ def write_report(
                 for index, patch_map in enumerate(stats.patch_maps)
             ],
         )
-    elif connector is not None:
+    elif connector is not None and stats.load.get(connector, np.zeros(0)).sum():
         skipped.append(
             "per-patch map: no image's patch grid was known (LLaVA-NeXT/Idefics3 tiles are not drawn)"
         )
@@ -132,8 +137,10 @@ def write_report(
     described = {**stats.meta, **dict(settings or {})}
     described.update({key: value for key, value in (("model", model), ("data", data)) if value is not None})
     page = _page(title, stats, described, sections, skipped, logs, eval_dir)
+    # The statistics, then the page last: an interrupted rerun leaves the earlier page whole.
+    stats.save(out_dir)
     path = out_dir / REPORT_NAME
-    path.write_text(page, encoding="utf-8")
+    write_atomically(path, lambda temp: temp.write_text(page, encoding="utf-8"))
     return path
 
 

@@ -6,6 +6,7 @@ reference answer), recorded with `vlmoe.moe.record_routing`; padding is masked.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,8 +91,14 @@ def read_samples(path: Path, image_dir: Path | None = None) -> list[AnalysisSamp
     samples = []
     for index, (place, record) in enumerate(places):
         where = f"analysis data {path} {place}"
+        conversations = require(record, "conversations", where, SAMPLE_FORMAT)
+        if not isinstance(conversations, list) or not conversations:  # nothing to route, or a string
+            raise ValueError(
+                f"{where}: 'conversations' is {json.dumps(conversations)[:80]}; it must be a non-empty "
+                f"list of turns, expected format: {SAMPLE_FORMAT}"
+            )
         turns = []
-        for turn in require(record, "conversations", where, SAMPLE_FORMAT):
+        for turn in conversations:
             speaker = str(require(turn, "from", where, SAMPLE_FORMAT))
             if speaker not in ("human", "gpt"):
                 raise ValueError(f"{where}: 'from' must be 'human' or 'gpt', got {speaker!r}")

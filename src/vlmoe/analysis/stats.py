@@ -9,6 +9,8 @@ capacity-dropped slots excluded). Paths and the PCA use each token's top-1 exper
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,14 +95,16 @@ class RoutingStats:
     def load_fractions(self, group: tuple[str, str] | None = None) -> np.ndarray:
         """Share of each layer's token-slots per expert. # [L, max E], NaN where a layer has fewer.
 
-        `group=("domain", "chart")` restricts to the samples tagged so.
+        `group=("domain", "chart")` restricts to the samples tagged so. A layer no token reached
+        (the connector in text-only data) is all NaN: it has no shares, which 0 % would claim.
         """
         counts = self.load if group is None else self.group_load.get(group[0], {}).get(group[1], {})
         matrix = np.full((len(self.layers), self.max_experts), np.nan)
         for row, info in enumerate(self.layers):
             layer_counts = np.asarray(counts.get(info.name, np.zeros(info.num_experts)), dtype=float)
             total = layer_counts.sum()
-            matrix[row, : info.num_experts] = layer_counts / total if total > 0 else 0.0
+            if total > 0:
+                matrix[row, : info.num_experts] = layer_counts / total
         return matrix
 
     def modality_shares(self, layer: str) -> np.ndarray:
@@ -174,8 +178,14 @@ class RoutingStats:
             "meta": self.meta,
         }
         path = directory / STATS_JSON
-        path.write_text(json.dumps(data, indent=1, default=str), encoding="utf-8")
-        np.savez(directory / PATHS_NPZ, paths=self.paths, path_is_image=self.path_is_image)
+        text = json.dumps(data, indent=1, default=str)
+        write_atomically(path, lambda temp: temp.write_text(text, encoding="utf-8"))
+
+        def write_paths(temp: Path) -> None:
+            with temp.open("wb") as file:  # a file object: np.savez would add ".npz" to a temp name
+                np.savez(file, paths=self.paths, path_is_image=self.path_is_image)
+
+        write_atomically(directory / PATHS_NPZ, write_paths)
         return path
 
     @classmethod
@@ -229,6 +239,26 @@ def expert_load_entropy(tokens_per_expert: Any) -> float:
         return 0.0
     shares = counts[counts > 0] / total
     return float(-(shares * np.log(shares)).sum()) + 0.0
+
+
+def write_atomically(path: Path, write: Callable[[Path], Any]) -> None:
+    """`write(temp)` into a temporary file beside `path`, then rename it over `path`, so a kill
+    mid-write leaves the earlier file whole (a rerun of vlmoe analyze over its old report).
+
+    Example:
+        >>> import tempfile
+        >>> path = Path(tempfile.mkdtemp()) / "report.html"
+        >>> write_atomically(path, lambda temp: temp.write_text("<html></html>"))
+        >>> path.read_text(), sorted(p.name for p in path.parent.iterdir())
+        ('<html></html>', ['report.html'])
+    """
+    temp = path.with_name(f".{path.name}.tmp")
+    try:
+        write(temp)
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
 
 
 def _ints(counts: np.ndarray) -> list:
