@@ -145,6 +145,25 @@ def test_ablation_refuses_two_runs_of_one_setting(eval_dir):
     )
 
 
+def test_ablation_refuses_settings_scored_on_different_numbers_of_samples(tmp_path):
+    # A forced run with --limit 50 beside a routed run over every sample compared two sample sets.
+    for name, forced, count in [("routed", None, 200), ("forced-1", 1, 50)]:
+        (tmp_path / name).mkdir()
+        summary = {"task": "chartqa", "force_expert": forced, "num_samples": count, "metrics": {"acc": 0.5}}
+        (tmp_path / name / "summary.json").write_text(json.dumps(summary))
+    with pytest.raises(ValueError) as error:
+        read_ablation(tmp_path)
+    assert str(error.value) == (
+        f"{tmp_path / 'forced-1' / 'summary.json'} scores 50 chartqa samples and "
+        f"{tmp_path / 'routed' / 'summary.json'} scores 200; a table compares settings on the same samples: "
+        "rerun them with the same --limit (or none)"
+    )
+    (tmp_path / "forced-1" / "summary.json").write_text(
+        json.dumps({"task": "chartqa", "force_expert": 1, "num_samples": 200, "metrics": {"acc": 0.25}})
+    )
+    assert read_ablation(tmp_path).rows == {("chartqa", "acc"): {"routed": 0.5, "expert 1": 0.25}}
+
+
 def test_report_of_text_only_data_says_the_connector_saw_no_image(tmp_path):
     # Before, the connector's heatmap row read 0 % for every expert and the skipped patch map
     # blamed LLaVA-NeXT tiles.

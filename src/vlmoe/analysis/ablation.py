@@ -66,6 +66,7 @@ def read_ablation(eval_dir: str | Path) -> AblationTable:
     forced: set[int] = set()
     routed = False
     first: dict[tuple[str, str], Path] = {}  # (task, column) -> the summary that filled it
+    counted: dict[str, tuple[int, Path]] = {}  # task -> (samples scored, the first summary saying so)
     for path in sorted(eval_dir.rglob("summary.json")):
         try:
             summary = json.loads(path.read_text(encoding="utf-8"))
@@ -88,6 +89,15 @@ def read_ablation(eval_dir: str | Path) -> AblationTable:
                 "table compares one model's settings: pass the folder of one model's runs as --eval-dir"
             )
         first[task, column] = path
+        # A forced run over --limit 50 beside a routed run over every sample compares two sample sets.
+        count = summary.get("num_samples")
+        if count is not None:
+            seen = counted.setdefault(task, (count, path))
+            if seen[0] != count:
+                raise ValueError(
+                    f"{seen[1]} scores {seen[0]} {task} samples and {path} scores {count}; a table compares "
+                    "settings on the same samples: rerun them with the same --limit (or none)"
+                )
         for metric, value in summary["metrics"].items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 table.rows.setdefault((task, metric), {})[column] = float(value)
