@@ -115,6 +115,8 @@ def _weight_map(index_file: Path) -> dict[str, str]:
 
 
 def _names_in(file: Path) -> Iterable[str]:
+    if file.stat().st_size == 0:  # torch's error for it is an EOFError with no text
+        raise ValueError(f"{file}: the file is empty (0 bytes); fetch it again")
     if file.suffix == ".safetensors":
         try:
             with safe_open(str(file), framework="pt") as handle:
@@ -137,8 +139,9 @@ def _read(file: Path, cache: dict[Path, dict[str, torch.Tensor]]) -> dict[str, t
 def _load_bin(file: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises several types for a truncated or foreign file
-        raise ValueError(f"{file}: not a readable PyTorch checkpoint ({error}); fetch it again") from None
+    except Exception as error:  # torch raises several types for a truncated or foreign file, some bare
+        reason = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+        raise ValueError(f"{file}: not a readable PyTorch checkpoint ({reason}); fetch it again") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]  # training scripts often wrap the weights (LLaVA-MoLE does)
     if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
