@@ -299,3 +299,17 @@ def test_a_damaged_or_non_llama_base_llm_config_names_the_file(tmp_path, folders
             ValueError, match=rf"base/config.json: model_type '{model_type}'; LLaVA-MoLE is built on a Llama"
         ):
             import_llava_mole(tmp_path / "mole.pt", base, folders / "clip")
+
+
+def test_one_expert_of_another_rank_is_an_error_naming_it(tmp_path, folders):
+    trained = _trained_parts()
+    name = f"{LM}model.layers.1.mlp.moe_up.2.lora_A"
+    trained[name] = torch.zeros(RANK - 1, HIDDEN)  # the other experts keep rank 4: torch.stack failed unnamed
+    torch.save({"state_dict": trained}, tmp_path / "rank.pt")
+    with pytest.raises(ValueError) as error:
+        import_llava_mole(tmp_path / "rank.pt", folders / "vicuna", folders / "clip")
+    assert str(error.value) == (
+        f"{tmp_path / 'rank.pt'}: {name} has shape {(RANK - 1, HIDDEN)} but each expert of "
+        f"'model.language_model.layers.1.mlp.up_proj.experts.lora_A' needs {(RANK, HIDDEN)}: the config and "
+        "the weights do not match"
+    )

@@ -388,3 +388,30 @@ def test_a_moe_section_that_does_not_describe_the_weights_names_both(tmp_path, t
         config_file.write_text(json.dumps({**config, "moe": {**config["moe"], **moe}}))
         with pytest.raises(ValueError, match=rf"ckpt/config.json 'moe': {message}: config.json is not this"):
             import_moe_llava(tmp_path / "ckpt", tower)
+
+
+_EXPERT = "mlp.deepspeed_moe.experts.deepspeed_experts."
+
+
+@pytest.mark.parametrize(
+    ("family", "name", "shape", "needs"),
+    [
+        ("qwen1_5", f"model.layers.2.{_EXPERT}1.up_proj.weight", (60, 32), (64, 32)),
+        ("qwen1_5", f"model.layers.0.{_EXPERT}0.gate_proj.weight", (64, 30), (64, 32)),
+        ("qwen1_5", f"model.layers.0.{_EXPERT}3.down_proj.weight", (32, 64, 1), (32, 64)),
+        ("phi", f"model.layers.0.{_EXPERT}2.fc1.bias", (60,), (64,)),
+    ],
+)
+def test_one_expert_tensor_of_the_wrong_shape_is_an_error_naming_it(
+    tmp_path, tower, family, name, shape, needs
+):
+    write_moe_llava(tmp_path / "ckpt", family)
+    index = json.loads((tmp_path / "ckpt" / "model.safetensors.index.json").read_text())
+    shard = tmp_path / "ckpt" / index["weight_map"][name]
+    tensors = load_file(shard)
+    tensors[name] = torch.zeros(shape)  # the other experts keep their shape: torch.stack failed unnamed
+    save_file(tensors, shard)
+    with pytest.raises(ValueError) as error:
+        import_moe_llava(tmp_path / "ckpt", tower)
+    assert f"{tmp_path / 'ckpt'}: {name} has shape {shape} but each expert of " in str(error.value)
+    assert str(error.value).endswith(f" needs {needs}: the config and the weights do not match")

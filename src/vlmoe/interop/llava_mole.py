@@ -236,8 +236,8 @@ def _map_layers(model: nn.Module, lm: _Resolver, target: TargetState, num_expert
             target.set(f"{ours}mlp.{proj}.base.weight", weight, name)
             for lora in ("lora_A", "lora_B"):
                 names = [f"{theirs}mlp.{moe}.{e}.{lora}" for e in range(num_experts)]
-                stacked = torch.stack([tensors.take(n) for n in names])
-                target.set(f"{ours}mlp.{proj}.experts.{lora}", stacked, f"{theirs}mlp.{moe}.*.{lora}")
+                parts = [(n, tensors.take(n)) for n in names]
+                target.set_experts(f"{ours}mlp.{proj}.experts.{lora}", parts, f"{theirs}mlp.{moe}.*.{lora}")
         for leaf in ("weight", "bias"):
             name = f"{theirs}mlp.router.{leaf}"
             target.set(f"{ours}mlp.router.gate.{leaf}", tensors.take(name), name)

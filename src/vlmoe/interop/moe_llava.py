@@ -374,20 +374,17 @@ def _map_moe_layer(mlp: MoEFeedForward, index: int, tensors: CheckpointTensors, 
     )
     expert = f"{theirs}experts.deepspeed_experts."
     if isinstance(mlp.experts, GLUExperts):
-        gate_up, down = [], []
-        for j in range(mlp.num_experts):
-            gate_up.append(
-                torch.cat([tensors.take(f"{expert}{j}.{p}.weight") for p in ("gate_proj", "up_proj")])
-            )
-            down.append(tensors.take(f"{expert}{j}.down_proj.weight"))
-        target.set(f"{ours}experts.gate_up_proj", torch.stack(gate_up), f"{expert}*.gate_proj/up_proj.weight")
-        target.set(f"{ours}experts.down_proj", torch.stack(down), f"{expert}*.down_proj.weight")
+        names = [f"{expert}{j}.{p}.weight" for j in range(mlp.num_experts) for p in ("gate_proj", "up_proj")]
+        gate_up = [(n, tensors.take(n)) for n in names]
+        target.set_experts(f"{ours}experts.gate_up_proj", gate_up, f"{expert}*.gate_proj/up_proj.weight", 2)
+        names = [f"{expert}{j}.down_proj.weight" for j in range(mlp.num_experts)]
+        down = [(n, tensors.take(n)) for n in names]
+        target.set_experts(f"{ours}experts.down_proj", down, f"{expert}*.down_proj.weight")
     elif isinstance(mlp.experts, MLPExperts):
         for linear in ("fc1", "fc2"):
             for leaf in ("weight", "bias"):
-                stacked = torch.stack(
-                    [tensors.take(f"{expert}{j}.{linear}.{leaf}") for j in range(mlp.num_experts)]
-                )
-                target.set(f"{ours}experts.{linear}_{leaf}", stacked, f"{expert}*.{linear}.{leaf}")
+                names = [f"{expert}{j}.{linear}.{leaf}" for j in range(mlp.num_experts)]
+                parts = [(n, tensors.take(n)) for n in names]
+                target.set_experts(f"{ours}experts.{linear}_{leaf}", parts, f"{expert}*.{linear}.{leaf}")
     else:
         raise ValueError(f"layer {index}: experts of type {type(mlp.experts).__name__} cannot be imported")

@@ -170,6 +170,26 @@ class TargetState:
             )
         self.state[name] = tensor.to(self._expected[name].dtype).clone()
 
+    def set_experts(
+        self, name: str, parts: list[tuple[str, torch.Tensor]], origin: str, pieces: int = 1
+    ) -> None:
+        """Set `name` [E, ...] from its experts' tensors `parts` [(their name, tensor)] in expert order,
+        each checked against its slot (torch.stack would fail without naming one). With `pieces`=2
+        each expert's slot is its two tensors concatenated on dim 0 (a fused gate_up: gate, then up)."""
+        if name not in self._expected:
+            raise ValueError(f"{self._source}: {origin} maps to {name!r}, which the model does not have")
+        shape = list(self._expected[name].shape[1:])
+        shape[0] //= pieces
+        for their_name, tensor in parts:
+            if list(tensor.shape) != shape:
+                raise ValueError(
+                    f"{self._source}: {their_name} has shape {tuple(tensor.shape)} but each expert of "
+                    f"{name!r} needs {tuple(shape)}: the config and the weights do not match"
+                )
+        tensors = [tensor for _, tensor in parts]
+        experts = [torch.cat(tensors[i : i + pieces]) for i in range(0, len(tensors), pieces)]
+        self.set(name, torch.stack(experts), origin)
+
     def load_into(self, model: nn.Module) -> None:
         missing = sorted(set(self._expected) - set(self.state))
         if missing:
