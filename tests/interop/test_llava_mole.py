@@ -313,3 +313,17 @@ def test_one_expert_of_another_rank_is_an_error_naming_it(tmp_path, folders):
         f"'model.language_model.layers.1.mlp.up_proj.experts.lora_A' needs {(RANK, HIDDEN)}: the config and "
         "the weights do not match"
     )
+
+
+def test_a_visual_start_or_end_vector_of_another_size_names_it(tmp_path, folders):
+    for which, size in (("start", 2 * HIDDEN), ("end", HIDDEN // 2)):
+        trained = _trained_parts()
+        trained[f"in_adaptor.visual_{which}_token"] = torch.zeros(1, 1, size)  # torch.cat failed unnamed
+        torch.save({"state_dict": trained}, tmp_path / "vector.pt")
+        with pytest.raises(ValueError) as error:
+            import_llava_mole(tmp_path / "vector.pt", folders / "vicuna", folders / "clip")
+        assert str(error.value) == (
+            f"{tmp_path / 'vector.pt'}: in_adaptor.visual_{which}_token has shape (1, 1, {size}) but the "
+            f"base LM's hidden size is {HIDDEN}: the checkpoint was trained on another LM; pass that one "
+            "as --base-llm"
+        )

@@ -253,10 +253,7 @@ def _map_embeddings(
         raise ValueError(
             f"{tensors.path}: {shared!r} differs from the LM's embed_tokens; they are one module"
         )
-    start, end = (
-        tensors.take(f"{_ADAPTOR}visual_{which}_token").reshape(1, -1).to(embed.dtype)
-        for which in ("start", "end")
-    )
+    start, end = (_visual_token(tensors, which, embed) for which in ("start", "end"))
     grown = max(vocab, first + len(_NEW_TOKENS)) - vocab
     rows = torch.cat([embed, embed.new_zeros(grown, embed.shape[1])])
     rows[first + 1 : first + 3] = torch.cat([start, end])
@@ -269,3 +266,15 @@ def _map_embeddings(
     )
     if head.shape[0] != vocab:
         raise ValueError(f"lm_head has {head.shape[0]} rows but the base config's vocab_size is {vocab}")
+
+
+def _visual_token(tensors: CheckpointTensors, which: str, embed: torch.Tensor) -> torch.Tensor:
+    """Their learned visual start or end vector [1, 1, hidden] as one embedding row [1, hidden]."""
+    name = f"{_ADAPTOR}visual_{which}_token"
+    vector = tensors.take(name)
+    if vector.numel() != embed.shape[1]:
+        raise ValueError(
+            f"{tensors.path}: {name} has shape {tuple(vector.shape)} but the base LM's hidden size is "
+            f"{embed.shape[1]}: the checkpoint was trained on another LM; pass that one as --base-llm"
+        )
+    return vector.reshape(1, -1).to(embed.dtype)
