@@ -415,3 +415,26 @@ def test_one_expert_tensor_of_the_wrong_shape_is_an_error_naming_it(
         import_moe_llava(tmp_path / "ckpt", tower)
     assert f"{tmp_path / 'ckpt'}: {name} has shape {shape} but each expert of " in str(error.value)
     assert str(error.value).endswith(f" needs {needs}: the config and the weights do not match")
+
+
+def test_an_integer_tensor_where_a_weight_goes_is_an_error_naming_it(tmp_path, tower):
+    for name in ("model.layers.1.mlp.up_proj.weight", "lm_head.weight"):  # lm_head: the first, read for dtype
+        write_moe_llava(tmp_path / "ckpt")
+        index = json.loads((tmp_path / "ckpt" / "model.safetensors.index.json").read_text())
+        shard = tmp_path / "ckpt" / index["weight_map"][name]
+        tensors = load_file(shard)
+        tensors[name] = tensors[name].to(torch.int64)  # was cast to float without a word
+        save_file(tensors, shard)
+        with pytest.raises(ValueError) as error:
+            import_moe_llava(tmp_path / "ckpt", tower)
+        ours = (
+            "lm_head.weight" if name == "lm_head.weight" else f"model.language_model.{name[len('model.') :]}"
+        )
+        assert str(error.value) == (
+            f"{tmp_path / 'ckpt'}: {name} is torch.int64 but {ours!r} is torch.float32: the file is damaged "
+            "or not this model's weights; fetch it again"
+        )
+    write_moe_llava(tmp_path / "half")
+    for shard in (tmp_path / "half").glob("*.safetensors"):  # a bfloat16 checkpoint is a plain cast
+        save_file({k: v.bfloat16() for k, v in load_file(shard).items()}, shard)
+    assert import_moe_llava(tmp_path / "half", tower).dtype == torch.bfloat16

@@ -91,9 +91,15 @@ class CheckpointTensors:
         return _read(self._file_of[name], self._loaded)[name]
 
     def dtype(self) -> torch.dtype:
-        """The dtype of the first tensor (checkpoints are saved in one dtype), without marking it used."""
-        first = self.names()[0]
-        return _read(self._file_of[first], self._loaded)[first].dtype
+        """The dtype of the first floating-point tensor (checkpoints are saved in one dtype, beside
+        integer buffers such as position_ids), without marking it used."""
+        for name in self.names():
+            tensor = _read(self._file_of[name], self._loaded)[name]
+            if tensor.is_floating_point():
+                return tensor.dtype
+        raise ValueError(
+            f"{self.path} holds no floating-point tensors: these are not weights; fetch them again"
+        )
 
     def unused(self) -> list[str]:
         return sorted(set(self._file_of) - self._used)
@@ -168,7 +174,14 @@ class TargetState:
                 f"{self._source}: {origin} has shape {tuple(tensor.shape)} but {name!r} needs "
                 f"{tuple(self._expected[name].shape)}: the config and the weights do not match"
             )
-        self.state[name] = tensor.to(self._expected[name].dtype).clone()
+        dtype = self._expected[name].dtype
+        # float to float is a cast (a bfloat16 checkpoint, a float32 model); int to float is damage
+        if tensor.is_floating_point() != dtype.is_floating_point:
+            raise ValueError(
+                f"{self._source}: {origin} is {tensor.dtype} but {name!r} is {dtype}: the file is damaged or "
+                "not this model's weights; fetch it again"
+            )
+        self.state[name] = tensor.to(dtype).clone()
 
     def set_experts(
         self, name: str, parts: list[tuple[str, torch.Tensor]], origin: str, pieces: int = 1
