@@ -314,6 +314,10 @@ def test_a_config_field_of_the_wrong_type_or_missing_names_the_field(tmp_path, t
         ("ckpt", {"moe": {"top_k_experts": 6}}, r"'moe': top_k must be an integer in \[1, num_experts=4\]"),
         ("ckpt", {"moe": {"eval_capacity_factor": None}}, r"'moe': eval_capacity_factor None must be a"),
         ("ckpt", {"vocab_size": "big"}, r": Validation error for field 'vocab_size': TypeError"),
+        ("ckpt", {"moe": {"use_residual": "false"}}, r"'moe': use_residual 'false' must be true or false$"),
+        ("ckpt", {"moe": {"moe_enable": 1}}, r"'moe': moe_enable 1 must be true or false$"),
+        ("ckpt", {"mm_use_im_start_end": "False"}, r": mm_use_im_start_end 'False' must be true or false$"),
+        ("ckpt", {"mm_vision_select_feature": ["patch"]}, r": mm_vision_select_feature \['patch'\]; known: "),
         ("qwen1", {"hidden_size": None}, r": 'hidden_size' is missing or not an integer \(None\)"),
     ):
         config = original[folder]
@@ -323,6 +327,12 @@ def test_a_config_field_of_the_wrong_type_or_missing_names_the_field(tmp_path, t
             import_moe_llava(tmp_path / folder, tower)
         assert "\n" not in str(error.value)
         (tmp_path / folder / "config.json").write_text(json.dumps(config))
+    config = original["ckpt"]  # a null flag reads as its default, as their code's truth test does
+    edited = {**config, "mm_use_im_patch_token": None, "moe": {**config["moe"], "use_residual": None}}
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps(edited))
+    assert isinstance(
+        import_moe_llava(tmp_path / "ckpt", tower).model.language_model.layers[0].mlp, MoEFeedForward
+    )
 
 
 def test_a_malformed_or_empty_shard_index_names_the_file(tmp_path, tower):

@@ -191,7 +191,7 @@ def _read_config(path: Path) -> dict[str, Any]:
             "is Linear-GELU-Linear, their 'mlp2x_gelu', the one the released models use"
         )
     for flag in ("mm_use_im_start_end", "mm_use_im_patch_token"):
-        if config.get(flag, False):  # the released models train without them (their scripts' default)
+        if _field(config, flag, False, bool, str(config_file)):  # the released models train without them
             raise ValueError(
                 f"{config_file}: {flag} is true: the prompt would need their <im_start>/<im_patch> tokens "
                 "around the image, which the imported processor does not write; such checkpoints are refused"
@@ -207,9 +207,9 @@ def _moe_settings(config: dict[str, Any], path: Path) -> dict[str, Any]:
     for key in ("moe_layers_idx", "num_experts", "top_k_experts"):
         if key not in moe:
             raise ValueError(f"{where}: missing {key!r}")
-    if not moe.get("moe_enable", True):
+    if not _field(moe, "moe_enable", True, bool, where):
         raise ValueError(f"{where}: moe_enable is false, so the checkpoint has no experts")
-    if moe.get("use_residual", False):
+    if _field(moe, "use_residual", False, bool, where):
         raise ValueError(
             f"{where}: use_residual=true (DeepSpeed's residual MoE: a dense MLP mixed in by a learned "
             "coefficient) has no vlmoe layer; it is not imported"
@@ -244,8 +244,13 @@ def _is_int(value: Any) -> bool:
 
 
 def _field(moe: dict[str, Any], key: str, default: Any, kind: type, where: str) -> Any:
-    """moe[key] (or `default` when absent) as `kind`; a value of another type names the field."""
+    """moe[key] (or `default` when absent) as `kind`; a value of another type names the field
+    (a flag written "false" is a true string; a null flag is its default, as their code reads it)."""
     value = moe.get(key, default)
+    if kind is bool:
+        if value is None or isinstance(value, bool):
+            return default if value is None else value
+        raise ValueError(f"{where}: {key} {value!r} must be true or false")
     if _is_int(value) or (kind is float and isinstance(value, float)):
         return kind(value)
     raise ValueError(f"{where}: {key} {value!r} must be {'an integer' if kind is int else 'a number'}")
@@ -299,7 +304,7 @@ def _select_layer(config: dict[str, Any], vision_config, path: Path) -> int:
 def _select_strategy(feature: str, path: Path) -> str:
     # Their "patch" drops the first token (for SigLIP too, which has no CLS): LLaVA's "default".
     strategies = {"patch": "default", "cls_patch": "full"}
-    if feature not in strategies:
+    if not isinstance(feature, str) or feature not in strategies:
         raise ValueError(
             f"{path}/config.json: mm_vision_select_feature {feature!r}; known: {sorted(strategies)}"
         )
