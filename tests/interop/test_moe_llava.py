@@ -1,5 +1,6 @@
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -448,3 +449,29 @@ def test_an_integer_tensor_where_a_weight_goes_is_an_error_naming_it(tmp_path, t
     for shard in (tmp_path / "half").glob("*.safetensors"):  # a bfloat16 checkpoint is a plain cast
         save_file({k: v.bfloat16() for k, v in load_file(shard).items()}, shard)
     assert import_moe_llava(tmp_path / "half", tower).dtype == torch.bfloat16
+
+
+def test_a_qwen1_tensor_of_the_wrong_shape_is_named_as_in_the_file(tmp_path, tower):
+    write_moe_llava(tmp_path / "ckpt", "qwen1")
+    index = json.loads((tmp_path / "ckpt" / "model.safetensors.index.json").read_text())
+    for name, shape, described in (
+        ("transformer.h.1.mlp.c_proj.weight", (32, 60), "(read as model.layers.1.mlp.down_proj.weight)"),
+        (
+            "transformer.h.1.attn.c_attn.weight",
+            (90, 32),
+            "(its k third, read as model.layers.1.self_attn.k_proj",
+        ),
+        (
+            f"transformer.h.0.{_EXPERT}2.w1.weight",
+            (60, 32),
+            f"(read as model.layers.0.{_EXPERT}2.up_proj.weight)",
+        ),
+    ):
+        shard = tmp_path / "ckpt" / index["weight_map"][name]
+        tensors = load_file(shard)
+        original, tensors[name] = tensors[name], torch.zeros(shape)  # errors named the Qwen2 name alone
+        save_file(tensors, shard)
+        with pytest.raises(ValueError, match=rf"ckpt: {re.escape(name)} {re.escape(described)}.* has shape"):
+            import_moe_llava(tmp_path / "ckpt", tower)
+        tensors[name] = original
+        save_file(tensors, shard)

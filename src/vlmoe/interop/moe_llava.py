@@ -168,7 +168,7 @@ def import_moe_llava(
     map_tower(tensors, _THEIR_TOWER + VISION_PREFIX, tower, target)
     for theirs, ours in _PROJECTOR.items():
         for leaf in ("weight", "bias"):
-            target.set(f"{ours}{leaf}", tensors.take(f"{theirs}{leaf}"), f"{theirs}{leaf}")
+            target.set(f"{ours}{leaf}", tensors.take(f"{theirs}{leaf}"), tensors.describe(f"{theirs}{leaf}"))
     processor = llava_processor(tokens, image_processor, vision_config, strategy, chat_format, image_token)
     return load_checked(model, tensors, target, DERIVED), processor
 
@@ -335,7 +335,7 @@ def _map_language_model(
         tensor = tensors.take(name)
         if grow_vocab and name in ("model.embed_tokens.weight", "lm_head.weight", "lm_head.bias"):
             tensor = torch.cat([tensor, tensor.new_zeros(1, *tensor.shape[1:])])  # the image token's row
-        target.set(ours, tensor, name)
+        target.set(ours, tensor, tensors.describe(name))
     for index in sorted(moe_layers):
         _map_moe_layer(lm.layers[index].mlp, index, tensors, target)
 
@@ -374,22 +374,21 @@ def _check_moe_layout(tensors: CheckpointTensors, moe: dict[str, Any], path: Pat
 def _map_moe_layer(mlp: MoEFeedForward, index: int, tensors: CheckpointTensors, target: TargetState) -> None:
     theirs = f"model.layers.{index}{_MOE}"
     ours = f"{_OUR_LM}layers.{index}.mlp."
-    target.set(
-        f"{ours}router.gate.weight", tensors.take(f"{theirs}gate.wg.weight"), f"{theirs}gate.wg.weight"
-    )
+    gate = f"{theirs}gate.wg.weight"
+    target.set(f"{ours}router.gate.weight", tensors.take(gate), tensors.describe(gate))
     expert = f"{theirs}experts.deepspeed_experts."
     if isinstance(mlp.experts, GLUExperts):
         names = [f"{expert}{j}.{p}.weight" for j in range(mlp.num_experts) for p in ("gate_proj", "up_proj")]
-        gate_up = [(n, tensors.take(n)) for n in names]
+        gate_up = [(tensors.describe(n), tensors.take(n)) for n in names]
         target.set_experts(f"{ours}experts.gate_up_proj", gate_up, f"{expert}*.gate_proj/up_proj.weight", 2)
         names = [f"{expert}{j}.down_proj.weight" for j in range(mlp.num_experts)]
-        down = [(n, tensors.take(n)) for n in names]
+        down = [(tensors.describe(n), tensors.take(n)) for n in names]
         target.set_experts(f"{ours}experts.down_proj", down, f"{expert}*.down_proj.weight")
     elif isinstance(mlp.experts, MLPExperts):
         for linear in ("fc1", "fc2"):
             for leaf in ("weight", "bias"):
                 names = [f"{expert}{j}.{linear}.{leaf}" for j in range(mlp.num_experts)]
-                parts = [(n, tensors.take(n)) for n in names]
+                parts = [(tensors.describe(n), tensors.take(n)) for n in names]
                 target.set_experts(f"{ours}experts.{linear}_{leaf}", parts, f"{expert}*.{linear}.{leaf}")
     else:
         raise ValueError(f"layer {index}: experts of type {type(mlp.experts).__name__} cannot be imported")

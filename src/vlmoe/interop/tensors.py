@@ -90,6 +90,10 @@ class CheckpointTensors:
         self._used.add(name)
         return _read(self._file_of[name], self._loaded)[name]
 
+    def describe(self, name: str) -> str:
+        """How errors name the tensor `name`: as the file names it."""
+        return name
+
     def dtype(self) -> torch.dtype:
         """The dtype of the first floating-point tensor (checkpoints are saved in one dtype, beside
         integer buffers such as position_ids), without marking it used."""
