@@ -61,6 +61,21 @@ def test_vlmoe_import_llava_mole_explains_missing_parts(tmp_path):
     args = ["import", "llava-mole", str(empty), str(tmp_path / "out"), "--base-llm", str(tmp_path)]
     result = CliRunner().invoke(app, [*args, "--vision-tower", str(tmp_path)])
     assert result.exit_code == 1 and "empty holds no weights" in result.output
+    (tmp_path / "zero.pt").write_bytes(b"")
+    args = [
+        "import",
+        "llava-mole",
+        str(tmp_path / "zero.pt"),
+        str(tmp_path / "out"),
+        "--base-llm",
+        str(tmp_path),
+    ]
+    result = CliRunner().invoke(app, [*args, "--vision-tower", str(tmp_path)])
+    assert result.exit_code == 1
+    assert (
+        result.output
+        == f"vlmoe import llava-mole: {tmp_path / 'zero.pt'}: the file is empty (0 bytes); fetch it again\n"
+    )
 
 
 def test_import_moe_llava_prints_no_model_type_warning(tmp_path):

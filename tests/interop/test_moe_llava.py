@@ -1,5 +1,6 @@
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -314,6 +315,10 @@ def test_a_config_field_of_the_wrong_type_or_missing_names_the_field(tmp_path, t
         ("ckpt", {"moe": {"top_k_experts": 6}}, r"'moe': top_k must be an integer in \[1, num_experts=4\]"),
         ("ckpt", {"moe": {"eval_capacity_factor": None}}, r"'moe': eval_capacity_factor None must be a"),
         ("ckpt", {"vocab_size": "big"}, r": Validation error for field 'vocab_size': TypeError"),
+        ("ckpt", {"moe": {"use_residual": "false"}}, r"'moe': use_residual 'false' must be true or false$"),
+        ("ckpt", {"moe": {"moe_enable": 1}}, r"'moe': moe_enable 1 must be true or false$"),
+        ("ckpt", {"mm_use_im_start_end": "False"}, r": mm_use_im_start_end 'False' must be true or false$"),
+        ("ckpt", {"mm_vision_select_feature": ["patch"]}, r": mm_vision_select_feature \['patch'\]; known: "),
         ("qwen1", {"hidden_size": None}, r": 'hidden_size' is missing or not an integer \(None\)"),
     ):
         config = original[folder]
@@ -323,6 +328,12 @@ def test_a_config_field_of_the_wrong_type_or_missing_names_the_field(tmp_path, t
             import_moe_llava(tmp_path / folder, tower)
         assert "\n" not in str(error.value)
         (tmp_path / folder / "config.json").write_text(json.dumps(config))
+    config = original["ckpt"]  # a null flag reads as its default, as their code's truth test does
+    edited = {**config, "mm_use_im_patch_token": None, "moe": {**config["moe"], "use_residual": None}}
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps(edited))
+    assert isinstance(
+        import_moe_llava(tmp_path / "ckpt", tower).model.language_model.layers[0].mlp, MoEFeedForward
+    )
 
 
 def test_a_malformed_or_empty_shard_index_names_the_file(tmp_path, tower):
@@ -388,3 +399,79 @@ def test_a_moe_section_that_does_not_describe_the_weights_names_both(tmp_path, t
         config_file.write_text(json.dumps({**config, "moe": {**config["moe"], **moe}}))
         with pytest.raises(ValueError, match=rf"ckpt/config.json 'moe': {message}: config.json is not this"):
             import_moe_llava(tmp_path / "ckpt", tower)
+
+
+_EXPERT = "mlp.deepspeed_moe.experts.deepspeed_experts."
+
+
+@pytest.mark.parametrize(
+    ("family", "name", "shape", "needs"),
+    [
+        ("qwen1_5", f"model.layers.2.{_EXPERT}1.up_proj.weight", (60, 32), (64, 32)),
+        ("qwen1_5", f"model.layers.0.{_EXPERT}0.gate_proj.weight", (64, 30), (64, 32)),
+        ("qwen1_5", f"model.layers.0.{_EXPERT}3.down_proj.weight", (32, 64, 1), (32, 64)),
+        ("phi", f"model.layers.0.{_EXPERT}2.fc1.bias", (60,), (64,)),
+    ],
+)
+def test_one_expert_tensor_of_the_wrong_shape_is_an_error_naming_it(
+    tmp_path, tower, family, name, shape, needs
+):
+    write_moe_llava(tmp_path / "ckpt", family)
+    index = json.loads((tmp_path / "ckpt" / "model.safetensors.index.json").read_text())
+    shard = tmp_path / "ckpt" / index["weight_map"][name]
+    tensors = load_file(shard)
+    tensors[name] = torch.zeros(shape)  # the other experts keep their shape: torch.stack failed unnamed
+    save_file(tensors, shard)
+    with pytest.raises(ValueError) as error:
+        import_moe_llava(tmp_path / "ckpt", tower)
+    assert f"{tmp_path / 'ckpt'}: {name} has shape {shape} but each expert of " in str(error.value)
+    assert str(error.value).endswith(f" needs {needs}: the config and the weights do not match")
+
+
+def test_an_integer_tensor_where_a_weight_goes_is_an_error_naming_it(tmp_path, tower):
+    for name in ("model.layers.1.mlp.up_proj.weight", "lm_head.weight"):  # lm_head: the first, read for dtype
+        write_moe_llava(tmp_path / "ckpt")
+        index = json.loads((tmp_path / "ckpt" / "model.safetensors.index.json").read_text())
+        shard = tmp_path / "ckpt" / index["weight_map"][name]
+        tensors = load_file(shard)
+        tensors[name] = tensors[name].to(torch.int64)  # was cast to float without a word
+        save_file(tensors, shard)
+        with pytest.raises(ValueError) as error:
+            import_moe_llava(tmp_path / "ckpt", tower)
+        ours = (
+            "lm_head.weight" if name == "lm_head.weight" else f"model.language_model.{name[len('model.') :]}"
+        )
+        assert str(error.value) == (
+            f"{tmp_path / 'ckpt'}: {name} is torch.int64 but {ours!r} is torch.float32: the file is damaged "
+            "or not this model's weights; fetch it again"
+        )
+    write_moe_llava(tmp_path / "half")
+    for shard in (tmp_path / "half").glob("*.safetensors"):  # a bfloat16 checkpoint is a plain cast
+        save_file({k: v.bfloat16() for k, v in load_file(shard).items()}, shard)
+    assert import_moe_llava(tmp_path / "half", tower).dtype == torch.bfloat16
+
+
+def test_a_qwen1_tensor_of_the_wrong_shape_is_named_as_in_the_file(tmp_path, tower):
+    write_moe_llava(tmp_path / "ckpt", "qwen1")
+    index = json.loads((tmp_path / "ckpt" / "model.safetensors.index.json").read_text())
+    for name, shape, described in (
+        ("transformer.h.1.mlp.c_proj.weight", (32, 60), "(read as model.layers.1.mlp.down_proj.weight)"),
+        (
+            "transformer.h.1.attn.c_attn.weight",
+            (90, 32),
+            "(its k third, read as model.layers.1.self_attn.k_proj",
+        ),
+        (
+            f"transformer.h.0.{_EXPERT}2.w1.weight",
+            (60, 32),
+            f"(read as model.layers.0.{_EXPERT}2.up_proj.weight)",
+        ),
+    ):
+        shard = tmp_path / "ckpt" / index["weight_map"][name]
+        tensors = load_file(shard)
+        original, tensors[name] = tensors[name], torch.zeros(shape)  # errors named the Qwen2 name alone
+        save_file(tensors, shard)
+        with pytest.raises(ValueError, match=rf"ckpt: {re.escape(name)} {re.escape(described)}.* has shape"):
+            import_moe_llava(tmp_path / "ckpt", tower)
+        tensors[name] = original
+        save_file(tensors, shard)

@@ -236,8 +236,8 @@ def _map_layers(model: nn.Module, lm: _Resolver, target: TargetState, num_expert
             target.set(f"{ours}mlp.{proj}.base.weight", weight, name)
             for lora in ("lora_A", "lora_B"):
                 names = [f"{theirs}mlp.{moe}.{e}.{lora}" for e in range(num_experts)]
-                stacked = torch.stack([tensors.take(n) for n in names])
-                target.set(f"{ours}mlp.{proj}.experts.{lora}", stacked, f"{theirs}mlp.{moe}.*.{lora}")
+                parts = [(n, tensors.take(n)) for n in names]
+                target.set_experts(f"{ours}mlp.{proj}.experts.{lora}", parts, f"{theirs}mlp.{moe}.*.{lora}")
         for leaf in ("weight", "bias"):
             name = f"{theirs}mlp.router.{leaf}"
             target.set(f"{ours}mlp.router.gate.{leaf}", tensors.take(name), name)
@@ -253,10 +253,7 @@ def _map_embeddings(
         raise ValueError(
             f"{tensors.path}: {shared!r} differs from the LM's embed_tokens; they are one module"
         )
-    start, end = (
-        tensors.take(f"{_ADAPTOR}visual_{which}_token").reshape(1, -1).to(embed.dtype)
-        for which in ("start", "end")
-    )
+    start, end = (_visual_token(tensors, which, embed) for which in ("start", "end"))
     grown = max(vocab, first + len(_NEW_TOKENS)) - vocab
     rows = torch.cat([embed, embed.new_zeros(grown, embed.shape[1])])
     rows[first + 1 : first + 3] = torch.cat([start, end])
@@ -269,3 +266,15 @@ def _map_embeddings(
     )
     if head.shape[0] != vocab:
         raise ValueError(f"lm_head has {head.shape[0]} rows but the base config's vocab_size is {vocab}")
+
+
+def _visual_token(tensors: CheckpointTensors, which: str, embed: torch.Tensor) -> torch.Tensor:
+    """Their learned visual start or end vector [1, 1, hidden] as one embedding row [1, hidden]."""
+    name = f"{_ADAPTOR}visual_{which}_token"
+    vector = tensors.take(name)
+    if vector.numel() != embed.shape[1]:
+        raise ValueError(
+            f"{tensors.path}: {name} has shape {tuple(vector.shape)} but the base LM's hidden size is "
+            f"{embed.shape[1]}: the checkpoint was trained on another LM; pass that one as --base-llm"
+        )
+    return vector.reshape(1, -1).to(embed.dtype)

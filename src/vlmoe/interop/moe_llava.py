@@ -168,7 +168,7 @@ def import_moe_llava(
     map_tower(tensors, _THEIR_TOWER + VISION_PREFIX, tower, target)
     for theirs, ours in _PROJECTOR.items():
         for leaf in ("weight", "bias"):
-            target.set(f"{ours}{leaf}", tensors.take(f"{theirs}{leaf}"), f"{theirs}{leaf}")
+            target.set(f"{ours}{leaf}", tensors.take(f"{theirs}{leaf}"), tensors.describe(f"{theirs}{leaf}"))
     processor = llava_processor(tokens, image_processor, vision_config, strategy, chat_format, image_token)
     return load_checked(model, tensors, target, DERIVED), processor
 
@@ -191,7 +191,7 @@ def _read_config(path: Path) -> dict[str, Any]:
             "is Linear-GELU-Linear, their 'mlp2x_gelu', the one the released models use"
         )
     for flag in ("mm_use_im_start_end", "mm_use_im_patch_token"):
-        if config.get(flag, False):  # the released models train without them (their scripts' default)
+        if _field(config, flag, False, bool, str(config_file)):  # the released models train without them
             raise ValueError(
                 f"{config_file}: {flag} is true: the prompt would need their <im_start>/<im_patch> tokens "
                 "around the image, which the imported processor does not write; such checkpoints are refused"
@@ -207,9 +207,9 @@ def _moe_settings(config: dict[str, Any], path: Path) -> dict[str, Any]:
     for key in ("moe_layers_idx", "num_experts", "top_k_experts"):
         if key not in moe:
             raise ValueError(f"{where}: missing {key!r}")
-    if not moe.get("moe_enable", True):
+    if not _field(moe, "moe_enable", True, bool, where):
         raise ValueError(f"{where}: moe_enable is false, so the checkpoint has no experts")
-    if moe.get("use_residual", False):
+    if _field(moe, "use_residual", False, bool, where):
         raise ValueError(
             f"{where}: use_residual=true (DeepSpeed's residual MoE: a dense MLP mixed in by a learned "
             "coefficient) has no vlmoe layer; it is not imported"
@@ -244,8 +244,13 @@ def _is_int(value: Any) -> bool:
 
 
 def _field(moe: dict[str, Any], key: str, default: Any, kind: type, where: str) -> Any:
-    """moe[key] (or `default` when absent) as `kind`; a value of another type names the field."""
+    """moe[key] (or `default` when absent) as `kind`; a value of another type names the field
+    (a flag written "false" is a true string; a null flag is its default, as their code reads it)."""
     value = moe.get(key, default)
+    if kind is bool:
+        if value is None or isinstance(value, bool):
+            return default if value is None else value
+        raise ValueError(f"{where}: {key} {value!r} must be true or false")
     if _is_int(value) or (kind is float and isinstance(value, float)):
         return kind(value)
     raise ValueError(f"{where}: {key} {value!r} must be {'an integer' if kind is int else 'a number'}")
@@ -299,7 +304,7 @@ def _select_layer(config: dict[str, Any], vision_config, path: Path) -> int:
 def _select_strategy(feature: str, path: Path) -> str:
     # Their "patch" drops the first token (for SigLIP too, which has no CLS): LLaVA's "default".
     strategies = {"patch": "default", "cls_patch": "full"}
-    if feature not in strategies:
+    if not isinstance(feature, str) or feature not in strategies:
         raise ValueError(
             f"{path}/config.json: mm_vision_select_feature {feature!r}; known: {sorted(strategies)}"
         )
@@ -330,7 +335,7 @@ def _map_language_model(
         tensor = tensors.take(name)
         if grow_vocab and name in ("model.embed_tokens.weight", "lm_head.weight", "lm_head.bias"):
             tensor = torch.cat([tensor, tensor.new_zeros(1, *tensor.shape[1:])])  # the image token's row
-        target.set(ours, tensor, name)
+        target.set(ours, tensor, tensors.describe(name))
     for index in sorted(moe_layers):
         _map_moe_layer(lm.layers[index].mlp, index, tensors, target)
 
@@ -369,25 +374,21 @@ def _check_moe_layout(tensors: CheckpointTensors, moe: dict[str, Any], path: Pat
 def _map_moe_layer(mlp: MoEFeedForward, index: int, tensors: CheckpointTensors, target: TargetState) -> None:
     theirs = f"model.layers.{index}{_MOE}"
     ours = f"{_OUR_LM}layers.{index}.mlp."
-    target.set(
-        f"{ours}router.gate.weight", tensors.take(f"{theirs}gate.wg.weight"), f"{theirs}gate.wg.weight"
-    )
+    gate = f"{theirs}gate.wg.weight"
+    target.set(f"{ours}router.gate.weight", tensors.take(gate), tensors.describe(gate))
     expert = f"{theirs}experts.deepspeed_experts."
     if isinstance(mlp.experts, GLUExperts):
-        gate_up, down = [], []
-        for j in range(mlp.num_experts):
-            gate_up.append(
-                torch.cat([tensors.take(f"{expert}{j}.{p}.weight") for p in ("gate_proj", "up_proj")])
-            )
-            down.append(tensors.take(f"{expert}{j}.down_proj.weight"))
-        target.set(f"{ours}experts.gate_up_proj", torch.stack(gate_up), f"{expert}*.gate_proj/up_proj.weight")
-        target.set(f"{ours}experts.down_proj", torch.stack(down), f"{expert}*.down_proj.weight")
+        names = [f"{expert}{j}.{p}.weight" for j in range(mlp.num_experts) for p in ("gate_proj", "up_proj")]
+        gate_up = [(tensors.describe(n), tensors.take(n)) for n in names]
+        target.set_experts(f"{ours}experts.gate_up_proj", gate_up, f"{expert}*.gate_proj/up_proj.weight", 2)
+        names = [f"{expert}{j}.down_proj.weight" for j in range(mlp.num_experts)]
+        down = [(tensors.describe(n), tensors.take(n)) for n in names]
+        target.set_experts(f"{ours}experts.down_proj", down, f"{expert}*.down_proj.weight")
     elif isinstance(mlp.experts, MLPExperts):
         for linear in ("fc1", "fc2"):
             for leaf in ("weight", "bias"):
-                stacked = torch.stack(
-                    [tensors.take(f"{expert}{j}.{linear}.{leaf}") for j in range(mlp.num_experts)]
-                )
-                target.set(f"{ours}experts.{linear}_{leaf}", stacked, f"{expert}*.{linear}.{leaf}")
+                names = [f"{expert}{j}.{linear}.{leaf}" for j in range(mlp.num_experts)]
+                parts = [(tensors.describe(n), tensors.take(n)) for n in names]
+                target.set_experts(f"{ours}experts.{linear}_{leaf}", parts, f"{expert}*.{linear}.{leaf}")
     else:
         raise ValueError(f"layer {index}: experts of type {type(mlp.experts).__name__} cannot be imported")

@@ -67,6 +67,14 @@ class Qwen1Tensors:
         tensor = self._inner.take(original)
         return tensor if part is None else tensor.chunk(3, dim=0)[part]
 
+    def describe(self, name: str) -> str:
+        """The Qwen-1 name in the file, which errors give (the Qwen2 name is in no file)."""
+        original, part = self._source.get(name, (name, None))
+        if original == name:
+            return name
+        piece = "" if part is None else f"its {('q', 'k', 'v')[part]} third, "
+        return f"{original} ({piece}read as {name})"
+
     def dtype(self) -> torch.dtype:
         return self._inner.dtype()
 

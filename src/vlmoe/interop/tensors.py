@@ -90,10 +90,20 @@ class CheckpointTensors:
         self._used.add(name)
         return _read(self._file_of[name], self._loaded)[name]
 
+    def describe(self, name: str) -> str:
+        """How errors name the tensor `name`: as the file names it."""
+        return name
+
     def dtype(self) -> torch.dtype:
-        """The dtype of the first tensor (checkpoints are saved in one dtype), without marking it used."""
-        first = self.names()[0]
-        return _read(self._file_of[first], self._loaded)[first].dtype
+        """The dtype of the first floating-point tensor (checkpoints are saved in one dtype, beside
+        integer buffers such as position_ids), without marking it used."""
+        for name in self.names():
+            tensor = _read(self._file_of[name], self._loaded)[name]
+            if tensor.is_floating_point():
+                return tensor.dtype
+        raise ValueError(
+            f"{self.path} holds no floating-point tensors: these are not weights; fetch them again"
+        )
 
     def unused(self) -> list[str]:
         return sorted(set(self._file_of) - self._used)
@@ -115,6 +125,8 @@ def _weight_map(index_file: Path) -> dict[str, str]:
 
 
 def _names_in(file: Path) -> Iterable[str]:
+    if file.stat().st_size == 0:  # torch's error for it is an EOFError with no text
+        raise ValueError(f"{file}: the file is empty (0 bytes); fetch it again")
     if file.suffix == ".safetensors":
         try:
             with safe_open(str(file), framework="pt") as handle:
@@ -137,8 +149,9 @@ def _read(file: Path, cache: dict[Path, dict[str, torch.Tensor]]) -> dict[str, t
 def _load_bin(file: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises several types for a truncated or foreign file
-        raise ValueError(f"{file}: not a readable PyTorch checkpoint ({error}); fetch it again") from None
+    except Exception as error:  # torch raises several types for a truncated or foreign file, some bare
+        reason = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+        raise ValueError(f"{file}: not a readable PyTorch checkpoint ({reason}); fetch it again") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]  # training scripts often wrap the weights (LLaVA-MoLE does)
     if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
@@ -165,7 +178,34 @@ class TargetState:
                 f"{self._source}: {origin} has shape {tuple(tensor.shape)} but {name!r} needs "
                 f"{tuple(self._expected[name].shape)}: the config and the weights do not match"
             )
-        self.state[name] = tensor.to(self._expected[name].dtype).clone()
+        dtype = self._expected[name].dtype
+        # float to float is a cast (a bfloat16 checkpoint, a float32 model); int to float is damage
+        if tensor.is_floating_point() != dtype.is_floating_point:
+            raise ValueError(
+                f"{self._source}: {origin} is {tensor.dtype} but {name!r} is {dtype}: the file is damaged or "
+                "not this model's weights; fetch it again"
+            )
+        self.state[name] = tensor.to(dtype).clone()
+
+    def set_experts(
+        self, name: str, parts: list[tuple[str, torch.Tensor]], origin: str, pieces: int = 1
+    ) -> None:
+        """Set `name` [E, ...] from its experts' tensors `parts` [(their name, tensor)] in expert order,
+        each checked against its slot (torch.stack would fail without naming one). With `pieces`=2
+        each expert's slot is its two tensors concatenated on dim 0 (a fused gate_up: gate, then up)."""
+        if name not in self._expected:
+            raise ValueError(f"{self._source}: {origin} maps to {name!r}, which the model does not have")
+        shape = list(self._expected[name].shape[1:])
+        shape[0] //= pieces
+        for their_name, tensor in parts:
+            if list(tensor.shape) != shape:
+                raise ValueError(
+                    f"{self._source}: {their_name} has shape {tuple(tensor.shape)} but each expert of "
+                    f"{name!r} needs {tuple(shape)}: the config and the weights do not match"
+                )
+        tensors = [tensor for _, tensor in parts]
+        experts = [torch.cat(tensors[i : i + pieces]) for i in range(0, len(tensors), pieces)]
+        self.set(name, torch.stack(experts), origin)
 
     def load_into(self, model: nn.Module) -> None:
         missing = sorted(set(self._expected) - set(self.state))

@@ -80,4 +80,6 @@ def map_tower(
         if ours.endswith(DERIVED):
             source.take(theirs)
         else:
-            target.set(f"model.vision_tower.{ours}", source.take(theirs), f"{source.path}:{theirs}")
+            target.set(
+                f"model.vision_tower.{ours}", source.take(theirs), f"{source.path}:{source.describe(theirs)}"
+            )

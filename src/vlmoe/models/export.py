@@ -80,11 +80,12 @@ def export_hf(
             f"{adapter.projector} is an MoEConnector, which no stock transformers architecture has; "
             "export_hf covers the LM's FFN experts. Save with vlmoe.save instead"
         )
-    moe_layers = _moe_layers(model, adapter)
-    if not moe_layers:  # a dense model, its LoRA merged above: the base architecture as it is
-        style, exported = "dense", _as_stock_dense(model)
+    layers = adapter.decoder_layer_list(model)
+    if not any(isinstance(getattr(layer, adapter.mlp), MoEFeedForward) for layer in layers):
+        style, exported = "dense", _as_stock_dense(model)  # its LoRA merged above: the base architecture
     else:
-        style = _export_style(model, adapter)
+        style = _export_style(model, adapter)  # first: a Phi LM is refused for its family, not its experts
+        moe_layers = _moe_layers(model, adapter)
         exported = (_to_mixtral if style == "mixtral" else _to_qwen2_moe)(model, adapter, moe_layers)
     text = model_card(model, card, exported_as=type(exported).__name__)
     if processor is not None and style == "qwen2_moe":
