@@ -27,6 +27,7 @@ from vlmoe.eval.generate import GenerationSettings, chat_prompt, generate_batch,
 from vlmoe.eval.pot import pot_answer
 from vlmoe.eval.samples import EvalSample
 from vlmoe.eval.tasks import question_text, read_task, score_sample, summarize
+from vlmoe.json_diff import json_differences
 
 PREDICTIONS_NAME = "predictions.jsonl"
 SUMMARY_NAME = "summary.json"
@@ -293,14 +294,8 @@ def _changed_settings(recorded: dict[str, Any], now: dict[str, Any]) -> list[str
     >>> _changed_settings({"pot": False, "generation": {"seed": 0}}, {"pot": True, "generation": {"seed": 1}})
     ['generation.seed 0 -> 1', 'pot False -> True']
     """
-    changed = []
-    for key in sorted(recorded.keys() | now.keys()):
-        before, after = recorded.get(key), now.get(key)
-        if isinstance(before, dict) and isinstance(after, dict):
-            changed += [f"{key}.{item}" for item in _changed_settings(before, after)]
-        elif before != after:
-            changed.append(f"{key} {before} -> {after}")
-    return changed
+    found = sorted(json_differences(recorded, now, into_lists=False), key=lambda difference: difference[0])
+    return [f"{name} {before} -> {after}" for name, before, after in found]
 
 
 def _record(sample: EvalSample, answer: str, config: EvalConfig) -> dict[str, Any]:

@@ -29,6 +29,7 @@ import vlmoe
 from vlmoe.console import sharing
 from vlmoe.data import ConversationCollator
 from vlmoe.device import resolve_device
+from vlmoe.json_diff import json_differences
 from vlmoe.models import set_trainable
 from vlmoe.models.checkpoint import load_local
 from vlmoe.moe import set_load_balance_scope
@@ -426,20 +427,6 @@ def _differences(before: Any, now: Any, path: str) -> list[str]:
     >>> _differences({"a": [1, {"name": "s", "b": 2}]}, {"a": [1, {"name": "s", "b": 3}]}, "x")
     ['x.a[1] (s).b: 2 -> 3']
     """
-    if isinstance(before, dict) and isinstance(now, dict):
-        keys = list(before) + [k for k in now if k not in before]
-        return [d for k in keys for d in _differences(before.get(k), now.get(k), f"{path}.{k}")]
-    if isinstance(before, list) and isinstance(now, list) and len(before) == len(now):
-        found = []
-        for i, (b, n) in enumerate(zip(before, now, strict=True)):
-            same_name = (
-                isinstance(b, dict) and isinstance(n, dict) and "name" in b and b["name"] == n.get("name")
-            )
-            name = f" ({b['name']})" if same_name else ""
-            found += _differences(b, n, f"{path}[{i}]{name}")
-        return found
-    if before == now:
-        return []
 
     def shown(value: Any) -> str:
         if isinstance(value, list) and value and all(isinstance(v, dict) and "name" in v for v in value):
@@ -447,7 +434,7 @@ def _differences(before: Any, now: Any, path: str) -> list[str]:
         text = json.dumps(value)
         return text if len(text) <= 60 else text[:57] + "..."
 
-    return [f"{path}: {shown(before)} -> {shown(now)}"]
+    return [f"{where}: {shown(b)} -> {shown(n)}" for where, b, n in json_differences(before, now, path)]
 
 
 def _run_started(out: Path) -> bool:
