@@ -31,7 +31,7 @@ from vlmoe.models.record import (
     read_record,
 )
 from vlmoe.moe import MoEConnector, MoEFeedForward, MoLELinear, RouterConfig
-from vlmoe.moe.config import as_python_number, check_type
+from vlmoe.moe.config import checked_value
 
 LayerSpec = Literal["all", "every_other"] | Sequence[int]
 
@@ -135,11 +135,8 @@ def add_mole(
     adapter = adapter_for(model)
     _refuse_repeat(model, "add_mole")
     # Checked here: a rank=2.0 or alpha="8" would fail deep inside the LoRA weights' construction.
-    rank, alpha, dropout = (
-        as_python_number(v, t) for v, t in ((rank, int), (alpha, float), (dropout, float))
-    )
-    for name, value, hint in (("rank", rank, int), ("alpha", alpha, float), ("dropout", dropout, float)):
-        check_type(value, hint, name)
+    rank = checked_value(rank, int, "rank")
+    alpha, dropout = checked_value(alpha, float, "alpha"), checked_value(dropout, float, "dropout")
     if not alpha > 0:
         raise ValueError(f"alpha must be > 0 (LoRA scales its output by alpha / rank), got {alpha!r}")
     if router not in ("token", "cluster"):

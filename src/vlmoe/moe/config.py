@@ -63,8 +63,7 @@ class RouterConfig:
         # Types first, here rather than only in from_dict: a top_k=2.0 or num_experts="4" from
         # Python would otherwise pass the range checks below and fail deep inside torch.
         for name, hint in typing.get_type_hints(type(self)).items():
-            value = as_python_number(getattr(self, name), hint)
-            check_type(value, hint, name)
+            value = checked_value(getattr(self, name), hint, name)
             setattr(self, name, value)
             # NaN passes every range check below (each comparison is false) and would make the
             # losses or the jitter NaN; an infinite capacity or coefficient is no number either.
@@ -133,6 +132,19 @@ def as_python_number(value: Any, hint: Any) -> Any:
         return int(value)
     if float in accepted:
         return float(value)
+    return value
+
+
+def checked_value(value: Any, hint: Any, key: str) -> Any:
+    """`value` as the Python number it is (`as_python_number`), refused unless of `hint`'s type.
+
+    Example:
+        >>> import numpy as np
+        >>> checked_value(np.int64(4), int, "num_experts")
+        4
+    """
+    value = as_python_number(value, hint)
+    check_type(value, hint, key)
     return value
 
 
