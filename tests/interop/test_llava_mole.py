@@ -301,14 +301,19 @@ def test_a_damaged_or_non_llama_base_llm_config_names_the_file(tmp_path, folders
             import_llava_mole(tmp_path / "mole.pt", base, folders / "clip")
 
 
+def _import_refusal(path, trained, folders) -> str:
+    """The message of the ValueError that importing `trained`, saved at `path`, raises."""
+    torch.save({"state_dict": trained}, path)
+    with pytest.raises(ValueError) as error:
+        import_llava_mole(path, folders / "vicuna", folders / "clip")
+    return str(error.value)
+
+
 def test_one_expert_of_another_rank_is_an_error_naming_it(tmp_path, folders):
     trained = _trained_parts()
     name = f"{LM}model.layers.1.mlp.moe_up.2.lora_A"
     trained[name] = torch.zeros(RANK - 1, HIDDEN)  # the other experts keep rank 4: torch.stack failed unnamed
-    torch.save({"state_dict": trained}, tmp_path / "rank.pt")
-    with pytest.raises(ValueError) as error:
-        import_llava_mole(tmp_path / "rank.pt", folders / "vicuna", folders / "clip")
-    assert str(error.value) == (
+    assert _import_refusal(tmp_path / "rank.pt", trained, folders) == (
         f"{tmp_path / 'rank.pt'}: {name} has shape {(RANK - 1, HIDDEN)} but each expert of "
         f"'model.language_model.layers.1.mlp.up_proj.experts.lora_A' needs {(RANK, HIDDEN)}: the config and "
         "the weights do not match"
@@ -319,10 +324,7 @@ def test_a_visual_start_or_end_vector_of_another_size_names_it(tmp_path, folders
     for which, size in (("start", 2 * HIDDEN), ("end", HIDDEN // 2)):
         trained = _trained_parts()
         trained[f"in_adaptor.visual_{which}_token"] = torch.zeros(1, 1, size)  # torch.cat failed unnamed
-        torch.save({"state_dict": trained}, tmp_path / "vector.pt")
-        with pytest.raises(ValueError) as error:
-            import_llava_mole(tmp_path / "vector.pt", folders / "vicuna", folders / "clip")
-        assert str(error.value) == (
+        assert _import_refusal(tmp_path / "vector.pt", trained, folders) == (
             f"{tmp_path / 'vector.pt'}: in_adaptor.visual_{which}_token has shape (1, 1, {size}) but the "
             f"base LM's hidden size is {HIDDEN}: the checkpoint was trained on another LM; pass that one "
             "as --base-llm"
