@@ -80,12 +80,12 @@ def export_hf(
             f"{adapter.projector} is an MoEConnector, which no stock transformers architecture has; "
             "export_hf covers the LM's FFN experts. Save with vlmoe.save instead"
         )
-    layers = adapter.decoder_layer_list(model)
-    if not any(isinstance(getattr(layer, adapter.mlp), MoEFeedForward) for layer in layers):
+    moe_layers = _moe_layers(model, adapter)
+    if not moe_layers:
         style, exported = "dense", _as_stock_dense(model)  # its LoRA merged above: the base architecture
     else:
         style = _export_style(model, adapter)  # first: a Phi LM is refused for its family, not its experts
-        moe_layers = _moe_layers(model, adapter)
+        _check_exportable(moe_layers)
         exported = (_to_mixtral if style == "mixtral" else _to_qwen2_moe)(model, adapter, moe_layers)
     text = model_card(model, card, exported_as=type(exported).__name__)
     if processor is not None and style == "qwen2_moe":
@@ -151,9 +151,11 @@ def _merge_lora(model: nn.Module, adapter: FamilyAdapter) -> None:
 def _moe_layers(model: nn.Module, adapter: FamilyAdapter) -> dict[int, MoEFeedForward]:
     layers = adapter.decoder_layer_list(model)
     moe = {i: getattr(layer, adapter.mlp) for i, layer in enumerate(layers)}
-    moe = {i: mlp for i, mlp in moe.items() if isinstance(mlp, MoEFeedForward)}
-    if not moe:
-        return {}
+    return {i: mlp for i, mlp in moe.items() if isinstance(mlp, MoEFeedForward)}
+
+
+def _check_exportable(moe: dict[int, MoEFeedForward]) -> None:
+    """Refuse, naming the layer, MoE layers that no stock HF MoE architecture computes alike."""
     configs = {
         (m.router.config.num_experts, m.router.config.top_k, m.router.config.normalize_top_k)
         for m in moe.values()
@@ -175,7 +177,6 @@ def _moe_layers(model: nn.Module, adapter: FamilyAdapter) -> dict[int, MoEFeedFo
             )
         if mlp.router.gate.bias is not None or mlp.router.config.temperature != 1.0:
             raise ValueError(f"layer {i}: router bias or temperature has no HF equivalent")
-    return moe
 
 
 def _mapped_state(
