@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 # What marks a directory as one this library (or transformers) wrote: one holding it may be replaced.
 MODEL_MARKER = "config.json"
@@ -108,4 +109,24 @@ def atomic_directory(path: str | os.PathLike, marker: str | None = MODEL_MARKER)
             os.replace(temp, path)
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)
+        raise
+
+
+def write_atomically(path: str | os.PathLike, write: Callable[[Path], Any]) -> None:
+    """`write(temp)` into a temporary file beside `path`, then rename it over `path`, so a kill
+    mid-write leaves the earlier file whole (a rerun over its old report, a resumed run's records).
+
+    Example:
+        >>> path = Path(tempfile.mkdtemp()) / "report.html"
+        >>> write_atomically(path, lambda temp: temp.write_text("<html></html>"))
+        >>> path.read_text(), sorted(p.name for p in path.parent.iterdir())
+        ('<html></html>', ['report.html'])
+    """
+    path = Path(path)
+    temp = path.with_name(f".{path.name}.tmp")
+    try:
+        write(temp)
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
         raise

@@ -14,7 +14,8 @@ import numpy as np
 from vlmoe.analysis import plots
 from vlmoe.analysis.ablation import read_ablation
 from vlmoe.analysis.logs import read_log_history, router_series
-from vlmoe.analysis.stats import RoutingStats, write_atomically
+from vlmoe.analysis.stats import RoutingStats
+from vlmoe.atomic import write_atomically
 
 REPORT_NAME = "report.html"
 

@@ -9,13 +9,13 @@ capacity-dropped slots excluded). Paths and the PCA use each token's top-1 exper
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from vlmoe.atomic import write_atomically
 
 STATS_JSON = "routing_stats.json"
 PATHS_NPZ = "routing_paths.npz"
@@ -239,26 +239,6 @@ def expert_load_entropy(tokens_per_expert: Any) -> float:
         return 0.0
     shares = counts[counts > 0] / total
     return float(-(shares * np.log(shares)).sum()) + 0.0
-
-
-def write_atomically(path: Path, write: Callable[[Path], Any]) -> None:
-    """`write(temp)` into a temporary file beside `path`, then rename it over `path`, so a kill
-    mid-write leaves the earlier file whole (a rerun of vlmoe analyze over its old report).
-
-    Example:
-        >>> import tempfile
-        >>> path = Path(tempfile.mkdtemp()) / "report.html"
-        >>> write_atomically(path, lambda temp: temp.write_text("<html></html>"))
-        >>> path.read_text(), sorted(p.name for p in path.parent.iterdir())
-        ('<html></html>', ['report.html'])
-    """
-    temp = path.with_name(f".{path.name}.tmp")
-    try:
-        write(temp)
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
 
 
 def _ints(counts: np.ndarray) -> list:

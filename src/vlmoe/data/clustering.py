@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from vlmoe.atomic import write_atomically
 from vlmoe.data.folders import output_folder
 
 CENTROIDS_FILE = "centroids.safetensors"
@@ -153,10 +153,9 @@ def save_clusters(directory: str | Path, clusters: InstructionClusters) -> Path:
     # Each file is written whole (beside, then renamed in), and clusters.json last records the
     # centroids' hash: a kill between the two leaves a pair that load_clusters refuses, not one that
     # assigns with another run's centroids.
-    temp = directory / f".{CENTROIDS_FILE}.tmp"
-    save_file({"centroids": np.ascontiguousarray(clusters.centroids)}, str(temp))
-    digest = _sha256(temp)
-    os.replace(temp, directory / CENTROIDS_FILE)
+    centroids = {"centroids": np.ascontiguousarray(clusters.centroids)}
+    write_atomically(directory / CENTROIDS_FILE, lambda temp: save_file(centroids, str(temp)))
+    digest = _sha256(directory / CENTROIDS_FILE)
     config = {
         "embedding_model": clusters.embedding_model,
         "num_clusters": clusters.num_clusters,
@@ -165,9 +164,8 @@ def save_clusters(directory: str | Path, clusters: InstructionClusters) -> Path:
         "distance": "euclidean",
         "centroids_sha256": digest,
     }
-    temp = directory / f".{CLUSTERS_CONFIG_FILE}.tmp"
-    temp.write_text(json.dumps(config, indent=2) + "\n")
-    os.replace(temp, directory / CLUSTERS_CONFIG_FILE)
+    text = json.dumps(config, indent=2) + "\n"
+    write_atomically(directory / CLUSTERS_CONFIG_FILE, lambda temp: temp.write_text(text))
     return directory
 
 

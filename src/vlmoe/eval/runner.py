@@ -20,6 +20,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import nn
 
+from vlmoe.atomic import write_atomically
 from vlmoe.data.folders import output_folder
 from vlmoe.eval.clusters import cluster_assigner
 from vlmoe.eval.forced import Where, forced_expert
@@ -337,6 +338,4 @@ def _forcing(model: nn.Module, config: EvalConfig) -> Iterator[None]:
 
 
 def _write_atomically(path: Path, text: str) -> None:
-    temp = path.with_name(f".{path.name}.tmp")
-    temp.write_text(text, encoding="utf-8")
-    os.replace(temp, path)
+    write_atomically(path, lambda temp: temp.write_text(text, encoding="utf-8"))
