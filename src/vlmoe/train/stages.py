@@ -26,6 +26,7 @@ from torch import nn
 from transformers import PrinterCallback, set_seed
 
 import vlmoe
+from vlmoe.atomic import write_atomically
 from vlmoe.console import sharing
 from vlmoe.data import ConversationCollator
 from vlmoe.device import resolve_device
@@ -443,6 +444,5 @@ def _run_started(out: Path) -> bool:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
+    text = json.dumps(data, indent=2, default=str)
+    write_atomically(path, lambda temp: temp.write_text(text))

@@ -26,6 +26,7 @@ import safetensors.torch
 import torch
 from transformers import Trainer
 
+from vlmoe.atomic import write_atomically
 from vlmoe.data.collator import split_model_inputs
 from vlmoe.models.checkpoint import without_tied
 from vlmoe.models.parts import parameter_parts
@@ -197,7 +198,8 @@ class MoETrainer(Trainer):
         if not self.args.should_save:
             return
         folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
-        _atomic_write_text(folder / COMPLETE, json.dumps({"step": self.state.global_step}))
+        text = json.dumps({"step": self.state.global_step})
+        write_atomically(folder / COMPLETE, lambda temp: temp.write_text(text))
         for old in complete_checkpoints(self.args.output_dir)[: -self.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
 
@@ -220,9 +222,3 @@ def last_complete_checkpoint(run_dir: str | Path) -> Path | None:
                 shutil.rmtree(folder, ignore_errors=True)
     complete = complete_checkpoints(run_dir)
     return complete[-1] if complete else None
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
